@@ -1,1 +1,101 @@
+//! vigil coordinator: tracks every agent, owns cluster state, decides node health.
+//!
+//! Layout:
+//! - `config`: the TOML configuration with its named defaults and validation.
+//! - `node`: a node's persisted record (identity, GPUs, cordon) and observed availability.
+//! - `liveness`: pure rule turning agent silence into Ready / Unreachable / Lost.
+//! - `state`: `ClusterState` and its pure transitions, returning `Effect`s.
+//! - `store`: the durable store (sled), flushed before anything is acknowledged.
+//! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
+//! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
+//! - `control_service`: the `ControlService` clusterctl talks to.
+//! - `metrics`: Prometheus metrics and the `/metrics` + `/healthz` HTTP server.
+//! - `error`: boundary errors and their single mapping to gRPC status.
 
+pub mod agent_service;
+pub mod config;
+pub mod control_service;
+pub mod engine;
+pub mod error;
+pub mod liveness;
+pub mod metrics;
+pub mod node;
+pub mod state;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+use vigil_proto::v1::{
+    agent_service_server::AgentServiceServer, control_service_server::ControlServiceServer,
+};
+
+pub use config::Config;
+pub use error::CoordinatorError;
+pub use store::Store;
+
+/// How long in-flight calls get to finish once shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serve agents and operators on `grpc`, metrics on `metrics`, until `shutdown`.
+pub async fn run(
+    config: Config,
+    store: Store,
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let started = metrics::unix_ms(SystemTime::now());
+    let metrics = Arc::new(metrics::Metrics::new(started));
+    let (engine, handle) = engine::Engine::new(store, config.liveness, metrics.clone())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let engine_task = tokio::spawn(engine.run(stop_rx.clone()));
+
+    let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
+    let mut metrics_stop = stop_rx.clone();
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async move {
+        engine::stopped(&mut metrics_stop).await;
+    }));
+
+    let max = vigil_proto::MAX_MESSAGE_BYTES;
+    let agents = AgentServiceServer::new(agent_service::AgentService::new(handle.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let control =
+        ControlServiceServer::new(control_service::ControlService::new(handle, grpc_addr))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+    let mut server_stop = stop_rx;
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(agents)
+        .add_service(control)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            engine::stopped(&mut server_stop).await;
+        });
+    tokio::pin!(server);
+
+    let result = tokio::select! {
+        r = &mut server => r.map_err(CoordinatorError::from),
+        () = shutdown => {
+            info!("shutting down: flushing state and closing agent streams");
+            stop_tx.send(true).ok();
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r.map_err(CoordinatorError::from),
+                Err(_) => {
+                    warn!("gRPC server did not stop within {}s; exiting anyway", SHUTDOWN_GRACE.as_secs());
+                    Ok(())
+                }
+            }
+        }
+    };
+    stop_tx.send(true).ok();
+    engine_task.await.ok();
+    metrics_task.abort();
+    result
+}

@@ -1,0 +1,226 @@
+//! `ControlService`: what clusterctl asks. Reads come from the engine's
+//! snapshot; changes go through the engine and return once persisted.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+use vigil_proto::v1;
+
+use crate::agent_service::valid_node_name;
+use crate::engine::{EngineHandle, Event};
+use crate::error::ControlError;
+use crate::metrics::unix_ms;
+use crate::node::{Availability, CordonSource, DISPLAY_STATES, Node};
+
+const MAX_REASON: usize = 1024;
+
+pub struct ControlService {
+    engine: EngineHandle,
+    started: Instant,
+    started_unix_ms: u64,
+    listen_addr: SocketAddr,
+}
+
+impl ControlService {
+    pub fn new(engine: EngineHandle, listen_addr: SocketAddr) -> Self {
+        Self {
+            engine,
+            started: Instant::now(),
+            started_unix_ms: unix_ms(SystemTime::now()),
+            listen_addr,
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), ControlError> {
+    if valid_node_name(name) {
+        Ok(())
+    } else {
+        Err(ControlError::InvalidArgument(format!(
+            "node name {name:?} is invalid: node names are 1-63 letters, digits, '-', '.' or '_'"
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::control_service_server::ControlService for ControlService {
+    async fn status(
+        &self,
+        _request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let snap = self.engine.snapshot();
+        let now = Instant::now();
+        let mut counts = [0u32; DISPLAY_STATES.len()];
+        for n in &snap.nodes {
+            if let Some(i) = DISPLAY_STATES.iter().position(|s| *s == n.display_state()) {
+                counts[i] += 1;
+            }
+        }
+        let total = |f: fn(&Node) -> u32| snap.nodes.iter().map(f).sum::<u32>();
+        Ok(Response::new(v1::StatusResponse {
+            coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at_unix_ms: self.started_unix_ms,
+            uptime_ms: millis(now.saturating_duration_since(self.started)),
+            listen_addr: self.listen_addr.to_string(),
+            nodes_by_state: DISPLAY_STATES
+                .iter()
+                .zip(counts)
+                .map(|(s, count)| v1::StateCount {
+                    state: (*s).to_owned(),
+                    count,
+                })
+                .collect(),
+            nodes_total: u32::try_from(snap.nodes.len()).unwrap_or(u32::MAX),
+            gpus_healthy: total(Node::gpus_healthy),
+            gpus_total: total(Node::gpus_total),
+            cordoned: snap
+                .nodes
+                .iter()
+                .filter(|n| n.cordoned())
+                .map(|n| summary(n, now))
+                .collect(),
+            nodes_simulated: total(|n| u32::from(n.record.simulated)),
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let snap = self.engine.snapshot();
+        let now = Instant::now();
+        Ok(Response::new(v1::ListNodesResponse {
+            nodes: snap.nodes.iter().map(|n| summary(n, now)).collect(),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<v1::GetNodeRequest>,
+    ) -> Result<Response<v1::NodeDetail>, Status> {
+        let name = request.into_inner().name;
+        check_name(&name)?;
+        let snap = self.engine.snapshot();
+        let node = snap
+            .nodes
+            .iter()
+            .find(|n| n.record.name == name)
+            .ok_or_else(|| ControlError::State(crate::state::StateError::UnknownNode(name)))?;
+        Ok(Response::new(detail(node, Instant::now())))
+    }
+
+    async fn cordon(
+        &self,
+        request: Request<v1::CordonRequest>,
+    ) -> Result<Response<v1::NodeSummary>, Status> {
+        let v1::CordonRequest { name, reason } = request.into_inner();
+        check_name(&name)?;
+        let reason = reason.trim().to_owned();
+        if reason.is_empty() {
+            return Err(ControlError::InvalidArgument(
+                "reason is empty: say why the node is cordoned (clusterctl cordon NAME --reason TEXT)".into(),
+            )
+            .into());
+        }
+        if reason.len() > MAX_REASON {
+            return Err(ControlError::InvalidArgument(format!(
+                "reason is {} bytes; keep it under {MAX_REASON}",
+                reason.len()
+            ))
+            .into());
+        }
+        let node = self
+            .engine
+            .ask(|reply| Event::Cordon {
+                node: name,
+                reason,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(summary(&node, Instant::now())))
+    }
+
+    async fn uncordon(
+        &self,
+        request: Request<v1::UncordonRequest>,
+    ) -> Result<Response<v1::NodeSummary>, Status> {
+        let name = request.into_inner().name;
+        check_name(&name)?;
+        let node = self
+            .engine
+            .ask(|reply| Event::Uncordon { node: name, reply })
+            .await?;
+        Ok(Response::new(summary(&node, Instant::now())))
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub fn summary(n: &Node, now: Instant) -> v1::NodeSummary {
+    let availability = match n.availability {
+        Availability::Ready => v1::Availability::Ready,
+        Availability::Unreachable => v1::Availability::Unreachable,
+        Availability::Lost => v1::Availability::Lost,
+    };
+    let (scheduling, cordon) = match &n.record.cordon {
+        Some(c) => (
+            v1::Scheduling::Cordoned,
+            Some(v1::Cordon {
+                reason: c.reason.clone(),
+                source: match c.source {
+                    CordonSource::Auto => v1::CordonSource::Auto,
+                    CordonSource::Operator => v1::CordonSource::Operator,
+                } as i32,
+                since_unix_ms: c.since_unix_ms,
+            }),
+        ),
+        None => (v1::Scheduling::Schedulable, None),
+    };
+    v1::NodeSummary {
+        name: n.record.name.clone(),
+        state: n.display_state().to_owned(),
+        availability: availability as i32,
+        scheduling: scheduling as i32,
+        cordon,
+        gpus_healthy: n.gpus_healthy(),
+        gpus_total: n.gpus_total(),
+        last_heartbeat_age_ms: n
+            .heard_since_start
+            .then(|| millis(now.saturating_duration_since(n.silent_since))),
+        hostname: n.record.hostname.clone(),
+        agent_version: n.record.agent_version.clone(),
+        gpu_backend: if n.record.simulated {
+            v1::GpuBackend::Simulated
+        } else {
+            v1::GpuBackend::Nvml
+        } as i32,
+        availability_since_unix_ms: n.availability_since_unix_ms,
+    }
+}
+
+fn detail(n: &Node, now: Instant) -> v1::NodeDetail {
+    v1::NodeDetail {
+        summary: Some(summary(n, now)),
+        gpus: n
+            .record
+            .gpus
+            .iter()
+            .map(|g| v1::GpuInfo {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                name: g.name.clone(),
+                pci_bus_id: g.pci_bus_id.clone(),
+                memory_total_bytes: g.memory_total_bytes,
+                serial: g.serial.clone(),
+            })
+            .collect(),
+        last_samples: n.last_samples.clone(),
+        workers: n.workers.clone(),
+        first_registered_unix_ms: n.record.first_registered_unix_ms,
+        last_registered_unix_ms: n.record.last_registered_unix_ms,
+    }
+}

@@ -1,0 +1,52 @@
+//! Errors at the coordinator's boundaries, and their one mapping to gRPC status.
+
+use std::net::SocketAddr;
+
+use tonic::Status;
+
+use crate::state::StateError;
+use crate::store::StoreError;
+
+/// Why the coordinator could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({what}): {source}; is another process using it? set {flag}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Why a control request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("change not saved, nothing was changed: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("the coordinator is shutting down; retry in a moment")]
+    ShuttingDown,
+}
+
+impl From<ControlError> for Status {
+    fn from(e: ControlError) -> Self {
+        let message = e.to_string();
+        match e {
+            ControlError::State(StateError::UnknownNode(_)) => Status::not_found(message),
+            ControlError::State(StateError::StaleSession { .. }) => {
+                Status::failed_precondition(message)
+            }
+            ControlError::Store(_) => Status::internal(message),
+            ControlError::InvalidArgument(_) => Status::invalid_argument(message),
+            ControlError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Prometheus metrics of the coordinator and the HTTP server for `/metrics` and `/healthz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::node::{Availability, DISPLAY_STATES, Node};
+
+/// An engine that has not looped for this long is wedged: `/healthz` fails.
+const ENGINE_STALL: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabel {
+    pub to: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    nodes: Family<StateLabel, Gauge>,
+    gpus: Family<StateLabel, Gauge>,
+    pub connected_agents: Gauge,
+    pub heartbeats: Counter,
+    pub registrations: Counter,
+    pub rejected_registrations: Counter,
+    pub stale_messages: Counter,
+    pub availability_transitions: Family<TransitionLabel, Counter>,
+    pub cordons: Counter,
+    pub uncordons: Counter,
+    /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
+    engine_alive_unix_ms: AtomicU64,
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Metrics {
+    pub fn new(started_unix_ms: u64) -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            nodes: Family::default(),
+            gpus: Family::default(),
+            connected_agents: Gauge::default(),
+            heartbeats: Counter::default(),
+            registrations: Counter::default(),
+            rejected_registrations: Counter::default(),
+            stale_messages: Counter::default(),
+            availability_transitions: Family::default(),
+            cordons: Counter::default(),
+            uncordons: Counter::default(),
+            engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "vigil_nodes",
+            "Nodes by operator-facing state (Ready, Degraded, Cordoned, Unreachable, Lost)",
+            m.nodes.clone(),
+        );
+        registry.register(
+            "vigil_gpus",
+            "GPUs by state: healthy (on a reachable node) or unknown (node unreachable or lost)",
+            m.gpus.clone(),
+        );
+        registry.register(
+            "vigil_agents_connected",
+            "Agent streams open right now",
+            m.connected_agents.clone(),
+        );
+        registry.register(
+            "vigil_heartbeats_received",
+            "Heartbeats received from agents",
+            m.heartbeats.clone(),
+        );
+        registry.register(
+            "vigil_agent_registrations",
+            "Agent registrations accepted",
+            m.registrations.clone(),
+        );
+        registry.register(
+            "vigil_agent_registrations_rejected",
+            "Agent registrations refused (invalid, or the store could not save them)",
+            m.rejected_registrations.clone(),
+        );
+        registry.register(
+            "vigil_stale_agent_messages",
+            "Messages ignored because a newer session of the same node replaced theirs",
+            m.stale_messages.clone(),
+        );
+        registry.register(
+            "vigil_node_availability_transitions",
+            "Node availability changes, by new availability",
+            m.availability_transitions.clone(),
+        );
+        registry.register("vigil_node_cordons", "Nodes cordoned", m.cordons.clone());
+        registry.register(
+            "vigil_node_uncordons",
+            "Nodes uncordoned",
+            m.uncordons.clone(),
+        );
+        let start = Gauge::<i64>::default();
+        start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
+        registry.register(
+            "vigil_coordinator_start_time_seconds",
+            "When this coordinator process started, unix seconds",
+            start,
+        );
+        registry.register(
+            "vigil_build",
+            "Build of this coordinator",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Refresh the gauges derived from cluster state.
+    pub fn observe_nodes<'a>(&self, nodes: impl Iterator<Item = &'a Node>) {
+        let mut by_state = [0i64; DISPLAY_STATES.len()];
+        let (mut healthy, mut unknown) = (0i64, 0i64);
+        let mut connected = 0i64;
+        for n in nodes {
+            if let Some(i) = DISPLAY_STATES.iter().position(|s| *s == n.display_state()) {
+                by_state[i] += 1;
+            }
+            healthy += i64::from(n.gpus_healthy());
+            unknown += i64::from(n.gpus_total() - n.gpus_healthy());
+            connected += i64::from(n.session.is_some());
+        }
+        for (state, count) in DISPLAY_STATES.iter().zip(by_state) {
+            self.nodes
+                .get_or_create(&StateLabel {
+                    state: (*state).to_owned(),
+                })
+                .set(count);
+        }
+        for (state, count) in [("healthy", healthy), ("unknown", unknown)] {
+            self.gpus
+                .get_or_create(&StateLabel {
+                    state: state.to_owned(),
+                })
+                .set(count);
+        }
+        self.connected_agents.set(connected);
+    }
+
+    pub fn count_transition(&self, to: Availability) {
+        self.availability_transitions
+            .get_or_create(&TransitionLabel {
+                to: to.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn engine_alive(&self, now_unix_ms: u64) {
+        self.engine_alive_unix_ms
+            .store(now_unix_ms, Ordering::Relaxed);
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Serve `/metrics` and `/healthz` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz_handler))
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.encode() {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}
+
+async fn healthz_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let last = m.engine_alive_unix_ms.load(Ordering::Relaxed);
+    let age = unix_ms(SystemTime::now()).saturating_sub(last);
+    if Duration::from_millis(age) > ENGINE_STALL {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("engine stalled: no loop for {age} ms\n"),
+        )
+    } else {
+        (StatusCode::OK, "ok\n".to_owned())
+    }
+}

@@ -1,0 +1,250 @@
+//! The durable store: one small module over sled, so the backend can change.
+//!
+//! Layout: tree `meta` holds the schema marker; tree `nodes` maps a node name
+//! to its JSON `NodeRecord`. A write is durable only once `flush` returns:
+//! callers flush before acknowledging anything an operator or a job relies on.
+
+use std::path::{Path, PathBuf};
+
+use crate::node::NodeRecord;
+
+const SCHEMA_KEY: &[u8] = b"schema";
+const SCHEMA: &[u8] = b"vigil-store-v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {path} is not a directory; point --data-dir (data_dir) at a directory")]
+    NotADirectory { path: PathBuf },
+    #[error("cannot create data dir {path}: {source}; create it or point --data-dir elsewhere")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the state store in data dir {path}: {message}; if another vigil-coordinator \
+         uses it, stop that one; if the directory is not vigil's, point --data-dir elsewhere"
+    )]
+    Open { path: PathBuf, message: String },
+    #[error(
+        "data dir {path} holds files but no vigil state store ({found}); point --data-dir at an \
+         empty directory or at an existing vigil data dir"
+    )]
+    Foreign { path: PathBuf, found: String },
+    #[error(
+        "state store in {path}: record {key:?} is unreadable ({message}); restore the data dir from backup"
+    )]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("state store in {path}: {message}")]
+    Io { path: PathBuf, message: String },
+}
+
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    nodes: sled::Tree,
+}
+
+impl Store {
+    /// Open (or create) the store in `path`, refusing a directory that holds
+    /// something other than a vigil store rather than writing into it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        if path.exists() && !path.is_dir() {
+            return Err(StoreError::NotADirectory { path });
+        }
+        std::fs::create_dir_all(&path).map_err(|source| StoreError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        refuse_foreign_dir(&path)?;
+        let db = sled::Config::new()
+            .path(&path)
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let io = |e: sled::Error| StoreError::Io {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let meta = db.open_tree("meta").map_err(io)?;
+        match meta.get(SCHEMA_KEY).map_err(io)? {
+            Some(v) if v.as_ref() == SCHEMA => {}
+            Some(v) => {
+                return Err(StoreError::Foreign {
+                    path: path.clone(),
+                    found: format!("schema {:?}", String::from_utf8_lossy(&v)),
+                });
+            }
+            None => {
+                meta.insert(SCHEMA_KEY, SCHEMA).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+        }
+        let nodes = db.open_tree("nodes").map_err(io)?;
+        Ok(Self { path, db, nodes })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.nodes.iter() {
+            let (k, v) = item.map_err(|e| self.io(e))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let record: NodeRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key: key.clone(),
+                    message: e.to_string(),
+                })?;
+            if record.name != key {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key,
+                    message: format!("holds the record of node {:?}", record.name),
+                });
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Stage a node record; durable after the next [`Store::flush`].
+    pub fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            message: format!("cannot encode node {:?}: {e}", record.name),
+        })?;
+        self.nodes
+            .insert(record.name.as_bytes(), value)
+            .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// Make every staged write durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    fn io(&self, e: sled::Error) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// sled keeps `conf` and `db` (plus `blobs/`, `snap.*`) in its directory. A
+/// non-empty directory without them is someone else's: never write into it.
+fn refuse_foreign_dir(path: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(path).map_err(|source| StoreError::Create {
+        path: path.to_owned(),
+        source,
+    })?;
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == "conf" || n == "db") {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = names.iter().map(String::as_str).take(3).collect();
+    shown.sort_unstable();
+    Err(StoreError::Foreign {
+        path: path.to_owned(),
+        found: format!("found {}", shown.join(", ")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Cordon, CordonSource};
+
+    fn record(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            hostname: "h".into(),
+            agent_version: "0.1.0".into(),
+            simulated: true,
+            gpus: Vec::new(),
+            cordon: Some(Cordon {
+                reason: "bad fan".into(),
+                source: CordonSource::Operator,
+                since_unix_ms: 42,
+            }),
+            first_registered_unix_ms: 1,
+            last_registered_unix_ms: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.put_node(&record("gpu-001")).expect("put");
+            store.flush().await.expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.load_nodes().expect("load"), vec![record("gpu-001")]);
+    }
+
+    #[test]
+    fn a_file_is_not_a_data_dir() {
+        let file = tempfile::NamedTempFile::new().expect("file");
+        let err = Store::open(file.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains(&file.path().display().to_string()),
+            "{err}"
+        );
+        assert!(matches!(err, StoreError::NotADirectory { .. }));
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("notes.txt"), "hello").expect("write");
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
+        assert_eq!(names.len(), 1, "nothing was written");
+    }
+
+    #[test]
+    fn garbage_in_sled_files_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("conf"), b"\xff\x00garbage").expect("write");
+        std::fs::write(dir.path().join("db"), vec![0xa5u8; 4096]).expect("write");
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_record_names_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store
+                .nodes
+                .insert("gpu-009", &b"{not json"[..])
+                .expect("insert");
+            store.db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let err = store.load_nodes().expect_err("corrupt");
+        assert!(err.to_string().contains("gpu-009"), "{err}");
+    }
+}
