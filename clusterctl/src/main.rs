@@ -1,1 +1,54 @@
-fn main() {}
+//! `clusterctl`: the operators' command-line tool for a vigil cluster.
+//!
+//! Layout:
+//! - `cli`: the command line (clap), a contract with docs and tests.
+//! - `client`: connects to the coordinator and turns gRPC failures into one-line errors.
+//! - `commands`: one function per subcommand; calls the coordinator and picks the output.
+//! - `model`: the stable JSON model, mapped from the vigil.v1 prost types.
+//! - `render`: text views of the model (status screen, node tables, node detail).
+//! - `table`: aligned tables and human units (ages, durations, times, GiB).
+
+mod cli;
+mod client;
+mod commands;
+mod model;
+mod render;
+mod table;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(commands::run(cli)));
+    match result {
+        Ok(text) => write_stdout(&text),
+        Err(err) => fail(&err),
+    }
+}
+
+fn write_stdout(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        // `clusterctl nodes | head` closes the pipe early; that is not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&anyhow::Error::from(e).context("writing to stdout")),
+    }
+}
+
+/// One line on stderr, `error: ` first, so scripts and people both read it.
+fn fail(err: &anyhow::Error) -> ExitCode {
+    let line = table::sanitize(&format!("{err:#}"));
+    eprintln!("error: {line}");
+    ExitCode::FAILURE
+}

@@ -1,1 +1,176 @@
+//! Harness for end-to-end tests: starts the real vigil binaries as separate
+//! processes on ephemeral loopback ports, with temp data dirs, and kills them
+//! (SIGKILL) when a test ends.
+//!
+//! ```no_run
+//! let cluster = vigil_tests::Cluster::start(vigil_tests::FAST_LIVENESS, 2)?;
+//! cluster.wait_until("both nodes Ready", vigil_tests::LONG, |c| c.all_ready())?;
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
+pub mod process;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant as StdInstant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub use process::{Agent, Coordinator, bin};
+
+/// Deadline for anything that should take a second or two: generous, since a
+/// loaded 2-core CI machine can be slow; tests measure and report real times.
+pub const LONG: Duration = Duration::from_secs(60);
+
+/// Liveness settings that keep end-to-end tests short.
+pub const FAST_LIVENESS: &str = r#"
+[liveness]
+heartbeat_interval = "200ms"
+unreachable_after = "1s"
+lost_after = "3s"
+agent_lease = "2s"
+"#;
+
+/// The monotonic clock of the test process (tests are not async: this is
+/// the only place the harness reads time).
+#[allow(clippy::disallowed_types)]
+pub fn now() -> StdInstant {
+    StdInstant::now()
+}
+
+/// Poll `cond` every 50 ms until it is true or `timeout` passes.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = now();
+    let mut last_err = None;
+    loop {
+        match cond() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            match last_err {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Output of one clusterctl run.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub fn json(&self) -> Result<Value> {
+        if !self.success() {
+            bail!("clusterctl failed ({:?}): {}", self.code, self.stderr.trim());
+        }
+        serde_json::from_str(&self.stdout).with_context(|| format!("clusterctl printed non-JSON: {}", self.stdout))
+    }
+}
+
+/// Run clusterctl against `url`.
+pub fn clusterctl(url: &str, args: &[&str]) -> Result<CtlOutput> {
+    let out = std::process::Command::new(bin("clusterctl")?)
+        .arg("--coordinator")
+        .arg(url)
+        .args(args)
+        .env_remove("VIGIL_COORDINATOR")
+        .output()
+        .context("cannot run clusterctl")?;
+    Ok(CtlOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `clusterctl -o json nodes`, keyed by node name.
+pub fn nodes(url: &str) -> Result<std::collections::BTreeMap<String, Value>> {
+    let v = clusterctl(url, &["-o", "json", "nodes"])?.json()?;
+    let list = v["nodes"].as_array().context("nodes JSON has no \"nodes\" array")?;
+    Ok(list
+        .iter()
+        .filter_map(|n| Some((n["name"].as_str()?.to_owned(), n.clone())))
+        .collect())
+}
+
+/// A coordinator and N simulated agents (`node-0`, `node-1`, ...), all real processes.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Coordinator,
+    pub agents: Vec<Agent>,
+    config: String,
+}
+
+impl Cluster {
+    pub fn start(coordinator_config: &str, agents: usize) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let coordinator = Coordinator::start(dir.path(), coordinator_config, None)?;
+        let mut cluster = Self {
+            dir,
+            coordinator,
+            agents: Vec::new(),
+            config: coordinator_config.to_owned(),
+        };
+        for i in 0..agents {
+            cluster.add_agent(&format!("node-{i}"))?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn url(&self) -> String {
+        self.coordinator.url()
+    }
+
+    pub fn add_agent(&mut self, name: &str) -> Result<()> {
+        let agent = Agent::start(self.dir.path(), &self.url(), name, 8)?;
+        self.agents.push(agent);
+        Ok(())
+    }
+
+    pub fn agent_mut(&mut self, name: &str) -> Option<&mut Agent> {
+        self.agents.iter_mut().find(|a| a.name == name)
+    }
+
+    /// `kill -9` the coordinator, then start a new one on the same data dir and port.
+    pub fn restart_coordinator(&mut self) -> Result<()> {
+        self.coordinator.kill9();
+        let addr: SocketAddr = self.coordinator.grpc;
+        self.coordinator = Coordinator::start(self.dir.path(), &self.config, Some(addr))?;
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator-data")
+    }
+
+    /// Every node listed is in `availability`.
+    pub fn all(&self, availability: &str, count: usize) -> Result<Option<()>> {
+        let nodes = nodes(&self.url())?;
+        let ok = nodes.len() == count && nodes.values().all(|n| n["availability"] == availability);
+        Ok(ok.then_some(()))
+    }
+}
+
+/// Write `text` to `dir/name` and return the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}

@@ -1,0 +1,202 @@
+//! Connecting to the coordinator's ControlService and turning gRPC failures into one-line errors.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use vigil_proto::v1::control_service_client::ControlServiceClient;
+use vigil_proto::{MAX_MESSAGE_BYTES, v1};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected ControlService client that remembers the URL for its error messages.
+pub struct Coordinator {
+    url: String,
+    client: ControlServiceClient<Channel>,
+}
+
+impl Coordinator {
+    /// Connects now, so a dead coordinator fails here within `CONNECT_TIMEOUT`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let endpoint = endpoint(url)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow!(unreachable(url, &cause(&e))))?;
+        let client = ControlServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            url: url.to_string(),
+            client,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub async fn status(&mut self) -> Result<v1::StatusResponse> {
+        let r = self.client.status(request(v1::StatusRequest {})).await;
+        self.answer(r, None)
+    }
+
+    pub async fn list_nodes(&mut self) -> Result<v1::ListNodesResponse> {
+        let r = self
+            .client
+            .list_nodes(request(v1::ListNodesRequest {}))
+            .await;
+        self.answer(r, None)
+    }
+
+    pub async fn get_node(&mut self, name: &str) -> Result<v1::NodeDetail> {
+        let req = v1::GetNodeRequest { name: name.into() };
+        let r = self.client.get_node(request(req)).await;
+        self.answer(r, Some(name))
+    }
+
+    pub async fn cordon(&mut self, name: &str, reason: &str) -> Result<v1::NodeSummary> {
+        let req = v1::CordonRequest {
+            name: name.into(),
+            reason: reason.into(),
+        };
+        let r = self.client.cordon(request(req)).await;
+        self.answer(r, Some(name))
+    }
+
+    pub async fn uncordon(&mut self, name: &str) -> Result<v1::NodeSummary> {
+        let req = v1::UncordonRequest { name: name.into() };
+        let r = self.client.uncordon(request(req)).await;
+        self.answer(r, Some(name))
+    }
+
+    fn answer<T>(
+        &self,
+        result: std::result::Result<tonic::Response<T>, Status>,
+        node: Option<&str>,
+    ) -> Result<T> {
+        result
+            .map(tonic::Response::into_inner)
+            .map_err(|status| anyhow!(describe_status(&status, &self.url, node)))
+    }
+}
+
+/// Sends `grpc-timeout`, so the coordinator gives up when clusterctl does.
+fn request<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(REQUEST_TIMEOUT);
+    req
+}
+
+/// Validates `url` (only plaintext `http://` exists before mutual TLS) and applies the timeouts.
+pub fn endpoint(url: &str) -> Result<Endpoint> {
+    let invalid = |why: &str| {
+        anyhow!(
+            "invalid --coordinator URL {url:?} ({why}); expected http://HOST:PORT, e.g. http://127.0.0.1:7770"
+        )
+    };
+    if url.starts_with("https://") {
+        return Err(invalid("TLS is not supported yet, use http://"));
+    }
+    if !url.starts_with("http://") {
+        return Err(invalid("missing http:// scheme"));
+    }
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|_| invalid("not a URL"))?;
+    if endpoint.uri().host().is_none_or(str::is_empty) {
+        return Err(invalid("no host"));
+    }
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT))
+}
+
+fn unreachable(url: &str, cause: &str) -> String {
+    format!(
+        "cannot reach coordinator at {url} ({cause}); is vigil-coordinator running? set --coordinator or VIGIL_COORDINATOR"
+    )
+}
+
+/// The most telling cause in an error chain: the I/O error kind ("connection refused") if
+/// there is one, else the innermost message.
+fn cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = err.to_string();
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return match io.kind() {
+                K::TimedOut => timed_out(),
+                kind @ (K::ConnectionRefused
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::AddrNotAvailable) => kind.to_string(),
+                _ => io.to_string(),
+            };
+        }
+        if e.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return timed_out();
+        }
+        innermost = e.to_string();
+        current = e.source();
+    }
+    if innermost.to_lowercase().contains("timed out") {
+        return timed_out();
+    }
+    innermost
+}
+
+fn timed_out() -> String {
+    format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())
+}
+
+/// One line for a failed call. NotFound and InvalidArgument carry the server's own words,
+/// which already name the fix; `node` fills in when a server sends no message.
+pub fn describe_status(status: &Status, url: &str, node: Option<&str>) -> String {
+    let message = status.message().trim();
+    match status.code() {
+        Code::NotFound if message.is_empty() => match node {
+            Some(n) => format!("node {n:?} not found (clusterctl nodes lists known nodes)"),
+            None => "not found".to_string(),
+        },
+        Code::NotFound
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::OutOfRange
+            if !message.is_empty() =>
+        {
+            message.to_string()
+        }
+        Code::DeadlineExceeded => unreachable(
+            url,
+            &format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+        ),
+        Code::Cancelled if message.to_lowercase().contains("timeout") => unreachable(
+            url,
+            &format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+        ),
+        Code::Unavailable => {
+            let why = match std::error::Error::source(status) {
+                Some(source) => cause(source),
+                None if !message.is_empty() => message.to_string(),
+                None => "unavailable".to_string(),
+            };
+            unreachable(url, &why)
+        }
+        Code::Unimplemented => format!(
+            "coordinator at {url} does not support this request (is it an older vigil-coordinator, or not a vigil-coordinator at all?)"
+        ),
+        code => {
+            let message = if message.is_empty() {
+                "no details"
+            } else {
+                message
+            };
+            format!("coordinator at {url} failed the request ({code:?}): {message}")
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The `status` screen's model: coordinator, node counts per state, GPUs, cordoned nodes.
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use vigil_proto::v1;
+
+use super::node::NodeSummary;
+
+/// The operator-facing node states, in the order `status` shows them.
+pub const NODE_STATES: [&str; 5] = ["Ready", "Degraded", "Cordoned", "Unreachable", "Lost"];
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CoordinatorInfo {
+    /// The URL clusterctl used, not one the server reports.
+    pub url: String,
+    pub version: String,
+    pub started_at_unix_ms: u64,
+    pub uptime_ms: u64,
+    pub listen_addr: String,
+}
+
+/// Node counts per state: the five known states always, in `NODE_STATES` order, zeros
+/// included; any state a newer coordinator adds follows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateCounts(pub Vec<(String, u32)>);
+
+impl StateCounts {
+    fn from_proto(counts: Vec<v1::StateCount>) -> Self {
+        let mut out: Vec<(String, u32)> = NODE_STATES.iter().map(|s| (s.to_string(), 0)).collect();
+        for c in counts {
+            match out.iter_mut().find(|(state, _)| *state == c.state) {
+                Some(entry) => entry.1 += c.count,
+                None => out.push((c.state, c.count)),
+            }
+        }
+        Self(out)
+    }
+}
+
+impl Serialize for StateCounts {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (state, count) in &self.0 {
+            map.serialize_entry(state, count)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub coordinator: CoordinatorInfo,
+    pub nodes_total: u32,
+    pub nodes_by_state: StateCounts,
+    pub gpus_healthy: u32,
+    pub gpus_total: u32,
+    pub nodes_simulated: u32,
+    pub cordoned: Vec<NodeSummary>,
+}
+
+impl Status {
+    pub fn from_proto(s: v1::StatusResponse, url: &str) -> Self {
+        Self {
+            coordinator: CoordinatorInfo {
+                url: url.to_string(),
+                version: s.coordinator_version,
+                started_at_unix_ms: s.started_at_unix_ms,
+                uptime_ms: s.uptime_ms,
+                listen_addr: s.listen_addr,
+            },
+            nodes_total: s.nodes_total,
+            nodes_by_state: StateCounts::from_proto(s.nodes_by_state),
+            gpus_healthy: s.gpus_healthy,
+            gpus_total: s.gpus_total,
+            nodes_simulated: s.nodes_simulated,
+            cordoned: s.cordoned.into_iter().map(NodeSummary::from).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn status_counts_every_state_in_order_with_zeros() {
+        let status = Status::from_proto(
+            v1::StatusResponse {
+                coordinator_version: "0.1.0".into(),
+                nodes_by_state: vec![
+                    v1::StateCount {
+                        state: "Cordoned".into(),
+                        count: 1,
+                    },
+                    v1::StateCount {
+                        state: "Ready".into(),
+                        count: 2,
+                    },
+                    v1::StateCount {
+                        state: "Quarantined".into(),
+                        count: 4,
+                    },
+                ],
+                nodes_total: 7,
+                ..Default::default()
+            },
+            "http://127.0.0.1:7770",
+        );
+        let text = serde_json::to_string(&status.nodes_by_state).expect("serializes");
+        assert_eq!(
+            text,
+            r#"{"Ready":2,"Degraded":0,"Cordoned":1,"Unreachable":0,"Lost":0,"Quarantined":4}"#
+        );
+        let value = serde_json::to_value(&status).expect("serializes");
+        assert_eq!(value["coordinator"]["url"], json!("http://127.0.0.1:7770"));
+        assert_eq!(value["coordinator"]["version"], json!("0.1.0"));
+        assert_eq!(value["cordoned"], json!([]));
+    }
+}

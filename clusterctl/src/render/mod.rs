@@ -1,0 +1,64 @@
+//! Human-readable views of the JSON model, one file per command family.
+//!
+//! Every function here is pure: it takes the model and `now_ms` (the local wall clock, used
+//! for "12m ago") and returns the text, so tests pin the exact output.
+
+mod node;
+mod nodes;
+mod status;
+
+pub use node::node_detail;
+pub use nodes::nodes;
+pub use status::status;
+
+use crate::table::sanitize;
+
+/// Width of the label column of `status` (values line up under the longest label).
+const STATUS_LABEL_WIDTH: usize = 13;
+
+/// Width of the label column of `node NAME`.
+const DETAIL_LABEL_WIDTH: usize = 16;
+
+/// Text built of `label   value` lines whose values line up, plus free-form sections.
+struct Labelled {
+    width: usize,
+    text: String,
+}
+
+impl Labelled {
+    fn new(width: usize) -> Self {
+        Self {
+            width,
+            text: String::new(),
+        }
+    }
+
+    fn line(&mut self, label: &str, value: impl AsRef<str>) {
+        let width = self.width;
+        let value = sanitize(value.as_ref());
+        self.text.push_str(&format!("{label:<width$}{value}\n"));
+    }
+
+    fn push_str(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    fn finish(self) -> String {
+        self.text
+    }
+}
+
+/// `vigil 0.1.0` whether or not the server's version string already names the product.
+fn product_version(version: &str) -> String {
+    if version.is_empty() {
+        "vigil version unknown".to_string()
+    } else if version.starts_with("vigil") {
+        version.to_string()
+    } else {
+        format!("vigil {version}")
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}

@@ -1,0 +1,142 @@
+//! The `status` screen: what an operator reads in two seconds.
+
+use super::{Labelled, STATUS_LABEL_WIDTH, product_version};
+use crate::model::Status;
+use crate::table::{Table, format_ago, format_duration};
+
+pub fn status(s: &Status, now_ms: u64) -> String {
+    let mut out = Labelled::new(STATUS_LABEL_WIDTH);
+    let c = &s.coordinator;
+    out.line(
+        "coordinator",
+        format!(
+            "{}  ({}, up {}, listening {})",
+            c.url,
+            product_version(&c.version),
+            format_duration(c.uptime_ms),
+            if c.listen_addr.is_empty() {
+                "-"
+            } else {
+                &c.listen_addr
+            },
+        ),
+    );
+    let counts: Vec<String> = s
+        .nodes_by_state
+        .0
+        .iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    out.line(
+        "nodes",
+        format!("{} total: {}", s.nodes_total, counts.join(", ")),
+    );
+    out.line(
+        "gpus",
+        format!("{}/{} healthy", s.gpus_healthy, s.gpus_total),
+    );
+    if s.nodes_simulated > 0 {
+        let noun = if s.nodes_simulated == 1 {
+            "node reports"
+        } else {
+            "nodes report"
+        };
+        out.line(
+            "simulated",
+            format!(
+                "{} {noun} SIMULATED GPUs (no real hardware)",
+                s.nodes_simulated
+            ),
+        );
+    }
+    if s.cordoned.is_empty() {
+        out.line("cordoned", "none");
+    } else {
+        let mut rows = Table::without_headers().gap(2);
+        for n in &s.cordoned {
+            let (source, ago, reason) = match &n.cordon {
+                Some(c) => (
+                    c.source.as_str(),
+                    format_ago(c.since_unix_ms, now_ms),
+                    format!("{:?}", c.reason),
+                ),
+                None => ("unknown", "-".to_string(), String::new()),
+            };
+            rows.push([n.name.clone(), source.to_string(), ago, reason]);
+        }
+        for (i, line) in rows.lines().iter().enumerate() {
+            out.line(if i == 0 { "cordoned" } else { "" }, line);
+        }
+    }
+    out.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NodeSummary;
+    use crate::model::fixtures::cordoned_sim_node;
+    use vigil_proto::v1;
+
+    const NOW: u64 = 1_000_000 + 12 * 60_000;
+
+    fn status_fixture() -> Status {
+        Status::from_proto(
+            v1::StatusResponse {
+                coordinator_version: "0.1.0".into(),
+                started_at_unix_ms: 1,
+                uptime_ms: 192_000,
+                listen_addr: "0.0.0.0:7770".into(),
+                nodes_by_state: vec![
+                    v1::StateCount {
+                        state: "Ready".into(),
+                        count: 2,
+                    },
+                    v1::StateCount {
+                        state: "Cordoned".into(),
+                        count: 1,
+                    },
+                ],
+                nodes_total: 3,
+                gpus_healthy: 16,
+                gpus_total: 24,
+                cordoned: vec![cordoned_sim_node()],
+                nodes_simulated: 3,
+            },
+            "http://127.0.0.1:7770",
+        )
+    }
+
+    #[test]
+    fn status_screen_matches_the_documented_layout() {
+        assert_eq!(
+            status(&status_fixture(), NOW),
+            "coordinator  http://127.0.0.1:7770  (vigil 0.1.0, up 3m12s, listening 0.0.0.0:7770)\n\
+             nodes        3 total: 2 Ready, 0 Degraded, 1 Cordoned, 0 Unreachable, 0 Lost\n\
+             gpus         16/24 healthy\n\
+             simulated    3 nodes report SIMULATED GPUs (no real hardware)\n\
+             cordoned     gpu-003  operator  12m ago  \"bad fan\"\n"
+        );
+    }
+
+    #[test]
+    fn status_without_simulated_or_cordoned_nodes_says_none() {
+        let mut s = status_fixture();
+        s.nodes_simulated = 0;
+        s.cordoned.clear();
+        let text = status(&s, NOW);
+        assert!(!text.contains("simulated"));
+        assert!(text.ends_with("cordoned     none\n"), "{text}");
+    }
+
+    #[test]
+    fn several_cordoned_nodes_align_under_one_label() {
+        let mut s = status_fixture();
+        let mut other = NodeSummary::from(cordoned_sim_node());
+        other.name = "n1".into();
+        s.cordoned.push(other);
+        let text = status(&s, NOW);
+        assert!(text.contains("cordoned     gpu-003  operator  12m ago  \"bad fan\"\n"));
+        assert!(text.contains("\n             n1       operator  12m ago  \"bad fan\"\n"));
+    }
+}

@@ -1,0 +1,257 @@
+//! The clusterctl binary against an in-process fake ControlService: JSON shapes, tables, error mapping.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tonic::{Request, Response, Status};
+use vigil_proto::v1::{self, control_service_server::ControlServiceServer};
+
+struct Fake;
+
+fn sim_node() -> v1::NodeSummary {
+    v1::NodeSummary {
+        name: "gpu-003".into(),
+        state: "Cordoned".into(),
+        availability: v1::Availability::Ready as i32,
+        scheduling: v1::Scheduling::Cordoned as i32,
+        cordon: Some(v1::Cordon {
+            reason: "bad fan".into(),
+            source: v1::CordonSource::Operator as i32,
+            since_unix_ms: 1_700_000_000_000,
+        }),
+        gpus_healthy: 7,
+        gpus_total: 8,
+        last_heartbeat_age_ms: Some(400),
+        hostname: "host-3".into(),
+        agent_version: "0.1.0".into(),
+        gpu_backend: v1::GpuBackend::Simulated as i32,
+        availability_since_unix_ms: 1_700_000_000_000,
+    }
+}
+
+fn not_found(name: &str) -> Status {
+    Status::not_found(format!(
+        "node {name:?} not found (clusterctl nodes lists known nodes)"
+    ))
+}
+
+#[tonic::async_trait]
+impl v1::control_service_server::ControlService for Fake {
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let count = |state: &str, count| v1::StateCount {
+            state: state.into(),
+            count,
+        };
+        Ok(Response::new(v1::StatusResponse {
+            coordinator_version: "0.1.0".into(),
+            started_at_unix_ms: 1_700_000_000_000,
+            uptime_ms: 192_000,
+            listen_addr: "0.0.0.0:7770".into(),
+            nodes_by_state: vec![count("Ready", 0), count("Cordoned", 1)],
+            nodes_total: 1,
+            gpus_healthy: 7,
+            gpus_total: 8,
+            cordoned: vec![sim_node()],
+            nodes_simulated: 1,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        Ok(Response::new(v1::ListNodesResponse {
+            nodes: vec![sim_node()],
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        req: Request<v1::GetNodeRequest>,
+    ) -> Result<Response<v1::NodeDetail>, Status> {
+        match req.into_inner().name.as_str() {
+            "gpu-003" => Ok(Response::new(v1::NodeDetail {
+                summary: Some(sim_node()),
+                gpus: vec![v1::GpuInfo {
+                    index: 0,
+                    uuid: "GPU-0".into(),
+                    ..Default::default()
+                }],
+                last_samples: vec![v1::GpuSample {
+                    index: 0,
+                    power_w: Some(300.0),
+                    ..Default::default()
+                }],
+                workers: vec![],
+                first_registered_unix_ms: 1,
+                last_registered_unix_ms: 2,
+            })),
+            "hangs" => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Err(Status::internal("too late"))
+            }
+            other => Err(not_found(other)),
+        }
+    }
+
+    async fn cordon(
+        &self,
+        req: Request<v1::CordonRequest>,
+    ) -> Result<Response<v1::NodeSummary>, Status> {
+        let req = req.into_inner();
+        if req.name != "gpu-003" {
+            return Err(not_found(&req.name));
+        }
+        let mut node = sim_node();
+        if let Some(c) = node.cordon.as_mut() {
+            c.reason = req.reason;
+        }
+        Ok(Response::new(node))
+    }
+
+    async fn uncordon(
+        &self,
+        req: Request<v1::UncordonRequest>,
+    ) -> Result<Response<v1::NodeSummary>, Status> {
+        let name = req.into_inner().name;
+        if name != "gpu-003" {
+            return Err(Status::invalid_argument("node name must not be empty"));
+        }
+        let mut node = sim_node();
+        node.cordon = None;
+        node.scheduling = v1::Scheduling::Schedulable as i32;
+        Ok(Response::new(node))
+    }
+}
+
+/// Serves the fake on 127.0.0.1:0 for as long as the returned runtime lives.
+fn start_fake() -> (tokio::runtime::Runtime, String) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(ControlServiceServer::new(Fake))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (runtime, url)
+}
+
+fn clusterctl(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .arg("--coordinator")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("clusterctl runs")
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn json_output_has_the_documented_shapes() {
+    let (_rt, url) = start_fake();
+    let status = stdout_json(&clusterctl(&url, &["-o", "json", "status"]));
+    assert_eq!(status["coordinator"]["url"], json!(url));
+    assert_eq!(status["coordinator"]["listen_addr"], json!("0.0.0.0:7770"));
+    assert_eq!(
+        status["nodes_by_state"],
+        json!({"Ready": 0, "Degraded": 0, "Cordoned": 1, "Unreachable": 0, "Lost": 0})
+    );
+    assert_eq!(status["cordoned"][0]["cordon"]["source"], json!("operator"));
+
+    let nodes = stdout_json(&clusterctl(&url, &["nodes", "-o", "json"]));
+    assert_eq!(nodes["nodes"][0]["gpu_backend"], json!("simulated"));
+    assert_eq!(nodes["nodes"][0]["simulated"], json!(true));
+    assert_eq!(nodes["nodes"][0]["last_heartbeat_age_ms"], json!(400));
+
+    let node = stdout_json(&clusterctl(&url, &["-o", "json", "node", "gpu-003"]));
+    assert_eq!(node["node"]["name"], json!("gpu-003"));
+    assert_eq!(node["gpus"][0]["uuid"], json!("GPU-0"));
+    assert_eq!(node["samples"][0]["power_w"], json!(300.0));
+    assert_eq!(node["samples"][0]["temperature_c"], json!(null));
+    assert_eq!(node["workers"], json!([]));
+
+    let cordoned = stdout_json(&clusterctl(
+        &url,
+        &["-o", "json", "cordon", "gpu-003", "--reason", "fan"],
+    ));
+    assert_eq!(cordoned["cordon"]["reason"], json!("fan"));
+    let uncordoned = stdout_json(&clusterctl(&url, &["-o", "json", "uncordon", "gpu-003"]));
+    assert_eq!(uncordoned["cordon"], json!(null));
+    assert_eq!(uncordoned["scheduling"], json!("Schedulable"));
+}
+
+#[test]
+fn text_output_is_for_people() {
+    let (_rt, url) = start_fake();
+    let out = clusterctl(&url, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 node reports SIMULATED GPUs"), "{text}");
+    assert!(text.contains("gpu-003  operator"), "{text}");
+
+    let out = clusterctl(&url, &["nodes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("NAME "), "{text}");
+    assert!(text.contains("7/8 sim"), "{text}");
+
+    let out = clusterctl(&url, &["cordon", "gpu-003", "--reason", "bad fan"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "node gpu-003 cordoned: bad fan\n"
+    );
+    let out = clusterctl(&url, &["uncordon", "gpu-003"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "node gpu-003 uncordoned\n"
+    );
+}
+
+#[test]
+fn server_errors_become_one_line() {
+    let (_rt, url) = start_fake();
+    let out = clusterctl(&url, &["node", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: node \"nope\" not found (clusterctl nodes lists known nodes)\n"
+    );
+    let out = clusterctl(&url, &["-o", "json", "uncordon", "other"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(stderr(&out), "error: node name must not be empty\n");
+}
+
+#[test]
+fn a_hung_coordinator_times_out_within_seconds() {
+    let (_rt, url) = start_fake();
+    let started = std::time::SystemTime::now();
+    let out = clusterctl(&url, &["node", "hangs"]);
+    let took = started.elapsed().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "error: cannot reach coordinator at {url} (no answer within 5s)"
+        )),
+        "{err}"
+    );
+}

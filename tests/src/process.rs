@@ -1,0 +1,176 @@
+//! The vigil binaries as child processes: built once per test process,
+//! started on ephemeral loopback ports, SIGKILLed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::{LONG, write_file};
+
+/// Path of a workspace binary, building the binaries first (once per test
+/// process) so end-to-end tests never run stale code.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(dir.join(name))
+}
+
+fn build_binaries() -> Result<PathBuf> {
+    // This test binary lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot locate the target directory")?
+        .to_owned();
+    let target_dir = profile_dir.parent().context("cannot locate the target directory")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--bins", "-p", "vigil-coordinator", "-p", "vigil-agent", "-p", "clusterctl"])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("cannot run cargo to build the vigil binaries")?;
+    if !status.success() {
+        bail!("building the vigil binaries failed: {status}");
+    }
+    Ok(profile_dir)
+}
+
+/// A running vigil-coordinator.
+pub struct Coordinator {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Coordinator {
+    /// Start on `listen` (default an ephemeral loopback port) with data dir
+    /// `dir/coordinator-data`; returns once it prints its serving line.
+    pub fn start(dir: &Path, config: &str, listen: Option<SocketAddr>) -> Result<Self> {
+        let config_path = write_file(dir, "coordinator.toml", config)?;
+        let log = dir.join("coordinator.log");
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let mut child = Command::new(crate::bin("vigil-coordinator")?)
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--listen", &listen, "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("coordinator-data"))
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .context("cannot start vigil-coordinator")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let n = BufReader::new(stdout).read_line(&mut line);
+            tx.send(n.map(|_| line)).ok();
+        });
+        let line = match rx.recv_timeout(LONG) {
+            Ok(Ok(line)) if !line.is_empty() => line,
+            _ => {
+                child.kill().ok();
+                let status = child.wait().ok();
+                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("vigil-coordinator did not start ({status:?}); log:\n{log_text}");
+            }
+        };
+        let field = |key: &str| -> Result<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .context(format!("no {key} in {line:?}"))?
+                .parse()
+                .context("bad address")
+        };
+        Ok(Self {
+            grpc: field("grpc=")?,
+            metrics: field("metrics=")?,
+            child,
+            log,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running vigil-agent with simulated GPUs.
+pub struct Agent {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+/// Agents in tests retry fast, so reconnects do not dominate test time.
+const AGENT_CONFIG: &str = "[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n";
+
+impl Agent {
+    pub fn start(dir: &Path, url: &str, name: &str, gpus: u32) -> Result<Self> {
+        let config = write_file(dir, &format!("agent-{name}.toml"), AGENT_CONFIG)?;
+        let log = dir.join(format!("agent-{name}.log"));
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = Command::new(crate::bin("vigil-agent")?)
+            .arg("--config")
+            .arg(&config)
+            .args(["--coordinator", url, "--node-name", name, "--gpu-backend", "sim"])
+            .args(["--sim-gpus", &gpus.to_string(), "--metrics-listen", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.join(format!("agent-{name}-state")))
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("cannot start vigil-agent")?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+
+    /// Send SIGTERM and wait up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        crate::wait_for("agent to exit after SIGTERM", timeout, || Ok(self.child.try_wait()?))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
