@@ -1,1 +1,220 @@
+//! vigil agent: the hands of the cluster on one GPU node.
+//!
+//! # Layout
+//! - [`config`]: the TOML config, its defaults and validation.
+//! - [`cli`]: command-line flags layered over the config.
+//! - [`gpu`]: the [`gpu::GpuProbe`] trait, with NVML and simulated backends.
+//! - [`link`]: the reconnect loop that keeps a session with the coordinator alive.
+//! - [`session`]: one session: dial, register, heartbeat, watch the lease.
+//! - [`lease`]: how long the agent may go without hearing from the coordinator.
+//! - [`backoff`]: reconnect delays (exponential, full jitter), pure.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` + `/healthz` endpoint.
 
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod gpu;
+pub mod lease;
+pub mod link;
+pub mod metrics;
+pub mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use config::AgentConfig;
+
+use crate::config::GpuBackendKind;
+use crate::gpu::{GpuBackend, GpuProbe, backend_label};
+use crate::metrics::Metrics;
+use crate::session::SessionContext;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
+    #[error("cannot create state directory {path}; pass --state-dir with a writable directory")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for metrics on {addr}; pass --metrics-listen with a free address")]
+    MetricsListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics server failed")]
+    MetricsServe(#[source] std::io::Error),
+}
+
+/// Runs the agent until `shutdown` resolves, binding the metrics listener from the config.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let span = agent_span(&config);
+    async {
+        let prepared = prepare(&config).await?;
+        let addr = config.metrics_listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::MetricsListen { addr, source })?;
+        serve(config, prepared, listener, shutdown).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Like [`run`], with a listener the caller bound (tests use `127.0.0.1:0`).
+pub async fn run_with_listener(
+    config: AgentConfig,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let span = agent_span(&config);
+    async {
+        let prepared = prepare(&config).await?;
+        serve(config, prepared, metrics_listener, shutdown).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Every log line carries the node and backend, so simulated GPUs are never mistaken for real ones.
+fn agent_span(config: &AgentConfig) -> tracing::Span {
+    let backend = match config.gpu_backend {
+        GpuBackendKind::Nvml => GpuBackend::Nvml,
+        GpuBackendKind::Sim => GpuBackend::Simulated,
+    };
+    info_span!("agent", node = %config.node_name, gpu_backend = backend_label(backend))
+}
+
+/// Everything that can fail at start-up, checked before the agent touches the network.
+async fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
+    config.validate()?;
+    let probe = gpu::open(config)?;
+    let gpus = probe.inventory()?.len();
+    match probe.backend() {
+        GpuBackend::Simulated => {
+            warn!(
+                gpus,
+                "GPU backend is SIMULATED: no real hardware is monitored"
+            );
+        }
+        _ if gpus == 0 => warn!("NVML found no GPUs on this host"),
+        _ => info!(gpus, "GPU inventory read through NVML"),
+    }
+    if let Some(path) = &config.sim_fault_file {
+        // Accepted now so configs written for fault injection keep working when it lands.
+        warn!(
+            path = %path.display(),
+            "sim_fault_file is set but fault injection is not implemented yet; ignored"
+        );
+    }
+    create_state_dir(&config.state_dir).await?;
+    Ok(Prepared { probe, gpus })
+}
+
+struct Prepared {
+    probe: Arc<dyn GpuProbe>,
+    /// At start-up, for the metrics gauge; each session re-reads the inventory it registers.
+    gpus: usize,
+}
+
+async fn create_state_dir(path: &Path) -> Result<(), AgentError> {
+    tokio::fs::create_dir_all(path)
+        .await
+        .map_err(|source| AgentError::StateDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+async fn serve(
+    config: AgentConfig,
+    Prepared { probe, gpus }: Prepared,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let metrics = Metrics::new(backend_label(probe.backend()), gpus);
+    let metrics_addr = listener.local_addr().map_err(AgentError::MetricsServe)?;
+    // Held here; the metrics server stops when this side sends.
+    let (stop_tx, mut stop_rx) = watch::channel(());
+    let server = tokio::spawn(
+        metrics::serve(listener, metrics.clone(), async move {
+            let _ = stop_rx.changed().await;
+        })
+        .in_current_span(),
+    );
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        coordinator = %config.coordinator,
+        metrics = %metrics_addr,
+        state_dir = %config.state_dir.display(),
+        "vigil-agent started"
+    );
+    let ctx = SessionContext {
+        coordinator: config.coordinator.clone(),
+        node_name: config.node_name.clone(),
+        hostname: config::hostname(),
+        probe,
+        metrics,
+    };
+    tokio::select! {
+        () = link::run(ctx, config.reconnect) => {}
+        () = shutdown => info!("shutting down"),
+    }
+    let _ = stop_tx.send(());
+    match server.await {
+        Ok(result) => result.map_err(AgentError::MetricsServe),
+        Err(join) => Err(AgentError::MetricsServe(std::io::Error::other(join))),
+    }
+}
+
+/// An error and its causes on one line, for log fields and the exit message.
+///
+/// Some errors (libloading's, through NVML's) repeat their cause in their own
+/// message; a cause the line already ends with is not written twice.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Plain(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        let io = || std::io::Error::other("inner");
+        assert_eq!(error_chain(&Plain(io())), "outer: inner");
+        assert_eq!(error_chain(&Repeats(io())), "outer: inner");
+    }
+}

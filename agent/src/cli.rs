@@ -1,0 +1,128 @@
+//! Command-line flags, and how they override the config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{AgentConfig, ConfigError, GpuBackendKind};
+
+/// vigil agent: reports this node's GPUs to the coordinator and keeps its lease.
+///
+/// Every flag overrides the same key of the config file.
+#[derive(Debug, Parser)]
+#[command(name = "vigil-agent", version)]
+pub struct Cli {
+    /// TOML config file; flags given here override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Coordinator gRPC URL [default: http://127.0.0.1:7770].
+    #[arg(long, value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// Name of this node in the cluster [default: the hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Where GPU data comes from: real NVML, or simulated GPUs [default: nvml].
+    #[arg(long, value_name = "BACKEND")]
+    pub gpu_backend: Option<GpuBackendKind>,
+    /// Number of simulated GPUs, 1 to 64 (with --gpu-backend sim) [default: 8].
+    #[arg(long, value_name = "N")]
+    pub sim_gpus: Option<u32>,
+    /// Fault-injection file for simulated GPUs.
+    #[arg(long, value_name = "FILE")]
+    pub sim_fault_file: Option<PathBuf>,
+    /// Local state directory, created if missing [default: /var/lib/vigil-agent].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address for HTTP /metrics and /healthz [default: 0.0.0.0:9771].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Cli {
+    /// Reads the config file (if any), applies the flags on top, then validates the result.
+    pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => AgentConfig::from_file(path)?,
+            None => AgentConfig::default(),
+        };
+        self.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply(self, cfg: &mut AgentConfig) {
+        if let Some(v) = self.coordinator {
+            cfg.coordinator = v;
+        }
+        if let Some(v) = self.node_name {
+            cfg.node_name = v;
+        }
+        if let Some(v) = self.gpu_backend {
+            cfg.gpu_backend = v;
+        }
+        if let Some(v) = self.sim_gpus {
+            cfg.sim_gpus = v;
+        }
+        if let Some(v) = self.sim_fault_file {
+            cfg.sim_fault_file = Some(v);
+        }
+        if let Some(v) = self.state_dir {
+            cfg.state_dir = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            cfg.metrics_listen = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vigil-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_override_the_config_file() -> Result<(), Box<dyn std::error::Error>> {
+        let mut cfg = AgentConfig::from_toml_str("node_name = \"from-file\"\nsim_gpus = 2")?;
+        parse(&[
+            "--node-name=from-flag",
+            "--gpu-backend=sim",
+            "--coordinator=http://c:1",
+            "--state-dir=/tmp/s",
+            "--metrics-listen=127.0.0.1:0",
+            "--sim-fault-file=/tmp/f",
+        ])?
+        .apply(&mut cfg);
+        assert_eq!(cfg.node_name, "from-flag");
+        assert_eq!(cfg.sim_gpus, 2, "keys without a flag keep the file's value");
+        assert_eq!(cfg.gpu_backend, GpuBackendKind::Sim);
+        assert_eq!(cfg.coordinator, "http://c:1");
+        assert_eq!(cfg.state_dir, PathBuf::from("/tmp/s"));
+        assert_eq!(cfg.metrics_listen.port(), 0);
+        assert_eq!(cfg.sim_fault_file, Some(PathBuf::from("/tmp/f")));
+        Ok(())
+    }
+
+    #[test]
+    fn invalid_flag_values_are_refused() {
+        assert!(parse(&["--gpu-backend=cuda"]).is_err());
+        assert!(parse(&["--metrics-listen=nowhere"]).is_err());
+        assert!(parse(&["--sim-gpus=many"]).is_err());
+    }
+
+    #[test]
+    fn flag_values_are_validated_like_file_values() -> Result<(), clap::Error> {
+        let err = parse(&["--sim-gpus=0", "--node-name=n"])?.into_config();
+        assert!(matches!(
+            err,
+            Err(ConfigError::Invalid {
+                field: "sim_gpus",
+                ..
+            })
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,341 @@
+//! Agent configuration: the TOML file, its defaults, and the checks that run before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tonic::codegen::http::Uri;
+
+/// Where a coordinator listens when nothing else is said (its own `--listen` default).
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7770";
+/// Eight GPUs: the shape of one HGX/DGX host.
+pub const DEFAULT_SIM_GPUS: u32 = 8;
+pub const MAX_SIM_GPUS: u32 = 64;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vigil-agent";
+/// One port above the coordinator's 9770, so both fit on a demo host.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9771";
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// Short enough that an agent is back within seconds of a coordinator restart.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Node names end up in DNS-like places (labels, hostnames), hence the DNS label limit.
+pub const MAX_NODE_NAME_LEN: usize = 63;
+
+/// Everything the agent needs to start; flags are merged in before [`AgentConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub coordinator: String,
+    /// Defaults to the hostname, so a fleet can share one config file.
+    pub node_name: String,
+    pub gpu_backend: GpuBackendKind,
+    pub sim_gpus: u32,
+    /// Fault injection for the simulator; read by a later revision, kept so configs stay valid.
+    pub sim_fault_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub metrics_listen: SocketAddr,
+    pub reconnect: ReconnectConfig,
+}
+
+/// How patiently the agent redials a coordinator it lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+/// Which source of GPU truth the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuBackendKind {
+    Nvml,
+    Sim,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    // The causes are part of the message (not `#[source]`) so they read before the fix.
+    #[error("cannot read config file {path}: {error}; check the --config path")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("invalid config{}: {error}", path_suffix(.path.as_deref()))]
+    Parse {
+        path: Option<PathBuf>,
+        error: Box<toml::de::Error>,
+    },
+    #[error("invalid {field}: {problem}; {fix}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+        fix: &'static str,
+    },
+}
+
+fn path_suffix(path: Option<&Path>) -> String {
+    path.map(|p| format!(" file {}", p.display()))
+        .unwrap_or_default()
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: DEFAULT_COORDINATOR.to_owned(),
+            node_name: hostname(),
+            gpu_backend: GpuBackendKind::Nvml,
+            sim_gpus: DEFAULT_SIM_GPUS,
+            sim_fault_file: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            metrics_listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9771))),
+            reconnect: ReconnectConfig::default(),
+        }
+    }
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+/// The hostname as the OS reports it; as a node name, validation catches one that is not usable.
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+impl AgentConfig {
+    /// Parses without validating: flags may still override fields before [`Self::validate`].
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            error: Box::new(e),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: Some(path.to_owned()),
+            error: Box::new(e),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_node_name(&self.node_name)?;
+        validate_coordinator(&self.coordinator)?;
+        if !(1..=MAX_SIM_GPUS).contains(&self.sim_gpus) {
+            return Err(ConfigError::Invalid {
+                field: "sim_gpus",
+                problem: format!("{} is out of range", self.sim_gpus),
+                fix: "use a value from 1 to 64",
+            });
+        }
+        let r = &self.reconnect;
+        if r.initial_backoff.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "reconnect.initial_backoff",
+                problem: "must be greater than zero".to_owned(),
+                fix: "use a duration such as \"200ms\"",
+            });
+        }
+        if r.initial_backoff > r.max_backoff {
+            return Err(ConfigError::Invalid {
+                field: "reconnect.initial_backoff",
+                problem: format!(
+                    "{} is longer than reconnect.max_backoff ({})",
+                    humantime::format_duration(r.initial_backoff),
+                    humantime::format_duration(r.max_backoff)
+                ),
+                fix: "make initial_backoff at most max_backoff",
+            });
+        }
+        Ok(())
+    }
+}
+
+fn validate_node_name(name: &str) -> Result<(), ConfigError> {
+    const FIX: &str = "set --node-name or node_name to 1-63 characters from [A-Za-z0-9._-]";
+    let problem = if name.is_empty() {
+        Some("is empty".to_owned())
+    } else if name.len() > MAX_NODE_NAME_LEN {
+        Some(format!("{name:?} is {} characters long", name.len()))
+    } else {
+        name.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .map(|bad| format!("{name:?} contains {bad:?}"))
+    };
+    match problem {
+        Some(problem) => Err(ConfigError::Invalid {
+            field: "node_name",
+            problem,
+            fix: FIX,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn validate_coordinator(url: &str) -> Result<(), ConfigError> {
+    let invalid = |problem: String| ConfigError::Invalid {
+        field: "coordinator",
+        problem,
+        fix: "use a URL such as http://coordinator.example:7770",
+    };
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| invalid(format!("{url:?} is not a URL ({e})")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        // No TLS transport is compiled in yet: dialing https would speak plaintext to a TLS port.
+        Some("https") => {
+            return Err(ConfigError::Invalid {
+                field: "coordinator",
+                problem: format!("{url:?} uses https, which this build does not support yet"),
+                fix: "use an http:// URL until mutual TLS lands",
+            });
+        }
+        Some(other) => return Err(invalid(format!("scheme {other:?} is not http"))),
+        None => return Err(invalid(format!("{url:?} has no scheme"))),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(format!("{url:?} has no host")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> AgentConfig {
+        AgentConfig {
+            node_name: "node-01".to_owned(),
+            ..AgentConfig::default()
+        }
+    }
+
+    fn invalid_field(cfg: &AgentConfig) -> &'static str {
+        match cfg.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() -> Result<(), ConfigError> {
+        let cfg = AgentConfig::from_toml_str("")?;
+        assert_eq!(cfg.coordinator, DEFAULT_COORDINATOR);
+        assert_eq!(cfg.gpu_backend, GpuBackendKind::Nvml);
+        assert_eq!(cfg.sim_gpus, 8);
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/vigil-agent"));
+        assert_eq!(cfg.metrics_listen.to_string(), "0.0.0.0:9771");
+        assert_eq!(cfg.reconnect.initial_backoff, Duration::from_millis(200));
+        assert_eq!(cfg.reconnect.max_backoff, Duration::from_secs(10));
+        assert_eq!(cfg.node_name, hostname());
+        Ok(())
+    }
+
+    #[test]
+    fn every_key_is_read() -> Result<(), ConfigError> {
+        let cfg = AgentConfig::from_toml_str(
+            r#"
+            coordinator = "http://coord:7000"
+            node_name = "gpu-node-7"
+            gpu_backend = "sim"
+            sim_gpus = 4
+            sim_fault_file = "/tmp/faults"
+            state_dir = "/tmp/state"
+            metrics_listen = "127.0.0.1:0"
+            [reconnect]
+            initial_backoff = "1s"
+            max_backoff = "1m"
+            "#,
+        )?;
+        cfg.validate()?;
+        assert_eq!(cfg.coordinator, "http://coord:7000");
+        assert_eq!(cfg.node_name, "gpu-node-7");
+        assert_eq!(cfg.gpu_backend, GpuBackendKind::Sim);
+        assert_eq!(cfg.sim_gpus, 4);
+        assert_eq!(cfg.sim_fault_file, Some(PathBuf::from("/tmp/faults")));
+        assert_eq!(cfg.state_dir, PathBuf::from("/tmp/state"));
+        assert_eq!(cfg.metrics_listen.port(), 0);
+        assert_eq!(cfg.reconnect.initial_backoff, Duration::from_secs(1));
+        assert_eq!(cfg.reconnect.max_backoff, Duration::from_secs(60));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let err = AgentConfig::from_toml_str("heartbeat_interval = \"1s\"");
+        let msg = err.map(|_| ()).err().map(|e| e.to_string());
+        assert!(msg.is_some_and(|m| m.contains("heartbeat_interval")));
+    }
+
+    #[test]
+    fn unknown_backend_is_rejected() {
+        assert!(AgentConfig::from_toml_str("gpu_backend = \"rocm\"").is_err());
+    }
+
+    #[test]
+    fn node_name_must_be_short_and_plain() {
+        let mut cfg = valid();
+        assert!(cfg.validate().is_ok());
+        for bad in ["", "has space", "ünï", "a/b"] {
+            cfg.node_name = bad.to_owned();
+            assert_eq!(invalid_field(&cfg), "node_name", "{bad:?}");
+        }
+        cfg.node_name = "a".repeat(64);
+        assert_eq!(invalid_field(&cfg), "node_name");
+        cfg.node_name = "A.b_c-9".repeat(9);
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn sim_gpus_must_be_between_1_and_64() {
+        let mut cfg = valid();
+        for (n, ok) in [(0, false), (1, true), (64, true), (65, false)] {
+            cfg.sim_gpus = n;
+            assert_eq!(cfg.validate().is_ok(), ok, "{n}");
+        }
+    }
+
+    #[test]
+    fn coordinator_must_be_an_http_url() {
+        let mut cfg = valid();
+        for bad in ["", "coord:7770", "ftp://coord:7770", "http://", "not a url"] {
+            cfg.coordinator = bad.to_owned();
+            assert_eq!(invalid_field(&cfg), "coordinator", "{bad:?}");
+        }
+        cfg.coordinator = "https://coord:7770".to_owned();
+        assert_eq!(invalid_field(&cfg), "coordinator");
+        cfg.coordinator = "http://10.0.0.1:7770".to_owned();
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn initial_backoff_may_not_exceed_max_backoff() {
+        let mut cfg = valid();
+        cfg.reconnect.initial_backoff = Duration::from_secs(11);
+        assert_eq!(invalid_field(&cfg), "reconnect.initial_backoff");
+        cfg.reconnect.initial_backoff = Duration::ZERO;
+        assert_eq!(invalid_field(&cfg), "reconnect.initial_backoff");
+        cfg.reconnect.initial_backoff = Duration::from_secs(10);
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        assert!(AgentConfig::from_toml_str("[reconnect]\nmax_backoff = \"soon\"").is_err());
+    }
+}

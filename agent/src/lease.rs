@@ -1,0 +1,74 @@
+//! The agent's lease: how long it may go without hearing from the coordinator.
+//!
+//! Every coordinator message renews it. Once it runs out the coordinator may
+//! already be relaunching this node's work elsewhere, so the session is over
+//! (and, in a later revision, so are this node's workers).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Lease {
+    duration: Duration,
+    last_heard: Instant,
+}
+
+impl Lease {
+    pub fn new(duration: Duration, now: Instant) -> Self {
+        Self {
+            duration,
+            last_heard: now,
+        }
+    }
+
+    pub fn renew(&mut self, now: Instant) {
+        self.last_heard = self.last_heard.max(now);
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.last_heard + self.duration
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        now >= self.deadline()
+    }
+
+    /// Silence so far, for the log line that explains an expiry.
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_heard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECS: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn lease_expires_after_its_duration_of_silence() {
+        let t0 = Instant::now();
+        let lease = Lease::new(8 * SECS, t0);
+        assert!(!lease.is_expired(t0 + 7 * SECS));
+        assert!(lease.is_expired(t0 + 8 * SECS));
+        assert_eq!(lease.silent_for(t0 + 9 * SECS), 9 * SECS);
+    }
+
+    #[test]
+    fn every_message_pushes_the_deadline_out() {
+        let t0 = Instant::now();
+        let mut lease = Lease::new(8 * SECS, t0);
+        lease.renew(t0 + 5 * SECS);
+        assert!(!lease.is_expired(t0 + 12 * SECS));
+        assert_eq!(lease.deadline(), t0 + 13 * SECS);
+    }
+
+    #[test]
+    fn renewal_never_moves_the_deadline_back() {
+        let t0 = Instant::now();
+        let mut lease = Lease::new(8 * SECS, t0 + 5 * SECS);
+        lease.renew(t0);
+        assert_eq!(lease.deadline(), t0 + 13 * SECS);
+    }
+}

@@ -1,0 +1,311 @@
+//! One session with the coordinator: dial, register, then heartbeat while the lease holds.
+//!
+//! A session only ever ends in an error (the stream closed, the lease ran
+//! out, the coordinator said no); [`crate::link`] decides what happens next.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+use vigil_proto::v1::agent_message::Body as AgentBody;
+use vigil_proto::v1::agent_service_client::AgentServiceClient;
+use vigil_proto::v1::coordinator_message::Body as CoordinatorBody;
+use vigil_proto::v1::{AgentMessage, CoordinatorMessage, Heartbeat, Register, Registered};
+
+use crate::error_chain;
+use crate::gpu::{GpuError, GpuProbe, GpuSample};
+use crate::lease::Lease;
+use crate::metrics::Metrics;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Covers opening the stream and the coordinator's answer to `Register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A wedged driver must not stall heartbeats (and with them the lease) for long.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Small: if the coordinator stops reading, stale heartbeats are dropped, not queued.
+const OUTBOUND_QUEUE: usize = 16;
+/// Used only if a coordinator leaves the pace unset (proto3 zero).
+const FALLBACK_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// The design's default lease, for a coordinator that leaves it unset.
+const FALLBACK_LEASE: Duration = Duration::from_secs(8);
+/// Keeps a misconfigured coordinator from making the agent spin.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// What every session of this agent shares.
+pub struct SessionContext {
+    pub coordinator: String,
+    pub node_name: String,
+    pub hostname: String,
+    pub probe: Arc<dyn GpuProbe>,
+    pub metrics: Metrics,
+}
+
+/// How a session ended; `registered` tells the reconnect loop to reset its backoff.
+pub struct SessionEnd {
+    pub registered: bool,
+    pub cause: SessionError,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid coordinator URL")]
+    Endpoint(#[source] tonic::transport::Error),
+    #[error("cannot connect to the coordinator")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("no connection to the coordinator within {}", humantime::format_duration(*.0))]
+    ConnectTimeout(Duration),
+    #[error("coordinator refused the stream ({:?}: {})", .0.code(), .0.message())]
+    Rpc(#[source] tonic::Status),
+    #[error("no answer to registration within {}", humantime::format_duration(*.0))]
+    RegisterTimeout(Duration),
+    #[error("coordinator rejected the registration: {0}")]
+    Rejected(String),
+    #[error("coordinator closed the stream")]
+    Closed,
+    #[error("stream from the coordinator failed ({:?}: {})", .0.code(), .0.message())]
+    Stream(#[source] tonic::Status),
+    #[error("lease expired: no word from coordinator for {}", humantime::format_duration(*.0))]
+    LeaseExpired(Duration),
+    #[error("coordinator broke the protocol: {0}")]
+    Protocol(&'static str),
+    #[error("cannot read the GPU inventory")]
+    Gpu(#[source] GpuError),
+    #[error("GPU probe task failed")]
+    GpuTask(#[source] tokio::task::JoinError),
+}
+
+/// Runs one session to its end; drop the future to close the stream.
+pub async fn run(ctx: &SessionContext) -> SessionEnd {
+    let mut registered = false;
+    let cause = match run_until_error(ctx, &mut registered).await {
+        Err(cause) => cause,
+        Ok(never) => match never {},
+    };
+    ctx.metrics.connected.set(0);
+    SessionEnd { registered, cause }
+}
+
+async fn run_until_error(
+    ctx: &SessionContext,
+    registered: &mut bool,
+) -> Result<Infallible, SessionError> {
+    let channel = dial(&ctx.coordinator).await?;
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let mut outbound = Outbound { tx, next_seq: 1 };
+    // Re-read per session: a GPU that vanished since the last one must not be registered.
+    let gpus = on_blocking_pool(&ctx.probe, |p| p.inventory())
+        .await?
+        .map_err(SessionError::Gpu)?;
+    let gpu_count = gpus.len();
+    outbound.push(AgentBody::Register(Register {
+        protocol_version: vigil_proto::PROTOCOL_VERSION,
+        node_name: ctx.node_name.clone(),
+        hostname: ctx.hostname.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        gpu_backend: ctx.probe.backend().into(),
+        gpus,
+        workers: Vec::new(),
+        sent_at_unix_ms: unix_ms(),
+    }))?;
+    let registration = async {
+        let mut inbound = client
+            .connect(ReceiverStream::new(rx))
+            .await
+            .map_err(SessionError::Rpc)?
+            .into_inner();
+        let first = inbound.message().await.map_err(SessionError::Stream)?;
+        Ok::<_, SessionError>((inbound, first))
+    };
+    let (inbound, first) = tokio::time::timeout(REGISTER_TIMEOUT, registration)
+        .await
+        .map_err(|_| SessionError::RegisterTimeout(REGISTER_TIMEOUT))??;
+    let accepted = match first.ok_or(SessionError::Closed)?.body {
+        Some(CoordinatorBody::Registered(r)) => r,
+        Some(CoordinatorBody::Rejected(r)) => return Err(SessionError::Rejected(r.reason)),
+        Some(CoordinatorBody::Ack(_)) => {
+            return Err(SessionError::Protocol("ack before registration"));
+        }
+        None => return Err(SessionError::Protocol("first message is not Registered")),
+    };
+    *registered = true;
+    ctx.metrics.registrations.inc();
+    ctx.metrics.connected.set(1);
+    let pace = Pace::from(&accepted);
+    info!(
+        coordinator = %ctx.coordinator,
+        session_id = accepted.session_id,
+        heartbeat_interval_ms = pace.heartbeat.as_millis() as u64,
+        lease_ms = pace.lease.as_millis() as u64,
+        coordinator_version = %accepted.coordinator_version,
+        gpus = gpu_count,
+        "registered with coordinator"
+    );
+    heartbeat(ctx, outbound, inbound, pace).await
+}
+
+async fn dial(url: &str) -> Result<Channel, SessionError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(SessionError::Endpoint)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+        .await
+        .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))?
+        .map_err(SessionError::Connect)
+}
+
+/// The rhythm the coordinator asked for, with guards against unset or absurd values.
+struct Pace {
+    heartbeat: Duration,
+    lease: Duration,
+}
+
+impl From<&Registered> for Pace {
+    fn from(r: &Registered) -> Self {
+        let or_fallback = |ms: u64, fallback: Duration, field: &str| {
+            if ms == 0 {
+                warn!(
+                    field,
+                    fallback_ms = fallback.as_millis() as u64,
+                    "coordinator left a pace field unset; using the fallback"
+                );
+                fallback
+            } else {
+                Duration::from_millis(ms)
+            }
+        };
+        Self {
+            heartbeat: or_fallback(
+                r.heartbeat_interval_ms,
+                FALLBACK_HEARTBEAT_INTERVAL,
+                "heartbeat_interval_ms",
+            )
+            .max(MIN_HEARTBEAT_INTERVAL),
+            lease: or_fallback(r.lease_ms, FALLBACK_LEASE, "lease_ms"),
+        }
+    }
+}
+
+/// The sending half of the stream; numbers messages so acks can name them.
+struct Outbound {
+    /// The receiving end feeds the gRPC request stream.
+    tx: mpsc::Sender<AgentMessage>,
+    next_seq: u64,
+}
+
+impl Outbound {
+    /// Never waits: a full queue means the coordinator is not reading, and the lease will tell.
+    fn push(&mut self, body: AgentBody) -> Result<bool, SessionError> {
+        let msg = AgentMessage {
+            seq: self.next_seq,
+            body: Some(body),
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.next_seq += 1;
+                Ok(true)
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SessionError::Closed),
+        }
+    }
+}
+
+async fn heartbeat(
+    ctx: &SessionContext,
+    mut outbound: Outbound,
+    mut inbound: Streaming<CoordinatorMessage>,
+    pace: Pace,
+) -> Result<Infallible, SessionError> {
+    let mut lease = Lease::new(pace.lease, Instant::now());
+    let mut ticker = tokio::time::interval(pace.heartbeat);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let gpus = sample(&ctx.probe).await;
+                let sent = outbound.push(AgentBody::Heartbeat(Heartbeat {
+                    sent_at_unix_ms: unix_ms(),
+                    gpus,
+                    workers: Vec::new(),
+                }))?;
+                if sent {
+                    ctx.metrics.heartbeats_sent.inc();
+                } else {
+                    warn!("coordinator is not reading; heartbeat dropped");
+                }
+            }
+            msg = inbound.message() => {
+                let msg = msg.map_err(SessionError::Stream)?.ok_or(SessionError::Closed)?;
+                lease.renew(Instant::now());
+                handle(msg)?;
+            }
+            () = tokio::time::sleep_until(lease.deadline()) => {
+                let silent = lease.silent_for(Instant::now());
+                warn!(
+                    silent_for_ms = silent.as_millis() as u64,
+                    "lease expired: no word from coordinator for {}",
+                    humantime::format_duration(silent)
+                );
+                return Err(SessionError::LeaseExpired(silent));
+            }
+        }
+    }
+}
+
+fn handle(msg: CoordinatorMessage) -> Result<(), SessionError> {
+    match msg.body {
+        Some(CoordinatorBody::Ack(ack)) => debug!(seq = ack.seq, "ack"),
+        // A newer session of this node, or an operator, ended this one.
+        Some(CoordinatorBody::Rejected(r)) => return Err(SessionError::Rejected(r.reason)),
+        Some(CoordinatorBody::Registered(_)) => {
+            warn!("coordinator repeated Registered mid-session; ignored");
+        }
+        // A message kind from a newer revision of v1: it still renewed the lease.
+        None => debug!("unknown coordinator message ignored"),
+    }
+    Ok(())
+}
+
+/// A failed sample still heartbeats (with no GPU data): silence would cost the node its lease.
+async fn sample(probe: &Arc<dyn GpuProbe>) -> Vec<GpuSample> {
+    let outcome =
+        tokio::time::timeout(SAMPLE_TIMEOUT, on_blocking_pool(probe, |p| p.sample())).await;
+    let error = match outcome {
+        Ok(Ok(Ok(samples))) => return samples,
+        Ok(Ok(Err(e))) => error_chain(&e),
+        Ok(Err(e)) => error_chain(&e),
+        Err(_) => format!(
+            "no answer within {}",
+            humantime::format_duration(SAMPLE_TIMEOUT)
+        ),
+    };
+    warn!(%error, "GPU sample failed; heartbeat carries no GPU data");
+    Vec::new()
+}
+
+/// NVML calls block in the driver; keep them off the async workers.
+async fn on_blocking_pool<T: Send + 'static>(
+    probe: &Arc<dyn GpuProbe>,
+    f: fn(&dyn GpuProbe) -> Result<T, GpuError>,
+) -> Result<Result<T, GpuError>, SessionError> {
+    let probe = Arc::clone(probe);
+    tokio::task::spawn_blocking(move || f(probe.as_ref()))
+        .await
+        .map_err(SessionError::GpuTask)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,307 @@
+//! The agent against a scripted fake coordinator: registration, heartbeats, reconnects, the lease.
+
+use std::collections::VecDeque;
+use std::error::Error;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use vigil_agent::config::{GpuBackendKind, ReconnectConfig};
+use vigil_agent::{AgentConfig, AgentError};
+use vigil_proto::v1::agent_message::Body;
+use vigil_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+use vigil_proto::v1::coordinator_message::Body as Reply;
+use vigil_proto::v1::{Ack, AgentMessage, CoordinatorMessage, GpuBackend, Registered, Rejected};
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+/// How the fake coordinator answers one session.
+#[derive(Clone, Copy)]
+enum Answer {
+    Accept {
+        lease_ms: u64,
+        ack: bool,
+        /// End the stream after this many heartbeats.
+        close_after: Option<usize>,
+    },
+    Reject,
+}
+
+const ACCEPT: Answer = Answer::Accept {
+    lease_ms: 5_000,
+    ack: true,
+    close_after: None,
+};
+
+struct FakeCoordinator {
+    /// Answers for the next sessions, in order; [`ACCEPT`] once they run out.
+    answers: Mutex<VecDeque<Answer>>,
+    /// The test holds the receiver: every agent message, tagged with its session number.
+    seen: mpsc::UnboundedSender<(u64, AgentMessage)>,
+    sessions: AtomicU64,
+}
+
+#[tonic::async_trait]
+impl AgentService for FakeCoordinator {
+    type ConnectStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let session = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
+        let answer = self
+            .answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+            .unwrap_or(ACCEPT);
+        let mut inbound = request.into_inner();
+        let seen = self.seen.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut out = Some(tx);
+            let mut heartbeats = 0;
+            while let Ok(Some(msg)) = inbound.message().await {
+                let seq = msg.seq;
+                let registering = matches!(msg.body, Some(Body::Register(_)));
+                let _ = seen.send((session, msg));
+                let reply = match (answer, registering) {
+                    (Answer::Reject, true) => Reply::Rejected(Rejected {
+                        reason: "node is banned".into(),
+                    }),
+                    (Answer::Accept { lease_ms, .. }, true) => Reply::Registered(Registered {
+                        heartbeat_interval_ms: 50,
+                        lease_ms,
+                        coordinator_version: "fake".into(),
+                        session_id: session,
+                    }),
+                    (
+                        Answer::Accept {
+                            ack, close_after, ..
+                        },
+                        false,
+                    ) => {
+                        heartbeats += 1;
+                        if close_after == Some(heartbeats) {
+                            out = None;
+                        }
+                        if !ack {
+                            continue;
+                        }
+                        Reply::Ack(Ack { seq })
+                    }
+                    (Answer::Reject, false) => continue,
+                };
+                if let Some(out) = &out {
+                    let _ = out.send(Ok(CoordinatorMessage { body: Some(reply) })).await;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Harness {
+    seen: mpsc::UnboundedReceiver<(u64, AgentMessage)>,
+    metrics_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    agent: JoinHandle<Result<(), AgentError>>,
+    _state: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(answers: Vec<Answer>) -> Result<Self, Box<dyn Error>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let coordinator = listener.local_addr()?;
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let fake = FakeCoordinator {
+            answers: Mutex::new(answers.into()),
+            seen: seen_tx,
+            sessions: AtomicU64::new(0),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServiceServer::new(fake))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let state = tempfile::tempdir()?;
+        let config = AgentConfig {
+            coordinator: format!("http://{coordinator}"),
+            node_name: "test-node".into(),
+            gpu_backend: GpuBackendKind::Sim,
+            sim_gpus: 2,
+            state_dir: state.path().join("state"),
+            reconnect: ReconnectConfig {
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+            },
+            ..AgentConfig::default()
+        };
+        let metrics = TcpListener::bind("127.0.0.1:0").await?;
+        let metrics_addr = metrics.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let agent = tokio::spawn(vigil_agent::run_with_listener(config, metrics, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            seen,
+            metrics_addr,
+            stop: Some(stop),
+            agent,
+            _state: state,
+        })
+    }
+
+    async fn next(&mut self) -> Result<(u64, AgentMessage), Box<dyn Error>> {
+        tokio::time::timeout(Duration::from_secs(5), self.seen.recv())
+            .await?
+            .ok_or_else(|| "fake coordinator stopped".into())
+    }
+
+    /// Skips messages until one from `session` satisfies `pred`.
+    async fn wait_for(
+        &mut self,
+        session: u64,
+        pred: impl Fn(&AgentMessage) -> bool,
+    ) -> Result<AgentMessage, Box<dyn Error>> {
+        loop {
+            let (s, msg) = self.next().await?;
+            if s == session && pred(&msg) {
+                return Ok(msg);
+            }
+        }
+    }
+
+    async fn metrics(&self) -> Result<String, Box<dyn Error>> {
+        let mut conn = TcpStream::connect(self.metrics_addr).await?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await?;
+        Ok(text)
+    }
+
+    async fn stop(mut self) -> TestResult {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(5), self.agent).await???;
+        Ok(())
+    }
+}
+
+fn is_register(m: &AgentMessage) -> bool {
+    matches!(m.body, Some(Body::Register(_)))
+}
+
+fn is_heartbeat(m: &AgentMessage) -> bool {
+    matches!(m.body, Some(Body::Heartbeat(_)))
+}
+
+#[tokio::test]
+async fn agent_registers_first_then_heartbeats_with_gpu_samples() -> TestResult {
+    let mut h = Harness::start(vec![]).await?;
+    let (session, first) = h.next().await?;
+    assert_eq!((session, first.seq), (1, 1));
+    let Some(Body::Register(reg)) = first.body else {
+        return Err("first message is not Register".into());
+    };
+    assert_eq!(reg.protocol_version, vigil_proto::PROTOCOL_VERSION);
+    assert_eq!(reg.node_name, "test-node");
+    assert_eq!(reg.gpu_backend, GpuBackend::Simulated as i32);
+    assert_eq!(reg.gpus.len(), 2);
+    assert_eq!(reg.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(reg.workers.is_empty());
+    for seq in [2, 3] {
+        let (_, msg) = h.next().await?;
+        assert_eq!(msg.seq, seq);
+        let Some(Body::Heartbeat(hb)) = msg.body else {
+            return Err("expected a heartbeat".into());
+        };
+        assert_eq!(hb.gpus.len(), 2);
+        assert!(hb.gpus.iter().all(|g| g.temperature_c.is_some()));
+    }
+    let text = h.metrics().await?;
+    for line in [
+        "vigil_agent_connected 1",
+        "vigil_agent_registrations_total 1",
+        "vigil_agent_gpus{backend=\"simulated\"} 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in\n{text}"
+        );
+    }
+    h.stop().await
+}
+
+#[tokio::test]
+async fn agent_reregisters_when_the_coordinator_closes_the_stream() -> TestResult {
+    let closing = Answer::Accept {
+        lease_ms: 5_000,
+        ack: true,
+        close_after: Some(2),
+    };
+    let mut h = Harness::start(vec![closing]).await?;
+    h.wait_for(1, is_register).await?;
+    let again = h.wait_for(2, is_register).await?;
+    assert_eq!(again.seq, 1, "seq restarts with each session");
+    h.wait_for(2, is_heartbeat).await?;
+    let text = h.metrics().await?;
+    assert!(text.contains("vigil_agent_reconnects_total 1"), "{text}");
+    assert!(text.contains("vigil_agent_registrations_total 2"), "{text}");
+    h.stop().await
+}
+
+#[tokio::test]
+async fn rejected_registration_is_retried() -> TestResult {
+    let mut h = Harness::start(vec![Answer::Reject, Answer::Reject]).await?;
+    h.wait_for(1, is_register).await?;
+    h.wait_for(2, is_register).await?;
+    h.wait_for(3, is_register).await?;
+    h.wait_for(3, is_heartbeat).await?;
+    h.stop().await
+}
+
+#[tokio::test]
+async fn silent_coordinator_costs_the_session_its_lease() -> TestResult {
+    let silent = Answer::Accept {
+        lease_ms: 300,
+        ack: false,
+        close_after: None,
+    };
+    let mut h = Harness::start(vec![silent]).await?;
+    h.wait_for(1, is_register).await?;
+    h.wait_for(1, is_heartbeat).await?;
+    h.wait_for(2, is_register).await?;
+    h.stop().await
+}
+
+#[tokio::test]
+async fn unreachable_coordinator_does_not_stop_the_agent() -> TestResult {
+    let state = tempfile::tempdir()?;
+    let config = AgentConfig {
+        // Port 9 (discard) on loopback: nothing listens there in a test environment.
+        coordinator: "http://127.0.0.1:9".into(),
+        node_name: "lonely".into(),
+        gpu_backend: GpuBackendKind::Sim,
+        state_dir: state.path().join("s"),
+        ..AgentConfig::default()
+    };
+    let metrics = TcpListener::bind("127.0.0.1:0").await?;
+    let run = vigil_agent::run_with_listener(
+        config,
+        metrics,
+        tokio::time::sleep(Duration::from_millis(500)),
+    );
+    tokio::time::timeout(Duration::from_secs(5), run).await??;
+    Ok(())
+}
