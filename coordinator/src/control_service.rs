@@ -107,7 +107,9 @@ impl v1::control_service_server::ControlService for ControlService {
             .nodes
             .iter()
             .find(|n| n.record.name == name)
-            .ok_or_else(|| ControlError::State(crate::state::StateError::UnknownNode(name)))?;
+            .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
+                name,
+            )))?;
         Ok(Response::new(detail(node, Instant::now())))
     }
 

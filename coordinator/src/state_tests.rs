@@ -233,7 +233,7 @@ fn cordoned_node_stays_cordoned_across_a_coordinator_restart() {
     let start = t0();
     let mut s = empty_state();
     let mut store: BTreeMap<String, NodeRecord> = BTreeMap::new();
-    let mut apply = |effects: Vec<Effect>, store: &mut BTreeMap<String, NodeRecord>| {
+    let apply = |effects: Vec<Effect>, store: &mut BTreeMap<String, NodeRecord>| {
         for r in persisted(&effects) {
             store.insert(r.name.clone(), r);
         }

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! let cluster = vigil_tests::Cluster::start(vigil_tests::FAST_LIVENESS, 2)?;
-//! cluster.wait_until("both nodes Ready", vigil_tests::LONG, |c| c.all_ready())?;
+//! vigil_tests::wait_for("both nodes Ready", vigil_tests::LONG, || cluster.all("Ready", 2))?;
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
@@ -12,10 +12,11 @@ pub mod process;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use tokio::time::Instant;
 
 pub use process::{Agent, Coordinator, bin};
 
@@ -32,11 +33,10 @@ lost_after = "3s"
 agent_lease = "2s"
 "#;
 
-/// The monotonic clock of the test process (tests are not async: this is
-/// the only place the harness reads time).
-#[allow(clippy::disallowed_types)]
-pub fn now() -> StdInstant {
-    StdInstant::now()
+/// The monotonic clock of the test process (outside a paused runtime,
+/// tokio's `Instant` is the real clock).
+pub fn now() -> Instant {
+    Instant::now()
 }
 
 /// Poll `cond` every 50 ms until it is true or `timeout` passes.
@@ -55,7 +55,9 @@ pub fn wait_for<T>(
         }
         if start.elapsed() > timeout {
             match last_err {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -78,9 +80,14 @@ impl CtlOutput {
 
     pub fn json(&self) -> Result<Value> {
         if !self.success() {
-            bail!("clusterctl failed ({:?}): {}", self.code, self.stderr.trim());
+            bail!(
+                "clusterctl failed ({:?}): {}",
+                self.code,
+                self.stderr.trim()
+            );
         }
-        serde_json::from_str(&self.stdout).with_context(|| format!("clusterctl printed non-JSON: {}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("clusterctl printed non-JSON: {}", self.stdout))
     }
 }
 
@@ -103,7 +110,9 @@ pub fn clusterctl(url: &str, args: &[&str]) -> Result<CtlOutput> {
 /// `clusterctl -o json nodes`, keyed by node name.
 pub fn nodes(url: &str) -> Result<std::collections::BTreeMap<String, Value>> {
     let v = clusterctl(url, &["-o", "json", "nodes"])?.json()?;
-    let list = v["nodes"].as_array().context("nodes JSON has no \"nodes\" array")?;
+    let list = v["nodes"]
+        .as_array()
+        .context("nodes JSON has no \"nodes\" array")?;
     Ok(list
         .iter()
         .filter_map(|n| Some((n["name"].as_str()?.to_owned(), n.clone())))

@@ -31,17 +31,31 @@ fn build_binaries() -> Result<PathBuf> {
         .and_then(Path::parent)
         .context("cannot locate the target directory")?
         .to_owned();
-    let target_dir = profile_dir.parent().context("cannot locate the target directory")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("cannot locate the target directory")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "--bins", "-p", "vigil-coordinator", "-p", "vigil-agent", "-p", "clusterctl"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.args([
+        "build",
+        "--quiet",
+        "--bins",
+        "-p",
+        "vigil-coordinator",
+        "-p",
+        "vigil-agent",
+        "-p",
+        "clusterctl",
+    ])
+    .arg("--target-dir")
+    .arg(target_dir)
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
-    let status = cmd.status().context("cannot run cargo to build the vigil binaries")?;
+    let status = cmd
+        .status()
+        .context("cannot run cargo to build the vigil binaries")?;
     if !status.success() {
         bail!("building the vigil binaries failed: {status}");
     }
@@ -62,12 +76,21 @@ impl Coordinator {
     pub fn start(dir: &Path, config: &str, listen: Option<SocketAddr>) -> Result<Self> {
         let config_path = write_file(dir, "coordinator.toml", config)?;
         let log = dir.join("coordinator.log");
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
         let mut child = Command::new(crate::bin("vigil-coordinator")?)
             .arg("--config")
             .arg(&config_path)
-            .args(["--listen", &listen, "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                &listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir.join("coordinator-data"))
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -138,12 +161,27 @@ impl Agent {
     pub fn start(dir: &Path, url: &str, name: &str, gpus: u32) -> Result<Self> {
         let config = write_file(dir, &format!("agent-{name}.toml"), AGENT_CONFIG)?;
         let log = dir.join(format!("agent-{name}.log"));
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = Command::new(crate::bin("vigil-agent")?)
             .arg("--config")
             .arg(&config)
-            .args(["--coordinator", url, "--node-name", name, "--gpu-backend", "sim"])
-            .args(["--sim-gpus", &gpus.to_string(), "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "--coordinator",
+                url,
+                "--node-name",
+                name,
+                "--gpu-backend",
+                "sim",
+            ])
+            .args([
+                "--sim-gpus",
+                &gpus.to_string(),
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--state-dir")
             .arg(dir.join(format!("agent-{name}-state")))
             .stdout(Stdio::null())
@@ -164,8 +202,12 @@ impl Agent {
 
     /// Send SIGTERM and wait up to `timeout` for a clean exit.
     pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
-        crate::wait_for("agent to exit after SIGTERM", timeout, || Ok(self.child.try_wait()?))
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        crate::wait_for("agent to exit after SIGTERM", timeout, || {
+            Ok(self.child.try_wait()?)
+        })
     }
 }
 

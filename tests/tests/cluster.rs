@@ -34,12 +34,23 @@ fn killed_agent_goes_unreachable_then_lost_while_the_other_stays_ready() -> Resu
         Ok((availability(&cluster, "node-1")?.as_deref() == Some("Lost")).then_some(()))
     })?;
     let to_lost = killed.elapsed();
-    println!("kill -9 agent -> Unreachable: {to_unreachable:?}, -> Lost: {to_lost:?} (lost_after 3s)");
+    println!(
+        "kill -9 agent -> Unreachable: {to_unreachable:?}, -> Lost: {to_lost:?} (lost_after 3s)"
+    );
 
     // lost_after counts from the last heartbeat, at most one interval (200 ms) before the kill.
-    assert!(to_lost >= Duration::from_millis(2700), "Lost too early: {to_lost:?}");
-    assert!(to_lost <= Duration::from_secs(3) + Duration::from_secs(5), "Lost too late: {to_lost:?}");
-    assert!(to_unreachable <= Duration::from_secs(1) + Duration::from_secs(5), "{to_unreachable:?}");
+    assert!(
+        to_lost >= Duration::from_millis(2700),
+        "Lost too early: {to_lost:?}"
+    );
+    assert!(
+        to_lost <= Duration::from_secs(3) + Duration::from_secs(5),
+        "Lost too late: {to_lost:?}"
+    );
+    assert!(
+        to_unreachable <= Duration::from_secs(1) + Duration::from_secs(5),
+        "{to_unreachable:?}"
+    );
     assert_eq!(availability(&cluster, "node-0")?.as_deref(), Some("Ready"));
     Ok(())
 }
@@ -49,7 +60,10 @@ fn cordon_survives_coordinator_kill9_and_agents_return_by_themselves() -> Result
     let mut cluster = Cluster::start(FAST_LIVENESS, 2)?;
     wait_for("both agents Ready", LONG, || cluster.all("Ready", 2))?;
 
-    let out = vigil_tests::clusterctl(&cluster.url(), &["cordon", "node-1", "--reason", "fan failure in PSU 2"])?;
+    let out = vigil_tests::clusterctl(
+        &cluster.url(),
+        &["cordon", "node-1", "--reason", "fan failure in PSU 2"],
+    )?;
     assert!(out.success(), "cordon failed: {}", out.stderr);
 
     cluster.restart_coordinator()?;
@@ -63,8 +77,13 @@ fn cordon_survives_coordinator_kill9_and_agents_return_by_themselves() -> Result
     assert_eq!(listed["node-0"]["cordon"], serde_json::Value::Null);
 
     let start = now();
-    wait_for("agents to reconnect by themselves", LONG, || cluster.all("Ready", 2))?;
-    println!("coordinator restart -> both agents Ready again: {:?}", start.elapsed());
+    wait_for("agents to reconnect by themselves", LONG, || {
+        cluster.all("Ready", 2)
+    })?;
+    println!(
+        "coordinator restart -> both agents Ready again: {:?}",
+        start.elapsed()
+    );
     let listed = nodes(&cluster.url())?;
     assert_eq!(listed["node-1"]["state"], "Cordoned");
     assert_eq!(listed["node-1"]["cordon"]["reason"], "fan failure in PSU 2");
@@ -91,7 +110,11 @@ fn status_node_detail_and_metrics_describe_the_cluster() -> Result<()> {
 
     let table = vigil_tests::clusterctl(&url, &["status"])?;
     assert!(table.success(), "{}", table.stderr);
-    assert!(table.stdout.to_lowercase().contains("simulated"), "{}", table.stdout);
+    assert!(
+        table.stdout.to_lowercase().contains("simulated"),
+        "{}",
+        table.stdout
+    );
 
     let detail = vigil_tests::clusterctl(&url, &["-o", "json", "node", "node-0"])?.json()?;
     let gpus = detail["gpus"].as_array().expect("gpus");
@@ -116,7 +139,10 @@ fn status_node_detail_and_metrics_describe_the_cluster() -> Result<()> {
 fn agent_exits_cleanly_on_sigterm() -> Result<()> {
     let mut cluster = Cluster::start(FAST_LIVENESS, 1)?;
     wait_for("agent Ready", LONG, || cluster.all("Ready", 1))?;
-    let status = cluster.agent_mut("node-0").expect("agent").terminate(LONG)?;
+    let status = cluster
+        .agent_mut("node-0")
+        .expect("agent")
+        .terminate(LONG)?;
     assert!(status.success(), "agent exit status {status}");
     wait_for("node-0 Unreachable after its agent stopped", LONG, || {
         Ok((availability(&cluster, "node-0")?.as_deref() == Some("Unreachable")).then_some(()))

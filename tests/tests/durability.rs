@@ -19,8 +19,13 @@ fn cordons(url: &str) -> Result<BTreeMap<String, Cordon>> {
     NODES
         .iter()
         .map(|n| {
-            let node = listed.get(*n).with_context(|| format!("{n} is missing after restart"))?;
-            Ok(((*n).to_owned(), node["cordon"]["reason"].as_str().map(str::to_owned)))
+            let node = listed
+                .get(*n)
+                .with_context(|| format!("{n} is missing after restart"))?;
+            Ok((
+                (*n).to_owned(),
+                node["cordon"]["reason"].as_str().map(str::to_owned),
+            ))
         })
         .collect()
 }
@@ -39,8 +44,10 @@ fn every_acknowledged_cordon_survives_kill9_at_random_moments() -> Result<()> {
 
     // What each node's cordon may be: one value once confirmed, two while a
     // change whose answer never came may or may not have been applied.
-    let mut possible: BTreeMap<String, BTreeSet<Cordon>> =
-        NODES.iter().map(|n| ((*n).to_owned(), BTreeSet::from([None]))).collect();
+    let mut possible: BTreeMap<String, BTreeSet<Cordon>> = NODES
+        .iter()
+        .map(|n| ((*n).to_owned(), BTreeSet::from([None])))
+        .collect();
     let mut acknowledged = 0;
     for round in 0..ROUNDS {
         let url = cluster.url();
@@ -67,7 +74,9 @@ fn every_acknowledged_cordon_survives_kill9_at_random_moments() -> Result<()> {
         });
         std::thread::sleep(kill_after);
         cluster.coordinator.kill9();
-        let done = worker.join().map_err(|_| anyhow::anyhow!("operator thread panicked"))?;
+        let done = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("operator thread panicked"))?;
         for ((node, cordon), ok) in ops.iter().zip(done) {
             let set = possible.entry(node.clone()).or_default();
             if ok {
@@ -92,7 +101,12 @@ fn every_acknowledged_cordon_survives_kill9_at_random_moments() -> Result<()> {
             possible.insert(node.clone(), BTreeSet::from([cordon.clone()]));
         }
     }
-    println!("{ROUNDS} kill -9 rounds, {acknowledged} acknowledged changes, all present after restart");
-    assert!(acknowledged > ROUNDS / 2, "too few changes were acknowledged to prove anything");
+    println!(
+        "{ROUNDS} kill -9 rounds, {acknowledged} acknowledged changes, all present after restart"
+    );
+    assert!(
+        acknowledged > ROUNDS / 2,
+        "too few changes were acknowledged to prove anything"
+    );
     Ok(())
 }
