@@ -95,6 +95,7 @@ fn invalid_config_exits_64_naming_the_key() -> Result<()> {
 
 #[test]
 fn clusterctl_against_a_closed_port_fails_fast_naming_the_address() -> Result<()> {
+    bin("clusterctl")?; // build first: the timing below is clusterctl's alone
     // Bind and drop to find a port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
