@@ -38,6 +38,78 @@ pub struct Config {
     /// Where the sled state store lives.
     pub data_dir: PathBuf,
     pub liveness: LivenessConfig,
+    pub health: HealthConfig,
+    pub diagnostics: DiagnosticsConfig,
+}
+
+/// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// GPU temperature (°C) at or above which a GPU is Degraded.
+    pub temperature_max_c: f32,
+    /// Also mark a GPU Degraded when its PCIe generation is below its max.
+    /// Off by default: GPUs lower their link generation when idle to save power.
+    pub pcie_gen_below_max: bool,
+    /// How far back repeated XIDs count.
+    #[serde(with = "humantime_serde")]
+    pub recurrence_window: Duration,
+    /// A warning-class XID (63, 92, 94, ...) seen this often on one GPU within
+    /// the window cordons the node.
+    pub degrade_recurrence: u32,
+    /// An application-class XID (13, 31, 43, 45, 68) seen this often on one GPU
+    /// within the window cordons the node: the GPU, not the job, is suspect.
+    pub application_recurrence: u32,
+    /// Per-XID class overrides: `"13" = "fatal"`; classes are `fatal`,
+    /// `degrade`, `application`, `ignore`.
+    pub xid: std::collections::BTreeMap<String, crate::xid::XidClass>,
+}
+
+/// On-demand diagnostics (`clusterctl diagnose`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosticsConfig {
+    /// How long a diagnostic may run when the operator does not say.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_TEMPERATURE_MAX_C: f32 = 90.0;
+pub const DEFAULT_RECURRENCE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_DIAGNOSTICS_TIMEOUT: Duration = Duration::from_secs(120);
+pub const MAX_DIAGNOSTICS_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            temperature_max_c: DEFAULT_TEMPERATURE_MAX_C,
+            pcie_gen_below_max: false,
+            recurrence_window: DEFAULT_RECURRENCE_WINDOW,
+            degrade_recurrence: 2,
+            application_recurrence: 3,
+            xid: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_DIAGNOSTICS_TIMEOUT,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The class of `xid`: an override, else the catalog's default, else
+    /// (an XID NVIDIA does not list) Degrade.
+    pub fn xid_class(&self, xid: u32) -> crate::xid::XidClass {
+        self.xid
+            .get(&xid.to_string())
+            .copied()
+            .or_else(|| crate::xid::catalog().get(&xid).map(|i| i.class))
+            .unwrap_or(crate::xid::XidClass::Degrade)
+    }
 }
 
 /// How silence from an agent turns into node availability.
@@ -67,6 +139,8 @@ impl Default for Config {
             metrics_listen: parse_default(DEFAULT_METRICS_LISTEN),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             liveness: LivenessConfig::default(),
+            health: HealthConfig::default(),
+            diagnostics: DiagnosticsConfig::default(),
         }
     }
 }
@@ -139,6 +213,33 @@ impl Config {
                 fmt(l.lost_after)
             )));
         }
+        let h = &self.health;
+        if !(30.0..=150.0).contains(&h.temperature_max_c) {
+            return Err(ConfigError::Invalid(format!(
+                "health.temperature_max_c = {} is outside 30..150 °C",
+                h.temperature_max_c
+            )));
+        }
+        if h.degrade_recurrence < 1 || h.application_recurrence < 1 {
+            return Err(ConfigError::Invalid(
+                "health.degrade_recurrence and health.application_recurrence must be at least 1"
+                    .into(),
+            ));
+        }
+        for key in h.xid.keys() {
+            if key.parse::<u32>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "health.xid key {key:?} is not an XID number; write e.g. \"13\" = \"fatal\""
+                )));
+            }
+        }
+        let t = self.diagnostics.timeout;
+        if t.is_zero() || t > MAX_DIAGNOSTICS_TIMEOUT {
+            return Err(ConfigError::Invalid(format!(
+                "diagnostics.timeout = {} must be between 1s and 1h",
+                fmt(t)
+            )));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),
@@ -188,6 +289,26 @@ mod tests {
     fn lease_must_expire_before_lost() {
         let err = Config::from_toml_str("[liveness]\nagent_lease = \"10s\"\n").expect_err("lease");
         assert!(err.to_string().contains("liveness.agent_lease"), "{err}");
+    }
+
+    #[test]
+    fn xid_classes_can_be_overridden() {
+        use crate::xid::XidClass;
+        let c = Config::from_toml_str("[health.xid]\n\"13\" = \"fatal\"\n\"79\" = \"ignore\"\n")
+            .expect("valid");
+        assert_eq!(c.health.xid_class(13), XidClass::Fatal);
+        assert_eq!(c.health.xid_class(79), XidClass::Ignore);
+        assert_eq!(c.health.xid_class(48), XidClass::Fatal);
+        assert_eq!(
+            c.health.xid_class(4242),
+            XidClass::Degrade,
+            "unknown XIDs degrade"
+        );
+        let err = Config::from_toml_str("[health.xid]\n\"x\" = \"fatal\"\n").expect_err("bad key");
+        assert!(err.to_string().contains("health.xid"), "{err}");
+        let err =
+            Config::from_toml_str("[health.xid]\n\"13\" = \"deadly\"\n").expect_err("bad class");
+        assert!(err.to_string().contains("deadly"), "{err}");
     }
 
     #[test]

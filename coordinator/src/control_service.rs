@@ -2,31 +2,39 @@
 //! snapshot; changes go through the engine and return once persisted.
 
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use vigil_proto::v1;
 
 use crate::agent_service::valid_node_name;
+use crate::config::MAX_DIAGNOSTICS_TIMEOUT;
 use crate::engine::{EngineHandle, Event};
 use crate::error::ControlError;
+use crate::health::Condition;
 use crate::metrics::unix_ms;
-use crate::node::{Availability, CordonSource, DISPLAY_STATES, Node};
+use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
 
 const MAX_REASON: usize = 1024;
 
 pub struct ControlService {
     engine: EngineHandle,
+    diagnostics_timeout: Duration,
     started: Instant,
     started_unix_ms: u64,
     listen_addr: SocketAddr,
 }
 
 impl ControlService {
-    pub fn new(engine: EngineHandle, listen_addr: SocketAddr) -> Self {
+    pub fn new(
+        engine: EngineHandle,
+        listen_addr: SocketAddr,
+        diagnostics_timeout: Duration,
+    ) -> Self {
         Self {
             engine,
+            diagnostics_timeout,
             started: Instant::now(),
             started_unix_ms: unix_ms(SystemTime::now()),
             listen_addr,
@@ -82,6 +90,12 @@ impl v1::control_service_server::ControlService for ControlService {
                 .map(|n| summary(n, now))
                 .collect(),
             nodes_simulated: total(|n| u32::from(n.record.simulated)),
+            degraded: snap
+                .nodes
+                .iter()
+                .filter(|n| !n.cordoned() && n.condition != Condition::Healthy)
+                .map(|n| summary(n, now))
+                .collect(),
         }))
     }
 
@@ -148,13 +162,46 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::UncordonRequest>,
     ) -> Result<Response<v1::NodeSummary>, Status> {
-        let name = request.into_inner().name;
+        let v1::UncordonRequest { name, force } = request.into_inner();
         check_name(&name)?;
         let node = self
             .engine
-            .ask(|reply| Event::Uncordon { node: name, reply })
+            .ask(|reply| Event::Uncordon {
+                node: name,
+                force,
+                reply,
+            })
             .await?;
         Ok(Response::new(summary(&node, Instant::now())))
+    }
+
+    async fn diagnose(
+        &self,
+        request: Request<v1::DiagnoseRequest>,
+    ) -> Result<Response<v1::DiagnosticsRecord>, Status> {
+        let v1::DiagnoseRequest { name, timeout_ms } = request.into_inner();
+        check_name(&name)?;
+        let timeout = match timeout_ms {
+            0 => self.diagnostics_timeout,
+            ms => Duration::from_millis(ms),
+        };
+        if timeout > MAX_DIAGNOSTICS_TIMEOUT {
+            return Err(ControlError::InvalidArgument(format!(
+                "timeout {}s is longer than the 1h limit",
+                timeout.as_secs()
+            ))
+            .into());
+        }
+        let node = name.clone();
+        let record = self
+            .engine
+            .ask(|reply| Event::Diagnose {
+                node,
+                timeout,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(diagnostics(&name, &record)))
     }
 }
 
@@ -201,6 +248,28 @@ pub fn summary(n: &Node, now: Instant) -> v1::NodeSummary {
             v1::GpuBackend::Nvml
         } as i32,
         availability_since_unix_ms: n.availability_since_unix_ms,
+        condition: condition(n.condition) as i32,
+        condition_reasons: n.health.reasons(),
+    }
+}
+
+fn condition(c: Condition) -> v1::Condition {
+    match c {
+        Condition::Healthy => v1::Condition::Healthy,
+        Condition::Degraded => v1::Condition::Degraded,
+        Condition::Unhealthy => v1::Condition::Unhealthy,
+    }
+}
+
+fn diagnostics(node: &str, d: &DiagnosticsRecord) -> v1::DiagnosticsRecord {
+    v1::DiagnosticsRecord {
+        node: node.to_owned(),
+        passed: d.passed,
+        summary: d.summary.clone(),
+        output: d.output.clone(),
+        duration_ms: d.duration_ms,
+        command: d.command.clone(),
+        finished_at_unix_ms: d.finished_at_unix_ms,
     }
 }
 
@@ -224,5 +293,33 @@ fn detail(n: &Node, now: Instant) -> v1::NodeDetail {
         workers: n.workers.clone(),
         first_registered_unix_ms: n.record.first_registered_unix_ms,
         last_registered_unix_ms: n.record.last_registered_unix_ms,
+        gpu_health: n
+            .record
+            .gpus
+            .iter()
+            .map(|g| {
+                let (c, reasons) = n.health.gpu_condition(g.index);
+                v1::GpuHealth {
+                    index: g.index,
+                    condition: condition(c) as i32,
+                    reasons,
+                }
+            })
+            .collect(),
+        events: n
+            .events
+            .iter()
+            .map(|e| v1::NodeEvent {
+                at_unix_ms: e.at_unix_ms,
+                kind: e.kind.clone(),
+                message: e.message.clone(),
+                gpu_index: e.gpu_index,
+            })
+            .collect(),
+        last_diagnostics: n
+            .record
+            .last_diagnostics
+            .as_ref()
+            .map(|d| diagnostics(&n.record.name, d)),
     }
 }

@@ -15,10 +15,11 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 use vigil_proto::v1;
 
-use crate::config::LivenessConfig;
+use crate::config::Config;
 use crate::error::ControlError;
+use crate::health::Condition;
 use crate::metrics::{Metrics, unix_ms};
-use crate::node::{Availability, CordonSource, Node};
+use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
 use crate::store::{Store, StoreError};
 
@@ -59,9 +60,27 @@ pub enum Event {
     },
     Uncordon {
         node: String,
+        force: bool,
         reply: oneshot::Sender<Result<Node, ControlError>>,
     },
+    Diagnose {
+        node: String,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
+    },
 }
+
+/// A diagnostic run the engine waits for.
+struct PendingDiagnostics {
+    node: String,
+    session: u64,
+    deadline: Instant,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
+}
+
+/// Extra time an agent gets past the diagnostic's own timeout to report it.
+const DIAGNOSTICS_GRACE: Duration = Duration::from_secs(5);
 
 /// What readers see: every node, as of `at`.
 #[derive(Debug, Clone)]
@@ -90,10 +109,10 @@ impl EngineHandle {
     }
 
     /// Ask the engine something and wait for its answer.
-    pub async fn ask(
+    pub async fn ask<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<Node, ControlError>>) -> Event,
-    ) -> Result<Node, ControlError> {
+        make: impl FnOnce(oneshot::Sender<Result<T, ControlError>>) -> Event,
+    ) -> Result<T, ControlError> {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx)).await?;
         rx.await.map_err(|_| ControlError::ShuttingDown)?
@@ -108,6 +127,8 @@ pub struct Engine {
     snapshot: watch::Sender<Arc<Snapshot>>,
     events: mpsc::Receiver<Event>,
     dirty: bool,
+    pending: HashMap<u64, PendingDiagnostics>,
+    next_command: u64,
 }
 
 fn now() -> Now {
@@ -121,11 +142,18 @@ impl Engine {
     /// Load state from the store; the engine starts when [`Engine::run`] is awaited.
     pub fn new(
         store: Store,
-        liveness: LivenessConfig,
+        config: &Config,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, EngineHandle), StoreError> {
         let records = store.load_nodes()?;
-        let state = ClusterState::load(records, liveness, now());
+        let events = store.load_events()?;
+        let state = ClusterState::load(
+            records,
+            events,
+            config.liveness,
+            config.health.clone(),
+            now(),
+        );
         info!(
             nodes = state.nodes.len(),
             cordoned = state.nodes.values().filter(|n| n.cordoned()).count(),
@@ -146,6 +174,8 @@ impl Engine {
             snapshot,
             events,
             dirty: false,
+            pending: HashMap::new(),
+            next_command: 1,
         };
         let handle = EngineHandle {
             events: events_tx,
@@ -169,6 +199,7 @@ impl Engine {
                 _ = tick.tick() => {
                     let effects = self.state.tick(now());
                     self.apply(effects).await.ok();
+                    self.expire_diagnostics();
                     if self.dirty {
                         self.publish();
                     }
@@ -202,11 +233,27 @@ impl Engine {
                 seq,
                 event,
             } => {
-                info!(node = %node, event = ?event.kind, "agent reported an event");
-                let result = self.state.heard(&node, session, now());
+                let result = match &event.kind {
+                    Some(v1::agent_event::Kind::Diagnostics(d)) => {
+                        self.diagnostics_result(&node, session, d).await;
+                        self.state.heard(&node, session, now())
+                    }
+                    _ => self.state.agent_event(&node, session, &event, now()),
+                };
                 self.after_agent_message(result, session, seq).await;
             }
             Event::Disconnected { node, session } => {
+                let lost: Vec<u64> = self
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.session == session)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in lost {
+                    if let Some(p) = self.pending.remove(&id) {
+                        p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
+                    }
+                }
                 let effects = self.state.disconnected(&node, session, now());
                 if self.sessions.remove(&session).is_some() {
                     debug!(node = %node, session, "agent session ended");
@@ -226,11 +273,120 @@ impl Engine {
                 let answer = self.commit(&node, backup, result).await;
                 reply.send(answer).ok();
             }
-            Event::Uncordon { node, reply } => {
+            Event::Uncordon { node, force, reply } => {
                 let backup = self.state.nodes.get(&node).cloned();
-                let result = self.state.uncordon(&node);
+                let result = self.state.uncordon(&node, force, now());
                 let answer = self.commit(&node, backup, result).await;
                 reply.send(answer).ok();
+            }
+            Event::Diagnose {
+                node,
+                timeout,
+                reply,
+            } => self.start_diagnostics(node, timeout, reply),
+        }
+    }
+
+    fn start_diagnostics(
+        &mut self,
+        node: String,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
+    ) {
+        let Some(n) = self.state.nodes.get(&node) else {
+            reply
+                .send(Err(crate::state::StateError::UnknownNode(node).into()))
+                .ok();
+            return;
+        };
+        let Some((session, tx)) = n
+            .session
+            .and_then(|s| self.sessions.get(&s).map(|tx| (s, tx)))
+        else {
+            reply.send(Err(ControlError::NotConnected(node))).ok();
+            return;
+        };
+        let id = self.next_command;
+        self.next_command += 1;
+        let command = v1::Command {
+            id,
+            kind: Some(v1::command::Kind::RunDiagnostics(v1::RunDiagnostics {
+                timeout_ms: millis(timeout),
+            })),
+        };
+        let msg = v1::CoordinatorMessage {
+            body: Some(v1::coordinator_message::Body::Command(command)),
+        };
+        if tx.try_send(Ok(msg)).is_err() {
+            reply.send(Err(ControlError::NotConnected(node))).ok();
+            return;
+        }
+        info!(node = %node, command_id = id, timeout_s = timeout.as_secs(), "asked agent to run diagnostics");
+        self.pending.insert(
+            id,
+            PendingDiagnostics {
+                node,
+                session,
+                deadline: Instant::now() + timeout + DIAGNOSTICS_GRACE,
+                timeout,
+                reply,
+            },
+        );
+    }
+
+    async fn diagnostics_result(&mut self, node: &str, session: u64, d: &v1::DiagnosticsResult) {
+        let Some(pending) = self.pending.remove(&d.command_id) else {
+            warn!(node = %node, command_id = d.command_id, "diagnostics result for no pending request; recording it anyway");
+            return self.keep_diagnostics(node, d, None).await;
+        };
+        if pending.node != node || pending.session != session {
+            warn!(node = %node, command_id = d.command_id, "diagnostics result from the wrong session; ignored");
+            self.pending.insert(d.command_id, pending);
+            return;
+        }
+        self.keep_diagnostics(node, d, Some(pending.reply)).await;
+    }
+
+    async fn keep_diagnostics(
+        &mut self,
+        node: &str,
+        d: &v1::DiagnosticsResult,
+        reply: Option<oneshot::Sender<Result<DiagnosticsRecord, ControlError>>>,
+    ) {
+        let record = DiagnosticsRecord {
+            passed: d.passed,
+            summary: d.summary.clone(),
+            output: d.output.clone(),
+            duration_ms: d.duration_ms,
+            command: d.command.clone(),
+            finished_at_unix_ms: now().wall_ms,
+        };
+        self.metrics.count_diagnostics(d.passed);
+        let verdict = if d.passed { "passed" } else { "FAILED" };
+        info!(node = %node, passed = d.passed, command = %d.command, "diagnostics {verdict} on {node}: {}", d.summary);
+        let backup = self.state.nodes.get(node).cloned();
+        let result = self.state.record_diagnostics(node, record.clone());
+        let answer = self.commit(node, backup, result).await.map(|_| record);
+        if let Some(reply) = reply {
+            reply.send(answer).ok();
+        }
+    }
+
+    fn expire_diagnostics(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(p) = self.pending.remove(&id) {
+                warn!(node = %p.node, command_id = id, "diagnostics not reported in time");
+                let secs = p.timeout.as_secs();
+                p.reply
+                    .send(Err(ControlError::DiagnosticsTimeout { node: p.node, secs }))
+                    .ok();
             }
         }
     }
@@ -330,9 +486,13 @@ impl Engine {
     async fn apply(&mut self, effects: Vec<Effect>) -> Result<(), StoreError> {
         let mut wrote = false;
         for effect in &effects {
-            if let Effect::Persist(record) = effect {
-                self.store.put_node(record)?;
-                wrote = true;
+            match effect {
+                Effect::Persist(record) => {
+                    self.store.put_node(record)?;
+                    wrote = true;
+                }
+                Effect::Record { node, event } => self.store.put_event(node, event)?,
+                _ => {}
             }
         }
         if wrote {
@@ -374,13 +534,49 @@ impl Engine {
                     }
                 }
             }
-            Effect::Cordoned { node, cordon } => {
-                self.metrics.cordons.inc();
-                info!(node = %node, reason = %cordon.reason, source = cordon.source.as_str(), "cordoned node {node}: {}", cordon.reason);
+            Effect::Cordoned {
+                node,
+                cordon,
+                rule,
+                observed_at_ms,
+            } => {
+                self.metrics.count_cordon(cordon.source.as_str(), rule);
+                let latency_ms = observed_at_ms.map(|t| now().wall_ms.saturating_sub(t));
+                if let Some(ms) = latency_ms {
+                    self.metrics.fault_to_cordon.observe(ms as f64 / 1000.0);
+                }
+                warn!(node = %node, reason = %cordon.reason, source = cordon.source.as_str(), rule, fault_to_cordon_ms = ?latency_ms, "cordoned node {node}: {}", cordon.reason);
             }
             Effect::Uncordoned { node, previous } => {
                 self.metrics.uncordons.inc();
                 info!(node = %node, previous_reason = %previous.reason, "uncordoned node {node}");
+            }
+            Effect::Record { .. } => {}
+            Effect::Condition {
+                node,
+                from,
+                to,
+                reasons,
+            } => {
+                self.dirty = true;
+                let why = reasons.first().map_or("", String::as_str);
+                match to {
+                    Condition::Healthy => {
+                        info!(node = %node, from = from.as_str(), to = to.as_str(), "node {node} is Healthy again")
+                    }
+                    _ => {
+                        warn!(node = %node, from = from.as_str(), to = to.as_str(), reasons = ?reasons, "node {node} is {}: {why}", to.as_str())
+                    }
+                }
+            }
+            Effect::Xid {
+                node,
+                gpu,
+                xid,
+                class,
+            } => {
+                self.metrics.count_xid(xid);
+                warn!(node = %node, gpu, xid, class = ?class, "{} on GPU {gpu} of {node}", crate::xid::label(xid));
             }
         }
     }

@@ -34,6 +34,10 @@ pub enum ControlError {
     InvalidArgument(String),
     #[error("the coordinator is shutting down; retry in a moment")]
     ShuttingDown,
+    #[error("node \"{0}\" has no connected agent; diagnostics need it (see clusterctl node {0})")]
+    NotConnected(String),
+    #[error("node \"{node}\" did not report diagnostics within {secs}s; see the agent's log")]
+    DiagnosticsTimeout { node: String, secs: u64 },
 }
 
 impl From<ControlError> for Status {
@@ -41,9 +45,11 @@ impl From<ControlError> for Status {
         let message = e.to_string();
         match e {
             ControlError::State(StateError::UnknownNode(_)) => Status::not_found(message),
-            ControlError::State(StateError::StaleSession { .. }) => {
-                Status::failed_precondition(message)
-            }
+            ControlError::State(
+                StateError::StaleSession { .. } | StateError::NeedsDiagnostics { .. },
+            ) => Status::failed_precondition(message),
+            ControlError::NotConnected(_) => Status::unavailable(message),
+            ControlError::DiagnosticsTimeout { .. } => Status::deadline_exceeded(message),
             ControlError::Store(_) => Status::internal(message),
             ControlError::InvalidArgument(_) => Status::invalid_argument(message),
             ControlError::ShuttingDown => Status::unavailable(message),

@@ -4,6 +4,8 @@
 //! - `config`: the TOML configuration with its named defaults and validation.
 //! - `node`: a node's persisted record (identity, GPUs, cordon) and observed availability.
 //! - `liveness`: pure rule turning agent silence into Ready / Unreachable / Lost.
+//! - `xid`: NVIDIA's XID catalog (shipped as data) and the class of each XID.
+//! - `health`: pure GPU-health policy: samples and events -> findings -> condition.
 //! - `state`: `ClusterState` and its pure transitions, returning `Effect`s.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
@@ -17,11 +19,13 @@ pub mod config;
 pub mod control_service;
 pub mod engine;
 pub mod error;
+pub mod health;
 pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod state;
 pub mod store;
+pub mod xid;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -51,7 +55,7 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     let started = metrics::unix_ms(SystemTime::now());
     let metrics = Arc::new(metrics::Metrics::new(started));
-    let (engine, handle) = engine::Engine::new(store, config.liveness, metrics.clone())?;
+    let (engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let engine_task = tokio::spawn(engine.run(stop_rx.clone()));
 
@@ -65,10 +69,13 @@ pub async fn run(
     let agents = AgentServiceServer::new(agent_service::AgentService::new(handle.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let control =
-        ControlServiceServer::new(control_service::ControlService::new(handle, grpc_addr))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    let control = ControlServiceServer::new(control_service::ControlService::new(
+        handle,
+        grpc_addr,
+        config.diagnostics.timeout,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let mut server_stop = stop_rx;
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))

@@ -13,10 +13,12 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::health::Condition;
 use crate::node::{Availability, DISPLAY_STATES, Node};
 
 /// An engine that has not looped for this long is wedged: `/healthz` fails.
@@ -32,6 +34,33 @@ pub struct TransitionLabel {
     pub to: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CordonLabel {
+    pub source: String,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XidLabel {
+    pub xid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeConditionLabel {
+    pub node: String,
+    pub condition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+/// Fault-to-cordon buckets: the target is under a second.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 pub struct Metrics {
     registry: Registry,
     nodes: Family<StateLabel, Gauge>,
@@ -42,8 +71,12 @@ pub struct Metrics {
     pub rejected_registrations: Counter,
     pub stale_messages: Counter,
     pub availability_transitions: Family<TransitionLabel, Counter>,
-    pub cordons: Counter,
+    pub cordons: Family<CordonLabel, Counter>,
     pub uncordons: Counter,
+    pub xid_errors: Family<XidLabel, Counter>,
+    pub fault_to_cordon: Histogram,
+    pub node_condition: Family<NodeConditionLabel, Gauge>,
+    pub diagnostics: Family<ResultLabel, Counter>,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
 }
@@ -65,8 +98,12 @@ impl Metrics {
             rejected_registrations: Counter::default(),
             stale_messages: Counter::default(),
             availability_transitions: Family::default(),
-            cordons: Counter::default(),
+            cordons: Family::default(),
             uncordons: Counter::default(),
+            xid_errors: Family::default(),
+            fault_to_cordon: Histogram::new(LATENCY_BUCKETS),
+            node_condition: Family::default(),
+            diagnostics: Family::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
             registry: Registry::default(),
         };
@@ -143,6 +180,18 @@ impl Metrics {
             healthy += i64::from(n.gpus_healthy());
             unknown += i64::from(n.gpus_total() - n.gpus_healthy());
             connected += i64::from(n.session.is_some());
+            for c in [
+                Condition::Healthy,
+                Condition::Degraded,
+                Condition::Unhealthy,
+            ] {
+                self.node_condition
+                    .get_or_create(&NodeConditionLabel {
+                        node: n.record.name.clone(),
+                        condition: c.as_str().to_owned(),
+                    })
+                    .set(i64::from(n.condition == c));
+            }
         }
         for (state, count) in DISPLAY_STATES.iter().zip(by_state) {
             self.nodes
@@ -165,6 +214,32 @@ impl Metrics {
         self.availability_transitions
             .get_or_create(&TransitionLabel {
                 to: to.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_cordon(&self, source: &str, rule: &str) {
+        self.cordons
+            .get_or_create(&CordonLabel {
+                source: source.to_owned(),
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_xid(&self, xid: u32) {
+        self.xid_errors
+            .get_or_create(&XidLabel {
+                xid: xid.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn count_diagnostics(&self, passed: bool) {
+        let result = if passed { "pass" } else { "fail" };
+        self.diagnostics
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
             })
             .inc();
     }

@@ -1,9 +1,16 @@
 //! A node as the coordinator sees it: the persisted record plus observed liveness.
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use vigil_proto::v1;
+
+use crate::health::{Condition, NodeHealth};
+
+/// How many history entries each node keeps (in memory and in the store).
+pub const MAX_EVENTS: usize = 100;
 
 /// Observed: is the node's agent talking to us?
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,6 +67,28 @@ pub struct GpuRecord {
     pub serial: String,
 }
 
+/// One entry of a node's history: a fault seen, a cordon, a diagnostic run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEvent {
+    pub at_unix_ms: u64,
+    /// xid, gpu-lost, condition, cordon, uncordon, diagnostics, registered
+    pub kind: String,
+    pub message: String,
+    #[serde(default)]
+    pub gpu_index: Option<u32>,
+}
+
+/// The result of the node's last diagnostic run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiagnosticsRecord {
+    pub passed: bool,
+    pub summary: String,
+    pub output: String,
+    pub duration_ms: u64,
+    pub command: String,
+    pub finished_at_unix_ms: u64,
+}
+
 /// What survives a coordinator restart: identity, inventory and the cordon.
 /// Availability is observed afresh after a restart, never trusted from disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +101,8 @@ pub struct NodeRecord {
     pub cordon: Option<Cordon>,
     pub first_registered_unix_ms: u64,
     pub last_registered_unix_ms: u64,
+    #[serde(default)]
+    pub last_diagnostics: Option<DiagnosticsRecord>,
 }
 
 /// The node in the engine's memory.
@@ -89,6 +120,12 @@ pub struct Node {
     pub session: Option<u64>,
     pub last_samples: Vec<v1::GpuSample>,
     pub workers: Vec<v1::WorkerInfo>,
+    /// What the health policy remembers; rebuilt from samples after a restart.
+    pub health: NodeHealth,
+    /// The condition last reported (and logged) for this node.
+    pub condition: Condition,
+    /// Newest last, at most [`MAX_EVENTS`].
+    pub events: VecDeque<NodeEvent>,
 }
 
 impl Node {
@@ -103,7 +140,17 @@ impl Node {
             session: None,
             last_samples: Vec::new(),
             workers: Vec::new(),
+            health: NodeHealth::default(),
+            condition: Condition::Healthy,
+            events: VecDeque::new(),
         }
+    }
+
+    pub fn push_event(&mut self, event: NodeEvent) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
     }
 
     pub fn cordoned(&self) -> bool {
@@ -116,6 +163,7 @@ impl Node {
             (Availability::Lost, _) => "Lost",
             (Availability::Unreachable, _) => "Unreachable",
             (Availability::Ready, true) => "Cordoned",
+            (Availability::Ready, false) if self.condition != Condition::Healthy => "Degraded",
             (Availability::Ready, false) => "Ready",
         }
     }
@@ -124,14 +172,19 @@ impl Node {
         u32::try_from(self.record.gpus.len()).unwrap_or(u32::MAX)
     }
 
-    /// GPUs that can do work: those of a reachable node. The GPU-health
-    /// policy refines this per GPU.
+    /// GPUs that can do work: those of a reachable node that the health
+    /// policy does not judge Unhealthy.
     pub fn gpus_healthy(&self) -> u32 {
-        if self.availability == Availability::Ready {
-            self.gpus_total()
-        } else {
-            0
+        if self.availability != Availability::Ready {
+            return 0;
         }
+        let healthy = self
+            .record
+            .gpus
+            .iter()
+            .filter(|g| self.health.gpu_condition(g.index).0 != Condition::Unhealthy)
+            .count();
+        u32::try_from(healthy).unwrap_or(u32::MAX)
     }
 }
 

@@ -8,9 +8,13 @@ use std::collections::BTreeMap;
 use tokio::time::Instant;
 use vigil_proto::v1;
 
-use crate::config::LivenessConfig;
+use crate::config::{HealthConfig, LivenessConfig};
+use crate::health::{self, Condition};
 use crate::liveness;
-use crate::node::{Availability, Cordon, CordonSource, GpuRecord, Node, NodeRecord};
+use crate::node::{
+    Availability, Cordon, CordonSource, DiagnosticsRecord, GpuRecord, Node, NodeEvent, NodeRecord,
+};
+use crate::xid::XidClass;
 
 /// The moment an input is handled: monotonic for deadlines, wall clock for records.
 #[derive(Debug, Clone, Copy)]
@@ -48,14 +52,37 @@ pub enum Effect {
         to: Availability,
         why: &'static str,
     },
-    /// A node's cordon changed.
+    /// A node's cordon changed. `rule` names the health rule for automatic
+    /// cordons ("manual" for an operator's); `observed_at_ms` is when the
+    /// agent saw the evidence, for the fault-to-cordon latency.
     Cordoned {
         node: String,
         cordon: Cordon,
+        rule: &'static str,
+        observed_at_ms: Option<u64>,
     },
     Uncordoned {
         node: String,
         previous: Cordon,
+    },
+    /// Add to the node's history (stored; durable with the next flush).
+    Record {
+        node: String,
+        event: NodeEvent,
+    },
+    /// The health policy changed its judgement of a node.
+    Condition {
+        node: String,
+        from: Condition,
+        to: Condition,
+        reasons: Vec<String>,
+    },
+    /// An XID arrived (counted whatever its class).
+    Xid {
+        node: String,
+        gpu: u32,
+        xid: u32,
+        class: XidClass,
     },
 }
 
@@ -65,23 +92,44 @@ pub enum StateError {
     UnknownNode(String),
     #[error("message from a superseded session {session} of node \"{node}\"")]
     StaleSession { node: String, session: u64 },
+    #[error(
+        "node \"{node}\" was cordoned automatically ({reason}) and no diagnostics have passed since; \
+         run `clusterctl diagnose {node}` until it passes, or uncordon with --force"
+    )]
+    NeedsDiagnostics { node: String, reason: String },
 }
 
 #[derive(Debug, Clone)]
 pub struct ClusterState {
     pub nodes: BTreeMap<String, Node>,
     pub liveness: LivenessConfig,
+    pub health: HealthConfig,
 }
 
 impl ClusterState {
     /// State after a (re)start: every stored node is `Unreachable` until its
     /// agent reconnects, and `Lost` if it has not within `lost_after`.
-    pub fn load(records: Vec<NodeRecord>, liveness: LivenessConfig, now: Now) -> Self {
-        let nodes = records
+    pub fn load(
+        records: Vec<NodeRecord>,
+        events: Vec<(String, NodeEvent)>,
+        liveness: LivenessConfig,
+        health: HealthConfig,
+        now: Now,
+    ) -> Self {
+        let mut nodes: BTreeMap<String, Node> = records
             .into_iter()
             .map(|r| (r.name.clone(), Node::from_record(r, now.mono, now.wall_ms)))
             .collect();
-        Self { nodes, liveness }
+        for (name, event) in events {
+            if let Some(node) = nodes.get_mut(&name) {
+                node.push_event(event);
+            }
+        }
+        Self {
+            nodes,
+            liveness,
+            health,
+        }
     }
 
     pub fn register(&mut self, reg: Registration, now: Now) -> Vec<Effect> {
@@ -97,16 +145,17 @@ impl ClusterState {
                 cordon: None,
                 first_registered_unix_ms: now.wall_ms,
                 last_registered_unix_ms: now.wall_ms,
+                last_diagnostics: None,
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
-        let record = &mut node.record;
-        record.hostname = reg.hostname;
-        record.agent_version = reg.agent_version;
-        record.simulated = reg.simulated;
-        record.gpus = reg.gpus;
-        record.last_registered_unix_ms = now.wall_ms;
-        effects.push(Effect::Persist(record.clone()));
+        let r = &mut node.record;
+        r.hostname = reg.hostname;
+        r.agent_version = reg.agent_version;
+        r.simulated = reg.simulated;
+        r.gpus = reg.gpus;
+        r.last_registered_unix_ms = now.wall_ms;
+        effects.push(Effect::Persist(r.clone()));
         if let Some(old) = node.session.filter(|s| *s != reg.session) {
             effects.push(Effect::CloseSession {
                 node: reg.node.clone(),
@@ -116,6 +165,22 @@ impl ClusterState {
         node.session = Some(reg.session);
         node.workers = reg.workers;
         node.last_samples.clear();
+        node.health.sample_findings.clear();
+        let backend = if reg.simulated { "SIMULATED" } else { "NVML" };
+        effects.push(record(
+            node,
+            NodeEvent {
+                at_unix_ms: now.wall_ms,
+                kind: "registered".into(),
+                message: format!(
+                    "agent {} registered from {} with {} GPUs ({backend})",
+                    node.record.agent_version,
+                    node.record.hostname,
+                    node.record.gpus.len()
+                ),
+                gpu_index: None,
+            },
+        ));
         if is_new {
             node.availability = Availability::Ready;
             node.silent_since = now.mono;
@@ -139,11 +204,83 @@ impl ClusterState {
         hb: v1::Heartbeat,
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
+        let cfg = self.health.clone();
         let node = self.live_session(node_name, session)?;
+        node.health.sample_findings = health::judge_samples(&node.record.gpus, &hb.gpus, &cfg);
         node.last_samples = hb.gpus;
         node.workers = hb.workers;
         let mut effects = Vec::new();
         hear_from(node, now, "heartbeat resumed", &mut effects);
+        judge(node, now, &cfg, &mut effects);
+        Ok(effects)
+    }
+
+    /// An immediate event from the agent: an XID or a lost GPU.
+    pub fn agent_event(
+        &mut self,
+        node_name: &str,
+        session: u64,
+        event: &v1::AgentEvent,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let cfg = self.health.clone();
+        let node = self.live_session(node_name, session)?;
+        let mut effects = Vec::new();
+        hear_from(node, now, "agent spoke again", &mut effects);
+        let observed = if event.at_unix_ms == 0 {
+            now.wall_ms
+        } else {
+            event.at_unix_ms
+        };
+        let (gpu, reported_uuid, what) = match &event.kind {
+            Some(v1::agent_event::Kind::Xid(x)) => (x.gpu_index, &x.gpu_uuid, Some(x.xid)),
+            Some(v1::agent_event::Kind::GpuLost(g)) => (g.gpu_index, &g.gpu_uuid, None),
+            Some(v1::agent_event::Kind::Diagnostics(_)) | None => return Ok(effects),
+        };
+        let uuid = if reported_uuid.is_empty() {
+            node.record
+                .gpus
+                .iter()
+                .find(|g| g.index == gpu)
+                .map(|g| g.uuid.clone())
+                .unwrap_or_default()
+        } else {
+            reported_uuid.clone()
+        };
+        let event = match what {
+            Some(xid) => {
+                let class = node
+                    .health
+                    .on_xid(gpu, &uuid, xid, observed, now.wall_ms, &cfg);
+                effects.push(Effect::Xid {
+                    node: node_name.to_owned(),
+                    gpu,
+                    xid,
+                    class,
+                });
+                let class_name = format!("{class:?}").to_lowercase();
+                NodeEvent {
+                    at_unix_ms: observed,
+                    kind: "xid".into(),
+                    message: format!(
+                        "{} on GPU {gpu} ({uuid}), class {class_name}",
+                        crate::xid::label(xid)
+                    ),
+                    gpu_index: Some(gpu),
+                }
+            }
+            None => {
+                node.health.on_gpu_lost(gpu, &uuid, observed);
+                NodeEvent {
+                    at_unix_ms: observed,
+                    kind: "gpu-lost".into(),
+                    message: format!("GPU {gpu} ({uuid}) lost"),
+                    gpu_index: Some(gpu),
+                }
+            }
+        };
+        effects.push(record(node, event));
+        judge(node, now, &cfg, &mut effects);
         Ok(effects)
     }
 
@@ -160,6 +297,28 @@ impl ClusterState {
         Ok(effects)
     }
 
+    /// Keep a diagnostic result: it decides whether an auto cordon may be lifted.
+    pub fn record_diagnostics(
+        &mut self,
+        name: &str,
+        result: DiagnosticsRecord,
+    ) -> Result<Vec<Effect>, StateError> {
+        let node = self.node_mut(name)?;
+        let verdict = if result.passed { "passed" } else { "FAILED" };
+        let event = NodeEvent {
+            at_unix_ms: result.finished_at_unix_ms,
+            kind: "diagnostics".into(),
+            message: format!(
+                "diagnostics {verdict} ({}): {}",
+                result.command, result.summary
+            ),
+            gpu_index: None,
+        };
+        node.record.last_diagnostics = Some(result);
+        let persist = Effect::Persist(node.record.clone());
+        Ok(vec![persist, record(node, event)])
+    }
+
     pub fn disconnected(&mut self, node_name: &str, session: u64, now: Now) -> Vec<Effect> {
         let cfg = self.liveness;
         let Ok(node) = self.live_session(node_name, session) else {
@@ -171,11 +330,15 @@ impl ClusterState {
         effects
     }
 
-    /// Apply the passage of time: silent nodes become Unreachable, then Lost.
+    /// Apply the passage of time: silent nodes become Unreachable, then
+    /// Lost; health warnings age out of their window.
     pub fn tick(&mut self, now: Now) -> Vec<Effect> {
         let mut effects = Vec::new();
         for node in self.nodes.values_mut() {
             reevaluate(node, now, &self.liveness, "no heartbeat", &mut effects);
+            if !node.health.event_findings.is_empty() {
+                judge(node, now, &self.health, &mut effects);
+            }
         }
         effects
     }
@@ -202,27 +365,60 @@ impl ClusterState {
             return Ok(Vec::new());
         }
         node.record.cordon = Some(cordon.clone());
+        let event = cordon_event(&cordon, now.wall_ms);
         Ok(vec![
             Effect::Persist(node.record.clone()),
+            record(node, event),
             Effect::Cordoned {
                 node: name.to_owned(),
                 cordon,
+                rule: "manual",
+                observed_at_ms: None,
             },
         ])
     }
 
-    pub fn uncordon(&mut self, name: &str) -> Result<Vec<Effect>, StateError> {
+    /// Lift a cordon. An automatic one needs diagnostics that passed after
+    /// it was set, or `force`. The policy forgets the event evidence (the
+    /// operator says the node is fixed); sample rules still apply.
+    pub fn uncordon(
+        &mut self,
+        name: &str,
+        force: bool,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let cfg = self.health.clone();
         let node = self.node_mut(name)?;
-        let Some(previous) = node.record.cordon.take() else {
+        let Some(previous) = node.record.cordon.clone() else {
             return Ok(Vec::new());
         };
-        Ok(vec![
-            Effect::Persist(node.record.clone()),
-            Effect::Uncordoned {
+        let diagnosed = node
+            .record
+            .last_diagnostics
+            .as_ref()
+            .is_some_and(|d| d.passed && d.finished_at_unix_ms >= previous.since_unix_ms);
+        if previous.source == CordonSource::Auto && !diagnosed && !force {
+            return Err(StateError::NeedsDiagnostics {
                 node: name.to_owned(),
-                previous,
-            },
-        ])
+                reason: previous.reason,
+            });
+        }
+        node.record.cordon = None;
+        node.health.clear_events();
+        let how = if force && !diagnosed { " (forced)" } else { "" };
+        let event = NodeEvent {
+            at_unix_ms: now.wall_ms,
+            kind: "uncordon".into(),
+            message: format!("uncordoned{how}; was: {}", previous.reason),
+            gpu_index: None,
+        };
+        let mut effects = vec![Effect::Persist(node.record.clone()), record(node, event)];
+        effects.push(Effect::Uncordoned {
+            node: name.to_owned(),
+            previous,
+        });
+        judge(node, now, &cfg, &mut effects);
+        Ok(effects)
     }
 
     fn node_mut(&mut self, name: &str) -> Result<&mut Node, StateError> {
@@ -279,6 +475,74 @@ fn reevaluate(
             why,
         });
     }
+}
+
+/// Add `event` to the node's history and say so to the engine (which stores it).
+fn record(node: &mut Node, event: NodeEvent) -> Effect {
+    node.push_event(event.clone());
+    Effect::Record {
+        node: node.record.name.clone(),
+        event,
+    }
+}
+
+fn cordon_event(cordon: &Cordon, at_unix_ms: u64) -> NodeEvent {
+    NodeEvent {
+        at_unix_ms,
+        kind: "cordon".into(),
+        message: format!("cordoned ({}): {}", cordon.source.as_str(), cordon.reason),
+        gpu_index: None,
+    }
+}
+
+/// Re-judge a node's health: report a changed condition, and cordon a node
+/// that is Unhealthy and not cordoned yet (source `auto`).
+fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect>) {
+    node.health.expire(now.wall_ms, cfg);
+    let to = node.health.condition();
+    if to != node.condition {
+        let reasons = node.health.reasons();
+        let from = std::mem::replace(&mut node.condition, to);
+        let message = match reasons.first() {
+            Some(r) => format!("condition {} -> {}: {r}", from.as_str(), to.as_str()),
+            None => format!("condition {} -> {}", from.as_str(), to.as_str()),
+        };
+        effects.push(record(
+            node,
+            NodeEvent {
+                at_unix_ms: now.wall_ms,
+                kind: "condition".into(),
+                message,
+                gpu_index: None,
+            },
+        ));
+        effects.push(Effect::Condition {
+            node: node.record.name.clone(),
+            from,
+            to,
+            reasons,
+        });
+    }
+    if node.record.cordon.is_some() {
+        return;
+    }
+    let Some(finding) = node.health.first_unhealthy().cloned() else {
+        return;
+    };
+    let cordon = Cordon {
+        reason: finding.message.clone(),
+        source: CordonSource::Auto,
+        since_unix_ms: now.wall_ms,
+    };
+    node.record.cordon = Some(cordon.clone());
+    effects.push(Effect::Persist(node.record.clone()));
+    effects.push(record(node, cordon_event(&cordon, now.wall_ms)));
+    effects.push(Effect::Cordoned {
+        node: node.record.name.clone(),
+        cordon,
+        rule: finding.rule,
+        observed_at_ms: Some(finding.observed_at_ms),
+    });
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use super::*;
+use crate::config::HealthConfig;
+use crate::health::Condition;
 
 fn t0() -> Now {
     Now {
@@ -41,7 +43,13 @@ fn registration(node: &str, session: u64) -> Registration {
 }
 
 fn empty_state() -> ClusterState {
-    ClusterState::load(Vec::new(), LivenessConfig::default(), t0())
+    ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        LivenessConfig::default(),
+        HealthConfig::default(),
+        t0(),
+    )
 }
 
 /// Persisted records, as the store would hold them after these effects.
@@ -249,7 +257,9 @@ fn cordoned_node_stays_cordoned_across_a_coordinator_restart() {
     let restart = after(start, 60.0);
     let mut s = ClusterState::load(
         store.values().cloned().collect(),
+        Vec::new(),
         LivenessConfig::default(),
+        HealthConfig::default(),
         restart,
     );
     assert_eq!(s.nodes.len(), 2);
@@ -291,9 +301,13 @@ fn uncordon_clears_and_persists_and_is_idempotent() {
         start,
     )
     .expect("known");
-    let effects = s.uncordon("gpu-001").expect("known");
+    let effects = s.uncordon("gpu-001", false, start).expect("known");
     assert_eq!(persisted(&effects)[0].cordon, None);
-    assert!(s.uncordon("gpu-001").expect("known").is_empty());
+    assert!(
+        s.uncordon("gpu-001", false, start)
+            .expect("known")
+            .is_empty()
+    );
     assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
 }
 
@@ -332,5 +346,253 @@ fn unknown_nodes_are_refused_by_name() {
         .cordon("nope", "x".into(), CordonSource::Operator, t0())
         .expect_err("unknown");
     assert!(err.to_string().contains("\"nope\" not found"), "{err}");
-    assert!(s.uncordon("nope").is_err());
+    assert!(s.uncordon("nope", false, t0()).is_err());
+}
+
+fn xid(gpu: u32, code: u32, at: u64) -> v1::AgentEvent {
+    v1::AgentEvent {
+        at_unix_ms: at,
+        kind: Some(v1::agent_event::Kind::Xid(v1::XidError {
+            gpu_index: gpu,
+            xid: code,
+            gpu_uuid: String::new(),
+        })),
+    }
+}
+
+fn cordon_of(s: &ClusterState, node: &str) -> Option<Cordon> {
+    s.nodes[node].record.cordon.clone()
+}
+
+#[test]
+fn fatal_xid_cordons_the_node_automatically_with_evidence() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    let now = after(start, 1.0);
+    let effects = s
+        .agent_event("gpu-001", 1, &xid(3, 79, now.wall_ms - 20), now)
+        .expect("live");
+    let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
+    assert_eq!(cordon.source, CordonSource::Auto);
+    assert_eq!(
+        cordon.reason,
+        "XID 79 (GPU has fallen off the bus) on GPU 3 (GPU-gpu-001-3)"
+    );
+    let persist_at = effects.iter().position(|e| matches!(e, Effect::Persist(_)));
+    let cordoned_at = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Cordoned { .. }));
+    assert!(
+        persist_at < cordoned_at,
+        "persisted before it is acted on: {effects:#?}"
+    );
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Cordoned { rule: "xid", observed_at_ms: Some(t), .. } if *t == now.wall_ms - 20
+    )));
+    let node = &s.nodes["gpu-001"];
+    assert_eq!(node.condition, Condition::Unhealthy);
+    assert_eq!(node.gpus_healthy(), 7);
+    assert_eq!(node.display_state(), "Cordoned");
+    let kinds: Vec<&str> = node.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["registered", "xid", "condition", "cordon"]);
+}
+
+#[test]
+fn application_xid_does_not_cordon() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    s.agent_event("gpu-001", 1, &xid(1, 13, 0), start)
+        .expect("live");
+    assert_eq!(cordon_of(&s, "gpu-001"), None);
+    assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
+}
+
+#[test]
+fn hot_gpu_degrades_the_node_but_keeps_it_schedulable() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    let mut hb = v1::Heartbeat::default();
+    hb.gpus = (0..8)
+        .map(|i| v1::GpuSample {
+            index: i,
+            temperature_c: Some(if i == 0 { 95.0 } else { 40.0 }),
+            ..Default::default()
+        })
+        .collect();
+    let effects = s
+        .heartbeat("gpu-001", 1, hb, after(start, 1.0))
+        .expect("live");
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Condition {
+            to: Condition::Degraded,
+            ..
+        }
+    )));
+    assert_eq!(cordon_of(&s, "gpu-001"), None);
+    assert_eq!(s.nodes["gpu-001"].display_state(), "Degraded");
+    assert_eq!(
+        s.nodes["gpu-001"].gpus_healthy(),
+        8,
+        "degraded GPUs still count"
+    );
+    // Cooling down: Healthy again at the next heartbeat.
+    let cool = v1::Heartbeat {
+        gpus: (0..8)
+            .map(|i| v1::GpuSample {
+                index: i,
+                temperature_c: Some(40.0),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    s.heartbeat("gpu-001", 1, cool, after(start, 2.0))
+        .expect("live");
+    assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
+}
+
+#[test]
+fn lost_gpu_cordons() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    let lost = v1::AgentEvent {
+        at_unix_ms: start.wall_ms,
+        kind: Some(v1::agent_event::Kind::GpuLost(v1::GpuLost {
+            gpu_index: 5,
+            gpu_uuid: String::new(),
+        })),
+    };
+    s.agent_event("gpu-001", 1, &lost, start).expect("live");
+    let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
+    assert!(
+        cordon.reason.contains("GPU 5 (GPU-gpu-001-5) lost"),
+        "{}",
+        cordon.reason
+    );
+}
+
+#[test]
+fn an_operator_cordon_is_not_replaced_by_an_automatic_one() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    s.cordon(
+        "gpu-001",
+        "maintenance".into(),
+        CordonSource::Operator,
+        start,
+    )
+    .expect("known");
+    s.agent_event("gpu-001", 1, &xid(0, 48, 0), start)
+        .expect("live");
+    let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
+    assert_eq!(
+        (cordon.source, cordon.reason.as_str()),
+        (CordonSource::Operator, "maintenance")
+    );
+    assert_eq!(s.nodes["gpu-001"].condition, Condition::Unhealthy);
+}
+
+fn diag(passed: bool, at: u64) -> DiagnosticsRecord {
+    DiagnosticsRecord {
+        passed,
+        summary: if passed {
+            "all checks passed".into()
+        } else {
+            "GPU 3 missing".into()
+        },
+        output: String::new(),
+        duration_ms: 10,
+        command: "builtin simulated self-check".into(),
+        finished_at_unix_ms: at,
+    }
+}
+
+#[test]
+fn auto_cordon_lifts_only_after_passing_diagnostics_or_force() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    s.agent_event("gpu-001", 1, &xid(3, 79, 0), after(start, 1.0))
+        .expect("live");
+    let err = s
+        .uncordon("gpu-001", false, after(start, 2.0))
+        .expect_err("needs diagnostics");
+    assert!(
+        err.to_string().contains("clusterctl diagnose gpu-001"),
+        "{err}"
+    );
+
+    s.record_diagnostics("gpu-001", diag(false, after(start, 3.0).wall_ms))
+        .expect("known");
+    assert!(
+        s.uncordon("gpu-001", false, after(start, 4.0)).is_err(),
+        "failed diagnostics"
+    );
+
+    // A pass from before the cordon does not count.
+    s.record_diagnostics("gpu-001", diag(true, start.wall_ms))
+        .expect("known");
+    assert!(
+        s.uncordon("gpu-001", false, after(start, 4.0)).is_err(),
+        "stale pass"
+    );
+
+    s.record_diagnostics("gpu-001", diag(true, after(start, 5.0).wall_ms))
+        .expect("known");
+    let effects = s
+        .uncordon("gpu-001", false, after(start, 6.0))
+        .expect("diagnosed");
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Uncordoned { .. }))
+    );
+    assert_eq!(
+        s.nodes["gpu-001"].condition,
+        Condition::Healthy,
+        "event evidence forgotten"
+    );
+    assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
+
+    s.agent_event("gpu-001", 1, &xid(3, 79, 0), after(start, 7.0))
+        .expect("live");
+    assert!(cordon_of(&s, "gpu-001").is_some(), "cordoned again");
+    s.uncordon("gpu-001", true, after(start, 8.0))
+        .expect("forced");
+    assert_eq!(cordon_of(&s, "gpu-001"), None);
+    let last = s.nodes["gpu-001"]
+        .events
+        .back()
+        .expect("event")
+        .message
+        .clone();
+    assert!(
+        s.nodes["gpu-001"]
+            .events
+            .iter()
+            .any(|e| e.message.contains("(forced)")),
+        "{last}"
+    );
+}
+
+#[test]
+fn operator_cordons_need_no_diagnostics() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    s.cordon(
+        "gpu-001",
+        "maintenance".into(),
+        CordonSource::Operator,
+        start,
+    )
+    .expect("known");
+    assert!(s.uncordon("gpu-001", false, start).is_ok());
 }

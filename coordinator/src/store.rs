@@ -1,12 +1,13 @@
 //! The durable store: one small module over sled, so the backend can change.
 //!
 //! Layout: tree `meta` holds the schema marker; tree `nodes` maps a node name
-//! to its JSON `NodeRecord`. A write is durable only once `flush` returns:
+//! to its JSON `NodeRecord`; tree `events` maps `name \0 id` (id big-endian,
+//! increasing) to a JSON `NodeEvent`, the last `MAX_EVENTS` per node. A write is durable only once `flush` returns:
 //! callers flush before acknowledging anything an operator or a job relies on.
 
 use std::path::{Path, PathBuf};
 
-use crate::node::NodeRecord;
+use crate::node::{MAX_EVENTS, NodeEvent, NodeRecord};
 
 const SCHEMA_KEY: &[u8] = b"schema";
 const SCHEMA: &[u8] = b"vigil-store-v1";
@@ -46,6 +47,7 @@ pub struct Store {
     path: PathBuf,
     db: sled::Db,
     nodes: sled::Tree,
+    events: sled::Tree,
 }
 
 impl Store {
@@ -87,7 +89,13 @@ impl Store {
             }
         }
         let nodes = db.open_tree("nodes").map_err(io)?;
-        Ok(Self { path, db, nodes })
+        let events = db.open_tree("events").map_err(io)?;
+        Ok(Self {
+            path,
+            db,
+            nodes,
+            events,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -126,6 +134,47 @@ impl Store {
         self.nodes
             .insert(record.name.as_bytes(), value)
             .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// Every stored history entry, oldest first within each node.
+    pub fn load_events(&self) -> Result<Vec<(String, NodeEvent)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.events.iter() {
+            let (k, v) = item.map_err(|e| self.io(e))?;
+            let name_end = k.iter().position(|b| *b == 0).unwrap_or(k.len());
+            let name = String::from_utf8_lossy(&k[..name_end]).into_owned();
+            let event: NodeEvent = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: format!("events/{name}"),
+                message: e.to_string(),
+            })?;
+            out.push((name, event));
+        }
+        Ok(out)
+    }
+
+    /// Stage a history entry, dropping the node's oldest beyond `MAX_EVENTS`.
+    pub fn put_event(&self, node: &str, event: &NodeEvent) -> Result<(), StoreError> {
+        let id = self.db.generate_id().map_err(|e| self.io(e))?;
+        let mut prefix = node.as_bytes().to_vec();
+        prefix.push(0);
+        let mut key = prefix.clone();
+        key.extend_from_slice(&id.to_be_bytes());
+        let value = serde_json::to_vec(event).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            message: format!("cannot encode an event of node {node:?}: {e}"),
+        })?;
+        self.events.insert(key, value).map_err(|e| self.io(e))?;
+        let keys: Vec<sled::IVec> = self
+            .events
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.io(e))?;
+        for old in keys.iter().take(keys.len().saturating_sub(MAX_EVENTS)) {
+            self.events.remove(old).map_err(|e| self.io(e))?;
+        }
         Ok(())
     }
 
@@ -184,6 +233,7 @@ mod tests {
             }),
             first_registered_unix_ms: 1,
             last_registered_unix_ms: 2,
+            last_diagnostics: None,
         }
     }
 
@@ -197,6 +247,42 @@ mod tests {
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.load_nodes().expect("load"), vec![record("gpu-001")]);
+    }
+
+    #[tokio::test]
+    async fn events_are_kept_per_node_and_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for i in 0..(MAX_EVENTS as u64 + 5) {
+                let e = NodeEvent {
+                    at_unix_ms: i,
+                    kind: "xid".into(),
+                    message: format!("e{i}"),
+                    gpu_index: Some(1),
+                };
+                store.put_event("a", &e).expect("put");
+            }
+            store
+                .put_event(
+                    "ab",
+                    &NodeEvent {
+                        at_unix_ms: 0,
+                        kind: "cordon".into(),
+                        message: "other".into(),
+                        gpu_index: None,
+                    },
+                )
+                .expect("put");
+            store.flush().await.expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let events = store.load_events().expect("load");
+        let a: Vec<_> = events.iter().filter(|(n, _)| n == "a").collect();
+        assert_eq!(a.len(), MAX_EVENTS);
+        assert_eq!(a[0].1.message, "e5", "oldest dropped");
+        assert_eq!(a.last().map(|e| e.1.message.as_str()), Some("e104"));
+        assert_eq!(events.iter().filter(|(n, _)| n == "ab").count(), 1);
     }
 
     #[test]

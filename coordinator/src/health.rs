@@ -1,0 +1,358 @@
+//! The GPU-health policy, pure: samples and events -> per-GPU findings ->
+//! node condition. Nothing here reads a clock; times are unix milliseconds
+//! passed in.
+
+use vigil_proto::v1;
+
+use crate::config::HealthConfig;
+use crate::node::GpuRecord;
+use crate::xid::{self, XidClass};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Condition {
+    #[default]
+    Healthy,
+    /// Warning signs; the node stays schedulable.
+    Degraded,
+    /// The node must not run work: it is cordoned automatically.
+    Unhealthy,
+}
+
+impl Condition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::Healthy => "Healthy",
+            Condition::Degraded => "Degraded",
+            Condition::Unhealthy => "Unhealthy",
+        }
+    }
+}
+
+/// One rule that fired, with its evidence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub condition: Condition,
+    /// Stable rule name, used as a metric label (`vigil_cordons_total{rule}`).
+    pub rule: &'static str,
+    pub gpu: Option<u32>,
+    /// "XID 79 (GPU has fallen off the bus) on GPU 3 (GPU-5f1e...)"
+    pub message: String,
+    /// When the agent observed the evidence, unix ms.
+    pub observed_at_ms: u64,
+}
+
+/// A finding from an event, kept after the event itself is gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventFinding {
+    pub finding: Finding,
+    /// When it stops counting; `None`: until the operator uncordons the node.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Everything the policy remembers about one node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeHealth {
+    /// From the latest heartbeat; replaced by every heartbeat.
+    pub sample_findings: Vec<Finding>,
+    /// From XIDs and lost GPUs.
+    pub event_findings: Vec<EventFinding>,
+    /// Recent XIDs as (gpu, xid, class, at_ms), for recurrence.
+    pub xid_history: Vec<(u32, u32, XidClass, u64)>,
+}
+
+fn gpu_label(index: u32, uuid: &str) -> String {
+    if uuid.is_empty() {
+        format!("GPU {index}")
+    } else {
+        format!("GPU {index} ({uuid})")
+    }
+}
+
+impl NodeHealth {
+    pub fn findings(&self) -> impl Iterator<Item = &Finding> {
+        self.sample_findings
+            .iter()
+            .chain(self.event_findings.iter().map(|e| &e.finding))
+    }
+
+    pub fn condition(&self) -> Condition {
+        self.findings()
+            .map(|f| f.condition)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// The reasons, worst first.
+    pub fn reasons(&self) -> Vec<String> {
+        let mut all: Vec<&Finding> = self.findings().collect();
+        all.sort_by(|a, b| b.condition.cmp(&a.condition));
+        all.into_iter().map(|f| f.message.clone()).collect()
+    }
+
+    /// The worst finding that makes the node Unhealthy, if any: it names the cordon.
+    pub fn first_unhealthy(&self) -> Option<&Finding> {
+        self.findings()
+            .find(|f| f.condition == Condition::Unhealthy)
+    }
+
+    pub fn gpu_condition(&self, gpu: u32) -> (Condition, Vec<String>) {
+        let mine: Vec<&Finding> = self.findings().filter(|f| f.gpu == Some(gpu)).collect();
+        let condition = mine.iter().map(|f| f.condition).max().unwrap_or_default();
+        (
+            condition,
+            mine.into_iter().map(|f| f.message.clone()).collect(),
+        )
+    }
+
+    /// Drop what has aged out of the recurrence window.
+    pub fn expire(&mut self, now_ms: u64, cfg: &HealthConfig) {
+        self.event_findings
+            .retain(|e| e.expires_at_ms.is_none_or(|t| t > now_ms));
+        let window = u64::try_from(cfg.recurrence_window.as_millis()).unwrap_or(u64::MAX);
+        self.xid_history
+            .retain(|(_, _, _, at)| now_ms.saturating_sub(*at) < window);
+    }
+
+    /// The operator says the node is fixed: forget event evidence. Sample
+    /// rules still apply at the next heartbeat.
+    pub fn clear_events(&mut self) {
+        self.event_findings.clear();
+        self.xid_history.clear();
+    }
+
+    /// Judge an XID. Returns its class so the caller can record it.
+    pub fn on_xid(
+        &mut self,
+        gpu: u32,
+        uuid: &str,
+        code: u32,
+        observed_at_ms: u64,
+        now_ms: u64,
+        cfg: &HealthConfig,
+    ) -> XidClass {
+        let class = cfg.xid_class(code);
+        self.xid_history.push((gpu, code, class, now_ms));
+        let on = gpu_label(gpu, uuid);
+        let label = xid::label(code);
+        let window = humantime::format_duration(cfg.recurrence_window);
+        let repeats = self
+            .xid_history
+            .iter()
+            .filter(|(g, x, _, _)| *g == gpu && *x == code)
+            .count();
+        let expires = now_ms
+            .saturating_add(u64::try_from(cfg.recurrence_window.as_millis()).unwrap_or(u64::MAX));
+        let finding = |condition, rule, message: String, expires_at_ms| EventFinding {
+            finding: Finding {
+                condition,
+                rule,
+                gpu: Some(gpu),
+                message,
+                observed_at_ms,
+            },
+            expires_at_ms,
+        };
+        let new = match class {
+            XidClass::Fatal => Some(finding(
+                Condition::Unhealthy,
+                "xid",
+                format!("{label} on {on}"),
+                None,
+            )),
+            XidClass::Degrade if repeats >= cfg.degrade_recurrence as usize => Some(finding(
+                Condition::Unhealthy,
+                "xid_recurrence",
+                format!("{label} on {on} {repeats} times within {window}"),
+                None,
+            )),
+            XidClass::Degrade => Some(finding(
+                Condition::Degraded,
+                "xid_warning",
+                format!("{label} on {on}: reset at next job boundary"),
+                Some(expires),
+            )),
+            XidClass::Application if repeats >= cfg.application_recurrence as usize => {
+                Some(finding(
+                    Condition::Unhealthy,
+                    "xid_recurrence",
+                    format!(
+                        "{label} on {on} {repeats} times within {window}: the GPU, not the job, is suspect"
+                    ),
+                    None,
+                ))
+            }
+            XidClass::Application | XidClass::Ignore => None,
+        };
+        if let Some(new) = new {
+            self.event_findings.retain(|e| {
+                !(e.finding.gpu == Some(gpu) && e.finding.message == new.finding.message)
+            });
+            self.event_findings.push(new);
+        }
+        class
+    }
+
+    pub fn on_gpu_lost(&mut self, gpu: u32, uuid: &str, observed_at_ms: u64) {
+        let message = format!(
+            "{} lost: it fell out of the driver's view",
+            gpu_label(gpu, uuid)
+        );
+        if self
+            .event_findings
+            .iter()
+            .any(|e| e.finding.message == message)
+        {
+            return;
+        }
+        self.event_findings.push(EventFinding {
+            finding: Finding {
+                condition: Condition::Unhealthy,
+                rule: "gpu_lost",
+                gpu: Some(gpu),
+                message,
+                observed_at_ms,
+            },
+            expires_at_ms: None,
+        });
+    }
+}
+
+/// Findings from one heartbeat's samples against the registered inventory.
+pub fn judge_samples(
+    gpus: &[GpuRecord],
+    samples: &[v1::GpuSample],
+    cfg: &HealthConfig,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if samples.is_empty() {
+        // The agent could not sample at all: no evidence either way.
+        return out;
+    }
+    for g in gpus {
+        let on = gpu_label(g.index, &g.uuid);
+        let Some(s) = samples.iter().find(|s| s.index == g.index) else {
+            out.push(Finding {
+                condition: Condition::Unhealthy,
+                rule: "gpu_missing",
+                gpu: Some(g.index),
+                message: format!(
+                    "{on} missing: the agent reports {} of {} registered GPUs",
+                    samples.len(),
+                    gpus.len()
+                ),
+                observed_at_ms: samples
+                    .iter()
+                    .map(|s| s.observed_at_unix_ms)
+                    .max()
+                    .unwrap_or(0),
+            });
+            continue;
+        };
+        let mut add = |condition, rule, message: String| {
+            out.push(Finding {
+                condition,
+                rule,
+                gpu: Some(g.index),
+                message,
+                observed_at_ms: s.observed_at_unix_ms,
+            });
+        };
+        use Condition::{Degraded, Unhealthy};
+        if let Some(n) = s.ecc_uncorrected_volatile.filter(|n| *n > 0) {
+            add(
+                Unhealthy,
+                "ecc_uncorrected",
+                format!("{n} uncorrected ECC errors (volatile) on {on}"),
+            );
+        }
+        if s.retired_pages_pending == Some(true) {
+            add(
+                Unhealthy,
+                "retired_pages_pending",
+                format!("retired pages pending on {on}"),
+            );
+        }
+        if s.remapped_rows_failure == Some(true) {
+            add(
+                Unhealthy,
+                "remap_failure",
+                format!("row remapping failed on {on}"),
+            );
+        }
+        if s.nvlink_supported != Some(false) {
+            let down: Vec<String> = s
+                .nvlinks
+                .iter()
+                .filter(|l| !l.active)
+                .map(|l| l.link.to_string())
+                .collect();
+            if !down.is_empty() {
+                add(
+                    Unhealthy,
+                    "nvlink_down",
+                    format!("NVLink {} down on {on}", down.join(",")),
+                );
+            }
+        }
+        if s.remapped_rows_pending == Some(true) {
+            add(
+                Degraded,
+                "remap_pending",
+                format!("row remap pending on {on}: reset at next job boundary"),
+            );
+        }
+        if let Some(t) = s.temperature_c.filter(|t| *t >= cfg.temperature_max_c) {
+            add(
+                Degraded,
+                "temperature",
+                format!("{on} at {t:.0} °C (limit {:.0} °C)", cfg.temperature_max_c),
+            );
+        }
+        if s.throttle_hw_slowdown == Some(true) {
+            add(
+                Degraded,
+                "hw_slowdown",
+                format!("HW slowdown throttling on {on}"),
+            );
+        }
+        if s.throttle_thermal == Some(true) {
+            add(
+                Degraded,
+                "thermal_throttle",
+                format!("thermal throttling on {on}"),
+            );
+        }
+        if s.throttle_power_brake == Some(true) {
+            add(
+                Degraded,
+                "power_brake",
+                format!("power brake throttling on {on}"),
+            );
+        }
+        if let (Some(cur), Some(max)) = (s.pcie_link_width_current, s.pcie_link_width_max) {
+            if cur < max {
+                add(
+                    Degraded,
+                    "pcie_width",
+                    format!("PCIe link x{cur} below its max x{max} on {on}"),
+                );
+            }
+        }
+        if cfg.pcie_gen_below_max {
+            if let (Some(cur), Some(max)) = (s.pcie_link_gen_current, s.pcie_link_gen_max) {
+                if cur < max {
+                    add(
+                        Degraded,
+                        "pcie_gen",
+                        format!("PCIe gen{cur} below its max gen{max} on {on}"),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "health_tests.rs"]
+mod tests;
