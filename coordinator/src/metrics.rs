@@ -114,7 +114,7 @@ impl Metrics {
         );
         registry.register(
             "vigil_gpus",
-            "GPUs by state: healthy (on a reachable node) or unknown (node unreachable or lost)",
+            "GPUs by state: healthy, unhealthy (judged so by the health policy) or unknown (node unreachable or lost)",
             m.gpus.clone(),
         );
         registry.register(
@@ -171,14 +171,19 @@ impl Metrics {
     /// Refresh the gauges derived from cluster state.
     pub fn observe_nodes<'a>(&self, nodes: impl Iterator<Item = &'a Node>) {
         let mut by_state = [0i64; DISPLAY_STATES.len()];
-        let (mut healthy, mut unknown) = (0i64, 0i64);
+        let (mut healthy, mut unhealthy, mut unknown) = (0i64, 0i64, 0i64);
         let mut connected = 0i64;
         for n in nodes {
             if let Some(i) = DISPLAY_STATES.iter().position(|s| *s == n.display_state()) {
                 by_state[i] += 1;
             }
             healthy += i64::from(n.gpus_healthy());
-            unknown += i64::from(n.gpus_total() - n.gpus_healthy());
+            let rest = i64::from(n.gpus_total() - n.gpus_healthy());
+            if n.availability == Availability::Ready {
+                unhealthy += rest;
+            } else {
+                unknown += rest;
+            }
             connected += i64::from(n.session.is_some());
             for c in [
                 Condition::Healthy,
@@ -200,7 +205,7 @@ impl Metrics {
                 })
                 .set(count);
         }
-        for (state, count) in [("healthy", healthy), ("unknown", unknown)] {
+        for (state, count) in [("healthy", healthy), ("unhealthy", unhealthy), ("unknown", unknown)] {
             self.gpus
                 .get_or_create(&StateLabel {
                     state: state.to_owned(),

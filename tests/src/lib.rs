@@ -153,6 +153,20 @@ impl Cluster {
         Ok(())
     }
 
+    pub fn agent(&self, name: &str) -> Result<&Agent> {
+        self.agents
+            .iter()
+            .find(|a| a.name == name)
+            .with_context(|| format!("no agent {name}"))
+    }
+
+    /// One node's summary from `clusterctl -o json nodes`.
+    pub fn node(&self, name: &str) -> Result<Value> {
+        nodes(&self.url())?
+            .remove(name)
+            .with_context(|| format!("node {name} not listed"))
+    }
+
     pub fn agent_mut(&mut self, name: &str) -> Option<&mut Agent> {
         self.agents.iter_mut().find(|a| a.name == name)
     }

@@ -152,6 +152,8 @@ pub struct Agent {
     pub name: String,
     pub child: Child,
     pub log: PathBuf,
+    /// The agent's `--sim-fault-file`: what it holds is what the simulated GPUs suffer.
+    pub fault_file: PathBuf,
 }
 
 /// Agents in tests retry fast, so reconnects do not dominate test time.
@@ -184,6 +186,8 @@ impl Agent {
             ])
             .arg("--state-dir")
             .arg(dir.join(format!("agent-{name}-state")))
+            .arg("--sim-fault-file")
+            .arg(&fault_file)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -192,7 +196,21 @@ impl Agent {
             name: name.to_owned(),
             child,
             log,
+            fault_file,
         })
+    }
+
+    /// Replace the simulated faults with `lines` (one fault per line).
+    pub fn set_faults(&self, lines: &str) -> Result<()> {
+        // Write then rename, so the agent never reads a half-written file.
+        let tmp = self.fault_file.with_extension("tmp");
+        std::fs::write(&tmp, lines)?;
+        std::fs::rename(&tmp, &self.fault_file)?;
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn kill9(&mut self) {
