@@ -1,5 +1,7 @@
 //! The command line: global flags and one variant per subcommand (a contract; docs and tests use it).
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Where clusterctl looks for the coordinator when neither flag nor environment says.
@@ -35,11 +37,11 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// One screen: coordinator, node counts per state, GPUs, cordoned nodes.
+    /// One screen: coordinator, node counts per state, GPUs, cordoned and degraded nodes.
     Status,
-    /// List every node with its availability and scheduling state.
+    /// List every node with its state, condition, availability and scheduling.
     Nodes,
-    /// Show one node: summary, cordon, GPUs with their last health sample, workers.
+    /// Show one node: summary, condition, cordon, GPU health, last diagnostics, workers, events.
     Node {
         /// The node's name, as `clusterctl nodes` lists it.
         name: String,
@@ -52,7 +54,75 @@ pub enum Command {
         reason: String,
     },
     /// Let new work be placed on a node again.
-    Uncordon { name: String },
+    Uncordon {
+        name: String,
+        /// Uncordon an automatically cordoned node even though no diagnostics passed since.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the node's diagnostic now and wait for its result (exit code 1 if it fails).
+    Diagnose {
+        name: String,
+        /// How long the diagnostic may run, e.g. `90s`, `2m`, `1m30s` (plain numbers are
+        /// seconds); the coordinator's default when left out.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+}
+
+/// The longest `--timeout` accepted: the coordinator's limit.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
+
+/// A duration such as `30s`, `2m`, `1m30s`, `1h`, `500ms`, or a plain number of seconds;
+/// more than zero and at most an hour.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let invalid = || format!("invalid duration {s:?}: expected e.g. 30s, 2m, 1m30s or 500ms");
+    let text = s.trim();
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        total = text
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| invalid())?;
+        rest = "";
+    }
+    if text.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(invalid)?;
+        let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let millis = match &rest[..unit] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(invalid()),
+        };
+        let part = number.checked_mul(millis).ok_or_else(invalid)?;
+        total = total
+            .checked_add(Duration::from_millis(part))
+            .ok_or_else(invalid)?;
+        rest = &rest[unit..];
+    }
+    if total.is_zero() {
+        return Err(format!(
+            "invalid duration {s:?}: must be more than zero (leave --timeout out for the coordinator's default)"
+        ));
+    }
+    if total > MAX_TIMEOUT {
+        return Err(format!(
+            "invalid duration {s:?}: at most 1h (the coordinator's limit)"
+        ));
+    }
+    Ok(total)
 }
 
 fn non_empty_reason(s: &str) -> Result<String, String> {
@@ -96,5 +166,59 @@ mod tests {
         let cli = Cli::try_parse_from(["clusterctl", "cordon", "n1", "--reason", "bad fan"])
             .expect("parses");
         assert!(matches!(cli.command, Command::Cordon { reason, .. } if reason == "bad fan"));
+    }
+
+    #[test]
+    fn uncordon_force_is_a_flag() {
+        let cli = Cli::try_parse_from(["clusterctl", "uncordon", "n1", "--force"]).expect("parses");
+        assert!(matches!(cli.command, Command::Uncordon { force: true, .. }));
+        let cli = Cli::try_parse_from(["clusterctl", "uncordon", "n1"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Uncordon { force: false, .. }
+        ));
+    }
+
+    #[test]
+    fn diagnose_timeout_is_optional() {
+        let cli = Cli::try_parse_from(["clusterctl", "diagnose", "n1"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Diagnose { timeout: None, .. }
+        ));
+        let cli = Cli::try_parse_from(["clusterctl", "diagnose", "n1", "--timeout", "2m"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Diagnose { timeout: Some(t), .. } if t == Duration::from_secs(120)
+        ));
+        assert!(
+            Cli::try_parse_from(["clusterctl", "diagnose", "n1", "--timeout", "soon"]).is_err()
+        );
+    }
+
+    #[test]
+    fn durations_take_units_or_plain_seconds() {
+        let ok = |s: &str| parse_duration(s).expect(s);
+        assert_eq!(ok("30s"), Duration::from_secs(30));
+        assert_eq!(ok("45"), Duration::from_secs(45));
+        assert_eq!(ok("1m30s"), Duration::from_secs(90));
+        assert_eq!(ok("1h"), Duration::from_secs(3_600));
+        assert_eq!(ok("60m"), MAX_TIMEOUT);
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        for bad in [
+            "",
+            "s",
+            "10x",
+            "1.5s",
+            "m5",
+            "0",
+            "0s",
+            "-3s",
+            "25h",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }

@@ -11,6 +11,14 @@ use vigil_proto::{MAX_MESSAGE_BYTES, v1};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How much longer than the diagnostic itself clusterctl waits for its result.
+const DIAGNOSE_MARGIN: Duration = Duration::from_secs(10);
+
+/// How long clusterctl waits for a diagnostic run with the coordinator's default timeout
+/// (`diagnostics.timeout`, two minutes unless configured otherwise; when it is configured
+/// longer, operators pass `--timeout`).
+const DIAGNOSE_DEFAULT_WAIT: Duration = Duration::from_secs(130);
+
 /// A connected ControlService client that remembers the URL for its error messages.
 pub struct Coordinator {
     url: String,
@@ -40,7 +48,7 @@ impl Coordinator {
 
     pub async fn status(&mut self) -> Result<v1::StatusResponse> {
         let r = self.client.status(request(v1::StatusRequest {})).await;
-        self.answer(r, None)
+        self.answer(r, None, REQUEST_TIMEOUT)
     }
 
     pub async fn list_nodes(&mut self) -> Result<v1::ListNodesResponse> {
@@ -48,13 +56,13 @@ impl Coordinator {
             .client
             .list_nodes(request(v1::ListNodesRequest {}))
             .await;
-        self.answer(r, None)
+        self.answer(r, None, REQUEST_TIMEOUT)
     }
 
     pub async fn get_node(&mut self, name: &str) -> Result<v1::NodeDetail> {
         let req = v1::GetNodeRequest { name: name.into() };
         let r = self.client.get_node(request(req)).await;
-        self.answer(r, Some(name))
+        self.answer(r, Some(name), REQUEST_TIMEOUT)
     }
 
     pub async fn cordon(&mut self, name: &str, reason: &str) -> Result<v1::NodeSummary> {
@@ -63,34 +71,64 @@ impl Coordinator {
             reason: reason.into(),
         };
         let r = self.client.cordon(request(req)).await;
-        self.answer(r, Some(name))
+        self.answer(r, Some(name), REQUEST_TIMEOUT)
     }
 
-    pub async fn uncordon(&mut self, name: &str) -> Result<v1::NodeSummary> {
-        let req = v1::UncordonRequest { name: name.into() };
+    pub async fn uncordon(&mut self, name: &str, force: bool) -> Result<v1::NodeSummary> {
+        let req = v1::UncordonRequest {
+            name: name.into(),
+            force,
+        };
         let r = self.client.uncordon(request(req)).await;
-        self.answer(r, Some(name))
+        self.answer(r, Some(name), REQUEST_TIMEOUT)
+    }
+
+    /// Runs the node's diagnostic; `timeout` `None` lets the coordinator pick. Waits for the
+    /// diagnostic plus a margin, not the usual few seconds.
+    pub async fn diagnose(
+        &mut self,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<v1::DiagnosticsRecord> {
+        let wait = diagnose_wait(timeout);
+        let req = v1::DiagnoseRequest {
+            name: name.into(),
+            timeout_ms: timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(wait);
+        let r = self.client.diagnose(req).await;
+        self.answer(r, Some(name), wait)
     }
 
     fn answer<T>(
         &self,
         result: std::result::Result<tonic::Response<T>, Status>,
         node: Option<&str>,
+        timeout: Duration,
     ) -> Result<T> {
         result
             .map(tonic::Response::into_inner)
-            .map_err(|status| anyhow!(describe_status(&status, &self.url, node)))
+            .map_err(|status| anyhow!(describe_status(&status, &self.url, node, timeout)))
     }
 }
 
-/// Sends `grpc-timeout`, so the coordinator gives up when clusterctl does.
+/// How long clusterctl waits for a diagnostic run: its timeout plus a margin, or long enough
+/// for the coordinator's default.
+fn diagnose_wait(timeout: Option<Duration>) -> Duration {
+    timeout.map_or(DIAGNOSE_DEFAULT_WAIT, |t| t.saturating_add(DIAGNOSE_MARGIN))
+}
+
+/// Sends `grpc-timeout`, so the coordinator gives up when clusterctl does; the channel has
+/// no timeout of its own, as tonic would apply the shorter of the two.
 fn request<T>(message: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
     req.set_timeout(REQUEST_TIMEOUT);
     req
 }
 
-/// Validates `url` (only plaintext `http://` exists before mutual TLS) and applies the timeouts.
+/// Validates `url` (only plaintext `http://` exists before mutual TLS) and applies the connect
+/// timeout (each request carries its own).
 pub fn endpoint(url: &str) -> Result<Endpoint> {
     let invalid = |why: &str| {
         anyhow!(
@@ -107,9 +145,7 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err(invalid("no host"));
     }
-    Ok(endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT))
+    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT))
 }
 
 fn unreachable(url: &str, cause: &str) -> String {
@@ -153,32 +189,39 @@ fn timed_out() -> String {
     format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())
 }
 
-/// One line for a failed call. NotFound and InvalidArgument carry the server's own words,
-/// which already name the fix; `node` fills in when a server sends no message.
-pub fn describe_status(status: &Status, url: &str, node: Option<&str>) -> String {
+/// One line for a failed call. NotFound, InvalidArgument, FailedPrecondition (e.g. uncordoning
+/// a node whose diagnostics have not passed), DeadlineExceeded and the like carry the server's
+/// own words, which already name the fix; `node` fills in when a server sends no message; `timeout` is what the call waited.
+pub fn describe_status(
+    status: &Status,
+    url: &str,
+    node: Option<&str>,
+    timeout: Duration,
+) -> String {
     let message = status.message().trim();
     match status.code() {
         Code::NotFound if message.is_empty() => match node {
             Some(n) => format!("node {n:?} not found (clusterctl nodes lists known nodes)"),
             None => "not found".to_string(),
         },
+        // DeadlineExceeded with a message is the coordinator's own (an agent that did not
+        // report diagnostics in time); tonic reports its own timeouts as Cancelled.
         Code::NotFound
         | Code::InvalidArgument
         | Code::FailedPrecondition
+        | Code::DeadlineExceeded
         | Code::AlreadyExists
         | Code::OutOfRange
             if !message.is_empty() =>
         {
             message.to_string()
         }
-        Code::DeadlineExceeded => unreachable(
-            url,
-            &format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
-        ),
-        Code::Cancelled if message.to_lowercase().contains("timeout") => unreachable(
-            url,
-            &format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
-        ),
+        Code::DeadlineExceeded => {
+            unreachable(url, &format!("no answer within {}s", timeout.as_secs()))
+        }
+        Code::Cancelled if message.to_lowercase().contains("timeout") => {
+            unreachable(url, &format!("no answer within {}s", timeout.as_secs()))
+        }
         Code::Unavailable => {
             let why = match std::error::Error::source(status) {
                 Some(source) => cause(source),
@@ -198,5 +241,43 @@ pub fn describe_status(status: &Status, url: &str, node: Option<&str>) -> String
             };
             format!("coordinator at {url} failed the request ({code:?}): {message}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diagnose_waits_longer_than_the_diagnostic() {
+        assert_eq!(diagnose_wait(None), Duration::from_secs(130));
+        assert_eq!(
+            diagnose_wait(Some(Duration::from_secs(30))),
+            Duration::from_secs(40)
+        );
+        assert_eq!(diagnose_wait(Some(Duration::MAX)), Duration::MAX);
+    }
+
+    #[test]
+    fn failed_preconditions_keep_the_servers_words() {
+        let status = Status::failed_precondition(
+            "node gpu-003 was cordoned automatically; run `clusterctl diagnose gpu-003` or use --force",
+        );
+        assert_eq!(
+            describe_status(&status, "http://h:1", Some("gpu-003"), REQUEST_TIMEOUT),
+            "node gpu-003 was cordoned automatically; run `clusterctl diagnose gpu-003` or use --force"
+        );
+        let late = Status::cancelled("Timeout expired");
+        assert!(
+            describe_status(&late, "http://h:1", None, Duration::from_secs(40))
+                .contains("(no answer within 40s)")
+        );
+        let agent_late = Status::deadline_exceeded(
+            "node \"n1\" did not report diagnostics within 30s; see the agent's log",
+        );
+        assert_eq!(
+            describe_status(&agent_late, "http://h:1", Some("n1"), REQUEST_TIMEOUT),
+            "node \"n1\" did not report diagnostics within 30s; see the agent's log"
+        );
     }
 }

@@ -1,25 +1,46 @@
 //! One function per subcommand: call the coordinator, map the answer to the model, render it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cli::{Cli, Command, Output};
 use crate::client::Coordinator;
-use crate::model::{NodeDetail, NodeList, NodeSummary, Status};
+use crate::model::{DiagnoseResult, NodeDetail, NodeList, NodeSummary, Status};
 use crate::render;
 
-/// Runs the parsed command line and returns what goes to stdout.
-pub async fn run(cli: Cli) -> Result<String> {
+/// What a command that got an answer prints: stdout, and the error line when the answer
+/// itself is a failure (failed diagnostics), which makes the exit code 1.
+#[derive(Debug)]
+pub struct Outcome {
+    pub stdout: String,
+    pub failure: Option<String>,
+}
+
+impl From<String> for Outcome {
+    fn from(stdout: String) -> Self {
+        Self {
+            stdout,
+            failure: None,
+        }
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<Outcome> {
     let mut coordinator = Coordinator::connect(&cli.coordinator).await?;
+    let c = &mut coordinator;
     let out = cli.output;
     match cli.command {
-        Command::Status => status(&mut coordinator, out).await,
-        Command::Nodes => nodes(&mut coordinator, out).await,
-        Command::Node { name } => node(&mut coordinator, out, &name).await,
-        Command::Cordon { name, reason } => cordon(&mut coordinator, out, &name, &reason).await,
-        Command::Uncordon { name } => uncordon(&mut coordinator, out, &name).await,
+        Command::Status => status(c, out).await.map(Outcome::from),
+        Command::Nodes => nodes(c, out).await.map(Outcome::from),
+        Command::Node { name } => node(c, out, &name).await.map(Outcome::from),
+        Command::Cordon { name, reason } => cordon(c, out, &name, &reason).await.map(Outcome::from),
+        Command::Uncordon { name, force } => {
+            uncordon(c, out, &name, force).await.map(Outcome::from)
+        }
+        Command::Diagnose { name, timeout } => diagnose(c, out, &name, timeout).await,
     }
 }
 
@@ -50,9 +71,30 @@ async fn cordon(c: &mut Coordinator, out: Output, name: &str, reason: &str) -> R
     })
 }
 
-async fn uncordon(c: &mut Coordinator, out: Output, name: &str) -> Result<String> {
-    let node = NodeSummary::from(c.uncordon(name).await?);
-    emit(out, &node, |n| format!("node {} uncordoned\n", n.name))
+async fn uncordon(c: &mut Coordinator, out: Output, name: &str, force: bool) -> Result<String> {
+    let node = NodeSummary::from(c.uncordon(name, force).await?);
+    let forced = if force { " (forced)" } else { "" };
+    emit(out, &node, |n| {
+        format!("node {} uncordoned{forced}\n", n.name)
+    })
+}
+
+/// Prints the result whether it passed or not; a failed diagnostic also fails the command.
+async fn diagnose(
+    c: &mut Coordinator,
+    out: Output,
+    name: &str,
+    timeout: Option<Duration>,
+) -> Result<Outcome> {
+    let result = DiagnoseResult::from_proto(c.diagnose(name, timeout).await?, name);
+    let stdout = emit(out, &result, render::diagnose)?;
+    let failure = (!result.diagnostics.passed).then(|| {
+        format!(
+            "diagnostics failed on {}: {}",
+            result.node, result.diagnostics.summary
+        )
+    });
+    Ok(Outcome { stdout, failure })
 }
 
 /// The model as one pretty JSON document, or the text view of it.

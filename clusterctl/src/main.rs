@@ -5,7 +5,7 @@
 //! - `client`: connects to the coordinator and turns gRPC failures into one-line errors.
 //! - `commands`: one function per subcommand; calls the coordinator and picks the output.
 //! - `model`: the stable JSON model, mapped from the vigil.v1 prost types.
-//! - `render`: text views of the model (status screen, node tables, node detail).
+//! - `render`: text views of the model (status screen, node tables, node detail, diagnostics).
 //! - `table`: aligned tables and human units (ages, durations, times, GiB).
 
 mod cli;
@@ -28,21 +28,26 @@ fn main() -> ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(commands::run(cli)));
     match result {
-        Ok(text) => write_stdout(&text),
+        Ok(outcome) => match (write_stdout(&outcome.stdout), outcome.failure) {
+            (Ok(()), Some(failure)) => fail(&anyhow::anyhow!(failure)),
+            (Ok(()), None) => ExitCode::SUCCESS,
+            (Err(code), _) => code,
+        },
         Err(err) => fail(&err),
     }
 }
 
-fn write_stdout(text: &str) -> ExitCode {
+/// Writes stdout; `Err` carries the exit code of a failed write.
+fn write_stdout(text: &str) -> Result<(), ExitCode> {
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
     {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Ok(()),
         // `clusterctl nodes | head` closes the pipe early; that is not a failure.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(e) => fail(&anyhow::Error::from(e).context("writing to stdout")),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(fail(&anyhow::Error::from(e).context("writing to stdout"))),
     }
 }
 

@@ -123,6 +123,15 @@ pub fn format_ago(then_ms: u64, now_ms: u64) -> String {
     format!("{} ago", format_age(now_ms.saturating_sub(then_ms)))
 }
 
+/// How long something took: `0.4s` and `12.3s` below a minute, then as `format_duration`.
+pub fn format_elapsed(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{}.{}s", ms / 1_000, (ms % 1_000) / 100)
+    } else {
+        format_duration(ms)
+    }
+}
+
 /// A unix-millisecond timestamp as UTC, e.g. `2025-06-01 10:04:05Z`; 0 (never set) is `-`.
 pub fn format_utc(unix_ms: u64) -> String {
     if unix_ms == 0 {
@@ -194,6 +203,13 @@ mod tests {
         assert_eq!(format_duration(192_000), "3m12s");
         assert_eq!(format_duration(2 * 3_600_000 + 5 * 60_000), "2h05m");
         assert_eq!(format_duration(3 * 86_400_000 + 4 * 3_600_000), "3d04h");
+    }
+
+    #[test]
+    fn elapsed_times_keep_a_decimal_below_a_minute() {
+        assert_eq!(format_elapsed(400), "0.4s");
+        assert_eq!(format_elapsed(12_345), "12.3s");
+        assert_eq!(format_elapsed(125_000), "2m05s");
     }
 
     #[test]

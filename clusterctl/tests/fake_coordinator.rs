@@ -27,6 +27,53 @@ fn sim_node() -> v1::NodeSummary {
         agent_version: "0.1.0".into(),
         gpu_backend: v1::GpuBackend::Simulated as i32,
         availability_since_unix_ms: 1_700_000_000_000,
+        condition: v1::Condition::Healthy as i32,
+        condition_reasons: vec![],
+    }
+}
+
+/// Cordoned automatically: uncordoning it needs passed diagnostics or `--force`.
+fn auto_node() -> v1::NodeSummary {
+    v1::NodeSummary {
+        name: "gpu-auto".into(),
+        state: "Cordoned".into(),
+        cordon: Some(v1::Cordon {
+            reason: "gpu 2: Xid 79 (fell off the bus)".into(),
+            source: v1::CordonSource::Auto as i32,
+            since_unix_ms: 1_700_000_000_000,
+        }),
+        condition: v1::Condition::Unhealthy as i32,
+        condition_reasons: vec!["gpu 2: Xid 79 (fell off the bus)".into()],
+        gpu_backend: v1::GpuBackend::Nvml as i32,
+        ..sim_node()
+    }
+}
+
+fn hot_node() -> v1::NodeSummary {
+    v1::NodeSummary {
+        name: "gpu-hot".into(),
+        state: "Degraded".into(),
+        scheduling: v1::Scheduling::Schedulable as i32,
+        cordon: None,
+        condition: v1::Condition::Degraded as i32,
+        condition_reasons: vec!["gpu 1: thermal throttling".into()],
+        ..sim_node()
+    }
+}
+
+fn diagnostics(node: &str, passed: bool, timeout_ms: u64) -> v1::DiagnosticsRecord {
+    v1::DiagnosticsRecord {
+        node: node.into(),
+        passed,
+        summary: if passed {
+            format!("all checks passed (timeout_ms={timeout_ms})")
+        } else {
+            "gpu 2: not found by NVML".into()
+        },
+        output: "checked 8 GPUs\n".into(),
+        duration_ms: 1_500,
+        command: "builtin NVML self-check".into(),
+        finished_at_unix_ms: 1_700_000_100_000,
     }
 }
 
@@ -55,8 +102,9 @@ impl v1::control_service_server::ControlService for Fake {
             nodes_total: 1,
             gpus_healthy: 7,
             gpus_total: 8,
-            cordoned: vec![sim_node()],
+            cordoned: vec![sim_node(), auto_node()],
             nodes_simulated: 1,
+            degraded: vec![hot_node()],
         }))
     }
 
@@ -65,7 +113,7 @@ impl v1::control_service_server::ControlService for Fake {
         _: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
         Ok(Response::new(v1::ListNodesResponse {
-            nodes: vec![sim_node()],
+            nodes: vec![sim_node(), hot_node()],
         }))
     }
 
@@ -84,11 +132,29 @@ impl v1::control_service_server::ControlService for Fake {
                 last_samples: vec![v1::GpuSample {
                     index: 0,
                     power_w: Some(300.0),
+                    remapped_rows_pending: Some(true),
+                    nvlinks: vec![v1::NvLinkStatus {
+                        link: 0,
+                        active: true,
+                        ..Default::default()
+                    }],
                     ..Default::default()
                 }],
                 workers: vec![],
                 first_registered_unix_ms: 1,
                 last_registered_unix_ms: 2,
+                gpu_health: vec![v1::GpuHealth {
+                    index: 0,
+                    condition: v1::Condition::Healthy as i32,
+                    reasons: vec![],
+                }],
+                events: vec![v1::NodeEvent {
+                    at_unix_ms: 3,
+                    kind: "registered".into(),
+                    message: "agent 0.1.0 registered".into(),
+                    gpu_index: None,
+                }],
+                last_diagnostics: Some(diagnostics("gpu-003", true, 0)),
             })),
             "hangs" => {
                 tokio::time::sleep(Duration::from_secs(60)).await;
@@ -117,14 +183,42 @@ impl v1::control_service_server::ControlService for Fake {
         &self,
         req: Request<v1::UncordonRequest>,
     ) -> Result<Response<v1::NodeSummary>, Status> {
-        let name = req.into_inner().name;
-        if name != "gpu-003" {
-            return Err(Status::invalid_argument("node name must not be empty"));
-        }
-        let mut node = sim_node();
+        let req = req.into_inner();
+        let mut node = match req.name.as_str() {
+            "gpu-003" => sim_node(),
+            "gpu-auto" if req.force => auto_node(),
+            "gpu-auto" => {
+                return Err(Status::failed_precondition(
+                    "node gpu-auto was cordoned automatically and no diagnostics passed since; \
+                     run `clusterctl diagnose gpu-auto` or use --force",
+                ));
+            }
+            _ => return Err(Status::invalid_argument("node name must not be empty")),
+        };
         node.cordon = None;
         node.scheduling = v1::Scheduling::Schedulable as i32;
         Ok(Response::new(node))
+    }
+
+    async fn diagnose(
+        &self,
+        req: Request<v1::DiagnoseRequest>,
+    ) -> Result<Response<v1::DiagnosticsRecord>, Status> {
+        let req = req.into_inner();
+        match req.name.as_str() {
+            "gpu-003" => Ok(Response::new(diagnostics("gpu-003", true, req.timeout_ms))),
+            "gpu-auto" => Ok(Response::new(diagnostics(
+                "gpu-auto",
+                false,
+                req.timeout_ms,
+            ))),
+            // Answers after clusterctl's usual 5 s request timeout.
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                Ok(Response::new(diagnostics("slow", true, req.timeout_ms)))
+            }
+            other => Err(not_found(other)),
+        }
     }
 }
 
@@ -176,11 +270,20 @@ fn json_output_has_the_documented_shapes() {
         json!({"Ready": 0, "Degraded": 0, "Cordoned": 1, "Unreachable": 0, "Lost": 0})
     );
     assert_eq!(status["cordoned"][0]["cordon"]["source"], json!("operator"));
+    assert_eq!(status["cordoned"][1]["cordon"]["source"], json!("auto"));
+    assert_eq!(status["degraded"][0]["name"], json!("gpu-hot"));
+    assert_eq!(status["degraded"][0]["condition"], json!("Degraded"));
 
     let nodes = stdout_json(&clusterctl(&url, &["nodes", "-o", "json"]));
     assert_eq!(nodes["nodes"][0]["gpu_backend"], json!("simulated"));
     assert_eq!(nodes["nodes"][0]["simulated"], json!(true));
     assert_eq!(nodes["nodes"][0]["last_heartbeat_age_ms"], json!(400));
+    assert_eq!(nodes["nodes"][0]["condition"], json!("Healthy"));
+    assert_eq!(nodes["nodes"][0]["condition_reasons"], json!([]));
+    assert_eq!(
+        nodes["nodes"][1]["condition_reasons"],
+        json!(["gpu 1: thermal throttling"])
+    );
 
     let node = stdout_json(&clusterctl(&url, &["-o", "json", "node", "gpu-003"]));
     assert_eq!(node["node"]["name"], json!("gpu-003"));
@@ -188,6 +291,32 @@ fn json_output_has_the_documented_shapes() {
     assert_eq!(node["samples"][0]["power_w"], json!(300.0));
     assert_eq!(node["samples"][0]["temperature_c"], json!(null));
     assert_eq!(node["workers"], json!([]));
+    assert_eq!(node["samples"][0]["remapped_rows_pending"], json!(true));
+    assert_eq!(node["samples"][0]["remapped_rows_failure"], json!(null));
+    assert_eq!(node["samples"][0]["observed_at_unix_ms"], json!(null));
+    assert_eq!(
+        node["samples"][0]["nvlinks"],
+        json!([{"link": 0, "active": true, "crc_errors": null, "replay_errors": null, "recovery_errors": null}])
+    );
+    assert_eq!(
+        node["gpu_health"],
+        json!([{"index": 0, "condition": "Healthy", "reasons": []}])
+    );
+    assert_eq!(
+        node["events"],
+        json!([{"at_unix_ms": 3, "kind": "registered", "message": "agent 0.1.0 registered", "gpu_index": null}])
+    );
+    assert_eq!(
+        node["last_diagnostics"],
+        json!({
+            "passed": true,
+            "summary": "all checks passed (timeout_ms=0)",
+            "output": "checked 8 GPUs\n",
+            "duration_ms": 1_500,
+            "command": "builtin NVML self-check",
+            "finished_at_unix_ms": 1_700_000_100_000_u64,
+        })
+    );
 
     let cordoned = stdout_json(&clusterctl(
         &url,
@@ -205,12 +334,29 @@ fn text_output_is_for_people() {
     let out = clusterctl(&url, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("1 node reports SIMULATED GPUs"), "{text}");
-    assert!(text.contains("gpu-003  operator"), "{text}");
+    assert!(text.contains("gpu-003   operator"), "{text}");
+    assert!(text.contains("gpu-auto  auto"), "{text}");
+    assert!(
+        text.contains("degraded     gpu-hot  Degraded  \"gpu 1: thermal throttling\"\n"),
+        "{text}"
+    );
 
     let out = clusterctl(&url, &["nodes"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("NAME "), "{text}");
     assert!(text.contains("7/8 sim"), "{text}");
+    assert!(text.contains("gpu 1: thermal throttling"), "{text}");
+
+    let out = clusterctl(&url, &["node", "gpu-003"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("GPU HEALTH (SIMULATED)\n"), "{text}");
+    assert!(text.contains("n/a pending"), "{text}");
+    assert!(text.contains("1/1 up"), "{text}");
+    assert!(text.contains("result          PASSED in 1.5s\n"), "{text}");
+    assert!(
+        text.contains("registered   -     agent 0.1.0 registered\n"),
+        "{text}"
+    );
 
     let out = clusterctl(&url, &["cordon", "gpu-003", "--reason", "bad fan"]);
     assert_eq!(
@@ -254,4 +400,70 @@ fn a_hung_coordinator_times_out_within_seconds() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn diagnose_exit_code_follows_the_result() {
+    let (_rt, url) = start_fake();
+    let out = clusterctl(&url, &["diagnose", "gpu-003", "--timeout", "1m30s"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "diagnostics on gpu-003: PASSED (1.5s) — all checks passed (timeout_ms=90000)\n    checked 8 GPUs\n"
+    );
+    assert!(out.stderr.is_empty());
+
+    let out = clusterctl(&url, &["diagnose", "gpu-auto"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("diagnostics on gpu-auto: FAILED (1.5s) — gpu 2: not found by NVML\n"),
+    );
+    assert_eq!(
+        stderr(&out),
+        "error: diagnostics failed on gpu-auto: gpu 2: not found by NVML\n"
+    );
+
+    let out = clusterctl(&url, &["-o", "json", "diagnose", "gpu-auto"]);
+    assert_eq!(out.status.code(), Some(1));
+    let record: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(record["node"], json!("gpu-auto"));
+    assert_eq!(record["passed"], json!(false));
+    assert_eq!(record["command"], json!("builtin NVML self-check"));
+
+    let out = clusterctl(&url, &["-o", "json", "diagnose", "gpu-003"]);
+    assert_eq!(
+        stdout_json(&out)["summary"],
+        json!("all checks passed (timeout_ms=0)")
+    );
+}
+
+#[test]
+fn diagnose_waits_longer_than_the_usual_request_timeout() {
+    let (_rt, url) = start_fake();
+    let out = clusterctl(&url, &["diagnose", "slow", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn uncordon_passes_force_and_keeps_the_servers_refusal() {
+    let (_rt, url) = start_fake();
+    let out = clusterctl(&url, &["uncordon", "gpu-auto"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        stderr(&out),
+        "error: node gpu-auto was cordoned automatically and no diagnostics passed since; \
+         run `clusterctl diagnose gpu-auto` or use --force\n"
+    );
+    let out = clusterctl(&url, &["uncordon", "gpu-auto", "--force"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "node gpu-auto uncordoned (forced)\n"
+    );
+    let node = stdout_json(&clusterctl(
+        &url,
+        &["-o", "json", "uncordon", "--force", "gpu-auto"],
+    ));
+    assert_eq!(node["scheduling"], json!("Schedulable"));
 }

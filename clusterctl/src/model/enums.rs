@@ -27,6 +27,15 @@ pub enum CordonSource {
     Unknown,
 }
 
+/// Health as the coordinator's policy judges it (of a node, or of one GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Condition {
+    Healthy,
+    Degraded,
+    Unhealthy,
+    Unknown,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuBackend {
@@ -52,6 +61,17 @@ impl Scheduling {
             Self::Schedulable => "Schedulable",
             Self::Cordoned => "Cordoned",
             Self::Draining => "Draining",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+impl Condition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "Healthy",
+            Self::Degraded => "Degraded",
+            Self::Unhealthy => "Unhealthy",
             Self::Unknown => "Unknown",
         }
     }
@@ -94,6 +114,17 @@ impl From<i32> for CordonSource {
         match v1::CordonSource::try_from(raw) {
             Ok(v1::CordonSource::Auto) => Self::Auto,
             Ok(v1::CordonSource::Operator) => Self::Operator,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl From<i32> for Condition {
+    fn from(raw: i32) -> Self {
+        match v1::Condition::try_from(raw) {
+            Ok(v1::Condition::Healthy) => Self::Healthy,
+            Ok(v1::Condition::Degraded) => Self::Degraded,
+            Ok(v1::Condition::Unhealthy) => Self::Unhealthy,
             _ => Self::Unknown,
         }
     }

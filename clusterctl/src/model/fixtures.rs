@@ -20,6 +20,8 @@ pub fn cordoned_sim_node() -> v1::NodeSummary {
         agent_version: "0.1.0".into(),
         gpu_backend: v1::GpuBackend::Simulated as i32,
         availability_since_unix_ms: 900_000,
+        condition: v1::Condition::Degraded as i32,
+        condition_reasons: vec!["gpu 7: 3 uncorrectable ECC errors".into()],
     }
 }
 
@@ -37,5 +39,7 @@ pub fn ready_nvml_node(name: &str) -> v1::NodeSummary {
         agent_version: "0.1.0".into(),
         gpu_backend: v1::GpuBackend::Nvml as i32,
         availability_since_unix_ms: 0,
+        condition: v1::Condition::Healthy as i32,
+        condition_reasons: vec![],
     }
 }

@@ -2,14 +2,21 @@
 //!
 //! Field names here are a contract (tests and docs parse them), so they are spelled out
 //! rather than derived from the protocol: a renamed proto field must not change the JSON.
-//! One file per area: `enums` (proto enums as words), `node`, `status`.
+//! One file per area: `enums` (proto enums as words), `node`, `sample` (one GPU's health
+//! sample), `health` (conditions, events, diagnostics), `status`.
 
 mod enums;
 #[cfg(test)]
 pub mod fixtures;
+mod health;
 mod node;
+mod sample;
 mod status;
 
+#[cfg(test)]
+pub use enums::Condition;
 pub use enums::GpuBackend;
-pub use node::{GpuSample, NodeDetail, NodeList, NodeSummary};
+pub use health::DiagnoseResult;
+pub use node::{NodeDetail, NodeList, NodeSummary};
+pub use sample::GpuSample;
 pub use status::Status;

@@ -1,9 +1,11 @@
-//! Nodes: the summary every listing shows, and one node's detail (GPUs, samples, workers).
+//! Nodes: the summary every listing shows, and one node's detail (GPUs, samples, health, workers).
 
 use serde::Serialize;
 use vigil_proto::v1;
 
-use super::enums::{Availability, CordonSource, GpuBackend, Scheduling};
+use super::enums::{Availability, Condition, CordonSource, GpuBackend, Scheduling};
+use super::health::{Diagnostics, GpuHealth, NodeEvent};
+use super::sample::GpuSample;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Cordon {
@@ -19,6 +21,10 @@ pub struct NodeSummary {
     pub availability: Availability,
     pub scheduling: Scheduling,
     pub cordon: Option<Cordon>,
+    /// Worst condition of the node's GPUs (and of the node itself).
+    pub condition: Condition,
+    /// One line per rule that made the condition what it is.
+    pub condition_reasons: Vec<String>,
     pub gpus_healthy: u32,
     pub gpus_total: u32,
     pub last_heartbeat_age_ms: Option<u64>,
@@ -43,6 +49,8 @@ impl From<v1::NodeSummary> for NodeSummary {
                 source: c.source.into(),
                 since_unix_ms: c.since_unix_ms,
             }),
+            condition: n.condition.into(),
+            condition_reasons: n.condition_reasons,
             gpus_healthy: n.gpus_healthy,
             gpus_total: n.gpus_total,
             last_heartbeat_age_ms: n.last_heartbeat_age_ms,
@@ -78,18 +86,6 @@ pub struct Gpu {
     pub serial: String,
 }
 
-/// The last health sample of one GPU; `None` (JSON null) means "not supported", never zero.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GpuSample {
-    pub index: u32,
-    pub temperature_c: Option<f32>,
-    pub power_w: Option<f32>,
-    pub utilization_pct: Option<u32>,
-    pub memory_used_bytes: Option<u64>,
-    pub ecc_uncorrected_volatile: Option<u64>,
-    pub ecc_corrected_volatile: Option<u64>,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Worker {
     pub job_id: String,
@@ -106,12 +102,21 @@ pub struct NodeDetail {
     pub workers: Vec<Worker>,
     pub first_registered_unix_ms: u64,
     pub last_registered_unix_ms: u64,
+    pub gpu_health: Vec<GpuHealth>,
+    /// Newest last; the coordinator keeps the last 100.
+    pub events: Vec<NodeEvent>,
+    pub last_diagnostics: Option<Diagnostics>,
 }
 
 impl NodeDetail {
     /// The sample for GPU `index`, if the node has reported one.
     pub fn sample(&self, index: u32) -> Option<&GpuSample> {
         self.samples.iter().find(|s| s.index == index)
+    }
+
+    /// The coordinator's judgement of GPU `index`, if it sent one.
+    pub fn health(&self, index: u32) -> Option<&GpuHealth> {
+        self.gpu_health.iter().find(|h| h.index == index)
     }
 
     /// Maps a `GetNode` answer; `name` fills the summary if a server ever omits it.
@@ -134,19 +139,7 @@ impl NodeDetail {
                     serial: g.serial,
                 })
                 .collect(),
-            samples: d
-                .last_samples
-                .into_iter()
-                .map(|s| GpuSample {
-                    index: s.index,
-                    temperature_c: s.temperature_c,
-                    power_w: s.power_w,
-                    utilization_pct: s.utilization_pct,
-                    memory_used_bytes: s.memory_used_bytes,
-                    ecc_uncorrected_volatile: s.ecc_uncorrected_volatile,
-                    ecc_corrected_volatile: s.ecc_corrected_volatile,
-                })
-                .collect(),
+            samples: d.last_samples.into_iter().map(GpuSample::from).collect(),
             workers: d
                 .workers
                 .into_iter()
@@ -159,6 +152,9 @@ impl NodeDetail {
                 .collect(),
             first_registered_unix_ms: d.first_registered_unix_ms,
             last_registered_unix_ms: d.last_registered_unix_ms,
+            gpu_health: d.gpu_health.into_iter().map(GpuHealth::from).collect(),
+            events: d.events.into_iter().map(NodeEvent::from).collect(),
+            last_diagnostics: d.last_diagnostics.map(Diagnostics::from),
         }
     }
 }
@@ -181,6 +177,8 @@ mod tests {
                 "availability": "Ready",
                 "scheduling": "Cordoned",
                 "cordon": {"reason": "bad fan", "source": "operator", "since_unix_ms": 1_000_000},
+                "condition": "Degraded",
+                "condition_reasons": ["gpu 7: 3 uncorrectable ECC errors"],
                 "gpus_healthy": 7,
                 "gpus_total": 8,
                 "last_heartbeat_age_ms": 400,
@@ -201,6 +199,8 @@ mod tests {
         assert_eq!(value["last_heartbeat_age_ms"], json!(null));
         assert_eq!(value["gpu_backend"], json!("nvml"));
         assert_eq!(value["simulated"], json!(false));
+        assert_eq!(value["condition"], json!("Healthy"));
+        assert_eq!(value["condition_reasons"], json!([]));
     }
 
     #[test]
@@ -209,6 +209,7 @@ mod tests {
         raw.availability = 42;
         raw.scheduling = 0;
         raw.gpu_backend = -1;
+        raw.condition = 7;
         if let Some(c) = raw.cordon.as_mut() {
             c.source = 9;
         }
@@ -216,6 +217,7 @@ mod tests {
         assert_eq!(value["availability"], json!("Unknown"));
         assert_eq!(value["scheduling"], json!("Unknown"));
         assert_eq!(value["gpu_backend"], json!("unknown"));
+        assert_eq!(value["condition"], json!("Unknown"));
         assert_eq!(value["cordon"]["source"], json!("unknown"));
     }
 
@@ -246,6 +248,18 @@ mod tests {
                 }],
                 first_registered_unix_ms: 5,
                 last_registered_unix_ms: 6,
+                gpu_health: vec![v1::GpuHealth {
+                    index: 0,
+                    condition: v1::Condition::Degraded as i32,
+                    reasons: vec!["temperature 91C above 85C".into()],
+                }],
+                events: vec![v1::NodeEvent {
+                    at_unix_ms: 7,
+                    kind: "xid".into(),
+                    message: "Xid 79: GPU fell off the bus".into(),
+                    gpu_index: Some(0),
+                }],
+                last_diagnostics: None,
             },
             "n1",
         );
@@ -261,6 +275,15 @@ mod tests {
         );
         assert_eq!(value["first_registered_unix_ms"], json!(5));
         assert_eq!(value["last_registered_unix_ms"], json!(6));
+        assert_eq!(
+            value["gpu_health"],
+            json!([{"index": 0, "condition": "Degraded", "reasons": ["temperature 91C above 85C"]}])
+        );
+        assert_eq!(
+            value["events"],
+            json!([{"at_unix_ms": 7, "kind": "xid", "message": "Xid 79: GPU fell off the bus", "gpu_index": 0}])
+        );
+        assert_eq!(value["last_diagnostics"], json!(null));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The `status` screen's model: coordinator, node counts per state, GPUs, cordoned nodes.
+//! The `status` screen's model: coordinator, node counts per state, GPUs, cordoned and degraded nodes.
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -56,6 +56,8 @@ pub struct Status {
     pub gpus_total: u32,
     pub nodes_simulated: u32,
     pub cordoned: Vec<NodeSummary>,
+    /// Nodes whose condition is Degraded or Unhealthy and that are not cordoned.
+    pub degraded: Vec<NodeSummary>,
 }
 
 impl Status {
@@ -74,6 +76,7 @@ impl Status {
             gpus_total: s.gpus_total,
             nodes_simulated: s.nodes_simulated,
             cordoned: s.cordoned.into_iter().map(NodeSummary::from).collect(),
+            degraded: s.degraded.into_iter().map(NodeSummary::from).collect(),
         }
     }
 }
@@ -116,5 +119,6 @@ mod tests {
         assert_eq!(value["coordinator"]["url"], json!("http://127.0.0.1:7770"));
         assert_eq!(value["coordinator"]["version"], json!("0.1.0"));
         assert_eq!(value["cordoned"], json!([]));
+        assert_eq!(value["degraded"], json!([]));
     }
 }

@@ -3,10 +3,13 @@
 //! Every function here is pure: it takes the model and `now_ms` (the local wall clock, used
 //! for "12m ago") and returns the text, so tests pin the exact output.
 
+mod diagnose;
+mod gpu;
 mod node;
 mod nodes;
 mod status;
 
+pub use diagnose::diagnose;
 pub use node::node_detail;
 pub use nodes::nodes;
 pub use status::status;
@@ -61,4 +64,8 @@ fn product_version(version: &str) -> String {
 
 fn or_dash(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
+}
+
+fn passed_or_failed(passed: bool) -> &'static str {
+    if passed { "PASSED" } else { "FAILED" }
 }

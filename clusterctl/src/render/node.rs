@@ -1,11 +1,10 @@
-//! One node in detail: summary, cordon, registration, per-GPU table, workers.
+//! One node in detail: summary, condition, cordon, registration, GPU tables, last diagnostics,
+//! workers and events.
 
-use super::{DETAIL_LABEL_WIDTH, Labelled, or_dash};
-use crate::model::{GpuBackend, GpuSample, NodeDetail};
-use crate::table::{Table, format_age, format_gib, format_when};
-
-/// Shown for a field the GPU or driver does not support.
-const NOT_SUPPORTED: &str = "n/a";
+use super::gpu::{health_table, inventory_table};
+use super::{DETAIL_LABEL_WIDTH, Labelled, or_dash, passed_or_failed};
+use crate::model::{GpuBackend, NodeDetail};
+use crate::table::{Table, format_age, format_elapsed, format_utc, format_when};
 
 pub fn node_detail(d: &NodeDetail, now_ms: u64) -> String {
     let n = &d.node;
@@ -24,6 +23,10 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64) -> String {
         ),
     );
     out.line("scheduling", n.scheduling.as_str());
+    out.line("condition", n.condition.as_str());
+    for reason in &n.condition_reasons {
+        out.line("", format!("- {reason}"));
+    }
     match &n.cordon {
         Some(c) => {
             out.line("cordon reason", &c.reason);
@@ -57,65 +60,61 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64) -> String {
             format_when(d.last_registered_unix_ms, now_ms)
         ),
     );
-    out.push_str("\n");
-    out.push_str(&gpu_table(d));
-    out.push_str("\n");
-    out.push_str(&worker_table(d));
+    for section in [
+        inventory_table(d),
+        health_table(d),
+        diagnostics_block(d, now_ms),
+        worker_table(d),
+        events_table(d),
+    ] {
+        if !section.is_empty() {
+            out.push_str("\n");
+            out.push_str(&section);
+        }
+    }
     out.finish()
 }
 
-fn gpu_table(d: &NodeDetail) -> String {
-    if d.gpus.is_empty() {
-        return "GPUS: none reported\n".to_string();
-    }
-    let title = if d.node.simulated {
-        "GPUS (SIMULATED)\n"
-    } else {
-        "GPUS\n"
+/// The last diagnostic run: result, when, what ran, what it found (the output: `-o json`).
+fn diagnostics_block(d: &NodeDetail, now_ms: u64) -> String {
+    let Some(diag) = &d.last_diagnostics else {
+        return format!(
+            "LAST DIAGNOSTICS: none (clusterctl diagnose {} runs them)\n",
+            d.node.name
+        );
     };
-    let mut t = Table::with_headers(&[
-        "INDEX",
-        "UUID",
-        "NAME",
-        "PCI-BUS",
-        "MEMORY",
-        "TEMP",
-        "POWER",
-        "UTIL",
-        "ECC-UNCORR",
-    ]);
-    for g in &d.gpus {
-        let [temp, power, util, ecc] = sample_cells(d.sample(g.index));
+    let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
+    out.push_str("LAST DIAGNOSTICS\n");
+    out.line(
+        "result",
+        format!(
+            "{} in {}",
+            passed_or_failed(diag.passed),
+            format_elapsed(diag.duration_ms)
+        ),
+    );
+    out.line("finished", format_when(diag.finished_at_unix_ms, now_ms));
+    out.line("command", or_dash(&diag.command));
+    out.line("summary", or_dash(&diag.summary));
+    out.finish()
+}
+
+/// The node's history, newest last, as the coordinator keeps it.
+fn events_table(d: &NodeDetail) -> String {
+    if d.events.is_empty() {
+        return "EVENTS: none\n".to_string();
+    }
+    let mut t = Table::with_headers(&["TIME", "KIND", "GPU", "MESSAGE"]);
+    for e in &d.events {
         t.push([
-            g.index.to_string(),
-            or_dash(&g.uuid).to_string(),
-            or_dash(&g.name).to_string(),
-            or_dash(&g.pci_bus_id).to_string(),
-            format_gib(g.memory_total_bytes),
-            temp,
-            power,
-            util,
-            ecc,
+            format_utc(e.at_unix_ms),
+            or_dash(&e.kind).to_string(),
+            e.gpu_index
+                .map_or_else(|| "-".to_string(), |i| i.to_string()),
+            e.message.clone(),
         ]);
     }
-    format!("{title}{}", t.render())
-}
-
-/// TEMP, POWER, UTIL and ECC-UNCORR: `n/a` where unsupported, `-` where no sample arrived yet.
-fn sample_cells(sample: Option<&GpuSample>) -> [String; 4] {
-    match sample {
-        None => std::array::from_fn(|_| "-".to_string()),
-        Some(s) => [
-            opt(s.temperature_c, |v| format!("{v:.0}C")),
-            opt(s.power_w, |v| format!("{v:.0}W")),
-            opt(s.utilization_pct, |v| format!("{v}%")),
-            opt(s.ecc_uncorrected_volatile, |v| v.to_string()),
-        ],
-    }
-}
-
-fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
-    value.map_or_else(|| NOT_SUPPORTED.to_string(), show)
+    format!("EVENTS (newest last)\n{}", t.render())
 }
 
 fn worker_table(d: &NodeDetail) -> String {
@@ -142,9 +141,8 @@ mod tests {
 
     const NOW: u64 = 1_000_000 + 12 * 60_000;
 
-    #[test]
-    fn node_detail_flags_simulation_and_unsupported_fields() {
-        let detail = NodeDetail::from_proto(
+    fn sim_detail() -> NodeDetail {
+        NodeDetail::from_proto(
             v1::NodeDetail {
                 summary: Some(cordoned_sim_node()),
                 gpus: vec![
@@ -167,6 +165,10 @@ mod tests {
                     power_w: None,
                     utilization_pct: Some(97),
                     ecc_uncorrected_volatile: Some(0),
+                    ecc_uncorrected_aggregate: Some(0),
+                    pcie_link_gen_current: Some(5),
+                    pcie_link_width_current: Some(8),
+                    pcie_link_width_max: Some(16),
                     ..Default::default()
                 }],
                 workers: vec![v1::WorkerInfo {
@@ -177,24 +179,91 @@ mod tests {
                 }],
                 first_registered_unix_ms: 0,
                 last_registered_unix_ms: 1_000_000,
+                gpu_health: vec![v1::GpuHealth {
+                    index: 0,
+                    condition: v1::Condition::Degraded as i32,
+                    reasons: vec!["PCIe link x8, expected x16".into()],
+                }],
+                events: vec![
+                    v1::NodeEvent {
+                        at_unix_ms: 1_000_000,
+                        kind: "cordon".into(),
+                        message: "cordoned by operator: bad fan".into(),
+                        gpu_index: None,
+                    },
+                    v1::NodeEvent {
+                        at_unix_ms: 1_060_000,
+                        kind: "xid".into(),
+                        message: "Xid 48: double-bit ECC error".into(),
+                        gpu_index: Some(1),
+                    },
+                ],
+                last_diagnostics: Some(v1::DiagnosticsRecord {
+                    node: "gpu-003".into(),
+                    passed: false,
+                    summary: "gpu 1: memory test failed".into(),
+                    output: "lots of output".into(),
+                    duration_ms: 12_345,
+                    command: "builtin NVML self-check".into(),
+                    finished_at_unix_ms: 1_000_000,
+                }),
             },
             "gpu-003",
-        );
-        let text = node_detail(&detail, NOW);
+        )
+    }
+
+    #[test]
+    fn node_detail_flags_simulation_and_unsupported_fields() {
+        let text = node_detail(&sim_detail(), NOW);
         assert!(text.starts_with("SIMULATED: "), "{text}");
         assert!(text.contains("gpu backend     SIMULATED (no real hardware)\n"));
+        assert!(text.contains(
+            "condition       Degraded\n                - gpu 7: 3 uncorrectable ECC errors\n"
+        ));
         assert!(text.contains("cordon reason   bad fan\n"));
         assert!(text.contains("cordon source   operator\n"));
         assert!(text.contains("cordoned since  1970-01-01 00:16:40Z (12m ago)\n"));
         assert!(text.contains("registered      first -, last 1970-01-01 00:16:40Z (12m ago)\n"));
-        assert!(text.contains("GPUS (SIMULATED)\n"));
-        assert!(text.contains(
-            "0       GPU-sim-0   Simulated H100   0000:01:00.0   80.0 GiB   45C    n/a     97%    0\n"
-        ), "{text}");
-        assert!(text.contains("1       -           -                -              0.0 GiB    -      -       -      -\n"), "{text}");
+        assert!(
+            text.contains(
+                "GPUS (SIMULATED)\n\
+                 INDEX   UUID        NAME             PCI-BUS        MEMORY\n\
+                 0       GPU-sim-0   Simulated H100   0000:01:00.0   80.0 GiB\n\
+                 1       -           -                -              0.0 GiB\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "GPU HEALTH (SIMULATED)\n\
+                 INDEX   UUID        TEMP   POWER   UTIL   ECC   REMAP   THROTTLE   PCIE                NVLINK   CONDITION\n\
+                 0       GPU-sim-0   45C    n/a     97%    0/0   n/a     n/a        gen5 x8 (max x16)   n/a      Degraded: PCIe link x8, expected x16\n\
+                 1       -           -      -       -      -     -       -          -                   -        -\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "LAST DIAGNOSTICS\n\
+                 result          FAILED in 12.3s\n\
+                 finished        1970-01-01 00:16:40Z (12m ago)\n\
+                 command         builtin NVML self-check\n\
+                 summary         gpu 1: memory test failed\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "WORKERS\nJOB        ATTEMPT   NODE-RANK   PID\nopt-demo   3         0           4242\n"
         ));
+        assert!(
+            text.ends_with(
+                "EVENTS (newest last)\n\
+                 TIME                   KIND     GPU   MESSAGE\n\
+                 1970-01-01 00:16:40Z   cordon   -     cordoned by operator: bad fan\n\
+                 1970-01-01 00:17:40Z   xid      1     Xid 48: double-bit ECC error\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -208,8 +277,11 @@ mod tests {
         );
         let text = node_detail(&detail, NOW);
         assert!(!text.contains("SIMULATED"));
-        assert!(text.contains("cordon          none\n"));
+        assert!(text.contains("condition       Healthy\ncordon          none\n"));
         assert!(text.contains("GPUS: none reported\n"));
+        assert!(!text.contains("GPU HEALTH"));
+        assert!(text.contains("LAST DIAGNOSTICS: none (clusterctl diagnose n1 runs them)\n"));
         assert!(text.contains("WORKERS: none\n"));
+        assert!(text.ends_with("EVENTS: none\n"));
     }
 }

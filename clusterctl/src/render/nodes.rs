@@ -14,6 +14,14 @@ fn heartbeat_age(n: &NodeSummary) -> String {
         .map_or_else(|| "-".to_string(), format_age)
 }
 
+/// The cordon reason if the node is cordoned, else the first reason for its condition.
+fn reason(n: &NodeSummary) -> String {
+    match &n.cordon {
+        Some(c) => c.reason.clone(),
+        None => n.condition_reasons.first().cloned().unwrap_or_default(),
+    }
+}
+
 pub fn nodes(list: &[NodeSummary]) -> String {
     if list.is_empty() {
         return "no nodes registered (start vigil-agent on a GPU host)\n".to_string();
@@ -21,6 +29,7 @@ pub fn nodes(list: &[NodeSummary]) -> String {
     let mut t = Table::with_headers(&[
         "NAME",
         "STATE",
+        "CONDITION",
         "AVAILABILITY",
         "SCHEDULING",
         "GPUS",
@@ -31,14 +40,12 @@ pub fn nodes(list: &[NodeSummary]) -> String {
         t.push([
             n.name.clone(),
             n.state.clone(),
+            n.condition.as_str().to_string(),
             n.availability.as_str().to_string(),
             n.scheduling.as_str().to_string(),
             gpu_count(n),
             heartbeat_age(n),
-            n.cordon
-                .as_ref()
-                .map(|c| c.reason.clone())
-                .unwrap_or_default(),
+            reason(n),
         ]);
     }
     t.render()
@@ -51,15 +58,21 @@ mod tests {
 
     #[test]
     fn nodes_table_marks_simulated_gpus_and_missing_heartbeats() {
+        let mut degraded = NodeSummary::from(ready_nvml_node("gpu-011"));
+        degraded.state = "Degraded".into();
+        degraded.condition = crate::model::Condition::Degraded;
+        degraded.condition_reasons = vec!["gpu 2: thermal throttling".into(), "other".into()];
         let list = vec![
             NodeSummary::from(cordoned_sim_node()),
             NodeSummary::from(ready_nvml_node("gpu-010")),
+            degraded,
         ];
         assert_eq!(
             nodes(&list),
-            "NAME      STATE      AVAILABILITY   SCHEDULING    GPUS      LAST-HEARTBEAT   REASON\n\
-             gpu-003   Cordoned   Ready          Cordoned      7/8 sim   0.4s             bad fan\n\
-             gpu-010   Ready      Ready          Schedulable   8/8       -\n"
+            "NAME      STATE      CONDITION   AVAILABILITY   SCHEDULING    GPUS      LAST-HEARTBEAT   REASON\n\
+             gpu-003   Cordoned   Degraded    Ready          Cordoned      7/8 sim   0.4s             bad fan\n\
+             gpu-010   Ready      Healthy     Ready          Schedulable   8/8       -\n\
+             gpu-011   Degraded   Degraded    Ready          Schedulable   8/8       -                gpu 2: thermal throttling\n"
         );
     }
 }

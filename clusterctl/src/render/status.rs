@@ -1,7 +1,7 @@
 //! The `status` screen: what an operator reads in two seconds.
 
 use super::{Labelled, STATUS_LABEL_WIDTH, product_version};
-use crate::model::Status;
+use crate::model::{NodeSummary, Status};
 use crate::table::{Table, format_ago, format_duration};
 
 pub fn status(s: &Status, now_ms: u64) -> String {
@@ -49,33 +49,57 @@ pub fn status(s: &Status, now_ms: u64) -> String {
             ),
         );
     }
-    if s.cordoned.is_empty() {
-        out.line("cordoned", "none");
-    } else {
-        let mut rows = Table::without_headers().gap(2);
-        for n in &s.cordoned {
-            let (source, ago, reason) = match &n.cordon {
-                Some(c) => (
-                    c.source.as_str(),
-                    format_ago(c.since_unix_ms, now_ms),
-                    format!("{:?}", c.reason),
-                ),
-                None => ("unknown", "-".to_string(), String::new()),
-            };
-            rows.push([n.name.clone(), source.to_string(), ago, reason]);
-        }
-        for (i, line) in rows.lines().iter().enumerate() {
-            out.line(if i == 0 { "cordoned" } else { "" }, line);
-        }
+    let mut rows = Table::without_headers().gap(2);
+    for n in &s.cordoned {
+        let (source, ago, reason) = match &n.cordon {
+            Some(c) => (
+                c.source.as_str(),
+                format_ago(c.since_unix_ms, now_ms),
+                format!("{:?}", c.reason),
+            ),
+            None => ("unknown", "-".to_string(), String::new()),
+        };
+        rows.push([n.name.clone(), source.to_string(), ago, reason]);
     }
+    section(&mut out, "cordoned", &rows);
+    let mut rows = Table::without_headers().gap(2);
+    for n in &s.degraded {
+        rows.push([
+            n.name.clone(),
+            n.condition.as_str().to_string(),
+            first_reason(n),
+        ]);
+    }
+    section(&mut out, "degraded", &rows);
     out.finish()
+}
+
+/// The first reason for the node's condition, quoted, or nothing when the server gave none.
+fn first_reason(n: &NodeSummary) -> String {
+    let first = n.condition_reasons.first().map(|r| format!("{r:?}"));
+    match (first, n.condition_reasons.len()) {
+        (Some(r), more @ 2..) => format!("{r} (+{} more)", more - 1),
+        (Some(r), _) => r,
+        (None, _) => String::new(),
+    }
+}
+
+/// The rows under one label, aligned with each other, or `none`.
+fn section(out: &mut Labelled, label: &str, rows: &Table) {
+    let lines = rows.lines();
+    if lines.is_empty() {
+        out.line(label, "none");
+    }
+    for (i, line) in lines.iter().enumerate() {
+        out.line(if i == 0 { label } else { "" }, line);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::NodeSummary;
-    use crate::model::fixtures::cordoned_sim_node;
+    use crate::model::Condition;
+    use crate::model::fixtures::{cordoned_sim_node, ready_nvml_node};
     use vigil_proto::v1;
 
     const NOW: u64 = 1_000_000 + 12 * 60_000;
@@ -102,6 +126,7 @@ mod tests {
                 gpus_total: 24,
                 cordoned: vec![cordoned_sim_node()],
                 nodes_simulated: 3,
+                degraded: vec![],
             },
             "http://127.0.0.1:7770",
         )
@@ -115,7 +140,8 @@ mod tests {
              nodes        3 total: 2 Ready, 0 Degraded, 1 Cordoned, 0 Unreachable, 0 Lost\n\
              gpus         16/24 healthy\n\
              simulated    3 nodes report SIMULATED GPUs (no real hardware)\n\
-             cordoned     gpu-003  operator  12m ago  \"bad fan\"\n"
+             cordoned     gpu-003  operator  12m ago  \"bad fan\"\n\
+             degraded     none\n"
         );
     }
 
@@ -126,7 +152,42 @@ mod tests {
         s.cordoned.clear();
         let text = status(&s, NOW);
         assert!(!text.contains("simulated"));
-        assert!(text.ends_with("cordoned     none\n"), "{text}");
+        assert!(
+            text.ends_with("cordoned     none\ndegraded     none\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn degraded_nodes_show_their_condition_and_first_reason() {
+        let mut s = status_fixture();
+        let mut auto = cordoned_sim_node();
+        if let Some(c) = auto.cordon.as_mut() {
+            c.source = v1::CordonSource::Auto as i32;
+            c.reason = "gpu 7: Xid 79".into();
+        }
+        s.cordoned = vec![NodeSummary::from(auto)];
+        let mut hot = NodeSummary::from(ready_nvml_node("gpu-010"));
+        hot.condition = Condition::Degraded;
+        hot.condition_reasons = vec!["gpu 1: thermal throttling".into(), "gpu 2: hot".into()];
+        let mut quiet = NodeSummary::from(ready_nvml_node("n2"));
+        quiet.condition = Condition::Unhealthy;
+        s.degraded = vec![hot, quiet];
+        let text = status(&s, NOW);
+        assert!(
+            text.ends_with(
+                "cordoned     gpu-003  auto  12m ago  \"gpu 7: Xid 79\"\n\
+                 degraded     gpu-010  Degraded   \"gpu 1: thermal throttling\" (+1 more)\n\
+                 \x20            n2       Unhealthy\n"
+            ),
+            "{text}"
+        );
+        let value = serde_json::to_value(&s).expect("serializes");
+        assert_eq!(value["degraded"][0]["name"], serde_json::json!("gpu-010"));
+        assert_eq!(
+            value["degraded"][0]["condition"],
+            serde_json::json!("Degraded")
+        );
     }
 
     #[test]
