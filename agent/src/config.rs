@@ -30,8 +30,11 @@ pub struct AgentConfig {
     pub node_name: String,
     pub gpu_backend: GpuBackendKind,
     pub sim_gpus: u32,
-    /// Fault injection for the simulator; read by a later revision, kept so configs stay valid.
+    /// Fault injection for the simulator, re-read whenever it changes (see `gpu::faults`).
     pub sim_fault_file: Option<PathBuf>,
+    /// The node's diagnostic, run when the coordinator asks: program and arguments,
+    /// run without a shell. Empty (the default) runs the built-in self-check.
+    pub diagnostics_command: Vec<String>,
     pub state_dir: PathBuf,
     pub metrics_listen: SocketAddr,
     pub reconnect: ReconnectConfig,
@@ -89,6 +92,7 @@ impl Default for AgentConfig {
             gpu_backend: GpuBackendKind::Nvml,
             sim_gpus: DEFAULT_SIM_GPUS,
             sim_fault_file: None,
+            diagnostics_command: Vec::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             metrics_listen: DEFAULT_METRICS_LISTEN
                 .parse()
@@ -140,6 +144,17 @@ impl AgentConfig {
                 field: "sim_gpus",
                 problem: format!("{} is out of range", self.sim_gpus),
                 fix: "use a value from 1 to 64",
+            });
+        }
+        if self
+            .diagnostics_command
+            .first()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            return Err(ConfigError::Invalid {
+                field: "diagnostics_command",
+                problem: "the program (first element) is empty".to_owned(),
+                fix: "name a program, e.g. [\"dcgmi\", \"diag\", \"-r\", \"1\"], or leave the list empty for the built-in self-check",
             });
         }
         let r = &self.reconnect;
@@ -243,6 +258,18 @@ mod tests {
         assert_eq!(cfg.reconnect.initial_backoff, Duration::from_millis(200));
         assert_eq!(cfg.reconnect.max_backoff, Duration::from_secs(10));
         assert_eq!(cfg.node_name, hostname());
+        assert!(cfg.diagnostics_command.is_empty(), "built-in self-check");
+        Ok(())
+    }
+
+    #[test]
+    fn diagnostics_command_needs_a_program() -> Result<(), ConfigError> {
+        let mut cfg = valid();
+        cfg.diagnostics_command = vec![" ".to_owned(), "-x".to_owned()];
+        assert_eq!(invalid_field(&cfg), "diagnostics_command");
+        cfg.diagnostics_command = vec!["/usr/bin/true".to_owned()];
+        assert!(cfg.validate().is_ok());
+        assert!(AgentConfig::from_toml_str("diagnostics_command = \"dcgmi diag\"").is_err());
         Ok(())
     }
 
@@ -255,6 +282,7 @@ mod tests {
             gpu_backend = "sim"
             sim_gpus = 4
             sim_fault_file = "/tmp/faults"
+            diagnostics_command = ["dcgmi", "diag", "-r", "1"]
             state_dir = "/tmp/state"
             metrics_listen = "127.0.0.1:0"
             [reconnect]
@@ -268,6 +296,7 @@ mod tests {
         assert_eq!(cfg.gpu_backend, GpuBackendKind::Sim);
         assert_eq!(cfg.sim_gpus, 4);
         assert_eq!(cfg.sim_fault_file, Some(PathBuf::from("/tmp/faults")));
+        assert_eq!(cfg.diagnostics_command, ["dcgmi", "diag", "-r", "1"]);
         assert_eq!(cfg.state_dir, PathBuf::from("/tmp/state"));
         assert_eq!(cfg.metrics_listen.port(), 0);
         assert_eq!(cfg.reconnect.initial_backoff, Duration::from_secs(1));

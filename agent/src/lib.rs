@@ -3,17 +3,24 @@
 //! # Layout
 //! - [`config`]: the TOML config, its defaults and validation.
 //! - [`cli`]: command-line flags layered over the config.
-//! - [`gpu`]: the [`gpu::GpuProbe`] trait, with NVML and simulated backends.
+//! - [`gpu`]: the [`gpu::GpuProbe`] trait, with NVML and simulated backends
+//!   (the simulator's fault file, NVML's XID event thread).
+//! - [`events`]: XID, lost-GPU and diagnostics events, queued until a session sends them.
+//! - [`diagnostics`]: the coordinator's `RunDiagnostics`: a configured command or the built-in self-check.
 //! - [`link`]: the reconnect loop that keeps a session with the coordinator alive.
-//! - [`session`]: one session: dial, register, heartbeat, watch the lease.
+//! - [`session`]: one session: dial, register, heartbeat, send events at once, obey commands, watch the lease.
 //! - [`lease`]: how long the agent may go without hearing from the coordinator.
 //! - [`backoff`]: reconnect delays (exponential, full jitter), pure.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/healthz` endpoint.
+//! - [`gpu_metrics`]: the per-GPU gauges (dcgm-exporter names and labels), encoded from the latest sample.
 
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod diagnostics;
+pub mod events;
 pub mod gpu;
+pub mod gpu_metrics;
 pub mod lease;
 pub mod link;
 pub mod metrics;
@@ -23,6 +30,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -31,7 +39,8 @@ use tracing::{Instrument, info, info_span, warn};
 pub use config::AgentConfig;
 
 use crate::config::GpuBackendKind;
-use crate::gpu::{GpuBackend, GpuProbe, backend_label};
+use crate::diagnostics::Diagnostics;
+use crate::gpu::{GpuBackend, GpuInfo, GpuProbe, backend_label};
 use crate::metrics::Metrics;
 use crate::session::SessionContext;
 
@@ -103,7 +112,8 @@ fn agent_span(config: &AgentConfig) -> tracing::Span {
 async fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
     config.validate()?;
     let probe = gpu::open(config)?;
-    let gpus = probe.inventory()?.len();
+    let inventory = probe.inventory()?;
+    let gpus = inventory.len();
     match probe.backend() {
         GpuBackend::Simulated => {
             warn!(
@@ -114,21 +124,21 @@ async fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
         _ if gpus == 0 => warn!("NVML found no GPUs on this host"),
         _ => info!(gpus, "GPU inventory read through NVML"),
     }
-    if let Some(path) = &config.sim_fault_file {
-        // Accepted now so configs written for fault injection keep working when it lands.
+    if let (Some(path), GpuBackend::Nvml) = (&config.sim_fault_file, probe.backend()) {
         warn!(
             path = %path.display(),
-            "sim_fault_file is set but fault injection is not implemented yet; ignored"
+            "sim_fault_file only applies to --gpu-backend sim; ignored with real GPUs"
         );
     }
     create_state_dir(&config.state_dir).await?;
-    Ok(Prepared { probe, gpus })
+    Ok(Prepared { probe, inventory })
 }
 
 struct Prepared {
     probe: Arc<dyn GpuProbe>,
-    /// At start-up, for the metrics gauge; each session re-reads the inventory it registers.
-    gpus: usize,
+    /// At start-up: labels the GPU metrics and is what diagnostics expect to find;
+    /// each session re-reads the inventory it registers.
+    inventory: Vec<GpuInfo>,
 }
 
 async fn create_state_dir(path: &Path) -> Result<(), AgentError> {
@@ -142,16 +152,19 @@ async fn create_state_dir(path: &Path) -> Result<(), AgentError> {
 
 async fn serve(
     config: AgentConfig,
-    Prepared { probe, gpus }: Prepared,
+    Prepared { probe, inventory }: Prepared,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let metrics = Metrics::new(backend_label(probe.backend()), gpus);
+    let hostname = config::hostname();
+    let metrics = Metrics::new(backend_label(probe.backend()), &inventory, &hostname);
+    let (sink, events) = events::channel(metrics.clone());
+    Arc::clone(&probe).start_events(sink.clone());
     let metrics_addr = listener.local_addr().map_err(AgentError::MetricsServe)?;
     // Held here; the metrics server stops when this side sends.
     let (stop_tx, mut stop_rx) = watch::channel(());
     let server = tokio::spawn(
-        metrics::serve(listener, metrics.clone(), async move {
+        metrics::serve(listener, metrics.clone(), Arc::clone(&probe), async move {
             let _ = stop_rx.changed().await;
         })
         .in_current_span(),
@@ -163,15 +176,23 @@ async fn serve(
         state_dir = %config.state_dir.display(),
         "vigil-agent started"
     );
+    let diagnostics = Arc::new(Diagnostics {
+        probe: Arc::clone(&probe),
+        expected: inventory,
+        command: config.diagnostics_command.clone(),
+        sink,
+    });
     let ctx = SessionContext {
         coordinator: config.coordinator.clone(),
         node_name: config.node_name.clone(),
-        hostname: config::hostname(),
+        hostname,
         probe,
         metrics,
+        diagnostics,
     };
+    // Dropping the link at shutdown drops `events`, which stops the event sources.
     tokio::select! {
-        () = link::run(ctx, config.reconnect) => {}
+        () = link::run(ctx, events, config.reconnect) => {}
         () = shutdown => info!("shutting down"),
     }
     let _ = stop_tx.send(());
@@ -179,6 +200,13 @@ async fn serve(
         Ok(result) => result.map_err(AgentError::MetricsServe),
         Err(join) => Err(AgentError::MetricsServe(std::io::Error::other(join))),
     }
+}
+
+/// Wall-clock time for messages and samples, unix milliseconds.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// An error and its causes on one line, for log fields and the exit message.

@@ -8,15 +8,20 @@ use tracing::{Instrument, info_span, warn};
 use crate::backoff::Backoff;
 use crate::config::ReconnectConfig;
 use crate::error_chain;
+use crate::events::EventSource;
 use crate::session::{self, SessionContext, SessionError};
 
 /// Runs until dropped; dropping it mid-session closes that session's stream.
-pub async fn run(ctx: SessionContext, reconnect: ReconnectConfig) {
+///
+/// `events` outlives sessions: what arrives between them waits there.
+pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: ReconnectConfig) {
     let mut backoff = Backoff::new(reconnect.initial_backoff, reconnect.max_backoff);
     let mut rng = fastrand::Rng::new();
     for attempt in 1u64.. {
         let span = info_span!("session", attempt);
-        let end = session::run(&ctx).instrument(span.clone()).await;
+        let end = session::run(&ctx, &mut events)
+            .instrument(span.clone())
+            .await;
         if end.registered {
             backoff.reset();
         }

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -14,8 +15,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use vigil_proto::v1::agent_event::Kind;
+use vigil_proto::v1::{AgentEvent, GpuInfo, GpuSample};
+
+use crate::gpu::GpuProbe;
+use crate::gpu_metrics::GpuCollector;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const SCRAPE_SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Handles to every agent metric; clones share the same counters.
 #[derive(Clone)]
@@ -24,7 +31,22 @@ pub struct Metrics {
     pub heartbeats_sent: Counter,
     pub reconnects: Counter,
     pub registrations: Counter,
+    xid_errors: Family<XidLabels, Counter>,
+    gpu_lost: Counter,
+    diagnostics: Family<ResultLabels, Counter>,
+    gpus: Arc<GpuCollector>,
     registry: Arc<Registry>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XidLabels {
+    gpu: String,
+    xid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,8 +60,10 @@ struct BuildLabels {
 }
 
 impl Metrics {
-    /// `backend` is fixed for the process lifetime, so the GPU gauge is set once here.
-    pub fn new(backend: &str, gpus: usize) -> Self {
+    /// `backend` is fixed for the process lifetime, so the GPU gauge is set once here;
+    /// `inventory` (at start-up) and `hostname` label the per-GPU gauges.
+    pub fn new(backend: &str, inventory: &[GpuInfo], hostname: &str) -> Self {
+        let gpus = inventory.len();
         let mut registry = Registry::default();
         let connected = Gauge::default();
         registry.register(
@@ -83,12 +107,68 @@ impl Metrics {
             })
             .set(1);
         registry.register("vigil_agent_build_info", "Agent build, always 1", build);
+        let xid_errors = Family::<XidLabels, Counter>::default();
+        registry.register(
+            "vigil_agent_xid_errors",
+            "XID errors seen, by GPU index and XID code",
+            xid_errors.clone(),
+        );
+        let gpu_lost = Counter::default();
+        registry.register(
+            "vigil_agent_gpu_lost",
+            "GPUs of the inventory that fell off the bus or disappeared",
+            gpu_lost.clone(),
+        );
+        let diagnostics = Family::<ResultLabels, Counter>::default();
+        for result in ["pass", "fail"] {
+            let _ = diagnostics.get_or_create(&ResultLabels { result });
+        }
+        registry.register(
+            "vigil_agent_diagnostics",
+            "Diagnostics run on the coordinator's request, by result",
+            diagnostics.clone(),
+        );
+        let gpu_collector = GpuCollector::new(inventory, hostname, backend == "simulated");
+        registry.register_collector(Box::new(Arc::clone(&gpu_collector)));
         Self {
             connected,
             heartbeats_sent,
             reconnects,
             registrations,
+            xid_errors,
+            gpu_lost,
+            diagnostics,
+            gpus: gpu_collector,
             registry: Arc::new(registry),
+        }
+    }
+
+    /// The per-GPU gauges show `samples` from now on.
+    pub fn observe(&self, samples: &[GpuSample]) {
+        self.gpus.observe(samples);
+    }
+
+    /// Counts an event as it is emitted, whether or not a session is up to send it.
+    pub fn count_event(&self, event: &AgentEvent) {
+        match &event.kind {
+            Some(Kind::Xid(x)) => {
+                self.xid_errors
+                    .get_or_create(&XidLabels {
+                        gpu: x.gpu_index.to_string(),
+                        xid: x.xid.to_string(),
+                    })
+                    .inc();
+            }
+            Some(Kind::GpuLost(_)) => {
+                self.gpu_lost.inc();
+            }
+            Some(Kind::Diagnostics(d)) => {
+                let result = if d.passed { "pass" } else { "fail" };
+                self.diagnostics
+                    .get_or_create(&ResultLabels { result })
+                    .inc();
+            }
+            None => {}
         }
     }
 
@@ -103,31 +183,58 @@ impl Metrics {
 }
 
 /// Serves until `shutdown` resolves; the listener is bound by the caller so port 0 works in tests.
+///
+/// Each scrape samples the GPUs first, so the per-GPU gauges are fresh even
+/// while no session with the coordinator is up.
 pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
+    probe: Arc<dyn GpuProbe>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics);
+        .with_state((metrics, probe));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn metrics_handler(State(metrics): State<Metrics>) -> impl IntoResponse {
+async fn metrics_handler(
+    State((metrics, probe)): State<(Metrics, Arc<dyn GpuProbe>)>,
+) -> impl IntoResponse {
+    // A wedged driver must not hang the scrape: the last sample is served instead.
+    let sampled = tokio::time::timeout(
+        SCRAPE_SAMPLE_TIMEOUT,
+        tokio::task::spawn_blocking(move || probe.sample()),
+    )
+    .await;
+    match sampled {
+        Ok(Ok(Ok(samples))) => metrics.observe(&samples),
+        _ => tracing::debug!("GPU sample for the scrape failed; serving the last one"),
+    }
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], metrics.encode())
 }
 
 #[cfg(test)]
 mod tests {
+    use vigil_proto::v1::{DiagnosticsResult, XidError};
+
     use super::*;
+    use crate::gpu::SimProbe;
+
+    fn has(text: &str, line: &str) {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in\n{text}"
+        );
+    }
 
     #[test]
     fn every_metric_is_exposed_with_its_prometheus_name() {
-        let m = Metrics::new("simulated", 8);
+        let inventory = SimProbe::new("n", 8).inventory().unwrap_or_default();
+        let m = Metrics::new("simulated", &inventory, "host");
         m.connected.set(1);
         m.heartbeats_sent.inc();
         let text = m.encode();
@@ -137,15 +244,93 @@ mod tests {
             "vigil_agent_reconnects_total 0",
             "vigil_agent_registrations_total 0",
             "vigil_agent_gpus{backend=\"simulated\"} 8",
+            "vigil_agent_gpu_lost_total 0",
+            "vigil_agent_diagnostics_total{result=\"fail\"} 0",
             &format!(
                 "vigil_agent_build_info{{version=\"{}\"}} 1",
                 env!("CARGO_PKG_VERSION")
             ),
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "{line:?} missing in\n{text}"
-            );
+            has(&text, line);
         }
+    }
+
+    #[test]
+    fn events_are_counted_by_kind() {
+        let m = Metrics::new("nvml", &[], "host");
+        let xid = AgentEvent {
+            at_unix_ms: 1,
+            kind: Some(Kind::Xid(XidError {
+                gpu_index: 3,
+                xid: 79,
+                gpu_uuid: String::new(),
+            })),
+        };
+        m.count_event(&xid);
+        m.count_event(&xid);
+        m.count_event(&AgentEvent {
+            at_unix_ms: 1,
+            kind: Some(Kind::Diagnostics(DiagnosticsResult {
+                passed: true,
+                ..DiagnosticsResult::default()
+            })),
+        });
+        let text = m.encode();
+        has(
+            &text,
+            "vigil_agent_xid_errors_total{gpu=\"3\",xid=\"79\"} 2",
+        );
+        has(&text, "vigil_agent_diagnostics_total{result=\"pass\"} 1");
+    }
+
+    #[test]
+    fn gpu_gauges_carry_dcgm_labels_and_skip_unsupported_fields() -> Result<(), crate::gpu::GpuError>
+    {
+        let probe = SimProbe::new("n", 2);
+        let inventory = probe.inventory()?;
+        let m = Metrics::new("simulated", &inventory, "host-1");
+        probe.apply_fault_text("gpu=1 temp=97 nvlink_down=3 pcie_width=8 thermal_throttle\n");
+        m.observe(&probe.sample()?);
+        let text = m.encode();
+        let labels = format!(
+            "gpu=\"1\",UUID=\"{}\",modelName=\"{}\",Hostname=\"host-1\",simulated=\"true\"",
+            inventory[1].uuid, inventory[1].name
+        );
+        has(&text, &format!("vigil_gpu_temp_celsius{{{labels}}} 97.0"));
+        has(
+            &text,
+            &format!("vigil_gpu_nvlinks{{{labels},state=\"down\"}} 1.0"),
+        );
+        has(
+            &text,
+            &format!("vigil_gpu_nvlinks{{{labels},state=\"active\"}} 17.0"),
+        );
+        has(
+            &text,
+            &format!("vigil_gpu_pcie_link_width{{{labels},kind=\"current\"}} 8.0"),
+        );
+        has(
+            &text,
+            &format!("vigil_gpu_pcie_link_width{{{labels},kind=\"max\"}} 16.0"),
+        );
+        has(
+            &text,
+            &format!("vigil_gpu_throttle{{{labels},reason=\"thermal\"}} 1.0"),
+        );
+        has(
+            &text,
+            &format!("vigil_gpu_row_remap_failure{{{labels}}} 0.0"),
+        );
+        assert!(
+            !text.contains("vigil_gpu_retired_pages{"),
+            "H100 does not report retired pages: not exported\n{text}"
+        );
+        probe.apply_fault_text("gpu=1 lost\n");
+        m.observe(&probe.sample()?);
+        assert!(
+            !m.encode().contains("gpu=\"1\""),
+            "a lost GPU's series disappear"
+        );
+        Ok(())
     }
 }

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -15,13 +15,18 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 use vigil_proto::v1::agent_message::Body as AgentBody;
 use vigil_proto::v1::agent_service_client::AgentServiceClient;
+use vigil_proto::v1::command::Kind as CommandKind;
 use vigil_proto::v1::coordinator_message::Body as CoordinatorBody;
-use vigil_proto::v1::{AgentMessage, CoordinatorMessage, Heartbeat, Register, Registered};
+use vigil_proto::v1::{
+    AgentEvent, AgentMessage, Command, CoordinatorMessage, Heartbeat, Register, Registered,
+};
 
-use crate::error_chain;
+use crate::diagnostics::Diagnostics;
+use crate::events::EventSource;
 use crate::gpu::{GpuError, GpuProbe, GpuSample};
 use crate::lease::Lease;
 use crate::metrics::Metrics;
+use crate::{error_chain, unix_ms};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Covers opening the stream and the coordinator's answer to `Register`.
@@ -44,6 +49,8 @@ pub struct SessionContext {
     pub hostname: String,
     pub probe: Arc<dyn GpuProbe>,
     pub metrics: Metrics,
+    /// Runs diagnostics the coordinator asks for; results come back as events.
+    pub diagnostics: Arc<Diagnostics>,
 }
 
 /// How a session ended; `registered` tells the reconnect loop to reset its backoff.
@@ -81,9 +88,12 @@ pub enum SessionError {
 }
 
 /// Runs one session to its end; drop the future to close the stream.
-pub async fn run(ctx: &SessionContext) -> SessionEnd {
+///
+/// Events waiting in `events` (queued while no session was up) go out as
+/// soon as the coordinator accepts the registration.
+pub async fn run(ctx: &SessionContext, events: &mut EventSource) -> SessionEnd {
     let mut registered = false;
-    let cause = match run_until_error(ctx, &mut registered).await {
+    let cause = match run_until_error(ctx, events, &mut registered).await {
         Err(cause) => cause,
         Ok(never) => match never {},
     };
@@ -93,6 +103,7 @@ pub async fn run(ctx: &SessionContext) -> SessionEnd {
 
 async fn run_until_error(
     ctx: &SessionContext,
+    events: &mut EventSource,
     registered: &mut bool,
 ) -> Result<Infallible, SessionError> {
     let channel = dial(&ctx.coordinator).await?;
@@ -131,8 +142,8 @@ async fn run_until_error(
     let accepted = match first.ok_or(SessionError::Closed)?.body {
         Some(CoordinatorBody::Registered(r)) => r,
         Some(CoordinatorBody::Rejected(r)) => return Err(SessionError::Rejected(r.reason)),
-        Some(CoordinatorBody::Ack(_)) => {
-            return Err(SessionError::Protocol("ack before registration"));
+        Some(CoordinatorBody::Ack(_) | CoordinatorBody::Command(_)) => {
+            return Err(SessionError::Protocol("ack or command before registration"));
         }
         None => return Err(SessionError::Protocol("first message is not Registered")),
     };
@@ -149,7 +160,7 @@ async fn run_until_error(
         gpus = gpu_count,
         "registered with coordinator"
     );
-    heartbeat(ctx, outbound, inbound, pace).await
+    heartbeat(ctx, events, outbound, inbound, pace).await
 }
 
 async fn dial(url: &str) -> Result<Channel, SessionError> {
@@ -218,10 +229,46 @@ impl Outbound {
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SessionError::Closed),
         }
     }
+
+    fn has_room(&self) -> bool {
+        self.tx.capacity() > 0
+    }
+
+    /// Sends `event`, or hands it back to `events` to go first next time.
+    fn event(&mut self, events: &mut EventSource, event: AgentEvent) -> Result<(), SessionError> {
+        match self.push(AgentBody::Event(event.clone())) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                events.put_back(event);
+                Ok(())
+            }
+            Err(e) => {
+                events.put_back(event);
+                Err(e)
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self, ctx: &SessionContext) -> Result<(), SessionError> {
+        let gpus = sample(&ctx.probe).await;
+        ctx.metrics.observe(&gpus);
+        let sent = self.push(AgentBody::Heartbeat(Heartbeat {
+            sent_at_unix_ms: unix_ms(),
+            gpus,
+            workers: Vec::new(),
+        }))?;
+        if sent {
+            ctx.metrics.heartbeats_sent.inc();
+        } else {
+            warn!("coordinator is not reading; heartbeat dropped");
+        }
+        Ok(())
+    }
 }
 
 async fn heartbeat(
     ctx: &SessionContext,
+    events: &mut EventSource,
     mut outbound: Outbound,
     mut inbound: Streaming<CoordinatorMessage>,
     pace: Pace,
@@ -229,25 +276,26 @@ async fn heartbeat(
     let mut lease = Lease::new(pace.lease, Instant::now());
     let mut ticker = tokio::time::interval(pace.heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let changed = events.changed_signal();
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
-                let gpus = sample(&ctx.probe).await;
-                let sent = outbound.push(AgentBody::Heartbeat(Heartbeat {
-                    sent_at_unix_ms: unix_ms(),
-                    gpus,
-                    workers: Vec::new(),
-                }))?;
-                if sent {
-                    ctx.metrics.heartbeats_sent.inc();
-                } else {
-                    warn!("coordinator is not reading; heartbeat dropped");
+            _ = ticker.tick() => outbound.heartbeat(ctx).await?,
+            // GPU state changed (fault injected, XID, ECC event): events first,
+            // then a fresh sample, without waiting for the next tick.
+            () = changed.notified() => {
+                while outbound.has_room() {
+                    let Some(event) = events.try_next() else { break };
+                    outbound.event(events, event)?;
                 }
+                outbound.heartbeat(ctx).await?;
+                ticker.reset();
             }
+            // While the stream is full, events wait in their queue instead.
+            event = events.next(), if outbound.has_room() => outbound.event(events, event)?,
             msg = inbound.message() => {
                 let msg = msg.map_err(SessionError::Stream)?.ok_or(SessionError::Closed)?;
                 lease.renew(Instant::now());
-                handle(msg)?;
+                handle(ctx, msg)?;
             }
             () = tokio::time::sleep_until(lease.deadline()) => {
                 let silent = lease.silent_for(Instant::now());
@@ -262,9 +310,10 @@ async fn heartbeat(
     }
 }
 
-fn handle(msg: CoordinatorMessage) -> Result<(), SessionError> {
+fn handle(ctx: &SessionContext, msg: CoordinatorMessage) -> Result<(), SessionError> {
     match msg.body {
         Some(CoordinatorBody::Ack(ack)) => debug!(seq = ack.seq, "ack"),
+        Some(CoordinatorBody::Command(command)) => run_command(ctx, command),
         // A newer session of this node, or an operator, ended this one.
         Some(CoordinatorBody::Rejected(r)) => return Err(SessionError::Rejected(r.reason)),
         Some(CoordinatorBody::Registered(_)) => {
@@ -274,6 +323,16 @@ fn handle(msg: CoordinatorMessage) -> Result<(), SessionError> {
         None => debug!("unknown coordinator message ignored"),
     }
     Ok(())
+}
+
+fn run_command(ctx: &SessionContext, command: Command) {
+    match command.kind {
+        Some(CommandKind::RunDiagnostics(r)) => ctx.diagnostics.spawn(command.id, r.timeout_ms),
+        None => warn!(
+            command_id = command.id,
+            "unknown command from a newer coordinator ignored; upgrade this agent"
+        ),
+    }
 }
 
 /// A failed sample still heartbeats (with no GPU data): silence would cost the node its lease.
@@ -302,10 +361,4 @@ async fn on_blocking_pool<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(probe.as_ref()))
         .await
         .map_err(SessionError::GpuTask)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -1,7 +1,17 @@
 //! The agent's view of its GPUs: one trait, a real NVML backend and a simulator.
+//!
+//! - `nvml`: the probe over NVML; `nvml_fields` reads one GPU's sample field
+//!   by field; `nvml_events` is the thread that waits for XID and ECC events.
+//! - `sim`: simulated H100s; `sim_sample` builds their samples, `faults`
+//!   parses the fault file and `sim_watch` re-reads it when it changes.
 
+mod faults;
 mod nvml;
+mod nvml_events;
+mod nvml_fields;
 mod sim;
+mod sim_sample;
+mod sim_watch;
 
 use std::sync::Arc;
 
@@ -10,17 +20,26 @@ pub use sim::SimProbe;
 pub use vigil_proto::v1::{GpuBackend, GpuInfo, GpuSample};
 
 use crate::config::{AgentConfig, GpuBackendKind};
+use crate::events::EventSink;
 
-/// A source of GPU inventory and health samples.
+/// A source of GPU inventory, health samples and events.
 ///
 /// Calls may block (NVML talks to the driver), so async callers run them on
 /// the blocking pool; hence `Send + Sync`.
 pub trait GpuProbe: Send + Sync {
     fn backend(&self) -> GpuBackend;
-    /// The GPUs present now, ordered by index; identities (UUID, serial) come from the hardware.
+    /// The GPUs present now, ordered by index; identities (UUID, serial) come
+    /// from the hardware. A lost GPU is no longer listed.
     fn inventory(&self) -> Result<Vec<GpuInfo>, GpuError>;
-    /// One health sample per GPU in the inventory.
+    /// One health sample per GPU present; a field the GPU cannot report is
+    /// absent. A GPU found lost here is reported once, as an event, and left out.
     fn sample(&self) -> Result<Vec<GpuSample>, GpuError>;
+    /// Starts the backend's event sources (NVML's event thread, the fault-file
+    /// watcher); they report through `sink` and stop once the agent shuts down.
+    /// Call it once, from within the tokio runtime.
+    fn start_events(self: Arc<Self>, sink: EventSink);
+    /// How the built-in diagnostic names itself in a `DiagnosticsResult`.
+    fn self_check_name(&self) -> &'static str;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +62,10 @@ pub enum GpuError {
 pub fn open(config: &AgentConfig) -> Result<Arc<dyn GpuProbe>, GpuError> {
     Ok(match config.gpu_backend {
         GpuBackendKind::Nvml => Arc::new(NvmlProbe::init()?),
-        GpuBackendKind::Sim => Arc::new(SimProbe::new(&config.node_name, config.sim_gpus)),
+        GpuBackendKind::Sim => Arc::new(
+            SimProbe::new(&config.node_name, config.sim_gpus)
+                .with_fault_file(config.sim_fault_file.clone()),
+        ),
     })
 }
 

@@ -2,53 +2,118 @@
 //!
 //! Identities are derived from the node name and index: stable across agent
 //! restarts (the coordinator recognises the same GPU) and distinct across
-//! nodes (no two simulated GPUs in a cluster share a UUID).
+//! nodes (no two simulated GPUs in a cluster share a UUID). Faults come from
+//! the fault file ([`super::faults`]), read by [`super::sim_watch`].
 
-use std::sync::{Mutex, PoisonError};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use tracing::{Instrument, warn};
+use vigil_proto::v1::agent_event::Kind;
+use vigil_proto::v1::{AgentEvent, GpuLost, XidError};
+
+use super::faults::{self, FaultLine, GpuFaults};
+use super::sim_sample::{Reading, sim_sample};
 use super::{GpuBackend, GpuError, GpuInfo, GpuProbe, GpuSample};
+use crate::events::EventSink;
+use crate::unix_ms;
 
 const NAME: &str = "NVIDIA H100 80GB HBM3 (simulated)";
 const MEMORY_TOTAL_BYTES: u64 = 80 * 1024 * 1024 * 1024;
 /// PCI buses of the eight GPUs of a DGX H100, so ids look familiar to operators.
 const DGX_BUSES: [u8; 8] = [0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb];
-const IDLE_TEMP_C: (f32, f32) = (30.0, 45.0);
-const IDLE_POWER_W: (f32, f32) = (70.0, 90.0);
-/// The driver's own reservation shows as a few MiB used on an idle GPU.
-const IDLE_MEMORY_USED_BYTES: u64 = 4 * 1024 * 1024;
 
 pub struct SimProbe {
     inventory: Vec<GpuInfo>,
-    /// Random walk of each GPU's readings; a mutex because samples drift from the previous one.
+    fault_file: Option<PathBuf>,
+    /// Random walk of each GPU's readings and the faults in force; a mutex
+    /// because samples drift from the previous one and the watcher writes faults.
     state: Mutex<SimState>,
 }
 
 struct SimState {
     rng: fastrand::Rng,
     readings: Vec<Reading>,
-}
-
-#[derive(Clone, Copy)]
-struct Reading {
-    temperature_c: f32,
-    power_w: f32,
+    faults: Vec<GpuFaults>,
+    /// The fault file's lines at the last read, so XIDs fire only for new ones.
+    lines: Vec<FaultLine>,
 }
 
 impl SimProbe {
     pub fn new(node_name: &str, gpus: u32) -> Self {
         let inventory: Vec<GpuInfo> = (0..gpus).map(|i| sim_gpu(node_name, i)).collect();
         let mut rng = fastrand::Rng::with_seed(fnv1a(0, node_name.as_bytes()));
-        let readings = inventory
-            .iter()
-            .map(|_| Reading {
-                temperature_c: between(&mut rng, IDLE_TEMP_C),
-                power_w: between(&mut rng, IDLE_POWER_W),
-            })
-            .collect();
+        let readings = inventory.iter().map(|_| Reading::idle(&mut rng)).collect();
         Self {
             inventory,
-            state: Mutex::new(SimState { rng, readings }),
+            fault_file: None,
+            state: Mutex::new(SimState {
+                rng,
+                readings,
+                faults: vec![GpuFaults::default(); gpus as usize],
+                lines: Vec::new(),
+            }),
         }
+    }
+
+    /// Faults come from `path` once [`GpuProbe::start_events`] runs.
+    pub fn with_fault_file(mut self, path: Option<PathBuf>) -> Self {
+        self.fault_file = path;
+        self
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `text` (the fault file's content) the faults in force; returns the
+    /// events it causes: XIDs of new lines, then GPUs newly lost.
+    pub fn apply_fault_text(&self, text: &str) -> Vec<AgentEvent> {
+        let (lines, errors) = faults::parse(text, self.inventory.len() as u32);
+        let file = self
+            .fault_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        for e in &errors {
+            warn!(file = %file, line = e.number, "fault file: {}; line skipped", e.message);
+        }
+        let faults = faults::fold(&lines, self.inventory.len() as u32);
+        let at_unix_ms = unix_ms();
+        let mut state = self.state();
+        let xids = faults::new_xids(&state.lines, &lines);
+        let mut events: Vec<AgentEvent> = xids
+            .into_iter()
+            .map(|(gpu, xid)| AgentEvent {
+                at_unix_ms,
+                kind: Some(Kind::Xid(XidError {
+                    gpu_index: gpu,
+                    xid,
+                    gpu_uuid: self.uuid(gpu),
+                })),
+            })
+            .collect();
+        for (gpu, (old, new)) in (0u32..).zip(state.faults.iter().zip(&faults)) {
+            if new.lost && !old.lost {
+                events.push(AgentEvent {
+                    at_unix_ms,
+                    kind: Some(Kind::GpuLost(GpuLost {
+                        gpu_index: gpu,
+                        gpu_uuid: self.uuid(gpu),
+                    })),
+                });
+            }
+        }
+        state.faults = faults;
+        state.lines = lines;
+        events
+    }
+
+    fn uuid(&self, index: u32) -> String {
+        self.inventory
+            .get(index as usize)
+            .map(|g| g.uuid.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -57,30 +122,47 @@ impl GpuProbe for SimProbe {
         GpuBackend::Simulated
     }
 
+    /// A lost GPU has left the inventory, as it would leave NVML's.
     fn inventory(&self) -> Result<Vec<GpuInfo>, GpuError> {
-        Ok(self.inventory.clone())
+        let state = self.state();
+        Ok(self
+            .inventory
+            .iter()
+            .zip(&state.faults)
+            .filter(|(_, f)| !f.lost)
+            .map(|(g, _)| g.clone())
+            .collect())
     }
 
     fn sample(&self) -> Result<Vec<GpuSample>, GpuError> {
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let SimState { rng, readings } = &mut *guard;
+        let now = unix_ms();
+        let mut guard = self.state();
+        let SimState {
+            rng,
+            readings,
+            faults,
+            ..
+        } = &mut *guard;
         Ok(readings
             .iter_mut()
+            .zip(faults.iter())
             .zip(&self.inventory)
-            .map(|(r, gpu)| {
-                r.temperature_c = drift(rng, r.temperature_c, 0.5, IDLE_TEMP_C);
-                r.power_w = drift(rng, r.power_w, 1.5, IDLE_POWER_W);
-                GpuSample {
-                    index: gpu.index,
-                    temperature_c: Some(round1(r.temperature_c)),
-                    power_w: Some(round1(r.power_w)),
-                    utilization_pct: Some(0),
-                    memory_used_bytes: Some(IDLE_MEMORY_USED_BYTES),
-                    ecc_uncorrected_volatile: Some(0),
-                    ecc_corrected_volatile: Some(0),
-                }
+            .filter(|((_, f), _)| !f.lost)
+            .map(|((r, f), gpu)| {
+                r.drift(rng);
+                sim_sample(gpu.index, r, f, now)
             })
             .collect())
+    }
+
+    fn start_events(self: Arc<Self>, sink: EventSink) {
+        if let Some(path) = self.fault_file.clone() {
+            tokio::spawn(super::sim_watch::watch(self, path, sink).in_current_span());
+        }
+    }
+
+    fn self_check_name(&self) -> &'static str {
+        "builtin simulated self-check"
     }
 }
 
@@ -123,18 +205,6 @@ fn fnv1a(salt: u8, bytes: &[u8]) -> u64 {
     std::iter::once(salt)
         .chain(bytes.iter().copied())
         .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
-}
-
-fn between(rng: &mut fastrand::Rng, (lo, hi): (f32, f32)) -> f32 {
-    lo + rng.f32() * (hi - lo)
-}
-
-fn drift(rng: &mut fastrand::Rng, value: f32, step: f32, (lo, hi): (f32, f32)) -> f32 {
-    (value + (rng.f32() * 2.0 - 1.0) * step).clamp(lo, hi)
-}
-
-fn round1(v: f32) -> f32 {
-    (v * 10.0).round() / 10.0
 }
 
 #[cfg(test)]
