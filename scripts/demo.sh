@@ -20,8 +20,11 @@ cargo build --quiet --profile "$profile" --bins -p vigil-coordinator -p vigil-ag
 case "$profile" in dev) bin=target/debug ;; *) bin=target/$profile ;; esac
 
 pids=()
+stopped=0
 cleanup() {
   trap - EXIT INT TERM
+  [ "$stopped" = 1 ] && return
+  stopped=1
   echo
   echo "==> stopping the demo cluster (logs kept in $dir)"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -40,8 +43,9 @@ pids+=($!)
 for i in $(seq 1 "$agents"); do
   name=$(printf 'sim-gpu-%03d' "$i")
   echo "==> starting vigil-agent $name with 8 SIMULATED GPUs (metrics :$((metrics_port + i)))"
+  : >"$dir/$name.faults"
   "$bin/vigil-agent" --coordinator "$url" --node-name "$name" --gpu-backend sim --sim-gpus 8 \
-    --state-dir "$dir/$name" --metrics-listen "127.0.0.1:$((metrics_port + i))" 2>"$dir/$name.log" &
+    --sim-fault-file "$dir/$name.faults" --state-dir "$dir/$name" --metrics-listen "127.0.0.1:$((metrics_port + i))" 2>"$dir/$name.log" &
   pids+=($!)
 done
 
@@ -71,6 +75,8 @@ The demo cluster runs on loopback; its GPUs are SIMULATED. Try, in another shell
   $bin/clusterctl cordon sim-gpu-002 --reason "fan failure"
   $bin/clusterctl node sim-gpu-002
   kill -9 \$(pgrep -f 'node-name sim-gpu-003')     # watch it go Unreachable, then Lost
+  echo "gpu=3 xid=79" >> $dir/sim-gpu-001.faults    # a GPU falls off the bus: auto cordon
+  $bin/clusterctl diagnose sim-gpu-001
   curl -s http://127.0.0.1:$metrics_port/metrics | grep ^vigil_
 Logs: $dir
 MSG

@@ -85,7 +85,7 @@ impl NodeHealth {
     /// The reasons, worst first.
     pub fn reasons(&self) -> Vec<String> {
         let mut all: Vec<&Finding> = self.findings().collect();
-        all.sort_by(|a, b| b.condition.cmp(&a.condition));
+        all.sort_by_key(|f| std::cmp::Reverse(f.condition));
         all.into_iter().map(|f| f.message.clone()).collect()
     }
 
@@ -329,25 +329,26 @@ pub fn judge_samples(
                 format!("power brake throttling on {on}"),
             );
         }
-        if let (Some(cur), Some(max)) = (s.pcie_link_width_current, s.pcie_link_width_max) {
-            if cur < max {
-                add(
-                    Degraded,
-                    "pcie_width",
-                    format!("PCIe link x{cur} below its max x{max} on {on}"),
-                );
-            }
+        if let (Some(cur), Some(max)) = (s.pcie_link_width_current, s.pcie_link_width_max)
+            && cur < max
+        {
+            add(
+                Degraded,
+                "pcie_width",
+                format!("PCIe link x{cur} below its max x{max} on {on}"),
+            );
         }
-        if cfg.pcie_gen_below_max {
-            if let (Some(cur), Some(max)) = (s.pcie_link_gen_current, s.pcie_link_gen_max) {
-                if cur < max {
-                    add(
-                        Degraded,
-                        "pcie_gen",
-                        format!("PCIe gen{cur} below its max gen{max} on {on}"),
-                    );
-                }
-            }
+        if let (true, Some(cur), Some(max)) = (
+            cfg.pcie_gen_below_max,
+            s.pcie_link_gen_current,
+            s.pcie_link_gen_max,
+        ) && cur < max
+        {
+            add(
+                Degraded,
+                "pcie_gen",
+                format!("PCIe gen{cur} below its max gen{max} on {on}"),
+            );
         }
     }
     out

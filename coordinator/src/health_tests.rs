@@ -310,8 +310,10 @@ fn a_lost_gpu_is_unhealthy_once() {
 #[test]
 fn reasons_list_the_worst_first() {
     let cfg = HealthConfig::default();
-    let mut h = NodeHealth::default();
-    h.sample_findings = judge_one(|s| s.temperature_c = Some(99.0));
+    let mut h = NodeHealth {
+        sample_findings: judge_one(|s| s.temperature_c = Some(99.0)),
+        ..NodeHealth::default()
+    };
     h.on_xid(3, "u", 79, 0, 0, &cfg);
     let r = h.reasons();
     assert!(r[0].starts_with("XID 79"), "{r:?}");

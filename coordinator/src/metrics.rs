@@ -147,11 +147,32 @@ impl Metrics {
             "Node availability changes, by new availability",
             m.availability_transitions.clone(),
         );
-        registry.register("vigil_node_cordons", "Nodes cordoned", m.cordons.clone());
         registry.register(
-            "vigil_node_uncordons",
-            "Nodes uncordoned",
-            m.uncordons.clone(),
+            "vigil_cordons",
+            "Cordons applied, by source (auto, operator) and rule (manual for operators)",
+            m.cordons.clone(),
+        );
+        registry.register("vigil_uncordons", "Cordons lifted", m.uncordons.clone());
+        registry.register(
+            "vigil_xid_errors",
+            "XID errors reported by agents, by XID code",
+            m.xid_errors.clone(),
+        );
+        registry.register_with_unit(
+            "vigil_fault_to_cordon",
+            "From the agent observing a fault to the automatic cordon persisted",
+            prometheus_client::registry::Unit::Seconds,
+            m.fault_to_cordon.clone(),
+        );
+        registry.register(
+            "vigil_node_condition",
+            "1 for the node's current health condition (Healthy, Degraded, Unhealthy), else 0",
+            m.node_condition.clone(),
+        );
+        registry.register(
+            "vigil_diagnostics",
+            "Diagnostic runs reported by agents, by result (pass, fail)",
+            m.diagnostics.clone(),
         );
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
@@ -205,7 +226,11 @@ impl Metrics {
                 })
                 .set(count);
         }
-        for (state, count) in [("healthy", healthy), ("unhealthy", unhealthy), ("unknown", unknown)] {
+        for (state, count) in [
+            ("healthy", healthy),
+            ("unhealthy", unhealthy),
+            ("unknown", unknown),
+        ] {
             self.gpus
                 .get_or_create(&StateLabel {
                     state: state.to_owned(),

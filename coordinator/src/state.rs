@@ -149,6 +149,16 @@ impl ClusterState {
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
+        // GPUs registered before and absent now are as good as lost: a
+        // restarted agent must not make a dead GPU vanish from the books.
+        for gone in node
+            .record
+            .gpus
+            .iter()
+            .filter(|old| !old.uuid.is_empty() && !reg.gpus.iter().any(|g| g.uuid == old.uuid))
+        {
+            node.health.on_gpu_lost(gone.index, &gone.uuid, now.wall_ms);
+        }
         let r = &mut node.record;
         r.hostname = reg.hostname;
         r.agent_version = reg.agent_version;
@@ -194,6 +204,7 @@ impl ClusterState {
         } else {
             hear_from(node, now, "registered", &mut effects);
         }
+        judge(node, now, &self.health, &mut effects);
         effects
     }
 

@@ -415,14 +415,16 @@ fn hot_gpu_degrades_the_node_but_keeps_it_schedulable() {
     let start = t0();
     let mut s = empty_state();
     s.register(registration("gpu-001", 1), start);
-    let mut hb = v1::Heartbeat::default();
-    hb.gpus = (0..8)
-        .map(|i| v1::GpuSample {
-            index: i,
-            temperature_c: Some(if i == 0 { 95.0 } else { 40.0 }),
-            ..Default::default()
-        })
-        .collect();
+    let hb = v1::Heartbeat {
+        gpus: (0..8)
+            .map(|i| v1::GpuSample {
+                index: i,
+                temperature_c: Some(if i == 0 { 95.0 } else { 40.0 }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
     let effects = s
         .heartbeat("gpu-001", 1, hb, after(start, 1.0))
         .expect("live");
@@ -595,4 +597,20 @@ fn operator_cordons_need_no_diagnostics() {
     )
     .expect("known");
     assert!(s.uncordon("gpu-001", false, start).is_ok());
+}
+
+#[test]
+fn a_gpu_missing_at_reregistration_cordons() {
+    let start = t0();
+    let mut s = empty_state();
+    s.register(registration("gpu-001", 1), start);
+    let mut fewer = registration("gpu-001", 2);
+    fewer.gpus.retain(|g| g.index != 6);
+    s.register(fewer, after(start, 5.0));
+    let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
+    assert!(
+        cordon.reason.contains("GPU 6 (GPU-gpu-001-6) lost"),
+        "{}",
+        cordon.reason
+    );
 }

@@ -167,6 +167,7 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&log)?;
+        let fault_file = write_file(dir, &format!("agent-{name}.faults"), "")?;
         let child = Command::new(crate::bin("vigil-agent")?)
             .arg("--config")
             .arg(&config)

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use vigil_tests::{Cluster, FAST_LIVENESS, LONG, nodes, now, wait_for};
+use vigil_tests::{Cluster, FAST_LIVENESS, LONG, http_get, nodes, now, wait_for};
 
 fn availability(cluster: &Cluster, node: &str) -> Result<Option<String>> {
     Ok(nodes(&cluster.url())?
@@ -148,15 +148,4 @@ fn agent_exits_cleanly_on_sigterm() -> Result<()> {
         Ok((availability(&cluster, "node-0")?.as_deref() == Some("Unreachable")).then_some(()))
     })?;
     Ok(())
-}
-
-/// A minimal HTTP/1.0 GET, enough for /metrics and /healthz.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
 }
