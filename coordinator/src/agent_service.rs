@@ -45,14 +45,21 @@ impl v1::agent_service_server::AgentService for AgentService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let remote = request.remote_addr();
+        let peer = remote.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let address = remote.map_or_else(String::new, |a| a.ip().to_string());
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let span = info_span!("agent_session", session, peer = %peer);
         tokio::spawn(
-            run_session(self.engine.clone(), session, request.into_inner(), tx).instrument(span),
+            run_session(
+                self.engine.clone(),
+                session,
+                address,
+                request.into_inner(),
+                tx,
+            )
+            .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -61,6 +68,7 @@ impl v1::agent_service_server::AgentService for AgentService {
 async fn run_session(
     engine: EngineHandle,
     session: u64,
+    address: String,
     mut inbound: Streaming<v1::AgentMessage>,
     tx: crate::engine::SessionTx,
 ) {
@@ -69,7 +77,7 @@ async fn run_session(
         Ok(Ok(Some(v1::AgentMessage {
             body: Some(Body::Register(reg)),
             ..
-        }))) => validate_register(reg, session),
+        }))) => validate_register(reg, session, address),
         Ok(Ok(Some(_))) => Err("the first message must be Register".to_owned()),
         Ok(Ok(None)) => return,
         Ok(Err(status)) => {
@@ -160,7 +168,11 @@ fn check_len(field: &str, value: &str) -> Result<(), String> {
 }
 
 /// Check a Register and turn it into the engine's form; the error names the field.
-pub fn validate_register(reg: v1::Register, session: u64) -> Result<Registration, String> {
+pub fn validate_register(
+    reg: v1::Register,
+    session: u64,
+    address: String,
+) -> Result<Registration, String> {
     if reg.protocol_version != vigil_proto::PROTOCOL_VERSION {
         return Err(format!(
             "protocol_version {} is not supported (this coordinator speaks {}); upgrade the agent or the coordinator",
@@ -225,6 +237,7 @@ pub fn validate_register(reg: v1::Register, session: u64) -> Result<Registration
         session,
         node: reg.node_name,
         hostname: reg.hostname,
+        address,
         agent_version: reg.agent_version,
         simulated,
         gpus,
@@ -274,7 +287,7 @@ mod tests {
 
     #[test]
     fn a_good_registration_is_accepted_with_gpus_in_index_order() {
-        let reg = validate_register(register("gpu-001"), 7).expect("valid");
+        let reg = validate_register(register("gpu-001"), 7, "10.0.0.7".into()).expect("valid");
         assert_eq!(reg.session, 7);
         assert!(reg.simulated);
         assert_eq!(
@@ -332,7 +345,7 @@ mod tests {
             ),
         ];
         for (reg, field) in cases {
-            let err = validate_register(reg, 1).expect_err(field);
+            let err = validate_register(reg, 1, String::new()).expect_err(field);
             assert!(err.contains(field), "{err:?} should name {field}");
         }
     }

@@ -13,6 +13,7 @@ use crate::config::MAX_DIAGNOSTICS_TIMEOUT;
 use crate::engine::{EngineHandle, Event};
 use crate::error::ControlError;
 use crate::health::Condition;
+use crate::job_view;
 use crate::metrics::unix_ms;
 use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
 
@@ -173,6 +174,62 @@ impl v1::control_service_server::ControlService for ControlService {
             })
             .await?;
         Ok(Response::new(summary(&node, Instant::now())))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        let v1::SubmitJobRequest { spec_toml, source } = request.into_inner();
+        let job = self
+            .engine
+            .ask(|reply| Event::SubmitJob {
+                spec_toml,
+                source,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(job_view::detail(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let snap = self.engine.snapshot();
+        let mut jobs: Vec<_> = snap.jobs.iter().collect();
+        jobs.sort_by_key(|j| j.seq);
+        Ok(Response::new(v1::ListJobsResponse {
+            jobs: jobs.into_iter().map(job_view::summary).collect(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        let id = request.into_inner().id;
+        let snap = self.engine.snapshot();
+        let job = snap
+            .jobs
+            .iter()
+            .find(|j| j.id == id)
+            .ok_or(ControlError::State(crate::state::StateError::UnknownJob(
+                id,
+            )))?;
+        Ok(Response::new(job_view::detail(job)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        let id = request.into_inner().id;
+        let job = self
+            .engine
+            .ask(|reply| Event::CancelJob { id, reply })
+            .await?;
+        Ok(Response::new(job_view::detail(&job)))
     }
 
     async fn diagnose(

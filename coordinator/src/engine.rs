@@ -18,6 +18,7 @@ use vigil_proto::v1;
 use crate::config::Config;
 use crate::error::ControlError;
 use crate::health::Condition;
+use crate::job::Job;
 use crate::metrics::{Metrics, unix_ms};
 use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
@@ -68,6 +69,15 @@ pub enum Event {
         timeout: Duration,
         reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
     },
+    SubmitJob {
+        spec_toml: String,
+        source: String,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
+    CancelJob {
+        id: String,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
 }
 
 /// A diagnostic run the engine waits for.
@@ -86,6 +96,7 @@ const DIAGNOSTICS_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub nodes: Vec<Node>,
+    pub jobs: Vec<Job>,
     pub at: Instant,
 }
 
@@ -161,8 +172,10 @@ impl Engine {
             "loaded cluster state; nodes are Unreachable until their agents reconnect"
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let state = state.with_jobs(store.load_jobs()?);
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
+            jobs: state.jobs.values().cloned().collect(),
             at: Instant::now(),
         }));
         metrics.observe_nodes(state.nodes.values());
@@ -197,7 +210,9 @@ impl Engine {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    let effects = self.state.tick(now());
+                    let t = now();
+                    let mut effects = self.state.tick(t);
+                    effects.extend(self.state.jobs_tick(t));
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
                     if self.dirty {
@@ -284,6 +299,69 @@ impl Engine {
                 timeout,
                 reply,
             } => self.start_diagnostics(node, timeout, reply),
+            Event::SubmitJob {
+                spec_toml,
+                source,
+                reply,
+            } => {
+                let answer = match self.state.submit_job(&spec_toml, &source, now()) {
+                    Ok((id, effects)) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
+                                crate::state::StateError::UnknownJob(id),
+                            ))
+                        }
+                        Err(e) => {
+                            self.state.jobs.remove(&id);
+                            Err(e.into())
+                        }
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                if let Ok(job) = &answer {
+                    info!(job = %job.id, name = %job.spec.name, nodes = job.spec.nodes, state = job.phase_name(), "job {} submitted", job.id);
+                }
+                reply.send(answer).ok();
+            }
+            Event::CancelJob { id, reply } => {
+                let answer = match self.state.cancel_job(&id, now()) {
+                    Ok(effects) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
+                                crate::state::StateError::UnknownJob(id),
+                            ))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                reply.send(answer).ok();
+            }
+        }
+    }
+
+    /// Send a command to a node's agent; an unreachable node misses it, and
+    /// the job logic copes (it waits for the node to come back or be Lost).
+    fn send_command(&mut self, node: &str, kind: v1::command::Kind) {
+        let tx = self
+            .state
+            .nodes
+            .get(node)
+            .and_then(|n| n.session)
+            .and_then(|s| self.sessions.get(&s));
+        let id = self.next_command;
+        self.next_command += 1;
+        let msg = v1::CoordinatorMessage {
+            body: Some(v1::coordinator_message::Body::Command(v1::Command {
+                id,
+                kind: Some(kind),
+            })),
+        };
+        match tx.map(|tx| tx.try_send(Ok(msg))) {
+            Some(Ok(())) => debug!(node = %node, command_id = id, "command sent"),
+            _ => warn!(node = %node, command_id = id, "command not delivered: node not connected"),
         }
     }
 
@@ -482,8 +560,13 @@ impl Engine {
         };
     }
 
-    /// Persist first (and flush), then act on the rest, in order.
-    async fn apply(&mut self, effects: Vec<Effect>) -> Result<(), StoreError> {
+    /// Let jobs react to node changes, persist first (and flush), then act
+    /// on the rest, in order.
+    async fn apply(&mut self, mut effects: Vec<Effect>) -> Result<(), StoreError> {
+        if !effects.is_empty() {
+            let more = self.state.react(&effects, now());
+            effects.extend(more);
+        }
         let mut wrote = false;
         for effect in &effects {
             match effect {
@@ -492,6 +575,10 @@ impl Engine {
                     wrote = true;
                 }
                 Effect::Record { node, event } => self.store.put_event(node, event)?,
+                Effect::PersistJob(job) => {
+                    self.store.put_job(job)?;
+                    wrote = true;
+                }
                 _ => {}
             }
         }
@@ -551,7 +638,15 @@ impl Engine {
                 self.metrics.uncordons.inc();
                 info!(node = %node, previous_reason = %previous.reason, "uncordoned node {node}");
             }
-            Effect::Record { .. } => {}
+            Effect::Record { .. } | Effect::PersistJob(_) => self.dirty = true,
+            Effect::Command { node, kind } => self.send_command(&node, kind),
+            Effect::JobLog { job, message, warn } => {
+                if warn {
+                    warn!(job = %job, "job {job}: {message}");
+                } else {
+                    info!(job = %job, "job {job}: {message}");
+                }
+            }
             Effect::Condition {
                 node,
                 from,
@@ -586,6 +681,7 @@ impl Engine {
         self.metrics.observe_nodes(self.state.nodes.values());
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
+            jobs: self.state.jobs.values().cloned().collect(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

@@ -44,7 +44,10 @@ impl From<ControlError> for Status {
     fn from(e: ControlError) -> Self {
         let message = e.to_string();
         match e {
-            ControlError::State(StateError::UnknownNode(_)) => Status::not_found(message),
+            ControlError::State(StateError::UnknownNode(_) | StateError::UnknownJob(_)) => {
+                Status::not_found(message)
+            }
+            ControlError::State(StateError::InvalidSpec(_)) => Status::invalid_argument(message),
             ControlError::State(
                 StateError::StaleSession { .. } | StateError::NeedsDiagnostics { .. },
             ) => Status::failed_precondition(message),

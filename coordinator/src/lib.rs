@@ -7,6 +7,10 @@
 //! - `xid`: NVIDIA's XID catalog (shipped as data) and the class of each XID.
 //! - `health`: pure GPU-health policy: samples and events -> findings -> condition.
 //! - `state`: `ClusterState` and its pure transitions, returning `Effect`s.
+//! - `jobspec`: the job spec (TOML) and its validation.
+//! - `job`: a job's persisted record: spec, attempts, workers, checkpoint, history.
+//! - `jobs`: pure job state machine and gang scheduler.
+//! - `job_view`: the protocol's view of a job, for clusterctl.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
@@ -20,6 +24,10 @@ pub mod control_service;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod job;
+pub mod job_view;
+pub mod jobs;
+pub mod jobspec;
 pub mod liveness;
 pub mod metrics;
 pub mod node;

@@ -95,6 +95,10 @@ pub struct DiagnosticsRecord {
 pub struct NodeRecord {
     pub name: String,
     pub hostname: String,
+    /// Where the node's workers are reached (MASTER_ADDR when it is rank 0):
+    /// the address its agent connects from.
+    #[serde(default)]
+    pub address: String,
     pub agent_version: String,
     pub simulated: bool,
     pub gpus: Vec<GpuRecord>,

@@ -29,6 +29,7 @@ pub struct Registration {
     pub session: u64,
     pub node: String,
     pub hostname: String,
+    pub address: String,
     pub agent_version: String,
     pub simulated: bool,
     pub gpus: Vec<GpuRecord>,
@@ -77,6 +78,20 @@ pub enum Effect {
         to: Condition,
         reasons: Vec<String>,
     },
+    /// Write this job and flush it before acting on anything that follows.
+    PersistJob(Box<crate::job::Job>),
+    /// Send a command to a node's agent (dropped if it is not connected:
+    /// the job logic never relies on a command reaching an unreachable node).
+    Command {
+        node: String,
+        kind: v1::command::Kind,
+    },
+    /// One line for the log about a job's decision.
+    JobLog {
+        job: String,
+        message: String,
+        warn: bool,
+    },
     /// An XID arrived (counted whatever its class).
     Xid {
         node: String,
@@ -97,6 +112,10 @@ pub enum StateError {
          run `clusterctl diagnose {node}` until it passes, or uncordon with --force"
     )]
     NeedsDiagnostics { node: String, reason: String },
+    #[error("job \"{0}\" not found (clusterctl jobs lists the jobs)")]
+    UnknownJob(String),
+    #[error("{0}")]
+    InvalidSpec(String),
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +123,8 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, Node>,
     pub liveness: LivenessConfig,
     pub health: HealthConfig,
+    pub jobs: BTreeMap<String, crate::job::Job>,
+    pub next_job_seq: u64,
 }
 
 impl ClusterState {
@@ -129,7 +150,16 @@ impl ClusterState {
             nodes,
             liveness,
             health,
+            jobs: BTreeMap::new(),
+            next_job_seq: 0,
         }
+    }
+
+    /// Add the jobs loaded from the store.
+    pub fn with_jobs(mut self, jobs: Vec<crate::job::Job>) -> Self {
+        self.next_job_seq = jobs.iter().map(|j| j.seq).max().unwrap_or(0);
+        self.jobs = jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
+        self
     }
 
     pub fn register(&mut self, reg: Registration, now: Now) -> Vec<Effect> {
@@ -139,6 +169,7 @@ impl ClusterState {
             let record = NodeRecord {
                 name: reg.node.clone(),
                 hostname: String::new(),
+                address: String::new(),
                 agent_version: String::new(),
                 simulated: reg.simulated,
                 gpus: Vec::new(),
@@ -161,6 +192,7 @@ impl ClusterState {
         }
         let r = &mut node.record;
         r.hostname = reg.hostname;
+        r.address = reg.address;
         r.agent_version = reg.agent_version;
         r.simulated = reg.simulated;
         r.gpus = reg.gpus;
@@ -205,6 +237,9 @@ impl ClusterState {
             hear_from(node, now, "registered", &mut effects);
         }
         judge(node, now, &self.health, &mut effects);
+        let reported = node.workers.clone();
+        let name = node.record.name.clone();
+        effects.extend(self.reconcile_node(&name, &reported, now));
         effects
     }
 
@@ -223,6 +258,8 @@ impl ClusterState {
         let mut effects = Vec::new();
         hear_from(node, now, "heartbeat resumed", &mut effects);
         judge(node, now, &cfg, &mut effects);
+        let workers = node.workers.clone();
+        self.worker_progress(node_name, &workers, now);
         Ok(effects)
     }
 
@@ -246,6 +283,14 @@ impl ClusterState {
         let (gpu, reported_uuid, what) = match &event.kind {
             Some(v1::agent_event::Kind::Xid(x)) => (x.gpu_index, &x.gpu_uuid, Some(x.xid)),
             Some(v1::agent_event::Kind::GpuLost(g)) => (g.gpu_index, &g.gpu_uuid, None),
+            Some(
+                v1::agent_event::Kind::WorkerStarted(_)
+                | v1::agent_event::Kind::WorkerExited(_)
+                | v1::agent_event::Kind::Checkpoint(_),
+            ) => {
+                effects.extend(self.worker_event(node_name, event, now));
+                return Ok(effects);
+            }
             Some(v1::agent_event::Kind::Diagnostics(_)) | None => return Ok(effects),
         };
         let uuid = if reported_uuid.is_empty() {

@@ -26,6 +26,7 @@ fn registration(node: &str, session: u64) -> Registration {
         session,
         node: node.to_owned(),
         hostname: format!("{node}.example"),
+        address: format!("10.0.0.{}", node.len()),
         agent_version: "0.1.0".into(),
         simulated: true,
         gpus: (0..8)

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::job::Job;
 use crate::node::{MAX_EVENTS, NodeEvent, NodeRecord};
 
 const SCHEMA_KEY: &[u8] = b"schema";
@@ -48,6 +49,7 @@ pub struct Store {
     db: sled::Db,
     nodes: sled::Tree,
     events: sled::Tree,
+    jobs: sled::Tree,
 }
 
 impl Store {
@@ -90,11 +92,13 @@ impl Store {
         }
         let nodes = db.open_tree("nodes").map_err(io)?;
         let events = db.open_tree("events").map_err(io)?;
+        let jobs = db.open_tree("jobs").map_err(io)?;
         Ok(Self {
             path,
             db,
             nodes,
             events,
+            jobs,
         })
     }
 
@@ -133,6 +137,32 @@ impl Store {
         })?;
         self.nodes
             .insert(record.name.as_bytes(), value)
+            .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    pub fn load_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.jobs.iter() {
+            let (k, v) = item.map_err(|e| self.io(e))?;
+            let job: Job = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: format!("jobs/{}", String::from_utf8_lossy(&k)),
+                message: e.to_string(),
+            })?;
+            out.push(job);
+        }
+        Ok(out)
+    }
+
+    /// Stage a job record; durable after the next [`Store::flush`].
+    pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(job).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            message: format!("cannot encode job {:?}: {e}", job.id),
+        })?;
+        self.jobs
+            .insert(job.id.as_bytes(), value)
             .map_err(|e| self.io(e))?;
         Ok(())
     }
@@ -223,6 +253,7 @@ mod tests {
         NodeRecord {
             name: name.into(),
             hostname: "h".into(),
+            address: "10.0.0.1".into(),
             agent_version: "0.1.0".into(),
             simulated: true,
             gpus: Vec::new(),

@@ -1,0 +1,195 @@
+//! A job as the coordinator keeps it (persisted whole, as JSON): spec,
+//! intent (where attempt N runs), and what agents observed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::jobspec::JobSpec;
+
+/// How many history entries a job keeps.
+pub const MAX_JOB_EVENTS: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobPhase {
+    /// Waiting for enough eligible nodes (see `reason`).
+    Pending,
+    /// Attempt `attempt` runs (or is starting) on `placement`.
+    Running,
+    /// Attempt `attempt` failed; its workers are being stopped on every node
+    /// before anything else happens. `after_stop` says what comes next.
+    Stopping,
+    /// Stopped; waiting for the backoff before attempt N+1.
+    Restarting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled
+        )
+    }
+
+    /// Does the job hold its nodes (placement and spares)?
+    pub fn holds_nodes(self) -> bool {
+        matches!(
+            self,
+            JobPhase::Running | JobPhase::Stopping | JobPhase::Restarting
+        )
+    }
+}
+
+/// What a stopping attempt turns into once every worker is confirmed dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AfterStop {
+    Restart,
+    Fail,
+    Cancel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerPhase {
+    /// StartWorker sent, no WorkerStarted yet.
+    Starting,
+    Running,
+    /// Exited by itself (see `exit_code`).
+    Exited,
+    /// StopWorkers sent; waiting for confirmation.
+    Stopping,
+    /// Confirmed dead after a stop.
+    Stopped,
+    /// The node is Lost: its lease has expired, so the worker is dead.
+    Lost,
+}
+
+impl WorkerPhase {
+    pub fn is_dead(self) -> bool {
+        matches!(
+            self,
+            WorkerPhase::Exited | WorkerPhase::Stopped | WorkerPhase::Lost
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerPhase::Starting => "starting",
+            WorkerPhase::Running => "running",
+            WorkerPhase::Exited => "exited",
+            WorkerPhase::Stopping => "stopping",
+            WorkerPhase::Stopped => "stopped",
+            WorkerPhase::Lost => "lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worker {
+    pub node_rank: u32,
+    pub phase: WorkerPhase,
+    pub pid: u32,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub progress_step: Option<u64>,
+    /// When the step last changed (or the attempt started), unix ms.
+    pub progress_at_ms: u64,
+    pub log_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub path: String,
+    pub step: Option<u64>,
+    pub seen_at_ms: u64,
+    pub attempt: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub attempt: u64,
+    pub nodes: Vec<String>,
+    pub started_at_ms: u64,
+    pub ended_at_ms: u64,
+    /// running, stopping, failed, succeeded, cancelled
+    pub outcome: String,
+    pub reason: String,
+    pub culprit_node: String,
+    pub resumed_from: Option<Checkpoint>,
+    pub last_step: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub at_ms: u64,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub seq: u64,
+    pub spec: JobSpec,
+    pub spec_toml: String,
+    pub phase: JobPhase,
+    /// What it waits for, why it restarts, or why it failed.
+    pub reason: String,
+    /// Current (or last) attempt; 0 before the first start.
+    pub attempt: u64,
+    /// Nodes of the current attempt, by node rank.
+    pub placement: Vec<String>,
+    /// Nodes held for fast replacement.
+    pub spares: Vec<String>,
+    pub restarts: u32,
+    pub attempts: Vec<Attempt>,
+    /// Workers of the current attempt, by node.
+    pub workers: BTreeMap<String, Worker>,
+    pub checkpoint: Option<Checkpoint>,
+    pub submitted_at_ms: u64,
+    pub after_stop: Option<AfterStop>,
+    /// Backoff deadline before the next attempt, unix ms.
+    pub restart_at_ms: Option<u64>,
+    /// When the current failure was detected, for the time lost to failures.
+    pub failed_at_ms: Option<u64>,
+    pub lost_ms: u64,
+    pub events: Vec<JobEvent>,
+}
+
+impl Job {
+    pub fn event(&mut self, at_ms: u64, kind: &str, message: String) {
+        if self.events.len() >= MAX_JOB_EVENTS {
+            self.events.remove(0);
+        }
+        self.events.push(JobEvent {
+            at_ms,
+            kind: kind.to_owned(),
+            message,
+        });
+    }
+
+    pub fn current_attempt_mut(&mut self) -> Option<&mut Attempt> {
+        let n = self.attempt;
+        self.attempts.iter_mut().rev().find(|a| a.attempt == n)
+    }
+
+    /// The lowest step any worker of the current attempt reported.
+    pub fn progress_step(&self) -> Option<u64> {
+        self.workers.values().filter_map(|w| w.progress_step).min()
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            JobPhase::Pending => "Pending",
+            JobPhase::Running => "Running",
+            JobPhase::Stopping if self.after_stop == Some(AfterStop::Cancel) => "Cancelling",
+            JobPhase::Stopping => "Restarting",
+            JobPhase::Restarting => "Restarting",
+            JobPhase::Succeeded => "Succeeded",
+            JobPhase::Failed => "Failed",
+            JobPhase::Cancelled => "Cancelled",
+        }
+    }
+}

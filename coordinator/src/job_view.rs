@@ -1,0 +1,87 @@
+//! Jobs as clusterctl sees them: the protocol's view of a `Job`.
+
+use vigil_proto::v1;
+
+use crate::job::{Checkpoint, Job};
+
+pub fn summary(job: &Job) -> v1::JobSummary {
+    v1::JobSummary {
+        id: job.id.clone(),
+        name: job.spec.name.clone(),
+        state: job.phase_name().to_owned(),
+        attempt: job.attempt,
+        restarts: job.restarts,
+        max_restarts: job.spec.restart.max_restarts,
+        nodes: job.spec.nodes,
+        gpus_per_node: job.spec.gpus_per_node,
+        assigned_nodes: job.placement.clone(),
+        last_checkpoint_step: job.checkpoint.as_ref().and_then(|c| c.step),
+        submitted_at_unix_ms: job.submitted_at_ms,
+        reason: job.reason.clone(),
+        progress_step: job.progress_step(),
+    }
+}
+
+fn checkpoint(c: &Checkpoint) -> v1::CheckpointRecord {
+    v1::CheckpointRecord {
+        path: c.path.clone(),
+        step: c.step,
+        seen_at_unix_ms: c.seen_at_ms,
+        attempt: c.attempt,
+    }
+}
+
+pub fn detail(job: &Job) -> v1::JobDetail {
+    v1::JobDetail {
+        summary: Some(summary(job)),
+        spec_toml: job.spec_toml.clone(),
+        spare_nodes: job.spares.clone(),
+        attempts: job
+            .attempts
+            .iter()
+            .map(|a| v1::AttemptRecord {
+                attempt: a.attempt,
+                nodes: a.nodes.clone(),
+                started_at_unix_ms: a.started_at_ms,
+                ended_at_unix_ms: a.ended_at_ms,
+                outcome: a.outcome.clone(),
+                reason: a.reason.clone(),
+                culprit_node: a.culprit_node.clone(),
+                resumed_from: a
+                    .resumed_from
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.path.clone()),
+                resumed_from_step: a.resumed_from.as_ref().and_then(|c| c.step),
+                last_step: a.last_step,
+            })
+            .collect(),
+        last_checkpoint: job.checkpoint.as_ref().map(checkpoint),
+        lost_ms: job.lost_ms,
+        events: job
+            .events
+            .iter()
+            .map(|e| v1::JobEvent {
+                at_unix_ms: e.at_ms,
+                kind: e.kind.clone(),
+                message: e.message.clone(),
+            })
+            .collect(),
+        workers: job
+            .workers
+            .iter()
+            .map(|(node, w)| v1::WorkerStatus {
+                node: node.clone(),
+                node_rank: w.node_rank,
+                state: w.phase.as_str().to_owned(),
+                exit_code: w.exit_code,
+                progress_step: w.progress_step,
+                progress_at_unix_ms: w.progress_at_ms,
+                pid: w.pid,
+                log_path: w.log_path.clone(),
+            })
+            .collect(),
+        workdir: job.spec.workdir.clone(),
+        checkpoint_dir: job.spec.checkpoint.dir.clone(),
+        checkpoint_layout: job.spec.checkpoint.layout.clone(),
+    }
+}

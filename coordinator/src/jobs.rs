@@ -1,0 +1,844 @@
+//! The job state machine and gang scheduler, pure: (cluster state, input,
+//! now) -> new state + effects. Jobs start on exactly `nodes` eligible nodes,
+//! fail gang-wide, are stopped everywhere before attempt N+1 starts, and
+//! resume from their last complete checkpoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use vigil_proto::v1;
+
+use crate::health::Condition;
+use crate::job::{AfterStop, Attempt, Checkpoint, Job, JobPhase, Worker, WorkerPhase};
+use crate::jobspec;
+use crate::node::{Availability, Node};
+use crate::state::{ClusterState, Effect, Now, StateError};
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// May `node` take new work needing `gpus` healthy GPUs?
+pub fn eligible(node: &Node, gpus: u32) -> bool {
+    node.availability == Availability::Ready
+        && node.record.cordon.is_none()
+        && node.condition != Condition::Unhealthy
+        && node.gpus_healthy() >= gpus
+}
+
+impl ClusterState {
+    pub fn submit_job(
+        &mut self,
+        text: &str,
+        source: &str,
+        now: Now,
+    ) -> Result<(String, Vec<Effect>), StateError> {
+        let spec =
+            jobspec::parse(text, source, self.nodes.len()).map_err(StateError::InvalidSpec)?;
+        self.next_job_seq += 1;
+        let seq = self.next_job_seq;
+        let id = format!("{}-{seq}", spec.name);
+        let mut job = Job {
+            id: id.clone(),
+            seq,
+            spec,
+            spec_toml: text.to_owned(),
+            phase: JobPhase::Pending,
+            reason: String::new(),
+            attempt: 0,
+            placement: Vec::new(),
+            spares: Vec::new(),
+            restarts: 0,
+            attempts: Vec::new(),
+            workers: BTreeMap::new(),
+            checkpoint: None,
+            submitted_at_ms: now.wall_ms,
+            after_stop: None,
+            restart_at_ms: None,
+            failed_at_ms: None,
+            lost_ms: 0,
+            events: Vec::new(),
+        };
+        job.event(
+            now.wall_ms,
+            "submitted",
+            format!(
+                "submitted from {}",
+                if source.is_empty() { "-" } else { source }
+            ),
+        );
+        let mut effects = vec![Effect::PersistJob(Box::new(job.clone()))];
+        self.jobs.insert(id.clone(), job);
+        effects.extend(self.schedule(now));
+        Ok((id, effects))
+    }
+
+    pub fn cancel_job(&mut self, id: &str, now: Now) -> Result<Vec<Effect>, StateError> {
+        let job = self
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| StateError::UnknownJob(id.to_owned()))?;
+        let mut effects = Vec::new();
+        match job.phase {
+            JobPhase::Pending | JobPhase::Restarting => {
+                job.phase = JobPhase::Cancelled;
+                job.reason = "cancelled by an operator".into();
+                release(job);
+                job.event(now.wall_ms, "cancelled", "cancelled by an operator".into());
+            }
+            JobPhase::Running => {
+                stop_attempt(
+                    job,
+                    &self.nodes,
+                    "cancelled by an operator",
+                    "",
+                    AfterStop::Cancel,
+                    now,
+                    &mut effects,
+                );
+            }
+            JobPhase::Stopping => job.after_stop = Some(AfterStop::Cancel),
+            JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled => return Ok(effects),
+        }
+        effects.push(Effect::PersistJob(Box::new(job.clone())));
+        effects.extend(self.schedule(now));
+        Ok(effects)
+    }
+
+    /// WorkerStarted / WorkerExited / CheckpointSeen from `node`.
+    pub fn worker_event(&mut self, node: &str, event: &v1::AgentEvent, now: Now) -> Vec<Effect> {
+        use v1::agent_event::Kind;
+        let (job_id, attempt) = match &event.kind {
+            Some(Kind::WorkerStarted(w)) => (&w.job_id, w.attempt),
+            Some(Kind::WorkerExited(w)) => (&w.job_id, w.attempt),
+            Some(Kind::Checkpoint(c)) => (&c.job_id, c.attempt),
+            _ => return Vec::new(),
+        };
+        let mut effects = Vec::new();
+        let Some(job) = self.jobs.get_mut(job_id.as_str()) else {
+            return effects;
+        };
+        // Fencing: reports of any other attempt, or from a node outside it, change nothing.
+        if attempt != job.attempt || !job.workers.contains_key(node) {
+            effects.push(Effect::JobLog {
+                job: job_id.clone(),
+                message: format!(
+                    "ignored a report of attempt {attempt} from {node} (current attempt {})",
+                    job.attempt
+                ),
+                warn: false,
+            });
+            return effects;
+        }
+        match &event.kind {
+            Some(Kind::WorkerStarted(w)) => {
+                if let Some(worker) = job
+                    .workers
+                    .get_mut(node)
+                    .filter(|w| w.phase == WorkerPhase::Starting)
+                {
+                    worker.phase = WorkerPhase::Running;
+                    worker.pid = w.pid;
+                    worker.log_path = w.log_path.clone();
+                }
+            }
+            Some(Kind::WorkerExited(w)) => {
+                worker_exited(job, &self.nodes, node, w, now, &mut effects)
+            }
+            Some(Kind::Checkpoint(c)) => {
+                let inside = std::path::Path::new(&c.path).starts_with(&job.spec.checkpoint.dir);
+                if !inside || job.workers.get(node).is_none_or(|w| w.node_rank != 0) {
+                    return effects;
+                }
+                let step = c
+                    .step
+                    .map_or_else(|| "unknown step".into(), |s| format!("step {s}"));
+                job.event(
+                    now.wall_ms,
+                    "checkpoint",
+                    format!("complete checkpoint {} ({step})", c.path),
+                );
+                job.checkpoint = Some(Checkpoint {
+                    path: c.path.clone(),
+                    step: c.step,
+                    seen_at_ms: now.wall_ms,
+                    attempt,
+                });
+            }
+            _ => {}
+        }
+        effects.push(Effect::PersistJob(Box::new(job.clone())));
+        effects.extend(self.schedule(now));
+        effects
+    }
+
+    /// Progress from a heartbeat: a step that changed resets the hang clock.
+    pub fn worker_progress(&mut self, node: &str, workers: &[v1::WorkerInfo], now: Now) {
+        for info in workers {
+            let Some(job) = self.jobs.get_mut(&info.job_id) else {
+                continue;
+            };
+            if info.attempt != job.attempt {
+                continue;
+            }
+            let Some(w) = job.workers.get_mut(node) else {
+                continue;
+            };
+            if w.phase == WorkerPhase::Starting {
+                w.phase = WorkerPhase::Running;
+                w.pid = info.pid;
+            }
+            if info.progress_step.is_some() && info.progress_step != w.progress_step {
+                w.progress_step = info.progress_step;
+                w.progress_at_ms = now.wall_ms;
+            }
+        }
+    }
+
+    /// A node (re)registered reporting `reported` workers: adopt those of
+    /// current attempts, stop the rest, and notice workers that are gone.
+    pub fn reconcile_node(
+        &mut self,
+        node: &str,
+        reported: &[v1::WorkerInfo],
+        now: Now,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for w in reported {
+            let current = self.jobs.get_mut(&w.job_id).filter(|j| {
+                j.phase == JobPhase::Running
+                    && j.attempt == w.attempt
+                    && j.workers.contains_key(node)
+            });
+            match current.and_then(|j| j.workers.get_mut(node)) {
+                Some(worker) if !worker.phase.is_dead() => {
+                    worker.phase = WorkerPhase::Running;
+                    worker.pid = w.pid;
+                    effects.push(Effect::JobLog {
+                        job: w.job_id.clone(),
+                        message: format!(
+                            "adopted running worker of attempt {} on {node} (pid {})",
+                            w.attempt, w.pid
+                        ),
+                        warn: false,
+                    });
+                }
+                _ => {
+                    let grace = self
+                        .jobs
+                        .get(&w.job_id)
+                        .map_or(jobspec::DEFAULT_STOP_GRACE, |j| j.spec.restart.stop_grace);
+                    effects.push(stop_command(
+                        node,
+                        &w.job_id,
+                        w.attempt,
+                        "attempt is not current",
+                        grace,
+                    ));
+                }
+            }
+        }
+        let ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for id in ids {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            let reported_here = reported
+                .iter()
+                .any(|w| w.job_id == id && w.attempt == job.attempt);
+            let Some(worker) = job.workers.get_mut(node) else {
+                continue;
+            };
+            if reported_here || worker.phase.is_dead() {
+                continue;
+            }
+            match job.phase {
+                JobPhase::Running => {
+                    let reason =
+                        format!("worker on {node} is gone: its agent came back without it");
+                    stop_attempt(
+                        job,
+                        &self.nodes,
+                        &reason,
+                        node,
+                        after_failure(job),
+                        now,
+                        &mut effects,
+                    );
+                }
+                JobPhase::Stopping => {
+                    worker.phase = WorkerPhase::Stopped;
+                    finish_if_stopped(job, now, &mut effects);
+                }
+                _ => continue,
+            }
+            effects.push(Effect::PersistJob(Box::new(job.clone())));
+        }
+        effects.extend(self.schedule(now));
+        effects
+    }
+
+    /// React to node changes in `effects`: a Lost node or an Unhealthy one
+    /// fails the attempts running on it.
+    pub fn react(&mut self, effects: &[Effect], now: Now) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for e in effects {
+            let (node, why) = match e {
+                Effect::Availability {
+                    node,
+                    to: Availability::Lost,
+                    ..
+                } => (
+                    node,
+                    format!(
+                        "node {node} lost (no heartbeat for {})",
+                        humantime::format_duration(self.liveness.lost_after)
+                    ),
+                ),
+                Effect::Condition {
+                    node,
+                    to: Condition::Unhealthy,
+                    reasons,
+                    ..
+                } => (
+                    node,
+                    format!(
+                        "node {node} unhealthy: {}",
+                        reasons.first().map_or("", String::as_str)
+                    ),
+                ),
+                _ => continue,
+            };
+            let lost = matches!(e, Effect::Availability { .. });
+            for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
+                job.spares.retain(|s| s != node);
+                let Some(worker) = job.workers.get_mut(node) else {
+                    continue;
+                };
+                if lost && !worker.phase.is_dead() {
+                    // Its lease has expired by now (lease < lost_after): the worker is dead.
+                    worker.phase = WorkerPhase::Lost;
+                }
+                match job.phase {
+                    JobPhase::Running => {
+                        let after = after_failure(job);
+                        stop_attempt(job, &self.nodes, &why, node, after, now, &mut out);
+                    }
+                    JobPhase::Stopping => finish_if_stopped(job, now, &mut out),
+                    _ => {}
+                }
+                out.push(Effect::PersistJob(Box::new(job.clone())));
+            }
+        }
+        out.extend(self.schedule(now));
+        out
+    }
+
+    /// Time-driven job transitions: hangs, then the scheduler.
+    pub fn jobs_tick(&mut self, now: Now) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for job in self
+            .jobs
+            .values_mut()
+            .filter(|j| j.phase == JobPhase::Running)
+        {
+            let timeout = ms(job.spec.progress.hang_timeout);
+            let hung = job
+                .workers
+                .iter()
+                .filter(|(_, w)| !w.phase.is_dead())
+                .find(|(_, w)| now.wall_ms.saturating_sub(w.progress_at_ms) > timeout)
+                .map(|(n, w)| (n.clone(), w.node_rank, w.progress_step));
+            if let Some((node, rank, step)) = hung {
+                let last = step.map_or_else(|| "no step yet".into(), |s| format!("last step {s}"));
+                let reason = format!(
+                    "no progress from {node} (rank {rank}) for {} ({last}): hung",
+                    humantime::format_duration(job.spec.progress.hang_timeout)
+                );
+                let after = after_failure(job);
+                stop_attempt(job, &self.nodes, &reason, "", after, now, &mut effects);
+                effects.push(Effect::PersistJob(Box::new(job.clone())));
+            }
+        }
+        effects.extend(self.schedule(now));
+        effects
+    }
+
+    /// Start every job that can start: Pending ones and Restarting ones past
+    /// their backoff; refill spares.
+    pub fn schedule(&mut self, now: Now) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let mut order: Vec<(u64, String)> =
+            self.jobs.values().map(|j| (j.seq, j.id.clone())).collect();
+        order.sort();
+        for (_, id) in order {
+            let held = self.held_nodes(&id);
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            let ready_to_start = match job.phase {
+                JobPhase::Pending => true,
+                JobPhase::Restarting => job.restart_at_ms.is_none_or(|t| now.wall_ms >= t),
+                _ => false,
+            };
+            let gpus = job.spec.gpus_per_node;
+            let ok = |n: &String| {
+                !held.contains(n) && self.nodes.get(n).is_some_and(|node| eligible(node, gpus))
+            };
+            if job.phase.holds_nodes() {
+                let before = job.spares.clone();
+                job.spares
+                    .retain(|s| self.nodes.get(s).is_some_and(|n| eligible(n, gpus)));
+                let want = job.spec.spare_nodes as usize;
+                let extra: Vec<String> = self
+                    .nodes
+                    .keys()
+                    .filter(|n| ok(n) && !job.placement.contains(n) && !job.spares.contains(n))
+                    .take(want.saturating_sub(job.spares.len()))
+                    .cloned()
+                    .collect();
+                job.spares.extend(extra);
+                if job.spares != before {
+                    effects.push(Effect::PersistJob(Box::new(job.clone())));
+                }
+            }
+            if !ready_to_start {
+                continue;
+            }
+            // Keep the healthy nodes of the last placement (rank order), then spares, then free nodes.
+            let wanted = job.spec.nodes as usize;
+            let mut chosen: Vec<String> = Vec::new();
+            for n in job
+                .placement
+                .iter()
+                .chain(job.spares.iter())
+                .chain(self.nodes.keys())
+            {
+                if chosen.len() < wanted && ok(n) && !chosen.contains(n) {
+                    chosen.push(n.clone());
+                }
+            }
+            if chosen.len() < wanted {
+                let reason = format!(
+                    "waiting for {wanted} eligible nodes (Ready, not cordoned, not in another job, {gpus} healthy GPUs); {} available",
+                    chosen.len()
+                );
+                if job.reason != reason || job.phase != JobPhase::Pending {
+                    if job.phase == JobPhase::Restarting {
+                        job.event(now.wall_ms, "pending", reason.clone());
+                    }
+                    job.phase = JobPhase::Pending;
+                    job.reason = reason;
+                    release(job);
+                    effects.push(Effect::PersistJob(Box::new(job.clone())));
+                }
+                continue;
+            }
+            job.spares.retain(|s| !chosen.contains(s));
+            start_attempt(job, &self.nodes, chosen, now, &mut effects);
+            effects.push(Effect::PersistJob(Box::new(job.clone())));
+        }
+        effects
+    }
+
+    /// Nodes held by every job other than `except`.
+    fn held_nodes(&self, except: &str) -> BTreeSet<String> {
+        self.jobs
+            .values()
+            .filter(|j| j.id != except && j.phase.holds_nodes())
+            .flat_map(|j| j.placement.iter().chain(j.spares.iter()).cloned())
+            .collect()
+    }
+}
+
+fn after_failure(job: &Job) -> AfterStop {
+    if job.restarts < job.spec.restart.max_restarts {
+        AfterStop::Restart
+    } else {
+        AfterStop::Fail
+    }
+}
+
+fn release(job: &mut Job) {
+    job.placement.clear();
+    job.spares.clear();
+    job.workers.clear();
+    job.restart_at_ms = None;
+}
+
+fn stop_command(
+    node: &str,
+    job_id: &str,
+    attempt: u64,
+    reason: &str,
+    grace: std::time::Duration,
+) -> Effect {
+    Effect::Command {
+        node: node.to_owned(),
+        kind: v1::command::Kind::StopWorkers(v1::StopWorkers {
+            job_id: job_id.to_owned(),
+            attempt,
+            reason: reason.to_owned(),
+            grace_ms: ms(grace),
+        }),
+    }
+}
+
+/// The environment of one worker: the spec's env, then vigil's variables and
+/// the launcher conventions (torchrun's PET_*, Lightning/DeepSpeed's NODE_RANK).
+pub fn worker_env(
+    job: &Job,
+    nodes: &BTreeMap<String, Node>,
+    rank: usize,
+) -> BTreeMap<String, String> {
+    let mut env = job.spec.env.clone();
+    let nnodes = job.placement.len().to_string();
+    let master = job
+        .placement
+        .first()
+        .and_then(|n| nodes.get(n))
+        .map_or_else(|| "127.0.0.1".to_owned(), |n| n.record.address.clone());
+    let port = job.spec.master_port.to_string();
+    let gpus = job
+        .placement
+        .get(rank)
+        .and_then(|n| nodes.get(n))
+        .map(|n| {
+            n.record
+                .gpus
+                .iter()
+                .filter(|g| n.health.gpu_condition(g.index).0 != Condition::Unhealthy)
+                .take(job.spec.gpus_per_node as usize)
+                .map(|g| g.index.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let r = rank.to_string();
+    let vars = [
+        ("VIGIL_JOB_ID", job.id.clone()),
+        ("VIGIL_ATTEMPT", job.attempt.to_string()),
+        ("VIGIL_NNODES", nnodes.clone()),
+        ("VIGIL_NODE_RANK", r.clone()),
+        ("CUDA_VISIBLE_DEVICES", gpus),
+        ("MASTER_ADDR", master.clone()),
+        ("MASTER_PORT", port.clone()),
+        ("NODE_RANK", r.clone()),
+        ("GROUP_RANK", r.clone()),
+        ("PET_NNODES", nnodes),
+        ("PET_NODE_RANK", r),
+        ("PET_MASTER_ADDR", master),
+        ("PET_MASTER_PORT", port),
+        ("PET_NPROC_PER_NODE", job.spec.gpus_per_node.to_string()),
+    ];
+    env.extend(vars.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    match &job.checkpoint {
+        Some(c) => env.insert("VIGIL_RESUME_FROM".into(), c.path.clone()),
+        None => env.remove("VIGIL_RESUME_FROM"),
+    };
+    env
+}
+
+fn start_attempt(
+    job: &mut Job,
+    nodes: &BTreeMap<String, Node>,
+    placement: Vec<String>,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    job.attempt += 1;
+    job.placement = placement;
+    job.phase = JobPhase::Running;
+    job.reason = String::new();
+    job.after_stop = None;
+    job.restart_at_ms = None;
+    if let Some(failed) = job.failed_at_ms.take() {
+        job.lost_ms += now.wall_ms.saturating_sub(failed);
+    }
+    job.workers = job
+        .placement
+        .iter()
+        .enumerate()
+        .map(|(rank, n)| {
+            let worker = Worker {
+                node_rank: u32::try_from(rank).unwrap_or(u32::MAX),
+                phase: WorkerPhase::Starting,
+                pid: 0,
+                exit_code: None,
+                signal: None,
+                progress_step: None,
+                progress_at_ms: now.wall_ms,
+                log_path: String::new(),
+            };
+            (n.clone(), worker)
+        })
+        .collect();
+    job.attempts.push(Attempt {
+        attempt: job.attempt,
+        nodes: job.placement.clone(),
+        started_at_ms: now.wall_ms,
+        ended_at_ms: 0,
+        outcome: "running".into(),
+        reason: String::new(),
+        culprit_node: String::new(),
+        resumed_from: job.checkpoint.clone(),
+        last_step: None,
+    });
+    let from = job.checkpoint.as_ref().map_or_else(
+        || "a fresh start".to_owned(),
+        |c| {
+            format!(
+                "checkpoint {} (step {})",
+                c.path,
+                c.step.map_or_else(|| "?".into(), |s| s.to_string())
+            )
+        },
+    );
+    let msg = format!(
+        "attempt {} starting on {} from {from}",
+        job.attempt,
+        job.placement.join(",")
+    );
+    job.event(now.wall_ms, "started", msg.clone());
+    effects.push(Effect::JobLog {
+        job: job.id.clone(),
+        message: msg,
+        warn: false,
+    });
+    for (rank, node) in job.placement.iter().enumerate() {
+        let start = v1::StartWorker {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            node_rank: u32::try_from(rank).unwrap_or(u32::MAX),
+            nnodes: u32::try_from(job.placement.len()).unwrap_or(u32::MAX),
+            command: job.spec.command.clone(),
+            workdir: job.spec.workdir.clone(),
+            env: worker_env(job, nodes, rank).into_iter().collect(),
+            checkpoint_dir: if rank == 0 {
+                job.spec.checkpoint.dir.clone()
+            } else {
+                String::new()
+            },
+            checkpoint_layout: job.spec.checkpoint.layout.clone(),
+            stop_grace_ms: ms(job.spec.restart.stop_grace),
+        };
+        effects.push(Effect::Command {
+            node: node.clone(),
+            kind: v1::command::Kind::StartWorker(start),
+        });
+    }
+}
+
+/// The attempt failed (or is cancelled): stop its workers on every node.
+/// Nothing starts again until every one of them is confirmed dead.
+fn stop_attempt(
+    job: &mut Job,
+    nodes: &BTreeMap<String, Node>,
+    reason: &str,
+    culprit: &str,
+    after: AfterStop,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    if job.phase != JobPhase::Running {
+        return;
+    }
+    job.phase = JobPhase::Stopping;
+    job.after_stop = Some(after);
+    job.reason = reason.to_owned();
+    job.failed_at_ms.get_or_insert(now.wall_ms);
+    let step = job.progress_step();
+    let outcome = if after == AfterStop::Cancel {
+        "cancelled"
+    } else {
+        "failed"
+    };
+    if let Some(a) = job.current_attempt_mut() {
+        a.outcome = outcome.into();
+        a.reason = reason.to_owned();
+        a.culprit_node = culprit.to_owned();
+        a.last_step = step;
+    }
+    let what = if after == AfterStop::Cancel {
+        "cancelling"
+    } else {
+        "attempt failed"
+    };
+    let msg = format!(
+        "attempt {} {what}: {reason}; stopping its workers on every node",
+        job.attempt
+    );
+    job.event(now.wall_ms, "failed", msg.clone());
+    effects.push(Effect::JobLog {
+        job: job.id.clone(),
+        message: msg,
+        warn: after != AfterStop::Cancel,
+    });
+    let grace = job.spec.restart.stop_grace;
+    for (node, w) in job.workers.iter_mut() {
+        if nodes
+            .get(node)
+            .is_some_and(|n| n.availability == Availability::Lost)
+            && !w.phase.is_dead()
+        {
+            w.phase = WorkerPhase::Lost;
+        }
+        if w.phase == WorkerPhase::Lost {
+            continue;
+        }
+        if !w.phase.is_dead() {
+            w.phase = WorkerPhase::Stopping;
+        }
+        // Even a worker that exited gets a stop: it confirms the node is clean.
+        effects.push(stop_command(node, &job.id, job.attempt, reason, grace));
+    }
+    finish_if_stopped(job, now, effects);
+}
+
+fn worker_exited(
+    job: &mut Job,
+    nodes: &BTreeMap<String, Node>,
+    node: &str,
+    w: &v1::WorkerExited,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    let Some(worker) = job.workers.get_mut(node) else {
+        return;
+    };
+    let was_stopping = worker.phase == WorkerPhase::Stopping;
+    worker.exit_code = w.exit_code;
+    worker.signal = w.signal;
+    if !w.log_path.is_empty() {
+        worker.log_path = w.log_path.clone();
+    }
+    let rank = worker.node_rank;
+    match job.phase {
+        JobPhase::Running => {
+            worker.phase = WorkerPhase::Exited;
+            if w.exit_code == Some(0) && !w.stopped {
+                job.event(
+                    now.wall_ms,
+                    "worker-exited",
+                    format!("worker on {node} (rank {rank}) finished (exit 0)"),
+                );
+                if job
+                    .workers
+                    .values()
+                    .all(|x| x.phase == WorkerPhase::Exited && x.exit_code == Some(0))
+                {
+                    succeed(job, now, effects);
+                }
+                return;
+            }
+            let how = match (w.exit_code, w.signal) {
+                (_, Some(sig)) => format!("was killed by signal {sig}"),
+                (Some(code), None) => format!("exited with code {code}"),
+                (None, None) if !w.reason.is_empty() => format!("failed: {}", w.reason),
+                (None, None) => "exited".to_owned(),
+            };
+            let stopped = if w.stopped && !w.reason.is_empty() {
+                format!(" (stopped by its agent: {})", w.reason)
+            } else {
+                String::new()
+            };
+            let reason = format!("worker on {node} (rank {rank}) {how}{stopped}");
+            let after = after_failure(job);
+            stop_attempt(job, nodes, &reason, node, after, now, effects);
+        }
+        JobPhase::Stopping => {
+            if !worker.phase.is_dead() || was_stopping {
+                worker.phase = WorkerPhase::Stopped;
+            }
+            finish_if_stopped(job, now, effects);
+        }
+        _ => {}
+    }
+}
+
+fn succeed(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
+    job.phase = JobPhase::Succeeded;
+    job.reason = "every worker exited 0".into();
+    let step = job.progress_step();
+    if let Some(a) = job.current_attempt_mut() {
+        a.outcome = "succeeded".into();
+        a.ended_at_ms = now.wall_ms;
+        a.last_step = step;
+    }
+    job.event(
+        now.wall_ms,
+        "succeeded",
+        format!("attempt {} succeeded: every worker exited 0", job.attempt),
+    );
+    effects.push(Effect::JobLog {
+        job: job.id.clone(),
+        message: format!("job succeeded on attempt {}", job.attempt),
+        warn: false,
+    });
+    job.placement.clear();
+    job.spares.clear();
+}
+
+/// Once every worker of a stopping attempt is dead, move on.
+fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
+    if job.phase != JobPhase::Stopping || !job.workers.values().all(|w| w.phase.is_dead()) {
+        return;
+    }
+    if let Some(a) = job.current_attempt_mut() {
+        a.ended_at_ms = now.wall_ms;
+    }
+    let attempt = job.attempt;
+    match job.after_stop.take().unwrap_or(AfterStop::Restart) {
+        AfterStop::Restart => {
+            job.restarts += 1;
+            job.phase = JobPhase::Restarting;
+            job.restart_at_ms = Some(now.wall_ms.saturating_add(ms(job.spec.restart.backoff)));
+            let msg = format!(
+                "attempt {attempt} stopped on every node; restart {}/{} after {} backoff",
+                job.restarts,
+                job.spec.restart.max_restarts,
+                humantime::format_duration(job.spec.restart.backoff)
+            );
+            job.event(now.wall_ms, "stopped", msg.clone());
+            effects.push(Effect::JobLog {
+                job: job.id.clone(),
+                message: msg,
+                warn: false,
+            });
+        }
+        AfterStop::Fail => {
+            job.phase = JobPhase::Failed;
+            job.reason = format!(
+                "gave up after {} restarts (max_restarts = {}); last failure: {}",
+                job.restarts, job.spec.restart.max_restarts, job.reason
+            );
+            job.event(now.wall_ms, "failed", job.reason.clone());
+            effects.push(Effect::JobLog {
+                job: job.id.clone(),
+                message: job.reason.clone(),
+                warn: true,
+            });
+            job.placement.clear();
+            job.spares.clear();
+        }
+        AfterStop::Cancel => {
+            job.phase = JobPhase::Cancelled;
+            job.reason = "cancelled by an operator".into();
+            job.event(
+                now.wall_ms,
+                "cancelled",
+                format!("attempt {attempt} stopped on every node; job cancelled"),
+            );
+            effects.push(Effect::JobLog {
+                job: job.id.clone(),
+                message: "job cancelled; every worker stopped".into(),
+                warn: false,
+            });
+            job.placement.clear();
+            job.spares.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "jobs_tests.rs"]
+mod tests;
