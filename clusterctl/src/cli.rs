@@ -68,6 +68,30 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
+    /// List jobs: state, attempt, restarts, nodes, progress, last checkpoint, age, reason.
+    Jobs,
+    /// Submit, show or cancel one job.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit a job spec (TOML); the coordinator validates it.
+    Submit {
+        /// The spec file; `-` reads it from stdin.
+        #[arg(value_name = "FILE")]
+        file: String,
+    },
+    /// Show one job: placement, restarts, last checkpoint, workers, attempts, events.
+    Show {
+        /// The job's id, as `clusterctl jobs` lists it.
+        id: String,
+    },
+    /// Stop the job's workers and mark it cancelled.
+    Cancel { id: String },
 }
 
 /// The longest `--timeout` accepted: the coordinator's limit.
@@ -177,6 +201,24 @@ mod tests {
             cli.command,
             Command::Uncordon { force: false, .. }
         ));
+    }
+
+    #[test]
+    fn job_subcommands_take_a_file_or_an_id() {
+        let cli = Cli::try_parse_from(["clusterctl", "job", "submit", "-"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Job { command: JobCommand::Submit { file } } if file == "-"
+        ));
+        let cli = Cli::try_parse_from(["clusterctl", "job", "show", "j-1", "-o", "json"])
+            .expect("parses");
+        assert_eq!(cli.output, Output::Json);
+        assert!(matches!(
+            cli.command,
+            Command::Job { command: JobCommand::Show { id } } if id == "j-1"
+        ));
+        assert!(Cli::try_parse_from(["clusterctl", "job", "cancel"]).is_err());
+        assert!(Cli::try_parse_from(["clusterctl", "jobs"]).is_ok());
     }
 
     #[test]

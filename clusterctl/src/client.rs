@@ -19,6 +19,13 @@ const DIAGNOSE_MARGIN: Duration = Duration::from_secs(10);
 /// longer, operators pass `--timeout`).
 const DIAGNOSE_DEFAULT_WAIT: Duration = Duration::from_secs(130);
 
+/// What a request is about, for the message of a NotFound the server sent without words.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    Node(&'a str),
+    Job(&'a str),
+}
+
 /// A connected ControlService client that remembers the URL for its error messages.
 pub struct Coordinator {
     url: String,
@@ -62,7 +69,7 @@ impl Coordinator {
     pub async fn get_node(&mut self, name: &str) -> Result<v1::NodeDetail> {
         let req = v1::GetNodeRequest { name: name.into() };
         let r = self.client.get_node(request(req)).await;
-        self.answer(r, Some(name), REQUEST_TIMEOUT)
+        self.answer(r, Some(Subject::Node(name)), REQUEST_TIMEOUT)
     }
 
     pub async fn cordon(&mut self, name: &str, reason: &str) -> Result<v1::NodeSummary> {
@@ -71,7 +78,7 @@ impl Coordinator {
             reason: reason.into(),
         };
         let r = self.client.cordon(request(req)).await;
-        self.answer(r, Some(name), REQUEST_TIMEOUT)
+        self.answer(r, Some(Subject::Node(name)), REQUEST_TIMEOUT)
     }
 
     pub async fn uncordon(&mut self, name: &str, force: bool) -> Result<v1::NodeSummary> {
@@ -80,7 +87,7 @@ impl Coordinator {
             force,
         };
         let r = self.client.uncordon(request(req)).await;
-        self.answer(r, Some(name), REQUEST_TIMEOUT)
+        self.answer(r, Some(Subject::Node(name)), REQUEST_TIMEOUT)
     }
 
     /// Runs the node's diagnostic; `timeout` `None` lets the coordinator pick. Waits for the
@@ -98,18 +105,45 @@ impl Coordinator {
         let mut req = tonic::Request::new(req);
         req.set_timeout(wait);
         let r = self.client.diagnose(req).await;
-        self.answer(r, Some(name), wait)
+        self.answer(r, Some(Subject::Node(name)), wait)
+    }
+
+    /// Sends a job spec; `source` (the file name) lets the coordinator name it in its errors.
+    pub async fn submit_job(&mut self, spec_toml: &str, source: &str) -> Result<v1::JobDetail> {
+        let req = v1::SubmitJobRequest {
+            spec_toml: spec_toml.into(),
+            source: source.into(),
+        };
+        let r = self.client.submit_job(request(req)).await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
+    pub async fn list_jobs(&mut self) -> Result<v1::ListJobsResponse> {
+        let r = self.client.list_jobs(request(v1::ListJobsRequest {})).await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
+    pub async fn get_job(&mut self, id: &str) -> Result<v1::JobDetail> {
+        let req = v1::GetJobRequest { id: id.into() };
+        let r = self.client.get_job(request(req)).await;
+        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
+    }
+
+    pub async fn cancel_job(&mut self, id: &str) -> Result<v1::JobDetail> {
+        let req = v1::CancelJobRequest { id: id.into() };
+        let r = self.client.cancel_job(request(req)).await;
+        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
     }
 
     fn answer<T>(
         &self,
         result: std::result::Result<tonic::Response<T>, Status>,
-        node: Option<&str>,
+        subject: Option<Subject<'_>>,
         timeout: Duration,
     ) -> Result<T> {
         result
             .map(tonic::Response::into_inner)
-            .map_err(|status| anyhow!(describe_status(&status, &self.url, node, timeout)))
+            .map_err(|status| anyhow!(describe_status(&status, &self.url, subject, timeout)))
     }
 }
 
@@ -191,17 +225,21 @@ fn timed_out() -> String {
 
 /// One line for a failed call. NotFound, InvalidArgument, FailedPrecondition (e.g. uncordoning
 /// a node whose diagnostics have not passed), DeadlineExceeded and the like carry the server's
-/// own words, which already name the fix; `node` fills in when a server sends no message; `timeout` is what the call waited.
+/// own words, which already name the fix (an invalid job spec: the field and the fix);
+/// `subject` fills in when a server sends no message; `timeout` is what the call waited.
 pub fn describe_status(
     status: &Status,
     url: &str,
-    node: Option<&str>,
+    subject: Option<Subject<'_>>,
     timeout: Duration,
 ) -> String {
     let message = status.message().trim();
     match status.code() {
-        Code::NotFound if message.is_empty() => match node {
-            Some(n) => format!("node {n:?} not found (clusterctl nodes lists known nodes)"),
+        Code::NotFound if message.is_empty() => match subject {
+            Some(Subject::Node(n)) => {
+                format!("node {n:?} not found (clusterctl nodes lists known nodes)")
+            }
+            Some(Subject::Job(id)) => format!("job {id:?} not found (clusterctl jobs lists jobs)"),
             None => "not found".to_string(),
         },
         // DeadlineExceeded with a message is the coordinator's own (an agent that did not
@@ -259,12 +297,38 @@ mod tests {
     }
 
     #[test]
+    fn job_errors_keep_the_servers_words_or_name_the_job() {
+        let invalid = Status::invalid_argument(
+            "job.toml: nodes = 0: must be at least 1 (the gang size), e.g. nodes = 2",
+        );
+        assert_eq!(
+            describe_status(&invalid, "http://h:1", None, REQUEST_TIMEOUT),
+            "job.toml: nodes = 0: must be at least 1 (the gang size), e.g. nodes = 2"
+        );
+        let bare = Status::not_found("");
+        assert_eq!(
+            describe_status(
+                &bare,
+                "http://h:1",
+                Some(Subject::Job("j-9")),
+                REQUEST_TIMEOUT
+            ),
+            "job \"j-9\" not found (clusterctl jobs lists jobs)"
+        );
+    }
+
+    #[test]
     fn failed_preconditions_keep_the_servers_words() {
         let status = Status::failed_precondition(
             "node gpu-003 was cordoned automatically; run `clusterctl diagnose gpu-003` or use --force",
         );
         assert_eq!(
-            describe_status(&status, "http://h:1", Some("gpu-003"), REQUEST_TIMEOUT),
+            describe_status(
+                &status,
+                "http://h:1",
+                Some(Subject::Node("gpu-003")),
+                REQUEST_TIMEOUT
+            ),
             "node gpu-003 was cordoned automatically; run `clusterctl diagnose gpu-003` or use --force"
         );
         let late = Status::cancelled("Timeout expired");
@@ -276,7 +340,12 @@ mod tests {
             "node \"n1\" did not report diagnostics within 30s; see the agent's log",
         );
         assert_eq!(
-            describe_status(&agent_late, "http://h:1", Some("n1"), REQUEST_TIMEOUT),
+            describe_status(
+                &agent_late,
+                "http://h:1",
+                Some(Subject::Node("n1")),
+                REQUEST_TIMEOUT
+            ),
             "node \"n1\" did not report diagnostics within 30s; see the agent's log"
         );
     }

@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, Output};
+use crate::cli::{Cli, Command, JobCommand, Output};
 use crate::client::Coordinator;
-use crate::model::{DiagnoseResult, NodeDetail, NodeList, NodeSummary, Status};
+use crate::model::{DiagnoseResult, JobDetail, JobList, NodeDetail, NodeList, NodeSummary, Status};
 use crate::render;
 
 /// What a command that got an answer prints: stdout, and the error line when the answer
@@ -29,6 +29,13 @@ impl From<String> for Outcome {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<Outcome> {
+    // A spec that cannot be read fails the same whether or not a coordinator answers.
+    let spec = match &cli.command {
+        Command::Job {
+            command: JobCommand::Submit { file },
+        } => Some(read_spec(file)?),
+        _ => None,
+    };
     let mut coordinator = Coordinator::connect(&cli.coordinator).await?;
     let c = &mut coordinator;
     let out = cli.output;
@@ -41,7 +48,61 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             uncordon(c, out, &name, force).await.map(Outcome::from)
         }
         Command::Diagnose { name, timeout } => diagnose(c, out, &name, timeout).await,
+        Command::Jobs => jobs(c, out).await.map(Outcome::from),
+        Command::Job { command } => match (command, spec) {
+            (JobCommand::Submit { file }, spec) => match spec {
+                Some(spec) => submit(c, out, &spec).await,
+                None => submit(c, out, &read_spec(&file)?).await,
+            },
+            (JobCommand::Show { id }, _) => job_show(c, out, &id).await,
+            (JobCommand::Cancel { id }, _) => job_cancel(c, out, &id).await,
+        }
+        .map(Outcome::from),
     }
+}
+
+/// A job spec's text and where it came from (the path, or `<stdin>` for `-`).
+struct Spec {
+    source: String,
+    text: String,
+}
+
+fn read_spec(file: &str) -> Result<Spec> {
+    if file == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read job spec from stdin")?;
+        return Ok(Spec {
+            source: "<stdin>".to_string(),
+            text,
+        });
+    }
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read job spec {file:?}"))?;
+    Ok(Spec {
+        source: file.to_string(),
+        text,
+    })
+}
+
+async fn jobs(c: &mut Coordinator, out: Output) -> Result<String> {
+    let list = JobList::from(c.list_jobs().await?);
+    emit(out, &list, |l| render::jobs(&l.jobs, now_ms()))
+}
+
+async fn submit(c: &mut Coordinator, out: Output, spec: &Spec) -> Result<String> {
+    let detail = JobDetail::from_proto(c.submit_job(&spec.text, &spec.source).await?, "");
+    emit(out, &detail, render::job_submitted)
+}
+
+async fn job_show(c: &mut Coordinator, out: Output, id: &str) -> Result<String> {
+    let detail = JobDetail::from_proto(c.get_job(id).await?, id);
+    emit(out, &detail, |d| render::job_detail(d, now_ms()))
+}
+
+async fn job_cancel(c: &mut Coordinator, out: Output, id: &str) -> Result<String> {
+    let detail = JobDetail::from_proto(c.cancel_job(id).await?, id);
+    emit(out, &detail, render::job_cancelled)
 }
 
 async fn status(c: &mut Coordinator, out: Output) -> Result<String> {

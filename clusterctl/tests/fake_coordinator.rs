@@ -7,6 +7,10 @@ use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 use vigil_proto::v1::{self, control_service_server::ControlServiceServer};
 
+/// The job rpcs' answers, and the job commands' tests.
+#[path = "fake_coordinator/jobs.rs"]
+mod jobs;
+
 struct Fake;
 
 fn sim_node() -> v1::NodeSummary {
@@ -219,6 +223,34 @@ impl v1::control_service_server::ControlService for Fake {
             }
             other => Err(not_found(other)),
         }
+    }
+
+    async fn submit_job(
+        &self,
+        req: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        jobs::submit(req.into_inner()).map(Response::new)
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        Ok(Response::new(jobs::list()))
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        jobs::get(&req.into_inner().id).map(Response::new)
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        jobs::cancel(&req.into_inner().id).map(Response::new)
     }
 }
 

@@ -359,9 +359,11 @@ impl Engine {
                 kind: Some(kind),
             })),
         };
-        match tx.map(|tx| tx.try_send(Ok(msg))) {
-            Some(Ok(())) => debug!(node = %node, command_id = id, "command sent"),
-            _ => warn!(node = %node, command_id = id, "command not delivered: node not connected"),
+        let sent = tx.is_some_and(|tx| tx.try_send(Ok(msg)).is_ok());
+        if sent {
+            debug!(node = %node, command_id = id, "command sent");
+        } else {
+            warn!(node = %node, command_id = id, "command not delivered: node not connected");
         }
     }
 

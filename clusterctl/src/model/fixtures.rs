@@ -43,3 +43,92 @@ pub fn ready_nvml_node(name: &str) -> v1::NodeSummary {
         condition_reasons: vec![],
     }
 }
+
+/// Attempt 2 of a two-node job, resumed from step 200 after gpu-003 failed in attempt 1.
+pub fn running_job() -> v1::JobDetail {
+    v1::JobDetail {
+        summary: Some(v1::JobSummary {
+            id: "j-1".into(),
+            name: "opt-demo".into(),
+            state: "Running".into(),
+            attempt: 2,
+            restarts: 1,
+            max_restarts: 50,
+            nodes: 2,
+            gpus_per_node: 8,
+            assigned_nodes: vec!["gpu-001".into(), "gpu-004".into()],
+            last_checkpoint_step: Some(200),
+            submitted_at_unix_ms: 1_000_000,
+            reason: String::new(),
+            progress_step: Some(230),
+        }),
+        spec_toml: "name = \"opt-demo\"\nnodes = 2\n".into(),
+        spare_nodes: vec!["gpu-009".into()],
+        attempts: vec![
+            v1::AttemptRecord {
+                attempt: 1,
+                nodes: vec!["gpu-001".into(), "gpu-003".into()],
+                started_at_unix_ms: 1_010_000,
+                ended_at_unix_ms: 1_300_000,
+                outcome: "failed".into(),
+                reason: "XID 79 (GPU has fallen off the bus)".into(),
+                culprit_node: "gpu-003".into(),
+                resumed_from: String::new(),
+                resumed_from_step: None,
+                last_step: Some(260),
+            },
+            v1::AttemptRecord {
+                attempt: 2,
+                nodes: vec!["gpu-001".into(), "gpu-004".into()],
+                started_at_unix_ms: 1_365_000,
+                ended_at_unix_ms: 0,
+                outcome: "running".into(),
+                reason: String::new(),
+                culprit_node: String::new(),
+                resumed_from: "/ckpt/step_00000200".into(),
+                resumed_from_step: Some(200),
+                last_step: Some(230),
+            },
+        ],
+        last_checkpoint: Some(v1::CheckpointRecord {
+            path: "/ckpt/step_00000200".into(),
+            step: Some(200),
+            seen_at_unix_ms: 1_200_000,
+            attempt: 1,
+        }),
+        lost_ms: 65_000,
+        events: vec![
+            v1::JobEvent {
+                at_unix_ms: 1_000_000,
+                kind: "submitted".into(),
+                message: "submitted from job.toml".into(),
+            },
+            v1::JobEvent {
+                at_unix_ms: 1_300_000,
+                kind: "restart".into(),
+                message: "attempt 1 failed on gpu-003: XID 79".into(),
+            },
+        ],
+        workers: vec![
+            v1::WorkerStatus {
+                node: "gpu-001".into(),
+                node_rank: 0,
+                state: "running".into(),
+                exit_code: None,
+                progress_step: Some(230),
+                progress_at_unix_ms: 1_419_500,
+                pid: 4242,
+                log_path: "/var/lib/vigil/logs/j-1.2.log".into(),
+            },
+            v1::WorkerStatus {
+                node: "gpu-004".into(),
+                node_rank: 1,
+                state: "running".into(),
+                ..Default::default()
+            },
+        ],
+        workdir: "/shared/runs/opt-demo".into(),
+        checkpoint_dir: "/ckpt".into(),
+        checkpoint_layout: "marker".into(),
+    }
+}

@@ -3,12 +3,14 @@
 //! Field names here are a contract (tests and docs parse them), so they are spelled out
 //! rather than derived from the protocol: a renamed proto field must not change the JSON.
 //! One file per area: `enums` (proto enums as words), `node`, `sample` (one GPU's health
-//! sample), `health` (conditions, events, diagnostics), `status`.
+//! sample), `health` (conditions, events, diagnostics), `status`, `job`
+//! (job summaries and details).
 
 mod enums;
 #[cfg(test)]
 pub mod fixtures;
 mod health;
+mod job;
 mod node;
 mod sample;
 mod status;
@@ -17,6 +19,7 @@ mod status;
 pub use enums::Condition;
 pub use enums::GpuBackend;
 pub use health::DiagnoseResult;
+pub use job::{JobDetail, JobList, JobSummary};
 pub use node::{NodeDetail, NodeList, NodeSummary};
 pub use sample::GpuSample;
 pub use status::Status;

@@ -245,6 +245,7 @@ mod tests {
                     attempt: 2,
                     node_rank: 1,
                     pid: 4242,
+                    ..Default::default()
                 }],
                 first_registered_unix_ms: 5,
                 last_registered_unix_ms: 6,

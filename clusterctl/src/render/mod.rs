@@ -5,11 +5,13 @@
 
 mod diagnose;
 mod gpu;
+mod job;
 mod node;
 mod nodes;
 mod status;
 
 pub use diagnose::diagnose;
+pub use job::{job_cancelled, job_detail, job_submitted, jobs};
 pub use node::node_detail;
 pub use nodes::nodes;
 pub use status::status;

@@ -176,6 +176,7 @@ mod tests {
                     attempt: 3,
                     node_rank: 0,
                     pid: 4242,
+                    ..Default::default()
                 }],
                 first_registered_unix_ms: 0,
                 last_registered_unix_ms: 1_000_000,
