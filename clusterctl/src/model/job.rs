@@ -1,0 +1,273 @@
+//! Jobs: the summary `jobs` lists, and one job's detail (attempts, checkpoint, workers, events).
+//!
+//! Field names are the protocol's (`JobSummary`, `JobDetail`, ...); an optional protocol field
+//! is `null` when absent, never 0.
+
+use serde::Serialize;
+use vigil_proto::v1;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub name: String,
+    /// Pending, Running, Restarting, Succeeded, Failed, Cancelling, Cancelled.
+    pub state: String,
+    /// Current (or last) attempt, from 1; 0 before the first start.
+    pub attempt: u64,
+    pub restarts: u32,
+    pub max_restarts: u32,
+    pub nodes: u32,
+    pub gpus_per_node: u32,
+    /// Nodes of the current attempt, by node rank.
+    pub assigned_nodes: Vec<String>,
+    pub last_checkpoint_step: Option<u64>,
+    pub submitted_at_unix_ms: u64,
+    /// What it waits for (Pending), why it restarts, or why it failed.
+    pub reason: String,
+    /// Lowest step reported by the workers of the current attempt.
+    pub progress_step: Option<u64>,
+}
+
+impl From<v1::JobSummary> for JobSummary {
+    fn from(j: v1::JobSummary) -> Self {
+        Self {
+            id: j.id,
+            name: j.name,
+            state: j.state,
+            attempt: j.attempt,
+            restarts: j.restarts,
+            max_restarts: j.max_restarts,
+            nodes: j.nodes,
+            gpus_per_node: j.gpus_per_node,
+            assigned_nodes: j.assigned_nodes,
+            last_checkpoint_step: j.last_checkpoint_step,
+            submitted_at_unix_ms: j.submitted_at_unix_ms,
+            reason: j.reason,
+            progress_step: j.progress_step,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobList {
+    pub jobs: Vec<JobSummary>,
+}
+
+impl From<v1::ListJobsResponse> for JobList {
+    fn from(r: v1::ListJobsResponse) -> Self {
+        Self {
+            jobs: r.jobs.into_iter().map(JobSummary::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckpointRecord {
+    pub path: String,
+    pub step: Option<u64>,
+    pub seen_at_unix_ms: u64,
+    /// The attempt that wrote it.
+    pub attempt: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptRecord {
+    pub attempt: u64,
+    pub nodes: Vec<String>,
+    pub started_at_unix_ms: u64,
+    /// 0 while it runs.
+    pub ended_at_unix_ms: u64,
+    /// running, stopping, failed, succeeded, cancelled.
+    pub outcome: String,
+    pub reason: String,
+    /// The node blamed for the failure; empty when none.
+    pub culprit_node: String,
+    /// The checkpoint it resumed from; empty for a fresh start.
+    pub resumed_from: String,
+    pub resumed_from_step: Option<u64>,
+    pub last_step: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerStatus {
+    pub node: String,
+    pub node_rank: u32,
+    /// starting, running, exited, stopped, lost.
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub progress_step: Option<u64>,
+    /// When the step last changed; 0 before the first step.
+    pub progress_at_unix_ms: u64,
+    pub pid: u32,
+    pub log_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobEvent {
+    pub at_unix_ms: u64,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobDetail {
+    pub job: JobSummary,
+    pub spec_toml: String,
+    pub spare_nodes: Vec<String>,
+    pub attempts: Vec<AttemptRecord>,
+    /// The last complete checkpoint; `null` before the first.
+    pub last_checkpoint: Option<CheckpointRecord>,
+    /// Wall time between a failure being detected and the next attempt running.
+    pub lost_ms: u64,
+    pub events: Vec<JobEvent>,
+    pub workers: Vec<WorkerStatus>,
+    pub workdir: String,
+    pub checkpoint_dir: String,
+    pub checkpoint_layout: String,
+}
+
+impl JobDetail {
+    /// Maps a job answer; `id` fills the summary if a server ever omits it.
+    pub fn from_proto(d: v1::JobDetail, id: &str) -> Self {
+        let summary = d.summary.unwrap_or_else(|| v1::JobSummary {
+            id: id.to_string(),
+            ..Default::default()
+        });
+        Self {
+            job: summary.into(),
+            spec_toml: d.spec_toml,
+            spare_nodes: d.spare_nodes,
+            attempts: d
+                .attempts
+                .into_iter()
+                .map(|a| AttemptRecord {
+                    attempt: a.attempt,
+                    nodes: a.nodes,
+                    started_at_unix_ms: a.started_at_unix_ms,
+                    ended_at_unix_ms: a.ended_at_unix_ms,
+                    outcome: a.outcome,
+                    reason: a.reason,
+                    culprit_node: a.culprit_node,
+                    resumed_from: a.resumed_from,
+                    resumed_from_step: a.resumed_from_step,
+                    last_step: a.last_step,
+                })
+                .collect(),
+            last_checkpoint: d.last_checkpoint.map(|c| CheckpointRecord {
+                path: c.path,
+                step: c.step,
+                seen_at_unix_ms: c.seen_at_unix_ms,
+                attempt: c.attempt,
+            }),
+            lost_ms: d.lost_ms,
+            events: d
+                .events
+                .into_iter()
+                .map(|e| JobEvent {
+                    at_unix_ms: e.at_unix_ms,
+                    kind: e.kind,
+                    message: e.message,
+                })
+                .collect(),
+            workers: d
+                .workers
+                .into_iter()
+                .map(|w| WorkerStatus {
+                    node: w.node,
+                    node_rank: w.node_rank,
+                    state: w.state,
+                    exit_code: w.exit_code,
+                    progress_step: w.progress_step,
+                    progress_at_unix_ms: w.progress_at_unix_ms,
+                    pid: w.pid,
+                    log_path: w.log_path,
+                })
+                .collect(),
+            workdir: d.workdir,
+            checkpoint_dir: d.checkpoint_dir,
+            checkpoint_layout: d.checkpoint_layout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixtures;
+    use serde_json::json;
+
+    #[test]
+    fn job_detail_json_has_the_documented_shape() {
+        let detail = JobDetail::from_proto(fixtures::running_job(), "j-1");
+        let value = serde_json::to_value(&detail).expect("serializes");
+        assert_eq!(
+            value["job"],
+            json!({
+                "id": "j-1",
+                "name": "opt-demo",
+                "state": "Running",
+                "attempt": 2,
+                "restarts": 1,
+                "max_restarts": 50,
+                "nodes": 2,
+                "gpus_per_node": 8,
+                "assigned_nodes": ["gpu-001", "gpu-004"],
+                "last_checkpoint_step": 200,
+                "submitted_at_unix_ms": 1_000_000,
+                "reason": "",
+                "progress_step": 230,
+            })
+        );
+        assert_eq!(
+            value["attempts"][0],
+            json!({
+                "attempt": 1,
+                "nodes": ["gpu-001", "gpu-003"],
+                "started_at_unix_ms": 1_010_000,
+                "ended_at_unix_ms": 1_300_000,
+                "outcome": "failed",
+                "reason": "XID 79 (GPU has fallen off the bus)",
+                "culprit_node": "gpu-003",
+                "resumed_from": "",
+                "resumed_from_step": null,
+                "last_step": 260,
+            })
+        );
+        assert_eq!(
+            value["last_checkpoint"],
+            json!({"path": "/ckpt/step_00000200", "step": 200, "seen_at_unix_ms": 1_200_000, "attempt": 1})
+        );
+        assert_eq!(
+            value["workers"][1],
+            json!({
+                "node": "gpu-004",
+                "node_rank": 1,
+                "state": "running",
+                "exit_code": null,
+                "progress_step": null,
+                "progress_at_unix_ms": 0,
+                "pid": 0,
+                "log_path": "",
+            })
+        );
+        assert_eq!(
+            value["events"][0],
+            json!({"at_unix_ms": 1_000_000, "kind": "submitted", "message": "submitted from job.toml"})
+        );
+        let keys: Vec<&String> = value.as_object().expect("object").keys().collect();
+        assert_eq!(keys.len(), 11, "{keys:?}");
+        assert_eq!(value["lost_ms"], json!(65_000));
+        assert_eq!(value["spare_nodes"], json!(["gpu-009"]));
+    }
+
+    #[test]
+    fn a_job_without_summary_or_checkpoint_keeps_the_id_and_nulls() {
+        let detail = JobDetail::from_proto(v1::JobDetail::default(), "j-9");
+        let value = serde_json::to_value(&detail).expect("serializes");
+        assert_eq!(value["job"]["id"], json!("j-9"));
+        assert_eq!(value["job"]["last_checkpoint_step"], json!(null));
+        assert_eq!(value["job"]["progress_step"], json!(null));
+        assert_eq!(value["last_checkpoint"], json!(null));
+        assert_eq!(value["attempts"], json!([]));
+    }
+}

@@ -1,0 +1,356 @@
+//! Jobs: the `jobs` table, one job in detail (`job show`), and the one-liners of submit and cancel.
+
+use super::{DETAIL_LABEL_WIDTH, Labelled, or_dash};
+use crate::model::{JobDetail, JobSummary};
+use crate::table::{
+    Table, format_age, format_ago, format_elapsed, format_utc, format_when, sanitize,
+};
+
+fn opt(value: Option<u64>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn node_list(nodes: &[String]) -> String {
+    if nodes.is_empty() {
+        "-".to_string()
+    } else {
+        nodes.join(",")
+    }
+}
+
+/// `attempt` as a number, `-` before the first start.
+fn attempt(n: u64) -> String {
+    if n == 0 {
+        "-".to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+fn age_since(unix_ms: u64, now_ms: u64) -> String {
+    if unix_ms == 0 {
+        "-".to_string()
+    } else {
+        format_age(now_ms.saturating_sub(unix_ms))
+    }
+}
+
+pub fn jobs(list: &[JobSummary], now_ms: u64) -> String {
+    if list.is_empty() {
+        return "no jobs (clusterctl job submit FILE submits one)\n".to_string();
+    }
+    let mut t = Table::with_headers(&[
+        "ID",
+        "NAME",
+        "STATE",
+        "ATTEMPT",
+        "RESTARTS",
+        "NODES",
+        "STEP",
+        "CHECKPOINT",
+        "AGE",
+        "REASON",
+    ]);
+    for j in list {
+        t.push([
+            j.id.clone(),
+            j.name.clone(),
+            or_dash(&j.state).to_string(),
+            attempt(j.attempt),
+            format!("{}/{}", j.restarts, j.max_restarts),
+            node_list(&j.assigned_nodes),
+            opt(j.progress_step),
+            opt(j.last_checkpoint_step),
+            age_since(j.submitted_at_unix_ms, now_ms),
+            j.reason.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// `job j-1 submitted (opt-demo): Pending — waiting for 2 schedulable nodes`.
+pub fn job_submitted(d: &JobDetail) -> String {
+    let j = &d.job;
+    let mut line = format!("job {} submitted ({}): {}", j.id, j.name, or_dash(&j.state));
+    if j.state == "Pending" && !j.reason.is_empty() {
+        line.push_str(&format!(" — {}", j.reason));
+    }
+    format!("{}\n", sanitize(&line))
+}
+
+/// `job j-1 cancelling`, or whatever state the coordinator answered.
+pub fn job_cancelled(d: &JobDetail) -> String {
+    let state = if d.job.state.is_empty() {
+        "cancelling".to_string()
+    } else {
+        d.job.state.to_lowercase()
+    };
+    sanitize(&format!("job {} {state}", d.job.id)) + "\n"
+}
+
+pub fn job_detail(d: &JobDetail, now_ms: u64) -> String {
+    let j = &d.job;
+    let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
+    out.line("job", format!("{} ({})", j.id, or_dash(&j.name)));
+    out.line("state", or_dash(&j.state));
+    out.line("reason", or_dash(&j.reason));
+    let placement = match (j.attempt, j.assigned_nodes.is_empty()) {
+        (0, _) => "- (not started yet)".to_string(),
+        (n, true) => format!("{n} (no nodes assigned)"),
+        (n, false) => format!("{n} on {} (by node rank)", j.assigned_nodes.join(", ")),
+    };
+    out.line("attempt", placement);
+    out.line(
+        "gang",
+        format!("{} nodes x {} GPUs", j.nodes, j.gpus_per_node),
+    );
+    out.line(
+        "spares",
+        if d.spare_nodes.is_empty() {
+            "none".to_string()
+        } else {
+            d.spare_nodes.join(", ")
+        },
+    );
+    out.line(
+        "restarts",
+        format!("{}/{} so far", j.restarts, j.max_restarts),
+    );
+    out.line("step", opt(j.progress_step));
+    let checkpoint = match &d.last_checkpoint {
+        Some(c) => format!(
+            "{} (step {}, seen {}, from attempt {})",
+            c.path,
+            opt(c.step),
+            if c.seen_at_unix_ms == 0 {
+                "-".to_string()
+            } else {
+                format_ago(c.seen_at_unix_ms, now_ms)
+            },
+            c.attempt
+        ),
+        None => "none yet".to_string(),
+    };
+    out.line("last checkpoint", checkpoint);
+    out.line("time lost", format_elapsed(d.lost_ms));
+    out.line("submitted", format_when(j.submitted_at_unix_ms, now_ms));
+    out.line("workdir", or_dash(&d.workdir));
+    let checkpoints = if d.checkpoint_dir.is_empty() {
+        "none (the spec has no [checkpoint])".to_string()
+    } else {
+        format!(
+            "{} (layout {})",
+            d.checkpoint_dir,
+            or_dash(&d.checkpoint_layout)
+        )
+    };
+    out.line("checkpoints", checkpoints);
+    for section in [
+        workers_table(d, now_ms),
+        attempts_table(d, now_ms),
+        events_table(d),
+    ] {
+        out.push_str("\n");
+        out.push_str(&section);
+    }
+    out.finish()
+}
+
+fn workers_table(d: &JobDetail, now_ms: u64) -> String {
+    if d.workers.is_empty() {
+        return "WORKERS: none\n".to_string();
+    }
+    let mut t = Table::with_headers(&[
+        "NODE",
+        "RANK",
+        "STATE",
+        "EXIT",
+        "STEP",
+        "PROGRESS-AGE",
+        "PID",
+        "LOG",
+    ]);
+    for w in &d.workers {
+        t.push([
+            w.node.clone(),
+            w.node_rank.to_string(),
+            or_dash(&w.state).to_string(),
+            w.exit_code
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+            opt(w.progress_step),
+            age_since(w.progress_at_unix_ms, now_ms),
+            if w.pid == 0 {
+                "-".to_string()
+            } else {
+                w.pid.to_string()
+            },
+            or_dash(&w.log_path).to_string(),
+        ]);
+    }
+    format!("WORKERS\n{}", t.render())
+}
+
+fn attempts_table(d: &JobDetail, now_ms: u64) -> String {
+    if d.attempts.is_empty() {
+        return "ATTEMPTS: none\n".to_string();
+    }
+    let mut t = Table::with_headers(&[
+        "ATTEMPT",
+        "NODES",
+        "STARTED",
+        "DURATION",
+        "OUTCOME",
+        "RESUMED-FROM",
+        "LAST-STEP",
+        "REASON",
+    ]);
+    for a in &d.attempts {
+        let end = if a.ended_at_unix_ms == 0 {
+            now_ms
+        } else {
+            a.ended_at_unix_ms
+        };
+        let duration = if a.started_at_unix_ms == 0 {
+            "-".to_string()
+        } else {
+            format_elapsed(end.saturating_sub(a.started_at_unix_ms))
+        };
+        let resumed = match (a.resumed_from_step, a.resumed_from.as_str()) {
+            (Some(step), _) => format!("step {step}"),
+            (None, "") => "fresh".to_string(),
+            (None, path) => path.rsplit('/').next().unwrap_or(path).to_string(),
+        };
+        let reason = match (a.reason.as_str(), a.culprit_node.as_str()) {
+            (reason, "") => reason.to_string(),
+            ("", node) => format!("culprit: {node}"),
+            (reason, node) => format!("{reason} (culprit: {node})"),
+        };
+        t.push([
+            a.attempt.to_string(),
+            node_list(&a.nodes),
+            format_utc(a.started_at_unix_ms),
+            duration,
+            or_dash(&a.outcome).to_string(),
+            resumed,
+            opt(a.last_step),
+            reason,
+        ]);
+    }
+    format!("ATTEMPTS\n{}", t.render())
+}
+
+fn events_table(d: &JobDetail) -> String {
+    if d.events.is_empty() {
+        return "EVENTS: none\n".to_string();
+    }
+    let mut t = Table::with_headers(&["TIME", "KIND", "MESSAGE"]);
+    for e in &d.events {
+        t.push([
+            format_utc(e.at_unix_ms),
+            or_dash(&e.kind).to_string(),
+            e.message.clone(),
+        ]);
+    }
+    format!("EVENTS (newest last)\n{}", t.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixtures::running_job;
+
+    const NOW: u64 = 1_420_000;
+
+    fn detail() -> JobDetail {
+        JobDetail::from_proto(running_job(), "j-1")
+    }
+
+    #[test]
+    fn jobs_table_shows_progress_checkpoint_and_placement() {
+        let mut pending = detail().job;
+        pending.id = "j-2".into();
+        pending.state = "Pending".into();
+        pending.attempt = 0;
+        pending.restarts = 0;
+        pending.assigned_nodes.clear();
+        pending.progress_step = None;
+        pending.last_checkpoint_step = None;
+        pending.reason = "waiting for 2 schedulable nodes".into();
+        assert_eq!(
+            jobs(&[detail().job, pending], NOW),
+            "ID    NAME       STATE     ATTEMPT   RESTARTS   NODES             STEP   CHECKPOINT   AGE   REASON\n\
+             j-1   opt-demo   Running   2         1/50       gpu-001,gpu-004   230    200          7m\n\
+             j-2   opt-demo   Pending   -         0/50       -                 -      -            7m    waiting for 2 schedulable nodes\n"
+        );
+        assert!(jobs(&[], NOW).starts_with("no jobs"));
+    }
+
+    #[test]
+    fn job_detail_shows_attempts_workers_and_events() {
+        let text = job_detail(&detail(), NOW);
+        assert!(
+            text.starts_with(
+                "job             j-1 (opt-demo)\nstate           Running\nreason          -\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("attempt         2 on gpu-001, gpu-004 (by node rank)\n"),
+            "{text}"
+        );
+        assert!(text.contains("spares          gpu-009\n"), "{text}");
+        assert!(text.contains("restarts        1/50 so far\n"), "{text}");
+        assert!(
+            text.contains(
+                "last checkpoint /ckpt/step_00000200 (step 200, seen 3m ago, from attempt 1)\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("time lost       1m05s\n"), "{text}");
+        assert!(
+            text.contains("checkpoints     /ckpt (layout marker)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "WORKERS\n\
+                 NODE      RANK   STATE     EXIT   STEP   PROGRESS-AGE   PID    LOG\n\
+                 gpu-001   0      running   -      230    0.5s           4242   /var/lib/vigil/logs/j-1.2.log\n\
+                 gpu-004   1      running   -      -      -              -      -\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ATTEMPTS\n\
+                 ATTEMPT   NODES             STARTED                DURATION   OUTCOME   RESUMED-FROM   LAST-STEP   REASON\n\
+                 1         gpu-001,gpu-003   1970-01-01 00:16:50Z   4m50s      failed    fresh          260         XID 79 (GPU has fallen off the bus) (culprit: gpu-003)\n\
+                 2         gpu-001,gpu-004   1970-01-01 00:22:45Z   55.0s      running   step 200       230\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "EVENTS (newest last)\n\
+                 TIME                   KIND        MESSAGE\n\
+                 1970-01-01 00:16:40Z   submitted   submitted from job.toml\n\
+                 1970-01-01 00:21:40Z   restart     attempt 1 failed on gpu-003: XID 79\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn submit_and_cancel_print_one_line() {
+        let mut d = detail();
+        assert_eq!(job_submitted(&d), "job j-1 submitted (opt-demo): Running\n");
+        d.job.state = "Pending".into();
+        d.job.reason = "waiting for 2 schedulable nodes".into();
+        assert_eq!(
+            job_submitted(&d),
+            "job j-1 submitted (opt-demo): Pending — waiting for 2 schedulable nodes\n"
+        );
+        d.job.state = "Cancelling".into();
+        assert_eq!(job_cancelled(&d), "job j-1 cancelling\n");
+    }
+}
