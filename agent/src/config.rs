@@ -20,6 +20,11 @@ pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Node names end up in DNS-like places (labels, hostnames), hence the DNS label limit.
 pub const MAX_NODE_NAME_LEN: usize = 63;
+/// SIGTERM-to-SIGKILL time for a worker when the coordinator sets none.
+pub const DEFAULT_WORKER_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Cap on that time when the lease expired: with the default lease (8 s) and the
+/// coordinator's `lost_after` (10 s), the old attempt is dead before any relaunch.
+pub const DEFAULT_LEASE_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Everything the agent needs to start; flags are merged in before [`AgentConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -38,6 +43,16 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub metrics_listen: SocketAddr,
     pub reconnect: ReconnectConfig,
+    /// Leave workers running when the agent itself stops (an agent upgrade
+    /// that must not interrupt training). The next agent start still stops
+    /// them as orphans: it cannot supervise processes it did not spawn.
+    pub keep_workers_on_shutdown: bool,
+    /// SIGTERM-to-SIGKILL time for a worker whose StartWorker/StopWorkers sets none.
+    #[serde(with = "humantime_serde")]
+    pub worker_stop_grace: Duration,
+    /// The most a worker gets between SIGTERM and SIGKILL once the lease expired.
+    #[serde(with = "humantime_serde")]
+    pub lease_stop_grace: Duration,
 }
 
 /// How patiently the agent redials a coordinator it lost.
@@ -98,6 +113,9 @@ impl Default for AgentConfig {
                 .parse()
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9771))),
             reconnect: ReconnectConfig::default(),
+            keep_workers_on_shutdown: false,
+            worker_stop_grace: DEFAULT_WORKER_STOP_GRACE,
+            lease_stop_grace: DEFAULT_LEASE_STOP_GRACE,
         }
     }
 }
@@ -259,6 +277,9 @@ mod tests {
         assert_eq!(cfg.reconnect.max_backoff, Duration::from_secs(10));
         assert_eq!(cfg.node_name, hostname());
         assert!(cfg.diagnostics_command.is_empty(), "built-in self-check");
+        assert!(!cfg.keep_workers_on_shutdown);
+        assert_eq!(cfg.worker_stop_grace, Duration::from_secs(10));
+        assert_eq!(cfg.lease_stop_grace, Duration::from_secs(1));
         Ok(())
     }
 
@@ -285,6 +306,9 @@ mod tests {
             diagnostics_command = ["dcgmi", "diag", "-r", "1"]
             state_dir = "/tmp/state"
             metrics_listen = "127.0.0.1:0"
+            keep_workers_on_shutdown = true
+            worker_stop_grace = "30s"
+            lease_stop_grace = "500ms"
             [reconnect]
             initial_backoff = "1s"
             max_backoff = "1m"
@@ -301,6 +325,9 @@ mod tests {
         assert_eq!(cfg.metrics_listen.port(), 0);
         assert_eq!(cfg.reconnect.initial_backoff, Duration::from_secs(1));
         assert_eq!(cfg.reconnect.max_backoff, Duration::from_secs(60));
+        assert!(cfg.keep_workers_on_shutdown);
+        assert_eq!(cfg.worker_stop_grace, Duration::from_secs(30));
+        assert_eq!(cfg.lease_stop_grace, Duration::from_millis(500));
         Ok(())
     }
 

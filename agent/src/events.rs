@@ -1,7 +1,7 @@
-//! Events the coordinator must hear at once (XID, lost GPU, diagnostics), queued while no session is up.
+//! Events the coordinator must hear at once (XID, lost GPU, diagnostics, workers, checkpoints), queued while no session is up.
 //!
 //! Producers (the NVML event thread, the sampler, the fault-file watcher, a
-//! diagnostics task) hold an [`EventSink`]; the reconnect loop holds the one
+//! diagnostics task, the worker supervisor) hold an [`EventSink`]; the reconnect loop holds the one
 //! [`EventSource`] and hands it to each session in turn. The channel itself is
 //! the queue: while no session reads it, up to [`QUEUE`] events wait there.
 
@@ -74,7 +74,8 @@ impl EventSink {
                 summary = %d.summary,
                 "diagnostics finished"
             ),
-            None => {}
+            // The worker supervisor logs its own decisions, with their reasons.
+            Some(Kind::WorkerStarted(_) | Kind::WorkerExited(_) | Kind::Checkpoint(_)) | None => {}
         }
         match self.tx.try_send(event) {
             Ok(()) => {}

@@ -1,8 +1,9 @@
 //! The agent's lease: how long it may go without hearing from the coordinator.
 //!
 //! Every coordinator message renews it. Once it runs out the coordinator may
-//! already be relaunching this node's work elsewhere, so the session is over
-//! (and, in a later revision, so are this node's workers).
+//! already be relaunching this node's work elsewhere, so the session is over,
+//! and so are this node's workers (the [`crate::workers`] supervisor holds a
+//! copy of the lease and stops them at its deadline, session or no session).
 
 use std::time::Duration;
 

@@ -13,8 +13,12 @@
 //! - [`backoff`]: reconnect delays (exponential, full jitter), pure.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/healthz` endpoint.
 //! - [`gpu_metrics`]: the per-GPU gauges (dcgm-exporter names and labels), encoded from the latest sample.
+//! - [`workers`]: the job workers on this node: one process group per (job, attempt),
+//!   spawned, stopped, fenced by the lease, recorded for the next agent, progress polled.
+//! - [`checkpoint`]: the newest complete checkpoint of a job, per layout; reported by node rank 0.
 
 pub mod backoff;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod diagnostics;
@@ -25,6 +29,7 @@ pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod session;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,6 +48,7 @@ use crate::diagnostics::Diagnostics;
 use crate::gpu::{GpuBackend, GpuInfo, GpuProbe, backend_label};
 use crate::metrics::Metrics;
 use crate::session::SessionContext;
+use crate::workers::{Workers, WorkersConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -160,6 +166,14 @@ async fn serve(
     let metrics = Metrics::new(backend_label(probe.backend()), &inventory, &hostname);
     let (sink, events) = events::channel(metrics.clone());
     Arc::clone(&probe).start_events(sink.clone());
+    let workers = Workers::start(
+        WorkersConfig {
+            state_dir: config.state_dir.clone(),
+            stop_grace: config.worker_stop_grace,
+            lease_stop_grace: config.lease_stop_grace,
+        },
+        sink.clone(),
+    );
     let metrics_addr = listener.local_addr().map_err(AgentError::MetricsServe)?;
     // Held here; the metrics server stops when this side sends.
     let (stop_tx, mut stop_rx) = watch::channel(());
@@ -189,12 +203,14 @@ async fn serve(
         probe,
         metrics,
         diagnostics,
+        workers: workers.clone(),
     };
     // Dropping the link at shutdown drops `events`, which stops the event sources.
     tokio::select! {
         () = link::run(ctx, events, config.reconnect) => {}
         () = shutdown => info!("shutting down"),
     }
+    workers.shutdown(config.keep_workers_on_shutdown).await;
     let _ = stop_tx.send(());
     match server.await {
         Ok(result) => result.map_err(AgentError::MetricsServe),

@@ -168,7 +168,7 @@ impl Metrics {
                     .get_or_create(&ResultLabels { result })
                     .inc();
             }
-            None => {}
+            Some(Kind::WorkerStarted(_) | Kind::WorkerExited(_) | Kind::Checkpoint(_)) | None => {}
         }
     }
 

@@ -26,6 +26,7 @@ use crate::events::EventSource;
 use crate::gpu::{GpuError, GpuProbe, GpuSample};
 use crate::lease::Lease;
 use crate::metrics::Metrics;
+use crate::workers::Workers;
 use crate::{error_chain, unix_ms};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -51,6 +52,8 @@ pub struct SessionContext {
     pub metrics: Metrics,
     /// Runs diagnostics the coordinator asks for; results come back as events.
     pub diagnostics: Arc<Diagnostics>,
+    /// Starts and stops job workers; lists them for Register and heartbeats.
+    pub workers: Workers,
 }
 
 /// How a session ended; `registered` tells the reconnect loop to reset its backoff.
@@ -124,7 +127,7 @@ async fn run_until_error(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         gpu_backend: ctx.probe.backend().into(),
         gpus,
-        workers: Vec::new(),
+        workers: ctx.workers.list().await,
         sent_at_unix_ms: unix_ms(),
     }))?;
     let registration = async {
@@ -255,7 +258,7 @@ impl Outbound {
         let sent = self.push(AgentBody::Heartbeat(Heartbeat {
             sent_at_unix_ms: unix_ms(),
             gpus,
-            workers: Vec::new(),
+            workers: ctx.workers.list().await,
         }))?;
         if sent {
             ctx.metrics.heartbeats_sent.inc();
@@ -274,6 +277,7 @@ async fn heartbeat(
     pace: Pace,
 ) -> Result<Infallible, SessionError> {
     let mut lease = Lease::new(pace.lease, Instant::now());
+    ctx.workers.renew_lease(lease);
     let mut ticker = tokio::time::interval(pace.heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let changed = events.changed_signal();
@@ -295,6 +299,7 @@ async fn heartbeat(
             msg = inbound.message() => {
                 let msg = msg.map_err(SessionError::Stream)?.ok_or(SessionError::Closed)?;
                 lease.renew(Instant::now());
+                ctx.workers.renew_lease(lease);
                 handle(ctx, msg)?;
             }
             () = tokio::time::sleep_until(lease.deadline()) => {
@@ -328,6 +333,8 @@ fn handle(ctx: &SessionContext, msg: CoordinatorMessage) -> Result<(), SessionEr
 fn run_command(ctx: &SessionContext, command: Command) {
     match command.kind {
         Some(CommandKind::RunDiagnostics(r)) => ctx.diagnostics.spawn(command.id, r.timeout_ms),
+        Some(CommandKind::StartWorker(start)) => ctx.workers.start_worker(start),
+        Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
         None => warn!(
             command_id = command.id,
             "unknown command from a newer coordinator ignored; upgrade this agent"

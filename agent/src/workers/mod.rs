@@ -1,0 +1,127 @@
+//! The workers this agent runs: one process group per (job, attempt) on this node.
+//!
+//! A single supervisor task ([`supervisor`]) owns the table of workers; the
+//! session holds a cloneable [`Workers`] handle that sends it requests. Each
+//! worker has its own task ([`worker`]) that owns the process, polls its
+//! progress, and reports once its whole group is dead.
+//!
+//! Fencing, the rule every decision here serves: two attempts of one job never
+//! run at once. So a newer attempt starts only after the older one's group is
+//! dead; an older attempt is refused; and when the lease runs out (no word
+//! from the coordinator for `lease_ms`, whether or not a session is up) every
+//! worker is stopped, because by then the coordinator may relaunch the job
+//! elsewhere.
+//!
+//! Agent restarts: running workers are recorded in `<state_dir>/workers.json`
+//! ([`record`]). A new agent does not adopt the workers of an earlier one: it
+//! cannot wait on a process it did not spawn, and the coordinator may already
+//! have moved the job while no agent held the lease. So at start-up it stops
+//! every recorded worker whose group still lives (SIGTERM, grace, SIGKILL) and
+//! reports each with `WorkerExited { stopped: true, reason: "agent restarted;
+//! stopped the orphaned worker" }` once registered; the job resumes from its
+//! checkpoint. No orphan is ever left running.
+
+mod group;
+mod progress;
+mod record;
+mod spawn;
+mod supervisor;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use vigil_proto::v1::{StartWorker, StopWorkers, WorkerInfo};
+
+pub use group::group_alive;
+pub use progress::{Progress, parse_step};
+pub use record::{FILE_NAME as RECORD_FILE, Record};
+pub use spawn::{PROGRESS_FILE_VAR, Paths, SpawnError};
+
+use crate::events::EventSink;
+use crate::lease::Lease;
+
+/// The reason sent when the agent stops the workers an earlier agent left behind.
+pub const ORPHAN_REASON: &str = "agent restarted; stopped the orphaned worker";
+/// The answer to a `StopWorkers` for a job with nothing on this node.
+pub const ALREADY_GONE_REASON: &str = "no such worker (already gone)";
+
+/// A worker's identity on this node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub job_id: String,
+    pub attempt: u64,
+}
+
+/// How the supervisor stops workers.
+#[derive(Debug, Clone)]
+pub struct WorkersConfig {
+    pub state_dir: PathBuf,
+    /// SIGTERM-to-SIGKILL time when neither `StartWorker` nor `StopWorkers` sets one.
+    pub stop_grace: Duration,
+    /// Cap on that time when the lease ran out: the coordinator relaunches the
+    /// job once `lost_after` passes, so the old attempt must be dead by then.
+    pub lease_stop_grace: Duration,
+}
+
+/// Requests to the supervisor; the reply channels are the callers'.
+enum Request {
+    Start(StartWorker),
+    Stop(StopWorkers),
+    Lease(Lease),
+    List(oneshot::Sender<Vec<WorkerInfo>>),
+    Shutdown {
+        keep: bool,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The handle every session holds; clones talk to the same supervisor.
+#[derive(Clone)]
+pub struct Workers {
+    /// The supervisor task holds the receiver.
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl Workers {
+    /// Starts the supervisor, which first stops the workers an earlier agent left running.
+    pub fn start(config: WorkersConfig, sink: EventSink) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        supervisor::spawn(config, sink, rx);
+        Self { tx }
+    }
+
+    /// Starts a worker (after stopping older attempts of its job); the outcome
+    /// comes back as `WorkerStarted` or `WorkerExited` events.
+    pub fn start_worker(&self, start: StartWorker) {
+        let _ = self.tx.send(Request::Start(start));
+    }
+
+    /// Stops the job's workers up to `stop.attempt`; each is reported by `WorkerExited`.
+    pub fn stop_workers(&self, stop: StopWorkers) {
+        let _ = self.tx.send(Request::Stop(stop));
+    }
+
+    /// The coordinator spoke: workers may run until `lease` runs out.
+    pub fn renew_lease(&self, lease: Lease) {
+        let _ = self.tx.send(Request::Lease(lease));
+    }
+
+    /// Every worker process alive on this node, with its progress; for Register and heartbeats.
+    pub async fn list(&self) -> Vec<WorkerInfo> {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Request::List(reply)).is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Stops every worker and waits until all are dead; with `keep`, leaves them running.
+    pub async fn shutdown(&self, keep: bool) {
+        let (done, finished) = oneshot::channel();
+        if self.tx.send(Request::Shutdown { keep, done }).is_ok() {
+            let _ = finished.await;
+        }
+    }
+}

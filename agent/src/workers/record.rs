@@ -1,0 +1,136 @@
+//! `<state_dir>/workers.json`: the workers this agent runs, so a restarted agent finds them.
+//!
+//! Rewritten (temp file, fsync, rename) whenever a worker starts or ends, so a
+//! crash leaves either the old list or the new one, never half of each.
+
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::group;
+
+pub const FILE_NAME: &str = "workers.json";
+
+/// One running worker as the next agent needs it: enough to find and stop its group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub job_id: String,
+    pub attempt: u64,
+    pub node_rank: u32,
+    pub pid: u32,
+    pub pgid: i32,
+    pub log_path: PathBuf,
+    pub started_at_unix_ms: u64,
+    /// The leader's start time (`/proc/<pid>/stat`): a recycled pid is not our worker.
+    #[serde(default)]
+    pub start_time: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WorkersFile {
+    workers: Vec<Record>,
+}
+
+impl Record {
+    /// True while the worker's group still has a live member that is ours.
+    ///
+    /// Linux never hands out a pid still in use as a process group id, so a
+    /// live group without its leader is still the worker's; a live leader whose
+    /// start time differs is a stranger that inherited the pid.
+    pub fn still_running(&self) -> bool {
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        let leader = group::read_stat(pid);
+        let recycled =
+            matches!((leader, self.start_time), (Some(now), Some(then)) if now.start_time != then);
+        if recycled {
+            return false;
+        }
+        group::group_alive(self.pgid)
+    }
+}
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE_NAME)
+}
+
+/// The recorded workers; no file means none.
+pub fn load(state_dir: &Path) -> io::Result<Vec<Record>> {
+    let text = match std::fs::read_to_string(path(state_dir)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let file: WorkersFile = serde_json::from_str(&text).map_err(io::Error::other)?;
+    Ok(file.workers)
+}
+
+pub fn save(state_dir: &Path, workers: &[Record]) -> io::Result<()> {
+    let target = path(state_dir);
+    let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
+    let text = serde_json::to_string_pretty(&WorkersFile {
+        workers: workers.to_vec(),
+    })
+    .map_err(io::Error::other)?;
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(job: &str, pid: u32) -> Record {
+        Record {
+            job_id: job.to_owned(),
+            attempt: 2,
+            node_rank: 1,
+            pid,
+            pgid: i32::try_from(pid).unwrap_or(i32::MAX),
+            log_path: PathBuf::from("/state/jobs/j/2/rank1.log"),
+            started_at_unix_ms: 1_700_000_000_000,
+            start_time: Some(12),
+        }
+    }
+
+    #[test]
+    fn records_survive_a_save_and_load() -> io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        assert_eq!(load(tmp.path())?, Vec::new(), "no file: no workers");
+        let workers = vec![record("a", 10), record("b", 11)];
+        save(tmp.path(), &workers)?;
+        assert_eq!(load(tmp.path())?, workers);
+        save(tmp.path(), &[])?;
+        assert_eq!(load(tmp.path())?, Vec::new());
+        assert!(!tmp.path().join("workers.json.tmp").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_not_an_empty_list() -> io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        std::fs::write(path(tmp.path()), "{ not json")?;
+        assert!(load(tmp.path()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_worker_whose_group_is_gone_is_not_running() {
+        assert!(!record("gone", 4_999_999).still_running());
+    }
+
+    #[test]
+    fn a_recycled_pid_is_not_our_worker() {
+        // This test process is alive, but its start time is not the recorded one.
+        let pid = std::process::id();
+        let me = group::read_stat(i32::try_from(pid).unwrap_or(i32::MAX));
+        let mut r = record("stranger", pid);
+        r.start_time = me.map(|s| s.start_time + 1);
+        assert!(me.is_some());
+        assert!(!r.still_running());
+    }
+}

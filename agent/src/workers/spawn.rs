@@ -1,0 +1,283 @@
+//! Starting one worker: checking the request, laying out its files, and spawning its process group.
+//!
+//! Files of a worker live under `<state_dir>/jobs/<job_id>/<attempt>/`:
+//! `rank<r>.log` (stdout and stderr, appended, after a one-line header) and
+//! `progress` (the worker's `VIGIL_PROGRESS_FILE`).
+
+use std::collections::BTreeMap;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::SystemTime;
+
+use tokio::process::{Child, Command};
+use vigil_proto::v1::StartWorker;
+
+use crate::checkpoint::{Layout, UnknownLayout};
+
+/// The variable the agent sets for every worker: where to write its step number.
+pub const PROGRESS_FILE_VAR: &str = "VIGIL_PROGRESS_FILE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(
+        "invalid job id {0:?}: it names a directory, so it must be non-empty, without '/', and not '.' or '..'"
+    )]
+    JobId(String),
+    #[error("empty command: the job spec's command must name a program")]
+    EmptyCommand,
+    #[error("workdir {0:?} is not an absolute path; give the job spec an absolute workdir")]
+    RelativeWorkdir(String),
+    #[error(
+        "workdir {} does not exist or is not a directory on this node; create it (or mount the shared storage) before the job starts",
+        .0.display()
+    )]
+    MissingWorkdir(PathBuf),
+    #[error(transparent)]
+    Layout(#[from] UnknownLayout),
+    #[error("cannot prepare {}; check that the agent's state dir is writable", .path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where one worker's files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    pub progress: PathBuf,
+}
+
+impl Paths {
+    pub fn new(state_dir: &Path, job_id: &str, attempt: u64, node_rank: u32) -> Self {
+        let dir = state_dir
+            .join("jobs")
+            .join(job_id)
+            .join(attempt.to_string());
+        Self {
+            log: dir.join(format!("rank{node_rank}.log")),
+            progress: dir.join("progress"),
+            dir,
+        }
+    }
+}
+
+/// Checks what can be checked before anything is created; returns the
+/// checkpoint layout to watch, for node rank 0 of a job with a checkpoint dir.
+pub fn validate(start: &StartWorker) -> Result<Option<Layout>, SpawnError> {
+    let job = start.job_id.as_str();
+    if job.is_empty() || job.contains('/') || job == "." || job == ".." || job.contains('\0') {
+        return Err(SpawnError::JobId(start.job_id.clone()));
+    }
+    if start.command.first().is_none_or(|p| p.is_empty()) {
+        return Err(SpawnError::EmptyCommand);
+    }
+    let workdir = Path::new(&start.workdir);
+    if !workdir.is_absolute() {
+        return Err(SpawnError::RelativeWorkdir(start.workdir.clone()));
+    }
+    if !workdir.is_dir() {
+        return Err(SpawnError::MissingWorkdir(workdir.to_owned()));
+    }
+    if start.node_rank != 0 || start.checkpoint_dir.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(start.checkpoint_layout.parse()?))
+}
+
+/// The worker's environment on top of the agent's: the coordinator's, with
+/// the `VIGIL_*` basics filled in from the request where the coordinator left
+/// them out, and the agent's own progress file (never the coordinator's).
+pub fn environment(start: &StartWorker, paths: &Paths) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = start
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let defaults = [
+        ("VIGIL_JOB_ID", start.job_id.clone()),
+        ("VIGIL_ATTEMPT", start.attempt.to_string()),
+        ("VIGIL_NODE_RANK", start.node_rank.to_string()),
+        ("VIGIL_NNODES", start.nnodes.to_string()),
+    ];
+    for (key, value) in defaults {
+        env.entry(key.to_owned()).or_insert(value);
+    }
+    env.insert(
+        PROGRESS_FILE_VAR.to_owned(),
+        paths.progress.display().to_string(),
+    );
+    env
+}
+
+/// The log's header line: when, what, where, and which variables (names only: values may be secrets).
+pub fn header(start: &StartWorker, env: &BTreeMap<String, String>, now: SystemTime) -> String {
+    let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    format!(
+        "==> vigil-agent {}: job {} attempt {} rank {}/{}: starting {:?} in {} with env {}\n",
+        humantime::format_rfc3339_seconds(now),
+        start.job_id,
+        start.attempt,
+        start.node_rank,
+        start.nnodes,
+        start.command,
+        start.workdir,
+        keys.join(",")
+    )
+}
+
+/// Spawns the worker as the leader of its own process group, output appended to its log.
+pub fn spawn(start: &StartWorker, paths: &Paths) -> Result<Child, SpawnError> {
+    let files = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SpawnError::Files { path, source }
+    };
+    std::fs::create_dir_all(&paths.dir).map_err(files(&paths.dir))?;
+    // A progress file left by an earlier run on this node is not this worker's progress.
+    match std::fs::remove_file(&paths.progress) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(files(&paths.progress)(e)),
+        _ => {}
+    }
+    let env = environment(start, paths);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .map_err(files(&paths.log))?;
+    log.write_all(header(start, &env, SystemTime::now()).as_bytes())
+        .map_err(files(&paths.log))?;
+    let stderr = log.try_clone().map_err(files(&paths.log))?;
+    let (program, args) = match start.command.split_first() {
+        Some(split) => split,
+        None => return Err(SpawnError::EmptyCommand),
+    };
+    let spawned = Command::new(program)
+        .args(args)
+        .current_dir(&start.workdir)
+        .envs(&env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(files(&paths.log))?)
+        .stderr(stderr)
+        .process_group(0)
+        .spawn();
+    spawned.map_err(|source| {
+        let _ = writeln!(log, "==> vigil-agent: cannot start {program}: {source}");
+        SpawnError::Spawn {
+            program: program.clone(),
+            source,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(workdir: &str) -> StartWorker {
+        StartWorker {
+            job_id: "job-1".into(),
+            attempt: 3,
+            node_rank: 0,
+            nnodes: 2,
+            command: vec!["python3".into(), "train.py".into()],
+            workdir: workdir.into(),
+            env: [("NCCL_DEBUG".to_owned(), "WARN".to_owned())].into(),
+            ..StartWorker::default()
+        }
+    }
+
+    fn reason(start: &StartWorker) -> String {
+        validate(start)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn files_live_under_jobs_job_attempt() {
+        let p = Paths::new(Path::new("/var/lib/vigil-agent"), "job-1", 3, 1);
+        assert_eq!(p.dir, Path::new("/var/lib/vigil-agent/jobs/job-1/3"));
+        assert_eq!(
+            p.log,
+            Path::new("/var/lib/vigil-agent/jobs/job-1/3/rank1.log")
+        );
+        assert_eq!(
+            p.progress,
+            Path::new("/var/lib/vigil-agent/jobs/job-1/3/progress")
+        );
+    }
+
+    #[test]
+    fn a_valid_request_watches_checkpoints_only_on_rank_0_with_a_dir() {
+        let mut start = request("/");
+        assert_eq!(validate(&start).ok(), Some(None), "no checkpoint dir");
+        start.checkpoint_dir = "/ckpt".into();
+        start.checkpoint_layout = "megatron".into();
+        assert_eq!(validate(&start).ok(), Some(Some(Layout::Megatron)));
+        start.node_rank = 1;
+        assert_eq!(validate(&start).ok(), Some(None), "rank 1 does not watch");
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_reason_naming_the_problem() {
+        let mut start = request("/");
+        start.command.clear();
+        assert!(reason(&start).contains("empty command"));
+        start.command = vec![String::new()];
+        assert!(reason(&start).contains("empty command"));
+        let start = request("runs/x");
+        assert!(reason(&start).contains("\"runs/x\" is not an absolute path"));
+        let start = request("/no/such/workdir");
+        assert!(reason(&start).contains("/no/such/workdir does not exist"));
+        for job in ["", "a/b", "..", "."] {
+            let mut start = request("/");
+            start.job_id = job.into();
+            assert!(reason(&start).contains("invalid job id"), "{job:?}");
+        }
+        let mut start = request("/");
+        start.checkpoint_dir = "/ckpt".into();
+        start.checkpoint_layout = "orbax".into();
+        assert!(reason(&start).contains("unknown checkpoint layout \"orbax\""));
+    }
+
+    #[test]
+    fn environment_adds_the_progress_file_and_fills_in_vigil_basics() {
+        let mut start = request("/");
+        start
+            .env
+            .insert("VIGIL_PROGRESS_FILE".into(), "/elsewhere".into());
+        start.env.insert("VIGIL_NNODES".into(), "7".into());
+        let paths = Paths::new(Path::new("/s"), "job-1", 3, 0);
+        let env = environment(&start, &paths);
+        assert_eq!(env["VIGIL_PROGRESS_FILE"], "/s/jobs/job-1/3/progress");
+        assert_eq!(env["VIGIL_JOB_ID"], "job-1");
+        assert_eq!(env["VIGIL_ATTEMPT"], "3");
+        assert_eq!(env["VIGIL_NODE_RANK"], "0");
+        assert_eq!(env["VIGIL_NNODES"], "7", "the coordinator's value wins");
+        assert_eq!(env["NCCL_DEBUG"], "WARN");
+    }
+
+    #[test]
+    fn header_names_env_keys_but_not_their_values() {
+        let mut start = request("/work");
+        start.env.insert("WANDB_API_KEY".into(), "secret".into());
+        let env = environment(&start, &Paths::new(Path::new("/s"), "job-1", 3, 0));
+        let line = header(&start, &env, SystemTime::UNIX_EPOCH);
+        assert!(
+            line.starts_with("==> vigil-agent 1970-01-01T00:00:00Z: job job-1 attempt 3 rank 0/2")
+        );
+        assert!(line.contains("[\"python3\", \"train.py\"] in /work"));
+        assert!(line.contains("WANDB_API_KEY"));
+        assert!(!line.contains("secret"));
+        assert!(line.ends_with('\n'));
+    }
+}

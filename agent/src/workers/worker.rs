@@ -1,0 +1,318 @@
+//! One worker's task: waits for its process, stops it on order, polls its progress, reports its end.
+//!
+//! The task owns the process (or, for an orphan of an earlier agent, only its
+//! group id). It reports to the supervisor exactly once, after the whole
+//! process group is dead: a training script's children must not outlive it.
+
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::process::Child;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{Instrument, info, warn};
+use vigil_proto::v1::agent_event::Kind;
+use vigil_proto::v1::{AgentEvent, CheckpointSeen, WorkerExited};
+
+use super::Key;
+use super::group;
+use super::progress::Progress;
+use crate::checkpoint::{self, Watcher};
+use crate::events::EventSink;
+use crate::unix_ms;
+
+/// How often the progress file is read.
+pub const PROGRESS_POLL: Duration = Duration::from_millis(200);
+/// How often node rank 0 scans the checkpoint dir.
+pub const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+/// After SIGKILL, how long the group may take to vanish before the report goes out anyway.
+pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The protocol's bound on `WorkerExited.log_tail`.
+pub const LOG_TAIL_BYTES: u64 = 4 * 1024;
+
+/// Stop this worker: SIGTERM now, SIGKILL after `grace`. A second order may shorten the grace.
+#[derive(Debug, Clone)]
+pub struct StopOrder {
+    pub reason: String,
+    pub grace: Duration,
+}
+
+/// What the task reports once the group is dead.
+#[derive(Debug)]
+pub struct Exit {
+    pub key: Key,
+    pub report: WorkerExited,
+}
+
+/// The process a task watches.
+pub enum Proc {
+    /// Spawned by this agent: its exit status is known.
+    Child(Child),
+    /// Left by an earlier agent: only its group can be watched.
+    Orphan,
+}
+
+/// Everything one worker task needs; the supervisor keeps the other ends.
+pub struct Task {
+    pub key: Key,
+    pub pgid: i32,
+    pub log_path: PathBuf,
+    pub progress_path: PathBuf,
+    pub proc: Proc,
+    /// The supervisor holds the sender.
+    pub stops: mpsc::UnboundedReceiver<StopOrder>,
+    /// The supervisor reads it for heartbeats.
+    pub progress: watch::Sender<Progress>,
+    /// The supervisor's mailbox.
+    pub exits: mpsc::UnboundedSender<Exit>,
+    pub checkpoints: Option<Watcher>,
+    pub sink: EventSink,
+}
+
+impl Task {
+    pub fn spawn(self) {
+        tokio::spawn(self.run().in_current_span());
+    }
+
+    async fn run(mut self) {
+        let watcher = self.checkpoints.take().map(|w| {
+            let key = self.key.clone();
+            let sink = self.sink.clone();
+            tokio::spawn(watch_checkpoints(w, key, sink).in_current_span())
+        });
+        let (status, stop) = self.wait_or_stop().await;
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        // Stragglers of a leader that exited (or was killed) go too.
+        group::signal_group(self.pgid, Signal::SIGKILL);
+        if !group::wait_gone(self.pgid, REAP_TIMEOUT).await {
+            warn!(
+                job_id = %self.key.job_id,
+                attempt = self.key.attempt,
+                pgid = self.pgid,
+                "process group still has live members after SIGKILL; reporting the worker gone anyway"
+            );
+        }
+        self.poll_progress().await;
+        let log_path = self.log_path.clone();
+        let log_tail = tokio::task::spawn_blocking(move || log_tail(&log_path))
+            .await
+            .unwrap_or_default();
+        let (stopped, reason) = match stop {
+            Some(reason) => (true, reason),
+            None => (false, describe(status)),
+        };
+        let report = WorkerExited {
+            job_id: self.key.job_id.clone(),
+            attempt: self.key.attempt,
+            exit_code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stopped,
+            reason,
+            log_path: self.log_path.display().to_string(),
+            log_tail,
+        };
+        let _ = self.exits.send(Exit {
+            key: self.key,
+            report,
+        });
+    }
+
+    /// Runs until the leader is gone; returns its status (if known) and the stop reason (if stopped).
+    async fn wait_or_stop(&mut self) -> (Option<ExitStatus>, Option<String>) {
+        let mut stop: Option<String> = None;
+        let mut kill_at: Option<Instant> = None;
+        let mut ticker = tokio::time::interval(PROGRESS_POLL);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                status = wait(&mut self.proc, self.pgid) => return (status, stop),
+                Some(order) = self.stops.recv() => {
+                    if stop.is_none() {
+                        group::signal_group(self.pgid, Signal::SIGTERM);
+                        stop = Some(order.reason);
+                    }
+                    let at = Instant::now() + order.grace;
+                    kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
+                }
+                () = sleep_until(kill_at), if kill_at.is_some() => {
+                    warn!(
+                        job_id = %self.key.job_id,
+                        attempt = self.key.attempt,
+                        pgid = self.pgid,
+                        "worker did not exit within its stop grace; sending SIGKILL to its process group"
+                    );
+                    group::signal_group(self.pgid, Signal::SIGKILL);
+                    kill_at = None;
+                }
+                _ = ticker.tick() => self.poll_progress().await,
+            }
+        }
+    }
+
+    async fn poll_progress(&self) {
+        if let Ok(text) = tokio::fs::read_to_string(&self.progress_path).await {
+            let now = unix_ms();
+            self.progress.send_if_modified(|p| p.observe(&text, now));
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the leader exits (a child) or the whole group is gone (an orphan).
+async fn wait(proc: &mut Proc, pgid: i32) -> Option<ExitStatus> {
+    match proc {
+        Proc::Child(child) => child.wait().await.ok(),
+        Proc::Orphan => {
+            while group::group_alive(pgid) {
+                tokio::time::sleep(group::POLL).await;
+            }
+            None
+        }
+    }
+}
+
+/// The reason line of a worker that ended by itself.
+pub fn describe(status: Option<ExitStatus>) -> String {
+    match status {
+        Some(s) if s.code() == Some(0) => "exited successfully".to_owned(),
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(sig)) => match Signal::try_from(sig) {
+                Ok(name) => format!("killed by signal {sig} ({name})"),
+                Err(_) => format!("killed by signal {sig}"),
+            },
+            (None, None) => "exited (status unknown)".to_owned(),
+        },
+        None => "exited (status unknown)".to_owned(),
+    }
+}
+
+/// The last lines of a log, at most [`LOG_TAIL_BYTES`]; empty if it cannot be read.
+pub fn log_tail(path: &Path) -> String {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        let start = len.saturating_sub(LOG_TAIL_BYTES);
+        file.seek(SeekFrom::Start(start))?;
+        let mut bytes = Vec::new();
+        file.take(LOG_TAIL_BYTES).read_to_end(&mut bytes)?;
+        // Cut mid-file: start at the next whole line, if there is one.
+        let first_newline = bytes.iter().position(|&b| b == b'\n');
+        match first_newline {
+            Some(nl) if start > 0 && nl + 1 < bytes.len() => drop(bytes.drain(..=nl)),
+            _ => {}
+        }
+        Ok(bytes)
+    };
+    let bytes = read().unwrap_or_default();
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    // Replacement characters may have grown it past the bound.
+    let max = usize::try_from(LOG_TAIL_BYTES).unwrap_or(usize::MAX);
+    while text.len() > max {
+        let cut = text.len() - max;
+        let at = (cut..=text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text.drain(..at);
+    }
+    text
+}
+
+/// Node rank 0's checkpoint poller: each newly complete checkpoint is reported once.
+async fn watch_checkpoints(mut watcher: Watcher, key: Key, sink: EventSink) {
+    let mut ticker = tokio::time::interval(CHECKPOINT_POLL);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let (dir, layout) = (watcher.dir.clone(), watcher.layout);
+        // A hung network filesystem blocks here, not the worker's stop path.
+        let Ok(scan) =
+            tokio::task::spawn_blocking(move || checkpoint::latest_complete(&dir, layout)).await
+        else {
+            continue;
+        };
+        if let Some(found) = watcher.observe(scan) {
+            info!(
+                job_id = %key.job_id,
+                attempt = key.attempt,
+                path = %found.path.display(),
+                step = found.step,
+                "checkpoint seen"
+            );
+            sink.emit(AgentEvent {
+                at_unix_ms: unix_ms(),
+                kind: Some(Kind::Checkpoint(CheckpointSeen {
+                    job_id: key.job_id.clone(),
+                    attempt: key.attempt,
+                    path: found.path.display().to_string(),
+                    step: found.step,
+                })),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_reasons_name_the_code_or_signal() {
+        assert_eq!(
+            describe(Some(ExitStatus::from_raw(0))),
+            "exited successfully"
+        );
+        assert_eq!(
+            describe(Some(ExitStatus::from_raw(3 << 8))),
+            "exited with code 3"
+        );
+        assert_eq!(
+            describe(Some(ExitStatus::from_raw(9))),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(describe(None), "exited (status unknown)");
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_whole_lines_within_4_kib() -> std::io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("rank0.log");
+        assert_eq!(log_tail(&path), "", "missing log: empty tail");
+        std::fs::write(&path, "short\nlog\n")?;
+        assert_eq!(log_tail(&path), "short\nlog\n");
+        let long: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, &long)?;
+        let tail = log_tail(&path);
+        assert!(tail.len() <= 4096);
+        assert!(tail.ends_with("line 999\n"));
+        assert!(
+            tail.starts_with("line "),
+            "starts at a whole line: {:?}",
+            &tail[..20]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn log_tail_of_binary_garbage_stays_within_bounds() -> std::io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("rank0.log");
+        std::fs::write(&path, vec![0xffu8; 10_000])?;
+        let tail = log_tail(&path);
+        assert!(!tail.is_empty());
+        assert!(tail.len() <= 4096);
+        Ok(())
+    }
+}

@@ -1,0 +1,498 @@
+//! Job workers against a fake coordinator that sends StartWorker/StopWorkers:
+//! real `sh` processes, their progress in heartbeats, stops, fencing, the lease, agent restarts.
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use vigil_agent::config::{GpuBackendKind, ReconnectConfig};
+use vigil_agent::workers::{ALREADY_GONE_REASON, ORPHAN_REASON, group_alive};
+use vigil_agent::{AgentConfig, AgentError};
+use vigil_proto::v1::agent_event::Kind;
+use vigil_proto::v1::agent_message::Body;
+use vigil_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+use vigil_proto::v1::command::Kind as CommandKind;
+use vigil_proto::v1::coordinator_message::Body as Reply;
+use vigil_proto::v1::{
+    Ack, AgentMessage, CheckpointSeen, Command, CoordinatorMessage, Heartbeat, Registered,
+    StartWorker, StopWorkers, WorkerExited, WorkerStarted,
+};
+
+type TestResult = Result<(), Box<dyn Error>>;
+type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A coordinator that accepts every session and sends the test's commands on the newest one.
+struct Fake {
+    lease_ms: u64,
+    /// Silent (no acks): the agent's lease runs out unless a command renews it.
+    ack: bool,
+    /// The test holds the receiver: every agent message.
+    seen: mpsc::UnboundedSender<AgentMessage>,
+    /// The newest session's sending end, for commands.
+    current: Arc<Mutex<Option<Outbound>>>,
+}
+
+#[tonic::async_trait]
+impl AgentService for Fake {
+    type ConnectStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let (seen, current, lease_ms, ack) = (
+            self.seen.clone(),
+            Arc::clone(&self.current),
+            self.lease_ms,
+            self.ack,
+        );
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                let seq = msg.seq;
+                let registering = matches!(msg.body, Some(Body::Register(_)));
+                let reply = if registering {
+                    Reply::Registered(Registered {
+                        heartbeat_interval_ms: 50,
+                        lease_ms,
+                        coordinator_version: "fake".into(),
+                        session_id: 1,
+                    })
+                } else {
+                    Reply::Ack(Ack { seq })
+                };
+                if registering || ack {
+                    let _ = tx.send(Ok(CoordinatorMessage { body: Some(reply) })).await;
+                }
+                if registering {
+                    *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx.clone());
+                }
+                let _ = seen.send(msg);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Options {
+    lease_ms: u64,
+    ack: bool,
+    keep_workers_on_shutdown: bool,
+}
+
+const NORMAL: Options = Options {
+    lease_ms: 5_000,
+    ack: true,
+    keep_workers_on_shutdown: false,
+};
+
+struct Harness {
+    seen: mpsc::UnboundedReceiver<AgentMessage>,
+    current: Arc<Mutex<Option<Outbound>>>,
+    next_command: u64,
+    stop: Option<oneshot::Sender<()>>,
+    agent: JoinHandle<Result<(), AgentError>>,
+}
+
+impl Harness {
+    async fn start(state_dir: &Path, options: Options) -> Result<Self, Box<dyn Error>> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let coordinator = listener.local_addr()?;
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let current = Arc::new(Mutex::new(None));
+        let fake = Fake {
+            lease_ms: options.lease_ms,
+            ack: options.ack,
+            seen: seen_tx,
+            current: Arc::clone(&current),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServiceServer::new(fake))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let config = AgentConfig {
+            coordinator: format!("http://{coordinator}"),
+            node_name: "worker-node".into(),
+            gpu_backend: GpuBackendKind::Sim,
+            sim_gpus: 1,
+            state_dir: state_dir.to_owned(),
+            reconnect: ReconnectConfig {
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+            },
+            keep_workers_on_shutdown: options.keep_workers_on_shutdown,
+            ..AgentConfig::default()
+        };
+        let metrics = TcpListener::bind("127.0.0.1:0").await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let agent = tokio::spawn(vigil_agent::run_with_listener(config, metrics, async {
+            let _ = stopped.await;
+        }));
+        let mut h = Self {
+            seen,
+            current,
+            next_command: 1,
+            stop: Some(stop),
+            agent,
+        };
+        h.message(|m| matches!(m.body, Some(Body::Register(_))))
+            .await?;
+        Ok(h)
+    }
+
+    async fn message(
+        &mut self,
+        pred: impl Fn(&AgentMessage) -> bool,
+    ) -> Result<AgentMessage, Box<dyn Error>> {
+        let wait = async {
+            while let Some(msg) = self.seen.recv().await {
+                if pred(&msg) {
+                    return Ok(msg);
+                }
+            }
+            Err::<_, Box<dyn Error>>("fake coordinator stopped".into())
+        };
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .map_err(|_| "no such message in time")?
+    }
+
+    async fn event(&mut self, pred: impl Fn(&Kind) -> bool) -> Result<Kind, Box<dyn Error>> {
+        let is = |m: &AgentMessage| match &m.body {
+            Some(Body::Event(e)) => e.kind.as_ref().is_some_and(&pred),
+            _ => false,
+        };
+        match self.message(is).await?.body {
+            Some(Body::Event(e)) => e.kind.ok_or_else(|| "event without kind".into()),
+            _ => Err("not an event".into()),
+        }
+    }
+
+    async fn started(&mut self, job: &str, attempt: u64) -> Result<WorkerStarted, Box<dyn Error>> {
+        match self
+            .event(
+                |k| matches!(k, Kind::WorkerStarted(s) if s.job_id == job && s.attempt == attempt),
+            )
+            .await?
+        {
+            Kind::WorkerStarted(s) => Ok(s),
+            _ => Err("not WorkerStarted".into()),
+        }
+    }
+
+    async fn exited(&mut self, job: &str, attempt: u64) -> Result<WorkerExited, Box<dyn Error>> {
+        match self
+            .event(
+                |k| matches!(k, Kind::WorkerExited(s) if s.job_id == job && s.attempt == attempt),
+            )
+            .await?
+        {
+            Kind::WorkerExited(s) => Ok(s),
+            _ => Err("not WorkerExited".into()),
+        }
+    }
+
+    async fn heartbeat(
+        &mut self,
+        pred: impl Fn(&Heartbeat) -> bool,
+    ) -> Result<Heartbeat, Box<dyn Error>> {
+        let is = |m: &AgentMessage| matches!(&m.body, Some(Body::Heartbeat(hb)) if pred(hb));
+        match self.message(is).await?.body {
+            Some(Body::Heartbeat(hb)) => Ok(hb),
+            _ => Err("not a heartbeat".into()),
+        }
+    }
+
+    async fn command(&mut self, kind: CommandKind) -> TestResult {
+        let tx = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or("no session")?;
+        let id = self.next_command;
+        self.next_command += 1;
+        let body = Reply::Command(Command {
+            id,
+            kind: Some(kind),
+        });
+        tx.send(Ok(CoordinatorMessage { body: Some(body) }))
+            .await
+            .map_err(|_| "session closed")?;
+        Ok(())
+    }
+
+    async fn start_worker(&mut self, start: StartWorker) -> TestResult {
+        self.command(CommandKind::StartWorker(start)).await
+    }
+
+    async fn stop_workers(&mut self, job: &str, attempt: u64, reason: &str) -> TestResult {
+        self.command(CommandKind::StopWorkers(StopWorkers {
+            job_id: job.into(),
+            attempt,
+            reason: reason.into(),
+            grace_ms: 2_000,
+        }))
+        .await
+    }
+
+    async fn stop(mut self) -> TestResult {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, self.agent).await???;
+        Ok(())
+    }
+}
+
+fn sh(job: &str, attempt: u64, workdir: &Path, script: &str) -> StartWorker {
+    StartWorker {
+        job_id: job.into(),
+        attempt,
+        node_rank: 0,
+        nnodes: 1,
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        workdir: workdir.display().to_string(),
+        env: [("VIGIL_JOB_ID".to_owned(), job.to_owned())].into(),
+        stop_grace_ms: 2_000,
+        ..StartWorker::default()
+    }
+}
+
+const TRAINER: &str = "echo $VIGIL_JOB_ID; echo 5 > $VIGIL_PROGRESS_FILE; sleep 30";
+
+fn pgid(started: &WorkerStarted) -> i32 {
+    i32::try_from(started.pid).unwrap_or(i32::MAX)
+}
+
+#[tokio::test]
+async fn worker_starts_reports_progress_and_stops_with_its_whole_group() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    let mut h = Harness::start(&state, NORMAL).await?;
+    h.start_worker(sh("job-a", 1, tmp.path(), TRAINER)).await?;
+    let started = h.started("job-a", 1).await?;
+    assert!(started.pid > 0);
+    let log = state.join("jobs/job-a/1/rank0.log");
+    assert_eq!(PathBuf::from(&started.log_path), log);
+    let hb = h
+        .heartbeat(|hb| hb.workers.iter().any(|w| w.progress_step == Some(5)))
+        .await?;
+    let w = &hb.workers[0];
+    assert_eq!(
+        (w.job_id.as_str(), w.attempt, w.pid),
+        ("job-a", 1, started.pid)
+    );
+    assert!(w.progress_at_unix_ms >= w.started_at_unix_ms);
+    assert!(group_alive(pgid(&started)));
+
+    h.stop_workers("job-a", 1, "job cancelled").await?;
+    let exited = h.exited("job-a", 1).await?;
+    assert!(exited.stopped);
+    assert_eq!(exited.reason, "job cancelled");
+    assert_eq!(exited.log_path, started.log_path);
+    assert!(exited.log_tail.contains("job-a"), "{:?}", exited.log_tail);
+    assert!(
+        !group_alive(pgid(&started)),
+        "the sleep child died with its shell"
+    );
+    let text = std::fs::read_to_string(&log)?;
+    assert!(text.starts_with("==> vigil-agent "), "{text}");
+    assert!(text.contains("VIGIL_PROGRESS_FILE"), "{text}");
+    h.heartbeat(|hb| hb.workers.is_empty()).await?;
+
+    // Asking again is answered, so the coordinator can confirm the node is clean.
+    h.stop_workers("job-a", 1, "job cancelled").await?;
+    let again = h.exited("job-a", 1).await?;
+    assert!(again.stopped);
+    assert_eq!(again.reason, ALREADY_GONE_REASON);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn worker_exit_code_is_reported() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
+    h.start_worker(sh("job-b", 4, tmp.path(), "echo failing >&2; exit 3"))
+        .await?;
+    h.started("job-b", 4).await?;
+    let exited = h.exited("job-b", 4).await?;
+    assert_eq!(exited.exit_code, Some(3));
+    assert_eq!(exited.signal, None);
+    assert!(!exited.stopped);
+    assert_eq!(exited.reason, "exited with code 3");
+    assert!(
+        exited.log_tail.ends_with("failing\n"),
+        "{:?}",
+        exited.log_tail
+    );
+    h.stop().await
+}
+
+#[tokio::test]
+async fn bad_starts_are_reported_with_their_reason() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
+    let missing = tmp.path().join("no-such-dir");
+    h.start_worker(sh("job-c", 1, &missing, "true")).await?;
+    let exited = h.exited("job-c", 1).await?;
+    assert!(!exited.stopped);
+    assert!(
+        exited.reason.contains(&missing.display().to_string()),
+        "{}",
+        exited.reason
+    );
+    let mut start = sh("job-c", 2, tmp.path(), "");
+    start.command = vec!["/no/such/program".into()];
+    h.start_worker(start).await?;
+    let exited = h.exited("job-c", 2).await?;
+    assert_eq!(exited.exit_code, None);
+    assert!(
+        exited.reason.starts_with("cannot start /no/such/program: "),
+        "{}",
+        exited.reason
+    );
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_newer_attempt_starts_only_after_the_older_one_is_dead() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
+    h.start_worker(sh("job-d", 1, tmp.path(), TRAINER)).await?;
+    let first = h.started("job-d", 1).await?;
+    h.start_worker(sh("job-d", 2, tmp.path(), TRAINER)).await?;
+    let is_d = |k: &Kind| match k {
+        Kind::WorkerExited(e) => e.job_id == "job-d",
+        Kind::WorkerStarted(s) => s.job_id == "job-d",
+        _ => false,
+    };
+    let Kind::WorkerExited(old) = h.event(is_d).await? else {
+        return Err("attempt 2 started before attempt 1 was reported dead".into());
+    };
+    assert_eq!(old.attempt, 1);
+    assert!(old.stopped);
+    assert!(
+        old.reason.contains("superseded by attempt 2"),
+        "{}",
+        old.reason
+    );
+    assert!(!group_alive(pgid(&first)));
+    let second = h.started("job-d", 2).await?;
+
+    h.start_worker(sh("job-d", 1, tmp.path(), TRAINER)).await?;
+    let refused = h.exited("job-d", 1).await?;
+    assert!(refused.stopped);
+    assert!(
+        refused.reason.contains("older than attempt 2"),
+        "{}",
+        refused.reason
+    );
+
+    h.stop_workers("job-d", 2, "done").await?;
+    h.exited("job-d", 2).await?;
+    assert!(!group_alive(pgid(&second)));
+    h.stop().await
+}
+
+#[tokio::test]
+async fn lease_expiry_stops_workers() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let silent = Options {
+        lease_ms: 600,
+        ack: false,
+        keep_workers_on_shutdown: false,
+    };
+    let mut h = Harness::start(&tmp.path().join("state"), silent).await?;
+    h.start_worker(sh("job-e", 1, tmp.path(), TRAINER)).await?;
+    let started = h.started("job-e", 1).await?;
+    let exited = h.exited("job-e", 1).await?;
+    assert!(exited.stopped);
+    assert!(
+        exited.reason.starts_with("lease expired"),
+        "{}",
+        exited.reason
+    );
+    assert!(!group_alive(pgid(&started)));
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_restarted_agent_stops_the_workers_it_finds() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    let keep = Options {
+        keep_workers_on_shutdown: true,
+        ..NORMAL
+    };
+    let mut first = Harness::start(&state, keep).await?;
+    first
+        .start_worker(sh("job-f", 7, tmp.path(), TRAINER))
+        .await?;
+    let started = first.started("job-f", 7).await?;
+    first.stop().await?;
+    assert!(
+        group_alive(pgid(&started)),
+        "kept running over the agent's exit"
+    );
+    assert!(std::fs::read_to_string(state.join("workers.json"))?.contains("job-f"));
+
+    let mut second = Harness::start(&state, NORMAL).await?;
+    let exited = second.exited("job-f", 7).await?;
+    assert!(exited.stopped);
+    assert_eq!(exited.reason, ORPHAN_REASON);
+    assert!(!group_alive(pgid(&started)));
+    second.stop().await
+}
+
+#[tokio::test]
+async fn agent_shutdown_stops_its_workers() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
+    h.start_worker(sh("job-g", 1, tmp.path(), TRAINER)).await?;
+    let started = h.started("job-g", 1).await?;
+    h.stop().await?;
+    assert!(!group_alive(pgid(&started)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn rank_0_reports_each_new_complete_checkpoint() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("ckpt");
+    std::fs::create_dir_all(ckpt.join("step_9"))?;
+    std::fs::write(ckpt.join("step_9/COMPLETE"), "")?;
+    std::fs::create_dir_all(ckpt.join("step_10"))?;
+    let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
+    let mut start = sh("job-h", 1, tmp.path(), "sleep 30");
+    start.checkpoint_dir = ckpt.display().to_string();
+    start.checkpoint_layout = "marker".into();
+    h.start_worker(start).await?;
+    let seen = |k: &Kind| matches!(k, Kind::Checkpoint(_));
+    let Kind::Checkpoint(first) = h.event(seen).await? else {
+        return Err("not a checkpoint".into());
+    };
+    let expect = |dir: &str, step| CheckpointSeen {
+        job_id: "job-h".into(),
+        attempt: 1,
+        path: ckpt.join(dir).display().to_string(),
+        step: Some(step),
+    };
+    assert_eq!(first, expect("step_9", 9), "step_10 is not complete yet");
+    std::fs::write(ckpt.join("step_10/COMPLETE"), "")?;
+    let Kind::Checkpoint(second) = h.event(seen).await? else {
+        return Err("not a checkpoint".into());
+    };
+    assert_eq!(second, expect("step_10", 10));
+    h.stop().await
+}
