@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# Local demo cluster: one vigil-coordinator and three vigil-agents with
-# SIMULATED GPUs, as real processes on loopback, then `clusterctl status`.
+# Local demo cluster: a vigil-coordinator and three vigil-agents with SIMULATED
+# GPUs, as real processes on loopback. It submits a 2-node job (with 1 spare)
+# running the fake trainer, breaks a GPU of one of its nodes mid-run (XID 79),
+# and shows vigil cordon the node and restart the job on the spare from its
+# last complete checkpoint, with the time each step took.
 #
-#   ./scripts/demo.sh                 build (release), start, show status, run until Ctrl-C
-#   DEMO_SECONDS=20 ./scripts/demo.sh stop by itself after 20 s (used by CI)
+#   ./scripts/demo.sh                   build (release), run the story, keep running until Ctrl-C
+#   DEMO_SECONDS=5 ./scripts/demo.sh    stop by itself 5 s after the story (used by CI)
 #   DEMO_PROFILE=dev ./scripts/demo.sh  use the debug build
-#   DEMO_PORT=7770                    coordinator gRPC port (metrics on 9770, agents 9771..)
+#   DEMO_PORT=7770                      coordinator gRPC port (metrics on port+2000, agents above)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile=${DEMO_PROFILE:-release}
 port=${DEMO_PORT:-7770}
 metrics_port=$((port + 2000))
-agents=${DEMO_AGENTS:-3}
+agents=3
 dir=$(mktemp -d "${TMPDIR:-/tmp}/vigil-demo.XXXXXX")
 
-echo "==> building vigil ($profile profile)"
-cargo build --quiet --profile "$profile" --bins -p vigil-coordinator -p vigil-agent -p clusterctl
-case "$profile" in dev) bin=target/debug ;; *) bin=target/$profile ;; esac
+say() { printf '\n==> %s\n' "$*"; }
+ms_now() { date +%s%3N; }
+elapsed() { local ms=$(( $(ms_now) - $1 )); printf '%d.%03d s' $((ms / 1000)) $((ms % 1000)); }
+
+say "building vigil ($profile profile)"
+cargo build --quiet --profile "$profile" --bins -p vigil-coordinator -p vigil-agent -p clusterctl -p vigil-tests
+case "$profile" in dev) bin=$PWD/target/debug ;; *) bin=$PWD/target/$profile ;; esac
+ctl() { "$bin/clusterctl" "$@"; }
 
 pids=()
 stopped=0
@@ -25,65 +33,124 @@ cleanup() {
   trap - EXIT INT TERM
   [ "$stopped" = 1 ] && return
   stopped=1
-  echo
-  echo "==> stopping the demo cluster (logs kept in $dir)"
+  say "stopping the demo cluster (logs and checkpoints kept in $dir)"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
+fail() { echo "demo failed: $*; logs in $dir:" >&2; tail -n 15 "$dir"/*.log >&2; exit 1; }
 
 url="http://127.0.0.1:$port"
 export VIGIL_COORDINATOR=$url
 
-echo "==> starting vigil-coordinator on 127.0.0.1:$port (metrics :$metrics_port, data $dir/coordinator)"
+say "starting vigil-coordinator on 127.0.0.1:$port (metrics :$metrics_port, data $dir/coordinator)"
 "$bin/vigil-coordinator" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
   --data-dir "$dir/coordinator" >"$dir/coordinator.out" 2>"$dir/coordinator.log" &
 pids+=($!)
-
 for i in $(seq 1 "$agents"); do
   name=$(printf 'sim-gpu-%03d' "$i")
-  echo "==> starting vigil-agent $name with 8 SIMULATED GPUs (metrics :$((metrics_port + i)))"
   : >"$dir/$name.faults"
+  echo "    vigil-agent $name with 8 SIMULATED GPUs (metrics :$((metrics_port + i)), faults $dir/$name.faults)"
   "$bin/vigil-agent" --coordinator "$url" --node-name "$name" --gpu-backend sim --sim-gpus 8 \
-    --sim-fault-file "$dir/$name.faults" --state-dir "$dir/$name" --metrics-listen "127.0.0.1:$((metrics_port + i))" 2>"$dir/$name.log" &
+    --sim-fault-file "$dir/$name.faults" --state-dir "$dir/$name" \
+    --metrics-listen "127.0.0.1:$((metrics_port + i))" 2>"$dir/$name.log" &
   pids+=($!)
 done
 
-echo "==> waiting for $agents nodes to be Ready"
-ready=0
-for _ in $(seq 1 150); do
-  if "$bin/clusterctl" -o json status 2>/dev/null | grep -q "\"Ready\": $agents"; then ready=1; break; fi
-  for pid in "${pids[@]}"; do
-    kill -0 "$pid" 2>/dev/null || { echo "a demo process exited early; logs in $dir:"; tail -n 20 "$dir"/*.log; exit 1; }
+# wait_for SECONDS DESCRIPTION COMMAND...: poll every 0.1 s.
+wait_for() {
+  local limit=$1 what=$2; shift 2
+  for _ in $(seq 1 $((limit * 10))); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || fail "a demo process exited early"; done
+    sleep 0.1
   done
-  sleep 0.2
-done
-if [ "$ready" != 1 ]; then
-  echo "nodes did not become Ready within 30 s; logs in $dir:"; tail -n 20 "$dir"/*.log; exit 1
-fi
+  fail "$what did not happen within $limit s"
+}
+ready_nodes() { ctl -o json status | grep -q "\"Ready\": $agents"; }
+wait_for 30 "$agents nodes Ready" ready_nodes
 
 echo
 echo "\$ clusterctl status"
-"$bin/clusterctl" status
+ctl status
+
+mkdir -p "$dir/work" "$dir/ckpt"
+cat >"$dir/job.toml" <<TOML
+name = "opt-demo"
+nodes = 2
+gpus_per_node = 8
+command = ["$bin/fake-trainer"]
+workdir = "$dir/work"
+spare_nodes = 1
+env = { FAKE_STEP_MS = "50", FAKE_CKPT_EVERY = "20", FAKE_CKPT_DIR = "$dir/ckpt", FAKE_CKPT_LAYOUT = "marker" }
+[checkpoint]
+dir = "$dir/ckpt"
+layout = "marker"
+[restart]
+max_restarts = 5
+backoff = "0s"
+stop_grace = "5s"
+[progress]
+hang_timeout = "30s"
+TOML
+say "submitting a 2-node job with 1 spare node: the fake trainer, a step every 50 ms, a checkpoint every 20 steps"
+echo "\$ clusterctl job submit $dir/job.toml"
+out=$(ctl job submit "$dir/job.toml")
+echo "$out"
+job=$(echo "$out" | awk '{print $2}')
+
+job_json() { ctl -o json job show "$job"; }
+has_checkpoint() { job_json | grep -q '"last_checkpoint_step": [0-9]'; }
+wait_for 60 "a first complete checkpoint" has_checkpoint
+echo
+echo "\$ clusterctl jobs"
+ctl jobs
+
+victim=$(job_json | awk '/"assigned_nodes"/ {getline; getline; gsub(/[",[:space:]]/, ""); print; exit}')
+[ -n "$victim" ] || fail "cannot tell the job's nodes"
+say "breaking GPU 3 of $victim (node rank 1): XID 79, the GPU has fallen off the bus"
+echo "\$ echo 'gpu=3 xid=79' >> $dir/$victim.faults"
+t0=$(ms_now)
+echo "gpu=3 xid=79" >>"$dir/$victim.faults"
+is_cordoned() { ctl -o json node "$victim" | grep -q '"reason": "XID 79'; }
+wait_for 30 "the cordon of $victim" is_cordoned
+t_cordon=$(elapsed "$t0")
+attempt2_running() {
+  local j; j=$(job_json)
+  echo "$j" | grep -q '"attempt": 2,' && [ "$(echo "$j" | grep -c '"state": "running"')" = 2 ]
+}
+wait_for 60 "attempt 2 running" attempt2_running
+t_relaunch=$(elapsed "$t0")
+progress_after() { job_json | grep -q '"progress_step": [0-9]'; }
+wait_for 30 "attempt 2 progress" progress_after
+t_progress=$(elapsed "$t0")
+
 echo
 echo "\$ clusterctl nodes"
-"$bin/clusterctl" nodes
+ctl nodes
+echo
+echo "\$ clusterctl job show $job"
+ctl job show "$job"
+resumed=$(job_json | grep '"resumed_from_step"' | tail -1 | tr -dc '0-9')
 cat <<MSG
 
-The demo cluster runs on loopback; its GPUs are SIMULATED. Try, in another shell:
+What happened (GPUs are SIMULATED; everything else is real processes on loopback):
+  fault injected -> $victim cordoned automatically:        $t_cordon
+  fault injected -> attempt 2 running on the spare node:   $t_relaunch
+  fault injected -> attempt 2 making progress:             $t_progress
+  attempt 2 resumed from the last complete checkpoint, step ${resumed:-?}; the other node was not cordoned.
+
+Try, in another shell:
   export VIGIL_COORDINATOR=$url
-  $bin/clusterctl cordon sim-gpu-002 --reason "fan failure"
-  $bin/clusterctl node sim-gpu-002
-  kill -9 \$(pgrep -f 'node-name sim-gpu-003')     # watch it go Unreachable, then Lost
-  echo "gpu=3 xid=79" >> $dir/sim-gpu-001.faults    # a GPU falls off the bus: auto cordon
-  $bin/clusterctl diagnose sim-gpu-001
+  $bin/clusterctl job show $job
+  $bin/clusterctl diagnose $victim; $bin/clusterctl uncordon $victim
+  $bin/clusterctl job cancel $job
   curl -s http://127.0.0.1:$metrics_port/metrics | grep ^vigil_
-Logs: $dir
+Logs, worker logs and checkpoints: $dir
 MSG
 
 if [ -n "${DEMO_SECONDS:-}" ]; then
   sleep "$DEMO_SECONDS"
-  "$bin/clusterctl" status
 else
   echo "Press Ctrl-C to stop."
   wait

@@ -191,6 +191,32 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Submit a job spec (TOML text); returns the job id.
+    pub fn submit(&self, spec: &str) -> Result<String> {
+        let path = write_file(self.dir.path(), "job.toml", spec)?;
+        let path = path.to_string_lossy().into_owned();
+        let v = clusterctl(&self.url(), &["-o", "json", "job", "submit", &path])?.json()?;
+        v["job"]["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no job id in the answer")
+    }
+
+    /// `clusterctl -o json job show ID`.
+    pub fn job(&self, id: &str) -> Result<Value> {
+        clusterctl(&self.url(), &["-o", "json", "job", "show", id])?.json()
+    }
+
+    /// Wait until the job's detail satisfies `cond`; returns that detail.
+    pub fn wait_job(&self, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Result<Value> {
+        wait_for(what, LONG, || {
+            let job = self.job(id)?;
+            Ok(cond(&job).then_some(job))
+        })
+    }
+}
+
 /// Write `text` to `dir/name` and return the path.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     let path = dir.join(name);

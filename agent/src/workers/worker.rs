@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::process::Child;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, info, warn};
 use vigil_proto::v1::agent_event::Kind;
@@ -82,12 +82,11 @@ impl Task {
         let watcher = self.checkpoints.take().map(|w| {
             let key = self.key.clone();
             let sink = self.sink.clone();
-            tokio::spawn(watch_checkpoints(w, key, sink).in_current_span())
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let task = tokio::spawn(watch_checkpoints(w, key, sink, stop_rx).in_current_span());
+            (stop_tx, task)
         });
         let (status, stop) = self.wait_or_stop().await;
-        if let Some(w) = watcher {
-            w.abort();
-        }
         // Stragglers of a leader that exited (or was killed) go too.
         group::signal_group(self.pgid, Signal::SIGKILL);
         if !group::wait_gone(self.pgid, REAP_TIMEOUT).await {
@@ -97,6 +96,18 @@ impl Task {
                 pgid = self.pgid,
                 "process group still has live members after SIGKILL; reporting the worker gone anyway"
             );
+        }
+        // One last look once nothing can write any more: a checkpoint completed
+        // since the last poll is reported before the exit, so the next attempt
+        // resumes from it (the event queue keeps this order).
+        if let Some((stop_tx, task)) = watcher {
+            let _ = stop_tx.send(());
+            if let Ok(Ok(mut w)) = tokio::time::timeout(FINAL_SCAN_TIMEOUT, task).await {
+                let scan = tokio::time::timeout(FINAL_SCAN_TIMEOUT, scan(&w)).await;
+                if let Ok(scan) = scan {
+                    report(&mut w, scan, &self.key, &self.sink);
+                }
+            }
         }
         self.poll_progress().await;
         let log_path = self.log_path.clone();
@@ -230,19 +241,49 @@ pub fn log_tail(path: &Path) -> String {
     text
 }
 
-/// Node rank 0's checkpoint poller: each newly complete checkpoint is reported once.
-async fn watch_checkpoints(mut watcher: Watcher, key: Key, sink: EventSink) {
+/// Longest wait for the last checkpoint scan after a worker is gone.
+const FINAL_SCAN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Node rank 0's checkpoint poller: each newly complete checkpoint is reported
+/// once. Returns the watcher (and what it has reported) when told to stop.
+async fn watch_checkpoints(
+    mut watcher: Watcher,
+    key: Key,
+    sink: EventSink,
+    mut stop: oneshot::Receiver<()>,
+) -> Watcher {
     let mut ticker = tokio::time::interval(CHECKPOINT_POLL);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
-        let (dir, layout) = (watcher.dir.clone(), watcher.layout);
-        // A hung network filesystem blocks here, not the worker's stop path.
-        let Ok(scan) =
-            tokio::task::spawn_blocking(move || checkpoint::latest_complete(&dir, layout)).await
-        else {
-            continue;
+        tokio::select! {
+            _ = &mut stop => return watcher,
+            _ = ticker.tick() => {}
+        }
+        let result = tokio::select! {
+            _ = &mut stop => return watcher,
+            r = scan(&watcher) => r,
         };
+        report(&mut watcher, result, &key, &sink);
+    }
+}
+
+/// Scan the checkpoint dir off the async threads: a hung network file
+/// system blocks a blocking thread, not the worker's stop path.
+async fn scan(watcher: &Watcher) -> Option<std::io::Result<Option<checkpoint::Checkpoint>>> {
+    let (dir, layout) = (watcher.dir.clone(), watcher.layout);
+    tokio::task::spawn_blocking(move || checkpoint::latest_complete(&dir, layout))
+        .await
+        .ok()
+}
+
+fn report(
+    watcher: &mut Watcher,
+    scan: Option<std::io::Result<Option<checkpoint::Checkpoint>>>,
+    key: &Key,
+    sink: &EventSink,
+) {
+    let Some(scan) = scan else { return };
+    {
         if let Some(found) = watcher.observe(scan) {
             info!(
                 job_id = %key.job_id,

@@ -1,0 +1,354 @@
+//! Jobs end to end: real coordinator and agents, the fake trainer as the
+//! workload, faults injected; what was lost, what was restarted, how fast.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use vigil_tests::{Cluster, FAST_LIVENESS, LONG, bin, clusterctl, now, wait_for};
+
+/// A 2-node job (1 spare) running the fake trainer: a step every 40 ms, a
+/// marker checkpoint every 10 steps, plus `extra_env` and `extra` TOML.
+fn spec(
+    cluster: &Cluster,
+    nodes: u32,
+    spares: u32,
+    extra_env: &str,
+    extra: &str,
+) -> Result<String> {
+    let trainer = bin("fake-trainer")?;
+    let dir = cluster.dir.path();
+    let work = dir.join("work");
+    let ckpt = dir.join("ckpt");
+    std::fs::create_dir_all(&work)?;
+    Ok(format!(
+        r#"name = "e2e"
+nodes = {nodes}
+gpus_per_node = 8
+command = ["{trainer}"]
+workdir = "{work}"
+spare_nodes = {spares}
+env = {{ FAKE_STEP_MS = "40", FAKE_CKPT_EVERY = "10", FAKE_CKPT_DIR = "{ckpt}", FAKE_CKPT_LAYOUT = "marker"{extra_env} }}
+[checkpoint]
+dir = "{ckpt}"
+layout = "marker"
+[restart]
+max_restarts = 3
+backoff = "0s"
+stop_grace = "2s"
+[progress]
+hang_timeout = "3s"
+{extra}"#,
+        trainer = trainer.display(),
+        work = work.display(),
+        ckpt = ckpt.display(),
+    ))
+}
+
+fn state(job: &Value) -> &str {
+    job["job"]["state"].as_str().unwrap_or("")
+}
+
+fn attempt(job: &Value) -> u64 {
+    job["job"]["attempt"].as_u64().unwrap_or(0)
+}
+
+fn attempts(job: &Value) -> Vec<Value> {
+    job["attempts"].as_array().cloned().unwrap_or_default()
+}
+
+fn workers_running(job: &Value, n: usize) -> bool {
+    let w = job["workers"].as_array().cloned().unwrap_or_default();
+    w.len() == n
+        && w.iter()
+            .all(|w| w["state"] == "running" && w["progress_step"].as_u64().is_some())
+}
+
+fn start(nodes: usize) -> Result<Cluster> {
+    let cluster = Cluster::start(FAST_LIVENESS, nodes)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", nodes))?;
+    Ok(cluster)
+}
+
+fn node_of_rank(job: &Value, rank: usize) -> Result<String> {
+    job["job"]["assigned_nodes"][rank]
+        .as_str()
+        .map(str::to_owned)
+        .context("no assigned node")
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_crashed_worker_restarts_the_gang_from_the_last_complete_checkpoint() -> Result<()> {
+    let cluster = start(2)?;
+    let id = cluster.submit(&spec(&cluster, 2, 0, ", FAKE_CRASH_AT_STEP = \"75\"", "")?)?;
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 2)
+    })?;
+    let a = attempts(&job);
+    assert_eq!(a[0]["outcome"], "failed");
+    assert!(
+        a[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exited with code 1"),
+        "{}",
+        a[0]
+    );
+    assert_eq!(
+        a[1]["nodes"], a[0]["nodes"],
+        "the same gang, restarted whole"
+    );
+    assert_eq!(
+        a[1]["resumed_from_step"], 70,
+        "resumed from the last complete checkpoint: {}",
+        a[1]
+    );
+    assert!(
+        a[1]["resumed_from"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("step_00000070"),
+        "{}",
+        a[1]
+    );
+    let steps: Vec<u64> = job["workers"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(|w| w["progress_step"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        steps.iter().all(|s| *s > 70),
+        "workers continue after step 70: {steps:?}"
+    );
+    assert_eq!(job["job"]["restarts"], 1);
+    Ok(())
+}
+
+#[test]
+fn xid_79_cordons_the_node_and_the_job_moves_to_the_spare() -> Result<()> {
+    let cluster = start(3)?;
+    let id = cluster.submit(&spec(&cluster, 2, 1, "", "")?)?;
+    let job = cluster.wait_job(&id, "attempt 1 running with a checkpoint", |j| {
+        workers_running(j, 2) && j["job"]["last_checkpoint_step"].as_u64().is_some()
+    })?;
+    let victim = node_of_rank(&job, 1)?;
+    let survivor = node_of_rank(&job, 0)?;
+    let spare = job["spare_nodes"][0]
+        .as_str()
+        .context("a spare")?
+        .to_owned();
+
+    let injected = now();
+    cluster.agent(&victim)?.set_faults("gpu=3 xid=79\n")?;
+    wait_for("victim cordoned", LONG, || {
+        Ok(cluster.node(&victim)?["cordon"]["reason"]
+            .as_str()
+            .map(str::to_owned))
+    })?;
+    let cordoned = injected.elapsed();
+    let job = cluster.wait_job(&id, "attempt 2 running on the spare", |j| {
+        attempt(j) == 2 && workers_running(j, 2)
+    })?;
+    let relaunched = injected.elapsed();
+    println!(
+        "xid 79 -> cordon seen {cordoned:?}, -> attempt 2 running on the spare {relaunched:?}"
+    );
+
+    let all = attempts(&job);
+    let nodes: Vec<&str> = all[1]["nodes"]
+        .as_array()
+        .map(|n| n.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        nodes.contains(&spare.as_str()) && nodes.contains(&survivor.as_str()),
+        "{nodes:?}"
+    );
+    assert!(!nodes.contains(&victim.as_str()));
+    assert_eq!(attempts(&job)[0]["culprit_node"], victim.as_str());
+    assert_eq!(
+        cluster.node(&survivor)?["cordon"],
+        Value::Null,
+        "a gang mate is not cordoned"
+    );
+    assert!(
+        cluster.node(&victim)?["cordon"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("XID 79")
+    );
+    assert!(relaunched < Duration::from_secs(30), "{relaunched:?}");
+    Ok(())
+}
+
+#[test]
+fn a_partial_newest_checkpoint_is_never_resumed_from() -> Result<()> {
+    let cluster = start(1)?;
+    let id = cluster.submit(&spec(
+        &cluster,
+        1,
+        0,
+        ", FAKE_PARTIAL_AT_STEP = \"75\"",
+        "",
+    )?)?;
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 1)
+    })?;
+    let partial = cluster.dir.path().join("ckpt/step_00000075");
+    assert!(
+        partial.exists() && !partial.join("COMPLETE").exists(),
+        "the fake trainer left a partial checkpoint"
+    );
+    assert_eq!(
+        attempts(&job)[1]["resumed_from_step"],
+        70,
+        "{}",
+        attempts(&job)[1]
+    );
+    Ok(())
+}
+
+#[test]
+fn a_hang_restarts_the_job_after_hang_timeout() -> Result<()> {
+    let cluster = start(1)?;
+    let id = cluster.submit(&spec(&cluster, 1, 0, ", FAKE_HANG_AT_STEP = \"30\"", "")?)?;
+    let job = cluster.wait_job(&id, "attempt 2 after the hang", |j| attempt(j) == 2)?;
+    let reason = attempts(&job)[0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(reason.contains("no progress"), "{reason}");
+    assert!(reason.contains("hung"), "{reason}");
+    Ok(())
+}
+
+#[test]
+fn max_restarts_exhausted_fails_the_job_with_the_reason() -> Result<()> {
+    let cluster = start(1)?;
+    let text = spec(&cluster, 1, 0, "", "")?
+        .replace(
+            &format!("command = [\"{}\"]", bin("fake-trainer")?.display()),
+            "command = [\"sh\", \"-c\", \"exit 3\"]",
+        )
+        .replace("max_restarts = 3", "max_restarts = 2");
+    let id = cluster.submit(&text)?;
+    let job = cluster.wait_job(&id, "job Failed", |j| state(j) == "Failed")?;
+    let reason = job["job"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("gave up after 2 restarts"), "{reason}");
+    assert!(reason.contains("exited with code 3"), "{reason}");
+    assert_eq!(attempt(&job), 3);
+    Ok(())
+}
+
+#[test]
+fn a_coordinator_restart_within_the_lease_restarts_nothing() -> Result<()> {
+    let mut cluster = start(2)?;
+    let id = cluster.submit(&spec(&cluster, 2, 0, "", "")?)?;
+    let before = cluster.wait_job(&id, "running", |j| workers_running(j, 2))?;
+    let pids: Vec<u64> = before["workers"]
+        .as_array()
+        .map(|w| w.iter().filter_map(|w| w["pid"].as_u64()).collect())
+        .unwrap_or_default();
+    cluster.restart_coordinator()?;
+    wait_for("agents back", LONG, || cluster.all("Ready", 2))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let job = cluster.job(&id)?;
+    assert_eq!((state(&job), attempt(&job)), ("Running", 1), "{job}");
+    let after: Vec<u64> = job["workers"]
+        .as_array()
+        .map(|w| w.iter().filter_map(|w| w["pid"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(after, pids, "the same processes, adopted");
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+    Ok(())
+}
+
+#[test]
+fn a_coordinator_down_past_the_lease_stops_workers_and_resumes_once() -> Result<()> {
+    let mut cluster = start(1)?;
+    let id = cluster.submit(&spec(&cluster, 1, 0, "", "")?)?;
+    let before = cluster.wait_job(&id, "running with a checkpoint", |j| {
+        workers_running(j, 1)
+            && j["job"]["last_checkpoint_step"]
+                .as_u64()
+                .is_some_and(|s| s >= 20)
+    })?;
+    let pid = before["workers"][0]["pid"].as_u64().context("pid")?;
+    cluster.coordinator.kill9();
+    wait_for(
+        "the agent to stop its worker when its lease (2s) expires",
+        LONG,
+        || Ok((!pid_alive(pid)).then_some(())),
+    )?;
+    cluster.restart_coordinator()?;
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 1)
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let job2 = cluster.job(&id)?;
+    assert_eq!(attempt(&job2), 2, "resumed once: {job2}");
+    let resumed = attempts(&job)[1]["resumed_from_step"]
+        .as_u64()
+        .context("resumed from a checkpoint")?;
+    assert!(resumed >= 20, "{resumed}");
+    Ok(())
+}
+
+#[test]
+fn cancel_stops_every_worker_on_every_node() -> Result<()> {
+    let cluster = start(2)?;
+    let id = cluster.submit(&spec(&cluster, 2, 0, "", "")?)?;
+    let job = cluster.wait_job(&id, "running", |j| workers_running(j, 2))?;
+    let pids: Vec<u64> = job["workers"]
+        .as_array()
+        .map(|w| w.iter().filter_map(|w| w["pid"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(pids.len(), 2);
+    let out = clusterctl(&cluster.url(), &["job", "cancel", &id])?;
+    assert!(out.success(), "{}", out.stderr);
+    cluster.wait_job(&id, "Cancelled", |j| state(j) == "Cancelled")?;
+    for pid in pids {
+        assert!(!pid_alive(pid), "worker {pid} still alive after cancel");
+    }
+    Ok(())
+}
+
+#[test]
+fn invalid_job_specs_are_refused_naming_the_field() -> Result<()> {
+    let cluster = start(1)?;
+    let good = spec(&cluster, 1, 0, "", "")?;
+    for (bad, needle) in [
+        (good.replace("nodes = 1", "nodes = 0"), "nodes = 0"),
+        (good.replace("nodes = 1", "nodes = 5"), "only 1 node"),
+        (
+            good.replace("layout = \"marker\"", "layout = \"tarball\""),
+            "checkpoint.layout",
+        ),
+        (format!("{good}\nfoo = 1\n"), "foo"),
+    ] {
+        let path = vigil_tests::write_file(cluster.dir.path(), "bad.toml", &bad)?;
+        let out = clusterctl(&cluster.url(), &["job", "submit", &path.to_string_lossy()])?;
+        assert!(!out.success());
+        assert!(out.stderr.contains(needle), "{needle}: {}", out.stderr);
+    }
+    let out = clusterctl(&cluster.url(), &["job", "submit", "/no/such/job.toml"])?;
+    assert!(
+        !out.success() && out.stderr.contains("/no/such/job.toml"),
+        "{}",
+        out.stderr
+    );
+    let out = clusterctl(&cluster.url(), &["job", "show", "nope-1"])?;
+    assert!(
+        !out.success() && out.stderr.contains("not found"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
