@@ -135,9 +135,9 @@ resumed=$(job_json | grep '"resumed_from_step"' | tail -1 | tr -dc '0-9')
 cat <<MSG
 
 What happened (GPUs are SIMULATED; everything else is real processes on loopback):
-  fault injected -> $victim cordoned automatically:        $t_cordon
-  fault injected -> attempt 2 running on the spare node:   $t_relaunch
-  fault injected -> attempt 2 making progress:             $t_progress
+  XID 79 injected -> $victim cordoned automatically:  $t_cordon
+  XID 79 injected -> attempt 2 started on the spare:  $t_relaunch
+  XID 79 injected -> attempt 2 progress reported:     $t_progress (progress comes with heartbeats, every 1 s)
   attempt 2 resumed from the last complete checkpoint, step ${resumed:-?}; the other node was not cordoned.
 
 Try, in another shell:

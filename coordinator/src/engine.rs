@@ -681,6 +681,7 @@ impl Engine {
     fn publish(&mut self) {
         self.dirty = false;
         self.metrics.observe_nodes(self.state.nodes.values());
+        self.metrics.observe_jobs(self.state.jobs.values());
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),

@@ -146,7 +146,8 @@ impl ClusterState {
             }
             Some(Kind::Checkpoint(c)) => {
                 let inside = std::path::Path::new(&c.path).starts_with(&job.spec.checkpoint.dir);
-                if !inside || job.workers.get(node).is_none_or(|w| w.node_rank != 0) {
+                let known = job.checkpoint.as_ref().is_some_and(|k| k.path == c.path);
+                if !inside || known || job.workers.get(node).is_none_or(|w| w.node_rank != 0) {
                     return effects;
                 }
                 let step = c

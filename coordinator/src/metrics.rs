@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::health::Condition;
+use crate::job::Job;
 use crate::node::{Availability, DISPLAY_STATES, Node};
 
 /// An engine that has not looped for this long is wedged: `/healthz` fails.
@@ -77,6 +78,10 @@ pub struct Metrics {
     pub fault_to_cordon: Histogram,
     pub node_condition: Family<NodeConditionLabel, Gauge>,
     pub diagnostics: Family<ResultLabel, Counter>,
+    jobs: Family<StateLabel, Gauge>,
+    job_restarts: Counter,
+    /// Restarts already counted, so the counter only moves forward.
+    job_restarts_seen: AtomicU64,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
 }
@@ -104,6 +109,9 @@ impl Metrics {
             fault_to_cordon: Histogram::new(LATENCY_BUCKETS),
             node_condition: Family::default(),
             diagnostics: Family::default(),
+            jobs: Family::default(),
+            job_restarts: Counter::default(),
+            job_restarts_seen: AtomicU64::new(0),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
             registry: Registry::default(),
         };
@@ -174,6 +182,16 @@ impl Metrics {
             "Diagnostic runs reported by agents, by result (pass, fail)",
             m.diagnostics.clone(),
         );
+        registry.register(
+            "vigil_jobs",
+            "Jobs by state (Pending, Running, Restarting, Succeeded, Failed, Cancelling, Cancelled)",
+            m.jobs.clone(),
+        );
+        registry.register(
+            "vigil_job_restarts",
+            "Job attempts that failed and were restarted",
+            m.job_restarts.clone(),
+        );
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
         registry.register(
@@ -238,6 +256,38 @@ impl Metrics {
                 .set(count);
         }
         self.connected_agents.set(connected);
+    }
+
+    /// Refresh the job gauges and the restart counter from the jobs.
+    pub fn observe_jobs<'a>(&self, jobs: impl Iterator<Item = &'a Job>) {
+        const STATES: [&str; 7] = [
+            "Pending",
+            "Running",
+            "Restarting",
+            "Succeeded",
+            "Failed",
+            "Cancelling",
+            "Cancelled",
+        ];
+        let mut counts = [0i64; STATES.len()];
+        let mut restarts = 0u64;
+        for job in jobs {
+            if let Some(i) = STATES.iter().position(|s| *s == job.phase_name()) {
+                counts[i] += 1;
+            }
+            restarts += u64::from(job.restarts);
+        }
+        for (state, count) in STATES.iter().zip(counts) {
+            self.jobs
+                .get_or_create(&StateLabel {
+                    state: (*state).to_owned(),
+                })
+                .set(count);
+        }
+        let seen = self.job_restarts_seen.swap(restarts, Ordering::Relaxed);
+        if restarts > seen {
+            self.job_restarts.inc_by(restarts - seen);
+        }
     }
 
     pub fn count_transition(&self, to: Availability) {
