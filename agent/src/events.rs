@@ -75,7 +75,13 @@ impl EventSink {
                 "diagnostics finished"
             ),
             // The worker supervisor logs its own decisions, with their reasons.
-            Some(Kind::WorkerStarted(_) | Kind::WorkerExited(_) | Kind::Checkpoint(_)) | None => {}
+            Some(
+                Kind::WorkerStarted(_)
+                | Kind::WorkerExited(_)
+                | Kind::Checkpoint(_)
+                | Kind::LogData(_),
+            )
+            | None => {}
         }
         match self.tx.try_send(event) {
             Ok(()) => {}

@@ -168,7 +168,13 @@ impl Metrics {
                     .get_or_create(&ResultLabels { result })
                     .inc();
             }
-            Some(Kind::WorkerStarted(_) | Kind::WorkerExited(_) | Kind::Checkpoint(_)) | None => {}
+            Some(
+                Kind::WorkerStarted(_)
+                | Kind::WorkerExited(_)
+                | Kind::Checkpoint(_)
+                | Kind::LogData(_),
+            )
+            | None => {}
         }
     }
 

@@ -179,6 +179,31 @@ impl Config {
         })
     }
 
+    /// The keys (top-level keys and sections) whose values differ in `new`:
+    /// what re-reading the file on SIGHUP would change.
+    pub fn changed_keys(&self, new: &Config) -> Vec<&'static str> {
+        // No `..`: a new key must be added here, or this stops compiling.
+        let Config {
+            listen,
+            metrics_listen,
+            data_dir,
+            liveness,
+            health,
+            diagnostics,
+        } = self;
+        [
+            ("listen", *listen != new.listen),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+            ("data_dir", *data_dir != new.data_dir),
+            ("liveness", *liveness != new.liveness),
+            ("health", *health != new.health),
+            ("diagnostics", *diagnostics != new.diagnostics),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.liveness;
         let fmt = |d: Duration| humantime::format_duration(d).to_string();
@@ -309,6 +334,23 @@ mod tests {
         let err =
             Config::from_toml_str("[health.xid]\n\"13\" = \"deadly\"\n").expect_err("bad class");
         assert!(err.to_string().contains("deadly"), "{err}");
+    }
+
+    #[test]
+    fn changed_keys_name_the_sections_a_reload_would_change() {
+        let old = Config::default();
+        assert!(old.changed_keys(&old.clone()).is_empty());
+        let new =
+            Config::from_toml_str("listen = \"127.0.0.1:1\"\n[health]\ntemperature_max_c = 80.0\n")
+                .expect("valid");
+        assert_eq!(old.changed_keys(&new), ["listen", "health"]);
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = Config::from_toml_str("[liveness]\nlost_after = \"ten seconds\"\n")
+            .expect_err("bad duration");
+        assert!(err.to_string().contains("lost_after"), "{err}");
     }
 
     #[test]

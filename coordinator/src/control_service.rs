@@ -2,6 +2,7 @@
 //! snapshot; changes go through the engine and return once persisted.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -10,10 +11,12 @@ use vigil_proto::v1;
 
 use crate::agent_service::valid_node_name;
 use crate::config::MAX_DIAGNOSTICS_TIMEOUT;
+use crate::control_streams::{self, EventStream, LogStream};
 use crate::engine::{EngineHandle, Event};
 use crate::error::ControlError;
 use crate::health::Condition;
 use crate::job_view;
+use crate::metrics::Metrics;
 use crate::metrics::unix_ms;
 use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
 
@@ -21,6 +24,7 @@ const MAX_REASON: usize = 1024;
 
 pub struct ControlService {
     engine: EngineHandle,
+    metrics: Arc<Metrics>,
     diagnostics_timeout: Duration,
     started: Instant,
     started_unix_ms: u64,
@@ -30,11 +34,13 @@ pub struct ControlService {
 impl ControlService {
     pub fn new(
         engine: EngineHandle,
+        metrics: Arc<Metrics>,
         listen_addr: SocketAddr,
         diagnostics_timeout: Duration,
     ) -> Self {
         Self {
             engine,
+            metrics,
             diagnostics_timeout,
             started: Instant::now(),
             started_unix_ms: unix_ms(SystemTime::now()),
@@ -230,6 +236,65 @@ impl v1::control_service_server::ControlService for ControlService {
             .ask(|reply| Event::CancelJob { id, reply })
             .await?;
         Ok(Response::new(job_view::detail(&job)))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = request.into_inner();
+        if !req.node.is_empty() {
+            check_name(&req.node)?;
+        }
+        Ok(Response::new(control_streams::watch_events(
+            &self.engine,
+            self.metrics.clone(),
+            req,
+        )))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        let v1::DrainRequest { name, reason } = request.into_inner();
+        check_name(&name)?;
+        let reason = match reason.trim() {
+            "" => "drained by operator".to_owned(),
+            r if r.len() > MAX_REASON => {
+                return Err(ControlError::InvalidArgument(format!(
+                    "reason is {} bytes; keep it under {MAX_REASON}",
+                    r.len()
+                ))
+                .into());
+            }
+            r => r.to_owned(),
+        };
+        let (node, jobs) = self
+            .engine
+            .ask(|reply| Event::Drain {
+                node: name,
+                reason,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(v1::DrainResponse {
+            node: Some(summary(&node, Instant::now())),
+            jobs_restarted: jobs,
+        }))
+    }
+
+    type JobLogsStream = LogStream;
+
+    async fn job_logs(
+        &self,
+        request: Request<v1::JobLogsRequest>,
+    ) -> Result<Response<Self::JobLogsStream>, Status> {
+        let stream =
+            control_streams::job_logs(&self.engine, self.metrics.clone(), request.into_inner())?;
+        Ok(Response::new(stream))
     }
 
     async fn diagnose(

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::Status;
 use tracing::{debug, info, warn};
@@ -69,6 +69,17 @@ pub enum Event {
         timeout: Duration,
         reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
     },
+    Drain {
+        node: String,
+        reason: String,
+        reply: oneshot::Sender<Result<(Node, Vec<String>), ControlError>>,
+    },
+    /// Read part of a worker log through the node's agent.
+    ReadLog {
+        node: String,
+        read: v1::ReadLog,
+        reply: oneshot::Sender<Result<v1::LogData, ControlError>>,
+    },
     SubmitJob {
         spec_toml: String,
         source: String,
@@ -89,6 +100,21 @@ struct PendingDiagnostics {
     reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
 }
 
+/// A log read the engine waits for.
+struct PendingLog {
+    session: u64,
+    node: String,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<v1::LogData, ControlError>>,
+}
+
+/// How long an agent gets to answer a log read.
+const LOG_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events kept for slow `clusterctl events --follow` readers.
+const EVENT_BUS: usize = 1024;
+/// The store's size is read every this many ticks.
+const STORE_SIZE_EVERY: u64 = 50;
+
 /// Extra time an agent gets past the diagnostic's own timeout to report it.
 const DIAGNOSTICS_GRACE: Duration = Duration::from_secs(5);
 
@@ -105,6 +131,8 @@ pub struct Snapshot {
 pub struct EngineHandle {
     events: mpsc::Sender<Event>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Every node and job event as it happens (the engine holds the sender).
+    bus: broadcast::Sender<v1::ClusterEvent>,
 }
 
 impl EngineHandle {
@@ -113,6 +141,11 @@ impl EngineHandle {
             .send(event)
             .await
             .map_err(|_| ControlError::ShuttingDown)
+    }
+
+    /// New cluster events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<v1::ClusterEvent> {
+        self.bus.subscribe()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -140,6 +173,12 @@ pub struct Engine {
     dirty: bool,
     pending: HashMap<u64, PendingDiagnostics>,
     next_command: u64,
+    /// Called on every tick of the loop: proof that the engine itself, not
+    /// just the process, is alive (systemd's watchdog is fed from here).
+    on_tick: Option<Box<dyn FnMut() + Send>>,
+    bus: broadcast::Sender<v1::ClusterEvent>,
+    log_reads: HashMap<u64, PendingLog>,
+    ticks: u64,
 }
 
 fn now() -> Now {
@@ -172,6 +211,7 @@ impl Engine {
             "loaded cluster state; nodes are Unreachable until their agents reconnect"
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (bus, _) = broadcast::channel(EVENT_BUS);
         let state = state.with_jobs(store.load_jobs()?);
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
@@ -189,12 +229,23 @@ impl Engine {
             dirty: false,
             pending: HashMap::new(),
             next_command: 1,
+            on_tick: None,
+            bus: bus.clone(),
+            log_reads: HashMap::new(),
+            ticks: 0,
         };
         let handle = EngineHandle {
             events: events_tx,
             snapshot: snapshot_rx,
+            bus,
         };
         Ok((engine, handle))
+    }
+
+    /// Call `f` on every tick of the engine loop (every 100 ms).
+    pub fn on_tick(mut self, f: Box<dyn FnMut() + Send>) -> Self {
+        self.on_tick = Some(f);
+        self
     }
 
     /// Run until `stop` turns true or every handle is gone; flush on the way out.
@@ -215,10 +266,25 @@ impl Engine {
                     effects.extend(self.state.jobs_tick(t));
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
+                    self.expire_log_reads();
+                    self.ticks += 1;
+                    self.metrics
+                        .engine_queue_depth
+                        .set(i64::try_from(self.events.len()).unwrap_or(i64::MAX));
+                    if self.ticks % STORE_SIZE_EVERY == 1 {
+                        if let Ok(bytes) = self.store.size_on_disk() {
+                            self.metrics
+                                .store_size_bytes
+                                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                        }
+                    }
                     if self.dirty {
                         self.publish();
                     }
                     self.metrics.engine_alive(now().wall_ms);
+                    if let Some(f) = self.on_tick.as_mut() {
+                        f();
+                    }
                 }
             }
         }
@@ -239,6 +305,10 @@ impl Engine {
                 heartbeat,
             } => {
                 self.metrics.heartbeats.inc();
+                if heartbeat.sent_at_unix_ms > 0 {
+                    let lag = now().wall_ms.saturating_sub(heartbeat.sent_at_unix_ms);
+                    self.metrics.heartbeat_lag.observe(lag as f64 / 1000.0);
+                }
                 let result = self.state.heartbeat(&node, session, heartbeat, now());
                 self.after_agent_message(result, session, seq).await;
             }
@@ -251,6 +321,16 @@ impl Engine {
                 let result = match &event.kind {
                     Some(v1::agent_event::Kind::Diagnostics(d)) => {
                         self.diagnostics_result(&node, session, d).await;
+                        self.state.heard(&node, session, now())
+                    }
+                    Some(v1::agent_event::Kind::LogData(d)) => {
+                        if let Some(p) = self.log_reads.remove(&d.command_id) {
+                            if p.session == session {
+                                p.reply.send(Ok(d.clone())).ok();
+                            } else {
+                                self.log_reads.insert(d.command_id, p);
+                            }
+                        }
                         self.state.heard(&node, session, now())
                     }
                     _ => self.state.agent_event(&node, session, &event, now()),
@@ -266,6 +346,17 @@ impl Engine {
                     .collect();
                 for id in lost {
                     if let Some(p) = self.pending.remove(&id) {
+                        p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
+                    }
+                }
+                let reads: Vec<u64> = self
+                    .log_reads
+                    .iter()
+                    .filter(|(_, p)| p.session == session)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in reads {
+                    if let Some(p) = self.log_reads.remove(&id) {
                         p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
                     }
                 }
@@ -299,6 +390,36 @@ impl Engine {
                 timeout,
                 reply,
             } => self.start_diagnostics(node, timeout, reply),
+            Event::Drain {
+                node,
+                reason,
+                reply,
+            } => {
+                let backup = self.state.nodes.get(&node).cloned();
+                let answer = match self.state.drain_node(&node, &reason, now()) {
+                    Ok((jobs, effects)) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            info!(node = %node, jobs = ?jobs, "drained node {node}: {reason}");
+                            self.state
+                                .nodes
+                                .get(&node)
+                                .cloned()
+                                .map(|n| (n, jobs))
+                                .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
+                                    node,
+                                )))
+                        }
+                        Err(e) => {
+                            self.restore(&node, backup);
+                            Err(e.into())
+                        }
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                reply.send(answer).ok();
+            }
+            Event::ReadLog { node, read, reply } => self.start_log_read(node, read, reply),
             Event::SubmitJob {
                 spec_toml,
                 source,
@@ -338,6 +459,56 @@ impl Engine {
                     Err(e) => Err(e.into()),
                 };
                 reply.send(answer).ok();
+            }
+        }
+    }
+
+    fn start_log_read(
+        &mut self,
+        node: String,
+        read: v1::ReadLog,
+        reply: oneshot::Sender<Result<v1::LogData, ControlError>>,
+    ) {
+        let session = self.state.nodes.get(&node).and_then(|n| n.session);
+        let Some((session, tx)) = session.and_then(|s| self.sessions.get(&s).map(|tx| (s, tx)))
+        else {
+            reply.send(Err(ControlError::NotConnected(node))).ok();
+            return;
+        };
+        let id = self.next_command;
+        self.next_command += 1;
+        let msg = v1::CoordinatorMessage {
+            body: Some(v1::coordinator_message::Body::Command(v1::Command {
+                id,
+                kind: Some(v1::command::Kind::ReadLog(read)),
+            })),
+        };
+        if tx.try_send(Ok(msg)).is_err() {
+            reply.send(Err(ControlError::NotConnected(node))).ok();
+            return;
+        }
+        self.log_reads.insert(
+            id,
+            PendingLog {
+                session,
+                node,
+                deadline: Instant::now() + LOG_READ_TIMEOUT,
+                reply,
+            },
+        );
+    }
+
+    fn expire_log_reads(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .log_reads
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(p) = self.log_reads.remove(&id) {
+                p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
             }
         }
     }
@@ -640,7 +811,48 @@ impl Engine {
                 self.metrics.uncordons.inc();
                 info!(node = %node, previous_reason = %previous.reason, "uncordoned node {node}");
             }
-            Effect::Record { .. } | Effect::PersistJob(_) => self.dirty = true,
+            Effect::Record { node, event } => {
+                self.dirty = true;
+                self.bus
+                    .send(v1::ClusterEvent {
+                        at_unix_ms: event.at_unix_ms,
+                        kind: event.kind,
+                        node,
+                        job: String::new(),
+                        message: event.message,
+                    })
+                    .ok();
+            }
+            Effect::PersistJob(job) => {
+                self.dirty = true;
+                let news = self
+                    .state
+                    .jobs
+                    .get_mut(&job.id)
+                    .map(|j| std::mem::take(&mut j.unannounced))
+                    .unwrap_or_default();
+                for e in news {
+                    self.bus
+                        .send(v1::ClusterEvent {
+                            at_unix_ms: e.at_ms,
+                            kind: e.kind,
+                            node: String::new(),
+                            job: job.id.clone(),
+                            message: e.message,
+                        })
+                        .ok();
+                }
+            }
+            Effect::Restarted {
+                job,
+                kind,
+                lost_ms,
+                fault_to_relaunch_ms,
+            } => {
+                self.metrics
+                    .count_restart(&kind, lost_ms, fault_to_relaunch_ms);
+                info!(job = %job, kind = %kind, lost_ms, fault_to_relaunch_ms, "job {job} relaunched after a {kind} failure");
+            }
             Effect::Command { node, kind } => self.send_command(&node, kind),
             Effect::JobLog { job, message, warn } => {
                 if warn {
@@ -681,7 +893,8 @@ impl Engine {
     fn publish(&mut self) {
         self.dirty = false;
         self.metrics.observe_nodes(self.state.nodes.values());
-        self.metrics.observe_jobs(self.state.jobs.values());
+        self.metrics
+            .observe_jobs(self.state.jobs.values(), now().wall_ms);
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),

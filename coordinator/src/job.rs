@@ -154,8 +154,18 @@ pub struct Job {
     pub restart_at_ms: Option<u64>,
     /// When the current failure was detected, for the time lost to failures.
     pub failed_at_ms: Option<u64>,
+    /// When the fault behind the current failure was observed (by an agent
+    /// where known), for the fault-to-relaunch latency.
+    #[serde(default)]
+    pub fault_at_ms: Option<u64>,
+    /// What kind of failure the current one is (crash, hang, node_lost, ...).
+    #[serde(default)]
+    pub failure_kind: String,
     pub lost_ms: u64,
     pub events: Vec<JobEvent>,
+    /// Events not yet announced to `clusterctl events` watchers (not stored).
+    #[serde(skip)]
+    pub unannounced: Vec<JobEvent>,
 }
 
 impl Job {
@@ -163,11 +173,15 @@ impl Job {
         if self.events.len() >= MAX_JOB_EVENTS {
             self.events.remove(0);
         }
-        self.events.push(JobEvent {
+        let event = JobEvent {
             at_ms,
             kind: kind.to_owned(),
             message,
-        });
+        };
+        if self.unannounced.len() < MAX_JOB_EVENTS {
+            self.unannounced.push(event.clone());
+        }
+        self.events.push(event);
     }
 
     pub fn current_attempt_mut(&mut self) -> Option<&mut Attempt> {

@@ -55,8 +55,11 @@ impl ClusterState {
             after_stop: None,
             restart_at_ms: None,
             failed_at_ms: None,
+            fault_at_ms: None,
+            failure_kind: String::new(),
             lost_ms: 0,
             events: Vec::new(),
+            unannounced: Vec::new(),
         };
         job.event(
             now.wall_ms,
@@ -86,11 +89,11 @@ impl ClusterState {
                 job.event(now.wall_ms, "cancelled", "cancelled by an operator".into());
             }
             JobPhase::Running => {
+                let failure = Failure::new("cancelled by an operator", "", "cancelled");
                 stop_attempt(
                     job,
                     &self.nodes,
-                    "cancelled by an operator",
-                    "",
+                    &failure,
                     AfterStop::Cancel,
                     now,
                     &mut effects,
@@ -102,6 +105,43 @@ impl ClusterState {
         effects.push(Effect::PersistJob(Box::new(job.clone())));
         effects.extend(self.schedule(now));
         Ok(effects)
+    }
+
+    /// Cordon `node` and restart the jobs running on it elsewhere now, from
+    /// their last checkpoint. A drain is the operator's doing: it restarts
+    /// even a job whose `max_restarts` is used up, and blames no node.
+    pub fn drain_node(
+        &mut self,
+        node: &str,
+        reason: &str,
+        now: Now,
+    ) -> Result<(Vec<String>, Vec<Effect>), StateError> {
+        let mut effects = self.cordon(
+            node,
+            format!("drain: {reason}"),
+            crate::node::CordonSource::Operator,
+            now,
+        )?;
+        let mut restarted = Vec::new();
+        let why = format!("node {node} drained by an operator ({reason})");
+        for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
+            job.spares.retain(|s| s != node);
+            if job.phase == JobPhase::Running && job.workers.contains_key(node) {
+                let failure = Failure::new(&why, "", "drain");
+                stop_attempt(
+                    job,
+                    &self.nodes,
+                    &failure,
+                    AfterStop::Restart,
+                    now,
+                    &mut effects,
+                );
+                restarted.push(job.id.clone());
+            }
+            effects.push(Effect::PersistJob(Box::new(job.clone())));
+        }
+        effects.extend(self.schedule(now));
+        Ok((restarted, effects))
     }
 
     /// WorkerStarted / WorkerExited / CheckpointSeen from `node`.
@@ -141,9 +181,15 @@ impl ClusterState {
                     worker.log_path = w.log_path.clone();
                 }
             }
-            Some(Kind::WorkerExited(w)) => {
-                worker_exited(job, &self.nodes, node, w, now, &mut effects)
-            }
+            Some(Kind::WorkerExited(w)) => worker_exited(
+                job,
+                &self.nodes,
+                node,
+                w,
+                event.at_unix_ms,
+                now,
+                &mut effects,
+            ),
             Some(Kind::Checkpoint(c)) => {
                 let inside = std::path::Path::new(&c.path).starts_with(&job.spec.checkpoint.dir);
                 let known = job.checkpoint.as_ref().is_some_and(|k| k.path == c.path);
@@ -256,15 +302,9 @@ impl ClusterState {
                 JobPhase::Running => {
                     let reason =
                         format!("worker on {node} is gone: its agent came back without it");
-                    stop_attempt(
-                        job,
-                        &self.nodes,
-                        &reason,
-                        node,
-                        after_failure(job),
-                        now,
-                        &mut effects,
-                    );
+                    let failure = Failure::new(&reason, node, "worker_gone");
+                    let after = after_failure(job);
+                    stop_attempt(job, &self.nodes, &failure, after, now, &mut effects);
                 }
                 JobPhase::Stopping => {
                     worker.phase = WorkerPhase::Stopped;
@@ -310,6 +350,7 @@ impl ClusterState {
                 _ => continue,
             };
             let lost = matches!(e, Effect::Availability { .. });
+            let kind = if lost { "node_lost" } else { "node_unhealthy" };
             for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
                 job.spares.retain(|s| s != node);
                 let Some(worker) = job.workers.get_mut(node) else {
@@ -322,7 +363,8 @@ impl ClusterState {
                 match job.phase {
                     JobPhase::Running => {
                         let after = after_failure(job);
-                        stop_attempt(job, &self.nodes, &why, node, after, now, &mut out);
+                        let failure = Failure::new(&why, node, kind);
+                        stop_attempt(job, &self.nodes, &failure, after, now, &mut out);
                     }
                     JobPhase::Stopping => finish_if_stopped(job, now, &mut out),
                     _ => {}
@@ -356,7 +398,8 @@ impl ClusterState {
                     humantime::format_duration(job.spec.progress.hang_timeout)
                 );
                 let after = after_failure(job);
-                stop_attempt(job, &self.nodes, &reason, "", after, now, &mut effects);
+                let failure = Failure::new(&reason, "", "hang");
+                stop_attempt(job, &self.nodes, &failure, after, now, &mut effects);
                 effects.push(Effect::PersistJob(Box::new(job.clone())));
             }
         }
@@ -553,7 +596,15 @@ fn start_attempt(
     job.after_stop = None;
     job.restart_at_ms = None;
     if let Some(failed) = job.failed_at_ms.take() {
-        job.lost_ms += now.wall_ms.saturating_sub(failed);
+        let lost_ms = now.wall_ms.saturating_sub(failed);
+        job.lost_ms += lost_ms;
+        let fault_at = job.fault_at_ms.take().unwrap_or(failed);
+        effects.push(Effect::Restarted {
+            job: job.id.clone(),
+            kind: std::mem::take(&mut job.failure_kind),
+            lost_ms,
+            fault_to_relaunch_ms: now.wall_ms.saturating_sub(fault_at),
+        });
     }
     job.workers = job
         .placement
@@ -629,13 +680,32 @@ fn start_attempt(
     }
 }
 
+/// Why an attempt ends: the reason, the node blamed (if any), a stable kind
+/// (a metric label), and when the fault was observed if earlier than now.
+struct Failure<'a> {
+    reason: &'a str,
+    culprit: &'a str,
+    kind: &'static str,
+    fault_at_ms: Option<u64>,
+}
+
+impl<'a> Failure<'a> {
+    fn new(reason: &'a str, culprit: &'a str, kind: &'static str) -> Self {
+        Self {
+            reason,
+            culprit,
+            kind,
+            fault_at_ms: None,
+        }
+    }
+}
+
 /// The attempt failed (or is cancelled): stop its workers on every node.
 /// Nothing starts again until every one of them is confirmed dead.
 fn stop_attempt(
     job: &mut Job,
     nodes: &BTreeMap<String, Node>,
-    reason: &str,
-    culprit: &str,
+    failure: &Failure,
     after: AfterStop,
     now: Now,
     effects: &mut Vec<Effect>,
@@ -643,10 +713,14 @@ fn stop_attempt(
     if job.phase != JobPhase::Running {
         return;
     }
+    let (reason, culprit) = (failure.reason, failure.culprit);
     job.phase = JobPhase::Stopping;
     job.after_stop = Some(after);
     job.reason = reason.to_owned();
+    job.failure_kind = failure.kind.to_owned();
     job.failed_at_ms.get_or_insert(now.wall_ms);
+    job.fault_at_ms
+        .get_or_insert(failure.fault_at_ms.unwrap_or(now.wall_ms).min(now.wall_ms));
     let step = job.progress_step();
     let outcome = if after == AfterStop::Cancel {
         "cancelled"
@@ -660,9 +734,9 @@ fn stop_attempt(
         a.last_step = step;
     }
     let what = if after == AfterStop::Cancel {
-        "cancelling"
+        "cancelled"
     } else {
-        "attempt failed"
+        "failed"
     };
     let msg = format!(
         "attempt {} {what}: {reason}; stopping its workers on every node",
@@ -700,6 +774,7 @@ fn worker_exited(
     nodes: &BTreeMap<String, Node>,
     node: &str,
     w: &v1::WorkerExited,
+    observed_at_ms: u64,
     now: Now,
     effects: &mut Vec<Effect>,
 ) {
@@ -744,7 +819,11 @@ fn worker_exited(
             };
             let reason = format!("worker on {node} (rank {rank}) {how}{stopped}");
             let after = after_failure(job);
-            stop_attempt(job, nodes, &reason, node, after, now, effects);
+            let failure = Failure {
+                fault_at_ms: (observed_at_ms > 0).then_some(observed_at_ms),
+                ..Failure::new(&reason, node, "crash")
+            };
+            stop_attempt(job, nodes, &failure, after, now, effects);
         }
         JobPhase::Stopping => {
             if !worker.phase.is_dead() || was_stopping {

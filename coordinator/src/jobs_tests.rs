@@ -643,3 +643,27 @@ fn invalid_specs_are_refused_with_the_field() {
     );
     assert!(s.jobs.is_empty());
 }
+
+#[test]
+fn drain_cordons_and_restarts_the_job_elsewhere_without_blame() {
+    let now = t0();
+    let mut s = cluster(3, now);
+    let (id, _) = submit(&mut s, &spec(2, 0), now);
+    let (jobs, e) = s
+        .drain_node("n2", "kernel upgrade", at(now, 1.0))
+        .expect("known");
+    let effects = run(&mut s, e, at(now, 1.0));
+    assert_eq!(jobs, [id.clone()]);
+    assert!(s.nodes["n2"].cordoned());
+    assert_eq!(stops(&effects), ["n1", "n2"]);
+    assert_eq!(
+        s.jobs[&id].attempts[0].culprit_node, "",
+        "a drain blames no node"
+    );
+    confirm_stops(&mut s, &id, &effects, at(now, 2.0));
+    let started = starts(&s.jobs_tick(at(now, 8.0)));
+    assert_eq!(
+        started.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["n1", "n3"]
+    );
+}

@@ -15,12 +15,15 @@
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
 //! - `control_service`: the `ControlService` clusterctl talks to.
+//! - `control_streams`: its long-lived streams: `events --follow` and `job logs`.
 //! - `metrics`: Prometheus metrics and the `/metrics` + `/healthz` HTTP server.
+//! - `notify`: systemd notifications (ready, status, watchdog fed by the engine loop, stopping).
 //! - `error`: boundary errors and their single mapping to gRPC status.
 
 pub mod agent_service;
 pub mod config;
 pub mod control_service;
+pub mod control_streams;
 pub mod engine;
 pub mod error;
 pub mod health;
@@ -31,6 +34,7 @@ pub mod jobspec;
 pub mod liveness;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod state;
 pub mod store;
 pub mod xid;
@@ -53,6 +57,15 @@ pub use store::Store;
 /// How long in-flight calls get to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Callbacks for the service manager (systemd's sd_notify in `main.rs`).
+#[derive(Default)]
+pub struct Hooks {
+    /// Once the coordinator serves (engine running, listeners accepting).
+    pub serving: Option<Box<dyn FnOnce() + Send>>,
+    /// On every tick of the engine loop.
+    pub engine_tick: Option<Box<dyn FnMut() + Send>>,
+}
+
 /// Serve agents and operators on `grpc`, metrics on `metrics`, until `shutdown`.
 pub async fn run(
     config: Config,
@@ -61,9 +74,33 @@ pub async fn run(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
+    run_with_hooks(
+        config,
+        store,
+        grpc,
+        metrics_listener,
+        shutdown,
+        Hooks::default(),
+    )
+    .await
+}
+
+/// [`run`], calling `hooks` as the coordinator comes up and runs.
+pub async fn run_with_hooks(
+    config: Config,
+    store: Store,
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut hooks: Hooks,
+) -> Result<(), CoordinatorError> {
     let started = metrics::unix_ms(SystemTime::now());
     let metrics = Arc::new(metrics::Metrics::new(started));
-    let (engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
+    let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
+    let metrics_for_control = metrics.clone();
+    if let Some(tick) = hooks.engine_tick.take() {
+        engine = engine.on_tick(tick);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let engine_task = tokio::spawn(engine.run(stop_rx.clone()));
 
@@ -79,6 +116,7 @@ pub async fn run(
         .max_encoding_message_size(max);
     let control = ControlServiceServer::new(control_service::ControlService::new(
         handle,
+        metrics_for_control,
         grpc_addr,
         config.diagnostics.timeout,
     ))
@@ -94,6 +132,9 @@ pub async fn run(
             engine::stopped(&mut server_stop).await;
         });
     tokio::pin!(server);
+    if let Some(serving) = hooks.serving.take() {
+        serving();
+    }
 
     let result = tokio::select! {
         r = &mut server => r.map_err(CoordinatorError::from),

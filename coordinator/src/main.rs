@@ -1,13 +1,19 @@
-//! `vigil-coordinator`: parse flags and config, open the store, bind, run.
+//! `vigil-coordinator`: parse flags and config, open the store, bind, run;
+//! tell systemd how it goes (ready, watchdog, stopping) and re-read the config on SIGHUP.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
-use vigil_coordinator::{Config, CoordinatorError, Store};
+use vigil_coordinator::config::ConfigError;
+use vigil_coordinator::notify::{self, Watchdog};
+use vigil_coordinator::{Config, CoordinatorError, Hooks, Store};
 
 /// EX_USAGE from sysexits.h: the configuration is invalid.
 const EXIT_USAGE: u8 = 64;
@@ -31,9 +37,14 @@ struct Cli {
     /// Directory of the state store [default: /var/lib/vigil].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Validate FILE and exit: 0 printing "FILE: ok", or 64 with the error.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
 }
 
-fn load_config(cli: Cli) -> Result<Config, vigil_coordinator::config::ConfigError> {
+/// The config file (if any) with the flags applied over it, validated; on
+/// SIGHUP the same flags apply again over the re-read file.
+fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     let mut config = match &cli.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -44,8 +55,8 @@ fn load_config(cli: Cli) -> Result<Config, vigil_coordinator::config::ConfigErro
     if let Some(a) = cli.metrics_listen {
         config.metrics_listen = a;
     }
-    if let Some(d) = cli.data_dir {
-        config.data_dir = d;
+    if let Some(d) = &cli.data_dir {
+        config.data_dir.clone_from(d);
     }
     config.validate()?;
     Ok(config)
@@ -66,39 +77,117 @@ async fn bind(
         })
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-        _ = int.recv() => tracing::info!("received SIGINT"),
+/// SIGTERM and SIGINT stop the coordinator; SIGHUP re-reads its config.
+/// Installed first thing: SIGHUP's default action would kill the process.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }
 
-async fn start(config: Config) -> Result<(), CoordinatorError> {
+async fn shutdown_signal(mut term: Signal, mut int: Signal) {
+    tokio::select! {
+        _ = term.recv() => info!("received SIGTERM"),
+        _ = int.recv() => info!("received SIGINT"),
+    }
+    notify::stopping();
+}
+
+/// On every SIGHUP: re-read the config file and report what would change.
+/// Nothing is applied at run time yet; an invalid file never stops the coordinator.
+async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config) {
+    while hup.recv().await.is_some() {
+        notify::reloading();
+        let Some(path) = &cli.config else {
+            info!("SIGHUP: started without --config; nothing to re-read");
+            notify::ready("serving; SIGHUP: no config file to re-read");
+            continue;
+        };
+        let file = path.display();
+        match load_config(&cli) {
+            Ok(new) => {
+                let changed = running.changed_keys(&new);
+                if changed.is_empty() {
+                    info!("SIGHUP: config {file} re-read and valid; nothing changed");
+                } else {
+                    warn!(
+                        changed = %changed.join(", "),
+                        "SIGHUP: config {file} re-read and valid; listen/data_dir/liveness changes \
+                         (and every other key, for now) need a restart"
+                    );
+                }
+                notify::ready(&format!(
+                    "serving; SIGHUP: {file} valid, changes need a restart"
+                ));
+            }
+            Err(e) => {
+                warn!("SIGHUP: {e}; the running configuration stays in force");
+                notify::ready(&format!("serving; SIGHUP: {file} invalid, see the log"));
+            }
+        }
+    }
+}
+
+async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), CoordinatorError> {
     let store = Store::open(&config.data_dir)?;
+    let known_nodes = store.load_nodes().map_or(0, |n| n.len());
     let grpc = bind(config.listen, "gRPC", "--listen").await?;
     let metrics = bind(config.metrics_listen, "metrics", "--metrics-listen").await?;
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let metrics_addr = metrics.local_addr().unwrap_or(config.metrics_listen);
-    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, data_dir = %config.data_dir.display(), "coordinator serving");
+    info!(grpc = %grpc_addr, metrics = %metrics_addr, data_dir = %config.data_dir.display(), "coordinator serving");
     // One line on stdout for scripts and tests that started us on port 0.
     println!(
         "vigil-coordinator {} serving grpc={grpc_addr} metrics={metrics_addr} data_dir={}",
         env!("CARGO_PKG_VERSION"),
         config.data_dir.display()
     );
-    vigil_coordinator::run(config, store, grpc, metrics, shutdown_signal()).await
+    tokio::spawn(reload_on_sighup(signals.hup, cli, config.clone()));
+    let mut hooks = Hooks {
+        serving: Some(Box::new(move || {
+            notify::ready(&format!(
+                "serving on {grpc_addr}; {known_nodes} nodes known"
+            ));
+        })),
+        engine_tick: None,
+    };
+    if let Some(mut watchdog) = Watchdog::from_env() {
+        info!(interval = ?watchdog.interval(), "systemd watchdog on: the engine loop feeds it");
+        hooks.engine_tick = Some(Box::new(move || watchdog.tick()));
+    }
+    let shutdown = shutdown_signal(signals.term, signals.int);
+    vigil_coordinator::run_with_hooks(config, store, grpc, metrics, shutdown, hooks).await
+}
+
+/// `--check-config FILE`: the same checks as start-up, nothing started.
+fn check_config(path: &Path) -> ExitCode {
+    match Config::from_file(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vigil-coordinator: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(path) = &cli.check_config {
+        return check_config(path);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -106,7 +195,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let config = match load_config(cli) {
+    let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vigil-coordinator: {e}");
@@ -123,10 +212,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(start(config)) {
+    let result = runtime.block_on(async {
+        let signals = Signals::install().context("cannot install signal handlers")?;
+        start(cli, config, signals)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vigil-coordinator: {e}");
+            eprintln!("vigil-coordinator: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::health::Condition;
-use crate::job::Job;
+use crate::job::{Job, JobPhase};
 use crate::node::{Availability, DISPLAY_STATES, Node};
 
 /// An engine that has not looped for this long is wedged: `/healthz` fails.
@@ -57,6 +57,24 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabel {
+    pub job: String,
+}
+
+/// How many jobs get their own checkpoint-age series (bounded cardinality).
+const MAX_JOB_SERIES: usize = 100;
+
+/// Restart buckets: seconds to an hour (hang timeouts, backoffs).
+const RESTART_BUCKETS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
 /// Fault-to-cordon buckets: the target is under a second.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -79,9 +97,14 @@ pub struct Metrics {
     pub node_condition: Family<NodeConditionLabel, Gauge>,
     pub diagnostics: Family<ResultLabel, Counter>,
     jobs: Family<StateLabel, Gauge>,
-    job_restarts: Counter,
-    /// Restarts already counted, so the counter only moves forward.
-    job_restarts_seen: AtomicU64,
+    pub job_restarts: Family<ReasonLabel, Counter>,
+    pub job_lost: Histogram,
+    pub fault_to_relaunch: Histogram,
+    pub heartbeat_lag: Histogram,
+    checkpoint_age: Family<JobLabel, Gauge>,
+    pub control_streams: Gauge,
+    pub engine_queue_depth: Gauge,
+    pub store_size_bytes: Gauge,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
 }
@@ -110,8 +133,14 @@ impl Metrics {
             node_condition: Family::default(),
             diagnostics: Family::default(),
             jobs: Family::default(),
-            job_restarts: Counter::default(),
-            job_restarts_seen: AtomicU64::new(0),
+            job_restarts: Family::default(),
+            job_lost: Histogram::new(RESTART_BUCKETS),
+            fault_to_relaunch: Histogram::new(RESTART_BUCKETS),
+            heartbeat_lag: Histogram::new(LATENCY_BUCKETS),
+            checkpoint_age: Family::default(),
+            control_streams: Gauge::default(),
+            engine_queue_depth: Gauge::default(),
+            store_size_bytes: Gauge::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
             registry: Registry::default(),
         };
@@ -189,8 +218,48 @@ impl Metrics {
         );
         registry.register(
             "vigil_job_restarts",
-            "Job attempts that failed and were restarted",
+            "Job attempts restarted after a failure, by kind (crash, hang, node_lost, node_unhealthy, worker_gone, drain)",
             m.job_restarts.clone(),
+        );
+        registry.register_with_unit(
+            "vigil_job_lost",
+            "Time lost per restart: from the failure's detection to the next attempt's start",
+            prometheus_client::registry::Unit::Seconds,
+            m.job_lost.clone(),
+        );
+        registry.register_with_unit(
+            "vigil_fault_to_relaunch",
+            "From a fault's observation (by the agent, where known) to the next attempt's start",
+            prometheus_client::registry::Unit::Seconds,
+            m.fault_to_relaunch.clone(),
+        );
+        registry.register_with_unit(
+            "vigil_heartbeat_lag",
+            "Heartbeat delay: received by the coordinator minus sent by the agent (clocks must be in sync)",
+            prometheus_client::registry::Unit::Seconds,
+            m.heartbeat_lag.clone(),
+        );
+        registry.register_with_unit(
+            "vigil_job_checkpoint_age",
+            "Age of each running job's last complete checkpoint (at most 100 jobs)",
+            prometheus_client::registry::Unit::Seconds,
+            m.checkpoint_age.clone(),
+        );
+        registry.register(
+            "vigil_control_streams",
+            "Open clusterctl streams (events --follow, job logs)",
+            m.control_streams.clone(),
+        );
+        registry.register(
+            "vigil_engine_queue_depth",
+            "Events waiting for the engine",
+            m.engine_queue_depth.clone(),
+        );
+        registry.register_with_unit(
+            "vigil_store_size",
+            "Size of the state store on disk",
+            prometheus_client::registry::Unit::Bytes,
+            m.store_size_bytes.clone(),
         );
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
@@ -259,7 +328,7 @@ impl Metrics {
     }
 
     /// Refresh the job gauges and the restart counter from the jobs.
-    pub fn observe_jobs<'a>(&self, jobs: impl Iterator<Item = &'a Job>) {
+    pub fn observe_jobs<'a>(&self, jobs: impl Iterator<Item = &'a Job>, now_unix_ms: u64) {
         const STATES: [&str; 7] = [
             "Pending",
             "Running",
@@ -270,12 +339,23 @@ impl Metrics {
             "Cancelled",
         ];
         let mut counts = [0i64; STATES.len()];
-        let mut restarts = 0u64;
+        self.checkpoint_age.clear();
+        let mut series = 0;
         for job in jobs {
             if let Some(i) = STATES.iter().position(|s| *s == job.phase_name()) {
                 counts[i] += 1;
             }
-            restarts += u64::from(job.restarts);
+            if let (JobPhase::Running, Some(c), true) =
+                (job.phase, &job.checkpoint, series < MAX_JOB_SERIES)
+            {
+                series += 1;
+                let age = now_unix_ms.saturating_sub(c.seen_at_ms) / 1000;
+                self.checkpoint_age
+                    .get_or_create(&JobLabel {
+                        job: job.id.clone(),
+                    })
+                    .set(i64::try_from(age).unwrap_or(i64::MAX));
+            }
         }
         for (state, count) in STATES.iter().zip(counts) {
             self.jobs
@@ -284,10 +364,17 @@ impl Metrics {
                 })
                 .set(count);
         }
-        let seen = self.job_restarts_seen.swap(restarts, Ordering::Relaxed);
-        if restarts > seen {
-            self.job_restarts.inc_by(restarts - seen);
-        }
+    }
+
+    pub fn count_restart(&self, kind: &str, lost_ms: u64, fault_to_relaunch_ms: u64) {
+        self.job_restarts
+            .get_or_create(&ReasonLabel {
+                reason: kind.to_owned(),
+            })
+            .inc();
+        self.job_lost.observe(lost_ms as f64 / 1000.0);
+        self.fault_to_relaunch
+            .observe(fault_to_relaunch_ms as f64 / 1000.0);
     }
 
     pub fn count_transition(&self, to: Availability) {

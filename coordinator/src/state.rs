@@ -86,6 +86,16 @@ pub enum Effect {
         node: String,
         kind: v1::command::Kind,
     },
+    /// Attempt N+1 of a job started after a failure (for metrics).
+    Restarted {
+        job: String,
+        /// crash, hang, node_lost, node_unhealthy, worker_gone, drain
+        kind: String,
+        /// From the failure's detection to this start.
+        lost_ms: u64,
+        /// From the fault's observation (by an agent, where known) to this start.
+        fault_to_relaunch_ms: u64,
+    },
     /// One line for the log about a job's decision.
     JobLog {
         job: String,
@@ -291,7 +301,8 @@ impl ClusterState {
                 effects.extend(self.worker_event(node_name, event, now));
                 return Ok(effects);
             }
-            Some(v1::agent_event::Kind::Diagnostics(_)) | None => return Ok(effects),
+            Some(v1::agent_event::Kind::Diagnostics(_) | v1::agent_event::Kind::LogData(_))
+            | None => return Ok(effects),
         };
         let uuid = if reported_uuid.is_empty() {
             node.record

@@ -208,6 +208,11 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db.size_on_disk().map_err(|e| self.io(e))
+    }
+
     /// Make every staged write durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map_err(|e| self.io(e))?;

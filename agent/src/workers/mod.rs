@@ -22,6 +22,7 @@
 //! checkpoint. No orphan is ever left running.
 
 mod group;
+mod logs;
 mod progress;
 mod record;
 mod spawn;
@@ -32,7 +33,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use vigil_proto::v1::{StartWorker, StopWorkers, WorkerInfo};
+use vigil_proto::v1::{AgentEvent, LogData, ReadLog, StartWorker, StopWorkers, WorkerInfo};
 
 pub use group::group_alive;
 pub use progress::{Progress, parse_step};
@@ -82,14 +83,41 @@ enum Request {
 pub struct Workers {
     /// The supervisor task holds the receiver.
     tx: mpsc::UnboundedSender<Request>,
+    state_dir: PathBuf,
+    sink: EventSink,
 }
 
 impl Workers {
     /// Starts the supervisor, which first stops the workers an earlier agent left running.
     pub fn start(config: WorkersConfig, sink: EventSink) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        supervisor::spawn(config, sink, rx);
-        Self { tx }
+        let state_dir = config.state_dir.clone();
+        supervisor::spawn(config, sink.clone(), rx);
+        Self {
+            tx,
+            state_dir,
+            sink,
+        }
+    }
+
+    /// Read part of a worker log (for `clusterctl job logs`); the answer
+    /// goes back as a `LogData` event carrying `command_id`.
+    pub fn read_log(&self, command_id: u64, read: ReadLog) {
+        let state_dir = self.state_dir.clone();
+        let sink = self.sink.clone();
+        tokio::spawn(async move {
+            let data =
+                tokio::task::spawn_blocking(move || logs::read(&state_dir, command_id, &read))
+                    .await
+                    .unwrap_or(LogData {
+                        command_id,
+                        ..LogData::default()
+                    });
+            sink.emit(AgentEvent {
+                at_unix_ms: crate::unix_ms(),
+                kind: Some(vigil_proto::v1::agent_event::Kind::LogData(data)),
+            });
+        });
     }
 
     /// Starts a worker (after stopping older attempts of its job); the outcome
