@@ -8,6 +8,7 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod jobs;
 pub mod process;
 
 use std::net::SocketAddr;

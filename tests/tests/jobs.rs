@@ -6,70 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use vigil_tests::{Cluster, FAST_LIVENESS, LONG, bin, clusterctl, now, wait_for};
-
-/// A 2-node job (1 spare) running the fake trainer: a step every 40 ms, a
-/// marker checkpoint every 10 steps, plus `extra_env` and `extra` TOML.
-fn spec(
-    cluster: &Cluster,
-    nodes: u32,
-    spares: u32,
-    extra_env: &str,
-    extra: &str,
-) -> Result<String> {
-    let trainer = bin("fake-trainer")?;
-    let dir = cluster.dir.path();
-    let work = dir.join("work");
-    let ckpt = dir.join("ckpt");
-    std::fs::create_dir_all(&work)?;
-    Ok(format!(
-        r#"name = "e2e"
-nodes = {nodes}
-gpus_per_node = 8
-command = ["{trainer}"]
-workdir = "{work}"
-spare_nodes = {spares}
-env = {{ FAKE_STEP_MS = "40", FAKE_CKPT_EVERY = "10", FAKE_CKPT_DIR = "{ckpt}", FAKE_CKPT_LAYOUT = "marker"{extra_env} }}
-[checkpoint]
-dir = "{ckpt}"
-layout = "marker"
-[restart]
-max_restarts = 3
-backoff = "0s"
-stop_grace = "2s"
-[progress]
-hang_timeout = "3s"
-{extra}"#,
-        trainer = trainer.display(),
-        work = work.display(),
-        ckpt = ckpt.display(),
-    ))
-}
-
-fn state(job: &Value) -> &str {
-    job["job"]["state"].as_str().unwrap_or("")
-}
-
-fn attempt(job: &Value) -> u64 {
-    job["job"]["attempt"].as_u64().unwrap_or(0)
-}
-
-fn attempts(job: &Value) -> Vec<Value> {
-    job["attempts"].as_array().cloned().unwrap_or_default()
-}
-
-fn workers_running(job: &Value, n: usize) -> bool {
-    let w = job["workers"].as_array().cloned().unwrap_or_default();
-    w.len() == n
-        && w.iter()
-            .all(|w| w["state"] == "running" && w["progress_step"].as_u64().is_some())
-}
-
-fn start(nodes: usize) -> Result<Cluster> {
-    let cluster = Cluster::start(FAST_LIVENESS, nodes)?;
-    wait_for("agents Ready", LONG, || cluster.all("Ready", nodes))?;
-    Ok(cluster)
-}
+use vigil_tests::jobs::{attempt, attempts, spec, start, state, workers_running};
+use vigil_tests::{LONG, bin, clusterctl, now, wait_for};
 
 fn node_of_rank(job: &Value, rank: usize) -> Result<String> {
     job["job"]["assigned_nodes"][rank]
