@@ -21,7 +21,8 @@ pub struct Cli {
     )]
     pub coordinator: String,
 
-    /// Output format: aligned text for people, or one stable JSON document for scripts.
+    /// Output format: aligned text for people, or stable JSON for scripts (one document; JSON
+    /// Lines from `events`, `job logs` and `status --watch`).
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 
@@ -38,7 +39,20 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// One screen: coordinator, node counts per state, GPUs, cordoned and degraded nodes.
-    Status,
+    Status {
+        /// Redraw the screen every `--interval` until Ctrl-C.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// How often `--watch` redraws, e.g. `2s`, `500ms`, `1m`.
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "2s",
+            value_parser = parse_interval,
+            requires = "watch"
+        )]
+        interval: Duration,
+    },
     /// List every node with its state, condition, availability and scheduling.
     Nodes,
     /// Show one node: summary, condition, cordon, GPU health, last diagnostics, workers, events.
@@ -51,6 +65,18 @@ pub enum Command {
         name: String,
         /// Why, for the next operator who reads `clusterctl nodes`.
         #[arg(long, value_name = "TEXT", value_parser = non_empty_reason)]
+        reason: String,
+    },
+    /// Cordon a node and restart the jobs running on it elsewhere now, from their last checkpoint.
+    Drain {
+        name: String,
+        /// Why, for the next operator who reads `clusterctl nodes`.
+        #[arg(
+            long,
+            value_name = "TEXT",
+            value_parser = non_empty_reason,
+            default_value = DEFAULT_DRAIN_REASON
+        )]
         reason: String,
     },
     /// Let new work be placed on a node again.
@@ -70,10 +96,30 @@ pub enum Command {
     },
     /// List jobs: state, attempt, restarts, nodes, progress, last checkpoint, age, reason.
     Jobs,
-    /// Submit, show or cancel one job.
+    /// Submit, show, cancel one job, or print its workers' logs.
     Job {
         #[command(subcommand)]
         command: JobCommand,
+    },
+    /// Node and job events, newest last; with `--follow`, new ones as they happen.
+    Events {
+        /// Keep printing new events until Ctrl-C.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this node's events.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Only this job's events.
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+        /// How many past events to print first (the coordinator's default is 50).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        backlog: Option<u32>,
+    },
+    /// Print a shell completion script to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -92,14 +138,91 @@ pub enum JobCommand {
     },
     /// Stop the job's workers and mark it cancelled.
     Cancel { id: String },
+    /// Print the end of the job's worker logs; with `--follow`, new output as it is written.
+    Logs {
+        id: String,
+        /// Only this node's worker.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Keep printing new output until Ctrl-C.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How much of the end of each log to print first: bytes, or with a `K`/`KiB` or
+        /// `M`/`MiB` suffix; at most 1 MiB (the coordinator's default is 8 KiB).
+        #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+        tail: Option<u64>,
+    },
 }
+
+/// What `drain` records as the cordon reason when `--reason` is left out.
+pub const DEFAULT_DRAIN_REASON: &str = "drained by operator";
 
 /// The longest `--timeout` accepted: the coordinator's limit.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
 
-/// A duration such as `30s`, `2m`, `1m30s`, `1h`, `500ms`, or a plain number of seconds;
-/// more than zero and at most an hour.
+/// The shortest `status --interval`: more often only loads the coordinator.
+const MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The largest `--tail`: the coordinator's limit.
+const MAX_TAIL_BYTES: u64 = 1 << 20;
+
+/// A `--timeout`: more than zero and at most an hour.
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    let total = parse_duration_text(s)?;
+    if total.is_zero() {
+        return Err(format!(
+            "invalid duration {s:?}: must be more than zero (leave --timeout out for the coordinator's default)"
+        ));
+    }
+    if total > MAX_TIMEOUT {
+        return Err(format!(
+            "invalid duration {s:?}: at most 1h (the coordinator's limit)"
+        ));
+    }
+    Ok(total)
+}
+
+/// A `status --interval`: at least 500ms and at most an hour.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let total = parse_duration_text(s)?;
+    if total < MIN_INTERVAL || total > MAX_TIMEOUT {
+        return Err(format!(
+            "invalid interval {s:?}: must be between 500ms and 1h"
+        ));
+    }
+    Ok(total)
+}
+
+/// A byte count such as `65536`, `64K`, `64KiB`, `1M` or `1MiB`; more than zero and at most 1 MiB.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let invalid = || format!("invalid size {s:?}: expected bytes, e.g. 4096, 64K or 1M");
+    let text = s.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..digits].parse().map_err(|_| invalid())?;
+    let unit: u64 = match &text[digits..] {
+        "" | "B" => 1,
+        "K" | "k" | "KiB" | "KB" => 1 << 10,
+        "M" | "m" | "MiB" | "MB" => 1 << 20,
+        _ => return Err(invalid()),
+    };
+    let bytes = number.checked_mul(unit).ok_or_else(invalid)?;
+    if bytes == 0 {
+        return Err(format!(
+            "invalid size {s:?}: must be more than zero (leave --tail out for the coordinator's default, 8 KiB)"
+        ));
+    }
+    if bytes > MAX_TAIL_BYTES {
+        return Err(format!(
+            "invalid size {s:?}: at most 1M (the coordinator's limit)"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A duration such as `30s`, `2m`, `1m30s`, `1h`, `500ms`, or a plain number of seconds.
+fn parse_duration_text(s: &str) -> Result<Duration, String> {
     let invalid = || format!("invalid duration {s:?}: expected e.g. 30s, 2m, 1m30s or 500ms");
     let text = s.trim();
     let mut total = Duration::ZERO;
@@ -135,16 +258,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             .checked_add(Duration::from_millis(part))
             .ok_or_else(invalid)?;
         rest = &rest[unit..];
-    }
-    if total.is_zero() {
-        return Err(format!(
-            "invalid duration {s:?}: must be more than zero (leave --timeout out for the coordinator's default)"
-        ));
-    }
-    if total > MAX_TIMEOUT {
-        return Err(format!(
-            "invalid duration {s:?}: at most 1h (the coordinator's limit)"
-        ));
     }
     Ok(total)
 }
@@ -237,6 +350,90 @@ mod tests {
         assert!(
             Cli::try_parse_from(["clusterctl", "diagnose", "n1", "--timeout", "soon"]).is_err()
         );
+    }
+
+    #[test]
+    fn status_watch_takes_an_interval_only_with_watch() {
+        let cli = Cli::try_parse_from(["clusterctl", "status"]).expect("parses");
+        assert!(matches!(cli.command, Command::Status { watch: false, .. }));
+        let cli = Cli::try_parse_from(["clusterctl", "status", "--watch"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Status { watch: true, interval } if interval == Duration::from_secs(2)
+        ));
+        let cli = Cli::try_parse_from(["clusterctl", "status", "-w", "--interval", "500ms"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Status { interval, .. } if interval == Duration::from_millis(500)
+        ));
+        assert!(Cli::try_parse_from(["clusterctl", "status", "--interval", "5s"]).is_err());
+        assert!(
+            Cli::try_parse_from(["clusterctl", "status", "-w", "--interval", "100ms"]).is_err()
+        );
+    }
+
+    #[test]
+    fn drain_has_a_default_reason() {
+        let cli = Cli::try_parse_from(["clusterctl", "drain", "n1"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Drain { reason, .. } if reason == DEFAULT_DRAIN_REASON
+        ));
+        assert!(Cli::try_parse_from(["clusterctl", "drain", "n1", "--reason", " "]).is_err());
+    }
+
+    #[test]
+    fn events_and_logs_take_filters_and_follow() {
+        let cli = Cli::try_parse_from([
+            "clusterctl",
+            "events",
+            "-f",
+            "--node",
+            "n1",
+            "--backlog",
+            "1000",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Events { follow: true, node: Some(n), job: None, backlog: Some(1000) } if n == "n1"
+        ));
+        assert!(Cli::try_parse_from(["clusterctl", "events", "--backlog", "1001"]).is_err());
+        let cli = Cli::try_parse_from([
+            "clusterctl",
+            "job",
+            "logs",
+            "j-1",
+            "--follow",
+            "--tail",
+            "1M",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Job {
+                command: JobCommand::Logs {
+                    follow: true,
+                    tail: Some(1_048_576),
+                    node: None,
+                    ..
+                }
+            }
+        ));
+        assert!(Cli::try_parse_from(["clusterctl", "completions", "bash"]).is_ok());
+        assert!(Cli::try_parse_from(["clusterctl", "completions", "tcsh"]).is_err());
+    }
+
+    #[test]
+    fn sizes_take_plain_bytes_or_k_and_m() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64K"), Ok(65_536));
+        assert_eq!(parse_bytes("64KiB"), Ok(65_536));
+        assert_eq!(parse_bytes("1M"), Ok(1 << 20));
+        for bad in ["", "0", "2M", "1.5K", "K", "10x", "-1"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

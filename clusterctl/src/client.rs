@@ -1,4 +1,7 @@
 //! Connecting to the coordinator's ControlService and turning gRPC failures into one-line errors.
+//!
+//! Unary calls wait `REQUEST_TIMEOUT` (more for diagnose and drain); streams are read through
+//! `Feed`, time-limited unless followed.
 
 use std::time::Duration;
 
@@ -8,8 +11,22 @@ use tonic::{Code, Status};
 use vigil_proto::v1::control_service_client::ControlServiceClient;
 use vigil_proto::{MAX_MESSAGE_BYTES, v1};
 
+use crate::feed::{Feed, open_feed};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long `job logs` without `--follow` may take: the coordinator reads each worker's log
+/// through its node's agent.
+const LOGS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `drain` waits: the coordinator cordons the node and sets its jobs' restarts going.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// HTTP/2 pings on an open connection, so a followed stream notices a coordinator host that
+/// vanished without closing it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How much longer than the diagnostic itself clusterctl waits for its result.
 const DIAGNOSE_MARGIN: Duration = Duration::from_secs(10);
@@ -135,6 +152,41 @@ impl Coordinator {
         self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
     }
 
+    /// Cordons the node and restarts its jobs elsewhere.
+    pub async fn drain(&mut self, name: &str, reason: &str) -> Result<v1::DrainResponse> {
+        let mut req = tonic::Request::new(v1::DrainRequest {
+            name: name.into(),
+            reason: reason.into(),
+        });
+        req.set_timeout(DRAIN_TIMEOUT);
+        let r = self.client.drain(req).await;
+        self.answer(r, Some(Subject::Node(name)), DRAIN_TIMEOUT)
+    }
+
+    /// Past events, then, with `follow`, new ones for as long as the stream lasts (no timeout).
+    pub async fn watch_events(
+        &mut self,
+        req: v1::WatchEventsRequest,
+    ) -> Result<Feed<v1::ClusterEvent>> {
+        let (node, job) = (req.node.clone(), req.job.clone());
+        let subject = match (node.as_str(), job.as_str()) {
+            ("", "") => None,
+            ("", job) => Some(Subject::Job(job)),
+            (node, _) => Some(Subject::Node(node)),
+        };
+        let limit = (!req.follow).then_some(REQUEST_TIMEOUT);
+        let call = self.client.watch_events(stream_request(req, limit));
+        open_feed(&self.url, call, subject, limit).await
+    }
+
+    /// The tail of the job's worker logs, then, with `follow`, new output (no timeout).
+    pub async fn job_logs(&mut self, req: v1::JobLogsRequest) -> Result<Feed<v1::LogChunk>> {
+        let id = req.id.clone();
+        let limit = (!req.follow).then_some(LOGS_TIMEOUT);
+        let call = self.client.job_logs(stream_request(req, limit));
+        open_feed(&self.url, call, Some(Subject::Job(&id)), limit).await
+    }
+
     fn answer<T>(
         &self,
         result: std::result::Result<tonic::Response<T>, Status>,
@@ -161,8 +213,18 @@ fn request<T>(message: T) -> tonic::Request<T> {
     req
 }
 
+/// A stream's request: with a time limit, `grpc-timeout` tells the coordinator; a followed
+/// stream has none.
+fn stream_request<T>(message: T, limit: Option<Duration>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Some(limit) = limit {
+        req.set_timeout(limit);
+    }
+    req
+}
+
 /// Validates `url` (only plaintext `http://` exists before mutual TLS) and applies the connect
-/// timeout (each request carries its own).
+/// timeout (each request carries its own) and keepalive pings.
 pub fn endpoint(url: &str) -> Result<Endpoint> {
     let invalid = |why: &str| {
         anyhow!(
@@ -179,10 +241,13 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err(invalid("no host"));
     }
-    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT))
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT))
 }
 
-fn unreachable(url: &str, cause: &str) -> String {
+pub fn unreachable(url: &str, cause: &str) -> String {
     format!(
         "cannot reach coordinator at {url} ({cause}); is vigil-coordinator running? set --coordinator or VIGIL_COORDINATOR"
     )

@@ -1,4 +1,6 @@
 //! One function per subcommand: call the coordinator, map the answer to the model, render it.
+//! The commands that print as they go live in `follow` (`events`, `job logs`) and `watch`
+//! (`status --watch`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -7,12 +9,16 @@ use serde::Serialize;
 
 use crate::cli::{Cli, Command, JobCommand, Output};
 use crate::client::Coordinator;
-use crate::model::{DiagnoseResult, JobDetail, JobList, NodeDetail, NodeList, NodeSummary, Status};
-use crate::render;
+use crate::follow::{EventsQuery, LogsQuery};
+use crate::model::{
+    DiagnoseResult, DrainResult, JobDetail, JobList, NodeDetail, NodeList, NodeSummary, Status,
+};
+use crate::term::Term;
+use crate::{follow, render, watch};
 
 /// What a command that got an answer prints: stdout, and the error line when the answer
 /// itself is a failure (failed diagnostics), which makes the exit code 1.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Outcome {
     pub stdout: String,
     pub failure: Option<String>,
@@ -29,6 +35,9 @@ impl From<String> for Outcome {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<Outcome> {
+    if let Command::Completions { shell } = cli.command {
+        return Ok(completions(shell).into());
+    }
     // A spec that cannot be read fails the same whether or not a coordinator answers.
     let spec = match &cli.command {
         Command::Job {
@@ -39,26 +48,73 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
     let mut coordinator = Coordinator::connect(&cli.coordinator).await?;
     let c = &mut coordinator;
     let out = cli.output;
+    let term = match out {
+        Output::Table => Term::detect(),
+        Output::Json => Term::PLAIN,
+    };
+    let streamed = |()| Outcome::default();
     match cli.command {
-        Command::Status => status(c, out).await.map(Outcome::from),
-        Command::Nodes => nodes(c, out).await.map(Outcome::from),
-        Command::Node { name } => node(c, out, &name).await.map(Outcome::from),
+        Command::Status { watch: false, .. } => status(c, out, term).await.map(Outcome::from),
+        Command::Status { interval, .. } => watch::status(c, out, interval).await.map(streamed),
+        Command::Nodes => nodes(c, out, term).await.map(Outcome::from),
+        Command::Node { name } => node(c, out, &name, term).await.map(Outcome::from),
+        Command::Drain { name, reason } => drain(c, out, &name, &reason).await.map(Outcome::from),
+        Command::Events {
+            follow,
+            node,
+            job,
+            backlog,
+        } => {
+            let query = EventsQuery {
+                follow,
+                node,
+                job,
+                backlog,
+            };
+            follow::events(c, out, term, query).await.map(streamed)
+        }
+        Command::Completions { shell } => Ok(completions(shell).into()),
         Command::Cordon { name, reason } => cordon(c, out, &name, &reason).await.map(Outcome::from),
         Command::Uncordon { name, force } => {
             uncordon(c, out, &name, force).await.map(Outcome::from)
         }
         Command::Diagnose { name, timeout } => diagnose(c, out, &name, timeout).await,
-        Command::Jobs => jobs(c, out).await.map(Outcome::from),
+        Command::Jobs => jobs(c, out, term).await.map(Outcome::from),
         Command::Job { command } => match (command, spec) {
             (JobCommand::Submit { file }, spec) => match spec {
                 Some(spec) => submit(c, out, &spec).await,
                 None => submit(c, out, &read_spec(&file)?).await,
             },
-            (JobCommand::Show { id }, _) => job_show(c, out, &id).await,
+            (JobCommand::Show { id }, _) => job_show(c, out, &id, term).await,
             (JobCommand::Cancel { id }, _) => job_cancel(c, out, &id).await,
+            (
+                JobCommand::Logs {
+                    id,
+                    node,
+                    follow,
+                    tail,
+                },
+                _,
+            ) => {
+                let query = LogsQuery {
+                    id,
+                    node,
+                    follow,
+                    tail,
+                };
+                return follow::job_logs(c, out, query).await.map(streamed);
+            }
         }
         .map(Outcome::from),
     }
+}
+
+/// The completion script for `shell`.
+fn completions(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "clusterctl", &mut script);
+    String::from_utf8_lossy(&script).into_owned()
 }
 
 /// A job spec's text and where it came from (the path, or `<stdin>` for `-`).
@@ -85,9 +141,9 @@ fn read_spec(file: &str) -> Result<Spec> {
     })
 }
 
-async fn jobs(c: &mut Coordinator, out: Output) -> Result<String> {
+async fn jobs(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
     let list = JobList::from(c.list_jobs().await?);
-    emit(out, &list, |l| render::jobs(&l.jobs, now_ms()))
+    emit(out, &list, |l| render::jobs(&l.jobs, now_ms(), term))
 }
 
 async fn submit(c: &mut Coordinator, out: Output, spec: &Spec) -> Result<String> {
@@ -95,9 +151,9 @@ async fn submit(c: &mut Coordinator, out: Output, spec: &Spec) -> Result<String>
     emit(out, &detail, render::job_submitted)
 }
 
-async fn job_show(c: &mut Coordinator, out: Output, id: &str) -> Result<String> {
+async fn job_show(c: &mut Coordinator, out: Output, id: &str, term: Term) -> Result<String> {
     let detail = JobDetail::from_proto(c.get_job(id).await?, id);
-    emit(out, &detail, |d| render::job_detail(d, now_ms()))
+    emit(out, &detail, |d| render::job_detail(d, now_ms(), term))
 }
 
 async fn job_cancel(c: &mut Coordinator, out: Output, id: &str) -> Result<String> {
@@ -105,19 +161,19 @@ async fn job_cancel(c: &mut Coordinator, out: Output, id: &str) -> Result<String
     emit(out, &detail, render::job_cancelled)
 }
 
-async fn status(c: &mut Coordinator, out: Output) -> Result<String> {
+async fn status(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
     let status = Status::from_proto(c.status().await?, c.url());
-    emit(out, &status, |s| render::status(s, now_ms()))
+    emit(out, &status, |s| render::status(s, now_ms(), term))
 }
 
-async fn nodes(c: &mut Coordinator, out: Output) -> Result<String> {
+async fn nodes(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
     let list = NodeList::from(c.list_nodes().await?);
-    emit(out, &list, |l| render::nodes(&l.nodes))
+    emit(out, &list, |l| render::nodes(&l.nodes, term))
 }
 
-async fn node(c: &mut Coordinator, out: Output, name: &str) -> Result<String> {
+async fn node(c: &mut Coordinator, out: Output, name: &str, term: Term) -> Result<String> {
     let detail = NodeDetail::from_proto(c.get_node(name).await?, name);
-    emit(out, &detail, |d| render::node_detail(d, now_ms()))
+    emit(out, &detail, |d| render::node_detail(d, now_ms(), term))
 }
 
 async fn cordon(c: &mut Coordinator, out: Output, name: &str, reason: &str) -> Result<String> {
@@ -158,20 +214,35 @@ async fn diagnose(
     Ok(Outcome { stdout, failure })
 }
 
+async fn drain(c: &mut Coordinator, out: Output, name: &str, reason: &str) -> Result<String> {
+    let result = DrainResult::from_proto(c.drain(name, reason).await?, name);
+    emit(out, &result, |d| render::drained(d, reason))
+}
+
 /// The model as one pretty JSON document, or the text view of it.
 fn emit<T: Serialize>(out: Output, model: &T, text: impl FnOnce(&T) -> String) -> Result<String> {
     match out {
-        Output::Json => {
-            let mut json = serde_json::to_string_pretty(model).context("encoding JSON output")?;
-            json.push('\n');
-            Ok(json)
-        }
+        Output::Json => json_document(model),
         Output::Table => Ok(text(model)),
     }
 }
 
+/// One pretty JSON document and a newline: what `-o json` prints.
+pub fn json_document<T: Serialize>(model: &T) -> Result<String> {
+    let mut json = serde_json::to_string_pretty(model).context("encoding JSON output")?;
+    json.push('\n');
+    Ok(json)
+}
+
+/// One compact JSON object and a newline: a line of JSON Lines, for streamed output.
+pub fn json_line<T: Serialize>(model: &T) -> Result<String> {
+    let mut json = serde_json::to_string(model).context("encoding JSON output")?;
+    json.push('\n');
+    Ok(json)
+}
+
 /// The local wall clock, for ages of server timestamps; before 1970 reads as 0.
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

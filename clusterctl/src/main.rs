@@ -3,17 +3,28 @@
 //! Layout:
 //! - `cli`: the command line (clap), a contract with docs and tests.
 //! - `client`: connects to the coordinator and turns gRPC failures into one-line errors.
+//! - `feed`: reads a server stream, within a time limit unless following.
 //! - `commands`: one function per subcommand; calls the coordinator and picks the output.
+//! - `follow`: `events` and `job logs`, printed as the coordinator streams them.
+//! - `watch`: `status --watch`.
 //! - `model`: the stable JSON model, mapped from the vigil.v1 prost types.
-//! - `render`: text views of the model (status screen, node tables, node detail, diagnostics).
+//! - `render`: text views of the model (status screen, node tables, node detail, diagnostics,
+//!   events, logs).
 //! - `table`: aligned tables and human units (ages, durations, times, GiB).
+//! - `term`: the terminal: colour and width only on a TTY, writing as output arrives, Ctrl-C.
 
 mod cli;
 mod client;
 mod commands;
+mod feed;
+mod follow;
+#[cfg(test)]
+mod golden;
 mod model;
 mod render;
 mod table;
+mod term;
+mod watch;
 
 use std::io::Write;
 use std::process::ExitCode;

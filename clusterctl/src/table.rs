@@ -1,15 +1,25 @@
 //! Text building blocks: kubectl-style aligned tables and human units (ages, durations, times, GiB).
 
+use crate::term::Term;
+
 /// Spaces between columns, as kubectl prints them.
 const COLUMN_GAP: usize = 3;
 
+/// The fewest characters of a truncated last column kept, however narrow the terminal.
+const MIN_FITTED: usize = 12;
+
 /// Rows of cells printed with every column padded to its widest cell.
 ///
-/// The last column is never padded, so lines carry no trailing spaces.
+/// The last column is never padded, so lines carry no trailing spaces. Styled through `Term`:
+/// `fit` truncates the last column so lines fit the terminal, `paint` colours state words.
 #[derive(Debug, Default)]
 pub struct Table {
     rows: Vec<Vec<String>>,
     gap: usize,
+    header: bool,
+    width: Option<usize>,
+    term: Option<Term>,
+    painted: Vec<usize>,
 }
 
 impl Table {
@@ -19,20 +29,35 @@ impl Table {
         table
             .rows
             .push(headers.iter().map(|h| (*h).to_string()).collect());
+        table.header = true;
         table
     }
 
     /// A table with no header row, for aligned key/value blocks.
     pub fn without_headers() -> Self {
         Self {
-            rows: Vec::new(),
             gap: COLUMN_GAP,
+            ..Self::default()
         }
     }
 
     /// Changes the spacing between columns (the default is kubectl's three).
     pub fn gap(mut self, gap: usize) -> Self {
         self.gap = gap;
+        self
+    }
+
+    /// Truncates the last column (a reason or message) with `…` so lines fit in `width`
+    /// columns; `None` leaves lines whole.
+    pub fn fit(mut self, width: Option<usize>) -> Self {
+        self.width = width;
+        self
+    }
+
+    /// Colours the state words of `columns` (not the header) as `term` allows.
+    pub fn paint(mut self, term: Term, columns: &[usize]) -> Self {
+        self.term = Some(term);
+        self.painted = columns.to_vec();
         self
     }
 
@@ -56,13 +81,28 @@ impl Table {
         }
         self.rows
             .iter()
-            .map(|row| {
+            .enumerate()
+            .map(|(r, row)| {
                 let mut line = String::new();
+                let mut used = 0;
                 for (i, cell) in row.iter().enumerate() {
-                    line.push_str(cell);
-                    if i + 1 < row.len() {
+                    let last = i + 1 == row.len();
+                    let text = match self.width {
+                        Some(width) if last && i + 1 == columns => {
+                            truncate(cell, width.saturating_sub(used).max(MIN_FITTED))
+                        }
+                        _ => cell.clone(),
+                    };
+                    match self.term {
+                        Some(term) if self.painted.contains(&i) && !(self.header && r == 0) => {
+                            line.push_str(&term.paint(&text));
+                        }
+                        _ => line.push_str(&text),
+                    }
+                    if !last {
                         let pad = widths[i] - cell.chars().count() + self.gap;
                         line.extend(std::iter::repeat_n(' ', pad));
+                        used += widths[i] + self.gap;
                     }
                 }
                 line.trim_end().to_string()
@@ -79,6 +119,17 @@ impl Table {
         }
         out
     }
+}
+
+/// `text` cut to at most `max` characters, ending in `…` when anything was cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(max.saturating_sub(1)).collect();
+    let mut out = kept.trim_end().to_string();
+    out.push('…');
+    out
 }
 
 /// Keeps text from the network on one line: control characters become spaces.
@@ -255,6 +306,45 @@ mod tests {
         t.push(["ü", "x"]);
         t.push(["ab", "y"]);
         assert_eq!(t.lines(), vec!["ü  x", "ab y"]);
+    }
+
+    #[test]
+    fn fitted_tables_truncate_only_the_last_column() {
+        let mut t = Table::with_headers(&["NAME", "STATE", "REASON"]).fit(Some(36));
+        t.push(["gpu-001", "Ready", ""]);
+        t.push(["n2", "Cordoned", "a rather long reason that does not fit"]);
+        assert_eq!(
+            t.lines(),
+            vec![
+                "NAME      STATE      REASON",
+                "gpu-001   Ready",
+                "n2        Cordoned   a rather long…",
+            ]
+        );
+        let mut narrow = Table::without_headers().fit(Some(5));
+        narrow.push(["name", "the reason is long enough"]);
+        assert_eq!(narrow.lines(), vec!["name   the reason…"]);
+        assert_eq!(truncate("short", 5), "short");
+        assert_eq!(truncate("longer", 5), "long…");
+    }
+
+    #[test]
+    fn painted_columns_keep_their_alignment() {
+        let term = Term {
+            width: None,
+            color: true,
+        };
+        let mut t = Table::with_headers(&["NAME", "STATE", "X"]).paint(term, &[1]);
+        t.push(["a", "Ready", "1"]);
+        t.push(["b", "Lost", "2"]);
+        assert_eq!(
+            t.lines(),
+            vec![
+                "NAME   STATE   X",
+                "a      \x1b[32mReady\x1b[0m   1",
+                "b      \x1b[31mLost\x1b[0m    2",
+            ]
+        );
     }
 
     #[test]

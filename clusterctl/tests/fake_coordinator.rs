@@ -11,81 +11,17 @@ use vigil_proto::v1::{self, control_service_server::ControlServiceServer};
 #[path = "fake_coordinator/jobs.rs"]
 mod jobs;
 
+/// The nodes the fake knows.
+#[path = "fake_coordinator/nodes.rs"]
+mod nodes;
+
+/// Events, drain and job logs: the fake's answers and the commands' tests.
+#[path = "fake_coordinator/ops.rs"]
+mod ops;
+
+use nodes::{auto_node, diagnostics, hot_node, not_found, sim_node};
+
 struct Fake;
-
-fn sim_node() -> v1::NodeSummary {
-    v1::NodeSummary {
-        name: "gpu-003".into(),
-        state: "Cordoned".into(),
-        availability: v1::Availability::Ready as i32,
-        scheduling: v1::Scheduling::Cordoned as i32,
-        cordon: Some(v1::Cordon {
-            reason: "bad fan".into(),
-            source: v1::CordonSource::Operator as i32,
-            since_unix_ms: 1_700_000_000_000,
-        }),
-        gpus_healthy: 7,
-        gpus_total: 8,
-        last_heartbeat_age_ms: Some(400),
-        hostname: "host-3".into(),
-        agent_version: "0.1.0".into(),
-        gpu_backend: v1::GpuBackend::Simulated as i32,
-        availability_since_unix_ms: 1_700_000_000_000,
-        condition: v1::Condition::Healthy as i32,
-        condition_reasons: vec![],
-    }
-}
-
-/// Cordoned automatically: uncordoning it needs passed diagnostics or `--force`.
-fn auto_node() -> v1::NodeSummary {
-    v1::NodeSummary {
-        name: "gpu-auto".into(),
-        state: "Cordoned".into(),
-        cordon: Some(v1::Cordon {
-            reason: "gpu 2: Xid 79 (fell off the bus)".into(),
-            source: v1::CordonSource::Auto as i32,
-            since_unix_ms: 1_700_000_000_000,
-        }),
-        condition: v1::Condition::Unhealthy as i32,
-        condition_reasons: vec!["gpu 2: Xid 79 (fell off the bus)".into()],
-        gpu_backend: v1::GpuBackend::Nvml as i32,
-        ..sim_node()
-    }
-}
-
-fn hot_node() -> v1::NodeSummary {
-    v1::NodeSummary {
-        name: "gpu-hot".into(),
-        state: "Degraded".into(),
-        scheduling: v1::Scheduling::Schedulable as i32,
-        cordon: None,
-        condition: v1::Condition::Degraded as i32,
-        condition_reasons: vec!["gpu 1: thermal throttling".into()],
-        ..sim_node()
-    }
-}
-
-fn diagnostics(node: &str, passed: bool, timeout_ms: u64) -> v1::DiagnosticsRecord {
-    v1::DiagnosticsRecord {
-        node: node.into(),
-        passed,
-        summary: if passed {
-            format!("all checks passed (timeout_ms={timeout_ms})")
-        } else {
-            "gpu 2: not found by NVML".into()
-        },
-        output: "checked 8 GPUs\n".into(),
-        duration_ms: 1_500,
-        command: "builtin NVML self-check".into(),
-        finished_at_unix_ms: 1_700_000_100_000,
-    }
-}
-
-fn not_found(name: &str) -> Status {
-    Status::not_found(format!(
-        "node {name:?} not found (clusterctl nodes lists known nodes)"
-    ))
-}
 
 #[tonic::async_trait]
 impl v1::control_service_server::ControlService for Fake {
@@ -251,6 +187,31 @@ impl v1::control_service_server::ControlService for Fake {
         req: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::JobDetail>, Status> {
         jobs::cancel(&req.into_inner().id).map(Response::new)
+    }
+
+    type WatchEventsStream = ops::FakeStream<v1::ClusterEvent>;
+
+    async fn watch_events(
+        &self,
+        req: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        Ok(Response::new(ops::watch_events(req.into_inner())))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        ops::drain(req.into_inner()).map(Response::new)
+    }
+
+    type JobLogsStream = ops::FakeStream<v1::LogChunk>;
+
+    async fn job_logs(
+        &self,
+        req: Request<v1::JobLogsRequest>,
+    ) -> Result<Response<Self::JobLogsStream>, Status> {
+        ops::job_logs(req.into_inner()).map(Response::new)
     }
 }
 

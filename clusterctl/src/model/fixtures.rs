@@ -44,6 +44,69 @@ pub fn ready_nvml_node(name: &str) -> v1::NodeSummary {
     }
 }
 
+/// A node whose GPU 2 throttles: Degraded, still schedulable.
+pub fn degraded_node() -> v1::NodeSummary {
+    v1::NodeSummary {
+        state: "Degraded".into(),
+        condition: v1::Condition::Degraded as i32,
+        condition_reasons: vec![
+            "gpu 2: thermal throttling".into(),
+            "gpu 5: temperature 88C above 85C".into(),
+        ],
+        last_heartbeat_age_ms: Some(1_200),
+        ..ready_nvml_node("gpu-011")
+    }
+}
+
+/// Three nodes: one Ready, one cordoned by an operator, one Degraded.
+pub fn status_response() -> v1::StatusResponse {
+    v1::StatusResponse {
+        coordinator_version: "0.1.0".into(),
+        started_at_unix_ms: 1,
+        uptime_ms: 192_000,
+        listen_addr: "0.0.0.0:7770".into(),
+        nodes_by_state: vec![
+            v1::StateCount {
+                state: "Ready".into(),
+                count: 1,
+            },
+            v1::StateCount {
+                state: "Degraded".into(),
+                count: 1,
+            },
+            v1::StateCount {
+                state: "Cordoned".into(),
+                count: 1,
+            },
+        ],
+        nodes_total: 3,
+        gpus_healthy: 16,
+        gpus_total: 24,
+        cordoned: vec![cordoned_sim_node()],
+        nodes_simulated: 3,
+        degraded: vec![degraded_node()],
+    }
+}
+
+/// A job waiting for nodes: never started, no checkpoint.
+pub fn pending_job() -> v1::JobSummary {
+    v1::JobSummary {
+        id: "j-2".into(),
+        name: "bert-large".into(),
+        state: "Pending".into(),
+        attempt: 0,
+        restarts: 0,
+        max_restarts: 3,
+        nodes: 4,
+        gpus_per_node: 8,
+        assigned_nodes: vec![],
+        last_checkpoint_step: None,
+        submitted_at_unix_ms: 1_600_000,
+        reason: "waiting for 4 schedulable nodes (2 Ready)".into(),
+        progress_step: None,
+    }
+}
+
 /// Attempt 2 of a two-node job, resumed from step 200 after gpu-003 failed in attempt 1.
 pub fn running_job() -> v1::JobDetail {
     v1::JobDetail {

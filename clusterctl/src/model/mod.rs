@@ -4,7 +4,7 @@
 //! rather than derived from the protocol: a renamed proto field must not change the JSON.
 //! One file per area: `enums` (proto enums as words), `node`, `sample` (one GPU's health
 //! sample), `health` (conditions, events, diagnostics), `status`, `job`
-//! (job summaries and details).
+//! (job summaries and details), `ops` (drain, streamed events and log chunks).
 
 mod enums;
 #[cfg(test)]
@@ -12,6 +12,7 @@ pub mod fixtures;
 mod health;
 mod job;
 mod node;
+mod ops;
 mod sample;
 mod status;
 
@@ -21,5 +22,6 @@ pub use enums::GpuBackend;
 pub use health::DiagnoseResult;
 pub use job::{JobDetail, JobList, JobSummary};
 pub use node::{NodeDetail, NodeList, NodeSummary};
+pub use ops::{ClusterEvent, DrainResult, LogChunk};
 pub use sample::GpuSample;
 pub use status::Status;

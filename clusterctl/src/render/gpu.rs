@@ -28,7 +28,8 @@ pub fn inventory_table(d: &NodeDetail) -> String {
     format!("GPUS{}\n{}", simulated(d), t.render())
 }
 
-pub fn health_table(d: &NodeDetail) -> String {
+/// The CONDITION column, last, is cut to fit `term.width`.
+pub fn health_table(d: &NodeDetail, term: crate::term::Term) -> String {
     if d.gpus.is_empty() {
         return String::new();
     }
@@ -44,7 +45,8 @@ pub fn health_table(d: &NodeDetail) -> String {
         "PCIE",
         "NVLINK",
         "CONDITION",
-    ]);
+    ])
+    .fit(term.width);
     for g in &d.gpus {
         let mut row = vec![g.index.to_string(), short_uuid(&g.uuid)];
         row.extend(sample_cells(d.sample(g.index)));

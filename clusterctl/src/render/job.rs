@@ -5,6 +5,7 @@ use crate::model::{JobDetail, JobSummary};
 use crate::table::{
     Table, format_age, format_ago, format_elapsed, format_utc, format_when, sanitize,
 };
+use crate::term::Term;
 
 fn opt(value: Option<u64>) -> String {
     value.map_or_else(|| "-".to_string(), |v| v.to_string())
@@ -35,7 +36,7 @@ fn age_since(unix_ms: u64, now_ms: u64) -> String {
     }
 }
 
-pub fn jobs(list: &[JobSummary], now_ms: u64) -> String {
+pub fn jobs(list: &[JobSummary], now_ms: u64, term: Term) -> String {
     if list.is_empty() {
         return "no jobs (clusterctl job submit FILE submits one)\n".to_string();
     }
@@ -50,7 +51,9 @@ pub fn jobs(list: &[JobSummary], now_ms: u64) -> String {
         "CHECKPOINT",
         "AGE",
         "REASON",
-    ]);
+    ])
+    .fit(term.width)
+    .paint(term, &[2]);
     for j in list {
         t.push([
             j.id.clone(),
@@ -88,7 +91,7 @@ pub fn job_cancelled(d: &JobDetail) -> String {
     sanitize(&format!("job {} {state}", d.job.id)) + "\n"
 }
 
-pub fn job_detail(d: &JobDetail, now_ms: u64) -> String {
+pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
     let j = &d.job;
     let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
     out.line("job", format!("{} ({})", j.id, or_dash(&j.name)));
@@ -147,8 +150,8 @@ pub fn job_detail(d: &JobDetail, now_ms: u64) -> String {
     out.line("checkpoints", checkpoints);
     for section in [
         workers_table(d, now_ms),
-        attempts_table(d, now_ms),
-        events_table(d),
+        attempts_table(d, now_ms, term),
+        events_table(d, term),
     ] {
         out.push_str("\n");
         out.push_str(&section);
@@ -190,7 +193,7 @@ fn workers_table(d: &JobDetail, now_ms: u64) -> String {
     format!("WORKERS\n{}", t.render())
 }
 
-fn attempts_table(d: &JobDetail, now_ms: u64) -> String {
+fn attempts_table(d: &JobDetail, now_ms: u64, term: Term) -> String {
     if d.attempts.is_empty() {
         return "ATTEMPTS: none\n".to_string();
     }
@@ -203,7 +206,8 @@ fn attempts_table(d: &JobDetail, now_ms: u64) -> String {
         "RESUMED-FROM",
         "LAST-STEP",
         "REASON",
-    ]);
+    ])
+    .fit(term.width);
     for a in &d.attempts {
         let end = if a.ended_at_unix_ms == 0 {
             now_ms
@@ -239,11 +243,11 @@ fn attempts_table(d: &JobDetail, now_ms: u64) -> String {
     format!("ATTEMPTS\n{}", t.render())
 }
 
-fn events_table(d: &JobDetail) -> String {
+fn events_table(d: &JobDetail, term: Term) -> String {
     if d.events.is_empty() {
         return "EVENTS: none\n".to_string();
     }
-    let mut t = Table::with_headers(&["TIME", "KIND", "MESSAGE"]);
+    let mut t = Table::with_headers(&["TIME", "KIND", "MESSAGE"]).fit(term.width);
     for e in &d.events {
         t.push([
             format_utc(e.at_unix_ms),
@@ -277,17 +281,17 @@ mod tests {
         pending.last_checkpoint_step = None;
         pending.reason = "waiting for 2 schedulable nodes".into();
         assert_eq!(
-            jobs(&[detail().job, pending], NOW),
+            jobs(&[detail().job, pending], NOW, Term::PLAIN),
             "ID    NAME       STATE     ATTEMPT   RESTARTS   NODES             STEP   CHECKPOINT   AGE   REASON\n\
              j-1   opt-demo   Running   2         1/50       gpu-001,gpu-004   230    200          7m\n\
              j-2   opt-demo   Pending   -         0/50       -                 -      -            7m    waiting for 2 schedulable nodes\n"
         );
-        assert!(jobs(&[], NOW).starts_with("no jobs"));
+        assert!(jobs(&[], NOW, Term::PLAIN).starts_with("no jobs"));
     }
 
     #[test]
     fn job_detail_shows_attempts_workers_and_events() {
-        let text = job_detail(&detail(), NOW);
+        let text = job_detail(&detail(), NOW, Term::PLAIN);
         assert!(
             text.starts_with(
                 "job             j-1 (opt-demo)\nstate           Running\nreason          -\n"

@@ -1,19 +1,24 @@
 //! Human-readable views of the JSON model, one file per command family.
 //!
-//! Every function here is pure: it takes the model and `now_ms` (the local wall clock, used
-//! for "12m ago") and returns the text, so tests pin the exact output.
+//! Every function here is pure: it takes the model, `now_ms` (the local wall clock, used
+//! for "12m ago") and the `Term` (colour, width; `Term::PLAIN` in tests) and returns the text,
+//! so tests pin the exact output.
 
 mod diagnose;
+mod events;
 mod gpu;
 mod job;
+mod logs;
 mod node;
 mod nodes;
 mod status;
 
 pub use diagnose::diagnose;
+pub use events::EventColumns;
 pub use job::{job_cancelled, job_detail, job_submitted, jobs};
+pub use logs::LogPrinter;
 pub use node::node_detail;
-pub use nodes::nodes;
+pub use nodes::{drained, nodes};
 pub use status::status;
 
 use crate::table::sanitize;
@@ -39,8 +44,12 @@ impl Labelled {
     }
 
     fn line(&mut self, label: &str, value: impl AsRef<str>) {
+        self.line_styled(label, &sanitize(value.as_ref()));
+    }
+
+    /// A line whose value is already sanitized (and may carry colour).
+    fn line_styled(&mut self, label: &str, value: &str) {
         let width = self.width;
-        let value = sanitize(value.as_ref());
         self.text.push_str(&format!("{label:<width$}{value}\n"));
     }
 

@@ -5,8 +5,9 @@ use super::gpu::{health_table, inventory_table};
 use super::{DETAIL_LABEL_WIDTH, Labelled, or_dash, passed_or_failed};
 use crate::model::{GpuBackend, NodeDetail};
 use crate::table::{Table, format_age, format_elapsed, format_utc, format_when};
+use crate::term::Term;
 
-pub fn node_detail(d: &NodeDetail, now_ms: u64) -> String {
+pub fn node_detail(d: &NodeDetail, now_ms: u64, term: Term) -> String {
     let n = &d.node;
     let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
     if n.simulated {
@@ -62,10 +63,10 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64) -> String {
     );
     for section in [
         inventory_table(d),
-        health_table(d),
+        health_table(d, term),
         diagnostics_block(d, now_ms),
         worker_table(d),
-        events_table(d),
+        events_table(d, term),
     ] {
         if !section.is_empty() {
             out.push_str("\n");
@@ -100,11 +101,11 @@ fn diagnostics_block(d: &NodeDetail, now_ms: u64) -> String {
 }
 
 /// The node's history, newest last, as the coordinator keeps it.
-fn events_table(d: &NodeDetail) -> String {
+fn events_table(d: &NodeDetail, term: Term) -> String {
     if d.events.is_empty() {
         return "EVENTS: none\n".to_string();
     }
-    let mut t = Table::with_headers(&["TIME", "KIND", "GPU", "MESSAGE"]);
+    let mut t = Table::with_headers(&["TIME", "KIND", "GPU", "MESSAGE"]).fit(term.width);
     for e in &d.events {
         t.push([
             format_utc(e.at_unix_ms),
@@ -215,7 +216,7 @@ mod tests {
 
     #[test]
     fn node_detail_flags_simulation_and_unsupported_fields() {
-        let text = node_detail(&sim_detail(), NOW);
+        let text = node_detail(&sim_detail(), NOW, Term::PLAIN);
         assert!(text.starts_with("SIMULATED: "), "{text}");
         assert!(text.contains("gpu backend     SIMULATED (no real hardware)\n"));
         assert!(text.contains(
@@ -276,7 +277,7 @@ mod tests {
             },
             "n1",
         );
-        let text = node_detail(&detail, NOW);
+        let text = node_detail(&detail, NOW, Term::PLAIN);
         assert!(!text.contains("SIMULATED"));
         assert!(text.contains("condition       Healthy\ncordon          none\n"));
         assert!(text.contains("GPUS: none reported\n"));

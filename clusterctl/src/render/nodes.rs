@@ -1,7 +1,8 @@
 //! The `nodes` table, kubectl-style.
 
-use crate::model::NodeSummary;
-use crate::table::{Table, format_age};
+use crate::model::{DrainResult, NodeSummary};
+use crate::table::{Table, format_age, sanitize};
+use crate::term::Term;
 
 /// `7/8`, with ` sim` when the GPUs are simulated so nobody mistakes them for hardware.
 fn gpu_count(n: &NodeSummary) -> String {
@@ -22,7 +23,7 @@ fn reason(n: &NodeSummary) -> String {
     }
 }
 
-pub fn nodes(list: &[NodeSummary]) -> String {
+pub fn nodes(list: &[NodeSummary], term: Term) -> String {
     if list.is_empty() {
         return "no nodes registered (start vigil-agent on a GPU host)\n".to_string();
     }
@@ -35,7 +36,9 @@ pub fn nodes(list: &[NodeSummary]) -> String {
         "GPUS",
         "LAST-HEARTBEAT",
         "REASON",
-    ]);
+    ])
+    .fit(term.width)
+    .paint(term, &[1, 2, 3, 4]);
     for n in list {
         t.push([
             n.name.clone(),
@@ -49,6 +52,28 @@ pub fn nodes(list: &[NodeSummary]) -> String {
         ]);
     }
     t.render()
+}
+
+/// `node X drained: cordoned (reason); restarting 2 job(s) elsewhere from their last
+/// checkpoint: j-1, j-7`, or `...; no jobs were running on it`.
+pub fn drained(d: &DrainResult, reason: &str) -> String {
+    let reason = d.node.cordon.as_ref().map_or(reason, |c| c.reason.as_str());
+    let jobs = if d.jobs_restarted.is_empty() {
+        "no jobs were running on it".to_string()
+    } else {
+        format!(
+            "restarting {} job(s) elsewhere from their last checkpoint: {}",
+            d.jobs_restarted.len(),
+            d.jobs_restarted.join(", ")
+        )
+    };
+    format!(
+        "{}\n",
+        sanitize(&format!(
+            "node {} drained: cordoned ({reason}); {jobs}",
+            d.node.name
+        ))
+    )
 }
 
 #[cfg(test)]
@@ -68,11 +93,29 @@ mod tests {
             degraded,
         ];
         assert_eq!(
-            nodes(&list),
+            nodes(&list, Term::PLAIN),
             "NAME      STATE      CONDITION   AVAILABILITY   SCHEDULING    GPUS      LAST-HEARTBEAT   REASON\n\
              gpu-003   Cordoned   Degraded    Ready          Cordoned      7/8 sim   0.4s             bad fan\n\
              gpu-010   Ready      Healthy     Ready          Schedulable   8/8       -\n\
              gpu-011   Degraded   Degraded    Ready          Schedulable   8/8       -                gpu 2: thermal throttling\n"
+        );
+    }
+
+    #[test]
+    fn drain_names_the_restarted_jobs_or_says_there_were_none() {
+        let mut d = DrainResult {
+            node: NodeSummary::from(cordoned_sim_node()),
+            jobs_restarted: vec!["j-1".into(), "j-7".into()],
+        };
+        assert_eq!(
+            drained(&d, "asked"),
+            "node gpu-003 drained: cordoned (bad fan); restarting 2 job(s) elsewhere from their last checkpoint: j-1, j-7\n"
+        );
+        d.jobs_restarted.clear();
+        d.node.cordon = None;
+        assert_eq!(
+            drained(&d, "asked"),
+            "node gpu-003 drained: cordoned (asked); no jobs were running on it\n"
         );
     }
 }

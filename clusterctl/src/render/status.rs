@@ -2,9 +2,12 @@
 
 use super::{Labelled, STATUS_LABEL_WIDTH, product_version};
 use crate::model::{NodeSummary, Status};
-use crate::table::{Table, format_ago, format_duration};
+use crate::table::{Table, format_ago, format_duration, sanitize};
+use crate::term::Term;
 
-pub fn status(s: &Status, now_ms: u64) -> String {
+/// The screen; with colour, counts above zero show their state's colour, and the cordoned and
+/// degraded rows' reasons are cut to fit `term.width`.
+pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
     let mut out = Labelled::new(STATUS_LABEL_WIDTH);
     let c = &s.coordinator;
     out.line(
@@ -25,11 +28,17 @@ pub fn status(s: &Status, now_ms: u64) -> String {
         .nodes_by_state
         .0
         .iter()
-        .map(|(state, n)| format!("{n} {state}"))
+        .map(|(state, n)| {
+            let state = sanitize(state);
+            match n {
+                0 => format!("{n} {state}"),
+                _ => format!("{n} {}", term.paint(&state)),
+            }
+        })
         .collect();
-    out.line(
+    out.line_styled(
         "nodes",
-        format!("{} total: {}", s.nodes_total, counts.join(", ")),
+        &format!("{} total: {}", s.nodes_total, counts.join(", ")),
     );
     out.line(
         "gpus",
@@ -49,7 +58,8 @@ pub fn status(s: &Status, now_ms: u64) -> String {
             ),
         );
     }
-    let mut rows = Table::without_headers().gap(2);
+    let fit = term.width.map(|w| w.saturating_sub(STATUS_LABEL_WIDTH));
+    let mut rows = Table::without_headers().gap(2).fit(fit);
     for n in &s.cordoned {
         let (source, ago, reason) = match &n.cordon {
             Some(c) => (
@@ -62,7 +72,7 @@ pub fn status(s: &Status, now_ms: u64) -> String {
         rows.push([n.name.clone(), source.to_string(), ago, reason]);
     }
     section(&mut out, "cordoned", &rows);
-    let mut rows = Table::without_headers().gap(2);
+    let mut rows = Table::without_headers().gap(2).fit(fit).paint(term, &[1]);
     for n in &s.degraded {
         rows.push([
             n.name.clone(),
@@ -91,7 +101,7 @@ fn section(out: &mut Labelled, label: &str, rows: &Table) {
         out.line(label, "none");
     }
     for (i, line) in lines.iter().enumerate() {
-        out.line(if i == 0 { label } else { "" }, line);
+        out.line_styled(if i == 0 { label } else { "" }, line);
     }
 }
 
@@ -99,37 +109,19 @@ fn section(out: &mut Labelled, label: &str, rows: &Table) {
 mod tests {
     use super::*;
     use crate::model::Condition;
-    use crate::model::fixtures::{cordoned_sim_node, ready_nvml_node};
+    use crate::model::fixtures::{cordoned_sim_node, ready_nvml_node, status_response};
     use vigil_proto::v1;
 
     const NOW: u64 = 1_000_000 + 12 * 60_000;
 
     fn status_fixture() -> Status {
-        Status::from_proto(
-            v1::StatusResponse {
-                coordinator_version: "0.1.0".into(),
-                started_at_unix_ms: 1,
-                uptime_ms: 192_000,
-                listen_addr: "0.0.0.0:7770".into(),
-                nodes_by_state: vec![
-                    v1::StateCount {
-                        state: "Ready".into(),
-                        count: 2,
-                    },
-                    v1::StateCount {
-                        state: "Cordoned".into(),
-                        count: 1,
-                    },
-                ],
-                nodes_total: 3,
-                gpus_healthy: 16,
-                gpus_total: 24,
-                cordoned: vec![cordoned_sim_node()],
-                nodes_simulated: 3,
-                degraded: vec![],
-            },
-            "http://127.0.0.1:7770",
-        )
+        let mut s = status_response();
+        s.degraded.clear();
+        Status::from_proto(s, "http://127.0.0.1:7770")
+    }
+
+    fn status(s: &Status, now_ms: u64) -> String {
+        super::status(s, now_ms, Term::PLAIN)
     }
 
     #[test]
@@ -137,7 +129,7 @@ mod tests {
         assert_eq!(
             status(&status_fixture(), NOW),
             "coordinator  http://127.0.0.1:7770  (vigil 0.1.0, up 3m12s, listening 0.0.0.0:7770)\n\
-             nodes        3 total: 2 Ready, 0 Degraded, 1 Cordoned, 0 Unreachable, 0 Lost\n\
+             nodes        3 total: 1 Ready, 1 Degraded, 1 Cordoned, 0 Unreachable, 0 Lost\n\
              gpus         16/24 healthy\n\
              simulated    3 nodes report SIMULATED GPUs (no real hardware)\n\
              cordoned     gpu-003  operator  12m ago  \"bad fan\"\n\
@@ -199,5 +191,26 @@ mod tests {
         let text = status(&s, NOW);
         assert!(text.contains("cordoned     gpu-003  operator  12m ago  \"bad fan\"\n"));
         assert!(text.contains("\n             n1       operator  12m ago  \"bad fan\"\n"));
+    }
+
+    #[test]
+    fn colour_marks_counts_and_conditions_and_reasons_fit_the_terminal() {
+        let term = Term {
+            width: Some(50),
+            color: true,
+        };
+        let text = super::status(&Status::from_proto(status_response(), "u"), NOW, term);
+        assert!(
+            text.contains("3 total: 1 \x1b[32mReady\x1b[0m, 1 \x1b[33mDegraded\x1b[0m, 1 \x1b[31mCordoned\x1b[0m,"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cordoned     gpu-003  operator  12m ago  \"bad fan\"\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("degraded     gpu-011  \x1b[33mDegraded\x1b[0m  \"gpu 2: thermal t…\n"),
+            "{text}"
+        );
     }
 }

@@ -1,0 +1,95 @@
+//! Golden files: the table and JSON output of `status`, `nodes`, `jobs` and `job show` for the
+//! fixtures, at a fixed `now`, without colour or terminal width, compared with
+//! `tests/golden/*`. `UPDATE_GOLDEN=1 cargo test -p clusterctl golden` rewrites them (review
+//! the diff).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use vigil_proto::v1;
+
+use crate::commands::json_document;
+use crate::model::fixtures::{
+    cordoned_sim_node, degraded_node, pending_job, ready_nvml_node, running_job, status_response,
+};
+use crate::model::{JobDetail, JobList, NodeList, Status};
+use crate::render;
+use crate::term::Term;
+
+/// Twelve minutes after the fixtures' first timestamps.
+const NOW: u64 = 1_000_000 + 12 * 60_000;
+
+fn check(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+        if let Err(e) = std::fs::write(&path, actual) {
+            panic!("cannot write {}: {e}", path.display());
+        }
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e} (UPDATE_GOLDEN=1 cargo test -p clusterctl golden writes it)",
+            path.display()
+        )
+    });
+    assert!(
+        actual == expected,
+        "{} differs (if intended, rerun with UPDATE_GOLDEN=1 and review the diff)\n--- expected\n{expected}\n--- actual\n{actual}",
+        path.display()
+    );
+}
+
+fn check_both<T: Serialize>(name: &str, model: &T, text: &str) {
+    check(&format!("{name}.txt"), text);
+    match json_document(model) {
+        Ok(json) => check(&format!("{name}.json"), &json),
+        Err(e) => panic!("{name}: {e:#}"),
+    }
+}
+
+#[test]
+fn golden_status() {
+    let status = Status::from_proto(status_response(), "http://127.0.0.1:7770");
+    check_both(
+        "status",
+        &status,
+        &render::status(&status, NOW, Term::PLAIN),
+    );
+}
+
+#[test]
+fn golden_nodes() {
+    let list = NodeList::from(v1::ListNodesResponse {
+        nodes: vec![
+            cordoned_sim_node(),
+            ready_nvml_node("gpu-010"),
+            degraded_node(),
+        ],
+    });
+    check_both("nodes", &list, &render::nodes(&list.nodes, Term::PLAIN));
+}
+
+#[test]
+fn golden_jobs() {
+    let list = JobList::from(v1::ListJobsResponse {
+        jobs: running_job()
+            .summary
+            .into_iter()
+            .chain([pending_job()])
+            .collect(),
+    });
+    check_both("jobs", &list, &render::jobs(&list.jobs, NOW, Term::PLAIN));
+}
+
+#[test]
+fn golden_job_show() {
+    let detail = JobDetail::from_proto(running_job(), "j-1");
+    check_both(
+        "job_show",
+        &detail,
+        &render::job_detail(&detail, NOW, Term::PLAIN),
+    );
+}
