@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::anyhow;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -103,38 +103,40 @@ async fn shutdown_signal(mut term: Signal, mut int: Signal) {
     notify::stopping();
 }
 
-/// On every SIGHUP: re-read the config file and report what would change.
-/// Nothing is applied at run time yet; an invalid file never stops the coordinator.
-async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config) {
+/// On every SIGHUP: re-read the config file (flags still override it) and
+/// report what would change. No key is applied at run time yet; an invalid
+/// file never stops the coordinator. `serving` heads the systemd status line.
+async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config, serving: String) {
     while hup.recv().await.is_some() {
         notify::reloading();
         let Some(path) = &cli.config else {
             info!("SIGHUP: started without --config; nothing to re-read");
-            notify::ready("serving; SIGHUP: no config file to re-read");
+            notify::ready(&format!("{serving}; SIGHUP: no config file to re-read"));
             continue;
         };
         let file = path.display();
-        match load_config(&cli) {
+        let status = match load_config(&cli) {
             Ok(new) => {
-                let changed = running.changed_keys(&new);
+                let changed = running.changed_keys(&new).join(", ");
                 if changed.is_empty() {
                     info!("SIGHUP: config {file} re-read and valid; nothing changed");
+                    format!("{serving}; config re-read, unchanged")
                 } else {
                     warn!(
-                        changed = %changed.join(", "),
-                        "SIGHUP: config {file} re-read and valid; listen/data_dir/liveness changes \
-                         (and every other key, for now) need a restart"
+                        changed,
+                        "SIGHUP: config {file} re-read and valid; changes to {changed} need a \
+                         restart (listen, data_dir, liveness and, for now, every other key are \
+                         read at start only)"
                     );
+                    format!("{serving}; config re-read: {changed} changed, restart to apply")
                 }
-                notify::ready(&format!(
-                    "serving; SIGHUP: {file} valid, changes need a restart"
-                ));
             }
             Err(e) => {
-                warn!("SIGHUP: {e}; the running configuration stays in force");
-                notify::ready(&format!("serving; SIGHUP: {file} invalid, see the log"));
+                warn!("SIGHUP: keeping the running configuration: {e}");
+                format!("{serving}; config {file} invalid, kept the running one (see the log)")
             }
-        }
+        };
+        notify::ready(&status);
     }
 }
 
@@ -152,12 +154,16 @@ async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), Coordin
         env!("CARGO_PKG_VERSION"),
         config.data_dir.display()
     );
-    tokio::spawn(reload_on_sighup(signals.hup, cli, config.clone()));
+    let serving = format!("serving on {grpc_addr}");
+    tokio::spawn(reload_on_sighup(
+        signals.hup,
+        cli,
+        config.clone(),
+        serving.clone(),
+    ));
     let mut hooks = Hooks {
         serving: Some(Box::new(move || {
-            notify::ready(&format!(
-                "serving on {grpc_addr}; {known_nodes} nodes known"
-            ));
+            notify::ready(&format!("{serving}; {known_nodes} nodes known"));
         })),
         engine_tick: None,
     };
@@ -213,7 +219,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let signals = Signals::install().context("cannot install signal handlers")?;
+        let signals =
+            Signals::install().map_err(|e| anyhow!("cannot install signal handlers: {e}"))?;
         start(cli, config, signals)
             .await
             .map_err(anyhow::Error::from)
@@ -221,7 +228,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vigil-coordinator: {e:#}");
+            // Every message already ends with its cause.
+            eprintln!("vigil-coordinator: {e}");
             ExitCode::FAILURE
         }
     }

@@ -64,8 +64,21 @@ pub struct ReasonLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabel {
-    pub job: String,
+    /// Not `job`: Prometheus's own target label would shadow it.
+    pub job_id: String,
 }
+
+/// Health rules that can cordon a node (see health.rs).
+const CORDON_RULES: [&str; 8] = [
+    "xid",
+    "xid_recurrence",
+    "ecc_uncorrected",
+    "retired_pages_pending",
+    "remap_failure",
+    "gpu_lost",
+    "gpu_missing",
+    "nvlink_down",
+];
 
 /// How many jobs get their own checkpoint-age series (bounded cardinality).
 const MAX_JOB_SERIES: usize = 100;
@@ -273,7 +286,40 @@ impl Metrics {
             "Build of this coordinator",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // Known label values exist from the start at 0, so that increase()
+        // sees their first event.
+        m.count_cordon_init();
+        for reason in [
+            "crash",
+            "hang",
+            "node_lost",
+            "node_unhealthy",
+            "worker_gone",
+            "drain",
+        ] {
+            let _ = m.job_restarts.get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            });
+        }
+        for result in ["pass", "fail"] {
+            let _ = m.diagnostics.get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            });
+        }
         Self { registry, ..m }
+    }
+
+    fn count_cordon_init(&self) {
+        let _ = self.cordons.get_or_create(&CordonLabel {
+            source: "operator".into(),
+            rule: "manual".into(),
+        });
+        for rule in CORDON_RULES {
+            let _ = self.cordons.get_or_create(&CordonLabel {
+                source: "auto".into(),
+                rule: rule.to_owned(),
+            });
+        }
     }
 
     /// Refresh the gauges derived from cluster state.
@@ -345,14 +391,21 @@ impl Metrics {
             if let Some(i) = STATES.iter().position(|s| *s == job.phase_name()) {
                 counts[i] += 1;
             }
-            if let (JobPhase::Running, Some(c), true) =
-                (job.phase, &job.checkpoint, series < MAX_JOB_SERIES)
+            // A job that never checkpointed counts from its first start, so
+            // "checkpoint too old" fires for it too.
+            let since = job
+                .checkpoint
+                .as_ref()
+                .map(|c| c.seen_at_ms)
+                .or_else(|| job.attempts.first().map(|a| a.started_at_ms));
+            if let (JobPhase::Running, Some(since), true) =
+                (job.phase, since, series < MAX_JOB_SERIES)
             {
                 series += 1;
-                let age = now_unix_ms.saturating_sub(c.seen_at_ms) / 1000;
+                let age = now_unix_ms.saturating_sub(since) / 1000;
                 self.checkpoint_age
                     .get_or_create(&JobLabel {
-                        job: job.id.clone(),
+                        job_id: job.id.clone(),
                     })
                     .set(i64::try_from(age).unwrap_or(i64::MAX));
             }
