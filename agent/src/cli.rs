@@ -10,7 +10,7 @@ use crate::config::{AgentConfig, ConfigError, GpuBackendKind};
 /// vigil agent: reports this node's GPUs to the coordinator and keeps its lease.
 ///
 /// Every flag overrides the same key of the config file.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "vigil-agent", version)]
 pub struct Cli {
     /// TOML config file; flags given here override its keys.
@@ -37,6 +37,9 @@ pub struct Cli {
     /// Address for HTTP /metrics and /healthz [default: 0.0.0.0:9771].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Validate FILE and exit: 0 printing "FILE: ok", or 64 with the error.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    pub check_config: Option<PathBuf>,
 }
 
 impl Cli {
@@ -47,6 +50,13 @@ impl Cli {
             None => AgentConfig::default(),
         };
         self.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// `--check-config FILE`: the file alone (no other flag), checked as at start-up.
+    pub fn check_config(path: &std::path::Path) -> Result<AgentConfig, ConfigError> {
+        let cfg = AgentConfig::from_file(path)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -154,6 +154,55 @@ impl AgentConfig {
         })
     }
 
+    /// The keys (top-level keys and sections) whose values differ in `new`:
+    /// what re-reading the file on SIGHUP would change.
+    pub fn changed_keys(&self, new: &AgentConfig) -> Vec<&'static str> {
+        // No `..`: a new key must be added here, or this stops compiling.
+        let AgentConfig {
+            coordinator,
+            node_name,
+            gpu_backend,
+            sim_gpus,
+            sim_fault_file,
+            diagnostics_command,
+            state_dir,
+            metrics_listen,
+            reconnect,
+            keep_workers_on_shutdown,
+            worker_stop_grace,
+            lease_stop_grace,
+        } = self;
+        [
+            ("coordinator", *coordinator != new.coordinator),
+            ("node_name", *node_name != new.node_name),
+            ("gpu_backend", *gpu_backend != new.gpu_backend),
+            ("sim_gpus", *sim_gpus != new.sim_gpus),
+            ("sim_fault_file", *sim_fault_file != new.sim_fault_file),
+            (
+                "diagnostics_command",
+                *diagnostics_command != new.diagnostics_command,
+            ),
+            ("state_dir", *state_dir != new.state_dir),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+            ("reconnect", *reconnect != new.reconnect),
+            (
+                "keep_workers_on_shutdown",
+                *keep_workers_on_shutdown != new.keep_workers_on_shutdown,
+            ),
+            (
+                "worker_stop_grace",
+                *worker_stop_grace != new.worker_stop_grace,
+            ),
+            (
+                "lease_stop_grace",
+                *lease_stop_grace != new.lease_stop_grace,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_node_name(&self.node_name)?;
         validate_coordinator(&self.coordinator)?;
@@ -388,6 +437,18 @@ mod tests {
         assert_eq!(invalid_field(&cfg), "reconnect.initial_backoff");
         cfg.reconnect.initial_backoff = Duration::from_secs(10);
         assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn changed_keys_name_what_a_reload_would_change() -> Result<(), ConfigError> {
+        let old = valid();
+        assert!(old.changed_keys(&old.clone()).is_empty());
+        let mut new = AgentConfig::from_toml_str(
+            "worker_stop_grace = \"30s\"\n[reconnect]\nmax_backoff = \"1m\"\n",
+        )?;
+        new.node_name = old.node_name.clone();
+        assert_eq!(old.changed_keys(&new), ["reconnect", "worker_stop_grace"]);
+        Ok(())
     }
 
     #[test]

@@ -72,10 +72,37 @@ pub enum AgentError {
     MetricsServe(#[source] std::io::Error),
 }
 
+/// Called once the agent is up, with a one-line summary.
+pub type ReadyHook = Box<dyn FnOnce(&str) + Send>;
+/// Called with `true` once registered with the coordinator, `false` once the session is lost.
+pub type RegisteredHook = Box<dyn FnMut(bool) + Send>;
+
+/// Callbacks for the service manager (systemd's sd_notify in `main.rs`).
+#[derive(Default)]
+pub struct Hooks {
+    /// Once the GPU backend is open and the metrics listener bound.
+    /// Never waits for the coordinator, which may be down.
+    pub ready: Option<ReadyHook>,
+    /// When registration with the coordinator changes.
+    pub registered: Option<RegisteredHook>,
+}
+
+/// How often the registration hook looks at the session state.
+const REGISTRATION_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Runs the agent until `shutdown` resolves, binding the metrics listener from the config.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    run_with_hooks(config, shutdown, Hooks::default()).await
+}
+
+/// [`run`], calling `hooks` as the agent comes up and its registration changes.
+pub async fn run_with_hooks(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+    hooks: Hooks,
 ) -> Result<(), AgentError> {
     let span = agent_span(&config);
     async {
@@ -84,7 +111,7 @@ pub async fn run(
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AgentError::MetricsListen { addr, source })?;
-        serve(config, prepared, listener, shutdown).await
+        serve(config, prepared, listener, shutdown, hooks).await
     }
     .instrument(span)
     .await
@@ -99,7 +126,14 @@ pub async fn run_with_listener(
     let span = agent_span(&config);
     async {
         let prepared = prepare(&config).await?;
-        serve(config, prepared, metrics_listener, shutdown).await
+        serve(
+            config,
+            prepared,
+            metrics_listener,
+            shutdown,
+            Hooks::default(),
+        )
+        .await
     }
     .instrument(span)
     .await
@@ -161,6 +195,7 @@ async fn serve(
     Prepared { probe, inventory }: Prepared,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    hooks: Hooks,
 ) -> Result<(), AgentError> {
     let hostname = config::hostname();
     let metrics = Metrics::new(backend_label(probe.backend()), &inventory, &hostname);
@@ -190,6 +225,17 @@ async fn serve(
         state_dir = %config.state_dir.display(),
         "vigil-agent started"
     );
+    if let Some(ready) = hooks.ready {
+        ready(&format!(
+            "{} GPUs ({}); metrics on {metrics_addr}; connecting to {}",
+            inventory.len(),
+            backend_label(probe.backend()),
+            config.coordinator
+        ));
+    }
+    let registration = hooks
+        .registered
+        .map(|hook| tokio::spawn(watch_registration(metrics.clone(), hook).in_current_span()));
     let diagnostics = Arc::new(Diagnostics {
         probe: Arc::clone(&probe),
         expected: inventory,
@@ -210,11 +256,29 @@ async fn serve(
         () = link::run(ctx, events, config.reconnect) => {}
         () = shutdown => info!("shutting down"),
     }
+    if let Some(task) = registration {
+        task.abort();
+    }
     workers.shutdown(config.keep_workers_on_shutdown).await;
     let _ = stop_tx.send(());
     match server.await {
         Ok(result) => result.map_err(AgentError::MetricsServe),
         Err(join) => Err(AgentError::MetricsServe(std::io::Error::other(join))),
+    }
+}
+
+/// Calls `hook` whenever the session's registration (the `vigil_agent_connected`
+/// gauge, which the session keeps) changes; runs until aborted.
+async fn watch_registration(metrics: Metrics, mut hook: RegisteredHook) {
+    let mut last = false;
+    let mut poll = tokio::time::interval(REGISTRATION_POLL);
+    loop {
+        poll.tick().await;
+        let now = metrics.connected.get() > 0;
+        if now != last {
+            hook(now);
+            last = now;
+        }
     }
 }
 

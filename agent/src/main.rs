@@ -1,14 +1,18 @@
-//! `vigil-agent` binary: flags, config and signals around [`vigil_agent::run`].
+//! `vigil-agent` binary: flags, config and signals around [`vigil_agent::run_with_hooks`];
+//! tells systemd how it goes (ready, status, stopping) and re-reads the config on SIGHUP.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_agent::cli::Cli;
-use vigil_agent::error_chain;
+use vigil_agent::config::ConfigError;
+use vigil_agent::{AgentConfig, Hooks, error_chain};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 const EXIT_USAGE: u8 = 64;
@@ -27,7 +31,10 @@ async fn main() -> ExitCode {
             };
         }
     };
-    let config = match cli.into_config() {
+    if let Some(path) = &cli.check_config {
+        return check_config(path);
+    }
+    let config = match cli.clone().into_config() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("vigil-agent: {e}");
@@ -35,21 +42,57 @@ async fn main() -> ExitCode {
         }
     };
     init_tracing();
-    let signals = match (
+    // Before anything slow: SIGHUP's default action would kill the agent.
+    let (term, int, hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(term), Ok(int)) => (term, int),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             eprintln!("vigil-agent: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match vigil_agent::run(config, shutdown_signal(signals)).await {
+    tokio::spawn(reload_on_sighup(hup, cli, config.clone()));
+    let coordinator = config.coordinator.clone();
+    let hooks = Hooks {
+        ready: Some(Box::new(|summary| {
+            notify(&[NotifyState::Ready, NotifyState::Status(summary)]);
+        })),
+        registered: Some(Box::new(move |registered| {
+            let status = if registered {
+                format!("registered with {coordinator}")
+            } else {
+                format!("coordinator {coordinator} unreachable, retrying")
+            };
+            notify(&[NotifyState::Status(&status)]);
+        })),
+    };
+    match vigil_agent::run_with_hooks(config, shutdown_signal(term, int), hooks).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vigil-agent: {}", error_chain(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config FILE`: the same checks as start-up, nothing started.
+fn check_config(path: &Path) -> ExitCode {
+    match Cli::check_config(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        // Read and parse errors name the file already.
+        Err(e @ ConfigError::Invalid { .. }) => {
+            eprintln!("vigil-agent: {}: {e}", path.display());
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("vigil-agent: {e}");
+            ExitCode::from(EXIT_USAGE)
         }
     }
 }
@@ -63,10 +106,50 @@ fn init_tracing() {
         .init();
 }
 
-async fn shutdown_signal((mut term, mut int): (Signal, Signal)) {
+async fn shutdown_signal(mut term: Signal, mut int: Signal) {
     let name = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
     info!(signal = name, "signal received");
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping workers"),
+    ]);
+}
+
+/// On every SIGHUP: re-read the config file (flags still override it) and
+/// report what would change. Nothing is applied at run time yet; an invalid
+/// file never stops the agent.
+async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: AgentConfig) {
+    while hup.recv().await.is_some() {
+        let Some(path) = cli.config.clone() else {
+            info!("SIGHUP: started without --config; nothing to re-read");
+            continue;
+        };
+        let file = path.display();
+        match cli.clone().into_config() {
+            Ok(new) => {
+                let changed = running.changed_keys(&new);
+                if changed.is_empty() {
+                    info!("SIGHUP: config {file} re-read and valid; nothing changed");
+                } else {
+                    let changed = changed.join(", ");
+                    warn!(
+                        changed,
+                        "SIGHUP: config {file} re-read and valid; changes to {changed} need a \
+                         restart (no key is applied at run time yet)"
+                    );
+                }
+            }
+            Err(e) => warn!("SIGHUP: keeping the running configuration: {e}"),
+        }
+    }
+}
+
+/// Sends `states` to systemd; a no-op when `NOTIFY_SOCKET` is unset.
+fn notify(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        warn!(%error, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
 }

@@ -271,12 +271,12 @@ impl Engine {
                     self.metrics
                         .engine_queue_depth
                         .set(i64::try_from(self.events.len()).unwrap_or(i64::MAX));
-                    if self.ticks % STORE_SIZE_EVERY == 1 {
-                        if let Ok(bytes) = self.store.size_on_disk() {
-                            self.metrics
-                                .store_size_bytes
-                                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-                        }
+                    if self.ticks % STORE_SIZE_EVERY == 1
+                        && let Ok(bytes) = self.store.size_on_disk()
+                    {
+                        self.metrics
+                            .store_size_bytes
+                            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
                     }
                     if self.dirty {
                         self.publish();

@@ -653,7 +653,7 @@ fn drain_cordons_and_restarts_the_job_elsewhere_without_blame() {
         .drain_node("n2", "kernel upgrade", at(now, 1.0))
         .expect("known");
     let effects = run(&mut s, e, at(now, 1.0));
-    assert_eq!(jobs, [id.clone()]);
+    assert_eq!(jobs, std::slice::from_ref(&id));
     assert!(s.nodes["n2"].cordoned());
     assert_eq!(stops(&effects), ["n1", "n2"]);
     assert_eq!(

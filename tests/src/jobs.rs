@@ -68,4 +68,3 @@ pub fn start(nodes: usize) -> Result<Cluster> {
     wait_for("agents Ready", LONG, || cluster.all("Ready", nodes))?;
     Ok(cluster)
 }
-

@@ -163,6 +163,10 @@ pub fn spawn(start: &StartWorker, paths: &Paths) -> Result<Child, SpawnError> {
     let spawned = Command::new(program)
         .args(args)
         .current_dir(&start.workdir)
+        // The agent's systemd notification socket is not the job's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .envs(&env)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(files(&paths.log))?)
