@@ -411,8 +411,8 @@ fn detail(n: &Node, now: Instant) -> v1::NodeDetail {
                 serial: g.serial.clone(),
             })
             .collect(),
-        last_samples: n.last_samples.clone(),
-        workers: n.workers.clone(),
+        last_samples: n.last_samples.to_vec(),
+        workers: n.workers.to_vec(),
         first_registered_unix_ms: n.record.first_registered_unix_ms,
         last_registered_unix_ms: n.record.last_registered_unix_ms,
         gpu_health: n

@@ -747,6 +747,7 @@ impl Engine {
                     self.store.put_node(record)?;
                     wrote = true;
                 }
+                Effect::Stage(record) => self.store.put_node(record)?,
                 Effect::Record { node, event } => self.store.put_event(node, event)?,
                 Effect::PersistJob(job) => {
                     self.store.put_job(job)?;
@@ -768,7 +769,7 @@ impl Engine {
 
     fn act(&mut self, effect: Effect) {
         match effect {
-            Effect::Persist(_) => {}
+            Effect::Persist(_) | Effect::Stage(_) => {}
             Effect::CloseSession { node, session } => {
                 self.sessions.remove(&session);
                 info!(node = %node, session, "closed superseded agent session: the node registered again");

@@ -551,7 +551,7 @@ fn a_restarted_coordinator_adopts_running_workers() {
     let mut s = cluster(2, now);
     let (id, _) = submit(&mut s, &spec(2, 0), now);
     let jobs: Vec<Job> = s.jobs.values().cloned().collect();
-    let records = s.nodes.values().map(|n| n.record.clone()).collect();
+    let records = s.nodes.values().map(|n| (*n.record).clone()).collect();
     let later = at(now, 30.0);
     let mut s = ClusterState::load(
         records,

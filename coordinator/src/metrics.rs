@@ -108,6 +108,8 @@ pub struct Metrics {
     pub xid_errors: Family<XidLabel, Counter>,
     pub fault_to_cordon: Histogram,
     pub node_condition: Family<NodeConditionLabel, Gauge>,
+    /// The condition last exported per node.
+    conditions_seen: std::sync::Mutex<std::collections::HashMap<String, Condition>>,
     pub diagnostics: Family<ResultLabel, Counter>,
     jobs: Family<StateLabel, Gauge>,
     pub job_restarts: Family<ReasonLabel, Counter>,
@@ -144,6 +146,7 @@ impl Metrics {
             xid_errors: Family::default(),
             fault_to_cordon: Histogram::new(LATENCY_BUCKETS),
             node_condition: Family::default(),
+            conditions_seen: std::sync::Mutex::default(),
             diagnostics: Family::default(),
             jobs: Family::default(),
             job_restarts: Family::default(),
@@ -339,18 +342,7 @@ impl Metrics {
                 unknown += rest;
             }
             connected += i64::from(n.session.is_some());
-            for c in [
-                Condition::Healthy,
-                Condition::Degraded,
-                Condition::Unhealthy,
-            ] {
-                self.node_condition
-                    .get_or_create(&NodeConditionLabel {
-                        node: n.record.name.clone(),
-                        condition: c.as_str().to_owned(),
-                    })
-                    .set(i64::from(n.condition == c));
-            }
+            self.observe_condition(&n.record.name, n.condition);
         }
         for (state, count) in DISPLAY_STATES.iter().zip(by_state) {
             self.nodes
@@ -416,6 +408,31 @@ impl Metrics {
                     state: (*state).to_owned(),
                 })
                 .set(count);
+        }
+    }
+
+    /// Per-node condition series, touched only when a node's condition
+    /// changes: with thousands of nodes, rewriting every series ten times a
+    /// second would cost more than the rest of the engine.
+    fn observe_condition(&self, node: &str, condition: Condition) {
+        let Ok(mut known) = self.conditions_seen.lock() else {
+            return;
+        };
+        if known.get(node) == Some(&condition) {
+            return;
+        }
+        known.insert(node.to_owned(), condition);
+        for c in [
+            Condition::Healthy,
+            Condition::Degraded,
+            Condition::Unhealthy,
+        ] {
+            self.node_condition
+                .get_or_create(&NodeConditionLabel {
+                    node: node.to_owned(),
+                    condition: c.as_str().to_owned(),
+                })
+                .set(i64::from(condition == c));
         }
     }
 

@@ -1,6 +1,7 @@
 //! A node as the coordinator sees it: the persisted record plus observed liveness.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -109,10 +110,12 @@ pub struct NodeRecord {
     pub last_diagnostics: Option<DiagnosticsRecord>,
 }
 
-/// The node in the engine's memory.
+/// The node in the engine's memory. Cheap to clone (snapshots clone every
+/// node ten times a second): the parts that are large or rarely change are
+/// shared, and copied only when changed (`Arc::make_mut`).
 #[derive(Debug, Clone)]
 pub struct Node {
-    pub record: NodeRecord,
+    pub record: Arc<NodeRecord>,
     pub availability: Availability,
     pub availability_since_unix_ms: u64,
     /// Last message from the agent, or when this coordinator started for a
@@ -122,39 +125,40 @@ pub struct Node {
     pub heard_since_start: bool,
     /// The live agent session, if any; messages of any other session are stale.
     pub session: Option<u64>,
-    pub last_samples: Vec<v1::GpuSample>,
-    pub workers: Vec<v1::WorkerInfo>,
+    pub last_samples: Arc<Vec<v1::GpuSample>>,
+    pub workers: Arc<Vec<v1::WorkerInfo>>,
     /// What the health policy remembers; rebuilt from samples after a restart.
     pub health: NodeHealth,
     /// The condition last reported (and logged) for this node.
     pub condition: Condition,
     /// Newest last, at most [`MAX_EVENTS`].
-    pub events: VecDeque<NodeEvent>,
+    pub events: Arc<VecDeque<NodeEvent>>,
 }
 
 impl Node {
     /// A node known from the store whose agent has not spoken since start-up.
     pub fn from_record(record: NodeRecord, now: Instant, wall_ms: u64) -> Self {
         Self {
-            record,
+            record: Arc::new(record),
             availability: Availability::Unreachable,
             availability_since_unix_ms: wall_ms,
             silent_since: now,
             heard_since_start: false,
             session: None,
-            last_samples: Vec::new(),
-            workers: Vec::new(),
+            last_samples: Arc::default(),
+            workers: Arc::default(),
             health: NodeHealth::default(),
             condition: Condition::Healthy,
-            events: VecDeque::new(),
+            events: Arc::default(),
         }
     }
 
     pub fn push_event(&mut self, event: NodeEvent) {
-        if self.events.len() >= MAX_EVENTS {
-            self.events.pop_front();
+        let events = Arc::make_mut(&mut self.events);
+        if events.len() >= MAX_EVENTS {
+            events.pop_front();
         }
-        self.events.push_back(event);
+        events.push_back(event);
     }
 
     pub fn cordoned(&self) -> bool {

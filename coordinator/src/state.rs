@@ -4,6 +4,7 @@
 //! inputs, persists the `Persist` effects (flushed) and only then acts on the rest.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 use vigil_proto::v1;
@@ -41,6 +42,10 @@ pub struct Registration {
 pub enum Effect {
     /// Write this record and flush it before acting on anything that follows.
     Persist(NodeRecord),
+    /// Write this record without waiting for the disk: a registration, which
+    /// the agent repeats after a crash anyway. The store flushes it within
+    /// 500 ms, or with the next durable change.
+    Stage(NodeRecord),
     /// A newer session of the same node replaced this one: end its stream.
     CloseSession {
         node: String,
@@ -200,14 +205,23 @@ impl ClusterState {
         {
             node.health.on_gpu_lost(gone.index, &gone.uuid, now.wall_ms);
         }
-        let r = &mut node.record;
+        let before = (*node.record).clone();
+        let r = Arc::make_mut(&mut node.record);
         r.hostname = reg.hostname;
         r.address = reg.address;
         r.agent_version = reg.agent_version;
         r.simulated = reg.simulated;
         r.gpus = reg.gpus;
         r.last_registered_unix_ms = now.wall_ms;
-        effects.push(Effect::Persist(r.clone()));
+        // A reconnect storm re-registers every node: write only what changed
+        // (the time of the last registration alone is not worth a write).
+        let changed = NodeRecord {
+            last_registered_unix_ms: r.last_registered_unix_ms,
+            ..before
+        } != *r;
+        if is_new || changed {
+            effects.push(Effect::Stage(r.clone()));
+        }
         if let Some(old) = node.session.filter(|s| *s != reg.session) {
             effects.push(Effect::CloseSession {
                 node: reg.node.clone(),
@@ -215,8 +229,8 @@ impl ClusterState {
             });
         }
         node.session = Some(reg.session);
-        node.workers = reg.workers;
-        node.last_samples.clear();
+        node.workers = Arc::new(reg.workers);
+        node.last_samples = Arc::default();
         node.health.sample_findings.clear();
         let backend = if reg.simulated { "SIMULATED" } else { "NVML" };
         effects.push(record(
@@ -263,8 +277,8 @@ impl ClusterState {
         let cfg = self.health.clone();
         let node = self.live_session(node_name, session)?;
         node.health.sample_findings = health::judge_samples(&node.record.gpus, &hb.gpus, &cfg);
-        node.last_samples = hb.gpus;
-        node.workers = hb.workers;
+        node.last_samples = Arc::new(hb.gpus);
+        node.workers = Arc::new(hb.workers);
         let mut effects = Vec::new();
         hear_from(node, now, "heartbeat resumed", &mut effects);
         judge(node, now, &cfg, &mut effects);
@@ -381,8 +395,8 @@ impl ClusterState {
             ),
             gpu_index: None,
         };
-        node.record.last_diagnostics = Some(result);
-        let persist = Effect::Persist(node.record.clone());
+        Arc::make_mut(&mut node.record).last_diagnostics = Some(result);
+        let persist = Effect::Persist((*node.record).clone());
         Ok(vec![persist, record(node, event)])
     }
 
@@ -431,10 +445,10 @@ impl ClusterState {
         if node.record.cordon.as_ref() == Some(&cordon) {
             return Ok(Vec::new());
         }
-        node.record.cordon = Some(cordon.clone());
+        Arc::make_mut(&mut node.record).cordon = Some(cordon.clone());
         let event = cordon_event(&cordon, now.wall_ms);
         Ok(vec![
-            Effect::Persist(node.record.clone()),
+            Effect::Persist((*node.record).clone()),
             record(node, event),
             Effect::Cordoned {
                 node: name.to_owned(),
@@ -470,7 +484,7 @@ impl ClusterState {
                 reason: previous.reason,
             });
         }
-        node.record.cordon = None;
+        Arc::make_mut(&mut node.record).cordon = None;
         node.health.clear_events();
         let how = if force && !diagnosed { " (forced)" } else { "" };
         let event = NodeEvent {
@@ -479,7 +493,7 @@ impl ClusterState {
             message: format!("uncordoned{how}; was: {}", previous.reason),
             gpu_index: None,
         };
-        let mut effects = vec![Effect::Persist(node.record.clone()), record(node, event)];
+        let mut effects = vec![Effect::Persist((*node.record).clone()), record(node, event)];
         effects.push(Effect::Uncordoned {
             node: name.to_owned(),
             previous,
@@ -601,8 +615,8 @@ fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect
         source: CordonSource::Auto,
         since_unix_ms: now.wall_ms,
     };
-    node.record.cordon = Some(cordon.clone());
-    effects.push(Effect::Persist(node.record.clone()));
+    Arc::make_mut(&mut node.record).cordon = Some(cordon.clone());
+    effects.push(Effect::Persist((*node.record).clone()));
     effects.push(record(node, cordon_event(&cordon, now.wall_ms)));
     effects.push(Effect::Cordoned {
         node: node.record.name.clone(),

@@ -58,7 +58,7 @@ fn persisted(effects: &[Effect]) -> Vec<NodeRecord> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Persist(r) => Some(r.clone()),
+            Effect::Persist(r) | Effect::Stage(r) => Some(r.clone()),
             _ => None,
         })
         .collect()
@@ -85,8 +85,8 @@ fn first_registration_makes_a_ready_node_and_persists_it() {
     let effects = s.register(registration("gpu-001", 1), start);
     assert_eq!(persisted(&effects).len(), 1);
     assert!(
-        matches!(effects[0], Effect::Persist(_)),
-        "persist comes first"
+        matches!(effects[0], Effect::Stage(_)),
+        "the record comes first"
     );
     assert_eq!(transitions(&effects), vec![(None, Availability::Ready)]);
     assert_eq!(s.nodes["gpu-001"].gpus_total(), 8);
