@@ -3,7 +3,7 @@
 //! fail gang-wide, are stopped everywhere before attempt N+1 starts, and
 //! resume from their last complete checkpoint.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use vigil_proto::v1;
 
@@ -411,11 +411,19 @@ impl ClusterState {
     /// their backoff; refill spares.
     pub fn schedule(&mut self, now: Now) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let mut order: Vec<(u64, String)> =
-            self.jobs.values().map(|j| (j.seq, j.id.clone())).collect();
+        let mut order: Vec<(u64, String)> = self
+            .jobs
+            .values()
+            .filter(|j| !j.phase.is_terminal())
+            .map(|j| (j.seq, j.id.clone()))
+            .collect();
         order.sort();
+        // Who holds each node, and how many eligible nodes are free per GPU
+        // need: computed once per pass (and again only after a job takes
+        // nodes), so waiting jobs cost next to nothing on every tick.
+        let mut holders = self.holders();
+        let mut free: HashMap<u32, usize> = HashMap::new();
         for (_, id) in order {
-            let held = self.held_nodes(&id);
             let Some(job) = self.jobs.get_mut(&id) else {
                 continue;
             };
@@ -425,22 +433,33 @@ impl ClusterState {
                 _ => false,
             };
             let gpus = job.spec.gpus_per_node;
-            let ok = |n: &String| {
-                !held.contains(n) && self.nodes.get(n).is_some_and(|node| eligible(node, gpus))
+            let nodes = &self.nodes;
+            let ok = |n: &str, holders: &HashMap<String, String>| {
+                holders.get(n).is_none_or(|h| *h == id)
+                    && nodes.get(n).is_some_and(|node| eligible(node, gpus))
             };
             if job.phase.holds_nodes() {
                 let before = job.spares.clone();
-                job.spares
-                    .retain(|s| self.nodes.get(s).is_some_and(|n| eligible(n, gpus)));
+                job.spares.retain(|s| ok(s, &holders));
                 let want = job.spec.spare_nodes as usize;
-                let extra: Vec<String> = self
-                    .nodes
-                    .keys()
-                    .filter(|n| ok(n) && !job.placement.contains(n) && !job.spares.contains(n))
-                    .take(want.saturating_sub(job.spares.len()))
-                    .cloned()
-                    .collect();
-                job.spares.extend(extra);
+                let free_now = *free
+                    .entry(gpus)
+                    .or_insert_with(|| count_free(nodes, &holders, gpus));
+                if job.spares.len() < want && free_now > 0 {
+                    let extra: Vec<String> = nodes
+                        .keys()
+                        .filter(|n| {
+                            ok(n, &holders) && !job.placement.contains(n) && !job.spares.contains(n)
+                        })
+                        .take(want - job.spares.len())
+                        .cloned()
+                        .collect();
+                    for n in &extra {
+                        holders.insert(n.clone(), id.clone());
+                    }
+                    free.clear();
+                    job.spares.extend(extra);
+                }
                 if job.spares != before {
                     effects.push(Effect::PersistJob(Box::new(job.clone())));
                 }
@@ -448,23 +467,20 @@ impl ClusterState {
             if !ready_to_start {
                 continue;
             }
-            // Keep the healthy nodes of the last placement (rank order), then spares, then free nodes.
             let wanted = job.spec.nodes as usize;
-            let mut chosen: Vec<String> = Vec::new();
-            for n in job
+            let own: BTreeSet<&String> = job
                 .placement
                 .iter()
                 .chain(job.spares.iter())
-                .chain(self.nodes.keys())
-            {
-                if chosen.len() < wanted && ok(n) && !chosen.contains(n) {
-                    chosen.push(n.clone());
-                }
-            }
-            if chosen.len() < wanted {
+                .filter(|n| ok(n, &holders) && holders.contains_key(n.as_str()))
+                .collect();
+            let available = own.len()
+                + *free
+                    .entry(gpus)
+                    .or_insert_with(|| count_free(nodes, &holders, gpus));
+            if available < wanted {
                 let reason = format!(
-                    "waiting for {wanted} eligible nodes (Ready, not cordoned, not in another job, {gpus} healthy GPUs); {} available",
-                    chosen.len()
+                    "waiting for {wanted} eligible nodes (Ready, not cordoned, not in another job, {gpus} healthy GPUs); {available} available"
                 );
                 if job.reason != reason || job.phase != JobPhase::Pending {
                     if job.phase == JobPhase::Restarting {
@@ -472,26 +488,69 @@ impl ClusterState {
                     }
                     job.phase = JobPhase::Pending;
                     job.reason = reason;
+                    for n in job.placement.iter().chain(job.spares.iter()) {
+                        holders.remove(n);
+                    }
+                    free.clear();
                     release(job);
                     effects.push(Effect::PersistJob(Box::new(job.clone())));
                 }
                 continue;
             }
+            // Keep the healthy nodes of the last placement (rank order), then spares, then free nodes.
+            let mut chosen: Vec<String> = Vec::with_capacity(wanted);
+            let mut taken: HashSet<&str> = HashSet::with_capacity(wanted);
+            for n in job
+                .placement
+                .iter()
+                .chain(job.spares.iter())
+                .chain(nodes.keys())
+            {
+                if chosen.len() >= wanted {
+                    break;
+                }
+                if ok(n, &holders) && taken.insert(n.as_str()) {
+                    chosen.push(n.clone());
+                }
+            }
+            drop(taken);
+            for n in &chosen {
+                holders.insert(n.clone(), id.clone());
+            }
+            free.clear();
+            // Spares are few: a linear look-up is cheapest.
             job.spares.retain(|s| !chosen.contains(s));
-            start_attempt(job, &self.nodes, chosen, now, &mut effects);
+            start_attempt(job, nodes, chosen, now, &mut effects);
             effects.push(Effect::PersistJob(Box::new(job.clone())));
         }
         effects
     }
 
-    /// Nodes held by every job other than `except`.
-    fn held_nodes(&self, except: &str) -> BTreeSet<String> {
+    /// The job holding each node (placement or spare), for jobs that hold nodes.
+    fn holders(&self) -> HashMap<String, String> {
         self.jobs
             .values()
-            .filter(|j| j.id != except && j.phase.holds_nodes())
-            .flat_map(|j| j.placement.iter().chain(j.spares.iter()).cloned())
+            .filter(|j| j.phase.holds_nodes())
+            .flat_map(|j| {
+                j.placement
+                    .iter()
+                    .chain(j.spares.iter())
+                    .map(move |n| (n.clone(), j.id.clone()))
+            })
             .collect()
     }
+}
+
+/// Eligible nodes that no job holds.
+fn count_free(
+    nodes: &BTreeMap<String, Node>,
+    holders: &HashMap<String, String>,
+    gpus: u32,
+) -> usize {
+    nodes
+        .iter()
+        .filter(|(name, node)| !holders.contains_key(name.as_str()) && eligible(node, gpus))
+        .count()
 }
 
 fn after_failure(job: &Job) -> AfterStop {
