@@ -676,7 +676,9 @@ impl Engine {
             let effects = self.state.disconnected(&node, session, now());
             self.apply(effects).await.ok();
         }
-        self.publish();
+        // Readers see it with the next tick (100 ms): publishing here would
+        // copy every node once per registration, quadratic in a reconnect storm.
+        self.dirty = true;
     }
 
     async fn after_agent_message(

@@ -11,6 +11,8 @@ use crate::job::Job;
 use crate::node::{MAX_EVENTS, NodeEvent, NodeRecord};
 
 const SCHEMA_KEY: &[u8] = b"schema";
+/// sled's page cache: far more than the state of 20,000 nodes needs.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const SCHEMA: &[u8] = b"vigil-store-v1";
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ impl Store {
         refuse_foreign_dir(&path)?;
         let db = sled::Config::new()
             .path(&path)
+            // sled caches up to 1 GiB by default; the state is small.
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| StoreError::Open {
                 path: path.clone(),
