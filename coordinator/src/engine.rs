@@ -112,6 +112,8 @@ struct PendingLog {
 const LOG_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events kept for slow `clusterctl events --follow` readers.
 const EVENT_BUS: usize = 1024;
+/// Time-driven changes are published every this many ticks.
+const PUBLISH_EVERY: u64 = 3;
 /// The store's size is read every this many ticks.
 const STORE_SIZE_EVERY: u64 = 50;
 
@@ -219,6 +221,9 @@ impl Engine {
             at: Instant::now(),
         }));
         metrics.observe_nodes(state.nodes.values());
+        for n in state.nodes.values() {
+            metrics.observe_condition(&n.record.name, n.condition);
+        }
         let engine = Self {
             state,
             store,
@@ -278,7 +283,9 @@ impl Engine {
                             .store_size_bytes
                             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
                     }
-                    if self.dirty {
+                    // Readers (clusterctl, metrics) see changes within 300 ms;
+                    // operators' own changes are published at once.
+                    if self.dirty && self.ticks.is_multiple_of(PUBLISH_EVERY) {
                         self.publish();
                     }
                     self.metrics.engine_alive(now().wall_ms);
@@ -644,6 +651,12 @@ impl Engine {
 
     async fn register(&mut self, reg: Registration, tx: SessionTx) {
         let (node, session) = (reg.node.clone(), reg.session);
+        // The agent gave up waiting (its stream is gone): registering it now
+        // would only cost time that agents still waiting need.
+        if tx.is_closed() {
+            debug!(node = %node, session, "registration dropped: its session already ended");
+            return;
+        }
         let backup = self.state.nodes.get(&node).cloned();
         let effects = self.state.register(reg, now());
         if let Err(e) = self.apply(effects).await {
@@ -783,6 +796,9 @@ impl Engine {
                 why,
             } => {
                 self.metrics.count_transition(to);
+                if from.is_none() {
+                    self.metrics.observe_condition(&node, Condition::Healthy);
+                }
                 self.dirty = true;
                 let from = from.map_or("new", Availability::as_str);
                 match to {
@@ -871,6 +887,7 @@ impl Engine {
                 reasons,
             } => {
                 self.dirty = true;
+                self.metrics.observe_condition(&node, to);
                 let why = reasons.first().map_or("", String::as_str);
                 match to {
                     Condition::Healthy => {

@@ -342,7 +342,6 @@ impl Metrics {
                 unknown += rest;
             }
             connected += i64::from(n.session.is_some());
-            self.observe_condition(&n.record.name, n.condition);
         }
         for (state, count) in DISPLAY_STATES.iter().zip(by_state) {
             self.nodes
@@ -412,9 +411,10 @@ impl Metrics {
     }
 
     /// Per-node condition series, touched only when a node's condition
-    /// changes: with thousands of nodes, rewriting every series ten times a
-    /// second would cost more than the rest of the engine.
-    fn observe_condition(&self, node: &str, condition: Condition) {
+    /// changes (the engine calls this on each change): with thousands of
+    /// nodes, rewriting every series on every snapshot would cost more than
+    /// the rest of the engine.
+    pub fn observe_condition(&self, node: &str, condition: Condition) {
         let Ok(mut known) = self.conditions_seen.lock() else {
             return;
         };

@@ -1,0 +1,558 @@
+//! One simulated agent: its own TCP connection and `AgentService.Connect`
+//! stream, Register with 8 simulated GPUs, heartbeats at the coordinator's
+//! pace, fake workers for StartWorker/StopWorkers, XIDs on request, and
+//! reconnects with capped exponential backoff and full jitter (as the real
+//! agent does) whenever a session ends.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use vigil_proto::v1::agent_message::Body as AgentBody;
+use vigil_proto::v1::agent_service_client::AgentServiceClient;
+use vigil_proto::v1::command::Kind as CommandKind;
+use vigil_proto::v1::coordinator_message::Body as CoordinatorBody;
+use vigil_proto::v1::{
+    AgentEvent, AgentMessage, GpuBackend, GpuInfo, GpuSample, Heartbeat, NvLinkStatus, Register,
+    WorkerExited, WorkerInfo, WorkerStarted, XidError, agent_event,
+};
+
+use crate::stats::Histogram;
+
+/// As the real agent: dialing, then the coordinator's answer to Register.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// As the real agent: a full queue drops the heartbeat instead of queueing it.
+const OUTBOUND_QUEUE: usize = 16;
+const FALLBACK_INTERVAL: Duration = Duration::from_secs(1);
+const FALLBACK_LEASE: Duration = Duration::from_secs(8);
+pub const GPUS: u32 = 8;
+const NVLINKS: u32 = 18;
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What the orchestrator asks one agent to do.
+pub enum AgentCmd {
+    /// Report XID `xid` on GPU `gpu` now; answers when the event was queued on the stream.
+    Xid {
+        gpu: u32,
+        xid: u32,
+        done: oneshot::Sender<Result<Instant, String>>,
+    },
+}
+
+/// Waits for the StartWorker of one job attempt (fault-to-relaunch).
+pub struct RelaunchWatch {
+    pub job_id: String,
+    pub attempt: u64,
+    pub arrived: Option<oneshot::Sender<(Instant, String)>>,
+}
+
+/// Settings every agent shares.
+pub struct AgentConfig {
+    pub coordinator: String,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Counters and clocks every agent task writes and the orchestrator reads.
+#[derive(Default)]
+pub struct Shared {
+    /// Heartbeat send -> Ack{seq}, recorded while `recording`.
+    pub lag: Histogram,
+    pub recording: AtomicBool,
+    pub hb_sent: AtomicU64,
+    pub hb_acked: AtomicU64,
+    /// Outbound queue full (the coordinator is not reading): heartbeat dropped.
+    pub hb_dropped: AtomicU64,
+    /// Acks for a later seq arrived first: the coordinator dropped this ack.
+    pub hb_unacked: AtomicU64,
+    /// Agents with a registered session right now.
+    pub registered_now: AtomicUsize,
+    pub registrations: AtomicU64,
+    /// Sessions that ended after registering (stream error, lease, rejection).
+    pub sessions_lost: AtomicU64,
+    /// First end of a registered session since the last reset.
+    pub first_loss: Mutex<Option<Instant>>,
+    pub last_registered: Mutex<Option<Instant>>,
+    pub heartbeat_interval_ms: AtomicU64,
+    pub lease_ms: AtomicU64,
+    /// Why sessions ended or failed, by kind.
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    pub relaunch: Mutex<Option<RelaunchWatch>>,
+    /// StartWorker commands received, by (job, attempt): nodes that got one.
+    pub started: Mutex<HashMap<(String, u64), Vec<String>>>,
+}
+
+impl Shared {
+    fn count_error(&self, kind: &str) {
+        if let Ok(mut e) = self.errors.lock() {
+            *e.entry(kind.to_owned()).or_default() += 1;
+        }
+    }
+
+    pub fn errors_snapshot(&self) -> BTreeMap<String, u64> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+/// A fake worker: it "runs" until stopped, and its step grows each heartbeat.
+struct FakeWorker {
+    job_id: String,
+    attempt: u64,
+    node_rank: u32,
+    step: u64,
+    started_at_ms: u64,
+}
+
+/// State that survives reconnects (as a real agent's workers do).
+struct Local {
+    name: String,
+    gpus: Vec<GpuInfo>,
+    template: Vec<GpuSample>,
+    workers: Vec<FakeWorker>,
+}
+
+pub fn gpu_uuid(node: &str, index: u32) -> String {
+    // Stable per (node, index): FNV-1a of the name, formatted as an NVIDIA UUID.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes().chain(index.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let lo = h.rotate_left(17) ^ 0x5bd1_e995;
+    format!(
+        "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xffff,
+        lo >> 48,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
+fn inventory(node: &str) -> Vec<GpuInfo> {
+    (0..GPUS)
+        .map(|i| GpuInfo {
+            index: i,
+            uuid: gpu_uuid(node, i),
+            name: "NVIDIA H100 80GB HBM3 (SIMULATED)".into(),
+            pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + i * 0x10),
+            memory_total_bytes: 80 * 1024 * 1024 * 1024,
+            serial: format!("1650{:09}", i),
+        })
+        .collect()
+}
+
+/// A busy, healthy H100: what a training node reports every heartbeat.
+fn sample_template(seed: u64) -> Vec<GpuSample> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..GPUS)
+        .map(|index| GpuSample {
+            index,
+            temperature_c: Some(55.0 + rng.f32() * 15.0),
+            power_w: Some(550.0 + rng.f32() * 150.0),
+            utilization_pct: Some(90 + rng.u32(0..10)),
+            memory_used_bytes: Some(60 * 1024 * 1024 * 1024 + rng.u64(0..1 << 30)),
+            ecc_uncorrected_volatile: Some(0),
+            ecc_corrected_volatile: Some(0),
+            memory_temperature_c: Some(60.0 + rng.f32() * 10.0),
+            ecc_uncorrected_aggregate: Some(0),
+            ecc_corrected_aggregate: Some(0),
+            retired_pages_single_bit: None,
+            retired_pages_double_bit: None,
+            retired_pages_pending: None,
+            remapped_rows_correctable: Some(0),
+            remapped_rows_uncorrectable: Some(0),
+            remapped_rows_pending: Some(false),
+            remapped_rows_failure: Some(false),
+            throttle_hw_slowdown: Some(false),
+            throttle_thermal: Some(false),
+            throttle_power_brake: Some(false),
+            pcie_link_gen_current: Some(5),
+            pcie_link_gen_max: Some(5),
+            pcie_link_width_current: Some(16),
+            pcie_link_width_max: Some(16),
+            pcie_replay_counter: Some(0),
+            nvlinks: (0..NVLINKS)
+                .map(|link| NvLinkStatus {
+                    link,
+                    active: true,
+                    crc_errors: Some(0),
+                    replay_errors: Some(0),
+                    recovery_errors: Some(0),
+                })
+                .collect(),
+            persistence_mode: Some(true),
+            observed_at_unix_ms: 0,
+            nvlink_supported: Some(true),
+        })
+        .collect()
+}
+
+impl Local {
+    fn new(name: String, seed: u64) -> Self {
+        Self {
+            gpus: inventory(&name),
+            template: sample_template(seed),
+            name,
+            workers: Vec::new(),
+        }
+    }
+
+    fn worker_infos(&self) -> Vec<WorkerInfo> {
+        let now = unix_ms();
+        self.workers
+            .iter()
+            .map(|w| WorkerInfo {
+                job_id: w.job_id.clone(),
+                attempt: w.attempt,
+                node_rank: w.node_rank,
+                pid: 1,
+                progress_step: Some(w.step),
+                progress_at_unix_ms: now,
+                started_at_unix_ms: w.started_at_ms,
+            })
+            .collect()
+    }
+
+    fn heartbeat(&mut self) -> Heartbeat {
+        let now = unix_ms();
+        for w in &mut self.workers {
+            w.step += 1;
+        }
+        let mut gpus = self.template.clone();
+        for g in &mut gpus {
+            g.observed_at_unix_ms = now;
+        }
+        Heartbeat {
+            sent_at_unix_ms: now,
+            gpus,
+            workers: self.worker_infos(),
+        }
+    }
+}
+
+/// How a session ended.
+struct SessionEnd {
+    registered: bool,
+    kind: &'static str,
+}
+
+/// Runs one agent forever: sessions with backoff between them.
+pub async fn run(
+    index: usize,
+    name: String,
+    cfg: Arc<AgentConfig>,
+    shared: Arc<Shared>,
+    pacing: Arc<Semaphore>,
+    mut cmds: mpsc::UnboundedReceiver<AgentCmd>,
+) {
+    let mut local = Local::new(name, index as u64);
+    let mut rng = fastrand::Rng::new();
+    let mut failures: u32 = 0;
+    let mut ever_registered = false;
+    loop {
+        // Only the first connection of each agent is paced; reconnects are not.
+        let permit = if ever_registered {
+            None
+        } else {
+            pacing.clone().acquire_owned().await.ok()
+        };
+        let end = session(&cfg, &shared, &mut local, &mut cmds, permit).await;
+        shared.count_error(end.kind);
+        if end.registered {
+            ever_registered = true;
+            failures = 0;
+            shared.registered_now.fetch_sub(1, Ordering::SeqCst);
+            shared.sessions_lost.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut first) = shared.first_loss.lock() {
+                first.get_or_insert_with(Instant::now);
+            }
+        }
+        if end.kind == "orchestrator gone" {
+            return;
+        }
+        let ceiling = 1u32
+            .checked_shl(failures)
+            .and_then(|f| cfg.initial_backoff.checked_mul(f))
+            .map_or(cfg.max_backoff, |d| d.min(cfg.max_backoff));
+        failures = failures.saturating_add(1);
+        let ceiling_ns = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        tokio::time::sleep(Duration::from_nanos(rng.u64(0..=ceiling_ns))).await;
+    }
+}
+
+fn end(registered: bool, kind: &'static str) -> SessionEnd {
+    SessionEnd { registered, kind }
+}
+
+/// The sending half: numbers messages; never waits (as the real agent).
+struct Outbound {
+    tx: mpsc::Sender<AgentMessage>,
+    next_seq: u64,
+}
+
+impl Outbound {
+    /// Ok(Some(seq)) sent, Ok(None) queue full, Err closed.
+    fn push(&mut self, body: AgentBody) -> Result<Option<u64>, ()> {
+        let seq = self.next_seq;
+        match self.tx.try_send(AgentMessage {
+            seq,
+            body: Some(body),
+        }) {
+            Ok(()) => {
+                self.next_seq += 1;
+                Ok(Some(seq))
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        }
+    }
+
+    fn event(&mut self, kind: agent_event::Kind) -> Result<Option<u64>, ()> {
+        self.push(AgentBody::Event(AgentEvent {
+            at_unix_ms: unix_ms(),
+            kind: Some(kind),
+        }))
+    }
+}
+
+async fn session(
+    cfg: &AgentConfig,
+    shared: &Shared,
+    local: &mut Local,
+    cmds: &mut mpsc::UnboundedReceiver<AgentCmd>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> SessionEnd {
+    let Ok(endpoint) = Endpoint::from_shared(cfg.coordinator.clone()) else {
+        return end(false, "invalid coordinator URL");
+    };
+    let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true);
+    let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(_)) => return end(false, "connect failed"),
+        Err(_) => return end(false, "connect timed out"),
+    };
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let mut out = Outbound { tx, next_seq: 1 };
+    let register = Register {
+        protocol_version: vigil_proto::PROTOCOL_VERSION,
+        node_name: local.name.clone(),
+        hostname: local.name.clone(),
+        agent_version: concat!("loadgen-", env!("CARGO_PKG_VERSION")).to_owned(),
+        gpu_backend: GpuBackend::Simulated.into(),
+        gpus: local.gpus.clone(),
+        workers: local.worker_infos(),
+        sent_at_unix_ms: unix_ms(),
+    };
+    if out.push(AgentBody::Register(register)).is_err() {
+        return end(false, "stream closed before Register");
+    }
+    let registration = async {
+        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let first = inbound.message().await?;
+        Ok::<_, tonic::Status>((inbound, first))
+    };
+    let (mut inbound, first) = match tokio::time::timeout(REGISTER_TIMEOUT, registration).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(_)) => return end(false, "register RPC failed"),
+        Err(_) => return end(false, "register timed out"),
+    };
+    let registered = match first.and_then(|m| m.body) {
+        Some(CoordinatorBody::Registered(r)) => r,
+        Some(CoordinatorBody::Rejected(_)) => return end(false, "rejected"),
+        _ => return end(false, "no Registered"),
+    };
+    drop(permit);
+    let interval = match registered.heartbeat_interval_ms {
+        0 => FALLBACK_INTERVAL,
+        ms => Duration::from_millis(ms),
+    };
+    let lease = match registered.lease_ms {
+        0 => FALLBACK_LEASE,
+        ms => Duration::from_millis(ms),
+    };
+    shared
+        .heartbeat_interval_ms
+        .store(registered.heartbeat_interval_ms, Ordering::Relaxed);
+    shared
+        .lease_ms
+        .store(registered.lease_ms, Ordering::Relaxed);
+    shared.registrations.fetch_add(1, Ordering::Relaxed);
+    shared.registered_now.fetch_add(1, Ordering::SeqCst);
+    if let Ok(mut last) = shared.last_registered.lock() {
+        *last = Some(Instant::now());
+    }
+
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let lease_timer = tokio::time::sleep(lease);
+    tokio::pin!(lease_timer);
+    // Heartbeats awaiting their ack, oldest first (acks come in order).
+    let mut pending: VecDeque<(u64, Instant)> = VecDeque::new();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let hb = local.heartbeat();
+                match out.push(AgentBody::Heartbeat(hb)) {
+                    Ok(Some(seq)) => {
+                        shared.hb_sent.fetch_add(1, Ordering::Relaxed);
+                        pending.push_back((seq, Instant::now()));
+                    }
+                    Ok(None) => {
+                        shared.hb_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(()) => return end(true, "stream closed"),
+                }
+            }
+            cmd = cmds.recv() => match cmd {
+                Some(AgentCmd::Xid { gpu, xid, done }) => {
+                    let kind = agent_event::Kind::Xid(XidError {
+                        gpu_index: gpu,
+                        xid,
+                        gpu_uuid: gpu_uuid(&local.name, gpu),
+                    });
+                    let at = Instant::now();
+                    let answer = match out.event(kind) {
+                        Ok(Some(_)) => Ok(at),
+                        Ok(None) => Err("outbound queue full".to_owned()),
+                        Err(()) => Err("stream closed".to_owned()),
+                    };
+                    done.send(answer).ok();
+                }
+                None => return end(true, "orchestrator gone"),
+            },
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return end(true, "stream closed by coordinator"),
+                    Err(_) => return end(true, "stream error"),
+                };
+                lease_timer.as_mut().reset(Instant::now() + lease);
+                match msg.body {
+                    Some(CoordinatorBody::Ack(ack)) => {
+                        let now = Instant::now();
+                        while let Some(&(seq, sent)) = pending.front() {
+                            if seq > ack.seq {
+                                break;
+                            }
+                            pending.pop_front();
+                            if seq == ack.seq {
+                                shared.hb_acked.fetch_add(1, Ordering::Relaxed);
+                                if shared.recording.load(Ordering::Relaxed) {
+                                    shared.lag.record(now - sent);
+                                }
+                            } else {
+                                shared.hb_unacked.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Some(CoordinatorBody::Command(command)) => {
+                        if handle_command(shared, local, &mut out, command.kind).is_err() {
+                            return end(true, "stream closed");
+                        }
+                    }
+                    Some(CoordinatorBody::Rejected(_)) => return end(true, "rejected mid-session"),
+                    Some(CoordinatorBody::Registered(_)) | None => {}
+                }
+            }
+            () = &mut lease_timer => return end(true, "lease expired"),
+        }
+    }
+}
+
+fn handle_command(
+    shared: &Shared,
+    local: &mut Local,
+    out: &mut Outbound,
+    kind: Option<CommandKind>,
+) -> Result<(), ()> {
+    match kind {
+        Some(CommandKind::StartWorker(start)) => {
+            let arrived = Instant::now();
+            if let Ok(mut watch) = shared.relaunch.lock()
+                && let Some(w) = watch.as_mut()
+                && w.job_id == start.job_id
+                && w.attempt == start.attempt
+                && let Some(tx) = w.arrived.take()
+            {
+                tx.send((arrived, local.name.clone())).ok();
+            }
+            if let Ok(mut started) = shared.started.lock() {
+                started
+                    .entry((start.job_id.clone(), start.attempt))
+                    .or_default()
+                    .push(local.name.clone());
+            }
+            // An older attempt of the same job is replaced, as the real agent does.
+            local
+                .workers
+                .retain(|w| w.job_id != start.job_id || w.attempt > start.attempt);
+            if !local
+                .workers
+                .iter()
+                .any(|w| w.job_id == start.job_id && w.attempt == start.attempt)
+            {
+                local.workers.push(FakeWorker {
+                    job_id: start.job_id.clone(),
+                    attempt: start.attempt,
+                    node_rank: start.node_rank,
+                    step: 0,
+                    started_at_ms: unix_ms(),
+                });
+            }
+            out.event(agent_event::Kind::WorkerStarted(WorkerStarted {
+                job_id: start.job_id,
+                attempt: start.attempt,
+                pid: 1,
+                log_path: String::new(),
+            }))?;
+        }
+        Some(CommandKind::StopWorkers(stop)) => {
+            let mut stopped: Vec<u64> = local
+                .workers
+                .iter()
+                .filter(|w| w.job_id == stop.job_id && w.attempt <= stop.attempt)
+                .map(|w| w.attempt)
+                .collect();
+            local
+                .workers
+                .retain(|w| w.job_id != stop.job_id || w.attempt > stop.attempt);
+            let reason = if stopped.is_empty() {
+                stopped.push(stop.attempt);
+                "already gone".to_owned()
+            } else {
+                "stopped by the coordinator".to_owned()
+            };
+            for attempt in stopped {
+                out.event(agent_event::Kind::WorkerExited(WorkerExited {
+                    job_id: stop.job_id.clone(),
+                    attempt,
+                    exit_code: None,
+                    signal: Some(15),
+                    stopped: true,
+                    reason: reason.clone(),
+                    log_path: String::new(),
+                    log_tail: String::new(),
+                }))?;
+            }
+        }
+        // Diagnostics and log reads are not part of the load test.
+        Some(CommandKind::RunDiagnostics(_) | CommandKind::ReadLog(_)) | None => {}
+    }
+    Ok(())
+}
