@@ -231,7 +231,12 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Stop gracefully, so the agent stops its workers (their own process
+    /// groups would outlive a SIGKILLed agent); SIGKILL if it takes too long.
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.terminate(Duration::from_secs(10));
+        }
         self.kill9();
     }
 }
