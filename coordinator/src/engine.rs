@@ -476,24 +476,10 @@ impl Engine {
         read: v1::ReadLog,
         reply: oneshot::Sender<Result<v1::LogData, ControlError>>,
     ) {
-        let session = self.state.nodes.get(&node).and_then(|n| n.session);
-        let Some((session, tx)) = session.and_then(|s| self.sessions.get(&s).map(|tx| (s, tx)))
-        else {
+        let Some((session, id)) = self.try_command(&node, v1::command::Kind::ReadLog(read)) else {
             reply.send(Err(ControlError::NotConnected(node))).ok();
             return;
         };
-        let id = self.next_command;
-        self.next_command += 1;
-        let msg = v1::CoordinatorMessage {
-            body: Some(v1::coordinator_message::Body::Command(v1::Command {
-                id,
-                kind: Some(v1::command::Kind::ReadLog(read)),
-            })),
-        };
-        if tx.try_send(Ok(msg)).is_err() {
-            reply.send(Err(ControlError::NotConnected(node))).ok();
-            return;
-        }
         self.log_reads.insert(
             id,
             PendingLog {
@@ -520,28 +506,28 @@ impl Engine {
         }
     }
 
-    /// Send a command to a node's agent; an unreachable node misses it, and
-    /// the job logic copes (it waits for the node to come back or be Lost).
-    fn send_command(&mut self, node: &str, kind: v1::command::Kind) {
-        let tx = self
-            .state
-            .nodes
-            .get(node)
-            .and_then(|n| n.session)
-            .and_then(|s| self.sessions.get(&s));
+    /// Hand a command to the node's live session. Returns the session and the
+    /// command's id, or `None` when the node is not connected (or its queue is full).
+    fn try_command(&mut self, node: &str, kind: v1::command::Kind) -> Option<(u64, u64)> {
         let id = self.next_command;
         self.next_command += 1;
+        let session = self.state.nodes.get(node).and_then(|n| n.session)?;
+        let tx = self.sessions.get(&session)?;
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Command(v1::Command {
                 id,
                 kind: Some(kind),
             })),
         };
-        let sent = tx.is_some_and(|tx| tx.try_send(Ok(msg)).is_ok());
-        if sent {
-            debug!(node = %node, command_id = id, "command sent");
-        } else {
-            warn!(node = %node, command_id = id, "command not delivered: node not connected");
+        tx.try_send(Ok(msg)).ok().map(|()| (session, id))
+    }
+
+    /// Send a command to a node's agent; an unreachable node misses it, and
+    /// the job logic copes (it waits for the node to come back or be Lost).
+    fn send_command(&mut self, node: &str, kind: v1::command::Kind) {
+        match self.try_command(node, kind) {
+            Some((_, id)) => debug!(node = %node, command_id = id, "command sent"),
+            None => warn!(node = %node, "command not delivered: node not connected"),
         }
     }
 
@@ -551,34 +537,19 @@ impl Engine {
         timeout: Duration,
         reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
     ) {
-        let Some(n) = self.state.nodes.get(&node) else {
+        if !self.state.nodes.contains_key(&node) {
             reply
                 .send(Err(crate::state::StateError::UnknownNode(node).into()))
                 .ok();
             return;
-        };
-        let Some((session, tx)) = n
-            .session
-            .and_then(|s| self.sessions.get(&s).map(|tx| (s, tx)))
-        else {
-            reply.send(Err(ControlError::NotConnected(node))).ok();
-            return;
-        };
-        let id = self.next_command;
-        self.next_command += 1;
-        let command = v1::Command {
-            id,
-            kind: Some(v1::command::Kind::RunDiagnostics(v1::RunDiagnostics {
-                timeout_ms: millis(timeout),
-            })),
-        };
-        let msg = v1::CoordinatorMessage {
-            body: Some(v1::coordinator_message::Body::Command(command)),
-        };
-        if tx.try_send(Ok(msg)).is_err() {
-            reply.send(Err(ControlError::NotConnected(node))).ok();
-            return;
         }
+        let run = v1::command::Kind::RunDiagnostics(v1::RunDiagnostics {
+            timeout_ms: millis(timeout),
+        });
+        let Some((session, id)) = self.try_command(&node, run) else {
+            reply.send(Err(ControlError::NotConnected(node))).ok();
+            return;
+        };
         info!(node = %node, command_id = id, timeout_s = timeout.as_secs(), "asked agent to run diagnostics");
         self.pending.insert(
             id,
