@@ -345,27 +345,11 @@ impl Engine {
                 self.after_agent_message(result, session, seq).await;
             }
             Event::Disconnected { node, session } => {
-                let lost: Vec<u64> = self
-                    .pending
-                    .iter()
-                    .filter(|(_, p)| p.session == session)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in lost {
-                    if let Some(p) = self.pending.remove(&id) {
-                        p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
-                    }
+                for (_, p) in take_where(&mut self.pending, |p| p.session == session) {
+                    p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
                 }
-                let reads: Vec<u64> = self
-                    .log_reads
-                    .iter()
-                    .filter(|(_, p)| p.session == session)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in reads {
-                    if let Some(p) = self.log_reads.remove(&id) {
-                        p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
-                    }
+                for (_, p) in take_where(&mut self.log_reads, |p| p.session == session) {
+                    p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
                 }
                 let effects = self.state.disconnected(&node, session, now());
                 if self.sessions.remove(&session).is_some() {
@@ -493,16 +477,8 @@ impl Engine {
 
     fn expire_log_reads(&mut self) {
         let now = Instant::now();
-        let late: Vec<u64> = self
-            .log_reads
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
-            if let Some(p) = self.log_reads.remove(&id) {
-                p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
-            }
+        for (_, p) in take_where(&mut self.log_reads, |p| p.deadline <= now) {
+            p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
         }
     }
 
@@ -603,20 +579,12 @@ impl Engine {
 
     fn expire_diagnostics(&mut self) {
         let now = Instant::now();
-        let late: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
-            if let Some(p) = self.pending.remove(&id) {
-                warn!(node = %p.node, command_id = id, "diagnostics not reported in time");
-                let secs = p.timeout.as_secs();
-                p.reply
-                    .send(Err(ControlError::DiagnosticsTimeout { node: p.node, secs }))
-                    .ok();
-            }
+        for (id, p) in take_where(&mut self.pending, |p| p.deadline <= now) {
+            warn!(node = %p.node, command_id = id, "diagnostics not reported in time");
+            let secs = p.timeout.as_secs();
+            p.reply
+                .send(Err(ControlError::DiagnosticsTimeout { node: p.node, secs }))
+                .ok();
         }
     }
 
@@ -893,6 +861,18 @@ impl Engine {
         };
         self.snapshot.send_replace(Arc::new(snapshot));
     }
+}
+
+/// Remove and return the entries of `map` that `pred` selects.
+fn take_where<P>(map: &mut HashMap<u64, P>, pred: impl Fn(&P) -> bool) -> Vec<(u64, P)> {
+    let ids: Vec<u64> = map
+        .iter()
+        .filter(|(_, p)| pred(p))
+        .map(|(id, _)| *id)
+        .collect();
+    ids.into_iter()
+        .filter_map(|id| map.remove(&id).map(|p| (id, p)))
+        .collect()
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
