@@ -4,34 +4,42 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prost::Message;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
 use vigil_proto::v1::{self, agent_message::Body};
 
 use crate::engine::{EngineHandle, Event};
-use crate::node::GpuRecord;
-use crate::state::Registration;
+use crate::metrics::Metrics;
+use crate::throttle::{Rates, Throttle};
+use crate::validate::validate;
 
 /// An agent must register this soon after opening its stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outgoing messages queued per session.
 const SESSION_QUEUE: usize = 64;
-pub const MAX_GPUS: usize = 64;
-pub const MAX_WORKERS: usize = 1024;
-const MAX_NAME: usize = 63;
-const MAX_TEXT: usize = 255;
+/// Rejections per session logged at warn level; later ones at debug (they are all counted).
+const WARN_REJECTIONS: u32 = 10;
+
+pub use crate::limits::{MAX_GPUS, MAX_WORKERS, valid_node_name};
+pub use crate::validate::validate_register;
 
 pub struct AgentService {
     engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    rates: Rates,
     next_session: Arc<AtomicU64>,
 }
 
 impl AgentService {
-    pub fn new(engine: EngineHandle) -> Self {
+    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, rates: Rates) -> Self {
         Self {
             engine,
+            metrics,
+            rates,
             next_session: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -51,48 +59,64 @@ impl v1::agent_service_server::AgentService for AgentService {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let span = info_span!("agent_session", session, peer = %peer);
-        tokio::spawn(
-            run_session(
-                self.engine.clone(),
-                session,
-                address,
-                request.into_inner(),
-                tx,
-            )
-            .instrument(span),
-        );
+        let ctx = Ctx {
+            engine: self.engine.clone(),
+            metrics: self.metrics.clone(),
+            rates: self.rates,
+        };
+        tokio::spawn(run_session(ctx, session, address, request.into_inner(), tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-async fn run_session(
+/// What a session task needs from the service.
+struct Ctx {
     engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    rates: Rates,
+}
+
+async fn run_session(
+    ctx: Ctx,
     session: u64,
     address: String,
     mut inbound: Streaming<v1::AgentMessage>,
     tx: crate::engine::SessionTx,
 ) {
+    let Ctx {
+        engine,
+        metrics,
+        rates,
+    } = ctx;
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await;
     let reg = match first {
-        Ok(Ok(Some(v1::AgentMessage {
-            body: Some(Body::Register(reg)),
-            ..
-        }))) => validate_register(reg, session, address),
-        Ok(Ok(Some(_))) => Err("the first message must be Register".to_owned()),
+        Ok(Ok(Some(msg))) => match msg.body {
+            Some(Body::Register(reg)) => {
+                validate_register(reg, session, address).map_err(|e| ("invalid_register", e))
+            }
+            _ => Err((
+                "not_registered",
+                "the first message must be Register".to_owned(),
+            )),
+        },
         Ok(Ok(None)) => return,
-        Ok(Err(status)) => {
-            warn!(error = %status, "agent stream failed before registering");
-            return;
-        }
-        Err(_) => Err(format!(
-            "no Register within {}s",
-            REGISTER_TIMEOUT.as_secs()
+        Ok(Err(status)) => match refused(&status) {
+            Some(reason) => Err((reason, status.message().to_owned())),
+            None => {
+                warn!(error = %status, "agent stream failed before registering");
+                return;
+            }
+        },
+        Err(_) => Err((
+            "register_timeout",
+            format!("no Register within {}s", REGISTER_TIMEOUT.as_secs()),
         )),
     };
     let reg = match reg {
         Ok(reg) => reg,
-        Err(reason) => {
-            warn!(%reason, "refused agent registration");
+        Err((label, reason)) => {
+            metrics.input.rejected(label);
+            warn!(%reason, rejected = label, "refused agent registration");
             let msg = v1::CoordinatorMessage {
                 body: Some(v1::coordinator_message::Body::Rejected(v1::Rejected {
                     reason,
@@ -107,38 +131,61 @@ async fn run_session(
     if engine.send(Event::Register { reg, tx }).await.is_err() {
         return;
     }
+    let mut throttle = Throttle::new(rates, Instant::now());
+    let mut rejections = 0u32;
     loop {
-        let event = match inbound.message().await {
-            Ok(Some(v1::AgentMessage { seq, body })) => match body {
-                Some(Body::Heartbeat(heartbeat)) => match check_heartbeat(&heartbeat) {
-                    Ok(()) => Event::Heartbeat {
-                        node: node.clone(),
-                        session,
-                        seq,
-                        heartbeat,
-                    },
-                    Err(reason) => {
-                        warn!(node = %node, %reason, "closing session: invalid heartbeat");
-                        break;
-                    }
-                },
-                Some(Body::Event(event)) => Event::AgentEvent {
-                    node: node.clone(),
-                    session,
-                    seq,
-                    event,
-                },
-                Some(Body::Register(_)) => {
-                    warn!(node = %node, "closing session: Register sent twice");
-                    break;
-                }
-                None => continue,
-            },
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
             Ok(None) => break,
             Err(status) => {
-                info!(node = %node, error = %status.message(), "agent stream broke");
+                if let Some(reason) = refused(&status) {
+                    metrics.input.rejected(reason);
+                    warn!(node = %node, error = %status.message(), rejected = reason, "closing session: agent sent a message it may not");
+                } else {
+                    info!(node = %node, error = %status.message(), "agent stream broke");
+                }
                 break;
             }
+        };
+        let verdict = throttle.admit(msg.encoded_len(), Instant::now());
+        if !verdict.wait.is_zero() {
+            metrics.input.throttled(&node);
+            if verdict.episode_started {
+                flag_flooding(&engine, &node, session, rates).await;
+            }
+            // Not reading is the backpressure: this agent's stream stalls, nobody else's.
+            tokio::time::sleep(verdict.wait).await;
+        }
+        if let Err(r) = validate(&msg) {
+            metrics.input.rejected(r.reason);
+            rejections += 1;
+            if rejections <= WARN_REJECTIONS {
+                warn!(node = %node, rejected = r.reason, reason = %r, "dropped an invalid agent message (state unchanged)");
+            } else {
+                debug!(node = %node, rejected = r.reason, reason = %r, "dropped an invalid agent message (state unchanged)");
+            }
+            continue;
+        }
+        let v1::AgentMessage { seq, body } = msg;
+        let event = match body {
+            Some(Body::Heartbeat(heartbeat)) => Event::Heartbeat {
+                node: node.clone(),
+                session,
+                seq,
+                heartbeat,
+            },
+            Some(Body::Event(event)) => Event::AgentEvent {
+                node: node.clone(),
+                session,
+                seq,
+                event,
+            },
+            Some(Body::Register(_)) => {
+                metrics.input.rejected("register_twice");
+                warn!(node = %node, "closing session: Register sent twice");
+                break;
+            }
+            None => continue,
         };
         if engine.send(event).await.is_err() {
             return;
@@ -150,223 +197,54 @@ async fn run_session(
         .ok();
 }
 
-/// A node name as DNS labels are: letters, digits, `-`, `.`, `_`, starting alphanumeric.
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+/// The rejection label of a stream error the agent caused (a message over the size limit, or
+/// bytes that are not a valid `AgentMessage`); `None` for a broken connection.
+fn refused(status: &Status) -> Option<&'static str> {
+    let text = status.message();
+    match status.code() {
+        Code::OutOfRange if text.contains("too large") => Some("oversized"),
+        Code::Internal
+            if text.starts_with("failed to decode Protobuf message")
+                || text.starts_with("protocol error") =>
+        {
+            Some("malformed")
+        }
+        _ => None,
+    }
 }
 
-fn check_len(field: &str, value: &str) -> Result<(), String> {
-    if value.len() > MAX_TEXT {
-        return Err(format!("{field} is longer than {MAX_TEXT} bytes"));
-    }
-    Ok(())
-}
-
-/// Check a Register and turn it into the engine's form; the error names the field.
-pub fn validate_register(
-    reg: v1::Register,
-    session: u64,
-    address: String,
-) -> Result<Registration, String> {
-    if reg.protocol_version != vigil_proto::PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol_version {} is not supported (this coordinator speaks {}); upgrade the agent or the coordinator",
-            reg.protocol_version,
-            vigil_proto::PROTOCOL_VERSION
-        ));
-    }
-    if !valid_node_name(&reg.node_name) {
-        return Err(format!(
-            "node_name {:?} is invalid: use 1-{MAX_NAME} letters, digits, '-', '.' or '_', starting with a letter or digit",
-            reg.node_name
-        ));
-    }
-    check_len("hostname", &reg.hostname)?;
-    check_len("agent_version", &reg.agent_version)?;
-    let simulated = match v1::GpuBackend::try_from(reg.gpu_backend) {
-        Ok(v1::GpuBackend::Nvml) => false,
-        Ok(v1::GpuBackend::Simulated) => true,
-        _ => {
-            return Err(format!(
-                "gpu_backend {} is not nvml or simulated",
-                reg.gpu_backend
-            ));
-        }
-    };
-    if reg.gpus.len() > MAX_GPUS {
-        return Err(format!(
-            "gpus lists {} GPUs; at most {MAX_GPUS}",
-            reg.gpus.len()
-        ));
-    }
-    if reg.workers.len() > MAX_WORKERS {
-        return Err(format!(
-            "workers lists {}; at most {MAX_WORKERS}",
-            reg.workers.len()
-        ));
-    }
-    let mut gpus = Vec::with_capacity(reg.gpus.len());
-    for g in reg.gpus {
-        for (field, value) in [
-            ("gpus.uuid", &g.uuid),
-            ("gpus.name", &g.name),
-            ("gpus.pci_bus_id", &g.pci_bus_id),
-            ("gpus.serial", &g.serial),
-        ] {
-            check_len(field, value)?;
-        }
-        if gpus.iter().any(|x: &GpuRecord| x.index == g.index) {
-            return Err(format!("gpus lists index {} twice", g.index));
-        }
-        gpus.push(GpuRecord {
-            index: g.index,
-            uuid: g.uuid,
-            name: g.name,
-            pci_bus_id: g.pci_bus_id,
-            memory_total_bytes: g.memory_total_bytes,
-            serial: g.serial,
-        });
-    }
-    gpus.sort_by_key(|g| g.index);
-    Ok(Registration {
-        session,
-        node: reg.node_name,
-        hostname: reg.hostname,
-        address,
-        agent_version: reg.agent_version,
-        simulated,
-        gpus,
-        workers: reg.workers,
-    })
-}
-
-fn check_heartbeat(hb: &v1::Heartbeat) -> Result<(), String> {
-    if hb.gpus.len() > MAX_GPUS {
-        return Err(format!(
-            "heartbeat carries {} GPU samples; at most {MAX_GPUS}",
-            hb.gpus.len()
-        ));
-    }
-    if hb.workers.len() > MAX_WORKERS {
-        return Err(format!(
-            "heartbeat lists {} workers; at most {MAX_WORKERS}",
-            hb.workers.len()
-        ));
-    }
-    Ok(())
+/// A new throttling episode: warn once and record it on the node, where operators look.
+async fn flag_flooding(engine: &EngineHandle, node: &str, session: u64, rates: Rates) {
+    let message = format!(
+        "agent stream throttled: over {} messages/s or {} bytes/s sustained; its messages are \
+         delayed (see vigil_agent_messages_throttled_total); check the agent host",
+        rates.messages_per_second, rates.bytes_per_second
+    );
+    warn!(node = %node, "{message}");
+    engine
+        .send(Event::Flag {
+            node: node.to_owned(),
+            session,
+            kind: "throttled",
+            message,
+        })
+        .await
+        .ok();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn register(name: &str) -> v1::Register {
-        v1::Register {
-            protocol_version: vigil_proto::PROTOCOL_VERSION,
-            node_name: name.into(),
-            hostname: "h".into(),
-            agent_version: "0.1.0".into(),
-            gpu_backend: v1::GpuBackend::Simulated as i32,
-            gpus: (0..8)
-                .rev()
-                .map(|i| v1::GpuInfo {
-                    index: i,
-                    uuid: format!("GPU-{i}"),
-                    ..Default::default()
-                })
-                .collect(),
-            workers: Vec::new(),
-            sent_at_unix_ms: 0,
-        }
-    }
-
     #[test]
-    fn a_good_registration_is_accepted_with_gpus_in_index_order() {
-        let reg = validate_register(register("gpu-001"), 7, "10.0.0.7".into()).expect("valid");
-        assert_eq!(reg.session, 7);
-        assert!(reg.simulated);
-        assert_eq!(
-            reg.gpus.iter().map(|g| g.index).collect::<Vec<_>>(),
-            (0..8).collect::<Vec<_>>()
+    fn stream_errors_the_agent_caused_are_told_apart_from_broken_connections() {
+        let big = Status::out_of_range(
+            "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes",
         );
-    }
-
-    #[test]
-    fn bad_registrations_name_the_field() {
-        let cases: Vec<(v1::Register, &str)> = vec![
-            (register(""), "node_name"),
-            (register("-bad"), "node_name"),
-            (register("has space"), "node_name"),
-            (register(&"x".repeat(64)), "node_name"),
-            (
-                v1::Register {
-                    protocol_version: 9,
-                    ..register("a")
-                },
-                "protocol_version",
-            ),
-            (
-                v1::Register {
-                    gpu_backend: 0,
-                    ..register("a")
-                },
-                "gpu_backend",
-            ),
-            (
-                v1::Register {
-                    hostname: "h".repeat(300),
-                    ..register("a")
-                },
-                "hostname",
-            ),
-            (
-                v1::Register {
-                    gpus: (0..65)
-                        .map(|i| v1::GpuInfo {
-                            index: i,
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..register("a")
-                },
-                "gpus",
-            ),
-            (
-                v1::Register {
-                    gpus: vec![v1::GpuInfo::default(), v1::GpuInfo::default()],
-                    ..register("a")
-                },
-                "index 0 twice",
-            ),
-        ];
-        for (reg, field) in cases {
-            let err = validate_register(reg, 1, String::new()).expect_err(field);
-            assert!(err.contains(field), "{err:?} should name {field}");
-        }
-    }
-
-    #[test]
-    fn node_names_follow_dns_like_rules() {
-        for ok in ["gpu-001", "a", "node.rack-1", "A_1"] {
-            assert!(valid_node_name(ok), "{ok}");
-        }
-        for bad in ["", ".a", "a/b", "a b", "ü"] {
-            assert!(!valid_node_name(bad), "{bad}");
-        }
-    }
-
-    #[test]
-    fn oversized_heartbeats_are_refused() {
-        let hb = v1::Heartbeat {
-            gpus: vec![v1::GpuSample::default(); MAX_GPUS + 1],
-            ..Default::default()
-        };
-        assert!(check_heartbeat(&hb).is_err());
-        assert!(check_heartbeat(&v1::Heartbeat::default()).is_ok());
+        assert_eq!(refused(&big), Some("oversized"));
+        let bad = Status::internal("failed to decode Protobuf message: invalid wire type value: 7");
+        assert_eq!(refused(&bad), Some("malformed"));
+        assert_eq!(refused(&Status::unknown("h2 protocol error: reset")), None);
+        assert_eq!(refused(&Status::cancelled("gone")), None);
     }
 }

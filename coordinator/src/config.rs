@@ -40,6 +40,8 @@ pub struct Config {
     pub liveness: LivenessConfig,
     pub health: HealthConfig,
     pub diagnostics: DiagnosticsConfig,
+    /// Per-agent stream rate limits (see docs/security.md, "Input limits").
+    pub limits: crate::limits::LimitsConfig,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -141,6 +143,7 @@ impl Default for Config {
             liveness: LivenessConfig::default(),
             health: HealthConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
+            limits: crate::limits::LimitsConfig::default(),
         }
     }
 }
@@ -190,6 +193,7 @@ impl Config {
             liveness,
             health,
             diagnostics,
+            limits,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -198,6 +202,7 @@ impl Config {
             ("liveness", *liveness != new.liveness),
             ("health", *health != new.health),
             ("diagnostics", *diagnostics != new.diagnostics),
+            ("limits", *limits != new.limits),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -265,6 +270,7 @@ impl Config {
                 fmt(t)
             )));
         }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),

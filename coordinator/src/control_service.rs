@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::metrics::unix_ms;
 use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
 
-const MAX_REASON: usize = 1024;
+use crate::limits::MAX_OPERATOR_REASON as MAX_REASON;
 
 pub struct ControlService {
     engine: EngineHandle,

@@ -54,6 +54,13 @@ pub enum Event {
         node: String,
         session: u64,
     },
+    /// The agent service flagged a session (e.g. throttled): record it on the node.
+    Flag {
+        node: String,
+        session: u64,
+        kind: &'static str,
+        message: String,
+    },
     Cordon {
         node: String,
         reason: String,
@@ -312,6 +319,9 @@ impl Engine {
                 heartbeat,
             } => {
                 self.metrics.heartbeats.inc();
+                let reports = heartbeat.workers.iter();
+                let reports = reports.map(|w| (w.job_id.as_str(), w.attempt, "heartbeat"));
+                crate::assigned::note(&self.state.jobs, &self.metrics, &node, reports);
                 if heartbeat.sent_at_unix_ms > 0 {
                     let lag = now().wall_ms.saturating_sub(heartbeat.sent_at_unix_ms);
                     self.metrics.heartbeat_lag.observe(lag as f64 / 1000.0);
@@ -325,6 +335,8 @@ impl Engine {
                 seq,
                 event,
             } => {
+                let report = crate::assigned::subject(&event);
+                crate::assigned::note(&self.state.jobs, &self.metrics, &node, report);
                 let result = match &event.kind {
                     Some(v1::agent_event::Kind::Diagnostics(d)) => {
                         self.diagnostics_result(&node, session, d).await;
@@ -357,6 +369,17 @@ impl Engine {
                 }
                 self.apply(effects).await.ok();
                 self.dirty = true;
+            }
+            Event::Flag {
+                node,
+                session,
+                kind,
+                message,
+            } => {
+                if let Ok(effects) = self.state.flag(&node, session, kind, message, now()) {
+                    self.apply(effects).await.ok();
+                    self.dirty = true;
+                }
             }
             Event::Cordon {
                 node,

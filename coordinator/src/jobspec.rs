@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{
+    MAX_ARGV, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_PATH, MAX_SPEC_BYTES,
+};
+
 pub const DEFAULT_MAX_RESTARTS: u32 = 3;
 pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANG_TIMEOUT: Duration = Duration::from_secs(600);
@@ -19,7 +23,6 @@ pub const LAYOUTS: [&str; 5] = [
     "deepspeed",
     "hf-trainer",
 ];
-const MAX_SPEC_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,7 +109,7 @@ pub fn parse(text: &str, source: &str, cluster_nodes: usize) -> Result<JobSpec, 
     };
     if text.len() > MAX_SPEC_BYTES {
         return Err(format!(
-            "{at}job spec is {} bytes; the limit is {MAX_SPEC_BYTES}",
+            "{at}job spec is {} bytes; the limit is {MAX_SPEC_BYTES}: move large values (long commands, many variables) into a script the command runs",
             text.len()
         ));
     }
@@ -156,6 +159,10 @@ fn validate(spec: &JobSpec, cluster_nodes: usize) -> Result<(), String> {
     if spec.command.is_empty() || spec.command[0].trim().is_empty() {
         return Err("command is empty: give the program and its arguments, e.g. command = [\"python3\", \"train.py\"]".into());
     }
+    check_command(&spec.command)?;
+    check_dir("workdir", &spec.workdir)?;
+    check_dir("checkpoint.dir", &spec.checkpoint.dir)?;
+    check_env(&spec.env)?;
     if !Path::new(&spec.workdir).is_absolute() {
         return Err(format!(
             "workdir {:?} is not an absolute path; every node resolves it on its own, so write it in full (e.g. /shared/runs/{})",
@@ -198,6 +205,68 @@ fn validate(spec: &JobSpec, cluster_nodes: usize) -> Result<(), String> {
     }
     if spec.progress.hang_timeout < Duration::from_secs(1) {
         return Err("progress.hang_timeout must be at least 1s".into());
+    }
+    Ok(())
+}
+
+/// `command`: at most [`MAX_ARGV`] arguments and [`MAX_COMMAND_BYTES`] bytes, no NUL.
+fn check_command(command: &[String]) -> Result<(), String> {
+    if command.len() > MAX_ARGV {
+        return Err(format!(
+            "command has {} arguments; the limit is {MAX_ARGV}: put them in a script or a config file",
+            command.len()
+        ));
+    }
+    let bytes: usize = command.iter().map(String::len).sum();
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "command is {bytes} bytes; the limit is {MAX_COMMAND_BYTES}: put the arguments in a script or a config file"
+        ));
+    }
+    if let Some(i) = command.iter().position(|a| a.contains('\0')) {
+        return Err(format!("command[{i}] contains a NUL byte; remove it"));
+    }
+    Ok(())
+}
+
+/// A directory every node resolves: bounded, no NUL, no `..` (it could leave the allowed roots).
+fn check_dir(field: &str, dir: &str) -> Result<(), String> {
+    if dir.len() > MAX_PATH {
+        return Err(format!(
+            "{field} is {} bytes; the limit is {MAX_PATH}: use a shorter path",
+            dir.len()
+        ));
+    }
+    if dir.contains('\0') {
+        return Err(format!("{field} contains a NUL byte; remove it"));
+    }
+    if Path::new(dir)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!(
+            "{field} {dir:?} contains '..'; write the path without it"
+        ));
+    }
+    Ok(())
+}
+
+/// `env`: at most [`MAX_ENV_VARS`] variables and [`MAX_ENV_BYTES`] bytes, no NUL in values.
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(format!(
+            "env has {} variables; the limit is {MAX_ENV_VARS}: set the rest in the command's own script",
+            env.len()
+        ));
+    }
+    let bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_ENV_BYTES {
+        return Err(format!(
+            "env is {bytes} bytes (keys and values); the limit is {MAX_ENV_BYTES}: pass large values in a file"
+        ));
+    }
+    if let Some(k) = env.iter().find_map(|(k, v)| v.contains('\0').then_some(k)) {
+        return Err(format!("env value of {k:?} contains a NUL byte; remove it"));
     }
     Ok(())
 }
@@ -274,6 +343,53 @@ hang_timeout = "10m"
             let e = err(&text);
             assert!(e.contains(needle), "{e:?} should mention {needle}");
             assert!(e.starts_with("job.toml: "), "{e:?} names the source");
+        }
+    }
+
+    #[test]
+    fn specs_over_a_limit_name_the_field_and_the_limit() {
+        let long_argv = format!("command = [{}]", vec!["\"a\""; MAX_ARGV + 1].join(", "));
+        let huge_arg = format!("command = [\"{}\"]", "a".repeat(MAX_COMMAND_BYTES + 1));
+        let many_env = format!(
+            "env = {{ {} }}",
+            (0..=MAX_ENV_VARS)
+                .map(|i| format!("V{i} = \"x\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let big_env = format!("env = {{ A = \"{}\" }}", "x".repeat(MAX_ENV_BYTES));
+        let cases = [
+            (
+                GOOD.replace("command = [\"python3\", \"train.py\"]", &long_argv),
+                "256",
+            ),
+            (
+                GOOD.replace("command = [\"python3\", \"train.py\"]", &huge_arg),
+                "32768",
+            ),
+            (
+                GOOD.replace("env = { NCCL_DEBUG = \"WARN\" }", &many_env),
+                "128",
+            ),
+            (
+                GOOD.replace("env = { NCCL_DEBUG = \"WARN\" }", &big_env),
+                "env is",
+            ),
+            (GOOD.replace("\"WARN\"", "\"a\\u0000b\""), "NUL"),
+            (GOOD.replace("\"train.py\"", "\"a\\u0000b\""), "command[1]"),
+            (
+                GOOD.replace("/shared/runs/opt-demo", "/shared/runs/../../etc"),
+                "workdir",
+            ),
+            (
+                GOOD.replace("/shared/ckpt/opt-demo", "/shared/ckpt/../x"),
+                "checkpoint.dir",
+            ),
+            ("x".repeat(MAX_SPEC_BYTES + 1), "65536"),
+        ];
+        for (text, needle) in cases {
+            let e = err(&text);
+            assert!(e.contains(needle), "{e:?} should mention {needle}");
         }
     }
 

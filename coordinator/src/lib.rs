@@ -14,6 +14,11 @@
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
+//! - `limits`: every bound on agent and operator input, and the `[limits]` config.
+//! - `validate`: pure validation of every agent message (also the fuzz targets' entry).
+//! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
+//! - `assigned`: whether an agent's report concerns work assigned to its node.
+//! - `input_metrics`: counters of rejected, throttled and ignored agent input.
 //! - `control_service`: the `ControlService` clusterctl talks to.
 //! - `control_streams`: its long-lived streams: `events --follow` and `job logs`.
 //! - `metrics`: Prometheus metrics and the `/metrics` + `/healthz` HTTP server.
@@ -21,22 +26,27 @@
 //! - `error`: boundary errors and their single mapping to gRPC status.
 
 pub mod agent_service;
+pub mod assigned;
 pub mod config;
 pub mod control_service;
 pub mod control_streams;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod input_metrics;
 pub mod job;
 pub mod job_view;
 pub mod jobs;
 pub mod jobspec;
+pub mod limits;
 pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod state;
 pub mod store;
+pub mod throttle;
+pub mod validate;
 pub mod xid;
 
 use std::sync::Arc;
@@ -98,6 +108,7 @@ pub async fn run_with_hooks(
     let metrics = Arc::new(metrics::Metrics::new(started));
     let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
     let metrics_for_control = metrics.clone();
+    let metrics_for_agents = metrics.clone();
     if let Some(tick) = hooks.engine_tick.take() {
         engine = engine.on_tick(tick);
     }
@@ -111,9 +122,13 @@ pub async fn run_with_hooks(
     }));
 
     let max = vigil_proto::MAX_MESSAGE_BYTES;
-    let agents = AgentServiceServer::new(agent_service::AgentService::new(handle.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let agents = AgentServiceServer::new(agent_service::AgentService::new(
+        handle.clone(),
+        metrics_for_agents,
+        config.limits.rates(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let control = ControlServiceServer::new(control_service::ControlService::new(
         handle,
         metrics_for_control,

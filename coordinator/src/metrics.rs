@@ -120,6 +120,8 @@ pub struct Metrics {
     pub control_streams: Gauge,
     pub engine_queue_depth: Gauge,
     pub store_size_bytes: Gauge,
+    /// Refused, throttled and ignored agent input.
+    pub input: crate::input_metrics::InputMetrics,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
 }
@@ -157,6 +159,7 @@ impl Metrics {
             control_streams: Gauge::default(),
             engine_queue_depth: Gauge::default(),
             store_size_bytes: Gauge::default(),
+            input: Default::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
             registry: Registry::default(),
         };
@@ -289,6 +292,7 @@ impl Metrics {
             "Build of this coordinator",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        m.input.register(&mut registry);
         // Known label values exist from the start at 0, so that increase()
         // sees their first event.
         m.count_cordon_init();

@@ -378,6 +378,26 @@ impl ClusterState {
         Ok(effects)
     }
 
+    /// Record something the agent service noticed about a live session (e.g. `throttled`) in
+    /// the node's history, where `clusterctl node` and `events` show it.
+    pub fn flag(
+        &mut self,
+        node_name: &str,
+        session: u64,
+        kind: &str,
+        message: String,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let node = self.live_session(node_name, session)?;
+        let event = NodeEvent {
+            at_unix_ms: now.wall_ms,
+            kind: kind.to_owned(),
+            message,
+            gpu_index: None,
+        };
+        Ok(vec![record(node, event)])
+    }
+
     /// Keep a diagnostic result: it decides whether an auto cordon may be lifted.
     pub fn record_diagnostics(
         &mut self,

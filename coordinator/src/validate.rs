@@ -1,0 +1,209 @@
+//! Validation of every agent message, pure: the agent service and the fuzz targets call it.
+//!
+//! A message that fails is refused before it reaches the engine, so it changes nothing; the
+//! [`Rejection`] says which limit it broke (`reason`, the metric label) and how (`message`,
+//! naming the field, the limit and the fix).
+
+use std::path::{Component, Path};
+
+use vigil_proto::v1::{self, agent_event::Kind, agent_message::Body};
+
+use crate::limits::{
+    MAX_DIAGNOSTICS_OUTPUT, MAX_GPUS, MAX_JOB_ID, MAX_LOG_DATA, MAX_LOG_TAIL, MAX_NVLINKS,
+    MAX_PATH, MAX_REASON, MAX_TEXT, MAX_WORKERS, check_count, check_len, node_name_error,
+    valid_node_name,
+};
+use crate::node::GpuRecord;
+use crate::state::Registration;
+
+/// Why an agent message was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Label of `vigil_agent_messages_rejected_total`: `invalid_register`, `invalid_heartbeat`,
+    /// `invalid_event` (and, from the agent service, `oversized`, `malformed`, ...).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Check one decoded agent message against every limit. An empty body (a oneof case from a
+/// newer protocol revision) passes: unknown fields are ignored, as the protocol promises.
+pub fn validate(msg: &v1::AgentMessage) -> Result<(), Rejection> {
+    let (reason, result) = match &msg.body {
+        Some(Body::Register(reg)) => ("invalid_register", check_register(reg)),
+        Some(Body::Heartbeat(hb)) => ("invalid_heartbeat", check_heartbeat(hb)),
+        Some(Body::Event(ev)) => ("invalid_event", check_event(ev)),
+        None => return Ok(()),
+    };
+    result.map_err(|message| Rejection { reason, message })
+}
+
+/// Check a Register against every limit; the error names the field.
+pub fn check_register(reg: &v1::Register) -> Result<(), String> {
+    if reg.protocol_version != vigil_proto::PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol_version {} is not supported (this coordinator speaks {}); upgrade the agent or the coordinator",
+            reg.protocol_version,
+            vigil_proto::PROTOCOL_VERSION
+        ));
+    }
+    if !valid_node_name(&reg.node_name) {
+        return Err(node_name_error("node_name", &reg.node_name));
+    }
+    check_len("hostname", &reg.hostname, MAX_TEXT)?;
+    check_len("agent_version", &reg.agent_version, MAX_TEXT)?;
+    match v1::GpuBackend::try_from(reg.gpu_backend) {
+        Ok(v1::GpuBackend::Nvml | v1::GpuBackend::Simulated) => {}
+        _ => {
+            return Err(format!(
+                "gpu_backend {} is not nvml (1) or simulated (2)",
+                reg.gpu_backend
+            ));
+        }
+    }
+    check_count("gpus", reg.gpus.len(), MAX_GPUS)?;
+    let mut seen = Vec::with_capacity(reg.gpus.len());
+    for g in &reg.gpus {
+        for (field, value) in [
+            ("gpus.uuid", &g.uuid),
+            ("gpus.name", &g.name),
+            ("gpus.pci_bus_id", &g.pci_bus_id),
+            ("gpus.serial", &g.serial),
+        ] {
+            check_len(field, value, MAX_TEXT)?;
+        }
+        if seen.contains(&g.index) {
+            return Err(format!("gpus lists index {} twice", g.index));
+        }
+        seen.push(g.index);
+    }
+    check_workers("workers", &reg.workers)
+}
+
+fn check_workers(field: &str, workers: &[v1::WorkerInfo]) -> Result<(), String> {
+    check_count(field, workers.len(), MAX_WORKERS)?;
+    for w in workers {
+        check_job_id(&format!("{field}.job_id"), &w.job_id)?;
+    }
+    Ok(())
+}
+
+fn check_job_id(field: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("{field} is empty: name the job"));
+    }
+    check_len(field, id, MAX_JOB_ID)
+}
+
+/// A checkpoint path an agent reports: bounded, absolute, without `..` (so it cannot leave the
+/// job's checkpoint dir it claims to be in) and without NUL.
+fn check_path(field: &str, path: &str) -> Result<(), String> {
+    check_len(field, path, MAX_PATH)?;
+    let p = Path::new(path);
+    if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) || path.contains('\0')
+    {
+        return Err(format!(
+            "{field} {:?} must be an absolute path without '..' or NUL",
+            path.chars().take(200).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// Check a Heartbeat: sample and worker counts, NVLinks per GPU, job ids.
+pub fn check_heartbeat(hb: &v1::Heartbeat) -> Result<(), String> {
+    check_count("heartbeat.gpus", hb.gpus.len(), MAX_GPUS)?;
+    for s in &hb.gpus {
+        check_count("heartbeat.gpus.nvlinks", s.nvlinks.len(), MAX_NVLINKS)?;
+    }
+    check_workers("heartbeat.workers", &hb.workers)
+}
+
+/// Check an AgentEvent: every string bounded, every path confined, GPU indexes in range.
+pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
+    let gpu = |field: &str, index: u32| {
+        if index as usize >= MAX_GPUS {
+            Err(format!(
+                "{field} {index} is out of range: a node has at most {MAX_GPUS} GPUs"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match &ev.kind {
+        Some(Kind::Xid(x)) => {
+            gpu("xid.gpu_index", x.gpu_index)?;
+            check_len("xid.gpu_uuid", &x.gpu_uuid, MAX_TEXT)
+        }
+        Some(Kind::GpuLost(g)) => {
+            gpu("gpu_lost.gpu_index", g.gpu_index)?;
+            check_len("gpu_lost.gpu_uuid", &g.gpu_uuid, MAX_TEXT)
+        }
+        Some(Kind::Diagnostics(d)) => {
+            check_len("diagnostics.summary", &d.summary, MAX_REASON)?;
+            check_len("diagnostics.command", &d.command, MAX_REASON)?;
+            check_len("diagnostics.output", &d.output, MAX_DIAGNOSTICS_OUTPUT)
+        }
+        Some(Kind::WorkerStarted(w)) => {
+            check_job_id("worker_started.job_id", &w.job_id)?;
+            check_len("worker_started.log_path", &w.log_path, MAX_PATH)
+        }
+        Some(Kind::WorkerExited(w)) => {
+            check_job_id("worker_exited.job_id", &w.job_id)?;
+            check_len("worker_exited.reason", &w.reason, MAX_REASON)?;
+            check_len("worker_exited.log_path", &w.log_path, MAX_PATH)?;
+            check_len("worker_exited.log_tail", &w.log_tail, MAX_LOG_TAIL)
+        }
+        Some(Kind::Checkpoint(c)) => {
+            check_job_id("checkpoint.job_id", &c.job_id)?;
+            if c.path.is_empty() {
+                return Err("checkpoint.path is empty: name the checkpoint".into());
+            }
+            check_path("checkpoint.path", &c.path)
+        }
+        Some(Kind::LogData(l)) => check_len("log_data.data", &l.data, MAX_LOG_DATA),
+        None => Ok(()),
+    }
+}
+
+/// Check a Register and turn it into the engine's form; the error names the field.
+pub fn validate_register(
+    reg: v1::Register,
+    session: u64,
+    address: String,
+) -> Result<Registration, String> {
+    check_register(&reg)?;
+    let simulated = reg.gpu_backend == v1::GpuBackend::Simulated as i32;
+    let mut gpus: Vec<GpuRecord> = reg
+        .gpus
+        .into_iter()
+        .map(|g| GpuRecord {
+            index: g.index,
+            uuid: g.uuid,
+            name: g.name,
+            pci_bus_id: g.pci_bus_id,
+            memory_total_bytes: g.memory_total_bytes,
+            serial: g.serial,
+        })
+        .collect();
+    gpus.sort_by_key(|g| g.index);
+    Ok(Registration {
+        session,
+        node: reg.node_name,
+        hostname: reg.hostname,
+        address,
+        agent_version: reg.agent_version,
+        simulated,
+        gpus,
+        workers: reg.workers,
+    })
+}
+
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod tests;

@@ -1,0 +1,267 @@
+//! Hostile agent input against a real coordinator over real sockets: oversized, undecodable and
+//! invalid messages are refused and counted, a flooding agent is throttled and flagged, reports
+//! about work that is not the node's are ignored, and the real agents stay Ready throughout.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use vigil_proto::v1::{
+    self, AgentMessage, CoordinatorMessage, agent_event::Kind, agent_message::Body,
+    agent_service_client::AgentServiceClient, coordinator_message::Body as CBody,
+};
+use vigil_tests::{Cluster, LONG, clusterctl, http_get, metric, wait_for};
+
+/// Fast liveness, and a low stream rate so a flood is quick to provoke.
+const CONFIG: &str = r#"
+[liveness]
+heartbeat_interval = "200ms"
+unreachable_after = "1s"
+lost_after = "3s"
+agent_lease = "2s"
+
+[limits]
+agent_messages_per_second = 20
+agent_message_burst = 20
+"#;
+
+/// A message whose field 2 (`AgentMessage.register`, a length-delimited message) is sent as a
+/// varint: valid protobuf framing, but not an `AgentMessage`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAnAgentMessage {
+    #[prost(uint64, tag = "2")]
+    register: u64,
+}
+
+async fn channel(url: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())?.connect().await?)
+}
+
+fn register(name: &str) -> AgentMessage {
+    AgentMessage {
+        seq: 1,
+        body: Some(Body::Register(v1::Register {
+            protocol_version: vigil_proto::PROTOCOL_VERSION,
+            node_name: name.into(),
+            hostname: name.into(),
+            agent_version: "hostile".into(),
+            gpu_backend: v1::GpuBackend::Simulated as i32,
+            gpus: Vec::new(),
+            workers: Vec::new(),
+            sent_at_unix_ms: 0,
+        })),
+    }
+}
+
+/// Open a raw agent stream; returns its sender and the coordinator's first answer (or the
+/// stream's error, as text).
+async fn open(
+    url: &str,
+    first: AgentMessage,
+) -> Result<(
+    mpsc::Sender<AgentMessage>,
+    Result<CoordinatorMessage, String>,
+)> {
+    let mut client = AgentServiceClient::new(channel(url).await?)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(1024);
+    tx.send(first).await?;
+    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+    let answer = match tokio::time::timeout(LONG, inbound.next()).await {
+        Ok(Some(Ok(m))) => Ok(m),
+        Ok(Some(Err(s))) => Err(s.to_string()),
+        Ok(None) => Err("stream ended".into()),
+        Err(_) => bail!("no answer from the coordinator"),
+    };
+    // Keep reading (acks, commands) so the coordinator never blocks on this session.
+    tokio::spawn(async move { while let Some(Ok(_)) = inbound.next().await {} });
+    Ok((tx, answer))
+}
+
+fn rejected_reason(answer: &Result<CoordinatorMessage, String>) -> String {
+    match answer {
+        Ok(CoordinatorMessage {
+            body: Some(CBody::Rejected(r)),
+        }) => r.reason.clone(),
+        other => format!("not rejected: {other:?}"),
+    }
+}
+
+fn counter(cluster: &Cluster, series: &str) -> Result<f64> {
+    let text = http_get(cluster.coordinator.metrics, "/metrics")?;
+    metric(&text, series).with_context(|| format!("no {series} in /metrics"))
+}
+
+fn others_ready(cluster: &Cluster) -> Result<()> {
+    let nodes = vigil_tests::nodes(&cluster.url())?;
+    for name in ["node-0", "node-1"] {
+        let state = &nodes[name]["availability"];
+        if state != "Ready" {
+            bail!("{name} is {state} while another agent misbehaves");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_agent_input_is_refused_counted_and_harms_no_other_agent() -> Result<()> {
+    let cluster = Cluster::start(CONFIG, 2)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 2))?;
+    let url = cluster.url();
+
+    // 1. Oversized: a registration of 5 MiB, over the 4 MiB message limit.
+    let mut huge = register("huge");
+    if let Some(Body::Register(r)) = &mut huge.body {
+        r.hostname = "h".repeat(5 * 1024 * 1024);
+    }
+    let (_tx, answer) = open(&url, huge).await?;
+    let reason = rejected_reason(&answer);
+    assert!(reason.contains("too large"), "{reason}");
+    others_ready(&cluster)?;
+
+    // 2. Malformed: bytes that are not an AgentMessage at all.
+    let mut grpc = tonic::client::Grpc::new(channel(&url).await?);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<NotAnAgentMessage, CoordinatorMessage>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/vigil.v1.AgentService/Connect");
+    let garbage = tokio_stream::iter(vec![NotAnAgentMessage { register: 7 }]);
+    let mut answers = grpc
+        .streaming(tonic::Request::new(garbage), path, codec)
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(LONG, answers.next()).await?;
+    let reason = match first {
+        Some(Ok(m)) => rejected_reason(&Ok(m)),
+        other => format!("{other:?}"),
+    };
+    assert!(reason.contains("failed to decode"), "{reason}");
+
+    // 3. Invalid: a well-formed registration as a node name that escapes a path.
+    let (_tx, answer) = open(&url, register("../../etc/passwd")).await?;
+    let reason = rejected_reason(&answer);
+    assert!(
+        reason.contains("node_name") && reason.contains("63"),
+        "{reason}"
+    );
+    let nodes = vigil_tests::nodes(&url)?;
+    assert_eq!(nodes.len(), 2, "no node appeared: {:?}", nodes.keys());
+    others_ready(&cluster)?;
+
+    // 4. A registered agent reporting another job's work, then flooding its stream.
+    let (tx, answer) = open(&url, register("flooder")).await?;
+    assert!(
+        matches!(
+            &answer,
+            Ok(CoordinatorMessage {
+                body: Some(CBody::Registered(_))
+            })
+        ),
+        "{answer:?}"
+    );
+    let exited = AgentMessage {
+        seq: 2,
+        body: Some(Body::Event(v1::AgentEvent {
+            at_unix_ms: 1,
+            kind: Some(Kind::WorkerExited(v1::WorkerExited {
+                job_id: "someone-elses-1".into(),
+                attempt: 1,
+                exit_code: Some(1),
+                ..Default::default()
+            })),
+        })),
+    };
+    tx.send(exited).await?;
+    let bad_checkpoint = AgentMessage {
+        seq: 3,
+        body: Some(Body::Event(v1::AgentEvent {
+            at_unix_ms: 1,
+            kind: Some(Kind::Checkpoint(v1::CheckpointSeen {
+                job_id: "someone-elses-1".into(),
+                attempt: 1,
+                path: "/ckpt/x/../../../etc".into(),
+                step: Some(1),
+            })),
+        })),
+    };
+    tx.send(bad_checkpoint).await?;
+    let flood = tokio::spawn(async move {
+        for seq in 4..400u64 {
+            let hb = AgentMessage {
+                seq,
+                body: Some(Body::Heartbeat(v1::Heartbeat::default())),
+            };
+            if tx.send(hb).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    wait_for("the flood to be throttled", LONG, || {
+        let n = counter(
+            &cluster,
+            "vigil_agent_messages_throttled_total{node=\"flooder\"}",
+        )
+        .unwrap_or(0.0);
+        Ok((n >= 50.0).then_some(()))
+    })?;
+    others_ready(&cluster)?;
+    let detail = clusterctl(&url, &["-o", "json", "node", "flooder"])?.json()?;
+    let flagged = detail["events"].as_array().is_some_and(|a| {
+        a.iter().any(|e| {
+            e["kind"] == "throttled"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("20 messages/s"))
+        })
+    });
+    assert!(flagged, "no throttled event on the node: {detail}");
+
+    for (series, at_least) in [
+        (
+            "vigil_agent_messages_rejected_total{reason=\"oversized\"}",
+            1.0,
+        ),
+        (
+            "vigil_agent_messages_rejected_total{reason=\"malformed\"}",
+            1.0,
+        ),
+        (
+            "vigil_agent_messages_rejected_total{reason=\"invalid_register\"}",
+            1.0,
+        ),
+        (
+            "vigil_agent_messages_rejected_total{reason=\"invalid_event\"}",
+            1.0,
+        ),
+        (
+            "vigil_agent_reports_ignored_total{reason=\"unknown_job\"}",
+            1.0,
+        ),
+    ] {
+        let n = counter(&cluster, series)?;
+        assert!(n >= at_least, "{series} = {n}");
+    }
+    let text = http_get(cluster.coordinator.metrics, "/metrics")?;
+    assert_eq!(
+        metric(
+            &text,
+            "vigil_node_availability_transitions_total{to=\"Unreachable\"}"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "no node went unreachable"
+    );
+    let log = cluster.coordinator.log_text();
+    assert!(log.contains("agent stream throttled"), "{log}");
+    assert!(log.contains("not assigned to its node"), "{log}");
+
+    drop(flood.await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    others_ready(&cluster)?;
+    Ok(())
+}
