@@ -47,11 +47,18 @@ say "starting vigil-coordinator on 127.0.0.1:$port (metrics :$metrics_port, data
 "$bin/vigil-coordinator" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
   --data-dir "$dir/coordinator" >"$dir/coordinator.out" 2>"$dir/coordinator.log" &
 pids+=($!)
+# Jobs run as whoever runs the demo (said explicitly: as root, the agent refuses to run jobs
+# as root unless told so), and only under the demo's own directory.
+cat >"$dir/agent.toml" <<TOML
+[workers]
+run_as = "$(id -un)"
+allowed_roots = ["$dir"]
+TOML
 for i in $(seq 1 "$agents"); do
   name=$(printf 'sim-gpu-%03d' "$i")
   : >"$dir/$name.faults"
   echo "    vigil-agent $name with 8 SIMULATED GPUs (metrics :$((metrics_port + i)), faults $dir/$name.faults)"
-  "$bin/vigil-agent" --coordinator "$url" --node-name "$name" --gpu-backend sim --sim-gpus 8 \
+  "$bin/vigil-agent" --config "$dir/agent.toml" --coordinator "$url" --node-name "$name" --gpu-backend sim --sim-gpus 8 \
     --sim-fault-file "$dir/$name.faults" --state-dir "$dir/$name" \
     --metrics-listen "127.0.0.1:$((metrics_port + i))" 2>"$dir/$name.log" &
   pids+=($!)

@@ -141,9 +141,32 @@ fn newest_subdir(
     }))
 }
 
-/// A tracker file's trimmed text; a missing or empty one names nothing yet.
+/// Most bytes of a tracker file read (it holds one iteration number or tag).
+const MAX_TRACKER_BYTES: u64 = 4096;
+
+/// A tracker file's trimmed text; a missing or empty one names nothing yet. The job owns the
+/// checkpoint dir and the agent may be root: never follow a symlink, never block on a FIFO,
+/// read only a regular file and at most [`MAX_TRACKER_BYTES`].
 fn read_tracker(path: &Path) -> io::Result<Option<String>> {
-    match std::fs::read_to_string(path) {
+    let read = || -> io::Result<String> {
+        use io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags.bits())
+            .open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let mut text = String::new();
+        file.take(MAX_TRACKER_BYTES).read_to_string(&mut text)?;
+        Ok(text)
+    };
+    match read() {
         Ok(text) => Ok(Some(text.trim().to_owned()).filter(|t| !t.is_empty())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -410,6 +433,23 @@ mod tests {
         assert_eq!(latest(&tmp, Layout::Megatron)?, None);
         fs::write(tmp.path().join(MEGATRON_TRACKER), "")?;
         assert_eq!(latest(&tmp, Layout::Megatron)?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_tracker_that_is_a_link_or_a_fifo_is_not_followed() -> TestResult {
+        let tmp = dir_with(&["iter_0000010/x"])?;
+        let elsewhere = tempfile::tempdir()?;
+        fs::write(elsewhere.path().join("t"), "10")?;
+        let tracker = tmp.path().join("latest_checkpointed_iteration.txt");
+        std::os::unix::fs::symlink(elsewhere.path().join("t"), &tracker)?;
+        assert!(latest_complete(tmp.path(), Layout::Megatron).is_err());
+        fs::remove_file(&tracker)?;
+        nix::unistd::mkfifo(&tracker, nix::sys::stat::Mode::S_IRWXU)?;
+        assert!(
+            latest_complete(tmp.path(), Layout::Megatron).is_err(),
+            "no block, no read"
+        );
         Ok(())
     }
 

@@ -53,6 +53,20 @@ pub struct AgentConfig {
     /// The most a worker gets between SIGTERM and SIGKILL once the lease expired.
     #[serde(with = "humantime_serde")]
     pub lease_stop_grace: Duration,
+    /// Who job processes run as and where they may work.
+    pub workers: WorkersSection,
+}
+
+/// `[workers]`: the confinement of job processes (see `workers::confine`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersSection {
+    /// The user job processes run as. Unset: the agent's own user, refused when that is root;
+    /// `"root"` allows root explicitly.
+    pub run_as: Option<String>,
+    /// Absolute directories a job's workdir and checkpoint dir must lie under; empty refuses
+    /// every job.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 /// How patiently the agent redials a coordinator it lost.
@@ -116,6 +130,7 @@ impl Default for AgentConfig {
             keep_workers_on_shutdown: false,
             worker_stop_grace: DEFAULT_WORKER_STOP_GRACE,
             lease_stop_grace: DEFAULT_LEASE_STOP_GRACE,
+            workers: WorkersSection::default(),
         }
     }
 }
@@ -171,6 +186,7 @@ impl AgentConfig {
             keep_workers_on_shutdown,
             worker_stop_grace,
             lease_stop_grace,
+            workers,
         } = self;
         [
             ("coordinator", *coordinator != new.coordinator),
@@ -197,6 +213,7 @@ impl AgentConfig {
                 "lease_stop_grace",
                 *lease_stop_grace != new.lease_stop_grace,
             ),
+            ("workers", *workers != new.workers),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -224,6 +241,7 @@ impl AgentConfig {
                 fix: "name a program, e.g. [\"dcgmi\", \"diag\", \"-r\", \"1\"], or leave the list empty for the built-in self-check",
             });
         }
+        validate_workers(&self.workers)?;
         let r = &self.reconnect;
         if r.initial_backoff.is_zero() {
             return Err(ConfigError::Invalid {
@@ -248,11 +266,15 @@ impl AgentConfig {
 }
 
 fn validate_node_name(name: &str) -> Result<(), ConfigError> {
-    const FIX: &str = "set --node-name or node_name to 1-63 characters from [A-Za-z0-9._-]";
+    const FIX: &str = "set --node-name or node_name to 1-63 characters from [A-Za-z0-9._-], starting with a letter or digit";
     let problem = if name.is_empty() {
         Some("is empty".to_owned())
     } else if name.len() > MAX_NODE_NAME_LEN {
         Some(format!("{name:?} is {} characters long", name.len()))
+    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        Some(format!(
+            "{name:?} does not start with a letter or digit (the coordinator refuses it)"
+        ))
     } else {
         name.chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
@@ -266,6 +288,45 @@ fn validate_node_name(name: &str) -> Result<(), ConfigError> {
         }),
         None => Ok(()),
     }
+}
+
+fn validate_workers(w: &WorkersSection) -> Result<(), ConfigError> {
+    if let Some(user) = &w.run_as {
+        let ok = !user.is_empty()
+            && user.len() <= 32
+            && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            return Err(ConfigError::Invalid {
+                field: "workers.run_as",
+                problem: format!("{user:?} is not a user name"),
+                fix: "name an unprivileged user such as \"vigil-job\" (or \"root\" to run jobs as root explicitly)",
+            });
+        }
+    }
+    for root in &w.allowed_roots {
+        let bad = !root.is_absolute()
+            || root
+                .components()
+                .any(|c| c == std::path::Component::ParentDir);
+        if bad {
+            return Err(ConfigError::Invalid {
+                field: "workers.allowed_roots",
+                problem: format!("{} is not an absolute path without '..'", root.display()),
+                fix: "list absolute directories, e.g. allowed_roots = [\"/shared\"]",
+            });
+        }
+        if root.parent().is_none() {
+            return Err(ConfigError::Invalid {
+                field: "workers.allowed_roots",
+                problem: "\"/\" would allow every directory".to_owned(),
+                fix: "list the storage roots jobs use, e.g. allowed_roots = [\"/shared\"]",
+            });
+        }
+    }
+    Ok(())
 }
 
 fn validate_coordinator(url: &str) -> Result<(), ConfigError> {
@@ -454,5 +515,58 @@ mod tests {
     #[test]
     fn bad_duration_is_rejected() {
         assert!(AgentConfig::from_toml_str("[reconnect]\nmax_backoff = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn workers_section_is_checked_naming_the_key() -> Result<(), Box<dyn std::error::Error>> {
+        let cfg = AgentConfig::from_toml_str(
+            "[workers]\nrun_as = \"vigil-job\"\nallowed_roots = [\"/shared\", \"/scratch\"]\n",
+        )?;
+        assert_eq!(cfg.workers.run_as.as_deref(), Some("vigil-job"));
+        AgentConfig {
+            node_name: "n".into(),
+            ..cfg
+        }
+        .validate()?;
+        for (workers, field) in [
+            (
+                WorkersSection {
+                    run_as: Some("Bad User".into()),
+                    ..Default::default()
+                },
+                "workers.run_as",
+            ),
+            (
+                WorkersSection {
+                    run_as: Some(String::new()),
+                    ..Default::default()
+                },
+                "workers.run_as",
+            ),
+            (
+                WorkersSection {
+                    allowed_roots: vec!["shared".into()],
+                    ..Default::default()
+                },
+                "workers.allowed_roots",
+            ),
+            (
+                WorkersSection {
+                    allowed_roots: vec!["/shared/../etc".into()],
+                    ..Default::default()
+                },
+                "workers.allowed_roots",
+            ),
+            (
+                WorkersSection {
+                    allowed_roots: vec!["/".into()],
+                    ..Default::default()
+                },
+                "workers.allowed_roots",
+            ),
+        ] {
+            assert_eq!(invalid_field(&AgentConfig { workers, ..valid() }), field);
+        }
+        Ok(())
     }
 }

@@ -201,11 +201,19 @@ async fn serve(
     let metrics = Metrics::new(backend_label(probe.backend()), &inventory, &hostname);
     let (sink, events) = events::channel(metrics.clone());
     Arc::clone(&probe).start_events(sink.clone());
+    let confinement = workers::confine::Confinement {
+        run_as: config.workers.run_as.clone(),
+        allowed_roots: config.workers.allowed_roots.clone(),
+    };
+    for warning in confinement.startup_warnings(workers::confine::agent_uid()) {
+        warn!("{warning}");
+    }
     let workers = Workers::start(
         WorkersConfig {
             state_dir: config.state_dir.clone(),
             stop_grace: config.worker_stop_grace,
             lease_stop_grace: config.lease_stop_grace,
+            confine: confinement,
         },
         sink.clone(),
     );

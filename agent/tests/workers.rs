@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
-use vigil_agent::config::{GpuBackendKind, ReconnectConfig};
+use vigil_agent::config::{GpuBackendKind, ReconnectConfig, WorkersSection};
 use vigil_agent::workers::{ALREADY_GONE_REASON, ORPHAN_REASON, group_alive};
 use vigil_agent::{AgentConfig, AgentError};
 use vigil_proto::v1::agent_event::Kind;
@@ -87,12 +87,15 @@ struct Options {
     lease_ms: u64,
     ack: bool,
     keep_workers_on_shutdown: bool,
+    /// `workers.run_as`; `None`: the user running the tests.
+    run_as: Option<&'static str>,
 }
 
 const NORMAL: Options = Options {
     lease_ms: 5_000,
     ack: true,
     keep_workers_on_shutdown: false,
+    run_as: None,
 };
 
 struct Harness {
@@ -131,6 +134,19 @@ impl Harness {
                 max_backoff: Duration::from_millis(50),
             },
             keep_workers_on_shutdown: options.keep_workers_on_shutdown,
+            // Tests run as whatever user runs them (root in CI): say so explicitly.
+            workers: WorkersSection {
+                run_as: Some(match options.run_as {
+                    Some(user) => user.to_owned(),
+                    None => current_user()?,
+                }),
+                allowed_roots: vec![
+                    state_dir
+                        .parent()
+                        .ok_or("state dir has a parent")?
+                        .to_owned(),
+                ],
+            },
             ..AgentConfig::default()
         };
         let metrics = TcpListener::bind("127.0.0.1:0").await?;
@@ -253,6 +269,14 @@ impl Harness {
         tokio::time::timeout(WAIT, self.agent).await???;
         Ok(())
     }
+}
+
+/// The name of the user running the tests.
+fn current_user() -> Result<String, Box<dyn Error>> {
+    let uid = nix::unistd::Uid::effective();
+    Ok(nix::unistd::User::from_uid(uid)?
+        .ok_or("no passwd entry for this uid")?
+        .name)
 }
 
 fn sh(job: &str, attempt: u64, workdir: &Path, script: &str) -> StartWorker {
@@ -411,7 +435,7 @@ async fn lease_expiry_stops_workers() -> TestResult {
     let silent = Options {
         lease_ms: 600,
         ack: false,
-        keep_workers_on_shutdown: false,
+        ..NORMAL
     };
     let mut h = Harness::start(&tmp.path().join("state"), silent).await?;
     h.start_worker(sh("job-e", 1, tmp.path(), TRAINER)).await?;
@@ -494,5 +518,87 @@ async fn rank_0_reports_each_new_complete_checkpoint() -> TestResult {
         return Err("not a checkpoint".into());
     };
     assert_eq!(second, expect("step_10", 10));
+    h.stop().await
+}
+
+#[tokio::test]
+async fn starts_outside_the_allowed_roots_or_of_a_stale_attempt_are_refused() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
+    // The harness allows only the test's temp dir.
+    h.start_worker(sh("job-r", 1, Path::new("/"), "true"))
+        .await?;
+    let exited = h.exited("job-r", 1).await?;
+    assert!(
+        exited.reason.starts_with("refused: workdir")
+            && exited.reason.contains("workers.allowed_roots"),
+        "{}",
+        exited.reason
+    );
+    let mut escape = sh("job-r", 2, tmp.path(), "true");
+    escape.node_rank = 0;
+    escape.checkpoint_dir = "/etc".into();
+    escape.checkpoint_layout = "marker".into();
+    h.start_worker(escape).await?;
+    let exited = h.exited("job-r", 2).await?;
+    assert!(
+        exited.reason.contains("checkpoint_dir"),
+        "{}",
+        exited.reason
+    );
+
+    // Attempt 3 runs and exits; the same attempt sent again is stale, as is an older one.
+    h.start_worker(sh("job-r", 3, tmp.path(), "exit 0")).await?;
+    assert_eq!(h.exited("job-r", 3).await?.exit_code, Some(0));
+    h.start_worker(sh("job-r", 3, tmp.path(), "true")).await?;
+    let exited = h.exited("job-r", 3).await?;
+    assert!(exited.reason.contains("stale"), "{}", exited.reason);
+    h.start_worker(sh("job-r", 1, tmp.path(), "true")).await?;
+    let exited = h.exited("job-r", 1).await?;
+    assert!(exited.reason.contains("stale"), "{}", exited.reason);
+    // A stop of a job this node never ran stops nothing and still completes.
+    h.stop_workers("never-here", 1, "test").await?;
+    assert_eq!(h.exited("never-here", 1).await?.reason, ALREADY_GONE_REASON);
+    h.stop().await
+}
+
+#[tokio::test]
+async fn workers_run_as_the_configured_user() -> TestResult {
+    let Some(nobody) = nix::unistd::User::from_name("nobody")? else {
+        return Ok(());
+    };
+    if !nix::unistd::Uid::effective().is_root() {
+        return Ok(()); // switching users needs root; the unit tests cover the refusal
+    }
+    let tmp = tempfile::tempdir()?;
+    // The worker (nobody) must be able to enter its workdir and reach its progress file.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let as_nobody = Options {
+        run_as: Some("nobody"),
+        ..NORMAL
+    };
+    let mut h = Harness::start(&tmp.path().join("state"), as_nobody).await?;
+    let script = "id -u > $VIGIL_PROGRESS_FILE; id -G >> $VIGIL_PROGRESS_FILE.groups; sleep 30";
+    h.start_worker(sh("job-u", 1, tmp.path(), script)).await?;
+    h.started("job-u", 1).await?;
+    let uid = u64::from(nobody.uid.as_raw());
+    h.heartbeat(|hb| {
+        hb.workers
+            .iter()
+            .any(|w| w.job_id == "job-u" && w.progress_step == Some(uid))
+    })
+    .await?;
+    let groups = tmp.path().join("state/jobs/job-u/1/run/progress.groups");
+    let groups = std::fs::read_to_string(groups)?;
+    assert_eq!(
+        groups.split_whitespace().collect::<Vec<_>>(),
+        vec![nobody.gid.as_raw().to_string()],
+        "only the user's own group: the agent's supplementary groups are cleared"
+    );
+    h.stop_workers("job-u", 1, "test over").await?;
+    h.exited("job-u", 1).await?;
     h.stop().await
 }

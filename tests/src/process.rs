@@ -156,12 +156,27 @@ pub struct Agent {
     pub fault_file: PathBuf,
 }
 
-/// Agents in tests retry fast, so reconnects do not dominate test time.
-const AGENT_CONFIG: &str = "[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n";
+/// Agents in tests retry fast, so reconnects do not dominate test time; their jobs run as the
+/// user running the tests (root in CI, said explicitly) under the test's own directory.
+fn agent_config(dir: &Path) -> Result<String> {
+    let out = Command::new("id")
+        .arg("-un")
+        .output()
+        .context("cannot run id -un")?;
+    let user = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || user.is_empty() {
+        bail!("id -un failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(format!(
+        "[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n\n\
+         [workers]\nrun_as = \"{user}\"\nallowed_roots = [\"{}\"]\n",
+        dir.display()
+    ))
+}
 
 impl Agent {
     pub fn start(dir: &Path, url: &str, name: &str, gpus: u32) -> Result<Self> {
-        let config = write_file(dir, &format!("agent-{name}.toml"), AGENT_CONFIG)?;
+        let config = write_file(dir, &format!("agent-{name}.toml"), &agent_config(dir)?)?;
         let log = dir.join(format!("agent-{name}.log"));
         let stderr = std::fs::OpenOptions::new()
             .create(true)

@@ -265,3 +265,38 @@ async fn hostile_agent_input_is_refused_counted_and_harms_no_other_agent() -> Re
     others_ready(&cluster)?;
     Ok(())
 }
+
+#[test]
+fn a_job_outside_the_agents_allowed_roots_is_refused_and_shows_why() -> Result<()> {
+    let cluster = vigil_tests::jobs::start(1)?;
+    // The test agents allow only the cluster's own directory; its parent is outside.
+    let outside = cluster
+        .dir
+        .path()
+        .parent()
+        .context("temp dir has a parent")?
+        .display()
+        .to_string();
+    let work = cluster.dir.path().join("work").display().to_string();
+    let spec = vigil_tests::jobs::spec(&cluster, 1, 0, "", "")?.replace(
+        &format!("workdir = \"{work}\""),
+        &format!("workdir = \"{outside}\""),
+    );
+    assert!(spec.contains(&format!("workdir = \"{outside}\"")), "{spec}");
+    let id = cluster.submit(&spec)?;
+    let job = cluster.wait_job(&id, "the refusal to show on the job", |j| {
+        vigil_tests::jobs::attempts(j).iter().any(|a| {
+            a["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("outside workers.allowed_roots"))
+        })
+    })?;
+    let reason = vigil_tests::jobs::attempts(&job)[0]["reason"].to_string();
+    assert!(
+        reason.contains("workdir") && reason.contains(&outside),
+        "{reason}"
+    );
+    let log = cluster.agents[0].log_text();
+    assert!(log.contains("outside this node's limits"), "{log}");
+    Ok(())
+}

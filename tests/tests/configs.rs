@@ -104,10 +104,20 @@ fn agent_example_shows_the_defaults_and_every_documented_key() -> Result<()> {
     let text = read("deploy/config/agent.toml")?;
     let parsed = AgentConfig::from_toml_str(&text)?;
     parsed.validate()?;
+    // [workers] is the exception, said so in the file: a real host needs a job user and roots.
+    assert_eq!(parsed.workers.run_as.as_deref(), Some("vigil-job"));
     assert_eq!(
-        parsed,
-        AgentConfig::default(),
-        "deploy/config/agent.toml sets every key to its default"
+        parsed.workers.allowed_roots,
+        [std::path::PathBuf::from("/shared")]
+    );
+    let defaults = AgentConfig::default();
+    assert_eq!(
+        AgentConfig {
+            workers: defaults.workers.clone(),
+            ..parsed
+        },
+        defaults,
+        "deploy/config/agent.toml sets every other key to its default"
     );
     let docs = documented_keys(&read("docs/configuration.md")?, "vigil-agent")?;
     assert_eq!(

@@ -20,7 +20,14 @@
 //! reports each with `WorkerExited { stopped: true, reason: "agent restarted;
 //! stopped the orphaned worker" }` once registered; the job resumes from its
 //! checkpoint. No orphan is ever left running.
+//!
+//! Confinement ([`confine`]): workers run as `workers.run_as` (never as root unless configured
+//! so), in a workdir and with a checkpoint dir under `workers.allowed_roots`; commands for
+//! work this agent was never given (a stop of an unknown job, a start of an attempt that is
+//! older than, or the same as, one it already ran) are refused and logged.
 
+mod assigned;
+pub mod confine;
 mod group;
 mod logs;
 mod progress;
@@ -64,6 +71,8 @@ pub struct WorkersConfig {
     /// Cap on that time when the lease ran out: the coordinator relaunches the
     /// job once `lost_after` passes, so the old attempt must be dead by then.
     pub lease_stop_grace: Duration,
+    /// Who workers run as and where they may work (`[workers]`).
+    pub confine: confine::Confinement,
 }
 
 /// Requests to the supervisor; the reply channels are the callers'.

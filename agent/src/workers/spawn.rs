@@ -2,10 +2,13 @@
 //!
 //! Files of a worker live under `<state_dir>/jobs/<job_id>/<attempt>/`:
 //! `rank<r>.log` (stdout and stderr, appended, after a one-line header) and
-//! `progress` (the worker's `VIGIL_PROGRESS_FILE`).
+//! `run/progress` (the worker's `VIGIL_PROGRESS_FILE`). Only `run/` belongs to the job's user
+//! (it may write the progress file through a rename): the log stays the agent's, so a job cannot
+//! swap it for a link to a file only root may read and have the agent serve that as its log.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::SystemTime;
@@ -13,6 +16,7 @@ use std::time::SystemTime;
 use tokio::process::{Child, Command};
 use vigil_proto::v1::StartWorker;
 
+use super::confine::Confined;
 use crate::checkpoint::{Layout, UnknownLayout};
 
 /// The variable the agent sets for every worker: where to write its step number.
@@ -54,6 +58,8 @@ pub enum SpawnError {
 pub struct Paths {
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// The job user's own directory, holding `progress`.
+    pub run: PathBuf,
     pub progress: PathBuf,
 }
 
@@ -63,9 +69,11 @@ impl Paths {
             .join("jobs")
             .join(job_id)
             .join(attempt.to_string());
+        let run = dir.join("run");
         Self {
             log: dir.join(format!("rank{node_rank}.log")),
-            progress: dir.join("progress"),
+            progress: run.join("progress"),
+            run,
             dir,
         }
     }
@@ -135,13 +143,18 @@ pub fn header(start: &StartWorker, env: &BTreeMap<String, String>, now: SystemTi
     )
 }
 
-/// Spawns the worker as the leader of its own process group, output appended to its log.
-pub fn spawn(start: &StartWorker, paths: &Paths) -> Result<Child, SpawnError> {
+/// Spawns the worker as the leader of its own process group, output appended to its log, as
+/// the user and in the (resolved) workdir `confined` names.
+pub fn spawn(start: &StartWorker, paths: &Paths, confined: &Confined) -> Result<Child, SpawnError> {
     let files = |path: &Path| {
         let path = path.to_owned();
         move |source| SpawnError::Files { path, source }
     };
-    std::fs::create_dir_all(&paths.dir).map_err(files(&paths.dir))?;
+    std::fs::create_dir_all(&paths.run).map_err(files(&paths.run))?;
+    if let Some(id) = &confined.identity {
+        std::os::unix::fs::chown(&paths.run, Some(id.uid), Some(id.gid))
+            .map_err(files(&paths.run))?;
+    }
     // A progress file left by an earlier run on this node is not this worker's progress.
     match std::fs::remove_file(&paths.progress) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(files(&paths.progress)(e)),
@@ -151,6 +164,8 @@ pub fn spawn(start: &StartWorker, paths: &Paths) -> Result<Child, SpawnError> {
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        // The agent's alone: other users on the node (other jobs) cannot read it.
+        .mode(0o600)
         .open(&paths.log)
         .map_err(files(&paths.log))?;
     log.write_all(header(start, &env, SystemTime::now()).as_bytes())
@@ -160,9 +175,19 @@ pub fn spawn(start: &StartWorker, paths: &Paths) -> Result<Child, SpawnError> {
         Some(split) => split,
         None => return Err(SpawnError::EmptyCommand),
     };
-    let spawned = Command::new(program)
+    let mut command = Command::new(program);
+    if let Some(id) = &confined.identity {
+        // std clears the supplementary groups (setgroups(0)) before setuid.
+        command
+            .uid(id.uid)
+            .gid(id.gid)
+            .env("HOME", &id.home)
+            .env("USER", &id.name)
+            .env("LOGNAME", &id.name);
+    }
+    let spawned = command
         .args(args)
-        .current_dir(&start.workdir)
+        .current_dir(&confined.workdir)
         // The agent's systemd notification socket is not the job's.
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
@@ -216,7 +241,7 @@ mod tests {
         );
         assert_eq!(
             p.progress,
-            Path::new("/var/lib/vigil-agent/jobs/job-1/3/progress")
+            Path::new("/var/lib/vigil-agent/jobs/job-1/3/run/progress")
         );
     }
 
@@ -262,7 +287,7 @@ mod tests {
         start.env.insert("VIGIL_NNODES".into(), "7".into());
         let paths = Paths::new(Path::new("/s"), "job-1", 3, 0);
         let env = environment(&start, &paths);
-        assert_eq!(env["VIGIL_PROGRESS_FILE"], "/s/jobs/job-1/3/progress");
+        assert_eq!(env["VIGIL_PROGRESS_FILE"], "/s/jobs/job-1/3/run/progress");
         assert_eq!(env["VIGIL_JOB_ID"], "job-1");
         assert_eq!(env["VIGIL_ATTEMPT"], "3");
         assert_eq!(env["VIGIL_NODE_RANK"], "0");

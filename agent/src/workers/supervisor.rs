@@ -17,6 +17,8 @@ use vigil_proto::v1::{
     AgentEvent, StartWorker, StopWorkers, WorkerExited, WorkerInfo, WorkerStarted,
 };
 
+use super::assigned::Assigned;
+use super::confine;
 use super::progress::Progress;
 use super::record::{self, Record};
 use super::spawn::{self, Paths};
@@ -50,6 +52,8 @@ struct Supervisor {
     fenced: Option<Instant>,
     /// Set while shutting down; answered once the last worker is dead.
     shutdown: Option<oneshot::Sender<()>>,
+    /// Work this node was given: commands about anything else are refused.
+    assigned: Assigned,
 }
 
 pub(super) fn spawn(config: WorkersConfig, sink: EventSink, rx: mpsc::UnboundedReceiver<Request>) {
@@ -63,6 +67,7 @@ pub(super) fn spawn(config: WorkersConfig, sink: EventSink, rx: mpsc::UnboundedR
         lease: None,
         fenced: None,
         shutdown: None,
+        assigned: Assigned::default(),
     };
     sup.stop_orphans();
     tokio::spawn(sup.run(rx, exits_rx).in_current_span());
@@ -149,6 +154,20 @@ impl Supervisor {
             let event = started(&entry.record);
             return self.emit(event);
         }
+        let pending_same = self
+            .pending
+            .get(&key.job_id)
+            .is_some_and(|p| p.attempt == key.attempt);
+        if let Some(ran) = self.assigned.newest(&key.job_id)
+            && (ran > key.attempt || (ran == key.attempt && !pending_same))
+        {
+            let reason = format!(
+                "refused: attempt {} of job {} is stale: this node already ran attempt {ran}; a restart needs a new attempt",
+                key.attempt, key.job_id
+            );
+            return self.refuse(&key, reason);
+        }
+        self.assigned.note(&key);
         if let Some(older) = self.pending.remove(&key.job_id) {
             if older.attempt == key.attempt {
                 self.pending.insert(key.job_id, older);
@@ -195,8 +214,16 @@ impl Supervisor {
             key.attempt,
             start.node_rank,
         );
+        let confined = match self.config.confine.check(&start, confine::agent_uid()) {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = format!("refused: {e}");
+                warn!(job_id = %key.job_id, attempt = key.attempt, %reason, "worker not started: outside this node's limits");
+                return self.emit(exited(&key, false, reason, None));
+            }
+        };
         let launched = spawn::validate(&start).and_then(|layout| {
-            let child = spawn::spawn(&start, &paths)?;
+            let child = spawn::spawn(&start, &paths, &confined)?;
             Ok((layout, child))
         });
         let (layout, child) = match launched {
@@ -225,7 +252,7 @@ impl Supervisor {
             started_at_unix_ms: started_at,
             start_time: super::group::read_stat(pgid).map(|s| s.start_time),
         };
-        let watcher = layout.map(|l| Watcher::new(start.checkpoint_dir.clone().into(), l));
+        let watcher = layout.and_then(|l| Some(Watcher::new(confined.checkpoint_dir.clone()?, l)));
         let grace = match start.stop_grace_ms {
             0 => self.config.stop_grace,
             ms => Duration::from_millis(ms),
@@ -260,6 +287,7 @@ impl Supervisor {
             job_id: record.job_id.clone(),
             attempt: record.attempt,
         };
+        self.assigned.note(&key);
         let (stop_tx, stops) = mpsc::unbounded_channel();
         let (progress_tx, progress) = watch::channel(Progress::new(record.started_at_unix_ms));
         Task {
@@ -323,7 +351,16 @@ impl Supervisor {
                 job_id: stop.job_id,
                 attempt: stop.attempt,
             };
-            info!(job_id = %key.job_id, attempt = key.attempt, "stop for a worker that is not here: already gone");
+            if self.assigned.newest(&key.job_id).is_some() {
+                info!(job_id = %key.job_id, attempt = key.attempt, "stop for a worker that is not here: already gone");
+            } else {
+                // Nothing is done; the answer still lets the coordinator's stop complete.
+                warn!(
+                    job_id = %key.job_id,
+                    attempt = key.attempt,
+                    "refused a stop for a job this node was never given (since the agent started): nothing stopped"
+                );
+            }
             self.emit(exited(&key, true, ALREADY_GONE_REASON.to_owned(), None));
         }
     }

@@ -167,7 +167,7 @@ impl Task {
     }
 
     async fn poll_progress(&self) {
-        if let Ok(text) = tokio::fs::read_to_string(&self.progress_path).await {
+        if let Ok(text) = read_progress(&self.progress_path).await {
             let now = unix_ms();
             self.progress.send_if_modified(|p| p.observe(&text, now));
         }
@@ -211,6 +211,30 @@ pub fn describe(status: Option<ExitStatus>) -> String {
 }
 
 /// The last lines of a log, at most [`LOG_TAIL_BYTES`]; empty if it cannot be read.
+/// Most bytes of a progress file read: a step number and a newline.
+const MAX_PROGRESS_BYTES: u64 = 64;
+
+/// The progress file's text, read as the job cannot abuse: not through a symlink (the job may
+/// own the directory), never blocking on a FIFO, only a regular file, and at most
+/// [`MAX_PROGRESS_BYTES`].
+pub async fn read_progress(path: &Path) -> std::io::Result<String> {
+    use nix::fcntl::OFlag;
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path)
+        .await?;
+    if !file.metadata().await?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_PROGRESS_BYTES)
+        .read_to_string(&mut text)
+        .await?;
+    Ok(text)
+}
+
 pub fn log_tail(path: &Path) -> String {
     let read = || -> std::io::Result<Vec<u8>> {
         let mut file = std::fs::File::open(path)?;
@@ -324,6 +348,32 @@ mod tests {
             "killed by signal 9 (SIGKILL)"
         );
         assert_eq!(describe(None), "exited (status unknown)");
+    }
+
+    #[tokio::test]
+    async fn progress_is_read_bounded_and_never_through_a_link_or_a_fifo() -> std::io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let progress = tmp.path().join("progress");
+        std::fs::write(&progress, "42\n")?;
+        assert_eq!(read_progress(&progress).await?, "42\n");
+        std::fs::write(&progress, "7".repeat(1 << 20))?;
+        assert_eq!(read_progress(&progress).await?.len(), 64, "bounded");
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, "13")?;
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link)?;
+        assert!(
+            read_progress(&link).await.is_err(),
+            "a symlink is not followed"
+        );
+        let fifo = tmp.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).map_err(std::io::Error::from)?;
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), read_progress(&fifo));
+        assert!(
+            read.await.is_ok_and(|r| r.is_err()),
+            "a FIFO neither blocks nor counts"
+        );
+        Ok(())
     }
 
     #[test]
