@@ -53,9 +53,9 @@ fn check_name(name: &str) -> Result<(), ControlError> {
     if valid_node_name(name) {
         Ok(())
     } else {
-        Err(ControlError::InvalidArgument(format!(
-            "node name {name:?} is invalid: node names are 1-63 letters, digits, '-', '.' or '_'"
-        )))
+        Err(ControlError::InvalidArgument(
+            crate::limits::node_name_error("node name", name),
+        ))
     }
 }
 
@@ -215,6 +215,7 @@ impl v1::control_service_server::ControlService for ControlService {
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::JobDetail>, Status> {
         let id = request.into_inner().id;
+        crate::limits::check_job_id_arg(&id).map_err(ControlError::InvalidArgument)?;
         let snap = self.engine.snapshot();
         let job = snap
             .jobs
@@ -231,6 +232,7 @@ impl v1::control_service_server::ControlService for ControlService {
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::JobDetail>, Status> {
         let id = request.into_inner().id;
+        crate::limits::check_job_id_arg(&id).map_err(ControlError::InvalidArgument)?;
         let job = self
             .engine
             .ask(|reply| Event::CancelJob { id, reply })

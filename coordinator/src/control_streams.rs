@@ -133,6 +133,7 @@ pub fn job_logs(
     metrics: Arc<Metrics>,
     req: v1::JobLogsRequest,
 ) -> Result<LogStream, ControlError> {
+    crate::limits::check_job_id_arg(&req.id).map_err(ControlError::InvalidArgument)?;
     let snap = engine.snapshot();
     let job =
         snap.jobs.iter().find(|j| j.id == req.id).ok_or_else(|| {

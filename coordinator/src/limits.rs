@@ -135,6 +135,18 @@ pub fn node_name_error(field: &str, name: &str) -> String {
     )
 }
 
+/// A job id given by an operator: refused before lookup when over [`MAX_JOB_ID`], so an error
+/// never echoes megabytes back.
+pub fn check_job_id_arg(id: &str) -> Result<(), String> {
+    if id.len() > MAX_JOB_ID {
+        return Err(format!(
+            "job id is {} bytes; job ids are at most {MAX_JOB_ID} (clusterctl jobs lists them)",
+            id.len()
+        ));
+    }
+    Ok(())
+}
+
 /// `value` is at most `max` bytes; the error names the field, the limit and the fix.
 pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
     if value.len() > max {

@@ -269,6 +269,33 @@ async fn hostile_agent_input_is_refused_counted_and_harms_no_other_agent() -> Re
 #[test]
 fn a_job_outside_the_agents_allowed_roots_is_refused_and_shows_why() -> Result<()> {
     let cluster = vigil_tests::jobs::start(1)?;
+    // Operator input over the limits is refused by name before it touches state.
+    let url = cluster.url();
+    let out = clusterctl(&url, &["cordon", "../node-0", "--reason", "x"])?;
+    assert!(
+        !out.success() && out.stderr.contains("1-63"),
+        "{}",
+        out.stderr
+    );
+    let long_id = "j".repeat(300);
+    let out = clusterctl(&url, &["job", "show", &long_id])?;
+    assert!(
+        !out.success() && out.stderr.contains("at most 128"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.len() < 1000,
+        "the id is not echoed: {}",
+        out.stderr.len()
+    );
+    let out = clusterctl(&url, &["cordon", "node-0", "--reason", &"r".repeat(2000)])?;
+    assert!(
+        !out.success() && out.stderr.contains("1024"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(cluster.node("node-0")?["state"], "Ready", "nothing changed");
     // The test agents allow only the cluster's own directory; its parent is outside.
     let outside = cluster
         .dir

@@ -5,7 +5,7 @@
 //! - `sim`: simulated H100s; `sim_sample` builds their samples, `faults`
 //!   parses the fault file and `sim_watch` re-reads it when it changes.
 
-mod faults;
+pub mod faults;
 mod nvml;
 mod nvml_events;
 mod nvml_fields;
