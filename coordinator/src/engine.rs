@@ -452,7 +452,13 @@ impl Engine {
                             Err(e.into())
                         }
                     },
-                    Err(e) => Err(e.into()),
+                    Err(e) => {
+                        if matches!(e, crate::state::StateError::InvalidSpec(_)) {
+                            self.metrics.input.spec_rejected();
+                            info!(error = %e, "job spec refused");
+                        }
+                        Err(e.into())
+                    }
                 };
                 if let Ok(job) = &answer {
                     info!(job = %job.id, name = %job.spec.name, nodes = job.spec.nodes, state = job.phase_name(), "job {} submitted", job.id);

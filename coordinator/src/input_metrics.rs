@@ -1,4 +1,5 @@
-//! Metrics of refused and suspicious agent input: rejected, throttled and ignored messages.
+//! Metrics of refused and suspicious input: rejected, throttled and ignored agent messages,
+//! refused job specs.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +33,7 @@ pub struct InputMetrics {
     rejected: Family<ReasonLabel, Counter>,
     throttled: Family<NodeLabel, Counter>,
     ignored: Family<ReasonLabel, Counter>,
+    specs_rejected: Counter,
 }
 
 impl InputMetrics {
@@ -50,6 +52,11 @@ impl InputMetrics {
             "vigil_agent_reports_ignored",
             "Agent reports about work not assigned to that node (unknown job, another node's, a stale attempt), by reason",
             self.ignored.clone(),
+        );
+        registry.register(
+            "vigil_job_specs_rejected",
+            "Job specs refused on submit (invalid, or over a limit)",
+            self.specs_rejected.clone(),
         );
         for reason in REJECT_REASONS {
             self.reject(reason, 0);
@@ -89,5 +96,9 @@ impl InputMetrics {
 
     pub fn ignored(&self, reason: &str) {
         self.ignore(reason, 1);
+    }
+
+    pub fn spec_rejected(&self) {
+        self.specs_rejected.inc();
     }
 }

@@ -295,6 +295,19 @@ fn a_job_outside_the_agents_allowed_roots_is_refused_and_shows_why() -> Result<(
         "{}",
         out.stderr
     );
+    let huge_env = format!(", BIG = \"{}\"", "x".repeat(40 * 1024));
+    let path = vigil_tests::write_file(
+        cluster.dir.path(),
+        "huge.toml",
+        &vigil_tests::jobs::spec(&cluster, 1, 0, &huge_env, "")?,
+    )?;
+    let out = clusterctl(&url, &["job", "submit", &path.to_string_lossy()])?;
+    assert!(
+        !out.success() && out.stderr.contains("env is"),
+        "{}",
+        out.stderr
+    );
+    assert!(counter(&cluster, "vigil_job_specs_rejected_total")? >= 1.0);
     assert_eq!(cluster.node("node-0")?["state"], "Ready", "nothing changed");
     // The test agents allow only the cluster's own directory; its parent is outside.
     let outside = cluster
