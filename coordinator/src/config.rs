@@ -40,6 +40,12 @@ pub struct Config {
     pub liveness: LivenessConfig,
     pub health: HealthConfig,
     pub diagnostics: DiagnosticsConfig,
+    /// Plaintext gRPC: nobody is authenticated, and whoever reaches `listen` can cordon the
+    /// fleet or run code on it. For a local demo or test cluster only; otherwise `[tls]`.
+    pub insecure: bool,
+    /// Mutual TLS: the coordinator's certificate and key, and the CA that signed every
+    /// agent's and operator's certificate. Re-read on SIGHUP.
+    pub tls: Option<vigil_tls::TlsFiles>,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -141,6 +147,8 @@ impl Default for Config {
             liveness: LivenessConfig::default(),
             health: HealthConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
+            insecure: false,
+            tls: None,
         }
     }
 }
@@ -190,6 +198,8 @@ impl Config {
             liveness,
             health,
             diagnostics,
+            insecure,
+            tls,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -198,10 +208,31 @@ impl Config {
             ("liveness", *liveness != new.liveness),
             ("health", *health != new.health),
             ("diagnostics", *diagnostics != new.diagnostics),
+            ("insecure", *insecure != new.insecure),
+            ("tls", *tls != new.tls),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
         .collect()
+    }
+
+    /// Exactly one of `[tls]` and `insecure = true`: a coordinator never serves plaintext
+    /// by accident. Checked at start-up and by `--check-config`, after the flags.
+    pub fn validate_transport(&self) -> Result<(), ConfigError> {
+        match (self.insecure, &self.tls) {
+            (true, Some(_)) => Err(ConfigError::Invalid(
+                "insecure = true (or --insecure) and a [tls] section are both set: remove one \
+                 ([tls] serves mutual TLS, insecure = true plaintext)"
+                    .into(),
+            )),
+            (false, None) => Err(ConfigError::Invalid(
+                "no transport security configured: add a [tls] section with ca, cert and key \
+                 (docs/security.md, deploy/tls/make-certs.sh), or set insecure = true (or pass \
+                 --insecure) for a plaintext test cluster"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

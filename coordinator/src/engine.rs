@@ -57,21 +57,29 @@ pub enum Event {
     Cordon {
         node: String,
         reason: String,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<Node, ControlError>>,
     },
     Uncordon {
         node: String,
         force: bool,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<Node, ControlError>>,
     },
     Diagnose {
         node: String,
         timeout: Duration,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
     },
     Drain {
         node: String,
         reason: String,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<(Node, Vec<String>), ControlError>>,
     },
     /// Read part of a worker log through the node's agent.
@@ -83,10 +91,12 @@ pub enum Event {
     SubmitJob {
         spec_toml: String,
         source: String,
+        actor: String,
         reply: oneshot::Sender<Result<Job, ControlError>>,
     },
     CancelJob {
         id: String,
+        actor: String,
         reply: oneshot::Sender<Result<Job, ControlError>>,
     },
 }
@@ -361,31 +371,48 @@ impl Engine {
             Event::Cordon {
                 node,
                 reason,
+                actor,
                 reply,
             } => {
                 let backup = self.state.nodes.get(&node).cloned();
+                let what = format!("cordon ({reason})");
                 let result = self
                     .state
                     .cordon(&node, reason, CordonSource::Operator, now());
                 let answer = self.commit(&node, backup, result).await;
+                self.audit_node(&node, &actor, &what, &answer).await;
                 reply.send(answer).ok();
             }
-            Event::Uncordon { node, force, reply } => {
+            Event::Uncordon {
+                node,
+                force,
+                actor,
+                reply,
+            } => {
                 let backup = self.state.nodes.get(&node).cloned();
                 let result = self.state.uncordon(&node, force, now());
                 let answer = self.commit(&node, backup, result).await;
+                let what = if force { "uncordon --force" } else { "uncordon" };
+                self.audit_node(&node, &actor, what, &answer).await;
                 reply.send(answer).ok();
             }
             Event::Diagnose {
                 node,
                 timeout,
+                actor,
                 reply,
-            } => self.start_diagnostics(node, timeout, reply),
+            } => {
+                let started: Result<(), &str> = Ok(());
+                self.audit_node(&node, &actor, "diagnose", &started).await;
+                self.start_diagnostics(node, timeout, reply);
+            }
             Event::Drain {
                 node,
                 reason,
+                actor,
                 reply,
             } => {
+                let what = format!("drain ({reason})");
                 let backup = self.state.nodes.get(&node).cloned();
                 let answer = match self.state.drain_node(&node, &reason, now()) {
                     Ok((jobs, effects)) => match self.apply(effects).await {
@@ -397,9 +424,11 @@ impl Engine {
                                 .get(&node)
                                 .cloned()
                                 .map(|n| (n, jobs))
-                                .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
-                                    node,
-                                )))
+                                .ok_or_else(|| {
+                                    ControlError::State(crate::state::StateError::UnknownNode(
+                                        node.clone(),
+                                    ))
+                                })
                         }
                         Err(e) => {
                             self.restore(&node, backup);
@@ -408,12 +437,14 @@ impl Engine {
                     },
                     Err(e) => Err(e.into()),
                 };
+                self.audit_node(&node, &actor, &what, &answer).await;
                 reply.send(answer).ok();
             }
             Event::ReadLog { node, read, reply } => self.start_log_read(node, read, reply),
             Event::SubmitJob {
                 spec_toml,
                 source,
+                actor,
                 reply,
             } => {
                 let answer = match self.state.submit_job(&spec_toml, &source, now()) {
@@ -432,25 +463,61 @@ impl Engine {
                     Err(e) => Err(e.into()),
                 };
                 if let Ok(job) = &answer {
-                    info!(job = %job.id, name = %job.spec.name, nodes = job.spec.nodes, state = job.phase_name(), "job {} submitted", job.id);
+                    info!(job = %job.id, name = %job.spec.name, nodes = job.spec.nodes, state = job.phase_name(), actor = %actor, "job {} submitted by {actor}", job.id);
+                    let id = job.id.clone();
+                    let what = format!("submit (from {source})");
+                    self.audit_job(&id, &actor, &what, &answer).await;
                 }
                 reply.send(answer).ok();
             }
-            Event::CancelJob { id, reply } => {
+            Event::CancelJob { id, actor, reply } => {
                 let answer = match self.state.cancel_job(&id, now()) {
                     Ok(effects) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();
                             self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
-                                crate::state::StateError::UnknownJob(id),
+                                crate::state::StateError::UnknownJob(id.clone()),
                             ))
                         }
                         Err(e) => Err(e.into()),
                     },
                     Err(e) => Err(e.into()),
                 };
+                self.audit_job(&id, &actor, "cancel", &answer).await;
                 reply.send(answer).ok();
             }
+        }
+    }
+
+    /// Records an operator's call on node `node` in its history, with who and how it ended.
+    async fn audit_node<T, E: std::fmt::Display>(
+        &mut self,
+        node: &str,
+        actor: &str,
+        what: &str,
+        answer: &Result<T, E>,
+    ) {
+        let outcome = crate::audit::outcome(answer);
+        info!(node = %node, actor = %actor, "{what} on node {node} by {actor}: {outcome}");
+        let effects = self.state.audit_node(node, actor, what, &outcome, now());
+        if let Err(e) = self.apply(effects).await {
+            warn!(node = %node, error = %e, "could not store the audit record");
+        }
+    }
+
+    /// Records an operator's call on job `id` in its history, with who and how it ended.
+    async fn audit_job<T, E: std::fmt::Display>(
+        &mut self,
+        id: &str,
+        actor: &str,
+        what: &str,
+        answer: &Result<T, E>,
+    ) {
+        let outcome = crate::audit::outcome(answer);
+        info!(job = %id, actor = %actor, "{what} on job {id} by {actor}: {outcome}");
+        let effects = self.state.audit_job(id, actor, what, &outcome, now());
+        if let Err(e) = self.apply(effects).await {
+            warn!(job = %id, error = %e, "could not store the audit record");
         }
     }
 

@@ -122,6 +122,7 @@ pub struct Metrics {
     pub store_size_bytes: Gauge,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
+    pub security: crate::security_metrics::SecurityMetrics,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -158,8 +159,10 @@ impl Metrics {
             engine_queue_depth: Gauge::default(),
             store_size_bytes: Gauge::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
+            security: crate::security_metrics::SecurityMetrics::default(),
             registry: Registry::default(),
         };
+        m.security.register(&mut registry);
         registry.register(
             "vigil_nodes",
             "Nodes by operator-facing state (Ready, Degraded, Cordoned, Unreachable, Lost)",

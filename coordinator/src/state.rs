@@ -559,7 +559,7 @@ fn reevaluate(
 }
 
 /// Add `event` to the node's history and say so to the engine (which stores it).
-fn record(node: &mut Node, event: NodeEvent) -> Effect {
+pub(crate) fn record(node: &mut Node, event: NodeEvent) -> Effect {
     node.push_event(event.clone());
     Effect::Record {
         node: node.record.name.clone(),
