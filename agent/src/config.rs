@@ -53,6 +53,14 @@ pub struct AgentConfig {
     /// The most a worker gets between SIGTERM and SIGKILL once the lease expired.
     #[serde(with = "humantime_serde")]
     pub lease_stop_grace: Duration,
+    /// Plaintext to an `http://` coordinator: the agent cannot tell the real coordinator
+    /// from anyone else on the network, and runs whatever it is told. Local demos and
+    /// test clusters only; otherwise `[tls]`.
+    pub insecure: bool,
+    /// Mutual TLS to an `https://` coordinator: this node's certificate (CN = node name,
+    /// O = vigil:node) and key, and the CA the coordinator's certificate must chain to.
+    /// Read at every (re)connection, so renewed files apply without a restart.
+    pub tls: Option<vigil_tls::TlsFiles>,
 }
 
 /// How patiently the agent redials a coordinator it lost.
@@ -116,6 +124,8 @@ impl Default for AgentConfig {
             keep_workers_on_shutdown: false,
             worker_stop_grace: DEFAULT_WORKER_STOP_GRACE,
             lease_stop_grace: DEFAULT_LEASE_STOP_GRACE,
+            insecure: false,
+            tls: None,
         }
     }
 }
@@ -171,6 +181,8 @@ impl AgentConfig {
             keep_workers_on_shutdown,
             worker_stop_grace,
             lease_stop_grace,
+            insecure,
+            tls,
         } = self;
         [
             ("coordinator", *coordinator != new.coordinator),
@@ -197,6 +209,8 @@ impl AgentConfig {
                 "lease_stop_grace",
                 *lease_stop_grace != new.lease_stop_grace,
             ),
+            ("insecure", *insecure != new.insecure),
+            ("tls", *tls != new.tls),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -243,6 +257,13 @@ impl AgentConfig {
                 fix: "make initial_backoff at most max_backoff",
             });
         }
+        vigil_tls::check_scheme(&self.coordinator, self.tls.is_some(), self.insecure).map_err(
+            |e| ConfigError::Invalid {
+                field: "coordinator",
+                problem: e.to_string(),
+                fix: "see docs/security.md",
+            },
+        )?;
         Ok(())
     }
 }
@@ -272,22 +293,14 @@ fn validate_coordinator(url: &str) -> Result<(), ConfigError> {
     let invalid = |problem: String| ConfigError::Invalid {
         field: "coordinator",
         problem,
-        fix: "use a URL such as http://coordinator.example:7770",
+        fix: "use a URL such as https://coordinator.example:7770",
     };
     let uri: Uri = url
         .parse()
         .map_err(|e| invalid(format!("{url:?} is not a URL ({e})")))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        // No TLS transport is compiled in yet: dialing https would speak plaintext to a TLS port.
-        Some("https") => {
-            return Err(ConfigError::Invalid {
-                field: "coordinator",
-                problem: format!("{url:?} uses https, which this build does not support yet"),
-                fix: "use an http:// URL until mutual TLS lands",
-            });
-        }
-        Some(other) => return Err(invalid(format!("scheme {other:?} is not http"))),
+        Some("http" | "https") => {}
+        Some(other) => return Err(invalid(format!("scheme {other:?} is not http or https"))),
         None => return Err(invalid(format!("{url:?} has no scheme"))),
     }
     if uri.host().is_none_or(str::is_empty) {
@@ -303,6 +316,7 @@ mod tests {
     fn valid() -> AgentConfig {
         AgentConfig {
             node_name: "node-01".to_owned(),
+            insecure: true,
             ..AgentConfig::default()
         }
     }

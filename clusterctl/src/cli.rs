@@ -1,5 +1,6 @@
 //! The command line: global flags and one variant per subcommand (a contract; docs and tests use it).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -20,6 +21,24 @@ pub struct Cli {
         value_name = "URL"
     )]
     pub coordinator: String,
+
+    /// The cluster CA (PEM) that the coordinator's certificate must chain to; with --cert and
+    /// --key for an https:// coordinator.
+    #[arg(long, global = true, env = "VIGIL_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// Your operator certificate (PEM): O=vigil:viewer reads, O=vigil:admin also changes.
+    #[arg(long, global = true, env = "VIGIL_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM).
+    #[arg(long, global = true, env = "VIGIL_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Talk plaintext to an http:// coordinator started with insecure = true (a local demo
+    /// or test cluster): nothing is authenticated.
+    #[arg(long, global = true, env = "VIGIL_INSECURE")]
+    pub insecure: bool,
 
     /// Output format: aligned text for people, or stable JSON for scripts (one document; JSON
     /// Lines from `events`, `job logs` and `status --watch`).

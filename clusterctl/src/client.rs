@@ -3,7 +3,8 @@
 //! Unary calls wait `REQUEST_TIMEOUT` (more for diagnose and drain); streams are read through
 //! `Feed`, time-limited unless followed.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, anyhow};
 use tonic::transport::{Channel, Endpoint};
@@ -36,6 +37,45 @@ const DIAGNOSE_MARGIN: Duration = Duration::from_secs(10);
 /// longer, operators pass `--timeout`).
 const DIAGNOSE_DEFAULT_WAIT: Duration = Duration::from_secs(130);
 
+/// How clusterctl proves who it is: `--ca/--cert/--key` for an https:// coordinator, or
+/// `--insecure` for a plaintext one.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+impl Tls {
+    fn transport(&self, url: &str) -> Result<vigil_tls::ClientTls> {
+        let files = match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Some(vigil_tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(anyhow!(
+                    "give all three of --ca, --cert and --key (or VIGIL_CA, VIGIL_CERT, VIGIL_KEY) \
+                     for an https:// coordinator"
+                ));
+            }
+        };
+        vigil_tls::check_scheme(url, files.is_some(), self.insecure).map_err(|e| anyhow!("{e}"))?;
+        Ok(match files {
+            Some(files) => vigil_tls::ClientTls::Tls {
+                config: files
+                    .client_config(SystemTime::now())
+                    .map_err(|e| anyhow!("{e}"))?,
+                server_name: None,
+            },
+            None => vigil_tls::ClientTls::Insecure,
+        })
+    }
+}
+
 /// What a request is about, for the message of a NotFound the server sent without words.
 #[derive(Debug, Clone, Copy)]
 pub enum Subject<'a> {
@@ -51,10 +91,10 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Connects now, so a dead coordinator fails here within `CONNECT_TIMEOUT`.
-    pub async fn connect(url: &str) -> Result<Self> {
+    pub async fn connect(url: &str, tls: &Tls) -> Result<Self> {
         let endpoint = endpoint(url)?;
-        let channel = endpoint
-            .connect()
+        let transport = tls.transport(url)?;
+        let channel = vigil_tls::connect(endpoint, &transport)
             .await
             .map_err(|e| anyhow!(unreachable(url, &cause(&e))))?;
         let client = ControlServiceClient::new(channel)
@@ -223,19 +263,16 @@ fn stream_request<T>(message: T, limit: Option<Duration>) -> tonic::Request<T> {
     req
 }
 
-/// Validates `url` (only plaintext `http://` exists before mutual TLS) and applies the connect
+/// Validates `url` (`https://`, or `http://` with `--insecure`) and applies the connect
 /// timeout (each request carries its own) and keepalive pings.
 pub fn endpoint(url: &str) -> Result<Endpoint> {
     let invalid = |why: &str| {
         anyhow!(
-            "invalid --coordinator URL {url:?} ({why}); expected http://HOST:PORT, e.g. http://127.0.0.1:7770"
+            "invalid --coordinator URL {url:?} ({why}); expected https://HOST:PORT, e.g. https://coordinator.example:7770"
         )
     };
-    if url.starts_with("https://") {
-        return Err(invalid("TLS is not supported yet, use http://"));
-    }
-    if !url.starts_with("http://") {
-        return Err(invalid("missing http:// scheme"));
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(invalid("missing https:// or http:// scheme"));
     }
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|_| invalid("not a URL"))?;
     if endpoint.uri().host().is_none_or(str::is_empty) {

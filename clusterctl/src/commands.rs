@@ -45,7 +45,13 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         } => Some(read_spec(file)?),
         _ => None,
     };
-    let mut coordinator = Coordinator::connect(&cli.coordinator).await?;
+    let tls = crate::client::Tls {
+        ca: cli.ca.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+        insecure: cli.insecure,
+    };
+    let mut coordinator = Coordinator::connect(&cli.coordinator, &tls).await?;
     let c = &mut coordinator;
     let out = cli.output;
     let term = match out {

@@ -34,6 +34,8 @@ impl v1::control_service_server::ControlService for Fake {
             count,
         };
         Ok(Response::new(v1::StatusResponse {
+            insecure: true,
+            caller: "anonymous (insecure)".into(),
             coordinator_version: "0.1.0".into(),
             started_at_unix_ms: 1_700_000_000_000,
             uptime_ms: 192_000,
@@ -234,6 +236,7 @@ fn clusterctl(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clusterctl"))
         .arg("--coordinator")
         .arg(url)
+        .arg("--insecure")
         .args(args)
         .output()
         .expect("clusterctl runs")

@@ -19,7 +19,11 @@ pub struct Caller {
 }
 
 /// The caller of `request` if its role allows `needed`, for the call named `call`.
-pub fn authorize<T>(request: &Request<T>, needed: Role, call: &str) -> Result<Caller, ControlError> {
+pub fn authorize<T>(
+    request: &Request<T>,
+    needed: Role,
+    call: &str,
+) -> Result<Caller, ControlError> {
     let Some(peer) = request.extensions().get::<Peer>() else {
         return Err(ControlError::Unauthenticated(format!(
             "{call}: the request carries no connection identity; it must come through the \
@@ -79,7 +83,10 @@ mod tests {
         assert!(check(&peer("vigil:viewer"), Role::Viewer, "nodes").is_ok());
         let err = check(&peer("vigil:viewer"), Role::Admin, "cordon").err();
         let msg = err.map(|e| e.to_string()).unwrap_or_default();
-        assert!(msg.contains("alice is a viewer: cordon needs the admin role"), "{msg}");
+        assert!(
+            msg.contains("alice is a viewer: cordon needs the admin role"),
+            "{msg}"
+        );
     }
 
     #[test]

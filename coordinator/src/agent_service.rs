@@ -47,7 +47,10 @@ impl v1::agent_service_server::AgentService for AgentService {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         // Every connection comes through vigil_tls's acceptor, which attaches the peer.
         let tls_peer = request.extensions().get::<vigil_tls::Peer>().cloned();
-        let remote = tls_peer.as_ref().and_then(|p| p.remote).or_else(|| request.remote_addr());
+        let remote = tls_peer
+            .as_ref()
+            .and_then(|p| p.remote)
+            .or_else(|| request.remote_addr());
         let identity = match tls_peer {
             Some(p) => Identity::Verified(p.identity),
             None => Identity::Missing,

@@ -16,7 +16,14 @@ pub fn outcome<T, E: std::fmt::Display>(result: &Result<T, E>) -> String {
 impl ClusterState {
     /// Records `actor`'s `what` on node `name`; nothing for a node that does not exist
     /// (the caller got NotFound, and there is no history to put it in).
-    pub fn audit_node(&mut self, name: &str, actor: &str, what: &str, outcome: &str, now: Now) -> Vec<Effect> {
+    pub fn audit_node(
+        &mut self,
+        name: &str,
+        actor: &str,
+        what: &str,
+        outcome: &str,
+        now: Now,
+    ) -> Vec<Effect> {
         let Some(node) = self.nodes.get_mut(name) else {
             return Vec::new();
         };
@@ -30,11 +37,22 @@ impl ClusterState {
     }
 
     /// Records `actor`'s `what` on job `id`, persisted with the job.
-    pub fn audit_job(&mut self, id: &str, actor: &str, what: &str, outcome: &str, now: Now) -> Vec<Effect> {
+    pub fn audit_job(
+        &mut self,
+        id: &str,
+        actor: &str,
+        what: &str,
+        outcome: &str,
+        now: Now,
+    ) -> Vec<Effect> {
         let Some(job) = self.jobs.get_mut(id) else {
             return Vec::new();
         };
-        job.event(now.wall_ms, "audit", format!("{what} by {actor}: {outcome}"));
+        job.event(
+            now.wall_ms,
+            "audit",
+            format!("{what} by {actor}: {outcome}"),
+        );
         vec![Effect::PersistJob(Box::new(job.clone()))]
     }
 }
@@ -58,9 +76,22 @@ mod tests {
             mono: tokio::time::Instant::now(),
             wall_ms: 1,
         };
-        let mut state =
-            ClusterState::load(Vec::new(), Vec::new(), Default::default(), Default::default(), now);
-        assert!(state.audit_node("nope", "alice (admin)", "cordon", "ok", now).is_empty());
-        assert!(state.audit_job("nope", "alice (admin)", "cancel", "ok", now).is_empty());
+        let mut state = ClusterState::load(
+            Vec::new(),
+            Vec::new(),
+            Default::default(),
+            Default::default(),
+            now,
+        );
+        assert!(
+            state
+                .audit_node("nope", "alice (admin)", "cordon", "ok", now)
+                .is_empty()
+        );
+        assert!(
+            state
+                .audit_job("nope", "alice (admin)", "cancel", "ok", now)
+                .is_empty()
+        );
     }
 }

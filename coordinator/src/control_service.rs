@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
-use tracing::warn;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 use vigil_proto::v1;
 
 use vigil_tls::Role;
@@ -22,8 +22,8 @@ use crate::health::Condition;
 use crate::job_view;
 use crate::metrics::Metrics;
 use crate::metrics::unix_ms;
-use crate::security_metrics::CallLabel;
 use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
+use crate::security_metrics::CallLabel;
 
 const MAX_REASON: usize = 1024;
 

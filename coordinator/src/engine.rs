@@ -392,7 +392,11 @@ impl Engine {
                 let backup = self.state.nodes.get(&node).cloned();
                 let result = self.state.uncordon(&node, force, now());
                 let answer = self.commit(&node, backup, result).await;
-                let what = if force { "uncordon --force" } else { "uncordon" };
+                let what = if force {
+                    "uncordon --force"
+                } else {
+                    "uncordon"
+                };
                 self.audit_node(&node, &actor, what, &answer).await;
                 reply.send(answer).ok();
             }

@@ -151,9 +151,13 @@ pub async fn run_with_hooks(
 
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let mut metrics_stop = stop_rx.clone();
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), async move {
-        engine::stopped(&mut metrics_stop).await;
-    }));
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        async move {
+            engine::stopped(&mut metrics_stop).await;
+        },
+    ));
 
     let max = vigil_proto::MAX_MESSAGE_BYTES;
     let agents = AgentServiceServer::new(agent_service::AgentService::new(handle.clone()))

@@ -14,8 +14,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_coordinator::config::ConfigError;
-use vigil_coordinator::notify::{self, Watchdog};
 use vigil_coordinator::metrics::Metrics;
+use vigil_coordinator::notify::{self, Watchdog};
 use vigil_coordinator::security_metrics::ResultLabel;
 use vigil_coordinator::{Config, CoordinatorError, Hooks, Store, observe_transport};
 use vigil_tls::ServerTls;
@@ -152,7 +152,13 @@ fn reload_tls(slot: &TlsSlot, new: &Config) -> Option<String> {
 /// On every SIGHUP: re-read the config file (flags still override it), re-read the TLS
 /// files, and report what else would change (those keys are read at start only). An
 /// invalid file never stops the coordinator. `serving` heads the systemd status line.
-async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config, serving: String, tls: TlsSlot) {
+async fn reload_on_sighup(
+    mut hup: Signal,
+    cli: Cli,
+    running: Config,
+    serving: String,
+    tls: TlsSlot,
+) {
     while hup.recv().await.is_some() {
         notify::reloading();
         let Some(path) = &cli.config else {

@@ -17,6 +17,10 @@ pub struct CoordinatorInfo {
     pub started_at_unix_ms: u64,
     pub uptime_ms: u64,
     pub listen_addr: String,
+    /// Plaintext (insecure = true): nobody is authenticated.
+    pub insecure: bool,
+    /// Who the coordinator says you are: `alice (admin)`, `anonymous (insecure)`.
+    pub caller: String,
 }
 
 /// Node counts per state: the five known states always, in `NODE_STATES` order, zeros
@@ -69,6 +73,8 @@ impl Status {
                 started_at_unix_ms: s.started_at_unix_ms,
                 uptime_ms: s.uptime_ms,
                 listen_addr: s.listen_addr,
+                insecure: s.insecure,
+                caller: s.caller,
             },
             nodes_total: s.nodes_total,
             nodes_by_state: StateCounts::from_proto(s.nodes_by_state),

@@ -24,6 +24,17 @@ pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
             },
         ),
     );
+    if c.insecure {
+        out.line(
+            "security",
+            "INSECURE: plaintext, nobody is authenticated (insecure = true)".to_owned(),
+        );
+    } else if !c.caller.is_empty() {
+        out.line(
+            "security",
+            format!("mutual TLS, you are {}", sanitize(&c.caller)),
+        );
+    }
     let counts: Vec<String> = s
         .nodes_by_state
         .0
@@ -129,6 +140,7 @@ mod tests {
         assert_eq!(
             status(&status_fixture(), NOW),
             "coordinator  http://127.0.0.1:7770  (vigil 0.1.0, up 3m12s, listening 0.0.0.0:7770)\n\
+             security     mutual TLS, you are alice (admin)\n\
              nodes        3 total: 1 Ready, 1 Degraded, 1 Cordoned, 0 Unreachable, 0 Lost\n\
              gpus         16/24 healthy\n\
              simulated    3 nodes report SIMULATED GPUs (no real hardware)\n\
