@@ -286,8 +286,19 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
 
 pub fn unreachable(url: &str, cause: &str) -> String {
     format!(
-        "cannot reach coordinator at {url} ({cause}); is vigil-coordinator running? set --coordinator or VIGIL_COORDINATOR"
+        "cannot reach coordinator at {url} ({cause}); is vigil-coordinator running? set --coordinator or VIGIL_COORDINATOR{}",
+        plaintext_hint(url)
     )
+}
+
+/// A TLS coordinator drops a plaintext client without a word; say what that likely means.
+fn plaintext_hint(url: &str) -> &'static str {
+    if url.starts_with("http://") {
+        "; if the coordinator requires TLS (it drops plaintext connections), use an https:// URL \
+         with --ca, --cert and --key"
+    } else {
+        ""
+    }
 }
 
 /// The most telling cause in an error chain: the I/O error kind ("connection refused") if
@@ -352,6 +363,8 @@ pub fn describe_status(
         | Code::DeadlineExceeded
         | Code::AlreadyExists
         | Code::OutOfRange
+        | Code::PermissionDenied
+        | Code::Unauthenticated
             if !message.is_empty() =>
         {
             message.to_string()
@@ -369,6 +382,11 @@ pub fn describe_status(
                 None => "unavailable".to_string(),
             };
             unreachable(url, &why)
+        }
+        // A TLS coordinator closes a plaintext connection at once, which hyper reports as a
+        // cancelled request.
+        Code::Cancelled if url.starts_with("http://") => {
+            unreachable(url, "the connection was closed before any answer")
         }
         Code::Unimplemented => format!(
             "coordinator at {url} does not support this request (is it an older vigil-coordinator, or not a vigil-coordinator at all?)"

@@ -507,6 +507,8 @@ impl Engine {
         if let Err(e) = self.apply(effects).await {
             warn!(node = %node, error = %e, "could not store the audit record");
         }
+        // Operator calls are rare: make the record visible to `clusterctl events` at once.
+        self.publish();
     }
 
     /// Records an operator's call on job `id` in its history, with who and how it ended.
@@ -523,6 +525,8 @@ impl Engine {
         if let Err(e) = self.apply(effects).await {
             warn!(job = %id, error = %e, "could not store the audit record");
         }
+        // Operator calls are rare: make the record visible to `clusterctl events` at once.
+        self.publish();
     }
 
     fn start_log_read(

@@ -202,6 +202,8 @@ async fn reload_on_sighup(
 }
 
 async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), CoordinatorError> {
+    // Certificates first: a bad or expired one stops the start, naming the file.
+    vigil_coordinator::load_tls(&config)?;
     let store = Store::open(&config.data_dir)?;
     let known_nodes = store.load_nodes().map_or(0, |n| n.len());
     let grpc = bind(config.listen, "gRPC", "--listen").await?;

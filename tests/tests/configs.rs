@@ -87,7 +87,10 @@ fn coordinator_example_shows_the_defaults_and_every_documented_key() -> Result<(
     let parsed = Config::from_toml_str(&text)?;
     assert!(parsed.tls.is_some(), "the example uses mutual TLS");
     assert_eq!(
-        Config { tls: None, ..parsed },
+        Config {
+            tls: None,
+            ..parsed
+        },
         Config::default(),
         "deploy/config/coordinator.toml sets every other key to its default"
     );
@@ -106,7 +109,11 @@ fn agent_example_shows_the_defaults_and_every_documented_key() -> Result<()> {
     let parsed = AgentConfig::from_toml_str(&text)?;
     parsed.validate()?;
     assert!(parsed.tls.is_some(), "the example uses mutual TLS");
-    assert!(parsed.coordinator.starts_with("https://"), "{}", parsed.coordinator);
+    assert!(
+        parsed.coordinator.starts_with("https://"),
+        "{}",
+        parsed.coordinator
+    );
     assert_eq!(
         AgentConfig {
             tls: None,

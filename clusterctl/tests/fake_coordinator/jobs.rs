@@ -187,7 +187,16 @@ fn submit_prints_the_id_state_and_why_it_waits() {
     );
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
-        .args(["--coordinator", &url, "--insecure", "-o", "json", "job", "submit", "-"])
+        .args([
+            "--coordinator",
+            &url,
+            "--insecure",
+            "-o",
+            "json",
+            "job",
+            "submit",
+            "-",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
