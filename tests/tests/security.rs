@@ -342,3 +342,59 @@ fn sighup(coordinator: &Coordinator) -> Result<()> {
     anyhow::ensure!(status.success(), "kill -HUP failed");
     Ok(())
 }
+
+/// Runs deploy/tls/make-certs.sh with `args`, writing into `dir`.
+fn make_certs(dir: &Path, args: &[&str]) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tls/make-certs.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .env("VIGIL_TLS_DIR", dir)
+        .output()
+        .context("cannot run deploy/tls/make-certs.sh (needs bash and openssl)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "make-certs.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn certificates_from_the_openssl_script_make_a_working_cluster() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tls = dir.path().join("tls");
+    make_certs(&tls, &["ca"])?;
+    make_certs(&tls, &["coordinator", "localhost", "127.0.0.1"])?;
+    make_certs(&tls, &["node", "node-0"])?;
+    make_certs(&tls, &["admin", "alice"])?;
+    let files = |name: &str| TlsFiles {
+        ca: tls.join("ca.crt"),
+        cert: tls.join(format!("{name}.crt")),
+        key: tls.join(format!("{name}.key")),
+    };
+    let config = format!("{FAST_LIVENESS}\n{}", tls_section(&files("coordinator")));
+    let coordinator = Coordinator::start(dir.path(), &config, None)?;
+    let url = format!("https://{}", coordinator.grpc);
+    let _agent = Agent::start_with(
+        dir.path(),
+        &url,
+        "node-0",
+        2,
+        &tls_section(&files("node-0")),
+    )?;
+    wait_for("node-0 Ready", LONG, || {
+        ready(&url, &files("alice"), "node-0")
+    })?;
+    let status = ctl(&url, &files("alice"), &["status"])?;
+    assert!(
+        status.stdout.contains("mutual TLS, you are alice (admin)"),
+        "{}",
+        status.stdout
+    );
+    // The script refuses to overwrite a key or mint a second CA.
+    assert!(make_certs(&tls, &["ca"]).is_err());
+    assert!(make_certs(&tls, &["node", "node-0"]).is_err());
+    assert!(make_certs(&tls, &["node", "bad name"]).is_err());
+    Ok(())
+}
