@@ -62,6 +62,9 @@ pub use store::Store;
 /// How long in-flight calls get to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Receives the server's TLS config and the metrics, for SIGHUP to swap certificates in.
+pub type TlsLoaded = Box<dyn FnOnce(vigil_tls::ServerTls, Arc<metrics::Metrics>) + Send>;
+
 /// Callbacks for the service manager (systemd's sd_notify in `main.rs`).
 #[derive(Default)]
 pub struct Hooks {
@@ -70,7 +73,7 @@ pub struct Hooks {
     /// On every tick of the engine loop.
     pub engine_tick: Option<Box<dyn FnMut() + Send>>,
     /// Given the TLS config the server uses, so SIGHUP can swap its certificates.
-    pub tls_loaded: Option<Box<dyn FnOnce(vigil_tls::ServerTls, Arc<metrics::Metrics>) + Send>>,
+    pub tls_loaded: Option<TlsLoaded>,
 }
 
 /// Serve agents and operators on `grpc`, metrics on `metrics`, until `shutdown`.

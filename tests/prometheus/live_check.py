@@ -49,6 +49,7 @@ ALLOWED_ABSENT = {
     "vigil_diagnostics_total": "first diagnostic run reported to the coordinator",
     "vigil_job_restarts_total": "first job restart (one series per reason)",
     "vigil_job_checkpoint_age_seconds": "a Running job with a complete checkpoint",
+    "vigil_control_calls_denied_total": "first clusterctl call refused for its role (needs TLS)",
     # -- not supported by the simulated GPU (an H100 remaps rows instead of retiring pages) --
     "vigil_gpu_retired_pages": "pre-Ampere GPUs only",
     "vigil_gpu_retired_pages_pending": "pre-Ampere GPUs only",

@@ -236,3 +236,45 @@ fn roles_come_from_the_organization_and_node_identity_from_cn_or_san() -> Result
     assert_eq!(server.role(), None);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tls_client_without_a_certificate_is_refused() -> Result {
+    let f = fixture()?;
+    let server = ServerTls::new(f.server.server_config(SystemTime::now())?);
+    let (port, refusals) = serve(&server).await?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in vigil_tls::files::load_certs(&f.ca.ca_path(), "CA", SystemTime::now())? {
+        roots.add(cert)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let refused = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut tls) => {
+            tls.write_all(b"ping").await.ok();
+            answer(tls).await.is_err()
+        }
+    };
+    assert!(refused, "no client certificate, no entry");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !refusals
+        .lock()
+        .map(|r| r.contains(&Refusal::Handshake))
+        .unwrap_or(false)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refusal not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

@@ -27,7 +27,7 @@ pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
     if c.insecure {
         out.line(
             "security",
-            "INSECURE: plaintext, nobody is authenticated (insecure = true)".to_owned(),
+            "INSECURE: plaintext, nobody is authenticated (insecure = true)",
         );
     } else if !c.caller.is_empty() {
         out.line(
