@@ -361,7 +361,7 @@ mod tests {
     fn every_key_is_read() -> Result<(), ConfigError> {
         let cfg = AgentConfig::from_toml_str(
             r#"
-            coordinator = "http://coord:7000"
+            coordinator = "https://coord:7000"
             node_name = "gpu-node-7"
             gpu_backend = "sim"
             sim_gpus = 4
@@ -372,13 +372,23 @@ mod tests {
             keep_workers_on_shutdown = true
             worker_stop_grace = "30s"
             lease_stop_grace = "500ms"
+            insecure = false
             [reconnect]
             initial_backoff = "1s"
             max_backoff = "1m"
+            [tls]
+            ca = "/etc/vigil/tls/ca.crt"
+            cert = "/etc/vigil/tls/node.crt"
+            key = "/etc/vigil/tls/node.key"
             "#,
         )?;
         cfg.validate()?;
-        assert_eq!(cfg.coordinator, "http://coord:7000");
+        assert_eq!(cfg.coordinator, "https://coord:7000");
+        assert_eq!(
+            cfg.tls.as_ref().map(|t| t.cert.clone()),
+            Some(PathBuf::from("/etc/vigil/tls/node.crt"))
+        );
+        assert!(!cfg.insecure);
         assert_eq!(cfg.node_name, "gpu-node-7");
         assert_eq!(cfg.gpu_backend, GpuBackendKind::Sim);
         assert_eq!(cfg.sim_gpus, 4);
@@ -458,7 +468,7 @@ mod tests {
         let old = valid();
         assert!(old.changed_keys(&old.clone()).is_empty());
         let mut new = AgentConfig::from_toml_str(
-            "worker_stop_grace = \"30s\"\n[reconnect]\nmax_backoff = \"1m\"\n",
+            "insecure = true\nworker_stop_grace = \"30s\"\n[reconnect]\nmax_backoff = \"1m\"\n",
         )?;
         new.node_name = old.node_name.clone();
         assert_eq!(old.changed_keys(&new), ["reconnect", "worker_stop_grace"]);

@@ -94,6 +94,7 @@ impl Harness {
         let faults = dir.path().join("faults");
         let config = AgentConfig {
             coordinator: format!("http://{coordinator}"),
+            insecure: true,
             node_name: "health-node".into(),
             gpu_backend: GpuBackendKind::Sim,
             sim_gpus: 4,

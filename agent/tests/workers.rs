@@ -122,6 +122,7 @@ impl Harness {
         );
         let config = AgentConfig {
             coordinator: format!("http://{coordinator}"),
+            insecure: true,
             node_name: "worker-node".into(),
             gpu_backend: GpuBackendKind::Sim,
             sim_gpus: 1,
