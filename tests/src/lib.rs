@@ -1,6 +1,7 @@
 //! Harness for end-to-end tests: starts the real vigil binaries as separate
 //! processes on ephemeral loopback ports, with temp data dirs, and kills them
-//! (SIGKILL) when a test ends.
+//! (SIGKILL) when a test ends; `netns` builds clusters of network namespaces
+//! for the fault-injection suite (tests/tests/reliability*.rs).
 //!
 //! ```no_run
 //! let cluster = vigil_tests::Cluster::start(vigil_tests::FAST_LIVENESS, 2)?;
@@ -9,7 +10,11 @@
 //! ```
 
 pub mod jobs;
+pub mod netns;
 pub mod process;
+pub mod proxy;
+pub mod report;
+pub mod scenario;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
