@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::jobs::attempts;
+use crate::jobs::{attempts, workers_running};
 use crate::netns::NetCluster;
 
 /// The fake trainer's checkpoint interval in the job specs of [`crate::jobs::spec_in`].
@@ -194,4 +194,19 @@ pub fn attempt_nodes(job: &Value, n: u64) -> Result<Vec<String>> {
 /// Sleep, to let anything that should not happen have its chance.
 pub fn settle(d: Duration) {
     std::thread::sleep(d);
+}
+
+/// Restarts so far.
+pub fn restarts(job: &Value) -> u64 {
+    job["job"]["restarts"].as_u64().unwrap_or(0)
+}
+
+/// Wait until the job runs `n` workers with progress and has a checkpoint of step 20 or later.
+pub fn running(c: &NetCluster, id: &str, n: usize) -> Result<Value> {
+    c.wait_job(id, "running with a checkpoint", |j| {
+        workers_running(j, n)
+            && j["job"]["last_checkpoint_step"]
+                .as_u64()
+                .is_some_and(|s| s >= 20)
+    })
 }

@@ -7,31 +7,16 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use serde_json::Value;
 use vigil_tests::jobs::{attempt, spec_in, workers_running};
 use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
-    Resume, attempt_nodes, check_fenced, check_resume, node_of_rank, running_attempts, settle,
+    Resume, attempt_nodes, check_fenced, check_resume, node_of_rank, restarts, running,
+    running_attempts, settle,
 };
 use vigil_tests::{FAST_LIVENESS, LONG, now, wait_for};
-
-fn restarts(job: &Value) -> u64 {
-    job["job"]["restarts"].as_u64().unwrap_or(0)
-}
-
-fn checkpointed(job: &Value, n: usize) -> bool {
-    workers_running(job, n)
-        && job["job"]["last_checkpoint_step"]
-            .as_u64()
-            .is_some_and(|s| s >= 20)
-}
-
-/// Wait until the job runs `n` workers and has checkpointed.
-fn running(c: &NetCluster, id: &str, n: usize) -> Result<Value> {
-    c.wait_job(id, "running with a checkpoint", |j| checkpointed(j, n))
-}
 
 #[test]
 fn host_dies_node_is_lost_and_the_job_moves_to_the_spare() -> Result<()> {
@@ -215,7 +200,7 @@ fn partition_of_the_checkpoint_writer_stops_its_checkpoints_after_the_lease() ->
 }
 
 #[test]
-fn agent_restart_adopts_its_workers_without_orphans_or_duplicates() -> Result<()> {
+fn agent_restart_stops_the_orphaned_worker_once_and_leaves_no_duplicates() -> Result<()> {
     let Some(mut c) = NetCluster::builder(FAST_LIVENESS).hosts(2).start()? else {
         return Ok(());
     };
@@ -226,31 +211,53 @@ fn agent_restart_adopts_its_workers_without_orphans_or_duplicates() -> Result<()
     ensure!(before.len() == 1);
     let t0 = now();
     c.kill9_agent(&node)?;
-    c.start_agent(&node)?;
-    c.wait_node(&node, "agent back", |n| n["availability"] == "Ready")?;
-    let back = t0.elapsed();
-    settle(Duration::from_secs(3));
-    let job = c.job(&id)?;
-    ensure!(
-        attempt(&job) == 1 && restarts(&job) == 0 && workers_running(&job, 2),
-        "{job}"
-    );
     ensure!(
         c.trainers(&node)? == before,
-        "the same single worker, adopted"
+        "the worker outlives its agent"
     );
-    let pid = job["workers"][1]["pid"].as_u64().context("pid")?;
-    ensure!(before.iter().any(|p| u64::from(*p) == pid), "{job}");
+    c.start_agent(&node)?;
+    // A new agent cannot supervise what it did not spawn: it stops the orphan,
+    // and the job restarts once from its checkpoint (agent/src/workers/mod.rs).
+    let mut most = 0;
+    let mut detection = None;
+    let job = wait_for("attempt 2 running", LONG, || {
+        most = most.max(c.trainers(&node)?.len());
+        let job = c.job(&id)?;
+        if detection.is_none() && attempt(&job) >= 2 {
+            detection = Some(t0.elapsed());
+        }
+        Ok((attempt(&job) == 2 && workers_running(&job, 2)).then_some(job))
+    })?;
+    let recovery = t0.elapsed();
+    let reason = job["attempts"][0]["reason"].as_str().unwrap_or("");
+    ensure!(reason.contains("orphaned worker"), "{reason}");
+    settle(Duration::from_secs(2));
+    let job = c.job(&id)?;
+    ensure!(
+        attempt(&job) == 2 && restarts(&job) == 1,
+        "one restart: {job}"
+    );
+    ensure!(most <= 1, "never two workers on {node}: saw {most}");
+    let after = c.trainers(&node)?;
+    ensure!(
+        after.len() == 1 && after != before,
+        "the orphan {before:?} is gone, one new worker: {after:?}"
+    );
+    let workers = running_attempts(&c)?;
+    ensure!(
+        workers.len() == 2 && workers.iter().all(|(_, a)| *a == 2),
+        "{workers:?}"
+    );
+    let lost = check_resume(&c, &job, 2, Resume::Newest)?;
     Row {
         order: 7,
         scenario: "agent restarted while its workers run".into(),
-        fault: "kill -9 of the agent (not its workers), then start it again".into(),
-        recovery: Some(back),
-        outcome: format!(
-            "the new agent adopted the running worker (same pid, one process, no orphan); nothing restarted; node Ready again after {:.1} s",
-            back.as_secs_f64()
-        ),
-        ..Row::default()
+        fault: "kill -9 of one agent (not its workers), then start it again".into(),
+        detection,
+        recovery: Some(recovery),
+        restarts: 1,
+        lost_steps: Some(lost),
+        outcome: "the new agent stopped the orphaned worker it could not supervise; the job restarted once from the newest checkpoint; never two workers on the node, none of attempt 1 left".into(),
     }
     .record()
 }
