@@ -26,6 +26,8 @@ use crate::store::{Store, StoreError};
 
 /// How often the engine applies the passage of time and republishes state.
 const TICK: Duration = Duration::from_millis(100);
+/// A tick this late means the engine itself did not run (see `ClusterState::forgive_stall`).
+const STALL: Duration = Duration::from_secs(1);
 /// Events queued for the engine before handlers wait (backpressure).
 const EVENT_QUEUE: usize = 8192;
 
@@ -181,6 +183,8 @@ pub struct Engine {
     bus: broadcast::Sender<v1::ClusterEvent>,
     log_reads: HashMap<u64, PendingLog>,
     ticks: u64,
+    /// When the last tick ran: a much longer gap means this process was stalled.
+    last_tick: Instant,
 }
 
 fn now() -> Now {
@@ -238,6 +242,7 @@ impl Engine {
             bus: bus.clone(),
             log_reads: HashMap::new(),
             ticks: 0,
+            last_tick: now().mono,
         };
         let handle = EngineHandle {
             events: events_tx,
@@ -267,6 +272,13 @@ impl Engine {
                 },
                 _ = tick.tick() => {
                     let t = now();
+                    let gap = t.mono.saturating_duration_since(self.last_tick);
+                    self.last_tick = t.mono;
+                    if gap > STALL {
+                        // SIGSTOP, a paused VM, a blocked disk: the silence was ours, not the agents'.
+                        warn!(stalled_ms = gap.as_millis(), "engine was stalled; not counting the stall as agent silence or lack of progress");
+                        self.state.forgive_stall(gap.saturating_sub(TICK), t);
+                    }
                     let mut effects = self.state.tick(t);
                     effects.extend(self.state.jobs_tick(t));
                     self.apply(effects).await.ok();
@@ -598,19 +610,24 @@ impl Engine {
         }
         let backup = self.state.nodes.get(&node).cloned();
         let effects = self.state.register(reg, now());
-        if let Err(e) = self.apply(effects).await {
-            self.restore(&node, backup);
-            self.metrics.rejected_registrations.inc();
-            warn!(node = %node, error = %e, "registration refused: could not save it");
-            let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
-                reason: format!("coordinator could not save the registration: {e}"),
-            });
-            tx.try_send(Ok(v1::CoordinatorMessage {
-                body: Some(rejected),
-            }))
-            .ok();
-            return;
-        }
+        // Persist now, act once the session is live: reconciling can send this
+        // very node commands (stop a stale worker, start a pending job).
+        let effects = match self.persist(effects).await {
+            Ok(effects) => effects,
+            Err(e) => {
+                self.restore(&node, backup);
+                self.metrics.rejected_registrations.inc();
+                warn!(node = %node, error = %e, "registration refused: could not save it");
+                let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+                    reason: format!("coordinator could not save the registration: {e}"),
+                });
+                tx.try_send(Ok(v1::CoordinatorMessage {
+                    body: Some(rejected),
+                }))
+                .ok();
+                return;
+            }
+        };
         self.metrics.registrations.inc();
         let liveness = &self.state.liveness;
         let registered = v1::Registered {
@@ -622,9 +639,14 @@ impl Engine {
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Registered(registered)),
         };
-        if tx.try_send(Ok(msg)).is_ok() {
+        let live = tx.try_send(Ok(msg)).is_ok();
+        if live {
             self.sessions.insert(session, tx);
-        } else {
+        }
+        for effect in effects {
+            self.act(effect);
+        }
+        if !live {
             let effects = self.state.disconnected(&node, session, now());
             self.apply(effects).await.ok();
         }
@@ -689,7 +711,16 @@ impl Engine {
 
     /// Let jobs react to node changes, persist first (and flush), then act
     /// on the rest, in order.
-    async fn apply(&mut self, mut effects: Vec<Effect>) -> Result<(), StoreError> {
+    async fn apply(&mut self, effects: Vec<Effect>) -> Result<(), StoreError> {
+        for effect in self.persist(effects).await? {
+            self.act(effect);
+        }
+        Ok(())
+    }
+
+    /// The first half of [`Self::apply`]: let jobs react, write and flush;
+    /// returns the effects to act on.
+    async fn persist(&mut self, mut effects: Vec<Effect>) -> Result<Vec<Effect>, StoreError> {
         if !effects.is_empty() {
             let more = self.state.react(&effects, now());
             effects.extend(more);
@@ -715,10 +746,7 @@ impl Engine {
                 warn!(error = %e, "state store flush failed; change not acknowledged");
             })?;
         }
-        for effect in effects {
-            self.act(effect);
-        }
-        Ok(())
+        Ok(effects)
     }
 
     fn act(&mut self, effect: Effect) {
