@@ -28,6 +28,8 @@ use crate::store::{Store, StoreError};
 const TICK: Duration = Duration::from_millis(100);
 /// A tick this late means the engine itself did not run (see `ClusterState::forgive_stall`).
 const STALL: Duration = Duration::from_secs(1);
+/// Ticks between attempts to reopen a store that failed a write (a full disk).
+const RECOVER_STORE_EVERY: u64 = 10;
 /// Events queued for the engine before handlers wait (backpressure).
 const EVENT_QUEUE: usize = 8192;
 
@@ -284,6 +286,9 @@ impl Engine {
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
                     self.expire_log_reads();
+                    if self.ticks % RECOVER_STORE_EVERY == 0 {
+                        self.recover_store().await;
+                    }
                     self.ticks += 1;
                     self.metrics
                         .engine_queue_depth
@@ -747,6 +752,40 @@ impl Engine {
             })?;
         }
         Ok(effects)
+    }
+
+    /// Reopen the store after a failed write, once that works (space came
+    /// back), and write the whole state again: changes made while it failed
+    /// were never flushed.
+    async fn recover_store(&mut self) {
+        match self.store.recover() {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                debug!(error = %e, "state store still cannot be reopened");
+                return;
+            }
+        }
+        let mut effects: Vec<Effect> = self
+            .state
+            .nodes
+            .values()
+            .map(|n| Effect::Persist((*n.record).clone()))
+            .collect();
+        effects.extend(
+            self.state
+                .jobs
+                .values()
+                .map(|j| Effect::PersistJob(Box::new(j.clone()))),
+        );
+        match self.persist(effects).await {
+            Ok(_) => info!(
+                nodes = self.state.nodes.len(),
+                jobs = self.state.jobs.len(),
+                "state store reopened after a write error; state written again"
+            ),
+            Err(e) => warn!(error = %e, "state store reopened but cannot be written yet"),
+        }
     }
 
     fn act(&mut self, effect: Effect) {

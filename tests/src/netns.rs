@@ -294,7 +294,8 @@ impl Builder {
             });
         }
         if let Some(kib) = self.state_tmpfs_kib {
-            let dir = c.data_dir();
+            // The data dir goes inside the tmpfs, the filler beside it.
+            let dir = c.dir.path().join("state-disk");
             std::fs::create_dir_all(&dir)?;
             let status = Command::new("mount")
                 .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
@@ -389,7 +390,10 @@ impl NetCluster {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("coordinator-data")
+        match &self.tmpfs {
+            Some(disk) => disk.join("coordinator-data"),
+            None => self.dir.path().join("coordinator-data"),
+        }
     }
 
     pub fn host(&self, name: &str) -> Result<&Host> {

@@ -20,7 +20,7 @@ fn progress(job: &Value) -> u64 {
 
 #[test]
 fn full_state_dir_refuses_new_work_keeps_running_jobs_and_recovers() -> Result<()> {
-    let Some(c) = NetCluster::builder(FAST_LIVENESS)
+    let Some(mut c) = NetCluster::builder(FAST_LIVENESS)
         .hosts(2)
         .state_tmpfs_kib(64 * 1024)
         .start()?
@@ -62,15 +62,26 @@ fn full_state_dir_refuses_new_work_keeps_running_jobs_and_recovers() -> Result<(
     let job = c.job(&id)?;
     ensure!(attempt(&job) == 1 && restarts(&job) == 0, "{job}");
     ensure!(state(&job) == "Running");
+    // What was kept only in memory while the disk was full is on disk again.
+    c.kill9_coordinator();
+    c.start_coordinator()?;
+    for j in [&id, &id2] {
+        let job = c.wait_job(j, "running after a restart", |j| workers_running(j, 1))?;
+        ensure!(attempt(&job) == 1, "{job}");
+    }
+    let why = refused.stderr.trim();
+    let why = why
+        .split_once("): ")
+        .map_or(why, |(_, w)| w)
+        .replace(&c.data_dir().display().to_string(), "DATA_DIR");
     Row {
         order: 13,
         scenario: "coordinator state dir full".into(),
-        fault: "tmpfs under the coordinator's data dir filled to the last byte".into(),
+        fault: "the tmpfs holding the coordinator's data dir filled to the last byte, later freed".into(),
         detection: Some(refusal),
         recovery: Some(recovered),
         outcome: format!(
-            "new job refused with: `{}`; the running job kept its worker and progress; new jobs accepted again once space returned",
-            refused.stderr.trim()
+            "new job refused (gRPC ResourceExhausted): \"{why}\"; the running job kept its worker and progress; new jobs accepted again once space returned (the store is reopened and the state written again); both jobs survive a kill -9 after that"
         ),
         ..Row::default()
     }
