@@ -184,7 +184,7 @@ fn partition_of_the_checkpoint_writer_stops_its_checkpoints_after_the_lease() ->
     ensure!(attempt(&job) == 2 && restarts(&job) == 1, "{job}");
     c.heal(&writer)?;
     Row {
-        order: 6,
+        order: 7,
         scenario: "partition isolates node rank 0 (the checkpoint writer)".into(),
         fault: "bridge port of rank 0 down".into(),
         detection: Some(detection),
@@ -250,7 +250,7 @@ fn agent_restart_stops_the_orphaned_worker_once_and_leaves_no_duplicates() -> Re
     );
     let lost = check_resume(&c, &job, 2, Resume::Newest)?;
     Row {
-        order: 7,
+        order: 8,
         scenario: "agent restarted while its workers run".into(),
         fault: "kill -9 of one agent (not its workers), then start it again".into(),
         detection,

@@ -75,7 +75,7 @@ fn full_state_dir_refuses_new_work_keeps_running_jobs_and_recovers() -> Result<(
         .map_or(why, |(_, w)| w)
         .replace(&c.data_dir().display().to_string(), "DATA_DIR");
     Row {
-        order: 13,
+        order: 14,
         scenario: "coordinator state dir full".into(),
         fault: "the tmpfs holding the coordinator's data dir filled to the last byte, later freed".into(),
         detection: Some(refusal),
@@ -238,7 +238,7 @@ fn coordinator_paused_past_the_lease_fences_every_job_and_resumes_each_once() ->
     }
     ensure!(running_attempts(&c)?.len() == 2);
     Row {
-        order: 5,
+        order: 6,
         scenario: "coordinator paused (SIGSTOP) longer than the lease".into(),
         fault: "SIGSTOP of the coordinator for 4 s (lease 2 s, `lost_after` 3 s), then SIGCONT; two 1-node jobs".into(),
         detection: Some(fenced),
@@ -286,7 +286,7 @@ fn latency_and_stalls_on_every_connection_cause_no_false_lost_and_no_restart() -
     );
     ensure!(pids(&job) == before, "the same workers");
     Row {
-        order: 12,
+        order: 13,
         scenario: "200 ms latency and 2 s stalls on every agent's connection".into(),
         fault: "fault proxy between agents and coordinator: +200 ms each way, three 2 s stalls; default liveness settings".into(),
         outcome: format!(

@@ -48,7 +48,7 @@ fn two_nodes_failing_within_a_second_cause_one_restart() -> Result<()> {
     ensure!(!nodes.contains(&a) && !nodes.contains(&b), "{nodes:?}");
     let lost = check_resume(&c, &job, 2, Resume::WriterFailed)?;
     Row {
-        order: 8,
+        order: 9,
         scenario: "two nodes of one job fail within a second".into(),
         fault: "kill -9 of both hosts of a 2-node job, 0.5 s apart".into(),
         detection: Some(detection),
@@ -104,7 +104,7 @@ fn a_bad_replacement_is_cordoned_too_and_the_job_takes_the_next_node() -> Result
     ensure!(workers.iter().all(|(_, a)| *a == 3) && workers.len() == 2);
     let lost = check_resume(&c, &job, 3, Resume::Newest)?;
     Row {
-        order: 9,
+        order: 10,
         scenario: "the replacement node is bad too".into(),
         fault: "XID 79 on rank 1, then XID 79 on the spare that replaced it as soon as it runs"
             .into(),
@@ -153,7 +153,7 @@ fn with_no_healthy_node_the_job_waits_pending_and_resumes_on_uncordon() -> Resul
     ensure!(restarts(&job) == 1, "{job}");
     let lost = check_resume(&c, &job, 2, Resume::Newest)?;
     Row {
-        order: 10,
+        order: 11,
         scenario: "no healthy node left".into(),
         fault: "XID 79 on one node of a 2-node job in a 2-node cluster; later `uncordon --force`".into(),
         detection: Some(detection),
@@ -197,7 +197,7 @@ fn a_partial_newest_checkpoint_is_skipped_for_the_previous_complete_one() -> Res
     settle(Duration::from_secs(1));
     ensure!(attempt(&c.job(&id)?) == 2);
     Row {
-        order: 11,
+        order: 12,
         scenario: "newest checkpoint partial".into(),
         fault: "rank 0 writes checkpoint 75 without its COMPLETE marker and crashes".into(),
         detection: Some(Duration::from_millis(failed_at.saturating_sub(fault_at))),
