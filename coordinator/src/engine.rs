@@ -286,7 +286,7 @@ impl Engine {
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
                     self.expire_log_reads();
-                    if self.ticks % RECOVER_STORE_EVERY == 0 {
+                    if self.ticks.is_multiple_of(RECOVER_STORE_EVERY) {
                         self.recover_store().await;
                     }
                     self.ticks += 1;
