@@ -214,5 +214,11 @@ mod tests {
             .expect("delivered after the stall")
             .expect("read");
         assert_eq!(&buf, b"pong");
+
+        std::fs::write(&control, "reset=1\n").expect("write");
+        let closed = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the connection is closed, not left hanging");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     }
 }
