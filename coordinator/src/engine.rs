@@ -264,6 +264,7 @@ impl Engine {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.last_tick = now().mono;
         loop {
             tokio::select! {
                 biased;

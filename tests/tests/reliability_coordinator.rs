@@ -43,8 +43,13 @@ fn full_state_dir_refuses_new_work_keeps_running_jobs_and_recovers() -> Result<(
     );
     ensure!(!refused.success(), "a new job is refused on a full disk");
     let s0 = progress(&c.job(&id)?);
+    // Longer than the lease and lost_after: heartbeats, acks and progress must not need the disk.
+    settle(Duration::from_secs(6));
+    for (name, n) in c.nodes()? {
+        ensure!(n["availability"] == "Ready", "{name} stays Ready: {n}");
+    }
     let job = c.wait_job(&id, "the running job keeps progressing", |j| {
-        progress(j) > s0 + 20
+        progress(j) > s0 + 100
     })?;
     ensure!(
         attempt(&job) == 1 && job["workers"][0]["pid"].as_u64() == Some(pid),
