@@ -9,6 +9,10 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+// Layout: `process` (binaries as child processes), `jobs` (job specs and
+// readers), `netns` (clusters of network namespaces) with `proxy` (the TCP
+// fault proxy), `scenario` (what reliability scenarios check) and `report`
+// (their rows for docs/reliability.md).
 pub mod jobs;
 pub mod netns;
 pub mod process;

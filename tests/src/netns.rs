@@ -13,6 +13,13 @@
 //!
 //! The temp dir (`dir`) is the cluster's shared file system: every namespace
 //! sees the same mounts.
+//!
+//! Faults: [`NetCluster::cut`] / [`NetCluster::heal`] a host's link,
+//! [`NetCluster::kill_host`], [`NetCluster::kill9_agent`], pause and resume
+//! or `kill -9` the coordinator, latency / stalls / resets through the fault
+//! proxy ([`crate::proxy`], [`Builder::proxy`]), and a tmpfs data dir to fill
+//! ([`Builder::state_tmpfs_kib`]). `netns/sys.rs` holds the `ip`/`kill` plumbing,
+//! `netns/control.rs` the clusterctl side.
 
 use std::io::Write;
 use std::path::PathBuf;
