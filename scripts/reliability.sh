@@ -48,7 +48,9 @@ except where a row says otherwise; with the defaults (10 s, 8 s) detection scale
   \`clusterctl job show\` shows it; polled every ~0.1 s).
 - **steps lost**: the last step the failed attempt reported minus the step the next attempt resumed
   from. Every scenario checks that the resume point is a *complete* checkpoint written by an earlier
-  attempt and, unless the checkpoint writer (node rank 0) itself failed, the newest one on disk.
+  attempt and the newest one on disk; where the checkpoint writer (node rank 0) itself died or was
+  cut off, at least the newest one the coordinator had seen (saves it made after its agent's last
+  report are unknown to the coordinator: rows 7 and 9).
 - Every scenario also checks what was *not* restarted and that no worker of an old attempt is left.
 
 $table

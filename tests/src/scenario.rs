@@ -11,9 +11,6 @@ use serde_json::Value;
 use crate::jobs::{attempts, workers_running};
 use crate::netns::NetCluster;
 
-/// The fake trainer's checkpoint interval in the job specs of [`crate::jobs::spec_in`].
-pub const CKPT_EVERY: u64 = 10;
-
 /// One marker-layout checkpoint as found on disk.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -82,9 +79,16 @@ pub fn attempt_record(job: &Value, n: u64) -> Result<Value> {
 pub enum Resume {
     /// The newest complete checkpoint on disk when the attempt started.
     Newest,
-    /// A complete one at most one checkpoint behind: the checkpoint writer
-    /// (node rank 0) itself failed, so its last save may not have been reported.
-    WriterFailed,
+    /// The checkpoint writer (node rank 0) itself failed or was cut off, so
+    /// what it saved after its agent's last report is unknown to the
+    /// coordinator: at least the checkpoint the coordinator had seen when the
+    /// fault hit (nothing acknowledged is lost).
+    AtLeast(u64),
+}
+
+/// The newest checkpoint step the coordinator has seen for the job (0: none).
+pub fn known_checkpoint(job: &Value) -> u64 {
+    job["job"]["last_checkpoint_step"].as_u64().unwrap_or(0)
 }
 
 /// Check that attempt `n` resumed from a complete checkpoint of an earlier
@@ -123,9 +127,9 @@ pub fn check_resume(c: &NetCluster, job: &Value, n: u64, rule: Resume) -> Result
         Resume::Newest if resumed != newest => {
             bail!("attempt {n} resumed from step {resumed}, but step {newest} was complete")
         }
-        Resume::WriterFailed if resumed + CKPT_EVERY < newest => {
+        Resume::AtLeast(known) if resumed < known => {
             bail!(
-                "attempt {n} resumed from step {resumed}, more than one checkpoint behind {newest}"
+                "attempt {n} resumed from step {resumed}, older than step {known} the coordinator had seen"
             )
         }
         _ => {}
@@ -209,4 +213,17 @@ pub fn running(c: &NetCluster, id: &str, n: usize) -> Result<Value> {
                 .as_u64()
                 .is_some_and(|s| s >= 20)
     })
+}
+
+/// Complete checkpoints of attempts before `n` newer than the step attempt `n`
+/// resumed from: saves the coordinator never heard of (their writer was cut off).
+pub fn unreported(c: &NetCluster, job: &Value, n: u64) -> Result<usize> {
+    let resumed = attempt_record(job, n)?["resumed_from_step"]
+        .as_u64()
+        .unwrap_or(0);
+    Ok(checkpoints(&c.dir.path().join("ckpt"))?
+        .iter()
+        .filter(|k| k.step > resumed && k.completed_at_ms.is_some())
+        .filter(|k| k.attempt.is_some_and(|a| a < n))
+        .count())
 }
