@@ -68,6 +68,16 @@ $table
   is now reopened (holding what was last flushed) and the whole state written again; a full disk
   answers \`ResourceExhausted\` with a message that says what to do.
 
+## Known limits
+
+- A checkpoint writer that is cut off keeps saving until its lease runs out, and its agent cannot
+  report those saves: the next attempt resumes from the newest checkpoint the coordinator had seen
+  (row 7). With real intervals (minutes between checkpoints, an 8 s lease) that is at most one; the
+  fake trainer here saves every 0.4 s. Rescanning the shared checkpoint directory when the next
+  attempt starts would close the gap.
+- An agent restart (\`kill -9\` of the agent alone) restarts its jobs once: a new agent cannot
+  supervise processes it did not spawn, so it stops them (row 8; see \`agent/src/workers/mod.rs\`).
+
 Run it: \`sudo scripts/reliability.sh\` (or \`cargo test -p vigil-tests --test 'reliability*'\` without
 the report). Without root or \`ip\`, these tests print \`skipping: network namespaces need root and
 iproute2\` and pass; CI sets \`VIGIL_REQUIRE_NETNS=1\`, which turns that into a failure.
