@@ -26,6 +26,10 @@ use crate::store::{Store, StoreError};
 
 /// How often the engine applies the passage of time and republishes state.
 const TICK: Duration = Duration::from_millis(100);
+/// A tick this late means the engine itself did not run (see `ClusterState::forgive_stall`).
+const STALL: Duration = Duration::from_secs(1);
+/// Ticks between attempts to reopen a store that failed a write (a full disk).
+const RECOVER_STORE_EVERY: u64 = 10;
 /// Events queued for the engine before handlers wait (backpressure).
 const EVENT_QUEUE: usize = 8192;
 
@@ -191,6 +195,8 @@ pub struct Engine {
     bus: broadcast::Sender<v1::ClusterEvent>,
     log_reads: HashMap<u64, PendingLog>,
     ticks: u64,
+    /// When the last tick ran: a much longer gap means this process was stalled.
+    last_tick: Instant,
 }
 
 fn now() -> Now {
@@ -248,6 +254,7 @@ impl Engine {
             bus: bus.clone(),
             log_reads: HashMap::new(),
             ticks: 0,
+            last_tick: now().mono,
         };
         let handle = EngineHandle {
             events: events_tx,
@@ -267,6 +274,7 @@ impl Engine {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.last_tick = now().mono;
         loop {
             tokio::select! {
                 biased;
@@ -277,11 +285,21 @@ impl Engine {
                 },
                 _ = tick.tick() => {
                     let t = now();
+                    let gap = t.mono.saturating_duration_since(self.last_tick);
+                    self.last_tick = t.mono;
+                    if gap > STALL {
+                        // SIGSTOP, a paused VM, a blocked disk: the silence was ours, not the agents'.
+                        warn!(stalled_ms = gap.as_millis(), "engine was stalled; not counting the stall as agent silence or lack of progress");
+                        self.state.forgive_stall(gap.saturating_sub(TICK), t);
+                    }
                     let mut effects = self.state.tick(t);
                     effects.extend(self.state.jobs_tick(t));
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
                     self.expire_log_reads();
+                    if self.ticks.is_multiple_of(RECOVER_STORE_EVERY) {
+                        self.recover_store().await;
+                    }
                     self.ticks += 1;
                     self.metrics
                         .engine_queue_depth
@@ -673,19 +691,24 @@ impl Engine {
         }
         let backup = self.state.nodes.get(&node).cloned();
         let effects = self.state.register(reg, now());
-        if let Err(e) = self.apply(effects).await {
-            self.restore(&node, backup);
-            self.metrics.rejected_registrations.inc();
-            warn!(node = %node, error = %e, "registration refused: could not save it");
-            let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
-                reason: format!("coordinator could not save the registration: {e}"),
-            });
-            tx.try_send(Ok(v1::CoordinatorMessage {
-                body: Some(rejected),
-            }))
-            .ok();
-            return;
-        }
+        // Persist now, act once the session is live: reconciling can send this
+        // very node commands (stop a stale worker, start a pending job).
+        let effects = match self.persist(effects).await {
+            Ok(effects) => effects,
+            Err(e) => {
+                self.restore(&node, backup);
+                self.metrics.rejected_registrations.inc();
+                warn!(node = %node, error = %e, "registration refused: could not save it");
+                let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+                    reason: format!("coordinator could not save the registration: {e}"),
+                });
+                tx.try_send(Ok(v1::CoordinatorMessage {
+                    body: Some(rejected),
+                }))
+                .ok();
+                return;
+            }
+        };
         self.metrics.registrations.inc();
         let liveness = &self.state.liveness;
         let registered = v1::Registered {
@@ -697,9 +720,14 @@ impl Engine {
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Registered(registered)),
         };
-        if tx.try_send(Ok(msg)).is_ok() {
+        let live = tx.try_send(Ok(msg)).is_ok();
+        if live {
             self.sessions.insert(session, tx);
-        } else {
+        }
+        for effect in effects {
+            self.act(effect);
+        }
+        if !live {
             let effects = self.state.disconnected(&node, session, now());
             self.apply(effects).await.ok();
         }
@@ -764,7 +792,16 @@ impl Engine {
 
     /// Let jobs react to node changes, persist first (and flush), then act
     /// on the rest, in order.
-    async fn apply(&mut self, mut effects: Vec<Effect>) -> Result<(), StoreError> {
+    async fn apply(&mut self, effects: Vec<Effect>) -> Result<(), StoreError> {
+        for effect in self.persist(effects).await? {
+            self.act(effect);
+        }
+        Ok(())
+    }
+
+    /// The first half of [`Self::apply`]: let jobs react, write and flush;
+    /// returns the effects to act on.
+    async fn persist(&mut self, mut effects: Vec<Effect>) -> Result<Vec<Effect>, StoreError> {
         if !effects.is_empty() {
             let more = self.state.react(&effects, now());
             effects.extend(more);
@@ -790,10 +827,41 @@ impl Engine {
                 warn!(error = %e, "state store flush failed; change not acknowledged");
             })?;
         }
-        for effect in effects {
-            self.act(effect);
+        Ok(effects)
+    }
+
+    /// Reopen the store after a failed write, once that works (space came
+    /// back), and write the whole state again: changes made while it failed
+    /// were never flushed.
+    async fn recover_store(&mut self) {
+        match self.store.recover() {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                debug!(error = %e, "state store still cannot be reopened");
+                return;
+            }
         }
-        Ok(())
+        let mut effects: Vec<Effect> = self
+            .state
+            .nodes
+            .values()
+            .map(|n| Effect::Persist((*n.record).clone()))
+            .collect();
+        effects.extend(
+            self.state
+                .jobs
+                .values()
+                .map(|j| Effect::PersistJob(Box::new(j.clone()))),
+        );
+        match self.persist(effects).await {
+            Ok(_) => info!(
+                nodes = self.state.nodes.len(),
+                jobs = self.state.jobs.len(),
+                "state store reopened after a write error; state written again"
+            ),
+            Err(e) => warn!(error = %e, "state store reopened but cannot be written yet"),
+        }
     }
 
     fn act(&mut self, effect: Effect) {

@@ -63,6 +63,7 @@ impl From<ControlError> for Status {
             ) => Status::failed_precondition(message),
             ControlError::NotConnected(_) => Status::unavailable(message),
             ControlError::DiagnosticsTimeout { .. } => Status::deadline_exceeded(message),
+            ControlError::Store(StoreError::Full { .. }) => Status::resource_exhausted(message),
             ControlError::Store(_) => Status::internal(message),
             ControlError::InvalidArgument(_) => Status::invalid_argument(message),
             ControlError::ShuttingDown => Status::unavailable(message),

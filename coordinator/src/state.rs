@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 use vigil_proto::v1;
@@ -422,6 +423,24 @@ impl ClusterState {
             }
         }
         effects
+    }
+
+    /// This coordinator did not run for `gap` (SIGSTOP, a paused VM, a
+    /// blocked disk): the silence and the missing progress in that time are
+    /// its own, so shift every clock by the gap, as a restart would. No node
+    /// is `Lost` and no job hung for it; an agent whose lease ran out in the
+    /// meantime re-registers without its workers, and its jobs restart once.
+    pub fn forgive_stall(&mut self, gap: Duration, now: Now) {
+        for node in self.nodes.values_mut() {
+            node.silent_since = (node.silent_since + gap).min(now.mono);
+        }
+        let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+        for worker in self.jobs.values_mut().flat_map(|j| j.workers.values_mut()) {
+            worker.progress_at_ms = worker
+                .progress_at_ms
+                .saturating_add(gap_ms)
+                .min(now.wall_ms);
+        }
     }
 
     pub fn cordon(

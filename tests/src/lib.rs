@@ -1,6 +1,7 @@
 //! Harness for end-to-end tests: starts the real vigil binaries as separate
 //! processes on ephemeral loopback ports, with temp data dirs, and kills them
-//! (SIGKILL) when a test ends.
+//! (SIGKILL) when a test ends; `netns` builds clusters of network namespaces
+//! for the fault-injection suite (tests/tests/reliability*.rs).
 //!
 //! ```no_run
 //! let cluster = vigil_tests::Cluster::start(vigil_tests::FAST_LIVENESS, 2)?;
@@ -8,8 +9,16 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+// Layout: `process` (binaries as child processes), `jobs` (job specs and
+// readers), `netns` (clusters of network namespaces) with `proxy` (the TCP
+// fault proxy), `scenario` (what reliability scenarios check) and `report`
+// (their rows for docs/reliability.md).
 pub mod jobs;
+pub mod netns;
 pub mod process;
+pub mod proxy;
+pub mod report;
+pub mod scenario;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

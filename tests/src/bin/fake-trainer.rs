@@ -62,12 +62,14 @@ impl Layout {
         }
     }
 
-    /// Writes checkpoint `step` under `root`: the data first, then (when `complete`) what
+    /// Writes checkpoint `step` under `root`: the data first (its last line names the
+    /// `attempt` that wrote it, so tests can prove fencing), then (when `complete`) what
     /// marks it complete. Every file goes through a temp file and a rename.
-    fn write(self, root: &Path, step: u64, complete: bool) -> io::Result<PathBuf> {
+    fn write(self, root: &Path, step: u64, attempt: u64, complete: bool) -> io::Result<PathBuf> {
         let dir = root.join(self.dir_name(step));
         fs::create_dir_all(&dir)?;
-        let data = format!("fake weights at step {step}\n").repeat(64);
+        let data = format!("fake weights at step {step}\n").repeat(64)
+            + &format!("written by attempt {attempt}\n");
         let (data_file, marker): (&str, Option<(PathBuf, String)>) = match self {
             Self::Marker => (
                 "model.bin",
@@ -365,13 +367,13 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
         }
         // Only node rank 0 writes checkpoints, so only it leaves a partial one and crashes.
         if let (true, Some(root)) = (cfg.partial.fires(step, cfg.attempt), checkpoints) {
-            let dir = cfg.layout.write(root, step, false)?;
+            let dir = cfg.layout.write(root, step, cfg.attempt, false)?;
             println!("wrote partial checkpoint {}", dir.display());
             return Ok(crash(step, "FAKE_PARTIAL_AT_STEP"));
         }
         write_atomic(&cfg.progress_file, format!("{step}\n").as_bytes())?;
         if let Some(root) = checkpoints.filter(|_| step % cfg.ckpt_every == 0) {
-            let dir = cfg.layout.write(root, step, true)?;
+            let dir = cfg.layout.write(root, step, cfg.attempt, true)?;
             println!("checkpoint {} (step {step})", dir.display());
         }
         if cfg.total_steps > 0 && step >= cfg.total_steps {
@@ -414,9 +416,9 @@ mod tests {
     fn every_layout_writes_what_vigil_reads_and_resumes_only_when_complete() {
         for layout in ALL {
             let root = tempfile::tempdir().expect("tempdir");
-            let done = layout.write(root.path(), 100, true).expect("write");
+            let done = layout.write(root.path(), 100, 1, true).expect("write");
             assert_eq!(layout.complete_step(&done), Ok(100), "{layout:?}");
-            let partial = layout.write(root.path(), 150, false).expect("write");
+            let partial = layout.write(root.path(), 150, 1, false).expect("write");
             let err = layout.complete_step(&partial).expect_err("incomplete");
             assert!(!err.is_empty(), "{layout:?}");
             assert_eq!(
@@ -437,19 +439,19 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let r = root.path();
         let read = |p: PathBuf| fs::read_to_string(p).expect("read");
-        Layout::Marker.write(r, 50, true).expect("write");
+        Layout::Marker.write(r, 50, 1, true).expect("write");
         assert!(r.join("step_00000050/model.bin").is_file());
         assert!(r.join("step_00000050/COMPLETE").is_file());
-        Layout::PytorchDcp.write(r, 60, true).expect("write");
+        Layout::PytorchDcp.write(r, 60, 1, true).expect("write");
         assert!(r.join("step_00000060/__0_0.distcp").is_file());
         assert!(r.join("step_00000060/.metadata").is_file());
-        Layout::Megatron.write(r, 70, true).expect("write");
+        Layout::Megatron.write(r, 70, 1, true).expect("write");
         assert!(r.join("iter_0000070").is_dir());
         assert_eq!(read(r.join(MEGATRON_TRACKER)), "70");
-        Layout::Deepspeed.write(r, 80, true).expect("write");
+        Layout::Deepspeed.write(r, 80, 1, true).expect("write");
         assert!(r.join("global_step80").is_dir());
         assert_eq!(read(r.join(DEEPSPEED_TRACKER)), "global_step80");
-        Layout::HfTrainer.write(r, 90, true).expect("write");
+        Layout::HfTrainer.write(r, 90, 1, true).expect("write");
         assert!(r.join("checkpoint-90/model.safetensors").is_file());
         assert!(read(r.join("checkpoint-90/trainer_state.json")).contains("\"global_step\": 90"));
     }
@@ -458,10 +460,10 @@ mod tests {
     fn tracker_layouts_resume_from_the_root_or_the_named_dir() {
         for layout in [Layout::Megatron, Layout::Deepspeed] {
             let root = tempfile::tempdir().expect("tempdir");
-            layout.write(root.path(), 100, true).expect("write");
-            layout.write(root.path(), 200, false).expect("write");
+            layout.write(root.path(), 100, 1, true).expect("write");
+            layout.write(root.path(), 200, 1, false).expect("write");
             assert_eq!(layout.complete_step(root.path()), Ok(100), "{layout:?}");
-            layout.write(root.path(), 200, true).expect("write");
+            layout.write(root.path(), 200, 1, true).expect("write");
             assert_eq!(layout.complete_step(root.path()), Ok(200), "{layout:?}");
         }
     }
