@@ -138,6 +138,12 @@ pub enum JobCommand {
     },
     /// Stop the job's workers and mark it cancelled.
     Cancel { id: String },
+    /// Post-mortem: where the job's time went (ETTR, time lost per failure by phase), the
+    /// checkpoint interval Young's formula suggests, and the timeline of phases and events.
+    Report {
+        /// The job's id, as `clusterctl jobs` lists it.
+        id: String,
+    },
     /// Print the end of the job's worker logs; with `--follow`, new output as it is written.
     Logs {
         id: String,

@@ -87,6 +87,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             },
             (JobCommand::Show { id }, _) => job_show(c, out, &id, term).await,
             (JobCommand::Cancel { id }, _) => job_cancel(c, out, &id).await,
+            (JobCommand::Report { id }, _) => job_report(c, out, &id, term).await,
             (
                 JobCommand::Logs {
                     id,
@@ -154,6 +155,11 @@ async fn submit(c: &mut Coordinator, out: Output, spec: &Spec) -> Result<String>
 async fn job_show(c: &mut Coordinator, out: Output, id: &str, term: Term) -> Result<String> {
     let detail = JobDetail::from_proto(c.get_job(id).await?, id);
     emit(out, &detail, |d| render::job_detail(d, now_ms(), term))
+}
+
+async fn job_report(c: &mut Coordinator, out: Output, id: &str, term: Term) -> Result<String> {
+    let detail = JobDetail::from_proto(c.get_job(id).await?, id);
+    emit(out, &detail, |d| render::job_report(d, term))
 }
 
 async fn job_cancel(c: &mut Coordinator, out: Output, id: &str) -> Result<String> {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use vigil_proto::v1;
 
+use crate::goodput;
 use crate::health::Condition;
 use crate::job::{AfterStop, Attempt, Checkpoint, Job, JobPhase, Worker, WorkerPhase};
 use crate::jobspec;
@@ -58,6 +59,9 @@ impl ClusterState {
             fault_at_ms: None,
             failure_kind: String::new(),
             lost_ms: 0,
+            high_water_step: None,
+            checkpoints: Vec::new(),
+            finished_at_ms: None,
             events: Vec::new(),
             unannounced: Vec::new(),
         };
@@ -85,6 +89,7 @@ impl ClusterState {
             JobPhase::Pending | JobPhase::Restarting => {
                 job.phase = JobPhase::Cancelled;
                 job.reason = "cancelled by an operator".into();
+                job.finished_at_ms = Some(now.wall_ms);
                 release(job);
                 job.event(now.wall_ms, "cancelled", "cancelled by an operator".into());
             }
@@ -204,12 +209,15 @@ impl ClusterState {
                     "checkpoint",
                     format!("complete checkpoint {} ({step})", c.path),
                 );
-                job.checkpoint = Some(Checkpoint {
+                let seen = Checkpoint {
                     path: c.path.clone(),
                     step: c.step,
                     seen_at_ms: now.wall_ms,
                     attempt,
-                });
+                    save_ms: c.save_ms,
+                };
+                goodput::on_checkpoint(job, seen.clone());
+                job.checkpoint = Some(seen);
             }
             _ => {}
         }
@@ -219,7 +227,14 @@ impl ClusterState {
     }
 
     /// Progress from a heartbeat: a step that changed resets the hang clock.
-    pub fn worker_progress(&mut self, node: &str, workers: &[v1::WorkerInfo], now: Now) {
+    /// The job is persisted when a goodput mark (first step, caught up) is set.
+    pub fn worker_progress(
+        &mut self,
+        node: &str,
+        workers: &[v1::WorkerInfo],
+        now: Now,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
         for info in workers {
             let Some(job) = self.jobs.get_mut(&info.job_id) else {
                 continue;
@@ -237,8 +252,12 @@ impl ClusterState {
             if info.progress_step.is_some() && info.progress_step != w.progress_step {
                 w.progress_step = info.progress_step;
                 w.progress_at_ms = now.wall_ms;
+                if goodput::on_progress(job, now.wall_ms) {
+                    effects.push(Effect::PersistJob(Box::new(job.clone())));
+                }
             }
         }
+        effects
     }
 
     /// A node (re)registered reporting `reported` workers: adopt those of
@@ -351,6 +370,11 @@ impl ClusterState {
             };
             let lost = matches!(e, Effect::Availability { .. });
             let kind = if lost { "node_lost" } else { "node_unhealthy" };
+            // A lost node stopped working when it fell silent, not when it was declared Lost.
+            let stalled_at = self.nodes.get(node).filter(|_| lost).map(|n| {
+                let silent = now.mono.saturating_duration_since(n.silent_since);
+                now.wall_ms.saturating_sub(ms(silent))
+            });
             for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
                 job.spares.retain(|s| s != node);
                 let Some(worker) = job.workers.get_mut(node) else {
@@ -363,7 +387,10 @@ impl ClusterState {
                 match job.phase {
                     JobPhase::Running => {
                         let after = after_failure(job);
-                        let failure = Failure::new(&why, node, kind);
+                        let failure = Failure {
+                            stalled_at_ms: stalled_at,
+                            ..Failure::new(&why, node, kind)
+                        };
                         stop_attempt(job, &self.nodes, &failure, after, now, &mut out);
                     }
                     JobPhase::Stopping => finish_if_stopped(job, now, &mut out),
@@ -390,15 +417,18 @@ impl ClusterState {
                 .iter()
                 .filter(|(_, w)| !w.phase.is_dead())
                 .find(|(_, w)| now.wall_ms.saturating_sub(w.progress_at_ms) > timeout)
-                .map(|(n, w)| (n.clone(), w.node_rank, w.progress_step));
-            if let Some((node, rank, step)) = hung {
+                .map(|(n, w)| (n.clone(), w.node_rank, w.progress_step, w.progress_at_ms));
+            if let Some((node, rank, step, stalled_at)) = hung {
                 let last = step.map_or_else(|| "no step yet".into(), |s| format!("last step {s}"));
                 let reason = format!(
                     "no progress from {node} (rank {rank}) for {} ({last}): hung",
                     humantime::format_duration(job.spec.progress.hang_timeout)
                 );
                 let after = after_failure(job);
-                let failure = Failure::new(&reason, "", "hang");
+                let failure = Failure {
+                    stalled_at_ms: Some(stalled_at),
+                    ..Failure::new(&reason, "", "hang")
+                };
                 stop_attempt(job, &self.nodes, &failure, after, now, &mut effects);
                 effects.push(Effect::PersistJob(Box::new(job.clone())));
             }
@@ -693,7 +723,14 @@ fn start_attempt(
         culprit_node: String::new(),
         resumed_from: job.checkpoint.clone(),
         last_step: None,
+        fault_at_ms: 0,
+        detected_at_ms: 0,
+        failure_kind: String::new(),
+        first_progress_at_ms: None,
+        catch_up_step: None,
+        caught_up_at_ms: None,
     });
+    goodput::on_start(job);
     let from = job.checkpoint.as_ref().map_or_else(
         || "a fresh start".to_owned(),
         |c| {
@@ -746,6 +783,10 @@ struct Failure<'a> {
     culprit: &'a str,
     kind: &'static str,
     fault_at_ms: Option<u64>,
+    /// When the job stopped making progress, where known earlier than the
+    /// fault was observed (a hang: its last step; a lost node: its last
+    /// message). For goodput's detection time.
+    stalled_at_ms: Option<u64>,
 }
 
 impl<'a> Failure<'a> {
@@ -755,6 +796,7 @@ impl<'a> Failure<'a> {
             culprit,
             kind,
             fault_at_ms: None,
+            stalled_at_ms: None,
         }
     }
 }
@@ -780,6 +822,11 @@ fn stop_attempt(
     job.failed_at_ms.get_or_insert(now.wall_ms);
     job.fault_at_ms
         .get_or_insert(failure.fault_at_ms.unwrap_or(now.wall_ms).min(now.wall_ms));
+    let stalled_at = failure
+        .stalled_at_ms
+        .or(failure.fault_at_ms)
+        .unwrap_or(now.wall_ms);
+    goodput::on_stop(job, failure.kind, stalled_at, now.wall_ms);
     let step = job.progress_step();
     let outcome = if after == AfterStop::Cancel {
         "cancelled"
@@ -897,6 +944,7 @@ fn worker_exited(
 fn succeed(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
     job.phase = JobPhase::Succeeded;
     job.reason = "every worker exited 0".into();
+    job.finished_at_ms = Some(now.wall_ms);
     let step = job.progress_step();
     if let Some(a) = job.current_attempt_mut() {
         a.outcome = "succeeded".into();
@@ -946,6 +994,7 @@ fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
         }
         AfterStop::Fail => {
             job.phase = JobPhase::Failed;
+            job.finished_at_ms = Some(now.wall_ms);
             job.reason = format!(
                 "gave up after {} restarts (max_restarts = {}); last failure: {}",
                 job.restarts, job.spec.restart.max_restarts, job.reason
@@ -961,6 +1010,7 @@ fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
         }
         AfterStop::Cancel => {
             job.phase = JobPhase::Cancelled;
+            job.finished_at_ms = Some(now.wall_ms);
             job.reason = "cancelled by an operator".into();
             job.event(
                 now.wall_ms,

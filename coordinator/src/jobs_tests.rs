@@ -137,6 +137,7 @@ fn checkpoint(job: &str, attempt: u64, path: &str, step: u64) -> v1::AgentEvent 
         attempt,
         path: path.into(),
         step: Some(step),
+        save_ms: None,
     }))
 }
 

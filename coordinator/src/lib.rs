@@ -10,6 +10,9 @@
 //! - `jobspec`: the job spec (TOML) and its validation.
 //! - `job`: a job's persisted record: spec, attempts, workers, checkpoint, history.
 //! - `jobs`: pure job state machine and gang scheduler.
+//! - `goodput`: pure goodput accounting: where a job's wall time went, ETTR,
+//!   and the checkpoint interval Young's formula suggests.
+//! - `goodput_metrics`: its Prometheus series.
 //! - `job_view`: the protocol's view of a job, for clusterctl.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
@@ -26,6 +29,8 @@ pub mod control_service;
 pub mod control_streams;
 pub mod engine;
 pub mod error;
+pub mod goodput;
+pub mod goodput_metrics;
 pub mod health;
 pub mod job;
 pub mod job_view;

@@ -283,7 +283,7 @@ impl ClusterState {
         hear_from(node, now, "heartbeat resumed", &mut effects);
         judge(node, now, &cfg, &mut effects);
         let workers = node.workers.clone();
-        self.worker_progress(node_name, &workers, now);
+        effects.extend(self.worker_progress(node_name, &workers, now));
         Ok(effects)
     }
 

@@ -124,6 +124,8 @@ pub struct JobDetail {
     pub workdir: String,
     pub checkpoint_dir: String,
     pub checkpoint_layout: String,
+    /// Where the job's wall time went; `null` from a coordinator that does not account it.
+    pub goodput: Option<super::Goodput>,
 }
 
 impl JobDetail {
@@ -186,6 +188,7 @@ impl JobDetail {
             workdir: d.workdir,
             checkpoint_dir: d.checkpoint_dir,
             checkpoint_layout: d.checkpoint_layout,
+            goodput: d.goodput.map(super::Goodput::from),
         }
     }
 }
@@ -255,7 +258,7 @@ mod tests {
             json!({"at_unix_ms": 1_000_000, "kind": "submitted", "message": "submitted from job.toml"})
         );
         let keys: Vec<&String> = value.as_object().expect("object").keys().collect();
-        assert_eq!(keys.len(), 11, "{keys:?}");
+        assert_eq!(keys.len(), 12, "{keys:?}");
         assert_eq!(value["lost_ms"], json!(65_000));
         assert_eq!(value["spare_nodes"], json!(["gpu-009"]));
     }

@@ -11,6 +11,7 @@ mod job;
 mod logs;
 mod node;
 mod nodes;
+mod report;
 mod status;
 
 pub use diagnose::diagnose;
@@ -19,6 +20,7 @@ pub use job::{job_cancelled, job_detail, job_submitted, jobs};
 pub use logs::LogPrinter;
 pub use node::node_detail;
 pub use nodes::{drained, nodes};
+pub use report::job_report;
 pub use status::status;
 
 use crate::table::sanitize;

@@ -69,6 +69,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
             attempt: 1,
         }),
         lost_ms: 4_200,
+        goodput: None,
         events: vec![v1::JobEvent {
             at_unix_ms: NOW_ISH,
             kind: "submitted".into(),
@@ -253,6 +254,7 @@ fn job_show_json_has_the_documented_shape() {
             "checkpoint_dir",
             "checkpoint_layout",
             "events",
+            "goodput",
             "job",
             "last_checkpoint",
             "lost_ms",

@@ -65,6 +65,17 @@ impl Layout {
     /// Writes checkpoint `step` under `root`: the data first, then (when `complete`) what
     /// marks it complete. Every file goes through a temp file and a rename.
     fn write(self, root: &Path, step: u64, complete: bool) -> io::Result<PathBuf> {
+        self.write_taking(root, step, complete, Duration::ZERO)
+    }
+
+    /// [`Layout::write`], taking `save` between the data and the marker (a slow save).
+    fn write_taking(
+        self,
+        root: &Path,
+        step: u64,
+        complete: bool,
+        save: Duration,
+    ) -> io::Result<PathBuf> {
         let dir = root.join(self.dir_name(step));
         fs::create_dir_all(&dir)?;
         let data = format!("fake weights at step {step}\n").repeat(64);
@@ -94,6 +105,7 @@ impl Layout {
             ),
         };
         write_atomic(&dir.join(data_file), data.as_bytes())?;
+        std::thread::sleep(save);
         if let (true, Some((path, text))) = (complete, marker) {
             write_atomic(&path, text.as_bytes())?;
         }
@@ -204,6 +216,7 @@ struct Config {
     step_ms: u64,
     total_steps: u64,
     ckpt_every: u64,
+    ckpt_save_ms: u64,
     ckpt_dir: Option<PathBuf>,
     layout: Layout,
     crash: Fault,
@@ -277,6 +290,7 @@ impl Config {
             step_ms: number("FAKE_STEP_MS", 20)?,
             total_steps: number("FAKE_TOTAL_STEPS", 0)?,
             ckpt_every: number("FAKE_CKPT_EVERY", 50)?,
+            ckpt_save_ms: number("FAKE_CKPT_SAVE_MS", 0)?,
             ckpt_dir: var("FAKE_CKPT_DIR").map(PathBuf::from),
             layout,
             crash: fault("CRASH")?,
@@ -370,9 +384,13 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
             return Ok(crash(step, "FAKE_PARTIAL_AT_STEP"));
         }
         write_atomic(&cfg.progress_file, format!("{step}\n").as_bytes())?;
+        let save = Duration::from_millis(cfg.ckpt_save_ms);
         if let Some(root) = checkpoints.filter(|_| step % cfg.ckpt_every == 0) {
-            let dir = cfg.layout.write(root, step, true)?;
+            let dir = cfg.layout.write_taking(root, step, true, save)?;
             println!("checkpoint {} (step {step})", dir.display());
+        } else if cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0 {
+            // Every rank takes part in a save (sharded state): ranks stay in step.
+            std::thread::sleep(save);
         }
         if cfg.total_steps > 0 && step >= cfg.total_steps {
             println!("done at step {step}");

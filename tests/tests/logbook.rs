@@ -1,0 +1,123 @@
+//! The OPT logbook automated, end to end with the real binaries and the fake
+//! trainer: goodput accounting (ETTR, time lost per failure, Young's
+//! checkpoint interval) and the `clusterctl job report` post-mortem.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use vigil_tests::jobs::{spec, start, state};
+use vigil_tests::{clusterctl, http_get, metric};
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn goodput_of_a_job_with_one_crash_adds_up_and_the_report_shows_its_timeline() -> Result<()> {
+    let cluster = start(3)?;
+    // 40 ms steps, a checkpoint every 10 steps taking 200 ms, a crash at step
+    // 49 of attempt 1 (so the steps after 40 that vigil heard of are
+    // recomputed), done at step 80.
+    let env =
+        ", FAKE_CKPT_SAVE_MS = \"200\", FAKE_CRASH_AT_STEP = \"49\", FAKE_TOTAL_STEPS = \"80\"";
+    let id = cluster.submit(&spec(&cluster, 2, 1, env, "")?)?;
+    let job = cluster.wait_job(&id, "the job to succeed", |j| state(j) == "Succeeded")?;
+
+    let g = &job["goodput"];
+    let (wall, productive, lost) = (u(g, "wall_ms"), u(g, "productive_ms"), u(g, "lost_ms"));
+    assert_eq!(productive + lost, wall, "productive + lost = wall: {g}");
+    let phases: u64 = [
+        "queued_ms",
+        "detection_ms",
+        "teardown_ms",
+        "waiting_ms",
+        "startup_ms",
+        "recomputation_ms",
+    ]
+    .iter()
+    .map(|k| u(g, k))
+    .sum();
+    assert_eq!(phases, lost, "the lost phases add up to lost: {g}");
+    let ettr = g["ettr"].as_f64().context("ettr")?;
+    assert!((ettr - productive as f64 / wall as f64).abs() < 1e-9, "{g}");
+    assert!(ettr > 0.0 && ettr < 1.0, "{g}");
+
+    let timeline = g["timeline"].as_array().context("timeline")?;
+    let covered: u64 = timeline
+        .iter()
+        .map(|s| u(s, "to_unix_ms") - u(s, "from_unix_ms"))
+        .sum();
+    assert_eq!(covered, wall, "the timeline covers the wall time once");
+    for pair in timeline.windows(2) {
+        assert_eq!(u(&pair[0], "to_unix_ms"), u(&pair[1], "from_unix_ms"));
+    }
+
+    let failures = g["failures"].as_array().context("failures")?;
+    assert_eq!(failures.len(), 1, "{g}");
+    let f = &failures[0];
+    assert_eq!(f["kind"], "crash");
+    assert_eq!(f["attempt"], 1);
+    // Progress arrives with heartbeats (every 200 ms, 5 steps here), so vigil
+    // knows of steps 41 to 48 at most, depending on timing.
+    let steps_lost = u(f, "steps_lost");
+    assert!(
+        steps_lost <= 8,
+        "at most steps 41-48 after checkpoint 40: {f}"
+    );
+    assert!(u(f, "startup_ms") > 0, "attempt 2 took time to start: {f}");
+    assert_eq!(
+        u(f, "recomputation_ms") > 0,
+        steps_lost > 0,
+        "attempt 2 recomputes exactly when steps were lost: {f}"
+    );
+    let per_failure: u64 = [
+        "detection_ms",
+        "teardown_ms",
+        "waiting_ms",
+        "startup_ms",
+        "recomputation_ms",
+    ]
+    .iter()
+    .map(|k| u(f, k))
+    .sum();
+    assert!(per_failure <= lost, "{g}");
+
+    let save = u(g, "checkpoint_save_ms");
+    assert!(
+        (150..5_000).contains(&save),
+        "saves take ~200 ms, measured from the files: {g}"
+    );
+    let mtbf = u(g, "mtbf_ms");
+    assert!(mtbf > 0, "{g}");
+    let young = (2.0 * save as f64 * mtbf as f64).sqrt().round() as u64;
+    assert_eq!(u(g, "suggested_checkpoint_interval_ms"), young, "{g}");
+    assert!(u(g, "checkpoint_interval_ms") > 0, "{g}");
+
+    let report = clusterctl(&cluster.url(), &["job", "report", &id])?;
+    assert!(report.success(), "{}", report.stderr);
+    let text = &report.stdout;
+    println!("{text}");
+    assert!(text.contains("goodput         wall "), "{text}");
+    assert!(text.contains("FAILURES\n"), "{text}");
+    assert!(text.contains("exited with code 1"), "{text}");
+    assert!(text.contains("recomputation (attempt 2)"), "{text}");
+    assert!(text.contains("suggested every"), "{text}");
+
+    let show = clusterctl(&cluster.url(), &["job", "show", &id])?;
+    assert!(
+        show.stdout.contains("goodput         wall "),
+        "{}",
+        show.stdout
+    );
+
+    let metrics = http_get(cluster.coordinator.metrics, "/metrics")?;
+    let series = format!("vigil_job_ettr_ratio{{job_id=\"{id}\"}}");
+    let exported = metric(&metrics, &series).context("ETTR exported")?;
+    assert!(exported > 0.0 && exported < 1.0, "{exported}");
+    let lost_series =
+        format!("vigil_job_lost_time_seconds{{job_id=\"{id}\",phase=\"recomputation\"}}");
+    assert!(
+        metric(&metrics, &lost_series).is_some_and(|s| s > 0.0),
+        "{metrics}"
+    );
+    Ok(())
+}
