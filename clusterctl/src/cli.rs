@@ -54,7 +54,12 @@ pub enum Command {
         interval: Duration,
     },
     /// List every node with its state, condition, availability and scheduling.
-    Nodes,
+    Nodes {
+        /// List lemons instead: hosts and GPUs (by serial) with failures on record, how many,
+        /// of which kind, when, and whether they are blocklisted.
+        #[arg(long)]
+        lemons: bool,
+    },
     /// Show one node: summary, condition, cordon, GPU health, last diagnostics, workers, events.
     Node {
         /// The node's name, as `clusterctl nodes` lists it.
@@ -85,6 +90,10 @@ pub enum Command {
         /// Uncordon an automatically cordoned node even though no diagnostics passed since.
         #[arg(long)]
         force: bool,
+        /// First clear the node's host and GPUs from the lemon list (after the hardware was
+        /// fixed or replaced); a lemon is refused service until then, even with --force.
+        #[arg(long)]
+        clear_lemon: bool,
     },
     /// Run the node's diagnostic now and wait for its result (exit code 1 if it fails).
     Diagnose {

@@ -83,6 +83,22 @@ impl Coordinator {
         self.answer(r, None, REQUEST_TIMEOUT)
     }
 
+    pub async fn list_lemons(&mut self) -> Result<v1::ListLemonsResponse> {
+        let r = self
+            .client
+            .list_lemons(request(v1::ListLemonsRequest {}))
+            .await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
+    pub async fn clear_lemon(&mut self, subject: &str) -> Result<v1::ListLemonsResponse> {
+        let req = v1::ClearLemonRequest {
+            subject: subject.into(),
+        };
+        let r = self.client.clear_lemon(request(req)).await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
     pub async fn get_node(&mut self, name: &str) -> Result<v1::NodeDetail> {
         let req = v1::GetNodeRequest { name: name.into() };
         let r = self.client.get_node(request(req)).await;

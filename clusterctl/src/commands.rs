@@ -11,7 +11,8 @@ use crate::cli::{Cli, Command, JobCommand, Output};
 use crate::client::Coordinator;
 use crate::follow::{EventsQuery, LogsQuery};
 use crate::model::{
-    DiagnoseResult, DrainResult, JobDetail, JobList, NodeDetail, NodeList, NodeSummary, Status,
+    DiagnoseResult, DrainResult, JobDetail, JobList, LemonList, NodeDetail, NodeList, NodeSummary,
+    Status,
 };
 use crate::term::Term;
 use crate::{follow, render, watch};
@@ -56,7 +57,8 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Status { watch: false, .. } => status(c, out, term).await.map(Outcome::from),
         Command::Status { interval, .. } => watch::status(c, out, interval).await.map(streamed),
-        Command::Nodes => nodes(c, out, term).await.map(Outcome::from),
+        Command::Nodes { lemons: false } => nodes(c, out, term).await.map(Outcome::from),
+        Command::Nodes { lemons: true } => lemons(c, out, term).await.map(Outcome::from),
         Command::Node { name } => node(c, out, &name, term).await.map(Outcome::from),
         Command::Drain { name, reason } => drain(c, out, &name, &reason).await.map(Outcome::from),
         Command::Events {
@@ -75,7 +77,14 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Completions { shell } => Ok(completions(shell).into()),
         Command::Cordon { name, reason } => cordon(c, out, &name, &reason).await.map(Outcome::from),
-        Command::Uncordon { name, force } => {
+        Command::Uncordon {
+            name,
+            force,
+            clear_lemon,
+        } => {
+            if clear_lemon {
+                c.clear_lemon(&name).await?;
+            }
             uncordon(c, out, &name, force).await.map(Outcome::from)
         }
         Command::Diagnose { name, timeout } => diagnose(c, out, &name, timeout).await,
@@ -175,6 +184,11 @@ async fn status(c: &mut Coordinator, out: Output, term: Term) -> Result<String> 
 async fn nodes(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
     let list = NodeList::from(c.list_nodes().await?);
     emit(out, &list, |l| render::nodes(&l.nodes, term))
+}
+
+async fn lemons(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
+    let list = LemonList::from(c.list_lemons().await?);
+    emit(out, &list, |l| render::lemons(l, now_ms(), term))
 }
 
 async fn node(c: &mut Coordinator, out: Output, name: &str, term: Term) -> Result<String> {

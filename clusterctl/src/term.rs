@@ -82,7 +82,7 @@ fn color_of(word: &str) -> Option<&'static str> {
         "Degraded" | "Unreachable" | "Draining" | "Pending" | "Restarting" | "Cancelling" => {
             Some(YELLOW)
         }
-        "Cordoned" | "Lost" | "Failed" | "Unhealthy" => Some(RED),
+        "Cordoned" | "Lost" | "Failed" | "Unhealthy" | "Lemon" => Some(RED),
         _ => None,
     }
 }

@@ -57,6 +57,35 @@ impl v1::control_service_server::ControlService for Fake {
         }))
     }
 
+    async fn list_lemons(
+        &self,
+        _: Request<v1::ListLemonsRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        Ok(Response::new(v1::ListLemonsResponse {
+            lemons: vec![v1::Lemon {
+                kind: "gpu".into(),
+                id: "1650000000001".into(),
+                node: "gpu-003".into(),
+                failures: 3,
+                failures_total: 3,
+                kinds: "unhealthy x3".into(),
+                last_failure_unix_ms: 1_700_000_000_000,
+                last_detail: "XID 79 (GPU has fallen off the bus) on GPU 3".into(),
+                blocklisted_at_unix_ms: Some(1_700_000_000_000),
+                cleared_at_unix_ms: None,
+            }],
+            max_failures: 3,
+            window_ms: 7 * 24 * 3_600_000,
+        }))
+    }
+
+    async fn clear_lemon(
+        &self,
+        req: Request<v1::ClearLemonRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        Err(not_found(&req.into_inner().subject))
+    }
+
     async fn get_node(
         &self,
         req: Request<v1::GetNodeRequest>,

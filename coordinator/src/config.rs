@@ -40,6 +40,8 @@ pub struct Config {
     pub liveness: LivenessConfig,
     pub health: HealthConfig,
     pub diagnostics: DiagnosticsConfig,
+    /// Lemon hosts and GPUs (see `lemons`).
+    pub lemons: crate::lemons::LemonConfig,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -141,6 +143,7 @@ impl Default for Config {
             liveness: LivenessConfig::default(),
             health: HealthConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
+            lemons: crate::lemons::LemonConfig::default(),
         }
     }
 }
@@ -190,6 +193,7 @@ impl Config {
             liveness,
             health,
             diagnostics,
+            lemons,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -198,6 +202,7 @@ impl Config {
             ("liveness", *liveness != new.liveness),
             ("health", *health != new.health),
             ("diagnostics", *diagnostics != new.diagnostics),
+            ("lemons", *lemons != new.lemons),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -265,6 +270,7 @@ impl Config {
                 fmt(t)
             )));
         }
+        self.lemons.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),

@@ -238,6 +238,42 @@ impl v1::control_service_server::ControlService for ControlService {
         Ok(Response::new(job_view::detail(&job)))
     }
 
+    async fn list_lemons(
+        &self,
+        _request: Request<v1::ListLemonsRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        let snap = self.engine.snapshot();
+        let now_ms = crate::metrics::unix_ms(std::time::SystemTime::now());
+        Ok(Response::new(crate::lemon_view::listing(
+            &snap.lemons,
+            now_ms,
+        )))
+    }
+
+    async fn clear_lemon(
+        &self,
+        request: Request<v1::ClearLemonRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        let subject = request.into_inner().subject;
+        if subject.is_empty() || subject.len() > 256 {
+            return Err(ControlError::InvalidArgument(
+                "lemon subject must be a node name, host/NAME, gpu/SERIAL or a GPU serial (1-256 characters)".into(),
+            )
+            .into());
+        }
+        let cleared = self
+            .engine
+            .ask(|reply| Event::ClearLemon { subject, reply })
+            .await?;
+        let snap = self.engine.snapshot();
+        let now_ms = crate::metrics::unix_ms(std::time::SystemTime::now());
+        Ok(Response::new(crate::lemon_view::cleared(
+            &snap.lemons,
+            &cleared,
+            now_ms,
+        )))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::error::ControlError;
 use crate::health::Condition;
 use crate::job::Job;
+use crate::lemons::{Ledger, LemonRecord};
 use crate::metrics::{Metrics, unix_ms};
 use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
@@ -89,6 +90,11 @@ pub enum Event {
         id: String,
         reply: oneshot::Sender<Result<Job, ControlError>>,
     },
+    /// An operator clears a host or GPU from the lemon list.
+    ClearLemon {
+        subject: String,
+        reply: oneshot::Sender<Result<Vec<LemonRecord>, ControlError>>,
+    },
 }
 
 /// A diagnostic run the engine waits for.
@@ -125,6 +131,7 @@ const DIAGNOSTICS_GRACE: Duration = Duration::from_secs(5);
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub jobs: Vec<Job>,
+    pub lemons: Ledger,
     pub at: Instant,
 }
 
@@ -214,10 +221,12 @@ impl Engine {
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
-        let state = state.with_jobs(store.load_jobs()?);
+        let mut state = state.with_jobs(store.load_jobs()?);
+        state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),
+            lemons: state.lemons.clone(),
             at: Instant::now(),
         }));
         metrics.observe_nodes(state.nodes.values());
@@ -444,6 +453,19 @@ impl Engine {
                             self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
                                 crate::state::StateError::UnknownJob(id),
                             ))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                reply.send(answer).ok();
+            }
+            Event::ClearLemon { subject, reply } => {
+                let answer = match self.state.clear_lemon(&subject, now()) {
+                    Ok((cleared, effects)) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            Ok(cleared)
                         }
                         Err(e) => Err(e.into()),
                     },
@@ -693,6 +715,8 @@ impl Engine {
         if !effects.is_empty() {
             let more = self.state.react(&effects, now());
             effects.extend(more);
+            let lemons = self.state.lemon_react(&effects, now());
+            effects.extend(lemons);
         }
         let mut wrote = false;
         for effect in &effects {
@@ -705,6 +729,10 @@ impl Engine {
                 Effect::Record { node, event } => self.store.put_event(node, event)?,
                 Effect::PersistJob(job) => {
                     self.store.put_job(job)?;
+                    wrote = true;
+                }
+                Effect::PersistLemon(record) => {
+                    self.store.put_lemon(record)?;
                     wrote = true;
                 }
                 _ => {}
@@ -812,6 +840,27 @@ impl Engine {
                 info!(job = %job, kind = %kind, lost_ms, fault_to_relaunch_ms, "job {job} relaunched after a {kind} failure");
             }
             Effect::Command { node, kind } => self.send_command(&node, kind),
+            Effect::PersistLemon(r) => {
+                self.dirty = true;
+                let recent = r.recent(now().wall_ms, &self.state.lemons.cfg).count();
+                let last = r.incidents.last();
+                let lemon_now =
+                    r.blocklisted_at_ms.is_some() && r.blocklisted_at_ms == last.map(|i| i.at_ms);
+                match (
+                    r.cleared_at_ms.filter(|_| r.blocklisted_at_ms.is_none()),
+                    lemon_now,
+                ) {
+                    (Some(_), _) if last.is_none_or(|i| Some(i.at_ms) <= r.cleared_at_ms) => {
+                        info!(subject = %r.key(), node = %r.node, "lemon entry {} cleared by an operator", r.key())
+                    }
+                    (_, true) => {
+                        warn!(subject = %r.key(), node = %r.node, failures = recent, kinds = %r.kinds(now().wall_ms, &self.state.lemons.cfg), "{} is a lemon: {recent} failures within the window; blocklisted", r.key())
+                    }
+                    _ => {
+                        info!(subject = %r.key(), node = %r.node, failures = recent, kind = last.map_or("", |i| i.kind.as_str()), "failure charged to {}", r.key())
+                    }
+                }
+            }
             Effect::JobLog { job, message, warn } => {
                 if warn {
                     warn!(job = %job, "job {job}: {message}");
@@ -857,6 +906,7 @@ impl Engine {
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),
+            lemons: self.state.lemons.clone(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

@@ -7,6 +7,9 @@
 //! - `xid`: NVIDIA's XID catalog (shipped as data) and the class of each XID.
 //! - `health`: pure GPU-health policy: samples and events -> findings -> condition.
 //! - `state`: `ClusterState` and its pure transitions, returning `Effect`s.
+//! - `lemons`: the pure lemon ledger: failures per host and GPU serial, blocklist.
+//! - `lemon_watch`: which node changes are charged to it, and its cordons.
+//! - `lemon_view`: the protocol's view of the ledger, for clusterctl.
 //! - `jobspec`: the job spec (TOML) and its validation.
 //! - `job`: a job's persisted record: spec, attempts, workers, checkpoint, history.
 //! - `jobs`: pure job state machine and gang scheduler.
@@ -36,6 +39,9 @@ pub mod job;
 pub mod job_view;
 pub mod jobs;
 pub mod jobspec;
+pub mod lemon_view;
+pub mod lemon_watch;
+pub mod lemons;
 pub mod liveness;
 pub mod metrics;
 pub mod node;

@@ -107,6 +107,9 @@ pub enum Effect {
         message: String,
         warn: bool,
     },
+    /// Write this lemon record (a failure charged to a host or GPU, or an
+    /// operator's clear) and flush it before acting on what follows.
+    PersistLemon(Box<crate::lemons::LemonRecord>),
     /// An XID arrived (counted whatever its class).
     Xid {
         node: String,
@@ -127,6 +130,13 @@ pub enum StateError {
          run `clusterctl diagnose {node}` until it passes, or uncordon with --force"
     )]
     NeedsDiagnostics { node: String, reason: String },
+    #[error(
+        "node \"{node}\" is refused service: {why}; once the hardware is fixed or replaced, run \
+         `clusterctl uncordon {node} --clear-lemon`"
+    )]
+    Blocklisted { node: String, why: String },
+    #[error("no host or GPU \"{0}\" on the lemon list (clusterctl nodes --lemons lists them)")]
+    UnknownLemon(String),
     #[error("job \"{0}\" not found (clusterctl jobs lists the jobs)")]
     UnknownJob(String),
     #[error("{0}")]
@@ -140,6 +150,8 @@ pub struct ClusterState {
     pub health: HealthConfig,
     pub jobs: BTreeMap<String, crate::job::Job>,
     pub next_job_seq: u64,
+    /// Failures charged to hosts and GPUs (see `lemons`).
+    pub lemons: crate::lemons::Ledger,
 }
 
 impl ClusterState {
@@ -167,6 +179,7 @@ impl ClusterState {
             health,
             jobs: BTreeMap::new(),
             next_job_seq: 0,
+            lemons: crate::lemons::Ledger::default(),
         }
     }
 
@@ -469,6 +482,16 @@ impl ClusterState {
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
         let cfg = self.health.clone();
+        if let Some(why) = self
+            .nodes
+            .get(name)
+            .and_then(|n| self.lemons.blocks(&n.record))
+        {
+            return Err(StateError::Blocklisted {
+                node: name.to_owned(),
+                why,
+            });
+        }
         let node = self.node_mut(name)?;
         let Some(previous) = node.record.cordon.clone() else {
             return Ok(Vec::new());

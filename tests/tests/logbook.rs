@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use serde_json::Value;
 use vigil_tests::jobs::{spec, start, state};
-use vigil_tests::{clusterctl, http_get, metric};
+use vigil_tests::{LONG, clusterctl, http_get, metric, wait_for};
 
 fn u(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or(0)
@@ -118,6 +118,83 @@ fn goodput_of_a_job_with_one_crash_adds_up_and_the_report_shows_its_timeline() -
     assert!(
         metric(&metrics, &lost_series).is_some_and(|s| s > 0.0),
         "{metrics}"
+    );
+    Ok(())
+}
+
+fn cordon_reason(cluster: &vigil_tests::Cluster, node: &str) -> Result<Option<String>> {
+    Ok(cluster.node(node)?["cordon"]["reason"]
+        .as_str()
+        .map(str::to_owned))
+}
+
+#[test]
+fn a_node_failing_three_times_is_a_lemon_refused_service_until_cleared() -> Result<()> {
+    let mut cluster = start(2)?;
+    let url = cluster.url();
+    for round in 1..=3 {
+        // One more copy of the line each round: the simulator fires an XID per new line.
+        cluster
+            .agent("node-1")?
+            .set_faults(&"gpu=3 xid=79\n".repeat(round))?;
+        let reason = wait_for("node-1 cordoned", LONG, || {
+            cordon_reason(&cluster, "node-1")
+        })?;
+        if round < 3 {
+            assert!(reason.contains("XID 79"), "{reason}");
+            let out = clusterctl(&url, &["uncordon", "node-1", "--force"])?;
+            assert!(out.success(), "round {round}: {}", out.stderr);
+            assert_eq!(cordon_reason(&cluster, "node-1")?, None);
+        } else {
+            let reason = wait_for("repeat-offender cordon", LONG, || {
+                Ok(cordon_reason(&cluster, "node-1")?.filter(|r| r.starts_with("repeat-offender")))
+            })?;
+            assert!(
+                reason.contains("host node-1 blocklisted (3 failures)"),
+                "{reason}"
+            );
+            assert!(reason.contains("GPU 3 serial"), "{reason}");
+        }
+    }
+    assert_eq!(cordon_reason(&cluster, "node-0")?, None, "node-0 is fine");
+
+    let table = clusterctl(&url, &["nodes", "--lemons"])?;
+    println!("{}", table.stdout);
+    assert!(table.stdout.contains("Lemon"), "{}", table.stdout);
+    let list = clusterctl(&url, &["-o", "json", "nodes", "--lemons"])?.json()?;
+    let lemons = list["lemons"].as_array().context("lemons")?;
+    let host = lemons
+        .iter()
+        .find(|l| l["kind"] == "host" && l["id"] == "node-1")
+        .context("host node-1 listed")?;
+    assert_eq!(host["failures"], 3);
+    assert_eq!(host["kinds"], "unhealthy x3");
+    assert!(host["blocklisted_at_unix_ms"].as_u64().is_some(), "{host}");
+    assert!(
+        lemons
+            .iter()
+            .any(|l| l["kind"] == "gpu" && l["node"] == "node-1" && l["failures"] == 3),
+        "{list}"
+    );
+
+    // Persisted: a coordinator restart forgets nothing, and even --force is refused.
+    cluster.restart_coordinator()?;
+    let url = cluster.url();
+    wait_for("agents back", LONG, || cluster.all("Ready", 2))?;
+    let out = clusterctl(&url, &["uncordon", "node-1", "--force"])?;
+    assert!(!out.success(), "a lemon is refused service");
+    assert!(out.stderr.contains("refused service"), "{}", out.stderr);
+    assert!(out.stderr.contains("--clear-lemon"), "{}", out.stderr);
+
+    let out = clusterctl(&url, &["uncordon", "node-1", "--force", "--clear-lemon"])?;
+    assert!(out.success(), "{}", out.stderr);
+    assert_eq!(cordon_reason(&cluster, "node-1")?, None);
+    let list = clusterctl(&url, &["-o", "json", "nodes", "--lemons"])?.json()?;
+    assert!(
+        list["lemons"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|l| l["blocklisted_at_unix_ms"].is_null())),
+        "{list}"
     );
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod fixtures;
 mod goodput;
 mod health;
 mod job;
+mod lemons;
 mod node;
 mod ops;
 mod sample;
@@ -27,6 +28,9 @@ pub use health::DiagnoseResult;
 #[cfg(test)]
 pub use job::JobEvent;
 pub use job::{JobDetail, JobList, JobSummary};
+#[cfg(test)]
+pub use lemons::Lemon;
+pub use lemons::LemonList;
 pub use node::{NodeDetail, NodeList, NodeSummary};
 pub use ops::{ClusterEvent, DrainResult, LogChunk};
 pub use sample::GpuSample;
