@@ -42,6 +42,8 @@ pub struct Config {
     pub diagnostics: DiagnosticsConfig,
     /// Lemon hosts and GPUs (see `lemons`).
     pub lemons: crate::lemons::LemonConfig,
+    /// Diagnosing the gang after an unexplained failure (see `triage`).
+    pub triage: crate::triage::TriageConfig,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -144,6 +146,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
             lemons: crate::lemons::LemonConfig::default(),
+            triage: crate::triage::TriageConfig::default(),
         }
     }
 }
@@ -194,6 +197,7 @@ impl Config {
             health,
             diagnostics,
             lemons,
+            triage,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -203,6 +207,7 @@ impl Config {
             ("health", *health != new.health),
             ("diagnostics", *diagnostics != new.diagnostics),
             ("lemons", *lemons != new.lemons),
+            ("triage", *triage != new.triage),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -271,6 +276,7 @@ impl Config {
             )));
         }
         self.lemons.validate().map_err(ConfigError::Invalid)?;
+        self.triage.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),

@@ -223,6 +223,7 @@ impl Engine {
         let (bus, _) = broadcast::channel(EVENT_BUS);
         let mut state = state.with_jobs(store.load_jobs()?);
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
+        state.triage = config.triage;
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),
@@ -563,7 +564,7 @@ impl Engine {
 
     async fn diagnostics_result(&mut self, node: &str, session: u64, d: &v1::DiagnosticsResult) {
         let Some(pending) = self.pending.remove(&d.command_id) else {
-            warn!(node = %node, command_id = d.command_id, "diagnostics result for no pending request; recording it anyway");
+            info!(node = %node, command_id = d.command_id, "diagnostics result no operator waits for (a triage's, or late); recording it");
             return self.keep_diagnostics(node, d, None).await;
         };
         if pending.node != node || pending.session != session {
@@ -596,6 +597,10 @@ impl Engine {
         let answer = self.commit(node, backup, result).await.map(|_| record);
         if let Some(reply) = reply {
             reply.send(answer).ok();
+        }
+        let triage = self.state.triage_result(node, d.passed, &d.summary, now());
+        if !triage.is_empty() && self.apply(triage).await.is_ok() {
+            self.publish();
         }
     }
 

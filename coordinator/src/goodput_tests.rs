@@ -75,6 +75,7 @@ fn cluster_with(nodes: u64, now: Now, liveness: LivenessConfig) -> ClusterState 
         HealthConfig::default(),
         now,
     );
+    s.triage.enabled = false;
     for i in 1..=nodes {
         let e = s.register(reg(&format!("n{i}"), i), now);
         run(&mut s, e, now);
@@ -354,6 +355,7 @@ fn attempt(n: u64, start_s: u64) -> Attempt {
         first_progress_at_ms: None,
         catch_up_step: None,
         caught_up_at_ms: None,
+        triage: Default::default(),
     }
 }
 

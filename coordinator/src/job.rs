@@ -146,6 +146,9 @@ pub struct Attempt {
     /// When every worker got past `catch_up_step`.
     #[serde(default)]
     pub caught_up_at_ms: Option<u64>,
+    /// Triage verdicts per node, after an unexplained failure (see `triage`).
+    #[serde(default)]
+    pub triage: BTreeMap<String, crate::triage::Verdict>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +201,9 @@ pub struct Job {
     /// When the job reached a terminal state.
     #[serde(default)]
     pub finished_at_ms: Option<u64>,
+    /// The triage of the last unexplained failure; the next attempt waits for it.
+    #[serde(default)]
+    pub triage: Option<crate::triage::Triage>,
     pub events: Vec<JobEvent>,
     /// Events not yet announced to `clusterctl events` watchers (not stored).
     #[serde(skip)]

@@ -106,6 +106,11 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
                     .map_or_else(String::new, |c| c.path.clone()),
                 resumed_from_step: a.resumed_from.as_ref().and_then(|c| c.step),
                 last_step: a.last_step,
+                triage: a
+                    .triage
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.describe()))
+                    .collect(),
             })
             .collect(),
         last_checkpoint: job.checkpoint.as_ref().map(checkpoint),

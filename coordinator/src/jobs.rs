@@ -62,6 +62,7 @@ impl ClusterState {
             high_water_step: None,
             checkpoints: Vec::new(),
             finished_at_ms: None,
+            triage: None,
             events: Vec::new(),
             unannounced: Vec::new(),
         };
@@ -433,6 +434,7 @@ impl ClusterState {
                 effects.push(Effect::PersistJob(Box::new(job.clone())));
             }
         }
+        effects.extend(self.triage_tick(now));
         effects.extend(self.schedule(now));
         effects
     }
@@ -440,7 +442,7 @@ impl ClusterState {
     /// Start every job that can start: Pending ones and Restarting ones past
     /// their backoff; refill spares.
     pub fn schedule(&mut self, now: Now) -> Vec<Effect> {
-        let mut effects = Vec::new();
+        let mut effects = self.start_triages(now);
         let mut order: Vec<(u64, String)> = self
             .jobs
             .values()
@@ -459,7 +461,10 @@ impl ClusterState {
             };
             let ready_to_start = match job.phase {
                 JobPhase::Pending => true,
-                JobPhase::Restarting => job.restart_at_ms.is_none_or(|t| now.wall_ms >= t),
+                JobPhase::Restarting => {
+                    job.restart_at_ms.is_none_or(|t| now.wall_ms >= t)
+                        && crate::triage::clear_to_start(job)
+                }
                 _ => false,
             };
             let gpus = job.spec.gpus_per_node;
@@ -729,6 +734,7 @@ fn start_attempt(
         first_progress_at_ms: None,
         catch_up_step: None,
         caught_up_at_ms: None,
+        triage: BTreeMap::new(),
     });
     goodput::on_start(job);
     let from = job.checkpoint.as_ref().map_or_else(

@@ -61,6 +61,8 @@ fn cluster(nodes: u32, now: Now) -> ClusterState {
         HealthConfig::default(),
         now,
     );
+    // These tests pin the restart mechanics; triage_tests covers triage.
+    s.triage.enabled = false;
     for i in 1..=nodes {
         let e = s.register(reg(&format!("n{i}"), u64::from(i), Vec::new()), now);
         run(&mut s, e, now);

@@ -30,6 +30,12 @@ impl ClusterState {
                     to: Availability::Lost,
                     ..
                 } => (node, "node_lost", "no heartbeat past lost_after".to_owned()),
+                Effect::Cordoned {
+                    node,
+                    rule: "triage",
+                    cordon,
+                    ..
+                } => (node, "triage_failed", cordon.reason.clone()),
                 Effect::Availability {
                     node,
                     to: Availability::Ready,

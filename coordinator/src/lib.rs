@@ -17,6 +17,7 @@
 //!   and the checkpoint interval Young's formula suggests.
 //! - `goodput_metrics`: its Prometheus series.
 //! - `job_view`: the protocol's view of a job, for clusterctl.
+//! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
@@ -48,6 +49,7 @@ pub mod node;
 pub mod notify;
 pub mod state;
 pub mod store;
+pub mod triage;
 pub mod xid;
 
 use std::sync::Arc;

@@ -152,6 +152,7 @@ pub struct ClusterState {
     pub next_job_seq: u64,
     /// Failures charged to hosts and GPUs (see `lemons`).
     pub lemons: crate::lemons::Ledger,
+    pub triage: crate::triage::TriageConfig,
 }
 
 impl ClusterState {
@@ -180,6 +181,7 @@ impl ClusterState {
             jobs: BTreeMap::new(),
             next_job_seq: 0,
             lemons: crate::lemons::Ledger::default(),
+            triage: crate::triage::TriageConfig::default(),
         }
     }
 

@@ -161,7 +161,13 @@ const AGENT_CONFIG: &str = "[reconnect]\ninitial_backoff = \"100ms\"\nmax_backof
 
 impl Agent {
     pub fn start(dir: &Path, url: &str, name: &str, gpus: u32) -> Result<Self> {
-        let config = write_file(dir, &format!("agent-{name}.toml"), AGENT_CONFIG)?;
+        Self::start_with(dir, url, name, gpus, "")
+    }
+
+    /// [`Agent::start`] with `extra` TOML (top-level keys) in its config file.
+    pub fn start_with(dir: &Path, url: &str, name: &str, gpus: u32, extra: &str) -> Result<Self> {
+        let text = format!("{extra}\n{AGENT_CONFIG}");
+        let config = write_file(dir, &format!("agent-{name}.toml"), &text)?;
         let log = dir.join(format!("agent-{name}.log"));
         let stderr = std::fs::OpenOptions::new()
             .create(true)

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use vigil_tests::jobs::{spec, start, state};
+use vigil_tests::jobs::{spec, start, state, workers_running};
 use vigil_tests::{LONG, clusterctl, http_get, metric, wait_for};
 
 fn u(v: &Value, key: &str) -> u64 {
@@ -196,5 +196,86 @@ fn a_node_failing_three_times_is_a_lemon_refused_service_until_cleared() -> Resu
             .is_some_and(|l| l.iter().all(|l| l["blocklisted_at_unix_ms"].is_null())),
         "{list}"
     );
+    Ok(())
+}
+
+#[test]
+fn an_unexplained_hang_triages_the_gang_cordons_the_failing_node_and_resumes_on_the_spare()
+-> Result<()> {
+    let mut cluster = vigil_tests::Cluster::start(vigil_tests::FAST_LIVENESS, 0)?;
+    let flags = cluster.dir.path().join("diag-fail");
+    std::fs::create_dir_all(&flags)?;
+    for i in 0..4 {
+        let name = format!("node-{i}");
+        // Each node's diagnostic fails while a flag file named after it exists.
+        let check = format!(
+            "if [ -e {dir}/{name} ]; then echo 'GPU memory test: 12 errors on GPU 2'; exit 1; fi; echo ok",
+            dir = flags.display()
+        );
+        let extra = format!("diagnostics_command = [\"sh\", \"-c\", {check:?}]");
+        cluster.add_agent_with(&name, &extra)?;
+    }
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 4))?;
+    // Attempt 1 hangs at step 30 on every rank (an NCCL timeout, say): no node is unhealthy.
+    let env = ", FAKE_HANG_AT_STEP = \"30\"";
+    let id = cluster.submit(&spec(&cluster, 3, 1, env, "")?)?;
+    let job = cluster.wait_job(&id, "attempt 1 running", |j| workers_running(j, 3))?;
+    let victim = job["job"]["assigned_nodes"][1]
+        .as_str()
+        .context("rank 1")?
+        .to_owned();
+    let spare = job["spare_nodes"][0]
+        .as_str()
+        .context("a spare")?
+        .to_owned();
+    std::fs::write(flags.join(&victim), "")?;
+
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        vigil_tests::jobs::attempt(j) == 2 && workers_running(j, 3)
+    })?;
+    let reason = cordon_reason(&cluster, &victim)?.context("victim cordoned")?;
+    assert!(reason.starts_with("triage: diagnostics failed"), "{reason}");
+    let attempts = vigil_tests::jobs::attempts(&job);
+    let first = &attempts[0];
+    assert!(
+        first["reason"].as_str().unwrap_or("").contains("hung"),
+        "{first}"
+    );
+    let triage = first["triage"].as_object().context("triage verdicts")?;
+    assert_eq!(triage.len(), 3, "every node of the gang: {first}");
+    for (node, verdict) in triage {
+        let verdict = verdict.as_str().unwrap_or("");
+        if *node == victim {
+            assert!(verdict.starts_with("FAILED"), "{node}: {verdict}");
+        } else {
+            assert!(verdict.starts_with("passed"), "{node}: {verdict}");
+            assert_eq!(cordon_reason(&cluster, node)?, None, "{node} passed");
+        }
+    }
+    let nodes: Vec<&str> = attempts[1]["nodes"]
+        .as_array()
+        .map(|n| n.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        nodes.contains(&spare.as_str()),
+        "resumed on the spare: {nodes:?}"
+    );
+    assert!(!nodes.contains(&victim.as_str()), "{nodes:?}");
+    let history: Vec<&str> = job["events"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|e| e["kind"] == "triage")
+                .filter_map(|e| e["message"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let t0 = job["job"]["submitted_at_unix_ms"].as_u64().unwrap_or(0);
+    for e in job["events"].as_array().into_iter().flatten() {
+        let at = e["at_unix_ms"].as_u64().unwrap_or(0).saturating_sub(t0);
+        println!("+{at:>6} ms {}: {}", e["kind"], e["message"]);
+    }
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert!(history[1].contains("1 node(s) failed"), "{history:?}");
     Ok(())
 }

@@ -189,6 +189,7 @@ pub fn running_job() -> v1::JobDetail {
                 resumed_from: String::new(),
                 resumed_from_step: None,
                 last_step: Some(260),
+                triage: Default::default(),
             },
             v1::AttemptRecord {
                 attempt: 2,
@@ -201,6 +202,7 @@ pub fn running_job() -> v1::JobDetail {
                 resumed_from: "/ckpt/step_00000200".into(),
                 resumed_from_step: Some(200),
                 last_step: Some(230),
+                triage: Default::default(),
             },
         ],
         last_checkpoint: Some(v1::CheckpointRecord {

@@ -86,6 +86,8 @@ pub struct AttemptRecord {
     pub resumed_from: String,
     pub resumed_from_step: Option<u64>,
     pub last_step: Option<u64>,
+    /// Each node's triage verdict after an unexplained failure; `{}` when none.
+    pub triage: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -153,6 +155,7 @@ impl JobDetail {
                     resumed_from: a.resumed_from,
                     resumed_from_step: a.resumed_from_step,
                     last_step: a.last_step,
+                    triage: a.triage.into_iter().collect(),
                 })
                 .collect(),
             last_checkpoint: d.last_checkpoint.map(|c| CheckpointRecord {
@@ -234,6 +237,7 @@ mod tests {
                 "resumed_from": "",
                 "resumed_from_step": null,
                 "last_step": 260,
+                "triage": {},
             })
         );
         assert_eq!(
