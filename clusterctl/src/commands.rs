@@ -212,7 +212,14 @@ async fn uncordon(c: &mut Coordinator, out: Output, name: &str, force: bool) -> 
     let node = NodeSummary::from(c.uncordon(name, force).await?);
     let forced = if force { " (forced)" } else { "" };
     emit(out, &node, |n| {
-        format!("node {} uncordoned{forced}\n", n.name)
+        if n.state == "Validating" {
+            format!(
+                "node {} validating{forced}: schedulable once its burn-in passes (clusterctl node {} shows it)\n",
+                n.name, n.name
+            )
+        } else {
+            format!("node {} uncordoned{forced}\n", n.name)
+        }
     })
 }
 

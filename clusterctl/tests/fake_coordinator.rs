@@ -289,7 +289,7 @@ fn json_output_has_the_documented_shapes() {
     assert_eq!(status["coordinator"]["listen_addr"], json!("0.0.0.0:7770"));
     assert_eq!(
         status["nodes_by_state"],
-        json!({"Ready": 0, "Degraded": 0, "Cordoned": 1, "Unreachable": 0, "Lost": 0})
+        json!({"Ready": 0, "Degraded": 0, "Validating": 0, "Cordoned": 1, "Unreachable": 0, "Lost": 0})
     );
     assert_eq!(status["cordoned"][0]["cordon"]["source"], json!("operator"));
     assert_eq!(status["cordoned"][1]["cordon"]["source"], json!("auto"));

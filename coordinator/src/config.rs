@@ -44,6 +44,8 @@ pub struct Config {
     pub lemons: crate::lemons::LemonConfig,
     /// Diagnosing the gang after an unexplained failure (see `triage`).
     pub triage: crate::triage::TriageConfig,
+    /// Burn-in before a node joins or rejoins (see `burn_in`).
+    pub burn_in: crate::burn_in::BurnInConfig,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -147,6 +149,7 @@ impl Default for Config {
             diagnostics: DiagnosticsConfig::default(),
             lemons: crate::lemons::LemonConfig::default(),
             triage: crate::triage::TriageConfig::default(),
+            burn_in: crate::burn_in::BurnInConfig::default(),
         }
     }
 }
@@ -198,6 +201,7 @@ impl Config {
             diagnostics,
             lemons,
             triage,
+            burn_in,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -208,6 +212,7 @@ impl Config {
             ("diagnostics", *diagnostics != new.diagnostics),
             ("lemons", *lemons != new.lemons),
             ("triage", *triage != new.triage),
+            ("burn_in", *burn_in != new.burn_in),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -277,6 +282,7 @@ impl Config {
         }
         self.lemons.validate().map_err(ConfigError::Invalid)?;
         self.triage.validate().map_err(ConfigError::Invalid)?;
+        self.burn_in.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),

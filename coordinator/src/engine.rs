@@ -224,6 +224,7 @@ impl Engine {
         let mut state = state.with_jobs(store.load_jobs()?);
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
         state.triage = config.triage;
+        state.burn_in = config.burn_in.clone();
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),
@@ -279,6 +280,7 @@ impl Engine {
                     let t = now();
                     let mut effects = self.state.tick(t);
                     effects.extend(self.state.jobs_tick(t));
+                    effects.extend(self.state.burn_in_tick(t));
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
                     self.expire_log_reads();
@@ -544,6 +546,7 @@ impl Engine {
         }
         let run = v1::command::Kind::RunDiagnostics(v1::RunDiagnostics {
             timeout_ms: millis(timeout),
+            command: Vec::new(),
         });
         let Some((session, id)) = self.try_command(&node, run) else {
             reply.send(Err(ControlError::NotConnected(node))).ok();
@@ -598,7 +601,8 @@ impl Engine {
         if let Some(reply) = reply {
             reply.send(answer).ok();
         }
-        let triage = self.state.triage_result(node, d.passed, &d.summary, now());
+        let mut triage = self.state.triage_result(node, d.passed, &d.summary, now());
+        triage.extend(self.state.burn_in_result(node, d.passed, &d.summary, now()));
         if !triage.is_empty() && self.apply(triage).await.is_ok() {
             self.publish();
         }
@@ -722,6 +726,8 @@ impl Engine {
             effects.extend(more);
             let lemons = self.state.lemon_react(&effects, now());
             effects.extend(lemons);
+            let burn_in = self.state.burn_in_react(&effects, now());
+            effects.extend(burn_in);
         }
         let mut wrote = false;
         for effect in &effects {

@@ -25,11 +25,15 @@ impl ClusterState {
                     "unhealthy",
                     reasons.first().cloned().unwrap_or_default(),
                 ),
+                // Only a node seen alive since this coordinator started: one
+                // that stays down across coordinator restarts is charged once.
                 Effect::Availability {
                     node,
                     to: Availability::Lost,
                     ..
-                } => (node, "node_lost", "no heartbeat past lost_after".to_owned()),
+                } if self.nodes.get(node).is_some_and(|n| n.heard_since_start) => {
+                    (node, "node_lost", "no heartbeat past lost_after".to_owned())
+                }
                 Effect::Cordoned {
                     node,
                     rule: "triage",

@@ -293,3 +293,26 @@ fn the_window_must_be_at_least_a_second() {
     assert!(cfg.validate().is_err());
     assert!(LemonConfig::default().validate().is_ok());
 }
+
+#[test]
+fn a_node_that_never_came_back_after_a_coordinator_restart_is_not_charged_again() {
+    let s = cluster(LemonConfig::default());
+    let record = (*s.nodes["n1"].record).clone();
+    let mut restarted = ClusterState::load(
+        vec![record],
+        Vec::new(),
+        LivenessConfig::default(),
+        HealthConfig::default(),
+        t(0),
+    );
+    let e = restarted.tick(t(60_000));
+    assert!(e.iter().any(|e| matches!(
+        e,
+        Effect::Availability {
+            to: crate::node::Availability::Lost,
+            ..
+        }
+    )));
+    let charged = restarted.lemon_react(&e, t(60_000));
+    assert!(charged.is_empty(), "{charged:?}");
+}

@@ -17,6 +17,7 @@
 //!   and the checkpoint interval Young's formula suggests.
 //! - `goodput_metrics`: its Prometheus series.
 //! - `job_view`: the protocol's view of a job, for clusterctl.
+//! - `burn_in`: pure burn-in before a node joins or rejoins (`Validating`).
 //! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
@@ -28,6 +29,7 @@
 //! - `error`: boundary errors and their single mapping to gRPC status.
 
 pub mod agent_service;
+pub mod burn_in;
 pub mod config;
 pub mod control_service;
 pub mod control_streams;

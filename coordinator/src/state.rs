@@ -153,6 +153,7 @@ pub struct ClusterState {
     /// Failures charged to hosts and GPUs (see `lemons`).
     pub lemons: crate::lemons::Ledger,
     pub triage: crate::triage::TriageConfig,
+    pub burn_in: crate::burn_in::BurnInConfig,
 }
 
 impl ClusterState {
@@ -182,6 +183,7 @@ impl ClusterState {
             next_job_seq: 0,
             lemons: crate::lemons::Ledger::default(),
             triage: crate::triage::TriageConfig::default(),
+            burn_in: crate::burn_in::BurnInConfig::default(),
         }
     }
 
@@ -207,6 +209,7 @@ impl ClusterState {
                 first_registered_unix_ms: now.wall_ms,
                 last_registered_unix_ms: now.wall_ms,
                 last_diagnostics: None,
+                burn_in: None,
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
@@ -494,6 +497,7 @@ impl ClusterState {
                 why,
             });
         }
+        let burn_in = self.burn_in.on_uncordon;
         let node = self.node_mut(name)?;
         let Some(previous) = node.record.cordon.clone() else {
             return Ok(Vec::new());
@@ -508,6 +512,11 @@ impl ClusterState {
                 node: name.to_owned(),
                 reason: previous.reason,
             });
+        }
+        if burn_in {
+            // The operator says it is fixed; the burn-in decides.
+            node.health.clear_events();
+            return Ok(self.start_burn_in(name, "uncordon", now));
         }
         Arc::make_mut(&mut node.record).cordon = None;
         node.health.clear_events();

@@ -307,6 +307,7 @@ mod tests {
             first_registered_unix_ms: 1,
             last_registered_unix_ms: 2,
             last_diagnostics: None,
+            burn_in: None,
         }
     }
 

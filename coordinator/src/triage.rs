@@ -150,6 +150,7 @@ impl ClusterState {
                         node: node.clone(),
                         kind: v1::command::Kind::RunDiagnostics(v1::RunDiagnostics {
                             timeout_ms: ms(cfg.budget),
+                            command: Vec::new(),
                         }),
                     });
                 } else {

@@ -279,3 +279,55 @@ fn an_unexplained_hang_triages_the_gang_cordons_the_failing_node_and_resumes_on_
     assert!(history[1].contains("1 node(s) failed"), "{history:?}");
     Ok(())
 }
+
+#[test]
+fn an_uncordoned_node_runs_its_burn_in_first_and_a_failure_keeps_it_cordoned() -> Result<()> {
+    let flags = tempfile::tempdir()?;
+    let pass = flags.path().join("pass");
+    let config = format!(
+        "{}\n[burn_in]\non_uncordon = true\ntimeout = \"30s\"\ncommand = [\"sh\", \"-c\", {check:?}]\n",
+        vigil_tests::FAST_LIVENESS,
+        check = format!(
+            "sleep 1; if [ -e {} ]; then echo 'memtest ok'; else echo 'GPU 0: 3 memory errors'; exit 1; fi",
+            pass.display()
+        )
+    );
+    let cluster = vigil_tests::Cluster::start(&config, 1)?;
+    let url = cluster.url();
+    wait_for("agent Ready", LONG, || cluster.all("Ready", 1))?;
+    let out = clusterctl(&url, &["cordon", "node-0", "--reason", "fan replaced"])?;
+    assert!(out.success(), "{}", out.stderr);
+
+    let out = clusterctl(&url, &["uncordon", "node-0"])?;
+    assert!(out.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("validating"), "{}", out.stdout);
+    assert_eq!(cluster.node("node-0")?["state"], "Validating");
+    let reason = wait_for("burn-in to fail", LONG, || {
+        Ok(cordon_reason(&cluster, "node-0")?.filter(|r| r.starts_with("burn-in failed")))
+    })?;
+    println!("{reason}");
+    let node = clusterctl(&url, &["-o", "json", "node", "node-0"])?.json()?;
+    assert_eq!(node["node"]["state"], "Cordoned", "{node}");
+    let output = node["last_diagnostics"]["output"].as_str().unwrap_or("");
+    assert!(
+        output.contains("3 memory errors"),
+        "the output is attached: {node}"
+    );
+
+    std::fs::write(&pass, "")?;
+    let out = clusterctl(&url, &["uncordon", "node-0", "--force"])?;
+    assert!(out.success(), "{}", out.stderr);
+    wait_for("node-0 Ready after its burn-in", LONG, || {
+        Ok((cluster.node("node-0")?["state"] == "Ready").then_some(()))
+    })?;
+    let history = clusterctl(&url, &["-o", "json", "node", "node-0"])?.json()?;
+    let burn_ins = history["events"]
+        .as_array()
+        .map(|e| e.iter().filter(|e| e["kind"] == "burn-in").count())
+        .unwrap_or(0);
+    assert_eq!(
+        burn_ins, 4,
+        "validating, failed, validating, passed: {history}"
+    );
+    Ok(())
+}
