@@ -46,6 +46,8 @@ pub struct Config {
     pub triage: crate::triage::TriageConfig,
     /// Burn-in before a node joins or rejoins (see `burn_in`).
     pub burn_in: crate::burn_in::BurnInConfig,
+    /// Nodes slower than their gang (see `stragglers`).
+    pub stragglers: crate::stragglers::StragglerConfig,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -150,6 +152,7 @@ impl Default for Config {
             lemons: crate::lemons::LemonConfig::default(),
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
+            stragglers: crate::stragglers::StragglerConfig::default(),
         }
     }
 }
@@ -202,6 +205,7 @@ impl Config {
             lemons,
             triage,
             burn_in,
+            stragglers,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -213,6 +217,7 @@ impl Config {
             ("lemons", *lemons != new.lemons),
             ("triage", *triage != new.triage),
             ("burn_in", *burn_in != new.burn_in),
+            ("stragglers", *stragglers != new.stragglers),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -283,6 +288,7 @@ impl Config {
         self.lemons.validate().map_err(ConfigError::Invalid)?;
         self.triage.validate().map_err(ConfigError::Invalid)?;
         self.burn_in.validate().map_err(ConfigError::Invalid)?;
+        self.stragglers.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),

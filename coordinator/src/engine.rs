@@ -225,6 +225,7 @@ impl Engine {
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
         state.triage = config.triage;
         state.burn_in = config.burn_in.clone();
+        state.stragglers = config.stragglers;
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),

@@ -1,5 +1,6 @@
 //! Prometheus series of goodput accounting: per job ETTR, productive and
-//! lost seconds by phase, and the checkpoint interval against Young's.
+//! lost seconds by phase, the checkpoint interval against Young's; and each
+//! running job's straggler count.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -35,6 +36,7 @@ pub struct GoodputMetrics {
     lost: Family<JobPhaseLabel, FloatGauge>,
     interval: Family<JobLabel, FloatGauge>,
     suggested: Family<JobLabel, FloatGauge>,
+    stragglers: Family<JobLabel, Gauge>,
 }
 
 fn secs(ms: u64) -> f64 {
@@ -78,6 +80,11 @@ impl GoodputMetrics {
             Unit::Seconds,
             self.suggested.clone(),
         );
+        registry.register(
+            "vigil_job_stragglers",
+            "Nodes of each running job flagged as stragglers (step rate consistently below the gang's median)",
+            self.stragglers.clone(),
+        );
     }
 
     pub fn observe<'a>(&self, jobs: impl Iterator<Item = &'a Job>, now_ms: u64) {
@@ -89,6 +96,7 @@ impl GoodputMetrics {
         self.lost.clear();
         self.interval.clear();
         self.suggested.clear();
+        self.stragglers.clear();
         for job in jobs.into_iter().take(MAX_JOBS) {
             let g = goodput::account(job, now_ms);
             let label = JobLabel {
@@ -118,6 +126,11 @@ impl GoodputMetrics {
             }
             if let Some(ms) = g.checkpoint_interval_ms {
                 self.interval.get_or_create(&label).set(secs(ms));
+            }
+            if job.phase == crate::job::JobPhase::Running {
+                self.stragglers
+                    .get_or_create(&label)
+                    .set(i64::try_from(job.stragglers.len()).unwrap_or(i64::MAX));
             }
             if let Some(ms) = g.suggested_interval_ms {
                 self.suggested.get_or_create(&label).set(secs(ms));

@@ -97,6 +97,10 @@ pub struct Worker {
     /// When the step last changed (or the attempt started), unix ms.
     pub progress_at_ms: u64,
     pub log_path: String,
+    /// Recent (unix ms, step) changes, for the step rate (not stored: a
+    /// restarted coordinator measures afresh).
+    #[serde(skip)]
+    pub rate_samples: std::collections::VecDeque<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +208,12 @@ pub struct Job {
     /// The triage of the last unexplained failure; the next attempt waits for it.
     #[serde(default)]
     pub triage: Option<crate::triage::Triage>,
+    /// Nodes of the current attempt slower than the gang, and since when.
+    #[serde(default)]
+    pub slow_since: BTreeMap<String, u64>,
+    /// Nodes flagged as stragglers in the current attempt.
+    #[serde(default)]
+    pub stragglers: std::collections::BTreeSet<String>,
     pub events: Vec<JobEvent>,
     /// Events not yet announced to `clusterctl events` watchers (not stored).
     #[serde(skip)]

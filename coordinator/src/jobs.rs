@@ -63,6 +63,8 @@ impl ClusterState {
             checkpoints: Vec::new(),
             finished_at_ms: None,
             triage: None,
+            slow_since: BTreeMap::new(),
+            stragglers: BTreeSet::new(),
             events: Vec::new(),
             unannounced: Vec::new(),
         };
@@ -253,6 +255,7 @@ impl ClusterState {
             if info.progress_step.is_some() && info.progress_step != w.progress_step {
                 w.progress_step = info.progress_step;
                 w.progress_at_ms = now.wall_ms;
+                crate::stragglers::sample(w, now.wall_ms);
                 if goodput::on_progress(job, now.wall_ms) {
                     effects.push(Effect::PersistJob(Box::new(job.clone())));
                 }
@@ -435,6 +438,7 @@ impl ClusterState {
             }
         }
         effects.extend(self.triage_tick(now));
+        effects.extend(self.stragglers_tick(now));
         effects.extend(self.schedule(now));
         effects
     }
@@ -714,6 +718,7 @@ fn start_attempt(
                 progress_step: None,
                 progress_at_ms: now.wall_ms,
                 log_path: String::new(),
+                rate_samples: Default::default(),
             };
             (n.clone(), worker)
         })

@@ -18,6 +18,7 @@
 //! - `goodput_metrics`: its Prometheus series.
 //! - `job_view`: the protocol's view of a job, for clusterctl.
 //! - `burn_in`: pure burn-in before a node joins or rejoins (`Validating`).
+//! - `stragglers`: pure step-rate comparison within a gang: `Degraded: straggler`.
 //! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
@@ -51,6 +52,7 @@ pub mod node;
 pub mod notify;
 pub mod state;
 pub mod store;
+pub mod stragglers;
 pub mod triage;
 pub mod xid;
 

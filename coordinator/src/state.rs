@@ -154,6 +154,7 @@ pub struct ClusterState {
     pub lemons: crate::lemons::Ledger,
     pub triage: crate::triage::TriageConfig,
     pub burn_in: crate::burn_in::BurnInConfig,
+    pub stragglers: crate::stragglers::StragglerConfig,
 }
 
 impl ClusterState {
@@ -184,6 +185,7 @@ impl ClusterState {
             lemons: crate::lemons::Ledger::default(),
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
+            stragglers: crate::stragglers::StragglerConfig::default(),
         }
     }
 
@@ -612,6 +614,19 @@ fn cordon_event(cordon: &Cordon, at_unix_ms: u64) -> NodeEvent {
 
 /// Re-judge a node's health: report a changed condition, and cordon a node
 /// that is Unhealthy and not cordoned yet (source `auto`).
+impl ClusterState {
+    /// Judge `node` again after a finding outside the health policy changed
+    /// (a straggler flag).
+    pub fn rejudge(&mut self, name: &str, now: Now) -> Vec<Effect> {
+        let cfg = self.health.clone();
+        let mut effects = Vec::new();
+        if let Some(node) = self.nodes.get_mut(name) {
+            judge(node, now, &cfg, &mut effects);
+        }
+        effects
+    }
+}
+
 fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect>) {
     node.health.expire(now.wall_ms, cfg);
     let to = node.health.condition();

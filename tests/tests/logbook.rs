@@ -331,3 +331,54 @@ fn an_uncordoned_node_runs_its_burn_in_first_and_a_failure_keeps_it_cordoned() -
     );
     Ok(())
 }
+
+#[test]
+fn a_node_stepping_slower_than_its_gang_is_flagged_a_straggler() -> Result<()> {
+    let config = format!(
+        "{}\n[stragglers]\nslower_than = 0.25\nfor = \"2s\"\nwindow = \"3s\"\n",
+        vigil_tests::FAST_LIVENESS
+    );
+    let cluster = vigil_tests::Cluster::start(&config, 3)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 3))?;
+    // Rank 2 takes 120 ms per step, the others 40 ms.
+    let env = ", FAKE_SLOW_RANK = \"2\", FAKE_SLOW_STEP_MS = \"120\"";
+    let id = cluster.submit(&spec(&cluster, 3, 0, env, "")?)?;
+    let job = cluster.wait_job(&id, "attempt 1 running", |j| workers_running(j, 3))?;
+    let slow = job["job"]["assigned_nodes"][2]
+        .as_str()
+        .context("rank 2")?
+        .to_owned();
+    let node = wait_for("the slow node Degraded", LONG, || {
+        let n = cluster.node(&slow)?;
+        Ok((n["condition"] == "Degraded").then_some(n))
+    })?;
+    assert_eq!(node["state"], "Degraded", "still schedulable: {node}");
+    let detail = clusterctl(&cluster.url(), &["-o", "json", "node", &slow])?.json()?;
+    let reasons = detail["condition_reasons"].to_string() + &detail["events"].to_string();
+    assert!(reasons.contains("straggler: "), "{detail}");
+    for other in job["job"]["assigned_nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let other = other.as_str().unwrap_or("");
+        if other != slow {
+            assert_eq!(cluster.node(other)?["condition"], "Healthy", "{other}");
+        }
+    }
+    let job = cluster.job(&id)?;
+    assert_eq!(state(&job), "Running", "the run goes on");
+    let flagged = job["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "straggler")
+        .filter_map(|e| e["message"].as_str())
+        .collect::<Vec<_>>();
+    println!("{flagged:?}");
+    assert!(flagged.iter().any(|m| m.starts_with(&slow)), "{flagged:?}");
+    let metrics = http_get(cluster.coordinator.metrics, "/metrics")?;
+    let series = format!("vigil_job_stragglers{{job_id=\"{id}\"}}");
+    assert_eq!(metric(&metrics, &series), Some(1.0), "{metrics}");
+    Ok(())
+}

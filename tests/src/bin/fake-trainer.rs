@@ -217,6 +217,8 @@ struct Config {
     total_steps: u64,
     ckpt_every: u64,
     ckpt_save_ms: u64,
+    /// (rank, milliseconds per step): one rank runs slower (a straggler).
+    slow: Option<(u64, u64)>,
     ckpt_dir: Option<PathBuf>,
     layout: Layout,
     crash: Fault,
@@ -291,6 +293,13 @@ impl Config {
             total_steps: number("FAKE_TOTAL_STEPS", 0)?,
             ckpt_every: number("FAKE_CKPT_EVERY", 50)?,
             ckpt_save_ms: number("FAKE_CKPT_SAVE_MS", 0)?,
+            slow: match var("FAKE_SLOW_RANK") {
+                Some(_) => Some((
+                    number("FAKE_SLOW_RANK", 0)?,
+                    number("FAKE_SLOW_STEP_MS", 100)?,
+                )),
+                None => None,
+            },
             ckpt_dir: var("FAKE_CKPT_DIR").map(PathBuf::from),
             layout,
             crash: fault("CRASH")?,
@@ -362,8 +371,12 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
         .ckpt_dir
         .as_deref()
         .filter(|_| cfg.rank == 0 && cfg.ckpt_every > 0);
+    let step_ms = match cfg.slow {
+        Some((rank, ms)) if rank == cfg.rank => ms,
+        _ => cfg.step_ms,
+    };
     for step in first.. {
-        std::thread::sleep(Duration::from_millis(cfg.step_ms));
+        std::thread::sleep(Duration::from_millis(step_ms));
         if let Some(control) = &cfg.control_file {
             match fs::read_to_string(control).unwrap_or_default().trim() {
                 "crash" => return Ok(crash(step, "control file")),
