@@ -179,6 +179,12 @@ const MAX_SAVE_FILES: usize = 20_000;
 /// time among its files (and, for layouts with a tracker file in `dir`, the
 /// tracker's). `None` when it holds no readable file.
 pub fn save_duration_ms(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<u64> {
+    save_timing(dir, c, layout).map(|(save_ms, _)| save_ms)
+}
+
+/// The save's duration (ms) and when it completed (the newest modification
+/// time, unix ms); see [`save_duration_ms`].
+pub fn save_timing(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<(u64, u64)> {
     let mut times: Vec<SystemTime> = Vec::new();
     let mut pending = vec![c.path.clone()];
     while let Some(d) = pending.pop() {
@@ -208,7 +214,11 @@ pub fn save_duration_ms(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<u6
     let first = times.iter().min()?;
     let last = times.iter().max()?;
     let d = last.duration_since(*first).unwrap_or_default();
-    Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    let done = last
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Some((ms(d), ms(done)))
 }
 
 /// Remembers the last checkpoint reported, so each change is reported once.

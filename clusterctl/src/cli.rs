@@ -147,6 +147,19 @@ pub enum JobCommand {
     },
     /// Stop the job's workers and mark it cancelled.
     Cancel { id: String },
+    /// Stop the job's attempt and start the next one now: from the last complete checkpoint, or
+    /// from an earlier one (`--from-checkpoint STEP`, e.g. before a loss spike), with extra
+    /// environment (`--env LR=1e-4`, kept for later attempts).
+    Restart {
+        id: String,
+        /// The step of a complete checkpoint the job has seen (`job show` lists them in its
+        /// history).
+        #[arg(long, value_name = "STEP")]
+        from_checkpoint: Option<u64>,
+        /// `NAME=VALUE` over the spec's env; repeat for more.
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
     /// Post-mortem: where the job's time went (ETTR, time lost per failure by phase), the
     /// checkpoint interval Young's formula suggests, and the timeline of phases and events.
     Report {
@@ -167,6 +180,14 @@ pub enum JobCommand {
         #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
         tail: Option<u64>,
     },
+}
+
+/// `NAME=VALUE`, the name non-empty.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
 }
 
 /// What `drain` records as the cordon reason when `--reason` is left out.

@@ -168,6 +168,21 @@ impl Coordinator {
         self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
     }
 
+    pub async fn restart_job(
+        &mut self,
+        id: &str,
+        from_checkpoint_step: Option<u64>,
+        env: Vec<(String, String)>,
+    ) -> Result<v1::JobDetail> {
+        let req = v1::RestartJobRequest {
+            id: id.into(),
+            from_checkpoint_step,
+            env: env.into_iter().collect(),
+        };
+        let r = self.client.restart_job(request(req)).await;
+        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
+    }
+
     /// Cordons the node and restarts its jobs elsewhere.
     pub async fn drain(&mut self, name: &str, reason: &str) -> Result<v1::DrainResponse> {
         let mut req = tonic::Request::new(v1::DrainRequest {

@@ -98,6 +98,24 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             (JobCommand::Cancel { id }, _) => job_cancel(c, out, &id).await,
             (JobCommand::Report { id }, _) => job_report(c, out, &id, term).await,
             (
+                JobCommand::Restart {
+                    id,
+                    from_checkpoint,
+                    env,
+                },
+                _,
+            ) => {
+                let detail =
+                    JobDetail::from_proto(c.restart_job(&id, from_checkpoint, env).await?, &id);
+                emit(out, &detail, |d| {
+                    let from = from_checkpoint.map_or_else(
+                        || "its last complete checkpoint".to_owned(),
+                        |s| format!("checkpoint step {s}"),
+                    );
+                    format!("job {} restarting from {from}: {}\n", d.job.id, d.job.state)
+                })
+            }
+            (
                 JobCommand::Logs {
                     id,
                     node,

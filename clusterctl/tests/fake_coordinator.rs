@@ -218,6 +218,13 @@ impl v1::control_service_server::ControlService for Fake {
         jobs::cancel(&req.into_inner().id).map(Response::new)
     }
 
+    async fn restart_job(
+        &self,
+        req: Request<v1::RestartJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        jobs::cancel(&req.into_inner().id).map(Response::new)
+    }
+
     type WatchEventsStream = ops::FakeStream<v1::ClusterEvent>;
 
     async fn watch_events(

@@ -274,6 +274,25 @@ impl v1::control_service_server::ControlService for ControlService {
         )))
     }
 
+    async fn restart_job(
+        &self,
+        request: Request<v1::RestartJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        let r = request.into_inner();
+        let (id, from_step) = (r.id, r.from_checkpoint_step);
+        let env = r.env.into_iter().collect();
+        let job = self
+            .engine
+            .ask(|reply| Event::RestartJob {
+                id,
+                from_step,
+                env,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(job_view::detail(&job)))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

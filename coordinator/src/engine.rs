@@ -90,6 +90,12 @@ pub enum Event {
         id: String,
         reply: oneshot::Sender<Result<Job, ControlError>>,
     },
+    RestartJob {
+        id: String,
+        from_step: Option<u64>,
+        env: std::collections::BTreeMap<String, String>,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
     /// An operator clears a host or GPU from the lemon list.
     ClearLemon {
         subject: String,
@@ -451,6 +457,26 @@ impl Engine {
             }
             Event::CancelJob { id, reply } => {
                 let answer = match self.state.cancel_job(&id, now()) {
+                    Ok(effects) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
+                                crate::state::StateError::UnknownJob(id),
+                            ))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                reply.send(answer).ok();
+            }
+            Event::RestartJob {
+                id,
+                from_step,
+                env,
+                reply,
+            } => {
+                let answer = match self.state.restart_job(&id, from_step, env, now()) {
                     Ok(effects) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();

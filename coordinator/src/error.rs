@@ -49,7 +49,9 @@ impl From<ControlError> for Status {
                 | StateError::UnknownJob(_)
                 | StateError::UnknownLemon(_),
             ) => Status::not_found(message),
-            ControlError::State(StateError::InvalidSpec(_)) => Status::invalid_argument(message),
+            ControlError::State(StateError::InvalidSpec(_) | StateError::InvalidRequest(_)) => {
+                Status::invalid_argument(message)
+            }
             ControlError::State(
                 StateError::StaleSession { .. }
                 | StateError::NeedsDiagnostics { .. }

@@ -146,6 +146,7 @@ fn checkpoint(s: &mut ClusterState, job: &str, step: u64, save_ms: u64, now: Now
         path: format!("/shared/ckpt/train/step_{step:08}"),
         step: Some(step),
         save_ms: Some(save_ms),
+        completed_at_unix_ms: None,
     });
     agent_event(s, &node, kind, 0, now);
 }

@@ -214,6 +214,16 @@ pub struct Job {
     /// Nodes flagged as stragglers in the current attempt.
     #[serde(default)]
     pub stragglers: std::collections::BTreeSet<String>,
+    /// Node rank 0's recent training metrics (see `training_health`).
+    #[serde(default)]
+    pub loss_history: std::collections::VecDeque<crate::training_health::Report>,
+    /// The attempt that starts from a rolled-back checkpoint: checkpoints
+    /// completed before it started (newer, from the spike) are ignored.
+    #[serde(default)]
+    pub rollback_attempt: Option<u64>,
+    /// Operator-approved environment (`clusterctl job restart --env`), over the spec's.
+    #[serde(default)]
+    pub env_override: BTreeMap<String, String>,
     pub events: Vec<JobEvent>,
     /// Events not yet announced to `clusterctl events` watchers (not stored).
     #[serde(skip)]

@@ -65,6 +65,9 @@ impl ClusterState {
             triage: None,
             slow_since: BTreeMap::new(),
             stragglers: BTreeSet::new(),
+            loss_history: Default::default(),
+            rollback_attempt: None,
+            env_override: BTreeMap::new(),
             events: Vec::new(),
             unannounced: Vec::new(),
         };
@@ -201,7 +204,11 @@ impl ClusterState {
             Some(Kind::Checkpoint(c)) => {
                 let inside = std::path::Path::new(&c.path).starts_with(&job.spec.checkpoint.dir);
                 let known = job.checkpoint.as_ref().is_some_and(|k| k.path == c.path);
-                if !inside || known || job.workers.get(node).is_none_or(|w| w.node_rank != 0) {
+                if !inside
+                    || known
+                    || job.workers.get(node).is_none_or(|w| w.node_rank != 0)
+                    || crate::rollback::stale(job, c)
+                {
                     return effects;
                 }
                 let step = c
@@ -256,6 +263,10 @@ impl ClusterState {
                 w.progress_step = info.progress_step;
                 w.progress_at_ms = now.wall_ms;
                 crate::stragglers::sample(w, now.wall_ms);
+                let rank0 = w.node_rank == 0;
+                if rank0 && crate::rollback::observe(job, &self.nodes, info, now, &mut effects) {
+                    continue;
+                }
                 if goodput::on_progress(job, now.wall_ms) {
                     effects.push(Effect::PersistJob(Box::new(job.clone())));
                 }
@@ -592,7 +603,7 @@ fn count_free(
         .count()
 }
 
-fn after_failure(job: &Job) -> AfterStop {
+pub(crate) fn after_failure(job: &Job) -> AfterStop {
     if job.restarts < job.spec.restart.max_restarts {
         AfterStop::Restart
     } else {
@@ -633,6 +644,7 @@ pub fn worker_env(
     rank: usize,
 ) -> BTreeMap<String, String> {
     let mut env = job.spec.env.clone();
+    env.extend(job.env_override.clone());
     let nnodes = job.placement.len().to_string();
     let master = job
         .placement
@@ -789,19 +801,19 @@ fn start_attempt(
 
 /// Why an attempt ends: the reason, the node blamed (if any), a stable kind
 /// (a metric label), and when the fault was observed if earlier than now.
-struct Failure<'a> {
-    reason: &'a str,
-    culprit: &'a str,
-    kind: &'static str,
-    fault_at_ms: Option<u64>,
+pub(crate) struct Failure<'a> {
+    pub(crate) reason: &'a str,
+    pub(crate) culprit: &'a str,
+    pub(crate) kind: &'static str,
+    pub(crate) fault_at_ms: Option<u64>,
     /// When the job stopped making progress, where known earlier than the
     /// fault was observed (a hang: its last step; a lost node: its last
     /// message). For goodput's detection time.
-    stalled_at_ms: Option<u64>,
+    pub(crate) stalled_at_ms: Option<u64>,
 }
 
 impl<'a> Failure<'a> {
-    fn new(reason: &'a str, culprit: &'a str, kind: &'static str) -> Self {
+    pub(crate) fn new(reason: &'a str, culprit: &'a str, kind: &'static str) -> Self {
         Self {
             reason,
             culprit,
@@ -814,7 +826,7 @@ impl<'a> Failure<'a> {
 
 /// The attempt failed (or is cancelled): stop its workers on every node.
 /// Nothing starts again until every one of them is confirmed dead.
-fn stop_attempt(
+pub(crate) fn stop_attempt(
     job: &mut Job,
     nodes: &BTreeMap<String, Node>,
     failure: &Failure,

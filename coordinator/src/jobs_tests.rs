@@ -140,6 +140,7 @@ fn checkpoint(job: &str, attempt: u64, path: &str, step: u64) -> v1::AgentEvent 
         path: path.into(),
         step: Some(step),
         save_ms: None,
+        completed_at_unix_ms: None,
     }))
 }
 

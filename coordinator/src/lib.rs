@@ -19,6 +19,8 @@
 //! - `job_view`: the protocol's view of a job, for clusterctl.
 //! - `burn_in`: pure burn-in before a node joins or rejoins (`Validating`).
 //! - `stragglers`: pure step-rate comparison within a gang: `Degraded: straggler`.
+//! - `training_health`: pure loss / loss-scale policies of a job's training metrics.
+//! - `rollback`: rolling a job back to an earlier checkpoint (unhealthy training, or an operator).
 //! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
@@ -50,9 +52,11 @@ pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod rollback;
 pub mod state;
 pub mod store;
 pub mod stragglers;
+pub mod training_health;
 pub mod triage;
 pub mod xid;
 

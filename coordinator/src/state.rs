@@ -141,6 +141,8 @@ pub enum StateError {
     UnknownJob(String),
     #[error("{0}")]
     InvalidSpec(String),
+    #[error("{0}")]
+    InvalidRequest(String),
 }
 
 #[derive(Debug, Clone)]

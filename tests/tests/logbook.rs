@@ -382,3 +382,85 @@ fn a_node_stepping_slower_than_its_gang_is_flagged_a_straggler() -> Result<()> {
     assert_eq!(metric(&metrics, &series), Some(1.0), "{metrics}");
     Ok(())
 }
+
+#[test]
+fn a_loss_spike_is_rolled_back_to_the_checkpoint_before_it_and_an_operator_can_restart_earlier()
+-> Result<()> {
+    let cluster = start(2)?;
+    // The loss jumps to 40 from step 115 of attempt 1. Checkpoints every 40
+    // steps (1.6 s: the agent looks every second); 8 high reports (~1.6 s)
+    // before the rollback, so checkpoint 120, written during the spike, is
+    // usually known by then: the rollback must still pick 80.
+    let env = ", FAKE_LOSS = \"1\", FAKE_LOSS_SPIKE_AT_STEP = \"115\", FAKE_TOTAL_STEPS = \"1000\"";
+    let policy = "[training_health]\nspike_factor = 3.0\nspike_reports = 8\nmedian_window = 10\n";
+    let text = spec(&cluster, 2, 0, env, policy)?
+        .replace("FAKE_CKPT_EVERY = \"10\"", "FAKE_CKPT_EVERY = \"40\"");
+    let id = cluster.submit(&text)?;
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        vigil_tests::jobs::attempt(j) == 2 && workers_running(j, 2)
+    })?;
+    let attempts = vigil_tests::jobs::attempts(&job);
+    let reason = attempts[0]["reason"].as_str().unwrap_or("");
+    println!("{reason}");
+    assert!(
+        reason.contains("training unhealthy (loss_spike)"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("rolling back to checkpoint") && reason.contains("(step 80)"),
+        "the newest checkpoint before step 115: {reason}"
+    );
+    assert_eq!(
+        attempts[1]["resumed_from_step"], 80,
+        "not a checkpoint written during the spike: {}",
+        attempts[1]
+    );
+    let rollbacks = job["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1);
+
+    let out = clusterctl(
+        &cluster.url(),
+        &[
+            "job",
+            "restart",
+            &id,
+            "--from-checkpoint",
+            "40",
+            "--env",
+            "LR=1e-4",
+        ],
+    )?;
+    assert!(out.success(), "{}", out.stderr);
+    let job = cluster.wait_job(&id, "attempt 3 running", |j| {
+        vigil_tests::jobs::attempt(j) == 3 && workers_running(j, 2)
+    })?;
+    let attempts = vigil_tests::jobs::attempts(&job);
+    assert_eq!(attempts[2]["resumed_from_step"], 40, "{}", attempts[2]);
+    let restart = job["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "restart")
+        .filter_map(|e| e["message"].as_str())
+        .collect::<Vec<_>>();
+    assert!(
+        restart.iter().any(|m| m.contains("with LR=1e-4")),
+        "{restart:?}"
+    );
+    let bad = clusterctl(
+        &cluster.url(),
+        &["job", "restart", &id, "--from-checkpoint", "35"],
+    )?;
+    assert!(!bad.success());
+    assert!(
+        bad.stderr.contains("no complete checkpoint at step 35"),
+        "{}",
+        bad.stderr
+    );
+    Ok(())
+}

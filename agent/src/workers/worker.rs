@@ -269,7 +269,10 @@ async fn watch_checkpoints(
 
 /// What one scan found: the newest complete checkpoint, and how long its
 /// save took (when measurable).
-type Scan = (std::io::Result<Option<checkpoint::Checkpoint>>, Option<u64>);
+type Scan = (
+    std::io::Result<Option<checkpoint::Checkpoint>>,
+    Option<(u64, u64)>,
+);
 
 /// Scan the checkpoint dir off the async threads: a hung network file
 /// system blocks a blocking thread, not the worker's stop path.
@@ -278,7 +281,7 @@ async fn scan(watcher: &Watcher) -> Option<Scan> {
     tokio::task::spawn_blocking(move || {
         let found = checkpoint::latest_complete(&dir, layout);
         let save_ms = match &found {
-            Ok(Some(c)) => checkpoint::save_duration_ms(&dir, c, layout),
+            Ok(Some(c)) => checkpoint::save_timing(&dir, c, layout),
             _ => None,
         };
         (found, save_ms)
@@ -288,7 +291,8 @@ async fn scan(watcher: &Watcher) -> Option<Scan> {
 }
 
 fn report(watcher: &mut Watcher, scan: Option<Scan>, key: &Key, sink: &EventSink) {
-    let Some((scan, save_ms)) = scan else { return };
+    let Some((scan, timing)) = scan else { return };
+    let save_ms = timing.map(|(ms, _)| ms);
     {
         if let Some(found) = watcher.observe(scan) {
             info!(
@@ -307,6 +311,7 @@ fn report(watcher: &mut Watcher, scan: Option<Scan>, key: &Key, sink: &EventSink
                     path: found.path.display().to_string(),
                     step: found.step,
                     save_ms,
+                    completed_at_unix_ms: timing.map(|(_, at)| at),
                 })),
             });
         }

@@ -205,6 +205,11 @@ impl Fault {
     fn fires(self, step: u64, attempt: u64) -> bool {
         self.step == Some(step) && self.attempt.is_none_or(|a| a == attempt)
     }
+
+    /// From its step on (in its attempt).
+    fn since(self, step: u64, attempt: u64) -> bool {
+        self.step.is_some_and(|s| step >= s) && self.attempt.is_none_or(|a| a == attempt)
+    }
 }
 
 #[derive(Debug)]
@@ -219,6 +224,11 @@ struct Config {
     ckpt_save_ms: u64,
     /// (rank, milliseconds per step): one rank runs slower (a straggler).
     slow: Option<(u64, u64)>,
+    /// Write `step=N loss=X` instead of the bare step.
+    loss: bool,
+    /// The loss jumps to `loss_spike_value` from this step on.
+    loss_spike: Fault,
+    loss_spike_value: String,
     ckpt_dir: Option<PathBuf>,
     layout: Layout,
     crash: Fault,
@@ -293,6 +303,9 @@ impl Config {
             total_steps: number("FAKE_TOTAL_STEPS", 0)?,
             ckpt_every: number("FAKE_CKPT_EVERY", 50)?,
             ckpt_save_ms: number("FAKE_CKPT_SAVE_MS", 0)?,
+            loss: var("FAKE_LOSS").is_some_and(|v| v == "1"),
+            loss_spike: fault("LOSS_SPIKE")?,
+            loss_spike_value: var("FAKE_LOSS_SPIKE_VALUE").unwrap_or_else(|| "40.0".to_string()),
             slow: match var("FAKE_SLOW_RANK") {
                 Some(_) => Some((
                     number("FAKE_SLOW_RANK", 0)?,
@@ -396,7 +409,14 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
             println!("wrote partial checkpoint {}", dir.display());
             return Ok(crash(step, "FAKE_PARTIAL_AT_STEP"));
         }
-        write_atomic(&cfg.progress_file, format!("{step}\n").as_bytes())?;
+        let line = if !cfg.loss {
+            format!("{step}\n")
+        } else if cfg.loss_spike.since(step, cfg.attempt) {
+            format!("step={step} loss={}\n", cfg.loss_spike_value)
+        } else {
+            format!("step={step} loss={:.4}\n", 2.0 + 1.0 / step as f64)
+        };
+        write_atomic(&cfg.progress_file, line.as_bytes())?;
         let save = Duration::from_millis(cfg.ckpt_save_ms);
         if let Some(root) = checkpoints.filter(|_| step % cfg.ckpt_every == 0) {
             let dir = cfg.layout.write_taking(root, step, true, save)?;
