@@ -13,7 +13,7 @@ use crate::job::{Attempt, Checkpoint, Job, MAX_CHECKPOINT_HISTORY};
 
 /// Failure kinds that are an operator's doing: they cost time but say
 /// nothing about the cluster's failure rate (MTBF).
-const OPERATOR_KINDS: [&str; 3] = ["drain", "cancelled", "operator_restart"];
+const OPERATOR_KINDS: [&str; 4] = ["drain", "cancelled", "operator_restart", "straggler_swap"];
 
 /// Where one stretch of wall time went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

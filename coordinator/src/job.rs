@@ -221,6 +221,9 @@ pub struct Job {
     /// completed before it started (newer, from the spike) are ignored.
     #[serde(default)]
     pub rollback_attempt: Option<u64>,
+    /// Nodes the next placement must not use (a straggler swapped out).
+    #[serde(default)]
+    pub avoid: std::collections::BTreeSet<String>,
     /// Operator-approved environment (`clusterctl job restart --env`), over the spec's.
     #[serde(default)]
     pub env_override: BTreeMap<String, String>,

@@ -67,6 +67,7 @@ impl ClusterState {
             stragglers: BTreeSet::new(),
             loss_history: Default::default(),
             rollback_attempt: None,
+            avoid: BTreeSet::new(),
             env_override: BTreeMap::new(),
             events: Vec::new(),
             unannounced: Vec::new(),
@@ -228,6 +229,8 @@ impl ClusterState {
                 };
                 goodput::on_checkpoint(job, seen.clone());
                 job.checkpoint = Some(seen);
+                let swap = self.stragglers.swap_at_checkpoint;
+                crate::stragglers::swap(job, &self.nodes, swap, now, &mut effects);
             }
             _ => {}
         }
@@ -484,9 +487,11 @@ impl ClusterState {
             };
             let gpus = job.spec.gpus_per_node;
             let nodes = &self.nodes;
+            let avoid = job.avoid.clone();
             let ok = |n: &str, holders: &HashMap<String, String>| {
                 holders.get(n).is_none_or(|h| *h == id)
                     && nodes.get(n).is_some_and(|node| eligible(node, gpus))
+                    && !avoid.contains(n)
             };
             if job.phase.holds_nodes() {
                 let before = job.spares.clone();
@@ -701,6 +706,7 @@ fn start_attempt(
 ) {
     job.attempt += 1;
     job.placement = placement;
+    job.avoid.clear();
     job.phase = JobPhase::Running;
     job.reason = String::new();
     job.after_stop = None;

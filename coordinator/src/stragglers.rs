@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::health::{Condition, Finding};
-use crate::job::{JobPhase, Worker};
+use crate::job::{AfterStop, Job, JobPhase, Worker};
+use crate::jobs::{Failure, stop_attempt};
+use crate::node::Node;
 use crate::state::{ClusterState, Effect, Now};
 
 /// Step changes kept per worker.
@@ -29,6 +31,9 @@ pub struct StragglerConfig {
     /// How far back the step rate is measured.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
+    /// At the job's next complete checkpoint, restart it without its
+    /// stragglers, on its spares (only when it has enough).
+    pub swap_at_checkpoint: bool,
 }
 
 impl Default for StragglerConfig {
@@ -38,6 +43,7 @@ impl Default for StragglerConfig {
             slower_than: 0.25,
             for_: Duration::from_secs(60),
             window: Duration::from_secs(30),
+            swap_at_checkpoint: false,
         }
     }
 }
@@ -89,6 +95,40 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
         _ if n % 2 == 1 => Some(v[n / 2]),
         _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
     }
+}
+
+/// A complete checkpoint was just seen: swap the job's stragglers for its
+/// spares now (when `enabled` and it has enough), resuming from it.
+pub fn swap(
+    job: &mut Job,
+    nodes: &BTreeMap<String, Node>,
+    enabled: bool,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    let out: Vec<String> = job
+        .stragglers
+        .iter()
+        .filter(|n| job.placement.contains(n))
+        .cloned()
+        .collect();
+    if !enabled || job.phase != JobPhase::Running || out.is_empty() || job.spares.len() < out.len()
+    {
+        return;
+    }
+    let step = job
+        .checkpoint
+        .as_ref()
+        .and_then(|c| c.step)
+        .map_or_else(|| "?".to_owned(), |s| s.to_string());
+    let reason = format!(
+        "swapping straggler(s) {} for spare(s) at checkpoint step {step}",
+        out.join(", ")
+    );
+    job.event(now.wall_ms, "straggler", reason.clone());
+    job.avoid.extend(out.iter().cloned());
+    let failure = Failure::new(&reason, "", "straggler_swap");
+    stop_attempt(job, nodes, &failure, AfterStop::Restart, now, effects);
 }
 
 enum Change {

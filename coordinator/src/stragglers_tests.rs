@@ -228,3 +228,73 @@ fn the_median_and_the_config_are_sound() {
         assert!(cfg.validate().is_err());
     }
 }
+
+#[test]
+fn with_swap_at_checkpoint_a_straggler_is_swapped_for_the_spare_at_the_next_checkpoint() {
+    let liveness = LivenessConfig {
+        unreachable_after: std::time::Duration::from_secs(3600),
+        lost_after: std::time::Duration::from_secs(7200),
+        ..LivenessConfig::default()
+    };
+    let mut s = ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        liveness,
+        HealthConfig::default(),
+        t(0),
+    );
+    s.stragglers.swap_at_checkpoint = true;
+    for i in 1..=4u64 {
+        s.register(reg(&format!("n{i}"), i), t(0));
+    }
+    let spec = SPEC.replace("workdir = \"/w\"", "workdir = \"/w\"\nspare_nodes = 1");
+    let (id, _) = s.submit_job(&spec, "job.toml", t(0)).expect("valid");
+    s.schedule(t(0));
+    assert_eq!(s.jobs[&id].spares, ["n4"]);
+    for secs in 1..=70 {
+        second(&mut s, &id, secs, half_speed_n3);
+    }
+    assert!(s.jobs[&id].stragglers.contains("n3"));
+    assert_eq!(
+        s.jobs[&id].phase,
+        JobPhase::Running,
+        "not killed before a checkpoint"
+    );
+    let ev = v1::AgentEvent {
+        at_unix_ms: 0,
+        kind: Some(v1::agent_event::Kind::Checkpoint(v1::CheckpointSeen {
+            job_id: id.clone(),
+            attempt: 1,
+            path: "/c/step_00000700".into(),
+            step: Some(700),
+            ..Default::default()
+        })),
+    };
+    s.agent_event("n1", 1, &ev, t(71)).expect("live");
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    assert_eq!(s.jobs[&id].attempts[0].failure_kind, "straggler_swap");
+    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+        let ev = v1::AgentEvent {
+            at_unix_ms: 0,
+            kind: Some(v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+                job_id: id.clone(),
+                attempt: 1,
+                stopped: true,
+                ..Default::default()
+            })),
+        };
+        s.agent_event(node, i as u64 + 1, &ev, t(72)).expect("live");
+    }
+    s.jobs_tick(t(90));
+    let job = &s.jobs[&id];
+    assert_eq!(job.attempt, 2);
+    assert_eq!(
+        job.placement,
+        ["n1", "n2", "n4"],
+        "the spare replaces the straggler"
+    );
+    assert_eq!(
+        job.attempts[1].resumed_from.as_ref().and_then(|c| c.step),
+        Some(700)
+    );
+}

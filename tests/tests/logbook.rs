@@ -464,3 +464,47 @@ fn a_loss_spike_is_rolled_back_to_the_checkpoint_before_it_and_an_operator_can_r
     );
     Ok(())
 }
+
+#[test]
+fn with_swap_at_checkpoint_a_straggler_is_replaced_by_the_spare() -> Result<()> {
+    let config = format!(
+        "{}\n[stragglers]\nfor = \"2s\"\nwindow = \"3s\"\nswap_at_checkpoint = true\n",
+        vigil_tests::FAST_LIVENESS
+    );
+    let cluster = vigil_tests::Cluster::start(&config, 4)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 4))?;
+    let env = ", FAKE_SLOW_RANK = \"2\", FAKE_SLOW_STEP_MS = \"120\"";
+    let id = cluster.submit(&spec(&cluster, 3, 1, env, "")?)?;
+    let job = cluster.wait_job(&id, "attempt 1 running with a spare", |j| {
+        workers_running(j, 3) && j["spare_nodes"].as_array().is_some_and(|s| s.len() == 1)
+    })?;
+    let slow = job["job"]["assigned_nodes"][2]
+        .as_str()
+        .context("rank 2")?
+        .to_owned();
+    let spare = job["spare_nodes"][0].as_str().context("spare")?.to_owned();
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        vigil_tests::jobs::attempt(j) == 2 && workers_running(j, 3)
+    })?;
+    let attempts = vigil_tests::jobs::attempts(&job);
+    assert!(
+        attempts[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("swapping straggler(s) {slow} for spare(s)")),
+        "{}",
+        attempts[0]
+    );
+    let nodes: Vec<&str> = attempts[1]["nodes"]
+        .as_array()
+        .map(|n| n.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(!nodes.contains(&slow.as_str()), "{nodes:?}");
+    assert!(nodes.contains(&spare.as_str()), "{nodes:?}");
+    assert!(
+        attempts[1]["resumed_from_step"].as_u64().is_some(),
+        "resumed from the checkpoint it was swapped at: {}",
+        attempts[1]
+    );
+    Ok(())
+}
