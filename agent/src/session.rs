@@ -347,7 +347,9 @@ fn handle(ctx: &SessionContext, msg: CoordinatorMessage) -> Result<(), SessionEr
 
 fn run_command(ctx: &SessionContext, command: Command) {
     match command.kind {
-        Some(CommandKind::RunDiagnostics(r)) => ctx.diagnostics.spawn(command.id, r.timeout_ms),
+        Some(CommandKind::RunDiagnostics(r)) => {
+            ctx.diagnostics.spawn(command.id, r.timeout_ms, r.command)
+        }
         Some(CommandKind::StartWorker(start)) => ctx.workers.start_worker(start),
         Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),

@@ -57,6 +57,7 @@ impl AgentService for FakeCoordinator {
                             id: DIAGNOSTICS_ID,
                             kind: Some(command::Kind::RunDiagnostics(RunDiagnostics {
                                 timeout_ms: 5_000,
+                                command: Vec::new(),
                             })),
                         }),
                     ],

@@ -123,6 +123,22 @@ impl Coordinator {
         self.answer(r, None, REQUEST_TIMEOUT)
     }
 
+    pub async fn list_lemons(&mut self) -> Result<v1::ListLemonsResponse> {
+        let r = self
+            .client
+            .list_lemons(request(v1::ListLemonsRequest {}))
+            .await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
+    pub async fn clear_lemon(&mut self, subject: &str) -> Result<v1::ListLemonsResponse> {
+        let req = v1::ClearLemonRequest {
+            subject: subject.into(),
+        };
+        let r = self.client.clear_lemon(request(req)).await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
     pub async fn get_node(&mut self, name: &str) -> Result<v1::NodeDetail> {
         let req = v1::GetNodeRequest { name: name.into() };
         let r = self.client.get_node(request(req)).await;
@@ -189,6 +205,21 @@ impl Coordinator {
     pub async fn cancel_job(&mut self, id: &str) -> Result<v1::JobDetail> {
         let req = v1::CancelJobRequest { id: id.into() };
         let r = self.client.cancel_job(request(req)).await;
+        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
+    }
+
+    pub async fn restart_job(
+        &mut self,
+        id: &str,
+        from_checkpoint_step: Option<u64>,
+        env: Vec<(String, String)>,
+    ) -> Result<v1::JobDetail> {
+        let req = v1::RestartJobRequest {
+            id: id.into(),
+            from_checkpoint_step,
+            env: env.into_iter().collect(),
+        };
+        let r = self.client.restart_job(request(req)).await;
         self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
     }
 

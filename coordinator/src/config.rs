@@ -46,6 +46,14 @@ pub struct Config {
     /// Mutual TLS: the coordinator's certificate and key, and the CA that signed every
     /// agent's and operator's certificate. Re-read on SIGHUP.
     pub tls: Option<vigil_tls::TlsFiles>,
+    /// Lemon hosts and GPUs (see `lemons`).
+    pub lemons: crate::lemons::LemonConfig,
+    /// Diagnosing the gang after an unexplained failure (see `triage`).
+    pub triage: crate::triage::TriageConfig,
+    /// Burn-in before a node joins or rejoins (see `burn_in`).
+    pub burn_in: crate::burn_in::BurnInConfig,
+    /// Nodes slower than their gang (see `stragglers`).
+    pub stragglers: crate::stragglers::StragglerConfig,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -149,6 +157,10 @@ impl Default for Config {
             diagnostics: DiagnosticsConfig::default(),
             insecure: false,
             tls: None,
+            lemons: crate::lemons::LemonConfig::default(),
+            triage: crate::triage::TriageConfig::default(),
+            burn_in: crate::burn_in::BurnInConfig::default(),
+            stragglers: crate::stragglers::StragglerConfig::default(),
         }
     }
 }
@@ -200,6 +212,10 @@ impl Config {
             diagnostics,
             insecure,
             tls,
+            lemons,
+            triage,
+            burn_in,
+            stragglers,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -210,6 +226,10 @@ impl Config {
             ("diagnostics", *diagnostics != new.diagnostics),
             ("insecure", *insecure != new.insecure),
             ("tls", *tls != new.tls),
+            ("lemons", *lemons != new.lemons),
+            ("triage", *triage != new.triage),
+            ("burn_in", *burn_in != new.burn_in),
+            ("stragglers", *stragglers != new.stragglers),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -296,6 +316,10 @@ impl Config {
                 fmt(t)
             )));
         }
+        self.lemons.validate().map_err(ConfigError::Invalid)?;
+        self.triage.validate().map_err(ConfigError::Invalid)?;
+        self.burn_in.validate().map_err(ConfigError::Invalid)?;
+        self.stragglers.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),

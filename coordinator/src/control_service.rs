@@ -279,6 +279,69 @@ impl v1::control_service_server::ControlService for ControlService {
         Ok(Response::new(job_view::detail(&job)))
     }
 
+    async fn list_lemons(
+        &self,
+        request: Request<v1::ListLemonsRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        self.allow(&request, Role::Viewer, "nodes --lemons")?;
+        let snap = self.engine.snapshot();
+        let now_ms = crate::metrics::unix_ms(std::time::SystemTime::now());
+        Ok(Response::new(crate::lemon_view::listing(
+            &snap.lemons,
+            now_ms,
+        )))
+    }
+
+    async fn clear_lemon(
+        &self,
+        request: Request<v1::ClearLemonRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        let caller = self.allow(&request, Role::Admin, "uncordon --clear-lemon")?;
+        let subject = request.into_inner().subject;
+        if subject.is_empty() || subject.len() > 256 {
+            return Err(ControlError::InvalidArgument(
+                "lemon subject must be a node name, host/NAME, gpu/SERIAL or a GPU serial (1-256 characters)".into(),
+            )
+            .into());
+        }
+        let cleared = self
+            .engine
+            .ask(|reply| Event::ClearLemon {
+                subject,
+                actor: caller.actor,
+                reply,
+            })
+            .await?;
+        let snap = self.engine.snapshot();
+        let now_ms = crate::metrics::unix_ms(std::time::SystemTime::now());
+        Ok(Response::new(crate::lemon_view::cleared(
+            &snap.lemons,
+            &cleared,
+            now_ms,
+        )))
+    }
+
+    async fn restart_job(
+        &self,
+        request: Request<v1::RestartJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        let caller = self.allow(&request, Role::Admin, "job restart")?;
+        let r = request.into_inner();
+        let (id, from_step) = (r.id, r.from_checkpoint_step);
+        let env = r.env.into_iter().collect();
+        let job = self
+            .engine
+            .ask(|reply| Event::RestartJob {
+                id,
+                from_step,
+                env,
+                actor: caller.actor,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(job_view::detail(&job)))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

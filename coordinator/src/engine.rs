@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::error::ControlError;
 use crate::health::Condition;
 use crate::job::Job;
+use crate::lemons::{Ledger, LemonRecord};
 use crate::metrics::{Metrics, unix_ms};
 use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
@@ -103,6 +104,19 @@ pub enum Event {
         actor: String,
         reply: oneshot::Sender<Result<Job, ControlError>>,
     },
+    RestartJob {
+        id: String,
+        from_step: Option<u64>,
+        env: std::collections::BTreeMap<String, String>,
+        actor: String,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
+    /// An operator clears a host or GPU from the lemon list.
+    ClearLemon {
+        subject: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Vec<LemonRecord>, ControlError>>,
+    },
 }
 
 /// A diagnostic run the engine waits for.
@@ -139,6 +153,7 @@ const DIAGNOSTICS_GRACE: Duration = Duration::from_secs(5);
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub jobs: Vec<Job>,
+    pub lemons: Ledger,
     pub at: Instant,
 }
 
@@ -230,10 +245,15 @@ impl Engine {
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
-        let state = state.with_jobs(store.load_jobs()?);
+        let mut state = state.with_jobs(store.load_jobs()?);
+        state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
+        state.triage = config.triage;
+        state.burn_in = config.burn_in.clone();
+        state.stragglers = config.stragglers;
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),
+            lemons: state.lemons.clone(),
             at: Instant::now(),
         }));
         metrics.observe_nodes(state.nodes.values());
@@ -294,6 +314,7 @@ impl Engine {
                     }
                     let mut effects = self.state.tick(t);
                     effects.extend(self.state.jobs_tick(t));
+                    effects.extend(self.state.burn_in_tick(t));
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
                     self.expire_log_reads();
@@ -508,6 +529,53 @@ impl Engine {
                 self.audit_job(&id, &actor, "cancel", &answer).await;
                 reply.send(answer).ok();
             }
+            Event::RestartJob {
+                id,
+                from_step,
+                env,
+                actor,
+                reply,
+            } => {
+                let what = match from_step {
+                    Some(step) => format!("restart from checkpoint step {step} (env {env:?})"),
+                    None => format!("restart (env {env:?})"),
+                };
+                let answer = match self.state.restart_job(&id, from_step, env, now()) {
+                    Ok(effects) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
+                                crate::state::StateError::UnknownJob(id.clone()),
+                            ))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                self.audit_job(&id, &actor, &what, &answer).await;
+                reply.send(answer).ok();
+            }
+            Event::ClearLemon {
+                subject,
+                actor,
+                reply,
+            } => {
+                let answer = match self.state.clear_lemon(&subject, now()) {
+                    Ok((cleared, effects)) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            Ok(cleared)
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                // Recorded on the node the subject names, if it names one.
+                let node = subject.strip_prefix("host/").unwrap_or(&subject).to_owned();
+                let what = format!("clear lemon {subject}");
+                self.audit_node(&node, &actor, &what, &answer).await;
+                reply.send(answer).ok();
+            }
         }
     }
 
@@ -614,6 +682,7 @@ impl Engine {
         }
         let run = v1::command::Kind::RunDiagnostics(v1::RunDiagnostics {
             timeout_ms: millis(timeout),
+            command: Vec::new(),
         });
         let Some((session, id)) = self.try_command(&node, run) else {
             reply.send(Err(ControlError::NotConnected(node))).ok();
@@ -634,7 +703,7 @@ impl Engine {
 
     async fn diagnostics_result(&mut self, node: &str, session: u64, d: &v1::DiagnosticsResult) {
         let Some(pending) = self.pending.remove(&d.command_id) else {
-            warn!(node = %node, command_id = d.command_id, "diagnostics result for no pending request; recording it anyway");
+            info!(node = %node, command_id = d.command_id, "diagnostics result no operator waits for (a triage's, or late); recording it");
             return self.keep_diagnostics(node, d, None).await;
         };
         if pending.node != node || pending.session != session {
@@ -667,6 +736,11 @@ impl Engine {
         let answer = self.commit(node, backup, result).await.map(|_| record);
         if let Some(reply) = reply {
             reply.send(answer).ok();
+        }
+        let mut triage = self.state.triage_result(node, d.passed, &d.summary, now());
+        triage.extend(self.state.burn_in_result(node, d.passed, &d.summary, now()));
+        if !triage.is_empty() && self.apply(triage).await.is_ok() {
+            self.publish();
         }
     }
 
@@ -805,6 +879,10 @@ impl Engine {
         if !effects.is_empty() {
             let more = self.state.react(&effects, now());
             effects.extend(more);
+            let lemons = self.state.lemon_react(&effects, now());
+            effects.extend(lemons);
+            let burn_in = self.state.burn_in_react(&effects, now());
+            effects.extend(burn_in);
         }
         let mut wrote = false;
         for effect in &effects {
@@ -817,6 +895,10 @@ impl Engine {
                 Effect::Record { node, event } => self.store.put_event(node, event)?,
                 Effect::PersistJob(job) => {
                     self.store.put_job(job)?;
+                    wrote = true;
+                }
+                Effect::PersistLemon(record) => {
+                    self.store.put_lemon(record)?;
                     wrote = true;
                 }
                 _ => {}
@@ -955,6 +1037,27 @@ impl Engine {
                 info!(job = %job, kind = %kind, lost_ms, fault_to_relaunch_ms, "job {job} relaunched after a {kind} failure");
             }
             Effect::Command { node, kind } => self.send_command(&node, kind),
+            Effect::PersistLemon(r) => {
+                self.dirty = true;
+                let recent = r.recent(now().wall_ms, &self.state.lemons.cfg).count();
+                let last = r.incidents.last();
+                let lemon_now =
+                    r.blocklisted_at_ms.is_some() && r.blocklisted_at_ms == last.map(|i| i.at_ms);
+                match (
+                    r.cleared_at_ms.filter(|_| r.blocklisted_at_ms.is_none()),
+                    lemon_now,
+                ) {
+                    (Some(_), _) if last.is_none_or(|i| Some(i.at_ms) <= r.cleared_at_ms) => {
+                        info!(subject = %r.key(), node = %r.node, "lemon entry {} cleared by an operator", r.key())
+                    }
+                    (_, true) => {
+                        warn!(subject = %r.key(), node = %r.node, failures = recent, kinds = %r.kinds(now().wall_ms, &self.state.lemons.cfg), "{} is a lemon: {recent} failures within the window; blocklisted", r.key())
+                    }
+                    _ => {
+                        info!(subject = %r.key(), node = %r.node, failures = recent, kind = last.map_or("", |i| i.kind.as_str()), "failure charged to {}", r.key())
+                    }
+                }
+            }
             Effect::JobLog { job, message, warn } => {
                 if warn {
                     warn!(job = %job, "job {job}: {message}");
@@ -1000,6 +1103,7 @@ impl Engine {
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),
+            lemons: self.state.lemons.clone(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

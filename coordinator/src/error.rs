@@ -54,12 +54,18 @@ impl From<ControlError> for Status {
     fn from(e: ControlError) -> Self {
         let message = e.to_string();
         match e {
-            ControlError::State(StateError::UnknownNode(_) | StateError::UnknownJob(_)) => {
-                Status::not_found(message)
-            }
-            ControlError::State(StateError::InvalidSpec(_)) => Status::invalid_argument(message),
             ControlError::State(
-                StateError::StaleSession { .. } | StateError::NeedsDiagnostics { .. },
+                StateError::UnknownNode(_)
+                | StateError::UnknownJob(_)
+                | StateError::UnknownLemon(_),
+            ) => Status::not_found(message),
+            ControlError::State(StateError::InvalidSpec(_) | StateError::InvalidRequest(_)) => {
+                Status::invalid_argument(message)
+            }
+            ControlError::State(
+                StateError::StaleSession { .. }
+                | StateError::NeedsDiagnostics { .. }
+                | StateError::Blocklisted { .. },
             ) => Status::failed_precondition(message),
             ControlError::NotConnected(_) => Status::unavailable(message),
             ControlError::DiagnosticsTimeout { .. } => Status::deadline_exceeded(message),

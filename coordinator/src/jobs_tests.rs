@@ -61,6 +61,8 @@ fn cluster(nodes: u32, now: Now) -> ClusterState {
         HealthConfig::default(),
         now,
     );
+    // These tests pin the restart mechanics; triage_tests covers triage.
+    s.triage.enabled = false;
     for i in 1..=nodes {
         let e = s.register(reg(&format!("n{i}"), u64::from(i), Vec::new()), now);
         run(&mut s, e, now);
@@ -137,6 +139,8 @@ fn checkpoint(job: &str, attempt: u64, path: &str, step: u64) -> v1::AgentEvent 
         attempt,
         path: path.into(),
         step: Some(step),
+        save_ms: None,
+        completed_at_unix_ms: None,
     }))
 }
 

@@ -7,10 +7,21 @@
 //! - `xid`: NVIDIA's XID catalog (shipped as data) and the class of each XID.
 //! - `health`: pure GPU-health policy: samples and events -> findings -> condition.
 //! - `state`: `ClusterState` and its pure transitions, returning `Effect`s.
+//! - `lemons`: the pure lemon ledger: failures per host and GPU serial, blocklist.
+//! - `lemon_watch`: which node changes are charged to it, and its cordons.
+//! - `lemon_view`: the protocol's view of the ledger, for clusterctl.
 //! - `jobspec`: the job spec (TOML) and its validation.
 //! - `job`: a job's persisted record: spec, attempts, workers, checkpoint, history.
 //! - `jobs`: pure job state machine and gang scheduler.
+//! - `goodput`: pure goodput accounting: where a job's wall time went, ETTR,
+//!   and the checkpoint interval Young's formula suggests.
+//! - `goodput_metrics`: its Prometheus series.
 //! - `job_view`: the protocol's view of a job, for clusterctl.
+//! - `burn_in`: pure burn-in before a node joins or rejoins (`Validating`).
+//! - `stragglers`: pure step-rate comparison within a gang: `Degraded: straggler`.
+//! - `training_health`: pure loss / loss-scale policies of a job's training metrics.
+//! - `rollback`: rolling a job back to an earlier checkpoint (unhealthy training, or an operator).
+//! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
@@ -26,23 +37,33 @@
 pub mod access;
 pub mod agent_service;
 pub mod audit;
+pub mod burn_in;
 pub mod config;
 pub mod control_service;
 pub mod control_streams;
 pub mod engine;
 pub mod error;
+pub mod goodput;
+pub mod goodput_metrics;
 pub mod health;
 pub mod job;
 pub mod job_view;
 pub mod jobs;
 pub mod jobspec;
+pub mod lemon_view;
+pub mod lemon_watch;
+pub mod lemons;
 pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod rollback;
 pub mod security_metrics;
 pub mod state;
 pub mod store;
+pub mod stragglers;
+pub mod training_health;
+pub mod triage;
 pub mod xid;
 
 use std::sync::Arc;

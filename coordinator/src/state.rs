@@ -108,6 +108,9 @@ pub enum Effect {
         message: String,
         warn: bool,
     },
+    /// Write this lemon record (a failure charged to a host or GPU, or an
+    /// operator's clear) and flush it before acting on what follows.
+    PersistLemon(Box<crate::lemons::LemonRecord>),
     /// An XID arrived (counted whatever its class).
     Xid {
         node: String,
@@ -128,10 +131,19 @@ pub enum StateError {
          run `clusterctl diagnose {node}` until it passes, or uncordon with --force"
     )]
     NeedsDiagnostics { node: String, reason: String },
+    #[error(
+        "node \"{node}\" is refused service: {why}; once the hardware is fixed or replaced, run \
+         `clusterctl uncordon {node} --clear-lemon`"
+    )]
+    Blocklisted { node: String, why: String },
+    #[error("no host or GPU \"{0}\" on the lemon list (clusterctl nodes --lemons lists them)")]
+    UnknownLemon(String),
     #[error("job \"{0}\" not found (clusterctl jobs lists the jobs)")]
     UnknownJob(String),
     #[error("{0}")]
     InvalidSpec(String),
+    #[error("{0}")]
+    InvalidRequest(String),
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +153,11 @@ pub struct ClusterState {
     pub health: HealthConfig,
     pub jobs: BTreeMap<String, crate::job::Job>,
     pub next_job_seq: u64,
+    /// Failures charged to hosts and GPUs (see `lemons`).
+    pub lemons: crate::lemons::Ledger,
+    pub triage: crate::triage::TriageConfig,
+    pub burn_in: crate::burn_in::BurnInConfig,
+    pub stragglers: crate::stragglers::StragglerConfig,
 }
 
 impl ClusterState {
@@ -168,6 +185,10 @@ impl ClusterState {
             health,
             jobs: BTreeMap::new(),
             next_job_seq: 0,
+            lemons: crate::lemons::Ledger::default(),
+            triage: crate::triage::TriageConfig::default(),
+            burn_in: crate::burn_in::BurnInConfig::default(),
+            stragglers: crate::stragglers::StragglerConfig::default(),
         }
     }
 
@@ -193,6 +214,7 @@ impl ClusterState {
                 first_registered_unix_ms: now.wall_ms,
                 last_registered_unix_ms: now.wall_ms,
                 last_diagnostics: None,
+                burn_in: None,
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
@@ -284,7 +306,7 @@ impl ClusterState {
         hear_from(node, now, "heartbeat resumed", &mut effects);
         judge(node, now, &cfg, &mut effects);
         let workers = node.workers.clone();
-        self.worker_progress(node_name, &workers, now);
+        effects.extend(self.worker_progress(node_name, &workers, now));
         Ok(effects)
     }
 
@@ -488,6 +510,17 @@ impl ClusterState {
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
         let cfg = self.health.clone();
+        if let Some(why) = self
+            .nodes
+            .get(name)
+            .and_then(|n| self.lemons.blocks(&n.record))
+        {
+            return Err(StateError::Blocklisted {
+                node: name.to_owned(),
+                why,
+            });
+        }
+        let burn_in = self.burn_in.on_uncordon;
         let node = self.node_mut(name)?;
         let Some(previous) = node.record.cordon.clone() else {
             return Ok(Vec::new());
@@ -502,6 +535,11 @@ impl ClusterState {
                 node: name.to_owned(),
                 reason: previous.reason,
             });
+        }
+        if burn_in {
+            // The operator says it is fixed; the burn-in decides.
+            node.health.clear_events();
+            return Ok(self.start_burn_in(name, "uncordon", now));
         }
         Arc::make_mut(&mut node.record).cordon = None;
         node.health.clear_events();
@@ -597,6 +635,19 @@ fn cordon_event(cordon: &Cordon, at_unix_ms: u64) -> NodeEvent {
 
 /// Re-judge a node's health: report a changed condition, and cordon a node
 /// that is Unhealthy and not cordoned yet (source `auto`).
+impl ClusterState {
+    /// Judge `node` again after a finding outside the health policy changed
+    /// (a straggler flag).
+    pub fn rejudge(&mut self, name: &str, now: Now) -> Vec<Effect> {
+        let cfg = self.health.clone();
+        let mut effects = Vec::new();
+        if let Some(node) = self.nodes.get_mut(name) {
+            judge(node, now, &cfg, &mut effects);
+        }
+        effects
+    }
+}
+
 fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect>) {
     node.health.expire(now.wall_ms, cfg);
     let to = node.health.condition();

@@ -177,6 +177,42 @@ impl Store {
         Ok(())
     }
 
+    /// The lemon ledger: every host and GPU with a failure on record.
+    pub fn load_lemons(&self) -> Result<Vec<crate::lemons::LemonRecord>, StoreError> {
+        let tree = self
+            .trees()?
+            .db
+            .open_tree("lemons")
+            .map_err(|e| self.io(e))?;
+        let mut out = Vec::new();
+        for item in tree.iter() {
+            let (k, v) = item.map_err(|e| self.io(e))?;
+            let record = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: format!("lemons/{}", String::from_utf8_lossy(&k)),
+                message: e.to_string(),
+            })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Stage a lemon record; durable after the next [`Store::flush`].
+    pub fn put_lemon(&self, record: &crate::lemons::LemonRecord) -> Result<(), StoreError> {
+        let tree = self
+            .trees()?
+            .db
+            .open_tree("lemons")
+            .map_err(|e| self.io(e))?;
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            message: format!("cannot encode lemon record {:?}: {e}", record.key()),
+        })?;
+        tree.insert(record.key().as_bytes(), value)
+            .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
     /// Every stored history entry, oldest first within each node.
     pub fn load_events(&self) -> Result<Vec<(String, NodeEvent)>, StoreError> {
         let mut out = Vec::new();
@@ -338,6 +374,7 @@ mod tests {
             first_registered_unix_ms: 1,
             last_registered_unix_ms: 2,
             last_diagnostics: None,
+            burn_in: None,
         }
     }
 

@@ -168,6 +168,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Add an agent whose config file also holds `extra` (top-level keys).
+    pub fn add_agent_with(&mut self, name: &str, extra: &str) -> Result<()> {
+        let agent = Agent::start_with(self.dir.path(), &self.url(), name, 8, extra)?;
+        self.agents.push(agent);
+        Ok(())
+    }
+
     pub fn agent(&self, name: &str) -> Result<&Agent> {
         self.agents
             .iter()

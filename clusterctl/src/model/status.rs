@@ -7,7 +7,14 @@ use vigil_proto::v1;
 use super::node::NodeSummary;
 
 /// The operator-facing node states, in the order `status` shows them.
-pub const NODE_STATES: [&str; 5] = ["Ready", "Degraded", "Cordoned", "Unreachable", "Lost"];
+pub const NODE_STATES: [&str; 6] = [
+    "Ready",
+    "Degraded",
+    "Validating",
+    "Cordoned",
+    "Unreachable",
+    "Lost",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CoordinatorInfo {
@@ -119,7 +126,7 @@ mod tests {
         let text = serde_json::to_string(&status.nodes_by_state).expect("serializes");
         assert_eq!(
             text,
-            r#"{"Ready":2,"Degraded":0,"Cordoned":1,"Unreachable":0,"Lost":0,"Quarantined":4}"#
+            r#"{"Ready":2,"Degraded":0,"Validating":0,"Cordoned":1,"Unreachable":0,"Lost":0,"Quarantined":4}"#
         );
         let value = serde_json::to_value(&status).expect("serializes");
         assert_eq!(value["coordinator"]["url"], json!("http://127.0.0.1:7770"));

@@ -61,6 +61,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
             resumed_from: String::new(),
             resumed_from_step: None,
             last_step: Some(260),
+            triage: Default::default(),
         }],
         last_checkpoint: Some(v1::CheckpointRecord {
             path: "/ckpt/step_00000200".into(),
@@ -69,6 +70,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
             attempt: 1,
         }),
         lost_ms: 4_200,
+        goodput: None,
         events: vec![v1::JobEvent {
             at_unix_ms: NOW_ISH,
             kind: "submitted".into(),
@@ -262,6 +264,7 @@ fn job_show_json_has_the_documented_shape() {
             "checkpoint_dir",
             "checkpoint_layout",
             "events",
+            "goodput",
             "job",
             "last_checkpoint",
             "lost_ms",
@@ -308,6 +311,7 @@ fn job_show_json_has_the_documented_shape() {
             "resumed_from",
             "resumed_from_step",
             "started_at_unix_ms",
+            "triage",
         ]
     );
     assert_eq!(

@@ -66,6 +66,18 @@ impl Layout {
     /// `attempt` that wrote it, so tests can prove fencing), then (when `complete`) what
     /// marks it complete. Every file goes through a temp file and a rename.
     fn write(self, root: &Path, step: u64, attempt: u64, complete: bool) -> io::Result<PathBuf> {
+        self.write_taking(root, step, attempt, complete, Duration::ZERO)
+    }
+
+    /// [`Layout::write`], taking `save` between the data and the marker (a slow save).
+    fn write_taking(
+        self,
+        root: &Path,
+        step: u64,
+        attempt: u64,
+        complete: bool,
+        save: Duration,
+    ) -> io::Result<PathBuf> {
         let dir = root.join(self.dir_name(step));
         fs::create_dir_all(&dir)?;
         let data = format!("fake weights at step {step}\n").repeat(64)
@@ -96,6 +108,7 @@ impl Layout {
             ),
         };
         write_atomic(&dir.join(data_file), data.as_bytes())?;
+        std::thread::sleep(save);
         if let (true, Some((path, text))) = (complete, marker) {
             write_atomic(&path, text.as_bytes())?;
         }
@@ -195,6 +208,11 @@ impl Fault {
     fn fires(self, step: u64, attempt: u64) -> bool {
         self.step == Some(step) && self.attempt.is_none_or(|a| a == attempt)
     }
+
+    /// From its step on (in its attempt).
+    fn since(self, step: u64, attempt: u64) -> bool {
+        self.step.is_some_and(|s| step >= s) && self.attempt.is_none_or(|a| a == attempt)
+    }
 }
 
 #[derive(Debug)]
@@ -206,6 +224,14 @@ struct Config {
     step_ms: u64,
     total_steps: u64,
     ckpt_every: u64,
+    ckpt_save_ms: u64,
+    /// (rank, milliseconds per step): one rank runs slower (a straggler).
+    slow: Option<(u64, u64)>,
+    /// Write `step=N loss=X` instead of the bare step.
+    loss: bool,
+    /// The loss jumps to `loss_spike_value` from this step on.
+    loss_spike: Fault,
+    loss_spike_value: String,
     ckpt_dir: Option<PathBuf>,
     layout: Layout,
     crash: Fault,
@@ -279,6 +305,17 @@ impl Config {
             step_ms: number("FAKE_STEP_MS", 20)?,
             total_steps: number("FAKE_TOTAL_STEPS", 0)?,
             ckpt_every: number("FAKE_CKPT_EVERY", 50)?,
+            ckpt_save_ms: number("FAKE_CKPT_SAVE_MS", 0)?,
+            loss: var("FAKE_LOSS").is_some_and(|v| v == "1"),
+            loss_spike: fault("LOSS_SPIKE")?,
+            loss_spike_value: var("FAKE_LOSS_SPIKE_VALUE").unwrap_or_else(|| "40.0".to_string()),
+            slow: match var("FAKE_SLOW_RANK") {
+                Some(_) => Some((
+                    number("FAKE_SLOW_RANK", 0)?,
+                    number("FAKE_SLOW_STEP_MS", 100)?,
+                )),
+                None => None,
+            },
             ckpt_dir: var("FAKE_CKPT_DIR").map(PathBuf::from),
             layout,
             crash: fault("CRASH")?,
@@ -350,8 +387,12 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
         .ckpt_dir
         .as_deref()
         .filter(|_| cfg.rank == 0 && cfg.ckpt_every > 0);
+    let step_ms = match cfg.slow {
+        Some((rank, ms)) if rank == cfg.rank => ms,
+        _ => cfg.step_ms,
+    };
     for step in first.. {
-        std::thread::sleep(Duration::from_millis(cfg.step_ms));
+        std::thread::sleep(Duration::from_millis(step_ms));
         if let Some(control) = &cfg.control_file {
             match fs::read_to_string(control).unwrap_or_default().trim() {
                 "crash" => return Ok(crash(step, "control file")),
@@ -371,10 +412,23 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
             println!("wrote partial checkpoint {}", dir.display());
             return Ok(crash(step, "FAKE_PARTIAL_AT_STEP"));
         }
-        write_atomic(&cfg.progress_file, format!("{step}\n").as_bytes())?;
+        let line = if !cfg.loss {
+            format!("{step}\n")
+        } else if cfg.loss_spike.since(step, cfg.attempt) {
+            format!("step={step} loss={}\n", cfg.loss_spike_value)
+        } else {
+            format!("step={step} loss={:.4}\n", 2.0 + 1.0 / step as f64)
+        };
+        write_atomic(&cfg.progress_file, line.as_bytes())?;
+        let save = Duration::from_millis(cfg.ckpt_save_ms);
         if let Some(root) = checkpoints.filter(|_| step % cfg.ckpt_every == 0) {
-            let dir = cfg.layout.write(root, step, cfg.attempt, true)?;
+            let dir = cfg
+                .layout
+                .write_taking(root, step, cfg.attempt, true, save)?;
             println!("checkpoint {} (step {step})", dir.display());
+        } else if cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0 {
+            // Every rank takes part in a save (sharded state): ranks stay in step.
+            std::thread::sleep(save);
         }
         if cfg.total_steps > 0 && step >= cfg.total_steps {
             println!("done at step {step}");
