@@ -86,7 +86,7 @@ coord_pid=""
 start_coordinator() {
   local data=$1 log=$2
   : >"$log.out"
-  "$bin/vigil-coordinator" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
+  "$bin/vigil-coordinator" --insecure --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
     --data-dir "$data" >>"$log.out" 2>>"$log" &
   coord_pid=$!
   pids+=("$coord_pid")
@@ -122,7 +122,7 @@ measure_agent() {
   mkdir -p "$dir"
   say "real agent cost: one vigil-agent (8 simulated GPUs) for ${agent_seconds}s"
   start_coordinator "$dir/data" "$dir/coordinator.log"
-  "$bin/vigil-agent" --coordinator "$url" --node-name bench-agent --gpu-backend sim --sim-gpus 8 \
+  "$bin/vigil-agent" --insecure --coordinator "$url" --node-name bench-agent --gpu-backend sim --sim-gpus 8 \
     --state-dir "$dir/state" --metrics-listen "127.0.0.1:$agent_metrics_port" 2>"$dir/agent.log" &
   local apid=$!
   pids+=("$apid")

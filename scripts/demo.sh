@@ -25,7 +25,7 @@ elapsed() { local ms=$(( $(ms_now) - $1 )); printf '%d.%03d s' $((ms / 1000)) $(
 say "building vigil ($profile profile)"
 cargo build --quiet --profile "$profile" --bins -p vigil-coordinator -p vigil-agent -p clusterctl -p vigil-tests
 case "$profile" in dev) bin=$PWD/target/debug ;; *) bin=$PWD/target/$profile ;; esac
-ctl() { "$bin/clusterctl" "$@"; }
+ctl() { "$bin/clusterctl" --insecure "$@"; }
 
 pids=()
 stopped=0
@@ -44,7 +44,7 @@ url="http://127.0.0.1:$port"
 export VIGIL_COORDINATOR=$url
 
 say "starting vigil-coordinator on 127.0.0.1:$port (metrics :$metrics_port, data $dir/coordinator)"
-"$bin/vigil-coordinator" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
+"$bin/vigil-coordinator" --insecure --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
   --data-dir "$dir/coordinator" >"$dir/coordinator.out" 2>"$dir/coordinator.log" &
 pids+=($!)
 # Jobs run as whoever runs the demo (said explicitly: as root, the agent refuses to run jobs
@@ -58,7 +58,7 @@ for i in $(seq 1 "$agents"); do
   name=$(printf 'sim-gpu-%03d' "$i")
   : >"$dir/$name.faults"
   echo "    vigil-agent $name with 8 SIMULATED GPUs (metrics :$((metrics_port + i)), faults $dir/$name.faults)"
-  "$bin/vigil-agent" --config "$dir/agent.toml" --coordinator "$url" --node-name "$name" --gpu-backend sim --sim-gpus 8 \
+  "$bin/vigil-agent" --insecure --config "$dir/agent.toml" --coordinator "$url" --node-name "$name" --gpu-backend sim --sim-gpus 8 \
     --sim-fault-file "$dir/$name.faults" --state-dir "$dir/$name" \
     --metrics-listen "127.0.0.1:$((metrics_port + i))" 2>"$dir/$name.log" &
   pids+=($!)
@@ -148,7 +148,7 @@ What happened (GPUs are SIMULATED; everything else is real processes on loopback
   attempt 2 resumed from the last complete checkpoint, step ${resumed:-?}; the other node was not cordoned.
 
 Try, in another shell:
-  export VIGIL_COORDINATOR=$url
+  export VIGIL_COORDINATOR=$url VIGIL_INSECURE=1   # this demo is plaintext (insecure = true)
   $bin/clusterctl job show $job
   $bin/clusterctl diagnose $victim; $bin/clusterctl uncordon $victim
   $bin/clusterctl job cancel $job

@@ -194,6 +194,56 @@ fn existing_subdir(dir: &Path, name: &str) -> Option<Checkpoint> {
     })
 }
 
+/// Files looked at to time one save, at most: a sharded checkpoint of a
+/// large model has thousands; their times are spread over the save.
+const MAX_SAVE_FILES: usize = 20_000;
+
+/// How long the save of `c` took: from the oldest to the newest modification
+/// time among its files (and, for layouts with a tracker file in `dir`, the
+/// tracker's). `None` when it holds no readable file.
+pub fn save_duration_ms(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<u64> {
+    save_timing(dir, c, layout).map(|(save_ms, _)| save_ms)
+}
+
+/// The save's duration (ms) and when it completed (the newest modification
+/// time, unix ms); see [`save_duration_ms`].
+pub fn save_timing(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<(u64, u64)> {
+    let mut times: Vec<SystemTime> = Vec::new();
+    let mut pending = vec![c.path.clone()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if times.len() >= MAX_SAVE_FILES {
+                break;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if let Ok(t) = meta.modified() {
+                times.push(t);
+            }
+        }
+    }
+    let tracker = match layout {
+        Layout::Megatron => Some(MEGATRON_TRACKER),
+        Layout::Deepspeed => Some(DEEPSPEED_TRACKER),
+        _ => None,
+    };
+    if let Some(t) = tracker.and_then(|name| std::fs::metadata(dir.join(name)).ok()) {
+        times.extend(t.modified().ok());
+    }
+    let first = times.iter().min()?;
+    let last = times.iter().max()?;
+    let d = last.duration_since(*first).unwrap_or_default();
+    let done = last
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Some((ms(d), ms(done)))
+}
+
 /// Remembers the last checkpoint reported, so each change is reported once.
 #[derive(Debug)]
 pub struct Watcher {
@@ -262,6 +312,32 @@ mod tests {
 
     fn some(name: &str, step: u64) -> Option<(String, Option<u64>)> {
         Some((name.to_owned(), Some(step)))
+    }
+
+    #[test]
+    fn save_duration_spans_the_first_file_to_the_marker() -> TestResult {
+        let tmp = dir_with(&["step_5/model.bin", "step_5/COMPLETE"])?;
+        let base = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let set = |p: &str, secs: f64| {
+            let f = fs::File::options().write(true).open(tmp.path().join(p))?;
+            f.set_modified(base + std::time::Duration::from_secs_f64(secs))
+        };
+        set("step_5/model.bin", 0.0)?;
+        set("step_5/COMPLETE", 2.5)?;
+        let c = latest_complete(tmp.path(), Layout::Marker)?.ok_or("no checkpoint")?;
+        assert_eq!(
+            save_duration_ms(tmp.path(), &c, Layout::Marker),
+            Some(2_500)
+        );
+        let empty = dir_with(&["iter_0000007/"])?;
+        fs::write(empty.path().join(MEGATRON_TRACKER), "7")?;
+        let c = latest_complete(empty.path(), Layout::Megatron)?.ok_or("no checkpoint")?;
+        assert_eq!(
+            save_duration_ms(empty.path(), &c, Layout::Megatron),
+            Some(0),
+            "the tracker alone"
+        );
+        Ok(())
     }
 
     #[test]

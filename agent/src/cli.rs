@@ -37,6 +37,10 @@ pub struct Cli {
     /// Address for HTTP /metrics and /healthz [default: 0.0.0.0:9771].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Talk plaintext to an http:// coordinator: no way to tell it from an impostor.
+    /// For a local demo or test cluster only.
+    #[arg(long)]
+    pub insecure: bool,
     /// Validate FILE and exit: 0 printing "FILE: ok", or 64 with the error.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     pub check_config: Option<PathBuf>,
@@ -82,6 +86,9 @@ impl Cli {
         }
         if let Some(v) = self.metrics_listen {
             cfg.metrics_listen = v;
+        }
+        if self.insecure {
+            cfg.insecure = true;
         }
     }
 }

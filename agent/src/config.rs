@@ -55,6 +55,14 @@ pub struct AgentConfig {
     pub lease_stop_grace: Duration,
     /// Who job processes run as and where they may work.
     pub workers: WorkersSection,
+    /// Plaintext to an `http://` coordinator: the agent cannot tell the real coordinator
+    /// from anyone else on the network, and runs whatever it is told. Local demos and
+    /// test clusters only; otherwise `[tls]`.
+    pub insecure: bool,
+    /// Mutual TLS to an `https://` coordinator: this node's certificate (CN = node name,
+    /// O = vigil:node) and key, and the CA the coordinator's certificate must chain to.
+    /// Read at every (re)connection, so renewed files apply without a restart.
+    pub tls: Option<vigil_tls::TlsFiles>,
 }
 
 /// `[workers]`: the confinement of job processes (see `workers::confine`).
@@ -131,6 +139,8 @@ impl Default for AgentConfig {
             worker_stop_grace: DEFAULT_WORKER_STOP_GRACE,
             lease_stop_grace: DEFAULT_LEASE_STOP_GRACE,
             workers: WorkersSection::default(),
+            insecure: false,
+            tls: None,
         }
     }
 }
@@ -187,6 +197,8 @@ impl AgentConfig {
             worker_stop_grace,
             lease_stop_grace,
             workers,
+            insecure,
+            tls,
         } = self;
         [
             ("coordinator", *coordinator != new.coordinator),
@@ -214,6 +226,8 @@ impl AgentConfig {
                 *lease_stop_grace != new.lease_stop_grace,
             ),
             ("workers", *workers != new.workers),
+            ("insecure", *insecure != new.insecure),
+            ("tls", *tls != new.tls),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -261,6 +275,13 @@ impl AgentConfig {
                 fix: "make initial_backoff at most max_backoff",
             });
         }
+        vigil_tls::check_scheme(&self.coordinator, self.tls.is_some(), self.insecure).map_err(
+            |e| ConfigError::Invalid {
+                field: "coordinator",
+                problem: e.to_string(),
+                fix: "see docs/security.md",
+            },
+        )?;
         Ok(())
     }
 }
@@ -333,22 +354,14 @@ fn validate_coordinator(url: &str) -> Result<(), ConfigError> {
     let invalid = |problem: String| ConfigError::Invalid {
         field: "coordinator",
         problem,
-        fix: "use a URL such as http://coordinator.example:7770",
+        fix: "use a URL such as https://coordinator.example:7770",
     };
     let uri: Uri = url
         .parse()
         .map_err(|e| invalid(format!("{url:?} is not a URL ({e})")))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        // No TLS transport is compiled in yet: dialing https would speak plaintext to a TLS port.
-        Some("https") => {
-            return Err(ConfigError::Invalid {
-                field: "coordinator",
-                problem: format!("{url:?} uses https, which this build does not support yet"),
-                fix: "use an http:// URL until mutual TLS lands",
-            });
-        }
-        Some(other) => return Err(invalid(format!("scheme {other:?} is not http"))),
+        Some("http" | "https") => {}
+        Some(other) => return Err(invalid(format!("scheme {other:?} is not http or https"))),
         None => return Err(invalid(format!("{url:?} has no scheme"))),
     }
     if uri.host().is_none_or(str::is_empty) {
@@ -364,6 +377,7 @@ mod tests {
     fn valid() -> AgentConfig {
         AgentConfig {
             node_name: "node-01".to_owned(),
+            insecure: true,
             ..AgentConfig::default()
         }
     }
@@ -408,7 +422,7 @@ mod tests {
     fn every_key_is_read() -> Result<(), ConfigError> {
         let cfg = AgentConfig::from_toml_str(
             r#"
-            coordinator = "http://coord:7000"
+            coordinator = "https://coord:7000"
             node_name = "gpu-node-7"
             gpu_backend = "sim"
             sim_gpus = 4
@@ -419,13 +433,23 @@ mod tests {
             keep_workers_on_shutdown = true
             worker_stop_grace = "30s"
             lease_stop_grace = "500ms"
+            insecure = false
             [reconnect]
             initial_backoff = "1s"
             max_backoff = "1m"
+            [tls]
+            ca = "/etc/vigil/tls/ca.crt"
+            cert = "/etc/vigil/tls/node.crt"
+            key = "/etc/vigil/tls/node.key"
             "#,
         )?;
         cfg.validate()?;
-        assert_eq!(cfg.coordinator, "http://coord:7000");
+        assert_eq!(cfg.coordinator, "https://coord:7000");
+        assert_eq!(
+            cfg.tls.as_ref().map(|t| t.cert.clone()),
+            Some(PathBuf::from("/etc/vigil/tls/node.crt"))
+        );
+        assert!(!cfg.insecure);
         assert_eq!(cfg.node_name, "gpu-node-7");
         assert_eq!(cfg.gpu_backend, GpuBackendKind::Sim);
         assert_eq!(cfg.sim_gpus, 4);
@@ -505,7 +529,7 @@ mod tests {
         let old = valid();
         assert!(old.changed_keys(&old.clone()).is_empty());
         let mut new = AgentConfig::from_toml_str(
-            "worker_stop_grace = \"30s\"\n[reconnect]\nmax_backoff = \"1m\"\n",
+            "insecure = true\nworker_stop_grace = \"30s\"\n[reconnect]\nmax_backoff = \"1m\"\n",
         )?;
         new.node_name = old.node_name.clone();
         assert_eq!(old.changed_keys(&new), ["reconnect", "worker_stop_grace"]);

@@ -43,7 +43,8 @@ pub struct Outcome {
 
 impl Diagnostics {
     /// Runs in the background and emits the result; returns at once.
-    pub fn spawn(self: &Arc<Self>, command_id: u64, timeout_ms: u64) {
+    /// `command`: a burn-in's, run instead of the configured one when not empty.
+    pub fn spawn(self: &Arc<Self>, command_id: u64, timeout_ms: u64, command: Vec<String>) {
         let timeout = match timeout_ms {
             0 => DEFAULT_TIMEOUT,
             ms => Duration::from_millis(ms).min(MAX_TIMEOUT),
@@ -51,7 +52,11 @@ impl Diagnostics {
         let this = Arc::clone(self);
         tokio::spawn(
             async move {
-                let result = this.run(command_id, timeout).await;
+                let result = if command.is_empty() {
+                    this.run(command_id, timeout).await
+                } else {
+                    this.run_given(command_id, timeout, &command).await
+                };
                 this.sink.emit(AgentEvent {
                     at_unix_ms: unix_ms(),
                     kind: Some(Kind::Diagnostics(result)),
@@ -59,6 +64,27 @@ impl Diagnostics {
             }
             .in_current_span(),
         );
+    }
+
+    /// Run `argv` (a burn-in the coordinator names) and report it like diagnostics.
+    pub async fn run_given(
+        &self,
+        command_id: u64,
+        timeout: Duration,
+        argv: &[String],
+    ) -> DiagnosticsResult {
+        let started = Instant::now();
+        let line = argv.join(" ");
+        info!(command_id, command = %line, "running the coordinator's burn-in command");
+        let outcome = run_command(argv, timeout).await;
+        DiagnosticsResult {
+            command_id,
+            passed: outcome.passed,
+            summary: outcome.summary,
+            output: truncate(outcome.output, MAX_OUTPUT_BYTES),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            command: line,
+        }
     }
 
     pub async fn run(&self, command_id: u64, timeout: Duration) -> DiagnosticsResult {
@@ -329,7 +355,7 @@ mod tests {
             command: Vec::new(),
             sink,
         });
-        diagnostics.spawn(42, 0);
+        diagnostics.spawn(42, 0, Vec::new());
         let event = tokio::time::timeout(Duration::from_secs(5), source.next()).await?;
         let Some(Kind::Diagnostics(d)) = event.kind else {
             return Err("not a diagnostics result".into());

@@ -250,8 +250,17 @@ async fn serve(
         command: config.diagnostics_command.clone(),
         sink,
     });
+    if config.insecure {
+        warn!(
+            coordinator = %config.coordinator,
+            "INSECURE: plaintext link to the coordinator (insecure = true): this agent cannot \
+             tell the coordinator from an impostor and runs what it is told; use [tls] outside a \
+             local test cluster (docs/security.md)"
+        );
+    }
     let ctx = SessionContext {
         coordinator: config.coordinator.clone(),
+        tls: config.tls.clone(),
         node_name: config.node_name.clone(),
         hostname,
         probe,

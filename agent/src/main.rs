@@ -118,9 +118,10 @@ async fn shutdown_signal(mut term: Signal, mut int: Signal) {
     ]);
 }
 
-/// On every SIGHUP: re-read the config file (flags still override it) and
-/// report what would change. Nothing is applied at run time yet; an invalid
-/// file never stops the agent.
+/// On every SIGHUP: re-read the config file (flags still override it), check the TLS
+/// files (read again at every connection, so renewed ones apply at the next one without
+/// dropping the open stream) and report what else would change. An invalid file never
+/// stops the agent.
 async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: AgentConfig) {
     while hup.recv().await.is_some() {
         let Some(path) = cli.config.clone() else {
@@ -130,6 +131,18 @@ async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: AgentConfig) {
         let file = path.display();
         match cli.clone().into_config() {
             Ok(new) => {
+                if let Some(files) = &new.tls {
+                    match files.client_config(std::time::SystemTime::now()) {
+                        Ok(_) => info!(
+                            cert = %files.cert.display(),
+                            "SIGHUP: TLS files re-read and valid; the next connection uses \
+                             them, the open stream stays"
+                        ),
+                        Err(e) => warn!(
+                            "SIGHUP: TLS files invalid; the next connection will fail until they are fixed: {e}"
+                        ),
+                    }
+                }
                 let changed = running.changed_keys(&new);
                 if changed.is_empty() {
                     info!("SIGHUP: config {file} re-read and valid; nothing changed");
@@ -138,7 +151,7 @@ async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: AgentConfig) {
                     warn!(
                         changed,
                         "SIGHUP: config {file} re-read and valid; changes to {changed} need a \
-                         restart (no key is applied at run time yet)"
+                         restart (only the contents of the [tls] files apply at run time)"
                     );
                 }
             }

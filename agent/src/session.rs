@@ -46,6 +46,8 @@ const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
 /// What every session of this agent shares.
 pub struct SessionContext {
     pub coordinator: String,
+    /// `None`: plaintext (insecure). Re-read at every connection.
+    pub tls: Option<vigil_tls::TlsFiles>,
     pub node_name: String,
     pub hostname: String,
     pub probe: Arc<dyn GpuProbe>,
@@ -68,6 +70,8 @@ pub enum SessionError {
     Endpoint(#[source] tonic::transport::Error),
     #[error("cannot connect to the coordinator")]
     Connect(#[source] tonic::transport::Error),
+    #[error("cannot use this node's TLS files")]
+    Tls(#[source] vigil_tls::TlsError),
     #[error("no connection to the coordinator within {}", humantime::format_duration(*.0))]
     ConnectTimeout(Duration),
     #[error("coordinator refused the stream ({:?}: {})", .0.code(), .0.message())]
@@ -109,7 +113,7 @@ async fn run_until_error(
     events: &mut EventSource,
     registered: &mut bool,
 ) -> Result<Infallible, SessionError> {
-    let channel = dial(&ctx.coordinator).await?;
+    let channel = dial(&ctx.coordinator, ctx.tls.as_ref()).await?;
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
@@ -166,12 +170,23 @@ async fn run_until_error(
     heartbeat(ctx, events, outbound, inbound, pace).await
 }
 
-async fn dial(url: &str) -> Result<Channel, SessionError> {
+/// Connects to the coordinator, verifying it against the CA when TLS is configured (the
+/// files are re-read here, so renewed certificates apply at the next connection).
+async fn dial(url: &str, tls: Option<&vigil_tls::TlsFiles>) -> Result<Channel, SessionError> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(SessionError::Endpoint)?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
-    tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+    let transport = match tls {
+        Some(files) => vigil_tls::ClientTls::Tls {
+            config: files
+                .client_config(std::time::SystemTime::now())
+                .map_err(SessionError::Tls)?,
+            server_name: None,
+        },
+        None => vigil_tls::ClientTls::Insecure,
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, vigil_tls::connect(endpoint, &transport))
         .await
         .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))?
         .map_err(SessionError::Connect)
@@ -332,7 +347,9 @@ fn handle(ctx: &SessionContext, msg: CoordinatorMessage) -> Result<(), SessionEr
 
 fn run_command(ctx: &SessionContext, command: Command) {
     match command.kind {
-        Some(CommandKind::RunDiagnostics(r)) => ctx.diagnostics.spawn(command.id, r.timeout_ms),
+        Some(CommandKind::RunDiagnostics(r)) => {
+            ctx.diagnostics.spawn(command.id, r.timeout_ms, r.command)
+        }
         Some(CommandKind::StartWorker(start)) => ctx.workers.start_worker(start),
         Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),

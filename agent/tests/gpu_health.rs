@@ -57,6 +57,7 @@ impl AgentService for FakeCoordinator {
                             id: DIAGNOSTICS_ID,
                             kind: Some(command::Kind::RunDiagnostics(RunDiagnostics {
                                 timeout_ms: 5_000,
+                                command: Vec::new(),
                             })),
                         }),
                     ],
@@ -94,6 +95,7 @@ impl Harness {
         let faults = dir.path().join("faults");
         let config = AgentConfig {
             coordinator: format!("http://{coordinator}"),
+            insecure: true,
             node_name: "health-node".into(),
             gpu_backend: GpuBackendKind::Sim,
             sim_gpus: 4,

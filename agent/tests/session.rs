@@ -135,6 +135,7 @@ impl Harness {
         let state = tempfile::tempdir()?;
         let config = AgentConfig {
             coordinator: format!("http://{coordinator}"),
+            insecure: true,
             node_name: "test-node".into(),
             gpu_backend: GpuBackendKind::Sim,
             sim_gpus: 2,
@@ -291,6 +292,7 @@ async fn unreachable_coordinator_does_not_stop_the_agent() -> TestResult {
     let config = AgentConfig {
         // Port 9 (discard) on loopback: nothing listens there in a test environment.
         coordinator: "http://127.0.0.1:9".into(),
+        insecure: true,
         node_name: "lonely".into(),
         gpu_backend: GpuBackendKind::Sim,
         state_dir: state.path().join("s"),

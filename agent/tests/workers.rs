@@ -125,6 +125,7 @@ impl Harness {
         );
         let config = AgentConfig {
             coordinator: format!("http://{coordinator}"),
+            insecure: true,
             node_name: "worker-node".into(),
             gpu_backend: GpuBackendKind::Sim,
             sim_gpus: 1,
@@ -511,11 +512,24 @@ async fn rank_0_reports_each_new_complete_checkpoint() -> TestResult {
         attempt: 1,
         path: ckpt.join(dir).display().to_string(),
         step: Some(step),
+        save_ms: None,
+        completed_at_unix_ms: None,
+    };
+    let first = CheckpointSeen {
+        save_ms: None,
+        completed_at_unix_ms: None,
+        ..first
     };
     assert_eq!(first, expect("step_9", 9), "step_10 is not complete yet");
     std::fs::write(ckpt.join("step_10/COMPLETE"), "")?;
     let Kind::Checkpoint(second) = h.event(seen).await? else {
         return Err("not a checkpoint".into());
+    };
+    assert!(second.save_ms.is_some(), "the save is timed: {second:?}");
+    let second = CheckpointSeen {
+        save_ms: None,
+        completed_at_unix_ms: None,
+        ..second
     };
     assert_eq!(second, expect("step_10", 10));
     h.stop().await

@@ -1,5 +1,6 @@
 //! The command line: global flags and one variant per subcommand (a contract; docs and tests use it).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -20,6 +21,24 @@ pub struct Cli {
         value_name = "URL"
     )]
     pub coordinator: String,
+
+    /// The cluster CA (PEM) that the coordinator's certificate must chain to; with --cert and
+    /// --key for an https:// coordinator.
+    #[arg(long, global = true, env = "VIGIL_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// Your operator certificate (PEM): O=vigil:viewer reads, O=vigil:admin also changes.
+    #[arg(long, global = true, env = "VIGIL_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM).
+    #[arg(long, global = true, env = "VIGIL_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Talk plaintext to an http:// coordinator started with insecure = true (a local demo
+    /// or test cluster): nothing is authenticated.
+    #[arg(long, global = true, env = "VIGIL_INSECURE")]
+    pub insecure: bool,
 
     /// Output format: aligned text for people, or stable JSON for scripts (one document; JSON
     /// Lines from `events`, `job logs` and `status --watch`).
@@ -54,7 +73,12 @@ pub enum Command {
         interval: Duration,
     },
     /// List every node with its state, condition, availability and scheduling.
-    Nodes,
+    Nodes {
+        /// List lemons instead: hosts and GPUs (by serial) with failures on record, how many,
+        /// of which kind, when, and whether they are blocklisted.
+        #[arg(long)]
+        lemons: bool,
+    },
     /// Show one node: summary, condition, cordon, GPU health, last diagnostics, workers, events.
     Node {
         /// The node's name, as `clusterctl nodes` lists it.
@@ -85,6 +109,10 @@ pub enum Command {
         /// Uncordon an automatically cordoned node even though no diagnostics passed since.
         #[arg(long)]
         force: bool,
+        /// First clear the node's host and GPUs from the lemon list (after the hardware was
+        /// fixed or replaced); a lemon is refused service until then, even with --force.
+        #[arg(long)]
+        clear_lemon: bool,
     },
     /// Run the node's diagnostic now and wait for its result (exit code 1 if it fails).
     Diagnose {
@@ -138,6 +166,25 @@ pub enum JobCommand {
     },
     /// Stop the job's workers and mark it cancelled.
     Cancel { id: String },
+    /// Stop the job's attempt and start the next one now: from the last complete checkpoint, or
+    /// from an earlier one (`--from-checkpoint STEP`, e.g. before a loss spike), with extra
+    /// environment (`--env LR=1e-4`, kept for later attempts).
+    Restart {
+        id: String,
+        /// The step of a complete checkpoint the job has seen (`job show` lists them in its
+        /// history).
+        #[arg(long, value_name = "STEP")]
+        from_checkpoint: Option<u64>,
+        /// `NAME=VALUE` over the spec's env; repeat for more.
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
+    /// Post-mortem: where the job's time went (ETTR, time lost per failure by phase), the
+    /// checkpoint interval Young's formula suggests, and the timeline of phases and events.
+    Report {
+        /// The job's id, as `clusterctl jobs` lists it.
+        id: String,
+    },
     /// Print the end of the job's worker logs; with `--follow`, new output as it is written.
     Logs {
         id: String,
@@ -152,6 +199,14 @@ pub enum JobCommand {
         #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
         tail: Option<u64>,
     },
+}
+
+/// `NAME=VALUE`, the name non-empty.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
 }
 
 /// What `drain` records as the cordon reason when `--reason` is left out.

@@ -3,7 +3,8 @@
 //! Unary calls wait `REQUEST_TIMEOUT` (more for diagnose and drain); streams are read through
 //! `Feed`, time-limited unless followed.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, anyhow};
 use tonic::transport::{Channel, Endpoint};
@@ -36,6 +37,45 @@ const DIAGNOSE_MARGIN: Duration = Duration::from_secs(10);
 /// longer, operators pass `--timeout`).
 const DIAGNOSE_DEFAULT_WAIT: Duration = Duration::from_secs(130);
 
+/// How clusterctl proves who it is: `--ca/--cert/--key` for an https:// coordinator, or
+/// `--insecure` for a plaintext one.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+impl Tls {
+    fn transport(&self, url: &str) -> Result<vigil_tls::ClientTls> {
+        let files = match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Some(vigil_tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(anyhow!(
+                    "give all three of --ca, --cert and --key (or VIGIL_CA, VIGIL_CERT, VIGIL_KEY) \
+                     for an https:// coordinator"
+                ));
+            }
+        };
+        vigil_tls::check_scheme(url, files.is_some(), self.insecure).map_err(|e| anyhow!("{e}"))?;
+        Ok(match files {
+            Some(files) => vigil_tls::ClientTls::Tls {
+                config: files
+                    .client_config(SystemTime::now())
+                    .map_err(|e| anyhow!("{e}"))?,
+                server_name: None,
+            },
+            None => vigil_tls::ClientTls::Insecure,
+        })
+    }
+}
+
 /// What a request is about, for the message of a NotFound the server sent without words.
 #[derive(Debug, Clone, Copy)]
 pub enum Subject<'a> {
@@ -51,10 +91,10 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Connects now, so a dead coordinator fails here within `CONNECT_TIMEOUT`.
-    pub async fn connect(url: &str) -> Result<Self> {
+    pub async fn connect(url: &str, tls: &Tls) -> Result<Self> {
         let endpoint = endpoint(url)?;
-        let channel = endpoint
-            .connect()
+        let transport = tls.transport(url)?;
+        let channel = vigil_tls::connect(endpoint, &transport)
             .await
             .map_err(|e| anyhow!(unreachable(url, &cause(&e))))?;
         let client = ControlServiceClient::new(channel)
@@ -80,6 +120,22 @@ impl Coordinator {
             .client
             .list_nodes(request(v1::ListNodesRequest {}))
             .await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
+    pub async fn list_lemons(&mut self) -> Result<v1::ListLemonsResponse> {
+        let r = self
+            .client
+            .list_lemons(request(v1::ListLemonsRequest {}))
+            .await;
+        self.answer(r, None, REQUEST_TIMEOUT)
+    }
+
+    pub async fn clear_lemon(&mut self, subject: &str) -> Result<v1::ListLemonsResponse> {
+        let req = v1::ClearLemonRequest {
+            subject: subject.into(),
+        };
+        let r = self.client.clear_lemon(request(req)).await;
         self.answer(r, None, REQUEST_TIMEOUT)
     }
 
@@ -149,6 +205,21 @@ impl Coordinator {
     pub async fn cancel_job(&mut self, id: &str) -> Result<v1::JobDetail> {
         let req = v1::CancelJobRequest { id: id.into() };
         let r = self.client.cancel_job(request(req)).await;
+        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
+    }
+
+    pub async fn restart_job(
+        &mut self,
+        id: &str,
+        from_checkpoint_step: Option<u64>,
+        env: Vec<(String, String)>,
+    ) -> Result<v1::JobDetail> {
+        let req = v1::RestartJobRequest {
+            id: id.into(),
+            from_checkpoint_step,
+            env: env.into_iter().collect(),
+        };
+        let r = self.client.restart_job(request(req)).await;
         self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
     }
 
@@ -223,19 +294,16 @@ fn stream_request<T>(message: T, limit: Option<Duration>) -> tonic::Request<T> {
     req
 }
 
-/// Validates `url` (only plaintext `http://` exists before mutual TLS) and applies the connect
+/// Validates `url` (`https://`, or `http://` with `--insecure`) and applies the connect
 /// timeout (each request carries its own) and keepalive pings.
 pub fn endpoint(url: &str) -> Result<Endpoint> {
     let invalid = |why: &str| {
         anyhow!(
-            "invalid --coordinator URL {url:?} ({why}); expected http://HOST:PORT, e.g. http://127.0.0.1:7770"
+            "invalid --coordinator URL {url:?} ({why}); expected https://HOST:PORT, e.g. https://coordinator.example:7770"
         )
     };
-    if url.starts_with("https://") {
-        return Err(invalid("TLS is not supported yet, use http://"));
-    }
-    if !url.starts_with("http://") {
-        return Err(invalid("missing http:// scheme"));
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(invalid("missing https:// or http:// scheme"));
     }
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|_| invalid("not a URL"))?;
     if endpoint.uri().host().is_none_or(str::is_empty) {
@@ -249,8 +317,19 @@ pub fn endpoint(url: &str) -> Result<Endpoint> {
 
 pub fn unreachable(url: &str, cause: &str) -> String {
     format!(
-        "cannot reach coordinator at {url} ({cause}); is vigil-coordinator running? set --coordinator or VIGIL_COORDINATOR"
+        "cannot reach coordinator at {url} ({cause}); is vigil-coordinator running? set --coordinator or VIGIL_COORDINATOR{}",
+        plaintext_hint(url)
     )
+}
+
+/// A TLS coordinator drops a plaintext client without a word; say what that likely means.
+fn plaintext_hint(url: &str) -> &'static str {
+    if url.starts_with("http://") {
+        "; if the coordinator requires TLS (it drops plaintext connections), use an https:// URL \
+         with --ca, --cert and --key"
+    } else {
+        ""
+    }
 }
 
 /// The most telling cause in an error chain: the I/O error kind ("connection refused") if
@@ -315,6 +394,8 @@ pub fn describe_status(
         | Code::DeadlineExceeded
         | Code::AlreadyExists
         | Code::OutOfRange
+        | Code::PermissionDenied
+        | Code::Unauthenticated
             if !message.is_empty() =>
         {
             message.to_string()
@@ -332,6 +413,11 @@ pub fn describe_status(
                 None => "unavailable".to_string(),
             };
             unreachable(url, &why)
+        }
+        // A TLS coordinator closes a plaintext connection at once, which hyper reports as a
+        // cancelled request.
+        Code::Cancelled if url.starts_with("http://") => {
+            unreachable(url, "the connection was closed before any answer")
         }
         Code::Unimplemented => format!(
             "coordinator at {url} does not support this request (is it an older vigil-coordinator, or not a vigil-coordinator at all?)"

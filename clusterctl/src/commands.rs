@@ -11,7 +11,8 @@ use crate::cli::{Cli, Command, JobCommand, Output};
 use crate::client::Coordinator;
 use crate::follow::{EventsQuery, LogsQuery};
 use crate::model::{
-    DiagnoseResult, DrainResult, JobDetail, JobList, NodeDetail, NodeList, NodeSummary, Status,
+    DiagnoseResult, DrainResult, JobDetail, JobList, LemonList, NodeDetail, NodeList, NodeSummary,
+    Status,
 };
 use crate::term::Term;
 use crate::{follow, render, watch};
@@ -45,7 +46,13 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         } => Some(read_spec(file)?),
         _ => None,
     };
-    let mut coordinator = Coordinator::connect(&cli.coordinator).await?;
+    let tls = crate::client::Tls {
+        ca: cli.ca.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+        insecure: cli.insecure,
+    };
+    let mut coordinator = Coordinator::connect(&cli.coordinator, &tls).await?;
     let c = &mut coordinator;
     let out = cli.output;
     let term = match out {
@@ -56,7 +63,8 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Status { watch: false, .. } => status(c, out, term).await.map(Outcome::from),
         Command::Status { interval, .. } => watch::status(c, out, interval).await.map(streamed),
-        Command::Nodes => nodes(c, out, term).await.map(Outcome::from),
+        Command::Nodes { lemons: false } => nodes(c, out, term).await.map(Outcome::from),
+        Command::Nodes { lemons: true } => lemons(c, out, term).await.map(Outcome::from),
         Command::Node { name } => node(c, out, &name, term).await.map(Outcome::from),
         Command::Drain { name, reason } => drain(c, out, &name, &reason).await.map(Outcome::from),
         Command::Events {
@@ -75,7 +83,14 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Completions { shell } => Ok(completions(shell).into()),
         Command::Cordon { name, reason } => cordon(c, out, &name, &reason).await.map(Outcome::from),
-        Command::Uncordon { name, force } => {
+        Command::Uncordon {
+            name,
+            force,
+            clear_lemon,
+        } => {
+            if clear_lemon {
+                c.clear_lemon(&name).await?;
+            }
             uncordon(c, out, &name, force).await.map(Outcome::from)
         }
         Command::Diagnose { name, timeout } => diagnose(c, out, &name, timeout).await,
@@ -87,6 +102,25 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             },
             (JobCommand::Show { id }, _) => job_show(c, out, &id, term).await,
             (JobCommand::Cancel { id }, _) => job_cancel(c, out, &id).await,
+            (JobCommand::Report { id }, _) => job_report(c, out, &id, term).await,
+            (
+                JobCommand::Restart {
+                    id,
+                    from_checkpoint,
+                    env,
+                },
+                _,
+            ) => {
+                let detail =
+                    JobDetail::from_proto(c.restart_job(&id, from_checkpoint, env).await?, &id);
+                emit(out, &detail, |d| {
+                    let from = from_checkpoint.map_or_else(
+                        || "its last complete checkpoint".to_owned(),
+                        |s| format!("checkpoint step {s}"),
+                    );
+                    format!("job {} restarting from {from}: {}\n", d.job.id, d.job.state)
+                })
+            }
             (
                 JobCommand::Logs {
                     id,
@@ -156,6 +190,11 @@ async fn job_show(c: &mut Coordinator, out: Output, id: &str, term: Term) -> Res
     emit(out, &detail, |d| render::job_detail(d, now_ms(), term))
 }
 
+async fn job_report(c: &mut Coordinator, out: Output, id: &str, term: Term) -> Result<String> {
+    let detail = JobDetail::from_proto(c.get_job(id).await?, id);
+    emit(out, &detail, |d| render::job_report(d, term))
+}
+
 async fn job_cancel(c: &mut Coordinator, out: Output, id: &str) -> Result<String> {
     let detail = JobDetail::from_proto(c.cancel_job(id).await?, id);
     emit(out, &detail, render::job_cancelled)
@@ -169,6 +208,11 @@ async fn status(c: &mut Coordinator, out: Output, term: Term) -> Result<String> 
 async fn nodes(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
     let list = NodeList::from(c.list_nodes().await?);
     emit(out, &list, |l| render::nodes(&l.nodes, term))
+}
+
+async fn lemons(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
+    let list = LemonList::from(c.list_lemons().await?);
+    emit(out, &list, |l| render::lemons(l, now_ms(), term))
 }
 
 async fn node(c: &mut Coordinator, out: Output, name: &str, term: Term) -> Result<String> {
@@ -192,7 +236,14 @@ async fn uncordon(c: &mut Coordinator, out: Output, name: &str, force: bool) -> 
     let node = NodeSummary::from(c.uncordon(name, force).await?);
     let forced = if force { " (forced)" } else { "" };
     emit(out, &node, |n| {
-        format!("node {} uncordoned{forced}\n", n.name)
+        if n.state == "Validating" {
+            format!(
+                "node {} validating{forced}: schedulable once its burn-in passes (clusterctl node {} shows it)\n",
+                n.name, n.name
+            )
+        } else {
+            format!("node {} uncordoned{forced}\n", n.name)
+        }
     })
 }
 

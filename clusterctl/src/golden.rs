@@ -93,3 +93,9 @@ fn golden_job_show() {
         &render::job_detail(&detail, NOW, Term::PLAIN),
     );
 }
+
+#[test]
+fn golden_job_report() {
+    let detail = JobDetail::from_proto(running_job(), "j-1");
+    check("job_report.txt", &render::job_report(&detail, Term::PLAIN));
+}

@@ -79,10 +79,9 @@ fn stty_columns() -> Option<usize> {
 fn color_of(word: &str) -> Option<&'static str> {
     match word {
         "Ready" | "Healthy" | "Schedulable" | "Running" | "Succeeded" => Some(GREEN),
-        "Degraded" | "Unreachable" | "Draining" | "Pending" | "Restarting" | "Cancelling" => {
-            Some(YELLOW)
-        }
-        "Cordoned" | "Lost" | "Failed" | "Unhealthy" => Some(RED),
+        "Degraded" | "Validating" | "Unreachable" | "Draining" | "Pending" | "Restarting"
+        | "Cancelling" => Some(YELLOW),
+        "Cordoned" | "Lost" | "Failed" | "Unhealthy" | "Lemon" => Some(RED),
         _ => None,
     }
 }

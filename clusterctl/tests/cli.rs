@@ -30,12 +30,12 @@ fn assert_unreachable(args: &[&str]) {
 
 #[test]
 fn status_fails_fast_when_the_coordinator_is_down() {
-    assert_unreachable(&["--coordinator", CLOSED, "status"]);
+    assert_unreachable(&["--coordinator", CLOSED, "--insecure", "status"]);
 }
 
 #[test]
 fn json_nodes_fails_fast_when_the_coordinator_is_down() {
-    assert_unreachable(&["--coordinator", CLOSED, "-o", "json", "nodes"]);
+    assert_unreachable(&["--coordinator", CLOSED, "--insecure", "-o", "json", "nodes"]);
 }
 
 #[test]
@@ -47,6 +47,23 @@ fn the_coordinator_url_also_comes_from_the_environment() {
         .expect("clusterctl runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(CLOSED));
+}
+
+#[test]
+fn plaintext_without_insecure_is_refused_before_dialing_naming_both_ways_out() {
+    let (out, _) = clusterctl(&["--coordinator", CLOSED, "status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--insecure"), "{stderr}");
+    assert!(stderr.contains("--ca/--cert/--key"), "{stderr}");
+}
+
+#[test]
+fn https_without_certificates_is_refused_naming_the_flags() {
+    let (out, _) = clusterctl(&["--coordinator", "https://127.0.0.1:1", "status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--ca/--cert/--key"), "{stderr}");
 }
 
 #[test]

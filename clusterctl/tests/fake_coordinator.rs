@@ -34,6 +34,8 @@ impl v1::control_service_server::ControlService for Fake {
             count,
         };
         Ok(Response::new(v1::StatusResponse {
+            insecure: true,
+            caller: "anonymous (insecure)".into(),
             coordinator_version: "0.1.0".into(),
             started_at_unix_ms: 1_700_000_000_000,
             uptime_ms: 192_000,
@@ -55,6 +57,35 @@ impl v1::control_service_server::ControlService for Fake {
         Ok(Response::new(v1::ListNodesResponse {
             nodes: vec![sim_node(), hot_node()],
         }))
+    }
+
+    async fn list_lemons(
+        &self,
+        _: Request<v1::ListLemonsRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        Ok(Response::new(v1::ListLemonsResponse {
+            lemons: vec![v1::Lemon {
+                kind: "gpu".into(),
+                id: "1650000000001".into(),
+                node: "gpu-003".into(),
+                failures: 3,
+                failures_total: 3,
+                kinds: "unhealthy x3".into(),
+                last_failure_unix_ms: 1_700_000_000_000,
+                last_detail: "XID 79 (GPU has fallen off the bus) on GPU 3".into(),
+                blocklisted_at_unix_ms: Some(1_700_000_000_000),
+                cleared_at_unix_ms: None,
+            }],
+            max_failures: 3,
+            window_ms: 7 * 24 * 3_600_000,
+        }))
+    }
+
+    async fn clear_lemon(
+        &self,
+        req: Request<v1::ClearLemonRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        Err(not_found(&req.into_inner().subject))
     }
 
     async fn get_node(
@@ -189,6 +220,13 @@ impl v1::control_service_server::ControlService for Fake {
         jobs::cancel(&req.into_inner().id).map(Response::new)
     }
 
+    async fn restart_job(
+        &self,
+        req: Request<v1::RestartJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        jobs::cancel(&req.into_inner().id).map(Response::new)
+    }
+
     type WatchEventsStream = ops::FakeStream<v1::ClusterEvent>;
 
     async fn watch_events(
@@ -234,6 +272,7 @@ fn clusterctl(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clusterctl"))
         .arg("--coordinator")
         .arg(url)
+        .arg("--insecure")
         .args(args)
         .output()
         .expect("clusterctl runs")
@@ -260,7 +299,7 @@ fn json_output_has_the_documented_shapes() {
     assert_eq!(status["coordinator"]["listen_addr"], json!("0.0.0.0:7770"));
     assert_eq!(
         status["nodes_by_state"],
-        json!({"Ready": 0, "Degraded": 0, "Cordoned": 1, "Unreachable": 0, "Lost": 0})
+        json!({"Ready": 0, "Degraded": 0, "Validating": 0, "Cordoned": 1, "Unreachable": 0, "Lost": 0})
     );
     assert_eq!(status["cordoned"][0]["cordon"]["source"], json!("operator"));
     assert_eq!(status["cordoned"][1]["cordon"]["source"], json!("auto"));

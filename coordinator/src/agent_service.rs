@@ -53,7 +53,16 @@ impl v1::agent_service_server::AgentService for AgentService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let remote = request.remote_addr();
+        // Every connection comes through vigil_tls's acceptor, which attaches the peer.
+        let tls_peer = request.extensions().get::<vigil_tls::Peer>().cloned();
+        let remote = tls_peer
+            .as_ref()
+            .and_then(|p| p.remote)
+            .or_else(|| request.remote_addr());
+        let identity = match tls_peer {
+            Some(p) => Identity::Verified(p.identity),
+            None => Identity::Missing,
+        };
         let peer = remote.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let address = remote.map_or_else(String::new, |a| a.ip().to_string());
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
@@ -64,8 +73,36 @@ impl v1::agent_service_server::AgentService for AgentService {
             metrics: self.metrics.clone(),
             rates: self.rates,
         };
-        tokio::spawn(run_session(ctx, session, address, request.into_inner(), tx).instrument(span));
+        tokio::spawn(
+            run_session(ctx, session, address, identity, request.into_inner(), tx).instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// What the connection says about who the agent is.
+enum Identity {
+    /// From the acceptor: `None` on a plaintext (insecure) listener.
+    Verified(Option<vigil_tls::PeerIdentity>),
+    /// No peer attached: not through vigil's acceptor, so nobody vouches for it.
+    Missing,
+}
+
+impl Identity {
+    /// An agent registers only as the node its certificate names.
+    fn may_register(&self, node: &str) -> Result<(), String> {
+        match self {
+            Identity::Verified(None) => Ok(()),
+            Identity::Verified(Some(id)) if id.is_node(node) => Ok(()),
+            Identity::Verified(Some(id)) => Err(format!(
+                "certificate CN={} (O={}) may not register as node {node:?}: an agent needs a \
+                 certificate with O=vigil:node whose CN or DNS name is its node name \
+                 (deploy/tls/make-certs.sh node {node})",
+                id.common_name,
+                id.organizations.join(",")
+            )),
+            Identity::Missing => Err("the connection carries no identity".to_owned()),
+        }
     }
 }
 
@@ -80,6 +117,7 @@ async fn run_session(
     ctx: Ctx,
     session: u64,
     address: String,
+    identity: Identity,
     mut inbound: Streaming<v1::AgentMessage>,
     tx: crate::engine::SessionTx,
 ) {
@@ -91,9 +129,14 @@ async fn run_session(
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await;
     let reg = match first {
         Ok(Ok(Some(msg))) => match msg.body {
-            Some(Body::Register(reg)) => {
-                validate_register(reg, session, address).map_err(|e| ("invalid_register", e))
-            }
+            Some(Body::Register(reg)) => validate_register(reg, session, address)
+                .map_err(|e| ("invalid_register", e))
+                .and_then(|reg| {
+                    identity
+                        .may_register(&reg.node)
+                        .map(|()| reg)
+                        .map_err(|e| ("wrong_identity", e))
+                }),
             _ => Err((
                 "not_registered",
                 "the first message must be Register".to_owned(),

@@ -117,6 +117,7 @@ mod tests {
             progress_step: None,
             progress_at_ms: 0,
             log_path: String::new(),
+            rate_samples: Default::default(),
         };
         let mut j = Job {
             id: "j-1".into(),
@@ -139,6 +140,16 @@ mod tests {
             fault_at_ms: None,
             failure_kind: String::new(),
             lost_ms: 0,
+            high_water_step: None,
+            checkpoints: Vec::new(),
+            finished_at_ms: None,
+            triage: None,
+            slow_since: BTreeMap::new(),
+            stragglers: Default::default(),
+            loss_history: Default::default(),
+            rollback_attempt: None,
+            avoid: Default::default(),
+            env_override: BTreeMap::new(),
             events: Vec::new(),
             unannounced: Vec::new(),
         };
@@ -158,6 +169,13 @@ mod tests {
                 culprit_node: String::new(),
                 resumed_from: None,
                 last_step: None,
+                fault_at_ms: 0,
+                detected_at_ms: 0,
+                failure_kind: String::new(),
+                first_progress_at_ms: None,
+                catch_up_step: None,
+                caught_up_at_ms: None,
+                triage: BTreeMap::new(),
             })
             .collect();
         BTreeMap::from([("j-1".to_owned(), j)])

@@ -42,6 +42,20 @@ pub struct Config {
     pub diagnostics: DiagnosticsConfig,
     /// Per-agent stream rate limits (see docs/security.md, "Input limits").
     pub limits: crate::limits::LimitsConfig,
+    /// Plaintext gRPC: nobody is authenticated, and whoever reaches `listen` can cordon the
+    /// fleet or run code on it. For a local demo or test cluster only; otherwise `[tls]`.
+    pub insecure: bool,
+    /// Mutual TLS: the coordinator's certificate and key, and the CA that signed every
+    /// agent's and operator's certificate. Re-read on SIGHUP.
+    pub tls: Option<vigil_tls::TlsFiles>,
+    /// Lemon hosts and GPUs (see `lemons`).
+    pub lemons: crate::lemons::LemonConfig,
+    /// Diagnosing the gang after an unexplained failure (see `triage`).
+    pub triage: crate::triage::TriageConfig,
+    /// Burn-in before a node joins or rejoins (see `burn_in`).
+    pub burn_in: crate::burn_in::BurnInConfig,
+    /// Nodes slower than their gang (see `stragglers`).
+    pub stragglers: crate::stragglers::StragglerConfig,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -144,6 +158,12 @@ impl Default for Config {
             health: HealthConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
+            insecure: false,
+            tls: None,
+            lemons: crate::lemons::LemonConfig::default(),
+            triage: crate::triage::TriageConfig::default(),
+            burn_in: crate::burn_in::BurnInConfig::default(),
+            stragglers: crate::stragglers::StragglerConfig::default(),
         }
     }
 }
@@ -194,6 +214,12 @@ impl Config {
             health,
             diagnostics,
             limits,
+            insecure,
+            tls,
+            lemons,
+            triage,
+            burn_in,
+            stragglers,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -203,10 +229,35 @@ impl Config {
             ("health", *health != new.health),
             ("diagnostics", *diagnostics != new.diagnostics),
             ("limits", *limits != new.limits),
+            ("insecure", *insecure != new.insecure),
+            ("tls", *tls != new.tls),
+            ("lemons", *lemons != new.lemons),
+            ("triage", *triage != new.triage),
+            ("burn_in", *burn_in != new.burn_in),
+            ("stragglers", *stragglers != new.stragglers),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
         .collect()
+    }
+
+    /// Exactly one of `[tls]` and `insecure = true`: a coordinator never serves plaintext
+    /// by accident. Checked at start-up and by `--check-config`, after the flags.
+    pub fn validate_transport(&self) -> Result<(), ConfigError> {
+        match (self.insecure, &self.tls) {
+            (true, Some(_)) => Err(ConfigError::Invalid(
+                "insecure = true (or --insecure) and a [tls] section are both set: remove one \
+                 ([tls] serves mutual TLS, insecure = true plaintext)"
+                    .into(),
+            )),
+            (false, None) => Err(ConfigError::Invalid(
+                "no transport security configured: add a [tls] section with ca, cert and key \
+                 (docs/security.md, deploy/tls/make-certs.sh), or set insecure = true (or pass \
+                 --insecure) for a plaintext test cluster"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -271,6 +322,10 @@ impl Config {
             )));
         }
         self.limits.validate().map_err(ConfigError::Invalid)?;
+        self.lemons.validate().map_err(ConfigError::Invalid)?;
+        self.triage.validate().map_err(ConfigError::Invalid)?;
+        self.burn_in.validate().map_err(ConfigError::Invalid)?;
+        self.stragglers.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),

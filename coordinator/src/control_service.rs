@@ -7,8 +7,12 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 use vigil_proto::v1;
 
+use vigil_tls::Role;
+
+use crate::access::{Caller, authorize};
 use crate::agent_service::valid_node_name;
 use crate::config::MAX_DIAGNOSTICS_TIMEOUT;
 use crate::control_streams::{self, EventStream, LogStream};
@@ -19,6 +23,7 @@ use crate::job_view;
 use crate::metrics::Metrics;
 use crate::metrics::unix_ms;
 use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
+use crate::security_metrics::CallLabel;
 
 use crate::limits::MAX_OPERATOR_REASON as MAX_REASON;
 
@@ -29,6 +34,7 @@ pub struct ControlService {
     started: Instant,
     started_unix_ms: u64,
     listen_addr: SocketAddr,
+    insecure: bool,
 }
 
 impl ControlService {
@@ -37,6 +43,7 @@ impl ControlService {
         metrics: Arc<Metrics>,
         listen_addr: SocketAddr,
         diagnostics_timeout: Duration,
+        insecure: bool,
     ) -> Self {
         Self {
             engine,
@@ -45,7 +52,23 @@ impl ControlService {
             started: Instant::now(),
             started_unix_ms: unix_ms(SystemTime::now()),
             listen_addr,
+            insecure,
         }
+    }
+
+    /// The caller, if their role allows `call`; a refusal is logged and counted.
+    fn allow<T>(&self, request: &Request<T>, needed: Role, call: &str) -> Result<Caller, Status> {
+        authorize(request, needed, call).map_err(|e| {
+            warn!(call, error = %e, "refused clusterctl call");
+            self.metrics
+                .security
+                .calls_denied
+                .get_or_create(&CallLabel {
+                    call: call.to_owned(),
+                })
+                .inc();
+            Status::from(e)
+        })
     }
 }
 
@@ -63,8 +86,9 @@ fn check_name(name: &str) -> Result<(), ControlError> {
 impl v1::control_service_server::ControlService for ControlService {
     async fn status(
         &self,
-        _request: Request<v1::StatusRequest>,
+        request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        let caller = self.allow(&request, Role::Viewer, "status")?;
         let snap = self.engine.snapshot();
         let now = Instant::now();
         let mut counts = [0u32; DISPLAY_STATES.len()];
@@ -103,13 +127,16 @@ impl v1::control_service_server::ControlService for ControlService {
                 .filter(|n| !n.cordoned() && n.condition != Condition::Healthy)
                 .map(|n| summary(n, now))
                 .collect(),
+            insecure: self.insecure,
+            caller: caller.actor,
         }))
     }
 
     async fn list_nodes(
         &self,
-        _request: Request<v1::ListNodesRequest>,
+        request: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.allow(&request, Role::Viewer, "nodes")?;
         let snap = self.engine.snapshot();
         let now = Instant::now();
         Ok(Response::new(v1::ListNodesResponse {
@@ -121,6 +148,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::GetNodeRequest>,
     ) -> Result<Response<v1::NodeDetail>, Status> {
+        self.allow(&request, Role::Viewer, "node")?;
         let name = request.into_inner().name;
         check_name(&name)?;
         let snap = self.engine.snapshot();
@@ -138,6 +166,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::CordonRequest>,
     ) -> Result<Response<v1::NodeSummary>, Status> {
+        let caller = self.allow(&request, Role::Admin, "cordon")?;
         let v1::CordonRequest { name, reason } = request.into_inner();
         check_name(&name)?;
         let reason = reason.trim().to_owned();
@@ -159,6 +188,7 @@ impl v1::control_service_server::ControlService for ControlService {
             .ask(|reply| Event::Cordon {
                 node: name,
                 reason,
+                actor: caller.actor,
                 reply,
             })
             .await?;
@@ -169,6 +199,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::UncordonRequest>,
     ) -> Result<Response<v1::NodeSummary>, Status> {
+        let caller = self.allow(&request, Role::Admin, "uncordon")?;
         let v1::UncordonRequest { name, force } = request.into_inner();
         check_name(&name)?;
         let node = self
@@ -176,6 +207,7 @@ impl v1::control_service_server::ControlService for ControlService {
             .ask(|reply| Event::Uncordon {
                 node: name,
                 force,
+                actor: caller.actor,
                 reply,
             })
             .await?;
@@ -186,12 +218,14 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::JobDetail>, Status> {
+        let caller = self.allow(&request, Role::Admin, "job submit")?;
         let v1::SubmitJobRequest { spec_toml, source } = request.into_inner();
         let job = self
             .engine
             .ask(|reply| Event::SubmitJob {
                 spec_toml,
                 source,
+                actor: caller.actor,
                 reply,
             })
             .await?;
@@ -200,8 +234,9 @@ impl v1::control_service_server::ControlService for ControlService {
 
     async fn list_jobs(
         &self,
-        _request: Request<v1::ListJobsRequest>,
+        request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        self.allow(&request, Role::Viewer, "jobs")?;
         let snap = self.engine.snapshot();
         let mut jobs: Vec<_> = snap.jobs.iter().collect();
         jobs.sort_by_key(|j| j.seq);
@@ -214,6 +249,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::JobDetail>, Status> {
+        self.allow(&request, Role::Viewer, "job show")?;
         let id = request.into_inner().id;
         crate::limits::check_job_id_arg(&id).map_err(ControlError::InvalidArgument)?;
         let snap = self.engine.snapshot();
@@ -231,11 +267,79 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::JobDetail>, Status> {
+        let caller = self.allow(&request, Role::Admin, "job cancel")?;
         let id = request.into_inner().id;
         crate::limits::check_job_id_arg(&id).map_err(ControlError::InvalidArgument)?;
         let job = self
             .engine
-            .ask(|reply| Event::CancelJob { id, reply })
+            .ask(|reply| Event::CancelJob {
+                id,
+                actor: caller.actor,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(job_view::detail(&job)))
+    }
+
+    async fn list_lemons(
+        &self,
+        request: Request<v1::ListLemonsRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        self.allow(&request, Role::Viewer, "nodes --lemons")?;
+        let snap = self.engine.snapshot();
+        let now_ms = crate::metrics::unix_ms(std::time::SystemTime::now());
+        Ok(Response::new(crate::lemon_view::listing(
+            &snap.lemons,
+            now_ms,
+        )))
+    }
+
+    async fn clear_lemon(
+        &self,
+        request: Request<v1::ClearLemonRequest>,
+    ) -> Result<Response<v1::ListLemonsResponse>, Status> {
+        let caller = self.allow(&request, Role::Admin, "uncordon --clear-lemon")?;
+        let subject = request.into_inner().subject;
+        if subject.is_empty() || subject.len() > 256 {
+            return Err(ControlError::InvalidArgument(
+                "lemon subject must be a node name, host/NAME, gpu/SERIAL or a GPU serial (1-256 characters)".into(),
+            )
+            .into());
+        }
+        let cleared = self
+            .engine
+            .ask(|reply| Event::ClearLemon {
+                subject,
+                actor: caller.actor,
+                reply,
+            })
+            .await?;
+        let snap = self.engine.snapshot();
+        let now_ms = crate::metrics::unix_ms(std::time::SystemTime::now());
+        Ok(Response::new(crate::lemon_view::cleared(
+            &snap.lemons,
+            &cleared,
+            now_ms,
+        )))
+    }
+
+    async fn restart_job(
+        &self,
+        request: Request<v1::RestartJobRequest>,
+    ) -> Result<Response<v1::JobDetail>, Status> {
+        let caller = self.allow(&request, Role::Admin, "job restart")?;
+        let r = request.into_inner();
+        let (id, from_step) = (r.id, r.from_checkpoint_step);
+        let env = r.env.into_iter().collect();
+        let job = self
+            .engine
+            .ask(|reply| Event::RestartJob {
+                id,
+                from_step,
+                env,
+                actor: caller.actor,
+                reply,
+            })
             .await?;
         Ok(Response::new(job_view::detail(&job)))
     }
@@ -246,6 +350,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.allow(&request, Role::Viewer, "events")?;
         let req = request.into_inner();
         if !req.node.is_empty() {
             check_name(&req.node)?;
@@ -261,6 +366,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
+        let caller = self.allow(&request, Role::Admin, "drain")?;
         let v1::DrainRequest { name, reason } = request.into_inner();
         check_name(&name)?;
         let reason = match reason.trim() {
@@ -279,6 +385,7 @@ impl v1::control_service_server::ControlService for ControlService {
             .ask(|reply| Event::Drain {
                 node: name,
                 reason,
+                actor: caller.actor,
                 reply,
             })
             .await?;
@@ -294,6 +401,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::JobLogsRequest>,
     ) -> Result<Response<Self::JobLogsStream>, Status> {
+        self.allow(&request, Role::Viewer, "job logs")?;
         let stream =
             control_streams::job_logs(&self.engine, self.metrics.clone(), request.into_inner())?;
         Ok(Response::new(stream))
@@ -303,6 +411,7 @@ impl v1::control_service_server::ControlService for ControlService {
         &self,
         request: Request<v1::DiagnoseRequest>,
     ) -> Result<Response<v1::DiagnosticsRecord>, Status> {
+        let caller = self.allow(&request, Role::Admin, "diagnose")?;
         let v1::DiagnoseRequest { name, timeout_ms } = request.into_inner();
         check_name(&name)?;
         let timeout = match timeout_ms {
@@ -322,6 +431,7 @@ impl v1::control_service_server::ControlService for ControlService {
             .ask(|reply| Event::Diagnose {
                 node,
                 timeout,
+                actor: caller.actor,
                 reply,
             })
             .await?;

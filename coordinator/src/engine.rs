@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::error::ControlError;
 use crate::health::Condition;
 use crate::job::Job;
+use crate::lemons::{Ledger, LemonRecord};
 use crate::metrics::{Metrics, unix_ms};
 use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
@@ -26,6 +27,10 @@ use crate::store::{Store, StoreError};
 
 /// How often the engine applies the passage of time and republishes state.
 const TICK: Duration = Duration::from_millis(100);
+/// A tick this late means the engine itself did not run (see `ClusterState::forgive_stall`).
+const STALL: Duration = Duration::from_secs(1);
+/// Ticks between attempts to reopen a store that failed a write (a full disk).
+const RECOVER_STORE_EVERY: u64 = 10;
 /// Events queued for the engine before handlers wait (backpressure).
 const EVENT_QUEUE: usize = 8192;
 
@@ -64,21 +69,29 @@ pub enum Event {
     Cordon {
         node: String,
         reason: String,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<Node, ControlError>>,
     },
     Uncordon {
         node: String,
         force: bool,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<Node, ControlError>>,
     },
     Diagnose {
         node: String,
         timeout: Duration,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
     },
     Drain {
         node: String,
         reason: String,
+        /// Who asked, for the audit trail.
+        actor: String,
         reply: oneshot::Sender<Result<(Node, Vec<String>), ControlError>>,
     },
     /// Read part of a worker log through the node's agent.
@@ -90,11 +103,26 @@ pub enum Event {
     SubmitJob {
         spec_toml: String,
         source: String,
+        actor: String,
         reply: oneshot::Sender<Result<Job, ControlError>>,
     },
     CancelJob {
         id: String,
+        actor: String,
         reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
+    RestartJob {
+        id: String,
+        from_step: Option<u64>,
+        env: std::collections::BTreeMap<String, String>,
+        actor: String,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
+    /// An operator clears a host or GPU from the lemon list.
+    ClearLemon {
+        subject: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Vec<LemonRecord>, ControlError>>,
     },
 }
 
@@ -132,6 +160,7 @@ const DIAGNOSTICS_GRACE: Duration = Duration::from_secs(5);
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub jobs: Vec<Job>,
+    pub lemons: Ledger,
     pub at: Instant,
 }
 
@@ -188,6 +217,8 @@ pub struct Engine {
     bus: broadcast::Sender<v1::ClusterEvent>,
     log_reads: HashMap<u64, PendingLog>,
     ticks: u64,
+    /// When the last tick ran: a much longer gap means this process was stalled.
+    last_tick: Instant,
 }
 
 fn now() -> Now {
@@ -221,10 +252,15 @@ impl Engine {
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
-        let state = state.with_jobs(store.load_jobs()?);
+        let mut state = state.with_jobs(store.load_jobs()?);
+        state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
+        state.triage = config.triage;
+        state.burn_in = config.burn_in.clone();
+        state.stragglers = config.stragglers;
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),
+            lemons: state.lemons.clone(),
             at: Instant::now(),
         }));
         metrics.observe_nodes(state.nodes.values());
@@ -245,6 +281,7 @@ impl Engine {
             bus: bus.clone(),
             log_reads: HashMap::new(),
             ticks: 0,
+            last_tick: now().mono,
         };
         let handle = EngineHandle {
             events: events_tx,
@@ -264,6 +301,7 @@ impl Engine {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.last_tick = now().mono;
         loop {
             tokio::select! {
                 biased;
@@ -274,11 +312,22 @@ impl Engine {
                 },
                 _ = tick.tick() => {
                     let t = now();
+                    let gap = t.mono.saturating_duration_since(self.last_tick);
+                    self.last_tick = t.mono;
+                    if gap > STALL {
+                        // SIGSTOP, a paused VM, a blocked disk: the silence was ours, not the agents'.
+                        warn!(stalled_ms = gap.as_millis(), "engine was stalled; not counting the stall as agent silence or lack of progress");
+                        self.state.forgive_stall(gap.saturating_sub(TICK), t);
+                    }
                     let mut effects = self.state.tick(t);
                     effects.extend(self.state.jobs_tick(t));
+                    effects.extend(self.state.burn_in_tick(t));
                     self.apply(effects).await.ok();
                     self.expire_diagnostics();
                     self.expire_log_reads();
+                    if self.ticks.is_multiple_of(RECOVER_STORE_EVERY) {
+                        self.recover_store().await;
+                    }
                     self.ticks += 1;
                     self.metrics
                         .engine_queue_depth
@@ -384,31 +433,52 @@ impl Engine {
             Event::Cordon {
                 node,
                 reason,
+                actor,
                 reply,
             } => {
                 let backup = self.state.nodes.get(&node).cloned();
+                let what = format!("cordon ({reason})");
                 let result = self
                     .state
                     .cordon(&node, reason, CordonSource::Operator, now());
                 let answer = self.commit(&node, backup, result).await;
+                self.audit_node(&node, &actor, &what, &answer).await;
                 reply.send(answer).ok();
             }
-            Event::Uncordon { node, force, reply } => {
+            Event::Uncordon {
+                node,
+                force,
+                actor,
+                reply,
+            } => {
                 let backup = self.state.nodes.get(&node).cloned();
                 let result = self.state.uncordon(&node, force, now());
                 let answer = self.commit(&node, backup, result).await;
+                let what = if force {
+                    "uncordon --force"
+                } else {
+                    "uncordon"
+                };
+                self.audit_node(&node, &actor, what, &answer).await;
                 reply.send(answer).ok();
             }
             Event::Diagnose {
                 node,
                 timeout,
+                actor,
                 reply,
-            } => self.start_diagnostics(node, timeout, reply),
+            } => {
+                let started: Result<(), &str> = Ok(());
+                self.audit_node(&node, &actor, "diagnose", &started).await;
+                self.start_diagnostics(node, timeout, reply);
+            }
             Event::Drain {
                 node,
                 reason,
+                actor,
                 reply,
             } => {
+                let what = format!("drain ({reason})");
                 let backup = self.state.nodes.get(&node).cloned();
                 let answer = match self.state.drain_node(&node, &reason, now()) {
                     Ok((jobs, effects)) => match self.apply(effects).await {
@@ -420,9 +490,11 @@ impl Engine {
                                 .get(&node)
                                 .cloned()
                                 .map(|n| (n, jobs))
-                                .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
-                                    node,
-                                )))
+                                .ok_or_else(|| {
+                                    ControlError::State(crate::state::StateError::UnknownNode(
+                                        node.clone(),
+                                    ))
+                                })
                         }
                         Err(e) => {
                             self.restore(&node, backup);
@@ -431,12 +503,14 @@ impl Engine {
                     },
                     Err(e) => Err(e.into()),
                 };
+                self.audit_node(&node, &actor, &what, &answer).await;
                 reply.send(answer).ok();
             }
             Event::ReadLog { node, read, reply } => self.start_log_read(node, read, reply),
             Event::SubmitJob {
                 spec_toml,
                 source,
+                actor,
                 reply,
             } => {
                 let answer = match self.state.submit_job(&spec_toml, &source, now()) {
@@ -461,26 +535,113 @@ impl Engine {
                     }
                 };
                 if let Ok(job) = &answer {
-                    info!(job = %job.id, name = %job.spec.name, nodes = job.spec.nodes, state = job.phase_name(), "job {} submitted", job.id);
+                    info!(job = %job.id, name = %job.spec.name, nodes = job.spec.nodes, state = job.phase_name(), actor = %actor, "job {} submitted by {actor}", job.id);
+                    let id = job.id.clone();
+                    let what = format!("submit (from {source})");
+                    self.audit_job(&id, &actor, &what, &answer).await;
                 }
                 reply.send(answer).ok();
             }
-            Event::CancelJob { id, reply } => {
+            Event::CancelJob { id, actor, reply } => {
                 let answer = match self.state.cancel_job(&id, now()) {
                     Ok(effects) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();
                             self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
-                                crate::state::StateError::UnknownJob(id),
+                                crate::state::StateError::UnknownJob(id.clone()),
                             ))
                         }
                         Err(e) => Err(e.into()),
                     },
                     Err(e) => Err(e.into()),
                 };
+                self.audit_job(&id, &actor, "cancel", &answer).await;
+                reply.send(answer).ok();
+            }
+            Event::RestartJob {
+                id,
+                from_step,
+                env,
+                actor,
+                reply,
+            } => {
+                let what = match from_step {
+                    Some(step) => format!("restart from checkpoint step {step} (env {env:?})"),
+                    None => format!("restart (env {env:?})"),
+                };
+                let answer = match self.state.restart_job(&id, from_step, env, now()) {
+                    Ok(effects) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            self.state.jobs.get(&id).cloned().ok_or(ControlError::State(
+                                crate::state::StateError::UnknownJob(id.clone()),
+                            ))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                self.audit_job(&id, &actor, &what, &answer).await;
+                reply.send(answer).ok();
+            }
+            Event::ClearLemon {
+                subject,
+                actor,
+                reply,
+            } => {
+                let answer = match self.state.clear_lemon(&subject, now()) {
+                    Ok((cleared, effects)) => match self.apply(effects).await {
+                        Ok(()) => {
+                            self.publish();
+                            Ok(cleared)
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                // Recorded on the node the subject names, if it names one.
+                let node = subject.strip_prefix("host/").unwrap_or(&subject).to_owned();
+                let what = format!("clear lemon {subject}");
+                self.audit_node(&node, &actor, &what, &answer).await;
                 reply.send(answer).ok();
             }
         }
+    }
+
+    /// Records an operator's call on node `node` in its history, with who and how it ended.
+    async fn audit_node<T, E: std::fmt::Display>(
+        &mut self,
+        node: &str,
+        actor: &str,
+        what: &str,
+        answer: &Result<T, E>,
+    ) {
+        let outcome = crate::audit::outcome(answer);
+        info!(node = %node, actor = %actor, "{what} on node {node} by {actor}: {outcome}");
+        let effects = self.state.audit_node(node, actor, what, &outcome, now());
+        if let Err(e) = self.apply(effects).await {
+            warn!(node = %node, error = %e, "could not store the audit record");
+        }
+        // Operator calls are rare: make the record visible to `clusterctl events` at once.
+        self.publish();
+    }
+
+    /// Records an operator's call on job `id` in its history, with who and how it ended.
+    async fn audit_job<T, E: std::fmt::Display>(
+        &mut self,
+        id: &str,
+        actor: &str,
+        what: &str,
+        answer: &Result<T, E>,
+    ) {
+        let outcome = crate::audit::outcome(answer);
+        info!(job = %id, actor = %actor, "{what} on job {id} by {actor}: {outcome}");
+        let effects = self.state.audit_job(id, actor, what, &outcome, now());
+        if let Err(e) = self.apply(effects).await {
+            warn!(job = %id, error = %e, "could not store the audit record");
+        }
+        // Operator calls are rare: make the record visible to `clusterctl events` at once.
+        self.publish();
     }
 
     fn start_log_read(
@@ -550,6 +711,7 @@ impl Engine {
         }
         let run = v1::command::Kind::RunDiagnostics(v1::RunDiagnostics {
             timeout_ms: millis(timeout),
+            command: Vec::new(),
         });
         let Some((session, id)) = self.try_command(&node, run) else {
             reply.send(Err(ControlError::NotConnected(node))).ok();
@@ -570,7 +732,7 @@ impl Engine {
 
     async fn diagnostics_result(&mut self, node: &str, session: u64, d: &v1::DiagnosticsResult) {
         let Some(pending) = self.pending.remove(&d.command_id) else {
-            warn!(node = %node, command_id = d.command_id, "diagnostics result for no pending request; recording it anyway");
+            info!(node = %node, command_id = d.command_id, "diagnostics result no operator waits for (a triage's, or late); recording it");
             return self.keep_diagnostics(node, d, None).await;
         };
         if pending.node != node || pending.session != session {
@@ -604,6 +766,11 @@ impl Engine {
         if let Some(reply) = reply {
             reply.send(answer).ok();
         }
+        let mut triage = self.state.triage_result(node, d.passed, &d.summary, now());
+        triage.extend(self.state.burn_in_result(node, d.passed, &d.summary, now()));
+        if !triage.is_empty() && self.apply(triage).await.is_ok() {
+            self.publish();
+        }
     }
 
     fn expire_diagnostics(&mut self) {
@@ -627,19 +794,24 @@ impl Engine {
         }
         let backup = self.state.nodes.get(&node).cloned();
         let effects = self.state.register(reg, now());
-        if let Err(e) = self.apply(effects).await {
-            self.restore(&node, backup);
-            self.metrics.rejected_registrations.inc();
-            warn!(node = %node, error = %e, "registration refused: could not save it");
-            let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
-                reason: format!("coordinator could not save the registration: {e}"),
-            });
-            tx.try_send(Ok(v1::CoordinatorMessage {
-                body: Some(rejected),
-            }))
-            .ok();
-            return;
-        }
+        // Persist now, act once the session is live: reconciling can send this
+        // very node commands (stop a stale worker, start a pending job).
+        let effects = match self.persist(effects).await {
+            Ok(effects) => effects,
+            Err(e) => {
+                self.restore(&node, backup);
+                self.metrics.rejected_registrations.inc();
+                warn!(node = %node, error = %e, "registration refused: could not save it");
+                let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+                    reason: format!("coordinator could not save the registration: {e}"),
+                });
+                tx.try_send(Ok(v1::CoordinatorMessage {
+                    body: Some(rejected),
+                }))
+                .ok();
+                return;
+            }
+        };
         self.metrics.registrations.inc();
         let liveness = &self.state.liveness;
         let registered = v1::Registered {
@@ -651,9 +823,14 @@ impl Engine {
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Registered(registered)),
         };
-        if tx.try_send(Ok(msg)).is_ok() {
+        let live = tx.try_send(Ok(msg)).is_ok();
+        if live {
             self.sessions.insert(session, tx);
-        } else {
+        }
+        for effect in effects {
+            self.act(effect);
+        }
+        if !live {
             let effects = self.state.disconnected(&node, session, now());
             self.apply(effects).await.ok();
         }
@@ -718,10 +895,23 @@ impl Engine {
 
     /// Let jobs react to node changes, persist first (and flush), then act
     /// on the rest, in order.
-    async fn apply(&mut self, mut effects: Vec<Effect>) -> Result<(), StoreError> {
+    async fn apply(&mut self, effects: Vec<Effect>) -> Result<(), StoreError> {
+        for effect in self.persist(effects).await? {
+            self.act(effect);
+        }
+        Ok(())
+    }
+
+    /// The first half of [`Self::apply`]: let jobs react, write and flush;
+    /// returns the effects to act on.
+    async fn persist(&mut self, mut effects: Vec<Effect>) -> Result<Vec<Effect>, StoreError> {
         if !effects.is_empty() {
             let more = self.state.react(&effects, now());
             effects.extend(more);
+            let lemons = self.state.lemon_react(&effects, now());
+            effects.extend(lemons);
+            let burn_in = self.state.burn_in_react(&effects, now());
+            effects.extend(burn_in);
         }
         let mut wrote = false;
         for effect in &effects {
@@ -736,6 +926,10 @@ impl Engine {
                     self.store.put_job(job)?;
                     wrote = true;
                 }
+                Effect::PersistLemon(record) => {
+                    self.store.put_lemon(record)?;
+                    wrote = true;
+                }
                 _ => {}
             }
         }
@@ -744,10 +938,41 @@ impl Engine {
                 warn!(error = %e, "state store flush failed; change not acknowledged");
             })?;
         }
-        for effect in effects {
-            self.act(effect);
+        Ok(effects)
+    }
+
+    /// Reopen the store after a failed write, once that works (space came
+    /// back), and write the whole state again: changes made while it failed
+    /// were never flushed.
+    async fn recover_store(&mut self) {
+        match self.store.recover() {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                debug!(error = %e, "state store still cannot be reopened");
+                return;
+            }
         }
-        Ok(())
+        let mut effects: Vec<Effect> = self
+            .state
+            .nodes
+            .values()
+            .map(|n| Effect::Persist((*n.record).clone()))
+            .collect();
+        effects.extend(
+            self.state
+                .jobs
+                .values()
+                .map(|j| Effect::PersistJob(Box::new(j.clone()))),
+        );
+        match self.persist(effects).await {
+            Ok(_) => info!(
+                nodes = self.state.nodes.len(),
+                jobs = self.state.jobs.len(),
+                "state store reopened after a write error; state written again"
+            ),
+            Err(e) => warn!(error = %e, "state store reopened but cannot be written yet"),
+        }
     }
 
     fn act(&mut self, effect: Effect) {
@@ -841,6 +1066,27 @@ impl Engine {
                 info!(job = %job, kind = %kind, lost_ms, fault_to_relaunch_ms, "job {job} relaunched after a {kind} failure");
             }
             Effect::Command { node, kind } => self.send_command(&node, kind),
+            Effect::PersistLemon(r) => {
+                self.dirty = true;
+                let recent = r.recent(now().wall_ms, &self.state.lemons.cfg).count();
+                let last = r.incidents.last();
+                let lemon_now =
+                    r.blocklisted_at_ms.is_some() && r.blocklisted_at_ms == last.map(|i| i.at_ms);
+                match (
+                    r.cleared_at_ms.filter(|_| r.blocklisted_at_ms.is_none()),
+                    lemon_now,
+                ) {
+                    (Some(_), _) if last.is_none_or(|i| Some(i.at_ms) <= r.cleared_at_ms) => {
+                        info!(subject = %r.key(), node = %r.node, "lemon entry {} cleared by an operator", r.key())
+                    }
+                    (_, true) => {
+                        warn!(subject = %r.key(), node = %r.node, failures = recent, kinds = %r.kinds(now().wall_ms, &self.state.lemons.cfg), "{} is a lemon: {recent} failures within the window; blocklisted", r.key())
+                    }
+                    _ => {
+                        info!(subject = %r.key(), node = %r.node, failures = recent, kind = last.map_or("", |i| i.kind.as_str()), "failure charged to {}", r.key())
+                    }
+                }
+            }
             Effect::JobLog { job, message, warn } => {
                 if warn {
                     warn!(job = %job, "job {job}: {message}");
@@ -886,6 +1132,7 @@ impl Engine {
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),
+            lemons: self.state.lemons.clone(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

@@ -21,6 +21,10 @@ pub enum CoordinatorError {
     },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] vigil_tls::TlsError),
 }
 
 /// Why a control request was refused.
@@ -32,6 +36,12 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller's certificate does not grant the call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// No identity at all: a request that did not come through the coordinator's acceptor.
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("the coordinator is shutting down; retry in a moment")]
     ShuttingDown,
     #[error("node \"{0}\" has no connected agent; diagnostics need it (see clusterctl node {0})")]
@@ -44,18 +54,27 @@ impl From<ControlError> for Status {
     fn from(e: ControlError) -> Self {
         let message = e.to_string();
         match e {
-            ControlError::State(StateError::UnknownNode(_) | StateError::UnknownJob(_)) => {
-                Status::not_found(message)
-            }
-            ControlError::State(StateError::InvalidSpec(_)) => Status::invalid_argument(message),
             ControlError::State(
-                StateError::StaleSession { .. } | StateError::NeedsDiagnostics { .. },
+                StateError::UnknownNode(_)
+                | StateError::UnknownJob(_)
+                | StateError::UnknownLemon(_),
+            ) => Status::not_found(message),
+            ControlError::State(StateError::InvalidSpec(_) | StateError::InvalidRequest(_)) => {
+                Status::invalid_argument(message)
+            }
+            ControlError::State(
+                StateError::StaleSession { .. }
+                | StateError::NeedsDiagnostics { .. }
+                | StateError::Blocklisted { .. },
             ) => Status::failed_precondition(message),
             ControlError::NotConnected(_) => Status::unavailable(message),
             ControlError::DiagnosticsTimeout { .. } => Status::deadline_exceeded(message),
+            ControlError::Store(StoreError::Full { .. }) => Status::resource_exhausted(message),
             ControlError::Store(_) => Status::internal(message),
             ControlError::InvalidArgument(_) => Status::invalid_argument(message),
             ControlError::ShuttingDown => Status::unavailable(message),
+            ControlError::PermissionDenied(_) => Status::permission_denied(message),
+            ControlError::Unauthenticated(_) => Status::unauthenticated(message),
         }
     }
 }

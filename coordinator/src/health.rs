@@ -58,6 +58,8 @@ pub struct NodeHealth {
     pub event_findings: Vec<EventFinding>,
     /// Recent XIDs as (gpu, xid, class, at_ms), for recurrence.
     pub xid_history: Vec<(u32, u32, XidClass, u64)>,
+    /// Set while the node straggles in a job (see `stragglers`): Degraded.
+    pub straggler: Option<Finding>,
 }
 
 fn gpu_label(index: u32, uuid: &str) -> String {
@@ -73,6 +75,7 @@ impl NodeHealth {
         self.sample_findings
             .iter()
             .chain(self.event_findings.iter().map(|e| &e.finding))
+            .chain(self.straggler.iter())
     }
 
     pub fn condition(&self) -> Condition {

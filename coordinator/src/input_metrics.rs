@@ -14,10 +14,11 @@ pub struct NodeLabel {
 }
 
 /// Every `reason` of `vigil_agent_messages_rejected_total` (each exists from the start at 0).
-pub const REJECT_REASONS: [&str; 8] = [
+pub const REJECT_REASONS: [&str; 9] = [
     "oversized",
     "malformed",
     "invalid_register",
+    "wrong_identity",
     "invalid_heartbeat",
     "invalid_event",
     "register_twice",

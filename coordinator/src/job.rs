@@ -97,6 +97,10 @@ pub struct Worker {
     /// When the step last changed (or the attempt started), unix ms.
     pub progress_at_ms: u64,
     pub log_path: String,
+    /// Recent (unix ms, step) changes, for the step rate (not stored: a
+    /// restarted coordinator measures afresh).
+    #[serde(skip)]
+    pub rate_samples: std::collections::VecDeque<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +109,15 @@ pub struct Checkpoint {
     pub step: Option<u64>,
     pub seen_at_ms: u64,
     pub attempt: u64,
+    /// How long the save took, as the agent measured it from the files'
+    /// modification times (first file to completion marker).
+    #[serde(default)]
+    pub save_ms: Option<u64>,
 }
+
+/// How many complete checkpoints a job remembers (for the checkpoint
+/// interval and for choosing one to roll back to).
+pub const MAX_CHECKPOINT_HISTORY: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -119,6 +131,28 @@ pub struct Attempt {
     pub culprit_node: String,
     pub resumed_from: Option<Checkpoint>,
     pub last_step: Option<u64>,
+    /// Goodput marks (see `goodput`): when the fault behind this attempt's
+    /// end happened (unix ms, 0 while it runs or when it succeeded), and
+    /// when the coordinator detected it.
+    #[serde(default)]
+    pub fault_at_ms: u64,
+    #[serde(default)]
+    pub detected_at_ms: u64,
+    /// crash, hang, node_lost, node_unhealthy, worker_gone, drain, cancelled.
+    #[serde(default)]
+    pub failure_kind: String,
+    /// When a worker of this attempt first reported a step.
+    #[serde(default)]
+    pub first_progress_at_ms: Option<u64>,
+    /// The step an earlier attempt had reached: steps up to it are recomputed.
+    #[serde(default)]
+    pub catch_up_step: Option<u64>,
+    /// When every worker got past `catch_up_step`.
+    #[serde(default)]
+    pub caught_up_at_ms: Option<u64>,
+    /// Triage verdicts per node, after an unexplained failure (see `triage`).
+    #[serde(default)]
+    pub triage: BTreeMap<String, crate::triage::Verdict>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +196,37 @@ pub struct Job {
     #[serde(default)]
     pub failure_kind: String,
     pub lost_ms: u64,
+    /// The highest step any attempt reached (every worker past it).
+    #[serde(default)]
+    pub high_water_step: Option<u64>,
+    /// Complete checkpoints seen, oldest first, at most `MAX_CHECKPOINT_HISTORY`.
+    #[serde(default)]
+    pub checkpoints: Vec<Checkpoint>,
+    /// When the job reached a terminal state.
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// The triage of the last unexplained failure; the next attempt waits for it.
+    #[serde(default)]
+    pub triage: Option<crate::triage::Triage>,
+    /// Nodes of the current attempt slower than the gang, and since when.
+    #[serde(default)]
+    pub slow_since: BTreeMap<String, u64>,
+    /// Nodes flagged as stragglers in the current attempt.
+    #[serde(default)]
+    pub stragglers: std::collections::BTreeSet<String>,
+    /// Node rank 0's recent training metrics (see `training_health`).
+    #[serde(default)]
+    pub loss_history: std::collections::VecDeque<crate::training_health::Report>,
+    /// The attempt that starts from a rolled-back checkpoint: checkpoints
+    /// completed before it started (newer, from the spike) are ignored.
+    #[serde(default)]
+    pub rollback_attempt: Option<u64>,
+    /// Nodes the next placement must not use (a straggler swapped out).
+    #[serde(default)]
+    pub avoid: std::collections::BTreeSet<String>,
+    /// Operator-approved environment (`clusterctl job restart --env`), over the spec's.
+    #[serde(default)]
+    pub env_override: BTreeMap<String, String>,
     pub events: Vec<JobEvent>,
     /// Events not yet announced to `clusterctl events` watchers (not stored).
     #[serde(skip)]

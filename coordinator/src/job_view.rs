@@ -2,6 +2,7 @@
 
 use vigil_proto::v1;
 
+use crate::goodput::Goodput;
 use crate::job::{Checkpoint, Job};
 
 pub fn summary(job: &Job) -> v1::JobSummary {
@@ -31,7 +32,59 @@ fn checkpoint(c: &Checkpoint) -> v1::CheckpointRecord {
     }
 }
 
+fn goodput(g: &Goodput) -> v1::Goodput {
+    v1::Goodput {
+        wall_ms: g.wall_ms,
+        productive_ms: g.productive_ms,
+        lost_ms: g.lost_ms,
+        ettr: g.ettr,
+        queued_ms: g.queued_ms,
+        detection_ms: g.detection_ms,
+        teardown_ms: g.teardown_ms,
+        waiting_ms: g.waiting_ms,
+        startup_ms: g.startup_ms,
+        recomputation_ms: g.recomputation_ms,
+        failures: g
+            .failures
+            .iter()
+            .map(|f| v1::FailureCost {
+                attempt: f.attempt,
+                kind: f.kind.clone(),
+                reason: f.reason.clone(),
+                culprit_node: f.culprit_node.clone(),
+                fault_at_unix_ms: f.fault_at_ms,
+                detection_ms: f.detection_ms,
+                teardown_ms: f.teardown_ms,
+                waiting_ms: f.waiting_ms,
+                startup_ms: f.startup_ms,
+                recomputation_ms: f.recomputation_ms,
+                steps_lost: f.steps_lost,
+            })
+            .collect(),
+        timeline: g
+            .segments
+            .iter()
+            .map(|s| v1::TimelineSegment {
+                phase: s.phase.as_str().to_owned(),
+                from_unix_ms: s.from_ms,
+                to_unix_ms: s.to_ms,
+                attempt: s.attempt,
+            })
+            .collect(),
+        mtbf_ms: g.mtbf_ms,
+        checkpoint_save_ms: g.checkpoint_save_ms,
+        checkpoint_interval_ms: g.checkpoint_interval_ms,
+        suggested_checkpoint_interval_ms: g.suggested_interval_ms,
+    }
+}
+
+/// A job's detail as of now.
 pub fn detail(job: &Job) -> v1::JobDetail {
+    detail_at(job, crate::metrics::unix_ms(std::time::SystemTime::now()))
+}
+
+/// A job's detail as of `now_ms` (its goodput counts up to then).
+pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
     v1::JobDetail {
         summary: Some(summary(job)),
         spec_toml: job.spec_toml.clone(),
@@ -53,6 +106,11 @@ pub fn detail(job: &Job) -> v1::JobDetail {
                     .map_or_else(String::new, |c| c.path.clone()),
                 resumed_from_step: a.resumed_from.as_ref().and_then(|c| c.step),
                 last_step: a.last_step,
+                triage: a
+                    .triage
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.describe()))
+                    .collect(),
             })
             .collect(),
         last_checkpoint: job.checkpoint.as_ref().map(checkpoint),
@@ -83,5 +141,6 @@ pub fn detail(job: &Job) -> v1::JobDetail {
         workdir: job.spec.workdir.clone(),
         checkpoint_dir: job.spec.checkpoint.dir.clone(),
         checkpoint_layout: job.spec.checkpoint.layout.clone(),
+        goodput: Some(goodput(&crate::goodput::account(job, now_ms))),
     }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use vigil_proto::v1;
 
+use crate::goodput;
 use crate::health::Condition;
 use crate::job::{AfterStop, Attempt, Checkpoint, Job, JobPhase, Worker, WorkerPhase};
 use crate::jobspec;
@@ -58,6 +59,16 @@ impl ClusterState {
             fault_at_ms: None,
             failure_kind: String::new(),
             lost_ms: 0,
+            high_water_step: None,
+            checkpoints: Vec::new(),
+            finished_at_ms: None,
+            triage: None,
+            slow_since: BTreeMap::new(),
+            stragglers: BTreeSet::new(),
+            loss_history: Default::default(),
+            rollback_attempt: None,
+            avoid: BTreeSet::new(),
+            env_override: BTreeMap::new(),
             events: Vec::new(),
             unannounced: Vec::new(),
         };
@@ -85,6 +96,7 @@ impl ClusterState {
             JobPhase::Pending | JobPhase::Restarting => {
                 job.phase = JobPhase::Cancelled;
                 job.reason = "cancelled by an operator".into();
+                job.finished_at_ms = Some(now.wall_ms);
                 release(job);
                 job.event(now.wall_ms, "cancelled", "cancelled by an operator".into());
             }
@@ -193,7 +205,11 @@ impl ClusterState {
             Some(Kind::Checkpoint(c)) => {
                 let inside = std::path::Path::new(&c.path).starts_with(&job.spec.checkpoint.dir);
                 let known = job.checkpoint.as_ref().is_some_and(|k| k.path == c.path);
-                if !inside || known || job.workers.get(node).is_none_or(|w| w.node_rank != 0) {
+                if !inside
+                    || known
+                    || job.workers.get(node).is_none_or(|w| w.node_rank != 0)
+                    || crate::rollback::stale(job, c)
+                {
                     return effects;
                 }
                 let step = c
@@ -204,12 +220,17 @@ impl ClusterState {
                     "checkpoint",
                     format!("complete checkpoint {} ({step})", c.path),
                 );
-                job.checkpoint = Some(Checkpoint {
+                let seen = Checkpoint {
                     path: c.path.clone(),
                     step: c.step,
                     seen_at_ms: now.wall_ms,
                     attempt,
-                });
+                    save_ms: c.save_ms,
+                };
+                goodput::on_checkpoint(job, seen.clone());
+                job.checkpoint = Some(seen);
+                let swap = self.stragglers.swap_at_checkpoint;
+                crate::stragglers::swap(job, &self.nodes, swap, now, &mut effects);
             }
             _ => {}
         }
@@ -219,7 +240,14 @@ impl ClusterState {
     }
 
     /// Progress from a heartbeat: a step that changed resets the hang clock.
-    pub fn worker_progress(&mut self, node: &str, workers: &[v1::WorkerInfo], now: Now) {
+    /// The job is persisted when a goodput mark (first step, caught up) is set.
+    pub fn worker_progress(
+        &mut self,
+        node: &str,
+        workers: &[v1::WorkerInfo],
+        now: Now,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
         for info in workers {
             let Some(job) = self.jobs.get_mut(&info.job_id) else {
                 continue;
@@ -237,8 +265,17 @@ impl ClusterState {
             if info.progress_step.is_some() && info.progress_step != w.progress_step {
                 w.progress_step = info.progress_step;
                 w.progress_at_ms = now.wall_ms;
+                crate::stragglers::sample(w, now.wall_ms);
+                let rank0 = w.node_rank == 0;
+                if rank0 && crate::rollback::observe(job, &self.nodes, info, now, &mut effects) {
+                    continue;
+                }
+                if goodput::on_progress(job, now.wall_ms) {
+                    effects.push(Effect::PersistJob(Box::new(job.clone())));
+                }
             }
         }
+        effects
     }
 
     /// A node (re)registered reporting `reported` workers: adopt those of
@@ -351,6 +388,11 @@ impl ClusterState {
             };
             let lost = matches!(e, Effect::Availability { .. });
             let kind = if lost { "node_lost" } else { "node_unhealthy" };
+            // A lost node stopped working when it fell silent, not when it was declared Lost.
+            let stalled_at = self.nodes.get(node).filter(|_| lost).map(|n| {
+                let silent = now.mono.saturating_duration_since(n.silent_since);
+                now.wall_ms.saturating_sub(ms(silent))
+            });
             for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
                 job.spares.retain(|s| s != node);
                 let Some(worker) = job.workers.get_mut(node) else {
@@ -363,7 +405,10 @@ impl ClusterState {
                 match job.phase {
                     JobPhase::Running => {
                         let after = after_failure(job);
-                        let failure = Failure::new(&why, node, kind);
+                        let failure = Failure {
+                            stalled_at_ms: stalled_at,
+                            ..Failure::new(&why, node, kind)
+                        };
                         stop_attempt(job, &self.nodes, &failure, after, now, &mut out);
                     }
                     JobPhase::Stopping => finish_if_stopped(job, now, &mut out),
@@ -390,19 +435,24 @@ impl ClusterState {
                 .iter()
                 .filter(|(_, w)| !w.phase.is_dead())
                 .find(|(_, w)| now.wall_ms.saturating_sub(w.progress_at_ms) > timeout)
-                .map(|(n, w)| (n.clone(), w.node_rank, w.progress_step));
-            if let Some((node, rank, step)) = hung {
+                .map(|(n, w)| (n.clone(), w.node_rank, w.progress_step, w.progress_at_ms));
+            if let Some((node, rank, step, stalled_at)) = hung {
                 let last = step.map_or_else(|| "no step yet".into(), |s| format!("last step {s}"));
                 let reason = format!(
                     "no progress from {node} (rank {rank}) for {} ({last}): hung",
                     humantime::format_duration(job.spec.progress.hang_timeout)
                 );
                 let after = after_failure(job);
-                let failure = Failure::new(&reason, "", "hang");
+                let failure = Failure {
+                    stalled_at_ms: Some(stalled_at),
+                    ..Failure::new(&reason, "", "hang")
+                };
                 stop_attempt(job, &self.nodes, &failure, after, now, &mut effects);
                 effects.push(Effect::PersistJob(Box::new(job.clone())));
             }
         }
+        effects.extend(self.triage_tick(now));
+        effects.extend(self.stragglers_tick(now));
         effects.extend(self.schedule(now));
         effects
     }
@@ -410,7 +460,7 @@ impl ClusterState {
     /// Start every job that can start: Pending ones and Restarting ones past
     /// their backoff; refill spares.
     pub fn schedule(&mut self, now: Now) -> Vec<Effect> {
-        let mut effects = Vec::new();
+        let mut effects = self.start_triages(now);
         let mut order: Vec<(u64, String)> = self
             .jobs
             .values()
@@ -429,14 +479,19 @@ impl ClusterState {
             };
             let ready_to_start = match job.phase {
                 JobPhase::Pending => true,
-                JobPhase::Restarting => job.restart_at_ms.is_none_or(|t| now.wall_ms >= t),
+                JobPhase::Restarting => {
+                    job.restart_at_ms.is_none_or(|t| now.wall_ms >= t)
+                        && crate::triage::clear_to_start(job)
+                }
                 _ => false,
             };
             let gpus = job.spec.gpus_per_node;
             let nodes = &self.nodes;
+            let avoid = job.avoid.clone();
             let ok = |n: &str, holders: &HashMap<String, String>| {
                 holders.get(n).is_none_or(|h| *h == id)
                     && nodes.get(n).is_some_and(|node| eligible(node, gpus))
+                    && !avoid.contains(n)
             };
             if job.phase.holds_nodes() {
                 let before = job.spares.clone();
@@ -553,7 +608,7 @@ fn count_free(
         .count()
 }
 
-fn after_failure(job: &Job) -> AfterStop {
+pub(crate) fn after_failure(job: &Job) -> AfterStop {
     if job.restarts < job.spec.restart.max_restarts {
         AfterStop::Restart
     } else {
@@ -594,6 +649,7 @@ pub fn worker_env(
     rank: usize,
 ) -> BTreeMap<String, String> {
     let mut env = job.spec.env.clone();
+    env.extend(job.env_override.clone());
     let nnodes = job.placement.len().to_string();
     let master = job
         .placement
@@ -650,6 +706,7 @@ fn start_attempt(
 ) {
     job.attempt += 1;
     job.placement = placement;
+    job.avoid.clear();
     job.phase = JobPhase::Running;
     job.reason = String::new();
     job.after_stop = None;
@@ -679,6 +736,7 @@ fn start_attempt(
                 progress_step: None,
                 progress_at_ms: now.wall_ms,
                 log_path: String::new(),
+                rate_samples: Default::default(),
             };
             (n.clone(), worker)
         })
@@ -693,7 +751,15 @@ fn start_attempt(
         culprit_node: String::new(),
         resumed_from: job.checkpoint.clone(),
         last_step: None,
+        fault_at_ms: 0,
+        detected_at_ms: 0,
+        failure_kind: String::new(),
+        first_progress_at_ms: None,
+        catch_up_step: None,
+        caught_up_at_ms: None,
+        triage: BTreeMap::new(),
     });
+    goodput::on_start(job);
     let from = job.checkpoint.as_ref().map_or_else(
         || "a fresh start".to_owned(),
         |c| {
@@ -741,27 +807,32 @@ fn start_attempt(
 
 /// Why an attempt ends: the reason, the node blamed (if any), a stable kind
 /// (a metric label), and when the fault was observed if earlier than now.
-struct Failure<'a> {
-    reason: &'a str,
-    culprit: &'a str,
-    kind: &'static str,
-    fault_at_ms: Option<u64>,
+pub(crate) struct Failure<'a> {
+    pub(crate) reason: &'a str,
+    pub(crate) culprit: &'a str,
+    pub(crate) kind: &'static str,
+    pub(crate) fault_at_ms: Option<u64>,
+    /// When the job stopped making progress, where known earlier than the
+    /// fault was observed (a hang: its last step; a lost node: its last
+    /// message). For goodput's detection time.
+    pub(crate) stalled_at_ms: Option<u64>,
 }
 
 impl<'a> Failure<'a> {
-    fn new(reason: &'a str, culprit: &'a str, kind: &'static str) -> Self {
+    pub(crate) fn new(reason: &'a str, culprit: &'a str, kind: &'static str) -> Self {
         Self {
             reason,
             culprit,
             kind,
             fault_at_ms: None,
+            stalled_at_ms: None,
         }
     }
 }
 
 /// The attempt failed (or is cancelled): stop its workers on every node.
 /// Nothing starts again until every one of them is confirmed dead.
-fn stop_attempt(
+pub(crate) fn stop_attempt(
     job: &mut Job,
     nodes: &BTreeMap<String, Node>,
     failure: &Failure,
@@ -780,6 +851,11 @@ fn stop_attempt(
     job.failed_at_ms.get_or_insert(now.wall_ms);
     job.fault_at_ms
         .get_or_insert(failure.fault_at_ms.unwrap_or(now.wall_ms).min(now.wall_ms));
+    let stalled_at = failure
+        .stalled_at_ms
+        .or(failure.fault_at_ms)
+        .unwrap_or(now.wall_ms);
+    goodput::on_stop(job, failure.kind, stalled_at, now.wall_ms);
     let step = job.progress_step();
     let outcome = if after == AfterStop::Cancel {
         "cancelled"
@@ -897,6 +973,7 @@ fn worker_exited(
 fn succeed(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
     job.phase = JobPhase::Succeeded;
     job.reason = "every worker exited 0".into();
+    job.finished_at_ms = Some(now.wall_ms);
     let step = job.progress_step();
     if let Some(a) = job.current_attempt_mut() {
         a.outcome = "succeeded".into();
@@ -946,6 +1023,7 @@ fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
         }
         AfterStop::Fail => {
             job.phase = JobPhase::Failed;
+            job.finished_at_ms = Some(now.wall_ms);
             job.reason = format!(
                 "gave up after {} restarts (max_restarts = {}); last failure: {}",
                 job.restarts, job.spec.restart.max_restarts, job.reason
@@ -961,6 +1039,7 @@ fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
         }
         AfterStop::Cancel => {
             job.phase = JobPhase::Cancelled;
+            job.finished_at_ms = Some(now.wall_ms);
             job.reason = "cancelled by an operator".into();
             job.event(
                 now.wall_ms,

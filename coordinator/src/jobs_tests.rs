@@ -61,6 +61,8 @@ fn cluster(nodes: u32, now: Now) -> ClusterState {
         HealthConfig::default(),
         now,
     );
+    // These tests pin the restart mechanics; triage_tests covers triage.
+    s.triage.enabled = false;
     for i in 1..=nodes {
         let e = s.register(reg(&format!("n{i}"), u64::from(i), Vec::new()), now);
         run(&mut s, e, now);
@@ -137,6 +139,8 @@ fn checkpoint(job: &str, attempt: u64, path: &str, step: u64) -> v1::AgentEvent 
         attempt,
         path: path.into(),
         step: Some(step),
+        save_ms: None,
+        completed_at_unix_ms: None,
     }))
 }
 
@@ -666,4 +670,55 @@ fn drain_cordons_and_restarts_the_job_elsewhere_without_blame() {
         started.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         ["n1", "n3"]
     );
+}
+
+#[test]
+fn a_coordinator_stall_counts_as_neither_silence_nor_a_hang() {
+    let now = t0();
+    let mut s = cluster(2, now);
+    let (id, _) = submit(&mut s, &spec(2, 0), now);
+    let progress = |rank| v1::Heartbeat {
+        workers: vec![v1::WorkerInfo {
+            job_id: "train-1".into(),
+            attempt: 1,
+            node_rank: rank,
+            pid: 42,
+            progress_step: Some(5),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    for (n, sess, rank) in [("n1", 1, 0), ("n2", 2, 1)] {
+        let e = s
+            .heartbeat(n, sess, progress(rank), at(now, 1.0))
+            .expect("live");
+        run(&mut s, e, at(now, 1.0));
+    }
+    // The coordinator is stopped for 70 s: past lost_after (10 s) and hang_timeout (60 s).
+    let woke = at(now, 71.0);
+    let mut unforgiven = s.clone();
+    let mut e = unforgiven.tick(woke);
+    e.extend(unforgiven.jobs_tick(woke));
+    run(&mut unforgiven, e, woke);
+    assert_ne!(
+        phase(&unforgiven, &id),
+        JobPhase::Running,
+        "without it, the job fails"
+    );
+
+    s.forgive_stall(Duration::from_secs(70), woke);
+    let mut e = s.tick(woke);
+    e.extend(s.jobs_tick(woke));
+    let effects = run(&mut s, e, woke);
+    assert!(stops(&effects).is_empty(), "{effects:?}");
+    assert_eq!(phase(&s, &id), JobPhase::Running);
+    assert!(
+        s.nodes
+            .values()
+            .all(|n| n.availability == crate::node::Availability::Ready)
+    );
+    // Silence after the stall still counts: lost_after later, the nodes are Lost.
+    let e = s.tick(at(now, 82.0));
+    run(&mut s, e, at(now, 82.0));
+    assert_ne!(phase(&s, &id), JobPhase::Running);
 }

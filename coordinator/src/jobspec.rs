@@ -44,6 +44,9 @@ pub struct JobSpec {
     pub restart: RestartSpec,
     #[serde(default)]
     pub progress: ProgressSpec,
+    /// Loss-spike rollback policies (see `training_health`).
+    #[serde(default)]
+    pub training_health: crate::training_health::TrainingHealthSpec,
 }
 
 fn default_master_port() -> u16 {
@@ -123,6 +126,9 @@ pub fn parse(text: &str, source: &str, cluster_nodes: usize) -> Result<JobSpec, 
         format!("{at}invalid job spec: {}{hint}", msg.trim())
     })?;
     validate(&spec, cluster_nodes).map_err(|e| format!("{at}{e}"))?;
+    spec.training_health
+        .validate()
+        .map_err(|e| format!("{at}{e}"))?;
     Ok(spec)
 }
 

@@ -7,10 +7,21 @@
 //! - `xid`: NVIDIA's XID catalog (shipped as data) and the class of each XID.
 //! - `health`: pure GPU-health policy: samples and events -> findings -> condition.
 //! - `state`: `ClusterState` and its pure transitions, returning `Effect`s.
+//! - `lemons`: the pure lemon ledger: failures per host and GPU serial, blocklist.
+//! - `lemon_watch`: which node changes are charged to it, and its cordons.
+//! - `lemon_view`: the protocol's view of the ledger, for clusterctl.
 //! - `jobspec`: the job spec (TOML) and its validation.
 //! - `job`: a job's persisted record: spec, attempts, workers, checkpoint, history.
 //! - `jobs`: pure job state machine and gang scheduler.
+//! - `goodput`: pure goodput accounting: where a job's wall time went, ETTR,
+//!   and the checkpoint interval Young's formula suggests.
+//! - `goodput_metrics`: its Prometheus series.
 //! - `job_view`: the protocol's view of a job, for clusterctl.
+//! - `burn_in`: pure burn-in before a node joins or rejoins (`Validating`).
+//! - `stragglers`: pure step-rate comparison within a gang: `Degraded: straggler`.
+//! - `training_health`: pure loss / loss-scale policies of a job's training metrics.
+//! - `rollback`: rolling a job back to an earlier checkpoint (unhealthy training, or an operator).
+//! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
@@ -22,30 +33,46 @@
 //! - `control_service`: the `ControlService` clusterctl talks to.
 //! - `control_streams`: its long-lived streams: `events --follow` and `job logs`.
 //! - `metrics`: Prometheus metrics and the `/metrics` + `/healthz` HTTP server.
+//! - `security_metrics`: refused connections, denied calls, certificate expiry.
+//! - `audit`: who changed what, recorded in the node's or job's history.
+//! - `access`: who a request comes from and whether their role allows the call.
 //! - `notify`: systemd notifications (ready, status, watchdog fed by the engine loop, stopping).
 //! - `error`: boundary errors and their single mapping to gRPC status.
 
+pub mod access;
 pub mod agent_service;
 pub mod assigned;
+pub mod audit;
+pub mod burn_in;
 pub mod config;
 pub mod control_service;
 pub mod control_streams;
 pub mod engine;
 pub mod error;
+pub mod goodput;
+pub mod goodput_metrics;
 pub mod health;
 pub mod input_metrics;
 pub mod job;
 pub mod job_view;
 pub mod jobs;
 pub mod jobspec;
+pub mod lemon_view;
+pub mod lemon_watch;
+pub mod lemons;
 pub mod limits;
 pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod rollback;
+pub mod security_metrics;
 pub mod state;
 pub mod store;
+pub mod stragglers;
 pub mod throttle;
+pub mod training_health;
+pub mod triage;
 pub mod validate;
 pub mod xid;
 
@@ -54,7 +81,6 @@ use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 use vigil_proto::v1::{
     agent_service_server::AgentServiceServer, control_service_server::ControlServiceServer,
@@ -67,6 +93,9 @@ pub use store::Store;
 /// How long in-flight calls get to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Receives the server's TLS config and the metrics, for SIGHUP to swap certificates in.
+pub type TlsLoaded = Box<dyn FnOnce(vigil_tls::ServerTls, Arc<metrics::Metrics>) + Send>;
+
 /// Callbacks for the service manager (systemd's sd_notify in `main.rs`).
 #[derive(Default)]
 pub struct Hooks {
@@ -74,6 +103,8 @@ pub struct Hooks {
     pub serving: Option<Box<dyn FnOnce() + Send>>,
     /// On every tick of the engine loop.
     pub engine_tick: Option<Box<dyn FnMut() + Send>>,
+    /// Given the TLS config the server uses, so SIGHUP can swap its certificates.
+    pub tls_loaded: Option<TlsLoaded>,
 }
 
 /// Serve agents and operators on `grpc`, metrics on `metrics`, until `shutdown`.
@@ -95,6 +126,38 @@ pub async fn run(
     .await
 }
 
+/// Loads the `[tls]` files of `config`: `None` when it is `insecure`.
+pub fn load_tls(config: &Config) -> Result<Option<vigil_tls::ServerTls>, vigil_tls::TlsError> {
+    match &config.tls {
+        Some(files) => Ok(Some(vigil_tls::ServerTls::new(
+            files.server_config(SystemTime::now())?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Exports whether the coordinator is insecure and when its certificate expires; warns
+/// loudly about plaintext.
+pub fn observe_transport(config: &Config, metrics: &metrics::Metrics) {
+    let security = &metrics.security;
+    security.insecure.set(i64::from(config.insecure));
+    if config.insecure {
+        warn!(
+            "INSECURE: serving plaintext gRPC (insecure = true): nobody is authenticated and \
+             anyone who reaches this port can cordon nodes and run code on every agent; use \
+             [tls] outside a local test cluster (docs/security.md)"
+        );
+    }
+    if let Some(files) = &config.tls {
+        match vigil_tls::files::not_after(&files.cert) {
+            Ok(t) => {
+                security.certificate_expiry.set(t);
+            }
+            Err(e) => warn!(error = %e, "cannot read the certificate's expiry"),
+        }
+    }
+}
+
 /// [`run`], calling `hooks` as the coordinator comes up and runs.
 pub async fn run_with_hooks(
     config: Config,
@@ -106,6 +169,12 @@ pub async fn run_with_hooks(
 ) -> Result<(), CoordinatorError> {
     let started = metrics::unix_ms(SystemTime::now());
     let metrics = Arc::new(metrics::Metrics::new(started));
+    config.validate_transport()?;
+    let tls = load_tls(&config)?;
+    observe_transport(&config, &metrics);
+    if let (Some(tls), Some(loaded)) = (&tls, hooks.tls_loaded.take()) {
+        loaded(tls.clone(), metrics.clone());
+    }
     let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
     let metrics_for_control = metrics.clone();
     let metrics_for_agents = metrics.clone();
@@ -117,9 +186,13 @@ pub async fn run_with_hooks(
 
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let mut metrics_stop = stop_rx.clone();
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async move {
-        engine::stopped(&mut metrics_stop).await;
-    }));
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        async move {
+            engine::stopped(&mut metrics_stop).await;
+        },
+    ));
 
     let max = vigil_proto::MAX_MESSAGE_BYTES;
     let agents = AgentServiceServer::new(agent_service::AgentService::new(
@@ -134,16 +207,31 @@ pub async fn run_with_hooks(
         metrics_for_control,
         grpc_addr,
         config.diagnostics.timeout,
+        config.insecure,
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let mut server_stop = stop_rx;
+    let refusals = metrics.clone();
+    let incoming = vigil_tls::incoming(
+        grpc,
+        tls,
+        Arc::new(move |r: vigil_tls::Refusal| {
+            refusals
+                .security
+                .connections_refused
+                .get_or_create(&security_metrics::RefusalLabel {
+                    reason: r.as_str().to_owned(),
+                })
+                .inc();
+        }),
+    );
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(agents)
         .add_service(control)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             engine::stopped(&mut server_stop).await;
         });
     tokio::pin!(server);

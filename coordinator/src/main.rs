@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use anyhow::anyhow;
 use clap::Parser;
@@ -12,8 +14,11 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_coordinator::config::ConfigError;
+use vigil_coordinator::metrics::Metrics;
 use vigil_coordinator::notify::{self, Watchdog};
-use vigil_coordinator::{Config, CoordinatorError, Hooks, Store};
+use vigil_coordinator::security_metrics::ResultLabel;
+use vigil_coordinator::{Config, CoordinatorError, Hooks, Store, observe_transport};
+use vigil_tls::ServerTls;
 
 /// EX_USAGE from sysexits.h: the configuration is invalid.
 const EXIT_USAGE: u8 = 64;
@@ -37,6 +42,10 @@ struct Cli {
     /// Directory of the state store [default: /var/lib/vigil].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve plaintext gRPC: no authentication, anyone who reaches --listen can cordon
+    /// nodes and run code on them. For a local demo or test cluster only.
+    #[arg(long)]
+    insecure: bool,
     /// Validate FILE and exit: 0 printing "FILE: ok", or 64 with the error.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
@@ -58,7 +67,11 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     if let Some(d) = &cli.data_dir {
         config.data_dir.clone_from(d);
     }
+    if cli.insecure {
+        config.insecure = true;
+    }
     config.validate()?;
+    config.validate_transport()?;
     Ok(config)
 }
 
@@ -103,10 +116,49 @@ async fn shutdown_signal(mut term: Signal, mut int: Signal) {
     notify::stopping();
 }
 
-/// On every SIGHUP: re-read the config file (flags still override it) and
-/// report what would change. No key is applied at run time yet; an invalid
-/// file never stops the coordinator. `serving` heads the systemd status line.
-async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config, serving: String) {
+/// The TLS config the server uses, once it runs, for SIGHUP to swap certificates in.
+type TlsSlot = Arc<Mutex<Option<(ServerTls, Arc<Metrics>)>>>;
+
+/// Re-reads the `[tls]` files into the running server: new connections get them, open
+/// streams keep theirs. On any error the certificates in use stay.
+fn reload_tls(slot: &TlsSlot, new: &Config) -> Option<String> {
+    let guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let ((tls, metrics), Some(files)) = (guard.as_ref()?, &new.tls) else {
+        return None;
+    };
+    let result = files.server_config(SystemTime::now());
+    let label = ResultLabel {
+        result: if result.is_ok() { "ok" } else { "error" }.to_owned(),
+    };
+    metrics.security.tls_reloads.get_or_create(&label).inc();
+    Some(match result {
+        Ok(config) => {
+            tls.replace(config);
+            observe_transport(new, metrics);
+            info!(
+                cert = %files.cert.display(),
+                "SIGHUP: TLS certificate, key and CA re-read; new connections use them, open \
+                 streams keep theirs"
+            );
+            "TLS certificates re-read".to_owned()
+        }
+        Err(e) => {
+            warn!("SIGHUP: keeping the TLS certificates in use: {e}");
+            "TLS files invalid, kept the ones in use (see the log)".to_owned()
+        }
+    })
+}
+
+/// On every SIGHUP: re-read the config file (flags still override it), re-read the TLS
+/// files, and report what else would change (those keys are read at start only). An
+/// invalid file never stops the coordinator. `serving` heads the systemd status line.
+async fn reload_on_sighup(
+    mut hup: Signal,
+    cli: Cli,
+    running: Config,
+    serving: String,
+    tls: TlsSlot,
+) {
     while hup.recv().await.is_some() {
         notify::reloading();
         let Some(path) = &cli.config else {
@@ -117,7 +169,17 @@ async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config, serving: S
         let file = path.display();
         let status = match load_config(&cli) {
             Ok(new) => {
-                let changed = running.changed_keys(&new).join(", ");
+                let tls_status = reload_tls(&tls, &new);
+                let changed = running
+                    .changed_keys(&new)
+                    .into_iter()
+                    .filter(|k| *k != "tls" || tls_status.is_none())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let serving = match &tls_status {
+                    Some(t) => format!("{serving}; {t}"),
+                    None => serving.clone(),
+                };
                 if changed.is_empty() {
                     info!("SIGHUP: config {file} re-read and valid; nothing changed");
                     format!("{serving}; config re-read, unchanged")
@@ -125,8 +187,7 @@ async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config, serving: S
                     warn!(
                         changed,
                         "SIGHUP: config {file} re-read and valid; changes to {changed} need a \
-                         restart (listen, data_dir, liveness and, for now, every other key are \
-                         read at start only)"
+                         restart (only the [tls] files are re-read at run time)"
                     );
                     format!("{serving}; config re-read: {changed} changed, restart to apply")
                 }
@@ -141,6 +202,8 @@ async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: Config, serving: S
 }
 
 async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), CoordinatorError> {
+    // Certificates first: a bad or expired one stops the start, naming the file.
+    vigil_coordinator::load_tls(&config)?;
     let store = Store::open(&config.data_dir)?;
     let known_nodes = store.load_nodes().map_or(0, |n| n.len());
     let grpc = bind(config.listen, "gRPC", "--listen").await?;
@@ -155,17 +218,22 @@ async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), Coordin
         config.data_dir.display()
     );
     let serving = format!("serving on {grpc_addr}");
+    let tls_slot = TlsSlot::default();
     tokio::spawn(reload_on_sighup(
         signals.hup,
         cli,
         config.clone(),
         serving.clone(),
+        tls_slot.clone(),
     ));
     let mut hooks = Hooks {
         serving: Some(Box::new(move || {
             notify::ready(&format!("{serving}; {known_nodes} nodes known"));
         })),
         engine_tick: None,
+        tls_loaded: Some(Box::new(move |tls, metrics| {
+            *tls_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((tls, metrics));
+        })),
     };
     if let Some(mut watchdog) = Watchdog::from_env() {
         info!(interval = ?watchdog.interval(), "systemd watchdog on: the engine loop feeds it");
@@ -177,7 +245,7 @@ async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), Coordin
 
 /// `--check-config FILE`: the same checks as start-up, nothing started.
 fn check_config(path: &Path) -> ExitCode {
-    match Config::from_file(path) {
+    match Config::from_file(path).and_then(|c| c.validate_transport().map(|()| c)) {
         Ok(_) => {
             println!("{}: ok", path.display());
             ExitCode::SUCCESS

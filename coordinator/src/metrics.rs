@@ -117,6 +117,7 @@ pub struct Metrics {
     pub fault_to_relaunch: Histogram,
     pub heartbeat_lag: Histogram,
     checkpoint_age: Family<JobLabel, Gauge>,
+    goodput: crate::goodput_metrics::GoodputMetrics,
     pub control_streams: Gauge,
     pub engine_queue_depth: Gauge,
     pub store_size_bytes: Gauge,
@@ -124,6 +125,7 @@ pub struct Metrics {
     pub input: crate::input_metrics::InputMetrics,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
+    pub security: crate::security_metrics::SecurityMetrics,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -156,13 +158,16 @@ impl Metrics {
             fault_to_relaunch: Histogram::new(RESTART_BUCKETS),
             heartbeat_lag: Histogram::new(LATENCY_BUCKETS),
             checkpoint_age: Family::default(),
+            goodput: Default::default(),
             control_streams: Gauge::default(),
             engine_queue_depth: Gauge::default(),
             store_size_bytes: Gauge::default(),
             input: Default::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
+            security: crate::security_metrics::SecurityMetrics::default(),
             registry: Registry::default(),
         };
+        m.security.register(&mut registry);
         registry.register(
             "vigil_nodes",
             "Nodes by operator-facing state (Ready, Degraded, Cordoned, Unreachable, Lost)",
@@ -264,6 +269,7 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             m.checkpoint_age.clone(),
         );
+        m.goodput.register(&mut registry);
         registry.register(
             "vigil_control_streams",
             "Open clusterctl streams (events --follow, job logs)",
@@ -379,6 +385,8 @@ impl Metrics {
             "Cancelling",
             "Cancelled",
         ];
+        let jobs: Vec<&Job> = jobs.collect();
+        self.goodput.observe(jobs.iter().copied(), now_unix_ms);
         let mut counts = [0i64; STATES.len()];
         self.checkpoint_age.clear();
         let mut series = 0;

@@ -108,6 +108,9 @@ pub struct NodeRecord {
     pub last_registered_unix_ms: u64,
     #[serde(default)]
     pub last_diagnostics: Option<DiagnosticsRecord>,
+    /// A burn-in the node must pass before it is schedulable (`Validating`).
+    #[serde(default)]
+    pub burn_in: Option<crate::burn_in::BurnIn>,
 }
 
 /// The node in the engine's memory. Cheap to clone (snapshots clone every
@@ -170,6 +173,7 @@ impl Node {
         match (self.availability, self.cordoned()) {
             (Availability::Lost, _) => "Lost",
             (Availability::Unreachable, _) => "Unreachable",
+            (Availability::Ready, true) if self.record.burn_in.is_some() => "Validating",
             (Availability::Ready, true) => "Cordoned",
             (Availability::Ready, false) if self.condition != Condition::Healthy => "Degraded",
             (Availability::Ready, false) => "Ready",
@@ -197,4 +201,11 @@ impl Node {
 }
 
 /// Operator-facing states, in the order `clusterctl status` lists them.
-pub const DISPLAY_STATES: [&str; 5] = ["Ready", "Degraded", "Cordoned", "Unreachable", "Lost"];
+pub const DISPLAY_STATES: [&str; 6] = [
+    "Ready",
+    "Degraded",
+    "Validating",
+    "Cordoned",
+    "Unreachable",
+    "Lost",
+];

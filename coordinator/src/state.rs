@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 use vigil_proto::v1;
@@ -107,6 +108,9 @@ pub enum Effect {
         message: String,
         warn: bool,
     },
+    /// Write this lemon record (a failure charged to a host or GPU, or an
+    /// operator's clear) and flush it before acting on what follows.
+    PersistLemon(Box<crate::lemons::LemonRecord>),
     /// An XID arrived (counted whatever its class).
     Xid {
         node: String,
@@ -127,10 +131,19 @@ pub enum StateError {
          run `clusterctl diagnose {node}` until it passes, or uncordon with --force"
     )]
     NeedsDiagnostics { node: String, reason: String },
+    #[error(
+        "node \"{node}\" is refused service: {why}; once the hardware is fixed or replaced, run \
+         `clusterctl uncordon {node} --clear-lemon`"
+    )]
+    Blocklisted { node: String, why: String },
+    #[error("no host or GPU \"{0}\" on the lemon list (clusterctl nodes --lemons lists them)")]
+    UnknownLemon(String),
     #[error("job \"{0}\" not found (clusterctl jobs lists the jobs)")]
     UnknownJob(String),
     #[error("{0}")]
     InvalidSpec(String),
+    #[error("{0}")]
+    InvalidRequest(String),
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +153,11 @@ pub struct ClusterState {
     pub health: HealthConfig,
     pub jobs: BTreeMap<String, crate::job::Job>,
     pub next_job_seq: u64,
+    /// Failures charged to hosts and GPUs (see `lemons`).
+    pub lemons: crate::lemons::Ledger,
+    pub triage: crate::triage::TriageConfig,
+    pub burn_in: crate::burn_in::BurnInConfig,
+    pub stragglers: crate::stragglers::StragglerConfig,
 }
 
 impl ClusterState {
@@ -167,6 +185,10 @@ impl ClusterState {
             health,
             jobs: BTreeMap::new(),
             next_job_seq: 0,
+            lemons: crate::lemons::Ledger::default(),
+            triage: crate::triage::TriageConfig::default(),
+            burn_in: crate::burn_in::BurnInConfig::default(),
+            stragglers: crate::stragglers::StragglerConfig::default(),
         }
     }
 
@@ -192,6 +214,7 @@ impl ClusterState {
                 first_registered_unix_ms: now.wall_ms,
                 last_registered_unix_ms: now.wall_ms,
                 last_diagnostics: None,
+                burn_in: None,
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
@@ -283,7 +306,7 @@ impl ClusterState {
         hear_from(node, now, "heartbeat resumed", &mut effects);
         judge(node, now, &cfg, &mut effects);
         let workers = node.workers.clone();
-        self.worker_progress(node_name, &workers, now);
+        effects.extend(self.worker_progress(node_name, &workers, now));
         Ok(effects)
     }
 
@@ -444,6 +467,24 @@ impl ClusterState {
         effects
     }
 
+    /// This coordinator did not run for `gap` (SIGSTOP, a paused VM, a
+    /// blocked disk): the silence and the missing progress in that time are
+    /// its own, so shift every clock by the gap, as a restart would. No node
+    /// is `Lost` and no job hung for it; an agent whose lease ran out in the
+    /// meantime re-registers without its workers, and its jobs restart once.
+    pub fn forgive_stall(&mut self, gap: Duration, now: Now) {
+        for node in self.nodes.values_mut() {
+            node.silent_since = (node.silent_since + gap).min(now.mono);
+        }
+        let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+        for worker in self.jobs.values_mut().flat_map(|j| j.workers.values_mut()) {
+            worker.progress_at_ms = worker
+                .progress_at_ms
+                .saturating_add(gap_ms)
+                .min(now.wall_ms);
+        }
+    }
+
     pub fn cordon(
         &mut self,
         name: &str,
@@ -489,6 +530,17 @@ impl ClusterState {
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
         let cfg = self.health.clone();
+        if let Some(why) = self
+            .nodes
+            .get(name)
+            .and_then(|n| self.lemons.blocks(&n.record))
+        {
+            return Err(StateError::Blocklisted {
+                node: name.to_owned(),
+                why,
+            });
+        }
+        let burn_in = self.burn_in.on_uncordon;
         let node = self.node_mut(name)?;
         let Some(previous) = node.record.cordon.clone() else {
             return Ok(Vec::new());
@@ -503,6 +555,11 @@ impl ClusterState {
                 node: name.to_owned(),
                 reason: previous.reason,
             });
+        }
+        if burn_in {
+            // The operator says it is fixed; the burn-in decides.
+            node.health.clear_events();
+            return Ok(self.start_burn_in(name, "uncordon", now));
         }
         Arc::make_mut(&mut node.record).cordon = None;
         node.health.clear_events();
@@ -579,7 +636,7 @@ fn reevaluate(
 }
 
 /// Add `event` to the node's history and say so to the engine (which stores it).
-fn record(node: &mut Node, event: NodeEvent) -> Effect {
+pub(crate) fn record(node: &mut Node, event: NodeEvent) -> Effect {
     node.push_event(event.clone());
     Effect::Record {
         node: node.record.name.clone(),
@@ -598,6 +655,19 @@ fn cordon_event(cordon: &Cordon, at_unix_ms: u64) -> NodeEvent {
 
 /// Re-judge a node's health: report a changed condition, and cordon a node
 /// that is Unhealthy and not cordoned yet (source `auto`).
+impl ClusterState {
+    /// Judge `node` again after a finding outside the health policy changed
+    /// (a straggler flag).
+    pub fn rejudge(&mut self, name: &str, now: Now) -> Vec<Effect> {
+        let cfg = self.health.clone();
+        let mut effects = Vec::new();
+        if let Some(node) = self.nodes.get_mut(name) {
+            judge(node, now, &cfg, &mut effects);
+        }
+        effects
+    }
+}
+
 fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect>) {
     node.health.expire(now.wall_ms, cfg);
     let to = node.health.condition();

@@ -6,6 +6,7 @@
 //! callers flush before acknowledging anything an operator or a job relies on.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::job::Job;
 use crate::node::{MAX_EVENTS, NodeEvent, NodeRecord};
@@ -44,10 +45,23 @@ pub enum StoreError {
     },
     #[error("state store in {path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error(
+        "no space left on the disk of the state store in {path}; free space there: running jobs \
+         carry on, but no change is accepted until it can be saved"
+    )]
+    Full { path: PathBuf },
 }
 
 pub struct Store {
     path: PathBuf,
+    /// `None` only while [`Store::recover`] reopens it.
+    trees: Option<Trees>,
+    /// A write failed: sled refuses every call after its first I/O error, even
+    /// once the cause is gone, until the store is opened again.
+    failed: AtomicBool,
+}
+
+struct Trees {
     db: sled::Db,
     nodes: sled::Tree,
     events: sled::Tree,
@@ -67,42 +81,32 @@ impl Store {
             source,
         })?;
         refuse_foreign_dir(&path)?;
-        let db = sled::Config::new()
-            .path(&path)
-            // sled caches up to 1 GiB by default; the state is small.
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-        let io = |e: sled::Error| StoreError::Io {
-            path: path.clone(),
-            message: e.to_string(),
-        };
-        let meta = db.open_tree("meta").map_err(io)?;
-        match meta.get(SCHEMA_KEY).map_err(io)? {
-            Some(v) if v.as_ref() == SCHEMA => {}
-            Some(v) => {
-                return Err(StoreError::Foreign {
-                    path: path.clone(),
-                    found: format!("schema {:?}", String::from_utf8_lossy(&v)),
-                });
-            }
-            None => {
-                meta.insert(SCHEMA_KEY, SCHEMA).map_err(io)?;
-                db.flush().map_err(io)?;
-            }
-        }
-        let nodes = db.open_tree("nodes").map_err(io)?;
-        let events = db.open_tree("events").map_err(io)?;
-        let jobs = db.open_tree("jobs").map_err(io)?;
         Ok(Self {
+            trees: Some(Trees::open(&path)?),
             path,
-            db,
-            nodes,
-            events,
-            jobs,
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// After a failed write (a full disk, say), open the store again once
+    /// that works: sled then holds what was last flushed. `Ok(true)`: it was
+    /// reopened, and the caller must write its state again.
+    pub fn recover(&mut self) -> Result<bool, StoreError> {
+        if !self.failed.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // sled locks its files: the old handles must be gone before it opens
+        // again. Until it does, every call fails and the next one retries.
+        self.trees = None;
+        self.trees = Some(Trees::open(&self.path)?);
+        self.failed.store(false, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn trees(&self) -> Result<&Trees, StoreError> {
+        self.trees.as_ref().ok_or_else(|| StoreError::Io {
+            path: self.path.clone(),
+            message: "the store is being reopened after a write error".into(),
         })
     }
 
@@ -112,7 +116,7 @@ impl Store {
 
     pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.nodes.iter() {
+        for item in self.trees()?.nodes.iter() {
             let (k, v) = item.map_err(|e| self.io(e))?;
             let key = String::from_utf8_lossy(&k).into_owned();
             let record: NodeRecord =
@@ -139,7 +143,8 @@ impl Store {
             path: self.path.clone(),
             message: format!("cannot encode node {:?}: {e}", record.name),
         })?;
-        self.nodes
+        self.trees()?
+            .nodes
             .insert(record.name.as_bytes(), value)
             .map_err(|e| self.io(e))?;
         Ok(())
@@ -147,7 +152,7 @@ impl Store {
 
     pub fn load_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let mut out = Vec::new();
-        for item in self.jobs.iter() {
+        for item in self.trees()?.jobs.iter() {
             let (k, v) = item.map_err(|e| self.io(e))?;
             let job: Job = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
@@ -165,8 +170,45 @@ impl Store {
             path: self.path.clone(),
             message: format!("cannot encode job {:?}: {e}", job.id),
         })?;
-        self.jobs
+        self.trees()?
+            .jobs
             .insert(job.id.as_bytes(), value)
+            .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// The lemon ledger: every host and GPU with a failure on record.
+    pub fn load_lemons(&self) -> Result<Vec<crate::lemons::LemonRecord>, StoreError> {
+        let tree = self
+            .trees()?
+            .db
+            .open_tree("lemons")
+            .map_err(|e| self.io(e))?;
+        let mut out = Vec::new();
+        for item in tree.iter() {
+            let (k, v) = item.map_err(|e| self.io(e))?;
+            let record = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: format!("lemons/{}", String::from_utf8_lossy(&k)),
+                message: e.to_string(),
+            })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Stage a lemon record; durable after the next [`Store::flush`].
+    pub fn put_lemon(&self, record: &crate::lemons::LemonRecord) -> Result<(), StoreError> {
+        let tree = self
+            .trees()?
+            .db
+            .open_tree("lemons")
+            .map_err(|e| self.io(e))?;
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            message: format!("cannot encode lemon record {:?}: {e}", record.key()),
+        })?;
+        tree.insert(record.key().as_bytes(), value)
             .map_err(|e| self.io(e))?;
         Ok(())
     }
@@ -174,7 +216,7 @@ impl Store {
     /// Every stored history entry, oldest first within each node.
     pub fn load_events(&self) -> Result<Vec<(String, NodeEvent)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.events.iter() {
+        for item in self.trees()?.events.iter() {
             let (k, v) = item.map_err(|e| self.io(e))?;
             let name_end = k.iter().position(|b| *b == 0).unwrap_or(k.len());
             let name = String::from_utf8_lossy(&k[..name_end]).into_owned();
@@ -190,7 +232,7 @@ impl Store {
 
     /// Stage a history entry, dropping the node's oldest beyond `MAX_EVENTS`.
     pub fn put_event(&self, node: &str, event: &NodeEvent) -> Result<(), StoreError> {
-        let id = self.db.generate_id().map_err(|e| self.io(e))?;
+        let id = self.trees()?.db.generate_id().map_err(|e| self.io(e))?;
         let mut prefix = node.as_bytes().to_vec();
         prefix.push(0);
         let mut key = prefix.clone();
@@ -199,40 +241,93 @@ impl Store {
             path: self.path.clone(),
             message: format!("cannot encode an event of node {node:?}: {e}"),
         })?;
-        self.events.insert(key, value).map_err(|e| self.io(e))?;
+        self.trees()?
+            .events
+            .insert(key, value)
+            .map_err(|e| self.io(e))?;
         // Prune now and then, not on every write: a scan per event would
         // dominate a reconnect storm.
         if id % 16 != 0 {
             return Ok(());
         }
         let keys: Vec<sled::IVec> = self
+            .trees()?
             .events
             .scan_prefix(&prefix)
             .keys()
             .collect::<Result<_, _>>()
             .map_err(|e| self.io(e))?;
         for old in keys.iter().take(keys.len().saturating_sub(MAX_EVENTS)) {
-            self.events.remove(old).map_err(|e| self.io(e))?;
+            self.trees()?.events.remove(old).map_err(|e| self.io(e))?;
         }
         Ok(())
     }
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.db.size_on_disk().map_err(|e| self.io(e))
+        self.trees()?.db.size_on_disk().map_err(|e| self.io(e))
     }
 
     /// Make every staged write durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(|e| self.io(e))?;
+        self.trees()?
+            .db
+            .flush_async()
+            .await
+            .map_err(|e| self.io(e))?;
         Ok(())
     }
 
     fn io(&self, e: sled::Error) -> StoreError {
-        StoreError::Io {
-            path: self.path.clone(),
-            message: e.to_string(),
+        self.failed.store(true, Ordering::Relaxed);
+        io_error(&self.path, e)
+    }
+}
+
+impl Trees {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            // sled caches up to 1 GiB by default; the state is small.
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        let io = |e: sled::Error| io_error(path, e);
+        let meta = db.open_tree("meta").map_err(io)?;
+        match meta.get(SCHEMA_KEY).map_err(io)? {
+            Some(v) if v.as_ref() == SCHEMA => {}
+            Some(v) => {
+                return Err(StoreError::Foreign {
+                    path: path.to_owned(),
+                    found: format!("schema {:?}", String::from_utf8_lossy(&v)),
+                });
+            }
+            None => {
+                meta.insert(SCHEMA_KEY, SCHEMA).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
         }
+        Ok(Self {
+            nodes: db.open_tree("nodes").map_err(io)?,
+            events: db.open_tree("events").map_err(io)?,
+            jobs: db.open_tree("jobs").map_err(io)?,
+            db,
+        })
+    }
+}
+
+fn io_error(path: &Path, e: sled::Error) -> StoreError {
+    match &e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => StoreError::Full {
+            path: path.to_owned(),
+        },
+        _ => StoreError::Io {
+            path: path.to_owned(),
+            message: e.to_string(),
+        },
     }
 }
 
@@ -279,7 +374,36 @@ mod tests {
             first_registered_unix_ms: 1,
             last_registered_unix_ms: 2,
             last_diagnostics: None,
+            burn_in: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_failed_a_write_reopens_with_what_was_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        assert!(!store.recover().expect("healthy"), "nothing to recover");
+        store.put_node(&record("a")).expect("put");
+        store.flush().await.expect("flush");
+        // What a full disk does: sled reports an I/O error, and then refuses everything.
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let err = store.io(sled::Error::Io(full));
+        assert!(matches!(err, StoreError::Full { .. }), "{err}");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert!(
+            store.recover().expect("reopened"),
+            "reopened after a failure"
+        );
+        assert!(!store.recover().expect("healthy"), "once");
+        let names: Vec<String> = store
+            .load_nodes()
+            .expect("load")
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, ["a"]);
+        store.put_node(&record("b")).expect("writes work again");
+        store.flush().await.expect("flush");
     }
 
     #[tokio::test]
@@ -372,11 +496,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store
+            let trees = store.trees().expect("open");
+            trees
                 .nodes
                 .insert("gpu-009", &b"{not json"[..])
                 .expect("insert");
-            store.db.flush().expect("flush");
+            trees.db.flush().expect("flush");
         }
         let store = Store::open(dir.path()).expect("reopen");
         let err = store.load_nodes().expect_err("corrupt");

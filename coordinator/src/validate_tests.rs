@@ -138,6 +138,7 @@ fn events_with_escaping_or_oversized_fields_are_refused_by_name() {
                 attempt: 1,
                 path: "/ckpt/j/../../etc/step_9".into(),
                 step: Some(9),
+                ..Default::default()
             }),
             "checkpoint.path",
         ),
@@ -206,6 +207,7 @@ fn ordinary_events_and_unknown_bodies_pass() {
             attempt: 2,
             path: "/ckpt/j/step_000200".into(),
             step: Some(200),
+            ..Default::default()
         }),
         Kind::WorkerExited(v1::WorkerExited {
             job_id: "j-1".into(),

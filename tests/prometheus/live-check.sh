@@ -96,13 +96,13 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 say "starting vigil-coordinator (grpc 127.0.0.1:$grpc_port, metrics :$coord_metrics_port)"
-"$bin/vigil-coordinator" --listen "127.0.0.1:$grpc_port" --metrics-listen "127.0.0.1:$coord_metrics_port" \
+"$bin/vigil-coordinator" --insecure --listen "127.0.0.1:$grpc_port" --metrics-listen "127.0.0.1:$coord_metrics_port" \
   --data-dir "$tmp/coordinator" >"$tmp/coordinator.log" 2>&1 &
 pids+=($!)
 
 say "starting vigil-agent with 2 simulated GPUs (metrics :$agent_metrics_port)"
 : >"$tmp/agent.faults"
-"$bin/vigil-agent" --coordinator "http://127.0.0.1:$grpc_port" --node-name prom-check-001 \
+"$bin/vigil-agent" --insecure --coordinator "http://127.0.0.1:$grpc_port" --node-name prom-check-001 \
   --gpu-backend sim --sim-gpus 2 --sim-fault-file "$tmp/agent.faults" --state-dir "$tmp/agent" \
   --metrics-listen "127.0.0.1:$agent_metrics_port" >"$tmp/agent.log" 2>&1 &
 pids+=($!)

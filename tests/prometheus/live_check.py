@@ -50,6 +50,7 @@ ALLOWED_ABSENT = {
     "vigil_job_restarts_total": "first job restart (one series per reason)",
     "vigil_job_checkpoint_age_seconds": "a Running job with a complete checkpoint",
     "vigil_agent_messages_throttled_total": "first throttled agent message (one series per node)",
+    "vigil_control_calls_denied_total": "first clusterctl call refused for its role (needs TLS)",
     # -- not supported by the simulated GPU (an H100 remaps rows instead of retiring pages) --
     "vigil_gpu_retired_pages": "pre-Ampere GPUs only",
     "vigil_gpu_retired_pages_pending": "pre-Ampere GPUs only",

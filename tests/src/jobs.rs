@@ -15,8 +15,18 @@ pub fn spec(
     extra_env: &str,
     extra: &str,
 ) -> Result<String> {
+    spec_in(cluster.dir.path(), nodes, spares, extra_env, extra)
+}
+
+/// [`spec`] for a cluster whose shared directory is `dir` (workdir and checkpoints under it).
+pub fn spec_in(
+    dir: &std::path::Path,
+    nodes: u32,
+    spares: u32,
+    extra_env: &str,
+    extra: &str,
+) -> Result<String> {
     let trainer = bin("fake-trainer")?;
-    let dir = cluster.dir.path();
     let work = dir.join("work");
     let ckpt = dir.join("ckpt");
     std::fs::create_dir_all(&work)?;

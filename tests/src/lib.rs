@@ -1,6 +1,7 @@
 //! Harness for end-to-end tests: starts the real vigil binaries as separate
 //! processes on ephemeral loopback ports, with temp data dirs, and kills them
-//! (SIGKILL) when a test ends.
+//! (SIGKILL) when a test ends; `netns` builds clusters of network namespaces
+//! for the fault-injection suite (tests/tests/reliability*.rs).
 //!
 //! ```no_run
 //! let cluster = vigil_tests::Cluster::start(vigil_tests::FAST_LIVENESS, 2)?;
@@ -8,8 +9,16 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+// Layout: `process` (binaries as child processes), `jobs` (job specs and
+// readers), `netns` (clusters of network namespaces) with `proxy` (the TCP
+// fault proxy), `scenario` (what reliability scenarios check) and `report`
+// (their rows for docs/reliability.md).
 pub mod jobs;
+pub mod netns;
 pub mod process;
+pub mod proxy;
+pub mod report;
+pub mod scenario;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -94,7 +103,12 @@ impl CtlOutput {
 
 /// Run clusterctl against `url`.
 pub fn clusterctl(url: &str, args: &[&str]) -> Result<CtlOutput> {
-    let out = std::process::Command::new(bin("clusterctl")?)
+    let mut command = std::process::Command::new(bin("clusterctl")?);
+    // A plaintext test cluster; an https:// one gets --ca/--cert/--key in `args`.
+    if url.starts_with("http://") {
+        command.arg("--insecure");
+    }
+    let out = command
         .arg("--coordinator")
         .arg(url)
         .args(args)
@@ -150,6 +164,13 @@ impl Cluster {
 
     pub fn add_agent(&mut self, name: &str) -> Result<()> {
         let agent = Agent::start(self.dir.path(), &self.url(), name, 8)?;
+        self.agents.push(agent);
+        Ok(())
+    }
+
+    /// Add an agent whose config file also holds `extra` (top-level keys).
+    pub fn add_agent_with(&mut self, name: &str, extra: &str) -> Result<()> {
+        let agent = Agent::start_with(self.dir.path(), &self.url(), name, 8, extra)?;
         self.agents.push(agent);
         Ok(())
     }

@@ -81,7 +81,12 @@ impl Coordinator {
             .append(true)
             .open(&log)?;
         let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut child = Command::new(crate::bin("vigil-coordinator")?)
+        let mut command = Command::new(crate::bin("vigil-coordinator")?);
+        // Plaintext unless the test configured mutual TLS.
+        if !config.contains("[tls]") {
+            command.arg("--insecure");
+        }
+        let mut child = command
             .arg("--config")
             .arg(&config_path)
             .args([
@@ -176,14 +181,28 @@ fn agent_config(dir: &Path) -> Result<String> {
 
 impl Agent {
     pub fn start(dir: &Path, url: &str, name: &str, gpus: u32) -> Result<Self> {
-        let config = write_file(dir, &format!("agent-{name}.toml"), &agent_config(dir)?)?;
+        Self::start_with(dir, url, name, gpus, "")
+    }
+
+    /// [`Agent::start`] with `extra` before its config (top-level keys, or a `[tls]` section for
+    /// an `https://` coordinator; an `http://` one gets `--insecure`).
+    pub fn start_with(dir: &Path, url: &str, name: &str, gpus: u32, extra: &str) -> Result<Self> {
+        let config = write_file(
+            dir,
+            &format!("agent-{name}.toml"),
+            &format!("{extra}\n{}", agent_config(dir)?),
+        )?;
         let log = dir.join(format!("agent-{name}.log"));
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
         let fault_file = write_file(dir, &format!("agent-{name}.faults"), "")?;
-        let child = Command::new(crate::bin("vigil-agent")?)
+        let mut command = Command::new(crate::bin("vigil-agent")?);
+        if url.starts_with("http://") {
+            command.arg("--insecure");
+        }
+        let child = command
             .arg("--config")
             .arg(&config)
             .args([

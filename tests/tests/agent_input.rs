@@ -185,6 +185,7 @@ async fn hostile_agent_input_is_refused_counted_and_harms_no_other_agent() -> Re
                 attempt: 1,
                 path: "/ckpt/x/../../../etc".into(),
                 step: Some(1),
+                ..Default::default()
             })),
         })),
     };

@@ -9,6 +9,7 @@ use vigil_tests::{Cluster, FAST_LIVENESS, LONG, bin, clusterctl, now, wait_for};
 fn coordinator_with_data_dir(data_dir: &std::path::Path) -> Result<std::process::Output> {
     Ok(Command::new(bin("vigil-coordinator")?)
         .args([
+            "--insecure",
             "--listen",
             "127.0.0.1:0",
             "--metrics-listen",

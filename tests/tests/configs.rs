@@ -85,10 +85,14 @@ fn documented_keys(docs: &str, heading: &str) -> Result<BTreeSet<String>> {
 fn coordinator_example_shows_the_defaults_and_every_documented_key() -> Result<()> {
     let text = read("deploy/config/coordinator.toml")?;
     let parsed = Config::from_toml_str(&text)?;
+    assert!(parsed.tls.is_some(), "the example uses mutual TLS");
     assert_eq!(
-        parsed,
+        Config {
+            tls: None,
+            ..parsed
+        },
         Config::default(),
-        "deploy/config/coordinator.toml sets every key to its default"
+        "deploy/config/coordinator.toml sets every other key to its default"
     );
     let docs = documented_keys(&read("docs/configuration.md")?, "vigil-coordinator")?;
     assert_eq!(
@@ -104,16 +108,25 @@ fn agent_example_shows_the_defaults_and_every_documented_key() -> Result<()> {
     let text = read("deploy/config/agent.toml")?;
     let parsed = AgentConfig::from_toml_str(&text)?;
     parsed.validate()?;
-    // [workers] is the exception, said so in the file: a real host needs a job user and roots.
+    // [workers] is an exception, said so in the file: a real host needs a job user and roots;
+    // so is the transport: the example uses mutual TLS to an https:// coordinator.
     assert_eq!(parsed.workers.run_as.as_deref(), Some("vigil-job"));
     assert_eq!(
         parsed.workers.allowed_roots,
         [std::path::PathBuf::from("/shared")]
     );
+    assert!(parsed.tls.is_some(), "the example uses mutual TLS");
+    assert!(
+        parsed.coordinator.starts_with("https://"),
+        "{}",
+        parsed.coordinator
+    );
     let defaults = AgentConfig::default();
     assert_eq!(
         AgentConfig {
             workers: defaults.workers.clone(),
+            tls: None,
+            coordinator: defaults.coordinator.clone(),
             ..parsed
         },
         defaults,

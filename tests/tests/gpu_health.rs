@@ -63,7 +63,10 @@ fn xid_79_cordons_the_node_within_a_second_with_the_reason() -> Result<()> {
 
 #[test]
 fn fault_to_cordon_latency_over_20_injections() -> Result<()> {
-    let cluster = ready(1)?;
+    // The same GPU failing 20 times is a lemon by default (refused service
+    // after 3); this test measures the cordon path, so lemon detection is off.
+    let cluster = Cluster::start(&format!("{FAST_LIVENESS}\n[lemons]\nmax_failures = 0\n"), 1)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 1))?;
     let mut took = Vec::new();
     for round in 1..=20 {
         // XIDs fire for lines new since the agent's last read: one more copy

@@ -290,3 +290,24 @@ fn invalid_job_specs_are_refused_naming_the_field() -> Result<()> {
     );
     Ok(())
 }
+
+/// Regression: the commands a registration itself causes (here: the start of
+/// a job that waited for this node) were acted on before the new session was
+/// live, so they were dropped and the worker never started.
+#[test]
+fn a_job_waiting_for_a_node_starts_when_that_node_registers() -> Result<()> {
+    let mut cluster = start(2)?;
+    let id = cluster.submit(&spec(&cluster, 2, 0, "", "")?)?;
+    cluster.wait_job(&id, "running", |j| workers_running(j, 2))?;
+    cluster
+        .agent_mut("node-1")
+        .context("node-1")?
+        .terminate(LONG)?;
+    cluster.wait_job(&id, "Pending without node-1", |j| state(j) == "Pending")?;
+    let agent = vigil_tests::Agent::start(cluster.dir.path(), &cluster.url(), "node-1", 8)?;
+    cluster.agents.retain(|a| a.name != "node-1");
+    cluster.agents.push(agent);
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| workers_running(j, 2))?;
+    assert_eq!(attempt(&job), 2, "started at once, not after a hang: {job}");
+    Ok(())
+}

@@ -81,6 +81,7 @@ fn events_follow_streams_a_cordon_as_it_happens() -> Result<()> {
     let cluster = start(1)?;
     let mut child = Command::new(bin("clusterctl")?)
         .args([
+            "--insecure",
             "--coordinator",
             &cluster.url(),
             "-o",

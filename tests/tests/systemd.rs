@@ -127,7 +127,9 @@ fn start(
     let log = dir.join(format!("{binary}.log"));
     let stderr = std::fs::File::create(&log)?;
     let mut cmd = Command::new(bin(binary)?);
-    cmd.args(args)
+    // Plaintext on loopback: these tests are about the service manager, not the transport.
+    cmd.arg("--insecure")
+        .args(args)
         .env("NOTIFY_SOCKET", &notify.path)
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")

@@ -492,6 +492,9 @@ impl Supervisor {
                     progress_step: progress.step,
                     progress_at_unix_ms: progress.at_unix_ms,
                     started_at_unix_ms: e.record.started_at_unix_ms,
+                    loss: progress.metrics.loss,
+                    grad_norm: progress.metrics.grad_norm,
+                    loss_scale: progress.metrics.loss_scale,
                 }
             })
             .collect()

@@ -291,22 +291,32 @@ async fn watch_checkpoints(
     }
 }
 
+/// What one scan found: the newest complete checkpoint, and how long its
+/// save took (when measurable).
+type Scan = (
+    std::io::Result<Option<checkpoint::Checkpoint>>,
+    Option<(u64, u64)>,
+);
+
 /// Scan the checkpoint dir off the async threads: a hung network file
 /// system blocks a blocking thread, not the worker's stop path.
-async fn scan(watcher: &Watcher) -> Option<std::io::Result<Option<checkpoint::Checkpoint>>> {
+async fn scan(watcher: &Watcher) -> Option<Scan> {
     let (dir, layout) = (watcher.dir.clone(), watcher.layout);
-    tokio::task::spawn_blocking(move || checkpoint::latest_complete(&dir, layout))
-        .await
-        .ok()
+    tokio::task::spawn_blocking(move || {
+        let found = checkpoint::latest_complete(&dir, layout);
+        let save_ms = match &found {
+            Ok(Some(c)) => checkpoint::save_timing(&dir, c, layout),
+            _ => None,
+        };
+        (found, save_ms)
+    })
+    .await
+    .ok()
 }
 
-fn report(
-    watcher: &mut Watcher,
-    scan: Option<std::io::Result<Option<checkpoint::Checkpoint>>>,
-    key: &Key,
-    sink: &EventSink,
-) {
-    let Some(scan) = scan else { return };
+fn report(watcher: &mut Watcher, scan: Option<Scan>, key: &Key, sink: &EventSink) {
+    let Some((scan, timing)) = scan else { return };
+    let save_ms = timing.map(|(ms, _)| ms);
     {
         if let Some(found) = watcher.observe(scan) {
             info!(
@@ -314,6 +324,7 @@ fn report(
                 attempt = key.attempt,
                 path = %found.path.display(),
                 step = found.step,
+                save_ms,
                 "checkpoint seen"
             );
             sink.emit(AgentEvent {
@@ -323,6 +334,8 @@ fn report(
                     attempt: key.attempt,
                     path: found.path.display().to_string(),
                     step: found.step,
+                    save_ms,
+                    completed_at_unix_ms: timing.map(|(_, at)| at),
                 })),
             });
         }

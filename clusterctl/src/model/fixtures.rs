@@ -62,6 +62,8 @@ pub fn degraded_node() -> v1::NodeSummary {
 pub fn status_response() -> v1::StatusResponse {
     v1::StatusResponse {
         coordinator_version: "0.1.0".into(),
+        insecure: false,
+        caller: "alice (admin)".into(),
         started_at_unix_ms: 1,
         uptime_ms: 192_000,
         listen_addr: "0.0.0.0:7770".into(),
@@ -107,6 +109,56 @@ pub fn pending_job() -> v1::JobSummary {
     }
 }
 
+/// Where `running_job`'s 12 minutes went: one XID failure, 60 steps recomputed.
+fn running_job_goodput() -> v1::Goodput {
+    let seg = |phase: &str, from: u64, to: u64, attempt| v1::TimelineSegment {
+        phase: phase.into(),
+        from_unix_ms: from,
+        to_unix_ms: to,
+        attempt,
+    };
+    v1::Goodput {
+        wall_ms: 720_000,
+        productive_ms: 555_000,
+        lost_ms: 165_000,
+        ettr: 555.0 / 720.0,
+        queued_ms: 10_000,
+        detection_ms: 2_000,
+        teardown_ms: 8_000,
+        waiting_ms: 65_000,
+        startup_ms: 20_000,
+        recomputation_ms: 60_000,
+        failures: vec![v1::FailureCost {
+            attempt: 1,
+            kind: "node_unhealthy".into(),
+            reason: "node gpu-003 unhealthy: XID 79 (GPU has fallen off the bus)".into(),
+            culprit_node: "gpu-003".into(),
+            fault_at_unix_ms: 1_290_000,
+            detection_ms: 2_000,
+            teardown_ms: 8_000,
+            waiting_ms: 65_000,
+            startup_ms: 15_000,
+            recomputation_ms: 60_000,
+            steps_lost: Some(60),
+        }],
+        timeline: vec![
+            seg("queued", 1_000_000, 1_010_000, 1),
+            seg("startup", 1_010_000, 1_015_000, 1),
+            seg("productive", 1_015_000, 1_290_000, 1),
+            seg("detection", 1_290_000, 1_292_000, 1),
+            seg("teardown", 1_292_000, 1_300_000, 1),
+            seg("waiting", 1_300_000, 1_365_000, 2),
+            seg("startup", 1_365_000, 1_380_000, 2),
+            seg("recomputation", 1_380_000, 1_440_000, 2),
+            seg("productive", 1_440_000, 1_720_000, 2),
+        ],
+        mtbf_ms: Some(635_000),
+        checkpoint_save_ms: Some(4_000),
+        checkpoint_interval_ms: Some(100_000),
+        suggested_checkpoint_interval_ms: Some(71_274),
+    }
+}
+
 /// Attempt 2 of a two-node job, resumed from step 200 after gpu-003 failed in attempt 1.
 pub fn running_job() -> v1::JobDetail {
     v1::JobDetail {
@@ -139,6 +191,7 @@ pub fn running_job() -> v1::JobDetail {
                 resumed_from: String::new(),
                 resumed_from_step: None,
                 last_step: Some(260),
+                triage: Default::default(),
             },
             v1::AttemptRecord {
                 attempt: 2,
@@ -151,6 +204,7 @@ pub fn running_job() -> v1::JobDetail {
                 resumed_from: "/ckpt/step_00000200".into(),
                 resumed_from_step: Some(200),
                 last_step: Some(230),
+                triage: Default::default(),
             },
         ],
         last_checkpoint: Some(v1::CheckpointRecord {
@@ -160,6 +214,7 @@ pub fn running_job() -> v1::JobDetail {
             attempt: 1,
         }),
         lost_ms: 65_000,
+        goodput: Some(running_job_goodput()),
         events: vec![
             v1::JobEvent {
                 at_unix_ms: 1_000_000,

@@ -86,6 +86,8 @@ pub struct AttemptRecord {
     pub resumed_from: String,
     pub resumed_from_step: Option<u64>,
     pub last_step: Option<u64>,
+    /// Each node's triage verdict after an unexplained failure; `{}` when none.
+    pub triage: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -124,6 +126,8 @@ pub struct JobDetail {
     pub workdir: String,
     pub checkpoint_dir: String,
     pub checkpoint_layout: String,
+    /// Where the job's wall time went; `null` from a coordinator that does not account it.
+    pub goodput: Option<super::Goodput>,
 }
 
 impl JobDetail {
@@ -151,6 +155,7 @@ impl JobDetail {
                     resumed_from: a.resumed_from,
                     resumed_from_step: a.resumed_from_step,
                     last_step: a.last_step,
+                    triage: a.triage.into_iter().collect(),
                 })
                 .collect(),
             last_checkpoint: d.last_checkpoint.map(|c| CheckpointRecord {
@@ -186,6 +191,7 @@ impl JobDetail {
             workdir: d.workdir,
             checkpoint_dir: d.checkpoint_dir,
             checkpoint_layout: d.checkpoint_layout,
+            goodput: d.goodput.map(super::Goodput::from),
         }
     }
 }
@@ -231,6 +237,7 @@ mod tests {
                 "resumed_from": "",
                 "resumed_from_step": null,
                 "last_step": 260,
+                "triage": {},
             })
         );
         assert_eq!(
@@ -255,7 +262,7 @@ mod tests {
             json!({"at_unix_ms": 1_000_000, "kind": "submitted", "message": "submitted from job.toml"})
         );
         let keys: Vec<&String> = value.as_object().expect("object").keys().collect();
-        assert_eq!(keys.len(), 11, "{keys:?}");
+        assert_eq!(keys.len(), 12, "{keys:?}");
         assert_eq!(value["lost_ms"], json!(65_000));
         assert_eq!(value["spare_nodes"], json!(["gpu-009"]));
     }

@@ -4,13 +4,15 @@
 //! rather than derived from the protocol: a renamed proto field must not change the JSON.
 //! One file per area: `enums` (proto enums as words), `node`, `sample` (one GPU's health
 //! sample), `health` (conditions, events, diagnostics), `status`, `job`
-//! (job summaries and details), `ops` (drain, streamed events and log chunks).
+//! (job summaries and details), `goodput` (where a job's time went), `ops` (drain, streamed events and log chunks).
 
 mod enums;
 #[cfg(test)]
 pub mod fixtures;
+mod goodput;
 mod health;
 mod job;
+mod lemons;
 mod node;
 mod ops;
 mod sample;
@@ -19,8 +21,16 @@ mod status;
 #[cfg(test)]
 pub use enums::Condition;
 pub use enums::GpuBackend;
+pub use goodput::Goodput;
+#[cfg(test)]
+pub use goodput::{FailureCost, TimelineSegment};
 pub use health::DiagnoseResult;
+#[cfg(test)]
+pub use job::JobEvent;
 pub use job::{JobDetail, JobList, JobSummary};
+#[cfg(test)]
+pub use lemons::Lemon;
+pub use lemons::LemonList;
 pub use node::{NodeDetail, NodeList, NodeSummary};
 pub use ops::{ClusterEvent, DrainResult, LogChunk};
 pub use sample::GpuSample;

@@ -7,7 +7,14 @@ use vigil_proto::v1;
 use super::node::NodeSummary;
 
 /// The operator-facing node states, in the order `status` shows them.
-pub const NODE_STATES: [&str; 5] = ["Ready", "Degraded", "Cordoned", "Unreachable", "Lost"];
+pub const NODE_STATES: [&str; 6] = [
+    "Ready",
+    "Degraded",
+    "Validating",
+    "Cordoned",
+    "Unreachable",
+    "Lost",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CoordinatorInfo {
@@ -17,6 +24,10 @@ pub struct CoordinatorInfo {
     pub started_at_unix_ms: u64,
     pub uptime_ms: u64,
     pub listen_addr: String,
+    /// Plaintext (insecure = true): nobody is authenticated.
+    pub insecure: bool,
+    /// Who the coordinator says you are: `alice (admin)`, `anonymous (insecure)`.
+    pub caller: String,
 }
 
 /// Node counts per state: the five known states always, in `NODE_STATES` order, zeros
@@ -69,6 +80,8 @@ impl Status {
                 started_at_unix_ms: s.started_at_unix_ms,
                 uptime_ms: s.uptime_ms,
                 listen_addr: s.listen_addr,
+                insecure: s.insecure,
+                caller: s.caller,
             },
             nodes_total: s.nodes_total,
             nodes_by_state: StateCounts::from_proto(s.nodes_by_state),
@@ -113,7 +126,7 @@ mod tests {
         let text = serde_json::to_string(&status.nodes_by_state).expect("serializes");
         assert_eq!(
             text,
-            r#"{"Ready":2,"Degraded":0,"Cordoned":1,"Unreachable":0,"Lost":0,"Quarantined":4}"#
+            r#"{"Ready":2,"Degraded":0,"Validating":0,"Cordoned":1,"Unreachable":0,"Lost":0,"Quarantined":4}"#
         );
         let value = serde_json::to_value(&status).expect("serializes");
         assert_eq!(value["coordinator"]["url"], json!("http://127.0.0.1:7770"));

@@ -136,6 +136,7 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
     };
     out.line("last checkpoint", checkpoint);
     out.line("time lost", format_elapsed(d.lost_ms));
+    super::report::goodput_lines(&mut out, d.goodput.as_ref());
     out.line("submitted", format_when(j.submitted_at_unix_ms, now_ms));
     out.line("workdir", or_dash(&d.workdir));
     let checkpoints = if d.checkpoint_dir.is_empty() {

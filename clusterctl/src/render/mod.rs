@@ -8,17 +8,21 @@ mod diagnose;
 mod events;
 mod gpu;
 mod job;
+mod lemons;
 mod logs;
 mod node;
 mod nodes;
+mod report;
 mod status;
 
 pub use diagnose::diagnose;
 pub use events::EventColumns;
 pub use job::{job_cancelled, job_detail, job_submitted, jobs};
+pub use lemons::lemons;
 pub use logs::LogPrinter;
 pub use node::node_detail;
 pub use nodes::{drained, nodes};
+pub use report::job_report;
 pub use status::status;
 
 use crate::table::sanitize;

@@ -24,6 +24,17 @@ pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
             },
         ),
     );
+    if c.insecure {
+        out.line(
+            "security",
+            "INSECURE: plaintext, nobody is authenticated (insecure = true)",
+        );
+    } else if !c.caller.is_empty() {
+        out.line(
+            "security",
+            format!("mutual TLS, you are {}", sanitize(&c.caller)),
+        );
+    }
     let counts: Vec<String> = s
         .nodes_by_state
         .0
@@ -129,7 +140,8 @@ mod tests {
         assert_eq!(
             status(&status_fixture(), NOW),
             "coordinator  http://127.0.0.1:7770  (vigil 0.1.0, up 3m12s, listening 0.0.0.0:7770)\n\
-             nodes        3 total: 1 Ready, 1 Degraded, 1 Cordoned, 0 Unreachable, 0 Lost\n\
+             security     mutual TLS, you are alice (admin)\n\
+             nodes        3 total: 1 Ready, 1 Degraded, 0 Validating, 1 Cordoned, 0 Unreachable, 0 Lost\n\
              gpus         16/24 healthy\n\
              simulated    3 nodes report SIMULATED GPUs (no real hardware)\n\
              cordoned     gpu-003  operator  12m ago  \"bad fan\"\n\
@@ -201,7 +213,7 @@ mod tests {
         };
         let text = super::status(&Status::from_proto(status_response(), "u"), NOW, term);
         assert!(
-            text.contains("3 total: 1 \x1b[32mReady\x1b[0m, 1 \x1b[33mDegraded\x1b[0m, 1 \x1b[31mCordoned\x1b[0m,"),
+            text.contains("3 total: 1 \x1b[32mReady\x1b[0m, 1 \x1b[33mDegraded\x1b[0m, 0 Validating, 1 \x1b[31mCordoned\x1b[0m,"),
             "{text}"
         );
         assert!(

@@ -61,6 +61,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
             resumed_from: String::new(),
             resumed_from_step: None,
             last_step: Some(260),
+            triage: Default::default(),
         }],
         last_checkpoint: Some(v1::CheckpointRecord {
             path: "/ckpt/step_00000200".into(),
@@ -69,6 +70,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
             attempt: 1,
         }),
         lost_ms: 4_200,
+        goodput: None,
         events: vec![v1::JobEvent {
             at_unix_ms: NOW_ISH,
             kind: "submitted".into(),
@@ -187,7 +189,16 @@ fn submit_prints_the_id_state_and_why_it_waits() {
     );
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
-        .args(["--coordinator", &url, "-o", "json", "job", "submit", "-"])
+        .args([
+            "--coordinator",
+            &url,
+            "--insecure",
+            "-o",
+            "json",
+            "job",
+            "submit",
+            "-",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -253,6 +264,7 @@ fn job_show_json_has_the_documented_shape() {
             "checkpoint_dir",
             "checkpoint_layout",
             "events",
+            "goodput",
             "job",
             "last_checkpoint",
             "lost_ms",
@@ -299,6 +311,7 @@ fn job_show_json_has_the_documented_shape() {
             "resumed_from",
             "resumed_from_step",
             "started_at_unix_ms",
+            "triage",
         ]
     );
     assert_eq!(

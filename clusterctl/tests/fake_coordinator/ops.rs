@@ -223,7 +223,7 @@ fn followed_events_stream_in_the_backlogs_columns_until_the_stream_ends() {
 /// and the exit code.
 fn until_ctrl_c(url: &str, args: &[&str], lines: usize) -> (Vec<String>, Option<i32>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
-        .args(["--coordinator", url])
+        .args(["--coordinator", url, "--insecure"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

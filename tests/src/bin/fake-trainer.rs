@@ -62,12 +62,26 @@ impl Layout {
         }
     }
 
-    /// Writes checkpoint `step` under `root`: the data first, then (when `complete`) what
+    /// Writes checkpoint `step` under `root`: the data first (its last line names the
+    /// `attempt` that wrote it, so tests can prove fencing), then (when `complete`) what
     /// marks it complete. Every file goes through a temp file and a rename.
-    fn write(self, root: &Path, step: u64, complete: bool) -> io::Result<PathBuf> {
+    fn write(self, root: &Path, step: u64, attempt: u64, complete: bool) -> io::Result<PathBuf> {
+        self.write_taking(root, step, attempt, complete, Duration::ZERO)
+    }
+
+    /// [`Layout::write`], taking `save` between the data and the marker (a slow save).
+    fn write_taking(
+        self,
+        root: &Path,
+        step: u64,
+        attempt: u64,
+        complete: bool,
+        save: Duration,
+    ) -> io::Result<PathBuf> {
         let dir = root.join(self.dir_name(step));
         fs::create_dir_all(&dir)?;
-        let data = format!("fake weights at step {step}\n").repeat(64);
+        let data = format!("fake weights at step {step}\n").repeat(64)
+            + &format!("written by attempt {attempt}\n");
         let (data_file, marker): (&str, Option<(PathBuf, String)>) = match self {
             Self::Marker => (
                 "model.bin",
@@ -94,6 +108,7 @@ impl Layout {
             ),
         };
         write_atomic(&dir.join(data_file), data.as_bytes())?;
+        std::thread::sleep(save);
         if let (true, Some((path, text))) = (complete, marker) {
             write_atomic(&path, text.as_bytes())?;
         }
@@ -193,6 +208,11 @@ impl Fault {
     fn fires(self, step: u64, attempt: u64) -> bool {
         self.step == Some(step) && self.attempt.is_none_or(|a| a == attempt)
     }
+
+    /// From its step on (in its attempt).
+    fn since(self, step: u64, attempt: u64) -> bool {
+        self.step.is_some_and(|s| step >= s) && self.attempt.is_none_or(|a| a == attempt)
+    }
 }
 
 #[derive(Debug)]
@@ -204,6 +224,14 @@ struct Config {
     step_ms: u64,
     total_steps: u64,
     ckpt_every: u64,
+    ckpt_save_ms: u64,
+    /// (rank, milliseconds per step): one rank runs slower (a straggler).
+    slow: Option<(u64, u64)>,
+    /// Write `step=N loss=X` instead of the bare step.
+    loss: bool,
+    /// The loss jumps to `loss_spike_value` from this step on.
+    loss_spike: Fault,
+    loss_spike_value: String,
     ckpt_dir: Option<PathBuf>,
     layout: Layout,
     crash: Fault,
@@ -277,6 +305,17 @@ impl Config {
             step_ms: number("FAKE_STEP_MS", 20)?,
             total_steps: number("FAKE_TOTAL_STEPS", 0)?,
             ckpt_every: number("FAKE_CKPT_EVERY", 50)?,
+            ckpt_save_ms: number("FAKE_CKPT_SAVE_MS", 0)?,
+            loss: var("FAKE_LOSS").is_some_and(|v| v == "1"),
+            loss_spike: fault("LOSS_SPIKE")?,
+            loss_spike_value: var("FAKE_LOSS_SPIKE_VALUE").unwrap_or_else(|| "40.0".to_string()),
+            slow: match var("FAKE_SLOW_RANK") {
+                Some(_) => Some((
+                    number("FAKE_SLOW_RANK", 0)?,
+                    number("FAKE_SLOW_STEP_MS", 100)?,
+                )),
+                None => None,
+            },
             ckpt_dir: var("FAKE_CKPT_DIR").map(PathBuf::from),
             layout,
             crash: fault("CRASH")?,
@@ -348,8 +387,12 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
         .ckpt_dir
         .as_deref()
         .filter(|_| cfg.rank == 0 && cfg.ckpt_every > 0);
+    let step_ms = match cfg.slow {
+        Some((rank, ms)) if rank == cfg.rank => ms,
+        _ => cfg.step_ms,
+    };
     for step in first.. {
-        std::thread::sleep(Duration::from_millis(cfg.step_ms));
+        std::thread::sleep(Duration::from_millis(step_ms));
         if let Some(control) = &cfg.control_file {
             match fs::read_to_string(control).unwrap_or_default().trim() {
                 "crash" => return Ok(crash(step, "control file")),
@@ -365,14 +408,27 @@ fn train(cfg: &Config, first: u64) -> io::Result<ExitCode> {
         }
         // Only node rank 0 writes checkpoints, so only it leaves a partial one and crashes.
         if let (true, Some(root)) = (cfg.partial.fires(step, cfg.attempt), checkpoints) {
-            let dir = cfg.layout.write(root, step, false)?;
+            let dir = cfg.layout.write(root, step, cfg.attempt, false)?;
             println!("wrote partial checkpoint {}", dir.display());
             return Ok(crash(step, "FAKE_PARTIAL_AT_STEP"));
         }
-        write_atomic(&cfg.progress_file, format!("{step}\n").as_bytes())?;
+        let line = if !cfg.loss {
+            format!("{step}\n")
+        } else if cfg.loss_spike.since(step, cfg.attempt) {
+            format!("step={step} loss={}\n", cfg.loss_spike_value)
+        } else {
+            format!("step={step} loss={:.4}\n", 2.0 + 1.0 / step as f64)
+        };
+        write_atomic(&cfg.progress_file, line.as_bytes())?;
+        let save = Duration::from_millis(cfg.ckpt_save_ms);
         if let Some(root) = checkpoints.filter(|_| step % cfg.ckpt_every == 0) {
-            let dir = cfg.layout.write(root, step, true)?;
+            let dir = cfg
+                .layout
+                .write_taking(root, step, cfg.attempt, true, save)?;
             println!("checkpoint {} (step {step})", dir.display());
+        } else if cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0 {
+            // Every rank takes part in a save (sharded state): ranks stay in step.
+            std::thread::sleep(save);
         }
         if cfg.total_steps > 0 && step >= cfg.total_steps {
             println!("done at step {step}");
@@ -414,9 +470,9 @@ mod tests {
     fn every_layout_writes_what_vigil_reads_and_resumes_only_when_complete() {
         for layout in ALL {
             let root = tempfile::tempdir().expect("tempdir");
-            let done = layout.write(root.path(), 100, true).expect("write");
+            let done = layout.write(root.path(), 100, 1, true).expect("write");
             assert_eq!(layout.complete_step(&done), Ok(100), "{layout:?}");
-            let partial = layout.write(root.path(), 150, false).expect("write");
+            let partial = layout.write(root.path(), 150, 1, false).expect("write");
             let err = layout.complete_step(&partial).expect_err("incomplete");
             assert!(!err.is_empty(), "{layout:?}");
             assert_eq!(
@@ -437,19 +493,19 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let r = root.path();
         let read = |p: PathBuf| fs::read_to_string(p).expect("read");
-        Layout::Marker.write(r, 50, true).expect("write");
+        Layout::Marker.write(r, 50, 1, true).expect("write");
         assert!(r.join("step_00000050/model.bin").is_file());
         assert!(r.join("step_00000050/COMPLETE").is_file());
-        Layout::PytorchDcp.write(r, 60, true).expect("write");
+        Layout::PytorchDcp.write(r, 60, 1, true).expect("write");
         assert!(r.join("step_00000060/__0_0.distcp").is_file());
         assert!(r.join("step_00000060/.metadata").is_file());
-        Layout::Megatron.write(r, 70, true).expect("write");
+        Layout::Megatron.write(r, 70, 1, true).expect("write");
         assert!(r.join("iter_0000070").is_dir());
         assert_eq!(read(r.join(MEGATRON_TRACKER)), "70");
-        Layout::Deepspeed.write(r, 80, true).expect("write");
+        Layout::Deepspeed.write(r, 80, 1, true).expect("write");
         assert!(r.join("global_step80").is_dir());
         assert_eq!(read(r.join(DEEPSPEED_TRACKER)), "global_step80");
-        Layout::HfTrainer.write(r, 90, true).expect("write");
+        Layout::HfTrainer.write(r, 90, 1, true).expect("write");
         assert!(r.join("checkpoint-90/model.safetensors").is_file());
         assert!(read(r.join("checkpoint-90/trainer_state.json")).contains("\"global_step\": 90"));
     }
@@ -458,10 +514,10 @@ mod tests {
     fn tracker_layouts_resume_from_the_root_or_the_named_dir() {
         for layout in [Layout::Megatron, Layout::Deepspeed] {
             let root = tempfile::tempdir().expect("tempdir");
-            layout.write(root.path(), 100, true).expect("write");
-            layout.write(root.path(), 200, false).expect("write");
+            layout.write(root.path(), 100, 1, true).expect("write");
+            layout.write(root.path(), 200, 1, false).expect("write");
             assert_eq!(layout.complete_step(root.path()), Ok(100), "{layout:?}");
-            layout.write(root.path(), 200, true).expect("write");
+            layout.write(root.path(), 200, 1, true).expect("write");
             assert_eq!(layout.complete_step(root.path()), Ok(200), "{layout:?}");
         }
     }

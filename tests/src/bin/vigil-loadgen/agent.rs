@@ -222,6 +222,7 @@ impl Local {
                 progress_step: Some(w.step),
                 progress_at_unix_ms: now,
                 started_at_unix_ms: w.started_at_ms,
+                ..Default::default()
             })
             .collect()
     }

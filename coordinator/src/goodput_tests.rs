@@ -1,0 +1,469 @@
+//! Goodput accounting with simulated time: scenarios driven through the job
+//! state machine, and hand-built records for the edge cases.
+
+use std::time::Duration;
+
+use vigil_proto::v1;
+
+use super::*;
+use crate::config::{HealthConfig, LivenessConfig};
+use crate::job::JobPhase;
+use crate::node::GpuRecord;
+use crate::state::{ClusterState, Effect, Now, Registration};
+
+const T0: u64 = 1_700_000_000_000;
+
+fn t0() -> Now {
+    Now {
+        mono: tokio::time::Instant::now(),
+        wall_ms: T0,
+    }
+}
+
+fn at(start: Now, secs: u64) -> Now {
+    Now {
+        mono: start.mono + Duration::from_secs(secs),
+        wall_ms: start.wall_ms + secs * 1000,
+    }
+}
+
+fn reg(node: &str, session: u64) -> Registration {
+    Registration {
+        session,
+        node: node.to_owned(),
+        hostname: node.to_owned(),
+        address: "10.0.0.1".into(),
+        agent_version: "0.1.0".into(),
+        simulated: true,
+        gpus: (0..8)
+            .map(|i| GpuRecord {
+                index: i,
+                uuid: format!("GPU-{node}-{i}"),
+                name: "sim".into(),
+                pci_bus_id: String::new(),
+                memory_total_bytes: 80 << 30,
+                serial: String::new(),
+            })
+            .collect(),
+        workers: Vec::new(),
+    }
+}
+
+fn run(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) {
+    if !effects.is_empty() {
+        let more = s.react(&effects, now);
+        effects.extend(more);
+    }
+}
+
+/// A cluster whose nodes never go silent for long enough to be Lost in
+/// these scenarios (they send no heartbeats between steps).
+fn cluster(nodes: u64, now: Now) -> ClusterState {
+    let patient = LivenessConfig {
+        unreachable_after: Duration::from_secs(3600),
+        lost_after: Duration::from_secs(7200),
+        ..LivenessConfig::default()
+    };
+    cluster_with(nodes, now, patient)
+}
+
+fn cluster_with(nodes: u64, now: Now, liveness: LivenessConfig) -> ClusterState {
+    let mut s = ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        liveness,
+        HealthConfig::default(),
+        now,
+    );
+    s.triage.enabled = false;
+    for i in 1..=nodes {
+        let e = s.register(reg(&format!("n{i}"), i), now);
+        run(&mut s, e, now);
+    }
+    s
+}
+
+const SPEC: &str = r#"name = "train"
+nodes = 2
+gpus_per_node = 8
+command = ["python3", "train.py"]
+workdir = "/shared/runs/train"
+spare_nodes = 1
+[checkpoint]
+dir = "/shared/ckpt/train"
+[restart]
+max_restarts = 5
+backoff = "5s"
+[progress]
+hang_timeout = "60s"
+"#;
+
+fn session(s: &ClusterState, node: &str) -> u64 {
+    s.nodes[node].session.expect("connected")
+}
+
+/// Every node of the current attempt reports `step`.
+fn progress(s: &mut ClusterState, job: &str, step: u64, now: Now) {
+    let (attempt, nodes) = (s.jobs[job].attempt, s.jobs[job].placement.clone());
+    for node in nodes {
+        let hb = v1::Heartbeat {
+            workers: vec![v1::WorkerInfo {
+                job_id: job.into(),
+                attempt,
+                progress_step: Some(step),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let sess = session(s, &node);
+        let e = s.heartbeat(&node, sess, hb, now).expect("live");
+        run(s, e, now);
+    }
+}
+
+fn agent_event(
+    s: &mut ClusterState,
+    node: &str,
+    kind: v1::agent_event::Kind,
+    at_ms: u64,
+    now: Now,
+) {
+    let ev = v1::AgentEvent {
+        at_unix_ms: at_ms,
+        kind: Some(kind),
+    };
+    let sess = session(s, node);
+    let e = s.agent_event(node, sess, &ev, now).expect("live");
+    run(s, e, now);
+}
+
+fn checkpoint(s: &mut ClusterState, job: &str, step: u64, save_ms: u64, now: Now) {
+    let attempt = s.jobs[job].attempt;
+    let node = s.jobs[job].placement[0].clone();
+    let kind = v1::agent_event::Kind::Checkpoint(v1::CheckpointSeen {
+        job_id: job.into(),
+        attempt,
+        path: format!("/shared/ckpt/train/step_{step:08}"),
+        step: Some(step),
+        save_ms: Some(save_ms),
+        completed_at_unix_ms: None,
+    });
+    agent_event(s, &node, kind, 0, now);
+}
+
+/// A worker on `node` exits `code`; the agent saw it at `seen_ms`.
+fn exit(
+    s: &mut ClusterState,
+    job: &str,
+    node: &str,
+    code: Option<i32>,
+    stopped: bool,
+    seen_ms: u64,
+    now: Now,
+) {
+    let kind = v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+        job_id: job.into(),
+        attempt: s.jobs[job].attempt,
+        exit_code: code,
+        stopped,
+        ..Default::default()
+    });
+    agent_event(s, node, kind, seen_ms, now);
+}
+
+/// Every still-running worker of the attempt confirms its stop.
+fn confirm_stops(s: &mut ClusterState, job: &str, now: Now) {
+    let nodes: Vec<String> = s.jobs[job]
+        .workers
+        .iter()
+        .filter(|(_, w)| !w.phase.is_dead() || w.exit_code.is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for node in nodes {
+        exit(s, job, &node, None, true, 0, now);
+    }
+}
+
+fn tick(s: &mut ClusterState, now: Now) {
+    let mut e = s.tick(now);
+    e.extend(s.jobs_tick(now));
+    run(s, e, now);
+}
+
+fn assert_adds_up(g: &Goodput) {
+    assert_eq!(g.productive_ms + g.lost_ms, g.wall_ms, "{g:#?}");
+    let phases = g.queued_ms
+        + g.detection_ms
+        + g.teardown_ms
+        + g.waiting_ms
+        + g.startup_ms
+        + g.recomputation_ms;
+    assert_eq!(phases, g.lost_ms, "lost phases sum to lost: {g:#?}");
+    let mut cursor = g.segments.first().map_or(0, |s| s.from_ms);
+    for seg in &g.segments {
+        assert_eq!(seg.from_ms, cursor, "segments are contiguous: {g:#?}");
+        assert!(seg.to_ms > seg.from_ms, "no empty segment: {seg:?}");
+        cursor = seg.to_ms;
+    }
+    let covered: u64 = g.segments.iter().map(|s| s.to_ms - s.from_ms).sum();
+    assert_eq!(covered, g.wall_ms);
+}
+
+#[test]
+fn a_crash_splits_lost_time_into_its_five_phases_and_everything_adds_up() {
+    let now = t0();
+    let mut s = cluster(3, now);
+    let (id, e) = s.submit_job(SPEC, "job.toml", now).expect("valid");
+    run(&mut s, e, now);
+    progress(&mut s, &id, 10, at(now, 2));
+    checkpoint(&mut s, &id, 100, 500, at(now, 10));
+    checkpoint(&mut s, &id, 200, 700, at(now, 20));
+    progress(&mut s, &id, 250, at(now, 25));
+    // The agent saw the crash at 29 s; the coordinator hears of it at 30 s.
+    exit(&mut s, &id, "n2", Some(1), false, T0 + 29_000, at(now, 30));
+    confirm_stops(&mut s, &id, at(now, 31));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Restarting);
+    tick(&mut s, at(now, 36));
+    assert_eq!(
+        (s.jobs[&id].phase, s.jobs[&id].attempt),
+        (JobPhase::Running, 2)
+    );
+    progress(&mut s, &id, 210, at(now, 40));
+    progress(&mut s, &id, 260, at(now, 45));
+
+    let g = account(&s.jobs[&id], T0 + 60_000);
+    assert_adds_up(&g);
+    assert_eq!(g.wall_ms, 60_000);
+    assert_eq!(g.productive_ms, 27_000 + 15_000, "2..29 s and 45..60 s");
+    assert_eq!(g.queued_ms, 0);
+    assert_eq!(
+        g.startup_ms,
+        2_000 + 4_000,
+        "first step after 2 s, then 4 s after the relaunch"
+    );
+    let f = &g.failures[0];
+    assert_eq!(
+        (f.attempt, f.kind.as_str(), f.culprit_node.as_str()),
+        (1, "crash", "n2")
+    );
+    assert_eq!(
+        (
+            f.detection_ms,
+            f.teardown_ms,
+            f.waiting_ms,
+            f.startup_ms,
+            f.recomputation_ms
+        ),
+        (1_000, 1_000, 5_000, 4_000, 5_000)
+    );
+    assert_eq!(f.steps_lost, Some(50), "steps 201..250 were redone");
+    assert_eq!(
+        f.total_ms(),
+        g.lost_ms - 2_000,
+        "all but the first start-up"
+    );
+    assert!((g.ettr - 42.0 / 60.0).abs() < 1e-9);
+    assert_eq!(g.checkpoint_interval_ms, Some(10_000));
+    assert_eq!(
+        g.checkpoint_save_ms,
+        Some(700),
+        "median of 500 and 700 (upper)"
+    );
+    assert_eq!(
+        g.mtbf_ms,
+        Some(30_000 + 24_000),
+        "ran 30 s, then 24 s, one failure"
+    );
+    assert_eq!(g.suggested_interval_ms, Some(young(700, 54_000)));
+}
+
+#[test]
+fn a_hang_is_detected_from_its_last_step_not_from_the_timeout() {
+    let now = t0();
+    let mut s = cluster(3, now);
+    let (id, e) = s.submit_job(SPEC, "job.toml", now).expect("valid");
+    run(&mut s, e, now);
+    progress(&mut s, &id, 50, at(now, 5));
+    tick(&mut s, at(now, 66));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    let g = account(&s.jobs[&id], T0 + 66_000);
+    assert_adds_up(&g);
+    assert_eq!(g.failures[0].kind, "hang");
+    assert_eq!(
+        g.failures[0].detection_ms, 61_000,
+        "last step at 5 s, detected at 66 s"
+    );
+    assert_eq!(
+        g.productive_ms, 0,
+        "its only step came at 5 s, when it hung"
+    );
+}
+
+#[test]
+fn a_lost_node_is_charged_from_its_last_message() {
+    let now = t0();
+    let mut s = cluster_with(3, now, LivenessConfig::default());
+    let (id, e) = s.submit_job(SPEC, "job.toml", now).expect("valid");
+    run(&mut s, e, now);
+    progress(&mut s, &id, 10, at(now, 1));
+    // n1 and n3 keep talking; n2 falls silent after 1 s.
+    for t in 2..=12 {
+        for n in ["n1", "n3"] {
+            let sess = session(&s, n);
+            let e = s
+                .heartbeat(n, sess, v1::Heartbeat::default(), at(now, t))
+                .expect("live");
+            run(&mut s, e, at(now, t));
+        }
+        tick(&mut s, at(now, t));
+    }
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    let g = account(&s.jobs[&id], T0 + 12_000);
+    assert_adds_up(&g);
+    let f = &g.failures[0];
+    assert_eq!(f.kind, "node_lost");
+    assert_eq!(f.fault_at_ms, T0 + 1_000, "n2's last message");
+    assert!(f.detection_ms >= 10_000, "lost_after of silence: {f:?}");
+}
+
+fn job_with(attempts: Vec<Attempt>, finished: Option<u64>) -> Job {
+    let now = t0();
+    let mut s = cluster(1, now);
+    let spec = SPEC
+        .replace("nodes = 2", "nodes = 1")
+        .replace("spare_nodes = 1", "spare_nodes = 0");
+    let (id, _) = s.submit_job(&spec, "job.toml", now).expect("valid");
+    let mut job = s.jobs[&id].clone();
+    job.attempts = attempts;
+    job.finished_at_ms = finished;
+    job
+}
+
+fn attempt(n: u64, start_s: u64) -> Attempt {
+    Attempt {
+        attempt: n,
+        nodes: vec!["n1".into()],
+        started_at_ms: T0 + start_s * 1000,
+        ended_at_ms: 0,
+        outcome: "running".into(),
+        reason: String::new(),
+        culprit_node: String::new(),
+        resumed_from: None,
+        last_step: None,
+        fault_at_ms: 0,
+        detected_at_ms: 0,
+        failure_kind: String::new(),
+        first_progress_at_ms: None,
+        catch_up_step: None,
+        caught_up_at_ms: None,
+        triage: Default::default(),
+    }
+}
+
+#[test]
+fn a_pending_job_is_all_queued() {
+    let g = account(&job_with(Vec::new(), None), T0 + 7_000);
+    assert_adds_up(&g);
+    assert_eq!((g.wall_ms, g.queued_ms, g.productive_ms), (7_000, 7_000, 0));
+    assert_eq!(g.ettr, 0.0);
+    assert!(g.failures.is_empty());
+    assert_eq!(g.mtbf_ms, None, "no failure, no MTBF");
+    assert_eq!(g.suggested_interval_ms, None);
+}
+
+#[test]
+fn a_finished_job_stops_the_clock() {
+    let mut a = attempt(1, 3);
+    a.first_progress_at_ms = Some(T0 + 4_000);
+    a.ended_at_ms = T0 + 20_000;
+    a.outcome = "succeeded".into();
+    let g = account(&job_with(vec![a], Some(T0 + 20_000)), T0 + 999_000);
+    assert_adds_up(&g);
+    assert_eq!(
+        (g.wall_ms, g.queued_ms, g.startup_ms, g.productive_ms),
+        (20_000, 3_000, 1_000, 16_000)
+    );
+}
+
+#[test]
+fn a_failure_during_start_up_charges_the_start_up_to_the_previous_failure() {
+    let mut a1 = attempt(1, 0);
+    a1.first_progress_at_ms = Some(T0 + 1_000);
+    a1.fault_at_ms = T0 + 10_000;
+    a1.detected_at_ms = T0 + 10_000;
+    a1.ended_at_ms = T0 + 11_000;
+    a1.failure_kind = "crash".into();
+    let mut a2 = attempt(2, 12);
+    a2.fault_at_ms = T0 + 15_000;
+    a2.detected_at_ms = T0 + 16_000;
+    a2.ended_at_ms = T0 + 16_000;
+    a2.failure_kind = "crash".into();
+    let a3 = attempt(3, 17);
+    let g = account(&job_with(vec![a1, a2, a3], None), T0 + 20_000);
+    assert_adds_up(&g);
+    assert_eq!(g.failures.len(), 2);
+    assert_eq!(
+        g.failures[0].startup_ms, 3_000,
+        "12..15 s: attempt 2 never got going"
+    );
+    assert_eq!(g.failures[1].startup_ms, 3_000, "17..20 s, still starting");
+    assert_eq!(g.productive_ms, 9_000);
+    assert_eq!(g.mtbf_ms, Some((10_000 + 4_000 + 3_000) / 2));
+}
+
+#[test]
+fn operator_drains_cost_time_but_are_not_failures_for_the_mtbf() {
+    let mut a1 = attempt(1, 0);
+    a1.first_progress_at_ms = Some(T0);
+    a1.fault_at_ms = T0 + 10_000;
+    a1.detected_at_ms = T0 + 10_000;
+    a1.ended_at_ms = T0 + 12_000;
+    a1.failure_kind = "drain".into();
+    let mut a2 = attempt(2, 12);
+    a2.first_progress_at_ms = Some(T0 + 12_000);
+    let g = account(&job_with(vec![a1, a2], None), T0 + 20_000);
+    assert_adds_up(&g);
+    assert_eq!(g.failures[0].teardown_ms, 2_000);
+    assert_eq!(g.mtbf_ms, None);
+}
+
+#[test]
+fn out_of_order_marks_never_make_time_run_backwards() {
+    let mut a1 = attempt(1, 5);
+    // A fault seen before the attempt started (clock skew between hosts).
+    a1.fault_at_ms = T0 + 1_000;
+    a1.detected_at_ms = T0 + 8_000;
+    a1.ended_at_ms = T0 + 7_000;
+    a1.failure_kind = "crash".into();
+    let g = account(&job_with(vec![a1], None), T0 + 9_000);
+    assert_adds_up(&g);
+    assert_eq!(g.wall_ms, 9_000);
+}
+
+#[test]
+fn youngs_interval_is_the_square_root_of_twice_save_time_times_mtbf() {
+    assert_eq!(young(30_000, 3_600_000 * 24), 2_276_840);
+    assert_eq!(young(0, 1_000), 0);
+    assert_eq!(young(50, 100), 100);
+}
+
+#[test]
+fn the_checkpoint_history_is_bounded_and_intervals_ignore_attempt_boundaries() {
+    let mut job = job_with(Vec::new(), None);
+    for i in 0..(MAX_CHECKPOINT_HISTORY as u64 + 10) {
+        on_checkpoint(
+            &mut job,
+            Checkpoint {
+                path: format!("/c/{i}"),
+                step: Some(i),
+                seen_at_ms: T0 + i * 1_000 + if i >= 40 { 500_000 } else { 0 },
+                attempt: if i >= 40 { 2 } else { 1 },
+                save_ms: None,
+            },
+        );
+    }
+    assert_eq!(job.checkpoints.len(), MAX_CHECKPOINT_HISTORY);
+    assert_eq!(job.checkpoints[0].step, Some(10));
+    assert_eq!(checkpoint_interval(&job.checkpoints), Some(1_000));
+    assert_eq!(account(&job, T0).checkpoint_save_ms, None);
+}

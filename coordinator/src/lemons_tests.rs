@@ -1,0 +1,318 @@
+//! The lemon ledger and its cluster rules, with simulated time.
+
+use std::time::Duration;
+
+use vigil_proto::v1;
+
+use super::*;
+use crate::config::{HealthConfig, LivenessConfig};
+use crate::node::{CordonSource, GpuRecord};
+use crate::state::{ClusterState, Effect, Now, Registration, StateError};
+
+const T0: u64 = 1_700_000_000_000;
+const HOUR: u64 = 3_600_000;
+
+fn t(ms: u64) -> Now {
+    Now {
+        mono: tokio::time::Instant::now() + Duration::from_millis(ms),
+        wall_ms: T0 + ms,
+    }
+}
+
+fn gpus(node: &str, serial_of_3: &str) -> Vec<GpuRecord> {
+    (0..4)
+        .map(|i| GpuRecord {
+            index: i,
+            uuid: format!("GPU-{node}-{i}"),
+            name: "sim".into(),
+            pci_bus_id: String::new(),
+            memory_total_bytes: 80 << 30,
+            serial: if i == 3 {
+                serial_of_3.to_owned()
+            } else {
+                format!("{node}-serial-{i}")
+            },
+        })
+        .collect()
+}
+
+fn reg(node: &str, session: u64, serial_of_3: &str) -> Registration {
+    Registration {
+        session,
+        node: node.to_owned(),
+        hostname: node.to_owned(),
+        address: "10.0.0.1".into(),
+        agent_version: "0.1.0".into(),
+        simulated: true,
+        gpus: gpus(node, serial_of_3),
+        workers: Vec::new(),
+    }
+}
+
+/// What the engine does with an input's effects: jobs react, then lemons.
+fn apply(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) -> Vec<Effect> {
+    let more = s.react(&effects, now);
+    effects.extend(more);
+    let lemons = s.lemon_react(&effects, now);
+    effects.extend(lemons);
+    effects
+}
+
+fn cluster(cfg: LemonConfig) -> ClusterState {
+    let mut s = ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        LivenessConfig::default(),
+        HealthConfig::default(),
+        t(0),
+    );
+    s.lemons = Ledger::new(cfg, Vec::new());
+    for (i, n) in ["n1", "n2"].iter().enumerate() {
+        let e = s.register(reg(n, i as u64 + 1, &format!("{n}-serial-3")), t(0));
+        apply(&mut s, e, t(0));
+    }
+    s
+}
+
+fn xid79(s: &mut ClusterState, node: &str, session: u64, now: Now) -> Vec<Effect> {
+    let ev = v1::AgentEvent {
+        at_unix_ms: now.wall_ms,
+        kind: Some(v1::agent_event::Kind::Xid(v1::XidError {
+            gpu_index: 3,
+            xid: 79,
+            gpu_uuid: format!("GPU-{node}-3"),
+        })),
+    };
+    let e = s
+        .agent_event(node, session, &ev, now)
+        .expect("live session");
+    apply(s, e, now)
+}
+
+fn reason(s: &ClusterState, node: &str) -> String {
+    s.nodes[node]
+        .record
+        .cordon
+        .as_ref()
+        .map_or_else(String::new, |c| c.reason.clone())
+}
+
+/// XID 79 on n1's GPU 3, then the operator forces it back into service.
+/// (A lemon's uncordon is refused; then it simply stays cordoned.)
+fn fail_and_force_back(s: &mut ClusterState, now: Now) -> Vec<Effect> {
+    let effects = xid79(s, "n1", 1, now);
+    if let Ok(e) = s.uncordon("n1", true, now) {
+        apply(s, e, now);
+    }
+    effects
+}
+
+#[test]
+fn three_gpu_faults_within_the_window_make_a_lemon_and_cordon_it_as_repeat_offender() {
+    let mut s = cluster(LemonConfig::default());
+    fail_and_force_back(&mut s, t(HOUR));
+    fail_and_force_back(&mut s, t(2 * HOUR));
+    assert_eq!(reason(&s, "n1"), "", "two failures: still in service");
+    let effects = xid79(&mut s, "n1", 1, t(3 * HOUR));
+    let why = reason(&s, "n1");
+    assert!(why.starts_with("repeat-offender: "), "{why}");
+    assert!(why.contains("host n1 blocklisted (3 failures)"), "{why}");
+    assert!(
+        why.contains("GPU 3 serial n1-serial-3 blocklisted"),
+        "{why}"
+    );
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Cordoned { rule: "repeat_offender", cordon, .. } if cordon.source == CordonSource::Auto
+    )));
+    let persisted: Vec<String> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::PersistLemon(r) => Some(r.key()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(persisted, ["host/n1", "gpu/n1-serial-3"]);
+    let host = &s.lemons.records["host/n1"];
+    assert_eq!(host.kinds(T0 + 3 * HOUR, &s.lemons.cfg), "unhealthy x3");
+    assert!(host.incidents[0].detail.contains("XID 79"), "{host:?}");
+    assert!(
+        !s.lemons.records.contains_key("gpu/n1-serial-0"),
+        "healthy GPUs are not charged"
+    );
+    assert_eq!(reason(&s, "n2"), "", "other nodes are untouched");
+}
+
+#[test]
+fn a_lemon_cannot_be_uncordoned_even_by_force_until_cleared() {
+    let mut s = cluster(LemonConfig::default());
+    for h in 1..=3 {
+        fail_and_force_back(&mut s, t(h * HOUR));
+    }
+    let err = s.uncordon("n1", true, t(4 * HOUR)).expect_err("refused");
+    assert!(matches!(err, StateError::Blocklisted { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("clusterctl uncordon n1 --clear-lemon"),
+        "{err}"
+    );
+    let (cleared, effects) = s.clear_lemon("n1", t(4 * HOUR)).expect("clears");
+    assert_eq!(cleared.len(), 2, "the host and its GPU 3 entry");
+    assert_eq!(effects.len(), 2);
+    assert!(
+        reason(&s, "n1").starts_with("repeat-offender"),
+        "still cordoned"
+    );
+    let e = s.uncordon("n1", true, t(4 * HOUR)).expect("allowed now");
+    apply(&mut s, e, t(4 * HOUR));
+    assert_eq!(reason(&s, "n1"), "");
+    fail_and_force_back(&mut s, t(5 * HOUR));
+    assert_eq!(
+        s.lemons.records["host/n1"]
+            .recent(T0 + 5 * HOUR, &s.lemons.cfg)
+            .count(),
+        1,
+        "only failures after the clear count"
+    );
+}
+
+#[test]
+fn failures_outside_the_window_do_not_count() {
+    let cfg = LemonConfig {
+        max_failures: 3,
+        window: Duration::from_secs(3600),
+    };
+    let mut s = cluster(cfg);
+    for h in [1, 3, 5] {
+        fail_and_force_back(&mut s, t(h * HOUR));
+    }
+    assert_eq!(reason(&s, "n1"), "", "never 3 within an hour");
+    assert_eq!(s.lemons.records["host/n1"].incidents.len(), 3);
+}
+
+#[test]
+fn a_node_rejoining_with_a_blocklisted_gpu_serial_is_cordoned_at_once() {
+    let mut s = cluster(LemonConfig::default());
+    for h in 1..=3 {
+        fail_and_force_back(&mut s, t(h * HOUR));
+    }
+    // The bad GPU moves to a new host n3 (the cloud hands it back).
+    let e = s.register(reg("n3", 3, "n1-serial-3"), t(5 * HOUR));
+    apply(&mut s, e, t(5 * HOUR));
+    let why = reason(&s, "n3");
+    assert!(
+        why.contains("GPU 3 serial n1-serial-3 blocklisted"),
+        "{why}"
+    );
+    assert!(s.uncordon("n3", true, t(5 * HOUR)).is_err());
+    let (cleared, _) = s
+        .clear_lemon("gpu/n1-serial-3", t(6 * HOUR))
+        .expect("clears");
+    assert_eq!(cleared.len(), 1);
+    assert!(s.uncordon("n3", true, t(6 * HOUR)).is_ok());
+}
+
+#[test]
+fn a_lost_node_is_charged_to_its_host_only() {
+    let mut s = cluster(LemonConfig::default());
+    let e = s.disconnected("n2", 2, t(1_000));
+    apply(&mut s, e, t(1_000));
+    let e = s.tick(t(60_000));
+    apply(&mut s, e, t(60_000));
+    let host = &s.lemons.records["host/n2"];
+    assert_eq!(host.incidents.len(), 1);
+    assert_eq!(host.incidents[0].kind, "node_lost");
+    assert!(s.lemons.records.keys().all(|k| !k.starts_with("gpu/n2")));
+}
+
+#[test]
+fn max_failures_zero_records_but_never_blocklists() {
+    let cfg = LemonConfig {
+        max_failures: 0,
+        ..LemonConfig::default()
+    };
+    let mut s = cluster(cfg);
+    for h in 1..=5 {
+        fail_and_force_back(&mut s, t(h * HOUR));
+    }
+    assert_eq!(s.lemons.records["host/n1"].incidents.len(), 5);
+    assert_eq!(s.lemons.records["host/n1"].blocklisted_at_ms, None);
+}
+
+#[test]
+fn incidents_are_bounded_and_the_listing_puts_lemons_first() {
+    let mut ledger = Ledger::new(LemonConfig::default(), Vec::new());
+    for i in 0..(MAX_INCIDENTS as u64 + 5) {
+        let f = Failure {
+            node: "a",
+            kind: "node_lost",
+            detail: "",
+            gpus: Vec::new(),
+        };
+        ledger.charge(&f, T0 + i);
+    }
+    let f = Failure {
+        node: "b",
+        kind: "unhealthy",
+        detail: "",
+        gpus: vec![(0, "SER".into())],
+    };
+    ledger.charge(&f, T0);
+    assert_eq!(ledger.records["host/a"].incidents.len(), MAX_INCIDENTS);
+    let keys: Vec<String> = ledger.listing(T0 + 100).iter().map(|r| r.key()).collect();
+    assert_eq!(keys, ["host/a", "gpu/SER", "host/b"]);
+    assert!(ledger.clear("nothing", T0).is_empty());
+    assert_eq!(
+        ledger.clear("SER", T0).len(),
+        1,
+        "a bare serial finds gpu/SER"
+    );
+}
+
+#[test]
+fn an_unknown_subject_cannot_be_cleared() {
+    let mut s = cluster(LemonConfig::default());
+    assert!(matches!(
+        s.clear_lemon("gpu/none", t(0)),
+        Err(StateError::UnknownLemon(_))
+    ));
+}
+
+#[test]
+fn gpu_identity_falls_back_to_the_uuid() {
+    assert_eq!(gpu_identity("", "GPU-1"), "GPU-1");
+    assert_eq!(gpu_identity("1650", "GPU-1"), "1650");
+}
+
+#[test]
+fn the_window_must_be_at_least_a_second() {
+    let cfg = LemonConfig {
+        window: Duration::from_millis(10),
+        ..LemonConfig::default()
+    };
+    assert!(cfg.validate().is_err());
+    assert!(LemonConfig::default().validate().is_ok());
+}
+
+#[test]
+fn a_node_that_never_came_back_after_a_coordinator_restart_is_not_charged_again() {
+    let s = cluster(LemonConfig::default());
+    let record = (*s.nodes["n1"].record).clone();
+    let mut restarted = ClusterState::load(
+        vec![record],
+        Vec::new(),
+        LivenessConfig::default(),
+        HealthConfig::default(),
+        t(0),
+    );
+    let e = restarted.tick(t(60_000));
+    assert!(e.iter().any(|e| matches!(
+        e,
+        Effect::Availability {
+            to: crate::node::Availability::Lost,
+            ..
+        }
+    )));
+    let charged = restarted.lemon_react(&e, t(60_000));
+    assert!(charged.is_empty(), "{charged:?}");
+}

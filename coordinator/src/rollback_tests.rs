@@ -1,0 +1,268 @@
+//! Rollbacks with simulated time: a loss spike, and an operator's restart.
+
+use std::time::Duration;
+
+use super::*;
+use crate::config::{HealthConfig, LivenessConfig};
+use crate::node::GpuRecord;
+use crate::state::Registration;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn t(secs: u64) -> Now {
+    Now {
+        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
+        wall_ms: T0 + secs * 1000,
+    }
+}
+
+fn reg(node: &str, session: u64) -> Registration {
+    Registration {
+        session,
+        node: node.to_owned(),
+        hostname: node.to_owned(),
+        address: "10.0.0.1".into(),
+        agent_version: "0.1.0".into(),
+        simulated: true,
+        gpus: vec![GpuRecord {
+            index: 0,
+            uuid: format!("GPU-{node}-0"),
+            name: "sim".into(),
+            pci_bus_id: String::new(),
+            memory_total_bytes: 80 << 30,
+            serial: String::new(),
+        }],
+        workers: Vec::new(),
+    }
+}
+
+const SPEC: &str = r#"name = "train"
+nodes = 1
+gpus_per_node = 1
+command = ["python3", "train.py"]
+workdir = "/w"
+[checkpoint]
+dir = "/c"
+[restart]
+backoff = "0s"
+[progress]
+hang_timeout = "10m"
+[training_health]
+spike_factor = 3.0
+spike_reports = 3
+median_window = 10
+"#;
+
+fn cluster() -> (ClusterState, String) {
+    let liveness = LivenessConfig {
+        unreachable_after: Duration::from_secs(3600),
+        lost_after: Duration::from_secs(7200),
+        ..LivenessConfig::default()
+    };
+    let mut s = ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        liveness,
+        HealthConfig::default(),
+        t(0),
+    );
+    s.triage.enabled = false;
+    s.register(reg("n1", 1), t(0));
+    let (id, _) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
+    (s, id)
+}
+
+fn progress(s: &mut ClusterState, id: &str, step: u64, loss: f64, secs: u64) -> Vec<Effect> {
+    let hb = v1::Heartbeat {
+        workers: vec![v1::WorkerInfo {
+            job_id: id.into(),
+            attempt: s.jobs[id].attempt,
+            progress_step: Some(step),
+            loss: Some(loss),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    s.heartbeat("n1", 1, hb, t(secs)).expect("live")
+}
+
+fn event(s: &mut ClusterState, kind: v1::agent_event::Kind, secs: u64) -> Vec<Effect> {
+    let ev = v1::AgentEvent {
+        at_unix_ms: 0,
+        kind: Some(kind),
+    };
+    s.agent_event("n1", 1, &ev, t(secs)).expect("live")
+}
+
+fn checkpoint(s: &mut ClusterState, id: &str, step: u64, completed_s: u64, secs: u64) {
+    let kind = v1::agent_event::Kind::Checkpoint(v1::CheckpointSeen {
+        job_id: id.into(),
+        attempt: s.jobs[id].attempt,
+        path: format!("/c/step_{step:08}"),
+        step: Some(step),
+        save_ms: Some(10),
+        completed_at_unix_ms: Some(T0 + completed_s * 1000),
+    });
+    event(s, kind, secs);
+}
+
+fn stopped(s: &mut ClusterState, id: &str, secs: u64) -> Vec<Effect> {
+    let kind = v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+        job_id: id.into(),
+        attempt: s.jobs[id].attempt,
+        stopped: true,
+        ..Default::default()
+    });
+    event(s, kind, secs)
+}
+
+fn resume_from(effects: &[Effect]) -> Option<String> {
+    effects.iter().find_map(|e| match e {
+        Effect::Command {
+            kind: v1::command::Kind::StartWorker(w),
+            ..
+        } => Some(w.env.get("VIGIL_RESUME_FROM").cloned().unwrap_or_default()),
+        _ => None,
+    })
+}
+
+/// Steps 1..=70, a checkpoint every 10, the loss spiking from step 55.
+fn spike(s: &mut ClusterState, id: &str) -> Vec<Effect> {
+    let mut out = Vec::new();
+    for step in 1..=70 {
+        let loss = if step >= 55 { 40.0 } else { 2.0 };
+        out = progress(s, id, step, loss, step);
+        if step % 10 == 0 && s.jobs[id].phase == JobPhase::Running {
+            checkpoint(s, id, step, step, step);
+        }
+        if s.jobs[id].phase != JobPhase::Running {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_loss_spike_rolls_back_to_the_newest_checkpoint_before_it() {
+    let (mut s, id) = cluster();
+    spike(&mut s, &id);
+    let job = &s.jobs[&id];
+    assert_eq!(
+        job.phase,
+        JobPhase::Stopping,
+        "stopped at step 57, the third high report"
+    );
+    let a = &job.attempts[0];
+    assert_eq!(a.failure_kind, "loss_spike");
+    assert!(a.reason.contains("since step 55"), "{}", a.reason);
+    assert!(
+        a.reason
+            .contains("rolling back to checkpoint /c/step_00000050 (step 50)"),
+        "{}",
+        a.reason
+    );
+    assert!(
+        a.reason.contains("40@55, 40@56, 40@57"),
+        "the evidence: {}",
+        a.reason
+    );
+    assert!(job.events.iter().any(|e| e.kind == "rollback"));
+    let e = stopped(&mut s, &id, 58);
+    assert_eq!(resume_from(&e).as_deref(), Some("/c/step_00000050"));
+    assert_eq!(
+        s.jobs[&id].attempts[1]
+            .resumed_from
+            .as_ref()
+            .and_then(|c| c.step),
+        Some(50)
+    );
+}
+
+#[test]
+fn the_newer_checkpoint_written_during_the_spike_is_not_resumed_from_later() {
+    let (mut s, id) = cluster();
+    // Checkpoint 60 is complete before the spike is detected (M = 5 reports).
+    if let Some(j) = s.jobs.get_mut(&id) {
+        j.spec.training_health.spike_reports = 7;
+    }
+    spike(&mut s, &id);
+    assert_eq!(
+        s.jobs[&id].checkpoint.as_ref().and_then(|c| c.step),
+        Some(50),
+        "not 60"
+    );
+    stopped(&mut s, &id, 62);
+    assert_eq!(s.jobs[&id].attempt, 2);
+    // Attempt 2's agent reports checkpoint 60 at once: completed before attempt 2 began.
+    checkpoint(&mut s, &id, 60, 60, 64);
+    assert_eq!(
+        s.jobs[&id].checkpoint.as_ref().and_then(|c| c.step),
+        Some(50)
+    );
+    // Attempt 2 writes its own checkpoint 60 later.
+    checkpoint(&mut s, &id, 60, 80, 80);
+    assert_eq!(
+        s.jobs[&id].checkpoint.as_ref().and_then(|c| c.step),
+        Some(60)
+    );
+}
+
+#[test]
+fn an_operator_restarts_from_a_chosen_checkpoint_with_an_env_override() {
+    let (mut s, id) = cluster();
+    for step in 1..=40 {
+        progress(&mut s, &id, step, 2.0, step);
+        if step % 10 == 0 {
+            checkpoint(&mut s, &id, step, step, step);
+        }
+    }
+    let env = BTreeMap::from([("LR".to_owned(), "1e-4".to_owned())]);
+    s.restart_job(&id, Some(20), env, t(41)).expect("accepted");
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    assert_eq!(s.jobs[&id].attempts[0].failure_kind, "operator_restart");
+    let e = stopped(&mut s, &id, 42);
+    assert_eq!(resume_from(&e).as_deref(), Some("/c/step_00000020"));
+    let env = e
+        .iter()
+        .find_map(|e| match e {
+            Effect::Command {
+                kind: v1::command::Kind::StartWorker(w),
+                ..
+            } => Some(w.env.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    assert_eq!(env.get("LR").map(String::as_str), Some("1e-4"));
+    let history: Vec<&str> = s.jobs[&id]
+        .events
+        .iter()
+        .filter(|e| e.kind == "restart")
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(
+        history,
+        ["restarted by an operator from checkpoint /c/step_00000020 (step 20) with LR=1e-4"]
+    );
+}
+
+#[test]
+fn an_operator_restart_is_checked() {
+    let (mut s, id) = cluster();
+    checkpoint(&mut s, &id, 10, 10, 10);
+    let err = s
+        .restart_job(&id, Some(15), BTreeMap::new(), t(11))
+        .expect_err("no such step");
+    assert!(err.to_string().contains("known steps: 10"), "{err}");
+    let bad = BTreeMap::from([("VIGIL_ATTEMPT".to_owned(), "9".to_owned())]);
+    assert!(s.restart_job(&id, None, bad, t(11)).is_err());
+    assert!(matches!(
+        s.restart_job("nope", None, BTreeMap::new(), t(11)),
+        Err(StateError::UnknownJob(_))
+    ));
+    s.cancel_job(&id, t(12)).expect("cancels");
+    let _ = stopped(&mut s, &id, 13);
+    assert!(
+        s.restart_job(&id, None, BTreeMap::new(), t(14)).is_err(),
+        "cancelled"
+    );
+}

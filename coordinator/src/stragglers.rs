@@ -1,0 +1,248 @@
+//! Stragglers, pure: each worker's step rate over a sliding window, compared
+//! with its gang's median; a node consistently slower than the median by
+//! `stragglers.slower_than` for `stragglers.for` is flagged `Degraded:
+//! straggler` (still schedulable; the job goes on) until it keeps up again
+//! or the attempt ends.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::health::{Condition, Finding};
+use crate::job::{AfterStop, Job, JobPhase, Worker};
+use crate::jobs::{Failure, stop_attempt};
+use crate::node::Node;
+use crate::state::{ClusterState, Effect, Now};
+
+/// Step changes kept per worker.
+const MAX_SAMPLES: usize = 64;
+
+/// `[stragglers]` in the coordinator's config.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StragglerConfig {
+    pub enabled: bool,
+    /// A node whose step rate is below (1 - slower_than) x the gang's median straggles.
+    pub slower_than: f64,
+    /// ... consistently, for this long, before it is flagged.
+    #[serde(rename = "for", with = "humantime_serde")]
+    pub for_: Duration,
+    /// How far back the step rate is measured.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// At the job's next complete checkpoint, restart it without its
+    /// stragglers, on its spares (only when it has enough).
+    pub swap_at_checkpoint: bool,
+}
+
+impl Default for StragglerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            slower_than: 0.25,
+            for_: Duration::from_secs(60),
+            window: Duration::from_secs(30),
+            swap_at_checkpoint: false,
+        }
+    }
+}
+
+impl StragglerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.slower_than > 0.0 && self.slower_than < 1.0) {
+            return Err(format!(
+                "stragglers.slower_than = {} must lie between 0 and 1 (0.25: 25% slower than the gang's median)",
+                self.slower_than
+            ));
+        }
+        if self.window < Duration::from_secs(1) {
+            return Err("stragglers.window must be at least 1s".into());
+        }
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Record a step change of `w` (its `progress_step` is the new step).
+pub fn sample(w: &mut Worker, now_ms: u64) {
+    let Some(step) = w.progress_step else {
+        return;
+    };
+    if w.rate_samples.len() >= MAX_SAMPLES {
+        w.rate_samples.pop_front();
+    }
+    w.rate_samples.push_back((now_ms, step));
+}
+
+/// Steps per second over the samples within `window` of `now_ms`.
+pub fn rate(w: &Worker, now_ms: u64, window: Duration) -> Option<f64> {
+    let since = now_ms.saturating_sub(ms(window));
+    let mut recent = w.rate_samples.iter().filter(|(at, _)| *at >= since);
+    let (t0, s0) = *recent.next()?;
+    let (t1, s1) = *recent.next_back()?;
+    (t1 > t0 && s1 >= s0).then(|| (s1 - s0) as f64 * 1000.0 / (t1 - t0) as f64)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// A complete checkpoint was just seen: swap the job's stragglers for its
+/// spares now (when `enabled` and it has enough), resuming from it.
+pub fn swap(
+    job: &mut Job,
+    nodes: &BTreeMap<String, Node>,
+    enabled: bool,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    let out: Vec<String> = job
+        .stragglers
+        .iter()
+        .filter(|n| job.placement.contains(n))
+        .cloned()
+        .collect();
+    if !enabled || job.phase != JobPhase::Running || out.is_empty() || job.spares.len() < out.len()
+    {
+        return;
+    }
+    let step = job
+        .checkpoint
+        .as_ref()
+        .and_then(|c| c.step)
+        .map_or_else(|| "?".to_owned(), |s| s.to_string());
+    let reason = format!(
+        "swapping straggler(s) {} for spare(s) at checkpoint step {step}",
+        out.join(", ")
+    );
+    job.event(now.wall_ms, "straggler", reason.clone());
+    job.avoid.extend(out.iter().cloned());
+    let failure = Failure::new(&reason, "", "straggler_swap");
+    stop_attempt(job, nodes, &failure, AfterStop::Restart, now, effects);
+}
+
+enum Change {
+    Flag {
+        job: String,
+        node: String,
+        message: String,
+    },
+    Unflag {
+        job: String,
+        node: String,
+    },
+}
+
+impl ClusterState {
+    /// Measure every running gang; flag and unflag stragglers.
+    pub fn stragglers_tick(&mut self, now: Now) -> Vec<Effect> {
+        let cfg = self.stragglers;
+        let mut changes = Vec::new();
+        for job in self.jobs.values_mut() {
+            let running = cfg.enabled && job.phase == JobPhase::Running;
+            let rates: BTreeMap<String, f64> = if running {
+                job.workers
+                    .iter()
+                    .filter(|(_, w)| !w.phase.is_dead())
+                    .filter_map(|(n, w)| rate(w, now.wall_ms, cfg.window).map(|r| (n.clone(), r)))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
+            let gang = median(rates.values().copied().collect()).filter(|_| rates.len() >= 2);
+            let mut slow_now = Vec::new();
+            if let Some(median) = gang {
+                for (node, r) in &rates {
+                    if *r < (1.0 - cfg.slower_than) * median {
+                        slow_now.push((node.clone(), *r, median));
+                    }
+                }
+            }
+            job.slow_since
+                .retain(|n, _| slow_now.iter().any(|(s, _, _)| s == n));
+            for (node, r, median) in slow_now {
+                let since = *job.slow_since.entry(node.clone()).or_insert(now.wall_ms);
+                if now.wall_ms.saturating_sub(since) >= ms(cfg.for_)
+                    && !job.stragglers.contains(&node)
+                {
+                    let message = format!(
+                        "straggler: {r:.1} steps/s, {:.0}% below the gang's median {median:.1} steps/s in job {} for {}",
+                        (1.0 - r / median) * 100.0,
+                        job.id,
+                        humantime::format_duration(Duration::from_millis(now.wall_ms - since))
+                    );
+                    changes.push(Change::Flag {
+                        job: job.id.clone(),
+                        node,
+                        message,
+                    });
+                }
+            }
+            let keep: Vec<String> = job.slow_since.keys().cloned().collect();
+            for node in job.stragglers.iter().filter(|n| !keep.contains(n)) {
+                changes.push(Change::Unflag {
+                    job: job.id.clone(),
+                    node: node.clone(),
+                });
+            }
+        }
+        let mut effects = Vec::new();
+        for change in changes {
+            let (job_id, node) = match &change {
+                Change::Flag { job, node, .. } | Change::Unflag { job, node } => {
+                    (job.clone(), node.clone())
+                }
+            };
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            let finding = match change {
+                Change::Flag { message, .. } => {
+                    job.stragglers.insert(node.clone());
+                    job.event(now.wall_ms, "straggler", format!("{node}: {message}"));
+                    effects.push(Effect::JobLog {
+                        job: job_id.clone(),
+                        message: format!("{node} flagged: {message}"),
+                        warn: true,
+                    });
+                    Some(Finding {
+                        condition: Condition::Degraded,
+                        rule: "straggler",
+                        gpu: None,
+                        message,
+                        observed_at_ms: now.wall_ms,
+                    })
+                }
+                Change::Unflag { .. } => {
+                    job.stragglers.remove(&node);
+                    job.event(
+                        now.wall_ms,
+                        "straggler",
+                        format!("{node} keeps up again (or its attempt ended)"),
+                    );
+                    None
+                }
+            };
+            effects.push(Effect::PersistJob(Box::new(job.clone())));
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.health.straggler = finding;
+            }
+            effects.extend(self.rejudge(&node, now));
+        }
+        effects
+    }
+}
+
+#[cfg(test)]
+#[path = "stragglers_tests.rs"]
+mod tests;

@@ -1,0 +1,300 @@
+//! Stragglers with simulated time: steps fed through heartbeats, one node slower.
+
+use std::collections::VecDeque;
+
+use vigil_proto::v1;
+
+use super::*;
+use crate::config::{HealthConfig, LivenessConfig};
+use crate::job::WorkerPhase;
+use crate::node::GpuRecord;
+use crate::state::Registration;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn t(secs: u64) -> Now {
+    Now {
+        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
+        wall_ms: T0 + secs * 1000,
+    }
+}
+
+fn reg(node: &str, session: u64) -> Registration {
+    Registration {
+        session,
+        node: node.to_owned(),
+        hostname: node.to_owned(),
+        address: "10.0.0.1".into(),
+        agent_version: "0.1.0".into(),
+        simulated: true,
+        gpus: vec![GpuRecord {
+            index: 0,
+            uuid: format!("GPU-{node}-0"),
+            name: "sim".into(),
+            pci_bus_id: String::new(),
+            memory_total_bytes: 80 << 30,
+            serial: String::new(),
+        }],
+        workers: Vec::new(),
+    }
+}
+
+const SPEC: &str = r#"name = "train"
+nodes = 3
+gpus_per_node = 1
+command = ["python3", "train.py"]
+workdir = "/w"
+[checkpoint]
+dir = "/c"
+[progress]
+hang_timeout = "10m"
+"#;
+
+fn cluster() -> (ClusterState, String) {
+    let liveness = LivenessConfig {
+        unreachable_after: std::time::Duration::from_secs(3600),
+        lost_after: std::time::Duration::from_secs(7200),
+        ..LivenessConfig::default()
+    };
+    let mut s = ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        liveness,
+        HealthConfig::default(),
+        t(0),
+    );
+    for i in 1..=3u64 {
+        s.register(reg(&format!("n{i}"), i), t(0));
+    }
+    let (id, _) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
+    (s, id)
+}
+
+/// At `secs`, every node reports `rate(node) x secs` steps; then a tick.
+fn second(s: &mut ClusterState, id: &str, secs: u64, rate: impl Fn(&str) -> u64) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+        let hb = v1::Heartbeat {
+            workers: vec![v1::WorkerInfo {
+                job_id: id.into(),
+                attempt: 1,
+                progress_step: Some(rate(node) * secs),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        effects.extend(s.heartbeat(node, i as u64 + 1, hb, t(secs)).expect("live"));
+    }
+    effects.extend(s.stragglers_tick(t(secs)));
+    effects
+}
+
+fn degraded(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Condition {
+                node,
+                to: Condition::Degraded,
+                ..
+            } => Some(node.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn half_speed_n3(node: &str) -> u64 {
+    if node == "n3" { 5 } else { 10 }
+}
+
+#[test]
+fn a_node_consistently_slower_than_the_gang_is_flagged_degraded_straggler() {
+    let (mut s, id) = cluster();
+    let mut flagged_at = None;
+    for secs in 1..=70 {
+        let e = second(&mut s, &id, secs, half_speed_n3);
+        if !degraded(&e).is_empty() {
+            assert_eq!(degraded(&e), ["n3"]);
+            flagged_at.get_or_insert(secs);
+        }
+    }
+    assert_eq!(
+        flagged_at,
+        Some(62),
+        "slow from second 2 (two samples), flagged 60 s later"
+    );
+    assert_eq!(s.nodes["n3"].condition, Condition::Degraded);
+    let reasons = s.nodes["n3"].health.reasons();
+    assert!(
+        reasons[0].starts_with("straggler: 5.0 steps/s, 50% below the gang's median 10.0 steps/s"),
+        "{reasons:?}"
+    );
+    assert!(s.jobs[&id].stragglers.contains("n3"));
+    assert!(
+        crate::jobs::eligible(&s.nodes["n3"], 1),
+        "a straggler stays schedulable"
+    );
+    assert_eq!(
+        s.jobs[&id].phase,
+        JobPhase::Running,
+        "the run is not killed"
+    );
+    assert_eq!(s.nodes["n1"].condition, Condition::Healthy);
+}
+
+#[test]
+fn a_brief_slowdown_is_not_a_straggler() {
+    let (mut s, id) = cluster();
+    for secs in 1..=20 {
+        second(&mut s, &id, secs, half_speed_n3);
+    }
+    // n3 catches up: from now on its steps match the others'.
+    for secs in 21..=120 {
+        let e = second(&mut s, &id, secs, |_| 10);
+        assert!(degraded(&e).is_empty(), "second {secs}");
+    }
+    assert!(s.jobs[&id].stragglers.is_empty());
+}
+
+#[test]
+fn a_straggler_that_keeps_up_again_or_whose_attempt_ends_is_unflagged() {
+    let (mut s, id) = cluster();
+    for secs in 1..=70 {
+        second(&mut s, &id, secs, half_speed_n3);
+    }
+    assert_eq!(s.nodes["n3"].condition, Condition::Degraded);
+    // Keeping up: the same absolute steps per second as the others, from its own step.
+    let base = 5 * 70;
+    for secs in 71..=110 {
+        second(&mut s, &id, secs, |n| {
+            if n == "n3" {
+                (base + 10 * (secs - 70)) / secs
+            } else {
+                10
+            }
+        });
+    }
+    if let Some(j) = s.jobs.get_mut(&id) {
+        j.phase = JobPhase::Succeeded;
+    }
+    let e = s.stragglers_tick(t(111));
+    assert!(s.jobs[&id].stragglers.is_empty(), "{e:?}");
+    assert_eq!(s.nodes["n3"].condition, Condition::Healthy);
+}
+
+#[test]
+fn rates_come_from_the_window_and_need_two_samples() {
+    let mut w = Worker {
+        node_rank: 0,
+        phase: WorkerPhase::Running,
+        pid: 1,
+        exit_code: None,
+        signal: None,
+        progress_step: Some(0),
+        progress_at_ms: T0,
+        log_path: String::new(),
+        rate_samples: VecDeque::new(),
+    };
+    sample(&mut w, T0);
+    assert_eq!(rate(&w, T0, Duration::from_secs(30)), None);
+    for (secs, step) in [(10, 100), (20, 300)] {
+        w.progress_step = Some(step);
+        sample(&mut w, T0 + secs * 1000);
+    }
+    assert_eq!(rate(&w, T0 + 20_000, Duration::from_secs(30)), Some(15.0));
+    assert_eq!(
+        rate(&w, T0 + 35_000, Duration::from_secs(30)),
+        Some(20.0),
+        "the first sample aged out"
+    );
+    assert_eq!(rate(&w, T0 + 45_000, Duration::from_secs(30)), None);
+    for i in 0..100 {
+        sample(&mut w, T0 + 100_000 + i);
+    }
+    assert_eq!(w.rate_samples.len(), MAX_SAMPLES);
+}
+
+#[test]
+fn the_median_and_the_config_are_sound() {
+    assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+    assert_eq!(median(Vec::new()), None);
+    assert!(StragglerConfig::default().validate().is_ok());
+    for bad in [0.0, 1.0, -0.5] {
+        let cfg = StragglerConfig {
+            slower_than: bad,
+            ..StragglerConfig::default()
+        };
+        assert!(cfg.validate().is_err());
+    }
+}
+
+#[test]
+fn with_swap_at_checkpoint_a_straggler_is_swapped_for_the_spare_at_the_next_checkpoint() {
+    let liveness = LivenessConfig {
+        unreachable_after: std::time::Duration::from_secs(3600),
+        lost_after: std::time::Duration::from_secs(7200),
+        ..LivenessConfig::default()
+    };
+    let mut s = ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        liveness,
+        HealthConfig::default(),
+        t(0),
+    );
+    s.stragglers.swap_at_checkpoint = true;
+    for i in 1..=4u64 {
+        s.register(reg(&format!("n{i}"), i), t(0));
+    }
+    let spec = SPEC.replace("workdir = \"/w\"", "workdir = \"/w\"\nspare_nodes = 1");
+    let (id, _) = s.submit_job(&spec, "job.toml", t(0)).expect("valid");
+    s.schedule(t(0));
+    assert_eq!(s.jobs[&id].spares, ["n4"]);
+    for secs in 1..=70 {
+        second(&mut s, &id, secs, half_speed_n3);
+    }
+    assert!(s.jobs[&id].stragglers.contains("n3"));
+    assert_eq!(
+        s.jobs[&id].phase,
+        JobPhase::Running,
+        "not killed before a checkpoint"
+    );
+    let ev = v1::AgentEvent {
+        at_unix_ms: 0,
+        kind: Some(v1::agent_event::Kind::Checkpoint(v1::CheckpointSeen {
+            job_id: id.clone(),
+            attempt: 1,
+            path: "/c/step_00000700".into(),
+            step: Some(700),
+            ..Default::default()
+        })),
+    };
+    s.agent_event("n1", 1, &ev, t(71)).expect("live");
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    assert_eq!(s.jobs[&id].attempts[0].failure_kind, "straggler_swap");
+    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+        let ev = v1::AgentEvent {
+            at_unix_ms: 0,
+            kind: Some(v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+                job_id: id.clone(),
+                attempt: 1,
+                stopped: true,
+                ..Default::default()
+            })),
+        };
+        s.agent_event(node, i as u64 + 1, &ev, t(72)).expect("live");
+    }
+    s.jobs_tick(t(90));
+    let job = &s.jobs[&id];
+    assert_eq!(job.attempt, 2);
+    assert_eq!(
+        job.placement,
+        ["n1", "n2", "n4"],
+        "the spare replaces the straggler"
+    );
+    assert_eq!(
+        job.attempts[1].resumed_from.as_ref().and_then(|c| c.step),
+        Some(700)
+    );
+}

@@ -1,0 +1,313 @@
+//! Triage with simulated time: the gang is diagnosed after an unexplained
+//! failure, failing nodes are cordoned, and only then the job relaunches.
+
+use std::time::Duration;
+
+use vigil_proto::v1;
+
+use super::*;
+use crate::config::{HealthConfig, LivenessConfig};
+use crate::node::GpuRecord;
+use crate::state::Registration;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn t(secs: u64) -> Now {
+    Now {
+        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
+        wall_ms: T0 + secs * 1000,
+    }
+}
+
+fn reg(node: &str, session: u64) -> Registration {
+    Registration {
+        session,
+        node: node.to_owned(),
+        hostname: node.to_owned(),
+        address: "10.0.0.1".into(),
+        agent_version: "0.1.0".into(),
+        simulated: true,
+        gpus: (0..8)
+            .map(|i| GpuRecord {
+                index: i,
+                uuid: format!("GPU-{node}-{i}"),
+                name: "sim".into(),
+                pci_bus_id: String::new(),
+                memory_total_bytes: 80 << 30,
+                serial: String::new(),
+            })
+            .collect(),
+        workers: Vec::new(),
+    }
+}
+
+fn apply(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) -> Vec<Effect> {
+    let more = s.react(&effects, now);
+    effects.extend(more);
+    let lemons = s.lemon_react(&effects, now);
+    effects.extend(lemons);
+    effects
+}
+
+/// Four nodes that never go silent long enough to be Lost here.
+fn cluster(cfg: TriageConfig) -> ClusterState {
+    let liveness = LivenessConfig {
+        unreachable_after: Duration::from_secs(3600),
+        lost_after: Duration::from_secs(7200),
+        ..LivenessConfig::default()
+    };
+    let mut s = ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        liveness,
+        HealthConfig::default(),
+        t(0),
+    );
+    s.triage = cfg;
+    for i in 1..=4u64 {
+        let e = s.register(reg(&format!("n{i}"), i), t(0));
+        apply(&mut s, e, t(0));
+    }
+    s
+}
+
+const SPEC: &str = r#"name = "train"
+nodes = 3
+gpus_per_node = 8
+command = ["python3", "train.py"]
+workdir = "/w"
+spare_nodes = 1
+[checkpoint]
+dir = "/c"
+[restart]
+max_restarts = 5
+backoff = "1s"
+[progress]
+hang_timeout = "60s"
+"#;
+
+fn session(s: &ClusterState, node: &str) -> u64 {
+    s.nodes[node].session.expect("connected")
+}
+
+fn agent_event(
+    s: &mut ClusterState,
+    node: &str,
+    kind: v1::agent_event::Kind,
+    now: Now,
+) -> Vec<Effect> {
+    let ev = v1::AgentEvent {
+        at_unix_ms: now.wall_ms,
+        kind: Some(kind),
+    };
+    let sess = session(s, node);
+    let e = s.agent_event(node, sess, &ev, now).expect("live");
+    apply(s, e, now)
+}
+
+fn confirm_stops(s: &mut ClusterState, job: &str, now: Now) -> Vec<Effect> {
+    let attempt = s.jobs[job].attempt;
+    let nodes: Vec<String> = s.jobs[job].workers.keys().cloned().collect();
+    let mut out = Vec::new();
+    for node in nodes {
+        let kind = v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+            job_id: job.into(),
+            attempt,
+            stopped: true,
+            ..Default::default()
+        });
+        out.extend(agent_event(s, &node, kind, now));
+    }
+    out
+}
+
+fn diagnosed(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Command {
+                node,
+                kind: v1::command::Kind::RunDiagnostics(_),
+            } => Some(node.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tick(s: &mut ClusterState, now: Now) -> Vec<Effect> {
+    let mut e = s.tick(now);
+    e.extend(s.jobs_tick(now));
+    apply(s, e, now)
+}
+
+fn result(s: &mut ClusterState, node: &str, passed: bool, now: Now) -> Vec<Effect> {
+    let summary = if passed {
+        "all checks passed"
+    } else {
+        "GPU memory test: 12 errors on GPU 2"
+    };
+    let e = s.triage_result(node, passed, summary, now);
+    apply(s, e, now)
+}
+
+/// Submit, then hang at 61 s and confirm every stop at 62 s.
+fn hung_and_stopped(s: &mut ClusterState) -> (String, Vec<Effect>) {
+    let (id, e) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
+    apply(s, e, t(0));
+    assert_eq!(s.jobs[&id].placement, ["n1", "n2", "n3"]);
+    tick(s, t(61));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    let effects = confirm_stops(s, &id, t(62));
+    (id, effects)
+}
+
+#[test]
+fn a_hang_diagnoses_the_whole_gang_and_relaunches_without_the_node_that_fails() {
+    let mut s = cluster(TriageConfig::default());
+    let (id, effects) = hung_and_stopped(&mut s);
+    assert_eq!(diagnosed(&effects), ["n1", "n2", "n3"], "all at once");
+    assert_eq!(s.jobs[&id].phase, JobPhase::Restarting);
+    tick(&mut s, t(70));
+    assert_eq!(
+        s.jobs[&id].attempt, 1,
+        "no relaunch while triage runs, backoff or not"
+    );
+
+    result(&mut s, "n1", true, t(71));
+    let e = result(&mut s, "n2", false, t(72));
+    assert!(
+        e.iter()
+            .any(|e| matches!(e, Effect::Cordoned { node, rule: "triage", .. } if node == "n2"))
+    );
+    let reason = s.nodes["n2"]
+        .record
+        .cordon
+        .as_ref()
+        .map(|c| c.reason.clone())
+        .unwrap_or_default();
+    assert!(
+        reason.starts_with("triage: diagnostics failed after job train-1 attempt 1"),
+        "{reason}"
+    );
+    assert_eq!(s.jobs[&id].attempt, 1, "n3 still running its diagnostics");
+
+    result(&mut s, "n3", true, t(73));
+    assert_eq!(
+        s.jobs[&id].attempt, 2,
+        "relaunched once every verdict is in"
+    );
+    assert_eq!(
+        s.jobs[&id].placement,
+        ["n1", "n3", "n4"],
+        "the spare replaces n2"
+    );
+    let verdicts = &s.jobs[&id].attempts[0].triage;
+    assert_eq!(verdicts["n1"], Verdict::Passed("all checks passed".into()));
+    assert!(matches!(verdicts["n2"], Verdict::Failed(_)));
+    let history = s.jobs[&id]
+        .events
+        .iter()
+        .filter(|e| e.kind == "triage")
+        .count();
+    assert_eq!(history, 2, "started, and done with each node's result");
+    assert_eq!(
+        s.lemons.records["host/n2"].incidents[0].kind, "triage_failed",
+        "a triage failure is charged to the host"
+    );
+}
+
+#[test]
+fn a_node_that_does_not_answer_within_the_budget_is_inconclusive() {
+    let cfg = TriageConfig {
+        budget: Duration::from_secs(30),
+        ..TriageConfig::default()
+    };
+    let mut s = cluster(cfg);
+    let (id, _) = hung_and_stopped(&mut s);
+    result(&mut s, "n1", true, t(63));
+    result(&mut s, "n2", true, t(63));
+    tick(&mut s, t(91));
+    assert_eq!(s.jobs[&id].attempt, 1, "budget not spent yet");
+    tick(&mut s, t(92));
+    assert_eq!(s.jobs[&id].attempt, 2);
+    assert_eq!(s.jobs[&id].attempts[0].triage["n3"], Verdict::TimedOut);
+    assert!(
+        s.nodes["n3"].record.cordon.is_none(),
+        "no answer is no proof"
+    );
+    assert_eq!(s.jobs[&id].placement, ["n1", "n2", "n3"]);
+}
+
+#[test]
+fn triage_can_be_turned_off() {
+    let cfg = TriageConfig {
+        enabled: false,
+        ..TriageConfig::default()
+    };
+    let mut s = cluster(cfg);
+    let (id, effects) = hung_and_stopped(&mut s);
+    assert!(diagnosed(&effects).is_empty());
+    tick(&mut s, t(63));
+    assert_eq!(s.jobs[&id].attempt, 2);
+}
+
+#[test]
+fn triage_only_from_the_nth_unexplained_failure() {
+    let cfg = TriageConfig {
+        after_failures: 2,
+        ..TriageConfig::default()
+    };
+    let mut s = cluster(cfg);
+    let (id, effects) = hung_and_stopped(&mut s);
+    assert!(
+        diagnosed(&effects).is_empty(),
+        "first failure: relaunch at once"
+    );
+    tick(&mut s, t(63));
+    assert_eq!(s.jobs[&id].attempt, 2);
+    let kind = v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+        job_id: id.clone(),
+        attempt: 2,
+        exit_code: Some(1),
+        ..Default::default()
+    });
+    agent_event(&mut s, "n1", kind, t(70));
+    let effects = confirm_stops(&mut s, &id, t(71));
+    assert_eq!(
+        diagnosed(&effects),
+        ["n1", "n2", "n3"],
+        "second unexplained failure"
+    );
+}
+
+#[test]
+fn a_failure_with_a_culprit_is_not_triaged() {
+    let mut s = cluster(TriageConfig::default());
+    let (id, e) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
+    apply(&mut s, e, t(0));
+    let kind = v1::agent_event::Kind::Xid(v1::XidError {
+        gpu_index: 3,
+        xid: 79,
+        gpu_uuid: "GPU-n2-3".into(),
+    });
+    agent_event(&mut s, "n2", kind, t(5));
+    let effects = confirm_stops(&mut s, &id, t(6));
+    assert!(diagnosed(&effects).is_empty());
+    tick(&mut s, t(8));
+    assert_eq!(s.jobs[&id].attempt, 2);
+}
+
+#[test]
+fn the_budget_and_threshold_are_validated() {
+    assert!(TriageConfig::default().validate().is_ok());
+    let zero = TriageConfig {
+        after_failures: 0,
+        ..TriageConfig::default()
+    };
+    assert!(zero.validate().is_err());
+    let long = TriageConfig {
+        budget: Duration::from_secs(7200),
+        ..TriageConfig::default()
+    };
+    assert!(long.validate().is_err());
+}

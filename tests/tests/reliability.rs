@@ -1,0 +1,270 @@
+//! Fault injection across real hosts, part 1: hosts and links fail. Each
+//! scenario runs the real binaries in network namespaces (vigil_tests::netns)
+//! with the fake trainer, breaks something, and checks what was lost (only the
+//! steps since the last complete checkpoint), what was restarted (only what
+//! had to be) and how long detection and recovery took; the measurements go
+//! to docs/reliability.md (scripts/reliability.sh).
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use serde_json::Value;
+use vigil_tests::jobs::{attempt, spec_in, workers_running};
+use vigil_tests::netns::NetCluster;
+use vigil_tests::report::Row;
+use vigil_tests::scenario::{
+    Resume, attempt_nodes, check_fenced, check_resume, known_checkpoint, node_of_rank, restarts,
+    running, running_attempts, settle, unreported,
+};
+use vigil_tests::{FAST_LIVENESS, LONG, now, wait_for};
+
+#[test]
+fn host_dies_node_is_lost_and_the_job_moves_to_the_spare() -> Result<()> {
+    let Some(mut c) = NetCluster::builder(FAST_LIVENESS).hosts(3).start()? else {
+        return Ok(());
+    };
+    let id = c.submit(&spec_in(c.dir.path(), 2, 1, "", "")?)?;
+    let job = running(&c, &id, 2)?;
+    let (victim, survivor) = (node_of_rank(&job, 1)?, node_of_rank(&job, 0)?);
+    let t0 = now();
+    c.kill_host(&victim)?;
+    c.wait_node(&victim, "victim Lost", |n| n["availability"] == "Lost")?;
+    let detection = t0.elapsed();
+    c.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 2)
+    })?;
+    let recovery = t0.elapsed();
+    settle(Duration::from_secs(2));
+    let job = c.job(&id)?;
+    ensure!(
+        attempt(&job) == 2 && restarts(&job) == 1,
+        "one restart: {job}"
+    );
+    let nodes = attempt_nodes(&job, 2)?;
+    ensure!(
+        nodes.contains(&survivor) && !nodes.contains(&victim),
+        "{nodes:?}"
+    );
+    let lost = check_resume(&c, &job, 2, Resume::Newest)?;
+    ensure!(c.node(&survivor)?["cordon"].is_null(), "survivor untouched");
+    Row {
+        order: 1,
+        scenario: "host dies".into(),
+        fault: "kill -9 of a host's agent and workers (rank 1)".into(),
+        detection: Some(detection),
+        recovery: Some(recovery),
+        restarts: 1,
+        lost_steps: Some(lost),
+        outcome: "node Lost after `lost_after`; job relaunched on the spare from the newest complete checkpoint; the surviving node kept its place".into(),
+    }
+    .record()
+}
+
+#[test]
+fn long_partition_relaunches_elsewhere_and_the_isolated_workers_are_fenced() -> Result<()> {
+    let Some(c) = NetCluster::builder(FAST_LIVENESS).hosts(3).start()? else {
+        return Ok(());
+    };
+    let id = c.submit(&spec_in(c.dir.path(), 2, 1, "", "")?)?;
+    let job = running(&c, &id, 2)?;
+    let victim = node_of_rank(&job, 1)?;
+    ensure!(c.trainers(&victim)?.len() == 1, "one worker on the victim");
+    let t0 = now();
+    c.cut(&victim)?;
+    // The lease (2 s) fences the isolated workers before the node is Lost (3 s).
+    wait_for("isolated workers stopped by the lease", LONG, || {
+        Ok(c.trainers(&victim)?.is_empty().then_some(()))
+    })?;
+    let fenced = t0.elapsed();
+    c.wait_node(&victim, "victim Lost", |n| n["availability"] == "Lost")?;
+    let detection = t0.elapsed();
+    c.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 2)
+    })?;
+    let recovery = t0.elapsed();
+    ensure!(
+        fenced < detection,
+        "workers fenced ({fenced:?}) before Lost ({detection:?})"
+    );
+    settle(Duration::from_secs(2));
+    c.heal(&victim)?;
+    c.wait_node(&victim, "healed node Ready", |n| {
+        n["availability"] == "Ready"
+    })?;
+    settle(Duration::from_secs(2));
+    let job = c.job(&id)?;
+    ensure!(
+        attempt(&job) == 2 && restarts(&job) == 1,
+        "one restart: {job}"
+    );
+    ensure!(!attempt_nodes(&job, 2)?.contains(&victim));
+    let workers = running_attempts(&c)?;
+    ensure!(
+        workers.len() == 2 && workers.iter().all(|(_, a)| *a == 2),
+        "only attempt 2 runs anywhere: {workers:?}"
+    );
+    check_fenced(&c, &job, 2)?;
+    let lost = check_resume(&c, &job, 2, Resume::Newest)?;
+    Row {
+        order: 2,
+        scenario: "long partition (one agent, > `lost_after`)".into(),
+        fault: "bridge port of rank 1 down for ~7 s, then up".into(),
+        detection: Some(detection),
+        recovery: Some(recovery),
+        restarts: 1,
+        lost_steps: Some(lost),
+        outcome: format!(
+            "isolated workers stopped by their agent's lease after {:.1} s, before `Lost`; after the heal only attempt 2 runs and no checkpoint of attempt 1 completed after attempt 2 started",
+            fenced.as_secs_f64()
+        ),
+    }
+    .record()
+}
+
+#[test]
+fn short_partition_restarts_nothing() -> Result<()> {
+    let Some(c) = NetCluster::builder(FAST_LIVENESS).hosts(2).start()? else {
+        return Ok(());
+    };
+    let id = c.submit(&spec_in(c.dir.path(), 2, 0, "", "")?)?;
+    let job = running(&c, &id, 2)?;
+    let victim = node_of_rank(&job, 1)?;
+    let before = c.trainers(&victim)?;
+    c.cut(&victim)?;
+    // Below `unreachable_after` (1 s) at 200 ms heartbeats.
+    settle(Duration::from_millis(600));
+    c.heal(&victim)?;
+    settle(Duration::from_secs(3));
+    let job = c.job(&id)?;
+    ensure!(
+        attempt(&job) == 1 && restarts(&job) == 0,
+        "nothing restarted: {job}"
+    );
+    ensure!(c.trainers(&victim)? == before, "the same worker process");
+    let step = |j: &Value| j["workers"][1]["progress_step"].as_u64().unwrap_or(0);
+    let s1 = step(&job);
+    let job = c.wait_job(&id, "progress continues", |j| step(j) > s1)?;
+    ensure!(workers_running(&job, 2));
+    Row {
+        order: 3,
+        scenario: "short partition (< `unreachable_after`)".into(),
+        fault: "bridge port of rank 1 down for 0.6 s".into(),
+        outcome: "nothing restarted: same attempt, same worker processes, progress continues"
+            .into(),
+        ..Row::default()
+    }
+    .record()
+}
+
+#[test]
+fn partition_of_the_checkpoint_writer_stops_its_checkpoints_after_the_lease() -> Result<()> {
+    let Some(c) = NetCluster::builder(FAST_LIVENESS).hosts(3).start()? else {
+        return Ok(());
+    };
+    let id = c.submit(&spec_in(c.dir.path(), 2, 1, "", "")?)?;
+    let job = running(&c, &id, 2)?;
+    let writer = node_of_rank(&job, 0)?;
+    let known = known_checkpoint(&job);
+    let t0 = now();
+    c.cut(&writer)?;
+    wait_for("isolated writer stopped by the lease", LONG, || {
+        Ok(c.trainers(&writer)?.is_empty().then_some(()))
+    })?;
+    let fenced = t0.elapsed();
+    c.wait_node(&writer, "writer Lost", |n| n["availability"] == "Lost")?;
+    let detection = t0.elapsed();
+    c.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 2)
+    })?;
+    let recovery = t0.elapsed();
+    // Leave it isolated a while: an unfenced writer would keep checkpointing.
+    settle(Duration::from_secs(2));
+    let job = c.job(&id)?;
+    check_fenced(&c, &job, 2)?;
+    let lost = check_resume(&c, &job, 2, Resume::AtLeast(known))?;
+    let unknown = unreported(&c, &job, 2)?;
+    ensure!(attempt(&job) == 2 && restarts(&job) == 1, "{job}");
+    c.heal(&writer)?;
+    Row {
+        order: 7,
+        scenario: "partition isolates node rank 0 (the checkpoint writer)".into(),
+        fault: "bridge port of rank 0 down".into(),
+        detection: Some(detection),
+        recovery: Some(recovery),
+        restarts: 1,
+        lost_steps: Some(lost),
+        outcome: format!(
+            "writer stopped by its lease after {:.1} s; no checkpoint of attempt 1 completed after attempt 2 started; resumed from the newest checkpoint the coordinator had seen: the {unknown} it saved while cut off (a checkpoint every 0.4 s here) were never reported",
+            fenced.as_secs_f64()
+        ),
+    }
+    .record()
+}
+
+#[test]
+fn agent_restart_stops_the_orphaned_worker_once_and_leaves_no_duplicates() -> Result<()> {
+    let Some(mut c) = NetCluster::builder(FAST_LIVENESS).hosts(2).start()? else {
+        return Ok(());
+    };
+    let id = c.submit(&spec_in(c.dir.path(), 2, 0, "", "")?)?;
+    let job = running(&c, &id, 2)?;
+    let node = node_of_rank(&job, 1)?;
+    let before = c.trainers(&node)?;
+    ensure!(before.len() == 1);
+    let t0 = now();
+    c.kill9_agent(&node)?;
+    ensure!(
+        c.trainers(&node)? == before,
+        "the worker outlives its agent"
+    );
+    c.start_agent(&node)?;
+    // A new agent cannot supervise what it did not spawn: it stops the orphan,
+    // and the job restarts once from its checkpoint (agent/src/workers/mod.rs).
+    let mut most = 0;
+    let mut detection = None;
+    let job = wait_for("attempt 2 running", LONG, || {
+        most = most.max(c.trainers(&node)?.len());
+        let job = c.job(&id)?;
+        if detection.is_none() && attempt(&job) >= 2 {
+            detection = Some(t0.elapsed());
+        }
+        Ok((attempt(&job) == 2 && workers_running(&job, 2)).then_some(job))
+    })?;
+    let recovery = t0.elapsed();
+    let reason = job["attempts"][0]["reason"].as_str().unwrap_or("");
+    // Which the coordinator hears first varies: the re-registration without
+    // the worker, or the new agent's report that it stopped the orphan.
+    ensure!(
+        reason.contains("orphaned worker") || reason.contains("came back without it"),
+        "{reason}"
+    );
+    settle(Duration::from_secs(2));
+    let job = c.job(&id)?;
+    ensure!(
+        attempt(&job) == 2 && restarts(&job) == 1,
+        "one restart: {job}"
+    );
+    ensure!(most <= 1, "never two workers on {node}: saw {most}");
+    let after = c.trainers(&node)?;
+    ensure!(
+        after.len() == 1 && after != before,
+        "the orphan {before:?} is gone, one new worker: {after:?}"
+    );
+    let workers = running_attempts(&c)?;
+    ensure!(
+        workers.len() == 2 && workers.iter().all(|(_, a)| *a == 2),
+        "{workers:?}"
+    );
+    let lost = check_resume(&c, &job, 2, Resume::Newest)?;
+    Row {
+        order: 8,
+        scenario: "agent restarted while its workers run".into(),
+        fault: "kill -9 of one agent (not its workers), then start it again".into(),
+        detection,
+        recovery: Some(recovery),
+        restarts: 1,
+        lost_steps: Some(lost),
+        outcome: "the new agent stopped the orphaned worker it could not supervise; the job restarted once from the newest checkpoint; never two workers on the node, none of attempt 1 left".into(),
+    }
+    .record()
+}

@@ -1,0 +1,248 @@
+//! The certificate, key and CA files a config names, read and checked before any handshake.
+//!
+//! Every error names the file and says what to do: a TLS failure at handshake time would
+//! only say "bad certificate" to the peer at the other end.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// ALPN for gRPC: HTTP/2 only.
+const ALPN_H2: &[u8] = b"h2";
+
+/// The three files of a mutual-TLS identity, as the `[tls]` config section names them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The cluster CA (PEM): peers must present a certificate it signed.
+    pub ca: PathBuf,
+    /// This process's certificate (PEM), optionally followed by intermediates.
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {error}; check the path under [tls] (or the flag)")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "{what} {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----); \
+         point it at the .crt file, not the key"
+    )]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("{what} {path} is not valid PEM: {error}")]
+    BadPem {
+        what: &'static str,
+        path: PathBuf,
+        error: String,
+    },
+    #[error("{what} {path} is not a valid X.509 certificate: {error}")]
+    BadCertificate {
+        what: &'static str,
+        path: PathBuf,
+        error: String,
+    },
+    #[error(
+        "private key {path} holds no PEM private key (expected -----BEGIN PRIVATE KEY----- or \
+         an RSA/EC key); point it at the .key file"
+    )]
+    NoKey { path: PathBuf },
+    #[error(
+        "certificate {path} expired at {not_after} (unix {not_after_unix}); issue a new one \
+         (deploy/tls/make-certs.sh) and send SIGHUP"
+    )]
+    Expired {
+        path: PathBuf,
+        not_after: String,
+        not_after_unix: i64,
+    },
+    #[error(
+        "certificate {path} is not valid before {not_before}; check this host's clock or \
+         issue a new one"
+    )]
+    NotYetValid { path: PathBuf, not_before: String },
+    #[error(
+        "certificate {cert} and key {key} do not go together ({error}); give the key the \
+         certificate was issued for"
+    )]
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        error: String,
+    },
+    #[error("CA file {path} cannot be used: {error}")]
+    Ca { path: PathBuf, error: String },
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|error| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        error,
+    })
+}
+
+/// What a certificate file holds, checked for time validity against `now`.
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+    now: SystemTime,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path, what)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            what,
+            path: path.to_owned(),
+            error: e.to_string(),
+        })?;
+    let Some(leaf) = certs.first() else {
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_owned(),
+        });
+    };
+    check_validity(leaf, path, what, now)?;
+    Ok(certs)
+}
+
+/// Rejects a certificate outside its validity period, naming the file.
+fn check_validity(
+    der: &CertificateDer<'_>,
+    path: &Path,
+    what: &'static str,
+    now: SystemTime,
+) -> Result<(), TlsError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::BadCertificate {
+        what,
+        path: path.to_owned(),
+        error: e.to_string(),
+    })?;
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let validity = cert.validity();
+    if now > validity.not_after.timestamp() {
+        return Err(TlsError::Expired {
+            path: path.to_owned(),
+            not_after: validity.not_after.to_string(),
+            not_after_unix: validity.not_after.timestamp(),
+        });
+    }
+    if now < validity.not_before.timestamp() {
+        return Err(TlsError::NotYetValid {
+            path: path.to_owned(),
+            not_before: validity.not_before.to_string(),
+        });
+    }
+    Ok(())
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read(path, "private key")?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoKey {
+        path: path.to_owned(),
+    })
+}
+
+pub fn load_roots(path: &Path, now: SystemTime) -> Result<Arc<RootCertStore>, TlsError> {
+    let certs = load_certs(path, "CA certificate", now)?;
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| TlsError::Ca {
+            path: path.to_owned(),
+            error: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The unix time at which the certificate in `path` expires: for the expiry metric.
+pub fn not_after(path: &Path) -> Result<i64, TlsError> {
+    let bytes = read(path, "certificate")?;
+    let der = CertificateDer::pem_slice_iter(&bytes)
+        .next()
+        .ok_or_else(|| TlsError::NoCertificate {
+            what: "certificate",
+            path: path.to_owned(),
+        })?
+        .map_err(|e| TlsError::BadPem {
+            what: "certificate",
+            path: path.to_owned(),
+            error: e.to_string(),
+        })?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| TlsError::BadCertificate {
+        what: "certificate",
+        path: path.to_owned(),
+        error: e.to_string(),
+    })?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+impl TlsFiles {
+    /// The coordinator's config: its certificate, and client certificates required and
+    /// verified against the CA.
+    pub fn server_config(&self, now: SystemTime) -> Result<Arc<ServerConfig>, TlsError> {
+        let roots = load_roots(&self.ca, now)?;
+        let certs = load_certs(&self.cert, "certificate", now)?;
+        let key = load_key(&self.key)?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, crate::provider())
+            .build()
+            .map_err(|e| TlsError::Ca {
+                path: self.ca.clone(),
+                error: e.to_string(),
+            })?;
+        let mut config = ServerConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| self.identity_error(e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| self.identity_error(e))?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// An agent's or clusterctl's config: its certificate, and the coordinator verified
+    /// against the CA.
+    pub fn client_config(&self, now: SystemTime) -> Result<Arc<ClientConfig>, TlsError> {
+        let roots = load_roots(&self.ca, now)?;
+        let certs = load_certs(&self.cert, "certificate", now)?;
+        let key = load_key(&self.key)?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots, crate::provider())
+            .build()
+            .map_err(|e| TlsError::Ca {
+                path: self.ca.clone(),
+                error: e.to_string(),
+            })?;
+        let mut config = ClientConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| self.identity_error(e))?
+            .with_webpki_verifier(verifier)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| self.identity_error(e))?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    fn identity_error(&self, e: rustls::Error) -> TlsError {
+        TlsError::Identity {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            error: e.to_string(),
+        }
+    }
+}
