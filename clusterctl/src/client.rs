@@ -322,6 +322,10 @@ pub fn unreachable(url: &str, cause: &str) -> String {
     )
 }
 
+fn code_is_cancelled(status: &Status) -> bool {
+    status.code() == Code::Cancelled
+}
+
 /// A TLS coordinator drops a plaintext client without a word; say what that likely means.
 fn plaintext_hint(url: &str) -> &'static str {
     if url.starts_with("http://") {
@@ -415,8 +419,11 @@ pub fn describe_status(
             unreachable(url, &why)
         }
         // A TLS coordinator closes a plaintext connection at once, which hyper reports as a
-        // cancelled request.
-        Code::Cancelled if url.starts_with("http://") => {
+        // cancelled request or a bare transport error, depending on when it noticed.
+        Code::Cancelled | Code::Unknown
+            if url.starts_with("http://")
+                && (code_is_cancelled(status) || message.contains("transport error")) =>
+        {
             unreachable(url, "the connection was closed before any answer")
         }
         Code::Unimplemented => format!(
