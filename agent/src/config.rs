@@ -549,6 +549,7 @@ mod tests {
         assert_eq!(cfg.workers.run_as.as_deref(), Some("vigil-job"));
         AgentConfig {
             node_name: "n".into(),
+            insecure: true,
             ..cfg
         }
         .validate()?;

@@ -2,11 +2,29 @@
 //! it ended, in the history of the node or job it concerns (kind `audit`), so `clusterctl
 //! events` and `clusterctl node`/`job show` answer "who did this".
 
+use std::fmt;
+
 use crate::node::NodeEvent;
 use crate::state::{ClusterState, Effect, Now, record};
 
+/// What an operator's call was about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject<'a> {
+    Node(&'a str),
+    Job(&'a str),
+}
+
+impl fmt::Display for Subject<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Node(n) => write!(f, "node {n}"),
+            Subject::Job(j) => write!(f, "job {j}"),
+        }
+    }
+}
+
 /// How a call ended, in words for the trail.
-pub fn outcome<T, E: std::fmt::Display>(result: &Result<T, E>) -> String {
+pub fn outcome<T, E: fmt::Display>(result: &Result<T, E>) -> String {
     match result {
         Ok(_) => "ok".to_owned(),
         Err(e) => format!("refused: {e}"),
@@ -14,46 +32,33 @@ pub fn outcome<T, E: std::fmt::Display>(result: &Result<T, E>) -> String {
 }
 
 impl ClusterState {
-    /// Records `actor`'s `what` on node `name`; nothing for a node that does not exist
-    /// (the caller got NotFound, and there is no history to put it in).
-    pub fn audit_node(
+    /// Records `actor`'s `what` on `subject` (a job's record is persisted with the job);
+    /// nothing for a node or job that does not exist (the caller got NotFound, and there is
+    /// no history to put it in).
+    pub fn audit(
         &mut self,
-        name: &str,
+        subject: Subject<'_>,
         actor: &str,
         what: &str,
         outcome: &str,
         now: Now,
     ) -> Vec<Effect> {
-        let Some(node) = self.nodes.get_mut(name) else {
-            return Vec::new();
-        };
-        let event = NodeEvent {
-            at_unix_ms: now.wall_ms,
-            kind: "audit".into(),
-            message: format!("{what} by {actor}: {outcome}"),
-            gpu_index: None,
-        };
-        vec![record(node, event)]
-    }
-
-    /// Records `actor`'s `what` on job `id`, persisted with the job.
-    pub fn audit_job(
-        &mut self,
-        id: &str,
-        actor: &str,
-        what: &str,
-        outcome: &str,
-        now: Now,
-    ) -> Vec<Effect> {
-        let Some(job) = self.jobs.get_mut(id) else {
-            return Vec::new();
-        };
-        job.event(
-            now.wall_ms,
-            "audit",
-            format!("{what} by {actor}: {outcome}"),
-        );
-        vec![Effect::PersistJob(Box::new(job.clone()))]
+        let message = format!("{what} by {actor}: {outcome}");
+        match subject {
+            Subject::Node(name) => self.nodes.get_mut(name).map_or_else(Vec::new, |node| {
+                let event = NodeEvent {
+                    at_unix_ms: now.wall_ms,
+                    kind: "audit".into(),
+                    message,
+                    gpu_index: None,
+                };
+                vec![record(node, event)]
+            }),
+            Subject::Job(id) => self.jobs.get_mut(id).map_or_else(Vec::new, |job| {
+                job.event(now.wall_ms, "audit", message);
+                vec![Effect::PersistJob(Box::new(job.clone()))]
+            }),
+        }
     }
 }
 
@@ -83,15 +88,9 @@ mod tests {
             Default::default(),
             now,
         );
-        assert!(
-            state
-                .audit_node("nope", "alice (admin)", "cordon", "ok", now)
-                .is_empty()
-        );
-        assert!(
-            state
-                .audit_job("nope", "alice (admin)", "cancel", "ok", now)
-                .is_empty()
-        );
+        let node = state.audit(Subject::Node("nope"), "alice (admin)", "cordon", "ok", now);
+        assert!(node.is_empty());
+        let job = state.audit(Subject::Job("nope"), "alice (admin)", "cancel", "ok", now);
+        assert!(job.is_empty());
     }
 }

@@ -1,40 +1,11 @@
 //! Burn-in with simulated time: Validating until the command passes.
 
+use crate::test_utils::{reg, t};
 use std::time::Duration;
 
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
-use crate::node::GpuRecord;
-use crate::state::{Registration, StateError};
-
-const T0: u64 = 1_700_000_000_000;
-
-fn t(secs: u64) -> Now {
-    Now {
-        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
-        wall_ms: T0 + secs * 1000,
-    }
-}
-
-fn reg(node: &str, session: u64) -> Registration {
-    Registration {
-        session,
-        node: node.to_owned(),
-        hostname: node.to_owned(),
-        address: "10.0.0.1".into(),
-        agent_version: "0.1.0".into(),
-        simulated: true,
-        gpus: vec![GpuRecord {
-            index: 0,
-            uuid: format!("GPU-{node}-0"),
-            name: "sim".into(),
-            pci_bus_id: String::new(),
-            memory_total_bytes: 80 << 30,
-            serial: String::new(),
-        }],
-        workers: Vec::new(),
-    }
-}
+use crate::state::StateError;
 
 fn cfg(on_join: bool, on_uncordon: bool) -> BurnInConfig {
     BurnInConfig {

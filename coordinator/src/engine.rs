@@ -15,6 +15,7 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 use vigil_proto::v1;
 
+use crate::audit::Subject;
 use crate::config::Config;
 use crate::error::ControlError;
 use crate::health::Condition;
@@ -442,7 +443,8 @@ impl Engine {
                     .state
                     .cordon(&node, reason, CordonSource::Operator, now());
                 let answer = self.commit(&node, backup, result).await;
-                self.audit_node(&node, &actor, &what, &answer).await;
+                self.audit(Subject::Node(&node), &actor, &what, &answer)
+                    .await;
                 reply.send(answer).ok();
             }
             Event::Uncordon {
@@ -459,7 +461,8 @@ impl Engine {
                 } else {
                     "uncordon"
                 };
-                self.audit_node(&node, &actor, what, &answer).await;
+                self.audit(Subject::Node(&node), &actor, what, &answer)
+                    .await;
                 reply.send(answer).ok();
             }
             Event::Diagnose {
@@ -469,7 +472,8 @@ impl Engine {
                 reply,
             } => {
                 let started: Result<(), &str> = Ok(());
-                self.audit_node(&node, &actor, "diagnose", &started).await;
+                self.audit(Subject::Node(&node), &actor, "diagnose", &started)
+                    .await;
                 self.start_diagnostics(node, timeout, reply);
             }
             Event::Drain {
@@ -503,7 +507,8 @@ impl Engine {
                     },
                     Err(e) => Err(e.into()),
                 };
-                self.audit_node(&node, &actor, &what, &answer).await;
+                self.audit(Subject::Node(&node), &actor, &what, &answer)
+                    .await;
                 reply.send(answer).ok();
             }
             Event::ReadLog { node, read, reply } => self.start_log_read(node, read, reply),
@@ -538,7 +543,7 @@ impl Engine {
                     info!(job = %job.id, name = %job.spec.name, nodes = job.spec.nodes, state = job.phase_name(), actor = %actor, "job {} submitted by {actor}", job.id);
                     let id = job.id.clone();
                     let what = format!("submit (from {source})");
-                    self.audit_job(&id, &actor, &what, &answer).await;
+                    self.audit(Subject::Job(&id), &actor, &what, &answer).await;
                 }
                 reply.send(answer).ok();
             }
@@ -555,7 +560,8 @@ impl Engine {
                     },
                     Err(e) => Err(e.into()),
                 };
-                self.audit_job(&id, &actor, "cancel", &answer).await;
+                self.audit(Subject::Job(&id), &actor, "cancel", &answer)
+                    .await;
                 reply.send(answer).ok();
             }
             Event::RestartJob {
@@ -581,7 +587,7 @@ impl Engine {
                     },
                     Err(e) => Err(e.into()),
                 };
-                self.audit_job(&id, &actor, &what, &answer).await;
+                self.audit(Subject::Job(&id), &actor, &what, &answer).await;
                 reply.send(answer).ok();
             }
             Event::ClearLemon {
@@ -602,43 +608,26 @@ impl Engine {
                 // Recorded on the node the subject names, if it names one.
                 let node = subject.strip_prefix("host/").unwrap_or(&subject).to_owned();
                 let what = format!("clear lemon {subject}");
-                self.audit_node(&node, &actor, &what, &answer).await;
+                self.audit(Subject::Node(&node), &actor, &what, &answer)
+                    .await;
                 reply.send(answer).ok();
             }
         }
     }
 
-    /// Records an operator's call on node `node` in its history, with who and how it ended.
-    async fn audit_node<T, E: std::fmt::Display>(
+    /// Records an operator's call on `subject` in its history, with who and how it ended.
+    async fn audit<T, E: std::fmt::Display>(
         &mut self,
-        node: &str,
+        subject: Subject<'_>,
         actor: &str,
         what: &str,
         answer: &Result<T, E>,
     ) {
         let outcome = crate::audit::outcome(answer);
-        info!(node = %node, actor = %actor, "{what} on node {node} by {actor}: {outcome}");
-        let effects = self.state.audit_node(node, actor, what, &outcome, now());
+        info!(%subject, actor = %actor, "{what} on {subject} by {actor}: {outcome}");
+        let effects = self.state.audit(subject, actor, what, &outcome, now());
         if let Err(e) = self.apply(effects).await {
-            warn!(node = %node, error = %e, "could not store the audit record");
-        }
-        // Operator calls are rare: make the record visible to `clusterctl events` at once.
-        self.publish();
-    }
-
-    /// Records an operator's call on job `id` in its history, with who and how it ended.
-    async fn audit_job<T, E: std::fmt::Display>(
-        &mut self,
-        id: &str,
-        actor: &str,
-        what: &str,
-        answer: &Result<T, E>,
-    ) {
-        let outcome = crate::audit::outcome(answer);
-        info!(job = %id, actor = %actor, "{what} on job {id} by {actor}: {outcome}");
-        let effects = self.state.audit_job(id, actor, what, &outcome, now());
-        if let Err(e) = self.apply(effects).await {
-            warn!(job = %id, error = %e, "could not store the audit record");
+            warn!(%subject, error = %e, "could not store the audit record");
         }
         // Operator calls are rare: make the record visible to `clusterctl events` at once.
         self.publish();

@@ -1,6 +1,7 @@
 //! Goodput accounting with simulated time: scenarios driven through the job
 //! state machine, and hand-built records for the edge cases.
 
+use crate::test_utils::T0;
 use std::time::Duration;
 
 use vigil_proto::v1;
@@ -8,10 +9,7 @@ use vigil_proto::v1;
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
 use crate::job::JobPhase;
-use crate::node::GpuRecord;
 use crate::state::{ClusterState, Effect, Now, Registration};
-
-const T0: u64 = 1_700_000_000_000;
 
 fn t0() -> Now {
     Now {
@@ -28,25 +26,7 @@ fn at(start: Now, secs: u64) -> Now {
 }
 
 fn reg(node: &str, session: u64) -> Registration {
-    Registration {
-        session,
-        node: node.to_owned(),
-        hostname: node.to_owned(),
-        address: "10.0.0.1".into(),
-        agent_version: "0.1.0".into(),
-        simulated: true,
-        gpus: (0..8)
-            .map(|i| GpuRecord {
-                index: i,
-                uuid: format!("GPU-{node}-{i}"),
-                name: "sim".into(),
-                pci_bus_id: String::new(),
-                memory_total_bytes: 80 << 30,
-                serial: String::new(),
-            })
-            .collect(),
-        workers: Vec::new(),
-    }
+    crate::test_utils::reg_with_gpus(node, session, 8)
 }
 
 fn run(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) {

@@ -70,6 +70,8 @@ pub mod security_metrics;
 pub mod state;
 pub mod store;
 pub mod stragglers;
+#[cfg(test)]
+pub mod test_utils;
 pub mod throttle;
 pub mod training_health;
 pub mod triage;

@@ -78,7 +78,12 @@ fn roll_back(
 
 /// In the attempt after a rollback, a checkpoint completed before it started
 /// is one the rollback left behind (written during the trouble): ignore it.
+/// So is anything the rolled-back attempt reports while it stops (its final
+/// checkpoint scan at exit): it was written during the trouble too.
 pub fn stale(job: &Job, c: &v1::CheckpointSeen) -> bool {
+    if job.rollback_attempt == Some(job.attempt + 1) {
+        return true;
+    }
     let started = job
         .attempts
         .iter()

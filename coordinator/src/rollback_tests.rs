@@ -1,40 +1,10 @@
 //! Rollbacks with simulated time: a loss spike, and an operator's restart.
 
+use crate::test_utils::{T0, reg, t};
 use std::time::Duration;
 
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
-use crate::node::GpuRecord;
-use crate::state::Registration;
-
-const T0: u64 = 1_700_000_000_000;
-
-fn t(secs: u64) -> Now {
-    Now {
-        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
-        wall_ms: T0 + secs * 1000,
-    }
-}
-
-fn reg(node: &str, session: u64) -> Registration {
-    Registration {
-        session,
-        node: node.to_owned(),
-        hostname: node.to_owned(),
-        address: "10.0.0.1".into(),
-        agent_version: "0.1.0".into(),
-        simulated: true,
-        gpus: vec![GpuRecord {
-            index: 0,
-            uuid: format!("GPU-{node}-0"),
-            name: "sim".into(),
-            pci_bus_id: String::new(),
-            memory_total_bytes: 80 << 30,
-            serial: String::new(),
-        }],
-        workers: Vec::new(),
-    }
-}
 
 const SPEC: &str = r#"name = "train"
 nodes = 1
@@ -176,6 +146,23 @@ fn a_loss_spike_rolls_back_to_the_newest_checkpoint_before_it() {
             .and_then(|c| c.step),
         Some(50)
     );
+}
+
+#[test]
+fn a_checkpoint_the_rolled_back_attempt_reports_while_stopping_is_not_resumed_from() {
+    // Regression: the final checkpoint scan of a worker stopped by the rollback reported a
+    // checkpoint written during the spike, which replaced the rollback's target.
+    let (mut s, id) = cluster();
+    spike(&mut s, &id);
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    checkpoint(&mut s, &id, 70, 70, 58);
+    assert_eq!(
+        s.jobs[&id].checkpoint.as_ref().and_then(|c| c.step),
+        Some(50),
+        "the rollback's target stays"
+    );
+    let e = stopped(&mut s, &id, 59);
+    assert_eq!(resume_from(&e).as_deref(), Some("/c/step_00000050"));
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Stragglers with simulated time: steps fed through heartbeats, one node slower.
 
+use crate::test_utils::{T0, reg, t};
 use std::collections::VecDeque;
 
 use vigil_proto::v1;
@@ -7,37 +8,6 @@ use vigil_proto::v1;
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
 use crate::job::WorkerPhase;
-use crate::node::GpuRecord;
-use crate::state::Registration;
-
-const T0: u64 = 1_700_000_000_000;
-
-fn t(secs: u64) -> Now {
-    Now {
-        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
-        wall_ms: T0 + secs * 1000,
-    }
-}
-
-fn reg(node: &str, session: u64) -> Registration {
-    Registration {
-        session,
-        node: node.to_owned(),
-        hostname: node.to_owned(),
-        address: "10.0.0.1".into(),
-        agent_version: "0.1.0".into(),
-        simulated: true,
-        gpus: vec![GpuRecord {
-            index: 0,
-            uuid: format!("GPU-{node}-0"),
-            name: "sim".into(),
-            pci_bus_id: String::new(),
-            memory_total_bytes: 80 << 30,
-            serial: String::new(),
-        }],
-        workers: Vec::new(),
-    }
-}
 
 const SPEC: &str = r#"name = "train"
 nodes = 3

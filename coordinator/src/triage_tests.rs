@@ -1,44 +1,17 @@
 //! Triage with simulated time: the gang is diagnosed after an unexplained
 //! failure, failing nodes are cordoned, and only then the job relaunches.
 
+use crate::test_utils::t;
 use std::time::Duration;
 
 use vigil_proto::v1;
 
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
-use crate::node::GpuRecord;
 use crate::state::Registration;
 
-const T0: u64 = 1_700_000_000_000;
-
-fn t(secs: u64) -> Now {
-    Now {
-        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
-        wall_ms: T0 + secs * 1000,
-    }
-}
-
 fn reg(node: &str, session: u64) -> Registration {
-    Registration {
-        session,
-        node: node.to_owned(),
-        hostname: node.to_owned(),
-        address: "10.0.0.1".into(),
-        agent_version: "0.1.0".into(),
-        simulated: true,
-        gpus: (0..8)
-            .map(|i| GpuRecord {
-                index: i,
-                uuid: format!("GPU-{node}-{i}"),
-                name: "sim".into(),
-                pci_bus_id: String::new(),
-                memory_total_bytes: 80 << 30,
-                serial: String::new(),
-            })
-            .collect(),
-        workers: Vec::new(),
-    }
+    crate::test_utils::reg_with_gpus(node, session, 8)
 }
 
 fn apply(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) -> Vec<Effect> {
