@@ -119,9 +119,11 @@ fn goodput_of_a_job_with_one_crash_adds_up_and_the_report_shows_its_timeline() -
     assert!(exported > 0.0 && exported < 1.0, "{exported}");
     let lost_series =
         format!("vigil_job_lost_time_seconds{{job_id=\"{id}\",phase=\"recomputation\"}}");
-    assert!(
-        metric(&metrics, &lost_series).is_some_and(|s| s > 0.0),
-        "{metrics}"
+    let recomputed = metric(&metrics, &lost_series).context("recomputation exported")?;
+    assert_eq!(
+        recomputed > 0.0,
+        steps_lost > 0,
+        "recomputation time exactly when steps were lost: {recomputed}"
     );
     Ok(())
 }
