@@ -49,6 +49,14 @@ ALLOWED_ABSENT = {
     "vigil_diagnostics_total": "first diagnostic run reported to the coordinator",
     "vigil_job_restarts_total": "first job restart (one series per reason)",
     "vigil_job_checkpoint_age_seconds": "a Running job with a complete checkpoint",
+    # -- per-job goodput and straggler series: one per job, and the quiet cluster runs none --
+    "vigil_job_checkpoint_interval_seconds": "a job (one series per job)",
+    "vigil_job_ettr_ratio": "a job (one series per job)",
+    "vigil_job_lost_time_seconds": "a job (one series per job and phase)",
+    "vigil_job_productive_time_seconds": "a job (one series per job)",
+    "vigil_job_stragglers": "a Running job (one series per job)",
+    "vigil_job_suggested_checkpoint_interval_seconds": "a job with a measured save time and MTBF",
+    "vigil_job_wall_time_seconds": "a job (one series per job)",
     "vigil_agent_messages_throttled_total": "first throttled agent message (one series per node)",
     "vigil_control_calls_denied_total": "first clusterctl call refused for its role (needs TLS)",
     # -- not supported by the simulated GPU (an H100 remaps rows instead of retiring pages) --
