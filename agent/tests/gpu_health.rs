@@ -52,6 +52,7 @@ impl AgentService for FakeCoordinator {
                             lease_ms: 120_000,
                             coordinator_version: "fake".into(),
                             session_id: 1,
+                            coordinator_name: "fake".into(),
                         }),
                         Reply::Command(Command {
                             id: DIAGNOSTICS_ID,
@@ -65,7 +66,12 @@ impl AgentService for FakeCoordinator {
                 };
                 let _ = seen.send(msg);
                 for reply in replies {
-                    let _ = tx.send(Ok(CoordinatorMessage { body: Some(reply) })).await;
+                    let _ = tx
+                        .send(Ok(CoordinatorMessage {
+                            body: Some(reply),
+                            term: 0,
+                        }))
+                        .await;
                 }
             }
         });

@@ -82,6 +82,7 @@ impl AgentService for FakeCoordinator {
                         lease_ms,
                         coordinator_version: "fake".into(),
                         session_id: session,
+                        coordinator_name: "fake".into(),
                     }),
                     (
                         Answer::Accept {
@@ -101,7 +102,12 @@ impl AgentService for FakeCoordinator {
                     (Answer::Reject, false) => continue,
                 };
                 if let Some(out) = &out {
-                    let _ = out.send(Ok(CoordinatorMessage { body: Some(reply) })).await;
+                    let _ = out
+                        .send(Ok(CoordinatorMessage {
+                            body: Some(reply),
+                            term: 0,
+                        }))
+                        .await;
                 }
             }
         });

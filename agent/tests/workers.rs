@@ -66,12 +66,18 @@ impl AgentService for Fake {
                         lease_ms,
                         coordinator_version: "fake".into(),
                         session_id: 1,
+                        coordinator_name: "fake".into(),
                     })
                 } else {
                     Reply::Ack(Ack { seq })
                 };
                 if registering || ack {
-                    let _ = tx.send(Ok(CoordinatorMessage { body: Some(reply) })).await;
+                    let _ = tx
+                        .send(Ok(CoordinatorMessage {
+                            body: Some(reply),
+                            term: 0,
+                        }))
+                        .await;
                 }
                 if registering {
                     *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx.clone());
@@ -243,9 +249,12 @@ impl Harness {
             id,
             kind: Some(kind),
         });
-        tx.send(Ok(CoordinatorMessage { body: Some(body) }))
-            .await
-            .map_err(|_| "session closed")?;
+        tx.send(Ok(CoordinatorMessage {
+            body: Some(body),
+            term: 0,
+        }))
+        .await
+        .map_err(|_| "session closed")?;
         Ok(())
     }
 

@@ -36,6 +36,7 @@ impl v1::control_service_server::ControlService for Fake {
         Ok(Response::new(v1::StatusResponse {
             insecure: true,
             caller: "anonymous (insecure)".into(),
+            ha: None,
             coordinator_version: "0.1.0".into(),
             started_at_unix_ms: 1_700_000_000_000,
             uptime_ms: 192_000,

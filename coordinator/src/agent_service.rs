@@ -32,15 +32,18 @@ pub struct AgentService {
     metrics: Arc<Metrics>,
     rates: Rates,
     next_session: Arc<AtomicU64>,
+    /// The leadership term, the fencing token on what this service sends itself.
+    term: u64,
 }
 
 impl AgentService {
-    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, rates: Rates) -> Self {
+    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, rates: Rates, term: u64) -> Self {
         Self {
             engine,
             metrics,
             rates,
             next_session: Arc::new(AtomicU64::new(1)),
+            term,
         }
     }
 }
@@ -72,6 +75,7 @@ impl v1::agent_service_server::AgentService for AgentService {
             engine: self.engine.clone(),
             metrics: self.metrics.clone(),
             rates: self.rates,
+            term: self.term,
         };
         tokio::spawn(
             run_session(ctx, session, address, identity, request.into_inner(), tx).instrument(span),
@@ -111,6 +115,7 @@ struct Ctx {
     engine: EngineHandle,
     metrics: Arc<Metrics>,
     rates: Rates,
+    term: u64,
 }
 
 async fn run_session(
@@ -125,6 +130,7 @@ async fn run_session(
         engine,
         metrics,
         rates,
+        term,
     } = ctx;
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await;
     let reg = match first {
@@ -164,6 +170,7 @@ async fn run_session(
                 body: Some(v1::coordinator_message::Body::Rejected(v1::Rejected {
                     reason,
                 })),
+                term,
             };
             tx.send(Ok(msg)).await.ok();
             return;

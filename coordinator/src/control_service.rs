@@ -129,6 +129,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 .collect(),
             insecure: self.insecure,
             caller: caller.actor,
+            ha: None,
         }))
     }
 

@@ -222,6 +222,18 @@ pub struct Engine {
     last_tick: Instant,
 }
 
+impl Engine {
+    /// The fencing token on every message to agents.
+    fn term(&self) -> u64 {
+        self.store.leadership().term()
+    }
+
+    /// Whether this coordinator may still act: always on sled; with etcd, while its lease holds.
+    fn leads(&self) -> bool {
+        self.store.leadership().is_valid()
+    }
+}
+
 fn now() -> Now {
     Now {
         mono: Instant::now(),
@@ -663,16 +675,23 @@ impl Engine {
 
     /// Hand a command to the node's live session. Returns the session and the
     /// command's id, or `None` when the node is not connected (or its queue is full).
+    ///
+    /// Nothing goes out once leadership has lapsed (HA): not even before the
+    /// keepalive task notices, since the deadline is checked here, per message.
     fn try_command(&mut self, node: &str, kind: v1::command::Kind) -> Option<(u64, u64)> {
         let id = self.next_command;
         self.next_command += 1;
         let session = self.state.nodes.get(node).and_then(|n| n.session)?;
         let tx = self.sessions.get(&session)?;
+        if !self.leads() {
+            return None;
+        }
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Command(v1::Command {
                 id,
                 kind: Some(kind),
             })),
+            term: self.term(),
         };
         tx.try_send(Ok(msg)).ok().map(|()| (session, id))
     }
@@ -796,6 +815,7 @@ impl Engine {
                 });
                 tx.try_send(Ok(v1::CoordinatorMessage {
                     body: Some(rejected),
+                    term: self.term(),
                 }))
                 .ok();
                 return;
@@ -808,11 +828,14 @@ impl Engine {
             lease_ms: millis(liveness.agent_lease),
             coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
             session_id: session,
+            coordinator_name: self.store.leadership().name().to_owned(),
         };
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Registered(registered)),
+            term: self.term(),
         };
-        let live = tx.try_send(Ok(msg)).is_ok();
+        // A coordinator whose leadership lapsed answers nobody: the agent moves on.
+        let live = self.leads() && tx.try_send(Ok(msg)).is_ok();
         if live {
             self.sessions.insert(session, tx);
         }
@@ -838,9 +861,10 @@ impl Engine {
             Ok(effects) => {
                 self.apply(effects).await.ok();
                 self.dirty = true;
-                if let Some(tx) = self.sessions.get(&session) {
+                if let Some(tx) = self.sessions.get(&session).filter(|_| self.leads()) {
                     let ack = v1::CoordinatorMessage {
                         body: Some(v1::coordinator_message::Body::Ack(v1::Ack { seq })),
+                        term: self.term(),
                     };
                     // A full queue means the agent is not reading; its lease
                     // runs out and it reconnects. Never block the engine on it.

@@ -23,6 +23,7 @@
 //! - `rollback`: rolling a job back to an earlier checkpoint (unhealthy training, or an operator).
 //! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
+//! - `leadership`: this coordinator's term (the fencing token) and until when it may act.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
 //! - `limits`: every bound on agent and operator input, and the `[limits]` config.
@@ -57,6 +58,7 @@ pub mod job;
 pub mod job_view;
 pub mod jobs;
 pub mod jobspec;
+pub mod leadership;
 pub mod lemon_view;
 pub mod lemon_watch;
 pub mod lemons;
@@ -177,6 +179,7 @@ pub async fn run_with_hooks(
     if let (Some(tls), Some(loaded)) = (&tls, hooks.tls_loaded.take()) {
         loaded(tls.clone(), metrics.clone());
     }
+    let term = store.leadership().term();
     let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
     let metrics_for_control = metrics.clone();
     let metrics_for_agents = metrics.clone();
@@ -201,6 +204,7 @@ pub async fn run_with_hooks(
         handle.clone(),
         metrics_for_agents,
         config.limits.rates(),
+        term,
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -8,7 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::sync::Arc;
+
 use crate::job::Job;
+use crate::leadership::Leadership;
 use crate::node::{MAX_EVENTS, NodeEvent, NodeRecord};
 
 const SCHEMA_KEY: &[u8] = b"schema";
@@ -59,6 +62,8 @@ pub struct Store {
     /// A write failed: sled refuses every call after its first I/O error, even
     /// once the cause is gone, until the store is opened again.
     failed: AtomicBool,
+    /// Whose writes these are: always-leading for a single coordinator.
+    leadership: Arc<Leadership>,
 }
 
 struct Trees {
@@ -85,6 +90,7 @@ impl Store {
             trees: Some(Trees::open(&path)?),
             path,
             failed: AtomicBool::new(false),
+            leadership: Arc::new(Leadership::single()),
         })
     }
 
@@ -112,6 +118,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The leadership this store writes under (term 0, always valid, on sled).
+    pub fn leadership(&self) -> &Arc<Leadership> {
+        &self.leadership
     }
 
     pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
@@ -286,15 +297,7 @@ impl Store {
 
 impl Trees {
     fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            // sled caches up to 1 GiB by default; the state is small.
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
+        let db = open_db(path)?;
         let io = |e: sled::Error| io_error(path, e);
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get(SCHEMA_KEY).map_err(io)? {
@@ -316,6 +319,38 @@ impl Trees {
             jobs: db.open_tree("jobs").map_err(io)?,
             db,
         })
+    }
+}
+
+/// How long a reopen waits for sled's lock: the previous handle's background
+/// threads release it a moment after the handle is dropped.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            // sled caches up to 1 GiB by default; the state is small.
+            .cache_capacity(CACHE_BYTES)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // Held by this process's previous handle (its flusher thread
+            // finishing), or by another coordinator: wait a little, then say so.
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(StoreError::Open {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                });
+            }
+        }
     }
 }
 

@@ -86,6 +86,7 @@ fn rejected_reason(answer: &Result<CoordinatorMessage, String>) -> String {
     match answer {
         Ok(CoordinatorMessage {
             body: Some(CBody::Rejected(r)),
+            ..
         }) => r.reason.clone(),
         other => format!("not rejected: {other:?}"),
     }
@@ -158,7 +159,8 @@ async fn hostile_agent_input_is_refused_counted_and_harms_no_other_agent() -> Re
         matches!(
             &answer,
             Ok(CoordinatorMessage {
-                body: Some(CBody::Registered(_))
+                body: Some(CBody::Registered(_)),
+                ..
             })
         ),
         "{answer:?}"

@@ -64,6 +64,7 @@ pub fn status_response() -> v1::StatusResponse {
         coordinator_version: "0.1.0".into(),
         insecure: false,
         caller: "alice (admin)".into(),
+        ha: None,
         started_at_unix_ms: 1,
         uptime_ms: 192_000,
         listen_addr: "0.0.0.0:7770".into(),
