@@ -56,6 +56,9 @@ pub struct Config {
     pub burn_in: crate::burn_in::BurnInConfig,
     /// Nodes slower than their gang (see `stragglers`).
     pub stragglers: crate::stragglers::StragglerConfig,
+    /// Several coordinators sharing state in etcd, one leading (docs/ha.md). Absent: one
+    /// coordinator with its state in sled under `data_dir`.
+    pub ha: Option<crate::ha::HaConfig>,
 }
 
 /// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
@@ -164,6 +167,7 @@ impl Default for Config {
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
+            ha: None,
         }
     }
 }
@@ -220,6 +224,7 @@ impl Config {
             triage,
             burn_in,
             stragglers,
+            ha,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -235,6 +240,7 @@ impl Config {
             ("triage", *triage != new.triage),
             ("burn_in", *burn_in != new.burn_in),
             ("stragglers", *stragglers != new.stragglers),
+            ("ha", *ha != new.ha),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -261,6 +267,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(ha) = &self.ha {
+            ha.validate(self.liveness.agent_lease)?;
+        }
         let l = &self.liveness;
         let fmt = |d: Duration| humantime::format_duration(d).to_string();
         if l.heartbeat_interval < Duration::from_millis(50) {

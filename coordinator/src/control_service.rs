@@ -35,9 +35,17 @@ pub struct ControlService {
     started_unix_ms: u64,
     listen_addr: SocketAddr,
     insecure: bool,
+    /// The coordinators and etcd, with HA; `None`: a single coordinator on sled.
+    ha: Option<Arc<crate::ha::HaView>>,
 }
 
 impl ControlService {
+    /// Status shows the coordinators and etcd's health (see `ha`).
+    pub fn with_ha(mut self, ha: Option<Arc<crate::ha::HaView>>) -> Self {
+        self.ha = ha;
+        self
+    }
+
     pub fn new(
         engine: EngineHandle,
         metrics: Arc<Metrics>,
@@ -53,6 +61,7 @@ impl ControlService {
             started_unix_ms: unix_ms(SystemTime::now()),
             listen_addr,
             insecure,
+            ha: None,
         }
     }
 
@@ -129,7 +138,10 @@ impl v1::control_service_server::ControlService for ControlService {
                 .collect(),
             insecure: self.insecure,
             caller: caller.actor,
-            ha: None,
+            ha: Some(match &self.ha {
+                Some(view) => view.status(),
+                None => crate::ha::view::single_status(self.started_unix_ms),
+            }),
         }))
     }
 

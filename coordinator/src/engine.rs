@@ -947,7 +947,11 @@ impl Engine {
             }
         }
         if wrote {
-            self.store.flush().await.inspect_err(|e| {
+            let started = Instant::now();
+            let flushed = self.store.flush().await;
+            let took = started.elapsed().as_secs_f64();
+            self.metrics.ha.observe(self.store.backend(), "flush", took);
+            flushed.inspect_err(|e| {
                 warn!(error = %e, "state store flush failed; change not acknowledged");
             })?;
         }

@@ -25,6 +25,8 @@ pub enum CoordinatorError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Tls(#[from] vigil_tls::TlsError),
+    #[error("{0}")]
+    Ha(String),
 }
 
 /// Why a control request was refused.

@@ -23,6 +23,7 @@
 //! - `rollback`: rolling a job back to an earlier checkpoint (unhealthy training, or an operator).
 //! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
 //! - `store`: the durable store (sled), flushed before anything is acknowledged.
+//! - `ha`: several coordinators on etcd: election, fenced store, standby services.
 //! - `leadership`: this coordinator's term (the fencing token) and until when it may act.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
 //! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
@@ -52,6 +53,7 @@ pub mod engine;
 pub mod error;
 pub mod goodput;
 pub mod goodput_metrics;
+pub mod ha;
 pub mod health;
 pub mod input_metrics;
 pub mod job;
@@ -109,6 +111,10 @@ pub struct Hooks {
     pub engine_tick: Option<Box<dyn FnMut() + Send>>,
     /// Given the TLS config the server uses, so SIGHUP can swap its certificates.
     pub tls_loaded: Option<TlsLoaded>,
+    /// Metrics to serve instead of new ones (HA: the standby's carry on when it leads).
+    pub metrics: Option<Arc<metrics::Metrics>>,
+    /// The coordinators and etcd (HA), for `clusterctl status`.
+    pub ha: Option<Arc<ha::HaView>>,
 }
 
 /// Serve agents and operators on `grpc`, metrics on `metrics`, until `shutdown`.
@@ -172,7 +178,16 @@ pub async fn run_with_hooks(
     mut hooks: Hooks,
 ) -> Result<(), CoordinatorError> {
     let started = metrics::unix_ms(SystemTime::now());
-    let metrics = Arc::new(metrics::Metrics::new(started));
+    let metrics = hooks
+        .metrics
+        .take()
+        .unwrap_or_else(|| Arc::new(metrics::Metrics::new(started)));
+    let leadership = store.leadership().clone();
+    metrics.ha.leader.set(1);
+    metrics.ha.term.set(i64::try_from(leadership.term()).unwrap_or(i64::MAX));
+    if hooks.ha.is_none() {
+        metrics.ha.etcd_quorum.set(1);
+    }
     config.validate_transport()?;
     let tls = load_tls(&config)?;
     observe_transport(&config, &metrics);
@@ -214,7 +229,8 @@ pub async fn run_with_hooks(
         grpc_addr,
         config.diagnostics.timeout,
         config.insecure,
-    ))
+    )
+    .with_ha(hooks.ha.take()))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let mut server_stop = stop_rx;

@@ -14,6 +14,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_coordinator::config::ConfigError;
+use vigil_coordinator::ha::EXIT_LEADERSHIP_LOST;
+use vigil_coordinator::ha::run::{HaEnd, run_ha};
 use vigil_coordinator::metrics::Metrics;
 use vigil_coordinator::notify::{self, Watchdog};
 use vigil_coordinator::security_metrics::ResultLabel;
@@ -201,21 +203,30 @@ async fn reload_on_sighup(
     }
 }
 
-async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), CoordinatorError> {
+async fn start(cli: Cli, config: Config, signals: Signals) -> Result<u8, CoordinatorError> {
     // Certificates first: a bad or expired one stops the start, naming the file.
     vigil_coordinator::load_tls(&config)?;
-    let store = Store::open(&config.data_dir)?;
-    let known_nodes = store.load_nodes().map_or(0, |n| n.len());
+    // With [ha] the state lives in etcd, read once this coordinator is elected.
+    let store = match &config.ha {
+        Some(_) => None,
+        None => Some(Store::open(&config.data_dir)?),
+    };
+    let known_nodes = store
+        .as_ref()
+        .map_or(0, |s| s.load_nodes().map_or(0, |n| n.len()));
     let grpc = bind(config.listen, "gRPC", "--listen").await?;
     let metrics = bind(config.metrics_listen, "metrics", "--metrics-listen").await?;
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let metrics_addr = metrics.local_addr().unwrap_or(config.metrics_listen);
-    info!(grpc = %grpc_addr, metrics = %metrics_addr, data_dir = %config.data_dir.display(), "coordinator serving");
+    let state = match &config.ha {
+        Some(ha) => format!("etcd={}{}", ha.etcd_endpoints.join(","), ha.prefix),
+        None => format!("data_dir={}", config.data_dir.display()),
+    };
+    info!(grpc = %grpc_addr, metrics = %metrics_addr, %state, "coordinator serving");
     // One line on stdout for scripts and tests that started us on port 0.
     println!(
-        "vigil-coordinator {} serving grpc={grpc_addr} metrics={metrics_addr} data_dir={}",
+        "vigil-coordinator {} serving grpc={grpc_addr} metrics={metrics_addr} {state}",
         env!("CARGO_PKG_VERSION"),
-        config.data_dir.display()
     );
     let serving = format!("serving on {grpc_addr}");
     let tls_slot = TlsSlot::default();
@@ -234,13 +245,28 @@ async fn start(cli: Cli, config: Config, signals: Signals) -> Result<(), Coordin
         tls_loaded: Some(Box::new(move |tls, metrics| {
             *tls_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((tls, metrics));
         })),
+        metrics: None,
+        ha: None,
     };
     if let Some(mut watchdog) = Watchdog::from_env() {
         info!(interval = ?watchdog.interval(), "systemd watchdog on: the engine loop feeds it");
         hooks.engine_tick = Some(Box::new(move || watchdog.tick()));
     }
     let shutdown = shutdown_signal(signals.term, signals.int);
-    vigil_coordinator::run_with_hooks(config, store, grpc, metrics, shutdown, hooks).await
+    let Some(store) = store else {
+        return match run_ha(config, grpc, metrics, shutdown, hooks).await? {
+            HaEnd::Shutdown => Ok(0),
+            HaEnd::LeadershipLost(reason) => {
+                eprintln!(
+                    "vigil-coordinator: leadership lost ({reason}); exiting so that the service \
+                     manager starts this coordinator again as a standby"
+                );
+                Ok(EXIT_LEADERSHIP_LOST)
+            }
+        };
+    };
+    vigil_coordinator::run_with_hooks(config, store, grpc, metrics, shutdown, hooks).await?;
+    Ok(0)
 }
 
 /// `--check-config FILE`: the same checks as start-up, nothing started.
@@ -294,7 +320,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Every message already ends with its cause.
             eprintln!("vigil-coordinator: {e}");

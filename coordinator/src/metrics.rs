@@ -126,6 +126,8 @@ pub struct Metrics {
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
     pub security: crate::security_metrics::SecurityMetrics,
+    /// Leadership, etcd and store latency (`ha::metrics`).
+    pub ha: crate::ha::metrics::HaMetrics,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -165,9 +167,11 @@ impl Metrics {
             input: Default::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
             security: crate::security_metrics::SecurityMetrics::default(),
+            ha: crate::ha::metrics::HaMetrics::default(),
             registry: Registry::default(),
         };
         m.security.register(&mut registry);
+        m.ha.register(&mut registry);
         registry.register(
             "vigil_nodes",
             "Nodes by operator-facing state (Ready, Degraded, Cordoned, Unreachable, Lost)",

@@ -53,6 +53,11 @@ pub enum StoreError {
          carry on, but no change is accepted until it can be saved"
     )]
     Full { path: PathBuf },
+    #[error(
+        "this coordinator no longer leads (term {term}): {reason}; nothing was written, and it \
+         steps down"
+    )]
+    Fenced { term: u64, reason: String },
 }
 
 pub struct Store {
@@ -64,6 +69,8 @@ pub struct Store {
     failed: AtomicBool,
     /// Whose writes these are: always-leading for a single coordinator.
     leadership: Arc<Leadership>,
+    /// Set: the state lives in etcd (HA), and `trees` is unused.
+    etcd: Option<crate::ha::store::EtcdStore>,
 }
 
 struct Trees {
@@ -91,14 +98,32 @@ impl Store {
             path,
             failed: AtomicBool::new(false),
             leadership: Arc::new(Leadership::single()),
+            etcd: None,
         })
+    }
+
+    /// The state in etcd, written under `etcd`'s leadership (see `ha::store`).
+    pub fn on_etcd(etcd: crate::ha::store::EtcdStore) -> Self {
+        Self {
+            path: PathBuf::from(&etcd.describe),
+            trees: None,
+            failed: AtomicBool::new(false),
+            leadership: etcd.leadership().clone(),
+            etcd: Some(etcd),
+        }
+    }
+
+    /// "sled" or "etcd".
+    pub fn backend(&self) -> &'static str {
+        if self.etcd.is_some() { "etcd" } else { "sled" }
     }
 
     /// After a failed write (a full disk, say), open the store again once
     /// that works: sled then holds what was last flushed. `Ok(true)`: it was
     /// reopened, and the caller must write its state again.
     pub fn recover(&mut self) -> Result<bool, StoreError> {
-        if !self.failed.load(Ordering::Relaxed) {
+        // etcd keeps a failed write staged: the next flush tries it again.
+        if self.etcd.is_some() || !self.failed.load(Ordering::Relaxed) {
             return Ok(false);
         }
         // sled locks its files: the old handles must be gone before it opens
@@ -126,6 +151,9 @@ impl Store {
     }
 
     pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.load_nodes();
+        }
         let mut out = Vec::new();
         for item in self.trees()?.nodes.iter() {
             let (k, v) = item.map_err(|e| self.io(e))?;
@@ -150,6 +178,9 @@ impl Store {
 
     /// Stage a node record; durable after the next [`Store::flush`].
     pub fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.put_node(record);
+        }
         let value = serde_json::to_vec(record).map_err(|e| StoreError::Io {
             path: self.path.clone(),
             message: format!("cannot encode node {:?}: {e}", record.name),
@@ -162,6 +193,9 @@ impl Store {
     }
 
     pub fn load_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.load_jobs();
+        }
         let mut out = Vec::new();
         for item in self.trees()?.jobs.iter() {
             let (k, v) = item.map_err(|e| self.io(e))?;
@@ -177,6 +211,9 @@ impl Store {
 
     /// Stage a job record; durable after the next [`Store::flush`].
     pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.put_job(job);
+        }
         let value = serde_json::to_vec(job).map_err(|e| StoreError::Io {
             path: self.path.clone(),
             message: format!("cannot encode job {:?}: {e}", job.id),
@@ -190,6 +227,9 @@ impl Store {
 
     /// The lemon ledger: every host and GPU with a failure on record.
     pub fn load_lemons(&self) -> Result<Vec<crate::lemons::LemonRecord>, StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.load_lemons();
+        }
         let tree = self
             .trees()?
             .db
@@ -210,6 +250,9 @@ impl Store {
 
     /// Stage a lemon record; durable after the next [`Store::flush`].
     pub fn put_lemon(&self, record: &crate::lemons::LemonRecord) -> Result<(), StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.put_lemon(record);
+        }
         let tree = self
             .trees()?
             .db
@@ -226,6 +269,9 @@ impl Store {
 
     /// Every stored history entry, oldest first within each node.
     pub fn load_events(&self) -> Result<Vec<(String, NodeEvent)>, StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.load_events();
+        }
         let mut out = Vec::new();
         for item in self.trees()?.events.iter() {
             let (k, v) = item.map_err(|e| self.io(e))?;
@@ -243,6 +289,9 @@ impl Store {
 
     /// Stage a history entry, dropping the node's oldest beyond `MAX_EVENTS`.
     pub fn put_event(&self, node: &str, event: &NodeEvent) -> Result<(), StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.put_event(node, event);
+        }
         let id = self.trees()?.db.generate_id().map_err(|e| self.io(e))?;
         let mut prefix = node.as_bytes().to_vec();
         prefix.push(0);
@@ -276,11 +325,17 @@ impl Store {
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        if let Some(e) = &self.etcd {
+            return Ok(e.size());
+        }
         self.trees()?.db.size_on_disk().map_err(|e| self.io(e))
     }
 
     /// Make every staged write durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if let Some(e) = &self.etcd {
+            return e.flush().await;
+        }
         self.trees()?
             .db
             .flush_async()

@@ -13,6 +13,7 @@
 // readers), `netns` (clusters of network namespaces) with `proxy` (the TCP
 // fault proxy), `scenario` (what reliability scenarios check) and `report`
 // (their rows for docs/reliability.md).
+pub mod etcd;
 pub mod jobs;
 pub mod netns;
 pub mod process;

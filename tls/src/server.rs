@@ -87,7 +87,14 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            // Stop accepting as soon as the server is gone: another listener on
+            // the same socket (an HA coordinator taking over from its standby
+            // server) must get the next connection, not this loop.
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: keep serving the connections already open.

@@ -1,0 +1,211 @@
+//! A real etcd cluster on loopback for the HA tests: Debian's `etcd` binary,
+//! one process per member, each with its own data dir under the test's temp
+//! dir, killed on drop.
+//!
+//! Where `etcd` is not installed (a developer's laptop), the HA tests print
+//! [`SKIP_LINE`] and pass; `.ci/run` sets `VIGIL_REQUIRE_ETCD=1`, which turns
+//! that skip into a failure, so CI never goes green without running them.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{LONG, wait_for};
+
+pub const REQUIRE_ENV: &str = "VIGIL_REQUIRE_ETCD";
+pub const SKIP_LINE: &str =
+    "SKIP: etcd is not installed (Debian: apt-get install etcd-server); the HA tests need a real etcd cluster";
+
+/// Whether the test can run; `false` after printing the skip line. Panics
+/// instead of skipping when [`REQUIRE_ENV`] is set.
+pub fn available() -> bool {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    if std::env::var_os(REQUIRE_ENV).is_some_and(|v| v == "1") {
+        panic!("{REQUIRE_ENV}=1 but etcd is not installed: {SKIP_LINE}");
+    }
+    eprintln!("{SKIP_LINE}");
+    false
+}
+
+/// A free loopback port (the OS picks one; there is a small window in which
+/// another process could take it).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    initial_cluster: String,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members under `dir` and waits until the cluster has a leader.
+    pub fn start(dir: &Path, n: usize) -> Result<Self> {
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Member {
+                name: format!("etcd-{i}"),
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                data_dir: dir.join(format!("etcd-{i}.data")),
+                log: dir.join(format!("etcd-{i}.log")),
+                child: None,
+            });
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            members,
+            initial_cluster,
+        };
+        for i in 0..n {
+            cluster.start_member(i)?;
+        }
+        cluster.wait_healthy()?;
+        Ok(cluster)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Member::endpoint).collect()
+    }
+
+    /// The endpoints as a TOML array: `["http://127.0.0.1:1", ...]`.
+    pub fn endpoints_toml(&self) -> String {
+        let quoted: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    /// (Re)starts member `i` on its data dir: a restarted member rejoins.
+    pub fn start_member(&mut self, i: usize) -> Result<()> {
+        let initial_cluster = self.initial_cluster.clone();
+        let m = self.members.get_mut(i).context("no such member")?;
+        if m.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)?;
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&m.data_dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial_cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "vigil-test",
+                // etcd's defaults: 100 ms heartbeats, 1 s election timeout.
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start etcd")?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(m) = self.members.get_mut(i)
+            && let Some(mut child) = m.child.take()
+        {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    /// Waits until every running member reports healthy (it has a leader).
+    pub fn wait_healthy(&self) -> Result<()> {
+        for m in self.members.iter().filter(|m| m.running()) {
+            let addr = format!("127.0.0.1:{}", m.client_port).parse()?;
+            wait_for(&format!("etcd member {} healthy", m.name), LONG, || {
+                Ok(crate::http_get(addr, "/health")
+                    .ok()
+                    .filter(|body| body.contains("\"health\":\"true\""))
+                    .map(|_| ()))
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self, i: usize) -> String {
+        self.members
+            .get(i)
+            .and_then(|m| std::fs::read_to_string(&m.log).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Sends `sig` (e.g. "STOP", "CONT") to `pid`.
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+/// A short pause, for polling loops.
+pub fn tick() {
+    std::thread::sleep(Duration::from_millis(100));
+}
