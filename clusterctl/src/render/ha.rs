@@ -98,3 +98,38 @@ fn leader(ha: &Ha, now_ms: u64, term: Term) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixtures::{ha_etcd_healthy, ha_etcd_no_quorum};
+
+    #[test]
+    fn no_leader_is_red_and_unhealthy_members_too() {
+        let color = Term {
+            width: None,
+            color: true,
+        };
+        let mut out = Labelled::new(STATUS_LABEL_WIDTH);
+        ha_lines(&mut out, &Ha::from(ha_etcd_no_quorum()), 0, color);
+        let text = out.finish();
+        assert!(
+            text.contains("leader       \x1b[31mNONE\x1b[0m: no coordinator leads (etcd: "),
+            "{text}"
+        );
+        assert!(text.contains("\x1b[31mUnhealthy\x1b[0m"), "{text}");
+    }
+
+    #[test]
+    fn a_healthy_cluster_names_its_leader_and_term() {
+        let mut ha = Ha::from(ha_etcd_healthy());
+        ha.leader_since_unix_ms = None;
+        assert_eq!(
+            leader(&ha, 0, Term::PLAIN),
+            "coord-2 (https://coord-2.example:7770), term 41"
+        );
+        ha.etcd[1].healthy = false;
+        ha.quorum = false;
+        assert_eq!(store(&ha), "etcd (3 members, 2 healthy, NO QUORUM)");
+    }
+}
