@@ -12,7 +12,9 @@ pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7770";
 #[derive(Debug, Parser)]
 #[command(name = "clusterctl", version)]
 pub struct Cli {
-    /// The coordinator's gRPC address.
+    /// The coordinator's gRPC address; with highly available coordinators, a comma-separated
+    /// list (`https://c1:7770,https://c2:7770`): tried in order, and a standby's answer leads
+    /// to the coordinator that leads.
     #[arg(
         long,
         global = true,
@@ -39,6 +41,11 @@ pub struct Cli {
     /// or test cluster): nothing is authenticated.
     #[arg(long, global = true, env = "VIGIL_INSECURE")]
     pub insecure: bool,
+
+    /// Print `debug:` lines on stderr: which coordinator was tried, why it was passed over,
+    /// and which leader a standby pointed to.
+    #[arg(long, global = true, env = "VIGIL_DEBUG")]
+    pub debug: bool,
 
     /// Output format: aligned text for people, or stable JSON for scripts (one document; JSON
     /// Lines from `events`, `job logs` and `status --watch`).

@@ -1,4 +1,5 @@
-//! Connecting to the coordinator's ControlService and turning gRPC failures into one-line errors.
+//! The coordinator's ControlService, one method per call (`dial` picks the coordinator), and
+//! gRPC failures turned into one-line errors.
 //!
 //! Unary calls wait `REQUEST_TIMEOUT` (more for diagnose and drain); streams are read through
 //! `Feed`, time-limited unless followed.
@@ -7,12 +8,13 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, anyhow};
-use tonic::transport::{Channel, Endpoint};
+use tokio::time::Instant;
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
-use vigil_proto::v1::control_service_client::ControlServiceClient;
-use vigil_proto::{MAX_MESSAGE_BYTES, v1};
+use vigil_proto::v1;
 
-use crate::feed::{Feed, open_feed};
+use crate::dial::{CallOpts, Dialer};
+use crate::feed::Feed;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,7 +50,7 @@ pub struct Tls {
 }
 
 impl Tls {
-    fn transport(&self, url: &str) -> Result<vigil_tls::ClientTls> {
+    pub fn transport(&self, url: &str) -> Result<vigil_tls::ClientTls> {
         let files = match (&self.ca, &self.cert, &self.key) {
             (Some(ca), Some(cert), Some(key)) => Some(vigil_tls::TlsFiles {
                 ca: ca.clone(),
@@ -83,66 +85,105 @@ pub enum Subject<'a> {
     Job(&'a str),
 }
 
-/// A connected ControlService client that remembers the URL for its error messages.
+/// The ControlService of whichever coordinator answers (`dial`: the address list, leader
+/// hints), one method per call.
 pub struct Coordinator {
-    url: String,
-    client: ControlServiceClient<Channel>,
+    dialer: Dialer,
+}
+
+/// A unary call: `$method` of the client with `$message` (cloned for each coordinator tried)
+/// and `$timeout` as its `grpc-timeout`.
+macro_rules! unary {
+    ($self:ident, $method:ident, $message:expr, $subject:expr, $timeout:expr) => {{
+        let message = $message;
+        let timeout: Duration = $timeout;
+        let opts = CallOpts {
+            subject: $subject,
+            wait: timeout,
+            limit: None,
+        };
+        $self
+            .dialer
+            .call(opts, move |mut client| {
+                let mut req = tonic::Request::new(message.clone());
+                req.set_timeout(timeout);
+                async move { client.$method(req).await }
+            })
+            .await
+    }};
 }
 
 impl Coordinator {
-    /// Connects now, so a dead coordinator fails here within `CONNECT_TIMEOUT`.
-    pub async fn connect(url: &str, tls: &Tls) -> Result<Self> {
-        let endpoint = endpoint(url)?;
-        let transport = tls.transport(url)?;
-        let channel = vigil_tls::connect(endpoint, &transport)
-            .await
-            .map_err(|e| anyhow!(unreachable(url, &cause(&e))))?;
-        let client = ControlServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    /// Validates the `--coordinator` list and the TLS flags; nothing is dialed before the
+    /// first call.
+    pub fn new(list: &str, tls: &Tls, debug: bool) -> Result<Self> {
         Ok(Self {
-            url: url.to_string(),
-            client,
+            dialer: Dialer::new(list, tls, debug)?,
         })
     }
 
+    /// The URL of the coordinator that answered last.
     pub fn url(&self) -> &str {
-        &self.url
+        self.dialer.url()
     }
 
+    /// Answered by the first coordinator that answers, a standby included (its answer shows
+    /// who leads, or that none does); when a standby names a leader, the leader's answer.
     pub async fn status(&mut self) -> Result<v1::StatusResponse> {
-        let r = self.client.status(request(v1::StatusRequest {})).await;
-        self.answer(r, None, REQUEST_TIMEOUT)
+        let opts = CallOpts {
+            subject: None,
+            wait: REQUEST_TIMEOUT,
+            limit: None,
+        };
+        self.dialer
+            .call_preferring_leader(
+                opts,
+                |mut client| async move { client.status(request(v1::StatusRequest {})).await },
+                |s: &v1::StatusResponse| {
+                    s.ha.as_ref()
+                        .filter(|ha| ha.role == "standby")
+                        .map(|ha| ha.leader_url.clone())
+                },
+            )
+            .await
     }
 
     pub async fn list_nodes(&mut self) -> Result<v1::ListNodesResponse> {
-        let r = self
-            .client
-            .list_nodes(request(v1::ListNodesRequest {}))
-            .await;
-        self.answer(r, None, REQUEST_TIMEOUT)
+        unary!(
+            self,
+            list_nodes,
+            v1::ListNodesRequest {},
+            None,
+            REQUEST_TIMEOUT
+        )
     }
 
     pub async fn list_lemons(&mut self) -> Result<v1::ListLemonsResponse> {
-        let r = self
-            .client
-            .list_lemons(request(v1::ListLemonsRequest {}))
-            .await;
-        self.answer(r, None, REQUEST_TIMEOUT)
+        unary!(
+            self,
+            list_lemons,
+            v1::ListLemonsRequest {},
+            None,
+            REQUEST_TIMEOUT
+        )
     }
 
     pub async fn clear_lemon(&mut self, subject: &str) -> Result<v1::ListLemonsResponse> {
         let req = v1::ClearLemonRequest {
             subject: subject.into(),
         };
-        let r = self.client.clear_lemon(request(req)).await;
-        self.answer(r, None, REQUEST_TIMEOUT)
+        unary!(self, clear_lemon, req, None, REQUEST_TIMEOUT)
     }
 
     pub async fn get_node(&mut self, name: &str) -> Result<v1::NodeDetail> {
         let req = v1::GetNodeRequest { name: name.into() };
-        let r = self.client.get_node(request(req)).await;
-        self.answer(r, Some(Subject::Node(name)), REQUEST_TIMEOUT)
+        unary!(
+            self,
+            get_node,
+            req,
+            Some(Subject::Node(name)),
+            REQUEST_TIMEOUT
+        )
     }
 
     pub async fn cordon(&mut self, name: &str, reason: &str) -> Result<v1::NodeSummary> {
@@ -150,8 +191,13 @@ impl Coordinator {
             name: name.into(),
             reason: reason.into(),
         };
-        let r = self.client.cordon(request(req)).await;
-        self.answer(r, Some(Subject::Node(name)), REQUEST_TIMEOUT)
+        unary!(
+            self,
+            cordon,
+            req,
+            Some(Subject::Node(name)),
+            REQUEST_TIMEOUT
+        )
     }
 
     pub async fn uncordon(&mut self, name: &str, force: bool) -> Result<v1::NodeSummary> {
@@ -159,8 +205,13 @@ impl Coordinator {
             name: name.into(),
             force,
         };
-        let r = self.client.uncordon(request(req)).await;
-        self.answer(r, Some(Subject::Node(name)), REQUEST_TIMEOUT)
+        unary!(
+            self,
+            uncordon,
+            req,
+            Some(Subject::Node(name)),
+            REQUEST_TIMEOUT
+        )
     }
 
     /// Runs the node's diagnostic; `timeout` `None` lets the coordinator pick. Waits for the
@@ -170,15 +221,12 @@ impl Coordinator {
         name: &str,
         timeout: Option<Duration>,
     ) -> Result<v1::DiagnosticsRecord> {
-        let wait = diagnose_wait(timeout);
         let req = v1::DiagnoseRequest {
             name: name.into(),
             timeout_ms: timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         };
-        let mut req = tonic::Request::new(req);
-        req.set_timeout(wait);
-        let r = self.client.diagnose(req).await;
-        self.answer(r, Some(Subject::Node(name)), wait)
+        let wait = diagnose_wait(timeout);
+        unary!(self, diagnose, req, Some(Subject::Node(name)), wait)
     }
 
     /// Sends a job spec; `source` (the file name) lets the coordinator name it in its errors.
@@ -187,25 +235,33 @@ impl Coordinator {
             spec_toml: spec_toml.into(),
             source: source.into(),
         };
-        let r = self.client.submit_job(request(req)).await;
-        self.answer(r, None, REQUEST_TIMEOUT)
+        unary!(self, submit_job, req, None, REQUEST_TIMEOUT)
     }
 
     pub async fn list_jobs(&mut self) -> Result<v1::ListJobsResponse> {
-        let r = self.client.list_jobs(request(v1::ListJobsRequest {})).await;
-        self.answer(r, None, REQUEST_TIMEOUT)
+        unary!(
+            self,
+            list_jobs,
+            v1::ListJobsRequest {},
+            None,
+            REQUEST_TIMEOUT
+        )
     }
 
     pub async fn get_job(&mut self, id: &str) -> Result<v1::JobDetail> {
         let req = v1::GetJobRequest { id: id.into() };
-        let r = self.client.get_job(request(req)).await;
-        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
+        unary!(self, get_job, req, Some(Subject::Job(id)), REQUEST_TIMEOUT)
     }
 
     pub async fn cancel_job(&mut self, id: &str) -> Result<v1::JobDetail> {
         let req = v1::CancelJobRequest { id: id.into() };
-        let r = self.client.cancel_job(request(req)).await;
-        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
+        unary!(
+            self,
+            cancel_job,
+            req,
+            Some(Subject::Job(id)),
+            REQUEST_TIMEOUT
+        )
     }
 
     pub async fn restart_job(
@@ -219,19 +275,22 @@ impl Coordinator {
             from_checkpoint_step,
             env: env.into_iter().collect(),
         };
-        let r = self.client.restart_job(request(req)).await;
-        self.answer(r, Some(Subject::Job(id)), REQUEST_TIMEOUT)
+        unary!(
+            self,
+            restart_job,
+            req,
+            Some(Subject::Job(id)),
+            REQUEST_TIMEOUT
+        )
     }
 
     /// Cordons the node and restarts its jobs elsewhere.
     pub async fn drain(&mut self, name: &str, reason: &str) -> Result<v1::DrainResponse> {
-        let mut req = tonic::Request::new(v1::DrainRequest {
+        let req = v1::DrainRequest {
             name: name.into(),
             reason: reason.into(),
-        });
-        req.set_timeout(DRAIN_TIMEOUT);
-        let r = self.client.drain(req).await;
-        self.answer(r, Some(Subject::Node(name)), DRAIN_TIMEOUT)
+        };
+        unary!(self, drain, req, Some(Subject::Node(name)), DRAIN_TIMEOUT)
     }
 
     /// Past events, then, with `follow`, new ones for as long as the stream lasts (no timeout).
@@ -246,27 +305,40 @@ impl Coordinator {
             (node, _) => Some(Subject::Node(node)),
         };
         let limit = (!req.follow).then_some(REQUEST_TIMEOUT);
-        let call = self.client.watch_events(stream_request(req, limit));
-        open_feed(&self.url, call, subject, limit).await
+        let opts = CallOpts {
+            subject,
+            wait: limit.unwrap_or(REQUEST_TIMEOUT),
+            limit,
+        };
+        let started = Instant::now();
+        let stream = self
+            .dialer
+            .call(opts, move |mut client| {
+                let req = stream_request(req.clone(), limit);
+                async move { client.watch_events(req).await }
+            })
+            .await?;
+        Ok(Feed::new(stream, self.url(), started, limit))
     }
 
     /// The tail of the job's worker logs, then, with `follow`, new output (no timeout).
     pub async fn job_logs(&mut self, req: v1::JobLogsRequest) -> Result<Feed<v1::LogChunk>> {
         let id = req.id.clone();
         let limit = (!req.follow).then_some(LOGS_TIMEOUT);
-        let call = self.client.job_logs(stream_request(req, limit));
-        open_feed(&self.url, call, Some(Subject::Job(&id)), limit).await
-    }
-
-    fn answer<T>(
-        &self,
-        result: std::result::Result<tonic::Response<T>, Status>,
-        subject: Option<Subject<'_>>,
-        timeout: Duration,
-    ) -> Result<T> {
-        result
-            .map(tonic::Response::into_inner)
-            .map_err(|status| anyhow!(describe_status(&status, &self.url, subject, timeout)))
+        let opts = CallOpts {
+            subject: Some(Subject::Job(&id)),
+            wait: limit.unwrap_or(REQUEST_TIMEOUT),
+            limit,
+        };
+        let started = Instant::now();
+        let stream = self
+            .dialer
+            .call(opts, move |mut client| {
+                let req = stream_request(req.clone(), limit);
+                async move { client.job_logs(req).await }
+            })
+            .await?;
+        Ok(Feed::new(stream, self.url(), started, limit))
     }
 }
 
@@ -327,7 +399,7 @@ fn code_is_cancelled(status: &Status) -> bool {
 }
 
 /// A TLS coordinator drops a plaintext client without a word; say what that likely means.
-fn plaintext_hint(url: &str) -> &'static str {
+pub fn plaintext_hint(url: &str) -> &'static str {
     if url.starts_with("http://") {
         "; if the coordinator requires TLS (it drops plaintext connections), use an https:// URL \
          with --ca, --cert and --key"
@@ -338,7 +410,7 @@ fn plaintext_hint(url: &str) -> &'static str {
 
 /// The most telling cause in an error chain: the I/O error kind ("connection refused") if
 /// there is one, else the innermost message.
-fn cause(err: &(dyn std::error::Error + 'static)) -> String {
+pub fn cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut innermost = err.to_string();
     let mut current = Some(err);
     while let Some(e) = current {
@@ -409,6 +481,10 @@ pub fn describe_status(
         }
         Code::Cancelled if message.to_lowercase().contains("timeout") => {
             unreachable(url, &format!("no answer within {}s", timeout.as_secs()))
+        }
+        // The coordinator's own words (a node without a connected agent): they name the fix.
+        Code::Unavailable if std::error::Error::source(status).is_none() && !message.is_empty() => {
+            format!("coordinator at {url}: {message}")
         }
         Code::Unavailable => {
             let why = match std::error::Error::source(status) {

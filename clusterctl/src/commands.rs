@@ -52,7 +52,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         key: cli.key.clone(),
         insecure: cli.insecure,
     };
-    let mut coordinator = Coordinator::connect(&cli.coordinator, &tls).await?;
+    let mut coordinator = Coordinator::new(&cli.coordinator, &tls, cli.debug)?;
     let c = &mut coordinator;
     let out = cli.output;
     let term = match out {

@@ -1,14 +1,13 @@
 //! A server stream read message by message: within the command's time limit when it has one
 //! (none when following), each failure turned into one line.
 
-use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use tokio::time::Instant;
-use tonic::{Response, Status, Streaming};
+use tonic::Streaming;
 
-use crate::client::{REQUEST_TIMEOUT, Subject, describe_status, unreachable};
+use crate::client::{REQUEST_TIMEOUT, describe_status, unreachable};
 
 pub struct Feed<T> {
     stream: Streaming<T>,
@@ -17,36 +16,17 @@ pub struct Feed<T> {
     url: String,
 }
 
-/// Opens a stream with `call`; `limit` bounds the whole answer, opening included.
-pub async fn open_feed<T>(
-    url: &str,
-    call: impl Future<Output = Result<Response<Streaming<T>>, Status>>,
-    subject: Option<Subject<'_>>,
-    limit: Option<Duration>,
-) -> Result<Feed<T>> {
-    let deadline = limit.map(|l| (Instant::now() + l, l));
-    let answer = match deadline {
-        Some((at, limit)) => tokio::time::timeout_at(at, call)
-            .await
-            .map_err(|_| late(url, limit))?,
-        None => call.await,
-    };
-    let stream = answer.map(Response::into_inner).map_err(|status| {
-        anyhow!(describe_status(
-            &status,
-            url,
-            subject,
-            limit.unwrap_or(REQUEST_TIMEOUT)
-        ))
-    })?;
-    Ok(Feed {
-        stream,
-        deadline,
-        url: url.to_string(),
-    })
-}
-
 impl<T> Feed<T> {
+    /// A stream `url` opened; `limit` bounds the whole answer from `started` (before the
+    /// call was sent), opening included.
+    pub fn new(stream: Streaming<T>, url: &str, started: Instant, limit: Option<Duration>) -> Self {
+        Self {
+            stream,
+            deadline: limit.map(|l| (started + l, l)),
+            url: url.to_string(),
+        }
+    }
+
     /// The next message; `None` when the coordinator ended the stream. Cancel-safe.
     pub async fn next(&mut self) -> Result<Option<T>> {
         let message = self.stream.message();

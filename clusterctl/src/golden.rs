@@ -1,4 +1,4 @@
-//! Golden files: the table and JSON output of `status`, `nodes`, `jobs` and `job show` for the
+//! Golden files: the table and JSON output of `status` (with and without its HA section), `nodes`, `jobs` and `job show` for the
 //! fixtures, at a fixed `now`, without colour or terminal width, compared with
 //! `tests/golden/*`. `UPDATE_GOLDEN=1 cargo test -p clusterctl golden` rewrites them (review
 //! the diff).
@@ -10,7 +10,8 @@ use vigil_proto::v1;
 
 use crate::commands::json_document;
 use crate::model::fixtures::{
-    cordoned_sim_node, degraded_node, pending_job, ready_nvml_node, running_job, status_response,
+    cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum, ha_sled, pending_job,
+    ready_nvml_node, running_job, status_response,
 };
 use crate::model::{JobDetail, JobList, NodeList, Status};
 use crate::render;
@@ -58,6 +59,24 @@ fn golden_status() {
         &status,
         &render::status(&status, NOW, Term::PLAIN),
     );
+}
+
+/// `status` with the HA section: one coordinator on sled, two on a healthy etcd, and etcd
+/// without quorum (no leader).
+#[test]
+fn golden_status_ha() {
+    for (name, ha) in [
+        ("status_ha_sled", ha_sled()),
+        ("status_ha_etcd", ha_etcd_healthy()),
+        ("status_ha_no_quorum", ha_etcd_no_quorum()),
+    ] {
+        let response = v1::StatusResponse {
+            ha: Some(ha),
+            ..status_response()
+        };
+        let status = Status::from_proto(response, "https://coord-1.example:7770");
+        check_both(name, &status, &render::status(&status, NOW, Term::PLAIN));
+    }
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //!
 //! Layout:
 //! - `cli`: the command line (clap), a contract with docs and tests.
-//! - `client`: connects to the coordinator and turns gRPC failures into one-line errors.
+//! - `client`: the coordinator's calls, and gRPC failures turned into one-line errors.
+//! - `dial`: which coordinator answers: the `--coordinator` list in order, a standby's leader
+//!   hint followed, one error line naming every address when none answers.
 //! - `feed`: reads a server stream, within a time limit unless following.
 //! - `commands`: one function per subcommand; calls the coordinator and picks the output.
 //! - `follow`: `events` and `job logs`, printed as the coordinator streams them.
@@ -16,6 +18,7 @@
 mod cli;
 mod client;
 mod commands;
+mod dial;
 mod feed;
 mod follow;
 #[cfg(test)]

@@ -81,7 +81,7 @@ fn color_of(word: &str) -> Option<&'static str> {
         "Ready" | "Healthy" | "Schedulable" | "Running" | "Succeeded" => Some(GREEN),
         "Degraded" | "Validating" | "Unreachable" | "Draining" | "Pending" | "Restarting"
         | "Cancelling" => Some(YELLOW),
-        "Cordoned" | "Lost" | "Failed" | "Unhealthy" | "Lemon" => Some(RED),
+        "Cordoned" | "Lost" | "Failed" | "Unhealthy" | "Lemon" | "NONE" => Some(RED),
         _ => None,
     }
 }

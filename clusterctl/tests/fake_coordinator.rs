@@ -11,6 +11,10 @@ use vigil_proto::v1::{self, control_service_server::ControlServiceServer};
 #[path = "fake_coordinator/jobs.rs"]
 mod jobs;
 
+/// Highly available coordinators: a fake standby, leader hints, the address list.
+#[path = "fake_coordinator/ha.rs"]
+mod ha;
+
 /// The nodes the fake knows.
 #[path = "fake_coordinator/nodes.rs"]
 mod nodes;

@@ -91,6 +91,93 @@ pub fn status_response() -> v1::StatusResponse {
     }
 }
 
+/// One coordinator on sled: the HA section says so and nothing more.
+pub fn ha_sled() -> v1::HaStatus {
+    v1::HaStatus {
+        store: "sled".into(),
+        coordinator: "coord-1".into(),
+        role: "leader".into(),
+        quorum: true,
+        ..Default::default()
+    }
+}
+
+fn etcd_member(endpoint: &str, is_leader: bool) -> v1::EtcdMember {
+    v1::EtcdMember {
+        endpoint: endpoint.into(),
+        healthy: true,
+        is_leader,
+        version: "3.5.17".into(),
+        db_size_bytes: 20 << 20,
+        raft_term: 7,
+        error: String::new(),
+    }
+}
+
+fn coordinator(name: &str, leader: bool, started_at_unix_ms: u64) -> v1::CoordinatorInfo {
+    v1::CoordinatorInfo {
+        name: name.into(),
+        url: format!("https://{name}.example:7770"),
+        leader,
+        version: "0.1.0".into(),
+        started_at_unix_ms,
+    }
+}
+
+/// Two coordinators on a healthy three-member etcd; coord-2 leads (for the last 12 minutes),
+/// coord-1 answered.
+pub fn ha_etcd_healthy() -> v1::HaStatus {
+    v1::HaStatus {
+        store: "etcd".into(),
+        coordinator: "coord-1".into(),
+        role: "standby".into(),
+        leader: "coord-2".into(),
+        leader_url: "https://coord-2.example:7770".into(),
+        term: 41,
+        leader_since_unix_ms: 1_000_000,
+        coordinators: vec![
+            coordinator("coord-1", false, 100_000),
+            coordinator("coord-2", true, 40_000),
+        ],
+        etcd: vec![
+            etcd_member("https://etcd-1.example:2379", true),
+            etcd_member("https://etcd-2.example:2379", false),
+            etcd_member("https://etcd-3.example:2379", false),
+        ],
+        quorum: true,
+        etcd_error: String::new(),
+        leader_changes: 2,
+    }
+}
+
+/// etcd lost two of its three members: no quorum, so no coordinator leads.
+pub fn ha_etcd_no_quorum() -> v1::HaStatus {
+    let down = |endpoint: &str| v1::EtcdMember {
+        endpoint: endpoint.into(),
+        healthy: false,
+        error: "connection refused".into(),
+        ..Default::default()
+    };
+    v1::HaStatus {
+        store: "etcd".into(),
+        coordinator: "coord-1".into(),
+        role: "standby".into(),
+        leader: String::new(),
+        leader_url: String::new(),
+        term: 41,
+        leader_since_unix_ms: 0,
+        coordinators: vec![coordinator("coord-1", false, 100_000)],
+        etcd: vec![
+            etcd_member("https://etcd-1.example:2379", false),
+            down("https://etcd-2.example:2379"),
+            down("https://etcd-3.example:2379"),
+        ],
+        quorum: false,
+        etcd_error: "no quorum: 1 of 3 members healthy".into(),
+        leader_changes: 3,
+    }
+}
+
 /// A job waiting for nodes: never started, no checkpoint.
 pub fn pending_job() -> v1::JobSummary {
     v1::JobSummary {

@@ -3,13 +3,15 @@
 //! Field names here are a contract (tests and docs parse them), so they are spelled out
 //! rather than derived from the protocol: a renamed proto field must not change the JSON.
 //! One file per area: `enums` (proto enums as words), `node`, `sample` (one GPU's health
-//! sample), `health` (conditions, events, diagnostics), `status`, `job`
+//! sample), `health` (conditions, events, diagnostics), `status`, `ha` (its coordinators and
+//! etcd members), `job`
 //! (job summaries and details), `goodput` (where a job's time went), `ops` (drain, streamed events and log chunks).
 
 mod enums;
 #[cfg(test)]
 pub mod fixtures;
 mod goodput;
+mod ha;
 mod health;
 mod job;
 mod lemons;
@@ -24,6 +26,7 @@ pub use enums::GpuBackend;
 pub use goodput::Goodput;
 #[cfg(test)]
 pub use goodput::{FailureCost, TimelineSegment};
+pub use ha::Ha;
 pub use health::DiagnoseResult;
 #[cfg(test)]
 pub use job::JobEvent;

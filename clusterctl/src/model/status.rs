@@ -4,6 +4,7 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use vigil_proto::v1;
 
+use super::ha::Ha;
 use super::node::NodeSummary;
 
 /// The operator-facing node states, in the order `status` shows them.
@@ -61,6 +62,9 @@ impl Serialize for StateCounts {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
     pub coordinator: CoordinatorInfo,
+    /// High availability as the answering coordinator sees it; `null` from a coordinator
+    /// that does not report it (older ones).
+    pub ha: Option<Ha>,
     pub nodes_total: u32,
     pub nodes_by_state: StateCounts,
     pub gpus_healthy: u32,
@@ -83,6 +87,7 @@ impl Status {
                 insecure: s.insecure,
                 caller: s.caller,
             },
+            ha: s.ha.map(Ha::from),
             nodes_total: s.nodes_total,
             nodes_by_state: StateCounts::from_proto(s.nodes_by_state),
             gpus_healthy: s.gpus_healthy,

@@ -7,6 +7,7 @@
 mod diagnose;
 mod events;
 mod gpu;
+mod ha;
 mod job;
 mod lemons;
 mod logs;

@@ -10,10 +10,15 @@ use crate::term::Term;
 pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
     let mut out = Labelled::new(STATUS_LABEL_WIDTH);
     let c = &s.coordinator;
+    // Which coordinator answered, when it says (highly available coordinators).
+    let who = match &s.ha {
+        Some(ha) if !ha.coordinator.is_empty() => format!("{}, {}, ", ha.coordinator, ha.role),
+        _ => String::new(),
+    };
     out.line(
         "coordinator",
         format!(
-            "{}  ({}, up {}, listening {})",
+            "{}  ({who}{}, up {}, listening {})",
             c.url,
             product_version(&c.version),
             format_duration(c.uptime_ms),
@@ -34,6 +39,9 @@ pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
             "security",
             format!("mutual TLS, you are {}", sanitize(&c.caller)),
         );
+    }
+    if let Some(ha) = &s.ha {
+        super::ha::ha_lines(&mut out, ha, now_ms, term);
     }
     let counts: Vec<String> = s
         .nodes_by_state
@@ -106,7 +114,7 @@ fn first_reason(n: &NodeSummary) -> String {
 }
 
 /// The rows under one label, aligned with each other, or `none`.
-fn section(out: &mut Labelled, label: &str, rows: &Table) {
+pub(super) fn section(out: &mut Labelled, label: &str, rows: &Table) {
     let lines = rows.lines();
     if lines.is_empty() {
         out.line(label, "none");
