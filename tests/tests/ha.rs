@@ -1,0 +1,272 @@
+//! Highly available coordinators end to end: a real three-member etcd cluster
+//! (Debian's etcd, three processes on loopback), two coordinators, agents that
+//! know both, and a running fake-trainer job. Skipped with one line where etcd
+//! is not installed; `.ci/run` sets `VIGIL_REQUIRE_ETCD=1`, so CI runs them.
+//!
+//! Timings are the production defaults (etcd lease 5 s, agent lease 8 s,
+//! `lost_after` 10 s): the point is that a failover fits inside them.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use vigil_tests::etcd::{self, EtcdCluster, free_port};
+use vigil_tests::jobs::{attempt, spec_in, workers_running};
+use vigil_tests::{Agent, Coordinator, LONG, clusterctl, nodes, wait_for, write_file};
+
+/// Two coordinators over one etcd cluster, and agents that know both.
+struct HaCluster {
+    dir: tempfile::TempDir,
+    etcd: EtcdCluster,
+    /// Index = coordinator number - 1; `None` once killed (or exited).
+    coordinators: Vec<Option<Coordinator>>,
+    addrs: Vec<std::net::SocketAddr>,
+    agents: Vec<Agent>,
+}
+
+impl HaCluster {
+    fn start(agents: usize) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let etcd = EtcdCluster::start(dir.path(), 3)?;
+        let addrs = vec![
+            format!("127.0.0.1:{}", free_port()?).parse()?,
+            format!("127.0.0.1:{}", free_port()?).parse()?,
+        ];
+        let mut cluster = Self {
+            dir,
+            etcd,
+            coordinators: vec![None, None],
+            addrs,
+            agents: Vec::new(),
+        };
+        cluster.start_coordinator(1)?;
+        wait_for("c1 leads", LONG, || Ok(cluster.leader_is("c1")?.then_some(())))?;
+        cluster.start_coordinator(2)?;
+        let list = cluster.urls();
+        for i in 0..agents {
+            let name = format!("node-{i}");
+            let agent_dir = cluster.dir.path().to_owned();
+            cluster.agents.push(Agent::start_with(
+                &agent_dir,
+                &list,
+                &name,
+                8,
+                "[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n",
+            )?);
+        }
+        wait_for("agents Ready", LONG, || {
+            let n = nodes(&cluster.urls())?;
+            Ok((n.len() == agents && n.values().all(|v| v["availability"] == "Ready")).then_some(()))
+        })?;
+        Ok(cluster)
+    }
+
+    fn config(&self, n: usize) -> String {
+        format!(
+            "[ha]\nname = \"c{n}\"\nadvertise_url = \"http://{}\"\netcd_endpoints = {}\n",
+            self.addrs[n - 1],
+            self.etcd.endpoints_toml()
+        )
+    }
+
+    fn start_coordinator(&mut self, n: usize) -> Result<()> {
+        let dir = self.dir.path().join(format!("c{n}"));
+        std::fs::create_dir_all(&dir)?;
+        let c = Coordinator::start(&dir, &self.config(n), Some(self.addrs[n - 1]))?;
+        self.coordinators[n - 1] = Some(c);
+        Ok(())
+    }
+
+    /// Every coordinator, comma-separated: what agents and clusterctl are given.
+    fn urls(&self) -> String {
+        self.addrs
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn status(&self) -> Result<Value> {
+        clusterctl(&self.urls(), &["-o", "json", "status"])?.json()
+    }
+
+    fn leader_is(&self, name: &str) -> Result<bool> {
+        let s = self.status()?;
+        Ok(s["ha"]["leader"]["name"] == name || s["ha"]["leader"] == name)
+    }
+
+    fn ha(&self) -> Result<Value> {
+        Ok(self.status()?["ha"].clone())
+    }
+
+    fn term(&self) -> Result<u64> {
+        let ha = self.ha()?;
+        ha["term"]
+            .as_u64()
+            .or_else(|| ha["leader"]["term"].as_u64())
+            .context("no term in status")
+    }
+
+    fn job(&self, id: &str) -> Result<Value> {
+        clusterctl(&self.urls(), &["-o", "json", "job", "show", id])?.json()
+    }
+
+    fn submit(&self) -> Result<String> {
+        let spec = spec_in(self.dir.path(), 2, 1, "", "")?;
+        let path = write_file(self.dir.path(), "job.toml", &spec)?;
+        let v = clusterctl(
+            &self.urls(),
+            &["-o", "json", "job", "submit", &path.to_string_lossy()],
+        )?
+        .json()?;
+        v["job"]["id"].as_str().map(str::to_owned).context("no job id")
+    }
+
+    fn all_ready(&self) -> Result<Option<()>> {
+        let n = nodes(&self.urls())?;
+        let ready = n.len() == self.agents.len()
+            && n.values().all(|v| {
+                v["availability"] == "Ready"
+            });
+        Ok(ready.then_some(()))
+    }
+}
+
+fn leader_name(ha: &Value) -> String {
+    ha["leader"]["name"]
+        .as_str()
+        .or_else(|| ha["leader"].as_str())
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn checkpoint_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("ckpt")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn killing_the_leader_moves_every_agent_and_restarts_no_job() -> Result<()> {
+    if !etcd::available() {
+        return Ok(());
+    }
+    let mut cluster = HaCluster::start(3)?;
+    let id = cluster.submit()?;
+    let job = wait_for("job running on 2 nodes", LONG, || {
+        let j = cluster.job(&id)?;
+        Ok(workers_running(&j, 2).then_some(j))
+    })?;
+    assert_eq!(attempt(&job), 1);
+    // A cordon made before the failover must survive it (it lives in etcd).
+    let spare = (0..3)
+        .map(|i| format!("node-{i}"))
+        .find(|n| {
+            !job["job"]["assigned_nodes"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == n.as_str()))
+        })
+        .context("a node outside the job")?;
+    let out = clusterctl(&cluster.urls(), &["cordon", &spare, "--reason", "bad fan"])?;
+    assert!(out.success(), "{}", out.stderr);
+
+    // One etcd member down: nothing changes.
+    let term_before = cluster.term()?;
+    cluster.etcd.kill(2);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(cluster.term()?, term_before, "an etcd member's death moved the leadership");
+    assert!(cluster.leader_is("c1")?);
+    let j = cluster.job(&id)?;
+    assert_eq!(attempt(&j), 1, "an etcd member's death restarted the job: {j}");
+    cluster.all_ready()?.context("nodes not Ready with one etcd member down")?;
+    cluster.etcd.start_member(2)?;
+    cluster.etcd.wait_healthy()?;
+
+    // kill -9 the leader.
+    let killed = Instant::now();
+    if let Some(c) = cluster.coordinators[0].as_mut() {
+        c.kill9();
+    }
+    cluster.coordinators[0] = None;
+    wait_for("c2 leads", LONG, || Ok(cluster.leader_is("c2")?.then_some(())))?;
+    let elected = killed.elapsed();
+    wait_for("every agent registered with c2", LONG, || cluster.all_ready())?;
+    let registered = killed.elapsed();
+    eprintln!(
+        "failover: leader kill -9 -> new leader {:.1}s -> all agents registered {:.1}s",
+        elected.as_secs_f64(),
+        registered.as_secs_f64()
+    );
+    assert!(cluster.term()? > term_before, "a new leadership has a higher term");
+    let j = cluster.job(&id)?;
+    assert_eq!(attempt(&j), 1, "the failover restarted the job: {j}");
+    let before = checkpoint_count(cluster.dir.path());
+    wait_for("job still training after the failover", LONG, || {
+        let j = cluster.job(&id)?;
+        Ok((workers_running(&j, 2) && checkpoint_count(cluster.dir.path()) > before).then_some(()))
+    })?;
+    assert_eq!(attempt(&cluster.job(&id)?), 1);
+    let spare_node = nodes(&cluster.urls())?
+        .remove(&spare)
+        .context("spare listed")?;
+    assert_eq!(spare_node["scheduling"], "Cordoned", "{spare_node}");
+    Ok(())
+}
+
+#[test]
+fn a_paused_leader_steps_down_and_quorum_loss_stops_every_decision() -> Result<()> {
+    if !etcd::available() {
+        return Ok(());
+    }
+    let mut cluster = HaCluster::start(2)?;
+    let term1 = cluster.term()?;
+    let pid = cluster.coordinators[0].as_ref().context("c1")?.child.id();
+    etcd::signal(pid, "STOP")?;
+    wait_for("c2 leads while c1 is paused", LONG, || {
+        Ok(cluster.leader_is("c2")?.then_some(()))
+    })?;
+    wait_for("agents registered with c2", LONG, || cluster.all_ready())?;
+    let term2 = cluster.term()?;
+    assert!(term2 > term1);
+    etcd::signal(pid, "CONT")?;
+    // It wakes up past its deadline: it writes nothing and exits (75).
+    let c1 = cluster.coordinators[0].as_mut().context("c1")?;
+    let status = wait_for("c1 exits after waking", LONG, || Ok(c1.child.try_wait()?))?;
+    assert_eq!(status.code(), Some(75), "{}", c1.log_text());
+    assert!(c1.log_text().contains("leadership lost"), "{}", c1.log_text());
+    assert!(cluster.leader_is("c2")?);
+    assert_eq!(cluster.term()?, term2, "the old leader changed nothing");
+    cluster.all_ready()?.context("agents stayed with c2")?;
+    cluster.coordinators[0] = None;
+    cluster.start_coordinator(1)?;
+
+    // Quorum lost: the leader steps down, nobody decides, status says so.
+    cluster.etcd.kill(0);
+    cluster.etcd.kill(1);
+    let c2 = cluster.coordinators[1].as_mut().context("c2")?;
+    let status = wait_for("c2 steps down without quorum", LONG, || Ok(c2.child.try_wait()?))?;
+    assert_eq!(status.code(), Some(75), "{}", c2.log_text());
+    let ha = wait_for("status shows no quorum", LONG, || {
+        let ha = cluster.ha()?;
+        Ok((ha["quorum"] == false || ha["store"]["quorum"] == false).then_some(ha))
+    })?;
+    assert_eq!(leader_name(&ha), "", "nobody leads without quorum: {ha}");
+    // A fatal GPU fault now is not acted on: nobody may decide.
+    cluster.agents[0].set_faults("xid 79 gpu 3\n")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let out = clusterctl(&cluster.urls(), &["nodes"])?;
+    assert!(!out.success(), "no coordinator answers node calls without quorum");
+
+    // Quorum back: a coordinator leads again and acts on what it finds.
+    cluster.etcd.start_member(0)?;
+    cluster.etcd.start_member(1)?;
+    wait_for("a leader again", LONG, || {
+        Ok((!leader_name(&cluster.ha()?).is_empty()).then_some(()))
+    })?;
+    wait_for("the faulty node cordoned by the new leader", LONG, || {
+        let n = nodes(&cluster.urls())?;
+        Ok(n.get("node-0")
+            .filter(|v| v["scheduling"] == "Cordoned")
+            .map(|_| ()))
+    })?;
+    Ok(())
+}
