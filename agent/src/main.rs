@@ -11,7 +11,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_agent::cli::Cli;
-use vigil_agent::config::ConfigError;
+use vigil_agent::config::{ConfigError, Coordinators};
+use vigil_agent::session::Registration;
 use vigil_agent::{AgentConfig, Hooks, error_chain};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
@@ -55,17 +56,13 @@ async fn main() -> ExitCode {
         }
     };
     tokio::spawn(reload_on_sighup(hup, cli, config.clone()));
-    let coordinator = config.coordinator.clone();
+    let coordinators = config.coordinator.clone();
     let hooks = Hooks {
         ready: Some(Box::new(|summary| {
             notify(&[NotifyState::Ready, NotifyState::Status(summary)]);
         })),
-        registered: Some(Box::new(move |registered| {
-            let status = if registered {
-                format!("registered with {coordinator}")
-            } else {
-                format!("coordinator {coordinator} unreachable, retrying")
-            };
+        registered: Some(Box::new(move |registration| {
+            let status = registration_status(&coordinators, registration);
             notify(&[NotifyState::Status(&status)]);
         })),
     };
@@ -75,6 +72,17 @@ async fn main() -> ExitCode {
             eprintln!("vigil-agent: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// systemd's STATUS for a registration change: which coordinator, or that none answers.
+/// A single coordinator keeps the short form (`registered with URL`).
+fn registration_status(coordinators: &Coordinators, registration: Option<&Registration>) -> String {
+    match (registration, coordinators.is_group()) {
+        (Some(r), false) => format!("registered with {}", r.url),
+        (Some(r), true) => format!("registered with coordinator {r}"),
+        (None, false) => format!("coordinator {coordinators} unreachable, retrying"),
+        (None, true) => format!("no leader among coordinators {coordinators}, retrying"),
     }
 }
 
