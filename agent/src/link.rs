@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{Coordinators, ReconnectConfig};
@@ -183,7 +183,7 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
             .map_or("", String::as_str);
         span.in_scope(|| match (&end.cause, end.registered) {
             (SessionError::Standby { .. }, false) => {
-                info!(retry_in_ms, next, "dialing {next} next");
+                debug!(retry_in_ms, next, "dialing {next} next");
             }
             (SessionError::Rejected(reason), false) => {
                 warn!(%reason, retry_in_ms, next, "coordinator rejected registration; retrying");
