@@ -95,6 +95,11 @@ impl Coordinators {
         self.0.is_empty()
     }
 
+    /// Whether every URL starts with `prefix` (a scheme, say).
+    pub fn starts_with(&self, prefix: &str) -> bool {
+        !self.0.is_empty() && self.0.iter().all(|u| u.starts_with(prefix))
+    }
+
     /// More than one: a highly available group, where the agent looks for the leader.
     pub fn is_group(&self) -> bool {
         self.0.len() > 1
@@ -687,6 +692,7 @@ mod tests {
             ["http://c1:7770", "http://c2:7770", "http://c3:7770"]
         );
         assert!(cfg.coordinator.is_group());
+        assert!(cfg.coordinator.starts_with("http://"));
         AgentConfig {
             node_name: "n".into(),
             insecure: true,

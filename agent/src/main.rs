@@ -174,3 +174,35 @@ fn notify(states: &[NotifyState]) {
         warn!(%error, "cannot notify the service manager (NOTIFY_SOCKET)");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_the_coordinator_registered_with() {
+        let one = Coordinators::from("http://c1:7770");
+        let group = Coordinators::from_flag("http://c1:7770,http://c2:7770");
+        let at = Registration {
+            url: "http://c2:7770".into(),
+            name: "c2".into(),
+            term: 9,
+        };
+        assert_eq!(
+            registration_status(&one, Some(&at)),
+            "registered with http://c2:7770"
+        );
+        assert_eq!(
+            registration_status(&one, None),
+            "coordinator http://c1:7770 unreachable, retrying"
+        );
+        assert_eq!(
+            registration_status(&group, Some(&at)),
+            "registered with coordinator c2 (http://c2:7770) at term 9"
+        );
+        assert_eq!(
+            registration_status(&group, None),
+            "no leader among coordinators http://c1:7770,http://c2:7770, retrying"
+        );
+    }
+}
