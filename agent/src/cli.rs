@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{AgentConfig, ConfigError, GpuBackendKind};
+use crate::config::{AgentConfig, ConfigError, Coordinators, GpuBackendKind};
 
 /// vigil agent: reports this node's GPUs to the coordinator and keeps its lease.
 ///
@@ -16,8 +16,9 @@ pub struct Cli {
     /// TOML config file; flags given here override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Coordinator gRPC URL [default: http://127.0.0.1:7770].
-    #[arg(long, value_name = "URL")]
+    /// Coordinator gRPC URL, or the URLs of a highly available group separated by commas
+    /// [default: http://127.0.0.1:7770].
+    #[arg(long, value_name = "URL[,URL...]")]
     pub coordinator: Option<String>,
     /// Name of this node in the cluster [default: the hostname].
     #[arg(long, value_name = "NAME")]
@@ -67,7 +68,7 @@ impl Cli {
 
     fn apply(self, cfg: &mut AgentConfig) {
         if let Some(v) = self.coordinator {
-            cfg.coordinator = v;
+            cfg.coordinator = Coordinators::from_flag(&v);
         }
         if let Some(v) = self.node_name {
             cfg.node_name = v;
@@ -120,6 +121,34 @@ mod tests {
         assert_eq!(cfg.state_dir, PathBuf::from("/tmp/s"));
         assert_eq!(cfg.metrics_listen.port(), 0);
         assert_eq!(cfg.sim_fault_file, Some(PathBuf::from("/tmp/f")));
+        Ok(())
+    }
+
+    #[test]
+    fn coordinator_flag_takes_a_comma_separated_list() -> Result<(), Box<dyn std::error::Error>> {
+        let mut cfg = AgentConfig::from_toml_str("coordinator = \"http://file:1\"")?;
+        parse(&["--coordinator=http://c1:7770,http://c2:7770"])?.apply(&mut cfg);
+        assert_eq!(cfg.coordinator.urls(), ["http://c1:7770", "http://c2:7770"]);
+        let twice = parse(&[
+            "--coordinator=http://c1:7770,http://c1:7770",
+            "--node-name=n",
+            "--insecure",
+        ])?
+        .into_config();
+        assert!(matches!(
+            twice,
+            Err(ConfigError::Invalid {
+                field: "coordinator",
+                ..
+            })
+        ));
+        let empty_entry = parse(&[
+            "--coordinator=http://c1:7770,",
+            "--node-name=n",
+            "--insecure",
+        ])?
+        .into_config();
+        assert!(empty_entry.is_err());
         Ok(())
     }
 

@@ -1,14 +1,18 @@
 //! Agent configuration: the TOML file, its defaults, and the checks that run before anything starts.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use tonic::codegen::http::Uri;
 
 /// Where a coordinator listens when nothing else is said (its own `--listen` default).
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7770";
+/// A highly available group has two or three coordinators; seven leaves room without
+/// making a round of the list (and the time it takes to find a leader) unbounded.
+pub const MAX_COORDINATORS: usize = 7;
 /// Eight GPUs: the shape of one HGX/DGX host.
 pub const DEFAULT_SIM_GPUS: u32 = 8;
 pub const MAX_SIM_GPUS: u32 = 64;
@@ -30,7 +34,9 @@ pub const DEFAULT_LEASE_STOP_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    pub coordinator: String,
+    /// One coordinator, or every member of a highly available group (any order: the
+    /// agent finds the leader).
+    pub coordinator: Coordinators,
     /// Defaults to the hostname, so a fleet can share one config file.
     pub node_name: String,
     pub gpu_backend: GpuBackendKind,
@@ -63,6 +69,111 @@ pub struct AgentConfig {
     /// O = vigil:node) and key, and the CA the coordinator's certificate must chain to.
     /// Read at every (re)connection, so renewed files apply without a restart.
     pub tls: Option<vigil_tls::TlsFiles>,
+}
+
+/// The `coordinator` key: one URL (`"https://coord:7770"`) or a list of them
+/// (`["https://coord-1:7770", "https://coord-2:7770"]`), in the order the agent tries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coordinators(Vec<String>);
+
+impl Coordinators {
+    /// `--coordinator URL[,URL...]`: a comma-separated list; entries are trimmed, empty ones
+    /// kept so validation can name them.
+    pub fn from_flag(value: &str) -> Self {
+        Self(value.split(',').map(|u| u.trim().to_owned()).collect())
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether every URL starts with `prefix` (a scheme, say).
+    pub fn starts_with(&self, prefix: &str) -> bool {
+        !self.0.is_empty() && self.0.iter().all(|u| u.starts_with(prefix))
+    }
+
+    /// More than one: a highly available group, where the agent looks for the leader.
+    pub fn is_group(&self) -> bool {
+        self.0.len() > 1
+    }
+
+    /// The position of `url` in the list, comparing scheme, host and port (not spelling).
+    pub fn position(&self, url: &str) -> Option<usize> {
+        let key = url_key(url)?;
+        self.0
+            .iter()
+            .position(|u| url_key(u).as_ref() == Some(&key))
+    }
+}
+
+/// Scheme, lower-case host and port (the scheme's default when absent): two URLs with the
+/// same key reach the same coordinator.
+fn url_key(url: &str) -> Option<(String, String, u16)> {
+    let uri: Uri = url.trim().parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let host = uri.host().filter(|h| !h.is_empty())?.to_ascii_lowercase();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Some((scheme, host, port))
+}
+
+impl<'de> Deserialize<'de> for Coordinators {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(
+            untagged,
+            expecting = "a coordinator URL, or an array of coordinator URLs"
+        )]
+        enum Form {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Form::deserialize(deserializer)? {
+            Form::One(url) => Self(vec![url]),
+            Form::Many(urls) => Self(urls),
+        })
+    }
+}
+
+/// One URL as itself; a list comma-separated (the `--coordinator` form).
+impl fmt::Display for Coordinators {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+impl From<String> for Coordinators {
+    fn from(url: String) -> Self {
+        Self(vec![url])
+    }
+}
+
+impl From<&str> for Coordinators {
+    fn from(url: &str) -> Self {
+        Self(vec![url.to_owned()])
+    }
+}
+
+impl From<Vec<String>> for Coordinators {
+    fn from(urls: Vec<String>) -> Self {
+        Self(urls)
+    }
+}
+
+/// A single coordinator equals its URL.
+impl PartialEq<&str> for Coordinators {
+    fn eq(&self, other: &&str) -> bool {
+        matches!(self.0.as_slice(), [one] if one == other)
+    }
 }
 
 /// `[workers]`: the confinement of job processes (see `workers::confine`).
@@ -124,7 +235,7 @@ fn path_suffix(path: Option<&Path>) -> String {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            coordinator: DEFAULT_COORDINATOR.to_owned(),
+            coordinator: DEFAULT_COORDINATOR.into(),
             node_name: hostname(),
             gpu_backend: GpuBackendKind::Nvml,
             sim_gpus: DEFAULT_SIM_GPUS,
@@ -236,7 +347,7 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_node_name(&self.node_name)?;
-        validate_coordinator(&self.coordinator)?;
+        validate_coordinators(&self.coordinator)?;
         if !(1..=MAX_SIM_GPUS).contains(&self.sim_gpus) {
             return Err(ConfigError::Invalid {
                 field: "sim_gpus",
@@ -275,13 +386,15 @@ impl AgentConfig {
                 fix: "make initial_backoff at most max_backoff",
             });
         }
-        vigil_tls::check_scheme(&self.coordinator, self.tls.is_some(), self.insecure).map_err(
-            |e| ConfigError::Invalid {
-                field: "coordinator",
-                problem: e.to_string(),
-                fix: "see docs/security.md",
-            },
-        )?;
+        for url in self.coordinator.urls() {
+            vigil_tls::check_scheme(url, self.tls.is_some(), self.insecure).map_err(|e| {
+                ConfigError::Invalid {
+                    field: "coordinator",
+                    problem: e.to_string(),
+                    fix: "see docs/security.md",
+                }
+            })?;
+        }
         Ok(())
     }
 }
@@ -345,6 +458,55 @@ fn validate_workers(w: &WorkersSection) -> Result<(), ConfigError> {
                 problem: "\"/\" would allow every directory".to_owned(),
                 fix: "list the storage roots jobs use, e.g. allowed_roots = [\"/shared\"]",
             });
+        }
+    }
+    Ok(())
+}
+
+/// Each URL on its own, then the list: not empty, at most [`MAX_COORDINATORS`], one
+/// scheme, no coordinator twice.
+fn validate_coordinators(list: &Coordinators) -> Result<(), ConfigError> {
+    let invalid = |problem: String, fix: &'static str| ConfigError::Invalid {
+        field: "coordinator",
+        problem,
+        fix,
+    };
+    if list.is_empty() {
+        return Err(invalid(
+            "the list is empty".to_owned(),
+            "name the coordinator, e.g. coordinator = \"https://coord:7770\", or every member \
+             of its group, e.g. coordinator = [\"https://coord-1:7770\", \"https://coord-2:7770\"]",
+        ));
+    }
+    if list.len() > MAX_COORDINATORS {
+        return Err(invalid(
+            format!(
+                "lists {} coordinators, more than {MAX_COORDINATORS}",
+                list.len()
+            ),
+            "list only the coordinators of this cluster's group (usually 2 or 3)",
+        ));
+    }
+    let mut first_scheme: Option<(&str, &str)> = None;
+    for (i, url) in list.urls().iter().enumerate() {
+        validate_coordinator(url)?;
+        let scheme = url.split("://").next().unwrap_or_default();
+        match first_scheme {
+            None => first_scheme = Some((url, scheme)),
+            Some((first, s)) if !s.eq_ignore_ascii_case(scheme) => {
+                return Err(invalid(
+                    format!("{url:?} uses {scheme}:// but {first:?} uses {s}://"),
+                    "use one scheme for every coordinator: https:// with [tls], or http:// \
+                     with insecure = true",
+                ));
+            }
+            Some(_) => {}
+        }
+        if list.position(url).is_some_and(|p| p < i) {
+            return Err(invalid(
+                format!("{url:?} is listed twice"),
+                "list each coordinator once",
+            ));
         }
     }
     Ok(())
@@ -504,13 +666,108 @@ mod tests {
     fn coordinator_must_be_an_http_url() {
         let mut cfg = valid();
         for bad in ["", "coord:7770", "ftp://coord:7770", "http://", "not a url"] {
-            cfg.coordinator = bad.to_owned();
+            cfg.coordinator = bad.into();
             assert_eq!(invalid_field(&cfg), "coordinator", "{bad:?}");
         }
-        cfg.coordinator = "https://coord:7770".to_owned();
+        cfg.coordinator = "https://coord:7770".into();
         assert_eq!(invalid_field(&cfg), "coordinator");
-        cfg.coordinator = "http://10.0.0.1:7770".to_owned();
+        cfg.coordinator = "http://10.0.0.1:7770".into();
         assert!(cfg.validate().is_ok());
+    }
+
+    fn problem(cfg: &AgentConfig) -> String {
+        match cfg.validate() {
+            Err(e @ ConfigError::Invalid { .. }) => e.to_string(),
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn coordinator_may_be_a_list() -> Result<(), ConfigError> {
+        let cfg = AgentConfig::from_toml_str(
+            "coordinator = [\"http://c1:7770\", \"http://c2:7770\", \"http://c3:7770\"]",
+        )?;
+        assert_eq!(
+            cfg.coordinator.urls(),
+            ["http://c1:7770", "http://c2:7770", "http://c3:7770"]
+        );
+        assert!(cfg.coordinator.is_group());
+        assert!(cfg.coordinator.starts_with("http://"));
+        AgentConfig {
+            node_name: "n".into(),
+            insecure: true,
+            ..cfg
+        }
+        .validate()?;
+        let one = AgentConfig::from_toml_str("coordinator = [\"http://c1:7770\"]")?;
+        assert_eq!(one.coordinator, "http://c1:7770");
+        assert!(!one.coordinator.is_group());
+        let err = AgentConfig::from_toml_str("coordinator = 7770").map(|_| ());
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("a coordinator URL, or an array"), "{msg}");
+        Ok(())
+    }
+
+    #[test]
+    fn coordinator_list_is_checked_naming_the_key_and_the_fix() {
+        let list = |urls: &[&str]| AgentConfig {
+            coordinator: urls
+                .iter()
+                .map(|u| (*u).to_owned())
+                .collect::<Vec<_>>()
+                .into(),
+            ..valid()
+        };
+        let empty = problem(&list(&[]));
+        assert!(empty.contains("coordinator: the list is empty"), "{empty}");
+        let twice = problem(&list(&["http://c1:7770", "http://C1:7770/"]));
+        assert!(
+            twice.contains("listed twice; list each coordinator once"),
+            "{twice}"
+        );
+        let mixed = problem(&AgentConfig {
+            insecure: false,
+            tls: Some(vigil_tls::TlsFiles {
+                ca: "/ca".into(),
+                cert: "/c".into(),
+                key: "/k".into(),
+            }),
+            ..list(&["https://c1:7770", "http://c2:7770"])
+        });
+        assert!(mixed.contains("uses http:// but"), "{mixed}");
+        assert!(mixed.contains("use one scheme"), "{mixed}");
+        let bad = problem(&list(&["http://c1:7770", "c2:7770"]));
+        assert!(bad.starts_with("invalid coordinator: "), "{bad}");
+        let urls: Vec<String> = (1..=8).map(|i| format!("http://c{i}:7770")).collect();
+        let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let many = problem(&list(&refs));
+        assert!(many.contains("8 coordinators, more than 7"), "{many}");
+        assert!(list(&refs[..7]).validate().is_ok());
+        // Secure defaults still apply to every member of the list.
+        let https = problem(&list(&["http://c1:7770", "https://c2:7770"]));
+        assert!(https.contains("coordinator"), "{https}");
+    }
+
+    #[test]
+    fn coordinators_match_by_scheme_host_and_port() {
+        let list = Coordinators::from_flag("http://c1:7770, http://c2:7770,http://c3");
+        assert_eq!(list.len(), 3);
+        assert_eq!(list.to_string(), "http://c1:7770,http://c2:7770,http://c3");
+        assert_eq!(list.position("http://C2:7770/"), Some(1));
+        assert_eq!(list.position("http://c3:80"), Some(2));
+        assert_eq!(list.position("https://c2:7770"), None);
+        assert_eq!(list.position("http://c4:7770"), None);
+        assert_eq!(list.position("not a url"), None);
+    }
+
+    #[test]
+    fn changed_keys_see_a_changed_coordinator_list() {
+        let old = valid();
+        let new = AgentConfig {
+            coordinator: Coordinators::from_flag("http://127.0.0.1:7770,http://c2:7770"),
+            ..old.clone()
+        };
+        assert_eq!(old.changed_keys(&new), ["coordinator"]);
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl Lease {
         self.last_heard + self.duration
     }
 
+    /// When the last valid message arrived.
+    pub fn last_heard(&self) -> Instant {
+        self.last_heard
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         now >= self.deadline()
     }

@@ -7,8 +7,10 @@
 //!   (the simulator's fault file, NVML's XID event thread).
 //! - [`events`]: XID, lost-GPU and diagnostics events, queued until a session sends them.
 //! - [`diagnostics`]: the coordinator's `RunDiagnostics`: a configured command or the built-in self-check.
-//! - [`link`]: the reconnect loop that keeps a session with the coordinator alive.
+//! - [`link`]: the reconnect loop that keeps a session with the coordinator alive, and finds
+//!   the leader among several coordinators.
 //! - [`session`]: one session: dial, register, heartbeat, send events at once, obey commands, watch the lease.
+//! - [`term`]: fencing by term: messages from a deposed leader are ignored; the highest term is kept on disk.
 //! - [`lease`]: how long the agent may go without hearing from the coordinator.
 //! - [`backoff`]: reconnect delays (exponential, full jitter), pure.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/healthz` endpoint.
@@ -29,6 +31,7 @@ pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod session;
+pub mod term;
 pub mod workers;
 
 use std::future::Future;
@@ -47,7 +50,8 @@ use crate::config::GpuBackendKind;
 use crate::diagnostics::Diagnostics;
 use crate::gpu::{GpuBackend, GpuInfo, GpuProbe, backend_label};
 use crate::metrics::Metrics;
-use crate::session::SessionContext;
+use crate::session::{Registration, SessionContext};
+use crate::term::TermFence;
 use crate::workers::{Workers, WorkersConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +78,8 @@ pub enum AgentError {
 
 /// Called once the agent is up, with a one-line summary.
 pub type ReadyHook = Box<dyn FnOnce(&str) + Send>;
-/// Called with `true` once registered with the coordinator, `false` once the session is lost.
-pub type RegisteredHook = Box<dyn FnMut(bool) + Send>;
+/// Called with the coordinator once registered with it, `None` once the session is lost.
+pub type RegisteredHook = Box<dyn FnMut(Option<&Registration>) + Send>;
 
 /// Callbacks for the service manager (systemd's sd_notify in `main.rs`).
 #[derive(Default)]
@@ -86,9 +90,6 @@ pub struct Hooks {
     /// When registration with the coordinator changes.
     pub registered: Option<RegisteredHook>,
 }
-
-/// How often the registration hook looks at the session state.
-const REGISTRATION_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Runs the agent until `shutdown` resolves, binding the metrics listener from the config.
 pub async fn run(
@@ -199,6 +200,8 @@ async fn serve(
 ) -> Result<(), AgentError> {
     let hostname = config::hostname();
     let metrics = Metrics::new(backend_label(probe.backend()), &inventory, &hostname);
+    let fence = Arc::new(TermFence::load(&config.state_dir).await);
+    metrics.set_term(fence.highest());
     let (sink, events) = events::channel(metrics.clone());
     Arc::clone(&probe).start_events(sink.clone());
     let confinement = workers::confine::Confinement {
@@ -241,9 +244,10 @@ async fn serve(
             config.coordinator
         ));
     }
+    let (registration_tx, registration_rx) = watch::channel(None);
     let registration = hooks
         .registered
-        .map(|hook| tokio::spawn(watch_registration(metrics.clone(), hook).in_current_span()));
+        .map(|hook| tokio::spawn(watch_registration(registration_rx, hook).in_current_span()));
     let diagnostics = Arc::new(Diagnostics {
         probe: Arc::clone(&probe),
         expected: inventory,
@@ -259,7 +263,7 @@ async fn serve(
         );
     }
     let ctx = SessionContext {
-        coordinator: config.coordinator.clone(),
+        coordinators: config.coordinator.clone(),
         tls: config.tls.clone(),
         node_name: config.node_name.clone(),
         hostname,
@@ -267,6 +271,8 @@ async fn serve(
         metrics,
         diagnostics,
         workers: workers.clone(),
+        fence,
+        registration: registration_tx,
     };
     // Dropping the link at shutdown drops `events`, which stops the event sources.
     tokio::select! {
@@ -284,16 +290,17 @@ async fn serve(
     }
 }
 
-/// Calls `hook` whenever the session's registration (the `vigil_agent_connected`
-/// gauge, which the session keeps) changes; runs until aborted.
-async fn watch_registration(metrics: Metrics, mut hook: RegisteredHook) {
-    let mut last = false;
-    let mut poll = tokio::time::interval(REGISTRATION_POLL);
-    loop {
-        poll.tick().await;
-        let now = metrics.connected.get() > 0;
+/// Calls `hook` whenever the session's registration changes (registered with another
+/// coordinator, or lost); runs until aborted or the link ends.
+async fn watch_registration(
+    mut registration: watch::Receiver<Option<Registration>>,
+    mut hook: RegisteredHook,
+) {
+    let mut last: Option<Registration> = None;
+    while registration.changed().await.is_ok() {
+        let now = registration.borrow_and_update().clone();
         if now != last {
-            hook(now);
+            hook(now.as_ref());
             last = now;
         }
     }

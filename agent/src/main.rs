@@ -11,7 +11,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_agent::cli::Cli;
-use vigil_agent::config::ConfigError;
+use vigil_agent::config::{ConfigError, Coordinators};
+use vigil_agent::session::Registration;
 use vigil_agent::{AgentConfig, Hooks, error_chain};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
@@ -55,17 +56,13 @@ async fn main() -> ExitCode {
         }
     };
     tokio::spawn(reload_on_sighup(hup, cli, config.clone()));
-    let coordinator = config.coordinator.clone();
+    let coordinators = config.coordinator.clone();
     let hooks = Hooks {
         ready: Some(Box::new(|summary| {
             notify(&[NotifyState::Ready, NotifyState::Status(summary)]);
         })),
-        registered: Some(Box::new(move |registered| {
-            let status = if registered {
-                format!("registered with {coordinator}")
-            } else {
-                format!("coordinator {coordinator} unreachable, retrying")
-            };
+        registered: Some(Box::new(move |registration| {
+            let status = registration_status(&coordinators, registration);
             notify(&[NotifyState::Status(&status)]);
         })),
     };
@@ -75,6 +72,17 @@ async fn main() -> ExitCode {
             eprintln!("vigil-agent: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// systemd's STATUS for a registration change: which coordinator, or that none answers.
+/// A single coordinator keeps the short form (`registered with URL`).
+fn registration_status(coordinators: &Coordinators, registration: Option<&Registration>) -> String {
+    match (registration, coordinators.is_group()) {
+        (Some(r), false) => format!("registered with {}", r.url),
+        (Some(r), true) => format!("registered with coordinator {r}"),
+        (None, false) => format!("coordinator {coordinators} unreachable, retrying"),
+        (None, true) => format!("no leader among coordinators {coordinators}, retrying"),
     }
 }
 
@@ -164,5 +172,37 @@ async fn reload_on_sighup(mut hup: Signal, cli: Cli, running: AgentConfig) {
 fn notify(states: &[NotifyState]) {
     if let Err(error) = sd_notify::notify(states) {
         warn!(%error, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_the_coordinator_registered_with() {
+        let one = Coordinators::from("http://c1:7770");
+        let group = Coordinators::from_flag("http://c1:7770,http://c2:7770");
+        let at = Registration {
+            url: "http://c2:7770".into(),
+            name: "c2".into(),
+            term: 9,
+        };
+        assert_eq!(
+            registration_status(&one, Some(&at)),
+            "registered with http://c2:7770"
+        );
+        assert_eq!(
+            registration_status(&one, None),
+            "coordinator http://c1:7770 unreachable, retrying"
+        );
+        assert_eq!(
+            registration_status(&group, Some(&at)),
+            "registered with coordinator c2 (http://c2:7770) at term 9"
+        );
+        assert_eq!(
+            registration_status(&group, None),
+            "no leader among coordinators http://c1:7770,http://c2:7770, retrying"
+        );
     }
 }

@@ -31,6 +31,12 @@ pub struct Metrics {
     pub heartbeats_sent: Counter,
     pub reconnects: Counter,
     pub registrations: Counter,
+    /// The highest coordinator term (leadership) this agent has seen.
+    pub coordinator_term: Gauge,
+    /// Registrations at a higher term than the one followed before.
+    pub leader_changes: Counter,
+    /// Coordinator messages ignored for carrying a term below the highest seen.
+    pub stale_term_messages: Counter,
     xid_errors: Family<XidLabels, Counter>,
     gpu_lost: Counter,
     diagnostics: Family<ResultLabels, Counter>,
@@ -89,6 +95,24 @@ impl Metrics {
             "Registrations the coordinator accepted",
             registrations.clone(),
         );
+        let coordinator_term = Gauge::default();
+        registry.register(
+            "vigil_agent_coordinator_term",
+            "Highest leadership term of a coordinator this agent has seen (0: single coordinator)",
+            coordinator_term.clone(),
+        );
+        let leader_changes = Counter::default();
+        registry.register(
+            "vigil_agent_leader_changes",
+            "Registrations with a coordinator at a higher term than the one followed before",
+            leader_changes.clone(),
+        );
+        let stale_term_messages = Counter::default();
+        registry.register(
+            "vigil_agent_stale_term_messages",
+            "Coordinator messages ignored because their term is below the highest seen (a deposed leader)",
+            stale_term_messages.clone(),
+        );
         let gpus_family = Family::<BackendLabels, Gauge>::default();
         gpus_family
             .get_or_create(&BackendLabels {
@@ -135,12 +159,21 @@ impl Metrics {
             heartbeats_sent,
             reconnects,
             registrations,
+            coordinator_term,
+            leader_changes,
+            stale_term_messages,
             xid_errors,
             gpu_lost,
             diagnostics,
             gpus: gpu_collector,
             registry: Arc::new(registry),
         }
+    }
+
+    /// The term gauge shows `term` (saturating: terms are etcd revisions, far below i64::MAX).
+    pub fn set_term(&self, term: u64) {
+        self.coordinator_term
+            .set(i64::try_from(term).unwrap_or(i64::MAX));
     }
 
     /// The per-GPU gauges show `samples` from now on.
@@ -243,12 +276,17 @@ mod tests {
         let m = Metrics::new("simulated", &inventory, "host");
         m.connected.set(1);
         m.heartbeats_sent.inc();
+        m.set_term(9);
+        m.stale_term_messages.inc();
         let text = m.encode();
         for line in [
             "vigil_agent_connected 1",
             "vigil_agent_heartbeats_sent_total 1",
             "vigil_agent_reconnects_total 0",
             "vigil_agent_registrations_total 0",
+            "vigil_agent_coordinator_term 9",
+            "vigil_agent_leader_changes_total 0",
+            "vigil_agent_stale_term_messages_total 1",
             "vigil_agent_gpus{backend=\"simulated\"} 8",
             "vigil_agent_gpu_lost_total 0",
             "vigil_agent_diagnostics_total{result=\"fail\"} 0",

@@ -1,13 +1,14 @@
 //! One session with the coordinator: dial, register, then heartbeat while the lease holds.
 //!
 //! A session only ever ends in an error (the stream closed, the lease ran
-//! out, the coordinator said no); [`crate::link`] decides what happens next.
+//! out, the coordinator said no, it is a standby, its term is stale); [`crate::link`]
+//! decides what happens next, and where.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -21,11 +22,13 @@ use vigil_proto::v1::{
     AgentEvent, AgentMessage, Command, CoordinatorMessage, Heartbeat, Register, Registered,
 };
 
+use crate::config::Coordinators;
 use crate::diagnostics::Diagnostics;
 use crate::events::EventSource;
 use crate::gpu::{GpuError, GpuProbe, GpuSample};
 use crate::lease::Lease;
 use crate::metrics::Metrics;
+use crate::term::{self, TermFence, Verdict};
 use crate::workers::Workers;
 use crate::{error_chain, unix_ms};
 
@@ -42,10 +45,13 @@ const FALLBACK_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 const FALLBACK_LEASE: Duration = Duration::from_secs(8);
 /// Keeps a misconfigured coordinator from making the agent spin.
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// The response metadata key in which a standby coordinator names the leader's URL.
+pub const LEADER_METADATA_KEY: &str = "vigil-leader";
 
 /// What every session of this agent shares.
 pub struct SessionContext {
-    pub coordinator: String,
+    /// Every coordinator this agent may dial; a session talks to one of them.
+    pub coordinators: Coordinators,
     /// `None`: plaintext (insecure). Re-read at every connection.
     pub tls: Option<vigil_tls::TlsFiles>,
     pub node_name: String,
@@ -56,6 +62,29 @@ pub struct SessionContext {
     pub diagnostics: Arc<Diagnostics>,
     /// Starts and stops job workers; lists them for Register and heartbeats.
     pub workers: Workers,
+    /// The highest coordinator term seen: messages below it are ignored.
+    pub fence: Arc<TermFence>,
+    /// The coordinator this agent is registered with, `None` between sessions.
+    pub registration: watch::Sender<Option<Registration>>,
+}
+
+/// Whom a session registered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub url: String,
+    /// `Registered.coordinator_name`; empty from a coordinator that predates it.
+    pub name: String,
+    pub term: u64,
+}
+
+impl std::fmt::Display for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.name.is_empty() {
+            write!(f, "{} at term {}", self.url, self.term)
+        } else {
+            write!(f, "{} ({}) at term {}", self.name, self.url, self.term)
+        }
+    }
 }
 
 /// How a session ended; `registered` tells the reconnect loop to reset its backoff.
@@ -76,6 +105,24 @@ pub enum SessionError {
     ConnectTimeout(Duration),
     #[error("coordinator refused the stream ({:?}: {})", .0.code(), .0.message())]
     Rpc(#[source] tonic::Status),
+    /// FAILED_PRECONDITION from a standby; `leader` is its `vigil-leader` (absent or empty
+    /// while nobody leads).
+    #[error("coordinator is a standby: {message}")]
+    Standby {
+        message: String,
+        leader: Option<String>,
+    },
+    #[error(
+        "coordinator sent term {term}, below term {highest} already followed (a deposed \
+         leader); if the coordinators' etcd was wiped, remove the agent's {} file",
+        term::TERM_FILE
+    )]
+    StaleTerm { term: u64, highest: u64 },
+    #[error(
+        "no word from the coordinator for {} (half the lease): looking for the leader",
+        humantime::format_duration(*.0)
+    )]
+    Silent(Duration),
     #[error("no answer to registration within {}", humantime::format_duration(*.0))]
     RegisterTimeout(Duration),
     #[error("coordinator rejected the registration: {0}")]
@@ -98,22 +145,45 @@ pub enum SessionError {
 ///
 /// Events waiting in `events` (queued while no session was up) go out as
 /// soon as the coordinator accepts the registration.
-pub async fn run(ctx: &SessionContext, events: &mut EventSource) -> SessionEnd {
+pub async fn run(ctx: &SessionContext, url: &str, events: &mut EventSource) -> SessionEnd {
     let mut registered = false;
-    let cause = match run_until_error(ctx, events, &mut registered).await {
+    let cause = match run_until_error(ctx, url, events, &mut registered).await {
         Err(cause) => cause,
         Ok(never) => match never {},
     };
     ctx.metrics.connected.set(0);
+    ctx.registration.send_replace(None);
     SessionEnd { registered, cause }
+}
+
+/// A standby's answer is FAILED_PRECONDITION naming the leader in `vigil-leader`; other
+/// errors stay what they are.
+pub fn classify_refusal(status: tonic::Status) -> SessionError {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return SessionError::Rpc(status);
+    }
+    let header = status.metadata().get(LEADER_METADATA_KEY);
+    if header.is_none() && !status.message().to_ascii_lowercase().contains("standby") {
+        return SessionError::Rpc(status);
+    }
+    let leader = header
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    SessionError::Standby {
+        message: status.message().to_owned(),
+        leader,
+    }
 }
 
 async fn run_until_error(
     ctx: &SessionContext,
+    url: &str,
     events: &mut EventSource,
     registered: &mut bool,
 ) -> Result<Infallible, SessionError> {
-    let channel = dial(&ctx.coordinator, ctx.tls.as_ref()).await?;
+    let channel = dial(url, ctx.tls.as_ref()).await?;
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
@@ -138,15 +208,23 @@ async fn run_until_error(
         let mut inbound = client
             .connect(ReceiverStream::new(rx))
             .await
-            .map_err(SessionError::Rpc)?
+            .map_err(classify_refusal)?
             .into_inner();
-        let first = inbound.message().await.map_err(SessionError::Stream)?;
+        let first = inbound
+            .message()
+            .await
+            .map_err(|status| match classify_refusal(status) {
+                SessionError::Rpc(status) => SessionError::Stream(status),
+                standby => standby,
+            })?;
         Ok::<_, SessionError>((inbound, first))
     };
     let (inbound, first) = tokio::time::timeout(REGISTER_TIMEOUT, registration)
         .await
         .map_err(|_| SessionError::RegisterTimeout(REGISTER_TIMEOUT))??;
-    let accepted = match first.ok_or(SessionError::Closed)?.body {
+    let first = first.ok_or(SessionError::Closed)?;
+    let term = first.term;
+    let accepted = match first.body {
         Some(CoordinatorBody::Registered(r)) => r,
         Some(CoordinatorBody::Rejected(r)) => return Err(SessionError::Rejected(r.reason)),
         Some(CoordinatorBody::Ack(_) | CoordinatorBody::Command(_)) => {
@@ -154,20 +232,61 @@ async fn run_until_error(
         }
         None => return Err(SessionError::Protocol("first message is not Registered")),
     };
+    let verdict = ctx.fence.judge(term);
+    if let Verdict::Stale { highest } = verdict {
+        ctx.metrics.stale_term_messages.inc();
+        warn!(
+            coordinator = %url,
+            coordinator_name = %accepted.coordinator_name,
+            term,
+            highest_term = highest,
+            "coordinator {url} registered this node at term {term}, below term {highest} \
+             already followed: a deposed leader; abandoning it"
+        );
+        return Err(SessionError::StaleTerm { term, highest });
+    }
+    follow(ctx, verdict, term).await;
+    if term::is_leader_change(verdict) {
+        ctx.metrics.leader_changes.inc();
+    }
     *registered = true;
     ctx.metrics.registrations.inc();
     ctx.metrics.connected.set(1);
     let pace = Pace::from(&accepted);
+    let registration = Registration {
+        url: url.to_owned(),
+        name: accepted.coordinator_name.clone(),
+        term,
+    };
     info!(
-        coordinator = %ctx.coordinator,
+        coordinator = %url,
+        coordinator_name = %accepted.coordinator_name,
+        term,
         session_id = accepted.session_id,
         heartbeat_interval_ms = pace.heartbeat.as_millis() as u64,
         lease_ms = pace.lease.as_millis() as u64,
         coordinator_version = %accepted.coordinator_version,
         gpus = gpu_count,
-        "registered with coordinator"
+        "registered with coordinator {registration}"
     );
-    heartbeat(ctx, events, outbound, inbound, pace).await
+    ctx.registration.send_replace(Some(registration));
+    // Several coordinators: a leader silent for half the lease may be paused or cut off
+    // while its connection stays open; the others are asked who leads.
+    let silence = ctx.coordinators.is_group().then_some(pace.lease / 2);
+    heartbeat(ctx, events, outbound, inbound, pace, silence).await
+}
+
+/// Adopts a newer term (written to the term file first); logs the change.
+async fn follow(ctx: &SessionContext, verdict: Verdict, term: u64) {
+    if let Verdict::Newer { previous } = verdict {
+        ctx.fence.adopt(term).await;
+        ctx.metrics.set_term(ctx.fence.highest());
+        info!(
+            term,
+            previous_term = previous,
+            "following the leader at term {term} (was {previous})"
+        );
+    }
 }
 
 /// Connects to the coordinator, verifying it against the CA when TLS is configured (the
@@ -290,7 +409,11 @@ async fn heartbeat(
     mut outbound: Outbound,
     mut inbound: Streaming<CoordinatorMessage>,
     pace: Pace,
+    silence: Option<Duration>,
 ) -> Result<Infallible, SessionError> {
+    // The session gives up at whichever comes first: the lease, or (several
+    // coordinators) the silence limit.
+    let give_up_after = silence.map_or(pace.lease, |s| s.min(pace.lease));
     let mut lease = Lease::new(pace.lease, Instant::now());
     ctx.workers.renew_lease(lease);
     let mut ticker = tokio::time::interval(pace.heartbeat);
@@ -313,12 +436,38 @@ async fn heartbeat(
             event = events.next(), if outbound.has_room() => outbound.event(events, event)?,
             msg = inbound.message() => {
                 let msg = msg.map_err(SessionError::Stream)?.ok_or(SessionError::Closed)?;
+                let verdict = ctx.fence.judge(msg.term);
+                if let Verdict::Stale { highest } = verdict {
+                    // No renewal, no command: a deposed leader's word counts for nothing.
+                    ctx.metrics.stale_term_messages.inc();
+                    let kind = message_kind(&msg);
+                    warn!(
+                        term = msg.term,
+                        highest_term = highest,
+                        message = kind,
+                        "ignored a {kind} at term {}, below term {highest} already followed \
+                         (a deposed leader); ending the session",
+                        msg.term
+                    );
+                    return Err(SessionError::StaleTerm { term: msg.term, highest });
+                }
+                follow(ctx, verdict, msg.term).await;
                 lease.renew(Instant::now());
                 ctx.workers.renew_lease(lease);
                 handle(ctx, msg)?;
             }
-            () = tokio::time::sleep_until(lease.deadline()) => {
+            () = tokio::time::sleep_until(lease.last_heard() + give_up_after) => {
                 let silent = lease.silent_for(Instant::now());
+                if !lease.is_expired(Instant::now()) {
+                    warn!(
+                        silent_for_ms = silent.as_millis() as u64,
+                        lease_ms = pace.lease.as_millis() as u64,
+                        "no word from the coordinator for {} (half the lease); ending the \
+                         session to look for the leader (workers keep their lease)",
+                        humantime::format_duration(silent)
+                    );
+                    return Err(SessionError::Silent(silent));
+                }
                 warn!(
                     silent_for_ms = silent.as_millis() as u64,
                     "lease expired: no word from coordinator for {}",
@@ -327,6 +476,17 @@ async fn heartbeat(
                 return Err(SessionError::LeaseExpired(silent));
             }
         }
+    }
+}
+
+/// What a coordinator message is, for log lines.
+fn message_kind(msg: &CoordinatorMessage) -> &'static str {
+    match &msg.body {
+        Some(CoordinatorBody::Ack(_)) => "ack",
+        Some(CoordinatorBody::Command(_)) => "command",
+        Some(CoordinatorBody::Rejected(_)) => "rejection",
+        Some(CoordinatorBody::Registered(_)) => "registration",
+        None => "message",
     }
 }
 

@@ -100,7 +100,7 @@ impl Harness {
         let dir = tempfile::tempdir()?;
         let faults = dir.path().join("faults");
         let config = AgentConfig {
-            coordinator: format!("http://{coordinator}"),
+            coordinator: format!("http://{coordinator}").into(),
             insecure: true,
             node_name: "health-node".into(),
             gpu_backend: GpuBackendKind::Sim,

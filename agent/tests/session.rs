@@ -140,7 +140,7 @@ impl Harness {
         );
         let state = tempfile::tempdir()?;
         let config = AgentConfig {
-            coordinator: format!("http://{coordinator}"),
+            coordinator: format!("http://{coordinator}").into(),
             insecure: true,
             node_name: "test-node".into(),
             gpu_backend: GpuBackendKind::Sim,

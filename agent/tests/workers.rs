@@ -130,7 +130,7 @@ impl Harness {
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         let config = AgentConfig {
-            coordinator: format!("http://{coordinator}"),
+            coordinator: format!("http://{coordinator}").into(),
             insecure: true,
             node_name: "worker-node".into(),
             gpu_backend: GpuBackendKind::Sim,
