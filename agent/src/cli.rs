@@ -45,6 +45,14 @@ pub struct Cli {
     /// Validate FILE and exit: 0 printing "FILE: ok", or 64 with the error.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     pub check_config: Option<PathBuf>,
+    /// Read the GPU backend once, print every field the agent reads (value or
+    /// "not supported") and exit: 0, 69 when the backend cannot be opened
+    /// (no NVIDIA driver), 1 when a query fails. Nothing else is started.
+    #[arg(long, conflicts_with = "check_config")]
+    pub check_gpus: bool,
+    /// With --check-gpus: one JSON document instead of text.
+    #[arg(long, requires = "check_gpus")]
+    pub json: bool,
 }
 
 impl Cli {
@@ -56,6 +64,18 @@ impl Cli {
         };
         self.apply(&mut cfg);
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// For `--check-gpus`: the config file and flags as for a start, but only the
+    /// keys reading the GPUs needs are validated (no coordinator or TLS is used).
+    pub fn into_gpu_config(self) -> Result<AgentConfig, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => AgentConfig::from_file(path)?,
+            None => AgentConfig::default(),
+        };
+        self.apply(&mut cfg);
+        cfg.validate_gpu()?;
         Ok(cfg)
     }
 
@@ -149,6 +169,31 @@ mod tests {
         ])?
         .into_config();
         assert!(empty_entry.is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn json_needs_check_gpus() -> Result<(), clap::Error> {
+        assert!(parse(&["--json"]).is_err());
+        let cli = parse(&["--check-gpus", "--json", "--gpu-backend=sim"])?;
+        assert!(cli.check_gpus && cli.json);
+        Ok(())
+    }
+
+    #[test]
+    fn check_gpus_needs_no_coordinator_settings() -> Result<(), Box<dyn std::error::Error>> {
+        // A plaintext coordinator without --insecure stops a start, not a GPU check.
+        let args = ["--check-gpus", "--coordinator=http://c:1", "--node-name=n"];
+        assert!(parse(&args)?.into_config().is_err());
+        assert!(parse(&args)?.into_gpu_config().is_ok());
+        let err = parse(&["--check-gpus", "--sim-gpus=0", "--node-name=n"])?.into_gpu_config();
+        assert!(matches!(
+            err,
+            Err(ConfigError::Invalid {
+                field: "sim_gpus",
+                ..
+            })
+        ));
         Ok(())
     }
 

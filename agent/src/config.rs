@@ -346,15 +346,8 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_node_name(&self.node_name)?;
+        self.validate_gpu()?;
         validate_coordinators(&self.coordinator)?;
-        if !(1..=MAX_SIM_GPUS).contains(&self.sim_gpus) {
-            return Err(ConfigError::Invalid {
-                field: "sim_gpus",
-                problem: format!("{} is out of range", self.sim_gpus),
-                fix: "use a value from 1 to 64",
-            });
-        }
         if self
             .diagnostics_command
             .first()
@@ -394,6 +387,21 @@ impl AgentConfig {
                     fix: "see docs/security.md",
                 }
             })?;
+        }
+        Ok(())
+    }
+
+    /// The keys reading the GPUs needs (`--check-gpus`): the node name (simulated
+    /// identities derive from it) and the simulated GPU count; the coordinator,
+    /// TLS and workers are not looked at.
+    pub fn validate_gpu(&self) -> Result<(), ConfigError> {
+        validate_node_name(&self.node_name)?;
+        if !(1..=MAX_SIM_GPUS).contains(&self.sim_gpus) {
+            return Err(ConfigError::Invalid {
+                field: "sim_gpus",
+                problem: format!("{} is out of range", self.sim_gpus),
+                fix: "use a value from 1 to 64",
+            });
         }
         Ok(())
     }

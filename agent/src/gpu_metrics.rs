@@ -44,6 +44,12 @@ fn flag(v: Option<bool>) -> Option<f64> {
     v.map(|b| if b { 1.0 } else { 0.0 })
 }
 
+/// The f32 as the decimal it prints as: NVML's 81184 mW is 81.184 W, not the
+/// 81.18399810791016 a plain widening shows (seen on an H200's /metrics).
+fn float(v: Option<f32>) -> Option<f64> {
+    v.map(|x| x.to_string().parse().unwrap_or(f64::from(x)))
+}
+
 fn count(v: Option<u64>) -> Option<f64> {
     v.map(|n| n as f64)
 }
@@ -57,17 +63,17 @@ const GAUGES: &[Gauge] = &[
     single(
         "vigil_gpu_temp_celsius",
         "GPU temperature (DCGM_FI_DEV_GPU_TEMP)",
-        &[("", |s| s.temperature_c.map(f64::from))],
+        &[("", |s| float(s.temperature_c))],
     ),
     single(
         "vigil_gpu_memory_temp_celsius",
         "GPU memory (HBM) temperature (DCGM_FI_DEV_MEMORY_TEMP)",
-        &[("", |s| s.memory_temperature_c.map(f64::from))],
+        &[("", |s| float(s.memory_temperature_c))],
     ),
     single(
         "vigil_gpu_power_usage_watts",
         "Power draw (DCGM_FI_DEV_POWER_USAGE)",
-        &[("", |s| s.power_w.map(f64::from))],
+        &[("", |s| float(s.power_w))],
     ),
     single(
         "vigil_gpu_utilization_ratio",
@@ -247,5 +253,20 @@ impl Collector for GpuCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_gauges_keep_the_value_nvml_gave() {
+        // NVML gave 81184 mW on an H200; the sample holds 81.184_f32.
+        let mw: u32 = 81_184;
+        let w = mw as f32 / 1000.0;
+        assert_eq!(float(Some(w)), Some(81.184));
+        assert_eq!(float(Some(37.0)), Some(37.0));
+        assert_eq!(float(None), None);
     }
 }

@@ -12,11 +12,14 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_agent::cli::Cli;
 use vigil_agent::config::{ConfigError, Coordinators};
+use vigil_agent::gpu::{self, GpuError};
 use vigil_agent::session::Registration;
 use vigil_agent::{AgentConfig, Hooks, error_chain};
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly.
 const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE from sysexits.h: `--check-gpus` found no GPU backend (no NVIDIA driver).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -34,6 +37,17 @@ async fn main() -> ExitCode {
     };
     if let Some(path) = &cli.check_config {
         return check_config(path);
+    }
+    if cli.check_gpus {
+        let config = match cli.clone().into_gpu_config() {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("vigil-agent: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        init_tracing();
+        return check_gpus(&config, cli.json).await;
     }
     let config = match cli.clone().into_config() {
         Ok(config) => config,
@@ -103,6 +117,43 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// `--check-gpus`: one read of the configured backend, printed; nothing else started.
+async fn check_gpus(config: &AgentConfig, json: bool) -> ExitCode {
+    let config = config.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let probe = gpu::open(&config)?;
+        gpu::check::run(probe.as_ref())
+    })
+    .await;
+    let report = match read {
+        Ok(Ok(report)) => report,
+        Ok(Err(e @ GpuError::NvmlUnavailable { .. })) => {
+            eprintln!("vigil-agent: --check-gpus: {}", error_chain(&e));
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+        Ok(Err(e)) => {
+            eprintln!("vigil-agent: --check-gpus: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("vigil-agent: --check-gpus: the GPU read panicked or was cancelled: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&gpu::check::render_json(&report)) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("vigil-agent: --check-gpus --json: cannot encode the report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", gpu::check::render_text(&report));
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing() {

@@ -134,3 +134,56 @@ fn sigterm_stops_the_agent_cleanly() -> std::io::Result<()> {
     assert!(state.path().join("s").is_dir(), "state dir is created");
     Ok(())
 }
+
+#[test]
+fn check_gpus_with_the_sim_backend_prints_a_simulated_report() -> std::io::Result<()> {
+    let out = Command::new(BIN)
+        .args(["--check-gpus", "--gpu-backend", "sim", "--sim-gpus", "2"])
+        .args(["--node-name", "check-node"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert!(stdout.contains("SIMULATED"), "stdout: {stdout}");
+    assert!(stdout.contains("GPU 1: "), "stdout: {stdout}");
+    assert!(
+        stdout.contains("ecc_uncorrected_volatile"),
+        "stdout: {stdout}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "--check-gpus",
+            "--json",
+            "--gpu-backend",
+            "sim",
+            "--sim-gpus",
+            "2",
+        ])
+        .args(["--node-name", "check-node"])
+        .output()?;
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| std::io::Error::other(format!("--json output is not JSON: {e}")))?;
+    assert_eq!(json["simulated"], serde_json::Value::Bool(true));
+    assert_eq!(json["gpus"].as_array().map(Vec::len), Some(2));
+    Ok(())
+}
+
+#[test]
+fn check_gpus_without_a_driver_exits_69_naming_the_library() -> std::io::Result<()> {
+    let out = Command::new(BIN)
+        .args(["--check-gpus", "--gpu-backend", "nvml", "--node-name", "n1"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("NVML loaded on this host: nothing to check");
+        return Ok(());
+    }
+    assert_eq!(out.status.code(), Some(69), "stderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("libnvidia-ml.so.1"), "stderr: {stderr}");
+    assert!(last.contains("--gpu-backend sim"), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    Ok(())
+}

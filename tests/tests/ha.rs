@@ -58,7 +58,8 @@ impl HaCluster {
         wait_for("agents Ready", LONG, || {
             let n = nodes(&cluster.urls())?;
             Ok((n.len() == agents && n.values().all(|v| v["availability"] == "Ready")).then_some(()))
-        })?;
+        })
+        .with_context(|| cluster.logs())?;
         Ok(cluster)
     }
 
@@ -121,6 +122,24 @@ impl HaCluster {
         )?
         .json()?;
         v["job"]["id"].as_str().map(str::to_owned).context("no job id")
+    }
+
+    /// The end of every log, for a failure's message.
+    fn logs(&self) -> String {
+        let tail = |text: String| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        let mut out = String::new();
+        for (i, c) in self.coordinators.iter().enumerate() {
+            if let Some(c) = c {
+                out += &format!("\n--- c{} log:\n{}", i + 1, tail(c.log_text()));
+            }
+        }
+        for a in &self.agents {
+            out += &format!("\n--- {} log:\n{}", a.name, tail(a.log_text()));
+        }
+        out
     }
 
     fn all_ready(&self) -> Result<Option<()>> {

@@ -2,9 +2,11 @@
 //!
 //! - `nvml`: the probe over NVML; `nvml_fields` reads one GPU's sample field
 //!   by field; `nvml_events` is the thread that waits for XID and ECC events.
+//! - `check`: `--check-gpus`, one read of the backend shown field by field.
 //! - `sim`: simulated H100s; `sim_sample` builds their samples, `faults`
 //!   parses the fault file and `sim_watch` re-reads it when it changes.
 
+pub mod check;
 pub mod faults;
 mod nvml;
 mod nvml_events;
@@ -16,6 +18,7 @@ mod sim_watch;
 use std::sync::Arc;
 
 pub use nvml::NvmlProbe;
+pub use nvml_fields::{Unanswered, Unavailable};
 pub use sim::SimProbe;
 pub use vigil_proto::v1::{GpuBackend, GpuInfo, GpuSample};
 
@@ -40,6 +43,11 @@ pub trait GpuProbe: Send + Sync {
     fn start_events(self: Arc<Self>, sink: EventSink);
     /// How the built-in diagnostic names itself in a `DiagnosticsResult`.
     fn self_check_name(&self) -> &'static str;
+    /// For `--check-gpus`: what the backend knows beyond inventory and samples
+    /// (driver versions, event support, why fields are absent). Blocking.
+    fn check_details(&self) -> check::CheckDetails {
+        check::CheckDetails::default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! Real GPUs through NVML, loaded at run time so the agent builds on hosts without a driver.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use nvml_wrapper::Device;
@@ -10,7 +10,8 @@ use tracing::warn;
 use vigil_proto::v1::agent_event::Kind;
 use vigil_proto::v1::{AgentEvent, GpuLost};
 
-use super::nvml_fields::{Unavailable, classify, read_sample};
+use super::check::{CheckDetails, GpuDetails};
+use super::nvml_fields::{Unavailable, classify, read_sample, read_sample_traced};
 use super::{GpuBackend, GpuError, GpuInfo, GpuProbe, GpuSample};
 use crate::events::EventSink;
 use crate::unix_ms;
@@ -201,5 +202,112 @@ impl GpuProbe for NvmlProbe {
 
     fn self_check_name(&self) -> &'static str {
         "builtin NVML self-check"
+    }
+
+    fn check_details(&self) -> CheckDetails {
+        let nvml = &self.nvml;
+        let system = vec![
+            ("driver_version".to_owned(), text(nvml.sys_driver_version())),
+            ("nvml_version".to_owned(), text(nvml.sys_nvml_version())),
+            (
+                "cuda_driver_version".to_owned(),
+                text(nvml.sys_cuda_driver_version().map(cuda_version)),
+            ),
+        ];
+        let mut gpus = BTreeMap::new();
+        for gpu in &self.baseline {
+            let details = match nvml.device_by_index(gpu.index) {
+                Ok(dev) => gpu_details(nvml, &dev, gpu.index),
+                Err(e) => GpuDetails {
+                    facts: vec![("device_by_index".to_owned(), describe(&e))],
+                    unanswered: Vec::new(),
+                },
+            };
+            gpus.insert(gpu.index, details);
+        }
+        CheckDetails { system, gpus }
+    }
+}
+
+/// A value, or why there is none, in the words `--check-gpus` uses.
+fn text<T: std::fmt::Display>(result: Result<T, NvmlError>) -> String {
+    result.map_or_else(|e| describe(&e), |v| v.to_string())
+}
+
+fn describe(e: &NvmlError) -> String {
+    match classify(e) {
+        Unavailable::Unsupported => format!("{} ({e})", super::check::NOT_SUPPORTED),
+        Unavailable::Lost => format!("GPU lost ({e})"),
+        Unavailable::Failed => format!("error: {e}"),
+    }
+}
+
+/// NVML's CUDA driver version, 1000 * major + 10 * minor, as "major.minor".
+fn cuda_version(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// `--check-gpus` facts of one GPU: modes and limits, XID event support and
+/// registration (tried here on a set of its own, dropped at once), and every
+/// sample query that gave no value.
+fn gpu_details(nvml: &Nvml, dev: &Device<'_>, index: u32) -> GpuDetails {
+    let on_off = |v: u32| match v {
+        0 => "disabled".to_owned(),
+        1 => "enabled".to_owned(),
+        v => format!("unknown ({v})"),
+    };
+    let mut facts = vec![
+        ("architecture", text(dev.architecture())),
+        (
+            "cuda_compute_capability",
+            text(
+                dev.cuda_compute_capability()
+                    .map(|c| format!("{}.{}", c.major, c.minor)),
+            ),
+        ),
+        ("vbios_version", text(dev.vbios_version())),
+        (
+            "ecc_mode",
+            text(dev.is_ecc_enabled().map(|m| {
+                format!(
+                    "current {}, pending {}",
+                    on_off(u32::from(m.currently_enabled)),
+                    on_off(u32::from(m.pending_enabled))
+                )
+            })),
+        ),
+        (
+            "mig_mode",
+            text(dev.mig_mode().map(|m| {
+                format!(
+                    "current {}, pending {}",
+                    on_off(m.current),
+                    on_off(m.pending)
+                )
+            })),
+        ),
+        (
+            "compute_mode",
+            text(dev.compute_mode().map(|m| format!("{m:?}"))),
+        ),
+        (
+            "enforced_power_limit_w",
+            text(
+                dev.enforced_power_limit()
+                    .map(|mw| format!("{:.1}", f64::from(mw) / 1000.0)),
+            ),
+        ),
+        (
+            "throttle_reasons_raw",
+            text(dev.current_throttle_reasons().map(|t| format!("{t:?}"))),
+        ),
+    ];
+    let (events, registration) = super::nvml_events::check_registration(nvml, dev);
+    facts.push(("xid_event_types", events));
+    facts.push(("xid_event_registration", registration));
+    let (_, _, unanswered) = read_sample_traced(dev, index, unix_ms());
+    GpuDetails {
+        facts: facts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        unanswered,
     }
 }

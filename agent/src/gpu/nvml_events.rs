@@ -104,6 +104,37 @@ fn register<'n>(nvml: &'n Nvml, gpus: &[GpuInfo]) -> Option<EventSet<'n>> {
     }
 }
 
+/// For `--check-gpus`: the event types of [`WANTED`] this GPU supports, and
+/// whether registering for them works (on a set of its own, freed at once).
+pub fn check_registration(nvml: &Nvml, dev: &nvml_wrapper::Device<'_>) -> (String, String) {
+    let types = match dev.supported_event_types() {
+        Ok(t) => t & WANTED,
+        Err(e) => {
+            let why = format!("error: {e}");
+            return (why, "not tried (no supported event types)".to_owned());
+        }
+    };
+    let supported = format!(
+        "{types:?} (critical XID {})",
+        if types.contains(EventTypes::CRITICAL_XID_ERROR) {
+            "supported"
+        } else {
+            "NOT supported"
+        }
+    );
+    if types.is_empty() {
+        return (supported, "not tried (none of the wanted types)".to_owned());
+    }
+    let registration = match nvml.create_event_set() {
+        Err(e) => format!("error creating the event set: {e}"),
+        Ok(set) => match dev.register_events(types, set) {
+            Ok(_set) => "ok".to_owned(),
+            Err(e) => format!("error: {}", e.error),
+        },
+    };
+    (supported, registration)
+}
+
 fn supported(nvml: &Nvml, gpu: &GpuInfo) -> Option<(u32, EventTypes)> {
     let types = nvml
         .device_by_index(gpu.index)

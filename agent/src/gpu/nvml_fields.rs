@@ -5,7 +5,7 @@
 //! absent; any other error is absent too, with a debug line; `GpuLost`
 //! marks the whole GPU lost.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use nvml_wrapper::Device;
 use nvml_wrapper::bitmasks::device::ThrottleReasons;
@@ -48,19 +48,43 @@ pub fn classify(e: &NvmlError) -> Unavailable {
     }
 }
 
-/// Reads fields of one GPU, remembering whether any query found it lost.
+/// A query that gave no value, and why: what `--check-gpus` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unanswered {
+    pub query: String,
+    pub why: Unavailable,
+    pub error: String,
+}
+
+/// Reads fields of one GPU, remembering whether any query found it lost,
+/// and every query that gave no value.
 struct Reader {
     index: u32,
     lost: Cell<bool>,
+    unanswered: RefCell<Vec<Unanswered>>,
 }
 
 impl Reader {
-    fn get<T>(&self, what: &'static str, result: Result<T, NvmlError>) -> Option<T> {
+    fn new(index: u32) -> Self {
+        Self {
+            index,
+            lost: Cell::new(false),
+            unanswered: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn get<T>(&self, what: &str, result: Result<T, NvmlError>) -> Option<T> {
         let e = match result {
             Ok(v) => return Some(v),
             Err(e) => e,
         };
-        match classify(&e) {
+        let why = classify(&e);
+        self.unanswered.borrow_mut().push(Unanswered {
+            query: what.to_owned(),
+            why,
+            error: e.to_string(),
+        });
+        match why {
             Unavailable::Unsupported => {}
             Unavailable::Lost => self.lost.set(true),
             Unavailable::Failed => {
@@ -73,13 +97,26 @@ impl Reader {
 
 /// The sample, and whether the GPU turned out to be lost (then the sample is worthless).
 pub fn read_sample(dev: &Device<'_>, index: u32, observed_at_unix_ms: u64) -> (GpuSample, bool) {
-    let r = Reader {
-        index,
-        lost: Cell::new(false),
-    };
+    let (sample, lost, _) = read_sample_traced(dev, index, observed_at_unix_ms);
+    (sample, lost)
+}
+
+/// [`read_sample`], with every query that gave no value and why (for `--check-gpus`).
+pub fn read_sample_traced(
+    dev: &Device<'_>,
+    index: u32,
+    observed_at_unix_ms: u64,
+) -> (GpuSample, bool, Vec<Unanswered>) {
+    let r = Reader::new(index);
+    let sample = read_fields(&r, dev, index, observed_at_unix_ms);
+    let lost = r.lost.get();
+    (sample, lost, r.unanswered.into_inner())
+}
+
+fn read_fields(r: &Reader, dev: &Device<'_>, index: u32, observed_at_unix_ms: u64) -> GpuSample {
     let temperature = r.get("temperature", dev.temperature(TemperatureSensor::Gpu));
     if r.lost.get() {
-        return (GpuSample::default(), true);
+        return GpuSample::default();
     }
     let ecc = |what, error, counter| r.get(what, dev.total_ecc_errors(error, counter));
     let retired = |what, cause| {
@@ -94,9 +131,9 @@ pub fn read_sample(dev: &Device<'_>, index: u32, observed_at_unix_ms: u64) -> (G
         remap_unc,
         remap_pending,
         remap_failure,
-    ] = field_values(&r, dev);
-    let (nvlinks, nvlink_supported) = nvlinks(&r, dev);
-    let sample = GpuSample {
+    ] = field_values(r, dev);
+    let (nvlinks, nvlink_supported) = nvlinks(r, dev);
+    GpuSample {
         index,
         temperature_c: temperature.map(|t| t as f32),
         power_w: r
@@ -154,28 +191,27 @@ pub fn read_sample(dev: &Device<'_>, index: u32, observed_at_unix_ms: u64) -> (G
         persistence_mode: r.get("persistence_mode", dev.is_in_persistent_mode()),
         observed_at_unix_ms,
         nvlink_supported,
-    };
-    (sample, r.lost.get())
+    }
 }
+
+/// The field values read in one call, named as NVML's `NVML_FI_DEV_*` constants.
+const FIELDS: [(u32, &str); 5] = [
+    (NVML_FI_DEV_MEMORY_TEMP, "field MEMORY_TEMP"),
+    (NVML_FI_DEV_REMAPPED_COR, "field REMAPPED_COR"),
+    (NVML_FI_DEV_REMAPPED_UNC, "field REMAPPED_UNC"),
+    (NVML_FI_DEV_REMAPPED_PENDING, "field REMAPPED_PENDING"),
+    (NVML_FI_DEV_REMAPPED_FAILURE, "field REMAPPED_FAILURE"),
+];
 
 /// Memory temperature and row remapping, which nvml-wrapper exposes only as field values.
 fn field_values(r: &Reader, dev: &Device<'_>) -> [Option<u64>; 5] {
-    let ids = [
-        NVML_FI_DEV_MEMORY_TEMP,
-        NVML_FI_DEV_REMAPPED_COR,
-        NVML_FI_DEV_REMAPPED_UNC,
-        NVML_FI_DEV_REMAPPED_PENDING,
-        NVML_FI_DEV_REMAPPED_FAILURE,
-    ]
-    .map(FieldId);
+    let ids = FIELDS.map(|(id, _)| FieldId(id));
     let mut out = [None; 5];
     let Some(values) = r.get("field_values", dev.field_values_for(&ids)) else {
         return out;
     };
-    for (slot, value) in out.iter_mut().zip(values) {
-        *slot = r
-            .get("field_value", value.and_then(|v| v.value))
-            .and_then(as_u64);
+    for ((slot, value), (_, name)) in out.iter_mut().zip(values).zip(FIELDS) {
+        *slot = r.get(name, value.and_then(|v| v.value)).and_then(as_u64);
     }
     out
 }
@@ -203,6 +239,11 @@ fn nvlinks(r: &Reader, dev: &Device<'_>) -> (Vec<NvLinkStatus>, Option<bool>) {
             Err(NvmlError::InvalidArg) => break,
             Err(e) => {
                 let why = classify(&e);
+                r.unanswered.borrow_mut().push(Unanswered {
+                    query: format!("nvlink {link} state"),
+                    why,
+                    error: e.to_string(),
+                });
                 if link == 0 {
                     first_error = Some(why);
                 }
@@ -219,7 +260,12 @@ fn nvlinks(r: &Reader, dev: &Device<'_>) -> (Vec<NvLinkStatus>, Option<bool>) {
                 }
             }
         };
-        let count = |c| r.get("nvlink_error_counter", wrapper.error_counter(c));
+        let count = |c: ErrorCounter| {
+            r.get(
+                &format!("nvlink {link} error counter {c:?}"),
+                wrapper.error_counter(c),
+            )
+        };
         let crc_errors = match (
             count(ErrorCounter::DlCrcFlit),
             count(ErrorCounter::DlCrcData),
@@ -268,10 +314,7 @@ mod tests {
 
     #[test]
     fn a_failed_field_is_absent_and_only_gpu_lost_marks_the_gpu() {
-        let r = Reader {
-            index: 0,
-            lost: Cell::new(false),
-        };
+        let r = Reader::new(0);
         assert_eq!(r.get("x", Ok(3)), Some(3));
         assert_eq!(r.get::<u32>("x", Err(NvmlError::NotSupported)), None);
         assert_eq!(r.get::<u32>("x", Err(NvmlError::Unknown)), None);
