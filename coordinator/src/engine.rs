@@ -266,6 +266,7 @@ impl Engine {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
         let mut state = state.with_jobs(store.load_jobs()?);
+        state.restart_progress_clocks(now());
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
         state.triage = config.triage;
         state.burn_in = config.burn_in.clone();

@@ -421,6 +421,22 @@ impl ClusterState {
         out
     }
 
+    /// A coordinator that starts (a restart, or a standby taking over) watches
+    /// progress from now: silence while no coordinator was watching is not the
+    /// job's, so every live worker's progress clock restarts. Without this a
+    /// failover longer than `hang_timeout` would restart every healthy job.
+    pub fn restart_progress_clocks(&mut self, now: Now) {
+        for job in self
+            .jobs
+            .values_mut()
+            .filter(|j| j.phase == JobPhase::Running)
+        {
+            for w in job.workers.values_mut().filter(|w| !w.phase.is_dead()) {
+                w.progress_at_ms = w.progress_at_ms.max(now.wall_ms);
+            }
+        }
+    }
+
     /// Time-driven job transitions: hangs, then the scheduler.
     pub fn jobs_tick(&mut self, now: Now) -> Vec<Effect> {
         let mut effects = Vec::new();

@@ -722,3 +722,33 @@ fn a_coordinator_stall_counts_as_neither_silence_nor_a_hang() {
     run(&mut s, e, at(now, 82.0));
     assert_ne!(phase(&s, &id), JobPhase::Running);
 }
+
+#[test]
+fn a_new_coordinator_watches_progress_from_when_it_starts() {
+    let now = t0();
+    let mut s = cluster(1, now);
+    let (id, _) = submit(&mut s, &spec(1, 0), now);
+    let beat = v1::Heartbeat {
+        workers: vec![v1::WorkerInfo {
+            job_id: "train-1".into(),
+            attempt: 1,
+            node_rank: 0,
+            pid: 42,
+            progress_step: Some(5),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let e = s.heartbeat("n1", 1, beat, at(now, 1.0)).expect("live");
+    run(&mut s, e, at(now, 1.0));
+    // The state as another coordinator loads it 70 s later (past hang_timeout, 60 s):
+    // nobody watched in between, so the worker is not hung yet.
+    let loaded = at(now, 71.0);
+    let mut taken_over = s.clone();
+    taken_over.restart_progress_clocks(loaded);
+    assert!(taken_over.jobs_tick(loaded).is_empty());
+    assert_eq!(phase(&taken_over, &id), JobPhase::Running);
+    assert!(!s.jobs_tick(loaded).is_empty(), "without it, the job is hung");
+    // Silence after the takeover still counts.
+    assert!(!taken_over.jobs_tick(at(now, 132.0)).is_empty());
+}

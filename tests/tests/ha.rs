@@ -47,13 +47,9 @@ impl HaCluster {
         for i in 0..agents {
             let name = format!("node-{i}");
             let agent_dir = cluster.dir.path().to_owned();
-            cluster.agents.push(Agent::start_with(
-                &agent_dir,
-                &list,
-                &name,
-                8,
-                "[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n",
-            )?);
+            cluster
+                .agents
+                .push(Agent::start(&agent_dir, &list, &name, 8)?);
         }
         wait_for("agents Ready", LONG, || {
             let n = nodes(&cluster.urls())?;
