@@ -101,6 +101,10 @@ macro_rules! unary {
             subject: $subject,
             wait: timeout,
             limit: None,
+            read_only: matches!(
+                stringify!($method),
+                "list_nodes" | "get_node" | "list_jobs" | "get_job" | "list_lemons"
+            ),
         };
         $self
             .dialer
@@ -134,6 +138,7 @@ impl Coordinator {
             subject: None,
             wait: REQUEST_TIMEOUT,
             limit: None,
+            read_only: true,
         };
         self.dialer
             .call_preferring_leader(
@@ -309,6 +314,7 @@ impl Coordinator {
             subject,
             wait: limit.unwrap_or(REQUEST_TIMEOUT),
             limit,
+            read_only: true,
         };
         let started = Instant::now();
         let stream = self
@@ -329,6 +335,7 @@ impl Coordinator {
             subject: Some(Subject::Job(&id)),
             wait: limit.unwrap_or(REQUEST_TIMEOUT),
             limit,
+            read_only: true,
         };
         let started = Instant::now();
         let stream = self

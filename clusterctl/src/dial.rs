@@ -39,6 +39,9 @@ pub struct CallOpts<'a> {
     pub subject: Option<Subject<'a>>,
     pub wait: Duration,
     pub limit: Option<Duration>,
+    /// A read that changes nothing: when its coordinator does not answer in time (a paused
+    /// or wedged process still accepts connections), the next address is asked.
+    pub read_only: bool,
 }
 
 /// The coordinator addresses, the transport they share, and the coordinator that answered last.
@@ -225,6 +228,10 @@ impl Dialer {
                 Ok(answer) => answer,
                 Err(_) => {
                     let why = format!("no answer within {}s", limit.as_secs());
+                    if opts.read_only {
+                        self.current = None;
+                        return Try::Unreachable(why);
+                    }
                     return Try::Final(anyhow!(unreachable(url, &why)));
                 }
             },
@@ -241,6 +248,15 @@ impl Dialer {
                         leader,
                         message: status.message().trim().to_string(),
                     };
+                }
+                if opts.read_only
+                    && matches!(
+                        status.code(),
+                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                    )
+                {
+                    self.current = None;
+                    return Try::Unreachable(format!("no answer within {}s", opts.wait.as_secs()));
                 }
                 if not_reached(&status) {
                     // A connection that broke (a coordinator that stopped since the last call),

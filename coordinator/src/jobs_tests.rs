@@ -748,7 +748,10 @@ fn a_new_coordinator_watches_progress_from_when_it_starts() {
     taken_over.restart_progress_clocks(loaded);
     assert!(taken_over.jobs_tick(loaded).is_empty());
     assert_eq!(phase(&taken_over, &id), JobPhase::Running);
-    assert!(!s.jobs_tick(loaded).is_empty(), "without it, the job is hung");
+    assert!(
+        !s.jobs_tick(loaded).is_empty(),
+        "without it, the job is hung"
+    );
     // Silence after the takeover still counts.
     assert!(!taken_over.jobs_tick(at(now, 132.0)).is_empty());
 }

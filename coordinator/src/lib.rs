@@ -184,7 +184,10 @@ pub async fn run_with_hooks(
         .unwrap_or_else(|| Arc::new(metrics::Metrics::new(started)));
     let leadership = store.leadership().clone();
     metrics.ha.leader.set(1);
-    metrics.ha.term.set(i64::try_from(leadership.term()).unwrap_or(i64::MAX));
+    metrics
+        .ha
+        .term
+        .set(i64::try_from(leadership.term()).unwrap_or(i64::MAX));
     if hooks.ha.is_none() {
         metrics.ha.etcd_quorum.set(1);
     }
@@ -223,14 +226,16 @@ pub async fn run_with_hooks(
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let control = ControlServiceServer::new(control_service::ControlService::new(
-        handle,
-        metrics_for_control,
-        grpc_addr,
-        config.diagnostics.timeout,
-        config.insecure,
+    let control = ControlServiceServer::new(
+        control_service::ControlService::new(
+            handle,
+            metrics_for_control,
+            grpc_addr,
+            config.diagnostics.timeout,
+            config.insecure,
+        )
+        .with_ha(hooks.ha.take()),
     )
-    .with_ha(hooks.ha.take()))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let mut server_stop = stop_rx;

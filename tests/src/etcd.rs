@@ -16,8 +16,7 @@ use anyhow::{Context, Result, bail};
 use crate::{LONG, wait_for};
 
 pub const REQUIRE_ENV: &str = "VIGIL_REQUIRE_ETCD";
-pub const SKIP_LINE: &str =
-    "SKIP: etcd is not installed (Debian: apt-get install etcd-server); the HA tests need a real etcd cluster";
+pub const SKIP_LINE: &str = "SKIP: etcd is not installed (Debian: apt-get install etcd-server); the HA tests need a real etcd cluster";
 
 /// Whether the test can run; `false` after printing the skip line. Panics
 /// instead of skipping when [`REQUIRE_ENV`] is set.

@@ -95,7 +95,8 @@ impl HaConfig {
                 self.name
             ));
         }
-        if !(self.advertise_url.starts_with("http://") || self.advertise_url.starts_with("https://"))
+        if !(self.advertise_url.starts_with("http://")
+            || self.advertise_url.starts_with("https://"))
         {
             return bad(format!(
                 "ha.advertise_url {:?} is not a gRPC URL; set the http(s)://host:port agents and \
@@ -216,20 +217,32 @@ mod tests {
     fn each_bad_value_names_its_key() {
         let cases: Vec<(Box<dyn Fn(&mut HaConfig)>, &str)> = vec![
             (Box::new(|h| h.name = "a b".into()), "ha.name"),
-            (Box::new(|h| h.advertise_url = "c1:7770".into()), "ha.advertise_url"),
+            (
+                Box::new(|h| h.advertise_url = "c1:7770".into()),
+                "ha.advertise_url",
+            ),
             (Box::new(|h| h.etcd_endpoints.clear()), "ha.etcd_endpoints"),
-            (Box::new(|h| h.etcd_endpoints = vec!["etcd:2379".into()]), "not a URL"),
+            (
+                Box::new(|h| h.etcd_endpoints = vec!["etcd:2379".into()]),
+                "not a URL",
+            ),
             (
                 Box::new(|h| h.etcd_endpoints = vec!["https://e:2379".into()]),
                 "[ha.etcd_tls] is missing",
             ),
             (Box::new(|h| h.prefix = "vigil".into()), "ha.prefix"),
-            (Box::new(|h| h.lease_ttl = Duration::from_secs(1)), "ha.lease_ttl"),
+            (
+                Box::new(|h| h.lease_ttl = Duration::from_secs(1)),
+                "ha.lease_ttl",
+            ),
             (
                 Box::new(|h| h.keepalive_interval = Duration::from_secs(2)),
                 "ha.keepalive_interval",
             ),
-            (Box::new(|h| h.lease_ttl = Duration::from_secs(7)), "no time for a failover"),
+            (
+                Box::new(|h| h.lease_ttl = Duration::from_secs(7)),
+                "no time for a failover",
+            ),
         ];
         for (change, expect) in cases {
             let mut h = ha();

@@ -20,10 +20,10 @@ use etcd_client::{
 use tracing::{debug, info, warn};
 use vigil_proto::v1;
 
+use super::HaConfig;
 use super::etcd::describe;
 pub use super::view::CoordinatorRecord;
 use super::view::{HaView, Leader};
-use super::HaConfig;
 use crate::leadership::Leadership;
 
 /// Pause between attempts while etcd cannot be reached.
@@ -150,16 +150,23 @@ fn leader_of(kv: &etcd_client::KeyValue) -> Leader {
 /// Returns once the leader key is deleted (its lease ran out, or its holder
 /// resigned), or after a while in any case: the caller campaigns again.
 async fn wait_for_vacancy(c: &mut Client, key: &str, from_revision: i64, ttl: Duration) {
-    let watch = c
-        .watch(key, Some(WatchOptions::new().with_start_revision(from_revision)))
-        .await;
+    // A streaming call: the client's request timeout does not bound it.
+    let watch = tokio::time::timeout(
+        ttl,
+        c.watch(
+            key,
+            Some(WatchOptions::new().with_start_revision(from_revision)),
+        ),
+    )
+    .await;
     let mut stream = match watch {
-        Ok(s) => s,
-        Err(e) => {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
             debug!(error = %describe(&e), "cannot watch the leader key; polling");
             tokio::time::sleep(RETRY).await;
             return;
         }
+        Err(_) => return,
     };
     // A watch can go quiet without failing (a member partitioned away): look again now and then.
     let give_up = tokio::time::sleep(ttl * 2);
@@ -204,21 +211,27 @@ pub async fn keep_leading(client: Client, ha: HaConfig, lease: i64, leadership: 
             ));
             return;
         }
-        let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                debug!(error = %describe(&e), "cannot open the keepalive stream; retrying");
-                tokio::time::sleep(RETRY.min(interval)).await;
-                continue 'reopen;
-            }
-        };
+        // Opening the stream is not bounded by the client's request timeout: bound it here.
+        let (mut keeper, mut stream) =
+            match tokio::time::timeout(interval, c.lease_keep_alive(lease)).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => {
+                    debug!(error = %describe(&e), "cannot open the keepalive stream; retrying");
+                    tokio::time::sleep(RETRY.min(interval)).await;
+                    continue 'reopen;
+                }
+                Err(_) => continue 'reopen,
+            };
         loop {
             ticker.tick().await;
             if !leadership.is_valid() {
                 continue 'reopen;
             }
             let sent = Instant::now();
-            if keeper.keep_alive().await.is_err() {
+            if !matches!(
+                tokio::time::timeout(interval, keeper.keep_alive()).await,
+                Ok(Ok(()))
+            ) {
                 continue 'reopen;
             }
             match tokio::time::timeout(interval, stream.message()).await {
@@ -233,7 +246,7 @@ pub async fn keep_leading(client: Client, ha: HaConfig, lease: i64, leadership: 
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => continue 'reopen,
             }
             // Now and then, check the key itself: an operator may have deleted it.
-            if let Ok(resp) = c.get(key.clone(), None).await {
+            if let Ok(Ok(resp)) = tokio::time::timeout(interval, c.get(key.clone(), None)).await {
                 let holds = resp
                     .kvs()
                     .first()
@@ -264,20 +277,26 @@ pub async fn stay_present(client: Client, ha: HaConfig, me: CoordinatorRecord) {
                 continue;
             }
         };
-        if c
-            .put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)))
-            .await
-            .is_err()
+        if c.put(
+            key.clone(),
+            value.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .is_err()
         {
             tokio::time::sleep(RETRY * 4).await;
             continue;
         }
-        let Ok((mut keeper, mut stream)) = c.lease_keep_alive(lease).await else {
+        let opened = tokio::time::timeout(ha.request_timeout, c.lease_keep_alive(lease)).await;
+        let Ok(Ok((mut keeper, mut stream))) = opened else {
+            tokio::time::sleep(RETRY).await;
             continue;
         };
         loop {
             tokio::time::sleep(ha.keepalive_interval).await;
-            if keeper.keep_alive().await.is_err() {
+            let sent = tokio::time::timeout(ha.request_timeout, keeper.keep_alive()).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 break;
             }
             match tokio::time::timeout(ha.keepalive_interval, stream.message()).await {
@@ -291,8 +310,11 @@ pub async fn stay_present(client: Client, ha: HaConfig, me: CoordinatorRecord) {
 /// Every `HEALTH_EVERY`: each member's status, whether a linearizable read
 /// commits (quorum), the coordinators present and who leads. Runs until dropped.
 pub async fn watch_health(client: Client, ha: HaConfig, view: Arc<HaView>) {
-    let mut members: Vec<(String, Option<Client>)> =
-        ha.etcd_endpoints.iter().map(|e| (e.clone(), None)).collect();
+    let mut members: Vec<(String, Option<Client>)> = ha
+        .etcd_endpoints
+        .iter()
+        .map(|e| (e.clone(), None))
+        .collect();
     loop {
         let mut statuses = Vec::new();
         for (endpoint, slot) in &mut members {
@@ -300,21 +322,19 @@ pub async fn watch_health(client: Client, ha: HaConfig, view: Arc<HaView>) {
                 *slot = super::etcd::connect_one(&ha, endpoint).await.ok();
             }
             let status = match slot.as_mut() {
-                Some(one) => {
-                    match tokio::time::timeout(ha.request_timeout, one.status()).await {
-                        Ok(Ok(s)) => v1::EtcdMember {
-                            endpoint: endpoint.clone(),
-                            healthy: s.errors().is_empty(),
-                            is_leader: s.header().is_some_and(|h| h.member_id() == s.leader()),
-                            version: s.version().to_owned(),
-                            db_size_bytes: u64::try_from(s.db_size()).unwrap_or(0),
-                            raft_term: s.raft_term(),
-                            error: s.errors().join("; "),
-                        },
-                        Ok(Err(e)) => unhealthy(endpoint, describe(&e)),
-                        Err(_) => unhealthy(endpoint, "no answer in time".into()),
-                    }
-                }
+                Some(one) => match tokio::time::timeout(ha.request_timeout, one.status()).await {
+                    Ok(Ok(s)) => v1::EtcdMember {
+                        endpoint: endpoint.clone(),
+                        healthy: s.errors().is_empty(),
+                        is_leader: s.header().is_some_and(|h| h.member_id() == s.leader()),
+                        version: s.version().to_owned(),
+                        db_size_bytes: u64::try_from(s.db_size()).unwrap_or(0),
+                        raft_term: s.raft_term(),
+                        error: s.errors().join("; "),
+                    },
+                    Ok(Err(e)) => unhealthy(endpoint, describe(&e)),
+                    Err(_) => unhealthy(endpoint, "no answer in time".into()),
+                },
                 None => unhealthy(endpoint, "cannot connect".into()),
             };
             statuses.push(status);
@@ -324,7 +344,11 @@ pub async fn watch_health(client: Client, ha: HaConfig, view: Arc<HaView>) {
         let (quorum, error, leader) = match read {
             Ok(Ok(resp)) => (true, String::new(), resp.kvs().first().map(leader_of)),
             Ok(Err(e)) => (false, format!("no quorum: {}", describe(&e)), None),
-            Err(_) => (false, "no quorum: a read did not commit in time".into(), None),
+            Err(_) => (
+                false,
+                "no quorum: a read did not commit in time".into(),
+                None,
+            ),
         };
         let coordinators = if quorum {
             let opts = GetOptions::new().with_prefix();
@@ -345,6 +369,9 @@ pub async fn watch_health(client: Client, ha: HaConfig, view: Arc<HaView>) {
                 let known = view.leader().map(|l| (l.name, l.term));
                 let now = leader.as_ref().map(|l| (l.name.clone(), l.term));
                 if known != now {
+                    if let Some(l) = &leader {
+                        info!(leader = %l.name, url = %l.url, term = l.term, "standing by: {} leads at term {}", l.name, l.term);
+                    }
                     view.set_leader(leader.map(|mut l| {
                         l.since_unix_ms = unix_ms();
                         l

@@ -40,9 +40,9 @@ pub async fn run_ha(
     mut hooks: Hooks,
 ) -> Result<HaEnd, CoordinatorError> {
     let Some(ha) = config.ha.clone() else {
-        return Err(CoordinatorError::Config(crate::config::ConfigError::Invalid(
-            "run_ha needs an [ha] section".into(),
-        )));
+        return Err(CoordinatorError::Config(
+            crate::config::ConfigError::Invalid("run_ha needs an [ha] section".into()),
+        ));
     };
     config.validate_transport()?;
     let started_unix_ms = metrics::unix_ms(SystemTime::now());
@@ -66,8 +66,16 @@ pub async fn run_ha(
         "HA coordinator starting as a standby; campaigning for leadership"
     );
     let background = [
-        tokio::spawn(election::stay_present(client.clone(), ha.clone(), me.clone())),
-        tokio::spawn(election::watch_health(client.clone(), ha.clone(), view.clone())),
+        tokio::spawn(election::stay_present(
+            client.clone(),
+            ha.clone(),
+            me.clone(),
+        )),
+        tokio::spawn(election::watch_health(
+            client.clone(),
+            ha.clone(),
+            view.clone(),
+        )),
     ];
     let abort_background = || {
         for task in &background {
@@ -154,11 +162,7 @@ pub async fn run_ha(
     metrics
         .ha
         .observe("etcd", "load", loaded.elapsed().as_secs_f64());
-    crate::notify::status(&format!(
-        "leader {} at term {}",
-        ha.name,
-        leadership.term()
-    ));
+    crate::notify::status(&format!("leader {} at term {}", ha.name, leadership.term()));
     hooks.engine_tick = Some(Box::new(move || {
         if let Some(f) = tick.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             f();
@@ -223,7 +227,8 @@ fn clone_listener(
     config: &Config,
 ) -> Result<TcpListener, CoordinatorError> {
     let copy = l.try_clone().map_err(|e| io_error(config, e))?;
-    copy.set_nonblocking(true).map_err(|e| io_error(config, e))?;
+    copy.set_nonblocking(true)
+        .map_err(|e| io_error(config, e))?;
     TcpListener::from_std(copy).map_err(|e| io_error(config, e))
 }
 

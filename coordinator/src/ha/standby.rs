@@ -162,9 +162,16 @@ mod tests {
         }));
         let s = not_leader(&v);
         assert_eq!(s.code(), tonic::Code::FailedPrecondition);
-        assert!(s.message().contains("the leader is c1 at http://c1:7770 (term 42)"), "{}", s.message());
+        assert!(
+            s.message()
+                .contains("the leader is c1 at http://c1:7770 (term 42)"),
+            "{}",
+            s.message()
+        );
         assert_eq!(
-            s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()),
+            s.metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok()),
             Some("http://c1:7770")
         );
     }
@@ -172,9 +179,15 @@ mod tests {
     #[test]
     fn without_a_leader_the_hint_is_empty_and_says_why() {
         let s = not_leader(&view());
-        assert!(s.message().contains("no coordinator leads"), "{}", s.message());
+        assert!(
+            s.message().contains("no coordinator leads"),
+            "{}",
+            s.message()
+        );
         assert_eq!(
-            s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()),
+            s.metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok()),
             Some("")
         );
     }

@@ -205,7 +205,11 @@ impl EtcdStore {
     }
 
     pub fn load_jobs(&self) -> Result<Vec<Job>, StoreError> {
-        Ok(self.loaded::<Job>("jobs")?.into_iter().map(|(_, j)| j).collect())
+        Ok(self
+            .loaded::<Job>("jobs")?
+            .into_iter()
+            .map(|(_, j)| j)
+            .collect())
     }
 
     pub fn load_lemons(&self) -> Result<Vec<LemonRecord>, StoreError> {
@@ -250,7 +254,10 @@ impl EtcdStore {
 
     pub fn put_lemon(&self, record: &LemonRecord) -> Result<(), StoreError> {
         let v = self.encode(&format!("lemon record {:?}", record.key()), record)?;
-        self.stage(Op::Put(format!("{}lemons/{}", self.prefix, record.key()), v));
+        self.stage(Op::Put(
+            format!("{}lemons/{}", self.prefix, record.key()),
+            v,
+        ));
         Ok(())
     }
 

@@ -99,8 +99,11 @@ impl HaView {
         inner.leading = leader.as_ref().is_some_and(|l| l.name == self.me.name);
         if let Some(m) = &self.metrics {
             m.leader.set(i64::from(inner.leading));
-            m.term
-                .set(leader.as_ref().map_or(0, |l| i64::try_from(l.term).unwrap_or(i64::MAX)));
+            m.term.set(
+                leader
+                    .as_ref()
+                    .map_or(0, |l| i64::try_from(l.term).unwrap_or(i64::MAX)),
+            );
         }
         inner.leader = leader;
     }
@@ -141,8 +144,9 @@ impl HaView {
         inner.checked = Some(Instant::now());
         if let Some(m) = &self.metrics {
             m.quorum.set(i64::from(inner.quorum));
-            m.healthy
-                .set(i64::try_from(inner.members.iter().filter(|m| m.healthy).count()).unwrap_or(0));
+            m.healthy.set(
+                i64::try_from(inner.members.iter().filter(|m| m.healthy).count()).unwrap_or(0),
+            );
         }
     }
 
@@ -238,6 +242,9 @@ mod tests {
         assert_eq!(v.leader_changes(), 2);
         assert!(v.leading());
         let s = v.status();
-        assert_eq!((s.role.as_str(), s.term, s.leader.as_str()), ("leader", 12, "c1"));
+        assert_eq!(
+            (s.role.as_str(), s.term, s.leader.as_str()),
+            ("leader", 12, "c1")
+        );
     }
 }
