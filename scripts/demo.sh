@@ -22,6 +22,17 @@ say() { printf '\n==> %s\n' "$*"; }
 ms_now() { date +%s%3N; }
 elapsed() { local ms=$(( $(ms_now) - $1 )); printf '%d.%03d s' $((ms / 1000)) $((ms % 1000)); }
 
+# etcd-client (the HA store) generates its gRPC code with protoc while building.
+if ! command -v protoc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "protoc missing: installing Debian's protobuf-compiler (the etcd client's build needs it)"
+    apt-get update -q >/dev/null && apt-get install -y -q protobuf-compiler >/dev/null
+  else
+    echo "demo: protoc not found; install it first (Debian/Ubuntu: sudo apt-get install protobuf-compiler)" >&2
+    exit 1
+  fi
+fi
+
 say "building vigil ($profile profile)"
 cargo build --quiet --profile "$profile" --bins -p vigil-coordinator -p vigil-agent -p clusterctl -p vigil-tests
 case "$profile" in dev) bin=$PWD/target/debug ;; *) bin=$PWD/target/$profile ;; esac

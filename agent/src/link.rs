@@ -20,6 +20,20 @@ use crate::session::{self, SessionContext, SessionError};
 /// Between two addresses of one round: long enough not to spin, short enough that the
 /// leader is found well within a lease.
 pub const NEXT_ADDRESS_PAUSE: Duration = Duration::from_millis(100);
+/// Between rounds while some coordinator answered as a standby: the group is
+/// alive and electing (a leader died; its etcd lease runs out within seconds).
+/// Backing off exponentially here could outlast the lease and stop every job.
+pub const ELECTION_POLL: Duration = Duration::from_millis(250);
+
+/// The pause at the end of a round: short and flat while a standby answered
+/// in it, else the reconnect backoff.
+pub fn round_pause(standby_answered: bool, backoff: &mut Backoff, rng: &mut fastrand::Rng) -> Duration {
+    if standby_answered {
+        ELECTION_POLL
+    } else {
+        backoff.next_delay(rng)
+    }
+}
 
 /// How a session at the current address ended, as far as choosing the next one goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +163,7 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
     let mut rng = fastrand::Rng::new();
     let coordinators = ctx.coordinators.clone();
     let mut rotation = Rotation::new(coordinators.len());
+    let mut standby_answered = false;
     for attempt in 1u64.. {
         let index = rotation.current();
         let Some(url) = coordinators.urls().get(index) else {
@@ -163,6 +178,7 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
         if end.registered {
             backoff.reset();
         }
+        standby_answered |= matches!(end.cause, SessionError::Standby { .. });
         let outcome = match (&end.cause, end.registered) {
             (_, true) => Outcome::Registered,
             (SessionError::Standby { leader, .. }, false) => span.in_scope(|| {
@@ -174,7 +190,11 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
         let delay = match rotation.advance(outcome) {
             Pause::None => Duration::ZERO,
             Pause::Brief => NEXT_ADDRESS_PAUSE,
-            Pause::Backoff => backoff.next_delay(&mut rng),
+            Pause::Backoff => {
+                let pause = round_pause(standby_answered, &mut backoff, &mut rng);
+                standby_answered = false;
+                pause
+            }
         };
         let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         let next = coordinators
@@ -216,6 +236,18 @@ mod tests {
                 (r.current(), pause)
             })
             .collect()
+    }
+
+    #[test]
+    fn an_election_under_way_is_polled_not_backed_off() {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..10 {
+            assert_eq!(round_pause(true, &mut backoff, &mut rng), ELECTION_POLL);
+        }
+        // Only rounds in which nobody answered grow the backoff.
+        let first = round_pause(false, &mut backoff, &mut rng);
+        assert!(first <= Duration::from_millis(400), "{first:?}");
     }
 
     #[test]

@@ -320,3 +320,87 @@ fn a_paused_leader_steps_down_and_quorum_loss_stops_every_decision() -> Result<(
     })?;
     Ok(())
 }
+
+/// The failover numbers in docs/ha.md: `kill -9` the leader ROUNDS times (the
+/// killed one comes back as a standby each time) and measure kill → new leader
+/// elected → every agent registered with it, against the agents' 8 s lease.
+/// `cargo test -p vigil-tests --test ha -- --ignored --nocapture failover_times`
+/// (writes target/ha-failover.md too).
+#[test]
+#[ignore = "a measurement (about 2 minutes), not a check; run for docs/ha.md"]
+fn failover_times() -> Result<()> {
+    const ROUNDS: usize = 12;
+    if !etcd::available() {
+        return Ok(());
+    }
+    let mut cluster = HaCluster::start(3)?;
+    let id = cluster.submit()?;
+    wait_for("job running", LONG, || {
+        Ok(workers_running(&cluster.job(&id)?, 2).then_some(()))
+    })?;
+    let mut rows = Vec::new();
+    for round in 1..=ROUNDS {
+        let leader = leader_name(&cluster.ha()?);
+        let n: usize = leader.trim_start_matches('c').parse().context("leader name")?;
+        let other = if n == 1 { "c2" } else { "c1" };
+        let killed = Instant::now();
+        if let Some(c) = cluster.coordinators[n - 1].as_mut() {
+            c.kill9();
+        }
+        cluster.coordinators[n - 1] = None;
+        let mut elected = None;
+        wait_for("agents registered with the new leader", LONG, || {
+            if elected.is_none() && cluster.leader_is(other)? {
+                elected = Some(killed.elapsed());
+            }
+            Ok(match (elected, cluster.all_ready()?) {
+                (Some(_), Some(())) => Some(()),
+                _ => None,
+            })
+        })?;
+        let registered = killed.elapsed();
+        let elected = elected.context("elected")?;
+        let job = cluster.job(&id)?;
+        eprintln!(
+            "round {round}: elected {:.2}s, all agents registered {:.2}s, job attempt {}",
+            elected.as_secs_f64(),
+            registered.as_secs_f64(),
+            attempt(&job)
+        );
+        rows.push((elected, registered, attempt(&job)));
+        cluster.start_coordinator(n)?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let secs = |mut v: Vec<Duration>| {
+        v.sort();
+        let median = v[v.len() / 2].as_secs_f64();
+        let max = v.last().map_or(0.0, Duration::as_secs_f64);
+        (median, max)
+    };
+    let (em, ex) = secs(rows.iter().map(|r| r.0).collect());
+    let (rm, rx) = secs(rows.iter().map(|r| r.1).collect());
+    let restarts = rows.last().map_or(0, |r| r.2.saturating_sub(1));
+    let mut report = format!(
+        "| leader kills | new leader elected (median / max) | all agents registered (median / max) | job restarts |\n\
+         |---|---|---|---|\n\
+         | {ROUNDS} | {em:.1} s / {ex:.1} s | {rm:.1} s / {rx:.1} s | {restarts} |\n\nRounds:\n"
+    );
+    for (i, (e, r, a)) in rows.iter().enumerate() {
+        report += &format!(
+            "- {}: elected {:.2} s, registered {:.2} s, attempt {a}\n",
+            i + 1,
+            e.as_secs_f64(),
+            r.as_secs_f64()
+        );
+    }
+    eprintln!("{report}");
+    let target = std::env::current_exe()?
+        .ancestors()
+        .nth(3)
+        .map(|p| p.join("ha-failover.md"))
+        .context("target dir")?;
+    std::fs::write(&target, &report)?;
+    assert!(rx < 8.0, "a failover outlasted the agents' 8 s lease:\n{report}");
+    assert_eq!(restarts, 0, "a failover restarted the job:\n{report}");
+    Ok(())
+}
