@@ -27,7 +27,11 @@ pub const ELECTION_POLL: Duration = Duration::from_millis(250);
 
 /// The pause at the end of a round: short and flat while a standby answered
 /// in it, else the reconnect backoff.
-pub fn round_pause(standby_answered: bool, backoff: &mut Backoff, rng: &mut fastrand::Rng) -> Duration {
+pub fn round_pause(
+    standby_answered: bool,
+    backoff: &mut Backoff,
+    rng: &mut fastrand::Rng,
+) -> Duration {
     if standby_answered {
         ELECTION_POLL
     } else {

@@ -377,12 +377,13 @@ impl Trees {
     }
 }
 
-/// How long a reopen waits for sled's lock: the previous handle's background
-/// threads release it a moment after the handle is dropped.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a reopen waits for sled's lock (attempts × pause): the previous
+/// handle's background threads release it a moment after the handle is dropped.
+const LOCK_ATTEMPTS: u32 = 150;
+const LOCK_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut attempt = 1;
     loop {
         let opened = sled::Config::new()
             .path(path)
@@ -394,10 +395,10 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
             // Held by this process's previous handle (its flusher thread
             // finishing), or by another coordinator: wait a little, then say so.
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    && std::time::Instant::now() < deadline =>
+                if e.kind() == std::io::ErrorKind::WouldBlock && attempt < LOCK_ATTEMPTS =>
             {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                attempt += 1;
+                std::thread::sleep(LOCK_PAUSE);
             }
             Err(e) => {
                 return Err(StoreError::Open {

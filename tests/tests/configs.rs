@@ -145,6 +145,7 @@ fn agent_example_shows_the_defaults_and_every_documented_key() -> Result<()> {
 fn check_config_accepts_the_examples() -> Result<()> {
     for (binary, file) in [
         ("vigil-coordinator", "deploy/config/coordinator.toml"),
+        ("vigil-coordinator", "deploy/config/coordinator-ha.toml"),
         ("vigil-agent", "deploy/config/agent.toml"),
     ] {
         let path = repo_file(file);

@@ -7,13 +7,13 @@
 //! `lost_after` 10 s): the point is that a failover fits inside them.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 use vigil_tests::etcd::{self, EtcdCluster, free_port};
 use vigil_tests::jobs::{attempt, spec_in, workers_running};
-use vigil_tests::{Agent, Coordinator, LONG, clusterctl, nodes, wait_for, write_file};
+use vigil_tests::{Agent, Coordinator, LONG, clusterctl, nodes, now, wait_for, write_file};
 
 /// Two coordinators over one etcd cluster, and agents that know both.
 struct HaCluster {
@@ -213,7 +213,7 @@ fn killing_the_leader_moves_every_agent_and_restarts_no_job() -> Result<()> {
     cluster.etcd.wait_healthy()?;
 
     // kill -9 the leader.
-    let killed = Instant::now();
+    let killed = now();
     if let Some(c) = cluster.coordinators[0].as_mut() {
         c.kill9();
     }
@@ -341,9 +341,12 @@ fn failover_times() -> Result<()> {
     let mut rows = Vec::new();
     for round in 1..=ROUNDS {
         let leader = leader_name(&cluster.ha()?);
-        let n: usize = leader.trim_start_matches('c').parse().context("leader name")?;
+        let n: usize = leader
+            .trim_start_matches('c')
+            .parse()
+            .context("leader name")?;
         let other = if n == 1 { "c2" } else { "c1" };
-        let killed = Instant::now();
+        let killed = now();
         if let Some(c) = cluster.coordinators[n - 1].as_mut() {
             c.kill9();
         }
@@ -400,7 +403,10 @@ fn failover_times() -> Result<()> {
         .map(|p| p.join("ha-failover.md"))
         .context("target dir")?;
     std::fs::write(&target, &report)?;
-    assert!(rx < 8.0, "a failover outlasted the agents' 8 s lease:\n{report}");
+    assert!(
+        rx < 8.0,
+        "a failover outlasted the agents' 8 s lease:\n{report}"
+    );
     assert_eq!(restarts, 0, "a failover restarted the job:\n{report}");
     Ok(())
 }

@@ -215,7 +215,8 @@ mod tests {
 
     #[test]
     fn each_bad_value_names_its_key() {
-        let cases: Vec<(Box<dyn Fn(&mut HaConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut HaConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|h| h.name = "a b".into()), "ha.name"),
             (
                 Box::new(|h| h.advertise_url = "c1:7770".into()),

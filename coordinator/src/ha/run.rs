@@ -2,7 +2,8 @@
 //! leadership is lost or the process is asked to stop.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;

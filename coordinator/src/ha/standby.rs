@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
