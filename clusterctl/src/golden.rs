@@ -70,11 +70,16 @@ fn golden_status_ha() {
         ("status_ha_etcd", ha_etcd_healthy()),
         ("status_ha_no_quorum", ha_etcd_no_quorum()),
     ] {
+        // The URL clusterctl asked: the answering coordinator's.
+        let url = match ha.coordinator.as_str() {
+            "" | "coordinator" => "https://coord-1.example:7770".to_owned(),
+            name => format!("https://{name}.example:7770"),
+        };
         let response = v1::StatusResponse {
             ha: Some(ha),
             ..status_response()
         };
-        let status = Status::from_proto(response, "https://coord-1.example:7770");
+        let status = Status::from_proto(response, &url);
         check_both(name, &status, &render::status(&status, NOW, Term::PLAIN));
     }
 }

@@ -178,10 +178,10 @@ pub async fn run_with_hooks(
     mut hooks: Hooks,
 ) -> Result<(), CoordinatorError> {
     let started = metrics::unix_ms(SystemTime::now());
-    let metrics = hooks
-        .metrics
-        .take()
-        .unwrap_or_else(|| Arc::new(metrics::Metrics::new(started)));
+    // HA: the standby's metrics carry on, its transport already observed (and warned about).
+    let carried = hooks.metrics.take();
+    let observed = carried.is_some();
+    let metrics = carried.unwrap_or_else(|| Arc::new(metrics::Metrics::new(started)));
     let leadership = store.leadership().clone();
     metrics.ha.leader.set(1);
     metrics
@@ -193,7 +193,9 @@ pub async fn run_with_hooks(
     }
     config.validate_transport()?;
     let tls = load_tls(&config)?;
-    observe_transport(&config, &metrics);
+    if !observed {
+        observe_transport(&config, &metrics);
+    }
     if let (Some(tls), Some(loaded)) = (&tls, hooks.tls_loaded.take()) {
         loaded(tls.clone(), metrics.clone());
     }

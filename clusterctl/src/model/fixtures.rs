@@ -124,13 +124,13 @@ fn coordinator(name: &str, leader: bool, started_at_unix_ms: u64) -> v1::Coordin
     }
 }
 
-/// Two coordinators on a healthy three-member etcd; coord-2 leads (for the last 12 minutes),
-/// coord-1 answered.
+/// Two coordinators on a healthy three-member etcd; coord-2 leads (for the last 12 minutes)
+/// and answered.
 pub fn ha_etcd_healthy() -> v1::HaStatus {
     v1::HaStatus {
         store: "etcd".into(),
-        coordinator: "coord-1".into(),
-        role: "standby".into(),
+        coordinator: "coord-2".into(),
+        role: "leader".into(),
         leader: "coord-2".into(),
         leader_url: "https://coord-2.example:7770".into(),
         term: 41,

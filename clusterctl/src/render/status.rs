@@ -42,6 +42,14 @@ pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
     }
     if let Some(ha) = &s.ha {
         super::ha::ha_lines(&mut out, ha, now_ms, term);
+        // A standby holds no cluster state until it is elected: zeros would read as an empty cluster.
+        if ha.role == "standby" {
+            out.line(
+                "nodes",
+                "unknown here: a standby holds no cluster state (ask the leader)",
+            );
+            return out.finish();
+        }
     }
     let counts: Vec<String> = s
         .nodes_by_state

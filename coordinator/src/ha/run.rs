@@ -12,10 +12,10 @@ use vigil_proto::v1::{
     agent_service_server::AgentServiceServer, control_service_server::ControlServiceServer,
 };
 
+use super::HaView;
 use super::election::{self, CoordinatorRecord};
 use super::standby::{StandbyAgents, StandbyControl};
 use super::store::EtcdStore;
-use super::{HaConfig, HaView};
 use crate::metrics::{self, Metrics};
 use crate::{Config, CoordinatorError, Hooks, Store};
 
@@ -279,9 +279,4 @@ fn serve_standby(
             warn!(error = %e, "standby gRPC server failed");
         }
     }))
-}
-
-/// The `[ha]` section, for callers that only have the config.
-pub fn ha_of(config: &Config) -> Option<&HaConfig> {
-    config.ha.as_ref()
 }
