@@ -318,6 +318,28 @@ fn a_paused_leader_steps_down_and_quorum_loss_stops_every_decision() -> Result<(
             .filter(|v| v["scheduling"] == "Cordoned")
             .map(|_| ()))
     })?;
+
+    // A clean stop (an upgrade) resigns: the standby leads without waiting out the lease.
+    cluster.start_coordinator(2)?;
+    wait_for("c2 standing by", LONG, || {
+        let ha = cluster.ha()?;
+        Ok(ha["coordinators"]
+            .as_array()
+            .is_some_and(|c| c.len() == 2)
+            .then_some(()))
+    })?;
+    let c1 = cluster.coordinators[0].as_mut().context("c1")?;
+    etcd::signal(c1.child.id(), "TERM")?;
+    let status = wait_for("c1 stops", LONG, || Ok(c1.child.try_wait()?))?;
+    assert_eq!(status.code(), Some(0), "{}", c1.log_text());
+    assert!(
+        c1.log_text().contains("resigned leadership"),
+        "{}",
+        c1.log_text()
+    );
+    wait_for("c2 leads after c1 resigned", LONG, || {
+        Ok(cluster.leader_is("c2")?.then_some(()))
+    })?;
     Ok(())
 }
 
