@@ -292,10 +292,6 @@ async fn follow(ctx: &SessionContext, verdict: Verdict, term: u64) {
 /// Connects to the coordinator, verifying it against the CA when TLS is configured (the
 /// files are re-read here, so renewed certificates apply at the next connection).
 async fn dial(url: &str, tls: Option<&vigil_tls::TlsFiles>) -> Result<Channel, SessionError> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(SessionError::Endpoint)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
     let transport = match tls {
         Some(files) => vigil_tls::ClientTls::Tls {
             config: files
@@ -305,6 +301,10 @@ async fn dial(url: &str, tls: Option<&vigil_tls::TlsFiles>) -> Result<Channel, S
         },
         None => vigil_tls::ClientTls::Insecure,
     };
+    let endpoint = Endpoint::from_shared(vigil_tls::dial_url(url, &transport))
+        .map_err(SessionError::Endpoint)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
     tokio::time::timeout(CONNECT_TIMEOUT, vigil_tls::connect(endpoint, &transport))
         .await
         .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))?

@@ -277,7 +277,9 @@ impl Dialer {
 
     /// Connects to `url` now, so a dead coordinator is passed over within the connect timeout.
     async fn dial(&self, url: &str) -> std::result::Result<Client, String> {
-        let endpoint = endpoint(url).map_err(|e| format!("{e:#}"))?;
+        endpoint(url).map_err(|e| format!("{e:#}"))?;
+        let endpoint =
+            endpoint(&vigil_tls::dial_url(url, &self.transport)).map_err(|e| format!("{e:#}"))?;
         let channel = vigil_tls::connect(endpoint, &self.transport)
             .await
             .map_err(|e| cause(&e))?;

@@ -64,7 +64,21 @@ pub fn check_scheme(url: &str, tls_configured: bool, insecure: bool) -> Result<(
     }
 }
 
-/// Connects `endpoint` with `tls`.
+/// The URL to build the tonic `Endpoint` from for [`connect`]: with TLS, `https://` becomes
+/// `http://`, because vigil's own connector does the handshake. When tonic is built with one of
+/// its TLS features (etcd-client, in the same binary, turns on `tonic/tls-ring`), tonic refuses an
+/// `https://` URI whose channel has no tonic TLS config ("Connecting to HTTPS without TLS
+/// enabled"), even with a custom connector. The host (the name verified against the
+/// certificate) is unchanged; the check that the scheme matches the TLS settings is
+/// [`check_scheme`]'s, on the URL the user gave.
+pub fn dial_url(url: &str, tls: &ClientTls) -> String {
+    match (tls, url.strip_prefix("https://")) {
+        (ClientTls::Tls { .. }, Some(rest)) => format!("http://{rest}"),
+        _ => url.to_owned(),
+    }
+}
+
+/// Connects `endpoint` (built from [`dial_url`]) with `tls`.
 pub async fn connect(
     endpoint: Endpoint,
     tls: &ClientTls,
@@ -133,6 +147,31 @@ impl tower_service::Service<Uri> for Connector {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tls_dials_an_http_uri_and_keeps_the_host() {
+        let tls = ClientTls::Tls {
+            config: std::sync::Arc::new(
+                rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("protocols")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            ),
+            server_name: None,
+        };
+        assert_eq!(
+            dial_url("https://coord-1.example:7770", &tls),
+            "http://coord-1.example:7770"
+        );
+        assert_eq!(
+            dial_url("http://127.0.0.1:7770", &ClientTls::Insecure),
+            "http://127.0.0.1:7770"
+        );
+    }
+
     use super::*;
 
     #[test]

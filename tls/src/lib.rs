@@ -20,7 +20,7 @@ pub mod server;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use client::{ClientTls, SchemeError, check_scheme, connect};
+pub use client::{ClientTls, SchemeError, check_scheme, connect, dial_url};
 pub use files::{TlsError, TlsFiles};
 pub use identity::{Peer, PeerIdentity, Role};
 pub use server::{Refusal, ServerTls, incoming};

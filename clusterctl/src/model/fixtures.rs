@@ -95,7 +95,6 @@ pub fn status_response() -> v1::StatusResponse {
 pub fn ha_sled() -> v1::HaStatus {
     v1::HaStatus {
         store: "sled".into(),
-        coordinator: "coord-1".into(),
         role: "leader".into(),
         quorum: true,
         ..Default::default()
