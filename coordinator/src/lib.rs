@@ -184,6 +184,7 @@ pub async fn run_with_hooks(
     let metrics = carried.unwrap_or_else(|| Arc::new(metrics::Metrics::new(started)));
     let leadership = store.leadership().clone();
     metrics.ha.leader.set(1);
+    metrics.ha.with_backend(store.backend());
     metrics
         .ha
         .term

@@ -78,6 +78,15 @@ impl HaMetrics {
         );
     }
 
+    /// Creates the `flush` series of `backend` (at 0), so that it is exported before the first
+    /// write: dashboards and alerts see the histogram from the start.
+    pub fn with_backend(&self, backend: &str) {
+        let _created = self.store_latency.get_or_create(&StoreOpLabel {
+            backend: backend.to_owned(),
+            op: "flush".to_owned(),
+        });
+    }
+
     pub fn observe(&self, backend: &str, op: &str, seconds: f64) {
         self.store_latency
             .get_or_create(&StoreOpLabel {
