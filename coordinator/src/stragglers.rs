@@ -1,8 +1,9 @@
 //! Stragglers, pure: each worker's step rate over a sliding window, compared
 //! with its gang's median; a node consistently slower than the median by
-//! `stragglers.slower_than` for `stragglers.for` is flagged `Degraded:
-//! straggler` (still schedulable; the job goes on) until it keeps up again
-//! or the attempt ends.
+//! `stragglers.slower_than` for `stragglers.for`, or whose GPUs report HW
+//! slowdown, thermal or power-brake throttling for as long while it runs the
+//! job, is flagged `Degraded: straggler` (still schedulable; the job goes on)
+//! until it keeps up again or the attempt ends.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -131,6 +132,30 @@ pub fn swap(
     stop_attempt(job, nodes, &failure, AfterStop::Restart, now, effects);
 }
 
+/// The health rules (`health::judge_samples`) that mean a GPU runs below its
+/// clocks: a node running a job with one of them straggles, whatever the
+/// gang's step rates say (a gang of one has no median; a whole gang may be
+/// held back by it).
+const THROTTLE_RULES: [&str; 3] = ["hw_slowdown", "thermal_throttle", "power_brake"];
+
+/// What the latest heartbeat of `node` says about throttling, if anything.
+fn throttling(node: Option<&Node>) -> Option<String> {
+    let found: Vec<&str> = node?
+        .health
+        .sample_findings
+        .iter()
+        .filter(|f| THROTTLE_RULES.contains(&f.rule))
+        .map(|f| f.message.as_str())
+        .collect();
+    (!found.is_empty()).then(|| found.join("; "))
+}
+
+/// Why a node is behind its gang right now.
+enum Slow {
+    Rate { rate: f64, median: f64 },
+    Throttled(String),
+}
+
 enum Change {
     Flag {
         job: String,
@@ -147,40 +172,61 @@ impl ClusterState {
     /// Measure every running gang; flag and unflag stragglers.
     pub fn stragglers_tick(&mut self, now: Now) -> Vec<Effect> {
         let cfg = self.stragglers;
+        let nodes = &self.nodes;
         let mut changes = Vec::new();
         for job in self.jobs.values_mut() {
             let running = cfg.enabled && job.phase == JobPhase::Running;
-            let rates: BTreeMap<String, f64> = if running {
+            let live: Vec<(&String, &Worker)> = if running {
                 job.workers
                     .iter()
                     .filter(|(_, w)| !w.phase.is_dead())
-                    .filter_map(|(n, w)| rate(w, now.wall_ms, cfg.window).map(|r| (n.clone(), r)))
                     .collect()
             } else {
-                BTreeMap::new()
+                Vec::new()
             };
+            let rates: BTreeMap<String, f64> = live
+                .iter()
+                .filter_map(|(n, w)| rate(w, now.wall_ms, cfg.window).map(|r| ((*n).clone(), r)))
+                .collect();
             let gang = median(rates.values().copied().collect()).filter(|_| rates.len() >= 2);
-            let mut slow_now = Vec::new();
-            if let Some(median) = gang {
-                for (node, r) in &rates {
-                    if *r < (1.0 - cfg.slower_than) * median {
-                        slow_now.push((node.clone(), *r, median));
-                    }
+            let mut slow_now: Vec<(String, Slow)> = Vec::new();
+            for (node, _) in &live {
+                let behind = rates
+                    .get(*node)
+                    .zip(gang)
+                    .filter(|(r, median)| **r < (1.0 - cfg.slower_than) * median);
+                if let Some((rate, median)) = behind {
+                    slow_now.push((
+                        (*node).clone(),
+                        Slow::Rate {
+                            rate: *rate,
+                            median,
+                        },
+                    ));
+                } else if let Some(why) = throttling(nodes.get(*node)) {
+                    slow_now.push(((*node).clone(), Slow::Throttled(why)));
                 }
             }
             job.slow_since
-                .retain(|n, _| slow_now.iter().any(|(s, _, _)| s == n));
-            for (node, r, median) in slow_now {
+                .retain(|n, _| slow_now.iter().any(|(s, _)| s == n));
+            for (node, slow) in slow_now {
                 let since = *job.slow_since.entry(node.clone()).or_insert(now.wall_ms);
                 if now.wall_ms.saturating_sub(since) >= ms(cfg.for_)
                     && !job.stragglers.contains(&node)
                 {
-                    let message = format!(
-                        "straggler: {r:.1} steps/s, {:.0}% below the gang's median {median:.1} steps/s in job {} for {}",
-                        (1.0 - r / median) * 100.0,
-                        job.id,
-                        humantime::format_duration(Duration::from_millis(now.wall_ms - since))
-                    );
+                    let lasting =
+                        humantime::format_duration(Duration::from_millis(now.wall_ms - since));
+                    let message = match slow {
+                        Slow::Rate { rate: r, median } => format!(
+                            "straggler: {r:.1} steps/s, {:.0}% below the gang's median {median:.1} steps/s in job {} for {lasting}",
+                            (1.0 - r / median) * 100.0,
+                            job.id,
+                        ),
+                        Slow::Throttled(why) => format!(
+                            "straggler: {why} while it runs job {} for {lasting}",
+                            job.id
+                        ),
+                    };
                     changes.push(Change::Flag {
                         job: job.id.clone(),
                         node,

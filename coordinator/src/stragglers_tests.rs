@@ -268,3 +268,122 @@ fn with_swap_at_checkpoint_a_straggler_is_swapped_for_the_spare_at_the_next_chec
         Some(700)
     );
 }
+
+/// As `second`, every node at the same pace (10 steps/s), the GPU of the
+/// nodes in `throttled` reporting thermal throttling; `n4`, outside the
+/// job, reports throttling too when it is in `throttled`.
+fn throttled_second(s: &mut ClusterState, id: &str, secs: u64, throttled: &[&str]) -> Vec<Effect> {
+    let gpus = |node: &str| {
+        vec![v1::GpuSample {
+            index: 0,
+            throttle_thermal: Some(throttled.contains(&node)),
+            throttle_hw_slowdown: Some(false),
+            ..Default::default()
+        }]
+    };
+    let mut effects = Vec::new();
+    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+        let hb = v1::Heartbeat {
+            gpus: gpus(node),
+            workers: vec![v1::WorkerInfo {
+                job_id: id.into(),
+                attempt: 1,
+                progress_step: Some(10 * secs),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        effects.extend(s.heartbeat(node, i as u64 + 1, hb, t(secs)).expect("live"));
+    }
+    if s.nodes.contains_key("n4") {
+        let hb = v1::Heartbeat {
+            gpus: gpus("n4"),
+            ..Default::default()
+        };
+        effects.extend(s.heartbeat("n4", 4, hb, t(secs)).expect("live"));
+    }
+    effects.extend(s.stragglers_tick(t(secs)));
+    effects
+}
+
+fn straggler_events(s: &ClusterState, id: &str) -> Vec<String> {
+    s.jobs[id]
+        .events
+        .iter()
+        .filter(|e| e.kind == "straggler")
+        .map(|e| e.message.clone())
+        .collect()
+}
+
+#[test]
+fn a_node_throttling_while_it_runs_the_job_is_a_straggler_even_at_the_gangs_pace() {
+    let (mut s, id) = cluster();
+    for secs in 1..=60 {
+        throttled_second(&mut s, &id, secs, &["n2"]);
+        assert!(s.jobs[&id].stragglers.is_empty(), "second {secs}");
+    }
+    // Degraded all along by the sample rule; a straggler of the job only now.
+    assert_eq!(s.nodes["n2"].condition, Condition::Degraded);
+    throttled_second(&mut s, &id, 61, &["n2"]);
+    assert!(s.jobs[&id].stragglers.contains("n2"));
+    let reasons = s.nodes["n2"].health.reasons();
+    let flag = reasons
+        .iter()
+        .find(|r| r.starts_with("straggler: "))
+        .unwrap_or_else(|| panic!("no straggler reason: {reasons:?}"));
+    assert!(flag.contains("thermal throttling on GPU 0"), "{flag}");
+    assert!(
+        flag.contains(&format!("while it runs job {id} for 1m")),
+        "{flag}"
+    );
+    assert_eq!(straggler_events(&s, &id).len(), 1);
+    assert_eq!(
+        s.jobs[&id].phase,
+        JobPhase::Running,
+        "the run is not killed"
+    );
+    assert!(
+        crate::jobs::eligible(&s.nodes["n2"], 1),
+        "a straggler stays schedulable"
+    );
+
+    // The throttling ends: the flag goes with it.
+    throttled_second(&mut s, &id, 62, &[]);
+    assert!(s.jobs[&id].stragglers.is_empty());
+    assert_eq!(s.nodes["n2"].condition, Condition::Healthy);
+    assert_eq!(
+        straggler_events(&s, &id).len(),
+        2,
+        "flagged, then unflagged"
+    );
+}
+
+#[test]
+fn throttling_that_is_brief_or_on_a_node_outside_the_job_flags_no_straggler() {
+    let (mut s, id) = cluster();
+    s.register(reg("n4", 4), t(0));
+    for secs in 1..=30 {
+        throttled_second(&mut s, &id, secs, &["n3", "n4"]);
+    }
+    for secs in 31..=120 {
+        throttled_second(&mut s, &id, secs, &["n4"]);
+    }
+    assert!(s.jobs[&id].stragglers.is_empty());
+    assert!(straggler_events(&s, &id).is_empty());
+    assert_eq!(
+        s.nodes["n4"].condition,
+        Condition::Degraded,
+        "n4 throttles, but runs no job: the sample rule only"
+    );
+    assert!(s.nodes["n4"].health.straggler.is_none());
+}
+
+#[test]
+fn with_stragglers_disabled_throttling_flags_nothing() {
+    let (mut s, id) = cluster();
+    s.stragglers.enabled = false;
+    for secs in 1..=120 {
+        throttled_second(&mut s, &id, secs, &["n1"]);
+    }
+    assert!(s.jobs[&id].stragglers.is_empty());
+}
