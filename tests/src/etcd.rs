@@ -43,10 +43,22 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The files of etcd's client port with TLS: its CA (which signs the
+/// certificates clients must present) and the members' server certificate.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 pub struct Member {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Plain HTTP `/health` (and `/metrics`), whatever the client port speaks.
+    pub metrics_port: u16,
+    scheme: &'static str,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -54,7 +66,7 @@ pub struct Member {
 
 impl Member {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
     }
 
     pub fn running(&self) -> bool {
@@ -65,17 +77,32 @@ impl Member {
 pub struct EtcdCluster {
     pub members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<ServerTls>,
 }
 
 impl EtcdCluster {
     /// Starts `n` members under `dir` and waits until the cluster has a leader.
     pub fn start(dir: &Path, n: usize) -> Result<Self> {
+        Self::start_with(dir, n, None)
+    }
+
+    /// As [`Self::start`], with `https` client ports that require a client
+    /// certificate signed by `tls.ca` (etcd's `--client-cert-auth`); peers
+    /// talk plain HTTP among themselves.
+    pub fn start_tls(dir: &Path, n: usize, tls: ServerTls) -> Result<Self> {
+        Self::start_with(dir, n, Some(tls))
+    }
+
+    fn start_with(dir: &Path, n: usize, tls: Option<ServerTls>) -> Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::new();
         for i in 0..n {
             members.push(Member {
                 name: format!("etcd-{i}"),
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                metrics_port: free_port()?,
+                scheme,
                 data_dir: dir.join(format!("etcd-{i}.data")),
                 log: dir.join(format!("etcd-{i}.log")),
                 child: None,
@@ -89,6 +116,7 @@ impl EtcdCluster {
         let mut cluster = Self {
             members,
             initial_cluster,
+            tls,
         };
         for i in 0..n {
             cluster.start_member(i)?;
@@ -110,6 +138,7 @@ impl EtcdCluster {
     /// (Re)starts member `i` on its data dir: a restarted member rejoins.
     pub fn start_member(&mut self, i: usize) -> Result<()> {
         let initial_cluster = self.initial_cluster.clone();
+        let tls = self.tls.clone();
         let m = self.members.get_mut(i).context("no such member")?;
         if m.child.is_some() {
             return Ok(());
@@ -118,9 +147,21 @@ impl EtcdCluster {
             .create(true)
             .append(true)
             .open(&m.log)?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = m.endpoint();
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new("etcd")
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
+        let mut command = Command::new("etcd");
+        if let Some(tls) = &tls {
+            command
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key);
+        }
+        let child = command
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.data_dir)
             .args([
@@ -138,6 +179,8 @@ impl EtcdCluster {
                 "new",
                 "--initial-cluster-token",
                 "vigil-test",
+                "--listen-metrics-urls",
+                &metrics,
                 // etcd's defaults: 100 ms heartbeats, 1 s election timeout.
                 "--heartbeat-interval",
                 "100",
@@ -165,7 +208,7 @@ impl EtcdCluster {
     /// Waits until every running member reports healthy (it has a leader).
     pub fn wait_healthy(&self) -> Result<()> {
         for m in self.members.iter().filter(|m| m.running()) {
-            let addr = format!("127.0.0.1:{}", m.client_port).parse()?;
+            let addr = format!("127.0.0.1:{}", m.metrics_port).parse()?;
             wait_for(&format!("etcd member {} healthy", m.name), LONG, || {
                 Ok(crate::http_get(addr, "/health")
                     .ok()

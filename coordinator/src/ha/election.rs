@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use vigil_proto::v1;
 
 use super::HaConfig;
-use super::etcd::describe;
+use super::etcd::{describe, explain};
 pub use super::view::CoordinatorRecord;
 use super::view::{HaView, Leader};
 use crate::leadership::Leadership;
@@ -72,9 +72,9 @@ pub async fn campaign(client: &Client, ha: &HaConfig, view: &HaView) -> Won {
         let (lease, granted_ttl, resp) = match attempt.await {
             Ok(r) => r,
             Err(e) => {
-                let error = describe(&e);
+                let error = explain(ha, &e);
                 if error != last_error {
-                    warn!(%error, "cannot campaign for leadership: etcd unreachable or without quorum; retrying");
+                    warn!(%error, "cannot campaign for leadership: etcd unreachable, without quorum or refusing this coordinator; retrying");
                     last_error = error;
                 }
                 view.set_leader(None);
@@ -333,7 +333,7 @@ pub async fn watch_health(client: Client, ha: HaConfig, view: Arc<HaView>) {
                         raft_term: s.raft_term(),
                         error: s.errors().join("; "),
                     },
-                    Ok(Err(e)) => unhealthy(endpoint, describe(&e)),
+                    Ok(Err(e)) => unhealthy(endpoint, explain(&ha, &e)),
                     Err(_) => unhealthy(endpoint, "no answer in time".into()),
                 },
                 None => unhealthy(endpoint, "cannot connect".into()),
@@ -344,7 +344,7 @@ pub async fn watch_health(client: Client, ha: HaConfig, view: Arc<HaView>) {
         let read = tokio::time::timeout(ha.request_timeout, c.get(ha.leader_key(), None)).await;
         let (quorum, error, leader) = match read {
             Ok(Ok(resp)) => (true, String::new(), resp.kvs().first().map(leader_of)),
-            Ok(Err(e)) => (false, format!("no quorum: {}", describe(&e)), None),
+            Ok(Err(e)) => (false, format!("no quorum: {}", explain(&ha, &e)), None),
             Err(_) => (
                 false,
                 "no quorum: a read did not commit in time".into(),

@@ -80,17 +80,63 @@ pub fn retryable(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// One line for logs and status: the gRPC message rather than its debug form.
+/// [`describe`], with the likely fix where etcd's client port speaks TLS: a
+/// certificate etcd does not trust shows on this side only as a closed
+/// connection (etcd's log says `rejected connection`).
+pub fn explain(ha: &HaConfig, e: &etcd_client::Error) -> String {
+    let mut text = describe(e);
+    if ha.etcd_tls.is_some() {
+        let lower = text.to_lowercase();
+        if ["certificate", "handshake", "alert"]
+            .iter()
+            .any(|w| lower.contains(w))
+        {
+            text.push_str(
+                " (TLS with etcd failed: [ha.etcd_tls] ca must be the CA that signed etcd's \
+                 server certificate)",
+            );
+        } else if [
+            "connection closed",
+            "connection reset",
+            "broken pipe",
+            "connection error",
+        ]
+        .iter()
+        .any(|w| lower.contains(w))
+        {
+            text.push_str(
+                " (etcd closes connections whose client certificate it does not trust: if \
+                 etcd's log says \"rejected connection\", sign [ha.etcd_tls] cert with the CA \
+                 in etcd's --trusted-ca-file)",
+            );
+        }
+    }
+    text
+}
+
+/// One line for logs and status: the gRPC message rather than its debug form,
+/// with its causes (where a refused certificate or a closed port is named).
 pub fn describe(e: &etcd_client::Error) -> String {
-    match e {
+    let (mut text, mut cause): (String, Option<&(dyn std::error::Error + 'static)>) = match e {
         etcd_client::Error::GRpcStatus(s) => {
             let m = s.message();
-            if m.is_empty() {
+            let text = if m.is_empty() {
                 format!("{:?}", s.code())
             } else {
                 m.to_owned()
-            }
+            };
+            (text, std::error::Error::source(s))
         }
-        other => other.to_string(),
+        etcd_client::Error::TransportError(t) => (e.to_string(), std::error::Error::source(t)),
+        other => (other.to_string(), None),
+    };
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
     }
+    text
 }
