@@ -1,17 +1,20 @@
 //! GPU health end to end through a fake coordinator: injected faults arrive at once, diagnostics answer.
 
+mod common;
+
+use common::{RunningAgent, TestResult};
+
 use std::error::Error;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+use vigil_agent::AgentConfig;
 use vigil_agent::config::{GpuBackendKind, ReconnectConfig};
-use vigil_agent::{AgentConfig, AgentError};
 use vigil_proto::v1::agent_event::Kind;
 use vigil_proto::v1::agent_message::Body;
 use vigil_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
@@ -20,8 +23,6 @@ use vigil_proto::v1::{
     Ack, AgentEvent, AgentMessage, Command, CoordinatorMessage, DiagnosticsResult, Heartbeat,
     Registered, RunDiagnostics, command,
 };
-
-type TestResult = Result<(), Box<dyn Error>>;
 
 const DIAGNOSTICS_ID: u64 = 7;
 
@@ -82,8 +83,7 @@ impl AgentService for FakeCoordinator {
 struct Harness {
     seen: mpsc::UnboundedReceiver<AgentMessage>,
     faults: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    agent: JoinHandle<Result<(), AgentError>>,
+    agent: RunningAgent,
     _dir: tempfile::TempDir,
 }
 
@@ -114,15 +114,10 @@ impl Harness {
             },
             ..AgentConfig::default()
         };
-        let metrics = TcpListener::bind("127.0.0.1:0").await?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let agent = tokio::spawn(vigil_agent::run_with_listener(config, metrics, async {
-            let _ = stopped.await;
-        }));
+        let agent = RunningAgent::start(config).await?;
         Ok(Self {
             seen,
             faults,
-            stop: Some(stop),
             agent,
             _dir: dir,
         })
@@ -145,12 +140,8 @@ impl Harness {
         }
     }
 
-    async fn stop(mut self) -> TestResult {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(5), self.agent).await???;
-        Ok(())
+    async fn stop(self) -> TestResult {
+        self.agent.stop(Duration::from_secs(5)).await
     }
 }
 

@@ -2,23 +2,24 @@
 //! finds the leader a standby names, abandons a deposed leader (lower term), ignores a
 //! command carried at a stale term, and leaves a leader that fell silent.
 
+mod common;
+
+use common::{RunningAgent, TestResult, current_user};
+
 use std::collections::VecDeque;
 use std::error::Error;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+use vigil_agent::AgentConfig;
 use vigil_agent::config::{Coordinators, GpuBackendKind, ReconnectConfig, WorkersSection};
-use vigil_agent::{AgentConfig, AgentError};
 use vigil_proto::v1::agent_message::Body;
 use vigil_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use vigil_proto::v1::command::Kind as CommandKind;
@@ -26,8 +27,6 @@ use vigil_proto::v1::coordinator_message::Body as Reply;
 use vigil_proto::v1::{
     Ack, AgentMessage, Command, CoordinatorMessage, Register, Registered, StartWorker,
 };
-
-type TestResult = Result<(), Box<dyn Error>>;
 
 /// Generous: these run on a loaded two-core machine.
 const WAIT: Duration = Duration::from_secs(20);
@@ -177,9 +176,7 @@ async fn bind() -> Result<Bound, Box<dyn Error>> {
 struct Harness {
     seen: mpsc::UnboundedReceiver<Seen>,
     sessions: Vec<(&'static str, Arc<AtomicU64>)>,
-    metrics_addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    agent: JoinHandle<Result<(), AgentError>>,
+    agent: RunningAgent,
 }
 
 impl Harness {
@@ -236,17 +233,10 @@ impl Harness {
             },
             ..AgentConfig::default()
         };
-        let metrics = TcpListener::bind("127.0.0.1:0").await?;
-        let metrics_addr = metrics.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let agent = tokio::spawn(vigil_agent::run_with_listener(config, metrics, async {
-            let _ = stopped.await;
-        }));
+        let agent = RunningAgent::start(config).await?;
         Ok(Self {
             seen,
             sessions,
-            metrics_addr,
-            stop: Some(stop),
             agent,
         })
     }
@@ -279,12 +269,7 @@ impl Harness {
     }
 
     async fn metrics(&self) -> Result<String, Box<dyn Error>> {
-        let mut conn = TcpStream::connect(self.metrics_addr).await?;
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        conn.read_to_string(&mut text).await?;
-        Ok(text)
+        self.agent.metrics().await
     }
 
     /// The value of a metric line `name value`.
@@ -295,20 +280,9 @@ impl Harness {
             .ok_or_else(|| format!("{name} missing in\n{text}").into())
     }
 
-    async fn stop(mut self) -> TestResult {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, self.agent).await???;
-        Ok(())
+    async fn stop(self) -> TestResult {
+        self.agent.stop(WAIT).await
     }
-}
-
-fn current_user() -> Result<String, Box<dyn Error>> {
-    let uid = nix::unistd::Uid::effective();
-    Ok(nix::unistd::User::from_uid(uid)?
-        .ok_or("no passwd entry for this uid")?
-        .name)
 }
 
 fn register(seen: &Seen) -> Option<&Register> {

@@ -1,26 +1,25 @@
 //! The agent against a scripted fake coordinator: registration, heartbeats, reconnects, the lease.
 
+mod common;
+
+use common::{RunningAgent, TestResult};
+
 use std::collections::VecDeque;
 use std::error::Error;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+use vigil_agent::AgentConfig;
 use vigil_agent::config::{GpuBackendKind, ReconnectConfig};
-use vigil_agent::{AgentConfig, AgentError};
 use vigil_proto::v1::agent_message::Body;
 use vigil_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use vigil_proto::v1::coordinator_message::Body as Reply;
 use vigil_proto::v1::{Ack, AgentMessage, CoordinatorMessage, GpuBackend, Registered, Rejected};
-
-type TestResult = Result<(), Box<dyn Error>>;
 
 /// How the fake coordinator answers one session.
 #[derive(Clone, Copy)]
@@ -117,9 +116,7 @@ impl AgentService for FakeCoordinator {
 
 struct Harness {
     seen: mpsc::UnboundedReceiver<(u64, AgentMessage)>,
-    metrics_addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    agent: JoinHandle<Result<(), AgentError>>,
+    agent: RunningAgent,
     _state: tempfile::TempDir,
 }
 
@@ -152,16 +149,9 @@ impl Harness {
             },
             ..AgentConfig::default()
         };
-        let metrics = TcpListener::bind("127.0.0.1:0").await?;
-        let metrics_addr = metrics.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let agent = tokio::spawn(vigil_agent::run_with_listener(config, metrics, async {
-            let _ = stopped.await;
-        }));
+        let agent = RunningAgent::start(config).await?;
         Ok(Self {
             seen,
-            metrics_addr,
-            stop: Some(stop),
             agent,
             _state: state,
         })
@@ -188,20 +178,11 @@ impl Harness {
     }
 
     async fn metrics(&self) -> Result<String, Box<dyn Error>> {
-        let mut conn = TcpStream::connect(self.metrics_addr).await?;
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        conn.read_to_string(&mut text).await?;
-        Ok(text)
+        self.agent.metrics().await
     }
 
-    async fn stop(mut self) -> TestResult {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(5), self.agent).await???;
-        Ok(())
+    async fn stop(self) -> TestResult {
+        self.agent.stop(Duration::from_secs(5)).await
     }
 }
 

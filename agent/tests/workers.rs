@@ -1,19 +1,22 @@
 //! Job workers against a fake coordinator that sends StartWorker/StopWorkers:
 //! real `sh` processes, their progress in heartbeats, stops, fencing, the lease, agent restarts.
 
+mod common;
+
+use common::{RunningAgent, TestResult, current_user};
+
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+use vigil_agent::AgentConfig;
 use vigil_agent::config::{GpuBackendKind, ReconnectConfig, WorkersSection};
 use vigil_agent::workers::{ALREADY_GONE_REASON, ORPHAN_REASON, group_alive};
-use vigil_agent::{AgentConfig, AgentError};
 use vigil_proto::v1::agent_event::Kind;
 use vigil_proto::v1::agent_message::Body;
 use vigil_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
@@ -24,7 +27,6 @@ use vigil_proto::v1::{
     StartWorker, StopWorkers, WorkerExited, WorkerStarted,
 };
 
-type TestResult = Result<(), Box<dyn Error>>;
 type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -108,8 +110,7 @@ struct Harness {
     seen: mpsc::UnboundedReceiver<AgentMessage>,
     current: Arc<Mutex<Option<Outbound>>>,
     next_command: u64,
-    stop: Option<oneshot::Sender<()>>,
-    agent: JoinHandle<Result<(), AgentError>>,
+    agent: RunningAgent,
 }
 
 impl Harness {
@@ -156,16 +157,11 @@ impl Harness {
             },
             ..AgentConfig::default()
         };
-        let metrics = TcpListener::bind("127.0.0.1:0").await?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let agent = tokio::spawn(vigil_agent::run_with_listener(config, metrics, async {
-            let _ = stopped.await;
-        }));
+        let agent = RunningAgent::start(config).await?;
         let mut h = Self {
             seen,
             current,
             next_command: 1,
-            stop: Some(stop),
             agent,
         };
         h.message(|m| matches!(m.body, Some(Body::Register(_))))
@@ -272,21 +268,9 @@ impl Harness {
         .await
     }
 
-    async fn stop(mut self) -> TestResult {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, self.agent).await???;
-        Ok(())
+    async fn stop(self) -> TestResult {
+        self.agent.stop(WAIT).await
     }
-}
-
-/// The name of the user running the tests.
-fn current_user() -> Result<String, Box<dyn Error>> {
-    let uid = nix::unistd::Uid::effective();
-    Ok(nix::unistd::User::from_uid(uid)?
-        .ok_or("no passwd entry for this uid")?
-        .name)
 }
 
 fn sh(job: &str, attempt: u64, workdir: &Path, script: &str) -> StartWorker {
