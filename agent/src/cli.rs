@@ -58,11 +58,7 @@ pub struct Cli {
 impl Cli {
     /// Reads the config file (if any), applies the flags on top, then validates the result.
     pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
-        let mut cfg = match &self.config {
-            Some(path) => AgentConfig::from_file(path)?,
-            None => AgentConfig::default(),
-        };
-        self.apply(&mut cfg);
+        let cfg = self.merged()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -70,12 +66,18 @@ impl Cli {
     /// For `--check-gpus`: the config file and flags as for a start, but only the
     /// keys reading the GPUs needs are validated (no coordinator or TLS is used).
     pub fn into_gpu_config(self) -> Result<AgentConfig, ConfigError> {
+        let cfg = self.merged()?;
+        cfg.validate_gpu()?;
+        Ok(cfg)
+    }
+
+    /// The config file (or the defaults) with the flags applied, not yet validated.
+    fn merged(self) -> Result<AgentConfig, ConfigError> {
         let mut cfg = match &self.config {
             Some(path) => AgentConfig::from_file(path)?,
             None => AgentConfig::default(),
         };
         self.apply(&mut cfg);
-        cfg.validate_gpu()?;
         Ok(cfg)
     }
 

@@ -38,18 +38,12 @@ async fn main() -> ExitCode {
     if let Some(path) = &cli.check_config {
         return check_config(path);
     }
-    if cli.check_gpus {
-        let config = match cli.clone().into_gpu_config() {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("vigil-agent: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        };
-        init_tracing();
-        return check_gpus(&config, cli.json).await;
-    }
-    let config = match cli.clone().into_config() {
+    let config = if cli.check_gpus {
+        cli.clone().into_gpu_config()
+    } else {
+        cli.clone().into_config()
+    };
+    let config = match config {
         Ok(config) => config,
         Err(e) => {
             eprintln!("vigil-agent: {e}");
@@ -57,6 +51,9 @@ async fn main() -> ExitCode {
         }
     };
     init_tracing();
+    if cli.check_gpus {
+        return check_gpus(&config, cli.json).await;
+    }
     // Before anything slow: SIGHUP's default action would kill the agent.
     let (term, int, hup) = match (
         signal(SignalKind::terminate()),
