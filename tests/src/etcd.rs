@@ -137,8 +137,7 @@ impl EtcdCluster {
 
     /// (Re)starts member `i` on its data dir: a restarted member rejoins.
     pub fn start_member(&mut self, i: usize) -> Result<()> {
-        let initial_cluster = self.initial_cluster.clone();
-        let tls = self.tls.clone();
+        let (initial_cluster, tls) = (&self.initial_cluster, &self.tls);
         let m = self.members.get_mut(i).context("no such member")?;
         if m.child.is_some() {
             return Ok(());
@@ -151,7 +150,7 @@ impl EtcdCluster {
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
         let mut command = Command::new("etcd");
-        if let Some(tls) = &tls {
+        if let Some(tls) = tls {
             command
                 .arg("--client-cert-auth")
                 .arg("--trusted-ca-file")
@@ -174,7 +173,7 @@ impl EtcdCluster {
                 "--initial-advertise-peer-urls",
                 &peer,
                 "--initial-cluster",
-                &initial_cluster,
+                initial_cluster,
                 "--initial-cluster-state",
                 "new",
                 "--initial-cluster-token",
@@ -233,6 +232,16 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
     }
+}
+
+/// The `ha` object of `clusterctl -o json status`, asked of `urls`.
+pub fn ha_status(urls: &str) -> Result<serde_json::Value> {
+    Ok(crate::clusterctl(urls, &["-o", "json", "status"])?.json()?["ha"].clone())
+}
+
+/// The leading coordinator's name in an `ha` object; "" when none leads.
+pub fn leader_name(ha: &serde_json::Value) -> String {
+    ha["leader"].as_str().unwrap_or("").to_owned()
 }
 
 /// Sends `sig` (e.g. "STOP", "CONT") to `pid`.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use vigil_tests::etcd::{self, EtcdCluster, free_port};
+use vigil_tests::etcd::{self, EtcdCluster, free_port, ha_status, leader_name};
 use vigil_tests::jobs::{attempt, spec_in, workers_running};
 use vigil_tests::{Agent, Coordinator, LONG, clusterctl, nodes, now, wait_for, write_file};
 
@@ -89,25 +89,16 @@ impl HaCluster {
             .join(",")
     }
 
-    fn status(&self) -> Result<Value> {
-        clusterctl(&self.urls(), &["-o", "json", "status"])?.json()
-    }
-
     fn leader_is(&self, name: &str) -> Result<bool> {
-        let s = self.status()?;
-        Ok(s["ha"]["leader"]["name"] == name || s["ha"]["leader"] == name)
+        Ok(leader_name(&self.ha()?) == name)
     }
 
     fn ha(&self) -> Result<Value> {
-        Ok(self.status()?["ha"].clone())
+        ha_status(&self.urls())
     }
 
     fn term(&self) -> Result<u64> {
-        let ha = self.ha()?;
-        ha["term"]
-            .as_u64()
-            .or_else(|| ha["leader"]["term"].as_u64())
-            .context("no term in status")
+        self.ha()?["term"].as_u64().context("no term in status")
     }
 
     fn job(&self, id: &str) -> Result<Value> {
@@ -152,14 +143,6 @@ impl HaCluster {
             n.len() == self.agents.len() && n.values().all(|v| v["availability"] == "Ready");
         Ok(ready.then_some(()))
     }
-}
-
-fn leader_name(ha: &Value) -> String {
-    ha["leader"]["name"]
-        .as_str()
-        .or_else(|| ha["leader"].as_str())
-        .unwrap_or("")
-        .to_owned()
 }
 
 fn checkpoint_count(dir: &Path) -> usize {

@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
-use serde_json::Value;
-use vigil_tests::etcd::{self, EtcdCluster, ServerTls, free_port, tick};
+use vigil_tests::etcd::{self, EtcdCluster, ServerTls, free_port, ha_status, leader_name, tick};
 use vigil_tests::{Agent, Coordinator, LONG, clusterctl, nodes, wait_for};
 use vigil_tls::TlsFiles;
 use vigil_tls::testing::{Leaf, TestCa};
@@ -45,18 +44,6 @@ fn coordinator(
     std::fs::create_dir_all(&own)?;
     let c = Coordinator::start(&own, &config, Some(addr))?;
     Ok((c, format!("http://{addr}")))
-}
-
-fn ha_of(url: &str) -> Result<Value> {
-    Ok(clusterctl(url, &["-o", "json", "status"])?.json()?["ha"].clone())
-}
-
-fn leader(ha: &Value) -> String {
-    ha["leader"]["name"]
-        .as_str()
-        .or_else(|| ha["leader"].as_str())
-        .unwrap_or("")
-        .to_owned()
 }
 
 #[test]
@@ -102,7 +89,7 @@ fn coordinators_lead_over_an_etcd_that_requires_client_certificates() -> Result<
 
     let (mut c1, url1) = coordinator(dir.path(), "c1", &etcd, &good)?;
     wait_for("c1 leads over TLS etcd", LONG, || {
-        Ok((leader(&ha_of(&url1)?) == "c1").then_some(()))
+        Ok((leader_name(&ha_status(&url1)?) == "c1").then_some(()))
     })
     .with_context(|| c1.log_text())?;
     let agent = Agent::start(dir.path(), &url1, "node-0", 8)?;
@@ -131,14 +118,14 @@ fn coordinators_lead_over_an_etcd_that_requires_client_certificates() -> Result<
     // The genuine standby.
     let (c2, url2) = coordinator(dir.path(), "c2", &etcd, &good)?;
     wait_for("c2 stands by, seeing c1 lead", LONG, || {
-        Ok((leader(&ha_of(&url2)?) == "c1").then_some(()))
+        Ok((leader_name(&ha_status(&url2)?) == "c1").then_some(()))
     })
     .with_context(|| c2.log_text())?;
 
     // The leader dies; c2 takes over and reads the cordon back from etcd.
     c1.kill9();
     wait_for("c2 leads after c1's death", LONG, || {
-        Ok((leader(&ha_of(&url2)?) == "c2").then_some(()))
+        Ok((leader_name(&ha_status(&url2)?) == "c2").then_some(()))
     })
     .with_context(|| c2.log_text())?;
     let node = wait_for("node-0 known to c2", LONG, || {
@@ -149,7 +136,7 @@ fn coordinators_lead_over_an_etcd_that_requires_client_certificates() -> Result<
     // All along, neither bad coordinator took part, and each says why: in
     // its log, and in the etcd section of its status.
     for (name, hint, (c, url)) in &bad {
-        let ha = ha_of(url)?;
+        let ha = ha_status(url)?;
         assert_eq!(ha["role"], "standby", "{name}: {ha}");
         assert_eq!(ha["quorum"], false, "{name}: {ha}");
         // The wording of the error varies with when the connection broke.
@@ -163,7 +150,7 @@ fn coordinators_lead_over_an_etcd_that_requires_client_certificates() -> Result<
         eprintln!("{name}: {said}");
         assert!(!c.log_text().contains("elected leader"), "{name}");
         wait_for(&format!("{name}'s status names the fix"), LONG, || {
-            let ha = ha_of(url)?;
+            let ha = ha_status(url)?;
             Ok(ha["etcd_error"]
                 .as_str()
                 .is_some_and(|e| e.contains(hint))
