@@ -124,11 +124,7 @@ pub async fn campaign(client: &Client, ha: &HaConfig, view: &HaView) -> Won {
             // Deleted between the compare and the read: campaign again.
             continue;
         };
-        let leader = leader_of(&kv);
-        if view.leader().map(|l| (l.name, l.term)) != Some((leader.name.clone(), leader.term)) {
-            info!(leader = %leader.name, url = %leader.url, term = leader.term, "standing by: {} leads at term {}", leader.name, leader.term);
-        }
-        view.set_leader(Some(leader));
+        view.set_leader(Some(leader_of(&kv)));
         let from = resp.header().map_or(0, |h| h.revision()) + 1;
         wait_for_vacancy(&mut c, &key, from, ha.lease_ttl).await;
     }
@@ -370,9 +366,6 @@ pub async fn watch_health(client: Client, ha: HaConfig, view: Arc<HaView>) {
                 let known = view.leader().map(|l| (l.name, l.term));
                 let now = leader.as_ref().map(|l| (l.name.clone(), l.term));
                 if known != now {
-                    if let Some(l) = &leader {
-                        info!(leader = %l.name, url = %l.url, term = l.term, "standing by: {} leads at term {}", l.name, l.term);
-                    }
                     view.set_leader(leader.map(|mut l| {
                         l.since_unix_ms = unix_ms();
                         l

@@ -98,6 +98,9 @@ impl HaView {
             }
         }
         inner.leading = leader.as_ref().is_some_and(|l| l.name == self.me.name);
+        if let (Some(l), true, false) = (&leader, before != after, inner.leading) {
+            tracing::info!(leader = %l.name, url = %l.url, term = l.term, "standing by: {} leads at term {}", l.name, l.term);
+        }
         if let Some(m) = &self.metrics {
             m.leader.set(i64::from(inner.leading));
             m.term.set(
