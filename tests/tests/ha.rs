@@ -310,7 +310,8 @@ fn a_paused_leader_steps_down_and_quorum_loss_stops_every_decision() -> Result<(
             .as_array()
             .is_some_and(|c| c.len() == 2)
             .then_some(()))
-    })?;
+    })
+    .with_context(|| format!("status: {:?}\n{}", cluster.ha().ok(), cluster.logs()))?;
     let c1 = cluster.coordinators[0].as_mut().context("c1")?;
     etcd::signal(c1.child.id(), "TERM")?;
     let status = wait_for("c1 stops", LONG, || Ok(c1.child.try_wait()?))?;
