@@ -26,7 +26,7 @@ const GPUS: u32 = 8;
 
 fn t0() -> Now {
     Now {
-        mono: Instant::now(),
+        mono: vigil_core::time::Instant::ZERO,
         wall_ms: 1_700_000_000_000,
     }
 }

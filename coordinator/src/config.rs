@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use vigil_core::config::{
+    DEFAULT_AGENT_LEASE, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_LOST_AFTER, DEFAULT_RECURRENCE_WINDOW,
+    DEFAULT_TEMPERATURE_MAX_C, DEFAULT_UNREACHABLE_AFTER, HealthConfig, LivenessConfig,
+};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7770";
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9770";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/vigil";
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-pub const DEFAULT_UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
-pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(10);
-pub const DEFAULT_AGENT_LEASE: Duration = Duration::from_secs(8);
 
 /// Why a configuration was refused; the message names the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -61,29 +61,6 @@ pub struct Config {
     pub ha: Option<crate::ha::HaConfig>,
 }
 
-/// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthConfig {
-    /// GPU temperature (°C) at or above which a GPU is Degraded.
-    pub temperature_max_c: f32,
-    /// Also mark a GPU Degraded when its PCIe generation is below its max.
-    /// Off by default: GPUs lower their link generation when idle to save power.
-    pub pcie_gen_below_max: bool,
-    /// How far back repeated XIDs count.
-    #[serde(with = "humantime_serde")]
-    pub recurrence_window: Duration,
-    /// A warning-class XID (63, 92, 94, ...) seen this often on one GPU within
-    /// the window cordons the node.
-    pub degrade_recurrence: u32,
-    /// An application-class XID (13, 31, 43, 45, 68) seen this often on one GPU
-    /// within the window cordons the node: the GPU, not the job, is suspect.
-    pub application_recurrence: u32,
-    /// Per-XID class overrides: `"13" = "fatal"`; classes are `fatal`,
-    /// `degrade`, `application`, `ignore`.
-    pub xid: std::collections::BTreeMap<String, crate::xid::XidClass>,
-}
-
 /// On-demand diagnostics (`clusterctl diagnose`).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -93,23 +70,8 @@ pub struct DiagnosticsConfig {
     pub timeout: Duration,
 }
 
-pub const DEFAULT_TEMPERATURE_MAX_C: f32 = 90.0;
-pub const DEFAULT_RECURRENCE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_DIAGNOSTICS_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_DIAGNOSTICS_TIMEOUT: Duration = Duration::from_secs(3600);
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            temperature_max_c: DEFAULT_TEMPERATURE_MAX_C,
-            pcie_gen_below_max: false,
-            recurrence_window: DEFAULT_RECURRENCE_WINDOW,
-            degrade_recurrence: 2,
-            application_recurrence: 3,
-            xid: std::collections::BTreeMap::new(),
-        }
-    }
-}
 
 impl Default for DiagnosticsConfig {
     fn default() -> Self {
@@ -117,38 +79,6 @@ impl Default for DiagnosticsConfig {
             timeout: DEFAULT_DIAGNOSTICS_TIMEOUT,
         }
     }
-}
-
-impl HealthConfig {
-    /// The class of `xid`: an override, else the catalog's default, else
-    /// (an XID NVIDIA does not list) Degrade.
-    pub fn xid_class(&self, xid: u32) -> crate::xid::XidClass {
-        self.xid
-            .get(&xid.to_string())
-            .copied()
-            .or_else(|| crate::xid::catalog().get(&xid).map(|i| i.class))
-            .unwrap_or(crate::xid::XidClass::Degrade)
-    }
-}
-
-/// How silence from an agent turns into node availability.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LivenessConfig {
-    /// Handed to each agent at registration: how often it heartbeats.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
-    /// Silence after which a node is `Unreachable`.
-    #[serde(with = "humantime_serde")]
-    pub unreachable_after: Duration,
-    /// Silence after which a node is `Lost` and its work is restarted elsewhere.
-    #[serde(with = "humantime_serde")]
-    pub lost_after: Duration,
-    /// Handed to each agent: silence from the coordinator after which the agent
-    /// stops its workers itself. Always shorter than `lost_after`, so that work
-    /// taken from a lost node is surely stopped before it runs anywhere else.
-    #[serde(with = "humantime_serde")]
-    pub agent_lease: Duration,
 }
 
 impl Default for Config {
@@ -168,17 +98,6 @@ impl Default for Config {
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
             ha: None,
-        }
-    }
-}
-
-impl Default for LivenessConfig {
-    fn default() -> Self {
-        Self {
-            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
-            unreachable_after: DEFAULT_UNREACHABLE_AFTER,
-            lost_after: DEFAULT_LOST_AFTER,
-            agent_lease: DEFAULT_AGENT_LEASE,
         }
     }
 }
@@ -427,5 +346,27 @@ mod tests {
     fn bad_address_names_the_key() {
         let err = Config::from_toml_str("listen = \"nowhere\"").expect_err("bad addr");
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn limits_config_defaults_and_refusals_name_the_key() {
+        let c = Config::from_toml_str("").expect("defaults");
+        assert_eq!(c.limits, crate::limits::LimitsConfig::default());
+        for (text, key) in [
+            (
+                "[limits]\nagent_messages_per_second = 1\n",
+                "agent_messages_per_second",
+            ),
+            ("[limits]\nagent_message_burst = 0\n", "agent_message_burst"),
+            (
+                "[limits]\nagent_bytes_per_second = 10\n",
+                "agent_bytes_per_second",
+            ),
+            ("[limits]\nagent_bytes_burst = 1024\n", "agent_bytes_burst"),
+            ("[limits]\nagent_rate = 1\n", "agent_rate"),
+        ] {
+            let e = Config::from_toml_str(text).expect_err(key).to_string();
+            assert!(e.contains(key), "{e} should name {key}");
+        }
     }
 }

@@ -99,7 +99,7 @@ impl v1::control_service_server::ControlService for ControlService {
     ) -> Result<Response<v1::StatusResponse>, Status> {
         let caller = self.allow(&request, Role::Viewer, "status")?;
         let snap = self.engine.snapshot();
-        let now = Instant::now();
+        let now = self.engine.now().mono;
         let mut counts = [0u32; DISPLAY_STATES.len()];
         for n in &snap.nodes {
             if let Some(i) = DISPLAY_STATES.iter().position(|s| *s == n.display_state()) {
@@ -110,7 +110,7 @@ impl v1::control_service_server::ControlService for ControlService {
         Ok(Response::new(v1::StatusResponse {
             coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
             started_at_unix_ms: self.started_unix_ms,
-            uptime_ms: millis(now.saturating_duration_since(self.started)),
+            uptime_ms: millis(self.started.elapsed()),
             listen_addr: self.listen_addr.to_string(),
             nodes_by_state: DISPLAY_STATES
                 .iter()
@@ -151,7 +151,7 @@ impl v1::control_service_server::ControlService for ControlService {
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
         self.allow(&request, Role::Viewer, "nodes")?;
         let snap = self.engine.snapshot();
-        let now = Instant::now();
+        let now = self.engine.now().mono;
         Ok(Response::new(v1::ListNodesResponse {
             nodes: snap.nodes.iter().map(|n| summary(n, now)).collect(),
         }))
@@ -172,7 +172,7 @@ impl v1::control_service_server::ControlService for ControlService {
             .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
                 name,
             )))?;
-        Ok(Response::new(detail(node, Instant::now())))
+        Ok(Response::new(detail(node, self.engine.now().mono)))
     }
 
     async fn cordon(
@@ -205,7 +205,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 reply,
             })
             .await?;
-        Ok(Response::new(summary(&node, Instant::now())))
+        Ok(Response::new(summary(&node, self.engine.now().mono)))
     }
 
     async fn uncordon(
@@ -224,7 +224,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 reply,
             })
             .await?;
-        Ok(Response::new(summary(&node, Instant::now())))
+        Ok(Response::new(summary(&node, self.engine.now().mono)))
     }
 
     async fn submit_job(
@@ -403,7 +403,7 @@ impl v1::control_service_server::ControlService for ControlService {
             })
             .await?;
         Ok(Response::new(v1::DrainResponse {
-            node: Some(summary(&node, Instant::now())),
+            node: Some(summary(&node, self.engine.now().mono)),
             jobs_restarted: jobs,
         }))
     }
@@ -456,7 +456,7 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-pub fn summary(n: &Node, now: Instant) -> v1::NodeSummary {
+pub fn summary(n: &Node, now: vigil_core::time::Instant) -> v1::NodeSummary {
     let availability = match n.availability {
         Availability::Ready => v1::Availability::Ready,
         Availability::Unreachable => v1::Availability::Unreachable,
@@ -520,7 +520,7 @@ fn diagnostics(node: &str, d: &DiagnosticsRecord) -> v1::DiagnosticsRecord {
     }
 }
 
-fn detail(n: &Node, now: Instant) -> v1::NodeDetail {
+fn detail(n: &Node, now: vigil_core::time::Instant) -> v1::NodeDetail {
     v1::NodeDetail {
         summary: Some(summary(n, now)),
         gpus: n

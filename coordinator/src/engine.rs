@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -16,12 +16,13 @@ use tracing::{debug, info, warn};
 use vigil_proto::v1;
 
 use crate::audit::Subject;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::ControlError;
 use crate::health::Condition;
 use crate::job::Job;
 use crate::lemons::{Ledger, LemonRecord};
-use crate::metrics::{Metrics, unix_ms};
+use crate::metrics::Metrics;
 use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
 use crate::store::{Store, StoreError};
@@ -172,6 +173,8 @@ pub struct EngineHandle {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Every node and job event as it happens (the engine holds the sender).
     bus: broadcast::Sender<v1::ClusterEvent>,
+    /// The engine's clock, so readers measure ages on the same monotonic scale.
+    clock: Clock,
 }
 
 impl EngineHandle {
@@ -185,6 +188,11 @@ impl EngineHandle {
     /// New cluster events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<v1::ClusterEvent> {
         self.bus.subscribe()
+    }
+
+    /// The present on the engine's clock.
+    pub fn now(&self) -> Now {
+        self.clock.now()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -219,7 +227,9 @@ pub struct Engine {
     log_reads: HashMap<u64, PendingLog>,
     ticks: u64,
     /// When the last tick ran: a much longer gap means this process was stalled.
-    last_tick: Instant,
+    last_tick: vigil_core::time::Instant,
+    /// The only clock decisions are given (monotonic deadlines, wall-clock records).
+    clock: Clock,
 }
 
 impl Engine {
@@ -234,13 +244,6 @@ impl Engine {
     }
 }
 
-fn now() -> Now {
-    Now {
-        mono: Instant::now(),
-        wall_ms: unix_ms(SystemTime::now()),
-    }
-}
-
 impl Engine {
     /// Load state from the store; the engine starts when [`Engine::run`] is awaited.
     pub fn new(
@@ -248,6 +251,7 @@ impl Engine {
         config: &Config,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, EngineHandle), StoreError> {
+        let clock = Clock::start();
         let records = store.load_nodes()?;
         let events = store.load_events()?;
         let state = ClusterState::load(
@@ -255,7 +259,7 @@ impl Engine {
             events,
             config.liveness,
             config.health.clone(),
-            now(),
+            clock.now(),
         );
         info!(
             nodes = state.nodes.len(),
@@ -266,7 +270,7 @@ impl Engine {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
         let mut state = state.with_jobs(store.load_jobs()?);
-        state.restart_progress_clocks(now());
+        state.restart_progress_clocks(clock.now());
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
         state.triage = config.triage;
         state.burn_in = config.burn_in.clone();
@@ -295,12 +299,14 @@ impl Engine {
             bus: bus.clone(),
             log_reads: HashMap::new(),
             ticks: 0,
-            last_tick: now().mono,
+            last_tick: clock.now().mono,
+            clock,
         };
         let handle = EngineHandle {
             events: events_tx,
             snapshot: snapshot_rx,
             bus,
+            clock,
         };
         Ok((engine, handle))
     }
@@ -315,7 +321,7 @@ impl Engine {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.last_tick = now().mono;
+        self.last_tick = self.clock.now().mono;
         loop {
             tokio::select! {
                 biased;
@@ -325,7 +331,7 @@ impl Engine {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    let t = now();
+                    let t = self.clock.now();
                     let gap = t.mono.saturating_duration_since(self.last_tick);
                     self.last_tick = t.mono;
                     if gap > STALL {
@@ -358,7 +364,7 @@ impl Engine {
                     if self.dirty && self.ticks.is_multiple_of(PUBLISH_EVERY) {
                         self.publish();
                     }
-                    self.metrics.engine_alive(now().wall_ms);
+                    self.metrics.engine_alive(self.clock.now().wall_ms);
                     if let Some(f) = self.on_tick.as_mut() {
                         f();
                     }
@@ -386,10 +392,16 @@ impl Engine {
                 let reports = reports.map(|w| (w.job_id.as_str(), w.attempt, "heartbeat"));
                 crate::assigned::note(&self.state.jobs, &self.metrics, &node, reports);
                 if heartbeat.sent_at_unix_ms > 0 {
-                    let lag = now().wall_ms.saturating_sub(heartbeat.sent_at_unix_ms);
+                    let lag = self
+                        .clock
+                        .now()
+                        .wall_ms
+                        .saturating_sub(heartbeat.sent_at_unix_ms);
                     self.metrics.heartbeat_lag.observe(lag as f64 / 1000.0);
                 }
-                let result = self.state.heartbeat(&node, session, heartbeat, now());
+                let result = self
+                    .state
+                    .heartbeat(&node, session, heartbeat, self.clock.now());
                 self.after_agent_message(result, session, seq).await;
             }
             Event::AgentEvent {
@@ -403,7 +415,7 @@ impl Engine {
                 let result = match &event.kind {
                     Some(v1::agent_event::Kind::Diagnostics(d)) => {
                         self.diagnostics_result(&node, session, d).await;
-                        self.state.heard(&node, session, now())
+                        self.state.heard(&node, session, self.clock.now())
                     }
                     Some(v1::agent_event::Kind::LogData(d)) => {
                         if let Some(p) = self.log_reads.remove(&d.command_id) {
@@ -413,9 +425,11 @@ impl Engine {
                                 self.log_reads.insert(d.command_id, p);
                             }
                         }
-                        self.state.heard(&node, session, now())
+                        self.state.heard(&node, session, self.clock.now())
                     }
-                    _ => self.state.agent_event(&node, session, &event, now()),
+                    _ => self
+                        .state
+                        .agent_event(&node, session, &event, self.clock.now()),
                 };
                 self.after_agent_message(result, session, seq).await;
             }
@@ -426,7 +440,7 @@ impl Engine {
                 for (_, p) in take_where(&mut self.log_reads, |p| p.session == session) {
                     p.reply.send(Err(ControlError::NotConnected(p.node))).ok();
                 }
-                let effects = self.state.disconnected(&node, session, now());
+                let effects = self.state.disconnected(&node, session, self.clock.now());
                 if self.sessions.remove(&session).is_some() {
                     debug!(node = %node, session, "agent session ended");
                 }
@@ -439,7 +453,10 @@ impl Engine {
                 kind,
                 message,
             } => {
-                if let Ok(effects) = self.state.flag(&node, session, kind, message, now()) {
+                if let Ok(effects) =
+                    self.state
+                        .flag(&node, session, kind, message, self.clock.now())
+                {
                     self.apply(effects).await.ok();
                     self.dirty = true;
                 }
@@ -452,9 +469,9 @@ impl Engine {
             } => {
                 let backup = self.state.nodes.get(&node).cloned();
                 let what = format!("cordon ({reason})");
-                let result = self
-                    .state
-                    .cordon(&node, reason, CordonSource::Operator, now());
+                let result =
+                    self.state
+                        .cordon(&node, reason, CordonSource::Operator, self.clock.now());
                 let answer = self.commit(&node, backup, result).await;
                 self.audit(Subject::Node(&node), &actor, &what, &answer)
                     .await;
@@ -467,7 +484,7 @@ impl Engine {
                 reply,
             } => {
                 let backup = self.state.nodes.get(&node).cloned();
-                let result = self.state.uncordon(&node, force, now());
+                let result = self.state.uncordon(&node, force, self.clock.now());
                 let answer = self.commit(&node, backup, result).await;
                 let what = if force {
                     "uncordon --force"
@@ -497,7 +514,7 @@ impl Engine {
             } => {
                 let what = format!("drain ({reason})");
                 let backup = self.state.nodes.get(&node).cloned();
-                let answer = match self.state.drain_node(&node, &reason, now()) {
+                let answer = match self.state.drain_node(&node, &reason, self.clock.now()) {
                     Ok((jobs, effects)) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();
@@ -531,7 +548,7 @@ impl Engine {
                 actor,
                 reply,
             } => {
-                let answer = match self.state.submit_job(&spec_toml, &source, now()) {
+                let answer = match self.state.submit_job(&spec_toml, &source, self.clock.now()) {
                     Ok((id, effects)) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();
@@ -561,7 +578,7 @@ impl Engine {
                 reply.send(answer).ok();
             }
             Event::CancelJob { id, actor, reply } => {
-                let answer = match self.state.cancel_job(&id, now()) {
+                let answer = match self.state.cancel_job(&id, self.clock.now()) {
                     Ok(effects) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();
@@ -588,7 +605,10 @@ impl Engine {
                     Some(step) => format!("restart from checkpoint step {step} (env {env:?})"),
                     None => format!("restart (env {env:?})"),
                 };
-                let answer = match self.state.restart_job(&id, from_step, env, now()) {
+                let answer = match self
+                    .state
+                    .restart_job(&id, from_step, env, self.clock.now())
+                {
                     Ok(effects) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();
@@ -608,7 +628,7 @@ impl Engine {
                 actor,
                 reply,
             } => {
-                let answer = match self.state.clear_lemon(&subject, now()) {
+                let answer = match self.state.clear_lemon(&subject, self.clock.now()) {
                     Ok((cleared, effects)) => match self.apply(effects).await {
                         Ok(()) => {
                             self.publish();
@@ -638,7 +658,9 @@ impl Engine {
     ) {
         let outcome = crate::audit::outcome(answer);
         info!(%subject, actor = %actor, "{what} on {subject} by {actor}: {outcome}");
-        let effects = self.state.audit(subject, actor, what, &outcome, now());
+        let effects = self
+            .state
+            .audit(subject, actor, what, &outcome, self.clock.now());
         if let Err(e) = self.apply(effects).await {
             warn!(%subject, error = %e, "could not store the audit record");
         }
@@ -764,7 +786,7 @@ impl Engine {
             output: d.output.clone(),
             duration_ms: d.duration_ms,
             command: d.command.clone(),
-            finished_at_unix_ms: now().wall_ms,
+            finished_at_unix_ms: self.clock.now().wall_ms,
         };
         self.metrics.count_diagnostics(d.passed);
         let verdict = if d.passed { "passed" } else { "FAILED" };
@@ -775,8 +797,13 @@ impl Engine {
         if let Some(reply) = reply {
             reply.send(answer).ok();
         }
-        let mut triage = self.state.triage_result(node, d.passed, &d.summary, now());
-        triage.extend(self.state.burn_in_result(node, d.passed, &d.summary, now()));
+        let mut triage = self
+            .state
+            .triage_result(node, d.passed, &d.summary, self.clock.now());
+        triage.extend(
+            self.state
+                .burn_in_result(node, d.passed, &d.summary, self.clock.now()),
+        );
         if !triage.is_empty() && self.apply(triage).await.is_ok() {
             self.publish();
         }
@@ -802,7 +829,7 @@ impl Engine {
             return;
         }
         let backup = self.state.nodes.get(&node).cloned();
-        let effects = self.state.register(reg, now());
+        let effects = self.state.register(reg, self.clock.now());
         // Persist now, act once the session is live: reconciling can send this
         // very node commands (stop a stale worker, start a pending job).
         let effects = match self.persist(effects).await {
@@ -844,7 +871,7 @@ impl Engine {
             self.act(effect);
         }
         if !live {
-            let effects = self.state.disconnected(&node, session, now());
+            let effects = self.state.disconnected(&node, session, self.clock.now());
             self.apply(effects).await.ok();
         }
         // Readers see it with the next tick (100 ms): publishing here would
@@ -920,11 +947,11 @@ impl Engine {
     /// returns the effects to act on.
     async fn persist(&mut self, mut effects: Vec<Effect>) -> Result<Vec<Effect>, StoreError> {
         if !effects.is_empty() {
-            let more = self.state.react(&effects, now());
+            let more = self.state.react(&effects, self.clock.now());
             effects.extend(more);
-            let lemons = self.state.lemon_react(&effects, now());
+            let lemons = self.state.lemon_react(&effects, self.clock.now());
             effects.extend(lemons);
-            let burn_in = self.state.burn_in_react(&effects, now());
+            let burn_in = self.state.burn_in_react(&effects, self.clock.now());
             effects.extend(burn_in);
         }
         let mut wrote = false;
@@ -1031,7 +1058,7 @@ impl Engine {
                 observed_at_ms,
             } => {
                 self.metrics.count_cordon(cordon.source.as_str(), rule);
-                let latency_ms = observed_at_ms.map(|t| now().wall_ms.saturating_sub(t));
+                let latency_ms = observed_at_ms.map(|t| self.clock.now().wall_ms.saturating_sub(t));
                 if let Some(ms) = latency_ms {
                     self.metrics.fault_to_cordon.observe(ms as f64 / 1000.0);
                 }
@@ -1086,7 +1113,9 @@ impl Engine {
             Effect::Command { node, kind } => self.send_command(&node, kind),
             Effect::PersistLemon(r) => {
                 self.dirty = true;
-                let recent = r.recent(now().wall_ms, &self.state.lemons.cfg).count();
+                let recent = r
+                    .recent(self.clock.now().wall_ms, &self.state.lemons.cfg)
+                    .count();
                 let last = r.incidents.last();
                 let lemon_now =
                     r.blocklisted_at_ms.is_some() && r.blocklisted_at_ms == last.map(|i| i.at_ms);
@@ -1098,7 +1127,7 @@ impl Engine {
                         info!(subject = %r.key(), node = %r.node, "lemon entry {} cleared by an operator", r.key())
                     }
                     (_, true) => {
-                        warn!(subject = %r.key(), node = %r.node, failures = recent, kinds = %r.kinds(now().wall_ms, &self.state.lemons.cfg), "{} is a lemon: {recent} failures within the window; blocklisted", r.key())
+                        warn!(subject = %r.key(), node = %r.node, failures = recent, kinds = %r.kinds(self.clock.now().wall_ms, &self.state.lemons.cfg), "{} is a lemon: {recent} failures within the window; blocklisted", r.key())
                     }
                     _ => {
                         info!(subject = %r.key(), node = %r.node, failures = recent, kind = last.map_or("", |i| i.kind.as_str()), "failure charged to {}", r.key())
@@ -1146,7 +1175,7 @@ impl Engine {
         self.dirty = false;
         self.metrics.observe_nodes(self.state.nodes.values());
         self.metrics
-            .observe_jobs(self.state.jobs.values(), now().wall_ms);
+            .observe_jobs(self.state.jobs.values(), self.clock.now().wall_ms);
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),

@@ -41,46 +41,32 @@
 //! - `notify`: systemd notifications (ready, status, watchdog fed by the engine loop, stopping).
 //! - `error`: boundary errors and their single mapping to gRPC status.
 
+// The decisions live in vigil-core; their modules keep their old paths here.
+pub use vigil_core::{
+    audit, burn_in, goodput, health, job, jobs, jobspec, lemon_watch, lemons, limits, liveness,
+    node, rollback, state, stragglers, training_health, triage, validate, xid,
+};
+
 pub mod access;
 pub mod agent_service;
 pub mod assigned;
-pub mod audit;
-pub mod burn_in;
+pub mod clock;
 pub mod config;
 pub mod control_service;
 pub mod control_streams;
 pub mod engine;
 pub mod error;
-pub mod goodput;
 pub mod goodput_metrics;
 pub mod ha;
-pub mod health;
 pub mod input_metrics;
-pub mod job;
 pub mod job_view;
-pub mod jobs;
-pub mod jobspec;
 pub mod leadership;
 pub mod lemon_view;
-pub mod lemon_watch;
-pub mod lemons;
-pub mod limits;
-pub mod liveness;
 pub mod metrics;
-pub mod node;
 pub mod notify;
-pub mod rollback;
 pub mod security_metrics;
-pub mod state;
 pub mod store;
-pub mod stragglers;
-#[cfg(test)]
-pub mod test_utils;
 pub mod throttle;
-pub mod training_health;
-pub mod triage;
-pub mod validate;
-pub mod xid;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

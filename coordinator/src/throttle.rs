@@ -10,14 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Rates a session may sustain, and bursts it may send above them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rates {
-    pub messages_per_second: f64,
-    pub message_burst: f64,
-    pub bytes_per_second: f64,
-    pub bytes_burst: f64,
-}
+pub use vigil_core::limits::Rates;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {

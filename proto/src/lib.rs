@@ -8,5 +8,5 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 pub mod v1 {
     #![allow(clippy::all)]
-    tonic::include_proto!("vigil.v1");
+    include!(concat!(env!("OUT_DIR"), "/vigil.v1.rs"));
 }

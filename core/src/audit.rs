@@ -78,7 +78,7 @@ mod tests {
     #[test]
     fn auditing_an_unknown_node_or_job_records_nothing() {
         let now = Now {
-            mono: tokio::time::Instant::now(),
+            mono: crate::time::Instant::ZERO,
             wall_ms: 1,
         };
         let mut state = ClusterState::load(

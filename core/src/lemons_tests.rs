@@ -14,7 +14,7 @@ const HOUR: u64 = 3_600_000;
 
 fn t(ms: u64) -> Now {
     Now {
-        mono: tokio::time::Instant::now() + Duration::from_millis(ms),
+        mono: crate::time::Instant::ZERO + Duration::from_millis(ms),
         wall_ms: T0 + ms,
     }
 }

@@ -11,7 +11,7 @@ pub const T0: u64 = 1_700_000_000_000;
 /// `secs` after the start of a scenario, on both clocks.
 pub fn t(secs: u64) -> Now {
     Now {
-        mono: tokio::time::Instant::now() + Duration::from_secs(secs),
+        mono: crate::time::Instant::ZERO + Duration::from_secs(secs),
         wall_ms: T0 + secs * 1000,
     }
 }

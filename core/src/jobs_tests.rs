@@ -9,7 +9,7 @@ use crate::state::Registration;
 
 fn t0() -> Now {
     Now {
-        mono: tokio::time::Instant::now(),
+        mono: crate::time::Instant::ZERO,
         wall_ms: 1_700_000_000_000,
     }
 }

@@ -13,7 +13,7 @@ use crate::state::{ClusterState, Effect, Now, Registration};
 
 fn t0() -> Now {
     Now {
-        mono: tokio::time::Instant::now(),
+        mono: crate::time::Instant::ZERO,
         wall_ms: T0,
     }
 }

@@ -3,8 +3,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::time::Instant;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use vigil_proto::v1;
 

@@ -5,10 +5,11 @@ use std::time::Duration;
 use super::*;
 use crate::config::HealthConfig;
 use crate::health::Condition;
+use crate::time::Instant;
 
 fn t0() -> Now {
     Now {
-        mono: Instant::now(),
+        mono: Instant::ZERO,
         wall_ms: 1_700_000_000_000,
     }
 }

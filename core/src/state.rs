@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
 use vigil_proto::v1;
 
 use crate::config::{HealthConfig, LivenessConfig};
@@ -18,12 +17,7 @@ use crate::node::{
 };
 use crate::xid::XidClass;
 
-/// The moment an input is handled: monotonic for deadlines, wall clock for records.
-#[derive(Debug, Clone, Copy)]
-pub struct Now {
-    pub mono: Instant,
-    pub wall_ms: u64,
-}
+pub use crate::time::Now;
 
 /// A validated registration of one agent session.
 #[derive(Debug, Clone)]

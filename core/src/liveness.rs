@@ -1,6 +1,6 @@
 //! Pure liveness rules: silence from an agent -> node availability.
 
-use tokio::time::Instant;
+use crate::time::Instant;
 
 use crate::config::LivenessConfig;
 use crate::node::Availability;
@@ -42,7 +42,7 @@ mod tests {
 
     #[test]
     fn connected_node_is_ready_until_unreachable_after() {
-        let t0 = Instant::now();
+        let t0 = Instant::ZERO;
         assert_eq!(availability(t0, true, t0, &cfg()), Availability::Ready);
         assert_eq!(
             availability(t0, true, t0 + secs(2.99), &cfg()),
@@ -56,7 +56,7 @@ mod tests {
 
     #[test]
     fn silent_node_is_lost_after_lost_after() {
-        let t0 = Instant::now();
+        let t0 = Instant::ZERO;
         assert_eq!(
             availability(t0, true, t0 + secs(9.99), &cfg()),
             Availability::Unreachable
@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn closed_stream_is_unreachable_at_once_and_lost_on_schedule() {
-        let t0 = Instant::now();
+        let t0 = Instant::ZERO;
         assert_eq!(
             availability(t0, false, t0, &cfg()),
             Availability::Unreachable

@@ -1,0 +1,61 @@
+//! The one clock the engine reads: monotonic time for every deadline, wall time for records.
+//!
+//! The pure core never reads a clock; the engine reads this one and passes `Now` in. Its
+//! monotonic side is tokio's `Instant`, so `#[tokio::test(start_paused = true)]` moves it, and
+//! no wall-clock step (NTP, a resumed VM, `date -s`) moves any deadline.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+use vigil_core::time::{Instant as Mono, Now};
+
+/// Readings relative to the moment the clock was started (an engine's start).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: Instant,
+}
+
+impl Clock {
+    pub fn start() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+
+    /// The present, on both clocks.
+    pub fn now(&self) -> Now {
+        Now {
+            mono: self.mono(Instant::now()),
+            wall_ms: wall_ms(),
+        }
+    }
+
+    /// `t` as the core's monotonic instant.
+    pub fn mono(&self, t: Instant) -> Mono {
+        Mono::from_origin(t.saturating_duration_since(self.origin))
+    }
+}
+
+/// Milliseconds since the Unix epoch on this host's wall clock (0 before 1970).
+pub fn wall_ms() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn monotonic_side_follows_tokio_time() {
+        let clock = Clock::start();
+        let a = clock.now().mono;
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert_eq!(
+            clock.now().mono.saturating_duration_since(a),
+            Duration::from_secs(90)
+        );
+    }
+}

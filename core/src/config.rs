@@ -1,0 +1,94 @@
+//! The settings decisions read: liveness and the GPU-health policy, with their named defaults.
+//! The coordinator's `Config` embeds them (its TOML sections `[liveness]` and `[health]`), next
+//! to the settings that only the shell reads (listen addresses, TLS, HA, the store).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(10);
+pub const DEFAULT_AGENT_LEASE: Duration = Duration::from_secs(8);
+
+/// The GPU-health policy's thresholds; XID classes default to NVIDIA's catalog.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// GPU temperature (°C) at or above which a GPU is Degraded.
+    pub temperature_max_c: f32,
+    /// Also mark a GPU Degraded when its PCIe generation is below its max.
+    /// Off by default: GPUs lower their link generation when idle to save power.
+    pub pcie_gen_below_max: bool,
+    /// How far back repeated XIDs count.
+    #[serde(with = "humantime_serde")]
+    pub recurrence_window: Duration,
+    /// A warning-class XID (63, 92, 94, ...) seen this often on one GPU within
+    /// the window cordons the node.
+    pub degrade_recurrence: u32,
+    /// An application-class XID (13, 31, 43, 45, 68) seen this often on one GPU
+    /// within the window cordons the node: the GPU, not the job, is suspect.
+    pub application_recurrence: u32,
+    /// Per-XID class overrides: `"13" = "fatal"`; classes are `fatal`,
+    /// `degrade`, `application`, `ignore`.
+    pub xid: std::collections::BTreeMap<String, crate::xid::XidClass>,
+}
+
+pub const DEFAULT_TEMPERATURE_MAX_C: f32 = 90.0;
+pub const DEFAULT_RECURRENCE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            temperature_max_c: DEFAULT_TEMPERATURE_MAX_C,
+            pcie_gen_below_max: false,
+            recurrence_window: DEFAULT_RECURRENCE_WINDOW,
+            degrade_recurrence: 2,
+            application_recurrence: 3,
+            xid: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The class of `xid`: an override, else the catalog's default, else
+    /// (an XID NVIDIA does not list) Degrade.
+    pub fn xid_class(&self, xid: u32) -> crate::xid::XidClass {
+        self.xid
+            .get(&xid.to_string())
+            .copied()
+            .or_else(|| crate::xid::catalog().get(&xid).map(|i| i.class))
+            .unwrap_or(crate::xid::XidClass::Degrade)
+    }
+}
+
+/// How silence from an agent turns into node availability.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LivenessConfig {
+    /// Handed to each agent at registration: how often it heartbeats.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is `Unreachable`.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_after: Duration,
+    /// Silence after which a node is `Lost` and its work is restarted elsewhere.
+    #[serde(with = "humantime_serde")]
+    pub lost_after: Duration,
+    /// Handed to each agent: silence from the coordinator after which the agent
+    /// stops its workers itself. Always shorter than `lost_after`, so that work
+    /// taken from a lost node is surely stopped before it runs anywhere else.
+    #[serde(with = "humantime_serde")]
+    pub agent_lease: Duration,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            unreachable_after: DEFAULT_UNREACHABLE_AFTER,
+            lost_after: DEFAULT_LOST_AFTER,
+            agent_lease: DEFAULT_AGENT_LEASE,
+        }
+    }
+}

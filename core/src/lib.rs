@@ -1,0 +1,44 @@
+//! vigil-core: every decision vigil makes, pure.
+//!
+//! State + input + now -> new state + effects. Nothing here reads a clock, touches a store or a
+//! socket, or logs: the coordinator's engine feeds inputs in, commits what changed, and only then
+//! carries out the effects (sends commands, logs, counts). The crate depends on no async runtime,
+//! no gRPC, no store and no logging crate, so the compiler keeps it that way.
+//!
+//! Layout:
+//! - `time`: `Now { mono, wall_ms }` and the monotonic `Instant` every deadline is measured on.
+//! - `config`: the settings decisions read (liveness, GPU health); the rest of each policy's
+//!   settings lives beside the policy (`lemons`, `triage`, `burn_in`, `stragglers`).
+//! - `state`: `ClusterState`, `Effect`, and the node transitions (register, heartbeat, cordon).
+//! - nodes: `node` (persisted record, observed availability), `liveness` (silence -> Ready /
+//!   Unreachable / Lost), `xid` (NVIDIA's catalog, shipped as data), `health` (GPU-health
+//!   policy), `lemons` + `lemon_watch` (the failure ledger and its cordons), `burn_in`.
+//! - jobs: `jobspec` (the TOML spec), `job` (the persisted record), `jobs` (the attempt state
+//!   machine and gang scheduler), `goodput`, `triage`, `stragglers`, `training_health`,
+//!   `rollback`.
+//! - input: `limits` (every bound on agent and operator input), `validate` (every agent message).
+//! - `audit`: who changed what, in the node's or job's history.
+
+pub mod audit;
+pub mod burn_in;
+pub mod config;
+pub mod goodput;
+pub mod health;
+pub mod job;
+pub mod jobs;
+pub mod jobspec;
+pub mod lemon_watch;
+pub mod lemons;
+pub mod limits;
+pub mod liveness;
+pub mod node;
+pub mod rollback;
+pub mod state;
+pub mod stragglers;
+#[cfg(test)]
+pub mod test_utils;
+pub mod time;
+pub mod training_health;
+pub mod triage;
+pub mod validate;
+pub mod xid;
