@@ -116,6 +116,7 @@ mod tests {
             signal: None,
             progress_step: None,
             progress_at_ms: 0,
+            progress_mono: Default::default(),
             log_path: String::new(),
             rate_samples: Default::default(),
         };
@@ -136,6 +137,7 @@ mod tests {
             submitted_at_ms: 0,
             after_stop: None,
             restart_at_ms: None,
+            restart_at: None,
             failed_at_ms: None,
             fault_at_ms: None,
             failure_kind: String::new(),

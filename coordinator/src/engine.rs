@@ -270,11 +270,11 @@ impl Engine {
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
         let mut state = state.with_jobs(store.load_jobs()?);
-        state.restart_progress_clocks(clock.now());
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
         state.triage = config.triage;
         state.burn_in = config.burn_in.clone();
         state.stragglers = config.stragglers;
+        state.rearm_clocks(clock.now());
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),

@@ -66,6 +66,10 @@ pub struct BurnIn {
     /// When the command went to the agent; `None` until the node is
     /// connected (and again after it disconnects: it is re-sent).
     pub sent_at_ms: Option<u64>,
+    /// The same moment on the monotonic clock, which the timeout is measured on. Not
+    /// persisted: after a coordinator restart a sent burn-in is timed from the restart.
+    #[serde(skip)]
+    pub sent_at: Option<crate::time::Instant>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -124,6 +128,7 @@ impl ClusterState {
             why: why.to_owned(),
             requested_at_ms: now.wall_ms,
             sent_at_ms: None,
+            sent_at: None,
         });
         let event = NodeEvent {
             at_unix_ms: now.wall_ms,
@@ -150,6 +155,7 @@ impl ClusterState {
     /// Send pending burn-ins to connected nodes; fail those past the timeout.
     pub fn burn_in_tick(&mut self, now: Now) -> Vec<Effect> {
         let timeout = ms(self.burn_in.timeout);
+        let deadline = self.burn_in.timeout + Duration::from_secs(10);
         let command = self.burn_in.command.clone();
         let mut effects = Vec::new();
         let mut expired = Vec::new();
@@ -162,6 +168,7 @@ impl ClusterState {
                 None if connected => {
                     Arc::make_mut(&mut node.record).burn_in = Some(BurnIn {
                         sent_at_ms: Some(now.wall_ms),
+                        sent_at: Some(now.mono),
                         ..b
                     });
                     effects.push(Effect::Command {
@@ -176,12 +183,23 @@ impl ClusterState {
                     // The result would be lost with the session: send again later.
                     Arc::make_mut(&mut node.record).burn_in = Some(BurnIn {
                         sent_at_ms: None,
+                        sent_at: None,
                         ..b
                     });
                 }
-                Some(sent) if now.wall_ms > sent.saturating_add(timeout + 10_000) => {
-                    expired.push(name.clone());
-                }
+                Some(_) => match b.sent_at {
+                    Some(sent) if now.mono.saturating_duration_since(sent) > deadline => {
+                        expired.push(name.clone());
+                    }
+                    Some(_) => {}
+                    // Loaded from the store: time it from now.
+                    None => {
+                        Arc::make_mut(&mut node.record).burn_in = Some(BurnIn {
+                            sent_at: Some(now.mono),
+                            ..b
+                        });
+                    }
+                },
                 _ => {}
             }
         }

@@ -96,11 +96,15 @@ pub struct Worker {
     pub progress_step: Option<u64>,
     /// When the step last changed (or the attempt started), unix ms.
     pub progress_at_ms: u64,
+    /// When progress was last heard, on the monotonic clock: what hang detection measures
+    /// from. Not persisted: a coordinator that starts re-arms it (`ClusterState::rearm_clocks`).
+    #[serde(skip)]
+    pub progress_mono: crate::time::Instant,
     pub log_path: String,
     /// Recent (unix ms, step) changes, for the step rate (not stored: a
     /// restarted coordinator measures afresh).
     #[serde(skip)]
-    pub rate_samples: std::collections::VecDeque<(u64, u64)>,
+    pub rate_samples: std::collections::VecDeque<(crate::time::Instant, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +190,10 @@ pub struct Job {
     pub after_stop: Option<AfterStop>,
     /// Backoff deadline before the next attempt, unix ms.
     pub restart_at_ms: Option<u64>,
+    /// When the restart backoff ends, on the monotonic clock (`restart_at_ms` is its record
+    /// for display). Re-armed from the record when a coordinator starts.
+    #[serde(skip)]
+    pub restart_at: Option<crate::time::Instant>,
     /// When the current failure was detected, for the time lost to failures.
     pub failed_at_ms: Option<u64>,
     /// When the fault behind the current failure was observed (by an agent
@@ -209,8 +217,10 @@ pub struct Job {
     #[serde(default)]
     pub triage: Option<crate::triage::Triage>,
     /// Nodes of the current attempt slower than the gang, and since when.
-    #[serde(default)]
-    pub slow_since: BTreeMap<String, u64>,
+    /// Since when each node has been slower than its gang (monotonic; not persisted: a
+    /// coordinator that starts watches stragglers afresh).
+    #[serde(skip)]
+    pub slow_since: BTreeMap<String, crate::time::Instant>,
     /// Nodes flagged as stragglers in the current attempt.
     #[serde(default)]
     pub stragglers: std::collections::BTreeSet<String>,

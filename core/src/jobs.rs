@@ -55,6 +55,7 @@ impl ClusterState {
             submitted_at_ms: now.wall_ms,
             after_stop: None,
             restart_at_ms: None,
+            restart_at: None,
             failed_at_ms: None,
             fault_at_ms: None,
             failure_kind: String::new(),
@@ -265,7 +266,8 @@ impl ClusterState {
             if info.progress_step.is_some() && info.progress_step != w.progress_step {
                 w.progress_step = info.progress_step;
                 w.progress_at_ms = now.wall_ms;
-                crate::stragglers::sample(w, now.wall_ms);
+                w.progress_mono = now.mono;
+                crate::stragglers::sample(w, now.mono);
                 let rank0 = w.node_rank == 0;
                 if rank0 && crate::rollback::observe(job, &self.nodes, info, now, &mut effects) {
                     continue;
@@ -421,18 +423,32 @@ impl ClusterState {
         out
     }
 
-    /// A coordinator that starts (a restart, or a standby taking over) watches
-    /// progress from now: silence while no coordinator was watching is not the
-    /// job's, so every live worker's progress clock restarts. Without this a
-    /// failover longer than `hang_timeout` would restart every healthy job.
-    pub fn restart_progress_clocks(&mut self, now: Now) {
-        for job in self
-            .jobs
-            .values_mut()
-            .filter(|j| j.phase == JobPhase::Running)
-        {
-            for w in job.workers.values_mut().filter(|w| !w.phase.is_dead()) {
-                w.progress_at_ms = w.progress_at_ms.max(now.wall_ms);
+    /// Arms every monotonic deadline of a state just loaded from the store (a coordinator
+    /// restart, or a standby taking over). Monotonic instants mean nothing across processes, so
+    /// none is persisted; each is re-derived from its wall-clock record, capped by its setting,
+    /// so a wall-clock step while no coordinator ran can shorten or lengthen no deadline past it.
+    /// - Progress: watched from now. Silence while no coordinator was watching is not the
+    ///   job's; without this a failover longer than `hang_timeout` would restart every job.
+    /// - Restart backoff: what remained of it, at most the spec's `backoff`.
+    /// - Triage: what remained of its budget, at most the configured budget.
+    /// - Burn-in: a diagnostic already sent is timed from its next tick (`burn_in_tick`).
+    pub fn rearm_clocks(&mut self, now: Now) {
+        let remaining = |at_ms: u64, cap: std::time::Duration| {
+            std::time::Duration::from_millis(at_ms.saturating_sub(now.wall_ms)).min(cap)
+        };
+        let triage_budget = self.triage.budget;
+        for job in self.jobs.values_mut() {
+            if job.phase == JobPhase::Running {
+                for w in job.workers.values_mut().filter(|w| !w.phase.is_dead()) {
+                    w.progress_at_ms = w.progress_at_ms.max(now.wall_ms);
+                    w.progress_mono = now.mono;
+                }
+            }
+            job.restart_at = job
+                .restart_at_ms
+                .map(|t| now.mono + remaining(t, job.spec.restart.backoff));
+            if let Some(t) = job.triage.as_mut() {
+                t.deadline = now.mono + remaining(t.deadline_ms, triage_budget);
             }
         }
     }
@@ -445,12 +461,12 @@ impl ClusterState {
             .values_mut()
             .filter(|j| j.phase == JobPhase::Running)
         {
-            let timeout = ms(job.spec.progress.hang_timeout);
+            let timeout = job.spec.progress.hang_timeout;
             let hung = job
                 .workers
                 .iter()
                 .filter(|(_, w)| !w.phase.is_dead())
-                .find(|(_, w)| now.wall_ms.saturating_sub(w.progress_at_ms) > timeout)
+                .find(|(_, w)| now.mono.saturating_duration_since(w.progress_mono) > timeout)
                 .map(|(n, w)| (n.clone(), w.node_rank, w.progress_step, w.progress_at_ms));
             if let Some((node, rank, step, stalled_at)) = hung {
                 let last = step.map_or_else(|| "no step yet".into(), |s| format!("last step {s}"));
@@ -496,7 +512,7 @@ impl ClusterState {
             let ready_to_start = match job.phase {
                 JobPhase::Pending => true,
                 JobPhase::Restarting => {
-                    job.restart_at_ms.is_none_or(|t| now.wall_ms >= t)
+                    job.restart_at.is_none_or(|t| now.mono >= t)
                         && crate::triage::clear_to_start(job)
                 }
                 _ => false,
@@ -637,6 +653,7 @@ fn release(job: &mut Job) {
     job.spares.clear();
     job.workers.clear();
     job.restart_at_ms = None;
+    job.restart_at = None;
 }
 
 fn stop_command(
@@ -727,6 +744,7 @@ fn start_attempt(
     job.reason = String::new();
     job.after_stop = None;
     job.restart_at_ms = None;
+    job.restart_at = None;
     if let Some(failed) = job.failed_at_ms.take() {
         let lost_ms = now.wall_ms.saturating_sub(failed);
         job.lost_ms += lost_ms;
@@ -751,6 +769,7 @@ fn start_attempt(
                 signal: None,
                 progress_step: None,
                 progress_at_ms: now.wall_ms,
+                progress_mono: now.mono,
                 log_path: String::new(),
                 rate_samples: Default::default(),
             };
@@ -1024,6 +1043,7 @@ fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
             job.restarts += 1;
             job.phase = JobPhase::Restarting;
             job.restart_at_ms = Some(now.wall_ms.saturating_add(ms(job.spec.restart.backoff)));
+            job.restart_at = Some(now.mono + job.spec.restart.backoff);
             let msg = format!(
                 "attempt {attempt} stopped on every node; restart {}/{} after {} backoff",
                 job.restarts,

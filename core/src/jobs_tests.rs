@@ -745,7 +745,7 @@ fn a_new_coordinator_watches_progress_from_when_it_starts() {
     // nobody watched in between, so the worker is not hung yet.
     let loaded = at(now, 71.0);
     let mut taken_over = s.clone();
-    taken_over.restart_progress_clocks(loaded);
+    taken_over.rearm_clocks(loaded);
     assert!(taken_over.jobs_tick(loaded).is_empty());
     assert_eq!(phase(&taken_over, &id), JobPhase::Running);
     assert!(

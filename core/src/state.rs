@@ -470,12 +470,8 @@ impl ClusterState {
         for node in self.nodes.values_mut() {
             node.silent_since = (node.silent_since + gap).min(now.mono);
         }
-        let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
         for worker in self.jobs.values_mut().flat_map(|j| j.workers.values_mut()) {
-            worker.progress_at_ms = worker
-                .progress_at_ms
-                .saturating_add(gap_ms)
-                .min(now.wall_ms);
+            worker.progress_mono = (worker.progress_mono + gap).min(now.mono);
         }
     }
 

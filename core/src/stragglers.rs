@@ -15,6 +15,7 @@ use crate::job::{AfterStop, Job, JobPhase, Worker};
 use crate::jobs::{Failure, stop_attempt};
 use crate::node::Node;
 use crate::state::{ClusterState, Effect, Now};
+use crate::time::Instant;
 
 /// Step changes kept per worker.
 const MAX_SAMPLES: usize = 64;
@@ -64,28 +65,25 @@ impl StragglerConfig {
     }
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// Record a step change of `w` (its `progress_step` is the new step).
-pub fn sample(w: &mut Worker, now_ms: u64) {
+pub fn sample(w: &mut Worker, now: Instant) {
     let Some(step) = w.progress_step else {
         return;
     };
     if w.rate_samples.len() >= MAX_SAMPLES {
         w.rate_samples.pop_front();
     }
-    w.rate_samples.push_back((now_ms, step));
+    w.rate_samples.push_back((now, step));
 }
 
-/// Steps per second over the samples within `window` of `now_ms`.
-pub fn rate(w: &Worker, now_ms: u64, window: Duration) -> Option<f64> {
-    let since = now_ms.saturating_sub(ms(window));
+/// Steps per second over the samples within `window` of `now`.
+pub fn rate(w: &Worker, now: Instant, window: Duration) -> Option<f64> {
+    let since = now.saturating_sub(window);
     let mut recent = w.rate_samples.iter().filter(|(at, _)| *at >= since);
     let (t0, s0) = *recent.next()?;
     let (t1, s1) = *recent.next_back()?;
-    (t1 > t0 && s1 >= s0).then(|| (s1 - s0) as f64 * 1000.0 / (t1 - t0) as f64)
+    let secs = (t1 - t0).as_secs_f64();
+    (t1 > t0 && s1 >= s0).then(|| (s1 - s0) as f64 / secs)
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -186,7 +184,7 @@ impl ClusterState {
             };
             let rates: BTreeMap<String, f64> = live
                 .iter()
-                .filter_map(|(n, w)| rate(w, now.wall_ms, cfg.window).map(|r| ((*n).clone(), r)))
+                .filter_map(|(n, w)| rate(w, now.mono, cfg.window).map(|r| ((*n).clone(), r)))
                 .collect();
             let gang = median(rates.values().copied().collect()).filter(|_| rates.len() >= 2);
             let mut slow_now: Vec<(String, Slow)> = Vec::new();
@@ -210,12 +208,12 @@ impl ClusterState {
             job.slow_since
                 .retain(|n, _| slow_now.iter().any(|(s, _)| s == n));
             for (node, slow) in slow_now {
-                let since = *job.slow_since.entry(node.clone()).or_insert(now.wall_ms);
-                if now.wall_ms.saturating_sub(since) >= ms(cfg.for_)
-                    && !job.stragglers.contains(&node)
-                {
-                    let lasting =
-                        humantime::format_duration(Duration::from_millis(now.wall_ms - since));
+                let since = *job.slow_since.entry(node.clone()).or_insert(now.mono);
+                let lasted = now.mono.saturating_duration_since(since);
+                if lasted >= cfg.for_ && !job.stragglers.contains(&node) {
+                    let lasting = humantime::format_duration(Duration::from_millis(
+                        u64::try_from(lasted.as_millis()).unwrap_or(u64::MAX),
+                    ));
                     let message = match slow {
                         Slow::Rate { rate: r, median } => format!(
                             "straggler: {r:.1} steps/s, {:.0}% below the gang's median {median:.1} steps/s in job {} for {lasting}",

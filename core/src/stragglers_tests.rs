@@ -8,6 +8,7 @@ use vigil_proto::v1;
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
 use crate::job::WorkerPhase;
+use crate::time::Instant;
 
 const SPEC: &str = r#"name = "train"
 nodes = 3
@@ -163,23 +164,24 @@ fn rates_come_from_the_window_and_need_two_samples() {
         progress_step: Some(0),
         progress_at_ms: T0,
         log_path: String::new(),
+        progress_mono: Instant::ZERO,
         rate_samples: VecDeque::new(),
     };
-    sample(&mut w, T0);
-    assert_eq!(rate(&w, T0, Duration::from_secs(30)), None);
+    sample(&mut w, ms(0));
+    assert_eq!(rate(&w, ms(0), Duration::from_secs(30)), None);
     for (secs, step) in [(10, 100), (20, 300)] {
         w.progress_step = Some(step);
-        sample(&mut w, T0 + secs * 1000);
+        sample(&mut w, ms(secs * 1000));
     }
-    assert_eq!(rate(&w, T0 + 20_000, Duration::from_secs(30)), Some(15.0));
+    assert_eq!(rate(&w, ms(20_000), Duration::from_secs(30)), Some(15.0));
     assert_eq!(
-        rate(&w, T0 + 35_000, Duration::from_secs(30)),
+        rate(&w, ms(35_000), Duration::from_secs(30)),
         Some(20.0),
         "the first sample aged out"
     );
-    assert_eq!(rate(&w, T0 + 45_000, Duration::from_secs(30)), None);
+    assert_eq!(rate(&w, ms(45_000), Duration::from_secs(30)), None);
     for i in 0..100 {
-        sample(&mut w, T0 + 100_000 + i);
+        sample(&mut w, ms(100_000 + i));
     }
     assert_eq!(w.rate_samples.len(), MAX_SAMPLES);
 }
@@ -386,4 +388,9 @@ fn with_stragglers_disabled_throttling_flags_nothing() {
         throttled_second(&mut s, &id, secs, &["n1"]);
     }
     assert!(s.jobs[&id].stragglers.is_empty());
+}
+
+/// `ms` milliseconds after the monotonic clock's origin.
+fn ms(ms: u64) -> Instant {
+    Instant::from_origin(Duration::from_millis(ms))
 }

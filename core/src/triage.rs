@@ -88,6 +88,9 @@ pub struct Triage {
     pub attempt: u64,
     pub started_at_ms: u64,
     pub deadline_ms: u64,
+    /// `deadline_ms` on the monotonic clock, which decides (re-armed when a coordinator starts).
+    #[serde(skip)]
+    pub deadline: crate::time::Instant,
     pub verdicts: BTreeMap<String, Verdict>,
     pub done: bool,
 }
@@ -174,6 +177,7 @@ impl ClusterState {
                 attempt: job.attempt,
                 started_at_ms: now.wall_ms,
                 deadline_ms: now.wall_ms.saturating_add(ms(cfg.budget)),
+                deadline: now.mono + cfg.budget,
                 verdicts,
                 done: false,
             });
@@ -240,7 +244,7 @@ impl ClusterState {
             let Some(t) = job
                 .triage
                 .as_mut()
-                .filter(|t| !t.done && now.wall_ms >= t.deadline_ms)
+                .filter(|t| !t.done && now.mono >= t.deadline)
             else {
                 continue;
             };
