@@ -46,6 +46,7 @@ pub struct Finding {
 pub struct EventFinding {
     pub finding: Finding,
     /// When it stops counting; `None`: until the operator uncordons the node.
+    /// On the monotonic clock (`Now::mono_ms`), not the wall clock.
     pub expires_at_ms: Option<u64>,
 }
 
@@ -107,7 +108,8 @@ impl NodeHealth {
         )
     }
 
-    /// Drop what has aged out of the recurrence window.
+    /// Drop what has aged out of the recurrence window. Times here are milliseconds on the
+    /// monotonic clock (`Now::mono_ms`): the window never moves with a wall-clock step.
     pub fn expire(&mut self, now_ms: u64, cfg: &HealthConfig) {
         self.event_findings
             .retain(|e| e.expires_at_ms.is_none_or(|t| t > now_ms));

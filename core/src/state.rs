@@ -349,7 +349,7 @@ impl ClusterState {
             Some(xid) => {
                 let class = node
                     .health
-                    .on_xid(gpu, &uuid, xid, observed, now.wall_ms, &cfg);
+                    .on_xid(gpu, &uuid, xid, observed, now.mono_ms(), &cfg);
                 effects.push(Effect::Xid {
                     node: node_name.to_owned(),
                     gpu,
@@ -659,7 +659,7 @@ impl ClusterState {
 }
 
 fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect>) {
-    node.health.expire(now.wall_ms, cfg);
+    node.health.expire(now.mono_ms(), cfg);
     let to = node.health.condition();
     if to != node.condition {
         let reasons = node.health.reasons();

@@ -78,6 +78,11 @@ pub struct Now {
 }
 
 impl Now {
+    /// `mono` in milliseconds since the clock's origin, for policies that keep plain numbers.
+    pub fn mono_ms(self) -> u64 {
+        u64::try_from(self.mono.since_origin().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// `d` later on both clocks (tests and simulations).
     pub fn after(self, d: Duration) -> Now {
         Now {
