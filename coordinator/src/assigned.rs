@@ -117,6 +117,7 @@ mod tests {
             progress_step: None,
             progress_at_ms: 0,
             progress_mono: Default::default(),
+            sent: None,
             log_path: String::new(),
             rate_samples: Default::default(),
         };

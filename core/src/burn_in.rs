@@ -229,8 +229,7 @@ impl ClusterState {
         if !sent {
             return Vec::new();
         }
-        let mut effects = self.finish_burn_in(node, passed, summary, now);
-        effects.extend(self.schedule(now));
+        let effects = self.finish_burn_in(node, passed, summary, now);
         effects
     }
 

@@ -103,6 +103,9 @@ pub struct Worker {
     pub log_path: String,
     /// Recent (unix ms, step) changes, for the step rate (not stored: a
     /// restarted coordinator measures afresh).
+    /// When its start or stop command last went out (`commands`); not persisted.
+    #[serde(skip)]
+    pub sent: Option<crate::commands::Sent>,
     #[serde(skip)]
     pub rate_samples: std::collections::VecDeque<(crate::time::Instant, u64)>,
 }

@@ -81,9 +81,8 @@ impl ClusterState {
                 if source.is_empty() { "-" } else { source }
             ),
         );
-        let mut effects = vec![Effect::PersistJob(Box::new(job.clone()))];
+        let effects = vec![Effect::PersistJob(Box::new(job.clone()))];
         self.jobs.insert(id.clone(), job);
-        effects.extend(self.schedule(now));
         Ok((id, effects))
     }
 
@@ -116,7 +115,6 @@ impl ClusterState {
             JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled => return Ok(effects),
         }
         effects.push(Effect::PersistJob(Box::new(job.clone())));
-        effects.extend(self.schedule(now));
         Ok(effects)
     }
 
@@ -153,7 +151,6 @@ impl ClusterState {
             }
             effects.push(Effect::PersistJob(Box::new(job.clone())));
         }
-        effects.extend(self.schedule(now));
         Ok((restarted, effects))
     }
 
@@ -236,7 +233,6 @@ impl ClusterState {
             _ => {}
         }
         effects.push(Effect::PersistJob(Box::new(job.clone())));
-        effects.extend(self.schedule(now));
         effects
     }
 
@@ -308,19 +304,8 @@ impl ClusterState {
                         warn: false,
                     });
                 }
-                _ => {
-                    let grace = self
-                        .jobs
-                        .get(&w.job_id)
-                        .map_or(jobspec::DEFAULT_STOP_GRACE, |j| j.spec.restart.stop_grace);
-                    effects.push(stop_command(
-                        node,
-                        &w.job_id,
-                        w.attempt,
-                        "attempt is not current",
-                        grace,
-                    ));
-                }
+                // Not a current attempt's: `commands` stops it (`stop_strays`).
+                _ => {}
             }
         }
         let ids: Vec<String> = self.jobs.keys().cloned().collect();
@@ -353,7 +338,6 @@ impl ClusterState {
             }
             effects.push(Effect::PersistJob(Box::new(job.clone())));
         }
-        effects.extend(self.schedule(now));
         effects
     }
 
@@ -419,7 +403,6 @@ impl ClusterState {
                 out.push(Effect::PersistJob(Box::new(job.clone())));
             }
         }
-        out.extend(self.schedule(now));
         out
     }
 
@@ -485,7 +468,6 @@ impl ClusterState {
         }
         effects.extend(self.triage_tick(now));
         effects.extend(self.stragglers_tick(now));
-        effects.extend(self.schedule(now));
         effects
     }
 
@@ -607,7 +589,7 @@ impl ClusterState {
             free.clear();
             // Spares are few: a linear look-up is cheapest.
             job.spares.retain(|s| !chosen.contains(s));
-            start_attempt(job, nodes, chosen, now, &mut effects);
+            start_attempt(job, chosen, now, &mut effects);
             effects.push(Effect::PersistJob(Box::new(job.clone())));
         }
         effects
@@ -656,22 +638,43 @@ fn release(job: &mut Job) {
     job.restart_at = None;
 }
 
-fn stop_command(
-    node: &str,
+pub(crate) fn stop_command(
     job_id: &str,
     attempt: u64,
     reason: &str,
     grace: std::time::Duration,
-) -> Effect {
-    Effect::Command {
-        node: node.to_owned(),
-        kind: v1::command::Kind::StopWorkers(v1::StopWorkers {
-            job_id: job_id.to_owned(),
-            attempt,
-            reason: reason.to_owned(),
-            grace_ms: ms(grace),
-        }),
-    }
+) -> v1::command::Kind {
+    v1::command::Kind::StopWorkers(v1::StopWorkers {
+        job_id: job_id.to_owned(),
+        attempt,
+        reason: reason.to_owned(),
+        grace_ms: ms(grace),
+    })
+}
+
+/// The `StartWorker` of `node`'s worker in `job`'s current attempt (`None`: not placed there).
+pub(crate) fn start_command(
+    job: &Job,
+    nodes: &BTreeMap<String, Node>,
+    node: &str,
+) -> Option<v1::command::Kind> {
+    let rank = job.placement.iter().position(|n| n == node)?;
+    Some(v1::command::Kind::StartWorker(v1::StartWorker {
+        job_id: job.id.clone(),
+        attempt: job.attempt,
+        node_rank: u32::try_from(rank).unwrap_or(u32::MAX),
+        nnodes: u32::try_from(job.placement.len()).unwrap_or(u32::MAX),
+        command: job.spec.command.clone(),
+        workdir: job.spec.workdir.clone(),
+        env: worker_env(job, nodes, rank).into_iter().collect(),
+        checkpoint_dir: if rank == 0 {
+            job.spec.checkpoint.dir.clone()
+        } else {
+            String::new()
+        },
+        checkpoint_layout: job.spec.checkpoint.layout.clone(),
+        stop_grace_ms: ms(job.spec.restart.stop_grace),
+    }))
 }
 
 /// The environment of one worker: the spec's env, then vigil's variables and
@@ -730,13 +733,7 @@ pub fn worker_env(
     env
 }
 
-fn start_attempt(
-    job: &mut Job,
-    nodes: &BTreeMap<String, Node>,
-    placement: Vec<String>,
-    now: Now,
-    effects: &mut Vec<Effect>,
-) {
+fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut Vec<Effect>) {
     job.attempt += 1;
     job.placement = placement;
     job.avoid.clear();
@@ -770,6 +767,7 @@ fn start_attempt(
                 progress_step: None,
                 progress_at_ms: now.wall_ms,
                 progress_mono: now.mono,
+                sent: None,
                 log_path: String::new(),
                 rate_samples: Default::default(),
             };
@@ -816,28 +814,7 @@ fn start_attempt(
         message: msg,
         warn: false,
     });
-    for (rank, node) in job.placement.iter().enumerate() {
-        let start = v1::StartWorker {
-            job_id: job.id.clone(),
-            attempt: job.attempt,
-            node_rank: u32::try_from(rank).unwrap_or(u32::MAX),
-            nnodes: u32::try_from(job.placement.len()).unwrap_or(u32::MAX),
-            command: job.spec.command.clone(),
-            workdir: job.spec.workdir.clone(),
-            env: worker_env(job, nodes, rank).into_iter().collect(),
-            checkpoint_dir: if rank == 0 {
-                job.spec.checkpoint.dir.clone()
-            } else {
-                String::new()
-            },
-            checkpoint_layout: job.spec.checkpoint.layout.clone(),
-            stop_grace_ms: ms(job.spec.restart.stop_grace),
-        };
-        effects.push(Effect::Command {
-            node: node.clone(),
-            kind: v1::command::Kind::StartWorker(start),
-        });
-    }
+    // The StartWorker commands follow from the Starting workers (`commands`).
 }
 
 /// Why an attempt ends: the reason, the node blamed (if any), a stable kind
@@ -933,8 +910,14 @@ pub(crate) fn stop_attempt(
         if !w.phase.is_dead() {
             w.phase = WorkerPhase::Stopping;
         }
-        // Even a worker that exited gets a stop: it confirms the node is clean.
-        effects.push(stop_command(node, &job.id, job.attempt, reason, grace));
+        // A worker still alive is sent its stop by `commands` until it is confirmed dead;
+        // one that exited gets a single stop too: it confirms the node is clean.
+        if w.phase == WorkerPhase::Exited {
+            effects.push(Effect::Command {
+                node: node.clone(),
+                kind: stop_command(&job.id, job.attempt, reason, grace),
+            });
+        }
     }
     finish_if_stopped(job, now, effects);
 }

@@ -9,6 +9,8 @@
 //! - `time`: `Now { mono, wall_ms }` and the monotonic `Instant` every deadline is measured on.
 //! - `config`: the settings decisions read (liveness, GPU health); the rest of each policy's
 //!   settings lives beside the policy (`lemons`, `triage`, `burn_in`, `stragglers`).
+//! - `step`: the interface, `step(state, input, now)` and `tick(state, now)`, which own the
+//!   order of every policy; `commands`: what agents must still do, derived from the state.
 //! - `state`: `ClusterState`, `Effect`, and the node transitions (register, heartbeat, cordon).
 //! - nodes: `node` (persisted record, observed availability), `liveness` (silence -> Ready /
 //!   Unreachable / Lost), `xid` (NVIDIA's catalog, shipped as data), `health` (GPU-health
@@ -21,6 +23,7 @@
 
 pub mod audit;
 pub mod burn_in;
+pub mod commands;
 pub mod config;
 pub mod goodput;
 pub mod health;
@@ -34,6 +37,7 @@ pub mod liveness;
 pub mod node;
 pub mod rollback;
 pub mod state;
+pub mod step;
 pub mod stragglers;
 #[cfg(test)]
 pub mod test_utils;
@@ -42,3 +46,7 @@ pub mod training_health;
 pub mod triage;
 pub mod validate;
 pub mod xid;
+
+pub use state::{ClusterState, Effect, Registration, StateError};
+pub use step::{Answer, AuditSubject, Input, step, tick};
+pub use time::{Instant, Now};

@@ -180,7 +180,6 @@ impl ClusterState {
             job.loss_history.clear();
         }
         effects.push(Effect::PersistJob(Box::new(job.clone())));
-        effects.extend(self.schedule(now));
         Ok(effects)
     }
 }

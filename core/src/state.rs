@@ -96,6 +96,15 @@ pub enum Effect {
         /// From the fault's observation (by an agent, where known) to this start.
         fault_to_relaunch_ms: u64,
     },
+    /// A stale or foreign agent message (a superseded session, an unknown node): nothing
+    /// changed; the shell counts it.
+    Ignored {
+        reason: String,
+    },
+    /// An operator's request was refused; nothing changed.
+    Refused(StateError),
+    /// What a request produced, for the caller's answer.
+    Answer(crate::step::Answer),
     /// One line for the log about a job's decision.
     JobLog {
         job: String,
@@ -152,6 +161,9 @@ pub struct ClusterState {
     pub triage: crate::triage::TriageConfig,
     pub burn_in: crate::burn_in::BurnInConfig,
     pub stragglers: crate::stragglers::StragglerConfig,
+    /// Stops sent for workers that agents report and no current attempt owns, keyed by
+    /// (node, job, attempt): re-sent with backoff until the agent stops reporting them.
+    pub stray_stops: BTreeMap<(String, String, u64), crate::commands::Sent>,
 }
 
 impl ClusterState {
@@ -183,6 +195,7 @@ impl ClusterState {
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
+            stray_stops: BTreeMap::new(),
         }
     }
 

@@ -165,6 +165,7 @@ fn rates_come_from_the_window_and_need_two_samples() {
         progress_at_ms: T0,
         log_path: String::new(),
         progress_mono: Instant::ZERO,
+        sent: None,
         rate_samples: VecDeque::new(),
     };
     sample(&mut w, ms(0));

@@ -231,9 +231,7 @@ impl ClusterState {
             cordon.extend(effects);
             effects = cordon;
         }
-        if !effects.is_empty() {
-            effects.extend(self.schedule(now));
-        }
+        if !effects.is_empty() {}
         effects
     }
 

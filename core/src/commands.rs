@@ -1,0 +1,162 @@
+//! Commands follow the state: what the state still needs done on agents is derived from it at
+//! the end of every step and tick, and re-sent with backoff until an agent's report confirms
+//! it. A lost message (a full queue, a stream that broke, a coordinator that crashed between
+//! its commit and its send) delays; it never strands a job. Agents apply every command
+//! idempotently: a repeated start answers with the running worker, a repeated stop of a worker
+//! already gone answers `WorkerExited { stopped }`.
+//!
+//! What is derived:
+//! - a worker of a Running attempt not yet reported (`Starting`): `StartWorker`;
+//! - a worker of a Stopping attempt not yet confirmed dead: `StopWorkers`;
+//! - a worker an agent reports that is no current attempt's on that node: `StopWorkers`.
+//!
+//! Only connected nodes are sent anything; a node that reconnects is sent what is due at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::job::{Job, JobPhase, WorkerPhase};
+use crate::jobs::{start_command, stop_command};
+use crate::state::{ClusterState, Effect};
+use crate::time::{Instant, Now};
+
+/// The first re-send waits this long; each later one twice as long as the one before.
+pub const FIRST_RESEND: Duration = Duration::from_secs(1);
+/// The longest wait between two sends of one command.
+pub const MAX_RESEND: Duration = Duration::from_secs(8);
+
+/// When a command last went out, on which session, and how often it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub session: u64,
+    pub at: Instant,
+    pub sends: u32,
+}
+
+impl Sent {
+    /// Whether a command last sent as `self` is due again on `session` at `now`.
+    pub fn due(this: Option<Sent>, session: u64, now: Instant) -> bool {
+        match this {
+            None => true,
+            Some(s) if s.session != session => true,
+            Some(s) => now >= s.at + backoff(s.sends),
+        }
+    }
+
+    fn next(this: Option<Sent>, session: u64, now: Instant) -> Sent {
+        let sends = match this {
+            Some(s) if s.session == session => s.sends.saturating_add(1),
+            _ => 1,
+        };
+        Sent {
+            session,
+            at: now,
+            sends,
+        }
+    }
+}
+
+/// How long after its `sends`-th send a command is sent again.
+pub fn backoff(sends: u32) -> Duration {
+    let doublings = sends.saturating_sub(1).min(16);
+    FIRST_RESEND.saturating_mul(1 << doublings).min(MAX_RESEND)
+}
+
+/// What a worker still needs, if anything.
+enum Want {
+    Start,
+    Stop,
+}
+
+fn want(job: &Job, phase: WorkerPhase) -> Option<Want> {
+    match job.phase {
+        JobPhase::Running if phase == WorkerPhase::Starting => Some(Want::Start),
+        JobPhase::Stopping if !phase.is_dead() => Some(Want::Stop),
+        _ => None,
+    }
+}
+
+impl ClusterState {
+    /// The commands due at `now` (see the module doc); marks them sent.
+    pub fn commands(&mut self, now: Now) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let sessions: BTreeMap<String, u64> = self
+            .nodes
+            .iter()
+            .filter_map(|(name, n)| n.session.map(|s| (name.clone(), s)))
+            .collect();
+        for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
+            let due: Vec<(String, u64, Want)> = job
+                .workers
+                .iter()
+                .filter_map(|(node, w)| {
+                    let session = *sessions.get(node)?;
+                    let want = want(job, w.phase)?;
+                    Sent::due(w.sent, session, now.mono).then(|| (node.clone(), session, want))
+                })
+                .collect();
+            for (node, session, want) in due {
+                let kind = match want {
+                    Want::Start => start_command(job, &self.nodes, &node),
+                    Want::Stop => Some(stop_command(
+                        &job.id,
+                        job.attempt,
+                        &job.reason,
+                        job.spec.restart.stop_grace,
+                    )),
+                };
+                let Some(kind) = kind else { continue };
+                if let Some(w) = job.workers.get_mut(&node) {
+                    w.sent = Some(Sent::next(w.sent, session, now.mono));
+                }
+                effects.push(Effect::Command { node, kind });
+            }
+        }
+        effects.extend(self.stop_strays(&sessions, now));
+        effects
+    }
+
+    /// Stop what agents report running that is no current attempt's on their node.
+    fn stop_strays(&mut self, sessions: &BTreeMap<String, u64>, now: Now) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (name, node) in &self.nodes {
+            let Some(&session) = sessions.get(name.as_str()) else {
+                continue;
+            };
+            for w in node.workers.iter() {
+                let current = self.jobs.get(&w.job_id).is_some_and(|j| {
+                    j.phase.holds_nodes()
+                        && j.attempt == w.attempt
+                        && j.workers
+                            .get(name)
+                            .is_some_and(|mine| !mine.phase.is_dead())
+                });
+                if current {
+                    continue;
+                }
+                let key = (name.clone(), w.job_id.clone(), w.attempt);
+                let sent = self.stray_stops.get(&key).copied();
+                seen.insert(key.clone());
+                if !Sent::due(sent, session, now.mono) {
+                    continue;
+                }
+                let grace = self
+                    .jobs
+                    .get(&w.job_id)
+                    .map_or(crate::jobspec::DEFAULT_STOP_GRACE, |j| {
+                        j.spec.restart.stop_grace
+                    });
+                self.stray_stops
+                    .insert(key, Sent::next(sent, session, now.mono));
+                effects.push(Effect::Command {
+                    node: name.clone(),
+                    kind: stop_command(&w.job_id, w.attempt, "attempt is not current", grace),
+                });
+            }
+        }
+        // Forget strays no agent reports any more.
+        self.stray_stops.retain(|k, _| seen.contains(k));
+        effects
+    }
+}

@@ -1,0 +1,231 @@
+//! The whole interface of the core: `step` (an input) and `tick` (the passage of time).
+//!
+//! They own the order of every policy, so no caller can get it wrong:
+//! 1. the input's own transition (a registration, a heartbeat, an operator's cordon, ...);
+//! 2. jobs react to what it changed on nodes (a node Lost or Unhealthy fails its attempt);
+//! 3. admission: the lemon ledger charges failures and cordons lemons, then burn-in cordons
+//!    nodes that join;
+//! 4. commands follow the state (`commands`): what the state still needs done on agents;
+//! 5. one `schedule` at the end, so a job is never placed on a node that this same step
+//!    cordons (a burn-in, a lemon).
+//!
+//! A refused request comes back as [`Effect::Refused`] and changes nothing; a stale or foreign
+//! agent message as [`Effect::Ignored`], which the shell counts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use vigil_proto::v1;
+
+use crate::node::{CordonSource, DiagnosticsRecord};
+use crate::state::{ClusterState, Effect, Registration, StateError};
+use crate::time::Now;
+
+/// Who an operator's call was about (owned: inputs cross a channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSubject {
+    Node(String),
+    Job(String),
+}
+
+impl AuditSubject {
+    pub fn as_subject(&self) -> crate::audit::Subject<'_> {
+        match self {
+            AuditSubject::Node(n) => crate::audit::Subject::Node(n),
+            AuditSubject::Job(j) => crate::audit::Subject::Job(j),
+        }
+    }
+}
+
+/// Everything that can change the state, besides time.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// An agent session registered (validated by the shell).
+    Register(Registration),
+    Heartbeat {
+        node: String,
+        session: u64,
+        heartbeat: v1::Heartbeat,
+    },
+    /// An immediate event: XID, lost GPU, worker started or exited, checkpoint, progress.
+    AgentEvent {
+        node: String,
+        session: u64,
+        event: v1::AgentEvent,
+    },
+    /// Any other message of a session: it proves the agent alive, nothing more.
+    Heard {
+        node: String,
+        session: u64,
+    },
+    /// A diagnostics result (an operator's `diagnose`, a triage's or a burn-in's).
+    Diagnostics {
+        node: String,
+        session: u64,
+        record: DiagnosticsRecord,
+    },
+    Disconnected {
+        node: String,
+        session: u64,
+    },
+    /// The shell noticed something about a live session (e.g. `throttled`).
+    Flag {
+        node: String,
+        session: u64,
+        kind: String,
+        message: String,
+    },
+    Cordon {
+        node: String,
+        reason: String,
+    },
+    Uncordon {
+        node: String,
+        force: bool,
+    },
+    Drain {
+        node: String,
+        reason: String,
+    },
+    SubmitJob {
+        spec_toml: String,
+        source: String,
+    },
+    CancelJob {
+        id: String,
+    },
+    RestartJob {
+        id: String,
+        from_step: Option<u64>,
+        env: BTreeMap<String, String>,
+    },
+    ClearLemon {
+        subject: String,
+    },
+    /// Record an operator's call and how it ended in its subject's history.
+    Audit {
+        subject: AuditSubject,
+        actor: String,
+        what: String,
+        outcome: String,
+    },
+    /// The shell itself did not run for `gap` (SIGSTOP, a paused VM): not the agents' silence.
+    Stalled {
+        gap: Duration,
+    },
+}
+
+/// What a request produced besides effects, for the caller's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Submitted { id: String },
+    Drained { jobs: Vec<String> },
+    LemonsCleared(Vec<crate::lemons::LemonRecord>),
+}
+
+/// Apply `input` at `now`: its transition, then every policy in order (see the module doc).
+pub fn step(state: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
+    let result = transition(state, input, now);
+    let mut effects = match result {
+        Ok(effects) => effects,
+        Err(e @ StateError::StaleSession { .. }) => {
+            return vec![Effect::Ignored {
+                reason: e.to_string(),
+            }];
+        }
+        Err(e) => return vec![Effect::Refused(e)],
+    };
+    follow(state, &mut effects, now);
+    effects
+}
+
+/// Apply the passage of time: liveness, GPU findings aging out, hangs, triage and burn-in
+/// budgets, stragglers, restart backoffs; then every policy in order.
+pub fn tick(state: &mut ClusterState, now: Now) -> Vec<Effect> {
+    let mut effects = state.tick(now);
+    effects.extend(state.jobs_tick(now));
+    effects.extend(state.burn_in_tick(now));
+    follow(state, &mut effects, now);
+    effects
+}
+
+/// Steps 2 to 5 of the module doc, after a transition produced `effects`.
+fn follow(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
+    if !effects.is_empty() {
+        let jobs = state.react(effects, now);
+        effects.extend(jobs);
+        let lemons = state.lemon_react(effects, now);
+        effects.extend(lemons);
+        let burn_in = state.burn_in_react(effects, now);
+        effects.extend(burn_in);
+    }
+    let scheduled = state.schedule(now);
+    effects.extend(scheduled);
+    let commands = state.commands(now);
+    effects.extend(commands);
+}
+
+fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Effect>, StateError> {
+    match input {
+        Input::Register(reg) => Ok(state.register(reg, now)),
+        Input::Heartbeat {
+            node,
+            session,
+            heartbeat,
+        } => state.heartbeat(&node, session, heartbeat, now),
+        Input::AgentEvent {
+            node,
+            session,
+            event,
+        } => state.agent_event(&node, session, &event, now),
+        Input::Heard { node, session } => state.heard(&node, session, now),
+        Input::Diagnostics {
+            node,
+            session,
+            record,
+        } => {
+            let mut effects = state.heard(&node, session, now).unwrap_or_default();
+            let (passed, summary) = (record.passed, record.summary.clone());
+            effects.extend(state.record_diagnostics(&node, record)?);
+            effects.extend(state.triage_result(&node, passed, &summary, now));
+            effects.extend(state.burn_in_result(&node, passed, &summary, now));
+            Ok(effects)
+        }
+        Input::Disconnected { node, session } => Ok(state.disconnected(&node, session, now)),
+        Input::Flag {
+            node,
+            session,
+            kind,
+            message,
+        } => state.flag(&node, session, &kind, message, now),
+        Input::Cordon { node, reason } => state.cordon(&node, reason, CordonSource::Operator, now),
+        Input::Uncordon { node, force } => state.uncordon(&node, force, now),
+        Input::Drain { node, reason } => {
+            let (jobs, mut effects) = state.drain_node(&node, &reason, now)?;
+            effects.push(Effect::Answer(Answer::Drained { jobs }));
+            Ok(effects)
+        }
+        Input::SubmitJob { spec_toml, source } => {
+            let (id, mut effects) = state.submit_job(&spec_toml, &source, now)?;
+            effects.push(Effect::Answer(Answer::Submitted { id }));
+            Ok(effects)
+        }
+        Input::CancelJob { id } => state.cancel_job(&id, now),
+        Input::RestartJob { id, from_step, env } => state.restart_job(&id, from_step, env, now),
+        Input::ClearLemon { subject } => {
+            let (cleared, mut effects) = state.clear_lemon(&subject, now)?;
+            effects.push(Effect::Answer(Answer::LemonsCleared(cleared)));
+            Ok(effects)
+        }
+        Input::Audit {
+            subject,
+            actor,
+            what,
+            outcome,
+        } => Ok(state.audit(subject.as_subject(), &actor, &what, &outcome, now)),
+        Input::Stalled { gap } => {
+            state.forgive_stall(gap, now);
+            Ok(Vec::new())
+        }
+    }
+}
