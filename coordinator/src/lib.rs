@@ -22,7 +22,8 @@
 //! - `training_health`: pure loss / loss-scale policies of a job's training metrics.
 //! - `rollback`: rolling a job back to an earlier checkpoint (unhealthy training, or an operator).
 //! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
-//! - `store`: the durable store (sled), flushed before anything is acknowledged.
+//! - `store`: the durable store: one backend trait, sled (default), etcd (HA), memory (tests);
+//!   a turn's writes are staged, then committed once before anything is acknowledged.
 //! - `ha`: several coordinators on etcd: election, fenced store, standby services.
 //! - `leadership`: this coordinator's term (the fencing token) and until when it may act.
 //! - `engine`: the single task that owns state and store, applies events, publishes snapshots.

@@ -1,7 +1,6 @@
 //! Goodput accounting with simulated time: scenarios driven through the job
 //! state machine, and hand-built records for the edge cases.
 
-use crate::test_utils::T0;
 use std::time::Duration;
 
 use vigil_proto::v1;
@@ -10,6 +9,8 @@ use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
 use crate::job::JobPhase;
 use crate::state::{ClusterState, Effect, Now, Registration};
+use crate::step::{Answer, Input};
+use crate::test_utils::{T0, agent_event, heartbeat, step_ok, tick_at};
 
 fn t0() -> Now {
     Now {
@@ -19,21 +20,11 @@ fn t0() -> Now {
 }
 
 fn at(start: Now, secs: u64) -> Now {
-    Now {
-        mono: start.mono + Duration::from_secs(secs),
-        wall_ms: start.wall_ms + secs * 1000,
-    }
+    start.after(Duration::from_secs(secs))
 }
 
 fn reg(node: &str, session: u64) -> Registration {
     crate::test_utils::reg_with_gpus(node, session, 8)
-}
-
-fn run(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) {
-    if !effects.is_empty() {
-        let more = s.react(&effects, now);
-        effects.extend(more);
-    }
 }
 
 /// A cluster whose nodes never go silent for long enough to be Lost in
@@ -57,8 +48,7 @@ fn cluster_with(nodes: u64, now: Now, liveness: LivenessConfig) -> ClusterState 
     );
     s.triage.enabled = false;
     for i in 1..=nodes {
-        let e = s.register(reg(&format!("n{i}"), i), now);
-        run(&mut s, e, now);
+        step_ok(&mut s, Input::Register(reg(&format!("n{i}"), i)), now);
     }
     s
 }
@@ -78,8 +68,23 @@ backoff = "5s"
 hang_timeout = "60s"
 "#;
 
-fn session(s: &ClusterState, node: &str) -> u64 {
-    s.nodes[node].session.expect("connected")
+/// Submit `spec` through `step`; the job's id comes back in the answer.
+fn submit(s: &mut ClusterState, spec: &str, now: Now) -> String {
+    let effects = step_ok(
+        s,
+        Input::SubmitJob {
+            spec_toml: spec.to_owned(),
+            source: "job.toml".into(),
+        },
+        now,
+    );
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Answer(Answer::Submitted { id }) => Some(id.clone()),
+            _ => None,
+        })
+        .expect("the submission is answered with its id")
 }
 
 /// Every node of the current attempt reports `step`.
@@ -95,26 +100,17 @@ fn progress(s: &mut ClusterState, job: &str, step: u64, now: Now) {
             }],
             ..Default::default()
         };
-        let sess = session(s, &node);
-        let e = s.heartbeat(&node, sess, hb, now).expect("live");
-        run(s, e, now);
+        heartbeat(s, &node, hb, now);
     }
 }
 
-fn agent_event(
-    s: &mut ClusterState,
-    node: &str,
-    kind: v1::agent_event::Kind,
-    at_ms: u64,
-    now: Now,
-) {
+/// An agent event from `node`, which the agent saw at `at_ms` (0: when it arrives).
+fn event_from(s: &mut ClusterState, node: &str, kind: v1::agent_event::Kind, at_ms: u64, now: Now) {
     let ev = v1::AgentEvent {
         at_unix_ms: at_ms,
         kind: Some(kind),
     };
-    let sess = session(s, node);
-    let e = s.agent_event(node, sess, &ev, now).expect("live");
-    run(s, e, now);
+    agent_event(s, node, ev, now);
 }
 
 fn checkpoint(s: &mut ClusterState, job: &str, step: u64, save_ms: u64, now: Now) {
@@ -128,7 +124,7 @@ fn checkpoint(s: &mut ClusterState, job: &str, step: u64, save_ms: u64, now: Now
         save_ms: Some(save_ms),
         completed_at_unix_ms: None,
     });
-    agent_event(s, &node, kind, 0, now);
+    event_from(s, &node, kind, 0, now);
 }
 
 /// A worker on `node` exits `code`; the agent saw it at `seen_ms`.
@@ -148,7 +144,7 @@ fn exit(
         stopped,
         ..Default::default()
     });
-    agent_event(s, node, kind, seen_ms, now);
+    event_from(s, node, kind, seen_ms, now);
 }
 
 /// Every still-running worker of the attempt confirms its stop.
@@ -165,9 +161,7 @@ fn confirm_stops(s: &mut ClusterState, job: &str, now: Now) {
 }
 
 fn tick(s: &mut ClusterState, now: Now) {
-    let mut e = s.tick(now);
-    e.extend(s.jobs_tick(now));
-    run(s, e, now);
+    tick_at(s, now);
 }
 
 fn assert_adds_up(g: &Goodput) {
@@ -193,8 +187,7 @@ fn assert_adds_up(g: &Goodput) {
 fn a_crash_splits_lost_time_into_its_five_phases_and_everything_adds_up() {
     let now = t0();
     let mut s = cluster(3, now);
-    let (id, e) = s.submit_job(SPEC, "job.toml", now).expect("valid");
-    run(&mut s, e, now);
+    let id = submit(&mut s, SPEC, now);
     progress(&mut s, &id, 10, at(now, 2));
     checkpoint(&mut s, &id, 100, 500, at(now, 10));
     checkpoint(&mut s, &id, 200, 700, at(now, 20));
@@ -261,8 +254,7 @@ fn a_crash_splits_lost_time_into_its_five_phases_and_everything_adds_up() {
 fn a_hang_is_detected_from_its_last_step_not_from_the_timeout() {
     let now = t0();
     let mut s = cluster(3, now);
-    let (id, e) = s.submit_job(SPEC, "job.toml", now).expect("valid");
-    run(&mut s, e, now);
+    let id = submit(&mut s, SPEC, now);
     progress(&mut s, &id, 50, at(now, 5));
     tick(&mut s, at(now, 66));
     assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
@@ -283,17 +275,12 @@ fn a_hang_is_detected_from_its_last_step_not_from_the_timeout() {
 fn a_lost_node_is_charged_from_its_last_message() {
     let now = t0();
     let mut s = cluster_with(3, now, LivenessConfig::default());
-    let (id, e) = s.submit_job(SPEC, "job.toml", now).expect("valid");
-    run(&mut s, e, now);
+    let id = submit(&mut s, SPEC, now);
     progress(&mut s, &id, 10, at(now, 1));
     // n1 and n3 keep talking; n2 falls silent after 1 s.
     for t in 2..=12 {
         for n in ["n1", "n3"] {
-            let sess = session(&s, n);
-            let e = s
-                .heartbeat(n, sess, v1::Heartbeat::default(), at(now, t))
-                .expect("live");
-            run(&mut s, e, at(now, t));
+            heartbeat(&mut s, n, v1::Heartbeat::default(), at(now, t));
         }
         tick(&mut s, at(now, t));
     }
@@ -312,7 +299,7 @@ fn job_with(attempts: Vec<Attempt>, finished: Option<u64>) -> Job {
     let spec = SPEC
         .replace("nodes = 2", "nodes = 1")
         .replace("spare_nodes = 1", "spare_nodes = 0");
-    let (id, _) = s.submit_job(&spec, "job.toml", now).expect("valid");
+    let id = submit(&mut s, &spec, now);
     let mut job = s.jobs[&id].clone();
     job.attempts = attempts;
     job.finished_at_ms = finished;

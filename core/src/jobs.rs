@@ -445,6 +445,18 @@ impl ClusterState {
             .filter(|j| j.phase == JobPhase::Running)
         {
             let timeout = job.spec.progress.hang_timeout;
+            // Silence from a node nobody can hear (Unreachable: a partition, a stalled host)
+            // is not the job's: its progress clock waits until the node is heard again, and
+            // `lost_after` decides if it never is.
+            for (node, w) in job.workers.iter_mut() {
+                let heard = self
+                    .nodes
+                    .get(node)
+                    .is_some_and(|n| n.availability == Availability::Ready);
+                if !heard {
+                    w.progress_mono = now.mono;
+                }
+            }
             let hung = job
                 .workers
                 .iter()

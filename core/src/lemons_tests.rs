@@ -1,4 +1,5 @@
-//! The lemon ledger and its cluster rules, with simulated time.
+//! The lemon ledger and its cluster rules, with simulated time. Every input goes through `step`
+//! and time through `tick`, as the engine drives them.
 
 use std::time::Duration;
 
@@ -6,8 +7,13 @@ use vigil_proto::v1;
 
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
-use crate::node::{CordonSource, GpuRecord};
+use crate::job::JobPhase;
+use crate::node::{Availability, CordonSource, GpuRecord};
 use crate::state::{ClusterState, Effect, Now, Registration, StateError};
+use crate::step::{Answer, Input};
+use crate::test_utils::{
+    agent_event, heartbeat, refusal, register_at, starts, step_ok, step_raw, submit_at, tick_at,
+};
 
 const T0: u64 = 1_700_000_000_000;
 const HOUR: u64 = 3_600_000;
@@ -49,15 +55,6 @@ fn reg(node: &str, session: u64, serial_of_3: &str) -> Registration {
     }
 }
 
-/// What the engine does with an input's effects: jobs react, then lemons.
-fn apply(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) -> Vec<Effect> {
-    let more = s.react(&effects, now);
-    effects.extend(more);
-    let lemons = s.lemon_react(&effects, now);
-    effects.extend(lemons);
-    effects
-}
-
 fn cluster(cfg: LemonConfig) -> ClusterState {
     let mut s = ClusterState::load(
         Vec::new(),
@@ -68,13 +65,12 @@ fn cluster(cfg: LemonConfig) -> ClusterState {
     );
     s.lemons = Ledger::new(cfg, Vec::new());
     for (i, n) in ["n1", "n2"].iter().enumerate() {
-        let e = s.register(reg(n, i as u64 + 1, &format!("{n}-serial-3")), t(0));
-        apply(&mut s, e, t(0));
+        register_at(&mut s, reg(n, i as u64 + 1, &format!("{n}-serial-3")), t(0));
     }
     s
 }
 
-fn xid79(s: &mut ClusterState, node: &str, session: u64, now: Now) -> Vec<Effect> {
+fn xid79(s: &mut ClusterState, node: &str, now: Now) -> Vec<Effect> {
     let ev = v1::AgentEvent {
         at_unix_ms: now.wall_ms,
         kind: Some(v1::agent_event::Kind::Xid(v1::XidError {
@@ -83,10 +79,51 @@ fn xid79(s: &mut ClusterState, node: &str, session: u64, now: Now) -> Vec<Effect
             gpu_uuid: format!("GPU-{node}-3"),
         })),
     };
-    let e = s
-        .agent_event(node, session, &ev, now)
-        .expect("live session");
-    apply(s, e, now)
+    agent_event(s, node, ev, now)
+}
+
+fn uncordon(s: &mut ClusterState, node: &str, force: bool, now: Now) -> Vec<Effect> {
+    step_raw(
+        s,
+        Input::Uncordon {
+            node: node.to_owned(),
+            force,
+        },
+        now,
+    )
+}
+
+fn refused(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Refused(_)))
+}
+
+/// An operator clears `subject`: what was cleared, and the effects.
+fn clear_lemon(s: &mut ClusterState, subject: &str, now: Now) -> (Vec<LemonRecord>, Vec<Effect>) {
+    let effects = step_ok(
+        s,
+        Input::ClearLemon {
+            subject: subject.to_owned(),
+        },
+        now,
+    );
+    let cleared = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Answer(Answer::LemonsCleared(c)) => Some(c.clone()),
+            _ => None,
+        })
+        .expect("an answer");
+    (cleared, effects)
+}
+
+fn persisted_lemons(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::PersistLemon(r) => Some(r.key()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn reason(s: &ClusterState, node: &str) -> String {
@@ -100,10 +137,8 @@ fn reason(s: &ClusterState, node: &str) -> String {
 /// XID 79 on n1's GPU 3, then the operator forces it back into service.
 /// (A lemon's uncordon is refused; then it simply stays cordoned.)
 fn fail_and_force_back(s: &mut ClusterState, now: Now) -> Vec<Effect> {
-    let effects = xid79(s, "n1", 1, now);
-    if let Ok(e) = s.uncordon("n1", true, now) {
-        apply(s, e, now);
-    }
+    let effects = xid79(s, "n1", now);
+    uncordon(s, "n1", true, now);
     effects
 }
 
@@ -113,7 +148,7 @@ fn three_gpu_faults_within_the_window_make_a_lemon_and_cordon_it_as_repeat_offen
     fail_and_force_back(&mut s, t(HOUR));
     fail_and_force_back(&mut s, t(2 * HOUR));
     assert_eq!(reason(&s, "n1"), "", "two failures: still in service");
-    let effects = xid79(&mut s, "n1", 1, t(3 * HOUR));
+    let effects = xid79(&mut s, "n1", t(3 * HOUR));
     let why = reason(&s, "n1");
     assert!(why.starts_with("repeat-offender: "), "{why}");
     assert!(why.contains("host n1 blocklisted (3 failures)"), "{why}");
@@ -125,14 +160,7 @@ fn three_gpu_faults_within_the_window_make_a_lemon_and_cordon_it_as_repeat_offen
         e,
         Effect::Cordoned { rule: "repeat_offender", cordon, .. } if cordon.source == CordonSource::Auto
     )));
-    let persisted: Vec<String> = effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::PersistLemon(r) => Some(r.key()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(persisted, ["host/n1", "gpu/n1-serial-3"]);
+    assert_eq!(persisted_lemons(&effects), ["host/n1", "gpu/n1-serial-3"]);
     let host = &s.lemons.records["host/n1"];
     assert_eq!(host.kinds(T0 + 3 * HOUR, &s.lemons.cfg), "unhealthy x3");
     assert!(host.incidents[0].detail.contains("XID 79"), "{host:?}");
@@ -149,22 +177,22 @@ fn a_lemon_cannot_be_uncordoned_even_by_force_until_cleared() {
     for h in 1..=3 {
         fail_and_force_back(&mut s, t(h * HOUR));
     }
-    let err = s.uncordon("n1", true, t(4 * HOUR)).expect_err("refused");
+    let err = refusal(&uncordon(&mut s, "n1", true, t(4 * HOUR)));
     assert!(matches!(err, StateError::Blocklisted { .. }), "{err}");
     assert!(
         err.to_string()
             .contains("clusterctl uncordon n1 --clear-lemon"),
         "{err}"
     );
-    let (cleared, effects) = s.clear_lemon("n1", t(4 * HOUR)).expect("clears");
+    let (cleared, effects) = clear_lemon(&mut s, "n1", t(4 * HOUR));
     assert_eq!(cleared.len(), 2, "the host and its GPU 3 entry");
-    assert_eq!(effects.len(), 2);
+    assert_eq!(persisted_lemons(&effects), ["host/n1", "gpu/n1-serial-3"]);
     assert!(
         reason(&s, "n1").starts_with("repeat-offender"),
         "still cordoned"
     );
-    let e = s.uncordon("n1", true, t(4 * HOUR)).expect("allowed now");
-    apply(&mut s, e, t(4 * HOUR));
+    let e = uncordon(&mut s, "n1", true, t(4 * HOUR));
+    assert!(!refused(&e), "allowed now: {e:?}");
     assert_eq!(reason(&s, "n1"), "");
     fail_and_force_back(&mut s, t(5 * HOUR));
     assert_eq!(
@@ -197,28 +225,95 @@ fn a_node_rejoining_with_a_blocklisted_gpu_serial_is_cordoned_at_once() {
         fail_and_force_back(&mut s, t(h * HOUR));
     }
     // The bad GPU moves to a new host n3 (the cloud hands it back).
-    let e = s.register(reg("n3", 3, "n1-serial-3"), t(5 * HOUR));
-    apply(&mut s, e, t(5 * HOUR));
+    register_at(&mut s, reg("n3", 3, "n1-serial-3"), t(5 * HOUR));
     let why = reason(&s, "n3");
     assert!(
         why.contains("GPU 3 serial n1-serial-3 blocklisted"),
         "{why}"
     );
-    assert!(s.uncordon("n3", true, t(5 * HOUR)).is_err());
-    let (cleared, _) = s
-        .clear_lemon("gpu/n1-serial-3", t(6 * HOUR))
-        .expect("clears");
+    assert!(matches!(
+        refusal(&uncordon(&mut s, "n3", true, t(5 * HOUR))),
+        StateError::Blocklisted { .. }
+    ));
+    let (cleared, _) = clear_lemon(&mut s, "gpu/n1-serial-3", t(6 * HOUR));
     assert_eq!(cleared.len(), 1);
-    assert!(s.uncordon("n3", true, t(6 * HOUR)).is_ok());
+    let e = uncordon(&mut s, "n3", true, t(6 * HOUR));
+    assert!(!refused(&e), "{e:?}");
+    assert_eq!(reason(&s, "n3"), "");
+}
+
+const SPEC: &str = r#"name = "train"
+nodes = 1
+gpus_per_node = 1
+command = ["python3", "train.py"]
+workdir = "/w"
+[checkpoint]
+dir = "/c"
+"#;
+
+#[test]
+fn a_node_rejoining_with_a_lemon_is_cordoned_before_a_pending_job_can_land_on_it() {
+    let mut s = cluster(LemonConfig::default());
+    for h in 1..=3 {
+        fail_and_force_back(&mut s, t(h * HOUR));
+    }
+    assert!(reason(&s, "n1").starts_with("repeat-offender"));
+    // n2 goes away; meanwhile n1's bad GPU is moved into it.
+    heartbeat(&mut s, "n2", v1::Heartbeat::default(), t(4 * HOUR));
+    step_ok(
+        &mut s,
+        Input::Disconnected {
+            node: "n2".into(),
+            session: 2,
+        },
+        t(4 * HOUR),
+    );
+    assert_eq!(s.nodes["n2"].availability, Availability::Unreachable);
+    let id = submit_at(&mut s, SPEC, t(4 * HOUR));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Pending, "no eligible node");
+
+    let e = register_at(&mut s, reg("n2", 3, "n1-serial-3"), t(4 * HOUR + 1_000));
+    assert_eq!(s.nodes["n2"].availability, Availability::Ready);
+    assert!(
+        e.iter().any(|e| matches!(
+            e,
+            Effect::Cordoned { node, rule: "repeat_offender", .. } if node == "n2"
+        )),
+        "cordoned in the same step: {e:?}"
+    );
+    let why = reason(&s, "n2");
+    assert!(
+        why.contains("GPU 3 serial n1-serial-3 blocklisted"),
+        "{why}"
+    );
+    assert!(starts(&e).is_empty(), "nothing starts on it: {e:?}");
+    let job = &s.jobs[&id];
+    assert_eq!(job.phase, JobPhase::Pending, "not placed on the lemon");
+    assert!(job.placement.is_empty());
+    assert_eq!(job.attempt, 0);
+
+    // Once the operator clears the GPU and uncordons n2, the job lands there.
+    clear_lemon(&mut s, "gpu/n1-serial-3", t(5 * HOUR));
+    let e = uncordon(&mut s, "n2", true, t(5 * HOUR));
+    assert!(!refused(&e), "{e:?}");
+    assert_eq!(s.jobs[&id].phase, JobPhase::Running);
+    assert_eq!(s.jobs[&id].placement, ["n2"]);
+    let started: Vec<String> = starts(&e).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(started, ["n2"]);
 }
 
 #[test]
 fn a_lost_node_is_charged_to_its_host_only() {
     let mut s = cluster(LemonConfig::default());
-    let e = s.disconnected("n2", 2, t(1_000));
-    apply(&mut s, e, t(1_000));
-    let e = s.tick(t(60_000));
-    apply(&mut s, e, t(60_000));
+    step_ok(
+        &mut s,
+        Input::Disconnected {
+            node: "n2".into(),
+            session: 2,
+        },
+        t(1_000),
+    );
+    tick_at(&mut s, t(60_000));
     let host = &s.lemons.records["host/n2"];
     assert_eq!(host.incidents.len(), 1);
     assert_eq!(host.incidents[0].kind, "node_lost");
@@ -272,10 +367,14 @@ fn incidents_are_bounded_and_the_listing_puts_lemons_first() {
 #[test]
 fn an_unknown_subject_cannot_be_cleared() {
     let mut s = cluster(LemonConfig::default());
-    assert!(matches!(
-        s.clear_lemon("gpu/none", t(0)),
-        Err(StateError::UnknownLemon(_))
-    ));
+    let e = step_raw(
+        &mut s,
+        Input::ClearLemon {
+            subject: "gpu/none".into(),
+        },
+        t(0),
+    );
+    assert!(matches!(refusal(&e), StateError::UnknownLemon(_)));
 }
 
 #[test]
@@ -305,14 +404,14 @@ fn a_node_that_never_came_back_after_a_coordinator_restart_is_not_charged_again(
         HealthConfig::default(),
         t(0),
     );
-    let e = restarted.tick(t(60_000));
+    let e = tick_at(&mut restarted, t(60_000));
     assert!(e.iter().any(|e| matches!(
         e,
         Effect::Availability {
-            to: crate::node::Availability::Lost,
+            to: Availability::Lost,
             ..
         }
     )));
-    let charged = restarted.lemon_react(&e, t(60_000));
-    assert!(charged.is_empty(), "{charged:?}");
+    assert!(persisted_lemons(&e).is_empty(), "{e:?}");
+    assert!(restarted.lemons.records.is_empty());
 }

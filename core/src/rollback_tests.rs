@@ -1,10 +1,14 @@
-//! Rollbacks with simulated time: a loss spike, and an operator's restart.
+//! Rollbacks with simulated time: a loss spike, and an operator's restart. Every input goes
+//! through `step`, as the engine drives it.
 
-use crate::test_utils::{T0, reg, t};
+use crate::test_utils::{
+    T0, agent_event, heartbeat, refusal, reg, register_at, starts, step_ok, step_raw, submit_at, t,
+};
 use std::time::Duration;
 
 use super::*;
 use crate::config::{HealthConfig, LivenessConfig};
+use crate::step::Input;
 
 const SPEC: &str = r#"name = "train"
 nodes = 1
@@ -24,6 +28,11 @@ median_window = 10
 "#;
 
 fn cluster() -> (ClusterState, String) {
+    cluster_with(SPEC)
+}
+
+/// n1, and a job of `spec` running on it.
+fn cluster_with(spec: &str) -> (ClusterState, String) {
     let liveness = LivenessConfig {
         unreachable_after: Duration::from_secs(3600),
         lost_after: Duration::from_secs(7200),
@@ -37,8 +46,9 @@ fn cluster() -> (ClusterState, String) {
         t(0),
     );
     s.triage.enabled = false;
-    s.register(reg("n1", 1), t(0));
-    let (id, _) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
+    register_at(&mut s, reg("n1", 1), t(0));
+    let id = submit_at(&mut s, spec, t(0));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Running);
     (s, id)
 }
 
@@ -53,7 +63,7 @@ fn progress(s: &mut ClusterState, id: &str, step: u64, loss: f64, secs: u64) -> 
         }],
         ..Default::default()
     };
-    s.heartbeat("n1", 1, hb, t(secs)).expect("live")
+    heartbeat(s, "n1", hb, t(secs))
 }
 
 fn event(s: &mut ClusterState, kind: v1::agent_event::Kind, secs: u64) -> Vec<Effect> {
@@ -61,7 +71,7 @@ fn event(s: &mut ClusterState, kind: v1::agent_event::Kind, secs: u64) -> Vec<Ef
         at_unix_ms: 0,
         kind: Some(kind),
     };
-    s.agent_event("n1", 1, &ev, t(secs)).expect("live")
+    agent_event(s, "n1", ev, t(secs))
 }
 
 fn checkpoint(s: &mut ClusterState, id: &str, step: u64, completed_s: u64, secs: u64) {
@@ -87,13 +97,27 @@ fn stopped(s: &mut ClusterState, id: &str, secs: u64) -> Vec<Effect> {
 }
 
 fn resume_from(effects: &[Effect]) -> Option<String> {
-    effects.iter().find_map(|e| match e {
-        Effect::Command {
-            kind: v1::command::Kind::StartWorker(w),
-            ..
-        } => Some(w.env.get("VIGIL_RESUME_FROM").cloned().unwrap_or_default()),
-        _ => None,
-    })
+    starts(effects)
+        .first()
+        .map(|(_, w)| w.env.get("VIGIL_RESUME_FROM").cloned().unwrap_or_default())
+}
+
+fn restart_job(
+    s: &mut ClusterState,
+    id: &str,
+    from_step: Option<u64>,
+    env: BTreeMap<String, String>,
+    secs: u64,
+) -> Vec<Effect> {
+    step_raw(
+        s,
+        Input::RestartJob {
+            id: id.to_owned(),
+            from_step,
+            env,
+        },
+        t(secs),
+    )
 }
 
 /// Steps 1..=70, a checkpoint every 10, the loss spiking from step 55.
@@ -167,11 +191,9 @@ fn a_checkpoint_the_rolled_back_attempt_reports_while_stopping_is_not_resumed_fr
 
 #[test]
 fn the_newer_checkpoint_written_during_the_spike_is_not_resumed_from_later() {
-    let (mut s, id) = cluster();
     // Checkpoint 60 is complete before the spike is detected (M = 5 reports).
-    if let Some(j) = s.jobs.get_mut(&id) {
-        j.spec.training_health.spike_reports = 7;
-    }
+    let (mut s, id) = cluster_with(&SPEC.replace("spike_reports = 3", "spike_reports = 7"));
+    assert_eq!(s.jobs[&id].spec.training_health.spike_reports, 7);
     spike(&mut s, &id);
     assert_eq!(
         s.jobs[&id].checkpoint.as_ref().and_then(|c| c.step),
@@ -204,20 +226,18 @@ fn an_operator_restarts_from_a_chosen_checkpoint_with_an_env_override() {
         }
     }
     let env = BTreeMap::from([("LR".to_owned(), "1e-4".to_owned())]);
-    s.restart_job(&id, Some(20), env, t(41)).expect("accepted");
+    let e = restart_job(&mut s, &id, Some(20), env, 41);
+    assert!(
+        !e.iter().any(|e| matches!(e, Effect::Refused(_))),
+        "accepted: {e:?}"
+    );
     assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
     assert_eq!(s.jobs[&id].attempts[0].failure_kind, "operator_restart");
     let e = stopped(&mut s, &id, 42);
     assert_eq!(resume_from(&e).as_deref(), Some("/c/step_00000020"));
-    let env = e
-        .iter()
-        .find_map(|e| match e {
-            Effect::Command {
-                kind: v1::command::Kind::StartWorker(w),
-                ..
-            } => Some(w.env.clone()),
-            _ => None,
-        })
+    let env = starts(&e)
+        .first()
+        .map(|(_, w)| w.env.clone())
         .unwrap_or_default();
     assert_eq!(env.get("LR").map(String::as_str), Some("1e-4"));
     let history: Vec<&str> = s.jobs[&id]
@@ -236,20 +256,17 @@ fn an_operator_restarts_from_a_chosen_checkpoint_with_an_env_override() {
 fn an_operator_restart_is_checked() {
     let (mut s, id) = cluster();
     checkpoint(&mut s, &id, 10, 10, 10);
-    let err = s
-        .restart_job(&id, Some(15), BTreeMap::new(), t(11))
-        .expect_err("no such step");
+    let err = refusal(&restart_job(&mut s, &id, Some(15), BTreeMap::new(), 11));
     assert!(err.to_string().contains("known steps: 10"), "{err}");
     let bad = BTreeMap::from([("VIGIL_ATTEMPT".to_owned(), "9".to_owned())]);
-    assert!(s.restart_job(&id, None, bad, t(11)).is_err());
+    refusal(&restart_job(&mut s, &id, None, bad, 11));
     assert!(matches!(
-        s.restart_job("nope", None, BTreeMap::new(), t(11)),
-        Err(StateError::UnknownJob(_))
+        refusal(&restart_job(&mut s, "nope", None, BTreeMap::new(), 11)),
+        StateError::UnknownJob(_)
     ));
-    s.cancel_job(&id, t(12)).expect("cancels");
+    assert_eq!(s.jobs[&id].phase, JobPhase::Running, "nothing changed");
+    step_ok(&mut s, Input::CancelJob { id: id.clone() }, t(12));
     let _ = stopped(&mut s, &id, 13);
-    assert!(
-        s.restart_job(&id, None, BTreeMap::new(), t(14)).is_err(),
-        "cancelled"
-    );
+    assert_eq!(s.jobs[&id].phase, JobPhase::Cancelled);
+    refusal(&restart_job(&mut s, &id, None, BTreeMap::new(), 14));
 }

@@ -35,12 +35,9 @@ pub struct Registration {
 /// What the engine must do after a transition, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Write this record and flush it before acting on anything that follows.
+    /// Store this record. Every change of a turn is committed once, before any effect of
+    /// that turn is carried out (one durability meaning, whatever the backend).
     Persist(NodeRecord),
-    /// Write this record without waiting for the disk: a registration, which
-    /// the agent repeats after a crash anyway. The store flushes it within
-    /// 500 ms, or with the next durable change.
-    Stage(NodeRecord),
     /// A newer session of the same node replaced this one: end its stream.
     CloseSession {
         node: String,
@@ -250,7 +247,7 @@ impl ClusterState {
             ..before
         } != *r;
         if is_new || changed {
-            effects.push(Effect::Stage(r.clone()));
+            effects.push(Effect::Persist(r.clone()));
         }
         if let Some(old) = node.session.filter(|s| *s != reg.session) {
             effects.push(Effect::CloseSession {

@@ -1,10 +1,16 @@
-//! Scenario tests of the pure cluster state: simulated time, no sockets.
+//! Scenario tests of the pure cluster state: simulated time, no sockets. Every input goes
+//! through `step` and time through `tick`, as the engine drives them.
 
 use std::time::Duration;
 
 use super::*;
 use crate::config::HealthConfig;
 use crate::health::Condition;
+use crate::step::Input;
+use crate::test_utils::{
+    agent_event, diagnostics_record, heartbeat, refusal, register_at, session, step_ok, step_raw,
+    tick_at,
+};
 use crate::time::Instant;
 
 fn t0() -> Now {
@@ -59,7 +65,7 @@ fn persisted(effects: &[Effect]) -> Vec<NodeRecord> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Persist(r) | Effect::Stage(r) => Some(r.clone()),
+            Effect::Persist(r) => Some(r.clone()),
             _ => None,
         })
         .collect()
@@ -79,14 +85,78 @@ fn transitions(effects: &[Effect]) -> Vec<(Option<Availability>, Availability)> 
         .collect()
 }
 
+fn hb(s: &mut ClusterState, node: &str, now: Now) -> Vec<Effect> {
+    heartbeat(s, node, v1::Heartbeat::default(), now)
+}
+
+fn disconnected(s: &mut ClusterState, node: &str, session: u64, now: Now) -> Vec<Effect> {
+    step_ok(
+        s,
+        Input::Disconnected {
+            node: node.to_owned(),
+            session,
+        },
+        now,
+    )
+}
+
+fn cordon(s: &mut ClusterState, node: &str, reason: &str, now: Now) -> Vec<Effect> {
+    step_raw(
+        s,
+        Input::Cordon {
+            node: node.to_owned(),
+            reason: reason.to_owned(),
+        },
+        now,
+    )
+}
+
+fn uncordon(s: &mut ClusterState, node: &str, force: bool, now: Now) -> Vec<Effect> {
+    step_raw(
+        s,
+        Input::Uncordon {
+            node: node.to_owned(),
+            force,
+        },
+        now,
+    )
+}
+
+fn refused(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Refused(_)))
+}
+
+/// A diagnostics result that finished at `finished_at_ms`, handled at `now`.
+fn diagnosed(s: &mut ClusterState, node: &str, passed: bool, finished_at_ms: u64, now: Now) {
+    let summary = if passed {
+        "all checks passed"
+    } else {
+        "GPU 3 missing"
+    };
+    let record = DiagnosticsRecord {
+        finished_at_unix_ms: finished_at_ms,
+        ..diagnostics_record(passed, summary, now)
+    };
+    let session = session(s, node);
+    step_ok(
+        s,
+        Input::Diagnostics {
+            node: node.to_owned(),
+            session,
+            record,
+        },
+        now,
+    );
+}
+
 #[test]
 fn first_registration_makes_a_ready_node_and_persists_it() {
     let start = t0();
     let mut s = empty_state();
-    let effects = s.register(registration("gpu-001", 1), start);
+    let effects = register_at(&mut s, registration("gpu-001", 1), start);
     assert_eq!(persisted(&effects).len(), 1);
     assert!(
-        matches!(effects[0], Effect::Stage(_)),
+        matches!(effects[0], Effect::Persist(_)),
         "the record comes first"
     );
     assert_eq!(transitions(&effects), vec![(None, Availability::Ready)]);
@@ -99,19 +169,19 @@ fn first_registration_makes_a_ready_node_and_persists_it() {
 fn silent_node_goes_unreachable_then_lost_at_the_configured_times() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    assert!(s.tick(after(start, 2.9)).is_empty());
+    register_at(&mut s, registration("gpu-001", 1), start);
+    assert!(tick_at(&mut s, after(start, 2.9)).is_empty());
     assert_eq!(
-        transitions(&s.tick(after(start, 3.0))),
+        transitions(&tick_at(&mut s, after(start, 3.0))),
         vec![(Some(Availability::Ready), Availability::Unreachable)]
     );
-    assert!(s.tick(after(start, 9.9)).is_empty());
+    assert!(tick_at(&mut s, after(start, 9.9)).is_empty());
     assert_eq!(
-        transitions(&s.tick(after(start, 10.0))),
+        transitions(&tick_at(&mut s, after(start, 10.0))),
         vec![(Some(Availability::Unreachable), Availability::Lost)]
     );
     assert!(
-        s.tick(after(start, 100.0)).is_empty(),
+        tick_at(&mut s, after(start, 100.0)).is_empty(),
         "Lost is reported once"
     );
     assert_eq!(s.nodes["gpu-001"].gpus_healthy(), 0);
@@ -121,12 +191,11 @@ fn silent_node_goes_unreachable_then_lost_at_the_configured_times() {
 fn heartbeats_keep_a_node_ready() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
+    register_at(&mut s, registration("gpu-001", 1), start);
     for i in 1..=30 {
         let now = after(start, f64::from(i));
-        s.heartbeat("gpu-001", 1, v1::Heartbeat::default(), now)
-            .expect("live session");
-        assert!(s.tick(now).is_empty());
+        hb(&mut s, "gpu-001", now);
+        assert!(tick_at(&mut s, now).is_empty());
     }
     assert_eq!(availability_of(&s, "gpu-001"), Availability::Ready);
 }
@@ -135,18 +204,16 @@ fn heartbeats_keep_a_node_ready() {
 fn closed_stream_is_unreachable_at_once_and_lost_after_lost_after() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    let hb = after(start, 1.0);
-    s.heartbeat("gpu-001", 1, v1::Heartbeat::default(), hb)
-        .expect("live");
-    let effects = s.disconnected("gpu-001", 1, after(start, 1.5));
+    register_at(&mut s, registration("gpu-001", 1), start);
+    hb(&mut s, "gpu-001", after(start, 1.0));
+    let effects = disconnected(&mut s, "gpu-001", 1, after(start, 1.5));
     assert_eq!(
         transitions(&effects),
         vec![(Some(Availability::Ready), Availability::Unreachable)]
     );
-    assert!(s.tick(after(start, 10.9)).is_empty());
+    assert!(tick_at(&mut s, after(start, 10.9)).is_empty());
     assert_eq!(
-        transitions(&s.tick(after(start, 11.0))),
+        transitions(&tick_at(&mut s, after(start, 11.0))),
         vec![(Some(Availability::Unreachable), Availability::Lost)],
         "lost_after counts from the last heartbeat"
     );
@@ -156,28 +223,26 @@ fn closed_stream_is_unreachable_at_once_and_lost_after_lost_after() {
 fn reconnect_recovers_a_lost_node() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.disconnected("gpu-001", 1, start);
-    s.tick(after(start, 20.0));
+    register_at(&mut s, registration("gpu-001", 1), start);
+    disconnected(&mut s, "gpu-001", 1, start);
+    tick_at(&mut s, after(start, 20.0));
     assert_eq!(availability_of(&s, "gpu-001"), Availability::Lost);
-    let effects = s.register(registration("gpu-001", 2), after(start, 21.0));
+    let effects = register_at(&mut s, registration("gpu-001", 2), after(start, 21.0));
     assert_eq!(
         transitions(&effects),
         vec![(Some(Availability::Lost), Availability::Ready)]
     );
-    assert!(s.tick(after(start, 23.9)).is_empty());
+    assert!(tick_at(&mut s, after(start, 23.9)).is_empty());
 }
 
 #[test]
 fn heartbeat_after_silence_recovers_an_unreachable_node() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.tick(after(start, 5.0));
+    register_at(&mut s, registration("gpu-001", 1), start);
+    tick_at(&mut s, after(start, 5.0));
     assert_eq!(availability_of(&s, "gpu-001"), Availability::Unreachable);
-    let effects = s
-        .heartbeat("gpu-001", 1, v1::Heartbeat::default(), after(start, 5.5))
-        .expect("live");
+    let effects = hb(&mut s, "gpu-001", after(start, 5.5));
     assert_eq!(
         transitions(&effects),
         vec![(Some(Availability::Unreachable), Availability::Ready)]
@@ -188,17 +253,26 @@ fn heartbeat_after_silence_recovers_an_unreachable_node() {
 fn messages_of_a_superseded_session_are_ignored() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    let effects = s.register(registration("gpu-001", 2), after(start, 1.0));
+    register_at(&mut s, registration("gpu-001", 1), start);
+    let effects = register_at(&mut s, registration("gpu-001", 2), after(start, 1.0));
     assert!(effects.contains(&Effect::CloseSession {
         node: "gpu-001".into(),
         session: 1
     }));
-    assert!(matches!(
-        s.heartbeat("gpu-001", 1, v1::Heartbeat::default(), after(start, 2.0)),
-        Err(StateError::StaleSession { .. })
-    ));
-    assert!(s.disconnected("gpu-001", 1, after(start, 2.0)).is_empty());
+    let stale = step_raw(
+        &mut s,
+        Input::Heartbeat {
+            node: "gpu-001".into(),
+            session: 1,
+            heartbeat: v1::Heartbeat::default(),
+        },
+        after(start, 2.0),
+    );
+    assert!(
+        matches!(stale.as_slice(), [Effect::Ignored { reason }] if reason.contains("superseded session 1")),
+        "{stale:?}"
+    );
+    assert!(disconnected(&mut s, "gpu-001", 1, after(start, 2.0)).is_empty());
     assert_eq!(
         availability_of(&s, "gpu-001"),
         Availability::Ready,
@@ -210,15 +284,8 @@ fn messages_of_a_superseded_session_are_ignored() {
 fn cordoned_node_stays_cordoned_across_reconnects() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    let effects = s
-        .cordon(
-            "gpu-001",
-            "bad fan".into(),
-            CordonSource::Operator,
-            after(start, 1.0),
-        )
-        .expect("known node");
+    register_at(&mut s, registration("gpu-001", 1), start);
+    let effects = cordon(&mut s, "gpu-001", "bad fan", after(start, 1.0));
     assert_eq!(
         persisted(&effects)[0]
             .cordon
@@ -226,9 +293,9 @@ fn cordoned_node_stays_cordoned_across_reconnects() {
             .map(|c| c.reason.as_str()),
         Some("bad fan")
     );
-    s.disconnected("gpu-001", 1, after(start, 2.0));
-    s.tick(after(start, 30.0));
-    s.register(registration("gpu-001", 2), after(start, 31.0));
+    disconnected(&mut s, "gpu-001", 1, after(start, 2.0));
+    tick_at(&mut s, after(start, 30.0));
+    register_at(&mut s, registration("gpu-001", 2), after(start, 31.0));
     let node = &s.nodes["gpu-001"];
     assert_eq!(node.availability, Availability::Ready);
     assert_eq!(node.display_state(), "Cordoned");
@@ -248,13 +315,17 @@ fn cordoned_node_stays_cordoned_across_a_coordinator_restart() {
             store.insert(r.name.clone(), r);
         }
     };
-    apply(s.register(registration("gpu-001", 1), start), &mut store);
-    apply(s.register(registration("gpu-002", 2), start), &mut store);
     apply(
-        s.cordon("gpu-002", "xid 79".into(), CordonSource::Operator, start)
-            .expect("known"),
+        register_at(&mut s, registration("gpu-001", 1), start),
         &mut store,
     );
+    apply(
+        register_at(&mut s, registration("gpu-002", 2), start),
+        &mut store,
+    );
+    let effects = cordon(&mut s, "gpu-002", "xid 79", start);
+    assert!(!refused(&effects), "known: {effects:?}");
+    apply(effects, &mut store);
 
     let restart = after(start, 60.0);
     let mut s = ClusterState::load(
@@ -279,13 +350,12 @@ fn cordoned_node_stays_cordoned_across_a_coordinator_restart() {
         Some("xid 79")
     );
 
-    s.register(registration("gpu-002", 3), after(restart, 0.5));
+    register_at(&mut s, registration("gpu-002", 3), after(restart, 0.5));
     assert_eq!(availability_of(&s, "gpu-002"), Availability::Ready);
     assert_eq!(s.nodes["gpu-002"].display_state(), "Cordoned");
-    s.heartbeat("gpu-002", 3, v1::Heartbeat::default(), after(restart, 9.0))
-        .expect("live");
+    hb(&mut s, "gpu-002", after(restart, 9.0));
     assert_eq!(
-        transitions(&s.tick(after(restart, 10.0))),
+        transitions(&tick_at(&mut s, after(restart, 10.0))),
         vec![(Some(Availability::Unreachable), Availability::Lost)],
         "a node that never returns is Lost lost_after past the restart"
     );
@@ -295,21 +365,11 @@ fn cordoned_node_stays_cordoned_across_a_coordinator_restart() {
 fn uncordon_clears_and_persists_and_is_idempotent() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.cordon(
-        "gpu-001",
-        "maintenance".into(),
-        CordonSource::Operator,
-        start,
-    )
-    .expect("known");
-    let effects = s.uncordon("gpu-001", false, start).expect("known");
+    register_at(&mut s, registration("gpu-001", 1), start);
+    cordon(&mut s, "gpu-001", "maintenance", start);
+    let effects = uncordon(&mut s, "gpu-001", false, start);
     assert_eq!(persisted(&effects)[0].cordon, None);
-    assert!(
-        s.uncordon("gpu-001", false, start)
-            .expect("known")
-            .is_empty()
-    );
+    assert!(uncordon(&mut s, "gpu-001", false, start).is_empty());
     assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
 }
 
@@ -317,26 +377,10 @@ fn uncordon_clears_and_persists_and_is_idempotent() {
 fn recordon_with_a_new_reason_keeps_the_original_since() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.cordon("gpu-001", "a".into(), CordonSource::Operator, start)
-        .expect("known");
-    assert!(
-        s.cordon(
-            "gpu-001",
-            "a".into(),
-            CordonSource::Operator,
-            after(start, 5.0)
-        )
-        .expect("known")
-        .is_empty()
-    );
-    s.cordon(
-        "gpu-001",
-        "b".into(),
-        CordonSource::Operator,
-        after(start, 9.0),
-    )
-    .expect("known");
+    register_at(&mut s, registration("gpu-001", 1), start);
+    cordon(&mut s, "gpu-001", "a", start);
+    assert!(cordon(&mut s, "gpu-001", "a", after(start, 5.0)).is_empty());
+    cordon(&mut s, "gpu-001", "b", after(start, 9.0));
     let c = s.nodes["gpu-001"].record.cordon.clone().expect("cordoned");
     assert_eq!((c.reason.as_str(), c.since_unix_ms), ("b", start.wall_ms));
 }
@@ -344,11 +388,12 @@ fn recordon_with_a_new_reason_keeps_the_original_since() {
 #[test]
 fn unknown_nodes_are_refused_by_name() {
     let mut s = empty_state();
-    let err = s
-        .cordon("nope", "x".into(), CordonSource::Operator, t0())
-        .expect_err("unknown");
+    let err = refusal(&cordon(&mut s, "nope", "x", t0()));
     assert!(err.to_string().contains("\"nope\" not found"), "{err}");
-    assert!(s.uncordon("nope", false, t0()).is_err());
+    assert!(matches!(
+        refusal(&uncordon(&mut s, "nope", false, t0())),
+        StateError::UnknownNode(_)
+    ));
 }
 
 fn xid(gpu: u32, code: u32, at: u64) -> v1::AgentEvent {
@@ -370,11 +415,9 @@ fn cordon_of(s: &ClusterState, node: &str) -> Option<Cordon> {
 fn fatal_xid_cordons_the_node_automatically_with_evidence() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
+    register_at(&mut s, registration("gpu-001", 1), start);
     let now = after(start, 1.0);
-    let effects = s
-        .agent_event("gpu-001", 1, &xid(3, 79, now.wall_ms - 20), now)
-        .expect("live");
+    let effects = agent_event(&mut s, "gpu-001", xid(3, 79, now.wall_ms - 20), now);
     let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
     assert_eq!(cordon.source, CordonSource::Auto);
     assert_eq!(
@@ -405,9 +448,8 @@ fn fatal_xid_cordons_the_node_automatically_with_evidence() {
 fn application_xid_does_not_cordon() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.agent_event("gpu-001", 1, &xid(1, 13, 0), start)
-        .expect("live");
+    register_at(&mut s, registration("gpu-001", 1), start);
+    agent_event(&mut s, "gpu-001", xid(1, 13, 0), start);
     assert_eq!(cordon_of(&s, "gpu-001"), None);
     assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
 }
@@ -416,8 +458,8 @@ fn application_xid_does_not_cordon() {
 fn hot_gpu_degrades_the_node_but_keeps_it_schedulable() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    let hb = v1::Heartbeat {
+    register_at(&mut s, registration("gpu-001", 1), start);
+    let hot = v1::Heartbeat {
         gpus: (0..8)
             .map(|i| v1::GpuSample {
                 index: i,
@@ -427,9 +469,7 @@ fn hot_gpu_degrades_the_node_but_keeps_it_schedulable() {
             .collect(),
         ..Default::default()
     };
-    let effects = s
-        .heartbeat("gpu-001", 1, hb, after(start, 1.0))
-        .expect("live");
+    let effects = heartbeat(&mut s, "gpu-001", hot, after(start, 1.0));
     assert!(effects.iter().any(|e| matches!(
         e,
         Effect::Condition {
@@ -455,8 +495,7 @@ fn hot_gpu_degrades_the_node_but_keeps_it_schedulable() {
             .collect(),
         ..Default::default()
     };
-    s.heartbeat("gpu-001", 1, cool, after(start, 2.0))
-        .expect("live");
+    heartbeat(&mut s, "gpu-001", cool, after(start, 2.0));
     assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
 }
 
@@ -464,7 +503,7 @@ fn hot_gpu_degrades_the_node_but_keeps_it_schedulable() {
 fn lost_gpu_cordons() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
+    register_at(&mut s, registration("gpu-001", 1), start);
     let lost = v1::AgentEvent {
         at_unix_ms: start.wall_ms,
         kind: Some(v1::agent_event::Kind::GpuLost(v1::GpuLost {
@@ -472,7 +511,7 @@ fn lost_gpu_cordons() {
             gpu_uuid: String::new(),
         })),
     };
-    s.agent_event("gpu-001", 1, &lost, start).expect("live");
+    agent_event(&mut s, "gpu-001", lost, start);
     let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
     assert!(
         cordon.reason.contains("GPU 5 (GPU-gpu-001-5) lost"),
@@ -485,16 +524,9 @@ fn lost_gpu_cordons() {
 fn an_operator_cordon_is_not_replaced_by_an_automatic_one() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.cordon(
-        "gpu-001",
-        "maintenance".into(),
-        CordonSource::Operator,
-        start,
-    )
-    .expect("known");
-    s.agent_event("gpu-001", 1, &xid(0, 48, 0), start)
-        .expect("live");
+    register_at(&mut s, registration("gpu-001", 1), start);
+    cordon(&mut s, "gpu-001", "maintenance", start);
+    agent_event(&mut s, "gpu-001", xid(0, 48, 0), start);
     let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
     assert_eq!(
         (cordon.source, cordon.reason.as_str()),
@@ -503,60 +535,51 @@ fn an_operator_cordon_is_not_replaced_by_an_automatic_one() {
     assert_eq!(s.nodes["gpu-001"].condition, Condition::Unhealthy);
 }
 
-fn diag(passed: bool, at: u64) -> DiagnosticsRecord {
-    DiagnosticsRecord {
-        passed,
-        summary: if passed {
-            "all checks passed".into()
-        } else {
-            "GPU 3 missing".into()
-        },
-        output: String::new(),
-        duration_ms: 10,
-        command: "builtin simulated self-check".into(),
-        finished_at_unix_ms: at,
-    }
-}
-
 #[test]
 fn auto_cordon_lifts_only_after_passing_diagnostics_or_force() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.agent_event("gpu-001", 1, &xid(3, 79, 0), after(start, 1.0))
-        .expect("live");
-    let err = s
-        .uncordon("gpu-001", false, after(start, 2.0))
-        .expect_err("needs diagnostics");
+    register_at(&mut s, registration("gpu-001", 1), start);
+    agent_event(&mut s, "gpu-001", xid(3, 79, 0), after(start, 1.0));
+    let err = refusal(&uncordon(&mut s, "gpu-001", false, after(start, 2.0)));
+    assert!(matches!(err, StateError::NeedsDiagnostics { .. }), "{err}");
     assert!(
         err.to_string().contains("clusterctl diagnose gpu-001"),
         "{err}"
     );
 
-    s.record_diagnostics("gpu-001", diag(false, after(start, 3.0).wall_ms))
-        .expect("known");
+    diagnosed(
+        &mut s,
+        "gpu-001",
+        false,
+        after(start, 3.0).wall_ms,
+        after(start, 3.0),
+    );
     assert!(
-        s.uncordon("gpu-001", false, after(start, 4.0)).is_err(),
+        refused(&uncordon(&mut s, "gpu-001", false, after(start, 4.0))),
         "failed diagnostics"
     );
 
     // A pass from before the cordon does not count.
-    s.record_diagnostics("gpu-001", diag(true, start.wall_ms))
-        .expect("known");
+    diagnosed(&mut s, "gpu-001", true, start.wall_ms, after(start, 4.0));
     assert!(
-        s.uncordon("gpu-001", false, after(start, 4.0)).is_err(),
+        refused(&uncordon(&mut s, "gpu-001", false, after(start, 4.0))),
         "stale pass"
     );
 
-    s.record_diagnostics("gpu-001", diag(true, after(start, 5.0).wall_ms))
-        .expect("known");
-    let effects = s
-        .uncordon("gpu-001", false, after(start, 6.0))
-        .expect("diagnosed");
+    diagnosed(
+        &mut s,
+        "gpu-001",
+        true,
+        after(start, 5.0).wall_ms,
+        after(start, 5.0),
+    );
+    let effects = uncordon(&mut s, "gpu-001", false, after(start, 6.0));
     assert!(
         effects
             .iter()
-            .any(|e| matches!(e, Effect::Uncordoned { .. }))
+            .any(|e| matches!(e, Effect::Uncordoned { .. })),
+        "diagnosed: {effects:?}"
     );
     assert_eq!(
         s.nodes["gpu-001"].condition,
@@ -565,11 +588,10 @@ fn auto_cordon_lifts_only_after_passing_diagnostics_or_force() {
     );
     assert_eq!(s.nodes["gpu-001"].display_state(), "Ready");
 
-    s.agent_event("gpu-001", 1, &xid(3, 79, 0), after(start, 7.0))
-        .expect("live");
+    agent_event(&mut s, "gpu-001", xid(3, 79, 0), after(start, 7.0));
     assert!(cordon_of(&s, "gpu-001").is_some(), "cordoned again");
-    s.uncordon("gpu-001", true, after(start, 8.0))
-        .expect("forced");
+    let forced = uncordon(&mut s, "gpu-001", true, after(start, 8.0));
+    assert!(!refused(&forced), "forced: {forced:?}");
     assert_eq!(cordon_of(&s, "gpu-001"), None);
     let last = s.nodes["gpu-001"]
         .events
@@ -590,25 +612,21 @@ fn auto_cordon_lifts_only_after_passing_diagnostics_or_force() {
 fn operator_cordons_need_no_diagnostics() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
-    s.cordon(
-        "gpu-001",
-        "maintenance".into(),
-        CordonSource::Operator,
-        start,
-    )
-    .expect("known");
-    assert!(s.uncordon("gpu-001", false, start).is_ok());
+    register_at(&mut s, registration("gpu-001", 1), start);
+    cordon(&mut s, "gpu-001", "maintenance", start);
+    let effects = uncordon(&mut s, "gpu-001", false, start);
+    assert!(!refused(&effects), "{effects:?}");
+    assert_eq!(cordon_of(&s, "gpu-001"), None);
 }
 
 #[test]
 fn a_gpu_missing_at_reregistration_cordons() {
     let start = t0();
     let mut s = empty_state();
-    s.register(registration("gpu-001", 1), start);
+    register_at(&mut s, registration("gpu-001", 1), start);
     let mut fewer = registration("gpu-001", 2);
     fewer.gpus.retain(|g| g.index != 6);
-    s.register(fewer, after(start, 5.0));
+    register_at(&mut s, fewer, after(start, 5.0));
     let cordon = cordon_of(&s, "gpu-001").expect("cordoned");
     assert!(
         cordon.reason.contains("GPU 6 (GPU-gpu-001-6) lost"),

@@ -1,6 +1,7 @@
-//! Stragglers with simulated time: steps fed through heartbeats, one node slower.
+//! Stragglers with simulated time: steps fed through heartbeats, one node slower. Every input
+//! goes through `step` and time through `tick`, as the engine drives them.
 
-use crate::test_utils::{T0, reg, t};
+use crate::test_utils::{T0, agent_event, heartbeat, reg, register_at, submit_at, t, tick_at};
 use std::collections::VecDeque;
 
 use vigil_proto::v1;
@@ -35,16 +36,17 @@ fn cluster() -> (ClusterState, String) {
         t(0),
     );
     for i in 1..=3u64 {
-        s.register(reg(&format!("n{i}"), i), t(0));
+        register_at(&mut s, reg(&format!("n{i}"), i), t(0));
     }
-    let (id, _) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
+    let id = submit_at(&mut s, SPEC, t(0));
+    assert_eq!(s.jobs[&id].placement, ["n1", "n2", "n3"]);
     (s, id)
 }
 
 /// At `secs`, every node reports `rate(node) x secs` steps; then a tick.
 fn second(s: &mut ClusterState, id: &str, secs: u64, rate: impl Fn(&str) -> u64) -> Vec<Effect> {
     let mut effects = Vec::new();
-    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+    for node in ["n1", "n2", "n3"] {
         let hb = v1::Heartbeat {
             workers: vec![v1::WorkerInfo {
                 job_id: id.into(),
@@ -54,9 +56,9 @@ fn second(s: &mut ClusterState, id: &str, secs: u64, rate: impl Fn(&str) -> u64)
             }],
             ..Default::default()
         };
-        effects.extend(s.heartbeat(node, i as u64 + 1, hb, t(secs)).expect("live"));
+        effects.extend(heartbeat(s, node, hb, t(secs)));
     }
-    effects.extend(s.stragglers_tick(t(secs)));
+    effects.extend(tick_at(s, t(secs)));
     effects
 }
 
@@ -145,12 +147,43 @@ fn a_straggler_that_keeps_up_again_or_whose_attempt_ends_is_unflagged() {
             }
         });
     }
-    if let Some(j) = s.jobs.get_mut(&id) {
-        j.phase = JobPhase::Succeeded;
-    }
-    let e = s.stragglers_tick(t(111));
+    finish(&mut s, &id, 111);
+    assert_eq!(s.jobs[&id].phase, JobPhase::Succeeded);
+    let e = tick_at(&mut s, t(111));
     assert!(s.jobs[&id].stragglers.is_empty(), "{e:?}");
     assert_eq!(s.nodes["n3"].condition, Condition::Healthy);
+}
+
+/// Every worker of attempt 1 exits 0 at `secs`: the job succeeds.
+fn finish(s: &mut ClusterState, id: &str, secs: u64) {
+    for node in ["n1", "n2", "n3"] {
+        let ev = v1::AgentEvent {
+            at_unix_ms: 0,
+            kind: Some(v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+                job_id: id.into(),
+                attempt: 1,
+                exit_code: Some(0),
+                ..Default::default()
+            })),
+        };
+        agent_event(s, node, ev, t(secs));
+    }
+}
+
+#[test]
+fn a_straggler_whose_attempt_ends_is_unflagged() {
+    let (mut s, id) = cluster();
+    for secs in 1..=70 {
+        second(&mut s, &id, secs, half_speed_n3);
+    }
+    assert!(s.jobs[&id].stragglers.contains("n3"));
+    assert_eq!(s.nodes["n3"].condition, Condition::Degraded);
+    finish(&mut s, &id, 71);
+    assert_eq!(s.jobs[&id].phase, JobPhase::Succeeded);
+    let e = tick_at(&mut s, t(72));
+    assert!(s.jobs[&id].stragglers.is_empty(), "{e:?}");
+    assert_eq!(s.nodes["n3"].condition, Condition::Healthy);
+    assert!(s.nodes["n3"].health.straggler.is_none());
 }
 
 #[test]
@@ -218,11 +251,13 @@ fn with_swap_at_checkpoint_a_straggler_is_swapped_for_the_spare_at_the_next_chec
     );
     s.stragglers.swap_at_checkpoint = true;
     for i in 1..=4u64 {
-        s.register(reg(&format!("n{i}"), i), t(0));
+        register_at(&mut s, reg(&format!("n{i}"), i), t(0));
     }
     let spec = SPEC.replace("workdir = \"/w\"", "workdir = \"/w\"\nspare_nodes = 1");
-    let (id, _) = s.submit_job(&spec, "job.toml", t(0)).expect("valid");
-    s.schedule(t(0));
+    let id = submit_at(&mut s, &spec, t(0));
+    assert_eq!(s.jobs[&id].placement, ["n1", "n2", "n3"]);
+    // The pass that starts a job takes no spares for it; the next one (a tick) does.
+    tick_at(&mut s, t(0));
     assert_eq!(s.jobs[&id].spares, ["n4"]);
     for secs in 1..=70 {
         second(&mut s, &id, secs, half_speed_n3);
@@ -243,10 +278,10 @@ fn with_swap_at_checkpoint_a_straggler_is_swapped_for_the_spare_at_the_next_chec
             ..Default::default()
         })),
     };
-    s.agent_event("n1", 1, &ev, t(71)).expect("live");
+    agent_event(&mut s, "n1", ev, t(71));
     assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
     assert_eq!(s.jobs[&id].attempts[0].failure_kind, "straggler_swap");
-    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+    for node in ["n1", "n2", "n3"] {
         let ev = v1::AgentEvent {
             at_unix_ms: 0,
             kind: Some(v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
@@ -256,9 +291,10 @@ fn with_swap_at_checkpoint_a_straggler_is_swapped_for_the_spare_at_the_next_chec
                 ..Default::default()
             })),
         };
-        s.agent_event(node, i as u64 + 1, &ev, t(72)).expect("live");
+        agent_event(&mut s, node, ev, t(72));
     }
-    s.jobs_tick(t(90));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Restarting, "backoff");
+    tick_at(&mut s, t(90));
     let job = &s.jobs[&id];
     assert_eq!(job.attempt, 2);
     assert_eq!(
@@ -285,7 +321,7 @@ fn throttled_second(s: &mut ClusterState, id: &str, secs: u64, throttled: &[&str
         }]
     };
     let mut effects = Vec::new();
-    for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+    for node in ["n1", "n2", "n3"] {
         let hb = v1::Heartbeat {
             gpus: gpus(node),
             workers: vec![v1::WorkerInfo {
@@ -296,16 +332,16 @@ fn throttled_second(s: &mut ClusterState, id: &str, secs: u64, throttled: &[&str
             }],
             ..Default::default()
         };
-        effects.extend(s.heartbeat(node, i as u64 + 1, hb, t(secs)).expect("live"));
+        effects.extend(heartbeat(s, node, hb, t(secs)));
     }
     if s.nodes.contains_key("n4") {
         let hb = v1::Heartbeat {
             gpus: gpus("n4"),
             ..Default::default()
         };
-        effects.extend(s.heartbeat("n4", 4, hb, t(secs)).expect("live"));
+        effects.extend(heartbeat(s, "n4", hb, t(secs)));
     }
-    effects.extend(s.stragglers_tick(t(secs)));
+    effects.extend(tick_at(s, t(secs)));
     effects
 }
 
@@ -364,7 +400,7 @@ fn a_node_throttling_while_it_runs_the_job_is_a_straggler_even_at_the_gangs_pace
 #[test]
 fn throttling_that_is_brief_or_on_a_node_outside_the_job_flags_no_straggler() {
     let (mut s, id) = cluster();
-    s.register(reg("n4", 4), t(0));
+    register_at(&mut s, reg("n4", 4), t(0));
     for secs in 1..=30 {
         throttled_second(&mut s, &id, secs, &["n3", "n4"]);
     }

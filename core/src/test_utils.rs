@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use vigil_proto::v1;
+
 use crate::node::GpuRecord;
-use crate::state::{Now, Registration};
+use crate::state::{ClusterState, Effect, Now, Registration};
+use crate::step::{Input, step, tick};
 
 /// The wall clock at `t(0)`.
 pub const T0: u64 = 1_700_000_000_000;
@@ -11,7 +14,7 @@ pub const T0: u64 = 1_700_000_000_000;
 /// `secs` after the start of a scenario, on both clocks.
 pub fn t(secs: u64) -> Now {
     Now {
-        mono: crate::time::Instant::ZERO + Duration::from_secs(secs),
+        mono: crate::time::Instant::from_origin(Duration::from_secs(secs)),
         wall_ms: T0 + secs * 1000,
     }
 }
@@ -42,4 +45,164 @@ pub fn reg_with_gpus(node: &str, session: u64, gpus: u32) -> Registration {
             .collect(),
         workers: Vec::new(),
     }
+}
+
+/// Drive the core the way the engine does, and only that way: one input through [`step`].
+/// Panics when the input was refused or ignored: a scenario that expects that uses
+/// [`step_raw`].
+pub fn step_ok(s: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
+    let effects = step_raw(s, input, now);
+    if let Some(e) = effects
+        .iter()
+        .find(|e| matches!(e, Effect::Refused(_) | Effect::Ignored { .. }))
+    {
+        panic!("input not applied: {e:?}");
+    }
+    effects
+}
+
+/// One input through [`step`], whatever came of it.
+pub fn step_raw(s: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
+    step(s, input, now)
+}
+
+/// The passage of time through [`tick`].
+pub fn tick_at(s: &mut ClusterState, now: Now) -> Vec<Effect> {
+    tick(s, now)
+}
+
+/// `node`'s live session (panics when it has none).
+pub fn session(s: &ClusterState, node: &str) -> u64 {
+    s.nodes[node].session.expect("node is connected")
+}
+
+/// A heartbeat from `node`'s live session.
+pub fn heartbeat(s: &mut ClusterState, node: &str, hb: v1::Heartbeat, now: Now) -> Vec<Effect> {
+    let session = session(s, node);
+    step_ok(
+        s,
+        Input::Heartbeat {
+            node: node.to_owned(),
+            session,
+            heartbeat: hb,
+        },
+        now,
+    )
+}
+
+/// An agent event from `node`'s live session.
+pub fn agent_event(
+    s: &mut ClusterState,
+    node: &str,
+    event: v1::AgentEvent,
+    now: Now,
+) -> Vec<Effect> {
+    let session = session(s, node);
+    step_ok(
+        s,
+        Input::AgentEvent {
+            node: node.to_owned(),
+            session,
+            event,
+        },
+        now,
+    )
+}
+
+/// The commands among `effects`, as (node, command).
+pub fn commands(effects: &[Effect]) -> Vec<(String, v1::command::Kind)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Command { node, kind } => Some((node.clone(), kind.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The nodes sent a `StopWorkers` among `effects`.
+pub fn stops(effects: &[Effect]) -> Vec<String> {
+    commands(effects)
+        .into_iter()
+        .filter(|(_, k)| matches!(k, v1::command::Kind::StopWorkers(_)))
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// The `StartWorker`s among `effects`, with their nodes.
+pub fn starts(effects: &[Effect]) -> Vec<(String, v1::StartWorker)> {
+    commands(effects)
+        .into_iter()
+        .filter_map(|(n, k)| match k {
+            v1::command::Kind::StartWorker(w) => Some((n, w)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A registration through [`step`].
+pub fn register_at(s: &mut ClusterState, reg: Registration, now: Now) -> Vec<Effect> {
+    step_ok(s, Input::Register(reg), now)
+}
+
+/// An operator's job submission through [`step`]: the new job's id.
+pub fn submit_at(s: &mut ClusterState, spec: &str, now: Now) -> String {
+    let effects = step_ok(
+        s,
+        Input::SubmitJob {
+            spec_toml: spec.to_owned(),
+            source: "job.toml".into(),
+        },
+        now,
+    );
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Answer(crate::step::Answer::Submitted { id }) => Some(id.clone()),
+            _ => None,
+        })
+        .expect("submitted")
+}
+
+/// A diagnostics record of a run that finished at `now`.
+pub fn diagnostics_record(passed: bool, summary: &str, now: Now) -> crate::node::DiagnosticsRecord {
+    crate::node::DiagnosticsRecord {
+        passed,
+        summary: summary.to_owned(),
+        output: String::new(),
+        duration_ms: 10,
+        command: "builtin simulated self-check".into(),
+        finished_at_unix_ms: now.wall_ms,
+    }
+}
+
+/// A diagnostics result (an operator's, a triage's or a burn-in's) from `node`'s live session.
+pub fn diagnostics_at(
+    s: &mut ClusterState,
+    node: &str,
+    passed: bool,
+    summary: &str,
+    now: Now,
+) -> Vec<Effect> {
+    let session = session(s, node);
+    step_ok(
+        s,
+        Input::Diagnostics {
+            node: node.to_owned(),
+            session,
+            record: diagnostics_record(passed, summary, now),
+        },
+        now,
+    )
+}
+
+/// Why [`step`] refused a request (panics when it did not).
+pub fn refusal(effects: &[Effect]) -> crate::state::StateError {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Refused(err) => Some(err.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("not refused: {effects:?}"))
 }

@@ -1,7 +1,8 @@
 //! Triage with simulated time: the gang is diagnosed after an unexplained
 //! failure, failing nodes are cordoned, and only then the job relaunches.
+//! Every input goes through `step` and time through `tick`, as the engine drives them.
 
-use crate::test_utils::t;
+use crate::test_utils::{diagnostics_at, register_at, submit_at, t, tick_at};
 use std::time::Duration;
 
 use vigil_proto::v1;
@@ -12,14 +13,6 @@ use crate::state::Registration;
 
 fn reg(node: &str, session: u64) -> Registration {
     crate::test_utils::reg_with_gpus(node, session, 8)
-}
-
-fn apply(s: &mut ClusterState, mut effects: Vec<Effect>, now: Now) -> Vec<Effect> {
-    let more = s.react(&effects, now);
-    effects.extend(more);
-    let lemons = s.lemon_react(&effects, now);
-    effects.extend(lemons);
-    effects
 }
 
 /// Four nodes that never go silent long enough to be Lost here.
@@ -38,8 +31,7 @@ fn cluster(cfg: TriageConfig) -> ClusterState {
     );
     s.triage = cfg;
     for i in 1..=4u64 {
-        let e = s.register(reg(&format!("n{i}"), i), t(0));
-        apply(&mut s, e, t(0));
+        register_at(&mut s, reg(&format!("n{i}"), i), t(0));
     }
     s
 }
@@ -59,10 +51,6 @@ backoff = "1s"
 hang_timeout = "60s"
 "#;
 
-fn session(s: &ClusterState, node: &str) -> u64 {
-    s.nodes[node].session.expect("connected")
-}
-
 fn agent_event(
     s: &mut ClusterState,
     node: &str,
@@ -73,9 +61,7 @@ fn agent_event(
         at_unix_ms: now.wall_ms,
         kind: Some(kind),
     };
-    let sess = session(s, node);
-    let e = s.agent_event(node, sess, &ev, now).expect("live");
-    apply(s, e, now)
+    crate::test_utils::agent_event(s, node, ev, now)
 }
 
 fn confirm_stops(s: &mut ClusterState, job: &str, now: Now) -> Vec<Effect> {
@@ -108,26 +94,25 @@ fn diagnosed(effects: &[Effect]) -> Vec<String> {
 }
 
 fn tick(s: &mut ClusterState, now: Now) -> Vec<Effect> {
-    let mut e = s.tick(now);
-    e.extend(s.jobs_tick(now));
-    apply(s, e, now)
+    tick_at(s, now)
 }
 
+/// `node`'s diagnostics result, through `step`.
 fn result(s: &mut ClusterState, node: &str, passed: bool, now: Now) -> Vec<Effect> {
     let summary = if passed {
         "all checks passed"
     } else {
         "GPU memory test: 12 errors on GPU 2"
     };
-    let e = s.triage_result(node, passed, summary, now);
-    apply(s, e, now)
+    diagnostics_at(s, node, passed, summary, now)
 }
 
 /// Submit, then hang at 61 s and confirm every stop at 62 s.
 fn hung_and_stopped(s: &mut ClusterState) -> (String, Vec<Effect>) {
-    let (id, e) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
-    apply(s, e, t(0));
+    let id = submit_at(s, SPEC, t(0));
     assert_eq!(s.jobs[&id].placement, ["n1", "n2", "n3"]);
+    tick(s, t(60));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Running, "60 s is not past");
     tick(s, t(61));
     assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
     let effects = confirm_stops(s, &id, t(62));
@@ -256,8 +241,7 @@ fn triage_only_from_the_nth_unexplained_failure() {
 #[test]
 fn a_failure_with_a_culprit_is_not_triaged() {
     let mut s = cluster(TriageConfig::default());
-    let (id, e) = s.submit_job(SPEC, "job.toml", t(0)).expect("valid");
-    apply(&mut s, e, t(0));
+    let id = submit_at(&mut s, SPEC, t(0));
     let kind = v1::agent_event::Kind::Xid(v1::XidError {
         gpu_index: 3,
         xid: 79,

@@ -9,7 +9,8 @@
 //! - `standby`: the gRPC services of a coordinator that does not lead: everyone
 //!   is sent to the leader.
 //! - `run`: a coordinator of the group: standby, campaign, lead, step down.
-//! - `store`: the etcd backend of [`crate::store::Store`], every write fenced on the term.
+//! - `store`: the etcd backend, every write fenced on the term; it lives in
+//!   [`crate::store::etcd`] beside the other backends, and is named here too.
 //!
 //! A coordinator that loses leadership does not go back to standing by in the
 //! same process: it exits (code 75) and its service manager starts it again as
@@ -22,9 +23,9 @@ pub mod etcd;
 pub mod metrics;
 pub mod run;
 pub mod standby;
-pub mod store;
 pub mod view;
 
+pub use crate::store::etcd as store;
 pub use config::HaConfig;
 pub use view::HaView;
 

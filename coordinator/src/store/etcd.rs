@@ -1,14 +1,21 @@
-//! The etcd backend of [`crate::store::Store`]: the same records as sled, under
-//! `{prefix}/state/`, and every write fenced on the leadership term.
+//! The etcd backend: the same records as sled, under `{prefix}/state/`, and
+//! every write fenced on the leadership term.
 //!
 //! Keys: `meta/schema`, `nodes/{name}`, `events/{node}/{id:020}`, `jobs/{id}`,
-//! `lemons/{key}`; values are the same JSON as in sled. Writes are staged and
-//! committed by `flush` in transactions that succeed only while the leader key
+//! `lemons/{key}`; values are the same JSON as in sled. A commit writes the
+//! whole batch in one transaction that succeeds only while the leader key
 //! still has this leadership's create revision: a deposed leader cannot write,
 //! even one that does not know yet that it was deposed. A refused transaction
-//! revokes the leadership at once.
+//! revokes the leadership at once. A batch over etcd's limits on one
+//! transaction (a whole state written again) goes out in several, each fenced.
+//!
+//! A commit takes at most `ha.request_timeout`, retries included: the engine
+//! waits for it, and an etcd that answers keepalives but not writes must not
+//! stall it. What was not written stays staged for the next commit, with the
+//! same keys (event ids are fixed when staged), so writing it twice is harmless.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,13 +24,11 @@ use tokio::time::Instant;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use tracing::warn;
 
-use super::HaConfig;
-use super::etcd::{describe, retryable};
-use crate::job::Job;
+use super::{Backend, Commit, Kind, Put, StoreError, lock, restage};
+use crate::ha::HaConfig;
+use crate::ha::etcd::{describe, retryable};
 use crate::leadership::Leadership;
-use crate::lemons::LemonRecord;
-use crate::node::{MAX_EVENTS, NodeEvent, NodeRecord};
-use crate::store::StoreError;
+use crate::node::MAX_EVENTS;
 
 const SCHEMA: &[u8] = b"vigil-store-v1";
 /// etcd refuses a transaction of more than 128 operations (`--max-txn-ops`).
@@ -61,7 +66,7 @@ pub struct EtcdStore {
     next_event: AtomicU64,
     bytes: AtomicU64,
     /// For messages: `etcd http://a:2379,... /vigil/state/`.
-    pub(crate) describe: String,
+    path: PathBuf,
 }
 
 impl EtcdStore {
@@ -117,7 +122,7 @@ impl EtcdStore {
             events: Mutex::new(HashMap::new()),
             next_event: AtomicU64::new(1),
             bytes: AtomicU64::new(0),
-            describe: describe_it,
+            path: describe_it.into(),
             prefix,
         };
         let schema_key = format!("{}meta/schema", store.prefix);
@@ -125,11 +130,11 @@ impl EtcdStore {
             Some((_, v)) if v.as_slice() == SCHEMA => {}
             Some((_, v)) => {
                 return Err(StoreError::Foreign {
-                    path: store.describe.clone().into(),
+                    path: store.path.clone(),
                     found: format!("schema {:?}", String::from_utf8_lossy(v)),
                 });
             }
-            None => store.stage(Op::Put(schema_key, SCHEMA.to_vec())),
+            None => store.stage_op(Op::Put(schema_key, SCHEMA.to_vec())),
         }
         let mut bytes = 0u64;
         let mut max_id = 0u64;
@@ -158,161 +163,35 @@ impl EtcdStore {
         Ok(store)
     }
 
-    pub fn leadership(&self) -> &Arc<Leadership> {
-        &self.leadership
-    }
-
     fn event_key<'a>(&self, key: &'a str) -> Option<(&'a str, u64)> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix("events/")?;
         let (node, id) = rest.rsplit_once('/')?;
         Some((node, id.parse().ok()?))
     }
 
-    fn stage(&self, op: Op) {
+    fn stage_op(&self, op: Op) {
         lock(&self.pending).push(op);
-    }
-
-    fn loaded<T: serde::de::DeserializeOwned>(
-        &self,
-        kind: &str,
-    ) -> Result<Vec<(String, T)>, StoreError> {
-        let start = format!("{}{kind}/", self.prefix);
-        let loaded = lock(&self.loaded);
-        let mut out = Vec::new();
-        for (k, v) in loaded.iter().filter(|(k, _)| k.starts_with(&start)) {
-            let record = serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
-                path: self.describe.clone().into(),
-                key: k.clone(),
-                message: e.to_string(),
-            })?;
-            out.push((k[start.len()..].to_owned(), record));
-        }
-        Ok(out)
-    }
-
-    pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let mut out = Vec::new();
-        for (name, record) in self.loaded::<NodeRecord>("nodes")? {
-            if record.name != name {
-                return Err(StoreError::Corrupt {
-                    path: self.describe.clone().into(),
-                    key: format!("nodes/{name}"),
-                    message: format!("holds the record of node {:?}", record.name),
-                });
-            }
-            out.push(record);
-        }
-        Ok(out)
-    }
-
-    pub fn load_jobs(&self) -> Result<Vec<Job>, StoreError> {
-        Ok(self
-            .loaded::<Job>("jobs")?
-            .into_iter()
-            .map(|(_, j)| j)
-            .collect())
-    }
-
-    pub fn load_lemons(&self) -> Result<Vec<LemonRecord>, StoreError> {
-        Ok(self
-            .loaded::<LemonRecord>("lemons")?
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect())
-    }
-
-    /// Oldest first within each node, as sled gives them.
-    pub fn load_events(&self) -> Result<Vec<(String, NodeEvent)>, StoreError> {
-        let mut out: Vec<(String, u64, NodeEvent)> = Vec::new();
-        for (rest, event) in self.loaded::<NodeEvent>("events")? {
-            let Some((node, id)) = rest.rsplit_once('/') else {
-                continue;
-            };
-            out.push((node.to_owned(), id.parse().unwrap_or(0), event));
-        }
-        out.sort_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
-        Ok(out.into_iter().map(|(n, _, e)| (n, e)).collect())
-    }
-
-    fn encode<T: serde::Serialize>(&self, what: &str, v: &T) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(v).map_err(|e| StoreError::Io {
-            path: self.describe.clone().into(),
-            message: format!("cannot encode {what}: {e}"),
-        })
-    }
-
-    pub fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
-        let v = self.encode(&format!("node {:?}", record.name), record)?;
-        self.stage(Op::Put(format!("{}nodes/{}", self.prefix, record.name), v));
-        Ok(())
-    }
-
-    pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {
-        let v = self.encode(&format!("job {:?}", job.id), job)?;
-        self.stage(Op::Put(format!("{}jobs/{}", self.prefix, job.id), v));
-        Ok(())
-    }
-
-    pub fn put_lemon(&self, record: &LemonRecord) -> Result<(), StoreError> {
-        let v = self.encode(&format!("lemon record {:?}", record.key()), record)?;
-        self.stage(Op::Put(
-            format!("{}lemons/{}", self.prefix, record.key()),
-            v,
-        ));
-        Ok(())
-    }
-
-    pub fn put_event(&self, node: &str, event: &NodeEvent) -> Result<(), StoreError> {
-        let v = self.encode(&format!("an event of node {node:?}"), event)?;
-        let id = self.next_event.fetch_add(1, Ordering::Relaxed);
-        self.stage(Op::Put(self.event_key_of(node, id), v));
-        let mut events = lock(&self.events);
-        let ids = events.entry(node.to_owned()).or_default();
-        ids.push_back(id);
-        while ids.len() > MAX_EVENTS {
-            if let Some(old) = ids.pop_front() {
-                self.stage(Op::Delete(self.event_key_of(node, old)));
-            }
-        }
-        Ok(())
     }
 
     fn event_key_of(&self, node: &str, id: u64) -> String {
         format!("{}events/{node}/{id:020}", self.prefix)
     }
 
-    pub fn size(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Commits every staged write, in fenced transactions. What could not be
-    /// committed stays staged (ahead of anything staged since) for the next flush.
-    pub async fn flush(&self) -> Result<(), StoreError> {
+    /// Commits every staged write, in fenced transactions, within
+    /// `request_timeout`. What could not be committed stays staged (ahead of
+    /// anything staged since) for the next commit.
+    async fn commit_staged(&self) -> Result<(), StoreError> {
         let ops = last_write_per_key(std::mem::take(&mut *lock(&self.pending)));
         if ops.is_empty() {
             return Ok(());
         }
-        let mut chunks: Vec<Vec<Op>> = vec![Vec::new()];
-        let mut size = 0;
-        for op in ops {
-            let last = chunks.last().map_or(0, Vec::len);
-            if last >= MAX_OPS || (last > 0 && size + op.size() > MAX_TXN_BYTES) {
-                chunks.push(Vec::new());
-                size = 0;
-            }
-            size += op.size();
-            if let Some(c) = chunks.last_mut() {
-                c.push(op);
-            }
-        }
-        let mut chunks = chunks.into_iter();
+        let deadline = Instant::now() + self.request_timeout;
+        let mut chunks = chunked(ops).into_iter();
         while let Some(chunk) = chunks.next() {
-            if let Err(e) = self.commit(&chunk).await {
-                let mut pending = lock(&self.pending);
-                let newer = std::mem::take(&mut *pending);
-                pending.extend(chunk);
-                pending.extend(chunks.flatten());
-                pending.extend(newer);
+            if let Err(e) = self.write(&chunk, deadline).await {
+                let mut kept = chunk;
+                kept.extend(chunks.flatten());
+                restage(&self.pending, kept);
                 return Err(e);
             }
             let written: u64 = chunk.iter().map(|o| o.size() as u64).sum();
@@ -321,7 +200,9 @@ impl EtcdStore {
         Ok(())
     }
 
-    async fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+    /// One fenced transaction of `ops`, retried on errors worth retrying
+    /// until `deadline`.
+    async fn write(&self, ops: &[Op], deadline: Instant) -> Result<(), StoreError> {
         let term = i64::try_from(self.leadership.term()).unwrap_or(i64::MAX);
         let txn_ops: Vec<TxnOp> = ops
             .iter()
@@ -347,7 +228,8 @@ impl EtcdStore {
                 )])
                 .and_then(txn_ops.clone());
             let mut c = self.client.clone();
-            match tokio::time::timeout(self.request_timeout, c.txn(txn)).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, c.txn(txn)).await {
                 Ok(Ok(r)) if r.succeeded() => return Ok(()),
                 Ok(Ok(_)) => {
                     let reason = format!(
@@ -360,11 +242,21 @@ impl EtcdStore {
                 Ok(Err(e)) if retryable(&e) => last_error = describe(&e),
                 Ok(Err(e)) => {
                     return Err(StoreError::Io {
-                        path: self.describe.clone().into(),
+                        path: self.path.clone(),
                         message: describe(&e),
                     });
                 }
                 Err(_) => last_error = "no answer in time".to_owned(),
+            }
+            if Instant::now() + RETRY >= deadline {
+                return Err(StoreError::Io {
+                    path: self.path.clone(),
+                    message: format!(
+                        "etcd did not take the write within {} ({last_error}); it stays staged \
+                         and goes out with the next commit",
+                        humantime::format_duration(self.request_timeout)
+                    ),
+                });
             }
             warn!(error = %last_error, "etcd write failed; retrying while leadership holds");
             tokio::time::sleep(RETRY).await;
@@ -376,6 +268,72 @@ impl EtcdStore {
             term: self.leadership.term(),
             reason,
         }
+    }
+}
+
+impl Backend for EtcdStore {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn leadership(&self) -> &Arc<Leadership> {
+        &self.leadership
+    }
+
+    /// From what was read when leadership was won; events oldest first
+    /// within each node, as sled gives them.
+    fn load(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let start = format!("{}{}/", self.prefix, kind.dir());
+        let loaded = lock(&self.loaded);
+        let found = loaded
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&start)?, v)));
+        if kind != Kind::Event {
+            return Ok(found.map(|(k, v)| (k.to_owned(), v.clone())).collect());
+        }
+        let mut events: Vec<(&str, u64, &Vec<u8>)> = found
+            .filter_map(|(rest, v)| {
+                let (node, id) = rest.rsplit_once('/')?;
+                Some((node, id.parse().unwrap_or(0), v))
+            })
+            .collect();
+        events.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        Ok(events
+            .into_iter()
+            .map(|(node, _, v)| (node.to_owned(), v.clone()))
+            .collect())
+    }
+
+    fn stage(&self, put: Put) {
+        let Put { kind, key, value } = put;
+        if kind != Kind::Event {
+            let key = format!("{}{}/{key}", self.prefix, kind.dir());
+            self.stage_op(Op::Put(key, value));
+            return;
+        }
+        let id = self.next_event.fetch_add(1, Ordering::Relaxed);
+        self.stage_op(Op::Put(self.event_key_of(&key, id), value));
+        let mut events = lock(&self.events);
+        let ids = events.entry(key.clone()).or_default();
+        ids.push_back(id);
+        while ids.len() > MAX_EVENTS {
+            if let Some(old) = ids.pop_front() {
+                self.stage_op(Op::Delete(self.event_key_of(&key, old)));
+            }
+        }
+    }
+
+    fn commit(&self) -> Commit<'_> {
+        Box::pin(self.commit_staged())
+    }
+
+    /// What was read at election plus what this leader wrote since.
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.bytes.load(Ordering::Relaxed))
     }
 }
 
@@ -400,8 +358,22 @@ fn last_write_per_key(ops: Vec<Op>) -> Vec<Op> {
     kept
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Splits a batch along etcd's limits on one transaction (usually: one chunk).
+fn chunked(ops: Vec<Op>) -> Vec<Vec<Op>> {
+    let mut chunks: Vec<Vec<Op>> = vec![Vec::new()];
+    let mut size = 0;
+    for op in ops {
+        let last = chunks.last().map_or(0, Vec::len);
+        if last >= MAX_OPS || (last > 0 && size + op.size() > MAX_TXN_BYTES) {
+            chunks.push(Vec::new());
+            size = 0;
+        }
+        size += op.size();
+        if let Some(c) = chunks.last_mut() {
+            c.push(op);
+        }
+    }
+    chunks
 }
 
 /// The first key after every key starting with `prefix`.
@@ -437,6 +409,70 @@ mod tests {
             })
             .collect();
         assert_eq!(shown, ["put a=2", "delete b"]);
+    }
+
+    /// A store over an "etcd" that accepts connections and never answers.
+    async fn store_on_a_silent_etcd(request_timeout: Duration) -> EtcdStore {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let client = Client::connect([format!("http://{addr}")], None)
+            .await
+            .expect("client");
+        let valid_until = Instant::now() + Duration::from_secs(60);
+        EtcdStore {
+            client,
+            prefix: "/vigil/state/".into(),
+            leader_key: "/vigil/leader".into(),
+            leadership: Arc::new(Leadership::elected("c1", "", 7, valid_until, 0)),
+            request_timeout,
+            loaded: Mutex::new(Vec::new()),
+            pending: Mutex::new(Vec::new()),
+            events: Mutex::new(HashMap::new()),
+            next_event: AtomicU64::new(1),
+            bytes: AtomicU64::new(0),
+            path: "etcd silent".into(),
+        }
+    }
+
+    fn staged_keys(store: &EtcdStore) -> Vec<String> {
+        lock(&store.pending)
+            .iter()
+            .map(|op| op.key().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_commit_etcd_does_not_answer_fails_in_time_and_stays_staged() {
+        let timeout = Duration::from_millis(300);
+        let store = store_on_a_silent_etcd(timeout).await;
+        store.stage(Put {
+            kind: Kind::Node,
+            key: "a".into(),
+            value: b"{}".to_vec(),
+        });
+        store.stage(Put {
+            kind: Kind::Event,
+            key: "a".into(),
+            value: b"{}".to_vec(),
+        });
+        let staged = staged_keys(&store);
+        for _ in 0..2 {
+            let started = Instant::now();
+            let err = store.commit().await.expect_err("no answer");
+            assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
+            assert!(matches!(err, StoreError::Io { .. }), "{err}");
+            assert!(err.to_string().contains("stays staged"), "{err}");
+            assert_eq!(staged_keys(&store), staged, "the same batch, once");
+        }
+        assert!(store.leadership.is_valid(), "a slow etcd deposes no one");
     }
 
     #[test]

@@ -1,0 +1,148 @@
+//! Write-ahead: a turn's changes are staged and committed once before any of its effects is
+//! carried out.
+//!
+//! One rollback policy. When a commit fails (a full disk, etcd without quorum), nothing of
+//! that turn is carried out: its effects wait in `held` (commands are not kept: they follow
+//! from the state and go out once due), and the store is marked failed. Until it recovers,
+//! turns commit nothing and hold their effects; agents are still acknowledged, so their
+//! leases hold and running jobs keep running. Every second `recover_store` reopens the store
+//! where needed and writes the whole state again from memory, in one commit (a commit that
+//! failed may have lost part of its batch); once that works the held effects are carried out.
+//! So the state in memory is never behind the disk, and no effect rests on an uncommitted
+//! change. An operator's request is different: it is refused and undone (see `turn`).
+
+use tracing::{debug, info, warn};
+
+use super::Engine;
+use crate::state::Effect;
+use crate::store::StoreError;
+
+impl Engine {
+    /// Stage what `effects` store, commit once, then carry the effects out in order.
+    pub(super) async fn commit_and_act(&mut self, effects: Vec<Effect>) -> Result<(), StoreError> {
+        match self.commit_effects(&effects).await {
+            Ok(()) => {
+                for effect in effects {
+                    self.act(effect);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.hold(effects);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stage and commit, without carrying anything out. While the store is failed, commits
+    /// nothing and answers with the failure: `recover_store` writes everything later.
+    pub(super) async fn commit_effects(&mut self, effects: &[Effect]) -> Result<(), StoreError> {
+        if let Some(why) = &self.store_failed {
+            return Err(StoreError::Io {
+                path: self.store.path().to_owned(),
+                message: format!("not written yet: the store has not recovered from: {why}"),
+            });
+        }
+        match self.stage_and_commit(effects).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    async fn stage_and_commit(&mut self, effects: &[Effect]) -> Result<(), StoreError> {
+        if self.stage(effects)? {
+            let started = tokio::time::Instant::now();
+            let committed = self.store.flush().await;
+            let took = started.elapsed().as_secs_f64();
+            self.metrics.ha.observe(self.store.backend(), "flush", took);
+            committed?;
+        }
+        Ok(())
+    }
+
+    /// Note a failed write or commit: nothing is committed again until `recover_store`.
+    fn failed(&mut self, e: StoreError) -> StoreError {
+        warn!(error = %e, held = self.held.len(), "state store commit failed; nothing that rests on a change is carried out until the store recovers and the whole state is written again");
+        self.store_failed = Some(e.to_string());
+        e
+    }
+
+    /// Keep the effects of an uncommitted turn for after recovery. Commands are not kept:
+    /// they follow from the state and go out once due.
+    pub(super) fn hold(&mut self, effects: Vec<Effect>) {
+        self.held.extend(
+            effects
+                .into_iter()
+                .filter(|e| !matches!(e, Effect::Command { .. })),
+        );
+        // Bounded: a store that stays down for long keeps the state, not every log line.
+        const MAX_HELD: usize = 100_000;
+        if self.held.len() > MAX_HELD {
+            let extra = self.held.len() - MAX_HELD;
+            self.held.drain(..extra);
+        }
+    }
+
+    /// Put every record `effects` ask to store into the store's batch; whether any was.
+    fn stage(&mut self, effects: &[Effect]) -> Result<bool, StoreError> {
+        let mut staged = false;
+        for effect in effects {
+            match effect {
+                Effect::Persist(record) => self.store.put_node(record)?,
+                Effect::Record { node, event } => self.store.put_event(node, event)?,
+                Effect::PersistJob(job) => self.store.put_job(job)?,
+                Effect::PersistLemon(record) => self.store.put_lemon(record)?,
+                _ => continue,
+            }
+            staged = true;
+        }
+        Ok(staged)
+    }
+
+    /// After a failed commit: reopen the store where it needs it, write the whole state again
+    /// in one commit, and once that works carry out what was held.
+    pub(super) async fn recover_store(&mut self) {
+        let Some(why) = self.store_failed.clone() else {
+            return;
+        };
+        if let Err(e) = self.store.recover() {
+            debug!(error = %e, "state store still cannot be reopened");
+            return;
+        }
+        let mut effects: Vec<Effect> = self
+            .state
+            .nodes
+            .values()
+            .map(|n| Effect::Persist((*n.record).clone()))
+            .collect();
+        effects.extend(
+            self.state
+                .jobs
+                .values()
+                .map(|j| Effect::PersistJob(Box::new(j.clone()))),
+        );
+        effects.extend(
+            self.state
+                .lemons
+                .records
+                .values()
+                .map(|r| Effect::PersistLemon(Box::new(r.clone()))),
+        );
+        match self.stage_and_commit(&effects).await {
+            Ok(()) => {
+                self.store_failed = None;
+                info!(
+                    nodes = self.state.nodes.len(),
+                    jobs = self.state.jobs.len(),
+                    held = self.held.len(),
+                    after = %why,
+                    "state store recovered; whole state written again, held effects carried out"
+                );
+                for effect in std::mem::take(&mut self.held) {
+                    self.act(effect);
+                }
+            }
+            Err(e) => debug!(error = %e, "state store not writable yet"),
+        }
+    }
+}

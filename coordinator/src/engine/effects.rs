@@ -1,0 +1,204 @@
+//! Carrying out the core's effects: commands to agents, log lines, metrics, the event bus.
+//! Called only after the turn that produced them committed.
+
+use tracing::{debug, info, warn};
+use vigil_proto::v1;
+
+use super::Engine;
+use crate::health::Condition;
+use crate::node::Availability;
+use crate::state::Effect;
+
+impl Engine {
+    pub(super) fn act(&mut self, effect: Effect) {
+        match effect {
+            Effect::Persist(_) | Effect::Refused(_) | Effect::Answer(_) => {}
+            Effect::Ignored { reason } => {
+                self.metrics.stale_messages.inc();
+                debug!(%reason, "ignored agent message");
+            }
+            Effect::CloseSession { node, session } => {
+                self.sessions.remove(&session);
+                info!(node = %node, session, "closed superseded agent session: the node registered again");
+            }
+            Effect::Availability {
+                node,
+                from,
+                to,
+                why,
+            } => {
+                self.metrics.count_transition(to);
+                if from.is_none() {
+                    self.metrics.observe_condition(&node, Condition::Healthy);
+                }
+                self.dirty = true;
+                let from = from.map_or("new", Availability::as_str);
+                match to {
+                    Availability::Ready => {
+                        info!(node = %node, from, to = to.as_str(), why, "node is Ready")
+                    }
+                    Availability::Unreachable => {
+                        warn!(node = %node, from, to = to.as_str(), why, "node is Unreachable")
+                    }
+                    Availability::Lost => {
+                        warn!(node = %node, from, to = to.as_str(), why, "node is Lost")
+                    }
+                }
+            }
+            Effect::Cordoned {
+                node,
+                cordon,
+                rule,
+                observed_at_ms,
+            } => {
+                self.metrics.count_cordon(cordon.source.as_str(), rule);
+                let latency_ms = observed_at_ms.map(|t| self.clock.now().wall_ms.saturating_sub(t));
+                if let Some(ms) = latency_ms {
+                    self.metrics.fault_to_cordon.observe(ms as f64 / 1000.0);
+                }
+                warn!(node = %node, reason = %cordon.reason, source = cordon.source.as_str(), rule, fault_to_cordon_ms = ?latency_ms, "cordoned node {node}: {}", cordon.reason);
+            }
+            Effect::Uncordoned { node, previous } => {
+                self.metrics.uncordons.inc();
+                info!(node = %node, previous_reason = %previous.reason, "uncordoned node {node}");
+            }
+            Effect::Record { node, event } => {
+                self.dirty = true;
+                self.bus
+                    .send(v1::ClusterEvent {
+                        at_unix_ms: event.at_unix_ms,
+                        kind: event.kind,
+                        node,
+                        job: String::new(),
+                        message: event.message,
+                    })
+                    .ok();
+            }
+            Effect::PersistJob(job) => {
+                self.dirty = true;
+                let news = self
+                    .state
+                    .jobs
+                    .get_mut(&job.id)
+                    .map(|j| std::mem::take(&mut j.unannounced))
+                    .unwrap_or_default();
+                for e in news {
+                    self.bus
+                        .send(v1::ClusterEvent {
+                            at_unix_ms: e.at_ms,
+                            kind: e.kind,
+                            node: String::new(),
+                            job: job.id.clone(),
+                            message: e.message,
+                        })
+                        .ok();
+                }
+            }
+            Effect::Restarted {
+                job,
+                kind,
+                lost_ms,
+                fault_to_relaunch_ms,
+            } => {
+                self.metrics
+                    .count_restart(&kind, lost_ms, fault_to_relaunch_ms);
+                info!(job = %job, kind = %kind, lost_ms, fault_to_relaunch_ms, "job {job} relaunched after a {kind} failure");
+            }
+            Effect::Command { node, kind } => self.send_command(&node, kind),
+            Effect::PersistLemon(r) => {
+                self.dirty = true;
+                let recent = r
+                    .recent(self.clock.now().wall_ms, &self.state.lemons.cfg)
+                    .count();
+                let last = r.incidents.last();
+                let lemon_now =
+                    r.blocklisted_at_ms.is_some() && r.blocklisted_at_ms == last.map(|i| i.at_ms);
+                match (
+                    r.cleared_at_ms.filter(|_| r.blocklisted_at_ms.is_none()),
+                    lemon_now,
+                ) {
+                    (Some(_), _) if last.is_none_or(|i| Some(i.at_ms) <= r.cleared_at_ms) => {
+                        info!(subject = %r.key(), node = %r.node, "lemon entry {} cleared by an operator", r.key())
+                    }
+                    (_, true) => {
+                        warn!(subject = %r.key(), node = %r.node, failures = recent, kinds = %r.kinds(self.clock.now().wall_ms, &self.state.lemons.cfg), "{} is a lemon: {recent} failures within the window; blocklisted", r.key())
+                    }
+                    _ => {
+                        info!(subject = %r.key(), node = %r.node, failures = recent, kind = last.map_or("", |i| i.kind.as_str()), "failure charged to {}", r.key())
+                    }
+                }
+            }
+            Effect::JobLog { job, message, warn } => {
+                if warn {
+                    warn!(job = %job, "job {job}: {message}");
+                } else {
+                    info!(job = %job, "job {job}: {message}");
+                }
+            }
+            Effect::Condition {
+                node,
+                from,
+                to,
+                reasons,
+            } => {
+                self.dirty = true;
+                self.metrics.observe_condition(&node, to);
+                let why = reasons.first().map_or("", String::as_str);
+                match to {
+                    Condition::Healthy => {
+                        info!(node = %node, from = from.as_str(), to = to.as_str(), "node {node} is Healthy again")
+                    }
+                    _ => {
+                        warn!(node = %node, from = from.as_str(), to = to.as_str(), reasons = ?reasons, "node {node} is {}: {why}", to.as_str())
+                    }
+                }
+            }
+            Effect::Xid {
+                node,
+                gpu,
+                xid,
+                class,
+            } => {
+                self.metrics.count_xid(xid);
+                warn!(node = %node, gpu, xid, class = ?class, "{} on GPU {gpu} of {node}", crate::xid::label(xid));
+            }
+        }
+    }
+
+    /// Hand a command to the node's live session. Returns the session and the
+    /// command's id, or `None` when the node is not connected (or its queue is full).
+    ///
+    /// Nothing goes out once leadership has lapsed (HA): not even before the
+    /// keepalive task notices, since the deadline is checked here, per message.
+    pub(super) fn try_command(
+        &mut self,
+        node: &str,
+        kind: v1::command::Kind,
+    ) -> Option<(u64, u64)> {
+        let id = self.pending.next_id();
+        let session = self.state.nodes.get(node).and_then(|n| n.session)?;
+        let tx = self.sessions.get(&session)?;
+        if !self.leads() {
+            return None;
+        }
+        let msg = v1::CoordinatorMessage {
+            body: Some(v1::coordinator_message::Body::Command(v1::Command {
+                id,
+                kind: Some(kind),
+            })),
+            term: self.term(),
+        };
+        tx.try_send(Ok(msg)).ok().map(|()| (session, id))
+    }
+
+    /// Send a command to a node's agent; an unreachable node misses it, and
+    /// the job logic copes (it waits for the node to come back or be Lost).
+    pub(super) fn send_command(&mut self, node: &str, kind: v1::command::Kind) {
+        match self.try_command(node, kind) {
+            Some((_, id)) => debug!(node = %node, command_id = id, "command sent"),
+            None => {
+                debug!(node = %node, "command not delivered now: node not connected (sent again once due)")
+            }
+        }
+    }
+}

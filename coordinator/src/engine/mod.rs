@@ -1,0 +1,415 @@
+//! The engine: the one task that owns cluster state and the store.
+//!
+//! gRPC handlers hold an [`EngineHandle`] and send [`Event`]s. The engine turns each into a
+//! core [`Input`](vigil_core::Input) and hands it to `vigil_core::step` (time to
+//! `vigil_core::tick`), which decides everything; the engine only carries decisions out. A
+//! turn stages every change its inputs made, commits them once (group commit: one sled flush
+//! or one etcd transaction for every queued agent message it took), and only then carries out
+//! the effects: replies, commands, log lines, metrics. Readers get an `Arc<Snapshot>` through
+//! a watch channel.
+//!
+//! Layout:
+//! - `mod.rs`: the events, the handle, the engine and its loop.
+//! - `turn`: one turn: agent messages (batched) and operators' requests, through `step`.
+//! - `commit`: stage, commit, and what happens when a commit fails (nothing is carried out;
+//!   the batch stays staged and is retried every tick).
+//! - `effects`: carrying out the core's effects (commands, logs, metrics, the event bus).
+//! - `pending`: requests that wait for an agent's answer (diagnostics, log reads).
+
+mod commit;
+mod effects;
+mod pending;
+mod turn;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tonic::Status;
+use tracing::{info, warn};
+use vigil_proto::v1;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::ControlError;
+use crate::job::Job;
+use crate::lemons::{Ledger, LemonRecord};
+use crate::metrics::Metrics;
+use crate::node::{DiagnosticsRecord, Node};
+use crate::state::{ClusterState, Effect, Now, Registration};
+use crate::store::{Store, StoreError};
+
+/// How often the engine applies the passage of time and republishes state.
+const TICK: Duration = Duration::from_millis(100);
+/// A tick this late means the engine itself did not run (see `ClusterState::forgive_stall`).
+const STALL: Duration = Duration::from_secs(1);
+/// Ticks between attempts to reopen a store that failed a write (a full disk).
+const RECOVER_STORE_EVERY: u64 = 10;
+/// Events queued for the engine before handlers wait (backpressure).
+const EVENT_QUEUE: usize = 8192;
+/// Agent messages one turn takes from the queue at most (one commit for all of them).
+const MAX_BATCH: usize = 1024;
+/// Events kept for slow `clusterctl events --follow` readers.
+const EVENT_BUS: usize = 1024;
+/// Time-driven changes are published every this many ticks.
+const PUBLISH_EVERY: u64 = 3;
+/// The store's size is read every this many ticks.
+const STORE_SIZE_EVERY: u64 = 50;
+
+/// The sending half of an agent session's outgoing stream. The engine holds
+/// the only sender: dropping it ends the session's stream.
+pub type SessionTx = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
+
+pub enum Event {
+    Register {
+        reg: Registration,
+        tx: SessionTx,
+    },
+    Heartbeat {
+        node: String,
+        session: u64,
+        seq: u64,
+        heartbeat: v1::Heartbeat,
+    },
+    AgentEvent {
+        node: String,
+        session: u64,
+        seq: u64,
+        event: v1::AgentEvent,
+    },
+    Disconnected {
+        node: String,
+        session: u64,
+    },
+    /// The agent service flagged a session (e.g. throttled): record it on the node.
+    Flag {
+        node: String,
+        session: u64,
+        kind: &'static str,
+        message: String,
+    },
+    Cordon {
+        node: String,
+        reason: String,
+        /// Who asked, for the audit trail.
+        actor: String,
+        reply: oneshot::Sender<Result<Node, ControlError>>,
+    },
+    Uncordon {
+        node: String,
+        force: bool,
+        /// Who asked, for the audit trail.
+        actor: String,
+        reply: oneshot::Sender<Result<Node, ControlError>>,
+    },
+    Diagnose {
+        node: String,
+        timeout: Duration,
+        /// Who asked, for the audit trail.
+        actor: String,
+        reply: oneshot::Sender<Result<DiagnosticsRecord, ControlError>>,
+    },
+    Drain {
+        node: String,
+        reason: String,
+        /// Who asked, for the audit trail.
+        actor: String,
+        reply: oneshot::Sender<Result<(Node, Vec<String>), ControlError>>,
+    },
+    /// Read part of a worker log through the node's agent.
+    ReadLog {
+        node: String,
+        read: v1::ReadLog,
+        reply: oneshot::Sender<Result<v1::LogData, ControlError>>,
+    },
+    SubmitJob {
+        spec_toml: String,
+        source: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
+    CancelJob {
+        id: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
+    RestartJob {
+        id: String,
+        from_step: Option<u64>,
+        env: std::collections::BTreeMap<String, String>,
+        actor: String,
+        reply: oneshot::Sender<Result<Job, ControlError>>,
+    },
+    /// An operator clears a host or GPU from the lemon list.
+    ClearLemon {
+        subject: String,
+        actor: String,
+        reply: oneshot::Sender<Result<Vec<LemonRecord>, ControlError>>,
+    },
+}
+
+/// What readers see: every node, as of `at`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub nodes: Vec<Node>,
+    pub jobs: Vec<Job>,
+    pub lemons: Ledger,
+    pub at: Instant,
+}
+
+/// Cloneable handle on the engine, for gRPC handlers.
+#[derive(Clone)]
+pub struct EngineHandle {
+    events: mpsc::Sender<Event>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Every node and job event as it happens (the engine holds the sender).
+    bus: broadcast::Sender<v1::ClusterEvent>,
+    /// The engine's clock, so readers measure ages on the same monotonic scale.
+    clock: Clock,
+}
+
+impl EngineHandle {
+    pub async fn send(&self, event: Event) -> Result<(), ControlError> {
+        self.events
+            .send(event)
+            .await
+            .map_err(|_| ControlError::ShuttingDown)
+    }
+
+    /// New cluster events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<v1::ClusterEvent> {
+        self.bus.subscribe()
+    }
+
+    /// The present on the engine's clock.
+    pub fn now(&self) -> Now {
+        self.clock.now()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Ask the engine something and wait for its answer.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ControlError>>) -> Event,
+    ) -> Result<T, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)?
+    }
+}
+
+pub struct Engine {
+    state: ClusterState,
+    store: Store,
+    sessions: HashMap<u64, SessionTx>,
+    metrics: Arc<Metrics>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    events: mpsc::Receiver<Event>,
+    dirty: bool,
+    pending: pending::Pending,
+    /// Called on every tick of the loop: proof that the engine itself, not
+    /// just the process, is alive (systemd's watchdog is fed from here).
+    on_tick: Option<Box<dyn FnMut() + Send>>,
+    bus: broadcast::Sender<v1::ClusterEvent>,
+    ticks: u64,
+    /// When the last tick ran: a much longer gap means this process was stalled.
+    last_tick: vigil_core::Instant,
+    /// The only clock decisions are given (monotonic deadlines, wall-clock records).
+    clock: Clock,
+    /// Effects of turns whose commit failed: carried out once the store recovered.
+    held: Vec<Effect>,
+    /// Set when a commit failed (why): nothing is committed until `recover_store` has
+    /// written the whole state again.
+    store_failed: Option<String>,
+}
+
+impl Engine {
+    /// The fencing token on every message to agents.
+    fn term(&self) -> u64 {
+        self.store.leadership().term()
+    }
+
+    /// Whether this coordinator may still act: always on sled; with etcd, while its lease holds.
+    fn leads(&self) -> bool {
+        self.store.leadership().is_valid()
+    }
+
+    /// Load state from the store; the engine starts when [`Engine::run`] is awaited.
+    pub fn new(
+        store: Store,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, EngineHandle), StoreError> {
+        let clock = Clock::start();
+        let records = store.load_nodes()?;
+        let events = store.load_events()?;
+        let state = ClusterState::load(
+            records,
+            events,
+            config.liveness,
+            config.health.clone(),
+            clock.now(),
+        );
+        info!(
+            nodes = state.nodes.len(),
+            cordoned = state.nodes.values().filter(|n| n.cordoned()).count(),
+            data_dir = %store.path().display(),
+            "loaded cluster state; nodes are Unreachable until their agents reconnect"
+        );
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (bus, _) = broadcast::channel(EVENT_BUS);
+        let mut state = state.with_jobs(store.load_jobs()?);
+        state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
+        state.triage = config.triage;
+        state.burn_in = config.burn_in.clone();
+        state.stragglers = config.stragglers;
+        state.rearm_clocks(clock.now());
+        let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
+            nodes: state.nodes.values().cloned().collect(),
+            jobs: state.jobs.values().cloned().collect(),
+            lemons: state.lemons.clone(),
+            at: Instant::now(),
+        }));
+        metrics.observe_nodes(state.nodes.values());
+        for n in state.nodes.values() {
+            metrics.observe_condition(&n.record.name, n.condition);
+        }
+        let engine = Self {
+            state,
+            store,
+            sessions: HashMap::new(),
+            metrics,
+            snapshot,
+            events,
+            dirty: false,
+            pending: pending::Pending::default(),
+            on_tick: None,
+            bus: bus.clone(),
+            ticks: 0,
+            last_tick: clock.now().mono,
+            clock,
+            held: Vec::new(),
+            store_failed: None,
+        };
+        let handle = EngineHandle {
+            events: events_tx,
+            snapshot: snapshot_rx,
+            bus,
+            clock,
+        };
+        Ok((engine, handle))
+    }
+
+    /// Call `f` on every tick of the engine loop (every 100 ms).
+    pub fn on_tick(mut self, f: Box<dyn FnMut() + Send>) -> Self {
+        self.on_tick = Some(f);
+        self
+    }
+
+    /// Run until `stop` turns true or every handle is gone; flush on the way out.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.last_tick = self.clock.now().mono;
+        loop {
+            tokio::select! {
+                biased;
+                () = stopped(&mut stop) => break,
+                event = self.events.recv() => match event {
+                    Some(event) => {
+                        let mut batch = vec![event];
+                        while batch.len() < MAX_BATCH {
+                            match self.events.try_recv() {
+                                Ok(more) => batch.push(more),
+                                Err(_) => break,
+                            }
+                        }
+                        self.turn(batch).await;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick_turn().await,
+            }
+        }
+        self.sessions.clear();
+        match self.store.flush().await {
+            Ok(()) => info!("engine stopped; state store flushed"),
+            Err(e) => warn!(error = %e, "engine stopped; final flush failed"),
+        }
+    }
+
+    /// The passage of time: the core's `tick`, expiring requests, housekeeping.
+    async fn on_tick_turn(&mut self) {
+        let t = self.clock.now();
+        let gap = t.mono.saturating_duration_since(self.last_tick);
+        self.last_tick = t.mono;
+        let mut effects = Vec::new();
+        if gap > STALL {
+            // SIGSTOP, a paused VM, a blocked disk: the silence was ours, not the agents'.
+            warn!(
+                stalled_ms = gap.as_millis(),
+                "engine was stalled; not counting the stall as agent silence or lack of progress"
+            );
+            let gap = gap.saturating_sub(TICK);
+            effects.extend(vigil_core::step(
+                &mut self.state,
+                vigil_core::Input::Stalled { gap },
+                t,
+            ));
+        }
+        effects.extend(vigil_core::tick(&mut self.state, t));
+        self.commit_and_act(effects).await.ok();
+        self.pending.expire(Instant::now());
+        if self.store_failed.is_some() && self.ticks.is_multiple_of(RECOVER_STORE_EVERY) {
+            self.recover_store().await;
+        }
+        self.ticks += 1;
+        self.metrics
+            .engine_queue_depth
+            .set(i64::try_from(self.events.len()).unwrap_or(i64::MAX));
+        if self.ticks % STORE_SIZE_EVERY == 1
+            && let Ok(bytes) = self.store.size_on_disk()
+        {
+            self.metrics
+                .store_size_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        // Readers (clusterctl, metrics) see changes within 300 ms;
+        // operators' own changes are published at once.
+        if self.dirty && self.ticks.is_multiple_of(PUBLISH_EVERY) {
+            self.publish();
+        }
+        self.metrics.engine_alive(self.clock.now().wall_ms);
+        if let Some(f) = self.on_tick.as_mut() {
+            f();
+        }
+    }
+
+    fn publish(&mut self) {
+        self.dirty = false;
+        self.metrics.observe_nodes(self.state.nodes.values());
+        self.metrics
+            .observe_jobs(self.state.jobs.values(), self.clock.now().wall_ms);
+        let snapshot = Snapshot {
+            nodes: self.state.nodes.values().cloned().collect(),
+            jobs: self.state.jobs.values().cloned().collect(),
+            lemons: self.state.lemons.clone(),
+            at: Instant::now(),
+        };
+        self.snapshot.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

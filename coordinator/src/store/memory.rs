@@ -1,0 +1,226 @@
+//! The memory backend, for tests: committed records in in-process maps.
+//!
+//! A commit always succeeds unless a test asked for failures through
+//! [`MemoryFaults`]; the committed maps outlive the [`Store`] when the test
+//! keeps a [`Memory`] handle, so a "restarted" engine can load them again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{Backend, Commit, Kind, Put, Store, StoreError, lock, restage};
+use crate::leadership::Leadership;
+use crate::node::MAX_EVENTS;
+
+#[derive(Default)]
+struct Committed {
+    /// Nodes, jobs and lemons: key -> JSON.
+    records: BTreeMap<(Kind, String), Vec<u8>>,
+    /// Each node's history, oldest first.
+    events: BTreeMap<String, VecDeque<Vec<u8>>>,
+    commits: u64,
+}
+
+/// The committed state; cloning it gives another handle on the same maps.
+#[derive(Clone, Default)]
+pub struct Memory {
+    committed: Arc<Mutex<Committed>>,
+    faults: MemoryFaults,
+}
+
+/// Makes commits fail on demand; held by the test, shared with the backend.
+#[derive(Clone, Default)]
+pub struct MemoryFaults {
+    failing: Arc<AtomicU32>,
+}
+
+impl MemoryFaults {
+    /// The next `n` commits fail (and keep their batch staged).
+    pub fn fail_next_commits(&self, n: u32) {
+        self.failing.store(n, Ordering::Relaxed);
+    }
+
+    /// Takes one failure, if one is due.
+    fn due(&self) -> bool {
+        self.failing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+impl Memory {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn faults(&self) -> MemoryFaults {
+        self.faults.clone()
+    }
+
+    /// A store over these maps, with nothing staged: what a coordinator
+    /// restarted on the same state would see.
+    pub fn store(&self) -> Store {
+        Store::new(Box::new(MemoryBackend {
+            memory: self.clone(),
+            pending: Mutex::new(Vec::new()),
+            leadership: Arc::new(Leadership::single()),
+        }))
+    }
+
+    /// How many commits wrote something (empty ones are not counted).
+    pub fn commits(&self) -> u64 {
+        lock(&self.committed).commits
+    }
+}
+
+struct MemoryBackend {
+    memory: Memory,
+    pending: Mutex<Vec<Put>>,
+    leadership: Arc<Leadership>,
+}
+
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn path(&self) -> &Path {
+        Path::new("memory")
+    }
+
+    fn leadership(&self) -> &Arc<Leadership> {
+        &self.leadership
+    }
+
+    fn load(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let committed = lock(&self.memory.committed);
+        if kind == Kind::Event {
+            let events = committed.events.iter();
+            return Ok(events
+                .flat_map(|(node, list)| list.iter().map(|v| (node.clone(), v.clone())))
+                .collect());
+        }
+        Ok(committed
+            .records
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, key), v)| (key.clone(), v.clone()))
+            .collect())
+    }
+
+    fn stage(&self, put: Put) {
+        lock(&self.pending).push(put);
+    }
+
+    fn commit(&self) -> Commit<'_> {
+        Box::pin(async move {
+            let batch = std::mem::take(&mut *lock(&self.pending));
+            if batch.is_empty() {
+                return Ok(());
+            }
+            if self.memory.faults.due() {
+                restage(&self.pending, batch);
+                return Err(StoreError::Io {
+                    path: self.path().to_owned(),
+                    message: "commit failed on purpose (MemoryFaults)".into(),
+                });
+            }
+            let mut committed = lock(&self.memory.committed);
+            for Put { kind, key, value } in batch {
+                if kind != Kind::Event {
+                    committed.records.insert((kind, key), value);
+                    continue;
+                }
+                let list = committed.events.entry(key).or_default();
+                list.push_back(value);
+                while list.len() > MAX_EVENTS {
+                    list.pop_front();
+                }
+            }
+            committed.commits += 1;
+            Ok(())
+        })
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        let committed = lock(&self.memory.committed);
+        let records = committed
+            .records
+            .iter()
+            .map(|((_, k), v)| k.len() + v.len());
+        let events = committed.events.values().flatten().map(Vec::len);
+        Ok(records.chain(events).sum::<usize>() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_records::{event, record};
+
+    #[tokio::test]
+    async fn records_round_trip_through_the_memory_backend() {
+        let memory = Memory::new();
+        let store = memory.store();
+        assert_eq!(store.backend(), "memory");
+        store.put_node(&record("gpu-001")).expect("put");
+        store.put_event("gpu-001", &event(1)).expect("put");
+        store.put_event("gpu-001", &event(2)).expect("put");
+        assert!(store.load_nodes().expect("load").is_empty(), "staged only");
+        store.flush().await.expect("commit");
+        assert_eq!(memory.commits(), 1, "one commit for the whole batch");
+        store.flush().await.expect("nothing staged");
+        assert_eq!(memory.commits(), 1, "an empty commit writes nothing");
+        let restarted = memory.store();
+        assert_eq!(
+            restarted.load_nodes().expect("load"),
+            vec![record("gpu-001")]
+        );
+        let events = restarted.load_events().expect("load");
+        let shown: Vec<(&str, &str)> = events
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(shown, [("gpu-001", "e1"), ("gpu-001", "e2")]);
+        assert!(restarted.load_jobs().expect("load").is_empty());
+        assert!(restarted.size_on_disk().expect("size") > 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_keeps_the_batch_and_a_later_commit_writes_it() {
+        let memory = Memory::new();
+        let store = memory.store();
+        memory.faults().fail_next_commits(1);
+        let mut old = record("a");
+        old.hostname = "old".into();
+        store.put_node(&old).expect("put");
+        store.put_event("a", &event(1)).expect("put");
+        store.flush().await.expect_err("fails on purpose");
+        assert!(memory.store().load_nodes().expect("load").is_empty());
+        // Staged after the failure: newer, so it wins over the kept batch.
+        store.put_node(&record("a")).expect("put");
+        store.put_node(&record("b")).expect("put");
+        store.flush().await.expect("commit");
+        let restarted = memory.store();
+        assert_eq!(
+            restarted.load_nodes().expect("load"),
+            vec![record("a"), record("b")]
+        );
+        assert_eq!(restarted.load_events().expect("load").len(), 1);
+        assert_eq!(memory.commits(), 1);
+    }
+
+    #[tokio::test]
+    async fn history_beyond_max_events_is_dropped_oldest_first() {
+        let memory = Memory::new();
+        let store = memory.store();
+        for i in 0..(MAX_EVENTS as u64 + 5) {
+            store.put_event("a", &event(i)).expect("put");
+        }
+        store.flush().await.expect("commit");
+        let events = store.load_events().expect("load");
+        assert_eq!(events.len(), MAX_EVENTS);
+        assert_eq!(events.first().map(|e| e.1.message.as_str()), Some("e5"));
+    }
+}

@@ -1,0 +1,340 @@
+//! The durable store: one [`Backend`] trait, three backends, and the [`Store`] the engine holds.
+//!
+//! Write-ahead, group commit: a turn of the engine stages every record it
+//! changed (`put_*`), then commits them once (`flush`) before any effect of
+//! that turn is sent. A commit makes everything staged durable in one
+//! operation, or fails and keeps all of it staged, ahead of anything staged
+//! since, so the next commit writes it. Nothing staged is visible to `load_*`
+//! before it is committed, on any backend.
+//!
+//! Layout:
+//! - `sled`: a single coordinator's data dir (the default); a commit is one
+//!   transaction over its trees and one flush.
+//! - `etcd`: the HA group's state, every commit a transaction fenced on the
+//!   leadership term, bounded in time.
+//! - `memory`: in-process maps for tests, with failures on demand.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::job::Job;
+use crate::leadership::Leadership;
+use crate::lemons::LemonRecord;
+use crate::node::{NodeEvent, NodeRecord};
+
+pub mod etcd;
+pub mod memory;
+pub mod sled;
+
+pub use etcd::EtcdStore;
+pub use memory::{Memory, MemoryFaults};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {path} is not a directory; point --data-dir (data_dir) at a directory")]
+    NotADirectory { path: PathBuf },
+    #[error("cannot create data dir {path}: {source}; create it or point --data-dir elsewhere")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the state store in data dir {path}: {message}; if another vigil-coordinator \
+         uses it, stop that one; if the directory is not vigil's, point --data-dir elsewhere"
+    )]
+    Open { path: PathBuf, message: String },
+    #[error(
+        "data dir {path} holds files but no vigil state store ({found}); point --data-dir at an \
+         empty directory or at an existing vigil data dir"
+    )]
+    Foreign { path: PathBuf, found: String },
+    #[error(
+        "state store in {path}: record {key:?} is unreadable ({message}); restore the data dir from backup"
+    )]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("state store in {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error(
+        "no space left on the disk of the state store in {path}; free space there: running jobs \
+         carry on, but no change is accepted until it can be saved"
+    )]
+    Full { path: PathBuf },
+    #[error(
+        "this coordinator no longer leads (term {term}): {reason}; nothing was written, and it \
+         steps down"
+    )]
+    Fenced { term: u64, reason: String },
+}
+
+/// What a record is; each backend keeps each kind in its own tree or key range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Node,
+    Job,
+    Lemon,
+    /// A node's history: every put appends an entry, the oldest beyond
+    /// [`crate::node::MAX_EVENTS`] per node are dropped.
+    Event,
+}
+
+impl Kind {
+    /// The name of its tree (sled) or key range (etcd), and of its keys in errors.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Node => "nodes",
+            Kind::Job => "jobs",
+            Kind::Lemon => "lemons",
+            Kind::Event => "events",
+        }
+    }
+}
+
+/// One staged write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub kind: Kind,
+    /// The node's name, the job's id, the lemon record's key; for an event, its node's name.
+    pub key: String,
+    /// The record's JSON, the same on every backend.
+    pub value: Vec<u8>,
+}
+
+/// A commit in flight: it borrows the backend until it is done.
+pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+/// Where the state lives. `Sync` because the engine awaits a commit while
+/// holding the store by reference inside a spawned (`Send`) task.
+pub trait Backend: Send + Sync {
+    /// "sled", "etcd" or "memory": the label of the store's metrics.
+    fn name(&self) -> &'static str;
+
+    /// Where it lives, for messages: the data dir, or the etcd endpoints and prefix.
+    fn path(&self) -> &Path;
+
+    /// Whose writes these are: term 0, always valid, unless the group is on etcd.
+    fn leadership(&self) -> &Arc<Leadership>;
+
+    /// Every committed record of `kind` as (key, JSON); events oldest first within each node.
+    fn load(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Add a write to the pending batch; nothing is written before [`Backend::commit`].
+    fn stage(&self, put: Put);
+
+    /// Make every staged write durable in one operation. On error, all of
+    /// the batch stays staged (ahead of anything staged since) for the next
+    /// commit, and the error says why; a commit never waits without bound.
+    fn commit(&self) -> Commit<'_>;
+
+    /// After a failed commit, reopen what must be reopened. `Ok(true)`: it
+    /// was, and what was committed but not yet durable may be gone, so the
+    /// caller must stage its whole state again.
+    fn recover(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Bytes the state takes where it is kept.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// The store the engine owns: typed records over one [`Backend`].
+pub struct Store(Box<dyn Backend>);
+
+impl Store {
+    pub fn new(backend: Box<dyn Backend>) -> Self {
+        Self(backend)
+    }
+
+    /// Open (or create) the sled store in `path`, refusing a directory that
+    /// holds something other than a vigil store rather than writing into it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self(Box::new(sled::Sled::open(path)?)))
+    }
+
+    /// The state in etcd, written under `etcd`'s leadership.
+    pub fn on_etcd(etcd: EtcdStore) -> Self {
+        Self(Box::new(etcd))
+    }
+
+    /// Empty, in memory, always leading: for tests. See [`Memory`] for one
+    /// that survives a "restart" and fails on demand.
+    pub fn memory() -> Self {
+        Memory::new().store()
+    }
+
+    /// "sled", "etcd" or "memory".
+    pub fn backend(&self) -> &'static str {
+        self.0.name()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// The leadership this store writes under (term 0, always valid, on sled).
+    pub fn leadership(&self) -> &Arc<Leadership> {
+        self.0.leadership()
+    }
+
+    /// See [`Backend::recover`].
+    pub fn recover(&mut self) -> Result<bool, StoreError> {
+        self.0.recover()
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.0.size_on_disk()
+    }
+
+    pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut out = Vec::new();
+        for (name, record) in self.load::<NodeRecord>(Kind::Node)? {
+            if record.name != name {
+                return Err(StoreError::Corrupt {
+                    path: self.path().to_owned(),
+                    key: format!("nodes/{name}"),
+                    message: format!("holds the record of node {:?}", record.name),
+                });
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    pub fn load_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        Ok(self.load(Kind::Job)?.into_iter().map(|(_, j)| j).collect())
+    }
+
+    /// The lemon ledger: every host and GPU with a failure on record.
+    pub fn load_lemons(&self) -> Result<Vec<LemonRecord>, StoreError> {
+        Ok(self
+            .load(Kind::Lemon)?
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect())
+    }
+
+    /// Every stored history entry, oldest first within each node.
+    pub fn load_events(&self) -> Result<Vec<(String, NodeEvent)>, StoreError> {
+        self.load(Kind::Event)
+    }
+
+    /// Stage a node record; durable after the next [`Store::flush`].
+    pub fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
+        let what = format!("node {:?}", record.name);
+        self.stage(Kind::Node, &record.name, &what, record)
+    }
+
+    /// Stage a job record; durable after the next [`Store::flush`].
+    pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.stage(Kind::Job, &job.id, &format!("job {:?}", job.id), job)
+    }
+
+    /// Stage a lemon record; durable after the next [`Store::flush`].
+    pub fn put_lemon(&self, record: &LemonRecord) -> Result<(), StoreError> {
+        let key = record.key();
+        self.stage(Kind::Lemon, &key, &format!("lemon record {key:?}"), record)
+    }
+
+    /// Stage a history entry of `node`; durable after the next [`Store::flush`].
+    pub fn put_event(&self, node: &str, event: &NodeEvent) -> Result<(), StoreError> {
+        let what = format!("an event of node {node:?}");
+        self.stage(Kind::Event, node, &what, event)
+    }
+
+    /// Make every staged write durable, in one operation; see [`Backend::commit`].
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        self.0.commit().await
+    }
+
+    /// The same as [`Store::commit`], under the name callers have always used.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.commit().await
+    }
+
+    fn stage<T: Serialize>(
+        &self,
+        kind: Kind,
+        key: &str,
+        what: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Io {
+            path: self.path().to_owned(),
+            message: format!("cannot encode {what}: {e}"),
+        })?;
+        self.0.stage(Put {
+            kind,
+            key: key.to_owned(),
+            value,
+        });
+        Ok(())
+    }
+
+    fn load<T: DeserializeOwned>(&self, kind: Kind) -> Result<Vec<(String, T)>, StoreError> {
+        self.0
+            .load(kind)?
+            .into_iter()
+            .map(|(key, value)| match serde_json::from_slice(&value) {
+                Ok(record) => Ok((key, record)),
+                Err(e) => Err(StoreError::Corrupt {
+                    path: self.path().to_owned(),
+                    key: format!("{}/{key}", kind.dir()),
+                    message: e.to_string(),
+                }),
+            })
+            .collect()
+    }
+}
+
+/// Puts `batch` back in front of whatever was staged while it was being committed.
+fn restage<T>(pending: &std::sync::Mutex<Vec<T>>, batch: Vec<T>) {
+    let mut pending = lock(pending);
+    let newer = std::mem::replace(&mut *pending, batch);
+    pending.extend(newer);
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+pub(crate) mod test_records {
+    use crate::node::{Cordon, CordonSource, NodeEvent, NodeRecord};
+
+    pub fn record(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            hostname: "h".into(),
+            address: "10.0.0.1".into(),
+            agent_version: "0.1.0".into(),
+            simulated: true,
+            gpus: Vec::new(),
+            cordon: Some(Cordon {
+                reason: "bad fan".into(),
+                source: CordonSource::Operator,
+                since_unix_ms: 42,
+            }),
+            first_registered_unix_ms: 1,
+            last_registered_unix_ms: 2,
+            last_diagnostics: None,
+            burn_in: None,
+        }
+    }
+
+    pub fn event(i: u64) -> NodeEvent {
+        NodeEvent {
+            at_unix_ms: i,
+            kind: "xid".into(),
+            message: format!("e{i}"),
+            gpu_index: Some(1),
+        }
+    }
+}

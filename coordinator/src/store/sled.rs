@@ -1,0 +1,531 @@
+//! The sled backend: a single coordinator's state in its data dir.
+//!
+//! Layout: tree `meta` holds the schema marker; trees `nodes`, `jobs` and
+//! `lemons` map a key to its JSON record; tree `events` maps `name \0 id` (id
+//! big-endian, increasing) to a JSON `NodeEvent`, the last `MAX_EVENTS` per node.
+//!
+//! Staged writes wait in memory. A commit applies all of them in one sled
+//! transaction (a crash never leaves half a turn on disk, whatever sled's
+//! background flusher wrote) and then flushes once: after it returns, every
+//! staged record — registrations and history entries included — is durable.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ::sled::Transactional;
+use ::sled::transaction::{ConflictableTransactionResult, TransactionError};
+
+use super::{Backend, Commit, Kind, Put, StoreError, lock, restage};
+use crate::leadership::Leadership;
+use crate::node::MAX_EVENTS;
+
+const SCHEMA_KEY: &[u8] = b"schema";
+/// sled's page cache: far more than the state of 20,000 nodes needs.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const SCHEMA: &[u8] = b"vigil-store-v1";
+/// A node's history is pruned when one of its new entries gets an id that is
+/// a multiple of this: a scan per event would dominate a reconnect storm.
+const PRUNE_EVERY: u64 = 16;
+
+/// A staged write; an event keeps the id its first commit attempt gave it, so
+/// that writing the batch again after a failure writes the same keys.
+struct Staged {
+    put: Put,
+    event_id: Option<u64>,
+}
+
+pub struct Sled {
+    path: PathBuf,
+    /// `None` only while [`Backend::recover`] reopens it.
+    trees: Option<Trees>,
+    pending: Mutex<Vec<Staged>>,
+    /// A write failed: sled refuses every call after its first I/O error, even
+    /// once the cause is gone, until the store is opened again.
+    failed: AtomicBool,
+    /// Always leading, at term 0.
+    leadership: Arc<Leadership>,
+}
+
+struct Trees {
+    db: ::sled::Db,
+    nodes: ::sled::Tree,
+    jobs: ::sled::Tree,
+    lemons: ::sled::Tree,
+    events: ::sled::Tree,
+}
+
+impl Sled {
+    /// Open (or create) the store in `path`, refusing a directory that holds
+    /// something other than a vigil store rather than writing into it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        if path.exists() && !path.is_dir() {
+            return Err(StoreError::NotADirectory { path });
+        }
+        std::fs::create_dir_all(&path).map_err(|source| StoreError::Create {
+            path: path.clone(),
+            source,
+        })?;
+        refuse_foreign_dir(&path)?;
+        Ok(Self {
+            trees: Some(Trees::open(&path)?),
+            path,
+            pending: Mutex::new(Vec::new()),
+            failed: AtomicBool::new(false),
+            leadership: Arc::new(Leadership::single()),
+        })
+    }
+
+    fn trees(&self) -> Result<&Trees, StoreError> {
+        self.trees.as_ref().ok_or_else(|| StoreError::Io {
+            path: self.path.clone(),
+            message: "the store is being reopened after a write error".into(),
+        })
+    }
+
+    fn io(&self, e: ::sled::Error) -> StoreError {
+        self.failed.store(true, Ordering::Relaxed);
+        io_error(&self.path, e)
+    }
+
+    /// One transaction of the whole batch, the history pruned, one flush.
+    async fn write(&self, batch: &mut [Staged]) -> Result<(), StoreError> {
+        let trees = self.trees()?;
+        let mut prune = BTreeSet::new();
+        for staged in batch.iter_mut().filter(|s| s.put.kind == Kind::Event) {
+            let id = match staged.event_id {
+                Some(id) => id,
+                None => trees.db.generate_id().map_err(|e| self.io(e))?,
+            };
+            staged.event_id = Some(id);
+            if id % PRUNE_EVERY == 0 {
+                prune.insert(staged.put.key.clone());
+            }
+        }
+        let batch = &*batch;
+        (&trees.nodes, &trees.jobs, &trees.lemons, &trees.events)
+            .transaction(|(nodes, jobs, lemons, events)| {
+                for Staged { put, event_id } in batch {
+                    let value = put.value.as_slice();
+                    match (put.kind, event_id) {
+                        (Kind::Node, _) => nodes.insert(put.key.as_bytes(), value)?,
+                        (Kind::Job, _) => jobs.insert(put.key.as_bytes(), value)?,
+                        (Kind::Lemon, _) => lemons.insert(put.key.as_bytes(), value)?,
+                        (Kind::Event, Some(id)) => {
+                            events.insert(event_key(&put.key, *id), value)?
+                        }
+                        (Kind::Event, None) => None,
+                    };
+                }
+                ConflictableTransactionResult::<(), Infallible>::Ok(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => self.io(e),
+                TransactionError::Abort(never) => match never {},
+            })?;
+        for node in &prune {
+            self.prune(trees, node)?;
+        }
+        trees.db.flush_async().await.map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// Drop `node`'s oldest history entries beyond `MAX_EVENTS`.
+    fn prune(&self, trees: &Trees, node: &str) -> Result<(), StoreError> {
+        let mut prefix = node.as_bytes().to_vec();
+        prefix.push(0);
+        let keys: Vec<::sled::IVec> = trees
+            .events
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.io(e))?;
+        for old in keys.iter().take(keys.len().saturating_sub(MAX_EVENTS)) {
+            trees.events.remove(old).map_err(|e| self.io(e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Sled {
+    fn name(&self) -> &'static str {
+        "sled"
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn leadership(&self) -> &Arc<Leadership> {
+        &self.leadership
+    }
+
+    fn load(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let trees = self.trees()?;
+        let tree = match kind {
+            Kind::Node => &trees.nodes,
+            Kind::Job => &trees.jobs,
+            Kind::Lemon => &trees.lemons,
+            Kind::Event => &trees.events,
+        };
+        let mut out = Vec::new();
+        for item in tree.iter() {
+            let (k, v) = item.map_err(|e| self.io(e))?;
+            // An event's key is `name \0 id`: its key here is the node's name.
+            let end = match kind {
+                Kind::Event => k.iter().position(|b| *b == 0).unwrap_or(k.len()),
+                _ => k.len(),
+            };
+            out.push((String::from_utf8_lossy(&k[..end]).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn stage(&self, put: Put) {
+        lock(&self.pending).push(Staged {
+            put,
+            event_id: None,
+        });
+    }
+
+    fn commit(&self) -> Commit<'_> {
+        Box::pin(async move {
+            let mut batch = std::mem::take(&mut *lock(&self.pending));
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let written = self.write(&mut batch).await;
+            if written.is_err() {
+                restage(&self.pending, batch);
+            }
+            written
+        })
+    }
+
+    /// After a failed write (a full disk, say), open the store again once
+    /// that works: sled then holds what was last flushed. The batch that
+    /// failed stays staged and goes out with the next commit.
+    fn recover(&mut self) -> Result<bool, StoreError> {
+        if !self.failed.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // sled locks its files: the old handles must be gone before it opens
+        // again. Until it does, every call fails and the next one retries.
+        self.trees = None;
+        self.trees = Some(Trees::open(&self.path)?);
+        self.failed.store(false, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.trees()?.db.size_on_disk().map_err(|e| self.io(e))
+    }
+}
+
+fn event_key(node: &str, id: u64) -> Vec<u8> {
+    let mut key = node.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+impl Trees {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = open_db(path)?;
+        let io = |e: ::sled::Error| io_error(path, e);
+        let meta = db.open_tree("meta").map_err(io)?;
+        match meta.get(SCHEMA_KEY).map_err(io)? {
+            Some(v) if v.as_ref() == SCHEMA => {}
+            Some(v) => {
+                return Err(StoreError::Foreign {
+                    path: path.to_owned(),
+                    found: format!("schema {:?}", String::from_utf8_lossy(&v)),
+                });
+            }
+            None => {
+                meta.insert(SCHEMA_KEY, SCHEMA).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+        }
+        Ok(Self {
+            nodes: db.open_tree("nodes").map_err(io)?,
+            jobs: db.open_tree("jobs").map_err(io)?,
+            lemons: db.open_tree("lemons").map_err(io)?,
+            events: db.open_tree("events").map_err(io)?,
+            db,
+        })
+    }
+}
+
+/// How long a reopen waits for sled's lock (attempts × pause): the previous
+/// handle's background threads release it a moment after the handle is dropped.
+const LOCK_ATTEMPTS: u32 = 150;
+const LOCK_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn open_db(path: &Path) -> Result<::sled::Db, StoreError> {
+    let mut attempt = 1;
+    loop {
+        let opened = ::sled::Config::new()
+            .path(path)
+            // sled caches up to 1 GiB by default; the state is small.
+            .cache_capacity(CACHE_BYTES)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // Held by this process's previous handle (its flusher thread
+            // finishing), or by another coordinator: wait a little, then say so.
+            Err(::sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock && attempt < LOCK_ATTEMPTS =>
+            {
+                attempt += 1;
+                std::thread::sleep(LOCK_PAUSE);
+            }
+            Err(e) => {
+                return Err(StoreError::Open {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+fn io_error(path: &Path, e: ::sled::Error) -> StoreError {
+    match &e {
+        ::sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => StoreError::Full {
+            path: path.to_owned(),
+        },
+        _ => StoreError::Io {
+            path: path.to_owned(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// sled keeps `conf` and `db` (plus `blobs/`, `snap.*`) in its directory. A
+/// non-empty directory without them is someone else's: never write into it.
+fn refuse_foreign_dir(path: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(path).map_err(|source| StoreError::Create {
+        path: path.to_owned(),
+        source,
+    })?;
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == "conf" || n == "db") {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = names.iter().map(String::as_str).take(3).collect();
+    shown.sort_unstable();
+    Err(StoreError::Foreign {
+        path: path.to_owned(),
+        found: format!("found {}", shown.join(", ")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use crate::store::test_records::{event, record};
+
+    fn node_put(name: &str) -> Put {
+        Put {
+            kind: Kind::Node,
+            key: name.into(),
+            value: serde_json::to_vec(&record(name)).expect("encode"),
+        }
+    }
+
+    fn keys(backend: &Sled, kind: Kind) -> Vec<String> {
+        let loaded = backend.load(kind).expect("load");
+        loaded.into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[tokio::test]
+    async fn a_store_that_failed_a_write_reopens_with_what_was_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Sled::open(dir.path()).expect("open");
+        assert!(!store.recover().expect("healthy"), "nothing to recover");
+        store.stage(node_put("a"));
+        store.commit().await.expect("commit");
+        // What a full disk does: sled reports an I/O error, and then refuses everything.
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let err = store.io(::sled::Error::Io(full));
+        assert!(matches!(err, StoreError::Full { .. }), "{err}");
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert!(
+            store.recover().expect("reopened"),
+            "reopened after a failure"
+        );
+        assert!(!store.recover().expect("healthy"), "once");
+        assert_eq!(keys(&store, Kind::Node), ["a"]);
+        store.stage(node_put("b"));
+        store.commit().await.expect("writes work again");
+        assert_eq!(keys(&store, Kind::Node), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_failed_to_commit_goes_out_with_the_next_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Sled::open(dir.path()).expect("open");
+        store.stage(node_put("a"));
+        store.stage(Put {
+            kind: Kind::Event,
+            key: "a".into(),
+            value: serde_json::to_vec(&event(1)).expect("encode"),
+        });
+        // The state a reopen leaves it in until sled opens again.
+        let trees = store.trees.take();
+        store.commit().await.expect_err("nothing to write to");
+        store.trees = trees;
+        assert!(keys(&store, Kind::Node).is_empty(), "nothing written");
+        store.stage(node_put("b"));
+        store.commit().await.expect("commit");
+        assert_eq!(keys(&store, Kind::Node), ["a", "b"]);
+        assert_eq!(keys(&store, Kind::Event), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_newer_write_staged_after_a_failed_commit_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Sled::open(dir.path()).expect("open");
+        let mut old = record("a");
+        old.hostname = "old".into();
+        store.stage(Put {
+            kind: Kind::Node,
+            key: "a".into(),
+            value: serde_json::to_vec(&old).expect("encode"),
+        });
+        let trees = store.trees.take();
+        store.commit().await.expect_err("nothing to write to");
+        store.trees = trees;
+        store.stage(node_put("a"));
+        store.commit().await.expect("commit");
+        let store = Store::new(Box::new(store));
+        assert_eq!(store.load_nodes().expect("load"), vec![record("a")]);
+    }
+
+    #[tokio::test]
+    async fn staged_events_and_a_registration_are_durable_after_one_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.put_node(&record("gpu-001")).expect("put");
+            for i in 0..3 {
+                store.put_event("gpu-001", &event(i)).expect("put");
+            }
+            assert!(store.load_nodes().expect("load").is_empty(), "staged only");
+            assert!(store.load_events().expect("load").is_empty(), "staged only");
+            store.flush().await.expect("one commit");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.load_nodes().expect("load"), vec![record("gpu-001")]);
+        let events: Vec<(String, String)> = store
+            .load_events()
+            .expect("load")
+            .into_iter()
+            .map(|(n, e)| (n, e.message))
+            .collect();
+        let expected: Vec<(String, String)> = (0..3)
+            .map(|i| ("gpu-001".to_owned(), format!("e{i}")))
+            .collect();
+        assert_eq!(events, expected);
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.put_node(&record("gpu-001")).expect("put");
+            store.flush().await.expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.load_nodes().expect("load"), vec![record("gpu-001")]);
+    }
+
+    #[tokio::test]
+    async fn events_are_kept_per_node_and_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for i in 0..(2 * MAX_EVENTS as u64) {
+                store.put_event("a", &event(i)).expect("put");
+                // Commits of one event, and one of many.
+                if i < MAX_EVENTS as u64 {
+                    store.flush().await.expect("flush");
+                }
+            }
+            let mut other = event(0);
+            other.message = "other".into();
+            store.put_event("ab", &other).expect("put");
+            store.flush().await.expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let events = store.load_events().expect("load");
+        let a: Vec<_> = events.iter().filter(|(n, _)| n == "a").collect();
+        assert!(
+            (MAX_EVENTS..MAX_EVENTS + 16).contains(&a.len()),
+            "pruned: {}",
+            a.len()
+        );
+        assert_ne!(a[0].1.message, "e0", "oldest dropped");
+        assert_eq!(a.last().map(|e| e.1.message.as_str()), Some("e199"));
+        assert_eq!(events.iter().filter(|(n, _)| n == "ab").count(), 1);
+    }
+
+    #[test]
+    fn a_file_is_not_a_data_dir() {
+        let file = tempfile::NamedTempFile::new().expect("file");
+        let err = Store::open(file.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains(&file.path().display().to_string()),
+            "{err}"
+        );
+        assert!(matches!(err, StoreError::NotADirectory { .. }));
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("notes.txt"), "hello").expect("write");
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
+        assert_eq!(names.len(), 1, "nothing was written");
+    }
+
+    #[test]
+    fn garbage_in_sled_files_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("conf"), b"\xff\x00garbage").expect("write");
+        std::fs::write(dir.path().join("db"), vec![0xa5u8; 4096]).expect("write");
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_record_names_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Sled::open(dir.path()).expect("open");
+            let trees = store.trees().expect("open");
+            trees
+                .nodes
+                .insert("gpu-009", &b"{not json"[..])
+                .expect("insert");
+            trees.db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let err = store.load_nodes().expect_err("corrupt");
+        assert!(err.to_string().contains("gpu-009"), "{err}");
+    }
+}
