@@ -306,7 +306,9 @@ async fn watch_registration(
     }
 }
 
-/// Wall-clock time for messages and samples, unix milliseconds.
+/// Wall-clock time for messages and samples, unix milliseconds: a record, never a deadline.
+/// Every timeout, lease and backoff is on `tokio::time::Instant`, so a step of the host's clock
+/// changes no decision (DESIGN.md, "Time"; tests/tests/clock_step.rs steps it).
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -10,10 +10,12 @@
 //! ```
 
 // Layout: `process` (binaries as child processes), `jobs` (job specs and
-// readers), `netns` (clusters of network namespaces) with `proxy` (the TCP
-// fault proxy), `scenario` (what reliability scenarios check) and `report`
-// (their rows for docs/reliability.md).
+// readers), `faketime` (one process's wall clock, stepped), `netns`
+// (clusters of network namespaces) with `proxy` (the TCP fault proxy),
+// `scenario` (what reliability scenarios check) and `report` (their rows for
+// docs/reliability.md).
 pub mod etcd;
+pub mod faketime;
 pub mod jobs;
 pub mod netns;
 pub mod process;
@@ -21,6 +23,7 @@ pub mod proxy;
 pub mod report;
 pub mod scenario;
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +32,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tokio::time::Instant;
 
-pub use process::{Agent, Coordinator, bin};
+pub use process::{Agent, Coordinator, Env, bin};
 
 /// Deadline for anything that should take a second or two: generous, since a
 /// loaded 2-core CI machine can be slow; tests measure and report real times.
@@ -141,17 +144,30 @@ pub struct Cluster {
     pub coordinator: Coordinator,
     pub agents: Vec<Agent>,
     config: String,
+    /// Added to the coordinator's environment, at every (re)start.
+    coordinator_env: Vec<(OsString, OsString)>,
 }
 
 impl Cluster {
     pub fn start(coordinator_config: &str, agents: usize) -> Result<Self> {
+        Self::start_env(coordinator_config, agents, &[])
+    }
+
+    /// [`Cluster::start`] with `coordinator_env` added to the coordinator's environment.
+    pub fn start_env(
+        coordinator_config: &str,
+        agents: usize,
+        coordinator_env: &Env,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let coordinator = Coordinator::start(dir.path(), coordinator_config, None)?;
+        let coordinator =
+            Coordinator::start_env(dir.path(), coordinator_config, None, coordinator_env)?;
         let mut cluster = Self {
             dir,
             coordinator,
             agents: Vec::new(),
             config: coordinator_config.to_owned(),
+            coordinator_env: coordinator_env.to_vec(),
         };
         for i in 0..agents {
             cluster.add_agent(&format!("node-{i}"))?;
@@ -172,6 +188,13 @@ impl Cluster {
     /// Add an agent whose config file also holds `extra` (top-level keys).
     pub fn add_agent_with(&mut self, name: &str, extra: &str) -> Result<()> {
         let agent = Agent::start_with(self.dir.path(), &self.url(), name, 8, extra)?;
+        self.agents.push(agent);
+        Ok(())
+    }
+
+    /// Add an agent with `env` added to its environment.
+    pub fn add_agent_env(&mut self, name: &str, env: &Env) -> Result<()> {
+        let agent = Agent::start_env(self.dir.path(), &self.url(), name, 8, "", env)?;
         self.agents.push(agent);
         Ok(())
     }
@@ -198,7 +221,12 @@ impl Cluster {
     pub fn restart_coordinator(&mut self) -> Result<()> {
         self.coordinator.kill9();
         let addr: SocketAddr = self.coordinator.grpc;
-        self.coordinator = Coordinator::start(self.dir.path(), &self.config, Some(addr))?;
+        self.coordinator = Coordinator::start_env(
+            self.dir.path(),
+            &self.config,
+            Some(addr),
+            &self.coordinator_env,
+        )?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The vigil binaries as child processes: built once per test process,
 //! started on ephemeral loopback ports, SIGKILLed when dropped.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,10 @@ fn build_binaries() -> Result<PathBuf> {
     Ok(profile_dir)
 }
 
+/// Variables added to a child's environment, on top of the test's own (which it inherits):
+/// e.g. libfaketime preloaded into that one process ([`crate::faketime::FakeWallClock::env`]).
+pub type Env = [(OsString, OsString)];
+
 /// A running vigil-coordinator.
 pub struct Coordinator {
     pub child: Child,
@@ -74,6 +79,16 @@ impl Coordinator {
     /// Start on `listen` (default an ephemeral loopback port) with data dir
     /// `dir/coordinator-data`; returns once it prints its serving line.
     pub fn start(dir: &Path, config: &str, listen: Option<SocketAddr>) -> Result<Self> {
+        Self::start_env(dir, config, listen, &[])
+    }
+
+    /// [`Coordinator::start`] with `env` added to its environment.
+    pub fn start_env(
+        dir: &Path,
+        config: &str,
+        listen: Option<SocketAddr>,
+        env: &Env,
+    ) -> Result<Self> {
         let config_path = write_file(dir, "coordinator.toml", config)?;
         let log = dir.join("coordinator.log");
         let stderr = std::fs::OpenOptions::new()
@@ -97,6 +112,7 @@ impl Coordinator {
                 "--data-dir",
             ])
             .arg(dir.join("coordinator-data"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -187,6 +203,18 @@ impl Agent {
     /// [`Agent::start`] with `extra` before its config (top-level keys, or a `[tls]` section for
     /// an `https://` coordinator; an `http://` one gets `--insecure`).
     pub fn start_with(dir: &Path, url: &str, name: &str, gpus: u32, extra: &str) -> Result<Self> {
+        Self::start_env(dir, url, name, gpus, extra, &[])
+    }
+
+    /// [`Agent::start_with`] with `env` added to its environment (its workers inherit it).
+    pub fn start_env(
+        dir: &Path,
+        url: &str,
+        name: &str,
+        gpus: u32,
+        extra: &str,
+        env: &Env,
+    ) -> Result<Self> {
         let config = write_file(
             dir,
             &format!("agent-{name}.toml"),
@@ -223,6 +251,7 @@ impl Agent {
             .arg(dir.join(format!("agent-{name}-state")))
             .arg("--sim-fault-file")
             .arg(&fault_file)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
