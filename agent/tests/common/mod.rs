@@ -47,6 +47,11 @@ impl RunningAgent {
         Ok(text)
     }
 
+    /// Whether the agent's `run` is still going (it has not returned on its own).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
     /// Asks the agent to stop; it must end cleanly within `within`.
     pub async fn stop(mut self, within: Duration) -> TestResult {
         if let Some(stop) = self.stop.take() {
