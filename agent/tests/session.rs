@@ -273,6 +273,8 @@ async fn silent_coordinator_costs_the_session_its_lease() -> TestResult {
     h.stop().await
 }
 
+/// The agent must keep running, redialing and serving `/metrics`, with no
+/// coordinator at all, until its own shutdown future fires.
 #[tokio::test]
 async fn unreachable_coordinator_does_not_stop_the_agent() -> TestResult {
     let state = tempfile::tempdir()?;
@@ -283,14 +285,40 @@ async fn unreachable_coordinator_does_not_stop_the_agent() -> TestResult {
         node_name: "lonely".into(),
         gpu_backend: GpuBackendKind::Sim,
         state_dir: state.path().join("s"),
+        reconnect: ReconnectConfig {
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+        },
         ..AgentConfig::default()
     };
-    let metrics = TcpListener::bind("127.0.0.1:0").await?;
-    let run = vigil_agent::run_with_listener(
-        config,
-        metrics,
-        tokio::time::sleep(Duration::from_millis(500)),
+    let agent = RunningAgent::start(config).await?;
+    // Every failed dial counts one reconnect: three of them, each seen on a
+    // /metrics page the running agent served, prove it kept trying.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if !agent.is_running() {
+            let ended = agent.stop(Duration::from_secs(1)).await;
+            return Err(format!("the agent returned before its shutdown fired: {ended:?}").into());
+        }
+        let text = agent.metrics().await?;
+        assert!(text.contains("vigil_agent_connected 0"), "{text}");
+        if metric(&text, "vigil_agent_reconnects_total").is_some_and(|n| n >= 3) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("no three failed dials within 10 s:\n{text}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        agent.is_running(),
+        "the agent returned before its shutdown fired"
     );
-    tokio::time::timeout(Duration::from_secs(5), run).await??;
-    Ok(())
+    agent.stop(Duration::from_secs(5)).await
+}
+
+/// The value of the unlabelled sample `name` on a /metrics page.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -28,7 +28,7 @@ fn time_to_cordon(cluster: &Cluster, node: &str, fault: &str) -> Result<(Duratio
 }
 
 #[test]
-fn xid_79_cordons_the_node_within_a_second_with_the_reason() -> Result<()> {
+fn xid_79_cordons_the_node_naming_the_reason() -> Result<()> {
     let cluster = ready(2)?;
     let (took, reason) = time_to_cordon(&cluster, "node-0", "gpu=3 xid=79\n")?;
     println!("fault file write -> cordon visible in clusterctl: {took:?}");

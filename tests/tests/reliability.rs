@@ -13,8 +13,8 @@ use vigil_tests::jobs::{attempt, spec_in, workers_running};
 use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
-    Resume, attempt_nodes, check_fenced, check_resume, known_checkpoint, node_of_rank, restarts,
-    running, running_attempts, settle, unreported,
+    Resume, attempt_nodes, availability_log, check_fenced, check_resume, known_checkpoint,
+    node_of_rank, patient_spec, restarts, running, running_attempts, settle, unreported,
 };
 use vigil_tests::{FAST_LIVENESS, LONG, now, wait_for};
 
@@ -121,24 +121,58 @@ fn long_partition_relaunches_elsewhere_and_the_isolated_workers_are_fenced() -> 
     .record()
 }
 
+/// The fast settings with room for a partition the cluster should ride out: past
+/// `unreachable_after` (1 s), well inside the lease (5 s) and `lost_after` (6 s).
+/// FAST_LIVENESS's 2 s lease leaves none: a 1.5 s cut restarted the job there,
+/// because TCP's retransmission backoff held the first heartbeat after the heal
+/// until 2.25 s after the cut (the run that showed it), past the lease.
+const PARTITION_LIVENESS: &str = r#"
+[liveness]
+heartbeat_interval = "200ms"
+unreachable_after = "1s"
+lost_after = "6s"
+agent_lease = "5s"
+"#;
+
+/// Longer than `unreachable_after`, so the coordinator notices; far shorter
+/// than the lease and `lost_after` of [`PARTITION_LIVENESS`].
+const SHORT_CUT: Duration = Duration::from_secs(2);
+
 #[test]
-fn short_partition_restarts_nothing() -> Result<()> {
-    let Some(c) = NetCluster::builder(FAST_LIVENESS).hosts(2).start()? else {
+fn short_partition_makes_the_node_unreachable_not_lost_and_restarts_nothing() -> Result<()> {
+    let Some(c) = NetCluster::builder(PARTITION_LIVENESS).hosts(2).start()? else {
         return Ok(());
     };
-    let id = c.submit(&spec_in(c.dir.path(), 2, 0, "", "")?)?;
+    // The cut and TCP's retransmission backoff after it can outlast a 3 s hang_timeout.
+    let id = c.submit(&patient_spec(c.dir.path(), 2)?)?;
     let job = running(&c, &id, 2)?;
     let victim = node_of_rank(&job, 1)?;
     let before = c.trainers(&victim)?;
+    let logged = availability_log(&c, &victim).len();
     c.cut(&victim)?;
-    // Below `unreachable_after` (1 s) at 200 ms heartbeats.
-    settle(Duration::from_millis(600));
+    settle(SHORT_CUT);
     c.heal(&victim)?;
+    c.wait_node(&victim, "healed node Ready", |n| {
+        n["availability"] == "Ready"
+    })?;
     settle(Duration::from_secs(3));
+    let moved: Vec<String> = availability_log(&c, &victim).split_off(logged);
+    // Without Unreachable the cut went unnoticed, and "not Lost" would prove nothing.
+    ensure!(
+        moved.iter().any(|a| a == "Unreachable"),
+        "the coordinator never marked {victim} Unreachable during a {SHORT_CUT:?} cut: {moved:?}"
+    );
+    ensure!(
+        !moved.iter().any(|a| a == "Lost"),
+        "{victim} was falsely Lost: {moved:?}"
+    );
     let job = c.job(&id)?;
     ensure!(
         attempt(&job) == 1 && restarts(&job) == 0,
-        "nothing restarted: {job}"
+        "nothing restarted: {job}\n--- coordinator log:\n{}\n--- agent {victim} log:\n{}",
+        c.coordinator_log(),
+        std::fs::read_to_string(c.dir.path().join(format!("agent-{victim}.log")))
+            .unwrap_or_default()
     );
     ensure!(c.trainers(&victim)? == before, "the same worker process");
     let step = |j: &Value| j["workers"][1]["progress_step"].as_u64().unwrap_or(0);
@@ -147,10 +181,15 @@ fn short_partition_restarts_nothing() -> Result<()> {
     ensure!(workers_running(&job, 2));
     Row {
         order: 3,
-        scenario: "short partition (< `unreachable_after`)".into(),
-        fault: "bridge port of rank 1 down for 0.6 s".into(),
-        outcome: "nothing restarted: same attempt, same worker processes, progress continues"
-            .into(),
+        scenario: "short partition (> `unreachable_after`, < the lease and `lost_after`)".into(),
+        fault: format!(
+            "bridge port of rank 1 down for {:.1} s (`unreachable_after` 1 s, lease 5 s, `lost_after` 6 s; the job's `hang_timeout` 10 s)",
+            SHORT_CUT.as_secs_f64()
+        ),
+        outcome: format!(
+            "node went {}, never Lost; nothing restarted: same attempt, same worker processes, progress continues",
+            moved.join(" -> ")
+        ),
         ..Row::default()
     }
     .record()

@@ -47,6 +47,11 @@ impl RunningAgent {
         Ok(text)
     }
 
+    /// Whether the agent's `run` is still going (it has not returned on its own).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
     /// Asks the agent to stop; it must end cleanly within `within`.
     pub async fn stop(mut self, within: Duration) -> TestResult {
         if let Some(stop) = self.stop.take() {
@@ -63,4 +68,32 @@ pub fn current_user() -> Result<String, Box<dyn Error>> {
     Ok(nix::unistd::User::from_uid(uid)?
         .ok_or("no passwd entry for this uid")?
         .name)
+}
+
+/// Set to `1` (`.ci/run` does) to turn a skip for want of root into a failure,
+/// so CI never goes green without running the tests that need it.
+pub const REQUIRE_ROOT_ENV: &str = "VIGIL_REQUIRE_ROOT";
+
+/// Whether `test` can run: the tests run as root. When not, prints one SKIP
+/// line (past the test harness's capture, so a plain `cargo test` shows it) and
+/// returns false, or fails when [`REQUIRE_ROOT_ENV`] is `1`.
+pub fn root_or_skip(test: &str) -> Result<bool, Box<dyn Error>> {
+    if nix::unistd::Uid::effective().is_root() {
+        return Ok(true);
+    }
+    skip_root_test(test, "it needs root")?;
+    Ok(false)
+}
+
+/// Prints `SKIP: TEST: WHY` for a test that needs root and cannot run here, or
+/// fails when [`REQUIRE_ROOT_ENV`] is `1`.
+pub fn skip_root_test(test: &str, why: &str) -> Result<(), Box<dyn Error>> {
+    let line = format!("SKIP: {test}: {why}");
+    if std::env::var_os(REQUIRE_ROOT_ENV).is_some_and(|v| v == "1") {
+        return Err(format!("{REQUIRE_ROOT_ENV}=1 but {line}").into());
+    }
+    // Straight to the stream: libtest captures println!/eprintln! of passing tests.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    Ok(())
 }

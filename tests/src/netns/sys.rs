@@ -38,8 +38,9 @@ pub fn available() -> Result<bool> {
     }
     static SAID: OnceLock<()> = OnceLock::new();
     SAID.get_or_init(|| {
-        // Straight to the stream: the test harness captures println! of passing tests.
-        let _ = writeln!(std::io::stderr(), "{SKIP_LINE}");
+        // Straight to the stream: libtest captures println!/eprintln! of passing
+        // tests, so a plain `cargo test` would not show that this one did nothing.
+        let _ = writeln!(std::io::stderr().lock(), "{SKIP_LINE}");
     });
     Ok(false)
 }
