@@ -75,6 +75,19 @@ fn backlog(snap: &Snapshot, req: &v1::WatchEventsRequest) -> Vec<v1::ClusterEven
     all.split_off(all.len().saturating_sub(n))
 }
 
+/// What tells two copies of one event apart from two events.
+type EventKey = (u64, String, String, String, String);
+
+fn key(e: &v1::ClusterEvent) -> EventKey {
+    (
+        e.at_unix_ms,
+        e.kind.clone(),
+        e.node.clone(),
+        e.job.clone(),
+        e.message.clone(),
+    )
+}
+
 pub fn watch_events(
     engine: &EngineHandle,
     metrics: Arc<Metrics>,
@@ -86,7 +99,10 @@ pub fn watch_events(
     let (tx, rx) = mpsc::channel(STREAM_QUEUE);
     tokio::spawn(async move {
         let _guard = StreamGuard::new(metrics);
-        let last = past.last().map_or(0, |e| e.at_unix_ms);
+        // An event published between the subscription and the snapshot is in both: skip the
+        // live copy of what the backlog already sent. (Not by timestamp: the coordinator's
+        // wall clock may step back, and later events would look older.)
+        let mut sent: std::collections::HashSet<EventKey> = past.iter().map(key).collect();
         for e in past {
             if tx.send(Ok(e)).await.is_err() {
                 return;
@@ -97,7 +113,7 @@ pub fn watch_events(
         }
         loop {
             match live.recv().await {
-                Ok(e) if matches(&e, &req) && e.at_unix_ms >= last => {
+                Ok(e) if matches(&e, &req) && !sent.remove(&key(&e)) => {
                     if tx.send(Ok(e)).await.is_err() {
                         return;
                     }

@@ -229,8 +229,7 @@ impl ClusterState {
         if !sent {
             return Vec::new();
         }
-        let effects = self.finish_burn_in(node, passed, summary, now);
-        effects
+        self.finish_burn_in(node, passed, summary, now)
     }
 
     fn finish_burn_in(&mut self, name: &str, passed: bool, summary: &str, now: Now) -> Vec<Effect> {

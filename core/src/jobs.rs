@@ -519,31 +519,8 @@ impl ClusterState {
                     && nodes.get(n).is_some_and(|node| eligible(node, gpus))
                     && !avoid.contains(n)
             };
-            if job.phase.holds_nodes() {
-                let before = job.spares.clone();
-                job.spares.retain(|s| ok(s, &holders));
-                let want = job.spec.spare_nodes as usize;
-                let free_now = *free
-                    .entry(gpus)
-                    .or_insert_with(|| count_free(nodes, &holders, gpus));
-                if job.spares.len() < want && free_now > 0 {
-                    let extra: Vec<String> = nodes
-                        .keys()
-                        .filter(|n| {
-                            ok(n, &holders) && !job.placement.contains(n) && !job.spares.contains(n)
-                        })
-                        .take(want - job.spares.len())
-                        .cloned()
-                        .collect();
-                    for n in &extra {
-                        holders.insert(n.clone(), id.clone());
-                    }
-                    free.clear();
-                    job.spares.extend(extra);
-                }
-                if job.spares != before {
-                    effects.push(Effect::PersistJob(Box::new(job.clone())));
-                }
+            if job.phase.holds_nodes() && reserve_spares(job, nodes, &mut holders, &mut free) {
+                effects.push(Effect::PersistJob(Box::new(job.clone())));
             }
             if !ready_to_start {
                 continue;
@@ -602,6 +579,8 @@ impl ClusterState {
             // Spares are few: a linear look-up is cheapest.
             job.spares.retain(|s| !chosen.contains(s));
             start_attempt(job, chosen, now, &mut effects);
+            // Its spares too, in this same pass: a later job must not take them.
+            reserve_spares(job, nodes, &mut holders, &mut free);
             effects.push(Effect::PersistJob(Box::new(job.clone())));
         }
         effects
@@ -620,6 +599,44 @@ impl ClusterState {
             })
             .collect()
     }
+}
+
+/// Keep `job`'s spares eligible and top them up to `spare_nodes` from free nodes, marking
+/// them held; whether its spares changed.
+fn reserve_spares(
+    job: &mut Job,
+    nodes: &BTreeMap<String, Node>,
+    holders: &mut HashMap<String, String>,
+    free: &mut HashMap<u32, usize>,
+) -> bool {
+    let gpus = job.spec.gpus_per_node;
+    let id = job.id.clone();
+    let avoid = job.avoid.clone();
+    let ok = |n: &str, holders: &HashMap<String, String>| {
+        holders.get(n).is_none_or(|h| *h == id)
+            && nodes.get(n).is_some_and(|node| eligible(node, gpus))
+            && !avoid.contains(n)
+    };
+    let before = job.spares.clone();
+    job.spares.retain(|s| ok(s, holders));
+    let want = job.spec.spare_nodes as usize;
+    let free_now = *free
+        .entry(gpus)
+        .or_insert_with(|| count_free(nodes, holders, gpus));
+    if job.spares.len() < want && free_now > 0 {
+        let extra: Vec<String> = nodes
+            .keys()
+            .filter(|n| ok(n, holders) && !job.placement.contains(n) && !job.spares.contains(n))
+            .take(want - job.spares.len())
+            .cloned()
+            .collect();
+        for n in &extra {
+            holders.insert(n.clone(), id.clone());
+        }
+        free.clear();
+        job.spares.extend(extra);
+    }
+    job.spares != before
 }
 
 /// Eligible nodes that no job holds.
@@ -921,6 +938,8 @@ pub(crate) fn stop_attempt(
         }
         if !w.phase.is_dead() {
             w.phase = WorkerPhase::Stopping;
+            // Its stop is a new command: sent at once, with a backoff of its own.
+            w.sent = None;
         }
         // A worker still alive is sent its stop by `commands` until it is confirmed dead;
         // one that exited gets a single stop too: it confirms the node is clean.

@@ -339,6 +339,11 @@ impl ClusterState {
                 | v1::agent_event::Kind::WorkerExited(_)
                 | v1::agent_event::Kind::Checkpoint(_),
             ) => {
+                if let Some(v1::agent_event::Kind::WorkerExited(x)) = &event.kind {
+                    // What the agent runs is its last report, less what has exited since.
+                    Arc::make_mut(&mut node.workers)
+                        .retain(|w| !(w.job_id == x.job_id && w.attempt == x.attempt));
+                }
                 effects.extend(self.worker_event(node_name, event, now));
                 return Ok(effects);
             }

@@ -5,9 +5,10 @@
 //! 2. jobs react to what it changed on nodes (a node Lost or Unhealthy fails its attempt);
 //! 3. admission: the lemon ledger charges failures and cordons lemons, then burn-in cordons
 //!    nodes that join;
-//! 4. commands follow the state (`commands`): what the state still needs done on agents;
-//! 5. one `schedule` at the end, so a job is never placed on a node that this same step
-//!    cordons (a burn-in, a lemon).
+//! 4. one `schedule`, after every policy, so a job is never placed on a node that this same
+//!    step cordons (a burn-in, a lemon);
+//! 5. commands follow the state (`commands`): what the state still needs done on agents,
+//!    including the starts of what was just scheduled.
 //!
 //! A refused request comes back as [`Effect::Refused`] and changes nothing; a stale or foreign
 //! agent message as [`Effect::Ignored`], which the shell counts.

@@ -231,7 +231,6 @@ impl ClusterState {
             cordon.extend(effects);
             effects = cordon;
         }
-        if !effects.is_empty() {}
         effects
     }
 
