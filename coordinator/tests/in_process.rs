@@ -1,0 +1,467 @@
+//! The in-process cluster: the real engine, simulated agents and the memory store in one
+//! paused-time runtime. Deterministic and fast (simulated seconds cost microseconds), so the
+//! core loop is tested end to end without sockets, processes or real time: XID -> cordon ->
+//! gang stop -> relaunch on the spare; a lost stop command; a store whose commits fail.
+//!
+//! A `SimAgent` speaks the engine's side of `AgentService.Connect` directly (`Event`s in,
+//! `CoordinatorMessage`s out) and behaves like `vigil-agent`: it starts and stops workers on
+//! command (idempotently), reports them in heartbeats with a growing step, and answers a stop
+//! of a worker it does not run with `WorkerExited { stopped }`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+use vigil_coordinator::config::Config;
+use vigil_coordinator::engine::{Engine, EngineHandle, Event};
+use vigil_coordinator::job::{Job, JobPhase};
+use vigil_coordinator::metrics::Metrics;
+use vigil_coordinator::node::{GpuRecord, Node};
+use vigil_coordinator::state::Registration;
+use vigil_coordinator::store::{Memory, MemoryFaults};
+use vigil_proto::v1;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// How far simulated time moves per round of the harness.
+const ROUND: Duration = Duration::from_millis(50);
+
+struct SimAgent {
+    node: String,
+    session: u64,
+    rx: mpsc::Receiver<Result<v1::CoordinatorMessage, Status>>,
+    /// (job, attempt) -> (node rank, step).
+    running: BTreeMap<(String, u64), (u32, u64)>,
+    seq: u64,
+    /// Stops to drop on the floor (a lost message) before obeying one.
+    drop_stops: u32,
+    stops_seen: u32,
+    since_heartbeat: Duration,
+}
+
+struct Cluster {
+    handle: EngineHandle,
+    agents: Vec<SimAgent>,
+    stop: watch::Sender<bool>,
+    faults: MemoryFaults,
+    elapsed: Duration,
+}
+
+impl Cluster {
+    async fn start(nodes: usize) -> Result<Self, Box<dyn std::error::Error>> {
+        let memory = Memory::new();
+        let faults = memory.faults();
+        let metrics = Arc::new(Metrics::new(1));
+        let (engine, handle) = Engine::new(memory.store(), &Config::default(), metrics)?;
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(engine.run(stop_rx));
+        let mut cluster = Self {
+            handle,
+            agents: Vec::new(),
+            stop,
+            faults,
+            elapsed: Duration::ZERO,
+        };
+        for i in 0..nodes {
+            cluster.register(&format!("n{i}"), i as u64 + 1).await?;
+        }
+        cluster
+            .until("every node Ready", |c| {
+                let snap = c.handle.snapshot();
+                snap.nodes.len() == nodes && snap.nodes.iter().all(|n| n.display_state() == "Ready")
+            })
+            .await?;
+        Ok(cluster)
+    }
+
+    async fn register(
+        &mut self,
+        node: &str,
+        session: u64,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let (tx, rx) = mpsc::channel(1024);
+        let reg = Registration {
+            session,
+            node: node.to_owned(),
+            hostname: node.to_owned(),
+            address: "127.0.0.1".into(),
+            agent_version: "test".into(),
+            simulated: true,
+            gpus: (0..8)
+                .map(|i| GpuRecord {
+                    index: i,
+                    uuid: format!("GPU-{node}-{i}"),
+                    name: "simulated".into(),
+                    pci_bus_id: String::new(),
+                    memory_total_bytes: 80 << 30,
+                    serial: format!("{node}-{i}"),
+                })
+                .collect(),
+            workers: Vec::new(),
+        };
+        self.handle.send(Event::Register { reg, tx }).await?;
+        self.agents.push(SimAgent {
+            node: node.to_owned(),
+            session,
+            rx,
+            running: BTreeMap::new(),
+            seq: 0,
+            drop_stops: 0,
+            stops_seen: 0,
+            since_heartbeat: Duration::ZERO,
+        });
+        Ok(())
+    }
+
+    fn agent(&mut self, node: &str) -> &mut SimAgent {
+        self.agents
+            .iter_mut()
+            .find(|a| a.node == node)
+            .expect("a simulated agent of that name")
+    }
+
+    /// One round: time moves on, every agent reads its commands, answers them, heartbeats.
+    async fn round(&mut self) -> TestResult {
+        tokio::time::advance(ROUND).await;
+        self.elapsed += ROUND;
+        for i in 0..self.agents.len() {
+            let events = self.agents[i].read_commands();
+            let agent = &mut self.agents[i];
+            agent.since_heartbeat += ROUND;
+            let mut out: Vec<Event> = events;
+            if agent.since_heartbeat >= Duration::from_secs(1) {
+                agent.since_heartbeat = Duration::ZERO;
+                out.push(agent.heartbeat());
+            }
+            for event in out {
+                self.handle.send(event).await?;
+            }
+        }
+        // Let the engine take its turn at this instant.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// Run rounds until `cond` holds; fails after a simulated minute.
+    async fn until(&mut self, what: &str, cond: impl Fn(&Self) -> bool) -> TestResult {
+        let limit = self.elapsed + Duration::from_secs(60);
+        while self.elapsed < limit {
+            if cond(self) {
+                return Ok(());
+            }
+            self.round().await?;
+        }
+        Err(format!(
+            "{what}: not within a simulated minute; nodes {:?}; jobs {:?}",
+            self.nodes(),
+            self.jobs()
+        )
+        .into())
+    }
+
+    fn nodes(&self) -> Vec<(String, String)> {
+        self.handle
+            .snapshot()
+            .nodes
+            .iter()
+            .map(|n| (n.record.name.clone(), n.display_state().to_owned()))
+            .collect()
+    }
+
+    fn jobs(&self) -> Vec<(String, JobPhase, u64, Vec<String>)> {
+        self.handle
+            .snapshot()
+            .jobs
+            .iter()
+            .map(|j| (j.id.clone(), j.phase, j.attempt, j.placement.clone()))
+            .collect()
+    }
+
+    fn job(&self, id: &str) -> Option<Job> {
+        self.handle
+            .snapshot()
+            .jobs
+            .iter()
+            .find(|j| j.id == id)
+            .cloned()
+    }
+
+    fn node(&self, name: &str) -> Option<Node> {
+        self.handle
+            .snapshot()
+            .nodes
+            .iter()
+            .find(|n| n.record.name == name)
+            .cloned()
+    }
+
+    async fn submit(
+        &mut self,
+        nodes: u32,
+        spares: u32,
+    ) -> Result<String, Box<dyn std::error::Error>> {
+        let spec = format!(
+            r#"name = "train"
+nodes = {nodes}
+gpus_per_node = 8
+command = ["python3", "train.py"]
+workdir = "/w"
+spare_nodes = {spares}
+[checkpoint]
+dir = "/c"
+[restart]
+backoff = "1s"
+"#
+        );
+        let job = self
+            .handle
+            .ask(|reply| Event::SubmitJob {
+                spec_toml: spec,
+                source: "test.toml".into(),
+                actor: "test".into(),
+                reply,
+            })
+            .await?;
+        Ok(job.id)
+    }
+
+    /// An XID from `node` on GPU `gpu`.
+    async fn xid(&mut self, node: &str, gpu: u32, xid: u32) -> TestResult {
+        let agent = self.agent(node);
+        agent.seq += 1;
+        let event = Event::AgentEvent {
+            node: agent.node.clone(),
+            session: agent.session,
+            seq: agent.seq,
+            event: v1::AgentEvent {
+                at_unix_ms: 0,
+                kind: Some(v1::agent_event::Kind::Xid(v1::XidError {
+                    gpu_index: gpu,
+                    xid,
+                    gpu_uuid: format!("GPU-{node}-{gpu}"),
+                })),
+            },
+        };
+        self.handle.send(event).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.send(true).ok();
+    }
+}
+
+impl SimAgent {
+    /// Obey every command queued for this agent; the events that answer them.
+    fn read_commands(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Ok(msg) = self.rx.try_recv() {
+            let Ok(msg) = msg else { continue };
+            let Some(v1::coordinator_message::Body::Command(cmd)) = msg.body else {
+                continue;
+            };
+            match cmd.kind {
+                Some(v1::command::Kind::StartWorker(s)) => {
+                    let key = (s.job_id.clone(), s.attempt);
+                    self.running.entry(key).or_insert((s.node_rank, 0));
+                    out.push(
+                        self.event(v1::agent_event::Kind::WorkerStarted(v1::WorkerStarted {
+                            job_id: s.job_id,
+                            attempt: s.attempt,
+                            pid: 1000 + s.node_rank,
+                            log_path: String::new(),
+                        })),
+                    );
+                }
+                Some(v1::command::Kind::StopWorkers(s)) => {
+                    self.stops_seen += 1;
+                    if self.drop_stops > 0 {
+                        self.drop_stops -= 1;
+                        continue;
+                    }
+                    self.running.remove(&(s.job_id.clone(), s.attempt));
+                    out.push(
+                        self.event(v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+                            job_id: s.job_id,
+                            attempt: s.attempt,
+                            stopped: true,
+                            reason: s.reason,
+                            ..Default::default()
+                        })),
+                    );
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn event(&mut self, kind: v1::agent_event::Kind) -> Event {
+        self.seq += 1;
+        Event::AgentEvent {
+            node: self.node.clone(),
+            session: self.session,
+            seq: self.seq,
+            event: v1::AgentEvent {
+                at_unix_ms: 0,
+                kind: Some(kind),
+            },
+        }
+    }
+
+    /// A heartbeat reporting every running worker one step further.
+    fn heartbeat(&mut self) -> Event {
+        self.seq += 1;
+        let workers = self
+            .running
+            .iter_mut()
+            .map(|((job, attempt), (rank, step))| {
+                *step += 1;
+                v1::WorkerInfo {
+                    job_id: job.clone(),
+                    attempt: *attempt,
+                    node_rank: *rank,
+                    pid: 1000 + *rank,
+                    progress_step: Some(*step),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        Event::Heartbeat {
+            node: self.node.clone(),
+            session: self.session,
+            seq: self.seq,
+            heartbeat: v1::Heartbeat {
+                sent_at_unix_ms: 0,
+                gpus: Vec::new(),
+                workers,
+            },
+        }
+    }
+}
+
+fn running_attempt(c: &Cluster, id: &str, attempt: u64) -> bool {
+    c.job(id).is_some_and(|j| {
+        j.phase == JobPhase::Running
+            && j.attempt == attempt
+            && j.workers.values().all(|w| w.progress_step.is_some())
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_xid_cordons_the_node_stops_the_gang_and_relaunches_on_the_spare() -> TestResult {
+    let mut c = Cluster::start(3).await?;
+    let id = c.submit(2, 1).await?;
+    c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
+        .await?;
+    let job = c.job(&id).ok_or("job")?;
+    let (bad, good) = (job.placement[0].clone(), job.placement[1].clone());
+    let spare = job.spares.first().cloned().ok_or("a spare node")?;
+    let injected = c.elapsed;
+    c.xid(&bad, 3, 79).await?;
+    c.until("the node cordoned", |c| {
+        c.node(&bad).is_some_and(|n| n.cordoned())
+    })
+    .await?;
+    let cordoned_after = c.elapsed - injected;
+    let reason = c
+        .node(&bad)
+        .and_then(|n| n.record.cordon.clone())
+        .ok_or("cordon")?;
+    assert!(reason.reason.contains("XID 79"), "{}", reason.reason);
+    c.until("attempt 2 running", |c| running_attempt(c, &id, 2))
+        .await?;
+    let job = c.job(&id).ok_or("job")?;
+    assert!(!job.placement.contains(&bad), "{:?}", job.placement);
+    assert!(
+        job.placement.contains(&spare) && job.placement.contains(&good),
+        "{:?}",
+        job.placement
+    );
+    // Fencing: the gang's every worker of attempt 1 was stopped before attempt 2 started.
+    for a in &c.agents {
+        assert!(
+            !a.running.contains_key(&(id.clone(), 1)),
+            "{} still runs attempt 1",
+            a.node
+        );
+    }
+    // Simulated time: the cordon comes with the engine's first turn after the XID, and readers
+    // see it with the next snapshot (published every 300 ms).
+    assert!(
+        cordoned_after <= Duration::from_millis(300) + ROUND,
+        "cordoned after {cordoned_after:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_stop_command_delays_the_restart_but_never_strands_the_job() -> TestResult {
+    let mut c = Cluster::start(3).await?;
+    let id = c.submit(2, 0).await?;
+    c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
+        .await?;
+    let job = c.job(&id).ok_or("job")?;
+    let (bad, other) = (job.placement[0].clone(), job.placement[1].clone());
+    // The healthy node's first StopWorkers is lost on the way.
+    c.agent(&other).drop_stops = 1;
+    c.xid(&bad, 0, 79).await?;
+    c.until("the job stopping", |c| {
+        c.job(&id)
+            .is_some_and(|j| j.phase != JobPhase::Running || j.attempt > 1)
+    })
+    .await?;
+    c.until("attempt 2 running", |c| running_attempt(c, &id, 2))
+        .await?;
+    let agent = c.agent(&other);
+    assert!(
+        agent.stops_seen >= 2,
+        "the stop was sent again: {} stops seen",
+        agent.stops_seen
+    );
+    assert!(!agent.running.contains_key(&(id.clone(), 1)));
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn commits_that_fail_hold_every_effect_until_the_store_recovers() -> TestResult {
+    let mut c = Cluster::start(2).await?;
+    // Every commit fails for a while: the submission is refused and nothing starts.
+    c.faults.fail_next_commits(1);
+    let refused = c.submit(1, 0).await;
+    assert!(refused.is_err(), "a job is refused while its commit fails");
+    assert!(
+        c.jobs().is_empty(),
+        "the refused job is undone: {:?}",
+        c.jobs()
+    );
+    // Until the store has recovered (it writes the whole state again within a second),
+    // requests are refused; heartbeats are still acknowledged, so leases hold.
+    assert!(
+        c.submit(1, 0).await.is_err(),
+        "refused until the store recovered"
+    );
+    for _ in 0..40 {
+        c.round().await?;
+    }
+    assert!(
+        c.jobs().is_empty(),
+        "no refused job came back: {:?}",
+        c.jobs()
+    );
+    let id = c.submit(1, 0).await?;
+    c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
+        .await?;
+    assert!(
+        c.nodes().iter().all(|(_, s)| s == "Ready"),
+        "{:?}",
+        c.nodes()
+    );
+    Ok(())
+}
