@@ -46,6 +46,7 @@ struct Cluster {
     agents: Vec<SimAgent>,
     stop: watch::Sender<bool>,
     faults: MemoryFaults,
+    memory: Memory,
     elapsed: Duration,
 }
 
@@ -62,6 +63,7 @@ impl Cluster {
             agents: Vec::new(),
             stop,
             faults,
+            memory,
             elapsed: Duration::ZERO,
         };
         for i in 0..nodes {

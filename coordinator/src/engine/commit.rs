@@ -37,7 +37,11 @@ impl Engine {
     /// Stage and commit, without carrying anything out. While the store is failed, commits
     /// nothing and answers with the failure: `recover_store` writes everything later.
     pub(super) async fn commit_effects(&mut self, effects: &[Effect]) -> Result<(), StoreError> {
-        if let Some(why) = &self.store_failed {
+        if let Some(why) = self.store_failed.clone() {
+            // Staged, not committed: recovery commits this batch first, then the whole
+            // state (so history recorded meanwhile is kept too). A request never gets here
+            // with effects to keep: it is refused and undone (`turn::apply_request`).
+            self.stage(effects).ok();
             return Err(StoreError::Io {
                 path: self.store.path().to_owned(),
                 message: format!("not written yet: the store has not recovered from: {why}"),

@@ -501,6 +501,12 @@ impl Engine {
     /// (operators' requests are rare, the copy is affordable), the operator is told, and the
     /// store's recovery writes the state as it is, without the refused change.
     async fn apply_request(&mut self, input: Input) -> Result<Vec<Answer>, ControlError> {
+        if let Some(why) = &self.store_failed {
+            return Err(ControlError::Store(StoreError::Io {
+                path: self.store.path().to_owned(),
+                message: format!("no change is accepted until the store recovers from: {why}"),
+            }));
+        }
         let before = self.state.clone();
         let effects = self.step(input);
         if let Some(e) = effects.iter().find_map(refusal) {
@@ -514,7 +520,10 @@ impl Engine {
                 _ => None,
             })
             .collect();
+        // A request stages only on a healthy store (a failed one refused it above), which
+        // has nothing else pending: what is staged now is this request's alone, undone with it.
         if let Err(e) = self.commit_effects(&effects).await {
+            self.store.discard();
             self.state = before;
             return Err(ControlError::Store(e));
         }

@@ -9,10 +9,11 @@
 //! revokes the leadership at once. A batch over etcd's limits on one
 //! transaction (a whole state written again) goes out in several, each fenced.
 //!
-//! A commit takes at most `ha.request_timeout`, retries included: the engine
-//! waits for it, and an etcd that answers keepalives but not writes must not
-//! stall it. What was not written stays staged for the next commit, with the
-//! same keys (event ids are fixed when staged), so writing it twice is harmless.
+//! A commit's transaction takes at most `ha.request_timeout`, retries
+//! included (a batch split in several: each of them): the engine waits for
+//! it, and an etcd that answers keepalives but not writes must not stall it.
+//! What was not written stays staged for the next commit, with the same keys
+//! (event ids are fixed when staged), so writing it twice is harmless.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -177,7 +178,7 @@ impl EtcdStore {
         format!("{}events/{node}/{id:020}", self.prefix)
     }
 
-    /// Commits every staged write, in fenced transactions, within
+    /// Commits every staged write, in fenced transactions, each within
     /// `request_timeout`. What could not be committed stays staged (ahead of
     /// anything staged since) for the next commit.
     async fn commit_staged(&self) -> Result<(), StoreError> {
@@ -185,9 +186,9 @@ impl EtcdStore {
         if ops.is_empty() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.request_timeout;
         let mut chunks = chunked(ops).into_iter();
         while let Some(chunk) = chunks.next() {
+            let deadline = Instant::now() + self.request_timeout;
             if let Err(e) = self.write(&chunk, deadline).await {
                 let mut kept = chunk;
                 kept.extend(chunks.flatten());
@@ -306,6 +307,10 @@ impl Backend for EtcdStore {
             .into_iter()
             .map(|(node, _, v)| (node.to_owned(), v.clone()))
             .collect())
+    }
+
+    fn discard(&self) {
+        lock(&self.pending).clear();
     }
 
     fn stage(&self, put: Put) {

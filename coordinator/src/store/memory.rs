@@ -113,6 +113,10 @@ impl Backend for MemoryBackend {
         lock(&self.pending).push(put);
     }
 
+    fn discard(&self) {
+        lock(&self.pending).clear();
+    }
+
     fn commit(&self) -> Commit<'_> {
         Box::pin(async move {
             let batch = std::mem::take(&mut *lock(&self.pending));

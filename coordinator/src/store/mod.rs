@@ -4,8 +4,9 @@
 //! changed (`put_*`), then commits them once (`flush`) before any effect of
 //! that turn is sent. A commit makes everything staged durable in one
 //! operation, or fails and keeps all of it staged, ahead of anything staged
-//! since, so the next commit writes it. Nothing staged is visible to `load_*`
-//! before it is committed, on any backend.
+//! since, so the next commit writes it. `load_*` never sees what is only
+//! staged (the engine loads once, at start; etcd hands out what it read when
+//! leadership was won).
 //!
 //! Layout:
 //! - `sled`: a single coordinator's data dir (the default); a commit is one
@@ -129,6 +130,10 @@ pub trait Backend: Send + Sync {
     /// Add a write to the pending batch; nothing is written before [`Backend::commit`].
     fn stage(&self, put: Put);
 
+    /// Drop every staged write (an operator's request whose commit failed is undone: what it
+    /// staged, on a store with nothing else pending, must never be written later).
+    fn discard(&self);
+
     /// Make every staged write durable in one operation. On error, all of
     /// the batch stays staged (ahead of anything staged since) for the next
     /// commit, and the error says why; a commit never waits without bound.
@@ -250,6 +255,11 @@ impl Store {
     }
 
     /// Make every staged write durable, in one operation; see [`Backend::commit`].
+    /// Drop every staged write (see [`Backend::discard`]).
+    pub fn discard(&self) {
+        self.0.discard();
+    }
+
     pub async fn commit(&self) -> Result<(), StoreError> {
         self.0.commit().await
     }

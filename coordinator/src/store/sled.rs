@@ -184,6 +184,10 @@ impl Backend for Sled {
         Ok(out)
     }
 
+    fn discard(&self) {
+        lock(&self.pending).clear();
+    }
+
     fn stage(&self, put: Put) {
         lock(&self.pending).push(Staged {
             put,
