@@ -465,5 +465,9 @@ async fn commits_that_fail_hold_every_effect_until_the_store_recovers() -> TestR
         "{:?}",
         c.nodes()
     );
+    // What the store holds is what was acknowledged: the accepted job, not the refused one.
+    let stored = c.memory.store().load_jobs()?;
+    let ids: Vec<&str> = stored.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [id.as_str()], "only the acknowledged job is stored");
     Ok(())
 }
