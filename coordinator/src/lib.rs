@@ -1,73 +1,46 @@
 //! vigil coordinator: tracks every agent, owns cluster state, decides node health.
 //!
+//! The shell around `vigil-core`: every decision (liveness, GPU health, jobs, lemons, burn-in,
+//! triage, stragglers, rollback, goodput, input validation) is made there, purely; this crate
+//! reads the clock, talks to agents and operators, keeps the store, and carries decisions out.
+//! See docs/architecture.md for the path of one XID through both.
+//!
 //! Layout:
-//! - `config`: the TOML configuration with its named defaults and validation.
-//! - `node`: a node's persisted record (identity, GPUs, cordon) and observed availability.
-//! - `liveness`: pure rule turning agent silence into Ready / Unreachable / Lost.
-//! - `xid`: NVIDIA's XID catalog (shipped as data) and the class of each XID.
-//! - `health`: pure GPU-health policy: samples and events -> findings -> condition.
-//! - `state`: `ClusterState` and its pure transitions, returning `Effect`s.
-//! - `lemons`: the pure lemon ledger: failures per host and GPU serial, blocklist.
-//! - `lemon_watch`: which node changes are charged to it, and its cordons.
-//! - `lemon_view`: the protocol's view of the ledger, for clusterctl.
-//! - `jobspec`: the job spec (TOML) and its validation.
-//! - `job`: a job's persisted record: spec, attempts, workers, checkpoint, history.
-//! - `jobs`: pure job state machine and gang scheduler.
-//! - `goodput`: pure goodput accounting: where a job's wall time went, ETTR,
-//!   and the checkpoint interval Young's formula suggests.
-//! - `goodput_metrics`: its Prometheus series.
-//! - `job_view`: the protocol's view of a job, for clusterctl.
-//! - `burn_in`: pure burn-in before a node joins or rejoins (`Validating`).
-//! - `stragglers`: pure step-rate comparison within a gang: `Degraded: straggler`.
-//! - `training_health`: pure loss / loss-scale policies of a job's training metrics.
-//! - `rollback`: rolling a job back to an earlier checkpoint (unhealthy training, or an operator).
-//! - `triage`: pure triage of unexplained failures: diagnose the gang, cordon who fails.
-//! - `store`: the durable store: one backend trait, sled (default), etcd (HA), memory (tests);
+//! - `engine/`: the single task that owns the state and the store: feeds inputs to
+//!   `vigil_core::step`/`tick`, commits each turn once, then carries out the effects.
+//! - `api/`: the gRPC services (agent and control), access, the rate limit, protocol views.
+//! - `store/`: the durable store: one backend trait, sled (default), etcd (HA), memory (tests);
 //!   a turn's writes are staged, then committed once before anything is acknowledged.
-//! - `ha`: several coordinators on etcd: election, fenced store, standby services.
+//! - `ha/`: several coordinators on etcd: election, standby services, status.
+//! - `metrics/`: Prometheus metrics and the `/metrics` + `/healthz` HTTP server.
+//! - `clock`: the one clock the engine reads (monotonic for deadlines, wall for records).
+//! - `config`: the TOML configuration with its named defaults and validation (embeds the
+//!   settings of vigil-core's policies).
 //! - `leadership`: this coordinator's term (the fencing token) and until when it may act.
-//! - `engine`: the single task that owns state and store, applies events, publishes snapshots.
-//! - `agent_service`: the `AgentService.Connect` stream, one task per agent session.
-//! - `limits`: every bound on agent and operator input, and the `[limits]` config.
-//! - `validate`: pure validation of every agent message (also the fuzz targets' entry).
-//! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
-//! - `assigned`: whether an agent's report concerns work assigned to its node.
-//! - `input_metrics`: counters of rejected, throttled and ignored agent input.
-//! - `control_service`: the `ControlService` clusterctl talks to.
-//! - `control_streams`: its long-lived streams: `events --follow` and `job logs`.
-//! - `metrics`: Prometheus metrics and the `/metrics` + `/healthz` HTTP server.
-//! - `security_metrics`: refused connections, denied calls, certificate expiry.
-//! - `audit`: who changed what, recorded in the node's or job's history.
-//! - `access`: who a request comes from and whether their role allows the call.
 //! - `notify`: systemd notifications (ready, status, watchdog fed by the engine loop, stopping).
 //! - `error`: boundary errors and their single mapping to gRPC status.
 
-// The decisions live in vigil-core; their modules keep their old paths here.
+// The decisions live in vigil-core and the services in `api`; their modules keep their old
+// paths here, so `crate::state`, `crate::agent_service`, ... read as before.
+pub use api::{
+    access, agent_service, assigned, control_service, control_streams, job_view, lemon_view,
+    throttle,
+};
 pub use vigil_core::{
     audit, burn_in, goodput, health, job, jobs, jobspec, lemon_watch, lemons, limits, liveness,
     node, rollback, state, stragglers, training_health, triage, validate, xid,
 };
 
-pub mod access;
-pub mod agent_service;
-pub mod assigned;
+pub mod api;
 pub mod clock;
 pub mod config;
-pub mod control_service;
-pub mod control_streams;
 pub mod engine;
 pub mod error;
-pub mod goodput_metrics;
 pub mod ha;
-pub mod input_metrics;
-pub mod job_view;
 pub mod leadership;
-pub mod lemon_view;
 pub mod metrics;
 pub mod notify;
-pub mod security_metrics;
 pub mod store;
-pub mod throttle;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -237,7 +210,7 @@ pub async fn run_with_hooks(
             refusals
                 .security
                 .connections_refused
-                .get_or_create(&security_metrics::RefusalLabel {
+                .get_or_create(&metrics::security::RefusalLabel {
                     reason: r.as_str().to_owned(),
                 })
                 .inc();

@@ -17,8 +17,8 @@ use vigil_coordinator::config::ConfigError;
 use vigil_coordinator::ha::EXIT_LEADERSHIP_LOST;
 use vigil_coordinator::ha::run::{HaEnd, run_ha};
 use vigil_coordinator::metrics::Metrics;
+use vigil_coordinator::metrics::security::ResultLabel;
 use vigil_coordinator::notify::{self, Watchdog};
-use vigil_coordinator::security_metrics::ResultLabel;
 use vigil_coordinator::{Config, CoordinatorError, Hooks, Store, observe_transport};
 use vigil_tls::ServerTls;
 

@@ -262,7 +262,7 @@ fn serve_standby(
             metrics
                 .security
                 .connections_refused
-                .get_or_create(&crate::security_metrics::RefusalLabel {
+                .get_or_create(&crate::metrics::security::RefusalLabel {
                     reason: r.as_str().to_owned(),
                 })
                 .inc();

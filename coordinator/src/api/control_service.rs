@@ -21,9 +21,9 @@ use crate::error::ControlError;
 use crate::health::Condition;
 use crate::job_view;
 use crate::metrics::Metrics;
+use crate::metrics::security::CallLabel;
 use crate::metrics::unix_ms;
 use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
-use crate::security_metrics::CallLabel;
 
 use crate::limits::MAX_OPERATOR_REASON as MAX_REASON;
 

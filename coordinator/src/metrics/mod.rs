@@ -1,4 +1,12 @@
 //! Prometheus metrics of the coordinator and the HTTP server for `/metrics` and `/healthz`.
+//!
+//! Layout: this file (the registry, node, job, engine and store series, the HTTP server);
+//! `goodput` (per-job goodput series), `input` (rejected, throttled and ignored agent input),
+//! `security` (refused connections, denied calls, certificate expiry).
+
+pub mod goodput;
+pub mod input;
+pub mod security;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,15 +125,15 @@ pub struct Metrics {
     pub fault_to_relaunch: Histogram,
     pub heartbeat_lag: Histogram,
     checkpoint_age: Family<JobLabel, Gauge>,
-    goodput: crate::goodput_metrics::GoodputMetrics,
+    goodput: crate::metrics::goodput::GoodputMetrics,
     pub control_streams: Gauge,
     pub engine_queue_depth: Gauge,
     pub store_size_bytes: Gauge,
     /// Refused, throttled and ignored agent input.
-    pub input: crate::input_metrics::InputMetrics,
+    pub input: crate::metrics::input::InputMetrics,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
     engine_alive_unix_ms: AtomicU64,
-    pub security: crate::security_metrics::SecurityMetrics,
+    pub security: crate::metrics::security::SecurityMetrics,
     /// Leadership, etcd and store latency (`ha::metrics`).
     pub ha: crate::ha::metrics::HaMetrics,
 }
@@ -166,7 +174,7 @@ impl Metrics {
             store_size_bytes: Gauge::default(),
             input: Default::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
-            security: crate::security_metrics::SecurityMetrics::default(),
+            security: crate::metrics::security::SecurityMetrics::default(),
             ha: crate::ha::metrics::HaMetrics::default(),
             registry: Registry::default(),
         };

@@ -1,0 +1,20 @@
+//! The coordinator's gRPC surface: what agents and operators call, and the checks in front.
+//!
+//! Layout:
+//! - `agent_service`: the `AgentService.Connect` stream, one task per agent session; it maps
+//!   proto messages to engine events after validation (`vigil_core::validate`).
+//! - `control_service`: the `ControlService` clusterctl talks to; `control_streams`: its
+//!   long-lived streams (`events --follow`, `job logs`).
+//! - `access`: who a request comes from and whether their role allows the call.
+//! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
+//! - `assigned`: whether an agent's report concerns work assigned to its node.
+//! - `job_view`, `lemon_view`: the protocol's views of jobs and the lemon ledger.
+
+pub mod access;
+pub mod agent_service;
+pub mod assigned;
+pub mod control_service;
+pub mod control_streams;
+pub mod job_view;
+pub mod lemon_view;
+pub mod throttle;
