@@ -11,41 +11,36 @@
 //!   settings lives beside the policy (`lemons`, `triage`, `burn_in`, `stragglers`).
 //! - `step`: the interface, `step(state, input, now)` and `tick(state, now)`, which own the
 //!   order of every policy; `commands`: what agents must still do, derived from the state.
-//! - `state`: `ClusterState`, `Effect`, and the node transitions (register, heartbeat, cordon).
-//! - nodes: `node` (persisted record, observed availability), `liveness` (silence -> Ready /
-//!   Unreachable / Lost), `xid` (NVIDIA's catalog, shipped as data), `health` (GPU-health
-//!   policy), `lemons` + `lemon_watch` (the failure ledger and its cordons), `burn_in`.
-//! - jobs: `jobspec` (the TOML spec), `job` (the persisted record), `jobs` (the attempt state
-//!   machine and gang scheduler), `goodput`, `triage`, `stragglers`, `training_health`,
-//!   `rollback`.
-//! - input: `limits` (every bound on agent and operator input), `validate` (every agent message).
+//! - `state`: `ClusterState`, `Effect`, `StateError`.
+//! - `nodes/`: `node` (persisted record, observed availability), `transitions` (register,
+//!   heartbeat, cordon), `liveness` (silence -> Ready / Unreachable / Lost), `xid` (NVIDIA's
+//!   catalog, shipped as data), `health` (GPU-health policy), `lemons` + `lemon_watch` (the
+//!   failure ledger and its cordons), `burn_in`.
+//! - `jobs/`: `spec` (the TOML spec), `job` (the persisted record), the attempt state machine and
+//!   gang scheduler (`requests`, `schedule`, `attempt`, `reports`, `launch`), `goodput`,
+//!   `triage`, `stragglers`, `training_health`, `rollback`.
+//! - `input/`: `limits` (every bound on agent and operator input), `validate` (every agent
+//!   message).
 //! - `audit`: who changed what, in the node's or job's history.
 
 pub mod audit;
-pub mod burn_in;
 pub mod commands;
 pub mod config;
-pub mod goodput;
-pub mod health;
-pub mod job;
+pub mod input;
 pub mod jobs;
-pub mod jobspec;
-pub mod lemon_watch;
-pub mod lemons;
-pub mod limits;
-pub mod liveness;
-pub mod node;
-pub mod rollback;
+pub mod nodes;
 pub mod state;
 pub mod step;
-pub mod stragglers;
 #[cfg(test)]
 pub mod test_utils;
 pub mod time;
-pub mod training_health;
-pub mod triage;
-pub mod validate;
-pub mod xid;
+
+// Each policy keeps its path from before the folders, so `vigil_core::node`,
+// `vigil_core::jobspec`, ... (and `crate::node` here) read as before.
+pub use input::{limits, validate};
+pub use jobs::spec as jobspec;
+pub use jobs::{goodput, job, rollback, stragglers, training_health, triage};
+pub use nodes::{burn_in, health, lemon_watch, lemons, liveness, node, xid};
 
 pub use state::{ClusterState, Effect, Registration, StateError};
 pub use step::{Answer, AuditSubject, Input, step, tick};

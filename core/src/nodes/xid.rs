@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-const CATALOG_CSV: &str = include_str!("../data/xid-catalog.csv");
+const CATALOG_CSV: &str = include_str!("../../data/xid-catalog.csv");
 
 /// What an XID means for the node it happened on.
 #[derive(

@@ -1,11 +1,13 @@
-//! Scenario tests of the pure cluster state: simulated time, no sockets. Every input goes
+//! Scenario tests of the node transitions: simulated time, no sockets. Every input goes
 //! through `step` and time through `tick`, as the engine drives them.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
 use crate::config::HealthConfig;
 use crate::health::Condition;
+use crate::node::GpuRecord;
 use crate::step::Input;
 use crate::test_utils::{
     agent_event, diagnostics_record, heartbeat, refusal, register_at, session, step_ok, step_raw,

@@ -1,0 +1,18 @@
+//! Nodes: what the coordinator knows of each (the persisted record, observed availability),
+//! and every policy that judges one or decides whether it may take work.
+//!
+//! Layout: `node` (the record and observed state), `transitions` (register, heartbeat, agent
+//! events, silence, cordon and uncordon), `liveness` (silence -> Ready / Unreachable / Lost),
+//! `xid` (NVIDIA's catalog, shipped as data), `health` (the GPU-health policy), `lemons` +
+//! `lemon_watch` (the failure ledger and its cordons), `burn_in` (a diagnostic before a node
+//! (re)joins).
+
+pub mod burn_in;
+pub mod health;
+pub mod lemon_watch;
+pub mod lemons;
+pub mod liveness;
+pub mod node;
+pub mod xid;
+
+mod transitions;

@@ -1,0 +1,530 @@
+//! Node transitions, pure: a registration, a heartbeat, an agent's event (an XID, a lost GPU),
+//! silence, a coordinator's stall, an operator's cordon and uncordon; each judges the node's
+//! health again and cordons one that turns Unhealthy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vigil_proto::v1;
+
+use crate::config::{HealthConfig, LivenessConfig};
+use crate::health;
+use crate::liveness;
+use crate::node::{
+    Availability, Cordon, CordonSource, DiagnosticsRecord, Node, NodeEvent, NodeRecord,
+};
+use crate::state::{ClusterState, Effect, Now, Registration, StateError, record};
+
+impl ClusterState {
+    pub fn register(&mut self, reg: Registration, now: Now) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let is_new = !self.nodes.contains_key(&reg.node);
+        let node = self.nodes.entry(reg.node.clone()).or_insert_with(|| {
+            let record = NodeRecord {
+                name: reg.node.clone(),
+                hostname: String::new(),
+                address: String::new(),
+                agent_version: String::new(),
+                simulated: reg.simulated,
+                gpus: Vec::new(),
+                cordon: None,
+                first_registered_unix_ms: now.wall_ms,
+                last_registered_unix_ms: now.wall_ms,
+                last_diagnostics: None,
+                burn_in: None,
+            };
+            Node::from_record(record, now.mono, now.wall_ms)
+        });
+        // GPUs registered before and absent now are as good as lost: a
+        // restarted agent must not make a dead GPU vanish from the books.
+        for gone in node
+            .record
+            .gpus
+            .iter()
+            .filter(|old| !old.uuid.is_empty() && !reg.gpus.iter().any(|g| g.uuid == old.uuid))
+        {
+            node.health.on_gpu_lost(gone.index, &gone.uuid, now.wall_ms);
+        }
+        let before = (*node.record).clone();
+        let r = Arc::make_mut(&mut node.record);
+        r.hostname = reg.hostname;
+        r.address = reg.address;
+        r.agent_version = reg.agent_version;
+        r.simulated = reg.simulated;
+        r.gpus = reg.gpus;
+        r.last_registered_unix_ms = now.wall_ms;
+        // A reconnect storm re-registers every node: write only what changed
+        // (the time of the last registration alone is not worth a write).
+        let changed = NodeRecord {
+            last_registered_unix_ms: r.last_registered_unix_ms,
+            ..before
+        } != *r;
+        if is_new || changed {
+            effects.push(Effect::Persist(r.clone()));
+        }
+        if let Some(old) = node.session.filter(|s| *s != reg.session) {
+            effects.push(Effect::CloseSession {
+                node: reg.node.clone(),
+                session: old,
+            });
+        }
+        node.session = Some(reg.session);
+        node.workers = Arc::new(reg.workers);
+        node.last_samples = Arc::default();
+        node.health.sample_findings.clear();
+        let backend = if reg.simulated { "SIMULATED" } else { "NVML" };
+        effects.push(record(
+            node,
+            NodeEvent {
+                at_unix_ms: now.wall_ms,
+                kind: "registered".into(),
+                message: format!(
+                    "agent {} registered from {} with {} GPUs ({backend})",
+                    node.record.agent_version,
+                    node.record.hostname,
+                    node.record.gpus.len()
+                ),
+                gpu_index: None,
+            },
+        ));
+        if is_new {
+            node.availability = Availability::Ready;
+            node.silent_since = now.mono;
+            node.heard_since_start = true;
+            effects.push(Effect::Availability {
+                node: reg.node,
+                from: None,
+                to: Availability::Ready,
+                why: "first registration",
+            });
+        } else {
+            hear_from(node, now, "registered", &mut effects);
+        }
+        judge(node, now, &self.health, &mut effects);
+        let reported = node.workers.clone();
+        let name = node.record.name.clone();
+        effects.extend(self.reconcile_node(&name, &reported, now));
+        effects
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        node_name: &str,
+        session: u64,
+        hb: v1::Heartbeat,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let cfg = self.health.clone();
+        let node = self.live_session(node_name, session)?;
+        node.health.sample_findings = health::judge_samples(&node.record.gpus, &hb.gpus, &cfg);
+        node.last_samples = Arc::new(hb.gpus);
+        node.workers = Arc::new(hb.workers);
+        let mut effects = Vec::new();
+        hear_from(node, now, "heartbeat resumed", &mut effects);
+        judge(node, now, &cfg, &mut effects);
+        let workers = node.workers.clone();
+        effects.extend(self.worker_progress(node_name, &workers, now));
+        Ok(effects)
+    }
+
+    /// An immediate event from the agent: an XID or a lost GPU.
+    pub fn agent_event(
+        &mut self,
+        node_name: &str,
+        session: u64,
+        event: &v1::AgentEvent,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let cfg = self.health.clone();
+        let node = self.live_session(node_name, session)?;
+        let mut effects = Vec::new();
+        hear_from(node, now, "agent spoke again", &mut effects);
+        let observed = if event.at_unix_ms == 0 {
+            now.wall_ms
+        } else {
+            event.at_unix_ms
+        };
+        let (gpu, reported_uuid, what) = match &event.kind {
+            Some(v1::agent_event::Kind::Xid(x)) => (x.gpu_index, &x.gpu_uuid, Some(x.xid)),
+            Some(v1::agent_event::Kind::GpuLost(g)) => (g.gpu_index, &g.gpu_uuid, None),
+            Some(
+                v1::agent_event::Kind::WorkerStarted(_)
+                | v1::agent_event::Kind::WorkerExited(_)
+                | v1::agent_event::Kind::Checkpoint(_),
+            ) => {
+                if let Some(v1::agent_event::Kind::WorkerExited(x)) = &event.kind {
+                    // What the agent runs is its last report, less what has exited since.
+                    Arc::make_mut(&mut node.workers)
+                        .retain(|w| !(w.job_id == x.job_id && w.attempt == x.attempt));
+                }
+                effects.extend(self.worker_event(node_name, event, now));
+                return Ok(effects);
+            }
+            Some(v1::agent_event::Kind::Diagnostics(_) | v1::agent_event::Kind::LogData(_))
+            | None => return Ok(effects),
+        };
+        let uuid = if reported_uuid.is_empty() {
+            node.record
+                .gpus
+                .iter()
+                .find(|g| g.index == gpu)
+                .map(|g| g.uuid.clone())
+                .unwrap_or_default()
+        } else {
+            reported_uuid.clone()
+        };
+        let event = match what {
+            Some(xid) => {
+                let class = node
+                    .health
+                    .on_xid(gpu, &uuid, xid, observed, now.mono_ms(), &cfg);
+                effects.push(Effect::Xid {
+                    node: node_name.to_owned(),
+                    gpu,
+                    xid,
+                    class,
+                });
+                let class_name = format!("{class:?}").to_lowercase();
+                NodeEvent {
+                    at_unix_ms: observed,
+                    kind: "xid".into(),
+                    message: format!(
+                        "{} on GPU {gpu} ({uuid}), class {class_name}",
+                        crate::xid::label(xid)
+                    ),
+                    gpu_index: Some(gpu),
+                }
+            }
+            None => {
+                node.health.on_gpu_lost(gpu, &uuid, observed);
+                NodeEvent {
+                    at_unix_ms: observed,
+                    kind: "gpu-lost".into(),
+                    message: format!("GPU {gpu} ({uuid}) lost"),
+                    gpu_index: Some(gpu),
+                }
+            }
+        };
+        effects.push(record(node, event));
+        judge(node, now, &cfg, &mut effects);
+        Ok(effects)
+    }
+
+    /// Any other message of a live session also proves the agent alive.
+    pub fn heard(
+        &mut self,
+        node_name: &str,
+        session: u64,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let node = self.live_session(node_name, session)?;
+        let mut effects = Vec::new();
+        hear_from(node, now, "agent spoke again", &mut effects);
+        Ok(effects)
+    }
+
+    /// Record something the agent service noticed about a live session (e.g. `throttled`) in
+    /// the node's history, where `clusterctl node` and `events` show it.
+    pub fn flag(
+        &mut self,
+        node_name: &str,
+        session: u64,
+        kind: &str,
+        message: String,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let node = self.live_session(node_name, session)?;
+        let event = NodeEvent {
+            at_unix_ms: now.wall_ms,
+            kind: kind.to_owned(),
+            message,
+            gpu_index: None,
+        };
+        Ok(vec![record(node, event)])
+    }
+
+    /// Keep a diagnostic result: it decides whether an auto cordon may be lifted.
+    pub fn record_diagnostics(
+        &mut self,
+        name: &str,
+        result: DiagnosticsRecord,
+    ) -> Result<Vec<Effect>, StateError> {
+        let node = self.node_mut(name)?;
+        let verdict = if result.passed { "passed" } else { "FAILED" };
+        let event = NodeEvent {
+            at_unix_ms: result.finished_at_unix_ms,
+            kind: "diagnostics".into(),
+            message: format!(
+                "diagnostics {verdict} ({}): {}",
+                result.command, result.summary
+            ),
+            gpu_index: None,
+        };
+        Arc::make_mut(&mut node.record).last_diagnostics = Some(result);
+        let persist = Effect::Persist((*node.record).clone());
+        Ok(vec![persist, record(node, event)])
+    }
+
+    pub fn disconnected(&mut self, node_name: &str, session: u64, now: Now) -> Vec<Effect> {
+        let cfg = self.liveness;
+        let Ok(node) = self.live_session(node_name, session) else {
+            return Vec::new();
+        };
+        node.session = None;
+        let mut effects = Vec::new();
+        reevaluate(node, now, &cfg, "agent stream closed", &mut effects);
+        effects
+    }
+
+    /// Apply the passage of time: silent nodes become Unreachable, then
+    /// Lost; health warnings age out of their window.
+    pub fn tick(&mut self, now: Now) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for node in self.nodes.values_mut() {
+            reevaluate(node, now, &self.liveness, "no heartbeat", &mut effects);
+            if !node.health.event_findings.is_empty() {
+                judge(node, now, &self.health, &mut effects);
+            }
+        }
+        effects
+    }
+
+    /// This coordinator did not run for `gap` (SIGSTOP, a paused VM, a
+    /// blocked disk): the silence and the missing progress in that time are
+    /// its own, so shift every clock by the gap, as a restart would. No node
+    /// is `Lost` and no job hung for it; an agent whose lease ran out in the
+    /// meantime re-registers without its workers, and its jobs restart once.
+    pub fn forgive_stall(&mut self, gap: Duration, now: Now) {
+        for node in self.nodes.values_mut() {
+            node.silent_since = (node.silent_since + gap).min(now.mono);
+        }
+        for worker in self.jobs.values_mut().flat_map(|j| j.workers.values_mut()) {
+            worker.progress_mono = (worker.progress_mono + gap).min(now.mono);
+        }
+    }
+
+    pub fn cordon(
+        &mut self,
+        name: &str,
+        reason: String,
+        source: CordonSource,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let node = self.node_mut(name)?;
+        let since_unix_ms = node
+            .record
+            .cordon
+            .as_ref()
+            .map_or(now.wall_ms, |c| c.since_unix_ms);
+        let cordon = Cordon {
+            reason,
+            source,
+            since_unix_ms,
+        };
+        if node.record.cordon.as_ref() == Some(&cordon) {
+            return Ok(Vec::new());
+        }
+        Arc::make_mut(&mut node.record).cordon = Some(cordon.clone());
+        let event = cordon_event(&cordon, now.wall_ms);
+        Ok(vec![
+            Effect::Persist((*node.record).clone()),
+            record(node, event),
+            Effect::Cordoned {
+                node: name.to_owned(),
+                cordon,
+                rule: "manual",
+                observed_at_ms: None,
+            },
+        ])
+    }
+
+    /// Lift a cordon. An automatic one needs diagnostics that passed after
+    /// it was set, or `force`. The policy forgets the event evidence (the
+    /// operator says the node is fixed); sample rules still apply.
+    pub fn uncordon(
+        &mut self,
+        name: &str,
+        force: bool,
+        now: Now,
+    ) -> Result<Vec<Effect>, StateError> {
+        let cfg = self.health.clone();
+        if let Some(why) = self
+            .nodes
+            .get(name)
+            .and_then(|n| self.lemons.blocks(&n.record))
+        {
+            return Err(StateError::Blocklisted {
+                node: name.to_owned(),
+                why,
+            });
+        }
+        let burn_in = self.burn_in.on_uncordon;
+        let node = self.node_mut(name)?;
+        let Some(previous) = node.record.cordon.clone() else {
+            return Ok(Vec::new());
+        };
+        let diagnosed = node
+            .record
+            .last_diagnostics
+            .as_ref()
+            .is_some_and(|d| d.passed && d.finished_at_unix_ms >= previous.since_unix_ms);
+        if previous.source == CordonSource::Auto && !diagnosed && !force {
+            return Err(StateError::NeedsDiagnostics {
+                node: name.to_owned(),
+                reason: previous.reason,
+            });
+        }
+        if burn_in {
+            // The operator says it is fixed; the burn-in decides.
+            node.health.clear_events();
+            return Ok(self.start_burn_in(name, "uncordon", now));
+        }
+        Arc::make_mut(&mut node.record).cordon = None;
+        node.health.clear_events();
+        let how = if force && !diagnosed { " (forced)" } else { "" };
+        let event = NodeEvent {
+            at_unix_ms: now.wall_ms,
+            kind: "uncordon".into(),
+            message: format!("uncordoned{how}; was: {}", previous.reason),
+            gpu_index: None,
+        };
+        let mut effects = vec![Effect::Persist((*node.record).clone()), record(node, event)];
+        effects.push(Effect::Uncordoned {
+            node: name.to_owned(),
+            previous,
+        });
+        judge(node, now, &cfg, &mut effects);
+        Ok(effects)
+    }
+
+    fn node_mut(&mut self, name: &str) -> Result<&mut Node, StateError> {
+        self.nodes
+            .get_mut(name)
+            .ok_or_else(|| StateError::UnknownNode(name.to_owned()))
+    }
+
+    fn live_session(&mut self, name: &str, session: u64) -> Result<&mut Node, StateError> {
+        let node = self.node_mut(name)?;
+        if node.session != Some(session) {
+            return Err(StateError::StaleSession {
+                node: name.to_owned(),
+                session,
+            });
+        }
+        Ok(node)
+    }
+}
+
+/// The agent just spoke: restart its silence clock and, if it was not Ready, say so.
+fn hear_from(node: &mut Node, now: Now, why: &'static str, effects: &mut Vec<Effect>) {
+    node.silent_since = now.mono;
+    node.heard_since_start = true;
+    if node.availability != Availability::Ready {
+        let from = node.availability;
+        node.availability = Availability::Ready;
+        node.availability_since_unix_ms = now.wall_ms;
+        effects.push(Effect::Availability {
+            node: node.record.name.clone(),
+            from: Some(from),
+            to: Availability::Ready,
+            why,
+        });
+    }
+}
+
+fn reevaluate(
+    node: &mut Node,
+    now: Now,
+    cfg: &LivenessConfig,
+    why: &'static str,
+    effects: &mut Vec<Effect>,
+) {
+    let to = liveness::availability(node.silent_since, node.session.is_some(), now.mono, cfg);
+    if to != node.availability {
+        let from = node.availability;
+        node.availability = to;
+        node.availability_since_unix_ms = now.wall_ms;
+        effects.push(Effect::Availability {
+            node: node.record.name.clone(),
+            from: Some(from),
+            to,
+            why,
+        });
+    }
+}
+
+fn cordon_event(cordon: &Cordon, at_unix_ms: u64) -> NodeEvent {
+    NodeEvent {
+        at_unix_ms,
+        kind: "cordon".into(),
+        message: format!("cordoned ({}): {}", cordon.source.as_str(), cordon.reason),
+        gpu_index: None,
+    }
+}
+
+/// Re-judge a node's health: report a changed condition, and cordon a node
+/// that is Unhealthy and not cordoned yet (source `auto`).
+impl ClusterState {
+    /// Judge `node` again after a finding outside the health policy changed
+    /// (a straggler flag).
+    pub fn rejudge(&mut self, name: &str, now: Now) -> Vec<Effect> {
+        let cfg = self.health.clone();
+        let mut effects = Vec::new();
+        if let Some(node) = self.nodes.get_mut(name) {
+            judge(node, now, &cfg, &mut effects);
+        }
+        effects
+    }
+}
+
+fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect>) {
+    node.health.expire(now.mono_ms(), cfg);
+    let to = node.health.condition();
+    if to != node.condition {
+        let reasons = node.health.reasons();
+        let from = std::mem::replace(&mut node.condition, to);
+        let message = match reasons.first() {
+            Some(r) => format!("condition {} -> {}: {r}", from.as_str(), to.as_str()),
+            None => format!("condition {} -> {}", from.as_str(), to.as_str()),
+        };
+        effects.push(record(
+            node,
+            NodeEvent {
+                at_unix_ms: now.wall_ms,
+                kind: "condition".into(),
+                message,
+                gpu_index: None,
+            },
+        ));
+        effects.push(Effect::Condition {
+            node: node.record.name.clone(),
+            from,
+            to,
+            reasons,
+        });
+    }
+    if node.record.cordon.is_some() {
+        return;
+    }
+    let Some(finding) = node.health.first_unhealthy().cloned() else {
+        return;
+    };
+    let cordon = Cordon {
+        reason: finding.message.clone(),
+        source: CordonSource::Auto,
+        since_unix_ms: now.wall_ms,
+    };
+    Arc::make_mut(&mut node.record).cordon = Some(cordon.clone());
+    effects.push(Effect::Persist((*node.record).clone()));
+    effects.push(record(node, cordon_event(&cordon, now.wall_ms)));
+    effects.push(Effect::Cordoned {
+        node: node.record.name.clone(),
+        cordon,
+        rule: finding.rule,
+        observed_at_ms: Some(finding.observed_at_ms),
+    });
+}
+
+#[cfg(test)]
+#[path = "transitions_tests.rs"]
+mod tests;
