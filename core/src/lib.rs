@@ -28,6 +28,7 @@ pub mod commands;
 pub mod config;
 pub mod input;
 pub mod jobs;
+pub mod kinds;
 pub mod nodes;
 pub mod state;
 pub mod step;

@@ -53,7 +53,7 @@ pub enum Effect {
     Cordoned {
         node: String,
         cordon: Cordon,
-        rule: &'static str,
+        rule: crate::kinds::CordonRule,
         observed_at_ms: Option<u64>,
     },
     Uncordoned {
@@ -83,8 +83,7 @@ pub enum Effect {
     /// Attempt N+1 of a job started after a failure (for metrics).
     Restarted {
         job: String,
-        /// crash, hang, node_lost, node_unhealthy, worker_gone, drain
-        kind: String,
+        kind: crate::kinds::FailureKind,
         /// From the failure's detection to this start.
         lost_ms: u64,
         /// From the fault's observation (by an agent, where known) to this start.

@@ -51,12 +51,13 @@ impl Engine {
                 rule,
                 observed_at_ms,
             } => {
-                self.metrics.count_cordon(cordon.source.as_str(), rule);
+                self.metrics
+                    .count_cordon(cordon.source.as_str(), rule.as_str());
                 let latency_ms = observed_at_ms.map(|t| self.clock.now().wall_ms.saturating_sub(t));
                 if let Some(ms) = latency_ms {
                     self.metrics.fault_to_cordon.observe(ms as f64 / 1000.0);
                 }
-                warn!(node = %node, reason = %cordon.reason, source = cordon.source.as_str(), rule, fault_to_cordon_ms = ?latency_ms, "cordoned node {node}: {}", cordon.reason);
+                warn!(node = %node, reason = %cordon.reason, source = cordon.source.as_str(), rule = rule.as_str(), fault_to_cordon_ms = ?latency_ms, "cordoned node {node}: {}", cordon.reason);
             }
             Effect::Uncordoned { node, previous } => {
                 self.metrics.uncordons.inc();
@@ -101,7 +102,7 @@ impl Engine {
                 fault_to_relaunch_ms,
             } => {
                 self.metrics
-                    .count_restart(&kind, lost_ms, fault_to_relaunch_ms);
+                    .count_restart(kind.as_str(), lost_ms, fault_to_relaunch_ms);
                 info!(job = %job, kind = %kind, lost_ms, fault_to_relaunch_ms, "job {job} relaunched after a {kind} failure");
             }
             Effect::Command { node, kind } => self.send_command(&node, kind),

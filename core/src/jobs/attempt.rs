@@ -12,6 +12,7 @@ use super::ms;
 use crate::goodput;
 use crate::health::Condition;
 use crate::job::{AfterStop, Job, JobPhase, WorkerPhase};
+use crate::kinds::FailureKind;
 use crate::node::{Availability, Node};
 use crate::state::{ClusterState, Effect, Now};
 
@@ -48,7 +49,11 @@ impl ClusterState {
                 _ => continue,
             };
             let lost = matches!(e, Effect::Availability { .. });
-            let kind = if lost { "node_lost" } else { "node_unhealthy" };
+            let kind = if lost {
+                FailureKind::NodeLost
+            } else {
+                FailureKind::NodeUnhealthy
+            };
             // A lost node stopped working when it fell silent, not when it was declared Lost.
             let stalled_at = self.nodes.get(node).filter(|_| lost).map(|n| {
                 let silent = now.mono.saturating_duration_since(n.silent_since);
@@ -147,7 +152,7 @@ impl ClusterState {
                 let after = after_failure(job);
                 let failure = Failure {
                     stalled_at_ms: Some(stalled_at),
-                    ..Failure::new(&reason, "", "hang")
+                    ..Failure::new(&reason, "", FailureKind::Hang)
                 };
                 stop_attempt(job, &self.nodes, &failure, after, now, &mut effects);
                 effects.push(Effect::PersistJob(Box::new(job.clone())));
@@ -164,7 +169,7 @@ impl ClusterState {
 pub(super) struct Failure<'a> {
     pub(super) reason: &'a str,
     pub(super) culprit: &'a str,
-    pub(super) kind: &'static str,
+    pub(super) kind: FailureKind,
     pub(super) fault_at_ms: Option<u64>,
     /// When the job stopped making progress, where known earlier than the
     /// fault was observed (a hang: its last step; a lost node: its last
@@ -173,7 +178,7 @@ pub(super) struct Failure<'a> {
 }
 
 impl<'a> Failure<'a> {
-    pub(super) fn new(reason: &'a str, culprit: &'a str, kind: &'static str) -> Self {
+    pub(super) fn new(reason: &'a str, culprit: &'a str, kind: FailureKind) -> Self {
         Self {
             reason,
             culprit,
@@ -209,7 +214,7 @@ pub(super) fn stop_attempt(
     job.phase = JobPhase::Stopping;
     job.after_stop = Some(after);
     job.reason = reason.to_owned();
-    job.failure_kind = failure.kind.to_owned();
+    job.failure_kind = Some(failure.kind);
     job.failed_at_ms.get_or_insert(now.wall_ms);
     job.fault_at_ms
         .get_or_insert(failure.fault_at_ms.unwrap_or(now.wall_ms).min(now.wall_ms));
@@ -326,7 +331,7 @@ pub(super) fn worker_exited(
             let after = after_failure(job);
             let failure = Failure {
                 fault_at_ms: (observed_at_ms > 0).then_some(observed_at_ms),
-                ..Failure::new(&reason, node, "crash")
+                ..Failure::new(&reason, node, FailureKind::Crash)
             };
             stop_attempt(job, nodes, &failure, after, now, effects);
         }

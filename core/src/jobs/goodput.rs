@@ -10,10 +10,10 @@
 //! productive + lost = wall by construction.
 
 use crate::job::{Attempt, Checkpoint, Job, MAX_CHECKPOINT_HISTORY};
+use crate::kinds::FailureKind;
 
 /// Failure kinds that are an operator's doing: they cost time but say
 /// nothing about the cluster's failure rate (MTBF).
-const OPERATOR_KINDS: [&str; 4] = ["drain", "cancelled", "operator_restart", "straggler_swap"];
 
 /// Where one stretch of wall time went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +206,9 @@ pub fn account(job: &Job, now_ms: u64) -> Goodput {
             .map(|s| s.saturating_sub(resumed.and_then(|c| c.step).unwrap_or(0)));
         failures.push(FailureCost {
             attempt: a.attempt,
-            kind: a.failure_kind.clone(),
+            kind: a
+                .failure_kind
+                .map_or_else(String::new, |k| k.as_str().to_owned()),
             reason: a.reason.clone(),
             culprit_node: a.culprit_node.clone(),
             fault_at_ms: a.fault_at_ms,
@@ -304,7 +306,7 @@ fn mtbf(job: &Job, end: u64) -> Option<u64> {
     let failures = job
         .attempts
         .iter()
-        .filter(|a| interrupted(a) && !OPERATOR_KINDS.contains(&a.failure_kind.as_str()))
+        .filter(|a| interrupted(a) && !a.failure_kind.is_some_and(FailureKind::by_choice))
         .count() as u64;
     (failures > 0).then(|| ran / failures)
 }
@@ -379,13 +381,13 @@ pub fn on_progress(job: &mut Job, now_ms: u64) -> bool {
 
 /// The current attempt is being stopped: record when its work stopped
 /// (`fault_at_ms`) and when the coordinator noticed (`now_ms`).
-pub fn on_stop(job: &mut Job, kind: &str, fault_at_ms: u64, now_ms: u64) {
+pub fn on_stop(job: &mut Job, kind: FailureKind, fault_at_ms: u64, now_ms: u64) {
     if let Some(a) = job.current_attempt_mut()
         && a.detected_at_ms == 0
     {
         a.detected_at_ms = now_ms;
         a.fault_at_ms = fault_at_ms.min(now_ms);
-        a.failure_kind = kind.to_owned();
+        a.failure_kind = Some(kind);
     }
 }
 

@@ -319,7 +319,7 @@ fn attempt(n: u64, start_s: u64) -> Attempt {
         last_step: None,
         fault_at_ms: 0,
         detected_at_ms: 0,
-        failure_kind: String::new(),
+        failure_kind: None,
         first_progress_at_ms: None,
         catch_up_step: None,
         caught_up_at_ms: None,
@@ -359,12 +359,12 @@ fn a_failure_during_start_up_charges_the_start_up_to_the_previous_failure() {
     a1.fault_at_ms = T0 + 10_000;
     a1.detected_at_ms = T0 + 10_000;
     a1.ended_at_ms = T0 + 11_000;
-    a1.failure_kind = "crash".into();
+    a1.failure_kind = Some(crate::kinds::FailureKind::Crash);
     let mut a2 = attempt(2, 12);
     a2.fault_at_ms = T0 + 15_000;
     a2.detected_at_ms = T0 + 16_000;
     a2.ended_at_ms = T0 + 16_000;
-    a2.failure_kind = "crash".into();
+    a2.failure_kind = Some(crate::kinds::FailureKind::Crash);
     let a3 = attempt(3, 17);
     let g = account(&job_with(vec![a1, a2, a3], None), T0 + 20_000);
     assert_adds_up(&g);
@@ -385,7 +385,7 @@ fn operator_drains_cost_time_but_are_not_failures_for_the_mtbf() {
     a1.fault_at_ms = T0 + 10_000;
     a1.detected_at_ms = T0 + 10_000;
     a1.ended_at_ms = T0 + 12_000;
-    a1.failure_kind = "drain".into();
+    a1.failure_kind = Some(crate::kinds::FailureKind::Drain);
     let mut a2 = attempt(2, 12);
     a2.first_progress_at_ms = Some(T0 + 12_000);
     let g = account(&job_with(vec![a1, a2], None), T0 + 20_000);
@@ -401,7 +401,7 @@ fn out_of_order_marks_never_make_time_run_backwards() {
     a1.fault_at_ms = T0 + 1_000;
     a1.detected_at_ms = T0 + 8_000;
     a1.ended_at_ms = T0 + 7_000;
-    a1.failure_kind = "crash".into();
+    a1.failure_kind = Some(crate::kinds::FailureKind::Crash);
     let g = account(&job_with(vec![a1], None), T0 + 9_000);
     assert_adds_up(&g);
     assert_eq!(g.wall_ms, 9_000);

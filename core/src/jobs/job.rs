@@ -146,8 +146,8 @@ pub struct Attempt {
     #[serde(default)]
     pub detected_at_ms: u64,
     /// crash, hang, node_lost, node_unhealthy, worker_gone, drain, cancelled.
-    #[serde(default)]
-    pub failure_kind: String,
+    #[serde(default, with = "crate::kinds::stored")]
+    pub failure_kind: Option<crate::kinds::FailureKind>,
     /// When a worker of this attempt first reported a step.
     #[serde(default)]
     pub first_progress_at_ms: Option<u64>,
@@ -204,8 +204,8 @@ pub struct Job {
     #[serde(default)]
     pub fault_at_ms: Option<u64>,
     /// What kind of failure the current one is (crash, hang, node_lost, ...).
-    #[serde(default)]
-    pub failure_kind: String,
+    #[serde(default, with = "crate::kinds::stored")]
+    pub failure_kind: Option<crate::kinds::FailureKind>,
     pub lost_ms: u64,
     /// The highest step any attempt reached (every worker past it).
     #[serde(default)]

@@ -7,6 +7,7 @@ use vigil_proto::v1;
 use super::attempt::{Failure, after_failure, finish_if_stopped, stop_attempt, worker_exited};
 use crate::goodput;
 use crate::job::{Checkpoint, JobPhase, WorkerPhase};
+use crate::kinds::FailureKind;
 use crate::state::{ClusterState, Effect, Now};
 
 impl ClusterState {
@@ -182,7 +183,7 @@ impl ClusterState {
                 JobPhase::Running => {
                     let reason =
                         format!("worker on {node} is gone: its agent came back without it");
-                    let failure = Failure::new(&reason, node, "worker_gone");
+                    let failure = Failure::new(&reason, node, FailureKind::WorkerGone);
                     let after = after_failure(job);
                     stop_attempt(job, &self.nodes, &failure, after, now, &mut effects);
                 }

@@ -7,6 +7,7 @@ use super::attempt::{Failure, stop_attempt};
 use super::schedule::release;
 use crate::job::{AfterStop, Job, JobPhase};
 use crate::jobspec;
+use crate::kinds::FailureKind;
 use crate::state::{ClusterState, Effect, Now, StateError};
 
 impl ClusterState {
@@ -41,7 +42,7 @@ impl ClusterState {
             restart_at: None,
             failed_at_ms: None,
             fault_at_ms: None,
-            failure_kind: String::new(),
+            failure_kind: None,
             lost_ms: 0,
             high_water_step: None,
             checkpoints: Vec::new(),
@@ -84,7 +85,7 @@ impl ClusterState {
                 job.event(now.wall_ms, "cancelled", "cancelled by an operator".into());
             }
             JobPhase::Running => {
-                let failure = Failure::new("cancelled by an operator", "", "cancelled");
+                let failure = Failure::new("cancelled by an operator", "", FailureKind::Cancelled);
                 stop_attempt(
                     job,
                     &self.nodes,
@@ -121,7 +122,7 @@ impl ClusterState {
         for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
             job.spares.retain(|s| s != node);
             if job.phase == JobPhase::Running && job.workers.contains_key(node) {
-                let failure = Failure::new(&why, "", "drain");
+                let failure = Failure::new(&why, "", FailureKind::Drain);
                 stop_attempt(
                     job,
                     &self.nodes,

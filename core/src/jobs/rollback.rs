@@ -9,6 +9,7 @@ use vigil_proto::v1;
 
 use crate::job::{AfterStop, Job, JobPhase};
 use crate::jobs::{Failure, after_failure, stop_attempt};
+use crate::kinds::FailureKind;
 use crate::node::Node;
 use crate::state::{ClusterState, Effect, Now, StateError};
 use crate::training_health::{self, Report, Trouble};
@@ -168,7 +169,7 @@ impl ClusterState {
             stop_attempt(
                 job,
                 &self.nodes,
-                &Failure::new(&reason, "", "operator_restart"),
+                &Failure::new(&reason, "", FailureKind::OperatorRestart),
                 AfterStop::Restart,
                 now,
                 &mut effects,

@@ -147,7 +147,7 @@ fn a_loss_spike_rolls_back_to_the_newest_checkpoint_before_it() {
         "stopped at step 57, the third high report"
     );
     let a = &job.attempts[0];
-    assert_eq!(a.failure_kind, "loss_spike");
+    assert_eq!(a.failure_kind, Some(crate::kinds::FailureKind::LossSpike));
     assert!(a.reason.contains("since step 55"), "{}", a.reason);
     assert!(
         a.reason
@@ -232,7 +232,10 @@ fn an_operator_restarts_from_a_chosen_checkpoint_with_an_env_override() {
         "accepted: {e:?}"
     );
     assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
-    assert_eq!(s.jobs[&id].attempts[0].failure_kind, "operator_restart");
+    assert_eq!(
+        s.jobs[&id].attempts[0].failure_kind,
+        Some(crate::kinds::FailureKind::OperatorRestart)
+    );
     let e = stopped(&mut s, &id, 42);
     assert_eq!(resume_from(&e).as_deref(), Some("/c/step_00000020"));
     let env = starts(&e)

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::goodput;
 use crate::health::Condition;
 use crate::job::{Attempt, Job, JobPhase, Worker, WorkerPhase};
+use crate::kinds::FailureKind;
 use crate::node::{Availability, Node};
 use crate::state::{ClusterState, Effect, Now};
 
@@ -210,7 +211,7 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         let fault_at = job.fault_at_ms.take().unwrap_or(failed);
         effects.push(Effect::Restarted {
             job: job.id.clone(),
-            kind: std::mem::take(&mut job.failure_kind),
+            kind: job.failure_kind.take().unwrap_or(FailureKind::Other),
             lost_ms,
             fault_to_relaunch_ms: now.wall_ms.saturating_sub(fault_at),
         });
@@ -248,7 +249,7 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         last_step: None,
         fault_at_ms: 0,
         detected_at_ms: 0,
-        failure_kind: String::new(),
+        failure_kind: None,
         first_progress_at_ms: None,
         catch_up_step: None,
         caught_up_at_ms: None,

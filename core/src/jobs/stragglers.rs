@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::health::{Condition, Finding};
 use crate::job::{AfterStop, Job, JobPhase, Worker};
 use crate::jobs::{Failure, stop_attempt};
+use crate::kinds::FailureKind;
 use crate::node::Node;
 use crate::state::{ClusterState, Effect, Now};
 use crate::time::Instant;
@@ -126,7 +127,7 @@ pub fn swap(
     );
     job.event(now.wall_ms, "straggler", reason.clone());
     job.avoid.extend(out.iter().cloned());
-    let failure = Failure::new(&reason, "", "straggler_swap");
+    let failure = Failure::new(&reason, "", FailureKind::StragglerSwap);
     stop_attempt(job, nodes, &failure, AfterStop::Restart, now, effects);
 }
 

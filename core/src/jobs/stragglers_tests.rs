@@ -280,7 +280,10 @@ fn with_swap_at_checkpoint_a_straggler_is_swapped_for_the_spare_at_the_next_chec
     };
     agent_event(&mut s, "n1", ev, t(71));
     assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
-    assert_eq!(s.jobs[&id].attempts[0].failure_kind, "straggler_swap");
+    assert_eq!(
+        s.jobs[&id].attempts[0].failure_kind,
+        Some(crate::kinds::FailureKind::StragglerSwap)
+    );
     for node in ["n1", "n2", "n3"] {
         let ev = v1::AgentEvent {
             at_unix_ms: 0,

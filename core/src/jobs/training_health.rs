@@ -78,7 +78,7 @@ pub struct Report {
 pub struct Trouble {
     /// The first step of the trouble: the rollback goes to a checkpoint before it.
     pub since_step: u64,
-    pub kind: &'static str,
+    pub kind: crate::kinds::FailureKind,
     pub evidence: String,
 }
 
@@ -114,7 +114,7 @@ pub fn observe(
     if spec.nan && report.loss.is_some_and(|l| !l.is_finite()) {
         return Some(Trouble {
             since_step: report.step,
-            kind: "loss_nan",
+            kind: crate::kinds::FailureKind::LossNan,
             evidence: format!("loss {} at step {}", fmt(report.loss), report.step),
         });
     }
@@ -144,7 +144,7 @@ pub fn observe(
                     .collect();
                 return Some(Trouble {
                     since_step: first,
-                    kind: "loss_spike",
+                    kind: crate::kinds::FailureKind::LossSpike,
                     evidence: format!(
                         "loss above {:.1} x its median {med:.4} (limit {limit:.4}) for {m} reports: {}",
                         spec.spike_factor,
@@ -162,7 +162,7 @@ pub fn observe(
         let first = recent.last().map_or(report.step, |r| r.step);
         return Some(Trouble {
             since_step: first,
-            kind: "loss_scale_floor",
+            kind: crate::kinds::FailureKind::LossScaleFloor,
             evidence: format!(
                 "loss scale at its floor {} for {m} reports since step {first} (last {})",
                 spec.loss_scale_floor,

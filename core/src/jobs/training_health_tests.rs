@@ -26,10 +26,13 @@ fn nan_or_inf_loss_is_trouble_at_once() {
     let spec = TrainingHealthSpec::default();
     assert_eq!(observe(&mut h, report(1, 2.0), &spec), None);
     let t = observe(&mut h, report(2, f64::NAN), &spec).expect("NaN");
-    assert_eq!((t.kind, t.since_step), ("loss_nan", 2));
+    assert_eq!(
+        (t.kind, t.since_step),
+        (crate::kinds::FailureKind::LossNan, 2)
+    );
     assert!(t.evidence.contains("loss NaN at step 2"), "{}", t.evidence);
     let t = observe(&mut h, report(3, f64::INFINITY), &spec).expect("inf");
-    assert_eq!(t.kind, "loss_nan");
+    assert_eq!(t.kind, crate::kinds::FailureKind::LossNan);
     let off = TrainingHealthSpec { nan: false, ..spec };
     assert_eq!(observe(&mut h, report(4, f64::NAN), &off), None);
 }
@@ -50,7 +53,10 @@ fn a_spike_must_last_m_reports_above_k_times_the_median() {
     assert_eq!(observe(&mut h, report(13, 7.0), &spec), None);
     assert_eq!(observe(&mut h, report(14, 8.0), &spec), None);
     let t = observe(&mut h, report(15, 9.0), &spec).expect("three in a row");
-    assert_eq!((t.kind, t.since_step), ("loss_spike", 13));
+    assert_eq!(
+        (t.kind, t.since_step),
+        (crate::kinds::FailureKind::LossSpike, 13)
+    );
     assert!(t.evidence.contains("median 2.0"), "{}", t.evidence);
     assert!(t.evidence.contains("7@13, 8@14, 9@15"), "{}", t.evidence);
 }
@@ -95,7 +101,10 @@ fn a_loss_scale_stuck_at_its_floor_is_trouble() {
     assert_eq!(observe(&mut h, scaled(1, 65536.0), &spec), None);
     assert_eq!(observe(&mut h, scaled(2, 1.0), &spec), None);
     let t = observe(&mut h, scaled(3, 1.0), &spec).expect("two at the floor");
-    assert_eq!((t.kind, t.since_step), ("loss_scale_floor", 2));
+    assert_eq!(
+        (t.kind, t.since_step),
+        (crate::kinds::FailureKind::LossScaleFloor, 2)
+    );
 }
 
 #[test]

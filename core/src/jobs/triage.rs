@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vigil_proto::v1;
 
+use crate::kinds::FailureKind;
+
 use crate::job::{Job, JobPhase};
 use crate::node::{Availability, CordonSource};
 use crate::state::{ClusterState, Effect, Now};
@@ -17,7 +19,6 @@ use crate::state::{ClusterState, Effect, Now};
 pub const DEFAULT_BUDGET: Duration = Duration::from_secs(300);
 pub const DEFAULT_AFTER_FAILURES: u32 = 1;
 /// Failure kinds with no culprit a node reported: worth a triage.
-pub const UNEXPLAINED: [&str; 2] = ["crash", "hang"];
 
 /// `[triage]` in the coordinator's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -100,7 +101,7 @@ fn unexplained_failures(job: &Job) -> u32 {
     let n = job
         .attempts
         .iter()
-        .filter(|a| UNEXPLAINED.contains(&a.failure_kind.as_str()))
+        .filter(|a| a.failure_kind.is_some_and(FailureKind::unexplained))
         .count();
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -130,7 +131,7 @@ impl ClusterState {
             let due = job.phase == JobPhase::Restarting
                 && job.triage.as_ref().is_none_or(|t| t.attempt != job.attempt)
                 && job.attempts.last().is_some_and(|a| {
-                    a.attempt == job.attempt && UNEXPLAINED.contains(&a.failure_kind.as_str())
+                    a.attempt == job.attempt && a.failure_kind.is_some_and(FailureKind::unexplained)
                 })
                 && unexplained_failures(job) >= cfg.after_failures;
             if !due {
@@ -163,7 +164,10 @@ impl ClusterState {
             let msg = format!(
                 "attempt {} failed with no culprit ({}): triage: diagnosing {} in parallel (budget {}) before relaunching",
                 job.attempt,
-                job.attempts.last().map_or("", |a| a.failure_kind.as_str()),
+                job.attempts
+                    .last()
+                    .and_then(|a| a.failure_kind)
+                    .map_or("", FailureKind::as_str),
                 nodes.join(", "),
                 humantime::format_duration(cfg.budget)
             );
@@ -224,7 +228,7 @@ impl ClusterState {
                 .unwrap_or_default();
             for e in &mut cordon {
                 if let Effect::Cordoned { rule, .. } = e {
-                    *rule = "triage";
+                    *rule = crate::kinds::CordonRule::Triage;
                 }
             }
             // The cordon is persisted before the job's next attempt is placed.

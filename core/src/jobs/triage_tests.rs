@@ -135,7 +135,7 @@ fn a_hang_diagnoses_the_whole_gang_and_relaunches_without_the_node_that_fails() 
     let e = result(&mut s, "n2", false, t(72));
     assert!(
         e.iter()
-            .any(|e| matches!(e, Effect::Cordoned { node, rule: "triage", .. } if node == "n2"))
+            .any(|e| matches!(e, Effect::Cordoned { node, rule: crate::kinds::CordonRule::Triage, .. } if node == "n2"))
     );
     let reason = s.nodes["n2"]
         .record

@@ -146,7 +146,7 @@ impl ClusterState {
             Effect::Cordoned {
                 node: name.to_owned(),
                 cordon,
-                rule: "burn_in",
+                rule: crate::kinds::CordonRule::BurnIn,
                 observed_at_ms: None,
             },
         ]
@@ -260,7 +260,7 @@ impl ClusterState {
             effects.push(Effect::Cordoned {
                 node: name.to_owned(),
                 cordon,
-                rule: "burn_in",
+                rule: crate::kinds::CordonRule::BurnIn,
                 observed_at_ms: None,
             });
             format!("burn-in FAILED ({summary}); stays cordoned")

@@ -95,7 +95,7 @@ fn a_new_node_is_validating_until_its_burn_in_passes() {
     assert!(e.iter().any(|e| matches!(
         e,
         Effect::Cordoned {
-            rule: "burn_in",
+            rule: crate::kinds::CordonRule::BurnIn,
             ..
         }
     )));
@@ -140,7 +140,7 @@ dir = "/c"
     assert!(
         e.iter().any(|e| matches!(
             e,
-            Effect::Cordoned { node, rule: "burn_in", .. } if node == "n1"
+            Effect::Cordoned { node, rule: crate::kinds::CordonRule::BurnIn, .. } if node == "n1"
         )),
         "{e:?}"
     );
@@ -306,7 +306,7 @@ fn a_lemon_joining_is_not_burned_in_and_the_node_must_exist() {
         !e.iter().any(|e| matches!(
             e,
             Effect::Cordoned {
-                rule: "burn_in",
+                rule: crate::kinds::CordonRule::BurnIn,
                 ..
             }
         )),

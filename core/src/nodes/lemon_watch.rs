@@ -36,7 +36,7 @@ impl ClusterState {
                 }
                 Effect::Cordoned {
                     node,
-                    rule: "triage",
+                    rule: crate::kinds::CordonRule::Triage,
                     cordon,
                     ..
                 } => (node, "triage_failed", cordon.reason.clone()),
@@ -104,7 +104,7 @@ impl ClusterState {
             .unwrap_or_default();
         for e in &mut effects {
             if let Effect::Cordoned { rule, .. } = e {
-                *rule = "repeat_offender";
+                *rule = crate::kinds::CordonRule::RepeatOffender;
             }
         }
         effects

@@ -158,7 +158,7 @@ fn three_gpu_faults_within_the_window_make_a_lemon_and_cordon_it_as_repeat_offen
     );
     assert!(effects.iter().any(|e| matches!(
         e,
-        Effect::Cordoned { rule: "repeat_offender", cordon, .. } if cordon.source == CordonSource::Auto
+        Effect::Cordoned { rule: crate::kinds::CordonRule::RepeatOffender, cordon, .. } if cordon.source == CordonSource::Auto
     )));
     assert_eq!(persisted_lemons(&effects), ["host/n1", "gpu/n1-serial-3"]);
     let host = &s.lemons.records["host/n1"];
@@ -277,7 +277,7 @@ fn a_node_rejoining_with_a_lemon_is_cordoned_before_a_pending_job_can_land_on_it
     assert!(
         e.iter().any(|e| matches!(
             e,
-            Effect::Cordoned { node, rule: "repeat_offender", .. } if node == "n2"
+            Effect::Cordoned { node, rule: crate::kinds::CordonRule::RepeatOffender, .. } if node == "n2"
         )),
         "cordoned in the same step: {e:?}"
     );

@@ -332,7 +332,7 @@ impl ClusterState {
             Effect::Cordoned {
                 node: name.to_owned(),
                 cordon,
-                rule: "manual",
+                rule: crate::kinds::CordonRule::Manual,
                 observed_at_ms: None,
             },
         ])
@@ -520,7 +520,7 @@ fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect
     effects.push(Effect::Cordoned {
         node: node.record.name.clone(),
         cordon,
-        rule: finding.rule,
+        rule: crate::kinds::CordonRule::Health(finding.rule),
         observed_at_ms: Some(finding.observed_at_ms),
     });
 }

@@ -436,7 +436,7 @@ fn fatal_xid_cordons_the_node_automatically_with_evidence() {
     );
     assert!(effects.iter().any(|e| matches!(
         e,
-        Effect::Cordoned { rule: "xid", observed_at_ms: Some(t), .. } if *t == now.wall_ms - 20
+        Effect::Cordoned { rule: crate::kinds::CordonRule::Health("xid"), observed_at_ms: Some(t), .. } if *t == now.wall_ms - 20
     )));
     let node = &s.nodes["gpu-001"];
     assert_eq!(node.condition, Condition::Unhealthy);
