@@ -56,12 +56,13 @@ impl FailureKind {
         }
     }
 
-    /// No node to blame: what triage diagnoses the gang for.
+    /// No culprit a node reported: worth a triage of the gang.
     pub fn unexplained(self) -> bool {
         matches!(self, FailureKind::Crash | FailureKind::Hang)
     }
 
-    /// Asked for by an operator or a policy, not a fault: not counted as a failure in MTBF.
+    /// An operator's (or a policy's) doing, not a fault: it costs time but says nothing about
+    /// the cluster's failure rate (goodput's MTBF).
     pub fn by_choice(self) -> bool {
         matches!(
             self,

@@ -12,9 +12,6 @@
 use crate::job::{Attempt, Checkpoint, Job, MAX_CHECKPOINT_HISTORY};
 use crate::kinds::FailureKind;
 
-/// Failure kinds that are an operator's doing: they cost time but say
-/// nothing about the cluster's failure rate (MTBF).
-
 /// Where one stretch of wall time went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

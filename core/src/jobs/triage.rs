@@ -18,8 +18,6 @@ use crate::state::{ClusterState, Effect, Now};
 
 pub const DEFAULT_BUDGET: Duration = Duration::from_secs(300);
 pub const DEFAULT_AFTER_FAILURES: u32 = 1;
-/// Failure kinds with no culprit a node reported: worth a triage.
-
 /// `[triage]` in the coordinator's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
