@@ -19,6 +19,23 @@ pub fn t(secs: u64) -> Now {
     }
 }
 
+/// An empty state at `t(0)` whose nodes are never Unreachable or Lost within a scenario
+/// (an hour of silence): for scenarios about something else than liveness.
+pub fn patient_state() -> ClusterState {
+    let liveness = crate::config::LivenessConfig {
+        unreachable_after: Duration::from_secs(3600),
+        lost_after: Duration::from_secs(7200),
+        ..crate::config::LivenessConfig::default()
+    };
+    ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        liveness,
+        crate::config::HealthConfig::default(),
+        t(0),
+    )
+}
+
 /// Node `node` registering in `session` with one simulated GPU.
 pub fn reg(node: &str, session: u64) -> Registration {
     reg_with_gpus(node, session, 1)

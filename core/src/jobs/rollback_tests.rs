@@ -4,10 +4,8 @@
 use crate::test_utils::{
     T0, agent_event, heartbeat, refusal, reg, register_at, starts, step_ok, step_raw, submit_at, t,
 };
-use std::time::Duration;
 
 use super::*;
-use crate::config::{HealthConfig, LivenessConfig};
 use crate::step::Input;
 
 const SPEC: &str = r#"name = "train"
@@ -33,18 +31,7 @@ fn cluster() -> (ClusterState, String) {
 
 /// n1, and a job of `spec` running on it.
 fn cluster_with(spec: &str) -> (ClusterState, String) {
-    let liveness = LivenessConfig {
-        unreachable_after: Duration::from_secs(3600),
-        lost_after: Duration::from_secs(7200),
-        ..LivenessConfig::default()
-    };
-    let mut s = ClusterState::load(
-        Vec::new(),
-        Vec::new(),
-        liveness,
-        HealthConfig::default(),
-        t(0),
-    );
+    let mut s = crate::test_utils::patient_state();
     s.triage.enabled = false;
     register_at(&mut s, reg("n1", 1), t(0));
     let id = submit_at(&mut s, spec, t(0));

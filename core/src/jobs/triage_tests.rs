@@ -8,7 +8,6 @@ use std::time::Duration;
 use vigil_proto::v1;
 
 use super::*;
-use crate::config::{HealthConfig, LivenessConfig};
 use crate::state::Registration;
 
 fn reg(node: &str, session: u64) -> Registration {
@@ -17,18 +16,7 @@ fn reg(node: &str, session: u64) -> Registration {
 
 /// Four nodes that never go silent long enough to be Lost here.
 fn cluster(cfg: TriageConfig) -> ClusterState {
-    let liveness = LivenessConfig {
-        unreachable_after: Duration::from_secs(3600),
-        lost_after: Duration::from_secs(7200),
-        ..LivenessConfig::default()
-    };
-    let mut s = ClusterState::load(
-        Vec::new(),
-        Vec::new(),
-        liveness,
-        HealthConfig::default(),
-        t(0),
-    );
+    let mut s = crate::test_utils::patient_state();
     s.triage = cfg;
     for i in 1..=4u64 {
         register_at(&mut s, reg(&format!("n{i}"), i), t(0));

@@ -7,7 +7,6 @@ use crate::test_utils::{
 use std::time::Duration;
 
 use super::*;
-use crate::config::{HealthConfig, LivenessConfig};
 use crate::job::JobPhase;
 use crate::lemons::{Ledger, LemonConfig, LemonRecord, SubjectKind};
 use crate::state::StateError;
@@ -23,18 +22,7 @@ fn cfg(on_join: bool, on_uncordon: bool) -> BurnInConfig {
 }
 
 fn state(burn_in: BurnInConfig) -> ClusterState {
-    let liveness = LivenessConfig {
-        unreachable_after: Duration::from_secs(3600),
-        lost_after: Duration::from_secs(7200),
-        ..LivenessConfig::default()
-    };
-    let mut s = ClusterState::load(
-        Vec::new(),
-        Vec::new(),
-        liveness,
-        HealthConfig::default(),
-        t(0),
-    );
+    let mut s = crate::test_utils::patient_state();
     s.burn_in = burn_in;
     s
 }
