@@ -59,14 +59,22 @@ $table
 
 - A registration's own commands were dropped: the engine acted on the effects of a registration
   before the new session was live, so a job waiting for that node (or a stop of a worker the agent
-  came back without) never reached the agent; a job could stay \`Restarting\` forever. Fixed in
-  \`coordinator/src/engine.rs\`; regression test \`a_job_waiting_for_a_node_starts_when_that_node_registers\`.
+  came back without) never reached the agent; a job could stay \`Restarting\` forever. Fixed in the
+  engine (now \`coordinator/src/engine/turn.rs\`: a registration is answered once committed, then its
+  commands go out; and commands follow the state, re-sent until confirmed); regression test
+  \`a_job_waiting_for_a_node_starts_when_that_node_registers\`.
 - A coordinator stalled past the lease (SIGSTOP) counted its own stall as the agents' silence and
   the jobs' lack of progress, and then restarted jobs twice. The engine now notices a late tick and
-  shifts those clocks by the stall, as a restart would (\`ClusterState::forgive_stall\`).
+  shifts those clocks by the stall, as a restart would (\`Input::Stalled\` in \`vigil-core\`).
+- A node that stayed \`Unreachable\` longer than a job's \`hang_timeout\` (a stall, a partition) got
+  its job restarted as hung, though its workers kept training: silence nobody could hear was
+  counted as no progress. Its progress clock now waits while the node is \`Unreachable\`
+  (\`lost_after\` decides whether it is gone); rows 3 and 13 stall past \`unreachable_after\` and check
+  that nothing restarts.
 - A full state disk left sled refusing every write forever, even after space came back. The store
   is now reopened (holding what was last flushed) and the whole state written again; a full disk
-  answers \`ResourceExhausted\` with a message that says what to do.
+  answers \`ResourceExhausted\` with a message that says what to do. (A change that still fits in
+  pages sled's files already hold is saved, and accepted: row 14 submits until one is refused.)
 
 ## Known limits
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::jobs::{attempts, spec_in, workers_running};
+use crate::jobs::{attempts, workers_running};
 use crate::netns::NetCluster;
 
 /// One marker-layout checkpoint as found on disk.
@@ -241,16 +241,4 @@ pub fn availability_log(c: &NetCluster, node: &str) -> Vec<String> {
             rest.split_whitespace().next().map(str::to_owned)
         })
         .collect()
-}
-
-/// The fake-trainer job of [`spec_in`] (no spares) with a 10 s `hang_timeout`
-/// instead of 3 s, for scenarios that cut a node off for longer than 3 s
-/// without meaning to test hang detection: the coordinator judges a hang by the
-/// progress reports it receives, so a node silent past `hang_timeout` has its
-/// job restarted as hung, however far its workers got meanwhile.
-pub fn patient_spec(dir: &Path, nodes: u32) -> Result<String> {
-    let spec = spec_in(dir, nodes, 0, "", "")?;
-    let patient = spec.replace("hang_timeout = \"3s\"", "hang_timeout = \"10s\"");
-    ensure!(patient != spec, "no 3 s hang_timeout to lengthen in {spec}");
-    Ok(patient)
 }

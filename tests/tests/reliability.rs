@@ -14,7 +14,7 @@ use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
     Resume, attempt_nodes, availability_log, check_fenced, check_resume, known_checkpoint,
-    node_of_rank, patient_spec, restarts, running, running_attempts, settle, unreported,
+    node_of_rank, restarts, running, running_attempts, settle, unreported,
 };
 use vigil_tests::{FAST_LIVENESS, LONG, now, wait_for};
 
@@ -143,8 +143,9 @@ fn short_partition_makes_the_node_unreachable_not_lost_and_restarts_nothing() ->
     let Some(c) = NetCluster::builder(PARTITION_LIVENESS).hosts(2).start()? else {
         return Ok(());
     };
-    // The cut and TCP's retransmission backoff after it can outlast a 3 s hang_timeout.
-    let id = c.submit(&patient_spec(c.dir.path(), 2)?)?;
+    // The cut and TCP's retransmission backoff after it can outlast the job's 3 s hang_timeout:
+    // silence from an Unreachable node is not counted as a hang.
+    let id = c.submit(&spec_in(c.dir.path(), 2, 0, "", "")?)?;
     let job = running(&c, &id, 2)?;
     let victim = node_of_rank(&job, 1)?;
     let before = c.trainers(&victim)?;
@@ -183,7 +184,7 @@ fn short_partition_makes_the_node_unreachable_not_lost_and_restarts_nothing() ->
         order: 3,
         scenario: "short partition (> `unreachable_after`, < the lease and `lost_after`)".into(),
         fault: format!(
-            "bridge port of rank 1 down for {:.1} s (`unreachable_after` 1 s, lease 5 s, `lost_after` 6 s; the job's `hang_timeout` 10 s)",
+            "bridge port of rank 1 down for {:.1} s (`unreachable_after` 1 s, lease 5 s, `lost_after` 6 s; the job's `hang_timeout` 3 s)",
             SHORT_CUT.as_secs_f64()
         ),
         outcome: format!(
