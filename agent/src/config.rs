@@ -22,8 +22,6 @@ pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9771";
 pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// Short enough that an agent is back within seconds of a coordinator restart.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// Node names end up in DNS-like places (labels, hostnames), hence the DNS label limit.
-pub const MAX_NODE_NAME_LEN: usize = 63;
 /// SIGTERM-to-SIGKILL time for a worker when the coordinator sets none.
 pub const DEFAULT_WORKER_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Cap on that time when the lease expired: with the default lease (8 s) and the
@@ -407,29 +405,17 @@ impl AgentConfig {
     }
 }
 
+/// The protocol's name rule, checked here so a name the coordinator would refuse stops the
+/// agent at start, with the reason.
 fn validate_node_name(name: &str) -> Result<(), ConfigError> {
-    const FIX: &str = "set --node-name or node_name to 1-63 characters from [A-Za-z0-9._-], starting with a letter or digit";
-    let problem = if name.is_empty() {
-        Some("is empty".to_owned())
-    } else if name.len() > MAX_NODE_NAME_LEN {
-        Some(format!("{name:?} is {} characters long", name.len()))
-    } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        Some(format!(
-            "{name:?} does not start with a letter or digit (the coordinator refuses it)"
-        ))
-    } else {
-        name.chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-            .map(|bad| format!("{name:?} contains {bad:?}"))
-    };
-    match problem {
-        Some(problem) => Err(ConfigError::Invalid {
-            field: "node_name",
-            problem,
-            fix: FIX,
-        }),
-        None => Ok(()),
-    }
+    vigil_proto::check_node_name(name).map_err(|problem| ConfigError::Invalid {
+        field: "node_name",
+        problem: format!(
+            "{name:?} {problem} (a node name has {})",
+            vigil_proto::NODE_NAME_RULE
+        ),
+        fix: "set --node-name or node_name to such a name (the coordinator refuses any other)",
+    })
 }
 
 fn validate_workers(w: &WorkersSection) -> Result<(), ConfigError> {

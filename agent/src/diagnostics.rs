@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, info};
 use vigil_proto::v1::agent_event::Kind;
 use vigil_proto::v1::{AgentEvent, DiagnosticsResult, GpuInfo, GpuSample};
+use vigil_proto::{SampleFault, sample_faults};
 
 use crate::events::EventSink;
 use crate::gpu::GpuProbe;
@@ -173,36 +174,30 @@ pub fn self_check(expected: &[GpuInfo], present: &[GpuInfo], samples: &[GpuSampl
     }
 }
 
+/// The lasting faults the protocol reads from `s` (the ones the coordinator's policy also
+/// judges); throttling and a PCIe generation below its max come and go with load, so the
+/// self-check leaves them to the coordinator.
 fn sample_problems(s: &GpuSample) -> Vec<String> {
-    let mut p = Vec::new();
-    if let Some(n) = s.ecc_uncorrected_volatile.filter(|n| *n > 0) {
-        p.push(format!("has {n} uncorrected ECC errors"));
-    }
-    if s.retired_pages_pending == Some(true) {
-        p.push("has pages pending retirement".to_owned());
-    }
-    if s.remapped_rows_failure == Some(true) {
-        p.push("failed a row remap".to_owned());
-    }
-    if s.remapped_rows_pending == Some(true) {
-        p.push("has a row remap pending".to_owned());
-    }
-    let down: Vec<String> = s
-        .nvlinks
-        .iter()
-        .filter(|l| !l.active)
-        .map(|l| l.link.to_string())
-        .collect();
-    if !down.is_empty() {
-        p.push(format!("has NVLink {} down", down.join(", ")));
-    }
-    match (s.pcie_link_width_current, s.pcie_link_width_max) {
-        (Some(cur), Some(max)) if cur < max => {
-            p.push(format!("runs PCIe x{cur}, below its x{max}"));
-        }
-        _ => {}
-    }
-    p
+    sample_faults(s)
+        .into_iter()
+        .filter_map(|fault| match fault {
+            SampleFault::UncorrectedEcc(n) => Some(format!("has {n} uncorrected ECC errors")),
+            SampleFault::RetiredPagesPending => Some("has pages pending retirement".to_owned()),
+            SampleFault::RowRemapFailed => Some("failed a row remap".to_owned()),
+            SampleFault::NvLinksDown(links) => {
+                let down: Vec<String> = links.iter().map(u32::to_string).collect();
+                Some(format!("has NVLink {} down", down.join(", ")))
+            }
+            SampleFault::RowRemapPending => Some("has a row remap pending".to_owned()),
+            SampleFault::PcieWidthBelowMax { current, max } => {
+                Some(format!("runs PCIe x{current}, below its x{max}"))
+            }
+            SampleFault::HwSlowdown
+            | SampleFault::ThermalThrottle
+            | SampleFault::PowerBrake
+            | SampleFault::PcieGenBelowMax { .. } => None,
+        })
+        .collect()
 }
 
 /// Runs `argv` (no shell), killing it at `timeout`; passes on exit status 0.
@@ -309,6 +304,21 @@ mod tests {
         let o = check("gpu=0 lost\ngpu=1 remap_failure\n")?;
         assert_eq!(o.summary, "GPU 0 missing from the inventory (and 1 more)");
         Ok(())
+    }
+
+    /// Only the coordinator used to ignore the links of a GPU that says it has no NVLink.
+    #[test]
+    fn links_of_a_gpu_without_nvlink_do_not_fail_the_check() {
+        let s = GpuSample {
+            nvlinks: vec![vigil_proto::v1::NvLinkStatus {
+                link: 0,
+                active: false,
+                ..Default::default()
+            }],
+            nvlink_supported: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(sample_problems(&s), Vec::<String>::new());
     }
 
     #[tokio::test]

@@ -54,9 +54,10 @@ fn count(v: Option<u64>) -> Option<f64> {
     v.map(|n| n as f64)
 }
 
+/// Only for a GPU with NVLink (the protocol's `gpu_sample::nvlinks`).
 fn nvlinks(s: &GpuSample, active: bool) -> Option<f64> {
-    (s.nvlink_supported == Some(true) || !s.nvlinks.is_empty())
-        .then(|| s.nvlinks.iter().filter(|l| l.active == active).count() as f64)
+    vigil_proto::gpu_sample::nvlinks(s)
+        .map(|links| links.iter().filter(|l| l.active == active).count() as f64)
 }
 
 const GAUGES: &[Gauge] = &[
@@ -268,5 +269,25 @@ mod tests {
         assert_eq!(float(Some(w)), Some(81.184));
         assert_eq!(float(Some(37.0)), Some(37.0));
         assert_eq!(float(None), None);
+    }
+
+    #[test]
+    fn nvlink_gauges_are_left_out_for_a_gpu_without_nvlink() {
+        let link = |active| vigil_proto::v1::NvLinkStatus {
+            active,
+            ..Default::default()
+        };
+        let mut s = GpuSample {
+            nvlinks: vec![link(true), link(false)],
+            nvlink_supported: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(
+            (nvlinks(&s, true), nvlinks(&s, false)),
+            (Some(1.0), Some(1.0))
+        );
+        s.nvlink_supported = Some(false);
+        assert_eq!((nvlinks(&s, true), nvlinks(&s, false)), (None, None));
+        assert_eq!(nvlinks(&GpuSample::default(), true), None);
     }
 }

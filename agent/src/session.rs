@@ -45,8 +45,6 @@ const FALLBACK_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 const FALLBACK_LEASE: Duration = Duration::from_secs(8);
 /// Keeps a misconfigured coordinator from making the agent spin.
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
-/// The response metadata key in which a standby coordinator names the leader's URL.
-pub const LEADER_METADATA_KEY: &str = "vigil-leader";
 
 /// What every session of this agent shares.
 pub struct SessionContext {
@@ -156,24 +154,15 @@ pub async fn run(ctx: &SessionContext, url: &str, events: &mut EventSource) -> S
     SessionEnd { registered, cause }
 }
 
-/// A standby's answer is FAILED_PRECONDITION naming the leader in `vigil-leader`; other
-/// errors stay what they are.
+/// A standby's answer (the protocol's `standby_refusal`) names the leader; other errors stay
+/// what they are.
 pub fn classify_refusal(status: tonic::Status) -> SessionError {
-    if status.code() != tonic::Code::FailedPrecondition {
-        return SessionError::Rpc(status);
-    }
-    let header = status.metadata().get(LEADER_METADATA_KEY);
-    if header.is_none() && !status.message().to_ascii_lowercase().contains("standby") {
-        return SessionError::Rpc(status);
-    }
-    let leader = header
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned);
-    SessionError::Standby {
-        message: status.message().to_owned(),
-        leader,
+    match vigil_proto::standby_refusal(&status) {
+        Some(refusal) => SessionError::Standby {
+            message: status.message().to_owned(),
+            leader: refusal.leader,
+        },
+        None => SessionError::Rpc(status),
     }
 }
 

@@ -156,7 +156,9 @@ fn standby(name: &str, leader: Option<String>) -> Status {
         leader.as_deref().unwrap_or("unknown")
     ));
     if let Some(value) = leader.and_then(|l| l.parse().ok()) {
-        status.metadata_mut().insert("vigil-leader", value);
+        status
+            .metadata_mut()
+            .insert(vigil_proto::LEADER_METADATA, value);
     }
     status
 }

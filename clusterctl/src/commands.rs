@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use vigil_proto::NodeState;
 
 use crate::cli::{Cli, Command, JobCommand, Output};
 use crate::client::Coordinator;
@@ -236,7 +237,7 @@ async fn uncordon(c: &mut Coordinator, out: Output, name: &str, force: bool) -> 
     let node = NodeSummary::from(c.uncordon(name, force).await?);
     let forced = if force { " (forced)" } else { "" };
     emit(out, &node, |n| {
-        if n.state == "Validating" {
+        if NodeState::parse(&n.state) == Some(NodeState::Validating) {
             format!(
                 "node {} validating{forced}: schedulable once its burn-in passes (clusterctl node {} shows it)\n",
                 n.name, n.name

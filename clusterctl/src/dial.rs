@@ -27,9 +27,6 @@ use vigil_proto::v1::control_service_client::ControlServiceClient;
 
 use crate::client::{Subject, Tls, cause, describe_status, endpoint, plaintext_hint, unreachable};
 
-/// The response metadata key in which a standby names the leader's gRPC URL.
-pub const LEADER_METADATA: &str = "vigil-leader";
-
 pub type Client = ControlServiceClient<Channel>;
 
 /// How one call waits: `wait` names the limit in messages; `limit`, when set, bounds the
@@ -359,25 +356,10 @@ fn scheme(url: &str) -> &str {
     url.split("://").next().unwrap_or_default()
 }
 
-/// `Some(leader)` when `status` is a standby's refusal: FAILED_PRECONDITION with the
-/// `vigil-leader` metadata (empty while none leads), or, without it, a message that says
-/// standby. `None` for every other error (a FAILED_PRECONDITION of the request itself).
+/// `Some(leader)` when `status` is a standby's refusal (the protocol's `standby_refusal`),
+/// `None` for every other error (a FAILED_PRECONDITION of the request itself).
 fn standby_hint(status: &Status) -> Option<Option<String>> {
-    if status.code() != Code::FailedPrecondition {
-        return None;
-    }
-    match status.metadata().get(LEADER_METADATA) {
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(str::to_string),
-        ),
-        None if status.message().to_lowercase().contains("standby") => Some(None),
-        None => None,
-    }
+    vigil_proto::standby_refusal(status).map(|refusal| refusal.leader)
 }
 
 fn standby_without_leader(message: &str) -> String {
@@ -437,6 +419,7 @@ fn none_answered(passed: &[Passed]) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vigil_proto::LEADER_METADATA;
 
     #[test]
     fn the_list_is_trimmed_and_deduplicated() {

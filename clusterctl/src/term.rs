@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 
 use anyhow::{Context, Result};
+use vigil_proto::NodeState;
 
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
@@ -75,13 +76,20 @@ fn stty_columns() -> Option<usize> {
     columns(text.split_whitespace().nth(1))
 }
 
-/// The colour of an operator-facing state word, if it has one.
+/// The colour of an operator-facing state word, if it has one. Node states first, matched
+/// exhaustively so a state the protocol adds gets a colour here.
 fn color_of(word: &str) -> Option<&'static str> {
+    if let Some(state) = NodeState::parse(word) {
+        return Some(match state {
+            NodeState::Ready => GREEN,
+            NodeState::Degraded | NodeState::Validating | NodeState::Unreachable => YELLOW,
+            NodeState::Cordoned | NodeState::Lost => RED,
+        });
+    }
     match word {
-        "Ready" | "Healthy" | "Schedulable" | "Running" | "Succeeded" => Some(GREEN),
-        "Degraded" | "Validating" | "Unreachable" | "Draining" | "Pending" | "Restarting"
-        | "Cancelling" => Some(YELLOW),
-        "Cordoned" | "Lost" | "Failed" | "Unhealthy" | "Lemon" | "NONE" => Some(RED),
+        "Healthy" | "Schedulable" | "Running" | "Succeeded" => Some(GREEN),
+        "Draining" | "Pending" | "Restarting" | "Cancelling" => Some(YELLOW),
+        "Failed" | "Unhealthy" | "Lemon" | "NONE" => Some(RED),
         _ => None,
     }
 }

@@ -170,7 +170,7 @@ impl Cluster {
             .snapshot()
             .nodes
             .iter()
-            .map(|n| (n.record.name.clone(), n.display_state().to_owned()))
+            .map(|n| (n.record.name.clone(), n.display_state().to_string()))
             .collect()
     }
 

@@ -2,20 +2,10 @@
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
-use vigil_proto::v1;
+use vigil_proto::{NodeState, v1};
 
 use super::ha::Ha;
 use super::node::NodeSummary;
-
-/// The operator-facing node states, in the order `status` shows them.
-pub const NODE_STATES: [&str; 6] = [
-    "Ready",
-    "Degraded",
-    "Validating",
-    "Cordoned",
-    "Unreachable",
-    "Lost",
-];
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CoordinatorInfo {
@@ -31,14 +21,15 @@ pub struct CoordinatorInfo {
     pub caller: String,
 }
 
-/// Node counts per state: the five known states always, in `NODE_STATES` order, zeros
-/// included; any state a newer coordinator adds follows them.
+/// Node counts per state: the known states always, in the protocol's order
+/// (`NodeState::ALL`), zeros included; any state a newer coordinator adds follows them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateCounts(pub Vec<(String, u32)>);
 
 impl StateCounts {
     fn from_proto(counts: Vec<v1::StateCount>) -> Self {
-        let mut out: Vec<(String, u32)> = NODE_STATES.iter().map(|s| (s.to_string(), 0)).collect();
+        let mut out: Vec<(String, u32)> =
+            NodeState::ALL.iter().map(|s| (s.to_string(), 0)).collect();
         for c in counts {
             match out.iter_mut().find(|(state, _)| *state == c.state) {
                 Some(entry) => entry.1 += c.count,

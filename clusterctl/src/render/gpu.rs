@@ -1,6 +1,8 @@
 //! The per-GPU tables of `node NAME`: inventory, and health from the last sample and the
 //! coordinator's judgement. `n/a`: not supported by the GPU or driver; `-`: nothing yet.
 
+use vigil_proto::gpu_sample::{below_max, has_nvlinks};
+
 use super::or_dash;
 use crate::model::{GpuSample, NodeDetail};
 use crate::table::{Table, format_gib};
@@ -185,9 +187,7 @@ fn pcie(s: &GpuSample) -> String {
         (None, Some(w)) => format!("x{w}"),
         (Some(g), Some(w)) => format!("gen{g} x{w}"),
     };
-    if let (Some(current), Some(max)) = (s.pcie_link_width_current, s.pcie_link_width_max)
-        && current < max
-    {
+    if let Some((_, max)) = below_max(s.pcie_link_width_current, s.pcie_link_width_max) {
         text.push_str(&format!(" (max x{max})"));
     }
     if let Some(replays @ 1..) = s.pcie_replay_counter {
@@ -196,9 +196,10 @@ fn pcie(s: &GpuSample) -> String {
     text
 }
 
-/// `18/18 up`, with the links' error count when there are any; `n/a` without NVLink.
+/// `18/18 up`, with the links' error count when there are any; `n/a` without NVLink (the
+/// protocol's `has_nvlinks`: none listed, or the GPU says it has none).
 fn nvlink(s: &GpuSample) -> String {
-    if s.nvlinks.is_empty() {
+    if !has_nvlinks(s.nvlink_supported, s.nvlinks.len()) {
         return NOT_SUPPORTED.to_string();
     }
     let up = s.nvlinks.iter().filter(|l| l.active).count();
@@ -300,6 +301,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(remap(&old), "ret 2/0 pending");
+    }
+
+    #[test]
+    fn links_of_a_gpu_that_says_it_has_no_nvlink_are_not_shown() {
+        let mut raw = healthy_h100();
+        raw.nvlinks[0].active = false;
+        raw.nvlink_supported = Some(false);
+        assert_eq!(nvlink(&GpuSample::from(raw)), "n/a");
     }
 
     #[test]

@@ -54,13 +54,7 @@ impl Standby {
         } else {
             "coordinator coord-1 is a standby; coord-2 leads"
         };
-        let mut status = Status::failed_precondition(message);
-        let value = self
-            .leader_url
-            .parse()
-            .map_err(|_| Status::internal("url"))?;
-        status.metadata_mut().insert("vigil-leader", value);
-        Err(status)
+        Err(vigil_proto::standby_status(message, &self.leader_url))
     }
 }
 

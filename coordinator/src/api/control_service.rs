@@ -23,7 +23,7 @@ use crate::job_view;
 use crate::metrics::Metrics;
 use crate::metrics::security::CallLabel;
 use crate::metrics::unix_ms;
-use crate::node::{Availability, CordonSource, DISPLAY_STATES, DiagnosticsRecord, Node};
+use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node, NodeState};
 
 use crate::limits::MAX_OPERATOR_REASON as MAX_REASON;
 
@@ -100,11 +100,9 @@ impl v1::control_service_server::ControlService for ControlService {
         let caller = self.allow(&request, Role::Viewer, "status")?;
         let snap = self.engine.snapshot();
         let now = self.engine.now().mono;
-        let mut counts = [0u32; DISPLAY_STATES.len()];
+        let mut counts = [0u32; NodeState::ALL.len()];
         for n in &snap.nodes {
-            if let Some(i) = DISPLAY_STATES.iter().position(|s| *s == n.display_state()) {
-                counts[i] += 1;
-            }
+            counts[n.display_state() as usize] += 1;
         }
         let total = |f: fn(&Node) -> u32| snap.nodes.iter().map(f).sum::<u32>();
         Ok(Response::new(v1::StatusResponse {
@@ -112,11 +110,11 @@ impl v1::control_service_server::ControlService for ControlService {
             started_at_unix_ms: self.started_unix_ms,
             uptime_ms: millis(self.started.elapsed()),
             listen_addr: self.listen_addr.to_string(),
-            nodes_by_state: DISPLAY_STATES
+            nodes_by_state: NodeState::ALL
                 .iter()
                 .zip(counts)
                 .map(|(s, count)| v1::StateCount {
-                    state: (*s).to_owned(),
+                    state: s.as_str().to_owned(),
                     count,
                 })
                 .collect(),
@@ -478,7 +476,7 @@ pub fn summary(n: &Node, now: vigil_core::time::Instant) -> v1::NodeSummary {
     };
     v1::NodeSummary {
         name: n.record.name.clone(),
-        state: n.display_state().to_owned(),
+        state: n.display_state().as_str().to_owned(),
         availability: availability as i32,
         scheduling: scheduling as i32,
         cordon,

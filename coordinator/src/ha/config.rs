@@ -82,17 +82,12 @@ impl HaConfig {
     pub fn validate(&self, agent_lease: Duration) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let fmt = |d: Duration| humantime::format_duration(d).to_string();
-        if self.name.is_empty()
-            || self.name.len() > 63
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
+        // The node-name rule: the name is an etcd key's last part and shown beside node names.
+        if let Err(problem) = vigil_proto::check_node_name(&self.name) {
             return bad(format!(
-                "ha.name {:?} is not a usable name; use 1-63 characters from [A-Za-z0-9._-], \
-                 unique among the coordinators",
-                self.name
+                "ha.name {:?} {problem}; use {}, unique among the coordinators",
+                self.name,
+                vigil_proto::NODE_NAME_RULE
             ));
         }
         if !(self.advertise_url.starts_with("http://")
@@ -218,6 +213,7 @@ mod tests {
         type Change = Box<dyn Fn(&mut HaConfig)>;
         let cases: Vec<(Change, &str)> = vec![
             (Box::new(|h| h.name = "a b".into()), "ha.name"),
+            (Box::new(|h| h.name = "-c1".into()), "ha.name"),
             (
                 Box::new(|h| h.advertise_url = "c1:7770".into()),
                 "ha.advertise_url",

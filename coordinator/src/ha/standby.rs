@@ -10,18 +10,15 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
-use vigil_proto::v1;
+use vigil_proto::{standby_status, v1};
 
 use super::HaView;
 use crate::access::authorize;
 use vigil_tls::Role;
 
-/// The response metadata key naming the leader's gRPC URL.
-pub const LEADER_METADATA: &str = "vigil-leader";
-
-/// FAILED_PRECONDITION naming who leads, with their URL in `vigil-leader`.
+/// FAILED_PRECONDITION naming who leads, with their URL in `vigil-leader` (the protocol's
+/// `standby_status`, which the agent and clusterctl read back with `standby_refusal`).
 pub fn not_leader(view: &HaView) -> Status {
     let me = &view.me().name;
     let (message, url) = match view.leader() {
@@ -41,11 +38,7 @@ pub fn not_leader(view: &HaView) -> Status {
             String::new(),
         ),
     };
-    let mut status = Status::failed_precondition(message);
-    if let Ok(v) = MetadataValue::try_from(url.as_str()) {
-        status.metadata_mut().insert(LEADER_METADATA, v);
-    }
-    status
+    standby_status(message, &url)
 }
 
 #[derive(Clone)]
@@ -141,6 +134,7 @@ impl v1::control_service_server::ControlService for StandbyControl {
 mod tests {
     use super::*;
     use crate::ha::view::{CoordinatorRecord, Leader};
+    use vigil_proto::LEADER_METADATA;
 
     fn view() -> HaView {
         HaView::new(CoordinatorRecord {

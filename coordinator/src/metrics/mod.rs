@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 
 use crate::health::Condition;
 use crate::job::{Job, JobPhase};
-use crate::node::{Availability, DISPLAY_STATES, Node};
+use crate::node::{Availability, Node, NodeState};
 
 /// An engine that has not looped for this long is wedged: `/healthz` fails.
 const ENGINE_STALL: Duration = Duration::from_secs(5);
@@ -349,13 +349,11 @@ impl Metrics {
 
     /// Refresh the gauges derived from cluster state.
     pub fn observe_nodes<'a>(&self, nodes: impl Iterator<Item = &'a Node>) {
-        let mut by_state = [0i64; DISPLAY_STATES.len()];
+        let mut by_state = [0i64; NodeState::ALL.len()];
         let (mut healthy, mut unhealthy, mut unknown) = (0i64, 0i64, 0i64);
         let mut connected = 0i64;
         for n in nodes {
-            if let Some(i) = DISPLAY_STATES.iter().position(|s| *s == n.display_state()) {
-                by_state[i] += 1;
-            }
+            by_state[n.display_state() as usize] += 1;
             healthy += i64::from(n.gpus_healthy());
             let rest = i64::from(n.gpus_total() - n.gpus_healthy());
             if n.availability == Availability::Ready {
@@ -365,10 +363,10 @@ impl Metrics {
             }
             connected += i64::from(n.session.is_some());
         }
-        for (state, count) in DISPLAY_STATES.iter().zip(by_state) {
+        for (state, count) in NodeState::ALL.iter().zip(by_state) {
             self.nodes
                 .get_or_create(&StateLabel {
-                    state: (*state).to_owned(),
+                    state: state.as_str().to_owned(),
                 })
                 .set(count);
         }

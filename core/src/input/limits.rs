@@ -7,8 +7,9 @@
 /// Largest gRPC message either side accepts, on every service and client (4 MiB).
 pub use vigil_proto::MAX_MESSAGE_BYTES;
 
-/// Node names: DNS-label-like, 1 to this many bytes of `[A-Za-z0-9._-]`, alphanumeric first.
-pub const MAX_NODE_NAME: usize = 63;
+/// Node names: DNS-label-like, 1 to 63 bytes of `[A-Za-z0-9._-]`, alphanumeric first. The rule
+/// is the protocol's (the agent checks its own name by it); kept at this path for callers here.
+pub use vigil_proto::names::{MAX_NODE_NAME, valid_node_name};
 /// GPUs a node may register or sample in one heartbeat (an HGX board has 8; 64 leaves room).
 pub const MAX_GPUS: usize = 64;
 /// NVLinks per GPU sample (NVML's maximum is 18).
@@ -126,21 +127,12 @@ pub struct Rates {
     pub bytes_burst: f64,
 }
 
-/// `name` is a valid node name (see [`MAX_NODE_NAME`]).
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NODE_NAME
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
 /// The error for an invalid node name, naming the field, the rule and the fix.
 pub fn node_name_error(field: &str, name: &str) -> String {
     let shown: String = name.chars().take(80).collect();
     format!(
-        "{field} {shown:?} is invalid: use 1-{MAX_NODE_NAME} letters, digits, '-', '.' or '_', starting with a letter or digit"
+        "{field} {shown:?} is invalid: use {}",
+        vigil_proto::NODE_NAME_RULE
     )
 }
 
@@ -180,31 +172,6 @@ pub fn check_count(field: &str, count: usize, max: usize) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_names_follow_dns_like_rules() {
-        for ok in [
-            "gpu-001",
-            "a",
-            "node.rack-1",
-            "A_1",
-            &"x".repeat(MAX_NODE_NAME),
-        ] {
-            assert!(valid_node_name(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            ".a",
-            "a/b",
-            "a b",
-            "ü",
-            "../etc",
-            "a\0b",
-            &"x".repeat(MAX_NODE_NAME + 1),
-        ] {
-            assert!(!valid_node_name(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn errors_name_the_field_and_the_limit() {

@@ -1,8 +1,10 @@
 //! The GPU-health policy, pure: samples and events -> per-GPU findings ->
 //! node condition. Nothing here reads a clock; times are unix milliseconds
-//! passed in.
+//! passed in. What a sample shows wrong is the protocol's reading
+//! (`vigil_proto::sample_faults`, shared with the agent's diagnostic); how bad it is,
+//! and the temperature limit, are this policy's.
 
-use vigil_proto::v1;
+use vigil_proto::{SampleFault, sample_faults, v1};
 
 use crate::config::HealthConfig;
 use crate::node::GpuRecord;
@@ -262,101 +264,90 @@ pub fn judge_samples(
                 observed_at_ms: s.observed_at_unix_ms,
             });
         };
-        use Condition::{Degraded, Unhealthy};
-        if let Some(n) = s.ecc_uncorrected_volatile.filter(|n| *n > 0) {
-            add(
-                Unhealthy,
-                "ecc_uncorrected",
-                format!("{n} uncorrected ECC errors (volatile) on {on}"),
-            );
-        }
-        if s.retired_pages_pending == Some(true) {
-            add(
-                Unhealthy,
-                "retired_pages_pending",
-                format!("retired pages pending on {on}"),
-            );
-        }
-        if s.remapped_rows_failure == Some(true) {
-            add(
-                Unhealthy,
-                "remap_failure",
-                format!("row remapping failed on {on}"),
-            );
-        }
-        if s.nvlink_supported != Some(false) {
-            let down: Vec<String> = s
-                .nvlinks
-                .iter()
-                .filter(|l| !l.active)
-                .map(|l| l.link.to_string())
-                .collect();
-            if !down.is_empty() {
-                add(
-                    Unhealthy,
-                    "nvlink_down",
-                    format!("NVLink {} down on {on}", down.join(",")),
-                );
+        for fault in sample_faults(s) {
+            if let Some((condition, rule, message)) = judge_fault(fault, &on, cfg) {
+                add(condition, rule, message);
             }
-        }
-        if s.remapped_rows_pending == Some(true) {
-            add(
-                Degraded,
-                "remap_pending",
-                format!("row remap pending on {on}: reset at next job boundary"),
-            );
         }
         if let Some(t) = s.temperature_c.filter(|t| *t >= cfg.temperature_max_c) {
             add(
-                Degraded,
+                Condition::Degraded,
                 "temperature",
                 format!("{on} at {t:.0} °C (limit {:.0} °C)", cfg.temperature_max_c),
             );
         }
-        if s.throttle_hw_slowdown == Some(true) {
-            add(
-                Degraded,
-                "hw_slowdown",
-                format!("HW slowdown throttling on {on}"),
-            );
-        }
-        if s.throttle_thermal == Some(true) {
-            add(
-                Degraded,
-                "thermal_throttle",
-                format!("thermal throttling on {on}"),
-            );
-        }
-        if s.throttle_power_brake == Some(true) {
-            add(
-                Degraded,
-                "power_brake",
-                format!("power brake throttling on {on}"),
-            );
-        }
-        if let (Some(cur), Some(max)) = (s.pcie_link_width_current, s.pcie_link_width_max)
-            && cur < max
-        {
-            add(
-                Degraded,
-                "pcie_width",
-                format!("PCIe link x{cur} below its max x{max} on {on}"),
-            );
-        }
-        if let (true, Some(cur), Some(max)) = (
-            cfg.pcie_gen_below_max,
-            s.pcie_link_gen_current,
-            s.pcie_link_gen_max,
-        ) && cur < max
-        {
-            add(
-                Degraded,
-                "pcie_gen",
-                format!("PCIe gen{cur} below its max gen{max} on {on}"),
-            );
-        }
     }
     out
+}
+
+/// What one fault the protocol reads from a sample means for the node: its condition, rule
+/// name (a metric label) and message; `None` for a fault this policy lets pass.
+fn judge_fault(
+    fault: SampleFault,
+    on: &str,
+    cfg: &HealthConfig,
+) -> Option<(Condition, &'static str, String)> {
+    use Condition::{Degraded, Unhealthy};
+    Some(match fault {
+        SampleFault::UncorrectedEcc(n) => (
+            Unhealthy,
+            "ecc_uncorrected",
+            format!("{n} uncorrected ECC errors (volatile) on {on}"),
+        ),
+        SampleFault::RetiredPagesPending => (
+            Unhealthy,
+            "retired_pages_pending",
+            format!("retired pages pending on {on}"),
+        ),
+        SampleFault::RowRemapFailed => (
+            Unhealthy,
+            "remap_failure",
+            format!("row remapping failed on {on}"),
+        ),
+        SampleFault::NvLinksDown(links) => {
+            let down: Vec<String> = links.iter().map(u32::to_string).collect();
+            (
+                Unhealthy,
+                "nvlink_down",
+                format!("NVLink {} down on {on}", down.join(",")),
+            )
+        }
+        SampleFault::RowRemapPending => (
+            Degraded,
+            "remap_pending",
+            format!("row remap pending on {on}: reset at next job boundary"),
+        ),
+        SampleFault::HwSlowdown => (
+            Degraded,
+            "hw_slowdown",
+            format!("HW slowdown throttling on {on}"),
+        ),
+        SampleFault::ThermalThrottle => (
+            Degraded,
+            "thermal_throttle",
+            format!("thermal throttling on {on}"),
+        ),
+        SampleFault::PowerBrake => (
+            Degraded,
+            "power_brake",
+            format!("power brake throttling on {on}"),
+        ),
+        SampleFault::PcieWidthBelowMax { current, max } => (
+            Degraded,
+            "pcie_width",
+            format!("PCIe link x{current} below its max x{max} on {on}"),
+        ),
+        SampleFault::PcieGenBelowMax { current, max } => {
+            if !cfg.pcie_gen_below_max {
+                return None;
+            }
+            (
+                Degraded,
+                "pcie_gen",
+                format!("PCIe gen{current} below its max gen{max} on {on}"),
+            )
+        }
+    })
 }
 
 #[cfg(test)]

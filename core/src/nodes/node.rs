@@ -6,6 +6,9 @@ use std::sync::Arc;
 use crate::time::Instant;
 use serde::{Deserialize, Serialize};
 
+/// The display states' words and order are the protocol's; which one a node is in is decided
+/// here ([`Node::display_state`]).
+pub use vigil_proto::NodeState;
 use vigil_proto::v1;
 
 use crate::health::{Condition, NodeHealth};
@@ -169,14 +172,16 @@ impl Node {
     }
 
     /// The one word an operator reads first.
-    pub fn display_state(&self) -> &'static str {
+    pub fn display_state(&self) -> NodeState {
         match (self.availability, self.cordoned()) {
-            (Availability::Lost, _) => "Lost",
-            (Availability::Unreachable, _) => "Unreachable",
-            (Availability::Ready, true) if self.record.burn_in.is_some() => "Validating",
-            (Availability::Ready, true) => "Cordoned",
-            (Availability::Ready, false) if self.condition != Condition::Healthy => "Degraded",
-            (Availability::Ready, false) => "Ready",
+            (Availability::Lost, _) => NodeState::Lost,
+            (Availability::Unreachable, _) => NodeState::Unreachable,
+            (Availability::Ready, true) if self.record.burn_in.is_some() => NodeState::Validating,
+            (Availability::Ready, true) => NodeState::Cordoned,
+            (Availability::Ready, false) if self.condition != Condition::Healthy => {
+                NodeState::Degraded
+            }
+            (Availability::Ready, false) => NodeState::Ready,
         }
     }
 
@@ -199,13 +204,3 @@ impl Node {
         u32::try_from(healthy).unwrap_or(u32::MAX)
     }
 }
-
-/// Operator-facing states, in the order `clusterctl status` lists them.
-pub const DISPLAY_STATES: [&str; 6] = [
-    "Ready",
-    "Degraded",
-    "Validating",
-    "Cordoned",
-    "Unreachable",
-    "Lost",
-];
