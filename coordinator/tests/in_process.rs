@@ -38,6 +38,8 @@ struct SimAgent {
     /// Stops to drop on the floor (a lost message) before obeying one.
     drop_stops: u32,
     stops_seen: u32,
+    /// Starts received, and diagnostics answered (passed), in order.
+    log: Vec<&'static str>,
     since_heartbeat: Duration,
 }
 
@@ -52,10 +54,14 @@ struct Cluster {
 
 impl Cluster {
     async fn start(nodes: usize) -> Result<Self, Box<dyn std::error::Error>> {
+        Self::start_with(Config::default(), nodes).await
+    }
+
+    async fn start_with(config: Config, nodes: usize) -> Result<Self, Box<dyn std::error::Error>> {
         let memory = Memory::new();
         let faults = memory.faults();
         let metrics = Arc::new(Metrics::new(1));
-        let (engine, handle) = Engine::new(memory.store(), &Config::default(), metrics)?;
+        let (engine, handle) = Engine::new(memory.store(), &config, metrics)?;
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(engine.run(stop_rx));
         let mut cluster = Self {
@@ -70,9 +76,9 @@ impl Cluster {
             cluster.register(&format!("n{i}"), i as u64 + 1).await?;
         }
         cluster
-            .until("every node Ready", |c| {
+            .until("every node registered", |c| {
                 let snap = c.handle.snapshot();
-                snap.nodes.len() == nodes && snap.nodes.iter().all(|n| n.display_state() == "Ready")
+                snap.nodes.len() == nodes && snap.nodes.iter().all(|n| n.session.is_some())
             })
             .await?;
         Ok(cluster)
@@ -112,6 +118,7 @@ impl Cluster {
             seq: 0,
             drop_stops: 0,
             stops_seen: 0,
+            log: Vec::new(),
             since_heartbeat: Duration::ZERO,
         });
         Ok(())
@@ -269,7 +276,21 @@ impl SimAgent {
                 continue;
             };
             match cmd.kind {
+                Some(v1::command::Kind::RunDiagnostics(_)) => {
+                    self.log.push("diagnostics passed");
+                    out.push(self.event(v1::agent_event::Kind::Diagnostics(
+                        v1::DiagnosticsResult {
+                            command_id: cmd.id,
+                            passed: true,
+                            summary: "all checks passed".into(),
+                            output: String::new(),
+                            duration_ms: 10,
+                            command: "simulated".into(),
+                        },
+                    )));
+                }
                 Some(v1::command::Kind::StartWorker(s)) => {
+                    self.log.push("start");
                     let key = (s.job_id.clone(), s.attempt);
                     self.running.entry(key).or_insert((s.node_rank, 0));
                     out.push(
@@ -469,5 +490,33 @@ async fn commits_that_fail_hold_every_effect_until_the_store_recovers() -> TestR
     let stored = c.memory.store().load_jobs()?;
     let ids: Vec<&str> = stored.iter().map(|j| j.id.as_str()).collect();
     assert_eq!(ids, [id.as_str()], "only the acknowledged job is stored");
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_joining_is_burned_in_before_a_waiting_job_lands_on_it() -> TestResult {
+    let mut config = Config::default();
+    config.burn_in.on_join = true;
+    let mut c = Cluster::start_with(config, 2).await?;
+    c.until("n0 and n1 burned in", |c| {
+        c.nodes().iter().all(|(_, state)| state == "Ready")
+    })
+    .await?;
+    let busy = c.submit(2, 0).await?;
+    c.until("the first job running", |c| running_attempt(c, &busy, 1))
+        .await?;
+    // A second job waits for a free node; then one joins. The step that registers it cordons
+    // it for burn-in before the scheduler runs, so the job must not start there until its
+    // burn-in passes.
+    let id = c.submit(1, 0).await?;
+    c.register("n2", 3).await?;
+    c.until("the second job running", |c| running_attempt(c, &id, 1))
+        .await?;
+    assert_eq!(
+        c.agent("n2").log,
+        ["diagnostics passed", "start"],
+        "burn-in ran before the start"
+    );
+    assert_eq!(c.job(&id).map(|j| j.placement), Some(vec!["n2".to_owned()]));
     Ok(())
 }
