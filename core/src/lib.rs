@@ -20,7 +20,7 @@
 //!   gang scheduler (`requests`, `schedule`, `attempt`, `reports`, `launch`), `goodput`,
 //!   `triage`, `stragglers`, `training_health`, `rollback`.
 //! - `input/`: `limits` (every bound on agent and operator input), `validate` (every agent
-//!   message).
+//!   message), `assigned` (reports about work not assigned to the reporting node).
 //! - `audit`: who changed what, in the node's or job's history.
 
 pub mod audit;
@@ -43,6 +43,6 @@ pub use jobs::spec as jobspec;
 pub use jobs::{goodput, job, rollback, stragglers, training_health, triage};
 pub use nodes::{burn_in, health, lemon_watch, lemons, liveness, node, xid};
 
-pub use state::{ClusterState, Effect, Registration, StateError};
+pub use state::{ClusterState, Effect, Ignored, Registration, StateError};
 pub use step::{Answer, AuditSubject, Input, step, tick};
 pub use time::{Instant, Now};

@@ -29,6 +29,16 @@ pub struct Registration {
     pub workers: Vec<v1::WorkerInfo>,
 }
 
+/// Why an agent's message, or a report in it, changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// From a session that is not live (superseded by a newer registration of its node, or
+    /// of an unknown node): the shell ends it.
+    StaleSession,
+    /// About work not assigned to the reporting node (see `input::assigned`).
+    Unassigned(crate::input::assigned::Unassigned),
+}
+
 /// What the engine must do after a transition, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -89,10 +99,12 @@ pub enum Effect {
         /// From the fault's observation (by an agent, where known) to this start.
         fault_to_relaunch_ms: u64,
     },
-    /// A stale or foreign agent message (a superseded session, an unknown node): nothing
-    /// changed; the shell counts it.
+    /// A stale agent message (a superseded session, an unknown node), or a report about work
+    /// not assigned to its node: nothing changed for it; the shell counts it and, for a
+    /// stale session, ends that session.
     Ignored {
         reason: String,
+        why: Ignored,
     },
     /// An operator's request was refused; nothing changed.
     Refused(StateError),

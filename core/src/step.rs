@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use vigil_proto::v1;
 
+use crate::input::assigned;
 use crate::node::{CordonSource, DiagnosticsRecord};
-use crate::state::{ClusterState, Effect, Registration, StateError};
+use crate::state::{ClusterState, Effect, Ignored, Registration, StateError};
 use crate::time::Now;
 
 /// Who an operator's call was about (owned: inputs cross a channel).
@@ -126,18 +127,49 @@ pub enum Answer {
 
 /// Apply `input` at `now`: its transition, then every policy in order (see the module doc).
 pub fn step(state: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
-    let result = transition(state, input, now);
-    let mut effects = match result {
+    let from_agent = matches!(
+        input,
+        Input::Heartbeat { .. }
+            | Input::AgentEvent { .. }
+            | Input::Heard { .. }
+            | Input::Diagnostics { .. }
+            | Input::Flag { .. }
+    );
+    // Reports about work not assigned to the reporting node change nothing (the transitions
+    // fence them); they are named here, before the state moves on, for the shell to count.
+    let foreign = unassigned(state, &input);
+    let mut effects = match transition(state, input, now) {
         Ok(effects) => effects,
-        Err(e @ StateError::StaleSession { .. }) => {
+        Err(e) if from_agent => {
             return vec![Effect::Ignored {
                 reason: e.to_string(),
+                why: Ignored::StaleSession,
             }];
         }
         Err(e) => return vec![Effect::Refused(e)],
     };
+    effects.extend(foreign);
     follow(state, &mut effects, now);
     effects
+}
+
+/// `Ignored` effects for the reports in `input` that are not its node's to make.
+fn unassigned(state: &ClusterState, input: &Input) -> Vec<Effect> {
+    match input {
+        Input::Heartbeat {
+            node, heartbeat, ..
+        } => {
+            let reports = heartbeat
+                .workers
+                .iter()
+                .map(|w| (w.job_id.as_str(), w.attempt, "heartbeat"));
+            assigned::ignored(&state.jobs, node, reports)
+        }
+        Input::AgentEvent { node, event, .. } => {
+            assigned::ignored(&state.jobs, node, assigned::subject(event))
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Apply the passage of time: liveness, GPU findings aging out, hangs, triage and burn-in

@@ -65,14 +65,20 @@ pub fn reg_with_gpus(node: &str, session: u64, gpus: u32) -> Registration {
 }
 
 /// Drive the core the way the engine does, and only that way: one input through [`step`].
-/// Panics when the input was refused or ignored: a scenario that expects that uses
-/// [`step_raw`].
+/// Panics when the input was refused or came from a session that is not live (a report it
+/// carries about an ended attempt is fine): a scenario that expects that uses [`step_raw`].
 pub fn step_ok(s: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
     let effects = step_raw(s, input, now);
-    if let Some(e) = effects
-        .iter()
-        .find(|e| matches!(e, Effect::Refused(_) | Effect::Ignored { .. }))
-    {
+    if let Some(e) = effects.iter().find(|e| {
+        matches!(
+            e,
+            Effect::Refused(_)
+                | Effect::Ignored {
+                    why: crate::state::Ignored::StaleSession,
+                    ..
+                }
+        )
+    }) {
         panic!("input not applied: {e:?}");
     }
     effects

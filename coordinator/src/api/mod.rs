@@ -7,12 +7,10 @@
 //!   long-lived streams (`events --follow`, `job logs`).
 //! - `access`: who a request comes from and whether their role allows the call.
 //! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
-//! - `assigned`: whether an agent's report concerns work assigned to its node.
 //! - `job_view`, `lemon_view`: the protocol's views of jobs and the lemon ledger.
 
 pub mod access;
 pub mod agent_service;
-pub mod assigned;
 pub mod control_service;
 pub mod control_streams;
 pub mod job_view;

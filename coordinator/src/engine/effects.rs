@@ -8,14 +8,33 @@ use super::Engine;
 use crate::health::Condition;
 use crate::node::Availability;
 use crate::state::Effect;
+use vigil_core::Ignored;
+use vigil_core::input::assigned::Unassigned;
 
 impl Engine {
     pub(super) fn act(&mut self, effect: Effect) {
         match effect {
             Effect::Persist(_) | Effect::Refused(_) | Effect::Answer(_) => {}
-            Effect::Ignored { reason } => {
+            Effect::Ignored {
+                reason,
+                why: Ignored::StaleSession,
+            } => {
                 self.metrics.stale_messages.inc();
                 debug!(%reason, "ignored agent message");
+            }
+            Effect::Ignored {
+                reason,
+                why: Ignored::Unassigned(why),
+            } => {
+                self.metrics.input.ignored(why.as_str());
+                if why == Unassigned::StaleAttempt {
+                    debug!(reason = why.as_str(), "ignored a report: {reason}");
+                } else {
+                    warn!(
+                        reason = why.as_str(),
+                        "ignored an agent report about work not assigned to its node: {reason}"
+                    );
+                }
             }
             Effect::CloseSession { node, session } => {
                 self.sessions.remove(&session);

@@ -15,6 +15,7 @@ use crate::error::ControlError;
 use crate::node::DiagnosticsRecord;
 use crate::state::{Effect, Registration};
 use crate::store::StoreError;
+use vigil_core::Ignored;
 
 /// A registration waiting for its turn's commit before it is answered.
 struct Joining {
@@ -112,9 +113,6 @@ impl Engine {
         batch: &mut Batch,
     ) {
         self.metrics.heartbeats.inc();
-        let reports = heartbeat.workers.iter();
-        let reports = reports.map(|w| (w.job_id.as_str(), w.attempt, "heartbeat"));
-        crate::assigned::note(&self.state.jobs, &self.metrics, &node, reports);
         if heartbeat.sent_at_unix_ms > 0 {
             // A metric across two hosts' wall clocks; it decides nothing.
             let lag = self
@@ -140,8 +138,6 @@ impl Engine {
         event: v1::AgentEvent,
         batch: &mut Batch,
     ) {
-        let report = crate::assigned::subject(&event);
-        crate::assigned::note(&self.state.jobs, &self.metrics, &node, report);
         let effects = match event.kind {
             Some(v1::agent_event::Kind::Diagnostics(d)) => {
                 let record = DiagnosticsRecord {
@@ -190,7 +186,16 @@ impl Engine {
     /// Effects of an agent's message: ignored (a superseded session) ends that session;
     /// otherwise the message is acknowledged once the batch is committed.
     fn agent_effects(&mut self, effects: Vec<Effect>, session: u64, seq: u64, batch: &mut Batch) {
-        if effects.iter().any(|e| matches!(e, Effect::Ignored { .. })) {
+        let stale = |e: &Effect| {
+            matches!(
+                e,
+                Effect::Ignored {
+                    why: Ignored::StaleSession,
+                    ..
+                }
+            )
+        };
+        if effects.iter().any(stale) {
             self.sessions.remove(&session);
         } else {
             batch.acks.push((session, seq));
@@ -577,7 +582,10 @@ impl Engine {
 fn refusal(effect: &Effect) -> Option<ControlError> {
     match effect {
         Effect::Refused(e) => Some(ControlError::State(e.clone())),
-        Effect::Ignored { reason } => Some(ControlError::InvalidArgument(reason.clone())),
+        Effect::Ignored {
+            reason,
+            why: Ignored::StaleSession,
+        } => Some(ControlError::InvalidArgument(reason.clone())),
         _ => None,
     }
 }

@@ -1,5 +1,7 @@
 //! What agents and operators send, checked before it reaches a decision: `limits` (every
-//! bound) and `validate` (every agent message).
+//! bound), `validate` (every agent message), `assigned` (whether a report concerns work
+//! assigned to the reporting node; `step` names the ones that do not as `Effect::Ignored`).
 
+pub mod assigned;
 pub mod limits;
 pub mod validate;

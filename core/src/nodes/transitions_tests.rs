@@ -271,7 +271,7 @@ fn messages_of_a_superseded_session_are_ignored() {
         after(start, 2.0),
     );
     assert!(
-        matches!(stale.as_slice(), [Effect::Ignored { reason }] if reason.contains("superseded session 1")),
+        matches!(stale.as_slice(), [Effect::Ignored { reason, .. }] if reason.contains("superseded session 1")),
         "{stale:?}"
     );
     assert!(disconnected(&mut s, "gpu-001", 1, after(start, 2.0)).is_empty());

@@ -561,3 +561,41 @@ fn drain_cordons_and_restarts_the_job_elsewhere_without_blame() {
         ["n1", "n3"]
     );
 }
+
+#[test]
+fn a_report_about_another_nodes_work_changes_nothing_and_is_named() {
+    let now = t0();
+    let mut s = cluster(3, now);
+    let (id, _) = submit(&mut s, &spec(2, 0), now);
+    let placement = s.jobs[&id].placement.clone();
+    let outsider = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| !placement.iter().any(|p| p == n))
+        .expect("a node outside the gang");
+    let before = s.jobs[&id].clone();
+    // A confused (or compromised) host claims the job's worker crashed.
+    let effects = from(
+        &mut s,
+        outsider,
+        exited(&id, 1, Some(1), false),
+        at(now, 1.0),
+    );
+    let named: Vec<&Effect> = effects
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Effect::Ignored {
+                    why: crate::state::Ignored::Unassigned(
+                        crate::input::assigned::Unassigned::NotAssigned
+                    ),
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(named.len(), 1, "{effects:?}");
+    assert_eq!(s.jobs[&id].phase, before.phase);
+    assert_eq!(s.jobs[&id].attempt, 1);
+    assert!(stop_commands(&effects).is_empty(), "{effects:?}");
+}

@@ -2,16 +2,15 @@
 //! or confused host cannot move another job's progress, checkpoint or outcome.
 //!
 //! The job state machine fences such reports itself (it changes nothing for them); this module
-//! names why a report was ignored, so the engine can log and count it
+//! names why a report was ignored, as an `Effect::Ignored` that the shell logs and counts
 //! (`vigil_agent_reports_ignored_total{reason}`).
 
 use std::collections::BTreeMap;
 
-use tracing::{debug, warn};
 use vigil_proto::v1::{self, agent_event::Kind};
 
 use crate::job::Job;
-use crate::metrics::Metrics;
+use crate::state::{Effect, Ignored};
 
 /// Why a report about `(job, attempt)` from a node was ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +31,14 @@ impl Unassigned {
             Self::UnknownJob => "unknown_job",
             Self::NotAssigned => "not_assigned",
             Self::StaleAttempt => "stale_attempt",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::UnknownJob => "no such job",
+            Self::NotAssigned => "not assigned to this node",
+            Self::StaleAttempt => "an attempt that has ended",
         }
     }
 }
@@ -75,28 +82,27 @@ pub fn subject(event: &v1::AgentEvent) -> Option<(&str, u64, &'static str)> {
     }
 }
 
-/// Log and count every report in `reports` that is not `node`'s to make.
-pub fn note<'a>(
+/// An `Ignored` effect for every report in `reports` that is not `node`'s to make.
+pub fn ignored<'a>(
     jobs: &BTreeMap<String, Job>,
-    metrics: &Metrics,
     node: &str,
     reports: impl IntoIterator<Item = (&'a str, u64, &'static str)>,
-) {
+) -> Vec<Effect> {
+    let mut out = Vec::new();
     for (job, attempt, what) in reports {
         let Err(why) = check(jobs, node, job, attempt) else {
             continue;
         };
-        metrics.input.ignored(why.as_str());
         let job: String = job.chars().take(128).collect();
-        if why == Unassigned::StaleAttempt {
-            debug!(node = %node, job = %job, attempt, report = what, "ignored a report of a stale attempt");
-        } else {
-            warn!(
-                node = %node, job = %job, attempt, report = what, reason = why.as_str(),
-                "ignored an agent report about work not assigned to its node"
-            );
-        }
+        out.push(Effect::Ignored {
+            reason: format!(
+                "{what} from {node} about attempt {attempt} of job {job}: {}",
+                why.describe()
+            ),
+            why: Ignored::Unassigned(why),
+        });
     }
+    out
 }
 
 #[cfg(test)]
