@@ -32,6 +32,8 @@ struct SimAgent {
     node: String,
     session: u64,
     rx: mpsc::Receiver<Result<v1::CoordinatorMessage, Status>>,
+    /// Whether the coordinator answered its registration `Registered`.
+    registered: bool,
     /// (job, attempt) -> (node rank, step).
     running: BTreeMap<(String, u64), (u32, u64)>,
     seq: u64,
@@ -89,6 +91,28 @@ impl Cluster {
         node: &str,
         session: u64,
     ) -> Result<(), Box<dyn std::error::Error>> {
+        self.register_running(node, session, BTreeMap::new()).await
+    }
+
+    /// `node`'s agent reconnects: a new session, reporting the workers it runs.
+    async fn reconnect(&mut self, node: &str, session: u64) -> TestResult {
+        let i = self
+            .agents
+            .iter()
+            .position(|a| a.node == node)
+            .ok_or("no such agent")?;
+        let old = self.agents.remove(i);
+        self.register_running(node, session, old.running).await?;
+        self.agent(node).seq = old.seq;
+        Ok(())
+    }
+
+    async fn register_running(
+        &mut self,
+        node: &str,
+        session: u64,
+        running: BTreeMap<(String, u64), (u32, u64)>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let (tx, rx) = mpsc::channel(1024);
         let reg = Registration {
             session,
@@ -107,14 +131,25 @@ impl Cluster {
                     serial: format!("{node}-{i}"),
                 })
                 .collect(),
-            workers: Vec::new(),
+            workers: running
+                .iter()
+                .map(|((job, attempt), (rank, step))| v1::WorkerInfo {
+                    job_id: job.clone(),
+                    attempt: *attempt,
+                    node_rank: *rank,
+                    pid: 1000 + *rank,
+                    progress_step: Some(*step),
+                    ..Default::default()
+                })
+                .collect(),
         };
         self.handle.send(Event::Register { reg, tx }).await?;
         self.agents.push(SimAgent {
             node: node.to_owned(),
             session,
             rx,
-            running: BTreeMap::new(),
+            registered: false,
+            running,
             seq: 0,
             drop_stops: 0,
             stops_seen: 0,
@@ -272,8 +307,13 @@ impl SimAgent {
         let mut out = Vec::new();
         while let Ok(msg) = self.rx.try_recv() {
             let Ok(msg) = msg else { continue };
-            let Some(v1::coordinator_message::Body::Command(cmd)) = msg.body else {
-                continue;
+            let cmd = match msg.body {
+                Some(v1::coordinator_message::Body::Command(cmd)) => cmd,
+                Some(v1::coordinator_message::Body::Registered(_)) => {
+                    self.registered = true;
+                    continue;
+                }
+                _ => continue,
             };
             match cmd.kind {
                 Some(v1::command::Kind::RunDiagnostics(_)) => {
@@ -518,5 +558,45 @@ async fn a_node_joining_is_burned_in_before_a_waiting_job_lands_on_it() -> TestR
         "burn-in ran before the start"
     );
     assert_eq!(c.job(&id).map(|j| j.placement), Some(vec!["n2".to_owned()]));
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_reconnects_while_the_store_cannot_commit_keeps_its_job() -> TestResult {
+    let mut c = Cluster::start(2).await?;
+    let id = c.submit(1, 0).await?;
+    c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
+        .await?;
+    let node = c.job(&id).ok_or("job")?.placement[0].clone();
+    // The store fails every commit from now on (a full disk that stays full).
+    c.faults.fail_next_commits(u32::MAX);
+    // Its agent's stream breaks and it comes back, unchanged, with its worker.
+    c.reconnect(&node, 100).await?;
+    for _ in 0..400 {
+        c.round().await?;
+    }
+    let agent = c.agent(&node);
+    assert!(
+        agent.registered,
+        "an unchanged node is answered without a commit"
+    );
+    assert_eq!(
+        agent.stops_seen, 0,
+        "no stop while nothing could be committed"
+    );
+    assert!(agent.running.contains_key(&(id.clone(), 1)));
+    let job = c.job(&id).ok_or("job")?;
+    assert_eq!((job.phase, job.attempt), (JobPhase::Running, 1));
+    assert!(
+        c.nodes().iter().all(|(_, s)| s == "Ready"),
+        "{:?}",
+        c.nodes()
+    );
+    // The store recovers; the job never noticed.
+    c.faults.fail_next_commits(0);
+    for _ in 0..40 {
+        c.round().await?;
+    }
+    assert!(running_attempt(&c, &id, 1));
     Ok(())
 }

@@ -22,6 +22,10 @@ struct Joining {
     node: String,
     session: u64,
     tx: SessionTx,
+    /// Whether its node's record changed (a new node, new GPUs, ...): then the answer waits
+    /// for that record to be committed. A node coming back unchanged needs nothing stored, and
+    /// is answered even while the store cannot commit, so its lease (and its jobs) hold.
+    changed: bool,
 }
 
 /// What a batch of agent messages owes once it is committed.
@@ -100,8 +104,17 @@ impl Engine {
             debug!(node = %node, session, "registration dropped: its session already ended");
             return;
         }
-        batch.effects.extend(self.step(Input::Register(reg)));
-        batch.joining.push(Joining { node, session, tx });
+        let effects = self.step(Input::Register(reg));
+        let changed = effects
+            .iter()
+            .any(|e| matches!(e, Effect::Persist(r) if r.name == node));
+        batch.effects.extend(effects);
+        batch.joining.push(Joining {
+            node,
+            session,
+            tx,
+            changed,
+        });
     }
 
     fn heartbeat(
@@ -217,6 +230,17 @@ impl Engine {
         }
         if let Err(e) = self.commit_effects(&effects).await {
             self.hold(effects);
+            let (unchanged, joining): (Vec<Joining>, Vec<Joining>) =
+                joining.into_iter().partition(|j| !j.changed);
+            for j in unchanged {
+                if !self.open_session(&j) {
+                    let closed = self.step(Input::Disconnected {
+                        node: j.node,
+                        session: j.session,
+                    });
+                    self.hold(closed);
+                }
+            }
             for j in joining {
                 self.metrics.rejected_registrations.inc();
                 warn!(node = %j.node, error = %e, "registration refused: could not commit it");
