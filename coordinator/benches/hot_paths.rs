@@ -205,6 +205,20 @@ fn bench_heartbeat(c: &mut Criterion) {
             BatchSize::SmallInput,
         );
     });
+    // The same heartbeat through the core's whole interface, as the engine sends it: the
+    // transition, then every policy (which a steady heartbeat, changing nothing, skips).
+    let step_input = |hb: v1::Heartbeat| vigil_core::Input::Heartbeat {
+        node: name.clone(),
+        session,
+        heartbeat: hb,
+    };
+    g.bench_function("step_heartbeat_1_node_of_10k", |b| {
+        b.iter_batched(
+            || step_input(hb.clone()),
+            |input| vigil_core::step(&mut s, black_box(input), now),
+            BatchSize::SmallInput,
+        );
+    });
     g.finish();
 }
 
@@ -217,6 +231,11 @@ fn bench_tick(c: &mut Criterion) {
     let mut g = c.benchmark_group("state");
     g.bench_function("tick_10k_nodes", |b| {
         b.iter(|| s.tick(black_box(now)));
+    });
+    // The core's whole tick: liveness, hangs, budgets, burn-in, the scheduler and every
+    // command that is due (none here: no jobs).
+    g.bench_function("core_tick_10k_nodes", |b| {
+        b.iter(|| vigil_core::tick(&mut s, black_box(now)));
     });
     g.finish();
 }

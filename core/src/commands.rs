@@ -12,7 +12,7 @@
 //!
 //! Only connected nodes are sent anything; a node that reconnects is sent what is due at once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::job::{Job, JobPhase, WorkerPhase};
@@ -77,27 +77,37 @@ fn want(job: &Job, phase: WorkerPhase) -> Option<Want> {
 }
 
 impl ClusterState {
-    /// The commands due at `now` (see the module doc); marks them sent.
-    pub fn commands(&mut self, now: Now) -> Vec<Effect> {
+    /// The commands due at `now` (see the module doc); marks them sent. `only`: just those of
+    /// these jobs, and the strays of this node if one is named (what a step changed: its
+    /// commands go out at once, at a cost that does not grow with the cluster); `None`:
+    /// everything (every tick).
+    pub fn commands(
+        &mut self,
+        now: Now,
+        only: Option<(&BTreeSet<String>, Option<&str>)>,
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let sessions: BTreeMap<String, u64> = self
-            .nodes
-            .iter()
-            .filter_map(|(name, n)| n.session.map(|s| (name.clone(), s)))
-            .collect();
-        for job in self.jobs.values_mut().filter(|j| j.phase.holds_nodes()) {
+        let ids: Vec<String> = match only {
+            Some((ids, _)) => ids.iter().cloned().collect(),
+            None => self.jobs.keys().cloned().collect(),
+        };
+        let nodes = &self.nodes;
+        for id in ids {
+            let Some(job) = self.jobs.get_mut(&id).filter(|j| j.phase.holds_nodes()) else {
+                continue;
+            };
             let due: Vec<(String, u64, Want)> = job
                 .workers
                 .iter()
                 .filter_map(|(node, w)| {
-                    let session = *sessions.get(node)?;
+                    let session = nodes.get(node)?.session?;
                     let want = want(job, w.phase)?;
                     Sent::due(w.sent, session, now.mono).then(|| (node.clone(), session, want))
                 })
                 .collect();
             for (node, session, want) in due {
                 let kind = match want {
-                    Want::Start => start_command(job, &self.nodes, &node),
+                    Want::Start => start_command(job, nodes, &node),
                     Want::Stop => Some(stop_command(
                         &job.id,
                         job.attempt,
@@ -112,16 +122,25 @@ impl ClusterState {
                 effects.push(Effect::Command { node, kind });
             }
         }
-        effects.extend(self.stop_strays(&sessions, now));
+        match only {
+            None => effects.extend(self.stop_strays(now, None)),
+            Some((_, Some(node))) => effects.extend(self.stop_strays(now, Some(node))),
+            Some((_, None)) => {}
+        }
         effects
     }
 
-    /// Stop what agents report running that is no current attempt's on their node.
-    fn stop_strays(&mut self, sessions: &BTreeMap<String, u64>, now: Now) -> Vec<Effect> {
+    /// Stop what agents report running that is no current attempt's on their node (`only`:
+    /// on that node alone).
+    fn stop_strays(&mut self, now: Now, only: Option<&str>) -> Vec<Effect> {
         let mut effects = Vec::new();
         let mut seen = BTreeSet::new();
-        for (name, node) in &self.nodes {
-            let Some(&session) = sessions.get(name.as_str()) else {
+        let nodes = self
+            .nodes
+            .iter()
+            .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()));
+        for (name, node) in nodes {
+            let Some(session) = node.session else {
                 continue;
             };
             for w in node.workers.iter() {
@@ -156,7 +175,8 @@ impl ClusterState {
             }
         }
         // Forget strays no agent reports any more.
-        self.stray_stops.retain(|k, _| seen.contains(k));
+        self.stray_stops
+            .retain(|k, _| seen.contains(k) || only.is_some_and(|o| o != k.0));
         effects
     }
 }

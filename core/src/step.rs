@@ -13,7 +13,7 @@
 //! A refused request comes back as [`Effect::Refused`] and changes nothing; a stale or foreign
 //! agent message as [`Effect::Ignored`], which the shell counts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use vigil_proto::v1;
@@ -138,6 +138,11 @@ pub fn step(state: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
     // Reports about work not assigned to the reporting node change nothing (the transitions
     // fence them); they are named here, before the state moves on, for the shell to count.
     let foreign = unassigned(state, &input);
+    // A node that (re)joins is told at once to stop what it runs that is no longer its.
+    let joined = match &input {
+        Input::Register(reg) => Some(reg.node.clone()),
+        _ => None,
+    };
     let mut effects = match transition(state, input, now) {
         Ok(effects) => effects,
         Err(e) if from_agent => {
@@ -149,7 +154,7 @@ pub fn step(state: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
         Err(e) => return vec![Effect::Refused(e)],
     };
     effects.extend(foreign);
-    follow(state, &mut effects, now);
+    follow(state, &mut effects, now, joined.as_deref());
     effects
 }
 
@@ -178,24 +183,48 @@ pub fn tick(state: &mut ClusterState, now: Now) -> Vec<Effect> {
     let mut effects = state.tick(now);
     effects.extend(state.jobs_tick(now));
     effects.extend(state.burn_in_tick(now));
-    follow(state, &mut effects, now);
+    react(state, &mut effects, now);
+    // Every tick schedules (backoffs end with time) and derives every command that is due.
+    let scheduled = state.schedule(now);
+    effects.extend(scheduled);
+    let commands = state.commands(now, None);
+    effects.extend(commands);
     effects
 }
 
-/// Steps 2 to 5 of the module doc, after a transition produced `effects`.
-fn follow(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
-    if !effects.is_empty() {
-        let jobs = state.react(effects, now);
-        effects.extend(jobs);
-        let lemons = state.lemon_react(effects, now);
-        effects.extend(lemons);
-        let burn_in = state.burn_in_react(effects, now);
-        effects.extend(burn_in);
+/// Steps 2 to 5 of the module doc, after a transition produced `effects`. An input that
+/// changed nothing (most heartbeats) costs nothing more: the scheduler runs only after a
+/// change, and commands are derived for the jobs this step changed (their starts and stops
+/// go out at once); the tick, every 100 ms, derives everything else that is due.
+fn follow(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now, joined: Option<&str>) {
+    if effects.is_empty() {
+        return;
     }
+    react(state, effects, now);
     let scheduled = state.schedule(now);
     effects.extend(scheduled);
-    let commands = state.commands(now);
+    let changed: BTreeSet<String> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::PersistJob(job) => Some(job.id.clone()),
+            _ => None,
+        })
+        .collect();
+    let commands = state.commands(now, Some((&changed, joined)));
     effects.extend(commands);
+}
+
+/// Steps 2 and 3: jobs react to node changes, then admission (lemons, burn-in).
+fn react(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
+    if effects.is_empty() {
+        return;
+    }
+    let jobs = state.react(effects, now);
+    effects.extend(jobs);
+    let lemons = state.lemon_react(effects, now);
+    effects.extend(lemons);
+    let burn_in = state.burn_in_react(effects, now);
+    effects.extend(burn_in);
 }
 
 fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Effect>, StateError> {
