@@ -10,7 +10,8 @@
 //!
 //! Layout:
 //! - `mod.rs`: the events, the handle, the engine and its loop.
-//! - `turn`: one turn: agent messages (batched) and operators' requests, through `step`.
+//! - `turn`: one turn: agent messages, batched, through `step`, one commit per batch.
+//! - `requests`: operators' requests, each committed alone and answered once durable.
 //! - `commit`: stage, commit, and what happens when a commit fails (nothing is carried out;
 //!   the batch stays staged and is retried every tick).
 //! - `effects`: carrying out the core's effects (commands, logs, metrics, the event bus).
@@ -19,6 +20,7 @@
 mod commit;
 mod effects;
 mod pending;
+mod requests;
 mod turn;
 
 use std::collections::HashMap;
