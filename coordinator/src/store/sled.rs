@@ -264,10 +264,20 @@ impl Trees {
     }
 }
 
-/// How long a reopen waits for sled's lock (attempts × pause): the previous
-/// handle's background threads release it a moment after the handle is dropped.
+/// How long a reopen waits for sled's lock (attempts × pause, 3 s): the previous handle's
+/// background threads release it a moment after the handle is dropped (a few ms, measured).
+/// Another process holding it is reported after that.
 const LOCK_ATTEMPTS: u32 = 150;
 const LOCK_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether sled could not take its file lock because someone holds it. sled wraps the
+/// `WouldBlock` of the lock in an error of kind `Other` whose message names it, so the kind
+/// alone never matched and the wait above never ran (found by a reopen test failing 1 in 12).
+fn lock_busy(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock
+        || (e.to_string().contains("could not acquire lock")
+            && e.to_string().contains("WouldBlock"))
+}
 
 fn open_db(path: &Path) -> Result<::sled::Db, StoreError> {
     let mut attempt = 1;
@@ -281,9 +291,7 @@ fn open_db(path: &Path) -> Result<::sled::Db, StoreError> {
             Ok(db) => return Ok(db),
             // Held by this process's previous handle (its flusher thread
             // finishing), or by another coordinator: wait a little, then say so.
-            Err(::sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock && attempt < LOCK_ATTEMPTS =>
-            {
+            Err(::sled::Error::Io(e)) if lock_busy(&e) && attempt < LOCK_ATTEMPTS => {
                 attempt += 1;
                 std::thread::sleep(LOCK_PAUSE);
             }
@@ -451,6 +459,22 @@ mod tests {
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.load_nodes().expect("load"), vec![record("gpu-001")]);
+    }
+
+    #[test]
+    fn a_held_lock_is_recognised_as_sled_reports_it() {
+        let held = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        // What sled 0.34's Config::try_lock returns when another handle holds the lock.
+        let sled_says = std::io::Error::other(format!(
+            "could not acquire lock on {:?}: {:?}",
+            "/var/lib/vigil/db", held
+        ));
+        assert!(lock_busy(&sled_says));
+        assert!(lock_busy(&held));
+        assert!(!lock_busy(&std::io::Error::other("disk on fire")));
+        assert!(!lock_busy(&std::io::Error::from(
+            std::io::ErrorKind::StorageFull
+        )));
     }
 
     #[tokio::test]
