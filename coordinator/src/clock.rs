@@ -4,7 +4,7 @@
 //! monotonic side is tokio's `Instant`, so `#[tokio::test(start_paused = true)]` moves it, and
 //! no wall-clock step (NTP, a resumed VM, `date -s`) moves any deadline.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tokio::time::Instant;
 use vigil_core::time::{Instant as Mono, Now};
@@ -26,7 +26,7 @@ impl Clock {
     pub fn now(&self) -> Now {
         Now {
             mono: self.mono(Instant::now()),
-            wall_ms: wall_ms(),
+            wall_ms: crate::metrics::unix_ms(SystemTime::now()),
         }
     }
 
@@ -36,17 +36,10 @@ impl Clock {
     }
 }
 
-/// Milliseconds since the Unix epoch on this host's wall clock (0 before 1970).
-pub fn wall_ms() -> u64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn monotonic_side_follows_tokio_time() {

@@ -9,7 +9,7 @@
 //! where needed and writes the whole state again from memory, in one commit (a commit that
 //! failed may have lost part of its batch); once that works the held effects are carried out.
 //! So the state in memory is never behind the disk, and no effect rests on an uncommitted
-//! change. An operator's request is different: it is refused and undone (see `turn`).
+//! change. An operator's request is different: it is refused and undone (see `requests`).
 
 use tracing::{debug, info, warn};
 
@@ -40,7 +40,7 @@ impl Engine {
         if let Some(why) = self.store_failed.clone() {
             // Staged, not committed: recovery commits this batch first, then the whole
             // state (so history recorded meanwhile is kept too). A request never gets here
-            // with effects to keep: it is refused and undone (`turn::apply_request`).
+            // with effects to keep: it is refused and undone (`requests::apply_request`).
             self.stage(effects).ok();
             return Err(StoreError::Io {
                 path: self.store.path().to_owned(),

@@ -229,66 +229,53 @@ impl Engine {
         if effects.is_empty() && joining.is_empty() && acks.is_empty() && diagnostics.is_empty() {
             return;
         }
-        if let Err(e) = self.commit_effects(&effects).await {
-            self.hold(effects);
-            let (unchanged, joining): (Vec<Joining>, Vec<Joining>) =
-                joining.into_iter().partition(|j| !j.changed);
-            for j in unchanged {
-                if !self.open_session(&j) {
-                    let closed = self.step(Input::Disconnected {
-                        node: j.node,
-                        session: j.session,
-                    });
-                    self.hold(closed);
-                }
-            }
-            for j in joining {
-                self.metrics.rejected_registrations.inc();
-                warn!(node = %j.node, error = %e, "registration refused: could not commit it");
-                let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
-                    reason: format!("coordinator could not save the registration: {e}"),
-                });
-                j.tx.try_send(Ok(v1::CoordinatorMessage {
-                    body: Some(rejected),
-                    term: self.term(),
-                }))
-                .ok();
-                let closed = self.step(Input::Disconnected {
-                    node: j.node,
-                    session: j.session,
-                });
-                self.hold(closed);
-            }
-            for (reply, _) in diagnostics {
-                let e = StoreError::Io {
-                    path: self.store.path().to_owned(),
-                    message: e.to_string(),
-                };
-                reply.send(Err(ControlError::Store(e))).ok();
-            }
-            // Acks renew the agents' leases: a store that cannot commit must not stop
-            // running jobs. They promise receipt, not durability (docs/protocol.md).
-            self.send_acks(&acks);
-            return;
-        }
+        let committed = self.commit_effects(&effects).await;
+        // Sessions that end before they began: their registrations are undone by a step.
         let mut gone = Vec::new();
         for j in joining {
-            if !self.open_session(&j) {
+            // A new or changed node waits for its record's commit; one coming back unchanged
+            // needs nothing stored and is answered whatever the commit did.
+            let answered = match &committed {
+                Err(e) if j.changed => {
+                    self.refuse_registration(&j, e);
+                    false
+                }
+                _ => self.open_session(&j),
+            };
+            if !answered {
                 gone.push(Input::Disconnected {
                     node: j.node,
                     session: j.session,
                 });
             }
         }
+        // Acks renew the agents' leases, also when the commit failed: a store that cannot
+        // commit must not stop running jobs. They promise receipt, not durability
+        // (docs/protocol.md).
         self.send_acks(&acks);
-        for effect in effects {
-            self.act(effect);
-        }
-        for (reply, record) in diagnostics {
-            reply.send(Ok(record)).ok();
+        match committed {
+            Ok(()) => {
+                for effect in effects {
+                    self.act(effect);
+                }
+                for (reply, record) in diagnostics {
+                    reply.send(Ok(record)).ok();
+                }
+            }
+            Err(e) => {
+                self.hold(effects);
+                for (reply, _) in diagnostics {
+                    let e = StoreError::Io {
+                        path: self.store.path().to_owned(),
+                        message: e.to_string(),
+                    };
+                    reply.send(Err(ControlError::Store(e))).ok();
+                }
+            }
         }
         for input in gone {
             let effects = self.step(input);
+            // Held, like the rest, while the store cannot commit.
             self.commit_and_act(effects).await.ok();
         }
         // Readers see it with the next tick (100 ms): publishing here would
@@ -296,7 +283,21 @@ impl Engine {
         self.dirty = true;
     }
 
-    /// Answer a committed registration; whether its session is live.
+    /// Tell an agent its registration could not be saved; it retries with backoff.
+    fn refuse_registration(&self, j: &Joining, e: &StoreError) {
+        self.metrics.rejected_registrations.inc();
+        warn!(node = %j.node, error = %e, "registration refused: could not commit it");
+        let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+            reason: format!("coordinator could not save the registration: {e}"),
+        });
+        j.tx.try_send(Ok(v1::CoordinatorMessage {
+            body: Some(rejected),
+            term: self.term(),
+        }))
+        .ok();
+    }
+
+    /// Answer a registration; whether its session is live.
     fn open_session(&mut self, j: &Joining) -> bool {
         self.metrics.registrations.inc();
         let liveness = &self.state.liveness;
