@@ -1,0 +1,359 @@
+//! Agent configuration: the TOML file, its defaults, and the checks that run before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod coordinators;
+
+pub use coordinators::Coordinators;
+use coordinators::validate_coordinators;
+
+/// Where a coordinator listens when nothing else is said (its own `--listen` default).
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7770";
+/// A highly available group has two or three coordinators; seven leaves room without
+/// making a round of the list (and the time it takes to find a leader) unbounded.
+pub const MAX_COORDINATORS: usize = 7;
+/// Eight GPUs: the shape of one HGX/DGX host.
+pub const DEFAULT_SIM_GPUS: u32 = 8;
+pub const MAX_SIM_GPUS: u32 = 64;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vigil-agent";
+/// One port above the coordinator's 9770, so both fit on a demo host.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9771";
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// Short enough that an agent is back within seconds of a coordinator restart.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// SIGTERM-to-SIGKILL time for a worker when the coordinator sets none.
+pub const DEFAULT_WORKER_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Cap on that time when the lease expired: with the default lease (8 s) and the
+/// coordinator's `lost_after` (10 s), the old attempt is dead before any relaunch.
+pub const DEFAULT_LEASE_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Everything the agent needs to start; flags are merged in before [`AgentConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// One coordinator, or every member of a highly available group (any order: the
+    /// agent finds the leader).
+    pub coordinator: Coordinators,
+    /// Defaults to the hostname, so a fleet can share one config file.
+    pub node_name: String,
+    pub gpu_backend: GpuBackendKind,
+    pub sim_gpus: u32,
+    /// Fault injection for the simulator, re-read whenever it changes (see `gpu::faults`).
+    pub sim_fault_file: Option<PathBuf>,
+    /// The node's diagnostic, run when the coordinator asks: program and arguments,
+    /// run without a shell. Empty (the default) runs the built-in self-check.
+    pub diagnostics_command: Vec<String>,
+    pub state_dir: PathBuf,
+    pub metrics_listen: SocketAddr,
+    pub reconnect: ReconnectConfig,
+    /// Leave workers running when the agent itself stops (an agent upgrade
+    /// that must not interrupt training). The next agent start still stops
+    /// them as orphans: it cannot supervise processes it did not spawn.
+    pub keep_workers_on_shutdown: bool,
+    /// SIGTERM-to-SIGKILL time for a worker whose StartWorker/StopWorkers sets none.
+    #[serde(with = "humantime_serde")]
+    pub worker_stop_grace: Duration,
+    /// The most a worker gets between SIGTERM and SIGKILL once the lease expired.
+    #[serde(with = "humantime_serde")]
+    pub lease_stop_grace: Duration,
+    /// Who job processes run as and where they may work.
+    pub workers: WorkersSection,
+    /// Plaintext to an `http://` coordinator: the agent cannot tell the real coordinator
+    /// from anyone else on the network, and runs whatever it is told. Local demos and
+    /// test clusters only; otherwise `[tls]`.
+    pub insecure: bool,
+    /// Mutual TLS to an `https://` coordinator: this node's certificate (CN = node name,
+    /// O = vigil:node) and key, and the CA the coordinator's certificate must chain to.
+    /// Read at every (re)connection, so renewed files apply without a restart.
+    pub tls: Option<vigil_tls::TlsFiles>,
+}
+
+/// `[workers]`: the confinement of job processes (see `workers::confine`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersSection {
+    /// The user job processes run as. Unset: the agent's own user, refused when that is root;
+    /// `"root"` allows root explicitly.
+    pub run_as: Option<String>,
+    /// Absolute directories a job's workdir and checkpoint dir must lie under; empty refuses
+    /// every job.
+    pub allowed_roots: Vec<PathBuf>,
+}
+
+/// How patiently the agent redials a coordinator it lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+/// Which source of GPU truth the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuBackendKind {
+    Nvml,
+    Sim,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    // The causes are part of the message (not `#[source]`) so they read before the fix.
+    #[error("cannot read config file {path}: {error}; check the --config path")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("invalid config{}: {error}", path_suffix(.path.as_deref()))]
+    Parse {
+        path: Option<PathBuf>,
+        error: Box<toml::de::Error>,
+    },
+    #[error("invalid {field}: {problem}; {fix}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+        fix: &'static str,
+    },
+}
+
+fn path_suffix(path: Option<&Path>) -> String {
+    path.map(|p| format!(" file {}", p.display()))
+        .unwrap_or_default()
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: DEFAULT_COORDINATOR.into(),
+            node_name: hostname(),
+            gpu_backend: GpuBackendKind::Nvml,
+            sim_gpus: DEFAULT_SIM_GPUS,
+            sim_fault_file: None,
+            diagnostics_command: Vec::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            metrics_listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9771))),
+            reconnect: ReconnectConfig::default(),
+            keep_workers_on_shutdown: false,
+            worker_stop_grace: DEFAULT_WORKER_STOP_GRACE,
+            lease_stop_grace: DEFAULT_LEASE_STOP_GRACE,
+            workers: WorkersSection::default(),
+            insecure: false,
+            tls: None,
+        }
+    }
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+/// The hostname as the OS reports it; as a node name, validation catches one that is not usable.
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+impl AgentConfig {
+    /// Parses without validating: flags may still override fields before [`Self::validate`].
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            error: Box::new(e),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: Some(path.to_owned()),
+            error: Box::new(e),
+        })
+    }
+
+    /// The keys (top-level keys and sections) whose values differ in `new`:
+    /// what re-reading the file on SIGHUP would change.
+    pub fn changed_keys(&self, new: &AgentConfig) -> Vec<&'static str> {
+        // No `..`: a new key must be added here, or this stops compiling.
+        let AgentConfig {
+            coordinator,
+            node_name,
+            gpu_backend,
+            sim_gpus,
+            sim_fault_file,
+            diagnostics_command,
+            state_dir,
+            metrics_listen,
+            reconnect,
+            keep_workers_on_shutdown,
+            worker_stop_grace,
+            lease_stop_grace,
+            workers,
+            insecure,
+            tls,
+        } = self;
+        [
+            ("coordinator", *coordinator != new.coordinator),
+            ("node_name", *node_name != new.node_name),
+            ("gpu_backend", *gpu_backend != new.gpu_backend),
+            ("sim_gpus", *sim_gpus != new.sim_gpus),
+            ("sim_fault_file", *sim_fault_file != new.sim_fault_file),
+            (
+                "diagnostics_command",
+                *diagnostics_command != new.diagnostics_command,
+            ),
+            ("state_dir", *state_dir != new.state_dir),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+            ("reconnect", *reconnect != new.reconnect),
+            (
+                "keep_workers_on_shutdown",
+                *keep_workers_on_shutdown != new.keep_workers_on_shutdown,
+            ),
+            (
+                "worker_stop_grace",
+                *worker_stop_grace != new.worker_stop_grace,
+            ),
+            (
+                "lease_stop_grace",
+                *lease_stop_grace != new.lease_stop_grace,
+            ),
+            ("workers", *workers != new.workers),
+            ("insecure", *insecure != new.insecure),
+            ("tls", *tls != new.tls),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_gpu()?;
+        validate_coordinators(&self.coordinator)?;
+        if self
+            .diagnostics_command
+            .first()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            return Err(ConfigError::Invalid {
+                field: "diagnostics_command",
+                problem: "the program (first element) is empty".to_owned(),
+                fix: "name a program, e.g. [\"dcgmi\", \"diag\", \"-r\", \"1\"], or leave the list empty for the built-in self-check",
+            });
+        }
+        validate_workers(&self.workers)?;
+        let r = &self.reconnect;
+        if r.initial_backoff.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "reconnect.initial_backoff",
+                problem: "must be greater than zero".to_owned(),
+                fix: "use a duration such as \"200ms\"",
+            });
+        }
+        if r.initial_backoff > r.max_backoff {
+            return Err(ConfigError::Invalid {
+                field: "reconnect.initial_backoff",
+                problem: format!(
+                    "{} is longer than reconnect.max_backoff ({})",
+                    humantime::format_duration(r.initial_backoff),
+                    humantime::format_duration(r.max_backoff)
+                ),
+                fix: "make initial_backoff at most max_backoff",
+            });
+        }
+        for url in self.coordinator.urls() {
+            vigil_tls::check_scheme(url, self.tls.is_some(), self.insecure).map_err(|e| {
+                ConfigError::Invalid {
+                    field: "coordinator",
+                    problem: e.to_string(),
+                    fix: "see docs/security.md",
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The keys reading the GPUs needs (`--check-gpus`): the node name (simulated
+    /// identities derive from it) and the simulated GPU count; the coordinator,
+    /// TLS and workers are not looked at.
+    pub fn validate_gpu(&self) -> Result<(), ConfigError> {
+        validate_node_name(&self.node_name)?;
+        if !(1..=MAX_SIM_GPUS).contains(&self.sim_gpus) {
+            return Err(ConfigError::Invalid {
+                field: "sim_gpus",
+                problem: format!("{} is out of range", self.sim_gpus),
+                fix: "use a value from 1 to 64",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The protocol's name rule, checked here so a name the coordinator would refuse stops the
+/// agent at start, with the reason.
+fn validate_node_name(name: &str) -> Result<(), ConfigError> {
+    vigil_proto::check_node_name(name).map_err(|problem| ConfigError::Invalid {
+        field: "node_name",
+        problem: format!(
+            "{name:?} {problem} (a node name has {})",
+            vigil_proto::NODE_NAME_RULE
+        ),
+        fix: "set --node-name or node_name to such a name (the coordinator refuses any other)",
+    })
+}
+
+fn validate_workers(w: &WorkersSection) -> Result<(), ConfigError> {
+    if let Some(user) = &w.run_as {
+        let ok = !user.is_empty()
+            && user.len() <= 32
+            && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            return Err(ConfigError::Invalid {
+                field: "workers.run_as",
+                problem: format!("{user:?} is not a user name"),
+                fix: "name an unprivileged user such as \"vigil-job\" (or \"root\" to run jobs as root explicitly)",
+            });
+        }
+    }
+    for root in &w.allowed_roots {
+        let bad = !root.is_absolute()
+            || root
+                .components()
+                .any(|c| c == std::path::Component::ParentDir);
+        if bad {
+            return Err(ConfigError::Invalid {
+                field: "workers.allowed_roots",
+                problem: format!("{} is not an absolute path without '..'", root.display()),
+                fix: "list absolute directories, e.g. allowed_roots = [\"/shared\"]",
+            });
+        }
+        if root.parent().is_none() {
+            return Err(ConfigError::Invalid {
+                field: "workers.allowed_roots",
+                problem: "\"/\" would allow every directory".to_owned(),
+                fix: "list the storage roots jobs use, e.g. allowed_roots = [\"/shared\"]",
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
