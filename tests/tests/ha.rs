@@ -273,9 +273,23 @@ fn a_paused_leader_steps_down_and_quorum_loss_stops_every_decision() -> Result<(
         Ok(c2.child.try_wait()?)
     })?;
     assert_eq!(status.code(), Some(75), "{}", c2.log_text());
+    // Members are polled one after another, so a health round can straddle the
+    // kills (member 1 still answering, then the quorum read failing): wait for
+    // a round that began after both were gone.
+    let killed: Vec<String> = [0, 1]
+        .iter()
+        .map(|&i| cluster.etcd.members[i].endpoint())
+        .collect();
     let ha = wait_for("status shows no quorum", LONG, || {
         let ha = cluster.ha()?;
-        Ok((ha["quorum"] == false).then_some(ha))
+        let down = |endpoint: &String| {
+            ha["etcd"].as_array().is_some_and(|members| {
+                members
+                    .iter()
+                    .any(|m| m["endpoint"] == endpoint.as_str() && m["healthy"] == false)
+            })
+        };
+        Ok((ha["quorum"] == false && killed.iter().all(down)).then_some(ha))
     })
     .with_context(|| format!("status: {:?}\n{}", cluster.ha().ok(), cluster.logs()))?;
     // The `ha` object of `clusterctl -o json status` (clusterctl/src/model/ha.rs),
