@@ -52,6 +52,16 @@ pub enum ControlError {
     DiagnosticsTimeout { node: String, secs: u64 },
 }
 
+impl CoordinatorError {
+    /// Whether the state store is damaged: the process exits with [`EXIT_DATAERR`].
+    pub fn is_damaged_store(&self) -> bool {
+        matches!(self, CoordinatorError::Store(StoreError::Damaged { .. }))
+    }
+}
+
+/// EX_DATAERR from sysexits.h: the state store is damaged (see [`StoreError::Damaged`]).
+pub const EXIT_DATAERR: u8 = 65;
+
 impl From<ControlError> for Status {
     fn from(e: ControlError) -> Self {
         let message = e.to_string();

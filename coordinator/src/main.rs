@@ -14,6 +14,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_coordinator::config::ConfigError;
+use vigil_coordinator::error::EXIT_DATAERR;
 use vigil_coordinator::ha::EXIT_LEADERSHIP_LOST;
 use vigil_coordinator::ha::run::{HaEnd, run_ha};
 use vigil_coordinator::metrics::Metrics;
@@ -324,7 +325,14 @@ fn main() -> ExitCode {
         Err(e) => {
             // Every message already ends with its cause.
             eprintln!("vigil-coordinator: {e}");
-            ExitCode::FAILURE
+            let damaged = e
+                .downcast_ref::<CoordinatorError>()
+                .is_some_and(CoordinatorError::is_damaged_store);
+            if damaged {
+                ExitCode::from(EXIT_DATAERR)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -62,6 +62,15 @@ pub enum StoreError {
         key: String,
         message: String,
     },
+    /// The store holds less, or other, than it committed: never served from (exit 65).
+    #[error(
+        "the state store in {path} is damaged: {what}. vigil-coordinator does not run on a \
+         damaged store. Two ways out: restore the last backup (vigil-coordinator restore --from \
+         FILE --data-dir {path}), or start from what is still valid (vigil-coordinator --recover \
+         --data-dir {path}: every lost record is listed, every node is held cordoned for review \
+         and no job starts until an operator confirms with clusterctl recovery confirm)"
+    )]
+    Damaged { path: PathBuf, what: String },
     #[error("state store in {path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error(
@@ -109,6 +118,17 @@ pub struct Put {
     pub value: Vec<u8>,
 }
 
+/// Which store this is and how far it has committed: agents keep the highest mark they
+/// were told, so a data dir replaced by an older copy of itself (same `store_id`, lower
+/// `seq`) is exposed by the first agent that registers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreMark {
+    /// Random, fixed when the store is created; a restore or a `--recover` makes a new one.
+    pub store_id: String,
+    /// The number of commits made to this store; rises by one with every commit.
+    pub seq: u64,
+}
+
 /// A commit in flight: it borrows the backend until it is done.
 pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
 
@@ -144,6 +164,12 @@ pub trait Backend: Send + Sync {
     /// caller must stage its whole state again.
     fn recover(&mut self) -> Result<bool, StoreError> {
         Ok(false)
+    }
+
+    /// The store's identity and its last durable commit; `None` where the backend has its
+    /// own guard against being rolled back (etcd's revisions).
+    fn mark(&self) -> Option<StoreMark> {
+        None
     }
 
     /// Bytes the state takes where it is kept.
@@ -196,6 +222,11 @@ impl Store {
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.0.size_on_disk()
+    }
+
+    /// See [`Backend::mark`].
+    pub fn mark(&self) -> Option<StoreMark> {
+        self.0.mark()
     }
 
     pub fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
