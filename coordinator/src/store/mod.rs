@@ -91,6 +91,8 @@ pub enum Kind {
     Node,
     Job,
     Lemon,
+    /// Cluster-wide records, by name (the recovery hold after `--recover`).
+    Cluster,
     /// A node's history: every put appends an entry, the oldest beyond
     /// [`crate::node::MAX_EVENTS`] per node are dropped.
     Event,
@@ -104,6 +106,7 @@ impl Kind {
             Kind::Job => "jobs",
             Kind::Lemon => "lemons",
             Kind::Event => "events",
+            Kind::Cluster => "cluster",
         }
     }
 }
@@ -277,6 +280,25 @@ impl Store {
     pub fn put_lemon(&self, record: &LemonRecord) -> Result<(), StoreError> {
         let key = record.key();
         self.stage(Kind::Lemon, &key, &format!("lemon record {key:?}"), record)
+    }
+
+    /// Stage a cluster-wide record under `name`; durable after the next [`Store::flush`].
+    pub fn put_cluster<T: Serialize>(&self, name: &str, record: &T) -> Result<(), StoreError> {
+        self.stage(
+            Kind::Cluster,
+            name,
+            &format!("cluster record {name:?}"),
+            record,
+        )
+    }
+
+    /// The cluster-wide record `name`, if one was stored.
+    pub fn load_cluster<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        Ok(self
+            .load::<T>(Kind::Cluster)?
+            .into_iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, record)| record))
     }
 
     /// Stage a history entry of `node`; durable after the next [`Store::flush`].

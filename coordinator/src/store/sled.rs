@@ -114,6 +114,8 @@ impl Sled {
                         (Kind::Node, _) => nodes.insert(put.key.as_bytes(), value)?,
                         (Kind::Job, _) => jobs.insert(put.key.as_bytes(), value)?,
                         (Kind::Lemon, _) => lemons.insert(put.key.as_bytes(), value)?,
+                        // Read only, to move an old store over: nothing of this kind was stored.
+                        (Kind::Cluster, _) => None,
                         (Kind::Event, Some(id)) => {
                             events.insert(event_key(&put.key, *id), value)?
                         }
@@ -170,6 +172,7 @@ impl Backend for Sled {
             Kind::Job => &trees.jobs,
             Kind::Lemon => &trees.lemons,
             Kind::Event => &trees.events,
+            Kind::Cluster => return Ok(Vec::new()),
         };
         let mut out = Vec::new();
         for item in tree.iter() {
