@@ -132,6 +132,23 @@ pub struct StoreMark {
     pub seq: u64,
 }
 
+/// What `vigil-coordinator --recover` found on a damaged store: the store now holds only what
+/// was still valid, and the engine holds the cluster for review (see `RecoveryHold`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecoveryReport {
+    /// Why the store was damaged, as the refusal to start said it.
+    pub damage: String,
+    /// One line per record that could not be kept ("nodes/gpu-017: checksum mismatch",
+    /// "jobs: the manifest counts 3 records, 2 were readable").
+    pub lost: Vec<String>,
+    /// Node names whose records were lost (they come back as new when their agents register).
+    pub lost_nodes: Vec<String>,
+    /// Job ids whose records were lost.
+    pub lost_jobs: Vec<String>,
+    /// Where the damaged files were moved, kept for a post-mortem.
+    pub damaged_copy: PathBuf,
+}
+
 /// A commit in flight: it borrows the backend until it is done.
 pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
 
@@ -172,6 +189,11 @@ pub trait Backend: Send + Sync {
     /// The store's identity and its last durable commit; `None` where the backend has its
     /// own guard against being rolled back (etcd's revisions).
     fn mark(&self) -> Option<StoreMark> {
+        None
+    }
+
+    /// Set once, by a store opened with `--recover` on a damaged data dir.
+    fn recovered(&self) -> Option<RecoveryReport> {
         None
     }
 
@@ -225,6 +247,11 @@ impl Store {
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.0.size_on_disk()
+    }
+
+    /// See [`Backend::recovered`].
+    pub fn recovered(&self) -> Option<RecoveryReport> {
+        self.0.recovered()
     }
 
     /// See [`Backend::mark`].
