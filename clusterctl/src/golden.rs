@@ -10,7 +10,7 @@ use vigil_proto::v1;
 
 use crate::commands::json_document;
 use crate::model::fixtures::{
-    cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum, ha_sled, pending_job,
+    cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum, ha_single, pending_job,
     ready_nvml_node, running_job, status_response,
 };
 use crate::model::{JobDetail, JobList, NodeList, Status};
@@ -61,12 +61,12 @@ fn golden_status() {
     );
 }
 
-/// `status` with the HA section: one coordinator on sled, two on a healthy etcd, and etcd
+/// `status` with the HA section: one coordinator on SQLite, two on a healthy etcd, and etcd
 /// without quorum (no leader).
 #[test]
 fn golden_status_ha() {
     for (name, ha) in [
-        ("status_ha_sled", ha_sled()),
+        ("status_ha_single", ha_single()),
         ("status_ha_etcd", ha_etcd_healthy()),
         ("status_ha_no_quorum", ha_etcd_no_quorum()),
     ] {

@@ -9,7 +9,7 @@
 //! - `engine/`: the single task that owns the state and the store: feeds inputs to
 //!   `vigil_core::step`/`tick`, commits each turn once, then carries out the effects.
 //! - `api/`: the gRPC services (agent and control), access, the rate limit, protocol views.
-//! - `store/`: the durable store: one backend trait, sled (default), etcd (HA), memory (tests);
+//! - `store/`: the durable store: one backend trait, SQLite (default; checksummed, checked at open), etcd (HA), memory (tests);
 //!   a turn's writes are staged, then committed once before anything is acknowledged.
 //! - `ha/`: several coordinators on etcd: election, standby services, status.
 //! - `metrics/`: Prometheus metrics and the `/metrics` + `/healthz` HTTP server.

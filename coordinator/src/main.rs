@@ -49,6 +49,12 @@ struct Cli {
     /// nodes and run code on them. For a local demo or test cluster only.
     #[arg(long)]
     insecure: bool,
+    /// Start on a damaged state store from what is still valid: the damaged files are kept
+    /// aside, every lost record is listed, every node is held cordoned for review and no job
+    /// starts until `clusterctl recovery confirm` (docs/failure-handling.md). Without it, a
+    /// damaged store stops the start with exit 65.
+    #[arg(long)]
+    recover: bool,
     /// Validate FILE and exit: 0 printing "FILE: ok", or 64 with the error.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
@@ -207,9 +213,17 @@ async fn reload_on_sighup(
 async fn start(cli: Cli, config: Config, signals: Signals) -> Result<u8, CoordinatorError> {
     // Certificates first: a bad or expired one stops the start, naming the file.
     vigil_coordinator::load_tls(&config)?;
+    if cli.recover && config.ha.is_some() {
+        return Err(CoordinatorError::Ha(
+            "--recover applies to a single coordinator's data dir; with [ha] the state is in \
+             etcd: restore an etcd snapshot instead (docs/operations.md, \"Backups\")"
+                .into(),
+        ));
+    }
     // With [ha] the state lives in etcd, read once this coordinator is elected.
     let store = match &config.ha {
         Some(_) => None,
+        None if cli.recover => Some(Store::open_recover(&config.data_dir)?),
         None => Some(Store::open(&config.data_dir)?),
     };
     let known_nodes = store

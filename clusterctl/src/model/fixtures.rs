@@ -92,9 +92,9 @@ pub fn status_response() -> v1::StatusResponse {
 }
 
 /// One coordinator on sled: the HA section says so and nothing more.
-pub fn ha_sled() -> v1::HaStatus {
+pub fn ha_single() -> v1::HaStatus {
     v1::HaStatus {
-        store: "sled".into(),
+        store: "sqlite".into(),
         role: "leader".into(),
         quorum: true,
         ..Default::default()

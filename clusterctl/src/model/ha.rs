@@ -7,7 +7,7 @@ use vigil_proto::v1;
 /// the coordinator reports it (older coordinators do not).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Ha {
-    /// `sled` (one coordinator, embedded store) or `etcd` (highly available).
+    /// `sqlite` (one coordinator, embedded store; `sled` from coordinators before it) or `etcd` (highly available).
     pub store: String,
     /// The coordinator that answered, and its role: `leader` or `standby`.
     pub coordinator: String,
@@ -15,7 +15,7 @@ pub struct Ha {
     /// The leader's name and gRPC URL; `null` while no coordinator leads.
     pub leader: Option<String>,
     pub leader_url: Option<String>,
-    /// The leadership term (the fencing token agents check); 0 on sled.
+    /// The leadership term (the fencing token agents check); 0 on a single coordinator.
     pub term: u64,
     /// When the leader took over; `null` when unknown.
     pub leader_since_unix_ms: Option<u64>,

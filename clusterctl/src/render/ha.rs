@@ -54,10 +54,12 @@ pub fn ha_lines(out: &mut Labelled, ha: &Ha, now_ms: u64, term: Term) {
 }
 
 /// `etcd (3 members, quorum ok)`, `etcd (3 members, 1 healthy, NO QUORUM)`,
-/// `sled (single coordinator)`.
+/// `sqlite (single coordinator)`.
 fn store(ha: &Ha) -> String {
     if !ha.is_etcd() {
         return match ha.store.as_str() {
+            "sqlite" => "sqlite (single coordinator)".to_string(),
+            // Coordinators before the SQLite store.
             "sled" => "sled (single coordinator)".to_string(),
             other => or_dash(other).to_string(),
         };

@@ -35,7 +35,7 @@ pub struct ControlService {
     started_unix_ms: u64,
     listen_addr: SocketAddr,
     insecure: bool,
-    /// The coordinators and etcd, with HA; `None`: a single coordinator on sled.
+    /// The coordinators and etcd, with HA; `None`: a single coordinator (SQLite).
     ha: Option<Arc<crate::ha::HaView>>,
 }
 

@@ -3,7 +3,7 @@
 //! gRPC handlers hold an [`EngineHandle`] and send [`Event`]s. The engine turns each into a
 //! core [`Input`](vigil_core::Input) and hands it to `vigil_core::step` (time to
 //! `vigil_core::tick`), which decides everything; the engine only carries decisions out. A
-//! turn stages every change its inputs made, commits them once (group commit: one sled flush
+//! turn stages every change its inputs made, commits them once (group commit: one SQLite transaction
 //! or one etcd transaction for every queued agent message it took), and only then carries out
 //! the effects: replies, commands, log lines, metrics. Readers get an `Arc<Snapshot>` through
 //! a watch channel.
@@ -236,7 +236,7 @@ impl Engine {
         self.store.leadership().term()
     }
 
-    /// Whether this coordinator may still act: always on sled; with etcd, while its lease holds.
+    /// Whether this coordinator may still act: always for a single coordinator; with etcd, while its lease holds.
     fn leads(&self) -> bool {
         self.store.leadership().is_valid()
     }

@@ -1,4 +1,4 @@
-//! `[ha]`: several coordinators on etcd, one leading. Absent: one coordinator on sled.
+//! `[ha]`: several coordinators on etcd, one leading. Absent: one coordinator on SQLite.
 
 use std::path::PathBuf;
 use std::time::Duration;

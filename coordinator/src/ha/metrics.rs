@@ -45,7 +45,7 @@ impl HaMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "vigil_leader",
-            "1 while this coordinator leads (always 1 for a single coordinator on sled), 0 while \
+            "1 while this coordinator leads (always 1 for a single coordinator), 0 while \
              it stands by",
             self.leader.clone(),
         );
@@ -57,12 +57,12 @@ impl HaMetrics {
         );
         registry.register(
             "vigil_leader_term",
-            "The current leadership term (the fencing token on every command to agents); 0 on sled",
+            "The current leadership term (the fencing token on every command to agents); 0 for a single coordinator",
             self.term.clone(),
         );
         registry.register(
             "vigil_etcd_quorum",
-            "1 while etcd commits writes (a linearizable read succeeds), 0 without quorum; 1 on sled",
+            "1 while etcd commits writes (a linearizable read succeeds), 0 without quorum; 1 for a single coordinator",
             self.etcd_quorum.clone(),
         );
         registry.register(
@@ -73,7 +73,7 @@ impl HaMetrics {
         registry.register(
             "vigil_store_latency_seconds",
             "Time to make staged state changes durable (op=flush) and to read the whole state \
-             (op=load), by backend (sled, etcd)",
+             (op=load), by backend (sqlite, etcd)",
             self.store_latency.clone(),
         );
     }

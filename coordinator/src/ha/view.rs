@@ -197,11 +197,11 @@ impl HaView {
     }
 }
 
-/// The status of a single coordinator on sled: it always leads, at term 0.
+/// The status of a single coordinator on SQLite: it always leads, at term 0.
 pub fn single_status(started_at_unix_ms: u64) -> v1::HaStatus {
     v1::HaStatus {
-        // One coordinator has no name in a group: clusterctl shows only "sled (single coordinator)".
-        store: "sled".into(),
+        // One coordinator has no name in a group: clusterctl shows only "sqlite (single coordinator)".
+        store: "sqlite".into(),
         role: "leader".into(),
         term: 0,
         leader_since_unix_ms: started_at_unix_ms,

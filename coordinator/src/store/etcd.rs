@@ -1,4 +1,4 @@
-//! The etcd backend: the same records as sled, under `{prefix}/state/`, and
+//! The etcd backend: the same records as SQLite, under `{prefix}/state/`, and
 //! every write fenced on the leadership term.
 //!
 //! Keys: `meta/schema`, `nodes/{name}`, `events/{node}/{id:020}`, `jobs/{id}`,

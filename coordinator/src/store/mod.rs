@@ -9,8 +9,9 @@
 //! leadership was won).
 //!
 //! Layout:
-//! - `sled`: a single coordinator's data dir (the default); a commit is one
-//!   transaction over its trees and one flush.
+//! - `sqlite`: a single coordinator's data dir (the default); a commit is one
+//!   transaction with its manifest, every record checksummed, all of it checked at open.
+//! - `sled`: the engine before, read only to move an old data dir over.
 //! - `etcd`: the HA group's state, every commit a transaction fenced on the
 //!   leadership term, bounded in time.
 //! - `memory`: in-process maps for tests, with failures on demand.
@@ -31,6 +32,7 @@ use crate::node::{NodeEvent, NodeRecord};
 pub mod etcd;
 pub mod memory;
 pub mod sled;
+pub mod sqlite;
 
 pub use etcd::EtcdStore;
 pub use memory::{Memory, MemoryFaults};
@@ -155,7 +157,7 @@ pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send
 /// Where the state lives. `Sync` because the engine awaits a commit while
 /// holding the store by reference inside a spawned (`Send`) task.
 pub trait Backend: Send + Sync {
-    /// "sled", "etcd" or "memory": the label of the store's metrics.
+    /// "sqlite", "etcd" or "memory": the label of the store's metrics.
     fn name(&self) -> &'static str;
 
     /// Where it lives, for messages: the data dir, or the etcd endpoints and prefix.
@@ -209,10 +211,20 @@ impl Store {
         Self(backend)
     }
 
-    /// Open (or create) the sled store in `path`, refusing a directory that
-    /// holds something other than a vigil store rather than writing into it.
+    /// Open (or create) the store in the data dir `path`, refusing a directory that holds
+    /// something other than a vigil store rather than writing into it, and a damaged store
+    /// ([`StoreError::Damaged`]). An old sled store there is moved over once.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Ok(Self(Box::new(sled::Sled::open(path)?)))
+        Ok(Self(Box::new(sqlite::Sqlite::open(path)?)))
+    }
+
+    /// `vigil-coordinator --recover`: like [`Store::open`], but a damaged store is replaced
+    /// by a new one holding what was still valid, and [`Store::recovered`] says what was lost.
+    pub fn open_recover(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self(Box::new(sqlite::Sqlite::open_with(
+            path,
+            sqlite::OnDamage::Recover,
+        )?)))
     }
 
     /// The state in etcd, written under `etcd`'s leadership.
@@ -226,7 +238,7 @@ impl Store {
         Memory::new().store()
     }
 
-    /// "sled", "etcd" or "memory".
+    /// "sqlite", "etcd" or "memory".
     pub fn backend(&self) -> &'static str {
         self.0.name()
     }
@@ -235,7 +247,7 @@ impl Store {
         self.0.path()
     }
 
-    /// The leadership this store writes under (term 0, always valid, on sled).
+    /// The leadership this store writes under (term 0, always valid, for a single coordinator).
     pub fn leadership(&self) -> &Arc<Leadership> {
         self.0.leadership()
     }

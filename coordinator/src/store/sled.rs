@@ -356,6 +356,11 @@ mod tests {
         }
     }
 
+    /// The typed store over sled, as the coordinator used it before SQLite.
+    fn sled_store(dir: &Path) -> Result<Store, StoreError> {
+        Ok(Store::new(Box::new(Sled::open(dir)?)))
+    }
+
     fn keys(backend: &Sled, kind: Kind) -> Vec<String> {
         let loaded = backend.load(kind).expect("load");
         loaded.into_iter().map(|(k, _)| k).collect()
@@ -429,7 +434,7 @@ mod tests {
     async fn staged_events_and_a_registration_are_durable_after_one_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let store = Store::open(dir.path()).expect("open");
+            let store = sled_store(dir.path()).expect("open");
             store.put_node(&record("gpu-001")).expect("put");
             for i in 0..3 {
                 store.put_event("gpu-001", &event(i)).expect("put");
@@ -438,7 +443,7 @@ mod tests {
             assert!(store.load_events().expect("load").is_empty(), "staged only");
             store.flush().await.expect("one commit");
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = sled_store(dir.path()).expect("reopen");
         assert_eq!(store.load_nodes().expect("load"), vec![record("gpu-001")]);
         let events: Vec<(String, String)> = store
             .load_events()
@@ -456,11 +461,11 @@ mod tests {
     async fn records_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let store = Store::open(dir.path()).expect("open");
+            let store = sled_store(dir.path()).expect("open");
             store.put_node(&record("gpu-001")).expect("put");
             store.flush().await.expect("flush");
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = sled_store(dir.path()).expect("reopen");
         assert_eq!(store.load_nodes().expect("load"), vec![record("gpu-001")]);
     }
 
@@ -484,7 +489,7 @@ mod tests {
     async fn events_are_kept_per_node_and_pruned() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let store = Store::open(dir.path()).expect("open");
+            let store = sled_store(dir.path()).expect("open");
             for i in 0..(2 * MAX_EVENTS as u64) {
                 store.put_event("a", &event(i)).expect("put");
                 // Commits of one event, and one of many.
@@ -497,7 +502,7 @@ mod tests {
             store.put_event("ab", &other).expect("put");
             store.flush().await.expect("flush");
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = sled_store(dir.path()).expect("reopen");
         let events = store.load_events().expect("load");
         let a: Vec<_> = events.iter().filter(|(n, _)| n == "a").collect();
         assert!(
@@ -511,32 +516,11 @@ mod tests {
     }
 
     #[test]
-    fn a_file_is_not_a_data_dir() {
-        let file = tempfile::NamedTempFile::new().expect("file");
-        let err = Store::open(file.path()).err().expect("refused");
-        assert!(
-            err.to_string().contains(&file.path().display().to_string()),
-            "{err}"
-        );
-        assert!(matches!(err, StoreError::NotADirectory { .. }));
-    }
-
-    #[test]
-    fn a_foreign_directory_is_refused_untouched() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("notes.txt"), "hello").expect("write");
-        let err = Store::open(dir.path()).err().expect("refused");
-        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
-        assert_eq!(names.len(), 1, "nothing was written");
-    }
-
-    #[test]
     fn garbage_in_sled_files_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("conf"), b"\xff\x00garbage").expect("write");
         std::fs::write(dir.path().join("db"), vec![0xa5u8; 4096]).expect("write");
-        let err = Store::open(dir.path()).err().expect("refused");
+        let err = sled_store(dir.path()).err().expect("refused");
         assert!(
             err.to_string().contains(&dir.path().display().to_string()),
             "{err}"
@@ -555,7 +539,7 @@ mod tests {
                 .expect("insert");
             trees.db.flush().expect("flush");
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = sled_store(dir.path()).expect("reopen");
         let err = store.load_nodes().expect_err("corrupt");
         assert!(err.to_string().contains("gpu-009"), "{err}");
     }
