@@ -11,6 +11,8 @@
 //!   the leader among several coordinators.
 //! - [`session`]: one session: dial, register, heartbeat, send events at once, obey commands, watch the lease.
 //! - [`term`]: fencing by term: messages from a deposed leader are ignored; the highest term is kept on disk.
+//! - [`store_mark`]: the highest store mark the coordinator told, kept on disk and sent in every
+//!   `Register`, so a coordinator whose data dir was rolled back is exposed.
 //! - [`lease`]: how long the agent may go without hearing from the coordinator.
 //! - [`backoff`]: reconnect delays (exponential, full jitter), pure.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/healthz` endpoint.
@@ -31,6 +33,7 @@ pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod session;
+pub mod store_mark;
 pub mod term;
 pub mod workers;
 
@@ -51,6 +54,7 @@ use crate::diagnostics::Diagnostics;
 use crate::gpu::{GpuBackend, GpuInfo, GpuProbe, backend_label};
 use crate::metrics::Metrics;
 use crate::session::{Registration, SessionContext};
+use crate::store_mark::StoreWitness;
 use crate::term::TermFence;
 use crate::workers::{Workers, WorkersConfig};
 
@@ -202,6 +206,8 @@ async fn serve(
     let metrics = Metrics::new(backend_label(probe.backend()), &inventory, &hostname);
     let fence = Arc::new(TermFence::load(&config.state_dir).await);
     metrics.set_term(fence.highest());
+    let store = Arc::new(StoreWitness::load(&config.state_dir).await);
+    metrics.set_store_seq(store.kept().await.map_or(0, |m| m.seq));
     let (sink, events) = events::channel(metrics.clone());
     Arc::clone(&probe).start_events(sink.clone());
     let confinement = workers::confine::Confinement {
@@ -272,6 +278,7 @@ async fn serve(
         diagnostics,
         workers: workers.clone(),
         fence,
+        store,
         registration: registration_tx,
     };
     // Dropping the link at shutdown drops `events`, which stops the event sources.

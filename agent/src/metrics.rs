@@ -37,6 +37,8 @@ pub struct Metrics {
     pub leader_changes: Counter,
     /// Coordinator messages ignored for carrying a term below the highest seen.
     pub stale_term_messages: Counter,
+    /// The commit count of the highest coordinator store mark kept (`store_mark`).
+    pub coordinator_store_seq: Gauge,
     xid_errors: Family<XidLabels, Counter>,
     gpu_lost: Counter,
     diagnostics: Family<ResultLabels, Counter>,
@@ -113,6 +115,12 @@ impl Metrics {
             "Coordinator messages ignored because their term is below the highest seen (a deposed leader)",
             stale_term_messages.clone(),
         );
+        let coordinator_store_seq = Gauge::default();
+        registry.register(
+            "vigil_agent_coordinator_store_seq",
+            "Commits of the coordinator's store, as of the highest mark this agent was told (0: none)",
+            coordinator_store_seq.clone(),
+        );
         let gpus_family = Family::<BackendLabels, Gauge>::default();
         gpus_family
             .get_or_create(&BackendLabels {
@@ -162,6 +170,7 @@ impl Metrics {
             coordinator_term,
             leader_changes,
             stale_term_messages,
+            coordinator_store_seq,
             xid_errors,
             gpu_lost,
             diagnostics,
@@ -174,6 +183,12 @@ impl Metrics {
     pub fn set_term(&self, term: u64) {
         self.coordinator_term
             .set(i64::try_from(term).unwrap_or(i64::MAX));
+    }
+
+    /// The store seq gauge shows `seq` (saturating).
+    pub fn set_store_seq(&self, seq: u64) {
+        self.coordinator_store_seq
+            .set(i64::try_from(seq).unwrap_or(i64::MAX));
     }
 
     /// The per-GPU gauges show `samples` from now on.

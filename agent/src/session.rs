@@ -28,6 +28,7 @@ use crate::events::EventSource;
 use crate::gpu::{GpuError, GpuProbe, GpuSample};
 use crate::lease::Lease;
 use crate::metrics::Metrics;
+use crate::store_mark::{self, StoreWitness};
 use crate::term::{self, TermFence, Verdict};
 use crate::workers::Workers;
 use crate::{error_chain, unix_ms};
@@ -62,6 +63,8 @@ pub struct SessionContext {
     pub workers: Workers,
     /// The highest coordinator term seen: messages below it are ignored.
     pub fence: Arc<TermFence>,
+    /// The highest store mark the coordinator told: sent in every `Register`.
+    pub store: Arc<StoreWitness>,
     /// The coordinator this agent is registered with, `None` between sessions.
     pub registration: watch::Sender<Option<Registration>>,
 }
@@ -183,6 +186,7 @@ async fn run_until_error(
         .await?
         .map_err(SessionError::Gpu)?;
     let gpu_count = gpus.len();
+    let told = ctx.store.kept().await;
     outbound.push(AgentBody::Register(Register {
         protocol_version: vigil_proto::PROTOCOL_VERSION,
         node_name: ctx.node_name.clone(),
@@ -192,6 +196,8 @@ async fn run_until_error(
         gpus,
         workers: ctx.workers.list().await,
         sent_at_unix_ms: unix_ms(),
+        last_store_seq: told.as_ref().map_or(0, |m| m.seq),
+        last_store_id: told.map(|m| m.store_id).unwrap_or_default(),
     }))?;
     let registration = async {
         let mut inbound = client
@@ -235,6 +241,7 @@ async fn run_until_error(
         return Err(SessionError::StaleTerm { term, highest });
     }
     follow(ctx, verdict, term).await;
+    witness(ctx, &accepted.store_id, accepted.store_seq).await;
     if term::is_leader_change(verdict) {
         ctx.metrics.leader_changes.inc();
     }
@@ -255,6 +262,8 @@ async fn run_until_error(
         heartbeat_interval_ms = pace.heartbeat.as_millis() as u64,
         lease_ms = pace.lease.as_millis() as u64,
         coordinator_version = %accepted.coordinator_version,
+        store_id = %accepted.store_id,
+        store_seq = accepted.store_seq,
         gpus = gpu_count,
         "registered with coordinator {registration}"
     );
@@ -275,6 +284,17 @@ async fn follow(ctx: &SessionContext, verdict: Verdict, term: u64) {
             previous_term = previous,
             "following the leader at term {term} (was {previous})"
         );
+    }
+}
+
+/// Keeps the store mark a `Registered` or `Ack` told, when it is further on or a new store.
+async fn witness(ctx: &SessionContext, store_id: &str, seq: u64) {
+    let told = store_mark::Mark {
+        store_id: store_id.to_owned(),
+        seq,
+    };
+    if ctx.store.observe(told).await.adopts() {
+        ctx.metrics.set_store_seq(seq);
     }
 }
 
@@ -443,6 +463,9 @@ async fn heartbeat(
                 follow(ctx, verdict, msg.term).await;
                 lease.renew(Instant::now());
                 ctx.workers.renew_lease(lease);
+                if let Some(CoordinatorBody::Ack(ack)) = &msg.body {
+                    witness(ctx, &ack.store_id, ack.store_seq).await;
+                }
                 handle(ctx, msg)?;
             }
             () = tokio::time::sleep_until(lease.last_heard() + give_up_after) => {

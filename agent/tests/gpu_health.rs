@@ -54,6 +54,7 @@ impl AgentService for FakeCoordinator {
                             coordinator_version: "fake".into(),
                             session_id: 1,
                             coordinator_name: "fake".into(),
+                            ..Default::default()
                         }),
                         Reply::Command(Command {
                             id: DIAGNOSTICS_ID,
@@ -63,7 +64,10 @@ impl AgentService for FakeCoordinator {
                             })),
                         }),
                     ],
-                    _ => vec![Reply::Ack(Ack { seq: msg.seq })],
+                    _ => vec![Reply::Ack(Ack {
+                        seq: msg.seq,
+                        ..Default::default()
+                    })],
                 };
                 let _ = seen.send(msg);
                 for reply in replies {

@@ -117,6 +117,7 @@ impl AgentService for Fake {
                             coordinator_version: "fake".into(),
                             session_id: session,
                             coordinator_name: name.into(),
+                            ..Default::default()
                         }),
                     ));
                     for (id, (term, kind)) in commands.iter().enumerate() {
@@ -129,7 +130,13 @@ impl AgentService for Fake {
                 } else {
                     after_register += 1;
                     if ack {
-                        replies.push((term, Reply::Ack(Ack { seq })));
+                        replies.push((
+                            term,
+                            Reply::Ack(Ack {
+                                seq,
+                                ..Default::default()
+                            }),
+                        ));
                     }
                 }
                 for (term, body) in replies {

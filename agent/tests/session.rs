@@ -33,6 +33,9 @@ enum Answer {
     Reject,
 }
 
+/// The fake coordinator's store id (see the marks it tells in `connect`).
+const STORE_ID: &str = "fake-store";
+
 const ACCEPT: Answer = Answer::Accept {
     lease_ms: 5_000,
     ack: true,
@@ -82,6 +85,10 @@ impl AgentService for FakeCoordinator {
                         coordinator_version: "fake".into(),
                         session_id: session,
                         coordinator_name: "fake".into(),
+                        // The store's mark: session N starts at commit 10 N, and every
+                        // heartbeat acknowledged is one commit more.
+                        store_id: STORE_ID.into(),
+                        store_seq: session * 10,
                     }),
                     (
                         Answer::Accept {
@@ -96,7 +103,11 @@ impl AgentService for FakeCoordinator {
                         if !ack {
                             continue;
                         }
-                        Reply::Ack(Ack { seq })
+                        Reply::Ack(Ack {
+                            seq,
+                            store_id: STORE_ID.into(),
+                            store_seq: session * 10 + heartbeats as u64,
+                        })
                     }
                     (Answer::Reject, false) => continue,
                 };
@@ -117,7 +128,7 @@ impl AgentService for FakeCoordinator {
 struct Harness {
     seen: mpsc::UnboundedReceiver<(u64, AgentMessage)>,
     agent: RunningAgent,
-    _state: tempfile::TempDir,
+    state: tempfile::TempDir,
 }
 
 impl Harness {
@@ -150,11 +161,7 @@ impl Harness {
             ..AgentConfig::default()
         };
         let agent = RunningAgent::start(config).await?;
-        Ok(Self {
-            seen,
-            agent,
-            _state: state,
-        })
+        Ok(Self { seen, agent, state })
     }
 
     async fn next(&mut self) -> Result<(u64, AgentMessage), Box<dyn Error>> {
@@ -175,6 +182,10 @@ impl Harness {
                 return Ok(msg);
             }
         }
+    }
+
+    fn state_dir(&self) -> std::path::PathBuf {
+        self.state.path().join("state")
     }
 
     async fn metrics(&self) -> Result<String, Box<dyn Error>> {
@@ -208,6 +219,11 @@ async fn agent_registers_first_then_heartbeats_with_gpu_samples() -> TestResult 
     assert_eq!(reg.gpus.len(), 2);
     assert_eq!(reg.agent_version, env!("CARGO_PKG_VERSION"));
     assert!(reg.workers.is_empty());
+    assert_eq!(
+        (reg.last_store_id.as_str(), reg.last_store_seq),
+        ("", 0),
+        "no store mark told yet"
+    );
     for seq in [2, 3] {
         let (_, msg) = h.next().await?;
         assert_eq!(msg.seq, seq);
@@ -246,6 +262,40 @@ async fn agent_reregisters_when_the_coordinator_closes_the_stream() -> TestResul
     let text = h.metrics().await?;
     assert!(text.contains("vigil_agent_reconnects_total 1"), "{text}");
     assert!(text.contains("vigil_agent_registrations_total 2"), "{text}");
+    h.stop().await
+}
+
+#[tokio::test]
+async fn agent_keeps_the_highest_store_mark_told_and_registers_with_it() -> TestResult {
+    let closing = Answer::Accept {
+        lease_ms: 5_000,
+        ack: true,
+        close_after: Some(2),
+    };
+    let mut h = Harness::start(vec![closing]).await?;
+    h.wait_for(1, is_register).await?;
+    // Session 1: Registered at commit 10, the first heartbeat acked at 11, then the stream
+    // ends (the second heartbeat is not acked).
+    let again = h.wait_for(2, is_register).await?;
+    let Some(Body::Register(reg)) = again.body else {
+        return Err("not a Register".into());
+    };
+    assert_eq!(
+        (reg.last_store_id.as_str(), reg.last_store_seq),
+        (STORE_ID, 11)
+    );
+    h.wait_for(2, is_heartbeat).await?;
+    h.wait_for(2, is_heartbeat).await?;
+    let text = h.metrics().await?;
+    assert!(
+        metric(&text, "vigil_agent_coordinator_store_seq").is_some_and(|n| n >= 20),
+        "{text}"
+    );
+    let kept = std::fs::read_to_string(h.state_dir().join("coordinator-store"))?;
+    let seq = kept
+        .strip_prefix(STORE_ID)
+        .and_then(|rest| rest.trim().parse::<u64>().ok());
+    assert!(seq.is_some_and(|n| n >= 20), "{kept:?}");
     h.stop().await
 }
 

@@ -69,9 +69,13 @@ impl AgentService for Fake {
                         coordinator_version: "fake".into(),
                         session_id: 1,
                         coordinator_name: "fake".into(),
+                        ..Default::default()
                     })
                 } else {
-                    Reply::Ack(Ack { seq })
+                    Reply::Ack(Ack {
+                        seq,
+                        ..Default::default()
+                    })
                 };
                 if registering || ack {
                     let _ = tx

@@ -167,7 +167,7 @@ pub async fn run_with_hooks(
         engine = engine.on_tick(tick);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let engine_task = tokio::spawn(engine.run(stop_rx.clone()));
+    let mut engine_task = tokio::spawn(engine.run(stop_rx.clone()));
 
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let mut metrics_stop = stop_rx.clone();
@@ -228,8 +228,18 @@ pub async fn run_with_hooks(
         serving();
     }
 
+    // Set when the engine ended on its own (a damaged store): the coordinator stops serving.
+    let mut engine_ended = None;
     let result = tokio::select! {
         r = &mut server => r.map_err(CoordinatorError::from),
+        ended = &mut engine_task => {
+            engine_ended = Some(ended);
+            stop_tx.send(true).ok();
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                warn!("gRPC server did not stop within {}s; exiting anyway", SHUTDOWN_GRACE.as_secs());
+            }
+            Ok(())
+        }
         () = shutdown => {
             info!("shutting down: flushing state and closing agent streams");
             stop_tx.send(true).ok();
@@ -243,7 +253,18 @@ pub async fn run_with_hooks(
         }
     };
     stop_tx.send(true).ok();
-    engine_task.await.ok();
+    let ended = match engine_ended {
+        Some(ended) => ended,
+        None => engine_task.await,
+    };
     metrics_task.abort();
-    result
+    match ended {
+        // The engine's error (a damaged store: exit 65) comes first.
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(())) => result,
+        Err(e) => {
+            warn!(error = %e, "engine task failed");
+            result
+        }
+    }
 }

@@ -1,18 +1,21 @@
 //! The in-process cluster: the real engine, simulated agents and the memory store in one
 //! paused-time runtime. Deterministic and fast (simulated seconds cost microseconds), so the
 //! core loop is tested end to end without sockets, processes or real time: XID -> cordon ->
-//! gang stop -> relaunch on the spare; a lost stop command; a store whose commits fail.
+//! gang stop -> relaunch on the spare; a lost stop command; a store whose commits fail; a
+//! store rolled back under a restarted coordinator, exposed by an agent's store mark.
 //!
 //! A `SimAgent` speaks the engine's side of `AgentService.Connect` directly (`Event`s in,
 //! `CoordinatorMessage`s out) and behaves like `vigil-agent`: it starts and stops workers on
 //! command (idempotently), reports them in heartbeats with a growing step, and answers a stop
-//! of a worker it does not run with `WorkerExited { stopped }`.
+//! of a worker it does not run with `WorkerExited { stopped }`. Like `vigil-agent`, it keeps
+//! the highest store mark it was told and registers with it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tonic::Status;
 use vigil_coordinator::config::Config;
 use vigil_coordinator::engine::{Engine, EngineHandle, Event};
@@ -20,7 +23,7 @@ use vigil_coordinator::job::{Job, JobPhase};
 use vigil_coordinator::metrics::Metrics;
 use vigil_coordinator::node::{GpuRecord, Node};
 use vigil_coordinator::state::Registration;
-use vigil_coordinator::store::{Memory, MemoryFaults};
+use vigil_coordinator::store::{Memory, MemoryFaults, StoreError, StoreMark};
 use vigil_proto::v1;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -34,6 +37,10 @@ struct SimAgent {
     rx: mpsc::Receiver<Result<v1::CoordinatorMessage, Status>>,
     /// Whether the coordinator answered its registration `Registered`.
     registered: bool,
+    /// Why the coordinator refused its registration, if it did.
+    rejected: Option<String>,
+    /// The highest store mark the coordinator told it (Registered, Ack).
+    mark: Option<StoreMark>,
     /// (job, attempt) -> (node rank, step).
     running: BTreeMap<(String, u64), (u32, u64)>,
     seq: u64,
@@ -47,11 +54,28 @@ struct SimAgent {
 
 struct Cluster {
     handle: EngineHandle,
+    engine: JoinHandle<Result<(), StoreError>>,
     agents: Vec<SimAgent>,
     stop: watch::Sender<bool>,
     faults: MemoryFaults,
     memory: Memory,
+    config: Config,
     elapsed: Duration,
+}
+
+/// An engine over `memory`, running: its handle, its stop switch, its task.
+type Running = (
+    EngineHandle,
+    watch::Sender<bool>,
+    JoinHandle<Result<(), StoreError>>,
+);
+
+fn spawn_engine(memory: &Memory, config: &Config) -> Result<Running, Box<dyn std::error::Error>> {
+    let metrics = Arc::new(Metrics::new(1));
+    let (engine, handle) = Engine::new(memory.store(), config, metrics)?;
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(engine.run(stop_rx));
+    Ok((handle, stop, task))
 }
 
 impl Cluster {
@@ -62,16 +86,15 @@ impl Cluster {
     async fn start_with(config: Config, nodes: usize) -> Result<Self, Box<dyn std::error::Error>> {
         let memory = Memory::new();
         let faults = memory.faults();
-        let metrics = Arc::new(Metrics::new(1));
-        let (engine, handle) = Engine::new(memory.store(), &config, metrics)?;
-        let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(engine.run(stop_rx));
+        let (handle, stop, engine) = spawn_engine(&memory, &config)?;
         let mut cluster = Self {
             handle,
+            engine,
             agents: Vec::new(),
             stop,
             faults,
             memory,
+            config,
             elapsed: Duration::ZERO,
         };
         for i in 0..nodes {
@@ -94,7 +117,8 @@ impl Cluster {
         self.register_running(node, session, BTreeMap::new()).await
     }
 
-    /// `node`'s agent reconnects: a new session, reporting the workers it runs.
+    /// `node`'s agent reconnects: a new session, reporting the workers it runs and the
+    /// highest store mark it was told.
     async fn reconnect(&mut self, node: &str, session: u64) -> TestResult {
         let i = self
             .agents
@@ -102,9 +126,36 @@ impl Cluster {
             .position(|a| a.node == node)
             .ok_or("no such agent")?;
         let old = self.agents.remove(i);
-        self.register_running(node, session, old.running).await?;
+        self.register_told(node, session, old.running, old.mark)
+            .await?;
         self.agent(node).seq = old.seq;
         Ok(())
+    }
+
+    /// The coordinator stops (flushing, as it does) and starts again on `memory`: the same
+    /// maps, or others (a restored store). Agents reconnect when the test says so.
+    async fn restart_on(&mut self, memory: Memory) -> TestResult {
+        self.stop.send(true).ok();
+        (&mut self.engine).await??;
+        let (handle, stop, engine) = spawn_engine(&memory, &self.config)?;
+        (self.handle, self.stop, self.engine) = (handle, stop, engine);
+        self.faults = memory.faults();
+        self.memory = memory;
+        Ok(())
+    }
+
+    /// Lets the engine run (time passes, no agent speaks) until it ends by itself; its result.
+    async fn engine_end(&mut self) -> Result<Result<(), StoreError>, Box<dyn std::error::Error>> {
+        for _ in 0..1200 {
+            if self.engine.is_finished() {
+                return Ok((&mut self.engine).await?);
+            }
+            tokio::time::advance(ROUND).await;
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+        }
+        Err("the engine still runs after a simulated minute".into())
     }
 
     async fn register_running(
@@ -112,6 +163,16 @@ impl Cluster {
         node: &str,
         session: u64,
         running: BTreeMap<(String, u64), (u32, u64)>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        self.register_told(node, session, running, None).await
+    }
+
+    async fn register_told(
+        &mut self,
+        node: &str,
+        session: u64,
+        running: BTreeMap<(String, u64), (u32, u64)>,
+        told: Option<StoreMark>,
     ) -> Result<(), Box<dyn std::error::Error>> {
         let (tx, rx) = mpsc::channel(1024);
         let reg = Registration {
@@ -143,12 +204,15 @@ impl Cluster {
                 })
                 .collect(),
         };
-        self.handle.send(Event::Register { reg, tx }).await?;
+        let mark = told.clone();
+        self.handle.send(Event::Register { reg, told, tx }).await?;
         self.agents.push(SimAgent {
             node: node.to_owned(),
             session,
             rx,
             registered: false,
+            rejected: None,
+            mark,
             running,
             seq: 0,
             drop_stops: 0,
@@ -309,11 +373,20 @@ impl SimAgent {
             let Ok(msg) = msg else { continue };
             let cmd = match msg.body {
                 Some(v1::coordinator_message::Body::Command(cmd)) => cmd,
-                Some(v1::coordinator_message::Body::Registered(_)) => {
+                Some(v1::coordinator_message::Body::Registered(r)) => {
                     self.registered = true;
+                    self.told(r.store_id, r.store_seq);
                     continue;
                 }
-                _ => continue,
+                Some(v1::coordinator_message::Body::Ack(a)) => {
+                    self.told(a.store_id, a.store_seq);
+                    continue;
+                }
+                Some(v1::coordinator_message::Body::Rejected(r)) => {
+                    self.rejected = Some(r.reason);
+                    continue;
+                }
+                None => continue,
             };
             match cmd.kind {
                 Some(v1::command::Kind::RunDiagnostics(_)) => {
@@ -363,6 +436,21 @@ impl SimAgent {
             }
         }
         out
+    }
+
+    /// Keeps a mark the coordinator told, like `vigil-agent`: a new store id replaces the mark,
+    /// the same store only rises.
+    fn told(&mut self, store_id: String, seq: u64) {
+        if store_id.is_empty() {
+            return;
+        }
+        let keep = match &self.mark {
+            Some(m) => m.store_id != store_id || seq > m.seq,
+            None => true,
+        };
+        if keep {
+            self.mark = Some(StoreMark { store_id, seq });
+        }
     }
 
     fn event(&mut self, kind: v1::agent_event::Kind) -> Event {
@@ -598,5 +686,108 @@ async fn an_agent_that_reconnects_while_the_store_cannot_commit_keeps_its_job() 
         c.round().await?;
     }
     assert!(running_attempt(&c, &id, 1));
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_rolled_back_under_a_restart_is_exposed_by_an_agent_and_never_served() -> TestResult
+{
+    let mut c = Cluster::start(2).await?;
+    let id = c.submit(1, 0).await?;
+    c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
+        .await?;
+    for _ in 0..40 {
+        c.round().await?;
+    }
+    let store = c.memory.mark();
+    let told = c.agent("n0").mark.clone().ok_or("n0 was told no mark")?;
+    assert_eq!(told.store_id, store.store_id);
+    assert!(
+        told.seq >= 5 && told.seq <= store.seq,
+        "told {told:?}, store at {store:?}: only durable commits are told"
+    );
+    // The data dir is replaced by an older copy of itself while the coordinator restarts:
+    // the same store id, fewer commits.
+    let memory = c.memory.clone();
+    c.restart_on(memory.clone()).await?;
+    memory.rewind_seq(told.seq - 3);
+    let (commits, seq) = (memory.commits(), memory.mark().seq);
+    c.reconnect("n0", 100).await?;
+    let end = c.engine_end().await?;
+    let Err(StoreError::Damaged { path, what }) = end else {
+        return Err(format!("the engine should end with Damaged, not {end:?}").into());
+    };
+    assert_eq!(path, std::path::Path::new("memory"));
+    let expected = format!(
+        "it holds commit {seq} of store {}, but agent n0 was told of commit {}: the data dir \
+         was replaced by an older copy (a rollback)",
+        told.store_id, told.seq
+    );
+    assert_eq!(what, expected);
+    assert_eq!(
+        (memory.commits(), memory.mark().seq),
+        (commits, seq),
+        "nothing of that registration (nor anything after it) was committed"
+    );
+    let agent = c.agent("n0");
+    agent.read_commands();
+    let reason = agent
+        .rejected
+        .clone()
+        .ok_or("n0's registration was not refused")?;
+    assert!(reason.contains("rolled back"), "{reason}");
+    assert!(!agent.registered, "{reason}");
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restored_store_is_a_new_store_and_an_agent_that_knew_the_old_one_joins_it() -> TestResult
+{
+    let mut c = Cluster::start(2).await?;
+    let id = c.submit(1, 0).await?;
+    c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
+        .await?;
+    for _ in 0..40 {
+        c.round().await?;
+    }
+    let told = c.agent("n0").mark.clone().ok_or("n0 was told no mark")?;
+    // Restored from a backup (another store id), in one commit: far fewer than n0 was told.
+    let restored = Memory::new();
+    let store = restored.store();
+    for record in c.memory.store().load_nodes()? {
+        store.put_node(&record)?;
+    }
+    for job in c.memory.store().load_jobs()? {
+        store.put_job(&job)?;
+    }
+    store.flush().await?;
+    assert!(restored.mark().seq < told.seq, "{told:?}");
+    c.restart_on(restored.clone()).await?;
+    c.reconnect("n0", 100).await?;
+    c.reconnect("n1", 101).await?;
+    c.until("both nodes registered again", |c| {
+        c.handle
+            .snapshot()
+            .nodes
+            .iter()
+            .all(|n| n.session.is_some())
+    })
+    .await?;
+    for _ in 0..10 {
+        c.round().await?;
+    }
+    let agent = c.agent("n0");
+    assert!(agent.registered && agent.rejected.is_none());
+    let mark = agent.mark.clone().ok_or("no mark")?;
+    assert_eq!(
+        mark.store_id,
+        restored.mark().store_id,
+        "the new store replaced the old mark"
+    );
+    assert!(mark.seq <= restored.mark().seq);
+    assert!(
+        !c.engine.is_finished(),
+        "the coordinator serves the restored store"
+    );
     Ok(())
 }

@@ -52,6 +52,7 @@ fn register(name: &str) -> AgentMessage {
             gpus: Vec::new(),
             workers: Vec::new(),
             sent_at_unix_ms: 0,
+            ..Default::default()
         })),
     }
 }

@@ -14,6 +14,7 @@ use vigil_proto::v1::{self, agent_message::Body};
 
 use crate::engine::{EngineHandle, Event};
 use crate::metrics::Metrics;
+use crate::store::StoreMark;
 use crate::throttle::{Rates, Throttle};
 use crate::validate::validate;
 
@@ -135,14 +136,17 @@ async fn run_session(
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await;
     let reg = match first {
         Ok(Ok(Some(msg))) => match msg.body {
-            Some(Body::Register(reg)) => validate_register(reg, session, address)
-                .map_err(|e| ("invalid_register", e))
-                .and_then(|reg| {
-                    identity
-                        .may_register(&reg.node)
-                        .map(|()| reg)
-                        .map_err(|e| ("wrong_identity", e))
-                }),
+            Some(Body::Register(reg)) => {
+                let told = told_mark(&reg);
+                validate_register(reg, session, address)
+                    .map_err(|e| ("invalid_register", e))
+                    .and_then(|reg| {
+                        identity
+                            .may_register(&reg.node)
+                            .map(|()| (reg, told))
+                            .map_err(|e| ("wrong_identity", e))
+                    })
+            }
             _ => Err((
                 "not_registered",
                 "the first message must be Register".to_owned(),
@@ -161,7 +165,7 @@ async fn run_session(
             format!("no Register within {}s", REGISTER_TIMEOUT.as_secs()),
         )),
     };
-    let reg = match reg {
+    let (reg, told) = match reg {
         Ok(reg) => reg,
         Err((label, reason)) => {
             metrics.input.rejected(label);
@@ -178,7 +182,11 @@ async fn run_session(
     };
     let node = reg.node.clone();
     info!(node = %node, gpus = reg.gpus.len(), simulated = reg.simulated, "agent registering");
-    if engine.send(Event::Register { reg, tx }).await.is_err() {
+    if engine
+        .send(Event::Register { reg, told, tx })
+        .await
+        .is_err()
+    {
         return;
     }
     let mut throttle = Throttle::new(rates, Instant::now());
@@ -247,6 +255,14 @@ async fn run_session(
         .ok();
 }
 
+/// The store mark a Register says its agent was told; `None` when it was told none.
+fn told_mark(reg: &v1::Register) -> Option<StoreMark> {
+    (!reg.last_store_id.is_empty()).then(|| StoreMark {
+        store_id: reg.last_store_id.clone(),
+        seq: reg.last_store_seq,
+    })
+}
+
 /// The rejection label of a stream error the agent caused (a message over the size limit, or
 /// bytes that are not a valid `AgentMessage`); `None` for a broken connection.
 fn refused(status: &Status) -> Option<&'static str> {
@@ -296,5 +312,21 @@ mod tests {
         assert_eq!(refused(&bad), Some("malformed"));
         assert_eq!(refused(&Status::unknown("h2 protocol error: reset")), None);
         assert_eq!(refused(&Status::cancelled("gone")), None);
+    }
+
+    #[test]
+    fn a_register_names_the_mark_its_agent_was_told_or_none() {
+        let mut reg = v1::Register::default();
+        assert_eq!(told_mark(&reg), None, "told nothing yet");
+        reg.last_store_seq = 4;
+        assert_eq!(told_mark(&reg), None, "no store, no mark");
+        reg.last_store_id = "s".into();
+        assert_eq!(
+            told_mark(&reg),
+            Some(StoreMark {
+                store_id: "s".into(),
+                seq: 4
+            })
+        );
     }
 }

@@ -41,7 +41,7 @@ use crate::lemons::{Ledger, LemonRecord};
 use crate::metrics::Metrics;
 use crate::node::{DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreMark};
 
 /// How often the engine applies the passage of time and republishes state.
 const TICK: Duration = Duration::from_millis(100);
@@ -67,6 +67,9 @@ pub type SessionTx = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
 pub enum Event {
     Register {
         reg: Registration,
+        /// The highest store mark the agent was told (`Register.last_store_id`/`_seq`);
+        /// `None` when it was told none.
+        told: Option<StoreMark>,
         tx: SessionTx,
     },
     Heartbeat {
@@ -314,7 +317,11 @@ impl Engine {
     }
 
     /// Run until `stop` turns true or every handle is gone; flush on the way out.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    ///
+    /// Ends early, with [`StoreError::Damaged`] and without committing anything more, when a
+    /// registering agent shows that the store was rolled back (see `turn::Engine::witnessed`):
+    /// every session is closed and the process exits 65.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), StoreError> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_tick = self.clock.now().mono;
@@ -331,7 +338,10 @@ impl Engine {
                                 Err(_) => break,
                             }
                         }
-                        self.turn(batch).await;
+                        if let Err(e) = self.turn(batch).await {
+                            self.sessions.clear();
+                            return Err(e);
+                        }
                     }
                     None => break,
                 },
@@ -343,6 +353,12 @@ impl Engine {
             Ok(()) => info!("engine stopped; state store flushed"),
             Err(e) => warn!(error = %e, "engine stopped; final flush failed"),
         }
+        Ok(())
+    }
+
+    /// The store's mark as agents are told it: empty and 0 where the store keeps none.
+    fn told_mark(&self) -> StoreMark {
+        self.store.mark().unwrap_or_default()
     }
 
     /// The passage of time: the core's `tick`, expiring requests, housekeeping.

@@ -4,9 +4,15 @@
 //! message queued when the turn starts is stepped, the batch is committed once, and only then
 //! are registrations answered, acks and commands sent. An operator's request commits on its
 //! own, after the agent messages queued before it, and is answered once its change is durable.
+//!
+//! Registrations and acks tell each agent the store's mark (its id and commit count); a
+//! registering agent sends back the highest mark it was told. A mark of this store beyond the
+//! store's own last commit means the data dir was replaced by an older copy of itself: before
+//! anything of the turn is stepped or committed, that registration is refused and the turn
+//! ends the engine with [`StoreError::Damaged`] (docs/protocol.md, "Store marks").
 
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vigil_core::Input;
 use vigil_proto::v1;
 
@@ -15,7 +21,7 @@ use super::{Engine, Event, SessionTx, millis};
 use crate::error::ControlError;
 use crate::node::DiagnosticsRecord;
 use crate::state::{Effect, Registration};
-use crate::store::StoreError;
+use crate::store::{StoreError, StoreMark};
 use vigil_core::Ignored;
 
 /// A registration waiting for its turn's commit before it is answered.
@@ -43,12 +49,23 @@ struct Batch {
 }
 
 impl Engine {
-    /// Step every event of `events` in order; commit each run of agent messages once.
-    pub(super) async fn turn(&mut self, events: Vec<Event>) {
+    /// Step every event of `events` in order; commit each run of agent messages once. An error
+    /// (a rolled-back store) ends the engine; nothing of the turn was stepped or committed.
+    pub(super) async fn turn(&mut self, events: Vec<Event>) -> Result<(), StoreError> {
+        for event in &events {
+            if let Event::Register {
+                reg,
+                told: Some(told),
+                tx,
+            } = event
+            {
+                self.witnessed(&reg.node, told, tx)?;
+            }
+        }
         let mut batch = Batch::default();
         for event in events {
             match event {
-                Event::Register { reg, tx } => self.register(reg, tx, &mut batch),
+                Event::Register { reg, told: _, tx } => self.register(reg, tx, &mut batch),
                 Event::Heartbeat {
                     node,
                     session,
@@ -91,6 +108,57 @@ impl Engine {
             }
         }
         self.close(batch).await;
+        Ok(())
+    }
+
+    /// Checks the store mark a registering agent was told against the store's own: a mark of
+    /// this store beyond its last commit is a rollback. Then the registration is refused,
+    /// nothing staged is kept, and the engine must stop: the error says so.
+    fn witnessed(&self, node: &str, told: &StoreMark, tx: &SessionTx) -> Result<(), StoreError> {
+        let Some(mark) = self.store.mark() else {
+            return Ok(());
+        };
+        if !mark.is_behind(told) {
+            return Ok(());
+        }
+        self.metrics.store_rollbacks.inc();
+        self.metrics.rejected_registrations.inc();
+        let path = self.store.path().to_owned();
+        error!(
+            node = %node,
+            store_id = %mark.store_id,
+            store_seq = mark.seq,
+            agent_seq = told.seq,
+            data_dir = %path.display(),
+            "state store rolled back: it holds commit {} of store {}, but agent {node} was told \
+             of commit {}; the data dir was replaced by an older copy. Registration refused; the \
+             coordinator stops, committing nothing more",
+            mark.seq,
+            mark.store_id,
+            told.seq
+        );
+        let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+            reason: format!(
+                "the coordinator's state store was rolled back: it holds commit {} of store {}, \
+                 but this agent was told of commit {}; the coordinator stops until an operator \
+                 restores its data dir from a backup or recovers it",
+                mark.seq, mark.store_id, told.seq
+            ),
+        });
+        tx.try_send(Ok(v1::CoordinatorMessage {
+            body: Some(rejected),
+            term: self.term(),
+        }))
+        .ok();
+        self.store.discard();
+        Err(StoreError::Damaged {
+            path,
+            what: format!(
+                "it holds commit {} of store {}, but agent {node} was told of commit {}: the \
+                 data dir was replaced by an older copy (a rollback)",
+                mark.seq, mark.store_id, told.seq
+            ),
+        })
     }
 
     pub(super) fn step(&mut self, input: Input) -> Vec<Effect> {
@@ -301,12 +369,15 @@ impl Engine {
     fn open_session(&mut self, j: &Joining) -> bool {
         self.metrics.registrations.inc();
         let liveness = &self.state.liveness;
+        let mark = self.told_mark();
         let registered = v1::Registered {
             heartbeat_interval_ms: millis(liveness.heartbeat_interval),
             lease_ms: millis(liveness.agent_lease),
             coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
             session_id: j.session,
             coordinator_name: self.store.leadership().name().to_owned(),
+            store_id: mark.store_id,
+            store_seq: mark.seq,
         };
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Registered(registered)),
@@ -322,13 +393,20 @@ impl Engine {
 
     /// Acknowledge committed messages; each ack also renews the agent's lease.
     fn send_acks(&self, acks: &[(u64, u64)]) {
-        if !self.leads() {
+        if !self.leads() || acks.is_empty() {
             return;
         }
+        // The last durable mark: this turn's commit, or the last one that worked.
+        let mark = self.told_mark();
         for &(session, seq) in acks {
             if let Some(tx) = self.sessions.get(&session) {
+                let ack = v1::Ack {
+                    seq,
+                    store_id: mark.store_id.clone(),
+                    store_seq: mark.seq,
+                };
                 let ack = v1::CoordinatorMessage {
-                    body: Some(v1::coordinator_message::Body::Ack(v1::Ack { seq })),
+                    body: Some(v1::coordinator_message::Body::Ack(ack)),
                     term: self.term(),
                 };
                 // A full queue means the agent is not reading; its lease

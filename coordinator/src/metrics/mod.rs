@@ -109,6 +109,8 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub registrations: Counter,
     pub rejected_registrations: Counter,
+    /// Registrations that showed the store was rolled back (the coordinator then stops).
+    pub store_rollbacks: Counter,
     pub stale_messages: Counter,
     pub availability_transitions: Family<TransitionLabel, Counter>,
     pub cordons: Family<CordonLabel, Counter>,
@@ -153,6 +155,7 @@ impl Metrics {
             heartbeats: Counter::default(),
             registrations: Counter::default(),
             rejected_registrations: Counter::default(),
+            store_rollbacks: Counter::default(),
             stale_messages: Counter::default(),
             availability_transitions: Family::default(),
             cordons: Family::default(),
@@ -209,6 +212,12 @@ impl Metrics {
             "vigil_agent_registrations_rejected",
             "Agent registrations refused (invalid, or the store could not save them)",
             m.rejected_registrations.clone(),
+        );
+        registry.register(
+            "vigil_store_rollbacks_detected",
+            "Agent registrations that showed the state store holds fewer commits than an agent \
+             was told (its data dir was replaced by an older copy); the coordinator stops",
+            m.store_rollbacks.clone(),
         );
         registry.register(
             "vigil_stale_agent_messages",

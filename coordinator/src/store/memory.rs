@@ -2,14 +2,17 @@
 //!
 //! A commit always succeeds unless a test asked for failures through
 //! [`MemoryFaults`]; the committed maps outlive the [`Store`] when the test
-//! keeps a [`Memory`] handle, so a "restarted" engine can load them again.
+//! keeps a [`Memory`] handle, so a "restarted" engine can load them again. So does the
+//! store's mark (its id, fixed when the [`Memory`] is created, and its commit count), which a
+//! test can set back to simulate a data dir replaced by an older copy
+//! ([`Memory::rewind_seq`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, Commit, Kind, Put, Store, StoreError, lock, restage};
+use super::{Backend, Commit, Kind, Put, Store, StoreError, StoreMark, lock, restage};
 use crate::leadership::Leadership;
 use crate::node::MAX_EVENTS;
 
@@ -20,13 +23,31 @@ struct Committed {
     /// Each node's history, oldest first.
     events: BTreeMap<String, VecDeque<Vec<u8>>>,
     commits: u64,
+    /// The mark's seq: one more per commit that wrote something (a test may set it back).
+    seq: u64,
 }
 
+/// Memory stores made by this process: each gets its own store id.
+static STORES: AtomicU64 = AtomicU64::new(0);
+
 /// The committed state; cloning it gives another handle on the same maps.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Memory {
     committed: Arc<Mutex<Committed>>,
     faults: MemoryFaults,
+    /// Unique in this process: `memory-N`.
+    store_id: Arc<str>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        let n = STORES.fetch_add(1, Ordering::Relaxed) + 1;
+        Self {
+            committed: Arc::default(),
+            faults: MemoryFaults::default(),
+            store_id: format!("memory-{n}").into(),
+        }
+    }
 }
 
 /// Makes commits fail on demand; held by the test, shared with the backend.
@@ -71,6 +92,21 @@ impl Memory {
     /// How many commits wrote something (empty ones are not counted).
     pub fn commits(&self) -> u64 {
         lock(&self.committed).commits
+    }
+
+    /// The mark every store over these maps reports.
+    pub fn mark(&self) -> StoreMark {
+        StoreMark {
+            store_id: self.store_id.to_string(),
+            seq: lock(&self.committed).seq,
+        }
+    }
+
+    /// Sets the mark's seq back to `seq` (the records stay): the store now claims fewer
+    /// commits than it told, as a data dir replaced by an older copy of itself would.
+    pub fn rewind_seq(&self, seq: u64) {
+        let mut committed = lock(&self.committed);
+        committed.seq = committed.seq.min(seq);
     }
 }
 
@@ -143,8 +179,13 @@ impl Backend for MemoryBackend {
                 }
             }
             committed.commits += 1;
+            committed.seq += 1;
             Ok(())
         })
+    }
+
+    fn mark(&self) -> Option<StoreMark> {
+        Some(self.memory.mark())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -213,6 +254,29 @@ mod tests {
         );
         assert_eq!(restarted.load_events().expect("load").len(), 1);
         assert_eq!(memory.commits(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_mark_counts_commits_that_wrote_and_survives_a_restart() {
+        let memory = Memory::new();
+        let store = memory.store();
+        let first = store.mark().expect("memory keeps a mark");
+        assert_eq!(first.seq, 0);
+        assert!(first.store_id.starts_with("memory-"), "{}", first.store_id);
+        assert_ne!(Memory::new().mark().store_id, first.store_id, "a new store");
+        store.put_node(&record("a")).expect("put");
+        store.flush().await.expect("commit");
+        store.flush().await.expect("nothing staged");
+        memory.faults().fail_next_commits(1);
+        store.put_node(&record("b")).expect("put");
+        store.flush().await.expect_err("fails on purpose");
+        store.flush().await.expect("commit");
+        let restarted = memory.store().mark().expect("mark");
+        assert_eq!(restarted.store_id, first.store_id);
+        assert_eq!(restarted.seq, 2, "two commits wrote something");
+        memory.rewind_seq(1);
+        assert_eq!(store.mark().map(|m| m.seq), Some(1));
+        assert_eq!(memory.commits(), 2, "the records and the commit count stay");
     }
 
     #[tokio::test]

@@ -151,6 +151,15 @@ pub struct RecoveryReport {
     pub damaged_copy: PathBuf,
 }
 
+impl StoreMark {
+    /// Whether this store holds fewer commits than `told`, a mark of this same store that an
+    /// agent was told: then it was rolled back. A mark of another store (before a restore or
+    /// a recovery) says nothing about this one.
+    pub fn is_behind(&self, told: &StoreMark) -> bool {
+        self.store_id == told.store_id && told.seq > self.seq
+    }
+}
+
 /// A commit in flight: it borrows the backend until it is done.
 pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
 
@@ -405,6 +414,26 @@ fn restage<T>(pending: &std::sync::Mutex<Vec<T>>, batch: Vec<T>) {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreMark;
+
+    fn mark(id: &str, seq: u64) -> StoreMark {
+        StoreMark {
+            store_id: id.into(),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_store_is_behind_only_a_higher_mark_of_itself() {
+        assert!(mark("a", 5).is_behind(&mark("a", 6)));
+        assert!(!mark("a", 5).is_behind(&mark("a", 5)));
+        assert!(!mark("a", 5).is_behind(&mark("a", 2)));
+        assert!(!mark("a", 5).is_behind(&mark("b", 900)), "another store");
+    }
 }
 
 #[cfg(test)]

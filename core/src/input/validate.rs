@@ -57,6 +57,7 @@ pub fn check_register(reg: &v1::Register) -> Result<(), String> {
     }
     check_len("hostname", &reg.hostname, MAX_TEXT)?;
     check_len("agent_version", &reg.agent_version, MAX_TEXT)?;
+    check_len("last_store_id", &reg.last_store_id, MAX_TEXT)?;
     match v1::GpuBackend::try_from(reg.gpu_backend) {
         Ok(v1::GpuBackend::Nvml | v1::GpuBackend::Simulated) => {}
         _ => {

@@ -19,6 +19,8 @@ fn register(name: &str) -> v1::Register {
             .collect(),
         workers: Vec::new(),
         sent_at_unix_ms: 0,
+        last_store_id: "memory-1".into(),
+        last_store_seq: 7,
     }
 }
 
@@ -70,6 +72,13 @@ fn bad_registrations_name_the_field() {
                 ..register("a")
             },
             "hostname",
+        ),
+        (
+            v1::Register {
+                last_store_id: "s".repeat(300),
+                ..register("a")
+            },
+            "last_store_id",
         ),
         (
             v1::Register {

@@ -359,6 +359,7 @@ async fn session(
         gpus: local.gpus.clone(),
         workers: local.worker_infos(),
         sent_at_unix_ms: unix_ms(),
+        ..Default::default()
     };
     if out.push(AgentBody::Register(register)).is_err() {
         return end(false, "stream closed before Register");
