@@ -141,7 +141,8 @@ fn every_kind_of_damage_is_refused_with_exit_65_and_the_way_out() -> Result<()> 
     let flipped = damaged_copy(&pristine, "flipped", |dir| {
         let path = dir.join(DB);
         let mut bytes = std::fs::read(&path)?;
-        let at = find(&bytes, br#""reason":"keep-me""#).context("the cordon in the node record")? + 10;
+        let at =
+            find(&bytes, br#""reason":"keep-me""#).context("the cordon in the node record")? + 10;
         bytes[at] ^= 0x20;
         Ok(std::fs::write(&path, bytes)?)
     })?;
@@ -197,7 +198,8 @@ fn recover_starts_from_what_is_valid_and_lists_the_loss() -> Result<()> {
     let flipped = damaged_copy(&pristine, "flipped", |dir| {
         let path = dir.join(DB);
         let mut bytes = std::fs::read(&path)?;
-        let at = find(&bytes, br#""reason":"keep-me""#).context("the cordon in the node record")? + 10;
+        let at =
+            find(&bytes, br#""reason":"keep-me""#).context("the cordon in the node record")? + 10;
         bytes[at] ^= 0x20;
         Ok(std::fs::write(&path, bytes)?)
     })?;

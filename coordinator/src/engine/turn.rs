@@ -118,7 +118,7 @@ impl Engine {
         let Some(mark) = self.store.mark() else {
             return Ok(());
         };
-        if !mark.is_behind(told) {
+        if !mark.is_behind(told, self.store.opened_seq()) {
             return Ok(());
         }
         self.metrics.store_rollbacks.inc();

@@ -152,11 +152,33 @@ pub struct RecoveryReport {
 }
 
 impl StoreMark {
-    /// Whether this store holds fewer commits than `told`, a mark of this same store that an
-    /// agent was told: then it was rolled back. A mark of another store (before a restore or
-    /// a recovery) says nothing about this one.
-    pub fn is_behind(&self, told: &StoreMark) -> bool {
-        self.store_id == told.store_id && told.seq > self.seq
+    /// The store's own id, without the `@instance` a backend may add (see [`StoreMark::is_behind`]).
+    pub fn store(&self) -> &str {
+        self.store_id
+            .split_once('@')
+            .map_or(&self.store_id, |(s, _)| s)
+    }
+
+    fn instance(&self) -> &str {
+        self.store_id.split_once('@').map_or("", |(_, i)| i)
+    }
+
+    /// Whether this store lost commits that `told`, a mark of the same store that an agent
+    /// was told, vouches for: then it was rolled back. A mark of another store (before a
+    /// restore or a recovery) says nothing about this one.
+    ///
+    /// A backend that names each opening (`store@instance`) is judged exactly: a mark from
+    /// an earlier opening must be within what this one found at open (`opened`, the seq then),
+    /// whatever it committed since; a mark from this opening, within its commits so far.
+    pub fn is_behind(&self, told: &StoreMark, opened: u64) -> bool {
+        if self.store() != told.store() {
+            return false;
+        }
+        if self.instance() == told.instance() {
+            told.seq > self.seq
+        } else {
+            told.seq > opened
+        }
     }
 }
 
@@ -201,6 +223,12 @@ pub trait Backend: Send + Sync {
     /// own guard against being rolled back (etcd's revisions).
     fn mark(&self) -> Option<StoreMark> {
         None
+    }
+
+    /// The seq [`Backend::mark`] had when this process opened the store (see
+    /// [`StoreMark::is_behind`]).
+    fn opened_seq(&self) -> u64 {
+        0
     }
 
     /// Set once, by a store opened with `--recover` on a damaged data dir.
@@ -273,6 +301,11 @@ impl Store {
     /// See [`Backend::recovered`].
     pub fn recovered(&self) -> Option<RecoveryReport> {
         self.0.recovered()
+    }
+
+    /// See [`Backend::opened_seq`].
+    pub fn opened_seq(&self) -> u64 {
+        self.0.opened_seq()
     }
 
     /// See [`Backend::mark`].
@@ -429,10 +462,27 @@ mod tests {
 
     #[test]
     fn a_store_is_behind_only_a_higher_mark_of_itself() {
-        assert!(mark("a", 5).is_behind(&mark("a", 6)));
-        assert!(!mark("a", 5).is_behind(&mark("a", 5)));
-        assert!(!mark("a", 5).is_behind(&mark("a", 2)));
-        assert!(!mark("a", 5).is_behind(&mark("b", 900)), "another store");
+        assert!(mark("a", 5).is_behind(&mark("a", 6), 0));
+        assert!(!mark("a", 5).is_behind(&mark("a", 5), 0));
+        assert!(!mark("a", 5).is_behind(&mark("a", 2), 0));
+        assert!(!mark("a", 5).is_behind(&mark("b", 900), 0), "another store");
+    }
+
+    #[test]
+    fn a_mark_of_an_earlier_opening_is_judged_against_what_this_one_found() {
+        // Opened a copy at commit 50 and has committed up to 120 since: an agent told 100 by
+        // the previous opening still exposes it, though 100 < 120.
+        assert!(mark("a@i2", 120).is_behind(&mark("a@i1", 100), 50));
+        // Opened the real store at 100: the same agent is in step.
+        assert!(!mark("a@i2", 120).is_behind(&mark("a@i1", 100), 100));
+        // Told by this opening: within its commits.
+        assert!(!mark("a@i2", 120).is_behind(&mark("a@i2", 110), 50));
+        assert!(mark("a@i2", 120).is_behind(&mark("a@i2", 121), 50));
+        assert!(
+            !mark("a@i2", 120).is_behind(&mark("b@i1", 900), 50),
+            "another store"
+        );
+        assert_eq!(mark("a@i2", 1).store(), "a");
     }
 }
 

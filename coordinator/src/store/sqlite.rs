@@ -97,6 +97,10 @@ pub struct Sqlite {
     /// What `open` read and checked, handed out by `load` until the first commit.
     loaded: Mutex<Loaded>,
     store_id: String,
+    /// Random per opening: agents' marks name it, so a mark from an earlier opening is judged
+    /// against `opened_seq` ([`StoreMark::is_behind`]).
+    instance: String,
+    opened_seq: u64,
     seq: Arc<AtomicU64>,
     failed: Arc<AtomicBool>,
     leadership: Arc<Leadership>,
@@ -443,8 +447,56 @@ fn marker_text(store_id: &str) -> String {
     format!("{MARKER_HEAD}\nstore_id {store_id}\n")
 }
 
-/// The store id the marker names; `Ok(None)` when there is no marker.
-fn read_marker(dir: &Path) -> Result<Option<String>, StoreError> {
+/// What a clean stop wrote into the marker: the whole file's length and CRC-32 once the log
+/// was folded into it. A byte changed anywhere in it since, even in space no record uses, is
+/// found at the next open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seal {
+    seq: u64,
+    len: u64,
+    crc: u32,
+}
+
+impl Seal {
+    fn line(self) -> String {
+        format!(
+            "sealed seq {} bytes {} crc {:08x}\n",
+            self.seq, self.len, self.crc
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["sealed", "seq", seq, "bytes", len, "crc", crc] => Some(Self {
+                seq: seq.parse().ok()?,
+                len: len.parse().ok()?,
+                crc: u32::from_str_radix(crc, 16).ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Length and CRC-32 of a whole file.
+fn file_sum(path: &Path) -> std::io::Result<(u64, u32)> {
+    let mut file = File::open(path)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0u64;
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            return Ok((len, crc.finalize()));
+        }
+        crc.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+/// The store id the marker names and the seal of a clean stop; `Ok(None)` when there is no
+/// marker.
+fn read_marker(dir: &Path) -> Result<Option<(String, Option<Seal>)>, StoreError> {
     let text = match std::fs::read_to_string(dir.join(MARKER_FILE)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -460,12 +512,35 @@ fn read_marker(dir: &Path) -> Result<Option<String>, StoreError> {
         (Some(MARKER_HEAD), Some(line)) => line.strip_prefix("store_id ").map(str::to_owned),
         _ => None,
     };
-    id.filter(|id| !id.is_empty()).map(Some).ok_or_else(|| {
-        damaged(
+    let seal = lines.next().map(Seal::parse);
+    match (id, seal) {
+        (Some(id), None) if !id.is_empty() => Ok(Some((id, None))),
+        (Some(id), Some(Some(seal))) if !id.is_empty() => Ok(Some((id, Some(seal)))),
+        _ => Err(damaged(
             dir,
-            format!("the marker {MARKER_FILE} is not vigil's ({text:.40?})"),
-        )
-    })
+            format!("the marker {MARKER_FILE} is not vigil's ({text:.60?})"),
+        )),
+    }
+}
+
+/// Whether the file is still the one a clean stop sealed.
+fn check_seal(dir: &Path, seal: Seal) -> Option<String> {
+    let wal = dir.join(format!("{DB_FILE}-wal"));
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return Some(format!(
+            "{DB_FILE}-wal appeared after the clean stop that sealed {DB_FILE} at commit {}",
+            seal.seq
+        ));
+    }
+    match file_sum(&dir.join(DB_FILE)) {
+        Ok((len, crc)) if (len, crc) == (seal.len, seal.crc) => None,
+        Ok((len, crc)) => Some(format!(
+            "{DB_FILE} changed after the clean stop that sealed it at commit {} ({} bytes, \
+             CRC-32 {:08x}; now {len} bytes, CRC-32 {crc:08x}): damaged or altered on disk",
+            seal.seq, seal.len, seal.crc
+        )),
+        Err(e) => Some(format!("{DB_FILE} cannot be read ({e})")),
+    }
 }
 
 fn take_lock(dir: &Path) -> Result<Flock<File>, StoreError> {
@@ -545,12 +620,17 @@ impl Sqlite {
         }
         let problem = match (&marker, has_db) {
             (Err(e), _) => Some(e.to_string()),
-            (Ok(Some(id)), false) => Some(format!(
+            (Ok(Some((id, _))), false) => Some(format!(
                 "{DB_FILE} is missing (the marker {MARKER_FILE} says store {id} lives here)"
             )),
+            // Checked before SQLite opens it (opening folds a log in, and changes the file).
+            (Ok(Some((_, Some(seal)))), true) => check_seal(&dir, *seal),
             _ => None,
         };
-        let marker = marker.ok().flatten();
+        let (marker, sealed) = match marker {
+            Ok(Some((id, seal))) => (Some(id), seal.is_some()),
+            _ => (None, false),
+        };
         let (conn, mut scan) = if has_db {
             match open_conn(&dir.join(DB_FILE), false) {
                 Ok(conn) => {
@@ -583,8 +663,9 @@ impl Sqlite {
         if scan.problems.is_empty() {
             let conn = conn.ok_or_else(|| damaged(&dir, format!("{DB_FILE} is missing")))?;
             let store_id = scan.store_id.clone().unwrap_or_default();
-            if marker.is_none() {
-                // Created, never committed to: finish what the creation began.
+            if marker.is_none() || sealed {
+                // Created, never committed to: finish what the creation began. Sealed: the
+                // file is about to change, so the seal goes before anything is written.
                 write_durably(&dir, MARKER_FILE, marker_text(&store_id).as_bytes()).map_err(
                     |e| StoreError::Io {
                         path: dir.clone(),
@@ -621,6 +702,8 @@ impl Sqlite {
     ) -> Self {
         let store_id = scan.store_id.unwrap_or_default();
         Self {
+            instance: format!("{:08x}", fastrand::u32(..)),
+            opened_seq: scan.book.seq,
             seq: Arc::new(AtomicU64::new(scan.book.seq)),
             inner: Arc::new(Mutex::new(Some(Inner {
                 conn,
@@ -779,6 +862,44 @@ impl Sqlite {
     }
 }
 
+impl Drop for Sqlite {
+    /// A clean stop: close SQLite (it folds its log into the file and removes it), then seal
+    /// the file in the marker. Skipped after a failed write: nothing is sealed that may be
+    /// behind what was acknowledged.
+    fn drop(&mut self) {
+        if self.failed.load(Ordering::Relaxed) || !lock(&self.pending).is_empty() {
+            return;
+        }
+        let Some(inner) = lock(&self.inner).take() else {
+            return;
+        };
+        let seq = inner.book.seq;
+        if let Err((_, e)) = inner.conn.close() {
+            warn!(data_dir = %self.dir.display(), error = %e, "state store not sealed: closing it failed");
+            return;
+        }
+        if self.dir.join(format!("{DB_FILE}-wal")).exists() {
+            warn!(data_dir = %self.dir.display(), "state store not sealed: its log is still there after closing");
+            return;
+        }
+        let sealed = file_sum(&self.dir.join(DB_FILE)).and_then(|(len, crc)| {
+            let seal = Seal { seq, len, crc };
+            let text = format!("{}{}", marker_text(&self.store_id), seal.line());
+            write_durably(&self.dir, MARKER_FILE, text.as_bytes()).map(|()| seal)
+        });
+        match sealed {
+            Ok(seal) => info!(
+                data_dir = %self.dir.display(),
+                seq,
+                bytes = seal.len,
+                crc = %format!("{:08x}", seal.crc),
+                "state store closed and sealed: any change to it before the next start is found"
+            ),
+            Err(e) => warn!(data_dir = %self.dir.display(), error = %e, "state store not sealed"),
+        }
+    }
+}
+
 /// The first few problems, and how many more.
 fn summary(problems: &[String]) -> String {
     let shown: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
@@ -892,13 +1013,17 @@ impl Backend for Sqlite {
 
     fn mark(&self) -> Option<StoreMark> {
         Some(StoreMark {
-            store_id: self.store_id.clone(),
+            store_id: format!("{}@{}", self.store_id, self.instance),
             seq: self.seq.load(Ordering::Relaxed),
         })
     }
 
     fn recovered(&self) -> Option<RecoveryReport> {
         self.recovered.clone()
+    }
+
+    fn opened_seq(&self) -> u64 {
+        self.opened_seq
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

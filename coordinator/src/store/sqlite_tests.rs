@@ -44,7 +44,7 @@ async fn records_and_history_survive_reopen_with_a_rising_mark() {
     let store = Store::open(dir.path()).expect("reopen");
     let mark = store.mark().expect("sqlite has a mark");
     assert_eq!(mark.seq, 6, "one per non-empty commit");
-    assert_eq!(mark.store_id.len(), 16);
+    assert_eq!(mark.store().len(), 16);
     let nodes = store.load_nodes().expect("load");
     assert_eq!(nodes.len(), 2);
     assert_eq!(nodes[0], record("gpu-001"));
@@ -99,10 +99,46 @@ async fn an_overwrite_in_the_same_batch_counts_once() {
     assert_eq!(store.load_nodes().expect("load"), vec![record("a")]);
 }
 
-/// Edits the database behind the store's back, as a bad disk or a stray tool would.
+/// Edits the database behind the store's back, as a bad disk or a stray tool would, and
+/// drops the clean stop's seal (as after a crash), so that the record checks alone find it.
 fn tamper(dir: &Path, sql: &str) {
     let conn = Connection::open(dir.join(DB_FILE)).expect("open");
     conn.execute_batch(sql).expect("tamper");
+    drop(conn);
+    unseal(dir);
+}
+
+/// The marker without its seal: what a crash (no clean stop) leaves.
+fn unseal(dir: &Path) {
+    let path = dir.join(MARKER_FILE);
+    let text = std::fs::read_to_string(&path).expect("marker");
+    assert!(text.contains("sealed"), "a clean stop sealed it: {text}");
+    let kept: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, kept).expect("write");
+}
+
+#[tokio::test]
+async fn a_clean_stop_seals_the_file_and_any_later_change_is_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    populated(dir.path()).await;
+    let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).expect("marker");
+    assert!(marker.contains("sealed seq 6 bytes"), "{marker}");
+    // A byte changed where no record lives (past the last page's records: free space).
+    let db = dir.path().join(DB_FILE);
+    let mut bytes = std::fs::read(&db).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&db, &bytes).expect("write");
+    let err = open_err(dir.path());
+    assert!(err.contains("changed after the clean stop"), "{err}");
+    // Put back, it opens, and opening removed the seal before anything was written.
+    bytes[last] ^= 1;
+    std::fs::write(&db, &bytes).expect("write");
+    let store = Store::open(dir.path()).expect("sound again");
+    let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).expect("marker");
+    assert!(!marker.contains("sealed"), "{marker}");
+    drop(store);
+    Store::open(dir.path()).expect("sealed again at the clean stop, and opens");
 }
 
 #[tokio::test]
@@ -147,6 +183,7 @@ async fn an_older_but_valid_version_of_a_record_is_found_by_the_digest() {
     )
     .expect("tamper");
     drop(conn);
+    unseal(dir.path());
     let err = open_err(dir.path());
     assert!(err.contains("older or altered version"), "{err}");
 }
@@ -208,7 +245,8 @@ async fn recover_keeps_what_is_valid_in_a_new_store_and_lists_the_loss() {
         .expect("open")
         .mark()
         .expect("mark")
-        .store_id;
+        .store()
+        .to_owned();
     tamper(
         dir.path(),
         "UPDATE records SET crc = crc + 1 WHERE key = 'gpu-002'",
@@ -225,7 +263,7 @@ async fn recover_keeps_what_is_valid_in_a_new_store_and_lists_the_loss() {
     assert_eq!(nodes, vec![record("gpu-001")], "the cordoned node kept");
     assert_eq!(store.load_events().expect("load").len(), 5);
     let mark = store.mark().expect("mark");
-    assert_ne!(mark.store_id, old_id, "a new store");
+    assert_ne!(mark.store(), old_id, "a new store");
     drop(store);
     // The new store is whole: it opens without --recover, and holds what was kept.
     let store = Store::open(dir.path()).expect("the new store opens");
@@ -237,10 +275,12 @@ async fn recover_keeps_what_is_valid_in_a_new_store_and_lists_the_loss() {
 async fn recover_on_a_sound_store_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     populated(dir.path()).await;
-    let before = Store::open(dir.path()).expect("open").mark();
+    let before = Store::open(dir.path()).expect("open").mark().expect("mark");
     let store = Store::open_recover(dir.path()).expect("open");
     assert!(store.recovered().is_none());
-    assert_eq!(store.mark(), before);
+    let after = store.mark().expect("mark");
+    assert_eq!((after.store(), after.seq), (before.store(), before.seq));
+    assert_eq!(store.opened_seq(), before.seq);
 }
 
 #[tokio::test]
