@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, Commit, Kind, Put, Store, StoreError, lock, restage};
+use super::{Backend, Commit, Kind, Put, RecoveryReport, Store, StoreError, lock, restage};
 use crate::leadership::Leadership;
 use crate::node::MAX_EVENTS;
 
@@ -27,6 +27,9 @@ struct Committed {
 pub struct Memory {
     committed: Arc<Mutex<Committed>>,
     faults: MemoryFaults,
+    /// What stores made from this handle report as a `--recover` open (see
+    /// [`Memory::recovered`]); not shared with other handles.
+    recovered: Option<RecoveryReport>,
 }
 
 /// Makes commits fail on demand; held by the test, shared with the backend.
@@ -56,6 +59,16 @@ impl Memory {
 
     pub fn faults(&self) -> MemoryFaults {
         self.faults.clone()
+    }
+
+    /// Another handle on the same maps whose stores say they were opened with `--recover` on a
+    /// damaged store and lost what `report` lists (the maps are taken as what was kept): what
+    /// a coordinator started with `--recover` would see.
+    pub fn recovered(&self, report: RecoveryReport) -> Memory {
+        Memory {
+            recovered: Some(report),
+            ..self.clone()
+        }
     }
 
     /// A store over these maps, with nothing staged: what a coordinator
@@ -147,6 +160,10 @@ impl Backend for MemoryBackend {
         })
     }
 
+    fn recovered(&self) -> Option<RecoveryReport> {
+        self.memory.recovered.clone()
+    }
+
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         let committed = lock(&self.memory.committed);
         let records = committed
@@ -213,6 +230,21 @@ mod tests {
         );
         assert_eq!(restarted.load_events().expect("load").len(), 1);
         assert_eq!(memory.commits(), 1);
+    }
+
+    #[test]
+    fn only_a_recovered_handle_reports_a_recovery() {
+        let memory = Memory::new();
+        assert_eq!(memory.store().recovered(), None);
+        let report = RecoveryReport {
+            damage: "checksum mismatch".into(),
+            lost: vec!["nodes/a: checksum mismatch".into()],
+            lost_nodes: vec!["a".into()],
+            ..RecoveryReport::default()
+        };
+        let recovered = memory.recovered(report.clone());
+        assert_eq!(recovered.store().recovered(), Some(report));
+        assert_eq!(memory.store().recovered(), None, "other handles are not");
     }
 
     #[tokio::test]
