@@ -151,11 +151,26 @@ pub enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
         backlog: Option<u32>,
     },
+    /// The recovery hold, after the coordinator started from a damaged state store
+    /// (`vigil-coordinator --recover`): what was lost, which nodes wait for review, whether jobs
+    /// are held; `recovery confirm` lets jobs be scheduled again.
+    Recovery {
+        #[command(subcommand)]
+        command: Option<RecoveryCommand>,
+    },
     /// Print a shell completion script to stdout.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoveryCommand {
+    /// Confirm the recovery once you have reviewed what was lost: jobs may be scheduled again.
+    /// Every node stays cordoned until you uncordon it (`clusterctl node NAME`, then
+    /// `clusterctl uncordon NAME`).
+    Confirm,
 }
 
 #[derive(Debug, Subcommand)]
@@ -433,6 +448,21 @@ mod tests {
         assert!(
             Cli::try_parse_from(["clusterctl", "status", "-w", "--interval", "100ms"]).is_err()
         );
+    }
+
+    #[test]
+    fn recovery_shows_or_confirms() {
+        let cli = Cli::try_parse_from(["clusterctl", "recovery"]).expect("parses");
+        assert!(matches!(cli.command, Command::Recovery { command: None }));
+        let cli = Cli::try_parse_from(["clusterctl", "recovery", "confirm", "-o", "json"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Recovery {
+                command: Some(RecoveryCommand::Confirm)
+            }
+        ));
+        assert!(Cli::try_parse_from(["clusterctl", "recovery", "undo"]).is_err());
     }
 
     #[test]

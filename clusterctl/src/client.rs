@@ -103,7 +103,12 @@ macro_rules! unary {
             limit: None,
             read_only: matches!(
                 stringify!($method),
-                "list_nodes" | "get_node" | "list_jobs" | "get_job" | "list_lemons"
+                "list_nodes"
+                    | "get_node"
+                    | "list_jobs"
+                    | "get_job"
+                    | "list_lemons"
+                    | "get_recovery"
             ),
         };
         $self
@@ -285,6 +290,28 @@ impl Coordinator {
             restart_job,
             req,
             Some(Subject::Job(id)),
+            REQUEST_TIMEOUT
+        )
+    }
+
+    /// The recovery hold, if the coordinator's store was ever recovered.
+    pub async fn get_recovery(&mut self) -> Result<v1::RecoveryResponse> {
+        unary!(
+            self,
+            get_recovery,
+            v1::GetRecoveryRequest {},
+            None,
+            REQUEST_TIMEOUT
+        )
+    }
+
+    /// Confirms the recovery hold: jobs may be scheduled again.
+    pub async fn confirm_recovery(&mut self) -> Result<v1::RecoveryResponse> {
+        unary!(
+            self,
+            confirm_recovery,
+            v1::ConfirmRecoveryRequest {},
+            None,
             REQUEST_TIMEOUT
         )
     }

@@ -8,12 +8,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vigil_proto::NodeState;
 
-use crate::cli::{Cli, Command, JobCommand, Output};
+use crate::cli::{Cli, Command, JobCommand, Output, RecoveryCommand};
 use crate::client::Coordinator;
 use crate::follow::{EventsQuery, LogsQuery};
 use crate::model::{
     DiagnoseResult, DrainResult, JobDetail, JobList, LemonList, NodeDetail, NodeList, NodeSummary,
-    Status,
+    RecoveryView, Status,
 };
 use crate::term::Term;
 use crate::{follow, render, watch};
@@ -95,6 +95,13 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             uncordon(c, out, &name, force).await.map(Outcome::from)
         }
         Command::Diagnose { name, timeout } => diagnose(c, out, &name, timeout).await,
+        Command::Recovery { command: None } => recovery(c, out, term).await.map(Outcome::from),
+        Command::Recovery {
+            command: Some(RecoveryCommand::Confirm),
+        } => {
+            let view = RecoveryView::from(c.confirm_recovery().await?);
+            emit(out, &view, render::recovery_confirmed).map(Outcome::from)
+        }
         Command::Jobs => jobs(c, out, term).await.map(Outcome::from),
         Command::Job { command } => match (command, spec) {
             (JobCommand::Submit { file }, spec) => match spec {
@@ -264,6 +271,11 @@ async fn diagnose(
         )
     });
     Ok(Outcome { stdout, failure })
+}
+
+async fn recovery(c: &mut Coordinator, out: Output, term: Term) -> Result<String> {
+    let view = RecoveryView::from(c.get_recovery().await?);
+    emit(out, &view, |v| render::recovery(v, now_ms(), term))
 }
 
 async fn drain(c: &mut Coordinator, out: Output, name: &str, reason: &str) -> Result<String> {

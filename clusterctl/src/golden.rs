@@ -1,4 +1,5 @@
-//! Golden files: the table and JSON output of `status` (with and without its HA section), `nodes`, `jobs` and `job show` for the
+//! Golden files: the table and JSON output of `status` (with and without its HA section, and
+//! recovered from a damaged store), `recovery`, `nodes`, `jobs` and `job show` for the
 //! fixtures, at a fixed `now`, without colour or terminal width, compared with
 //! `tests/golden/*`. `UPDATE_GOLDEN=1 cargo test -p clusterctl golden` rewrites them (review
 //! the diff).
@@ -11,9 +12,9 @@ use vigil_proto::v1;
 use crate::commands::json_document;
 use crate::model::fixtures::{
     cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum, ha_single, pending_job,
-    ready_nvml_node, running_job, status_response,
+    ready_nvml_node, recovery_hold, running_job, status_response,
 };
-use crate::model::{JobDetail, JobList, NodeList, Status};
+use crate::model::{JobDetail, JobList, NodeList, RecoveryView, Status};
 use crate::render;
 use crate::term::Term;
 
@@ -82,6 +83,29 @@ fn golden_status_ha() {
         let status = Status::from_proto(response, &url);
         check_both(name, &status, &render::status(&status, NOW, Term::PLAIN));
     }
+}
+
+/// `status` of a coordinator recovered from a damaged store, and `recovery`.
+#[test]
+fn golden_recovery() {
+    let response = v1::StatusResponse {
+        recovery: Some(recovery_hold()),
+        ..status_response()
+    };
+    let status = Status::from_proto(response, "http://127.0.0.1:7770");
+    check_both(
+        "status_recovered",
+        &status,
+        &render::status(&status, NOW, Term::PLAIN),
+    );
+    let view = RecoveryView::from(v1::RecoveryResponse {
+        hold: Some(recovery_hold()),
+    });
+    check_both(
+        "recovery",
+        &view,
+        &render::recovery(&view, NOW, Term::PLAIN),
+    );
 }
 
 #[test]

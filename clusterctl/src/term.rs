@@ -89,7 +89,7 @@ fn color_of(word: &str) -> Option<&'static str> {
     match word {
         "Healthy" | "Schedulable" | "Running" | "Succeeded" => Some(GREEN),
         "Draining" | "Pending" | "Restarting" | "Cancelling" => Some(YELLOW),
-        "Failed" | "Unhealthy" | "Lemon" | "NONE" => Some(RED),
+        "Failed" | "Unhealthy" | "Lemon" | "NONE" | "RECOVERED" => Some(RED),
         _ => None,
     }
 }

@@ -52,6 +52,30 @@ impl v1::control_service_server::ControlService for Fake {
             cordoned: vec![sim_node(), auto_node()],
             nodes_simulated: 1,
             degraded: vec![hot_node()],
+            recovery: Some(recovery_hold()),
+        }))
+    }
+
+    async fn get_recovery(
+        &self,
+        _: Request<v1::GetRecoveryRequest>,
+    ) -> Result<Response<v1::RecoveryResponse>, Status> {
+        Ok(Response::new(v1::RecoveryResponse {
+            hold: Some(recovery_hold()),
+        }))
+    }
+
+    async fn confirm_recovery(
+        &self,
+        _: Request<v1::ConfirmRecoveryRequest>,
+    ) -> Result<Response<v1::RecoveryResponse>, Status> {
+        Ok(Response::new(v1::RecoveryResponse {
+            hold: Some(v1::RecoveryHold {
+                confirmed_by: "anonymous (insecure)".into(),
+                confirmed_at_unix_ms: Some(1_700_000_060_000),
+                jobs_held: 0,
+                ..recovery_hold()
+            }),
         }))
     }
 
@@ -258,6 +282,22 @@ impl v1::control_service_server::ControlService for Fake {
     }
 }
 
+/// An unconfirmed recovery hold: one node record lost, gpu-003 waiting for review.
+fn recovery_hold() -> v1::RecoveryHold {
+    v1::RecoveryHold {
+        since_unix_ms: 1_700_000_000_000,
+        damage: "nodes tree: checksum mismatch".into(),
+        lost: vec!["nodes/gpu-007: checksum mismatch".into()],
+        lost_nodes: vec!["gpu-007".into()],
+        lost_jobs: vec![],
+        damaged_copy: "/var/lib/vigil/damaged-1700000000".into(),
+        confirmed_by: String::new(),
+        confirmed_at_unix_ms: None,
+        nodes_held: vec!["gpu-003".into()],
+        jobs_held: 1,
+    }
+}
+
 /// Serves the fake on 127.0.0.1:0 for as long as the returned runtime lives.
 fn start_fake() -> (tokio::runtime::Runtime, String) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -404,6 +444,51 @@ fn text_output_is_for_people() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "node gpu-003 uncordoned\n"
+    );
+}
+
+#[test]
+fn the_recovery_hold_shows_in_status_and_recovery_and_is_confirmed() {
+    let (_rt, url) = start_fake();
+    let status = stdout_json(&clusterctl(&url, &["-o", "json", "status"]));
+    assert_eq!(status["recovery"]["confirmed"], json!(false));
+    assert_eq!(status["recovery"]["confirmed_by"], json!(null));
+    assert_eq!(status["recovery"]["nodes_held"], json!(["gpu-003"]));
+    let out = clusterctl(&url, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "\nstate        RECOVERED from a damaged store at 2023-11-14 22:13:20Z, 1 record \
+             lost; jobs held until `clusterctl recovery confirm`\n"
+        ),
+        "{text}"
+    );
+
+    let view = stdout_json(&clusterctl(&url, &["-o", "json", "recovery"]));
+    assert_eq!(
+        view["recovery"]["lost"],
+        json!(["nodes/gpu-007: checksum mismatch"])
+    );
+    assert_eq!(view["recovery"]["jobs_held"], json!(1));
+    let out = clusterctl(&url, &["recovery"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("lost nodes   gpu-007\n"), "{text}");
+    assert!(
+        text.contains("jobs held    1 job waiting for `clusterctl recovery confirm`\n"),
+        "{text}"
+    );
+
+    let out = clusterctl(&url, &["recovery", "confirm"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "recovery confirmed by anonymous (insecure): jobs may be scheduled again; 1 node(s) stay \
+         cordoned until each is reviewed and uncordoned (clusterctl uncordon NAME): gpu-003\n"
+    );
+    let confirmed = stdout_json(&clusterctl(&url, &["-o", "json", "recovery", "confirm"]));
+    assert_eq!(confirmed["recovery"]["confirmed"], json!(true));
+    assert_eq!(
+        confirmed["recovery"]["confirmed_at_unix_ms"],
+        json!(1_700_000_060_000_u64)
     );
 }
 

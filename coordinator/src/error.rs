@@ -77,7 +77,8 @@ impl From<ControlError> for Status {
             ControlError::State(
                 StateError::StaleSession { .. }
                 | StateError::NeedsDiagnostics { .. }
-                | StateError::Blocklisted { .. },
+                | StateError::Blocklisted { .. }
+                | StateError::NoRecoveryHold(_),
             ) => Status::failed_precondition(message),
             ControlError::NotConnected(_) => Status::unavailable(message),
             ControlError::DiagnosticsTimeout { .. } => Status::deadline_exceeded(message),

@@ -23,7 +23,8 @@
 // The decisions live in vigil-core and the services in `api`; their modules keep their old
 // paths here, so `crate::state`, `crate::agent_service`, ... read as before.
 pub use api::{
-    access, agent_service, control_service, control_streams, job_view, lemon_view, throttle,
+    access, agent_service, control_service, control_streams, job_view, lemon_view, recovery_view,
+    throttle,
 };
 pub use vigil_core::{
     audit, burn_in, goodput, health, job, jobs, jobspec, lemon_watch, lemons, limits, liveness,
@@ -161,6 +162,8 @@ pub async fn run_with_hooks(
     }
     let term = store.leadership().term();
     let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
+    // After a --recover open: the hold is durable before anything is served.
+    engine.commit_recovery_hold().await?;
     let metrics_for_control = metrics.clone();
     let metrics_for_agents = metrics.clone();
     if let Some(tick) = hooks.engine_tick.take() {

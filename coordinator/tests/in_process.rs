@@ -21,9 +21,11 @@ use vigil_coordinator::config::Config;
 use vigil_coordinator::engine::{Engine, EngineHandle, Event};
 use vigil_coordinator::job::{Job, JobPhase};
 use vigil_coordinator::metrics::Metrics;
+use vigil_coordinator::node::CordonSource;
 use vigil_coordinator::node::{GpuRecord, Node};
 use vigil_coordinator::state::Registration;
-use vigil_coordinator::store::{Memory, MemoryFaults, StoreError, StoreMark};
+use vigil_coordinator::store::{Memory, MemoryFaults, RecoveryReport, StoreError, StoreMark};
+use vigil_core::recovery::{JOBS_HELD, RecoveryHold};
 use vigil_proto::v1;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -60,22 +62,29 @@ struct Cluster {
     faults: MemoryFaults,
     memory: Memory,
     config: Config,
+    metrics: Arc<Metrics>,
     elapsed: Duration,
 }
 
-/// An engine over `memory`, running: its handle, its stop switch, its task.
+/// An engine over `memory`, running: its handle, its stop switch, its task, its metrics.
 type Running = (
     EngineHandle,
     watch::Sender<bool>,
     JoinHandle<Result<(), StoreError>>,
+    Arc<Metrics>,
 );
 
-fn spawn_engine(memory: &Memory, config: &Config) -> Result<Running, Box<dyn std::error::Error>> {
+/// As `vigil-coordinator` starts one: the recovery hold committed before anything is served.
+async fn spawn_engine(
+    memory: &Memory,
+    config: &Config,
+) -> Result<Running, Box<dyn std::error::Error>> {
     let metrics = Arc::new(Metrics::new(1));
-    let (engine, handle) = Engine::new(memory.store(), config, metrics)?;
+    let (mut engine, handle) = Engine::new(memory.store(), config, metrics.clone())?;
+    engine.commit_recovery_hold().await?;
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(engine.run(stop_rx));
-    Ok((handle, stop, task))
+    Ok((handle, stop, task, metrics))
 }
 
 impl Cluster {
@@ -84,9 +93,18 @@ impl Cluster {
     }
 
     async fn start_with(config: Config, nodes: usize) -> Result<Self, Box<dyn std::error::Error>> {
-        let memory = Memory::new();
+        Self::start_on(Memory::new(), config, nodes).await
+    }
+
+    /// A coordinator on `memory` (what an earlier one committed, if anything), and the agents
+    /// of nodes `n0`.. `n{nodes - 1}` registered.
+    async fn start_on(
+        memory: Memory,
+        config: Config,
+        nodes: usize,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
         let faults = memory.faults();
-        let (handle, stop, engine) = spawn_engine(&memory, &config)?;
+        let (handle, stop, engine, metrics) = spawn_engine(&memory, &config).await?;
         let mut cluster = Self {
             handle,
             engine,
@@ -95,18 +113,32 @@ impl Cluster {
             faults,
             memory,
             config,
+            metrics,
             elapsed: Duration::ZERO,
         };
-        for i in 0..nodes {
-            cluster.register(&format!("n{i}"), i as u64 + 1).await?;
+        let names: Vec<String> = (0..nodes).map(|i| format!("n{i}")).collect();
+        for (i, name) in names.iter().enumerate() {
+            cluster.register(name, i as u64 + 1).await?;
         }
         cluster
             .until("every node registered", |c| {
                 let snap = c.handle.snapshot();
-                snap.nodes.len() == nodes && snap.nodes.iter().all(|n| n.session.is_some())
+                names.iter().all(|name| {
+                    snap.nodes
+                        .iter()
+                        .any(|n| n.record.name == *name && n.session.is_some())
+                })
             })
             .await?;
         Ok(cluster)
+    }
+
+    /// Stop the engine and wait until it has flushed: a "restart" may then start on the
+    /// same memory.
+    async fn shutdown(mut self) -> TestResult {
+        self.stop.send(true).ok();
+        (&mut self.engine).await??;
+        Ok(())
     }
 
     async fn register(
@@ -137,8 +169,8 @@ impl Cluster {
     async fn restart_on(&mut self, memory: Memory) -> TestResult {
         self.stop.send(true).ok();
         (&mut self.engine).await??;
-        let (handle, stop, engine) = spawn_engine(&memory, &self.config)?;
-        (self.handle, self.stop, self.engine) = (handle, stop, engine);
+        let (handle, stop, engine, metrics) = spawn_engine(&memory, &self.config).await?;
+        (self.handle, self.stop, self.engine, self.metrics) = (handle, stop, engine, metrics);
         self.faults = memory.faults();
         self.memory = memory;
         Ok(())
@@ -788,6 +820,162 @@ async fn a_restored_store_is_a_new_store_and_an_agent_that_knew_the_old_one_join
     assert!(
         !c.engine.is_finished(),
         "the coordinator serves the restored store"
+    );
+    Ok(())
+}
+
+/// The source of `node`'s cordon, if it is cordoned.
+fn cordon_source(c: &Cluster, node: &str) -> Option<CordonSource> {
+    c.node(node)
+        .and_then(|n| n.record.cordon.as_ref().map(|c| c.source))
+}
+
+fn held_with_reason(c: &Cluster, id: &str) -> bool {
+    c.job(id)
+        .is_some_and(|j| j.phase == JobPhase::Pending && j.reason == JOBS_HELD)
+}
+
+async fn confirm(c: &Cluster) -> Result<RecoveryHold, vigil_coordinator::error::ControlError> {
+    c.handle
+        .ask(|reply| Event::ConfirmRecovery {
+            actor: "alice (admin)".into(),
+            reply,
+        })
+        .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_coordinator_holds_nodes_and_jobs_until_an_operator_confirms() -> TestResult {
+    let memory = Memory::new();
+    // Before the damage: two nodes known, and a job that waits (their agents are away).
+    Cluster::start_on(memory.clone(), Config::default(), 2)
+        .await?
+        .shutdown()
+        .await?;
+    let mut c = Cluster::start_on(memory.clone(), Config::default(), 0).await?;
+    let id = c.submit(1, 0).await?;
+    assert_eq!(c.job(&id).map(|j| j.phase), Some(JobPhase::Pending));
+    assert!(confirm(&c).await.is_err(), "no hold to confirm yet");
+    c.shutdown().await?;
+
+    // vigil-coordinator --recover: the store kept what was valid and says what it lost.
+    let report = RecoveryReport {
+        damage: "nodes tree: checksum mismatch".into(),
+        lost: vec![
+            "nodes/n7: checksum mismatch".into(),
+            "jobs/j-9: unreadable".into(),
+        ],
+        lost_nodes: vec!["n7".into()],
+        lost_jobs: vec!["j-9".into()],
+        damaged_copy: "/var/lib/vigil/damaged".into(),
+    };
+    let mut c = Cluster::start_on(memory.recovered(report), Config::default(), 0).await?;
+    let hold = c.handle.snapshot().recovery.clone().ok_or("a hold")?;
+    assert!(hold.holds_jobs());
+    assert_eq!(hold.lost.len(), 2);
+    let stored: Option<RecoveryHold> = memory.store().load_cluster("recovery")?;
+    assert_eq!(stored.as_ref(), Some(&hold), "committed before serving");
+    assert!(
+        c.metrics
+            .encode()?
+            .contains("\nvigil_store_recovery_hold 1\n")
+    );
+    for node in ["n0", "n1"] {
+        assert_eq!(cordon_source(&c, node), Some(CordonSource::Recovery));
+    }
+    assert!(held_with_reason(&c, &id), "{:?}", c.job(&id));
+
+    // The agents come back: their nodes stay cordoned, the job does not start.
+    c.register("n0", 11).await?;
+    c.register("n1", 12).await?;
+    c.until("both nodes back, cordoned", |c| {
+        c.nodes().iter().all(|(_, state)| state == "Cordoned")
+    })
+    .await?;
+    // A node whose record was lost registers as new: cordoned too, and told why.
+    c.register("n7", 13).await?;
+    c.until("n7 cordoned", |c| {
+        cordon_source(c, "n7") == Some(CordonSource::Recovery)
+    })
+    .await?;
+    let n7 = c.node("n7").ok_or("n7")?;
+    assert!(
+        n7.events.iter().any(|e| e.kind == "recovery"),
+        "{:?}",
+        n7.events
+    );
+    // An operator reviews n0 and uncordons it: still no job before the confirmation.
+    c.handle
+        .ask(|reply| Event::Uncordon {
+            node: "n0".into(),
+            force: false,
+            actor: "alice (admin)".into(),
+            reply,
+        })
+        .await?;
+    for _ in 0..40 {
+        c.round().await?;
+    }
+    assert!(held_with_reason(&c, &id), "{:?}", c.job(&id));
+    assert!(c.agents.iter().all(|a| a.log.is_empty()), "nothing started");
+
+    // A restart during the hold keeps it: from the store, without --recover.
+    c.shutdown().await?;
+    let mut c = Cluster::start_on(memory.clone(), Config::default(), 0).await?;
+    assert_eq!(
+        c.handle
+            .snapshot()
+            .recovery
+            .as_ref()
+            .map(|h| h.holds_jobs()),
+        Some(true)
+    );
+    for (i, node) in ["n0", "n1", "n7"].into_iter().enumerate() {
+        c.register(node, 21 + i as u64).await?;
+    }
+    c.until("every agent back", |c| {
+        c.handle
+            .snapshot()
+            .nodes
+            .iter()
+            .all(|n| n.session.is_some())
+    })
+    .await?;
+    for _ in 0..40 {
+        c.round().await?;
+    }
+    assert!(held_with_reason(&c, &id), "{:?}", c.job(&id));
+    assert_eq!(cordon_source(&c, "n0"), None, "the review is kept");
+    assert_eq!(cordon_source(&c, "n1"), Some(CordonSource::Recovery));
+
+    // The operator confirms: the job starts on the uncordoned node; the others stay cordoned.
+    let confirmed = confirm(&c).await?;
+    assert_eq!(confirmed.confirmed_by.as_deref(), Some("alice (admin)"));
+    c.until("the job running", |c| running_attempt(c, &id, 1))
+        .await?;
+    assert_eq!(c.job(&id).map(|j| j.placement), Some(vec!["n0".to_owned()]));
+    for node in ["n1", "n7"] {
+        assert_eq!(cordon_source(&c, node), Some(CordonSource::Recovery));
+    }
+    assert!(
+        c.metrics
+            .encode()?
+            .contains("\nvigil_store_recovery_hold 0\n")
+    );
+    let again = confirm(&c)
+        .await
+        .err()
+        .ok_or("a second confirm is refused")?;
+    assert!(
+        again
+            .to_string()
+            .contains("already confirmed by alice (admin)"),
+        "{again}"
+    );
+    let stored: Option<RecoveryHold> = c.memory.store().load_cluster("recovery")?;
+    assert_eq!(
+        stored.and_then(|h| h.confirmed_by).as_deref(),
+        Some("alice (admin)")
     );
     Ok(())
 }

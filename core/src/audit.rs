@@ -12,6 +12,8 @@ use crate::state::{ClusterState, Effect, Now, record};
 pub enum Subject<'a> {
     Node(&'a str),
     Job(&'a str),
+    /// The cluster as a whole (the recovery hold): logged; its record is the change itself.
+    Cluster,
 }
 
 impl fmt::Display for Subject<'_> {
@@ -19,6 +21,7 @@ impl fmt::Display for Subject<'_> {
         match self {
             Subject::Node(n) => write!(f, "node {n}"),
             Subject::Job(j) => write!(f, "job {j}"),
+            Subject::Cluster => f.write_str("the cluster"),
         }
     }
 }
@@ -34,7 +37,8 @@ pub fn outcome<T, E: fmt::Display>(result: &Result<T, E>) -> String {
 impl ClusterState {
     /// Records `actor`'s `what` on `subject` (a job's record is persisted with the job);
     /// nothing for a node or job that does not exist (the caller got NotFound, and there is
-    /// no history to put it in).
+    /// no history to put it in), nor for the cluster (the change records who made it, e.g. the
+    /// recovery hold's `confirmed_by`; the shell logs every call).
     pub fn audit(
         &mut self,
         subject: Subject<'_>,
@@ -58,6 +62,7 @@ impl ClusterState {
                 job.event(now.wall_ms, "audit", message);
                 vec![Effect::PersistJob(Box::new(job.clone()))]
             }),
+            Subject::Cluster => Vec::new(),
         }
     }
 }

@@ -121,6 +121,8 @@ pub enum CordonRule {
     BurnIn,
     /// Slower than its gang.
     Straggler,
+    /// The recovery hold: the state store was recovered, an operator reviews the node.
+    Recovery,
 }
 
 impl CordonRule {
@@ -132,6 +134,7 @@ impl CordonRule {
             CordonRule::RepeatOffender => "repeat_offender",
             CordonRule::BurnIn => "burn_in",
             CordonRule::Straggler => "straggler",
+            CordonRule::Recovery => "recovery",
         }
     }
 }

@@ -22,6 +22,8 @@
 //! - `input/`: `limits` (every bound on agent and operator input), `validate` (every agent
 //!   message), `assigned` (reports about work not assigned to the reporting node).
 //! - `audit`: who changed what, in the node's or job's history.
+//! - `recovery`: the hold after a start from a damaged store (nodes cordoned for review, no job
+//!   started until an operator confirms).
 
 pub mod audit;
 pub mod commands;
@@ -30,6 +32,7 @@ pub mod input;
 pub mod jobs;
 pub mod kinds;
 pub mod nodes;
+pub mod recovery;
 pub mod state;
 pub mod step;
 #[cfg(test)]
@@ -43,6 +46,7 @@ pub use jobs::spec as jobspec;
 pub use jobs::{goodput, job, rollback, stragglers, training_health, triage};
 pub use nodes::{burn_in, health, lemon_watch, lemons, liveness, node, xid};
 
+pub use recovery::RecoveryHold;
 pub use state::{ClusterState, Effect, Ignored, Registration, StateError};
 pub use step::{Answer, AuditSubject, Input, step, tick};
 pub use time::{Instant, Now};

@@ -119,6 +119,9 @@ pub enum Effect {
     /// Write this lemon record (a failure charged to a host or GPU, or an
     /// operator's clear) and flush it before acting on what follows.
     PersistLemon(Box<crate::lemons::LemonRecord>),
+    /// Write the recovery hold (begun, or confirmed) and flush it before acting on what
+    /// follows; the engine logs it.
+    PersistRecovery(Box<crate::recovery::RecoveryHold>),
     /// An XID arrived (counted whatever its class).
     Xid {
         node: String,
@@ -152,6 +155,8 @@ pub enum StateError {
     InvalidSpec(String),
     #[error("{0}")]
     InvalidRequest(String),
+    #[error("no recovery hold to confirm: {0}")]
+    NoRecoveryHold(String),
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +174,9 @@ pub struct ClusterState {
     /// Stops sent for workers that agents report and no current attempt owns, keyed by
     /// (node, job, attempt): re-sent with backoff until the agent stops reporting them.
     pub stray_stops: BTreeMap<(String, String, u64), crate::commands::Sent>,
+    /// After a `--recover` start: nodes held for review, jobs until an operator confirms
+    /// (see `recovery`). Persisted as a cluster-wide record; the engine loads it.
+    pub recovery: Option<crate::recovery::RecoveryHold>,
 }
 
 impl ClusterState {
@@ -201,6 +209,7 @@ impl ClusterState {
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
             stray_stops: BTreeMap::new(),
+            recovery: None,
         }
     }
 

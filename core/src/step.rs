@@ -3,8 +3,8 @@
 //! They own the order of every policy, so no caller can get it wrong:
 //! 1. the input's own transition (a registration, a heartbeat, an operator's cordon, ...);
 //! 2. jobs react to what it changed on nodes (a node Lost or Unhealthy fails its attempt);
-//! 3. admission: the lemon ledger charges failures and cordons lemons, then burn-in cordons
-//!    nodes that join;
+//! 3. admission: the lemon ledger charges failures and cordons lemons, the recovery hold
+//!    cordons nodes that join while it holds, then burn-in cordons nodes that join;
 //! 4. one `schedule`, after every policy, so a job is never placed on a node that this same
 //!    step cordons (a burn-in, a lemon);
 //! 5. commands follow the state (`commands`): what the state still needs done on agents,
@@ -28,6 +28,8 @@ use crate::time::Now;
 pub enum AuditSubject {
     Node(String),
     Job(String),
+    /// The cluster as a whole (the recovery hold).
+    Cluster,
 }
 
 impl AuditSubject {
@@ -35,6 +37,7 @@ impl AuditSubject {
         match self {
             AuditSubject::Node(n) => crate::audit::Subject::Node(n),
             AuditSubject::Job(j) => crate::audit::Subject::Job(j),
+            AuditSubject::Cluster => crate::audit::Subject::Cluster,
         }
     }
 }
@@ -114,6 +117,13 @@ pub enum Input {
     /// The shell itself did not run for `gap` (SIGSTOP, a paused VM): not the agents' silence.
     Stalled {
         gap: Duration,
+    },
+    /// The coordinator started from what was still valid in a damaged store (`--recover`):
+    /// hold the cluster for review (see `recovery`).
+    BeginRecovery(crate::recovery::Recovered),
+    /// An operator confirms the recovery hold: jobs may be scheduled again.
+    ConfirmRecovery {
+        by: String,
     },
 }
 
@@ -214,7 +224,8 @@ fn follow(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now, joined:
     effects.extend(commands);
 }
 
-/// Steps 2 and 3: jobs react to node changes, then admission (lemons, burn-in).
+/// Steps 2 and 3: jobs react to node changes, then admission (lemons, the recovery hold,
+/// burn-in: a node the recovery hold cordons is not burned in on joining; its uncordon may be).
 fn react(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
     if effects.is_empty() {
         return;
@@ -223,6 +234,8 @@ fn react(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
     effects.extend(jobs);
     let lemons = state.lemon_react(effects, now);
     effects.extend(lemons);
+    let recovery = state.recovery_react(effects, now);
+    effects.extend(recovery);
     let burn_in = state.burn_in_react(effects, now);
     effects.extend(burn_in);
 }
@@ -289,5 +302,7 @@ fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Ef
             state.forgive_stall(gap, now);
             Ok(Vec::new())
         }
+        Input::BeginRecovery(report) => Ok(state.begin_recovery(report, now)),
+        Input::ConfirmRecovery { by } => state.confirm_recovery(&by, now),
     }
 }

@@ -24,6 +24,8 @@ pub enum Scheduling {
 pub enum CordonSource {
     Auto,
     Operator,
+    /// The recovery hold: the state store was recovered, an operator reviews the node.
+    Recovery,
     Unknown,
 }
 
@@ -82,6 +84,7 @@ impl CordonSource {
         match self {
             Self::Auto => "auto",
             Self::Operator => "operator",
+            Self::Recovery => "recovery",
             Self::Unknown => "unknown",
         }
     }
@@ -114,6 +117,7 @@ impl From<i32> for CordonSource {
         match v1::CordonSource::try_from(raw) {
             Ok(v1::CordonSource::Auto) => Self::Auto,
             Ok(v1::CordonSource::Operator) => Self::Operator,
+            Ok(v1::CordonSource::Recovery) => Self::Recovery,
             _ => Self::Unknown,
         }
     }

@@ -65,6 +65,7 @@ pub fn status_response() -> v1::StatusResponse {
         insecure: false,
         caller: "alice (admin)".into(),
         ha: None,
+        recovery: None,
         started_at_unix_ms: 1,
         uptime_ms: 192_000,
         listen_addr: "0.0.0.0:7770".into(),
@@ -335,5 +336,24 @@ pub fn running_job() -> v1::JobDetail {
         workdir: "/shared/runs/opt-demo".into(),
         checkpoint_dir: "/ckpt".into(),
         checkpoint_layout: "marker".into(),
+    }
+}
+
+/// An unconfirmed recovery hold: two records lost, the node gpu-003 waiting for review.
+pub fn recovery_hold() -> v1::RecoveryHold {
+    v1::RecoveryHold {
+        since_unix_ms: 1_000_000,
+        damage: "nodes tree: checksum mismatch".into(),
+        lost: vec![
+            "nodes/gpu-007: checksum mismatch".into(),
+            "jobs/j-9: unreadable".into(),
+        ],
+        lost_nodes: vec!["gpu-007".into()],
+        lost_jobs: vec!["j-9".into()],
+        damaged_copy: "/var/lib/vigil/damaged-1".into(),
+        confirmed_by: String::new(),
+        confirmed_at_unix_ms: None,
+        nodes_held: vec!["gpu-003".into()],
+        jobs_held: 1,
     }
 }

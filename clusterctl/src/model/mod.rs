@@ -5,7 +5,8 @@
 //! One file per area: `enums` (proto enums as words), `node`, `sample` (one GPU's health
 //! sample), `health` (conditions, events, diagnostics), `status`, `ha` (its coordinators and
 //! etcd members), `job`
-//! (job summaries and details), `goodput` (where a job's time went), `ops` (drain, streamed events and log chunks).
+//! (job summaries and details), `goodput` (where a job's time went), `ops` (drain, streamed events and log chunks),
+//! `recovery` (the hold after a start from a damaged store).
 
 mod enums;
 #[cfg(test)]
@@ -17,6 +18,7 @@ mod job;
 mod lemons;
 mod node;
 mod ops;
+mod recovery;
 mod sample;
 mod status;
 
@@ -36,5 +38,6 @@ pub use lemons::Lemon;
 pub use lemons::LemonList;
 pub use node::{NodeDetail, NodeList, NodeSummary};
 pub use ops::{ClusterEvent, DrainResult, LogChunk};
+pub use recovery::{Recovery, RecoveryView};
 pub use sample::GpuSample;
 pub use status::Status;

@@ -6,6 +6,7 @@ use vigil_proto::{NodeState, v1};
 
 use super::ha::Ha;
 use super::node::NodeSummary;
+use super::recovery::Recovery;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CoordinatorInfo {
@@ -64,6 +65,9 @@ pub struct Status {
     pub cordoned: Vec<NodeSummary>,
     /// Nodes whose condition is Degraded or Unhealthy and that are not cordoned.
     pub degraded: Vec<NodeSummary>,
+    /// The recovery hold, when the coordinator was started from a damaged store
+    /// (`--recover`); `null` otherwise.
+    pub recovery: Option<Recovery>,
 }
 
 impl Status {
@@ -86,6 +90,7 @@ impl Status {
             nodes_simulated: s.nodes_simulated,
             cordoned: s.cordoned.into_iter().map(NodeSummary::from).collect(),
             degraded: s.degraded.into_iter().map(NodeSummary::from).collect(),
+            recovery: s.recovery.map(Recovery::from),
         }
     }
 }

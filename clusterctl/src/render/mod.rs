@@ -13,6 +13,7 @@ mod lemons;
 mod logs;
 mod node;
 mod nodes;
+mod recovery;
 mod report;
 mod status;
 
@@ -23,6 +24,7 @@ pub use lemons::lemons;
 pub use logs::LogPrinter;
 pub use node::node_detail;
 pub use nodes::{drained, nodes};
+pub use recovery::{recovery, recovery_confirmed};
 pub use report::job_report;
 pub use status::status;
 

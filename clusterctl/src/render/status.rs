@@ -40,6 +40,9 @@ pub fn status(s: &Status, now_ms: u64, term: Term) -> String {
             format!("mutual TLS, you are {}", sanitize(&c.caller)),
         );
     }
+    if let Some(r) = &s.recovery {
+        out.line_styled("state", &super::recovery::state_line(r, term));
+    }
     if let Some(ha) = &s.ha {
         super::ha::ha_lines(&mut out, ha, now_ms, term);
         // A standby holds no cluster state until it is elected: zeros would read as an empty cluster.

@@ -95,6 +95,8 @@ standby_service! {
     get_job: v1::GetJobRequest => v1::JobDetail;
     cancel_job: v1::CancelJobRequest => v1::JobDetail;
     restart_job: v1::RestartJobRequest => v1::JobDetail;
+    get_recovery: v1::GetRecoveryRequest => v1::RecoveryResponse;
+    confirm_recovery: v1::ConfirmRecoveryRequest => v1::RecoveryResponse;
     drain: v1::DrainRequest => v1::DrainResponse;
     watch_events: v1::WatchEventsRequest => FakeStream<v1::ClusterEvent>;
     job_logs: v1::JobLogsRequest => FakeStream<v1::LogChunk>;

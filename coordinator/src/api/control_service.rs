@@ -140,6 +140,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 Some(view) => view.status(),
                 None => crate::ha::view::single_status(self.started_unix_ms),
             }),
+            recovery: crate::recovery_view::of(&snap),
         }))
     }
 
@@ -448,6 +449,35 @@ impl v1::control_service_server::ControlService for ControlService {
             .await?;
         Ok(Response::new(diagnostics(&name, &record)))
     }
+
+    async fn get_recovery(
+        &self,
+        request: Request<v1::GetRecoveryRequest>,
+    ) -> Result<Response<v1::RecoveryResponse>, Status> {
+        self.allow(&request, Role::Viewer, "recovery")?;
+        let snap = self.engine.snapshot();
+        Ok(Response::new(v1::RecoveryResponse {
+            hold: crate::recovery_view::of(&snap),
+        }))
+    }
+
+    async fn confirm_recovery(
+        &self,
+        request: Request<v1::ConfirmRecoveryRequest>,
+    ) -> Result<Response<v1::RecoveryResponse>, Status> {
+        let caller = self.allow(&request, Role::Admin, "recovery confirm")?;
+        let hold = self
+            .engine
+            .ask(|reply| Event::ConfirmRecovery {
+                actor: caller.actor,
+                reply,
+            })
+            .await?;
+        let snap = self.engine.snapshot();
+        Ok(Response::new(v1::RecoveryResponse {
+            hold: Some(crate::recovery_view::hold(&hold, &snap)),
+        }))
+    }
 }
 
 fn millis(d: std::time::Duration) -> u64 {
@@ -468,6 +498,7 @@ pub fn summary(n: &Node, now: vigil_core::time::Instant) -> v1::NodeSummary {
                 source: match c.source {
                     CordonSource::Auto => v1::CordonSource::Auto,
                     CordonSource::Operator => v1::CordonSource::Operator,
+                    CordonSource::Recovery => v1::CordonSource::Recovery,
                 } as i32,
                 since_unix_ms: c.since_unix_ms,
             }),

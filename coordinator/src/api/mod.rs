@@ -7,7 +7,8 @@
 //!   long-lived streams (`events --follow`, `job logs`).
 //! - `access`: who a request comes from and whether their role allows the call.
 //! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
-//! - `job_view`, `lemon_view`: the protocol's views of jobs and the lemon ledger.
+//! - `job_view`, `lemon_view`, `recovery_view`: the protocol's views of jobs, the lemon ledger
+//!   and the recovery hold.
 
 pub mod access;
 pub mod agent_service;
@@ -15,4 +16,5 @@ pub mod control_service;
 pub mod control_streams;
 pub mod job_view;
 pub mod lemon_view;
+pub mod recovery_view;
 pub mod throttle;

@@ -96,6 +96,9 @@ impl Engine {
                 Effect::Record { node, event } => self.store.put_event(node, event)?,
                 Effect::PersistJob(job) => self.store.put_job(job)?,
                 Effect::PersistLemon(record) => self.store.put_lemon(record)?,
+                Effect::PersistRecovery(hold) => {
+                    self.store.put_cluster(super::RECOVERY_HOLD, hold)?;
+                }
                 _ => continue,
             }
             staged = true;
@@ -131,6 +134,12 @@ impl Engine {
                 .records
                 .values()
                 .map(|r| Effect::PersistLemon(Box::new(r.clone()))),
+        );
+        effects.extend(
+            self.state
+                .recovery
+                .iter()
+                .map(|h| Effect::PersistRecovery(Box::new(h.clone()))),
         );
         match self.stage_and_commit(&effects).await {
             Ok(()) => {

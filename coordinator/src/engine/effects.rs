@@ -1,12 +1,12 @@
 //! Carrying out the core's effects: commands to agents, log lines, metrics, the event bus.
 //! Called only after the turn that produced them committed.
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vigil_proto::v1;
 
 use super::Engine;
 use crate::health::Condition;
-use crate::node::Availability;
+use crate::node::{Availability, CordonSource};
 use crate::state::Effect;
 use vigil_core::Ignored;
 use vigil_core::input::assigned::Unassigned;
@@ -147,6 +147,56 @@ impl Engine {
                         info!(subject = %r.key(), node = %r.node, failures = recent, kind = last.map_or("", |i| i.kind.as_str()), "failure charged to {}", r.key())
                     }
                 }
+            }
+            Effect::PersistRecovery(hold) => {
+                self.dirty = true;
+                let held_nodes = self
+                    .state
+                    .nodes
+                    .values()
+                    .filter(|n| {
+                        n.record
+                            .cordon
+                            .as_ref()
+                            .is_some_and(|c| c.source == CordonSource::Recovery)
+                    })
+                    .count();
+                let message = match &hold.confirmed_by {
+                    Some(by) => {
+                        info!(
+                            confirmed_by = %by,
+                            since_unix_ms = hold.since_unix_ms,
+                            nodes_held = held_nodes,
+                            "recovery hold confirmed by {by}: jobs may be scheduled again; {held_nodes} node(s) stay cordoned until each is uncordoned"
+                        );
+                        format!("recovery hold confirmed by {by}: jobs may be scheduled again")
+                    }
+                    None => {
+                        error!(
+                            damage = %hold.damage,
+                            lost = hold.lost.len(),
+                            lost_nodes = ?hold.lost_nodes,
+                            lost_jobs = ?hold.lost_jobs,
+                            damaged_copy = %hold.damaged_copy,
+                            nodes_held = held_nodes,
+                            "started from a recovered state store: {} record(s) lost; {held_nodes} node(s) cordoned for review and no job starts until an operator runs clusterctl recovery confirm",
+                            hold.lost.len()
+                        );
+                        format!(
+                            "state store recovered, {} record(s) lost: nodes cordoned for review, jobs held until clusterctl recovery confirm",
+                            hold.lost.len()
+                        )
+                    }
+                };
+                self.bus
+                    .send(v1::ClusterEvent {
+                        at_unix_ms: hold.confirmed_at_unix_ms.unwrap_or(hold.since_unix_ms),
+                        kind: vigil_core::recovery::EVENT_KIND.to_owned(),
+                        node: String::new(),
+                        job: String::new(),
+                        message,
+                    })
+                    .ok();
             }
             Effect::JobLog { job, message, warn } => {
                 if warn {

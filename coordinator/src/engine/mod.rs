@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vigil_proto::v1;
 
 use crate::clock::Clock;
@@ -41,7 +41,11 @@ use crate::lemons::{Ledger, LemonRecord};
 use crate::metrics::Metrics;
 use crate::node::{DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
-use crate::store::{Store, StoreError, StoreMark};
+use crate::store::{RecoveryReport, Store, StoreError, StoreMark};
+use vigil_core::recovery::{Recovered, RecoveryHold};
+
+/// The store's name of the recovery hold (a cluster-wide record).
+pub const RECOVERY_HOLD: &str = "recovery";
 
 /// How often the engine applies the passage of time and republishes state.
 const TICK: Duration = Duration::from_millis(100);
@@ -153,6 +157,11 @@ pub enum Event {
         actor: String,
         reply: oneshot::Sender<Result<Vec<LemonRecord>, ControlError>>,
     },
+    /// An operator confirms the recovery hold: jobs may be scheduled again.
+    ConfirmRecovery {
+        actor: String,
+        reply: oneshot::Sender<Result<RecoveryHold, ControlError>>,
+    },
 }
 
 /// What readers see: every node, as of `at`.
@@ -161,6 +170,8 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub jobs: Vec<Job>,
     pub lemons: Ledger,
+    /// The recovery hold, if the store was ever recovered (`--recover`).
+    pub recovery: Option<RecoveryHold>,
     pub at: Instant,
 }
 
@@ -231,6 +242,9 @@ pub struct Engine {
     /// Set when a commit failed (why): nothing is committed until `recover_store` has
     /// written the whole state again.
     store_failed: Option<String>,
+    /// The beginning of a recovery hold (`--recover`), stepped in `new`: committed and carried
+    /// out by [`Engine::commit_recovery_hold`] before anything is served.
+    begun: Vec<Effect>,
 }
 
 impl Engine {
@@ -273,13 +287,27 @@ impl Engine {
         state.triage = config.triage;
         state.burn_in = config.burn_in.clone();
         state.stragglers = config.stragglers;
+        state.recovery = store.load_cluster::<RecoveryHold>(RECOVERY_HOLD)?;
         state.rearm_clocks(clock.now());
+        if let Some(hold) = state.recovery.as_ref().filter(|h| h.holds_jobs()) {
+            warn!(
+                since_unix_ms = hold.since_unix_ms,
+                lost = hold.lost.len(),
+                "recovery hold still in force: no job starts until an operator runs clusterctl recovery confirm"
+            );
+        }
+        let begun = match store.recovered() {
+            Some(report) => begin_recovery(&mut state, report, store.path(), clock.now()),
+            None => Vec::new(),
+        };
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot {
             nodes: state.nodes.values().cloned().collect(),
             jobs: state.jobs.values().cloned().collect(),
             lemons: state.lemons.clone(),
+            recovery: state.recovery.clone(),
             at: Instant::now(),
         }));
+        metrics.observe_recovery(state.recovery.as_ref());
         metrics.observe_nodes(state.nodes.values());
         for n in state.nodes.values() {
             metrics.observe_condition(&n.record.name, n.condition);
@@ -300,6 +328,7 @@ impl Engine {
             clock,
             held: Vec::new(),
             store_failed: None,
+            begun,
         };
         let handle = EngineHandle {
             events: events_tx,
@@ -316,12 +345,29 @@ impl Engine {
         self
     }
 
+    /// Commit the recovery hold that `new` began (after a `--recover` open), then carry it out
+    /// (log lines, metrics). Call it before serving; without a hold it does nothing. An error
+    /// means the hold is not durable: the coordinator must not serve.
+    pub async fn commit_recovery_hold(&mut self) -> Result<(), StoreError> {
+        let effects = std::mem::take(&mut self.begun);
+        if effects.is_empty() {
+            return Ok(());
+        }
+        self.commit_and_act(effects).await?;
+        self.publish();
+        Ok(())
+    }
+
     /// Run until `stop` turns true or every handle is gone; flush on the way out.
     ///
     /// Ends early, with [`StoreError::Damaged`] and without committing anything more, when a
     /// registering agent shows that the store was rolled back (see `turn::Engine::witnessed`):
     /// every session is closed and the process exits 65.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), StoreError> {
+        // A caller that did not commit the recovery hold first: nothing is stepped before it.
+        if let Err(e) = self.commit_recovery_hold().await {
+            error!(error = %e, "the recovery hold is not durable yet; it is written with the whole state once the store recovers");
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_tick = self.clock.now().mono;
@@ -413,14 +459,38 @@ impl Engine {
         self.metrics.observe_nodes(self.state.nodes.values());
         self.metrics
             .observe_jobs(self.state.jobs.values(), self.clock.now().wall_ms);
+        self.metrics.observe_recovery(self.state.recovery.as_ref());
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),
             lemons: self.state.lemons.clone(),
+            recovery: self.state.recovery.clone(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));
     }
+}
+
+/// Begin the recovery hold on a state loaded from a store opened with `--recover`: one error
+/// line per lost record, then the core's decision (every node cordoned for review, jobs held);
+/// its effects, to commit before anything is served.
+fn begin_recovery(
+    state: &mut ClusterState,
+    report: RecoveryReport,
+    data_dir: &std::path::Path,
+    now: Now,
+) -> Vec<Effect> {
+    for line in &report.lost {
+        error!(data_dir = %data_dir.display(), record = %line, "record lost in store recovery: {line}");
+    }
+    let input = vigil_core::Input::BeginRecovery(Recovered {
+        damage: report.damage,
+        lost: report.lost,
+        lost_nodes: report.lost_nodes,
+        lost_jobs: report.lost_jobs,
+        damaged_copy: report.damaged_copy.display().to_string(),
+    });
+    vigil_core::step(state, input, now)
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

@@ -191,6 +191,17 @@ impl Engine {
                     .await;
                 reply.send(answer).ok();
             }
+            Event::ConfirmRecovery { actor, reply } => {
+                let input = Input::ConfirmRecovery { by: actor.clone() };
+                let answer = self.apply_request(input).await.and_then(|_| {
+                    self.state.recovery.clone().ok_or_else(|| {
+                        ControlError::InvalidArgument("the recovery hold is gone".into())
+                    })
+                });
+                self.audit(AuditSubject::Cluster, &actor, "recovery confirm", &answer)
+                    .await;
+                reply.send(answer).ok();
+            }
             // Agent messages never reach here (`turn` batches them).
             Event::Register { .. }
             | Event::Heartbeat { .. }

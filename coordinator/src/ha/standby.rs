@@ -127,6 +127,8 @@ impl v1::control_service_server::ControlService for StandbyControl {
         list_lemons(v1::ListLemonsRequest) -> v1::ListLemonsResponse;
         clear_lemon(v1::ClearLemonRequest) -> v1::ListLemonsResponse;
         restart_job(v1::RestartJobRequest) -> v1::JobDetail;
+        get_recovery(v1::GetRecoveryRequest) -> v1::RecoveryResponse;
+        confirm_recovery(v1::ConfirmRecoveryRequest) -> v1::RecoveryResponse;
     }
 }
 

@@ -131,6 +131,8 @@ pub struct Metrics {
     pub control_streams: Gauge,
     pub engine_queue_depth: Gauge,
     pub store_size_bytes: Gauge,
+    /// 1 while an unconfirmed recovery hold holds jobs.
+    pub store_recovery_hold: Gauge,
     /// Refused, throttled and ignored agent input.
     pub input: crate::metrics::input::InputMetrics,
     /// Wall clock (unix ms) of the engine's last loop, for `/healthz`.
@@ -175,6 +177,7 @@ impl Metrics {
             control_streams: Gauge::default(),
             engine_queue_depth: Gauge::default(),
             store_size_bytes: Gauge::default(),
+            store_recovery_hold: Gauge::default(),
             input: Default::default(),
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
             security: crate::metrics::security::SecurityMetrics::default(),
@@ -307,6 +310,11 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             m.store_size_bytes.clone(),
         );
+        registry.register(
+            "vigil_store_recovery_hold",
+            "1 while the coordinator, recovered from a damaged state store, holds every job until an operator confirms (clusterctl recovery confirm)",
+            m.store_recovery_hold.clone(),
+        );
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
         registry.register(
@@ -354,6 +362,16 @@ impl Metrics {
                 rule: rule.to_owned(),
             });
         }
+        let _ = self.cordons.get_or_create(&CordonLabel {
+            source: "recovery".into(),
+            rule: "recovery".into(),
+        });
+    }
+
+    /// The recovery hold's gauge: 1 while it holds jobs (unconfirmed).
+    pub fn observe_recovery(&self, hold: Option<&vigil_core::RecoveryHold>) {
+        self.store_recovery_hold
+            .set(i64::from(hold.is_some_and(|h| h.holds_jobs())));
     }
 
     /// Refresh the gauges derived from cluster state.

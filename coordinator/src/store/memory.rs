@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{Backend, Commit, Kind, Put, Store, StoreError, StoreMark, lock, restage};
+use super::{
+    Backend, Commit, Kind, Put, RecoveryReport, Store, StoreError, StoreMark, lock, restage,
+};
 use crate::leadership::Leadership;
 use crate::node::MAX_EVENTS;
 
@@ -37,6 +39,9 @@ pub struct Memory {
     faults: MemoryFaults,
     /// Unique in this process: `memory-N`.
     store_id: Arc<str>,
+    /// What stores made from this handle report as a `--recover` open (see
+    /// [`Memory::recovered`]); not shared with other handles.
+    recovered: Option<RecoveryReport>,
 }
 
 impl Default for Memory {
@@ -46,6 +51,7 @@ impl Default for Memory {
             committed: Arc::default(),
             faults: MemoryFaults::default(),
             store_id: format!("memory-{n}").into(),
+            recovered: None,
         }
     }
 }
@@ -77,6 +83,16 @@ impl Memory {
 
     pub fn faults(&self) -> MemoryFaults {
         self.faults.clone()
+    }
+
+    /// Another handle on the same maps whose stores say they were opened with `--recover` on a
+    /// damaged store and lost what `report` lists (the maps are taken as what was kept): what
+    /// a coordinator started with `--recover` would see.
+    pub fn recovered(&self, report: RecoveryReport) -> Memory {
+        Memory {
+            recovered: Some(report),
+            ..self.clone()
+        }
     }
 
     /// A store over these maps, with nothing staged: what a coordinator
@@ -188,6 +204,10 @@ impl Backend for MemoryBackend {
         Some(self.memory.mark())
     }
 
+    fn recovered(&self) -> Option<RecoveryReport> {
+        self.memory.recovered.clone()
+    }
+
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         let committed = lock(&self.memory.committed);
         let records = committed
@@ -254,6 +274,21 @@ mod tests {
         );
         assert_eq!(restarted.load_events().expect("load").len(), 1);
         assert_eq!(memory.commits(), 1);
+    }
+
+    #[test]
+    fn only_a_recovered_handle_reports_a_recovery() {
+        let memory = Memory::new();
+        assert_eq!(memory.store().recovered(), None);
+        let report = RecoveryReport {
+            damage: "checksum mismatch".into(),
+            lost: vec!["nodes/a: checksum mismatch".into()],
+            lost_nodes: vec!["a".into()],
+            ..RecoveryReport::default()
+        };
+        let recovered = memory.recovered(report.clone());
+        assert_eq!(recovered.store().recovered(), Some(report));
+        assert_eq!(memory.store().recovered(), None, "other handles are not");
     }
 
     #[tokio::test]

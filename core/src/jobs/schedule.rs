@@ -21,9 +21,11 @@ pub fn eligible(node: &Node, gpus: u32) -> bool {
 
 impl ClusterState {
     /// Start every job that can start: Pending ones and Restarting ones past
-    /// their backoff; refill spares.
+    /// their backoff; refill spares. While an unconfirmed recovery hold holds jobs, none
+    /// starts: each waits Pending, its reason saying why (`recovery::JOBS_HELD`).
     pub fn schedule(&mut self, now: Now) -> Vec<Effect> {
         let mut effects = self.start_triages(now);
+        let held = self.jobs_held();
         let mut order: Vec<(u64, String)> = self
             .jobs
             .values()
@@ -62,6 +64,11 @@ impl ClusterState {
             if !ready_to_start {
                 continue;
             }
+            if held {
+                let reason = crate::recovery::JOBS_HELD.to_owned();
+                wait(job, reason, now, &mut holders, &mut free, &mut effects);
+                continue;
+            }
             let wanted = job.spec.nodes as usize;
             let own: BTreeSet<&String> = job
                 .placement
@@ -77,19 +84,7 @@ impl ClusterState {
                 let reason = format!(
                     "waiting for {wanted} eligible nodes (Ready, not cordoned, not in another job, {gpus} healthy GPUs); {available} available"
                 );
-                if job.reason != reason || job.phase != JobPhase::Pending {
-                    if job.phase == JobPhase::Restarting {
-                        job.event(now.wall_ms, "pending", reason.clone());
-                    }
-                    job.phase = JobPhase::Pending;
-                    job.reason = reason;
-                    for n in job.placement.iter().chain(job.spares.iter()) {
-                        holders.remove(n);
-                    }
-                    free.clear();
-                    release(job);
-                    effects.push(Effect::PersistJob(Box::new(job.clone())));
-                }
+                wait(job, reason, now, &mut holders, &mut free, &mut effects);
                 continue;
             }
             // Keep the healthy nodes of the last placement (rank order), then spares, then free nodes.
@@ -136,6 +131,32 @@ impl ClusterState {
             })
             .collect()
     }
+}
+
+/// `job` could start but does not: it waits `Pending` for `reason`, holding no node (changed
+/// and persisted only when its phase or reason changes).
+fn wait(
+    job: &mut Job,
+    reason: String,
+    now: Now,
+    holders: &mut HashMap<String, String>,
+    free: &mut HashMap<u32, usize>,
+    effects: &mut Vec<Effect>,
+) {
+    if job.reason == reason && job.phase == JobPhase::Pending {
+        return;
+    }
+    if job.phase == JobPhase::Restarting {
+        job.event(now.wall_ms, "pending", reason.clone());
+    }
+    job.phase = JobPhase::Pending;
+    job.reason = reason;
+    for n in job.placement.iter().chain(job.spares.iter()) {
+        holders.remove(n);
+    }
+    free.clear();
+    release(job);
+    effects.push(Effect::PersistJob(Box::new(job.clone())));
 }
 
 /// Keep `job`'s spares eligible and top them up to `spare_nodes` from free nodes, marking

@@ -34,12 +34,14 @@ impl Availability {
     }
 }
 
-/// Who cordoned a node: the health policy or a person.
+/// Who cordoned a node: the health policy, a person, or the recovery hold (after the store
+/// was recovered, every node waits for an operator's review; see `recovery`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CordonSource {
     Auto,
     Operator,
+    Recovery,
 }
 
 impl CordonSource {
@@ -47,6 +49,7 @@ impl CordonSource {
         match self {
             CordonSource::Auto => "auto",
             CordonSource::Operator => "operator",
+            CordonSource::Recovery => "recovery",
         }
     }
 }
