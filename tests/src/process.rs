@@ -89,6 +89,17 @@ impl Coordinator {
         listen: Option<SocketAddr>,
         env: &Env,
     ) -> Result<Self> {
+        Self::start_args(dir, config, listen, env, &[])
+    }
+
+    /// [`Coordinator::start_env`] with `args` added to its command line (`--recover`).
+    pub fn start_args(
+        dir: &Path,
+        config: &str,
+        listen: Option<SocketAddr>,
+        env: &Env,
+        args: &[&str],
+    ) -> Result<Self> {
         let config_path = write_file(dir, "coordinator.toml", config)?;
         let log = dir.join("coordinator.log");
         let stderr = std::fs::OpenOptions::new()
@@ -112,6 +123,7 @@ impl Coordinator {
                 "--data-dir",
             ])
             .arg(dir.join("coordinator-data"))
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -155,6 +167,16 @@ impl Coordinator {
     pub fn kill9(&mut self) {
         self.child.kill().ok();
         self.child.wait().ok();
+    }
+
+    /// A clean stop, as systemd does it: SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        crate::wait_for("coordinator to exit after SIGTERM", LONG, || {
+            Ok(self.child.try_wait()?)
+        })
     }
 
     pub fn log_text(&self) -> String {

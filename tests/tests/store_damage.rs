@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use vigil_tests::{Cluster, FAST_LIVENESS, LONG, bin, clusterctl, wait_for};
+use vigil_tests::{Cluster, Coordinator, FAST_LIVENESS, LONG, bin, clusterctl, nodes, wait_for};
 
 const DB: &str = "state.sqlite";
 const EX_DATAERR: i32 = 65;
@@ -24,11 +24,7 @@ fn pristine() -> Result<(tempfile::TempDir, PathBuf)> {
         bail!("cordon failed: {}", out.stderr);
     }
     // A clean stop: SIGTERM, as systemd stops it.
-    let pid = cluster.coordinator.child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status()?;
-    let status = wait_for("coordinator exits on SIGTERM", LONG, || {
-        Ok(cluster.coordinator.child.try_wait()?)
-    })?;
+    let status = cluster.coordinator.stop()?;
     if !status.success() {
         bail!("{status}: {}", cluster.coordinator.log_text());
     }
@@ -92,6 +88,15 @@ fn refused(data_dir: &Path) -> Result<String> {
         }
     }
     Ok(stderr)
+}
+
+/// Flips one byte of node-1's record (inside its cordon's reason).
+fn flip_cordon(dir: &Path) -> Result<()> {
+    let path = dir.join(DB);
+    let mut bytes = std::fs::read(&path)?;
+    let at = find(&bytes, br#""reason":"keep-me""#).context("the cordon in the node record")? + 10;
+    bytes[at] ^= 0x20;
+    Ok(std::fs::write(&path, bytes)?)
 }
 
 fn damaged_copy(
@@ -236,5 +241,94 @@ fn recover_starts_from_what_is_valid_and_lists_the_loss() -> Result<()> {
     again.kill().ok();
     let out = again.wait_with_output()?;
     assert!(still, "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[test]
+fn a_data_dir_replaced_by_an_older_copy_is_exposed_by_the_first_agent() -> Result<()> {
+    let mut cluster = Cluster::start(FAST_LIVENESS, 2)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 2))?;
+    let addr = cluster.coordinator.grpc;
+    cluster.coordinator.stop()?;
+    let old = cluster.dir.path().join("older-copy");
+    copy_dir(&cluster.data_dir(), &old)?;
+    cluster.coordinator = Coordinator::start(cluster.dir.path(), FAST_LIVENESS, Some(addr))?;
+    wait_for("agents back", LONG, || cluster.all("Ready", 2))?;
+    // Changes the agents then hear of (acks carry the store's mark).
+    for i in 0..3 {
+        let reason = format!("after the copy {i}");
+        let out = clusterctl(&cluster.url(), &["cordon", "node-0", "--reason", &reason])?;
+        assert!(out.success(), "{}", out.stderr);
+        let out = clusterctl(&cluster.url(), &["uncordon", "node-0"])?;
+        assert!(out.success(), "{}", out.stderr);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.coordinator.stop()?;
+    // The data dir is replaced by the older copy: consistent, sealed, and behind.
+    std::fs::remove_dir_all(cluster.data_dir())?;
+    std::fs::rename(&old, cluster.data_dir())?;
+    let before = std::fs::read(cluster.data_dir().join(DB))?;
+    cluster.coordinator = Coordinator::start(cluster.dir.path(), FAST_LIVENESS, Some(addr))?;
+    let status = wait_for(
+        "the coordinator stops on the first agent's word",
+        LONG,
+        || Ok(cluster.coordinator.child.try_wait()?),
+    )
+    .with_context(|| cluster.coordinator.log_text())?;
+    let log = cluster.coordinator.log_text();
+    assert_eq!(status.code(), Some(EX_DATAERR), "{log}");
+    for needed in [
+        "was replaced by an older copy (a rollback)",
+        "is damaged",
+        "--recover",
+    ] {
+        assert!(log.contains(needed), "{needed:?} missing:\n{log}");
+    }
+    // It committed nothing of what it heard: the older copy is as it was (unsealed only).
+    let after = std::fs::read(cluster.data_dir().join(DB))?;
+    assert_eq!(before.len(), after.len(), "no commit grew the file");
+    Ok(())
+}
+
+#[test]
+fn recover_holds_every_node_for_review_until_an_operator_confirms() -> Result<()> {
+    let mut cluster = Cluster::start(FAST_LIVENESS, 2)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 2))?;
+    let out = clusterctl(&cluster.url(), &["cordon", "node-1", "--reason", "keep-me"])?;
+    assert!(out.success(), "{}", out.stderr);
+    let addr = cluster.coordinator.grpc;
+    cluster.coordinator.stop()?;
+    flip_cordon(&cluster.data_dir())?;
+    let recover = ["--recover"];
+    cluster.coordinator =
+        Coordinator::start_args(cluster.dir.path(), FAST_LIVENESS, Some(addr), &[], &recover)?;
+    let url = cluster.url();
+    wait_for("both nodes back, cordoned for review", LONG, || {
+        let listed = nodes(&url)?;
+        let held = ["node-0", "node-1"].iter().all(|n| {
+            listed.get(*n).is_some_and(|v| {
+                v["cordon"]["source"] == "recovery" && v["availability"] == "Ready"
+            })
+        });
+        Ok(held.then_some(()))
+    })
+    .with_context(|| cluster.coordinator.log_text())?;
+    let status = clusterctl(&url, &["status"])?;
+    assert!(status.stdout.contains("RECOVERED"), "{}", status.stdout);
+    let shown = clusterctl(&url, &["recovery"])?;
+    assert!(
+        shown.stdout.contains("nodes/node-1 fails its checksum"),
+        "{}",
+        shown.stdout
+    );
+    let confirmed = clusterctl(&url, &["recovery", "confirm"])?;
+    assert!(confirmed.success(), "{}", confirmed.stderr);
+    let status = clusterctl(&url, &["status"])?;
+    assert!(status.stdout.contains("confirmed"), "{}", status.stdout);
+    // Each node stays cordoned until an operator has looked at it.
+    let listed = nodes(&url)?;
+    assert_eq!(listed["node-0"]["cordon"]["source"], "recovery");
+    let out = clusterctl(&url, &["uncordon", "node-0"])?;
+    assert!(out.success(), "{}", out.stderr);
     Ok(())
 }
