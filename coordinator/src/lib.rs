@@ -160,6 +160,8 @@ pub async fn run_with_hooks(
         loaded(tls.clone(), metrics.clone());
     }
     let term = store.leadership().term();
+    // Scheduled backups: a single coordinator's SQLite store only (config refuses [ha]).
+    let backup_dir = (store.backend() == "sqlite").then(|| store.path().to_owned());
     let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
     let metrics_for_control = metrics.clone();
     let metrics_for_agents = metrics.clone();
@@ -168,6 +170,9 @@ pub async fn run_with_hooks(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let engine_task = tokio::spawn(engine.run(stop_rx.clone()));
+    if let (Some(backup), Some(data_dir)) = (config.backup.clone(), backup_dir) {
+        store::backup::schedule(backup, data_dir, metrics.clone(), stop_rx.clone());
+    }
 
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let mut metrics_stop = stop_rx.clone();
