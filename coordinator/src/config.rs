@@ -59,6 +59,8 @@ pub struct Config {
     /// Several coordinators sharing state in etcd, one leading (docs/ha.md). Absent: one
     /// coordinator with its state in sled under `data_dir`.
     pub ha: Option<crate::ha::HaConfig>,
+    /// Scheduled backups of the store in `data_dir` (docs/operations.md). Absent: none.
+    pub backup: Option<crate::store::backup::BackupConfig>,
 }
 
 /// On-demand diagnostics (`clusterctl diagnose`).
@@ -98,6 +100,7 @@ impl Default for Config {
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
             ha: None,
+            backup: None,
         }
     }
 }
@@ -144,6 +147,7 @@ impl Config {
             burn_in,
             stragglers,
             ha,
+            backup,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -160,6 +164,7 @@ impl Config {
             ("burn_in", *burn_in != new.burn_in),
             ("stragglers", *stragglers != new.stragglers),
             ("ha", *ha != new.ha),
+            ("backup", *backup != new.backup),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -259,6 +264,19 @@ impl Config {
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),
             ));
         }
+        if let Some(backup) = &self.backup {
+            if self.ha.is_some() {
+                return Err(ConfigError::Invalid(
+                    "[backup] backs up a single coordinator's data dir; with [ha] the state is in \
+                     etcd: remove [backup] and take etcd snapshots instead (etcdctl snapshot \
+                     save; docs/operations.md, \"Backing up etcd\")"
+                        .into(),
+                ));
+            }
+            backup
+                .validate(&self.data_dir)
+                .map_err(ConfigError::Invalid)?;
+        }
         Ok(())
     }
 }
@@ -346,6 +364,48 @@ mod tests {
     fn bad_address_names_the_key() {
         let err = Config::from_toml_str("listen = \"nowhere\"").expect_err("bad addr");
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn backup_section_defaults_and_refusals_name_the_key() {
+        assert_eq!(Config::from_toml_str("").expect("defaults").backup, None);
+        let c = Config::from_toml_str("[backup]\ndir = \"/b\"\n").expect("valid");
+        let b = c.backup.expect("on");
+        assert_eq!(b.interval, Duration::from_secs(3600));
+        assert_eq!(b.keep, 24);
+        let c = Config::from_toml_str("[backup]\ndir = \"/b\"\ninterval = \"10m\"\nkeep = 3\n")
+            .expect("valid");
+        assert_eq!(
+            c.backup.as_ref().map(|b| b.interval),
+            Some(Duration::from_secs(600))
+        );
+        for (text, key) in [
+            ("[backup]\ninterval = \"1h\"\n", "backup.dir"),
+            ("[backup]\ndir = \"/var/lib/vigil\"\n", "backup.dir"),
+            (
+                "[backup]\ndir = \"/b\"\ninterval = \"10ms\"\n",
+                "backup.interval",
+            ),
+            ("[backup]\ndir = \"/b\"\nkeep = 0\n", "backup.keep"),
+            ("[backup]\ndir = \"/b\"\nevery = \"1h\"\n", "every"),
+            (
+                "[backup]\ndir = \"/b\"\ninterval = \"hourly\"\n",
+                "interval",
+            ),
+        ] {
+            let e = Config::from_toml_str(text).expect_err(key).to_string();
+            assert!(e.contains(key), "{e} should name {key}");
+        }
+        let ha =
+            "[ha]\nadvertise_url = \"http://c1:7770\"\netcd_endpoints = [\"http://e1:2379\"]\n";
+        Config::from_toml_str(ha).expect("valid [ha]");
+        let e = Config::from_toml_str(&format!("{ha}[backup]\ndir = \"/b\"\n"))
+            .expect_err("[backup] with [ha]")
+            .to_string();
+        assert!(
+            e.contains("[backup]") && e.contains("etcdctl snapshot save"),
+            "{e}"
+        );
     }
 
     #[test]

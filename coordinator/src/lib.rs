@@ -161,6 +161,8 @@ pub async fn run_with_hooks(
         loaded(tls.clone(), metrics.clone());
     }
     let term = store.leadership().term();
+    // Scheduled backups: a single coordinator's SQLite store only (config refuses [ha]).
+    let backup_dir = (store.backend() == "sqlite").then(|| store.path().to_owned());
     let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
     // After a --recover open: the hold is durable before anything is served.
     engine.commit_recovery_hold().await?;
@@ -171,6 +173,9 @@ pub async fn run_with_hooks(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut engine_task = tokio::spawn(engine.run(stop_rx.clone()));
+    if let (Some(backup), Some(data_dir)) = (config.backup.clone(), backup_dir) {
+        store::backup::schedule(backup, data_dir, metrics.clone(), stop_rx.clone());
+    }
 
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let mut metrics_stop = stop_rx.clone();

@@ -2,8 +2,10 @@
 //!
 //! Layout: this file (the registry, node, job, engine and store series, the HTTP server);
 //! `goodput` (per-job goodput series), `input` (rejected, throttled and ignored agent input),
-//! `security` (refused connections, denied calls, certificate expiry).
+//! `security` (refused connections, denied calls, certificate expiry), `backup` (scheduled
+//! backups of the state store).
 
+pub mod backup;
 pub mod goodput;
 pub mod input;
 pub mod security;
@@ -140,6 +142,8 @@ pub struct Metrics {
     pub security: crate::metrics::security::SecurityMetrics,
     /// Leadership, etcd and store latency (`ha::metrics`).
     pub ha: crate::ha::metrics::HaMetrics,
+    /// Scheduled backups of the state store (`[backup]`).
+    pub backup: crate::metrics::backup::BackupMetrics,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -182,6 +186,7 @@ impl Metrics {
             engine_alive_unix_ms: AtomicU64::new(started_unix_ms),
             security: crate::metrics::security::SecurityMetrics::default(),
             ha: crate::ha::metrics::HaMetrics::default(),
+            backup: crate::metrics::backup::BackupMetrics::default(),
             registry: Registry::default(),
         };
         m.security.register(&mut registry);
@@ -315,6 +320,7 @@ impl Metrics {
             "1 while the coordinator, recovered from a damaged state store, holds every job until an operator confirms (clusterctl recovery confirm)",
             m.store_recovery_hold.clone(),
         );
+        m.backup.register(&mut registry);
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
         registry.register(

@@ -15,6 +15,8 @@
 //! - `etcd`: the HA group's state, every commit a transaction fenced on the
 //!   leadership term, bounded in time.
 //! - `memory`: in-process maps for tests, with failures on demand.
+//! - `backup`: backups of the SQLite store (while it runs), restoring one, and the `[backup]`
+//!   schedule.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,7 @@ use crate::leadership::Leadership;
 use crate::lemons::LemonRecord;
 use crate::node::{NodeEvent, NodeRecord};
 
+pub mod backup;
 pub mod etcd;
 pub mod memory;
 pub mod sled;

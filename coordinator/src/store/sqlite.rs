@@ -43,7 +43,7 @@ const MARKER_HEAD: &str = "vigil-store v2";
 const SCHEMA: &str = "vigil-store-v2";
 /// What `open` may find in a data dir besides the store itself and still call it ours.
 const OLD_SLED: [&str; 2] = ["conf", "db"];
-const KINDS: [Kind; 5] = [
+pub(crate) const KINDS: [Kind; 5] = [
     Kind::Node,
     Kind::Job,
     Kind::Lemon,
@@ -324,7 +324,7 @@ fn scan_events(conn: &Connection, s: &mut Scan) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn put_meta(conn: &Connection, key: &str, value: &[u8]) -> rusqlite::Result<()> {
+pub(crate) fn put_meta(conn: &Connection, key: &str, value: &[u8]) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO meta (key, crc, value) VALUES (?1, ?2, ?3) \
          ON CONFLICT (key) DO UPDATE SET crc = excluded.crc, value = excluded.value",
@@ -421,11 +421,11 @@ fn open_conn(db: &Path, create: bool) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-fn new_store_id() -> String {
+pub(crate) fn new_store_id() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -443,7 +443,7 @@ pub fn write_durably(dir: &Path, name: &str, text: &[u8]) -> std::io::Result<()>
     File::open(dir)?.sync_all()
 }
 
-fn marker_text(store_id: &str) -> String {
+pub(crate) fn marker_text(store_id: &str) -> String {
     format!("{MARKER_HEAD}\nstore_id {store_id}\n")
 }
 
@@ -451,7 +451,7 @@ fn marker_text(store_id: &str) -> String {
 /// was folded into it. A byte changed anywhere in it since, even in space no record uses, is
 /// found at the next open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Seal {
+pub(crate) struct Seal {
     seq: u64,
     len: u64,
     crc: u32,
@@ -496,7 +496,7 @@ fn file_sum(path: &Path) -> std::io::Result<(u64, u32)> {
 
 /// The store id the marker names and the seal of a clean stop; `Ok(None)` when there is no
 /// marker.
-fn read_marker(dir: &Path) -> Result<Option<(String, Option<Seal>)>, StoreError> {
+pub(crate) fn read_marker(dir: &Path) -> Result<Option<(String, Option<Seal>)>, StoreError> {
     let text = match std::fs::read_to_string(dir.join(MARKER_FILE)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -543,7 +543,7 @@ fn check_seal(dir: &Path, seal: Seal) -> Option<String> {
     }
 }
 
-fn take_lock(dir: &Path) -> Result<Flock<File>, StoreError> {
+pub(crate) fn take_lock(dir: &Path) -> Result<Flock<File>, StoreError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -560,7 +560,7 @@ fn take_lock(dir: &Path) -> Result<Flock<File>, StoreError> {
 }
 
 /// The names in `dir` other than the lock file.
-fn entries(dir: &Path) -> Result<Vec<String>, StoreError> {
+pub(crate) fn entries(dir: &Path) -> Result<Vec<String>, StoreError> {
     let read = std::fs::read_dir(dir).map_err(|source| StoreError::Create {
         path: dir.to_owned(),
         source,
@@ -901,7 +901,7 @@ impl Drop for Sqlite {
 }
 
 /// The first few problems, and how many more.
-fn summary(problems: &[String]) -> String {
+pub(crate) fn summary(problems: &[String]) -> String {
     let shown: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
     match problems.len().saturating_sub(3) {
         0 => shown.join("; "),
@@ -1032,6 +1032,17 @@ impl Backend for Sqlite {
             total += std::fs::metadata(self.dir.join(name)).map_or(0, |m| m.len());
         }
         Ok(total)
+    }
+}
+
+/// For `backup.rs`: reads every record of `conn` back and checks it as [`Sqlite::open`] does.
+pub(crate) fn verify(conn: &Connection) -> super::backup::Verified {
+    let s = scan(conn);
+    super::backup::Verified {
+        store_id: s.store_id,
+        seq: s.book.seq,
+        counts: s.book.counts,
+        problems: s.problems,
     }
 }
 
