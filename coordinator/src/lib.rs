@@ -161,7 +161,8 @@ pub async fn run_with_hooks(
         loaded(tls.clone(), metrics.clone());
     }
     let term = store.leadership().term();
-    // Scheduled backups: a single coordinator's SQLite store only (config refuses [ha]).
+    // Scheduled backups and the scrub: a single coordinator's SQLite store only (config
+    // refuses [backup] with [ha]; etcd checks its own data).
     let backup_dir = (store.backend() == "sqlite").then(|| store.path().to_owned());
     let (mut engine, handle) = engine::Engine::new(store, &config, metrics.clone())?;
     // After a --recover open: the hold is durable before anything is served.
@@ -173,6 +174,9 @@ pub async fn run_with_hooks(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut engine_task = tokio::spawn(engine.run(stop_rx.clone()));
+    if let Some(data_dir) = &backup_dir {
+        store::scrub::schedule(data_dir.clone(), metrics.clone(), stop_rx.clone());
+    }
     if let (Some(backup), Some(data_dir)) = (config.backup.clone(), backup_dir) {
         store::backup::schedule(backup, data_dir, metrics.clone(), stop_rx.clone());
     }

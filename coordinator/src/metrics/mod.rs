@@ -8,6 +8,7 @@
 pub mod backup;
 pub mod goodput;
 pub mod input;
+pub mod scrub;
 pub mod security;
 
 use std::sync::Arc;
@@ -144,6 +145,8 @@ pub struct Metrics {
     pub ha: crate::ha::metrics::HaMetrics,
     /// Scheduled backups of the state store (`[backup]`).
     pub backup: crate::metrics::backup::BackupMetrics,
+    /// The background scrub of the state store (`store::scrub`).
+    pub scrub: crate::metrics::scrub::ScrubMetrics,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -187,6 +190,7 @@ impl Metrics {
             security: crate::metrics::security::SecurityMetrics::default(),
             ha: crate::ha::metrics::HaMetrics::default(),
             backup: crate::metrics::backup::BackupMetrics::default(),
+            scrub: crate::metrics::scrub::ScrubMetrics::default(),
             registry: Registry::default(),
         };
         m.security.register(&mut registry);
@@ -321,6 +325,7 @@ impl Metrics {
             m.store_recovery_hold.clone(),
         );
         m.backup.register(&mut registry);
+        m.scrub.register(&mut registry);
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
         registry.register(

@@ -34,6 +34,7 @@ use crate::node::{NodeEvent, NodeRecord};
 pub mod backup;
 pub mod etcd;
 pub mod memory;
+pub mod scrub;
 pub mod sled;
 pub mod sqlite;
 
