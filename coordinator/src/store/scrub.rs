@@ -143,7 +143,7 @@ pub fn schedule(
             }
             wait = EVERY;
             let dir = data_dir.clone();
-            let started = std::time::Instant::now();
+            let started = tokio::time::Instant::now();
             let Ok(found) = tokio::task::spawn_blocking(move || pass(&dir, PAUSE)).await else {
                 continue;
             };
