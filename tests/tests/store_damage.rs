@@ -287,6 +287,27 @@ fn a_data_dir_replaced_by_an_older_copy_is_exposed_by_the_first_agent() -> Resul
     // It committed nothing of what it heard: the older copy is as it was (unsealed only).
     let after = std::fs::read(cluster.data_dir().join(DB))?;
     assert_eq!(before.len(), after.len(), "no commit grew the file");
+
+    // The way out the message names: --recover goes on from the older copy as a new store,
+    // held for review; the agents (marks of the old store) join it.
+    let recover = ["--recover"];
+    cluster.coordinator =
+        Coordinator::start_args(cluster.dir.path(), FAST_LIVENESS, Some(addr), &[], &recover)?;
+    let url = cluster.url();
+    wait_for(
+        "the agents join the recovered store, held for review",
+        LONG,
+        || {
+            let listed = nodes(&url)?;
+            let held = ["node-0", "node-1"].iter().all(|n| {
+                listed.get(*n).is_some_and(|v| {
+                    v["availability"] == "Ready" && v["cordon"]["source"] == "recovery"
+                })
+            });
+            Ok(held.then_some(()))
+        },
+    )
+    .with_context(|| cluster.coordinator.log_text())?;
     Ok(())
 }
 

@@ -674,7 +674,14 @@ impl Sqlite {
                 )?;
             }
             if on_damage == OnDamage::Recover {
-                warn!(data_dir = %dir.display(), "--recover: the store is not damaged; starting as usual, nothing held");
+                // Whole, but it may be an older copy of itself (a rollback an agent exposed):
+                // asked to recover, it goes on as a new store, held for review like any other.
+                drop(conn);
+                let what = "--recover on a store that checks out whole: it may still be behind \
+                            what agents were told (a data dir replaced by an older copy); it goes \
+                            on as a new store, held for review";
+                warn!(data_dir = %dir.display(), "{what}");
+                return Self::salvage(dir, lock, scan, what.to_owned());
             }
             info!(
                 data_dir = %dir.display(),
