@@ -315,7 +315,7 @@ w("")
 w("## Method")
 w("")
 w("- A real `target/release/vigil-coordinator` (default liveness: 1 s heartbeats, lease 8 s, lost after 10 s; "
-  "a fresh sled data dir; gRPC on 127.0.0.1) and `target/release/vigil-loadgen` run on the same machine, "
+  "a fresh data dir (the SQLite store); gRPC on 127.0.0.1) and `target/release/vigil-loadgen` run on the same machine, "
   "sharing its cores.")
 w("- `vigil-loadgen` simulates N agents in one process (tokio multi-thread runtime). Each agent has its own "
   "TCP connection and `AgentService.Connect` stream, registers 8 SIMULATED H100s with stable UUIDs, and "
