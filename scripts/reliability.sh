@@ -73,8 +73,8 @@ $table
   that nothing restarts.
 - A full state disk left sled refusing every write forever, even after space came back. The store
   is now reopened (holding what was last flushed) and the whole state written again; a full disk
-  answers \`ResourceExhausted\` with a message that says what to do. (A change that still fits in
-  pages sled's files already hold is saved, and accepted: row 14 submits until one is refused.)
+  answers \`ResourceExhausted\` with a message that says what to do. (On sled, a change that still
+  fit in pages its files already held was saved, and accepted: row 14 submits until one is refused.)
 
 ## Known limits
 

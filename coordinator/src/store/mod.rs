@@ -105,7 +105,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// The name of its tree (sled) or key range (etcd), and of its keys in errors.
+    /// Its name in the store (the `kind` column in SQLite, the key range in etcd), and of its
+    /// keys in errors.
     pub fn dir(self) -> &'static str {
         match self {
             Kind::Node => "nodes",
