@@ -1,6 +1,6 @@
 //! Exposing a rolled-back coordinator: the agent keeps the highest store mark it was told.
 //!
-//! A coordinator on sled tells every agent its store mark (the store's random id and its number
+//! A single coordinator (its SQLite store) tells every agent its store mark (the store's random id and its number
 //! of durable commits) in `Registered` and in every `Ack`. The agent keeps the highest mark of
 //! the store it was last told of, in `state_dir/coordinator-store`, and sends it in every
 //! `Register`. A coordinator whose data dir was replaced by an older copy of itself has the same

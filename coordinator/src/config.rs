@@ -35,7 +35,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// HTTP address for `/metrics` and `/healthz`.
     pub metrics_listen: SocketAddr,
-    /// Where the sled state store lives.
+    /// Where the state store (SQLite) lives.
     pub data_dir: PathBuf,
     pub liveness: LivenessConfig,
     pub health: HealthConfig,
@@ -57,7 +57,7 @@ pub struct Config {
     /// Nodes slower than their gang (see `stragglers`).
     pub stragglers: crate::stragglers::StragglerConfig,
     /// Several coordinators sharing state in etcd, one leading (docs/ha.md). Absent: one
-    /// coordinator with its state in sled under `data_dir`.
+    /// coordinator with its state in SQLite under `data_dir`.
     pub ha: Option<crate::ha::HaConfig>,
     /// Scheduled backups of the store in `data_dir` (docs/operations.md). Absent: none.
     pub backup: Option<crate::store::backup::BackupConfig>,

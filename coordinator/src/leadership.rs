@@ -1,6 +1,6 @@
 //! Who this coordinator is and whether it may decide: the leadership term and its deadline.
 //!
-//! A single coordinator on sled always leads, at term 0. With etcd (`ha`), a
+//! A single coordinator (SQLite store) always leads, at term 0. With etcd (`ha`), a
 //! coordinator leads only while its etcd lease holds: every keepalive that etcd
 //! answers pushes the local deadline forward (to when the keepalive was sent,
 //! plus the lease TTL, minus a safety margin), and nothing is sent to an agent
@@ -28,7 +28,7 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// The single coordinator on sled: leads forever, at term 0.
+    /// The single coordinator (SQLite store): leads forever, at term 0.
     pub fn single() -> Self {
         Self::new("coordinator", "", 0, None, 0)
     }

@@ -277,7 +277,7 @@ async fn start(cli: Cli, config: Config, signals: Signals) -> Result<u8, Coordin
     if cli.recover && config.ha.is_some() {
         return Err(CoordinatorError::Ha(
             "--recover applies to a single coordinator's data dir; with [ha] the state is in \
-             etcd: restore an etcd snapshot instead (docs/operations.md, \"Backups\")"
+             etcd: restore an etcd snapshot instead (docs/operations.md, \"Backing up etcd\")"
                 .into(),
         ));
     }

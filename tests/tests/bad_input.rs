@@ -65,7 +65,7 @@ fn data_dir_holding_something_else_is_refused_and_left_untouched() -> Result<()>
 }
 
 #[test]
-fn data_dir_that_is_not_a_sled_database_is_refused_by_path() -> Result<()> {
+fn data_dir_holding_a_damaged_old_sled_store_is_refused_by_path() -> Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("conf"), b"\xff\xfegarbage")?;
     std::fs::write(dir.path().join("db"), vec![0x5a_u8; 8192])?;

@@ -92,7 +92,7 @@ pub fn status_response() -> v1::StatusResponse {
     }
 }
 
-/// One coordinator on sled: the HA section says so and nothing more.
+/// One coordinator on its SQLite store: the HA section says so and nothing more.
 pub fn ha_single() -> v1::HaStatus {
     v1::HaStatus {
         store: "sqlite".into(),

@@ -2,7 +2,7 @@
 //! every write fenced on the leadership term.
 //!
 //! Keys: `meta/schema`, `nodes/{name}`, `events/{node}/{id:020}`, `jobs/{id}`,
-//! `lemons/{key}`; values are the same JSON as in sled. A commit writes the
+//! `lemons/{key}`; values are the same JSON as in the SQLite store. A commit writes the
 //! whole batch in one transaction that succeeds only while the leader key
 //! still has this leadership's create revision: a deposed leader cannot write,
 //! even one that does not know yet that it was deposed. A refused transaction
@@ -286,7 +286,7 @@ impl Backend for EtcdStore {
     }
 
     /// From what was read when leadership was won; events oldest first
-    /// within each node, as sled gives them.
+    /// within each node, as the SQLite store gives them.
     fn load(&self, kind: Kind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let start = format!("{}{}/", self.prefix, kind.dir());
         let loaded = lock(&self.loaded);

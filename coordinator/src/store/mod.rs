@@ -145,8 +145,8 @@ pub struct StoreMark {
 pub struct RecoveryReport {
     /// Why the store was damaged, as the refusal to start said it.
     pub damage: String,
-    /// One line per record that could not be kept ("nodes/gpu-017: checksum mismatch",
-    /// "jobs: the manifest counts 3 records, 2 were readable").
+    /// One line per problem found ("nodes/gpu-017 fails its checksum", "commit 412 wrote 3
+    /// jobs records, 2 are there").
     pub lost: Vec<String>,
     /// Node names whose records were lost (they come back as new when their agents register).
     pub lost_nodes: Vec<String>,

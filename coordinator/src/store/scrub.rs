@@ -163,8 +163,11 @@ pub fn schedule(
                     data_dir = %data_dir.display(),
                     records = found.records,
                     bad = found.bad.len(),
-                    "state store scrub found damaged records: take a backup of what is sound \
-                     now and plan a restart with --recover or a restore (docs/operations.md)"
+                    "state store scrub found damaged records: the disk under the data dir \
+                     returns altered data. This coordinator keeps running on the state it holds, \
+                     but its next start will refuse the store (exit 65): check the disk, and plan \
+                     that restart with --recover or a restore of the last good backup \
+                     (docs/operations.md, \"Store scrub found damage\")"
                 );
             }
             debug!(next_in = ?EVERY, "next scrub");
