@@ -143,14 +143,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 fn every_kind_of_damage_is_refused_with_exit_65_and_the_way_out() -> Result<()> {
     let (_keep, pristine) = pristine()?;
     // One byte of the cordoned node's record flipped.
-    let flipped = damaged_copy(&pristine, "flipped", |dir| {
-        let path = dir.join(DB);
-        let mut bytes = std::fs::read(&path)?;
-        let at =
-            find(&bytes, br#""reason":"keep-me""#).context("the cordon in the node record")? + 10;
-        bytes[at] ^= 0x20;
-        Ok(std::fs::write(&path, bytes)?)
-    })?;
+    let flipped = damaged_copy(&pristine, "flipped", flip_cordon)?;
     let stderr = refused(&flipped)?;
     assert!(
         stderr.contains("nodes/node-1 fails its checksum"),
@@ -200,14 +193,7 @@ fn every_kind_of_damage_is_refused_with_exit_65_and_the_way_out() -> Result<()> 
 #[test]
 fn recover_starts_from_what_is_valid_and_lists_the_loss() -> Result<()> {
     let (_keep, pristine) = pristine()?;
-    let flipped = damaged_copy(&pristine, "flipped", |dir| {
-        let path = dir.join(DB);
-        let mut bytes = std::fs::read(&path)?;
-        let at =
-            find(&bytes, br#""reason":"keep-me""#).context("the cordon in the node record")? + 10;
-        bytes[at] ^= 0x20;
-        Ok(std::fs::write(&path, bytes)?)
-    })?;
+    let flipped = damaged_copy(&pristine, "flipped", flip_cordon)?;
     let mut child = spawn(&flipped, &["--recover"])?;
     let mut stdout = child.stdout.take().context("stdout")?;
     let line = std::thread::spawn(move || {

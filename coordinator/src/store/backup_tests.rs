@@ -3,22 +3,9 @@
 use super::*;
 use crate::store::Store;
 use crate::store::sqlite::LOCK_FILE;
-use crate::store::test_records::{event, record};
+use crate::store::test_records::record;
 
-/// A store in `dir` with two nodes (one cordoned) and a few events, over 6 commits.
-async fn populated(dir: &Path) -> Store {
-    let store = Store::open(dir).expect("open");
-    let mut other = record("gpu-002");
-    other.cordon = None;
-    store.put_node(&record("gpu-001")).expect("put");
-    store.flush().await.expect("commit");
-    store.put_node(&other).expect("put");
-    for i in 0..5 {
-        store.put_event("gpu-001", &event(i)).expect("put");
-        store.flush().await.expect("commit");
-    }
-    store
-}
+use crate::store::test_records::populated;
 
 fn names(dir: &Path) -> Vec<String> {
     let mut n: Vec<String> = std::fs::read_dir(dir)

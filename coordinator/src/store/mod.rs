@@ -515,6 +515,35 @@ pub(crate) mod test_records {
         }
     }
 
+    /// A store in `dir` with two nodes (gpu-001 cordoned by an operator, gpu-002 not) and
+    /// five history entries of gpu-001, over 6 commits.
+    pub async fn populated(dir: &std::path::Path) -> crate::store::Store {
+        let store = crate::store::Store::open(dir).expect("open");
+        let mut other = record("gpu-002");
+        other.cordon = None;
+        store.put_node(&record("gpu-001")).expect("put");
+        store.flush().await.expect("commit");
+        store.put_node(&other).expect("put");
+        for i in 0..5 {
+            store.put_event("gpu-001", &event(i)).expect("put");
+            store.flush().await.expect("commit");
+        }
+        store
+    }
+
+    /// Overwrites up to 1,647 bytes in the middle of `file` with random ones from `seed`: a
+    /// bad sector, a torn write on a disk that lies about flushes, a stray `dd`.
+    pub fn randomize_middle(file: &std::path::Path, seed: u64) {
+        let mut bytes = std::fs::read(file).expect("read");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let n = 1647.min(bytes.len() / 4);
+        let start = bytes.len() / 2 - n / 2;
+        for b in &mut bytes[start..start + n] {
+            *b = rng.u8(..);
+        }
+        std::fs::write(file, &bytes).expect("write");
+    }
+
     pub fn event(i: u64) -> NodeEvent {
         NodeEvent {
             at_unix_ms: i,

@@ -568,15 +568,7 @@ mod damage_evidence {
                 store.put_node(&record("b")).expect("put");
                 store.flush().await.expect("flush");
             }
-            let db = dir.path().join("db");
-            let mut bytes = std::fs::read(&db).expect("read");
-            let mut rng = fastrand::Rng::with_seed(seed);
-            let n = 1647.min(bytes.len() / 4);
-            let start = bytes.len() / 2 - n / 2;
-            for b in &mut bytes[start..start + n] {
-                *b = rng.u8(..);
-            }
-            std::fs::write(&db, &bytes).expect("write");
+            crate::store::test_records::randomize_middle(&dir.path().join("db"), seed);
             let opened = std::panic::AssertUnwindSafe(async {
                 let store = Store::new(Box::new(Sled::open(dir.path())?));
                 store.load_nodes()

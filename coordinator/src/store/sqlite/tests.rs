@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::store::Store;
-use crate::store::test_records::{event, record};
+use crate::store::test_records::{self, event, randomize_middle, record};
 
 fn node_put(name: &str) -> Put {
     Put {
@@ -12,19 +12,10 @@ fn node_put(name: &str) -> Put {
     }
 }
 
-/// A store in `dir` with two nodes (one cordoned by an operator), a few events, committed
-/// over several commits; closed when it returns.
+/// A store in `dir` with two nodes (one cordoned) and five history entries, over 6
+/// commits; closed (sealed) when it returns.
 async fn populated(dir: &Path) {
-    let store = Store::open(dir).expect("open");
-    let mut other = record("gpu-002");
-    other.cordon = None;
-    store.put_node(&record("gpu-001")).expect("put");
-    store.flush().await.expect("commit");
-    store.put_node(&other).expect("put");
-    for i in 0..5 {
-        store.put_event("gpu-001", &event(i)).expect("put");
-        store.flush().await.expect("commit");
-    }
+    drop(test_records::populated(dir).await);
 }
 
 fn open_err(dir: &Path) -> String {
@@ -388,15 +379,7 @@ async fn random_bytes_in_the_sqlite_store_are_refused() {
             if !sealed {
                 unseal(dir.path());
             }
-            let db = dir.path().join(DB_FILE);
-            let mut bytes = std::fs::read(&db).expect("read");
-            let mut rng = fastrand::Rng::with_seed(seed);
-            let n = 1647.min(bytes.len() / 4);
-            let start = bytes.len() / 2 - n / 2;
-            for b in &mut bytes[start..start + n] {
-                *b = rng.u8(..);
-            }
-            std::fs::write(&db, &bytes).expect("write");
+            randomize_middle(&dir.path().join(DB_FILE), seed);
             match Store::open(dir.path()) {
                 Err(_) => refused += 1,
                 Ok(store) => {
