@@ -145,7 +145,7 @@ pub enum Command {
     },
     /// List jobs: state, attempt, restarts, nodes, progress, last checkpoint, age, reason.
     Jobs,
-    /// Submit, show, cancel one job, or print its workers' logs.
+    /// One job: submit, show, restart or cancel it, its post-mortem report, its workers' logs.
     Job {
         #[command(subcommand)]
         command: JobCommand,

@@ -167,3 +167,37 @@ fn the_flag_beats_the_environment_and_a_bad_value_is_a_usage_error_naming_the_va
         );
     }
 }
+
+/// Every `clusterctl job` subcommand, as docs/clusterctl.md lists them.
+const JOB_COMMANDS: [&str; 6] = ["submit", "show", "cancel", "restart", "report", "logs"];
+
+fn help(args: &[&str]) -> String {
+    let (out, _) = clusterctl(args);
+    assert_eq!(out.status.code(), Some(0), "{args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn job_help_lists_every_job_subcommand() {
+    let text = help(&["job", "--help"]);
+    let listed: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    assert_eq!(listed, JOB_COMMANDS, "{text}");
+    // The one line that sums `job` up, atop `job --help` and in `clusterctl --help`, names them all.
+    let top = help(&["--help"]);
+    let job_line = top
+        .lines()
+        .find(|l| l.trim_start().starts_with("job "))
+        .unwrap_or_else(|| panic!("no job line in clusterctl --help: {top}"));
+    let about = text.lines().next().unwrap_or_default();
+    for name in JOB_COMMANDS {
+        assert!(job_line.contains(name), "{name} missing from {job_line:?}");
+        assert!(about.contains(name), "{name} missing from {about:?}");
+    }
+}

@@ -11,8 +11,8 @@ use std::fmt;
 /// NVML_NVLINK_MAX_LINKS: an H100 has all 18.
 pub const MAX_NVLINKS: u32 = 18;
 
-/// Every key, as the fix for a mistyped one names them.
-const KEYS: &str = "xid=K, ecc_uncorrected=K, ecc_corrected=K, temp=C, power=W, \
+/// Every key, as the fix for a mistyped one names them (and `--sim-fault-file`'s help lists them).
+pub const KEYS: &str = "xid=K, ecc_uncorrected=K, ecc_corrected=K, temp=C, power=W, \
     retired_pending, remap_pending, remap_failure, remap_uncorrectable=K, hw_slowdown, \
     thermal_throttle, power_brake, pcie_width=W, pcie_gen=G, pcie_replay=K, nvlink_down=L, \
     lost, clear";
