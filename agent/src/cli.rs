@@ -35,10 +35,12 @@ pub struct Cli {
     /// fallen off the bus); `#` starts a comment. Keys: xid=K, ecc_uncorrected=K,
     /// ecc_corrected=K, temp=C, power=W, retired_pending, remap_pending, remap_failure,
     /// remap_uncorrectable=K, hw_slowdown, thermal_throttle, power_brake, pcie_width=W,
-    /// pcie_gen=G, pcie_replay=K, nvlink_down=L, lost, clear. An XID fires once, when its line
-    /// appears. Lines are state, applied in file order: delete a line to heal what it set, or
-    /// add `gpu=N clear` to undo the lines above it. A malformed line is logged and skipped.
-    /// Every key: docs/configuration.md, "Simulated faults".
+    /// pcie_gen=G, pcie_replay=K, nvlink_down=L, lost, ok, clear. An XID fires once, when its
+    /// line appears; a fatal one (e.g. 79) also leaves the GPU failing its diagnostics, as a
+    /// real one would, until it is repaired. Lines are state, applied in file order: add
+    /// `gpu=N ok` (or `gpu=N clear`) to repair GPU N, undoing every line above it, or delete the
+    /// lines. A malformed line is logged and skipped. Every key: docs/configuration.md,
+    /// "Simulated faults".
     #[arg(long, value_name = "FILE")]
     pub sim_fault_file: Option<PathBuf>,
     /// Local state directory, created if missing [default: /var/lib/vigil-agent].

@@ -334,7 +334,7 @@ fn help_gives_the_fault_file_line_format_with_an_example() -> std::io::Result<()
         "`gpu=N KEY[=VALUE] ...`",
         "e.g. `gpu=3 xid=79`",
         "`#` starts a comment",
-        "`gpu=N clear`",
+        "`gpu=N ok`",
         "docs/configuration.md",
     ] {
         assert!(
