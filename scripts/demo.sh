@@ -161,6 +161,8 @@ What happened (GPUs are SIMULATED; everything else is real processes on loopback
 Try, in another shell:
   export VIGIL_COORDINATOR=$url VIGIL_INSECURE=1   # this demo is plaintext (insecure = true)
   $bin/clusterctl job show $job
+  $bin/clusterctl diagnose $victim             # fails: GPU 3 has not recovered from XID 79
+  echo 'gpu=3 ok' >> $dir/$victim.faults      # "repair" the simulated GPU
   $bin/clusterctl diagnose $victim; $bin/clusterctl uncordon $victim
   $bin/clusterctl job cancel $job
   curl -s http://127.0.0.1:$metrics_port/metrics | grep ^vigil_

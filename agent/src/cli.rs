@@ -29,7 +29,18 @@ pub struct Cli {
     /// Number of simulated GPUs, 1 to 64 (with --gpu-backend sim) [default: 8].
     #[arg(long, value_name = "N")]
     pub sim_gpus: Option<u32>,
-    /// Fault-injection file for simulated GPUs.
+    /// Fault-injection file for simulated GPUs (with --gpu-backend sim), re-read every 100 ms.
+    ///
+    /// One line per GPU and fault set: `gpu=N KEY[=VALUE] ...`, e.g. `gpu=3 xid=79` (GPU 3 has
+    /// fallen off the bus); `#` starts a comment. Keys: xid=K, ecc_uncorrected=K,
+    /// ecc_corrected=K, temp=C, power=W, retired_pending, remap_pending, remap_failure,
+    /// remap_uncorrectable=K, hw_slowdown, thermal_throttle, power_brake, pcie_width=W,
+    /// pcie_gen=G, pcie_replay=K, nvlink_down=L, lost, ok, clear. An XID fires once, when its
+    /// line appears; a fatal one (e.g. 79) also leaves the GPU failing its diagnostics, as a
+    /// real one would, until it is repaired. Lines are state, applied in file order: add
+    /// `gpu=N ok` (or `gpu=N clear`) to repair GPU N, undoing every line above it, or delete the
+    /// lines. A malformed line is logged and skipped. Every key: docs/configuration.md,
+    /// "Simulated faults".
     #[arg(long, value_name = "FILE")]
     pub sim_fault_file: Option<PathBuf>,
     /// Local state directory, created if missing [default: /var/lib/vigil-agent].
@@ -119,6 +130,24 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fault file's whole grammar is in `--help`, so no key can be added without it.
+    #[test]
+    fn sim_fault_file_help_gives_the_line_format_and_every_key() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("`gpu=N KEY[=VALUE] ...`, e.g. `gpu=3 xid=79`"),
+            "{help}"
+        );
+        for key in crate::gpu::faults::KEYS.split(", ") {
+            assert!(
+                help.contains(key),
+                "--help lacks the fault key {key}: {help}"
+            );
+        }
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("vigil-agent").chain(args.iter().copied()))

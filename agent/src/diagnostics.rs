@@ -114,10 +114,13 @@ impl Diagnostics {
         let read = tokio::task::spawn_blocking(move || {
             let present = probe.inventory()?;
             let samples = probe.sample()?;
-            Ok::<_, crate::gpu::GpuError>((present, samples))
+            let lasting = probe.lasting_problems();
+            Ok::<_, crate::gpu::GpuError>((present, samples, lasting))
         });
         match tokio::time::timeout(timeout, read).await {
-            Ok(Ok(Ok((present, samples)))) => self_check(&self.expected, &present, &samples),
+            Ok(Ok(Ok((present, samples, lasting)))) => {
+                self_check(&self.expected, &present, &samples, &lasting)
+            }
             Ok(Ok(Err(e))) => failed(format!("cannot read the GPUs: {}", error_chain(&e))),
             Ok(Err(e)) => failed(format!("self-check task failed: {e}")),
             Err(_) => failed(format!(
@@ -136,8 +139,14 @@ fn failed(summary: String) -> Outcome {
     }
 }
 
-/// The built-in check: every expected GPU present, and none with a health problem.
-pub fn self_check(expected: &[GpuInfo], present: &[GpuInfo], samples: &[GpuSample]) -> Outcome {
+/// The built-in check: every expected GPU present, and none with a health problem: in its
+/// sample, or among the backend's `lasting` problems (`(GPU index, what)`).
+pub fn self_check(
+    expected: &[GpuInfo],
+    present: &[GpuInfo],
+    samples: &[GpuSample],
+    lasting: &[(u32, String)],
+) -> Outcome {
     let mut failures = Vec::new();
     let mut output = String::new();
     for gpu in expected {
@@ -146,6 +155,12 @@ pub fn self_check(expected: &[GpuInfo], present: &[GpuInfo], samples: &[GpuSampl
         if !present.iter().any(|p| p.uuid == gpu.uuid) {
             problems.push("missing from the inventory".to_owned());
         } else if let Some(s) = sample {
+            problems.extend(
+                lasting
+                    .iter()
+                    .filter(|(index, _)| *index == gpu.index)
+                    .map(|(_, what)| what.clone()),
+            );
             problems.extend(sample_problems(s));
         } else {
             problems.push("no health sample".to_owned());
@@ -268,7 +283,12 @@ mod tests {
 
     fn check(faults: &str) -> Result<Outcome, crate::gpu::GpuError> {
         let (expected, probe) = sim(faults)?;
-        Ok(self_check(&expected, &probe.inventory()?, &probe.sample()?))
+        Ok(self_check(
+            &expected,
+            &probe.inventory()?,
+            &probe.sample()?,
+            &probe.lasting_problems(),
+        ))
     }
 
     #[test]
@@ -303,6 +323,59 @@ mod tests {
         }
         let o = check("gpu=0 lost\ngpu=1 remap_failure\n")?;
         assert_eq!(o.summary, "GPU 0 missing from the inventory (and 1 more)");
+        Ok(())
+    }
+
+    #[test]
+    fn a_fatal_xid_fails_diagnostics_until_the_fault_file_says_ok()
+    -> Result<(), crate::gpu::GpuError> {
+        let (expected, probe) = sim("gpu=3 xid=79\n")?;
+        let run = |probe: &SimProbe| -> Result<Outcome, crate::gpu::GpuError> {
+            Ok(self_check(
+                &expected,
+                &probe.inventory()?,
+                &probe.sample()?,
+                &probe.lasting_problems(),
+            ))
+        };
+        let o = run(&probe)?;
+        assert!(!o.passed, "{o:?}");
+        assert_eq!(
+            o.summary,
+            "GPU 3 has not recovered from XID 79 (GPU has fallen off the bus) (simulated: a \
+             `gpu=3 ok` line in the fault file repairs it)"
+        );
+        // The file re-read, another fault added: the GPU is still broken.
+        probe.apply_fault_text("gpu=3 xid=79\ngpu=0 temp=60\n");
+        assert!(!run(&probe)?.passed);
+        probe.apply_fault_text("gpu=3 xid=79\ngpu=0 temp=60\ngpu=3 ok\n");
+        let o = run(&probe)?;
+        assert!(o.passed, "{o:?}");
+        // An application XID is the job's fault: the GPU is fine.
+        probe.apply_fault_text("gpu=1 xid=13\n");
+        assert!(run(&probe)?.passed);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_builtin_diagnostic_reports_a_simulated_fatal_xid()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let (expected, probe) = sim("gpu=2 xid=48\n")?;
+        let (sink, _source) = crate::events::channel(Metrics::new("simulated", &[], "h"));
+        let diagnostics = Diagnostics {
+            probe: Arc::new(probe),
+            expected,
+            command: Vec::new(),
+            sink,
+        };
+        let d = diagnostics.run(7, Duration::from_secs(5)).await;
+        assert!(!d.passed, "{d:?}");
+        assert!(
+            d.summary.starts_with("GPU 2 has not recovered from XID 48"),
+            "{}",
+            d.summary
+        );
+        assert!(d.output.contains("GPU 2 GPU-"), "{}", d.output);
         Ok(())
     }
 

@@ -318,3 +318,29 @@ fn output_briefly(command: &mut Command) -> std::io::Result<Output> {
         stderr: joined(stderr)?,
     })
 }
+
+#[test]
+fn help_gives_the_fault_file_line_format_with_an_example() -> std::io::Result<()> {
+    let out = output_briefly(Command::new(BIN).arg("--help"))?;
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let flag = help
+        .split("--sim-fault-file <FILE>")
+        .nth(1)
+        .and_then(|rest| rest.split("\n      --").next())
+        .unwrap_or_else(|| panic!("no --sim-fault-file in --help: {help}"));
+    let flag = flag.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in [
+        "`gpu=N KEY[=VALUE] ...`",
+        "e.g. `gpu=3 xid=79`",
+        "`#` starts a comment",
+        "`gpu=N ok`",
+        "docs/configuration.md",
+    ] {
+        assert!(
+            flag.contains(needle),
+            "--sim-fault-file help lacks {needle:?}: {flag}"
+        );
+    }
+    Ok(())
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 /// Where clusterctl looks for the coordinator when neither flag nor environment says.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7770";
@@ -38,13 +38,27 @@ pub struct Cli {
     pub key: Option<PathBuf>,
 
     /// Talk plaintext to an http:// coordinator started with insecure = true (a local demo
-    /// or test cluster): nothing is authenticated.
-    #[arg(long, global = true, env = "VIGIL_INSECURE")]
+    /// or test cluster): nothing is authenticated. VIGIL_INSECURE takes 1/0, true/false,
+    /// yes/no or on/off.
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_INSECURE",
+        action = ArgAction::SetTrue,
+        value_parser = EnvBool
+    )]
     pub insecure: bool,
 
     /// Print `debug:` lines on stderr: which coordinator was tried, why it was passed over,
-    /// and which leader a standby pointed to.
-    #[arg(long, global = true, env = "VIGIL_DEBUG")]
+    /// and which leader a standby pointed to. VIGIL_DEBUG takes 1/0, true/false, yes/no or
+    /// on/off.
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_DEBUG",
+        action = ArgAction::SetTrue,
+        value_parser = EnvBool
+    )]
     pub debug: bool,
 
     /// Output format: aligned text for people, or stable JSON for scripts (one document; JSON
@@ -131,7 +145,7 @@ pub enum Command {
     },
     /// List jobs: state, attempt, restarts, nodes, progress, last checkpoint, age, reason.
     Jobs,
-    /// Submit, show, cancel one job, or print its workers' logs.
+    /// One job: submit, show, restart or cancel it, its post-mortem report, its workers' logs.
     Job {
         #[command(subcommand)]
         command: JobCommand,
@@ -221,6 +235,46 @@ pub enum JobCommand {
         #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
         tail: Option<u64>,
     },
+}
+
+/// The value parser of a boolean flag that an environment variable may also set: the bare flag
+/// reads `true`; `VIGIL_INSECURE=1` (or any value [`parse_bool`] takes) reads as written, and
+/// anything else is a usage error that names the variable.
+#[derive(Debug, Clone, Copy)]
+struct EnvBool;
+
+impl clap::builder::TypedValueParser for EnvBool {
+    type Value = bool;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<bool, clap::Error> {
+        let text = value.to_string_lossy();
+        parse_bool(&text).map_err(|why| {
+            let source = arg
+                .and_then(|a| a.get_env())
+                .map(|env| env.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "the value".to_owned());
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                format!("{source}={text:?} is not a yes or no: {why}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
+/// A boolean from the environment: 1/0, true/false, yes/no, on/off in any case; empty is false
+/// (as if unset).
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err("use 1 or 0, true or false, yes or no, on or off".to_owned()),
+    }
 }
 
 /// `NAME=VALUE`, the name non-empty.
@@ -371,6 +425,58 @@ mod tests {
         .expect("parses");
         assert_eq!(cli.output, Output::Json);
         assert_eq!(cli.coordinator, "http://h:1");
+    }
+
+    #[test]
+    fn boolean_values_read_as_the_environment_writes_them() {
+        for yes in ["1", "true", "TRUE", "True", "yes", "YES", "on", "On", " 1 "] {
+            assert_eq!(parse_bool(yes), Ok(true), "{yes:?}");
+        }
+        for no in ["0", "false", "FALSE", "no", "No", "off", "OFF", ""] {
+            assert_eq!(parse_bool(no), Ok(false), "{no:?}");
+        }
+        for bad in ["2", "maybe", "y", "t", "-1", "yes please"] {
+            let err = parse_bool(bad).expect_err(bad);
+            assert!(err.contains("1 or 0, true or false"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable() {
+        use clap::CommandFactory;
+        use clap::builder::TypedValueParser;
+        let cmd = Cli::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "insecure")
+            .expect("an --insecure argument");
+        let err = EnvBool
+            .parse_ref(&cmd, Some(arg), std::ffi::OsStr::new("maybe"))
+            .expect_err("maybe is no boolean");
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+        let text = err.to_string();
+        assert!(
+            text.contains("VIGIL_INSECURE=\"maybe\" is not a yes or no: use 1 or 0"),
+            "{text}"
+        );
+        assert_eq!(
+            EnvBool
+                .parse_ref(&cmd, Some(arg), std::ffi::OsStr::new("On"))
+                .ok(),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn insecure_and_debug_stay_bare_flags() {
+        let cli =
+            Cli::try_parse_from(["clusterctl", "--insecure", "nodes", "--debug"]).expect("parses");
+        assert!(cli.insecure && cli.debug);
+        assert!(
+            Cli::try_parse_from(["clusterctl", "--insecure=1", "nodes"]).is_err(),
+            "on the command line the flag takes no value"
+        );
+        assert!(Cli::try_parse_from(["clusterctl", "nodes", "--insecure", "true"]).is_err());
     }
 
     #[test]

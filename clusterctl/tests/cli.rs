@@ -1,4 +1,5 @@
-//! The clusterctl binary against no coordinator at all: it must fail fast, on one line, naming the address.
+//! The clusterctl binary against no coordinator at all: it must fail fast, on one line, naming the
+//! address; and its boolean flags read from the environment as people write them.
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -82,4 +83,121 @@ fn cordon_without_a_reason_is_a_usage_error() {
     let (out, _) = clusterctl(&["--coordinator", CLOSED, "cordon", "n1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--reason"));
+}
+
+/// `clusterctl --coordinator CLOSED nodes` with `env` set (and no other VIGIL_ variable).
+fn clusterctl_with_env(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_clusterctl"));
+    command.args(["--coordinator", CLOSED, "nodes"]);
+    for name in ["VIGIL_COORDINATOR", "VIGIL_INSECURE", "VIGIL_DEBUG"] {
+        command.env_remove(name);
+    }
+    let out = command
+        .envs(env.iter().copied())
+        .output()
+        .expect("clusterctl runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The plaintext refusal, said before dialing: `--insecure` was off.
+const REFUSED: &str = "is plaintext http://";
+/// The dial was tried: `--insecure` was on.
+const DIALED: &str = "cannot reach coordinator at";
+
+#[test]
+fn vigil_insecure_takes_every_usual_way_of_saying_yes_or_no() {
+    for yes in ["1", "true", "TRUE", "yes", "Yes", "on", "ON"] {
+        let (code, stderr) = clusterctl_with_env(&[("VIGIL_INSECURE", yes)]);
+        assert_eq!(code, Some(1), "VIGIL_INSECURE={yes}: {stderr}");
+        assert!(stderr.contains(DIALED), "VIGIL_INSECURE={yes}: {stderr}");
+    }
+    for no in ["0", "false", "False", "no", "NO", "off", "Off", ""] {
+        let (code, stderr) = clusterctl_with_env(&[("VIGIL_INSECURE", no)]);
+        assert_eq!(code, Some(1), "VIGIL_INSECURE={no}: {stderr}");
+        assert!(stderr.contains(REFUSED), "VIGIL_INSECURE={no}: {stderr}");
+    }
+}
+
+#[test]
+fn vigil_debug_takes_every_usual_way_of_saying_yes_or_no() {
+    for (value, debug) in [
+        ("1", true),
+        ("true", true),
+        ("yes", true),
+        ("On", true),
+        ("0", false),
+        ("FALSE", false),
+        ("no", false),
+        ("off", false),
+    ] {
+        let (code, stderr) =
+            clusterctl_with_env(&[("VIGIL_INSECURE", "1"), ("VIGIL_DEBUG", value)]);
+        assert_eq!(code, Some(1), "VIGIL_DEBUG={value}: {stderr}");
+        assert!(stderr.contains(DIALED), "VIGIL_DEBUG={value}: {stderr}");
+        assert_eq!(
+            stderr.lines().any(|l| l.starts_with("debug: ")),
+            debug,
+            "VIGIL_DEBUG={value}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_flag_beats_the_environment_and_a_bad_value_is_a_usage_error_naming_the_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .args(["--coordinator", CLOSED, "--insecure", "nodes"])
+        .env("VIGIL_INSECURE", "0")
+        .output()
+        .expect("clusterctl runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(DIALED));
+
+    for (name, value) in [("VIGIL_INSECURE", "maybe"), ("VIGIL_DEBUG", "2")] {
+        let (code, stderr) = clusterctl_with_env(&[(name, value)]);
+        assert_eq!(code, Some(2), "{name}={value}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: {name}=\"{value}\" is not a yes or no")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("1 or 0, true or false, yes or no, on or off"),
+            "{stderr}"
+        );
+    }
+}
+
+/// Every `clusterctl job` subcommand, as docs/clusterctl.md lists them.
+const JOB_COMMANDS: [&str; 6] = ["submit", "show", "cancel", "restart", "report", "logs"];
+
+fn help(args: &[&str]) -> String {
+    let (out, _) = clusterctl(args);
+    assert_eq!(out.status.code(), Some(0), "{args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn job_help_lists_every_job_subcommand() {
+    let text = help(&["job", "--help"]);
+    let listed: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    assert_eq!(listed, JOB_COMMANDS, "{text}");
+    // The one line that sums `job` up, atop `job --help` and in `clusterctl --help`, names them all.
+    let top = help(&["--help"]);
+    let job_line = top
+        .lines()
+        .find(|l| l.trim_start().starts_with("job "))
+        .unwrap_or_else(|| panic!("no job line in clusterctl --help: {top}"));
+    let about = text.lines().next().unwrap_or_default();
+    for name in JOB_COMMANDS {
+        assert!(job_line.contains(name), "{name} missing from {job_line:?}");
+        assert!(about.contains(name), "{name} missing from {about:?}");
+    }
 }

@@ -26,11 +26,20 @@ use vigil_tls::ServerTls;
 /// EX_USAGE from sysexits.h: the configuration is invalid.
 const EXIT_USAGE: u8 = 64;
 
+/// What `--help` says after the flags: most settings have none.
+const CONFIG_FILE_HELP: &str = "\
+Everything else is set in the --config file (TOML), not by flags: TLS ([tls]: the cluster CA, \
+certificate and key), high availability ([ha]: etcd), the policies ([liveness], [health], \
+[lemons], [triage], [burn_in], [stragglers], [diagnostics], [limits]) and scheduled backups \
+([backup]). Every key with its default: docs/configuration.md; an example file with every key: \
+deploy/config/coordinator.toml.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vigil-coordinator",
     version,
     about = "vigil coordinator: tracks agents, decides node health",
+    after_help = CONFIG_FILE_HELP,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {

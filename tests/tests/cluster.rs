@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail, ensure};
 use vigil_tests::{Cluster, FAST_LIVENESS, LONG, http_get, nodes, now, wait_for};
 
 fn availability(cluster: &Cluster, node: &str) -> Result<Option<String>> {
@@ -147,5 +147,77 @@ fn agent_exits_cleanly_on_sigterm() -> Result<()> {
     wait_for("node-0 Unreachable after its agent stopped", LONG, || {
         Ok((availability(&cluster, "node-0")?.as_deref() == Some("Unreachable")).then_some(()))
     })?;
+    Ok(())
+}
+
+/// The `export VIGIL_...` line the demo prints for its "Try, in another shell" (scripts/demo.sh),
+/// as `(NAME, VALUE)` pairs with `$url` replaced by `url`: the test reads the script itself, so
+/// it breaks when the demo tells people something else.
+fn demo_environment(url: &str) -> Result<Vec<(String, String)>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo.sh");
+    let script = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the demo {}", path.display()))?;
+    let mut exports = script
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("export VIGIL_") && l.contains("VIGIL_INSECURE"));
+    let line = exports
+        .next()
+        .context("scripts/demo.sh prints no `export VIGIL_... VIGIL_INSECURE=...` line")?;
+    ensure!(
+        exports.next().is_none(),
+        "scripts/demo.sh has two export lines"
+    );
+    let words = line.split('#').next().unwrap_or_default();
+    words
+        .split_whitespace()
+        .skip(1)
+        .map(|word| {
+            let (name, value) = word
+                .split_once('=')
+                .with_context(|| format!("{word:?} in the demo's {line:?} is not NAME=VALUE"))?;
+            let value = match value {
+                "$url" => url.to_owned(),
+                v if v.contains('$') => {
+                    bail!("the demo's {word:?} uses a variable this test does not know")
+                }
+                v => v.to_owned(),
+            };
+            Ok((name.to_owned(), value))
+        })
+        .collect()
+}
+
+#[test]
+fn clusterctl_works_with_exactly_the_environment_the_demo_prints() -> Result<()> {
+    let cluster = Cluster::start(FAST_LIVENESS, 1)?;
+    wait_for("agent Ready", LONG, || cluster.all("Ready", 1))?;
+    let env = demo_environment(&cluster.url())?;
+    assert!(
+        env.iter().any(|(name, _)| name == "VIGIL_COORDINATOR"),
+        "{env:?}"
+    );
+    println!("the demo's environment: {env:?}");
+    for args in [&["nodes"][..], &["-o", "json", "nodes"]] {
+        let mut command = std::process::Command::new(vigil_tests::bin("clusterctl")?);
+        // Only what the demo exports: no flag, no VIGIL_ variable of this test's own.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("VIGIL_") {
+                command.env_remove(name);
+            }
+        }
+        let out = command
+            .args(args)
+            .envs(env.iter().map(|(n, v)| (n, v)))
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "clusterctl {args:?} with the demo's environment failed ({:?}): {stderr}",
+            out.status.code()
+        );
+        assert!(stdout.contains("node-0"), "clusterctl {args:?}: {stdout}");
+    }
     Ok(())
 }

@@ -155,6 +155,38 @@ fn lost_gpu_cordons_and_diagnostics_gate_the_uncordon() -> Result<()> {
     Ok(())
 }
 
+/// The demo's story: a GPU that fell off the bus does not come back by itself.
+#[test]
+fn after_xid_79_diagnostics_fail_until_the_fault_file_says_ok() -> Result<()> {
+    let cluster = ready(1)?;
+    let url = cluster.url();
+    time_to_cordon(&cluster, "node-0", "gpu=3 xid=79\n")?;
+    let out = clusterctl(&url, &["-o", "json", "diagnose", "node-0"])?;
+    assert_eq!(
+        out.code,
+        Some(1),
+        "GPU 3 is still off the bus\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("GPU 3 has not recovered from XID 79"),
+        "{}",
+        out.stdout
+    );
+    assert!(clusterctl(&url, &["uncordon", "node-0"])?.code != Some(0));
+
+    cluster
+        .agent("node-0")?
+        .set_faults("gpu=3 xid=79\ngpu=3 ok\n")?;
+    wait_for("diagnostics to pass once GPU 3 is repaired", LONG, || {
+        let out = clusterctl(&url, &["-o", "json", "diagnose", "node-0"])?;
+        Ok(out.success().then_some(()))
+    })?;
+    let out = clusterctl(&url, &["uncordon", "node-0"])?;
+    assert!(out.success(), "{}", out.stderr);
+    Ok(())
+}
+
 #[test]
 fn hot_gpu_degrades_but_stays_schedulable() -> Result<()> {
     let cluster = ready(1)?;

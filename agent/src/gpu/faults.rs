@@ -2,8 +2,11 @@
 //!
 //! One fault line: `gpu=N key[=value] ...`; `#` starts a comment. Faults are
 //! state: the file's current content defines them, folded line by line in
-//! order (so a later `gpu=N clear` undoes the lines above it). XIDs are
-//! events: they fire for lines that are new since the previous read.
+//! order (so a later `gpu=N ok`, or `gpu=N clear`, undoes the lines above it).
+//! XIDs are events: they fire for lines that are new since the previous read.
+//! A fatal XID (one vigil classes fatal by default, e.g. 79) is state as well:
+//! like the real GPU, the simulated one does not recover by itself, and stays
+//! failed for as long as its line is in force.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -11,11 +14,11 @@ use std::fmt;
 /// NVML_NVLINK_MAX_LINKS: an H100 has all 18.
 pub const MAX_NVLINKS: u32 = 18;
 
-/// Every key, as the fix for a mistyped one names them.
-const KEYS: &str = "xid=K, ecc_uncorrected=K, ecc_corrected=K, temp=C, power=W, \
+/// Every key, as the fix for a mistyped one names them (and `--sim-fault-file`'s help lists them).
+pub const KEYS: &str = "xid=K, ecc_uncorrected=K, ecc_corrected=K, temp=C, power=W, \
     retired_pending, remap_pending, remap_failure, remap_uncorrectable=K, hw_slowdown, \
     thermal_throttle, power_brake, pcie_width=W, pcie_gen=G, pcie_replay=K, nvlink_down=L, \
-    lost, clear";
+    lost, ok, clear";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fault {
@@ -36,6 +39,7 @@ pub enum Fault {
     PcieReplay(u64),
     NvlinkDown(u32),
     Lost,
+    /// `ok` or `clear`: the GPU repaired.
     Clear,
 }
 
@@ -82,6 +86,9 @@ pub struct GpuFaults {
     pub pcie_replay: Option<u64>,
     pub nvlink_down: BTreeSet<u32>,
     pub lost: bool,
+    /// Fatal XIDs the GPU has had since it was last repaired (`ok`): it needs a reset, so
+    /// diagnostics fail (no sample field shows it).
+    pub fatal_xids: BTreeSet<u32>,
 }
 
 /// Parses a whole file for a host with `gpus` GPUs: good lines, and the errors of the bad ones.
@@ -169,7 +176,7 @@ fn parse_fault(key: &str, value: Option<&str>) -> Result<Fault, String> {
         "thermal_throttle" => flag(Fault::ThermalThrottle)?,
         "power_brake" => flag(Fault::PowerBrake)?,
         "lost" => flag(Fault::Lost)?,
-        "clear" => flag(Fault::Clear)?,
+        "ok" | "clear" => flag(Fault::Clear)?,
         other => return Err(format!("unknown key {other:?}; use one of {KEYS}")),
     })
 }
@@ -213,7 +220,11 @@ pub fn fold(lines: &[FaultLine], gpus: u32) -> Vec<GpuFaults> {
 
 fn apply(g: &mut GpuFaults, fault: Fault) {
     match fault {
-        Fault::Xid(_) => {}
+        Fault::Xid(k) => {
+            if is_fatal(k) {
+                g.fatal_xids.insert(k);
+            }
+        }
         Fault::EccUncorrected(k) => g.ecc_uncorrected = Some(k),
         Fault::EccCorrected(k) => g.ecc_corrected = Some(k),
         Fault::Temp(c) => g.temp = Some(c),
@@ -234,6 +245,14 @@ fn apply(g: &mut GpuFaults, fault: Fault) {
         Fault::Lost => g.lost = true,
         Fault::Clear => *g = GpuFaults::default(),
     }
+}
+
+/// Whether the GPU needs a reset after XID `k`: vigil's default class for it is fatal (a
+/// coordinator's `[health.xid]` overrides do not reach the simulator).
+pub fn is_fatal(k: u32) -> bool {
+    vigil_core::xid::catalog()
+        .get(&k)
+        .is_some_and(|info| info.class == vigil_core::xid::XidClass::Fatal)
 }
 
 /// `(gpu, xid)` for each XID on a line of `after` that `before` did not have.
@@ -283,9 +302,10 @@ mod tests {
                     gpu=2 hw_slowdown thermal_throttle power_brake\n\
                     gpu=3 pcie_width=8 pcie_gen=3 pcie_replay=100 nvlink_down=17\n\
                     gpu=4 lost\n\
-                    gpu=5 clear\n";
+                    gpu=5 clear\n\
+                    gpu=6 ok\n";
         let l = lines(text);
-        assert_eq!(l.len(), 6);
+        assert_eq!(l.len(), 7);
         assert_eq!(
             l[0].faults,
             [
@@ -299,6 +319,7 @@ mod tests {
         assert_eq!(l[3].faults[3], Fault::NvlinkDown(17));
         assert_eq!(l[4].faults, [Fault::Lost]);
         assert_eq!((l[5].gpu, l[5].number), (5, 6));
+        assert_eq!(l[6].faults, [Fault::Clear]);
     }
 
     #[test]
@@ -318,6 +339,7 @@ mod tests {
         assert!(error("gpu=1 gpu=2 lost").contains("twice"));
         assert!(error("gpu=1 bogus=1").contains("unknown key \"bogus\"; use one of xid=K"));
         assert!(error("gpu=1 lost=yes").contains("takes no value"));
+        assert!(error("gpu=1 ok=1").contains("takes no value; write just `ok`"));
         assert!(error("gpu=1 xid").contains("needs a value"));
         assert!(error("gpu=1 xid=0").contains("not an XID"));
         assert!(error("gpu=1 temp=hot").contains("not a number"));
@@ -347,6 +369,37 @@ mod tests {
         assert!(state[4].hw_slowdown);
         assert_eq!(state[2].nvlink_down, BTreeSet::from([1, 5]));
         assert_eq!(state[0], GpuFaults::default());
+    }
+
+    #[test]
+    fn a_fatal_xid_lasts_until_an_ok_line_and_others_leave_no_state() {
+        let failed = |text: &str| -> Vec<BTreeSet<u32>> {
+            fold(&lines(text), 8)
+                .into_iter()
+                .map(|g| g.fatal_xids)
+                .collect()
+        };
+        let state = failed("gpu=3 xid=79\ngpu=1 xid=13\ngpu=2 xid=63\ngpu=3 xid=48\n");
+        assert_eq!(state[3], BTreeSet::from([48, 79]));
+        assert!(state[1].is_empty(), "XID 13 is the application's fault");
+        assert!(state[2].is_empty(), "XID 63 is a warning");
+        assert!(failed("gpu=3 xid=79\ngpu=3 temp=50\n")[3].contains(&79));
+        assert!(failed("gpu=3 xid=79\ngpu=3 ok\n")[3].is_empty());
+        assert!(failed("gpu=3 xid=79\ngpu=3 clear\n")[3].is_empty());
+        assert!(
+            failed("gpu=3 xid=79\ngpu=2 ok\n")[3].contains(&79),
+            "ok repairs its own GPU only"
+        );
+        assert!(
+            failed("gpu=3 ok\ngpu=3 xid=79\n")[3].contains(&79),
+            "an ok above the XID repairs nothing"
+        );
+        assert!(
+            failed("")[3].is_empty(),
+            "removing the line removes the fault"
+        );
+        assert!(is_fatal(79) && is_fatal(48) && is_fatal(74));
+        assert!(!is_fatal(13) && !is_fatal(63) && !is_fatal(9999));
     }
 
     #[test]

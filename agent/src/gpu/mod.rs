@@ -43,6 +43,12 @@ pub trait GpuProbe: Send + Sync {
     fn start_events(self: Arc<Self>, sink: EventSink);
     /// How the built-in diagnostic names itself in a `DiagnosticsResult`.
     fn self_check_name(&self) -> &'static str;
+    /// Problems no sample field shows, that fail the built-in diagnostic: `(GPU index, what)`,
+    /// e.g. the simulator's GPU that has not recovered from a fatal XID. NVML has none (a real
+    /// GPU in that state fails its queries or leaves the inventory).
+    fn lasting_problems(&self) -> Vec<(u32, String)> {
+        Vec::new()
+    }
     /// For `--check-gpus`: what the backend knows beyond inventory and samples
     /// (driver versions, event support, why fields are absent). Blocking.
     fn check_details(&self) -> check::CheckDetails {

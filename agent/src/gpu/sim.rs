@@ -164,6 +164,28 @@ impl GpuProbe for SimProbe {
     fn self_check_name(&self) -> &'static str {
         "builtin simulated self-check"
     }
+
+    /// A fatal XID in force: the real GPU would need a reset, so the simulated one fails its
+    /// diagnostics until the fault file says it was repaired.
+    fn lasting_problems(&self) -> Vec<(u32, String)> {
+        let state = self.state();
+        (0u32..)
+            .zip(&state.faults)
+            .filter(|(_, f)| !f.lost)
+            .flat_map(|(gpu, f)| {
+                f.fatal_xids.iter().map(move |&xid| {
+                    (
+                        gpu,
+                        format!(
+                            "has not recovered from {} (simulated: a `gpu={gpu} ok` line in \
+                             the fault file repairs it)",
+                            vigil_core::xid::label(xid)
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 fn sim_gpu(node_name: &str, index: u32) -> GpuInfo {

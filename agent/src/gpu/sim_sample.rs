@@ -246,6 +246,41 @@ mod tests {
         Ok(())
     }
 
+    /// The demo: XID 79 injected, and the GPU must not pass for healthy while the line
+    /// stays; `gpu=3 ok` repairs it without firing anything.
+    #[test]
+    fn a_fatal_xid_lasts_until_the_fault_file_clears_it() -> Result<(), GpuError> {
+        let probe = SimProbe::new("n", 8);
+        assert!(probe.lasting_problems().is_empty());
+        assert_eq!(xids(&probe.apply_fault_text("gpu=3 xid=79\n")), [(3, 79)]);
+        for _ in 0..3 {
+            let problems = probe.lasting_problems();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].0, 3);
+            assert!(problems[0].1.contains("XID 79"), "{problems:?}");
+            assert!(probe.apply_fault_text("gpu=3 xid=79\n").is_empty());
+        }
+        assert!(
+            probe
+                .apply_fault_text("gpu=3 xid=79\ngpu=3 ok\n")
+                .is_empty(),
+            "a repair fires no event"
+        );
+        assert!(probe.lasting_problems().is_empty());
+        assert_eq!(
+            xids(&probe.apply_fault_text("gpu=3 xid=79\ngpu=3 ok\ngpu=3 xid=79\n")),
+            [(3, 79)],
+            "it can break again"
+        );
+        assert_eq!(probe.lasting_problems().len(), 1);
+        probe.apply_fault_text("gpu=3 xid=79\ngpu=3 ok\ngpu=3 xid=79\ngpu=3 lost\n");
+        assert!(
+            probe.lasting_problems().is_empty(),
+            "a lost GPU is reported as missing instead"
+        );
+        Ok(())
+    }
+
     #[test]
     fn malformed_lines_are_skipped() -> Result<(), GpuError> {
         let probe = SimProbe::new("n", 2);
