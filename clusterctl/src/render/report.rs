@@ -348,10 +348,6 @@ mod tests {
             recomputation_ms: 0,
             ..g.failures[0].clone()
         };
-        assert_eq!(
-            lost_by_cause(&g),
-            "1 failure 1.0s + the first start 1.0s (queued, start-up)"
-        );
         let mut d = crate::model::JobDetail::from_proto(running_job(), "j-1");
         d.goodput = Some(g);
         let show = crate::render::job_detail(&d, 1_420_000, Term::PLAIN);
