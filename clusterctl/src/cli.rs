@@ -161,9 +161,14 @@ pub enum Command {
         /// Only this job's events.
         #[arg(long, value_name = "ID")]
         job: Option<String>,
-        /// How many past events to print first (the coordinator's default is 50).
+        /// How many past events to print first (the coordinator's default is 50; with
+        /// `--kind`, 1000, the most it sends, since the kinds are picked out here).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
         backlog: Option<u32>,
+        /// Only events of this kind (`xid`, `cordon`, `failed`, `checkpoint`, ...); repeat for
+        /// several. Filtered by clusterctl: the coordinator sends every kind.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
     },
     /// The recovery hold, after the coordinator started from a damaged state store
     /// (`vigil-coordinator --recover`): what was lost, which nodes wait for review, whether jobs
@@ -595,7 +600,14 @@ mod tests {
         .expect("parses");
         assert!(matches!(
             cli.command,
-            Command::Events { follow: true, node: Some(n), job: None, backlog: Some(1000) } if n == "n1"
+            Command::Events { follow: true, node: Some(n), job: None, backlog: Some(1000), kinds } if n == "n1" && kinds.is_empty()
+        ));
+        let cli =
+            Cli::try_parse_from(["clusterctl", "events", "--kind", "xid", "--kind", "cordon"])
+                .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Events { kinds, .. } if kinds == ["xid", "cordon"]
         ));
         assert!(Cli::try_parse_from(["clusterctl", "events", "--backlog", "1001"]).is_err());
         let cli = Cli::try_parse_from([

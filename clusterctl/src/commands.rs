@@ -73,12 +73,14 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             node,
             job,
             backlog,
+            kinds,
         } => {
             let query = EventsQuery {
                 follow,
                 node,
                 job,
                 backlog,
+                kinds,
             };
             follow::events(c, out, term, query).await.map(streamed)
         }

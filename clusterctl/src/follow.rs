@@ -23,6 +23,24 @@ pub struct EventsQuery {
     pub node: Option<String>,
     pub job: Option<String>,
     pub backlog: Option<u32>,
+    /// Only these kinds (none: all); picked out here, the coordinator has no such filter.
+    pub kinds: Vec<String>,
+}
+
+impl EventsQuery {
+    /// The backlog to ask for: as asked, else with a kind filter the most the coordinator
+    /// sends (1000), else its default.
+    fn backlog(&self) -> u32 {
+        match (self.backlog, self.kinds.is_empty()) {
+            (Some(n), _) => n,
+            (None, false) => 1000,
+            (None, true) => 0,
+        }
+    }
+
+    fn wants(&self, event: &v1::ClusterEvent) -> bool {
+        self.kinds.is_empty() || self.kinds.contains(&event.kind)
+    }
 }
 
 pub struct LogsQuery {
@@ -67,10 +85,10 @@ async fn next<T>(
 pub async fn events(c: &mut Coordinator, out: Output, term: Term, q: EventsQuery) -> Result<()> {
     let mut interrupt = Interrupt::catch()?;
     let request = v1::WatchEventsRequest {
-        node: q.node.unwrap_or_default(),
-        job: q.job.unwrap_or_default(),
+        node: q.node.clone().unwrap_or_default(),
+        job: q.job.clone().unwrap_or_default(),
         follow: q.follow,
-        backlog: q.backlog.unwrap_or(0),
+        backlog: q.backlog(),
     };
     let mut feed = tokio::select! {
         () = interrupt.wait() => return Ok(()),
@@ -78,7 +96,7 @@ pub async fn events(c: &mut Coordinator, out: Output, term: Term, q: EventsQuery
     };
     if out == Output::Json {
         while let Next::Item(event) = next(&mut feed, &mut interrupt, None).await? {
-            if !write_now(&json_line(&ClusterEvent::from(event))?)? {
+            if q.wants(&event) && !write_now(&json_line(&ClusterEvent::from(event))?)? {
                 break;
             }
         }
@@ -88,7 +106,8 @@ pub async fn events(c: &mut Coordinator, out: Output, term: Term, q: EventsQuery
     let mut backlog = Vec::new();
     let stop = loop {
         match next(&mut feed, &mut interrupt, quiet).await? {
-            Next::Item(event) => backlog.push(ClusterEvent::from(event)),
+            Next::Item(event) if q.wants(&event) => backlog.push(ClusterEvent::from(event)),
+            Next::Item(_) => {}
             stop => break stop,
         }
     };
@@ -97,15 +116,12 @@ pub async fn events(c: &mut Coordinator, out: Output, term: Term, q: EventsQuery
         return Ok(());
     }
     let columns = EventColumns::fit(&backlog, q.follow);
-    let mut text = columns.header();
-    for event in &backlog {
-        text.push_str(&columns.line(event, term));
-    }
+    let text = columns.header() + &columns.lines(&backlog, term);
     if !write_now(&text)? || !matches!(stop, Next::Quiet) {
         return Ok(());
     }
     while let Next::Item(event) = next(&mut feed, &mut interrupt, None).await? {
-        if !write_now(&columns.line(&ClusterEvent::from(event), term))? {
+        if q.wants(&event) && !write_now(&columns.line(&ClusterEvent::from(event), term))? {
             break;
         }
     }

@@ -1,6 +1,6 @@
 //! Golden files: the table and JSON output of `status` (with and without its HA section, and
-//! recovered from a damaged store), `recovery`, `nodes`, `jobs` and `job show` for the
-//! fixtures, at a fixed `now`, without colour or terminal width, compared with
+//! recovered from a damaged store), `recovery`, `nodes`, `jobs`, `job show`, `job report`
+//! and `events` for the fixtures, at a fixed `now`, without colour or terminal width, compared with
 //! `tests/golden/*`. `UPDATE_GOLDEN=1 cargo test -p clusterctl golden` rewrites them (review
 //! the diff).
 
@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use serde::Serialize;
 use vigil_proto::v1;
 
-use crate::commands::json_document;
+use crate::commands::{json_document, json_line};
 use crate::model::fixtures::{
-    cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum, ha_single, pending_job,
-    ready_nvml_node, recovery_hold, running_job, status_response,
+    cluster_events, cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum,
+    ha_single, pending_job, ready_nvml_node, recovery_hold, running_job, status_response,
 };
-use crate::model::{JobDetail, JobList, NodeList, RecoveryView, Status};
+use crate::model::{ClusterEvent, JobDetail, JobList, NodeList, RecoveryView, Status};
 use crate::render;
 use crate::term::Term;
 
@@ -146,4 +146,20 @@ fn golden_job_show() {
 fn golden_job_report() {
     let detail = JobDetail::from_proto(running_job(), "j-1");
     check("job_report.txt", &render::job_report(&detail, Term::PLAIN));
+}
+
+/// `events`: the checkpoints folded into one line in the text, every event in the JSON Lines.
+#[test]
+fn golden_events() {
+    let events: Vec<ClusterEvent> = cluster_events().into_iter().map(Into::into).collect();
+    let columns = render::EventColumns::fit(&events, false);
+    check(
+        "events.txt",
+        &(columns.header() + &columns.lines(&events, Term::PLAIN)),
+    );
+    let json: String = events
+        .iter()
+        .map(|e| json_line(e).unwrap_or_else(|e| panic!("events: {e:#}")))
+        .collect();
+    check("events.jsonl", &json);
 }

@@ -242,7 +242,7 @@ fn running_job_goodput() -> v1::Goodput {
         ],
         mtbf_ms: Some(635_000),
         checkpoint_save_ms: Some(4_000),
-        checkpoint_interval_ms: Some(100_000),
+        checkpoint_interval_ms: Some(10_000),
         suggested_checkpoint_interval_ms: Some(71_274),
     }
 }
@@ -303,18 +303,7 @@ pub fn running_job() -> v1::JobDetail {
         }),
         lost_ms: 65_000,
         goodput: Some(running_job_goodput()),
-        events: vec![
-            v1::JobEvent {
-                at_unix_ms: 1_000_000,
-                kind: "submitted".into(),
-                message: "submitted from job.toml".into(),
-            },
-            v1::JobEvent {
-                at_unix_ms: 1_300_000,
-                kind: "restart".into(),
-                message: "attempt 1 failed on gpu-003: XID 79".into(),
-            },
-        ],
+        events: running_job_events(),
         workers: vec![
             v1::WorkerStatus {
                 node: "gpu-001".into(),
@@ -337,6 +326,78 @@ pub fn running_job() -> v1::JobDetail {
         checkpoint_dir: "/ckpt".into(),
         checkpoint_layout: "marker".into(),
     }
+}
+
+/// `running_job`'s events: submitted, a checkpoint every 10 s from step 20 to 200, the XID
+/// that failed attempt 1, the restart, attempt 2's start.
+fn running_job_events() -> Vec<v1::JobEvent> {
+    let event = |at_unix_ms, kind: &str, message: &str| v1::JobEvent {
+        at_unix_ms,
+        kind: kind.into(),
+        message: message.into(),
+    };
+    let mut events = vec![event(1_000_000, "submitted", "submitted from job.toml")];
+    events.extend((2..=20u64).map(|k| {
+        event(
+            1_000_000 + k * 10_000,
+            "checkpoint",
+            &format!(
+                "complete checkpoint /ckpt/step_{:08} (step {})",
+                k * 10,
+                k * 10
+            ),
+        )
+    }));
+    events.extend([
+        event(
+            1_292_000,
+            "failed",
+            "attempt 1 failed: node gpu-003 unhealthy: XID 79 (GPU has fallen off the bus)",
+        ),
+        event(1_300_000, "restart", "attempt 1 failed on gpu-003: XID 79"),
+        event(1_365_000, "started", "attempt 2 on gpu-001, gpu-004"),
+    ]);
+    events
+}
+
+/// What `events` shows of `running_job`'s story: the job's events with their nodes, and the
+/// node events between them (the XID, the cordon).
+pub fn cluster_events() -> Vec<v1::ClusterEvent> {
+    let mut events: Vec<v1::ClusterEvent> = running_job_events()
+        .into_iter()
+        .map(|e| v1::ClusterEvent {
+            node: match e.kind.as_str() {
+                "checkpoint" => "gpu-001".into(),
+                "failed" => "gpu-003".into(),
+                _ => String::new(),
+            },
+            at_unix_ms: e.at_unix_ms,
+            kind: e.kind,
+            job: "j-1".into(),
+            message: e.message,
+        })
+        .collect();
+    let node_event = |at_unix_ms, kind: &str, message: &str| v1::ClusterEvent {
+        at_unix_ms,
+        kind: kind.into(),
+        node: "gpu-003".into(),
+        job: String::new(),
+        message: message.into(),
+    };
+    events.extend([
+        node_event(
+            1_290_000,
+            "xid",
+            "Xid 79 on GPU 3: GPU has fallen off the bus",
+        ),
+        node_event(
+            1_291_000,
+            "cordon",
+            "cordoned: XID 79 (GPU has fallen off the bus)",
+        ),
+    ]);
+    events.sort_by_key(|e| e.at_unix_ms);
+    events
 }
 
 /// An unconfirmed recovery hold: two records lost, the node gpu-003 waiting for review.

@@ -30,7 +30,6 @@ pub use goodput::Goodput;
 pub use goodput::{FailureCost, TimelineSegment};
 pub use ha::Ha;
 pub use health::DiagnoseResult;
-#[cfg(test)]
 pub use job::JobEvent;
 pub use job::{JobDetail, JobList, JobSummary};
 #[cfg(test)]

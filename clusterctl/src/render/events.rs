@@ -1,6 +1,7 @@
 //! `events`: one line per event, `TIME  KIND  NODE/JOB  MESSAGE`, the same widths for the
 //! backlog and for the lines streamed after it.
 
+use super::fold::{Foldable, Folded, fold};
 use crate::model::ClusterEvent;
 use crate::table::{format_utc, sanitize, truncate};
 use crate::term::Term;
@@ -62,6 +63,24 @@ impl EventColumns {
         )
     }
 
+    /// The backlog, each run of consecutive routine events (checkpoints) of one node and job
+    /// folded into one line (`checkpoints step 40 … 3450: 345, every 1.0s`).
+    pub fn lines(&self, backlog: &[ClusterEvent], term: Term) -> String {
+        fold(backlog)
+            .into_iter()
+            .map(|f| match f {
+                Folded::One(e) => self.line(e, term),
+                Folded::Run { first, run } => self.row(
+                    &format_utc(first.at_unix_ms),
+                    &sanitize(&first.kind),
+                    &who(first),
+                    &run.summary(),
+                    term,
+                ),
+            })
+            .collect()
+    }
+
     fn row(&self, time: &str, kind: &str, who: &str, message: &str, term: Term) -> String {
         let mut line = String::new();
         for (cell, width) in [(time, TIME_WIDTH), (kind, self.kind), (who, self.who)] {
@@ -76,6 +95,21 @@ impl EventColumns {
         };
         line.push_str(&message);
         format!("{}\n", line.trim_end())
+    }
+}
+
+impl Foldable for ClusterEvent {
+    fn at_ms(&self) -> u64 {
+        self.at_unix_ms
+    }
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+    fn message(&self) -> &str {
+        &self.message
+    }
+    fn same_source(&self, other: &Self) -> bool {
+        self.node == other.node && self.job == other.job
     }
 }
 

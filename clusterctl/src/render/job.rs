@@ -1,7 +1,8 @@
 //! Jobs: the `jobs` table, one job in detail (`job show`), and the one-liners of submit and cancel.
 
+use super::fold::{Foldable, Folded, fold};
 use super::{DETAIL_LABEL_WIDTH, Labelled, or_dash};
-use crate::model::{JobDetail, JobSummary};
+use crate::model::{JobDetail, JobEvent, JobSummary};
 use crate::table::{
     Table, format_age, format_ago, format_elapsed, format_utc, format_when, sanitize,
 };
@@ -91,6 +92,22 @@ pub fn job_cancelled(d: &JobDetail) -> String {
     sanitize(&format!("job {} {state}", d.job.id)) + "\n"
 }
 
+/// The job's step, and how fresh it is: workers' steps reach the coordinator with the agents'
+/// heartbeats (once a second by default), not at every step.
+fn step(d: &JobDetail, now_ms: u64) -> String {
+    let Some(step) = d.job.progress_step else {
+        return "-".to_string();
+    };
+    let newest = d.workers.iter().map(|w| w.progress_at_unix_ms).max();
+    match newest {
+        Some(at) if at > 0 => format!(
+            "{step} (as of {}; reported with each heartbeat, once a second by default)",
+            format_ago(at, now_ms)
+        ),
+        _ => format!("{step} (reported with each heartbeat, once a second by default)"),
+    }
+}
+
 pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
     let j = &d.job;
     let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
@@ -119,7 +136,7 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
         "restarts",
         format!("{}/{} so far", j.restarts, j.max_restarts),
     );
-    out.line("step", opt(j.progress_step));
+    out.line("step", step(d, now_ms));
     let checkpoint = match &d.last_checkpoint {
         Some(c) => format!(
             "{} (step {}, seen {}, from attempt {})",
@@ -135,7 +152,10 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
         None => "none yet".to_string(),
     };
     out.line("last checkpoint", checkpoint);
-    out.line("time lost", format_elapsed(d.lost_ms));
+    if d.goodput.is_none() {
+        // An older coordinator: only its own count, failure detected to relaunch.
+        out.line("time lost", format_elapsed(d.lost_ms));
+    }
     super::report::goodput_lines(&mut out, d.goodput.as_ref());
     out.line("submitted", format_when(j.submitted_at_unix_ms, now_ms));
     out.line("workdir", or_dash(&d.workdir));
@@ -244,16 +264,32 @@ fn attempts_table(d: &JobDetail, now_ms: u64, term: Term) -> String {
     format!("ATTEMPTS\n{}", t.render())
 }
 
+impl Foldable for JobEvent {
+    fn at_ms(&self) -> u64 {
+        self.at_unix_ms
+    }
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+    fn message(&self) -> &str {
+        &self.message
+    }
+}
+
 fn events_table(d: &JobDetail, term: Term) -> String {
     if d.events.is_empty() {
         return "EVENTS: none\n".to_string();
     }
     let mut t = Table::with_headers(&["TIME", "KIND", "MESSAGE"]).fit(term.width);
-    for e in &d.events {
+    for f in fold(&d.events) {
+        let (e, message) = match f {
+            Folded::One(e) => (e, e.message.clone()),
+            Folded::Run { first, run } => (first, run.summary()),
+        };
         t.push([
             format_utc(e.at_unix_ms),
             or_dash(&e.kind).to_string(),
-            e.message.clone(),
+            message,
         ]);
     }
     format!("EVENTS (newest last)\n{}", t.render())
@@ -311,7 +347,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("time lost       1m05s\n"), "{text}");
+        assert!(
+            text.contains("step            230 (as of 0.5s ago; reported with each heartbeat, once a second by default)\n"),
+            "{text}"
+        );
         assert!(
             text.contains("checkpoints     /ckpt (layout marker)\n"),
             "{text}"
@@ -337,12 +376,37 @@ mod tests {
         assert!(
             text.ends_with(
                 "EVENTS (newest last)\n\
-                 TIME                   KIND        MESSAGE\n\
-                 1970-01-01 00:16:40Z   submitted   submitted from job.toml\n\
-                 1970-01-01 00:21:40Z   restart     attempt 1 failed on gpu-003: XID 79\n"
+                 TIME                   KIND         MESSAGE\n\
+                 1970-01-01 00:16:40Z   submitted    submitted from job.toml\n\
+                 1970-01-01 00:17:00Z   checkpoint   checkpoints step 20 … 200: 19, every 10.0s\n\
+                 1970-01-01 00:21:32Z   failed       attempt 1 failed: node gpu-003 unhealthy: XID 79 (GPU has fallen off the bus)\n\
+                 1970-01-01 00:21:40Z   restart      attempt 1 failed on gpu-003: XID 79\n\
+                 1970-01-01 00:22:45Z   started      attempt 2 on gpu-001, gpu-004\n"
             ),
             "{text}"
         );
+    }
+
+    /// With goodput, `job show` states one lost time, goodput's: not also the coordinator's
+    /// older count (failure detected to relaunch) under another name.
+    #[test]
+    fn job_show_states_the_lost_time_once() {
+        let text = job_detail(&detail(), NOW, Term::PLAIN);
+        let lost: Vec<&str> = text.lines().filter(|l| l.contains("lost")).collect();
+        assert_eq!(
+            lost,
+            [
+                "goodput         wall 12m00s = productive 9m15s (ETTR 77.1%) + lost 2m45s",
+                "lost to         queued 10.0s, detection 2.0s, teardown 8.0s, waiting 1m05s, start-up 20.0s, recomputation 1m00s",
+                "lost by cause   1 failure 2m30s + the first start 15.0s (queued, start-up)",
+            ],
+            "{text}"
+        );
+        let mut old = detail();
+        old.goodput = None;
+        let text = job_detail(&old, NOW, Term::PLAIN);
+        assert!(text.contains("time lost       1m05s\n"), "{text}");
+        assert!(text.contains("goodput         -\n"), "{text}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod diagnose;
 mod events;
+mod fold;
 mod gpu;
 mod ha;
 mod job;

@@ -1,5 +1,6 @@
 //! Goodput: the lines `job show` adds, and `job report`, a job's post-mortem timeline.
 
+use super::fold::{Foldable, Folded, fold};
 use super::{DETAIL_LABEL_WIDTH, Labelled, or_dash};
 use crate::model::{Goodput, JobDetail};
 use crate::table::{Table, format_elapsed, format_utc};
@@ -7,10 +8,6 @@ use crate::term::Term;
 
 fn pct(ratio: f64) -> String {
     format!("{:.1}%", ratio * 100.0)
-}
-
-fn opt_elapsed(ms: Option<u64>) -> String {
-    ms.map_or_else(|| "-".to_string(), format_elapsed)
 }
 
 /// `wall 1m00s = productive 42.0s (ETTR 70.0%) + lost 18.0s`.
@@ -40,27 +37,47 @@ pub fn lost_breakdown(g: &Goodput) -> String {
     .join(", ")
 }
 
-/// `every 10.0s (save 0.7s); suggested 8.6s (Young, MTBF 54.0s)`.
+/// `every 10.0s (save 0.7s); suggested every 8.6s (Young: sqrt(2 x save x MTBF 54.0s))`. No
+/// suggestion until a save was timed at more than 0 (Young's formula gives 0 for a save of 0)
+/// and a failure was seen.
 pub fn checkpoint_advice(g: &Goodput) -> String {
     let now = match g.checkpoint_interval_ms {
         Some(ms) => format!("every {}", format_elapsed(ms)),
         None => "interval unknown (fewer than 2 checkpoints)".to_string(),
     };
-    let save = opt_elapsed(g.checkpoint_save_ms);
+    let save = match g.checkpoint_save_ms {
+        Some(ms) if ms > 0 => format!("save {}", format_elapsed(ms)),
+        Some(_) => "save not measured: its files' times were equal".to_string(),
+        None => "save not measured".to_string(),
+    };
+    let measured = g.checkpoint_save_ms.is_some_and(|ms| ms > 0);
     let suggested = match (g.suggested_checkpoint_interval_ms, g.mtbf_ms) {
-        (Some(s), Some(m)) => format!(
+        (Some(s), Some(m)) if measured && s > 0 => format!(
             "suggested every {} (Young: sqrt(2 x save x MTBF {}))",
             format_elapsed(s),
             format_elapsed(m)
         ),
-        (None, None) => "no suggestion until a failure is seen".to_string(),
-        (None, Some(m)) => format!(
-            "no suggestion: save time unknown (MTBF {})",
+        (_, None) => "no suggestion until a failure is seen".to_string(),
+        (_, Some(m)) => format!(
+            "no suggestion until a save is measured (MTBF {})",
             format_elapsed(m)
         ),
-        (Some(s), None) => format!("suggested every {}", format_elapsed(s)),
     };
-    format!("{now} (save {save}); {suggested}")
+    format!("{now} ({save}); {suggested}")
+}
+
+/// `1 failure 16.0s + the first start 2.0s (queued, start-up)`: the lost time by cause, the
+/// same total as `goodput`'s lost and the failures' costs (job report's FAILURES) summed.
+pub fn lost_by_cause(g: &Goodput) -> String {
+    let failures: u64 = g.failures.iter().map(|f| f.total_ms()).sum();
+    let first = g.lost_ms.saturating_sub(failures);
+    let n = g.failures.len();
+    let plural = if n == 1 { "" } else { "s" };
+    format!(
+        "{n} failure{plural} {} + the first start {} (queued, start-up)",
+        format_elapsed(failures),
+        format_elapsed(first)
+    )
 }
 
 /// The goodput lines of `job show`.
@@ -71,6 +88,7 @@ pub fn goodput_lines(out: &mut Labelled, g: Option<&Goodput>) {
     };
     out.line("goodput", goodput_summary(g));
     out.line("lost to", lost_breakdown(g));
+    out.line("lost by cause", lost_by_cause(g));
     out.line("checkpointing", checkpoint_advice(g));
 }
 
@@ -86,9 +104,7 @@ pub fn job_report(d: &JobDetail, term: Term) -> String {
         out.line("goodput", "- (the coordinator does not account goodput)");
         return out.finish();
     };
-    out.line("goodput", goodput_summary(g));
-    out.line("lost to", lost_breakdown(g));
-    out.line("checkpointing", checkpoint_advice(g));
+    goodput_lines(&mut out, Some(g));
     out.push_str("\n");
     out.push_str(&failures_table(g, term));
     out.push_str("\n");
@@ -135,49 +151,73 @@ fn failures_table(g: &Goodput, term: Term) -> String {
     format!("FAILURES\n{}", t.render())
 }
 
+/// One row of the timeline: a phase, or one of the job's events.
+struct Row {
+    at: u64,
+    /// 0 for a phase, 1 for an event: at the same instant a phase comes first.
+    order: u8,
+    phase: String,
+    duration: String,
+    kind: String,
+    message: String,
+}
+
+impl Foldable for Row {
+    fn at_ms(&self) -> u64 {
+        self.at
+    }
+    /// Phases have no kind, so they are never folded and they end a run of events.
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+    fn message(&self) -> &str {
+        &self.message
+    }
+}
+
 fn timeline_table(d: &JobDetail, g: &Goodput, term: Term) -> String {
     let Some(start) = g.timeline.first().map(|s| s.from_unix_ms) else {
         return "TIMELINE: empty\n".to_string();
     };
-    // Phases and events in time order; at the same instant a phase comes first.
-    let mut rows: Vec<(u64, u8, [String; 4])> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for s in &g.timeline {
         let attempt = if s.attempt == 0 {
             String::new()
         } else {
             format!(" (attempt {})", s.attempt)
         };
-        rows.push((
-            s.from_unix_ms,
-            0,
-            [
-                String::new(),
-                format!("{}{attempt}", s.phase),
-                format_elapsed(s.to_unix_ms.saturating_sub(s.from_unix_ms)),
-                String::new(),
-            ],
-        ));
+        rows.push(Row {
+            at: s.from_unix_ms,
+            order: 0,
+            phase: format!("{}{attempt}", s.phase),
+            duration: format_elapsed(s.to_unix_ms.saturating_sub(s.from_unix_ms)),
+            kind: String::new(),
+            message: String::new(),
+        });
     }
     for e in &d.events {
-        rows.push((
-            e.at_unix_ms,
-            1,
-            [
-                String::new(),
-                String::new(),
-                String::new(),
-                format!("{}: {}", or_dash(&e.kind), e.message),
-            ],
-        ));
+        rows.push(Row {
+            at: e.at_unix_ms,
+            order: 1,
+            phase: String::new(),
+            duration: String::new(),
+            kind: or_dash(&e.kind).to_string(),
+            message: e.message.clone(),
+        });
     }
-    rows.sort_by_key(|(at, order, _)| (*at, *order));
+    rows.sort_by_key(|r| (r.at, r.order));
     let mut t = Table::with_headers(&["TIME", "+", "PHASE", "FOR", "EVENT"]).fit(term.width);
-    for (at, _, [_, phase, dur, event]) in rows {
+    for f in fold(&rows) {
+        let (r, event) = match f {
+            Folded::One(r) if r.order == 0 => (r, String::new()),
+            Folded::One(r) => (r, format!("{}: {}", r.kind, r.message)),
+            Folded::Run { first, run } => (first, run.summary()),
+        };
         t.push([
-            format_utc(at),
-            format_elapsed(at.saturating_sub(start)),
-            phase,
-            dur,
+            format_utc(r.at),
+            format_elapsed(r.at.saturating_sub(start)),
+            r.phase.clone(),
+            r.duration.clone(),
             event,
         ]);
     }
@@ -264,6 +304,74 @@ mod tests {
         );
     }
 
+    /// An agent that could not time its saves reports 0: Young's formula would say 0.0s.
+    #[test]
+    fn no_interval_is_suggested_from_a_save_time_of_zero() {
+        let g = Goodput {
+            checkpoint_save_ms: Some(0),
+            suggested_checkpoint_interval_ms: Some(0),
+            mtbf_ms: Some(3_300),
+            checkpoint_interval_ms: Some(1_000),
+            ..goodput()
+        };
+        assert_eq!(
+            checkpoint_advice(&g),
+            "every 1.0s (save not measured: its files' times were equal); no suggestion until a save is measured (MTBF 3.3s)"
+        );
+        let g = Goodput {
+            checkpoint_save_ms: None,
+            suggested_checkpoint_interval_ms: None,
+            ..g
+        };
+        assert_eq!(
+            checkpoint_advice(&g),
+            "every 1.0s (save not measured); no suggestion until a save is measured (MTBF 3.3s)"
+        );
+    }
+
+    /// The demo's job: lost 2.0s, of which its one failure cost 1.0s; job show and job report
+    /// say so in the same words, and the parts add up to the lost total.
+    #[test]
+    fn the_lost_time_by_cause_adds_up_to_the_lost_total_in_every_view() {
+        let mut g = goodput();
+        g.wall_ms = 3_300;
+        g.productive_ms = 1_300;
+        g.lost_ms = 2_000;
+        g.ettr = 1_300.0 / 3_300.0;
+        (g.queued_ms, g.detection_ms, g.teardown_ms) = (0, 200, 100);
+        (g.waiting_ms, g.startup_ms, g.recomputation_ms) = (300, 1_400, 0);
+        g.failures[0] = FailureCost {
+            detection_ms: 200,
+            teardown_ms: 100,
+            waiting_ms: 300,
+            startup_ms: 400,
+            recomputation_ms: 0,
+            ..g.failures[0].clone()
+        };
+        let mut d = crate::model::JobDetail::from_proto(running_job(), "j-1");
+        d.goodput = Some(g);
+        let show = crate::render::job_detail(&d, 1_420_000, Term::PLAIN);
+        let report = job_report(&d, Term::PLAIN);
+        for text in [&show, &report] {
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("goodput") || l.starts_with("lost by cause"))
+                .collect();
+            assert_eq!(
+                lines,
+                [
+                    "goodput         wall 3.3s = productive 1.3s (ETTR 39.4%) + lost 2.0s",
+                    "lost by cause   1 failure 1.0s + the first start 1.0s (queued, start-up)",
+                ],
+                "{text}"
+            );
+        }
+        assert!(
+            report.contains("   1.0s    50   "),
+            "FAILURES' total is the failure's part: {report}"
+        );
+    }
+
     #[test]
     fn the_report_interleaves_phases_and_events() {
         let mut d = crate::model::JobDetail::from_proto(running_job(), "j-1");
@@ -295,5 +403,39 @@ mod tests {
         assert!(lines[1].contains("startup (attempt 1)"), "{timeline}");
         assert!(lines[3].contains("detection (attempt 1)"), "{timeline}");
         assert!(lines[4].ends_with("failed: attempt 1 failed"), "{timeline}");
+    }
+
+    #[test]
+    fn the_timeline_folds_checkpoints_between_phases_and_keeps_failures() {
+        let mut d = crate::model::JobDetail::from_proto(running_job(), "j-1");
+        d.goodput = Some(goodput());
+        d.events = (0..30)
+            .map(|i| crate::model::JobEvent {
+                at_unix_ms: 1_003_000 + i * 800,
+                kind: "checkpoint".into(),
+                message: format!("complete checkpoint /c/step_{i} (step {})", 10 * i),
+            })
+            .chain([crate::model::JobEvent {
+                at_unix_ms: 1_029_500,
+                kind: "failed".into(),
+                message: "attempt 1 failed".into(),
+            }])
+            .collect();
+        let text = job_report(&d, Term::PLAIN);
+        let timeline = text.split("TIMELINE\n").nth(1).expect("a timeline");
+        let events: Vec<&str> = timeline
+            .lines()
+            .skip(1)
+            .filter(|l| !l.contains("(attempt"))
+            .map(|l| l.rsplit("   ").next().unwrap_or(l))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "checkpoints step 0 … 290: 30, every 0.8s",
+                "failed: attempt 1 failed"
+            ],
+            "{timeline}"
+        );
     }
 }

@@ -219,6 +219,38 @@ fn followed_events_stream_in_the_backlogs_columns_until_the_stream_ends() {
     assert_eq!(lines[2]["kind"], json!("xid"));
 }
 
+/// `--kind` picks kinds out of what the coordinator sends (it has no such filter), in the
+/// backlog and in what follows; with it and no `--backlog`, the most the coordinator sends.
+#[test]
+fn events_of_the_kinds_asked_for_only() {
+    let (_rt, url) = start_fake();
+    let out = clusterctl(&url, &["events", "-f", "--kind", "xid", "--kind", "cordon"]);
+    assert_eq!(
+        stdout(&out),
+        "TIME                  KIND           NODE/JOB          MESSAGE\n\
+         2023-11-14 22:13:20Z  cordon         gpu-003           cordoned by operator: bad fan\n\
+         2023-11-14 22:15:20Z  xid            gpu-004           Xid 79: GPU has fallen off the bus\n"
+    );
+    let lines = json_lines(&clusterctl(
+        &url,
+        &["events", "-f", "-o", "json", "--kind", "worker-exited"],
+    ));
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["kind"], json!("worker-exited"));
+    assert_eq!(
+        stdout(&clusterctl(&url, &["events", "--kind", "diagnostics"])),
+        "no events\n"
+    );
+    let echo = json_lines(&clusterctl(
+        &url,
+        &["-o", "json", "events", "--node", "echo", "--kind", "echo"],
+    ));
+    assert_eq!(
+        echo[0]["message"],
+        json!("node=echo job= backlog=1000 follow=false")
+    );
+}
+
 /// Runs clusterctl until it has printed `lines` lines, then sends it Ctrl-C (SIGINT); the lines
 /// and the exit code.
 fn until_ctrl_c(url: &str, args: &[&str], lines: usize) -> (Vec<String>, Option<i32>) {

@@ -270,13 +270,19 @@ pub fn account(job: &Job, now_ms: u64) -> Goodput {
     g.mtbf_ms = mtbf(job, end);
     g.checkpoint_save_ms = median(job.checkpoints.iter().filter_map(|c| c.save_ms).collect());
     g.checkpoint_interval_ms = checkpoint_interval(&job.checkpoints);
-    g.suggested_interval_ms = match (g.checkpoint_save_ms, g.mtbf_ms) {
-        (Some(save), Some(mtbf)) => Some(young(save, mtbf)),
-        _ => None,
-    };
+    g.suggested_interval_ms = suggested_interval(g.checkpoint_save_ms, g.mtbf_ms);
     g.failures = failures;
     g.segments = t.segments;
     g
+}
+
+/// Young's interval, once a save was measured (a save time of 0, files whose times are
+/// equal, is no measurement: it would suggest checkpointing continuously) and a failure seen.
+fn suggested_interval(save_ms: Option<u64>, mtbf_ms: Option<u64>) -> Option<u64> {
+    match (save_ms, mtbf_ms) {
+        (Some(save), Some(mtbf)) if save > 0 => Some(young(save, mtbf)).filter(|s| *s > 0),
+        _ => None,
+    }
 }
 
 /// Young's optimum checkpoint interval: sqrt(2 × save × MTBF).
@@ -313,13 +319,21 @@ fn median(mut v: Vec<u64>) -> Option<u64> {
     v.get(v.len() / 2).copied()
 }
 
-/// Median gap between consecutive checkpoints written by the same attempt.
+/// When a checkpoint was written: its save's completion as the agent read it from the files,
+/// else (an older agent) when the coordinator heard of it.
+fn written_at(c: &Checkpoint) -> u64 {
+    c.completed_at_ms.unwrap_or(c.seen_at_ms)
+}
+
+/// Median gap between consecutive checkpoints written by the same attempt, by when they were
+/// written: arrivals bunch up (an agent reports what its scan found in one batch), so the
+/// gaps between arrivals are the report cadence, not the checkpoint interval.
 fn checkpoint_interval(history: &[Checkpoint]) -> Option<u64> {
     median(
         history
             .windows(2)
             .filter(|w| w[0].attempt == w[1].attempt)
-            .map(|w| w[1].seen_at_ms.saturating_sub(w[0].seen_at_ms))
+            .map(|w| written_at(&w[1]).saturating_sub(written_at(&w[0])))
             .collect(),
     )
 }

@@ -426,6 +426,7 @@ fn the_checkpoint_history_is_bounded_and_intervals_ignore_attempt_boundaries() {
                 seen_at_ms: T0 + i * 1_000 + if i >= 40 { 500_000 } else { 0 },
                 attempt: if i >= 40 { 2 } else { 1 },
                 save_ms: None,
+                completed_at_ms: None,
             },
         );
     }
@@ -433,4 +434,68 @@ fn the_checkpoint_history_is_bounded_and_intervals_ignore_attempt_boundaries() {
     assert_eq!(job.checkpoints[0].step, Some(10));
     assert_eq!(checkpoint_interval(&job.checkpoints), Some(1_000));
     assert_eq!(account(&job, T0).checkpoint_save_ms, None);
+}
+
+/// A checkpoint every second whose reports reach the coordinator in bunches, 0.1 s apart (the
+/// agent reports what one scan found): the interval is read from when each save completed.
+#[test]
+fn the_checkpoint_interval_is_measured_between_saves_not_between_arrivals() {
+    let now = t0();
+    let mut s = cluster(3, now);
+    let id = submit(&mut s, SPEC, now);
+    progress(&mut s, &id, 10, at(now, 1));
+    let node = s.jobs[&id].placement[0].clone();
+    let attempt = s.jobs[&id].attempt;
+    for (i, arrives_ms) in [5_000, 5_100, 5_200, 9_000, 9_100].into_iter().enumerate() {
+        let step = 20 * (i as u64 + 1);
+        let kind = v1::agent_event::Kind::Checkpoint(v1::CheckpointSeen {
+            job_id: id.clone(),
+            attempt,
+            path: format!("/shared/ckpt/train/step_{step:08}"),
+            step: Some(step),
+            save_ms: Some(50),
+            completed_at_unix_ms: Some(T0 + 2_000 + i as u64 * 1_000),
+        });
+        let arrives = now.after(Duration::from_millis(arrives_ms));
+        event_from(&mut s, &node, kind, 0, arrives);
+    }
+    assert_eq!(s.jobs[&id].checkpoints.len(), 5);
+    let g = account(&s.jobs[&id], T0 + 10_000);
+    assert_eq!(g.checkpoint_interval_ms, Some(1_000), "not 0.1 s: {g:#?}");
+}
+
+/// An agent that cannot time a save (its files' times are equal) reports 0: Young's formula
+/// would then suggest checkpointing continuously, so there is no suggestion.
+#[test]
+fn no_interval_is_suggested_until_a_save_was_measured() {
+    let mut a1 = attempt(1, 0);
+    a1.first_progress_at_ms = Some(T0);
+    a1.fault_at_ms = T0 + 3_300;
+    a1.detected_at_ms = T0 + 3_300;
+    a1.ended_at_ms = T0 + 3_400;
+    a1.failure_kind = Some(crate::kinds::FailureKind::Crash);
+    let mut job = job_with(vec![a1], None);
+    let saved = |save_ms| Checkpoint {
+        path: "/c/1".into(),
+        step: Some(1),
+        seen_at_ms: T0 + 1_000,
+        attempt: 1,
+        save_ms,
+        completed_at_ms: None,
+    };
+    job.checkpoints = vec![saved(Some(0))];
+    let g = account(&job, T0 + 4_000);
+    assert_eq!(g.mtbf_ms, Some(3_300));
+    assert_eq!(g.checkpoint_save_ms, Some(0));
+    assert_eq!(
+        g.suggested_interval_ms, None,
+        "a save of 0 is no measurement"
+    );
+    job.checkpoints = vec![saved(None)];
+    assert_eq!(account(&job, T0 + 4_000).suggested_interval_ms, None);
+    job.checkpoints = vec![saved(Some(200))];
+    assert_eq!(
+        account(&job, T0 + 4_000).suggested_interval_ms,
+        Some(young(200, 3_300))
+    );
 }

@@ -120,6 +120,10 @@ pub struct Checkpoint {
     /// modification times (first file to completion marker).
     #[serde(default)]
     pub save_ms: Option<u64>,
+    /// When the save completed, as the agent read it from the files (the newest modification
+    /// time); the checkpoint interval is measured between these, not between arrivals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at_ms: Option<u64>,
 }
 
 /// How many complete checkpoints a job remembers (for the checkpoint

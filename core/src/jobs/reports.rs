@@ -81,6 +81,7 @@ impl ClusterState {
                     seen_at_ms: now.wall_ms,
                     attempt,
                     save_ms: c.save_ms,
+                    completed_at_ms: c.completed_at_unix_ms,
                 };
                 goodput::on_checkpoint(job, seen.clone());
                 job.checkpoint = Some(seen);
