@@ -33,8 +33,9 @@ if ! command -v protoc >/dev/null 2>&1; then
   fi
 fi
 
-say "building vigil ($profile profile)"
-cargo build --quiet --profile "$profile" --bins -p vigil-coordinator -p vigil-agent -p clusterctl -p vigil-tests
+say "building vigil ($profile profile; the first build compiles every dependency and takes several minutes)"
+# Cargo's own progress (one line per crate compiled), so a long first build is not silence.
+cargo build --profile "$profile" --bins -p vigil-coordinator -p vigil-agent -p clusterctl -p vigil-tests
 case "$profile" in dev) bin=$PWD/target/debug ;; *) bin=$PWD/target/$profile ;; esac
 ctl() { "$bin/clusterctl" --insecure "$@"; }
 
@@ -124,7 +125,12 @@ echo
 echo "\$ clusterctl jobs"
 ctl jobs
 
-victim=$(job_json | awk '/"assigned_nodes"/ {getline; getline; gsub(/[",[:space:]]/, ""); print; exit}')
+# The job's nodes now (`assigned_nodes` of `job show -o json`), one per line.
+job_nodes() {
+  job_json | awk '/"assigned_nodes"/ {on = 1; next} on && /\]/ {exit} on {gsub(/[",[:space:]]/, ""); if ($0 != "") print}'
+}
+nodes1=$(job_nodes)
+victim=$(echo "$nodes1" | sed -n 2p)
 [ -n "$victim" ] || fail "cannot tell the job's nodes"
 say "breaking GPU 3 of $victim (node rank 1): XID 79, the GPU has fallen off the bus"
 echo "\$ echo 'gpu=3 xid=79' >> $dir/$victim.faults"
@@ -150,13 +156,33 @@ echo
 echo "\$ clusterctl job show $job"
 ctl job show "$job"
 resumed=$(job_json | grep '"resumed_from_step"' | tail -1 | tr -dc '0-9')
+
+# Every claim below is checked first: a false one fails the demo (and CI's run of it).
+nodes2=$(job_nodes)
+echo "$nodes2" | grep -qx "$victim" && fail "attempt 2 still runs on $victim"
+spare=$(echo "$nodes2" | grep -vxF "$nodes1" | head -1)
+[ -n "$spare" ] || fail "attempt 2 did not move to the spare node (nodes: $(echo $nodes2))"
+[ -n "$resumed" ] || fail "attempt 2 did not say which checkpoint it resumed from"
+ckpt=$(printf '%s/ckpt/step_%08d' "$dir" "$resumed")
+[ -s "$ckpt/COMPLETE" ] || fail "attempt 2 resumed from step $resumed, but $ckpt is not a complete checkpoint"
+newer=$(ls -d "$dir"/ckpt/step_* 2>/dev/null | while read -r d; do
+  step=$((10#${d##*step_}))
+  # A complete checkpoint newer than the one resumed from, written before the relaunch.
+  if [ "$step" -gt "$resumed" ] && [ -s "$d/COMPLETE" ] && ! grep -q "attempt 2" "$d"/* 2>/dev/null; then echo "$d"; fi
+done | head -1)
+[ -z "$newer" ] || fail "attempt 2 resumed from step $resumed, but $newer was complete before it"
+for n in $(ctl -o json nodes | awk -F'"' '/"name"/ {print $4}'); do
+  [ "$n" = "$victim" ] && continue
+  ctl -o json node "$n" | grep -q '"cordon": null' || fail "node $n was cordoned too"
+done
+
 cat <<MSG
 
 What happened (GPUs are SIMULATED; everything else is real processes on loopback):
   XID 79 injected -> $victim cordoned automatically:  $t_cordon
-  XID 79 injected -> attempt 2 started on the spare:  $t_relaunch
+  XID 79 injected -> attempt 2 started on the spare ($spare): $t_relaunch
   XID 79 injected -> attempt 2 progress reported:     $t_progress (progress comes with heartbeats, every 1 s)
-  attempt 2 resumed from the last complete checkpoint, step ${resumed:-?}; the other node was not cordoned.
+  attempt 2 resumed from the last complete checkpoint, step $resumed; no other node was cordoned.
 
 Try, in another shell:
   export VIGIL_COORDINATOR=$url VIGIL_INSECURE=1   # this demo is plaintext (insecure = true)
