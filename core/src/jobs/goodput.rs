@@ -194,13 +194,19 @@ pub fn account(job: &Job, now_ms: u64) -> Goodput {
         if !interrupted(a) {
             continue;
         }
-        let resumed = job
-            .attempts
-            .get(i + 1)
-            .and_then(|n| n.resumed_from.as_ref());
-        let steps_lost = a
-            .last_step
-            .map(|s| s.saturating_sub(resumed.and_then(|c| c.step).unwrap_or(0)));
+        let next = job.attempts.get(i + 1);
+        let from = next
+            .and_then(|n| n.resumed_from.as_ref())
+            .and_then(|c| c.step)
+            .unwrap_or(0);
+        // Once the next attempt started, the steps it must redo are exactly its catch-up
+        // target past its checkpoint (the gang's high-water mark, which also counts progress
+        // reported after the stop was decided): the same number its recomputation time is
+        // measured against, so the two never disagree. Before that, the last step known.
+        let steps_lost = match next {
+            Some(n) => Some(n.catch_up_step.map_or(0, |high| high.saturating_sub(from))),
+            None => a.last_step.map(|s| s.saturating_sub(from)),
+        };
         failures.push(FailureCost {
             attempt: a.attempt,
             kind: a

@@ -499,3 +499,40 @@ fn no_interval_is_suggested_until_a_save_was_measured() {
         Some(young(200, 3_300))
     );
 }
+
+#[test]
+fn steps_lost_and_recomputation_agree_when_progress_arrives_after_the_stop() {
+    // Attempt 1 stopped at step 40 as known then; a report that came in after the stop
+    // raised the gang's high-water mark to 45. Attempt 2 resumes from checkpoint 40 and must
+    // redo 41-45: it has recomputation time, so the failure lost steps (not 0).
+    let mut a1 = attempt(1, 0);
+    a1.first_progress_at_ms = Some(T0 + 1_000);
+    a1.fault_at_ms = T0 + 10_000;
+    a1.detected_at_ms = T0 + 10_000;
+    a1.ended_at_ms = T0 + 11_000;
+    a1.failure_kind = Some(crate::kinds::FailureKind::Crash);
+    a1.last_step = Some(40);
+    let mut a2 = attempt(2, 12);
+    a2.resumed_from = Some(Checkpoint {
+        path: "/ckpt/step_40".into(),
+        step: Some(40),
+        seen_at_ms: T0 + 9_000,
+        attempt: 1,
+        save_ms: None,
+        completed_at_ms: None,
+    });
+    a2.first_progress_at_ms = Some(T0 + 13_000);
+    a2.catch_up_step = Some(45);
+    a2.caught_up_at_ms = Some(T0 + 14_000);
+    let g = account(&job_with(vec![a1.clone(), a2.clone()], None), T0 + 20_000);
+    assert_adds_up(&g);
+    let f = &g.failures[0];
+    assert_eq!(f.steps_lost, Some(5), "{f:?}");
+    assert_eq!(f.recomputation_ms, 1_000, "{f:?}");
+    // Nothing to redo (the high-water mark is the checkpoint): neither lost steps nor time.
+    a2.catch_up_step = None;
+    a2.caught_up_at_ms = None;
+    let g = account(&job_with(vec![a1, a2], None), T0 + 20_000);
+    let f = &g.failures[0];
+    assert_eq!((f.steps_lost, f.recomputation_ms), (Some(0), 0), "{f:?}");
+}
