@@ -64,9 +64,20 @@ pub struct Cli {
     /// With --check-gpus: one JSON document instead of text.
     #[arg(long, requires = "check_gpus")]
     pub json: bool,
+    /// Print this program's man page (roff) to stdout and exit; scripts/package.sh uses it.
+    #[arg(long, hide = true, exclusive = true)]
+    pub print_man: bool,
 }
 
 impl Cli {
+    /// `--print-man`: the man page, made from the flags above.
+    pub fn man_page() -> std::io::Result<Vec<u8>> {
+        use clap::CommandFactory;
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Self::command()).render(&mut page)?;
+        Ok(page)
+    }
+
     /// Reads the config file (if any), applies the flags on top, then validates the result.
     pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
         let cfg = self.merged()?;
@@ -151,6 +162,25 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("vigil-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn man_page_names_the_agent_and_its_flags_but_not_itself() {
+        let page = String::from_utf8(Cli::man_page().expect("renders")).expect("utf-8");
+        assert!(page.contains(".TH vigil-agent 1"), "{page}");
+        assert!(page.contains(".SH NAME\nvigil\\-agent \\- "), "{page}");
+        for flag in ["check\\-config", "check\\-gpus", "state\\-dir"] {
+            assert!(
+                page.contains(&format!("\\fB\\-\\-{flag}\\fR")),
+                "no {flag}: {page}"
+            );
+        }
+        assert!(
+            !page.contains("print\\-man"),
+            "the hidden flag shows: {page}"
+        );
+        assert!(parse(&["--print-man"]).expect("parses").print_man);
+        assert!(parse(&["--print-man", "--insecure"]).is_err());
     }
 
     #[test]

@@ -35,6 +35,17 @@ async fn main() -> ExitCode {
             };
         }
     };
+    if cli.print_man {
+        return match Cli::man_page()
+            .and_then(|page| std::io::Write::write_all(&mut std::io::stdout(), &page))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vigil-agent: writing the man page: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(path) = &cli.check_config {
         return check_config(path);
     }

@@ -70,6 +70,16 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// clusterctl's man page (roff), from the command line above: `clusterctl --print-man`, a hidden
+/// flag that main handles before parsing (every other command line needs a subcommand), and that
+/// scripts/package.sh uses.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    Ok(page)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
@@ -177,7 +187,8 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<RecoveryCommand>,
     },
-    /// Print a shell completion script to stdout.
+    /// Print a shell completion script to stdout (also `completion`).
+    #[command(alias = "completion")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,

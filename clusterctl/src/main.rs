@@ -35,6 +35,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    if std::env::args_os().skip(1).eq(["--print-man"]) {
+        return match cli::man_page() {
+            Ok(page) => write_stdout(&String::from_utf8_lossy(&page))
+                .map_or_else(|code| code, |()| ExitCode::SUCCESS),
+            Err(e) => fail(&anyhow::Error::from(e).context("rendering the man page")),
+        };
+    }
     let cli = cli::Cli::parse();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()

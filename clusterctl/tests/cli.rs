@@ -201,3 +201,35 @@ fn job_help_lists_every_job_subcommand() {
         assert!(about.contains(name), "{name} missing from {about:?}");
     }
 }
+
+#[test]
+fn man_page_names_clusterctl_and_its_commands() {
+    let (out, _) = clusterctl(&["--print-man"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.starts_with(".ie \\n(.g .ds Aq"), "not roff: {page}");
+    assert!(page.contains(".TH clusterctl 1"), "{page}");
+    assert!(
+        page.contains(".SH NAME\nclusterctl \\- Operate a vigil GPU training cluster"),
+        "{page}"
+    );
+    for text in [
+        "\\-\\-coordinator",
+        "VIGIL_COORDINATOR",
+        "clusterctl\\-drain(1)",
+    ] {
+        assert!(page.contains(text), "no {text} in {page}");
+    }
+    // Only alone (main looks for it before parsing): with anything else it is an unknown flag.
+    let (out, _) = clusterctl(&["--print-man", "status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

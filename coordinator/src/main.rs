@@ -70,6 +70,9 @@ struct Cli {
     /// Validate FILE and exit: 0 printing "FILE: ok", or 64 with the error.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
+    /// Print this program's man page (roff) to stdout and exit; scripts/package.sh uses it.
+    #[arg(long, hide = true, exclusive = true)]
+    print_man: bool,
 }
 
 /// Commands on a data dir; without one, the coordinator runs.
@@ -368,8 +371,30 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// The man page (roff), made from the flags above.
+fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    Ok(page)
+}
+
+/// `--print-man`: the man page on stdout.
+fn print_man() -> ExitCode {
+    match man_page().and_then(|page| std::io::Write::write_all(&mut std::io::stdout(), &page)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil-coordinator: writing the man page: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_man {
+        return print_man();
+    }
     if let Some(path) = &cli.check_config {
         return check_config(path);
     }
@@ -421,5 +446,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn man_page_names_the_coordinator_its_flags_and_commands_but_not_itself() {
+        let page = String::from_utf8(man_page().expect("renders")).expect("utf-8");
+        assert!(page.contains(".TH vigil-coordinator 1"), "{page}");
+        assert!(
+            page.contains(".SH NAME\nvigil\\-coordinator \\- "),
+            "{page}"
+        );
+        for flag in ["check\\-config", "data\\-dir", "recover"] {
+            assert!(
+                page.contains(&format!("\\fB\\-\\-{flag}\\fR")),
+                "no {flag}: {page}"
+            );
+        }
+        assert!(page.contains("vigil\\-coordinator\\-backup(1)"), "{page}");
+        assert!(
+            !page.contains("print\\-man"),
+            "the hidden flag shows: {page}"
+        );
+        let cli = Cli::try_parse_from(["vigil-coordinator", "--print-man"]).expect("parses");
+        assert!(cli.print_man);
+        assert!(Cli::try_parse_from(["vigil-coordinator", "--print-man", "--insecure"]).is_err());
     }
 }

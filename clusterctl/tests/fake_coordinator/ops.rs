@@ -393,12 +393,27 @@ fn job_logs_prefix_lines_of_two_nodes_and_join_split_lines() {
 
 #[test]
 fn completions_need_no_coordinator() {
-    for shell in ["bash", "zsh", "fish"] {
-        let out = clusterctl("http://127.0.0.1:1", &["completions", shell]);
-        let script = stdout(&out);
-        assert!(script.contains("clusterctl"), "{shell}: {script}");
-        assert!(script.contains("drain"), "{shell}");
+    // `completion` (kubectl's spelling) is an alias of `completions`; both print the same script.
+    for command in ["completions", "completion"] {
+        for shell in ["bash", "zsh", "fish"] {
+            let out = clusterctl("http://127.0.0.1:1", &[command, shell]);
+            assert!(out.status.success(), "{command} {shell}: {}", stderr(&out));
+            let script = stdout(&out);
+            assert!(script.contains("clusterctl"), "{command} {shell}: {script}");
+            for subcommand in ["status", "nodes", "cordon", "drain", "uncordon", "job"] {
+                assert!(
+                    script.contains(subcommand),
+                    "{command} {shell}: no {subcommand}"
+                );
+            }
+        }
     }
-    let bash = stdout(&clusterctl("http://127.0.0.1:1", &["completions", "bash"]));
+    let bash = stdout(&clusterctl("http://127.0.0.1:1", &["completion", "bash"]));
     assert!(bash.contains("_clusterctl()"), "{bash}");
+    let zsh = stdout(&clusterctl("http://127.0.0.1:1", &["completion", "zsh"]));
+    assert!(zsh.starts_with("#compdef clusterctl"), "{zsh}");
+    let fish = stdout(&clusterctl("http://127.0.0.1:1", &["completion", "fish"]));
+    assert!(fish.contains("complete -c clusterctl"), "{fish}");
+    let out = clusterctl("http://127.0.0.1:1", &["completion", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
