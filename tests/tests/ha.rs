@@ -89,8 +89,17 @@ impl HaCluster {
             .join(",")
     }
 
+    /// Whether `name` leads, as the coordinators answer now. During a failover none may
+    /// answer for a moment (the standby still names the dead leader): that is "not yet", not
+    /// an error, so the waits that poll this ride it out.
     fn leader_is(&self, name: &str) -> Result<bool> {
-        Ok(leader_name(&self.ha()?) == name)
+        match self.ha() {
+            Ok(ha) => Ok(leader_name(&ha) == name),
+            Err(e) => {
+                eprintln!("no leader answered yet: {e:#}");
+                Ok(false)
+            }
+        }
     }
 
     fn ha(&self) -> Result<Value> {
@@ -137,8 +146,15 @@ impl HaCluster {
         out
     }
 
+    /// Every agent's node is Ready; `None` while not, or while no leader answers (a failover).
     fn all_ready(&self) -> Result<Option<()>> {
-        let n = nodes(&self.urls())?;
+        let n = match nodes(&self.urls()) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("no leader answered yet: {e:#}");
+                return Ok(None);
+            }
+        };
         let ready =
             n.len() == self.agents.len() && n.values().all(|v| v["availability"] == "Ready");
         Ok(ready.then_some(()))
