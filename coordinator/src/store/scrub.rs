@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info};
 
 use super::Kind;
-use super::sqlite::{DB_FILE, sums};
+use super::sqlite::{DB_FILE, kind_of, sums};
 use crate::metrics::Metrics;
 
 /// Records read at a time.
@@ -55,9 +55,7 @@ fn step(conn: &Connection, from: Cursor, pass: &mut Pass) -> rusqlite::Result<Op
                 let (dir, key): (String, String) = (row.get(0)?, row.get(1)?);
                 let (crc, value): (i64, Vec<u8>) = (row.get(2)?, row.get(3)?);
                 pass.records += 1;
-                let kind = [Kind::Node, Kind::Job, Kind::Lemon, Kind::Cluster]
-                    .into_iter()
-                    .find(|k| k.dir() == dir);
+                let kind = kind_of(&dir).filter(|k| *k != Kind::Event);
                 let sound = kind.is_some_and(|k| i64::from(sums(k, &key, None, &value).0) == crc);
                 if !sound {
                     pass.bad.push(format!("{dir}/{key} fails its checksum"));

@@ -15,10 +15,9 @@ pub(crate) fn new_store_id() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
+/// Now, as the names of kept-aside folders and backups carry it.
 pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    crate::metrics::unix_ms(std::time::SystemTime::now())
 }
 
 /// Writes `text` to `dir/name` durably: a temporary file, fsync, rename, fsync of the dir.

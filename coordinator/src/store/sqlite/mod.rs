@@ -39,9 +39,9 @@ mod open;
 
 use crate::leadership::Leadership;
 use crate::node::MAX_EVENTS;
-pub(crate) use check::put_meta;
 pub use check::sums;
 use check::{damaged, manifest_of, scan, slot, sql_error};
+pub(crate) use check::{kind_of, put_meta};
 use files::file_sum;
 pub(crate) use files::{
     Seal, entries, marker_text, new_store_id, read_marker, take_lock, unix_ms, write_durably,
