@@ -9,12 +9,11 @@ use vigil_coordinator::config::Config;
 use vigil_coordinator::engine::Event;
 use vigil_coordinator::job::JobPhase;
 use vigil_coordinator::node::CordonSource;
-use vigil_coordinator::store::{Memory, RecoveryReport, StoreError};
+use vigil_coordinator::store::{Memory, RecoveryReport, StoreError, StoreMark};
 use vigil_core::recovery::{JOBS_HELD, RecoveryHold};
 
-#[tokio::test(start_paused = true)]
-async fn a_store_rolled_back_under_a_restart_is_exposed_by_an_agent_and_never_served() -> TestResult
-{
+/// Two nodes, a job running on one for 2 simulated seconds, and the store mark n0 was told.
+async fn running_with_a_mark() -> Result<(Cluster, StoreMark), Box<dyn std::error::Error>> {
     let mut c = Cluster::start(2).await?;
     let id = c.submit(1, 0).await?;
     c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
@@ -22,8 +21,15 @@ async fn a_store_rolled_back_under_a_restart_is_exposed_by_an_agent_and_never_se
     for _ in 0..40 {
         c.round().await?;
     }
-    let store = c.memory.mark();
     let told = c.agent("n0").mark.clone().ok_or("n0 was told no mark")?;
+    Ok((c, told))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_rolled_back_under_a_restart_is_exposed_by_an_agent_and_never_served() -> TestResult
+{
+    let (mut c, told) = running_with_a_mark().await?;
+    let store = c.memory.mark();
     assert_eq!(told.store_id, store.store_id);
     assert!(
         told.seq >= 5 && told.seq <= store.seq,
@@ -66,14 +72,7 @@ async fn a_store_rolled_back_under_a_restart_is_exposed_by_an_agent_and_never_se
 #[tokio::test(start_paused = true)]
 async fn a_restored_store_is_a_new_store_and_an_agent_that_knew_the_old_one_joins_it() -> TestResult
 {
-    let mut c = Cluster::start(2).await?;
-    let id = c.submit(1, 0).await?;
-    c.until("attempt 1 running", |c| running_attempt(c, &id, 1))
-        .await?;
-    for _ in 0..40 {
-        c.round().await?;
-    }
-    let told = c.agent("n0").mark.clone().ok_or("n0 was told no mark")?;
+    let (mut c, told) = running_with_a_mark().await?;
     // Restored from a backup (another store id), in one commit: far fewer than n0 was told.
     let restored = Memory::new();
     let store = restored.store();
