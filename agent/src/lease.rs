@@ -27,6 +27,11 @@ impl Lease {
         self.last_heard = self.last_heard.max(now);
     }
 
+    /// How long silence may last.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
     pub fn deadline(&self) -> Instant {
         self.last_heard + self.duration
     }

@@ -19,6 +19,8 @@
 //! - [`gpu_metrics`]: the per-GPU gauges (dcgm-exporter names and labels), encoded from the latest sample.
 //! - [`workers`]: the job workers on this node: one process group per (job, attempt),
 //!   spawned, stopped, fenced by the lease, recorded for the next agent, progress polled.
+//! - [`shim`]: the per-attempt supervisor (`vigil-agent shim`) that runs each worker, outlives
+//!   the agent, holds the fence by the lease file, and records the worker's exit.
 //! - [`checkpoint`]: the newest complete checkpoint of a job, per layout; reported by node rank 0.
 
 pub mod backoff;
@@ -33,6 +35,7 @@ pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod session;
+pub mod shim;
 pub mod store_mark;
 pub mod term;
 pub mod workers;
@@ -223,6 +226,10 @@ async fn serve(
             stop_grace: config.worker_stop_grace,
             lease_stop_grace: config.lease_stop_grace,
             confine: confinement,
+            shim_program: config
+                .shim_program
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
         },
         sink.clone(),
     );

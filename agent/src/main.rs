@@ -21,8 +21,19 @@ const EXIT_USAGE: u8 = 64;
 /// EX_UNAVAILABLE from sysexits.h: `--check-gpus` found no GPU backend (no NVIDIA driver).
 const EXIT_UNAVAILABLE: u8 = 69;
 
+fn main() -> ExitCode {
+    // The per-attempt shim and its guard are this binary too (agent/src/shim), started by the
+    // agent with these first arguments; they run no agent.
+    match std::env::args_os().nth(1).as_ref().and_then(|a| a.to_str()) {
+        Some("shim") => return vigil_agent::shim::main(),
+        Some("shim-guard") => return vigil_agent::shim::guard_main(),
+        _ => {}
+    }
+    agent_main()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn agent_main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

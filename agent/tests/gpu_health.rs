@@ -104,6 +104,7 @@ impl Harness {
         let dir = tempfile::tempdir()?;
         let faults = dir.path().join("faults");
         let config = AgentConfig {
+            shim_program: Some(env!("CARGO_BIN_EXE_vigil-agent").into()),
             coordinator: format!("http://{coordinator}").into(),
             insecure: true,
             node_name: "health-node".into(),

@@ -226,6 +226,7 @@ impl Harness {
             );
         }
         let config = AgentConfig {
+            shim_program: Some(env!("CARGO_BIN_EXE_vigil-agent").into()),
             coordinator: Coordinators::from(urls),
             insecure: true,
             node_name: "ha-node".into(),

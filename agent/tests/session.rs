@@ -148,6 +148,7 @@ impl Harness {
         );
         let state = tempfile::tempdir()?;
         let config = AgentConfig {
+            shim_program: Some(env!("CARGO_BIN_EXE_vigil-agent").into()),
             coordinator: format!("http://{coordinator}").into(),
             insecure: true,
             node_name: "test-node".into(),
@@ -329,6 +330,7 @@ async fn silent_coordinator_costs_the_session_its_lease() -> TestResult {
 async fn unreachable_coordinator_does_not_stop_the_agent() -> TestResult {
     let state = tempfile::tempdir()?;
     let config = AgentConfig {
+        shim_program: Some(env!("CARGO_BIN_EXE_vigil-agent").into()),
         // Port 9 (discard) on loopback: nothing listens there in a test environment.
         coordinator: "http://127.0.0.1:9".into(),
         insecure: true,

@@ -6,6 +6,7 @@ mod common;
 use common::{RunningAgent, TestResult, current_user, root_or_skip, skip_root_test};
 
 use std::error::Error;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -135,6 +136,7 @@ impl Harness {
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         let config = AgentConfig {
+            shim_program: Some(env!("CARGO_BIN_EXE_vigil-agent").into()),
             coordinator: format!("http://{coordinator}").into(),
             insecure: true,
             node_name: "worker-node".into(),
@@ -293,8 +295,39 @@ fn sh(job: &str, attempt: u64, workdir: &Path, script: &str) -> StartWorker {
 
 const TRAINER: &str = "echo $VIGIL_JOB_ID; echo 5 > $VIGIL_PROGRESS_FILE; sleep 30";
 
+/// The worker's process group: led by its shim's guard, not by the worker itself.
 fn pgid(started: &WorkerStarted) -> i32 {
-    i32::try_from(started.pid).unwrap_or(i32::MAX)
+    stat_field(started.pid, 2).unwrap_or(i32::MAX)
+}
+
+/// Field `n` (0: state) after the command name of `/proc/<pid>/stat`.
+fn stat_field(pid: u32, n: usize) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n)?.parse().ok()
+}
+
+/// The shim of the worker of `job`, as `workers.json` records it.
+fn shim_pid(state: &Path, job: &str) -> Result<u32, Box<dyn Error>> {
+    let text = std::fs::read_to_string(state.join("workers.json"))?;
+    let file: serde_json::Value = serde_json::from_str(&text)?;
+    file["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["job_id"] == job))
+        .and_then(|w| w["shim_pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+        .ok_or_else(|| format!("no shim recorded for {job}: {text}").into())
+}
+
+/// Waits (generously) until `pred` holds.
+async fn until(what: &str, mut pred: impl FnMut() -> bool) -> TestResult {
+    for _ in 0..600 {
+        if pred() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("timed out waiting until {what}").into())
 }
 
 #[tokio::test]
@@ -450,7 +483,52 @@ async fn lease_expiry_stops_workers() -> TestResult {
 }
 
 #[tokio::test]
-async fn a_restarted_agent_stops_the_workers_it_finds() -> TestResult {
+async fn a_restarted_agent_re_adopts_the_worker_its_shim_kept_running() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    let keep = Options {
+        keep_workers_on_shutdown: true,
+        ..NORMAL
+    };
+    let script = "i=0; while true; do i=$((i+1)); echo $i > $VIGIL_PROGRESS_FILE; echo step $i; sleep 0.1; done";
+    let mut first = Harness::start(&state, keep).await?;
+    first
+        .start_worker(sh("job-f", 7, tmp.path(), script))
+        .await?;
+    let started = first.started("job-f", 7).await?;
+    let shim = shim_pid(&state, "job-f")?;
+    assert_ne!(shim, started.pid, "the worker runs under its own shim");
+    first.stop().await?;
+    assert!(
+        group_alive(pgid(&started)),
+        "kept running over the agent's exit"
+    );
+
+    let mut second = Harness::start(&state, NORMAL).await?;
+    // Reported at once (registration's heartbeat), same pid, and its progress goes on.
+    let hb = second
+        .heartbeat(|hb| hb.workers.iter().any(|w| w.job_id == "job-f"))
+        .await?;
+    let step = hb.workers[0].progress_step.unwrap_or(0);
+    assert_eq!((hb.workers[0].attempt, hb.workers[0].pid), (7, started.pid));
+    second
+        .heartbeat(|hb| hb.workers.iter().any(|w| w.progress_step > Some(step + 2)))
+        .await?;
+    assert_eq!(shim_pid(&state, "job-f")?, shim, "the same shim");
+
+    second.stop_workers("job-f", 7, "job cancelled").await?;
+    let exited = second.exited("job-f", 7).await?;
+    assert!(exited.stopped);
+    assert_eq!(exited.reason, "job cancelled");
+    assert!(exited.log_tail.contains("step "), "{:?}", exited.log_tail);
+    assert!(!group_alive(pgid(&started)));
+    let status = std::fs::read_to_string(state.join("jobs/job-f/7/shim-status.json"))?;
+    assert!(status.contains("job cancelled"), "{status}");
+    second.stop().await
+}
+
+#[tokio::test]
+async fn a_worker_that_ends_while_no_agent_runs_is_reported_with_its_exit_code() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let state = tmp.path().join("state");
     let keep = Options {
@@ -459,22 +537,114 @@ async fn a_restarted_agent_stops_the_workers_it_finds() -> TestResult {
     };
     let mut first = Harness::start(&state, keep).await?;
     first
-        .start_worker(sh("job-f", 7, tmp.path(), TRAINER))
+        .start_worker(sh("job-x", 2, tmp.path(), "sleep 0.5; echo bye; exit 3"))
         .await?;
-    let started = first.started("job-f", 7).await?;
+    first.started("job-x", 2).await?;
     first.stop().await?;
-    assert!(
-        group_alive(pgid(&started)),
-        "kept running over the agent's exit"
+    let status = state.join("jobs/job-x/2/shim-status.json");
+    until("the shim records the exit", || {
+        std::fs::read_to_string(&status).is_ok_and(|s| s.contains("\"exit_code\": 3"))
+    })
+    .await?;
+    let mut second = Harness::start(&state, NORMAL).await?;
+    let exited = second.exited("job-x", 2).await?;
+    assert!(!exited.stopped);
+    assert_eq!(exited.exit_code, Some(3));
+    assert_eq!(
+        exited.reason,
+        "while the agent was down: exited with code 3"
     );
-    assert!(std::fs::read_to_string(state.join("workers.json"))?.contains("job-f"));
+    assert!(exited.log_tail.contains("bye"), "{:?}", exited.log_tail);
+    second.stop().await
+}
+
+#[tokio::test]
+async fn with_no_agent_the_shim_stops_its_worker_when_the_lease_runs_out() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    let short = Options {
+        lease_ms: 1_500,
+        keep_workers_on_shutdown: true,
+        ..NORMAL
+    };
+    let mut first = Harness::start(&state, short).await?;
+    first
+        .start_worker(sh("job-l", 1, tmp.path(), TRAINER))
+        .await?;
+    let started = first.started("job-l", 1).await?;
+    let group = pgid(&started);
+    first.stop().await?;
+    assert!(group_alive(group), "alive inside the lease");
+    until("the shim fences its worker", || !group_alive(group)).await?;
+    let status = std::fs::read_to_string(state.join("jobs/job-l/1/shim-status.json"))?;
+    assert!(
+        status.contains("lease expired: no live agent renewed it"),
+        "{status}"
+    );
 
     let mut second = Harness::start(&state, NORMAL).await?;
-    let exited = second.exited("job-f", 7).await?;
+    let exited = second.exited("job-l", 1).await?;
+    assert!(exited.stopped);
+    assert!(
+        exited
+            .reason
+            .starts_with("while the agent was down: lease expired"),
+        "{}",
+        exited.reason
+    );
+    second.stop().await
+}
+
+#[tokio::test]
+async fn a_killed_shim_takes_its_worker_with_it() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    let mut h = Harness::start(&state, NORMAL).await?;
+    h.start_worker(sh("job-k", 1, tmp.path(), TRAINER)).await?;
+    let started = h.started("job-k", 1).await?;
+    let group = pgid(&started);
+    let shim = shim_pid(&state, "job-k")?;
+    std::process::Command::new("kill")
+        .args(["-KILL", &shim.to_string()])
+        .status()?;
+    let exited = h.exited("job-k", 1).await?;
+    assert!(exited.stopped);
+    assert!(
+        exited.reason.contains("shim") && exited.reason.contains("its guard stopped the worker"),
+        "{}",
+        exited.reason
+    );
+    until("the guard kills the group", || !group_alive(group)).await?;
+    h.stop().await
+}
+
+#[tokio::test]
+async fn workers_of_an_agent_from_before_shims_are_stopped_as_orphans() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state)?;
+    let orphan = std::process::Command::new("sleep")
+        .arg("30")
+        .process_group(0)
+        .spawn()?;
+    let pid = orphan.id();
+    let start_time = stat_field(pid, 19).ok_or("no start time")?;
+    std::fs::write(
+        state.join("workers.json"),
+        format!(
+            r#"{{"workers":[{{"job_id":"job-o","attempt":1,"node_rank":0,"pid":{pid},"pgid":{pid},
+                "log_path":"{}","started_at_unix_ms":1,"start_time":{start_time}}}]}}"#,
+            state.join("jobs/job-o/1/rank0.log").display()
+        ),
+    )?;
+    let mut h = Harness::start(&state, NORMAL).await?;
+    let exited = h.exited("job-o", 1).await?;
     assert!(exited.stopped);
     assert_eq!(exited.reason, ORPHAN_REASON);
-    assert!(!group_alive(pgid(&started)));
-    second.stop().await
+    let mut orphan = orphan;
+    let _ = orphan.wait();
+    assert!(!group_alive(i32::try_from(pid)?));
+    h.stop().await
 }
 
 #[tokio::test]

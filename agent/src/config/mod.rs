@@ -70,6 +70,10 @@ pub struct AgentConfig {
     /// O = vigil:node) and key, and the CA the coordinator's certificate must chain to.
     /// Read at every (re)connection, so renewed files apply without a restart.
     pub tls: Option<vigil_tls::TlsFiles>,
+    /// The program started as each attempt's shim; `None`: this binary (`/proc/self/exe`).
+    /// Not a config key: tests of the library, whose own binary is no agent, set it.
+    #[serde(skip)]
+    pub shim_program: Option<PathBuf>,
 }
 
 /// `[workers]`: the confinement of job processes (see `workers::confine`).
@@ -148,6 +152,7 @@ impl Default for AgentConfig {
             workers: WorkersSection::default(),
             insecure: false,
             tls: None,
+            shim_program: None,
         }
     }
 }
@@ -206,6 +211,8 @@ impl AgentConfig {
             workers,
             insecure,
             tls,
+            // Not in the file.
+            shim_program: _,
         } = self;
         [
             ("coordinator", *coordinator != new.coordinator),

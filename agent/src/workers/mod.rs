@@ -12,14 +12,16 @@
 //! worker is stopped, because by then the coordinator may relaunch the job
 //! elsewhere.
 //!
-//! Agent restarts: running workers are recorded in `<state_dir>/workers.json`
-//! ([`record`]). A new agent does not adopt the workers of an earlier one: it
-//! cannot wait on a process it did not spawn, and the coordinator may already
-//! have moved the job while no agent held the lease. So at start-up it stops
-//! every recorded worker whose group still lives (SIGTERM, grace, SIGKILL) and
-//! reports each with `WorkerExited { stopped: true, reason: "agent restarted;
-//! stopped the orphaned worker" }` once registered; the job resumes from its
-//! checkpoint. No orphan is ever left running.
+//! Agent restarts: every worker runs under its own per-attempt shim ([`crate::shim`]), which
+//! outlives the agent, holds the fence (it stops the worker once no agent renewed the lease in
+//! `<state_dir>/lease.json` in time) and records the worker's exit. Running workers are recorded
+//! in `<state_dir>/workers.json` ([`record`]) with their shims. A restarted agent re-adopts
+//! every worker whose shim still runs (same attempt, same processes; progress, logs and
+//! checkpoint reports continue) and reports it at registration, so the coordinator adopts it
+//! instead of restarting the job; a worker that ended while no agent ran is reported with the
+//! exit its shim recorded. Workers recorded without a shim (by an agent from before shims) are
+//! stopped as orphans (SIGTERM, grace, SIGKILL) and reported with `WorkerExited { stopped:
+//! true, reason: "agent restarted; stopped the orphaned worker" }`.
 //!
 //! Confinement ([`confine`]): workers run as `workers.run_as` (never as root unless configured
 //! so), in a workdir and with a checkpoint dir under `workers.allowed_roots`; commands for
@@ -28,7 +30,7 @@
 
 mod assigned;
 pub mod confine;
-mod group;
+pub(crate) mod group;
 mod logs;
 mod progress;
 mod record;
@@ -46,11 +48,12 @@ pub use group::group_alive;
 pub use progress::{Progress, parse_step};
 pub use record::{FILE_NAME as RECORD_FILE, Record};
 pub use spawn::{PROGRESS_FILE_VAR, Paths, SpawnError};
+pub use worker::describe;
 
 use crate::events::EventSink;
 use crate::lease::Lease;
 
-/// The reason sent when the agent stops the workers an earlier agent left behind.
+/// The reason sent when the agent stops the workers an agent from before shims left behind.
 pub const ORPHAN_REASON: &str = "agent restarted; stopped the orphaned worker";
 /// The answer to a `StopWorkers` for a job with nothing on this node.
 pub const ALREADY_GONE_REASON: &str = "no such worker (already gone)";
@@ -73,6 +76,9 @@ pub struct WorkersConfig {
     pub lease_stop_grace: Duration,
     /// Who workers run as and where they may work (`[workers]`).
     pub confine: confine::Confinement,
+    /// The program started as each attempt's shim (with `shim` as its first argument): this
+    /// agent's own binary, `/proc/self/exe`, except in tests of the library.
+    pub shim_program: PathBuf,
 }
 
 /// Requests to the supervisor; the reply channels are the callers'.

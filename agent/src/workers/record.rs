@@ -25,6 +25,20 @@ pub struct Record {
     /// The leader's start time (`/proc/<pid>/stat`): a recycled pid is not our worker.
     #[serde(default)]
     pub start_time: Option<u64>,
+    /// The worker's shim (absent in records of agents before shims: those workers are stopped).
+    #[serde(default)]
+    pub shim_pid: Option<u32>,
+    /// The shim's start time: a recycled pid is not our shim.
+    #[serde(default)]
+    pub shim_start_time: Option<u64>,
+    /// Node rank 0's checkpoint dir and layout, so a re-adopting agent watches it again.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub checkpoint_layout: Option<String>,
+    /// The worker's own stop grace (from its StartWorker), in milliseconds.
+    #[serde(default)]
+    pub stop_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -94,6 +108,11 @@ mod tests {
             log_path: PathBuf::from("/state/jobs/j/2/rank1.log"),
             started_at_unix_ms: 1_700_000_000_000,
             start_time: Some(12),
+            shim_pid: Some(pid + 1),
+            shim_start_time: Some(13),
+            checkpoint_dir: Some(PathBuf::from("/ckpt/j")),
+            checkpoint_layout: Some("marker".to_owned()),
+            stop_grace_ms: Some(2_000),
         }
     }
 
@@ -107,6 +126,20 @@ mod tests {
         save(tmp.path(), &[])?;
         assert_eq!(load(tmp.path())?, Vec::new());
         assert!(!tmp.path().join("workers.json.tmp").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_record_of_an_agent_before_shims_still_loads() -> io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        std::fs::write(
+            path(tmp.path()),
+            r#"{"workers":[{"job_id":"a","attempt":1,"node_rank":0,"pid":10,"pgid":10,
+                "log_path":"/s/jobs/a/1/rank0.log","started_at_unix_ms":1,"start_time":5}]}"#,
+        )?;
+        let loaded = load(tmp.path())?;
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].shim_pid, None, "no shim: stopped as an orphan");
         Ok(())
     }
 

@@ -1,8 +1,9 @@
 //! Starting one worker: checking the request, laying out its files, and spawning its process group.
 //!
 //! Files of a worker live under `<state_dir>/jobs/<job_id>/<attempt>/`:
-//! `rank<r>.log` (stdout and stderr, appended, after a one-line header) and
-//! `run/progress` (the worker's `VIGIL_PROGRESS_FILE`). Only `run/` belongs to the job's user
+//! `rank<r>.log` (stdout and stderr, appended, after a one-line header),
+//! `run/progress` (the worker's `VIGIL_PROGRESS_FILE`), and its shim's `shim.log`,
+//! `shim-status.json` and `shim-stop.json` ([`crate::shim`]). Only `run/` belongs to the job's user
 //! (it may write the progress file through a rename): the log stays the agent's, so a job cannot
 //! swap it for a link to a file only root may read and have the agent serve that as its log.
 
@@ -11,13 +12,17 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, Command};
 use vigil_proto::v1::StartWorker;
 
 use super::confine::Confined;
 use crate::checkpoint::{Layout, UnknownLayout};
+use crate::shim::{
+    HANDSHAKE_TIMEOUT, Handshake, Identity, LOG_FILE, Running, STATUS_FILE, STOP_FILE, Spec,
+};
 
 /// The variable the agent sets for every worker: where to write its step number.
 pub const PROGRESS_FILE_VAR: &str = "VIGIL_PROGRESS_FILE";
@@ -50,6 +55,15 @@ pub enum SpawnError {
         program: String,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "cannot start {program}: its shim failed: {message}; see {}",
+        .log.display()
+    )]
+    Shim {
+        program: String,
+        message: String,
+        log: PathBuf,
     },
 }
 
@@ -143,9 +157,31 @@ pub fn header(start: &StartWorker, env: &BTreeMap<String, String>, now: SystemTi
     )
 }
 
-/// Spawns the worker as the leader of its own process group, output appended to its log, as
-/// the user and in the (resolved) workdir `confined` names.
-pub fn spawn(start: &StartWorker, paths: &Paths, confined: &Confined) -> Result<Child, SpawnError> {
+/// What a shim needs besides the request: where its program, the lease and the graces are.
+#[derive(Debug, Clone)]
+pub struct ShimSettings {
+    pub program: PathBuf,
+    pub lease_file: PathBuf,
+    pub lease_stop_grace: Duration,
+    pub stop_grace: Duration,
+}
+
+/// A worker running under its new shim.
+pub struct Launched {
+    /// The shim, this agent's child: its exit is seen at once.
+    pub shim: Child,
+    pub running: Running,
+}
+
+/// Lays out the worker's files and starts its shim, which starts the worker in a process group
+/// of its own, output appended to its log, as the user and in the (resolved) workdir `confined`
+/// names; returns once the shim says the worker runs (or why it does not).
+pub async fn spawn(
+    start: &StartWorker,
+    paths: &Paths,
+    confined: &Confined,
+    shim: &ShimSettings,
+) -> Result<Launched, SpawnError> {
     let files = |path: &Path| {
         let path = path.to_owned();
         move |source| SpawnError::Files { path, source }
@@ -160,51 +196,127 @@ pub fn spawn(start: &StartWorker, paths: &Paths, confined: &Confined) -> Result<
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(files(&paths.progress)(e)),
         _ => {}
     }
+    // Stop orders and exits of an earlier shim of this attempt are not this one's.
+    for stale in [STOP_FILE, STATUS_FILE] {
+        match std::fs::remove_file(paths.dir.join(stale)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(files(&paths.dir.join(stale))(e));
+            }
+            _ => {}
+        }
+    }
+    if start.command.first().is_none_or(|p| p.is_empty()) {
+        return Err(SpawnError::EmptyCommand);
+    }
     let env = environment(start, paths);
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        // The agent's alone: other users on the node (other jobs) cannot read it.
-        .mode(0o600)
-        .open(&paths.log)
-        .map_err(files(&paths.log))?;
+    let open_private = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            // The agent's alone: other users on the node (other jobs) cannot read it.
+            .mode(0o600)
+            .open(path)
+            .map_err(files(path))
+    };
+    let mut log = open_private(&paths.log)?;
     log.write_all(header(start, &env, SystemTime::now()).as_bytes())
         .map_err(files(&paths.log))?;
-    let stderr = log.try_clone().map_err(files(&paths.log))?;
-    let (program, args) = match start.command.split_first() {
-        Some(split) => split,
-        None => return Err(SpawnError::EmptyCommand),
+    let shim_log_path = paths.dir.join(LOG_FILE);
+    let shim_log = open_private(&shim_log_path)?;
+    let spec = Spec {
+        job_id: start.job_id.clone(),
+        attempt: start.attempt,
+        node_rank: start.node_rank,
+        command: start.command.clone(),
+        workdir: confined.workdir.clone(),
+        env,
+        identity: confined.identity.as_ref().map(|id| Identity {
+            name: id.name.clone(),
+            uid: id.uid,
+            gid: id.gid,
+            home: id.home.clone(),
+        }),
+        log: paths.log.clone(),
+        dir: paths.dir.clone(),
+        lease_file: shim.lease_file.clone(),
+        lease_stop_grace_ms: millis(shim.lease_stop_grace),
+        stop_grace_ms: millis(shim.stop_grace),
     };
-    let mut command = Command::new(program);
-    if let Some(id) = &confined.identity {
-        // std clears the supplementary groups (setgroups(0)) before setuid.
-        command
-            .uid(id.uid)
-            .gid(id.gid)
-            .env("HOME", &id.home)
-            .env("USER", &id.name)
-            .env("LOGNAME", &id.name);
-    }
-    let spawned = command
-        .args(args)
-        .current_dir(&confined.workdir)
-        // The agent's systemd notification socket is not the job's.
+    let program = start.command.first().cloned().unwrap_or_default();
+    let shim_error = |message: String| SpawnError::Shim {
+        program: program.clone(),
+        message,
+        log: shim_log_path.clone(),
+    };
+    let mut child = Command::new(&shim.program)
+        .arg0("vigil-agent")
+        .arg("shim")
+        .arg(&start.job_id)
+        .arg(start.attempt.to_string())
+        // The agent's systemd notification socket is neither the shim's nor the job's.
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
-        .envs(&env)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(files(&paths.log))?)
-        .stderr(stderr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(shim_log)
+        // Its own group: a signal to the agent's group (a terminal's Ctrl-C) does not reach it.
         .process_group(0)
-        .spawn();
-    spawned.map_err(|source| {
-        let _ = writeln!(log, "==> vigil-agent: cannot start {program}: {source}");
-        SpawnError::Spawn {
-            program: program.clone(),
-            source,
+        .spawn()
+        .map_err(|e| {
+            shim_error(format!(
+                "cannot start the shim {}: {e}",
+                shim.program.display()
+            ))
+        })?;
+    let handshake = async {
+        let mut stdin = child.stdin.take().ok_or("no pipe to the shim's input")?;
+        let text = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+        stdin.write_all(&text).await.map_err(|e| e.to_string())?;
+        drop(stdin);
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or("no pipe from the shim's output")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        if line.is_empty() {
+            return Err("the shim exited without a word".to_owned());
         }
-    })
+        serde_json::from_str::<Handshake>(&line).map_err(|e| format!("{e}: {line:?}"))
+    };
+    let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!(
+            "the shim did not answer within {}s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )),
+    };
+    match answer {
+        Ok(Handshake::Running(running)) => Ok(Launched {
+            shim: child,
+            running,
+        }),
+        Ok(Handshake::Failed { error }) => {
+            let _ = child.wait().await;
+            Err(SpawnError::Spawn {
+                program,
+                source: io::Error::other(error),
+            })
+        }
+        Err(message) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            Err(shim_error(message))
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -21,12 +21,13 @@ use super::assigned::Assigned;
 use super::confine;
 use super::progress::Progress;
 use super::record::{self, Record};
-use super::spawn::{self, Paths};
-use super::worker::{Exit, Proc, StopOrder, Task, log_tail};
+use super::spawn::{self, Launched, Paths, ShimSettings};
+use super::worker::{Exit, Proc, Shim, StopOrder, Task, log_tail};
 use super::{ALREADY_GONE_REASON, Key, ORPHAN_REASON, Request, WorkersConfig};
 use crate::checkpoint::Watcher;
 use crate::events::EventSink;
 use crate::lease::Lease;
+use crate::shim::LeaseFile;
 use crate::{error_chain, unix_ms};
 
 /// The supervisor's view of one live worker; its task holds the process.
@@ -54,7 +55,14 @@ struct Supervisor {
     shutdown: Option<oneshot::Sender<()>>,
     /// Work this node was given: commands about anything else are refused.
     assigned: Assigned,
+    /// When the lease file was last written, and whether the last write failed (logged once).
+    lease_written: Option<Instant>,
+    lease_write_failed: bool,
 }
+
+/// The most often the lease file is rewritten: a shim may see a deadline this much older than
+/// the agent's, and so stops its worker that much early, never late.
+pub const LEASE_WRITE_EVERY: Duration = Duration::from_millis(250);
 
 pub(super) fn spawn(config: WorkersConfig, sink: EventSink, rx: mpsc::UnboundedReceiver<Request>) {
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
@@ -68,8 +76,10 @@ pub(super) fn spawn(config: WorkersConfig, sink: EventSink, rx: mpsc::UnboundedR
         fenced: None,
         shutdown: None,
         assigned: Assigned::default(),
+        lease_written: None,
+        lease_write_failed: false,
     };
-    sup.stop_orphans();
+    sup.adopt();
     tokio::spawn(sup.run(rx, exits_rx).in_current_span());
 }
 
@@ -90,12 +100,12 @@ impl Supervisor {
                             return;
                         }
                     }
-                    Some(request) => self.handle(request),
+                    Some(request) => self.handle(request).await,
                     // Every handle is gone: the agent is over; leave processes as they are.
                     None => return,
                 },
                 Some(exit) = exits.recv() => {
-                    self.exited(exit);
+                    self.exited(exit).await;
                     if self.workers.is_empty() && self.shutdown.is_some() {
                         if let Some(done) = self.shutdown.take() {
                             let _ = done.send(());
@@ -108,11 +118,14 @@ impl Supervisor {
         }
     }
 
-    fn handle(&mut self, request: Request) {
+    async fn handle(&mut self, request: Request) {
         match request {
-            Request::Start(start) => self.start(start),
+            Request::Start(start) => self.start(start).await,
             Request::Stop(stop) => self.stop(stop),
-            Request::Lease(lease) => self.lease = Some(lease),
+            Request::Lease(lease) => {
+                self.lease = Some(lease);
+                self.write_lease(false);
+            }
             Request::List(reply) => {
                 let _ = reply.send(self.list());
             }
@@ -127,7 +140,7 @@ impl Supervisor {
         (!idle && self.fenced != Some(deadline)).then_some(deadline)
     }
 
-    fn start(&mut self, start: StartWorker) {
+    async fn start(&mut self, start: StartWorker) {
         let key = Key {
             job_id: start.job_id.clone(),
             attempt: start.attempt,
@@ -189,7 +202,7 @@ impl Supervisor {
             .cloned()
             .collect();
         if older.is_empty() {
-            return self.launch(start);
+            return self.launch(start).await;
         }
         let reason = format!("superseded by attempt {} of the same job", key.attempt);
         for k in older {
@@ -203,7 +216,7 @@ impl Supervisor {
         self.pending.insert(key.job_id, start);
     }
 
-    fn launch(&mut self, start: StartWorker) {
+    async fn launch(&mut self, start: StartWorker) {
         let key = Key {
             job_id: start.job_id.clone(),
             attempt: start.attempt,
@@ -222,55 +235,115 @@ impl Supervisor {
                 return self.emit(exited(&key, false, reason, None));
             }
         };
-        let launched = spawn::validate(&start).and_then(|layout| {
-            let child = spawn::spawn(&start, &paths, &confined)?;
-            Ok((layout, child))
-        });
-        let (layout, child) = match launched {
-            Ok(ok) => ok,
-            Err(e) => {
-                let reason = error_chain(&e);
-                warn!(job_id = %key.job_id, attempt = key.attempt, %reason, "cannot start worker");
-                let log = paths.log.exists().then_some(paths.log.as_path());
-                return self.emit(exited(&key, false, reason, log));
-            }
+        let layout = match spawn::validate(&start) {
+            Ok(layout) => layout,
+            Err(e) => return self.cannot_start(&key, &e, &paths),
         };
-        let Some(pid) = child.id() else {
-            // Reaped already: cannot happen before the first poll, but never trust a missing pid.
-            let reason = format!("cannot start {}: no process id", start.command.join(" "));
-            return self.emit(exited(&key, false, reason, Some(&paths.log)));
-        };
-        let pgid = i32::try_from(pid).unwrap_or(i32::MAX);
-        let started_at = unix_ms();
-        let record = Record {
-            job_id: key.job_id.clone(),
-            attempt: key.attempt,
-            node_rank: start.node_rank,
-            pid,
-            pgid,
-            log_path: paths.log.clone(),
-            started_at_unix_ms: started_at,
-            start_time: super::group::read_stat(pgid).map(|s| s.start_time),
-        };
-        let watcher = layout.and_then(|l| Some(Watcher::new(confined.checkpoint_dir.clone()?, l)));
         let grace = match start.stop_grace_ms {
             0 => self.config.stop_grace,
             ms => Duration::from_millis(ms),
         };
+        // The new shim must find the lease this start came with.
+        self.write_lease(true);
+        let settings = ShimSettings {
+            program: self.config.shim_program.clone(),
+            lease_file: self.lease_file(),
+            lease_stop_grace: self.config.lease_stop_grace,
+            stop_grace: grace,
+        };
+        let Launched { shim, running } =
+            match spawn::spawn(&start, &paths, &confined, &settings).await {
+                Ok(launched) => launched,
+                Err(e) => return self.cannot_start(&key, &e, &paths),
+            };
+        let stat = |pid: u32| {
+            i32::try_from(pid)
+                .ok()
+                .and_then(super::group::read_stat)
+                .map(|s| s.start_time)
+        };
+        let record = Record {
+            job_id: key.job_id.clone(),
+            attempt: key.attempt,
+            node_rank: start.node_rank,
+            pid: running.worker_pid,
+            pgid: running.pgid,
+            log_path: paths.log.clone(),
+            started_at_unix_ms: unix_ms(),
+            start_time: stat(running.worker_pid),
+            shim_pid: Some(running.shim_pid),
+            shim_start_time: stat(running.shim_pid),
+            checkpoint_dir: layout.and(confined.checkpoint_dir.clone()),
+            checkpoint_layout: layout.map(|l| l.to_string()),
+            stop_grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let watcher = layout.and_then(|l| Some(Watcher::new(confined.checkpoint_dir.clone()?, l)));
         info!(
             job_id = %key.job_id,
             attempt = key.attempt,
             rank = start.node_rank,
-            pid,
+            pid = running.worker_pid,
+            shim_pid = running.shim_pid,
             log = %paths.log.display(),
-            "started worker of job {} attempt {} rank {} pid {pid}",
-            key.job_id, key.attempt, start.node_rank
+            "started worker of job {} attempt {} rank {} pid {} under shim pid {}",
+            key.job_id, key.attempt, start.node_rank, running.worker_pid, running.shim_pid
         );
-        self.add(record, paths.progress, Proc::Child(child), watcher, grace);
+        let proc = Proc::Shim(Box::new(Shim {
+            pid: running.shim_pid,
+            start_time: record.shim_start_time,
+            dir: paths.dir.clone(),
+            child: Some(shim),
+        }));
+        self.add(record, paths.progress, proc, watcher, grace);
         self.persist();
         let event = self.workers.get(&key).map(|e| started(&e.record));
         if let Some(event) = event {
             self.emit(event);
+        }
+    }
+
+    fn cannot_start(&self, key: &Key, e: &spawn::SpawnError, paths: &Paths) {
+        let reason = error_chain(e);
+        warn!(job_id = %key.job_id, attempt = key.attempt, %reason, "cannot start worker");
+        let log = paths.log.exists().then_some(paths.log.as_path());
+        self.emit(exited(key, false, reason, log));
+    }
+
+    fn lease_file(&self) -> PathBuf {
+        self.config.state_dir.join(crate::shim::LEASE_FILE)
+    }
+
+    /// Tells the shims how long the lease runs: on every renewal (at most every
+    /// [`LEASE_WRITE_EVERY`] unless `now`), and before a shim starts.
+    fn write_lease(&mut self, now: bool) {
+        let Some(lease) = self.lease else { return };
+        let at = Instant::now();
+        if !now
+            && self
+                .lease_written
+                .is_some_and(|w| at < w + LEASE_WRITE_EVERY)
+        {
+            return;
+        }
+        let file = LeaseFile::from_now(
+            lease.deadline().saturating_duration_since(at),
+            lease.duration(),
+        );
+        match crate::shim::write_json(&self.lease_file(), &file, false) {
+            Ok(()) => {
+                self.lease_written = Some(at);
+                self.lease_write_failed = false;
+            }
+            Err(e) => {
+                if !self.lease_write_failed {
+                    error!(
+                        path = %self.lease_file().display(),
+                        error = %e,
+                        "cannot renew the lease for the shims: they will stop their workers when the last lease they read runs out"
+                    );
+                }
+                self.lease_write_failed = true;
+            }
         }
     }
 
@@ -425,7 +498,7 @@ impl Supervisor {
         if keep && !self.workers.is_empty() {
             warn!(
                 workers = self.workers.len(),
-                "keep_workers_on_shutdown is set: leaving workers running; the next agent start will stop them as orphans"
+                "keep_workers_on_shutdown is set: leaving workers running under their shims; an agent started within the lease re-adopts them, and otherwise the shims stop them when the lease runs out"
             );
             let _ = done.send(());
             return true;
@@ -445,7 +518,7 @@ impl Supervisor {
         false
     }
 
-    fn exited(&mut self, exit: Exit) {
+    async fn exited(&mut self, exit: Exit) {
         if self.workers.remove(&exit.key).is_none() {
             return;
         }
@@ -474,7 +547,7 @@ impl Supervisor {
             if older_alive(self, next.attempt) {
                 self.pending.insert(job_id, next);
             } else {
-                self.launch(next);
+                self.launch(next).await;
             }
         }
     }
@@ -500,8 +573,10 @@ impl Supervisor {
             .collect()
     }
 
-    /// Stops the workers an earlier agent left running (see the module doc of [`super`]).
-    fn stop_orphans(&mut self) {
+    /// Takes over the workers an earlier agent left running (see the module doc of [`super`]):
+    /// re-adopts each one whose shim still runs, reports each that ended meanwhile, and stops
+    /// the orphans of an agent from before shims.
+    fn adopt(&mut self) {
         let records = match record::load(&self.config.state_dir) {
             Ok(records) => records,
             Err(e) => {
@@ -509,7 +584,7 @@ impl Supervisor {
                 error!(
                     path = %path.display(),
                     error = %e,
-                    "cannot read the worker record; workers of an earlier agent may still be running"
+                    "cannot read the worker record; workers of an earlier agent may still be running (their shims stop them when the lease runs out)"
                 );
                 return;
             }
@@ -519,6 +594,56 @@ impl Supervisor {
                 job_id: r.job_id.clone(),
                 attempt: r.attempt,
             };
+            let paths = Paths::new(&self.config.state_dir, &r.job_id, r.attempt, r.node_rank);
+            if let Some(shim_pid) = r.shim_pid {
+                let shim = Shim {
+                    pid: shim_pid,
+                    start_time: r.shim_start_time,
+                    dir: paths.dir.clone(),
+                    child: None,
+                };
+                if shim.alive() {
+                    info!(
+                        job_id = %key.job_id,
+                        attempt = key.attempt,
+                        pid = r.pid,
+                        shim_pid,
+                        "re-adopted worker of job {} attempt {} (pid {}) from its shim (pid {shim_pid}): it keeps running",
+                        key.job_id, key.attempt, r.pid
+                    );
+                    let watcher = r
+                        .checkpoint_dir
+                        .clone()
+                        .zip(r.checkpoint_layout.as_deref().and_then(|l| l.parse().ok()))
+                        .map(|(dir, layout)| Watcher::new(dir, layout));
+                    let grace = r
+                        .stop_grace_ms
+                        .map_or(self.config.stop_grace, Duration::from_millis);
+                    self.add(r, paths.progress, Proc::Shim(Box::new(shim)), watcher, grace);
+                    continue;
+                }
+                // Its shim ended while no agent ran; the guard took any straggler with it.
+                super::group::signal_group(r.pgid, nix::sys::signal::Signal::SIGKILL);
+                let ended = shim.ended(None);
+                let (stopped, reason) = match ended.stopped {
+                    Some(reason) => (true, format!("while the agent was down: {reason}")),
+                    None => (
+                        false,
+                        format!(
+                            "while the agent was down: {}",
+                            super::worker::describe_exit(ended.exit_code, ended.signal)
+                        ),
+                    ),
+                };
+                info!(job_id = %key.job_id, attempt = key.attempt, pid = r.pid, "worker of an earlier agent ended {reason}");
+                let mut event = exited(&key, stopped, reason, Some(&r.log_path));
+                if let Some(Kind::WorkerExited(report)) = &mut event.kind {
+                    report.exit_code = ended.exit_code;
+                    report.signal = ended.signal;
+                }
+                self.emit(event);
+                continue;
+            }
             if !r.still_running() {
                 info!(job_id = %key.job_id, attempt = key.attempt, pid = r.pid, "worker recorded by an earlier agent is already gone");
                 let reason =
@@ -526,10 +651,8 @@ impl Supervisor {
                 self.emit(exited(&key, false, reason, Some(&r.log_path)));
                 continue;
             }
-            let progress =
-                Paths::new(&self.config.state_dir, &r.job_id, r.attempt, r.node_rank).progress;
             let grace = self.config.stop_grace;
-            self.add(r, progress, Proc::Orphan, None, grace);
+            self.add(r, paths.progress, Proc::Orphan, None, grace);
             self.order_stop(&key, ORPHAN_REASON, None);
         }
         self.persist();

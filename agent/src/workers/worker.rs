@@ -23,6 +23,7 @@ use super::group;
 use super::progress::Progress;
 use crate::checkpoint::{self, Watcher};
 use crate::events::EventSink;
+use crate::shim;
 use crate::unix_ms;
 
 /// How often the progress file is read.
@@ -50,10 +51,99 @@ pub struct Exit {
 
 /// The process a task watches.
 pub enum Proc {
-    /// Spawned by this agent: its exit status is known.
-    Child(Child),
-    /// Left by an earlier agent: only its group can be watched.
+    /// The worker's shim: it owns the worker, stops it on order and records its exit.
+    Shim(Box<Shim>),
+    /// Left by an agent from before shims: only its group can be watched.
     Orphan,
+}
+
+/// How long past a stop's grace the agent waits for a shim before it kills the shim and the
+/// worker's group itself.
+pub const SHIM_STOP_MARGIN: Duration = Duration::from_secs(3);
+
+/// A worker's shim, started by this agent (`child`) or by an earlier one (re-adopted).
+pub struct Shim {
+    pub pid: u32,
+    /// Its start time (`/proc/<pid>/stat`): a recycled pid is not our shim.
+    pub start_time: Option<u64>,
+    /// The attempt dir: the shim's status and stop files.
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Shim {
+    /// True while the shim runs (a zombie has ended).
+    pub fn alive(&self) -> bool {
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        match group::read_stat(pid) {
+            None => false,
+            Some(stat) => {
+                !matches!(stat.state, 'Z' | 'X' | 'x')
+                    && self.start_time.is_none_or(|t| t == stat.start_time)
+            }
+        }
+    }
+
+    /// Sends `signal` to the shim, if it is still ours.
+    fn signal(&self, signal: Signal) {
+        if self.alive()
+            && let Ok(pid) = i32::try_from(self.pid)
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Asks the shim to stop its worker: the order on disk first, then SIGTERM.
+    fn order_stop(&self, order: &StopOrder) {
+        let request = shim::StopRequest {
+            reason: order.reason.clone(),
+            grace_ms: u64::try_from(order.grace.as_millis()).unwrap_or(u64::MAX),
+        };
+        if let Err(e) = shim::write_json(&self.dir.join(shim::STOP_FILE), &request, false) {
+            warn!(dir = %self.dir.display(), error = %e, "cannot write the stop order for the shim; signalling it anyway");
+        }
+        self.signal(Signal::SIGTERM);
+    }
+
+    /// How the worker ended, once the shim is gone.
+    pub fn ended(&self, shim_status: Option<ExitStatus>) -> Ended {
+        let status = shim::read_json::<shim::Status>(&self.dir.join(shim::STATUS_FILE));
+        match status {
+            Ok(Some(shim::Status {
+                exit: Some(exit), ..
+            })) => Ended {
+                exit_code: exit.exit_code,
+                signal: exit.signal,
+                stopped: (exit.stopped && !exit.reason.is_empty()).then_some(exit.reason),
+            },
+            _ => {
+                let how = shim_status.map_or_else(
+                    || "while no agent was running".to_owned(),
+                    |s| format!("({})", describe(Some(s))),
+                );
+                Ended {
+                    exit_code: None,
+                    signal: None,
+                    stopped: Some(format!(
+                        "the worker's shim (pid {}) died {how} without recording the worker's \
+                         exit; its guard stopped the worker",
+                        self.pid
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// How a worker ended, as far as the agent can tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ended {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Set when it was stopped (by its shim on the lease, or its shim died): why.
+    pub stopped: Option<String>,
 }
 
 /// Everything one worker task needs; the supervisor keeps the other ends.
@@ -86,7 +176,7 @@ impl Task {
             let task = tokio::spawn(watch_checkpoints(w, key, sink, stop_rx).in_current_span());
             (stop_tx, task)
         });
-        let (status, stop) = self.wait_or_stop().await;
+        let (ended, stop) = self.wait_or_stop().await;
         // Stragglers of a leader that exited (or was killed) go too.
         group::signal_group(self.pgid, Signal::SIGKILL);
         if !group::wait_gone(self.pgid, REAP_TIMEOUT).await {
@@ -114,15 +204,15 @@ impl Task {
         let log_tail = tokio::task::spawn_blocking(move || log_tail(&log_path))
             .await
             .unwrap_or_default();
-        let (stopped, reason) = match stop {
-            Some(reason) => (true, reason),
-            None => (false, describe(status)),
+        let (stopped, reason) = match (stop, ended.stopped) {
+            (Some(reason), _) | (None, Some(reason)) => (true, reason),
+            (None, None) => (false, describe_exit(ended.exit_code, ended.signal)),
         };
         let report = WorkerExited {
             job_id: self.key.job_id.clone(),
             attempt: self.key.attempt,
-            exit_code: status.and_then(|s| s.code()),
-            signal: status.and_then(|s| s.signal()),
+            exit_code: ended.exit_code,
+            signal: ended.signal,
             stopped,
             reason,
             log_path: self.log_path.display().to_string(),
@@ -134,30 +224,51 @@ impl Task {
         });
     }
 
-    /// Runs until the leader is gone; returns its status (if known) and the stop reason (if stopped).
-    async fn wait_or_stop(&mut self) -> (Option<ExitStatus>, Option<String>) {
+    /// Runs until the worker is gone; returns how it ended and the stop reason (if stopped).
+    async fn wait_or_stop(&mut self) -> (Ended, Option<String>) {
         let mut stop: Option<String> = None;
         let mut kill_at: Option<Instant> = None;
         let mut ticker = tokio::time::interval(PROGRESS_POLL);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                status = wait(&mut self.proc, self.pgid) => return (status, stop),
+                ended = wait(&mut self.proc, self.pgid) => return (ended, stop),
                 Some(order) = self.stops.recv() => {
+                    let margin = match &self.proc {
+                        Proc::Shim(shim) => {
+                            shim.order_stop(&order);
+                            SHIM_STOP_MARGIN
+                        }
+                        Proc::Orphan => {
+                            if stop.is_none() {
+                                group::signal_group(self.pgid, Signal::SIGTERM);
+                            }
+                            Duration::ZERO
+                        }
+                    };
                     if stop.is_none() {
-                        group::signal_group(self.pgid, Signal::SIGTERM);
                         stop = Some(order.reason);
                     }
-                    let at = Instant::now() + order.grace;
+                    let at = Instant::now() + order.grace + margin;
                     kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
                 }
                 () = sleep_until(kill_at), if kill_at.is_some() => {
-                    warn!(
-                        job_id = %self.key.job_id,
-                        attempt = self.key.attempt,
-                        pgid = self.pgid,
-                        "worker did not exit within its stop grace; sending SIGKILL to its process group"
-                    );
+                    if let Proc::Shim(shim) = &self.proc {
+                        warn!(
+                            job_id = %self.key.job_id,
+                            attempt = self.key.attempt,
+                            shim_pid = shim.pid,
+                            "the shim did not stop its worker within the grace; killing the shim and the worker's process group"
+                        );
+                        shim.signal(Signal::SIGKILL);
+                    } else {
+                        warn!(
+                            job_id = %self.key.job_id,
+                            attempt = self.key.attempt,
+                            pgid = self.pgid,
+                            "worker did not exit within its stop grace; sending SIGKILL to its process group"
+                        );
+                    }
                     group::signal_group(self.pgid, Signal::SIGKILL);
                     kill_at = None;
                 }
@@ -181,32 +292,48 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Resolves when the leader exits (a child) or the whole group is gone (an orphan).
-async fn wait(proc: &mut Proc, pgid: i32) -> Option<ExitStatus> {
+/// Resolves when the shim is gone (the worker with it), or the whole group is (an orphan).
+async fn wait(proc: &mut Proc, pgid: i32) -> Ended {
     match proc {
-        Proc::Child(child) => child.wait().await.ok(),
+        Proc::Shim(shim) => {
+            let status = match &mut shim.child {
+                Some(child) => child.wait().await.ok(),
+                None => {
+                    while shim.alive() {
+                        tokio::time::sleep(group::POLL).await;
+                    }
+                    None
+                }
+            };
+            shim.ended(status)
+        }
         Proc::Orphan => {
             while group::group_alive(pgid) {
                 tokio::time::sleep(group::POLL).await;
             }
-            None
+            Ended::default()
         }
     }
 }
 
 /// The reason line of a worker that ended by itself.
 pub fn describe(status: Option<ExitStatus>) -> String {
-    match status {
-        Some(s) if s.code() == Some(0) => "exited successfully".to_owned(),
-        Some(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exited with code {code}"),
-            (None, Some(sig)) => match Signal::try_from(sig) {
-                Ok(name) => format!("killed by signal {sig} ({name})"),
-                Err(_) => format!("killed by signal {sig}"),
-            },
-            (None, None) => "exited (status unknown)".to_owned(),
+    describe_exit(
+        status.and_then(|s| s.code()),
+        status.and_then(|s| s.signal()),
+    )
+}
+
+/// [`describe`], from an exit code or a signal number.
+pub fn describe_exit(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(0), _) => "exited successfully".to_owned(),
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(name) => format!("killed by signal {sig} ({name})"),
+            Err(_) => format!("killed by signal {sig}"),
         },
-        None => "exited (status unknown)".to_owned(),
+        (None, None) => "exited (status unknown)".to_owned(),
     }
 }
 
