@@ -61,7 +61,10 @@ say "starting vigil-coordinator on 127.0.0.1:$port (metrics :$metrics_port, data
 pids+=($!)
 # Jobs run as whoever runs the demo (said explicitly: as root, the agent refuses to run jobs
 # as root unless told so), and only under the demo's own directory.
+# The demo's agents stop their jobs when the demo stops (a real agent leaves them running under
+# their shims across its own restarts: keep_workers_on_shutdown, default true).
 cat >"$dir/agent.toml" <<TOML
+keep_workers_on_shutdown = false
 [workers]
 run_as = "$(id -un)"
 allowed_roots = ["$dir"]

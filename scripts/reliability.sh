@@ -17,7 +17,7 @@ cargo build --quiet --bins -p vigil-tests -p vigil-coordinator -p vigil-agent -p
 start=$(date +%s)
 # Namespaces are required here: a skip would make an empty report.
 VIGIL_REQUIRE_NETNS=1 VIGIL_RELIABILITY_REPORT="$rows" \
-  cargo test --quiet -p vigil-tests --test reliability --test reliability_nodes --test reliability_coordinator
+  cargo test --quiet -p vigil-tests --test reliability --test reliability_nodes --test reliability_coordinator --test reliability_agent
 seconds=$(( $(date +%s) - start ))
 count=$(grep -c . "$rows" || true)
 table=$(target/debug/reliability-table "$rows")

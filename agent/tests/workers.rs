@@ -608,9 +608,16 @@ async fn a_killed_shim_takes_its_worker_with_it() -> TestResult {
         .args(["-KILL", &shim.to_string()])
         .status()?;
     let exited = h.exited("job-k", 1).await?;
-    assert!(exited.stopped);
     assert!(
-        exited.reason.contains("shim") && exited.reason.contains("its guard stopped the worker"),
+        !exited.stopped,
+        "a failure, not a stop the coordinator asked for"
+    );
+    assert!(
+        exited.reason.starts_with(&format!(
+            "its shim (pid {shim}) died (killed by signal 9 (SIGKILL))"
+        )) && exited
+            .reason
+            .ends_with("the shim's guard killed the worker"),
         "{}",
         exited.reason
     );

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::{LONG, bin, wait_for, write_file};
 
@@ -104,6 +104,7 @@ impl Builder {
             tmpfs: None,
             config: self.config,
             agent_url: String::new(),
+            agent_bin: None,
         };
         c.add_ns(&c.hub.clone())?;
         ip(&["-n", &c.hub, "link", "add", "br0", "type", "bridge"])?;
@@ -177,6 +178,9 @@ pub struct NetCluster {
     tmpfs: Option<PathBuf>,
     config: String,
     agent_url: String,
+    /// The vigil-agent that [`NetCluster::start_agent`] runs: the build's, or a copy that
+    /// [`NetCluster::install_agent_binary`] put (and replaces) in the cluster's dir.
+    agent_bin: Option<PathBuf>,
 }
 
 impl NetCluster {
@@ -302,6 +306,10 @@ impl NetCluster {
             ),
         )?;
         let url = self.agent_url.clone();
+        let program = match &self.agent_bin {
+            Some(path) => path.clone(),
+            None => bin("vigil-agent")?,
+        };
         let host = self.host_mut(name)?;
         let args: Vec<String> = [
             "--insecure",
@@ -328,11 +336,48 @@ impl NetCluster {
         .to_vec();
         let log = dir.join(format!("agent-{name}.log"));
         let ns = host.ns.clone();
-        let mut p = NsProcess::spawn(&ns, &bin("vigil-agent")?, &args, log)?;
+        let mut p = NsProcess::spawn(&ns, &program, &args, log)?;
         // The agent prints nothing on stdout; let it go.
         p.child.stdout.take();
         host.agent = Some(p);
         Ok(())
+    }
+
+    /// Installs the build's vigil-agent as `<dir>/bin/vigil-agent` as a package upgrade does:
+    /// a new file renamed over the old one, so running agents and shims keep the old inode.
+    /// Agents started from now on run it.
+    pub fn install_agent_binary(&mut self) -> Result<PathBuf> {
+        let dir = self.dir.path().join("bin");
+        std::fs::create_dir_all(&dir)?;
+        let target = dir.join("vigil-agent");
+        let tmp = dir.join(".vigil-agent.new");
+        std::fs::copy(bin("vigil-agent")?, &tmp)?;
+        std::fs::rename(&tmp, &target)?;
+        self.agent_bin = Some(target.clone());
+        Ok(target)
+    }
+
+    /// SIGTERM to the agent of `name`, and wait until it exited (as `systemctl stop` does).
+    pub fn terminate_agent(&mut self, name: &str) -> Result<()> {
+        let Some(mut agent) = self.host_mut(name)?.agent.take() else {
+            return Ok(());
+        };
+        signal(agent.pid(), "TERM")?;
+        let exited = wait_for("the agent to exit after SIGTERM", LONG, || {
+            Ok(agent.child.try_wait()?)
+        })?;
+        ensure!(exited.success(), "agent {name} exited with {exited}");
+        Ok(())
+    }
+
+    /// The pids of the per-attempt shims on host `name`.
+    pub fn shims(&self, name: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .processes(name)?
+            .into_iter()
+            .filter(|(_, c)| c.starts_with("vigil-agent shim "))
+            .map(|(p, _)| p)
+            .collect())
     }
 
     /// `kill -9` the agent only: its workers, in their own process groups, live on.

@@ -240,7 +240,11 @@ impl Agent {
         let config = write_file(
             dir,
             &format!("agent-{name}.toml"),
-            &format!("{extra}\n{}", agent_config(dir)?),
+            // Stopped agents stop their workers here: a test's teardown must leave nothing running.
+            &format!(
+                "keep_workers_on_shutdown = false\n{extra}\n{}",
+                agent_config(dir)?
+            ),
         )?;
         let log = dir.join(format!("agent-{name}.log"));
         let stderr = std::fs::OpenOptions::new()

@@ -50,9 +50,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub metrics_listen: SocketAddr,
     pub reconnect: ReconnectConfig,
-    /// Leave workers running when the agent itself stops (an agent upgrade
-    /// that must not interrupt training). The next agent start still stops
-    /// them as orphans: it cannot supervise processes it did not spawn.
+    /// Leave workers running under their shims when the agent itself stops (a restart or an
+    /// upgrade must not interrupt training): the next agent re-adopts them, and if none comes
+    /// within the lease, the shims stop them. False: stop every worker before exiting.
     pub keep_workers_on_shutdown: bool,
     /// SIGTERM-to-SIGKILL time for a worker whose StartWorker/StopWorkers sets none.
     #[serde(with = "humantime_serde")]
@@ -146,7 +146,7 @@ impl Default for AgentConfig {
                 .parse()
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 9771))),
             reconnect: ReconnectConfig::default(),
-            keep_workers_on_shutdown: false,
+            keep_workers_on_shutdown: true,
             worker_stop_grace: DEFAULT_WORKER_STOP_GRACE,
             lease_stop_grace: DEFAULT_LEASE_STOP_GRACE,
             workers: WorkersSection::default(),

@@ -29,7 +29,7 @@ fn empty_file_gives_the_documented_defaults() -> Result<(), ConfigError> {
     assert_eq!(cfg.reconnect.max_backoff, Duration::from_secs(10));
     assert_eq!(cfg.node_name, hostname());
     assert!(cfg.diagnostics_command.is_empty(), "built-in self-check");
-    assert!(!cfg.keep_workers_on_shutdown);
+    assert!(cfg.keep_workers_on_shutdown, "agent restarts keep training");
     assert_eq!(cfg.worker_stop_grace, Duration::from_secs(10));
     assert_eq!(cfg.lease_stop_grace, Duration::from_secs(1));
     Ok(())
@@ -58,7 +58,7 @@ fn every_key_is_read() -> Result<(), ConfigError> {
         diagnostics_command = ["dcgmi", "diag", "-r", "1"]
         state_dir = "/tmp/state"
         metrics_listen = "127.0.0.1:0"
-        keep_workers_on_shutdown = true
+        keep_workers_on_shutdown = false
         worker_stop_grace = "30s"
         lease_stop_grace = "500ms"
         insecure = false
@@ -87,7 +87,7 @@ fn every_key_is_read() -> Result<(), ConfigError> {
     assert_eq!(cfg.metrics_listen.port(), 0);
     assert_eq!(cfg.reconnect.initial_backoff, Duration::from_secs(1));
     assert_eq!(cfg.reconnect.max_backoff, Duration::from_secs(60));
-    assert!(cfg.keep_workers_on_shutdown);
+    assert!(!cfg.keep_workers_on_shutdown);
     assert_eq!(cfg.worker_stop_grace, Duration::from_secs(30));
     assert_eq!(cfg.lease_stop_grace, Duration::from_millis(500));
     Ok(())

@@ -619,7 +619,13 @@ impl Supervisor {
                     let grace = r
                         .stop_grace_ms
                         .map_or(self.config.stop_grace, Duration::from_millis);
-                    self.add(r, paths.progress, Proc::Shim(Box::new(shim)), watcher, grace);
+                    self.add(
+                        r,
+                        paths.progress,
+                        Proc::Shim(Box::new(shim)),
+                        watcher,
+                        grace,
+                    );
                     continue;
                 }
                 // Its shim ended while no agent ran; the guard took any straggler with it.
@@ -631,7 +637,10 @@ impl Supervisor {
                         false,
                         format!(
                             "while the agent was down: {}",
-                            super::worker::describe_exit(ended.exit_code, ended.signal)
+                            ended.note.unwrap_or_else(|| super::worker::describe_exit(
+                                ended.exit_code,
+                                ended.signal
+                            ))
                         ),
                     ),
                 };

@@ -117,6 +117,7 @@ impl Shim {
                 exit_code: exit.exit_code,
                 signal: exit.signal,
                 stopped: (exit.stopped && !exit.reason.is_empty()).then_some(exit.reason),
+                note: None,
             },
             _ => {
                 let how = shim_status.map_or_else(
@@ -124,13 +125,12 @@ impl Shim {
                     |s| format!("({})", describe(Some(s))),
                 );
                 Ended {
-                    exit_code: None,
-                    signal: None,
-                    stopped: Some(format!(
-                        "the worker's shim (pid {}) died {how} without recording the worker's \
-                         exit; its guard stopped the worker",
+                    note: Some(format!(
+                        "its shim (pid {}) died {how} before the worker ended; the shim's guard \
+                         killed the worker",
                         self.pid
                     )),
+                    ..Ended::default()
                 }
             }
         }
@@ -142,8 +142,10 @@ impl Shim {
 pub struct Ended {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
-    /// Set when it was stopped (by its shim on the lease, or its shim died): why.
+    /// Set when its shim stopped it (asked to, or the lease ran out): why.
     pub stopped: Option<String>,
+    /// Set when the exit is unknown but its cause is not (the shim died): what happened.
+    pub note: Option<String>,
 }
 
 /// Everything one worker task needs; the supervisor keeps the other ends.
@@ -206,7 +208,12 @@ impl Task {
             .unwrap_or_default();
         let (stopped, reason) = match (stop, ended.stopped) {
             (Some(reason), _) | (None, Some(reason)) => (true, reason),
-            (None, None) => (false, describe_exit(ended.exit_code, ended.signal)),
+            (None, None) => (
+                false,
+                ended
+                    .note
+                    .unwrap_or_else(|| describe_exit(ended.exit_code, ended.signal)),
+            ),
         };
         let report = WorkerExited {
             job_id: self.key.job_id.clone(),
