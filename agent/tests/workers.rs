@@ -793,3 +793,74 @@ async fn workers_run_as_the_configured_user() -> TestResult {
     h.exited("job-u", 1).await?;
     h.stop().await
 }
+
+#[tokio::test]
+async fn a_shim_recorded_while_starting_is_adopted_from_its_status() -> TestResult {
+    use std::io::{BufRead as _, Write as _};
+    use vigil_agent::shim::{Handshake, LEASE_FILE, LeaseFile, Spec, write_json};
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    let dir = state.join("jobs/job-p/1");
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("rank0.log");
+    std::fs::write(&log, "")?;
+    write_json(
+        &state.join(LEASE_FILE),
+        &LeaseFile::from_now(Duration::from_secs(600), Duration::from_secs(600)),
+        false,
+    )?;
+    // What an agent that died between starting a shim and hearing its answer leaves behind: a
+    // running shim, and a record of it without a worker pid.
+    let spec = Spec {
+        job_id: "job-p".into(),
+        attempt: 1,
+        node_rank: 0,
+        command: vec!["sleep".into(), "60".into()],
+        workdir: tmp.path().to_owned(),
+        env: Default::default(),
+        identity: None,
+        log: log.clone(),
+        dir: dir.clone(),
+        lease_file: state.join(LEASE_FILE),
+        lease_stop_grace_ms: 500,
+        stop_grace_ms: 1_000,
+    };
+    let mut shim = std::process::Command::new(env!("CARGO_BIN_EXE_vigil-agent"))
+        .args(["shim", "job-p", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let mut stdin = shim.stdin.take().ok_or("stdin")?;
+    stdin.write_all(&serde_json::to_vec(&spec)?)?;
+    drop(stdin);
+    let mut line = String::new();
+    std::io::BufReader::new(shim.stdout.take().ok_or("stdout")?).read_line(&mut line)?;
+    let Handshake::Running(running) = serde_json::from_str(&line)? else {
+        return Err(format!("not running: {line}").into());
+    };
+    std::fs::write(
+        state.join("workers.json"),
+        format!(
+            r#"{{"workers":[{{"job_id":"job-p","attempt":1,"node_rank":0,"pid":0,"pgid":0,
+                "log_path":"{}","started_at_unix_ms":1,"shim_pid":{},"stop_grace_ms":1000}}]}}"#,
+            log.display(),
+            shim.id()
+        ),
+    )?;
+    let mut h = Harness::start(&state, NORMAL).await?;
+    h.heartbeat(|hb| {
+        hb.workers
+            .iter()
+            .any(|w| w.job_id == "job-p" && w.pid == running.worker_pid)
+    })
+    .await?;
+    h.stop_workers("job-p", 1, "job cancelled").await?;
+    let exited = h.exited("job-p", 1).await?;
+    assert!(exited.stopped);
+    assert_eq!(exited.reason, "job cancelled");
+    let _ = shim.wait();
+    assert!(!group_alive(running.pgid));
+    h.stop().await
+}

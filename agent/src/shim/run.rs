@@ -105,9 +105,15 @@ async fn shim(spec: Spec) -> ExitCode {
         spec.node_rank,
         running.worker_pid
     );
-    answer(&Handshake::Running(running));
-
-    let (exit_status, stopped) = supervise(&spec, &mut worker, running.pgid, &mut term).await;
+    let (exit_status, stopped) = if answer(&Handshake::Running(running)) {
+        supervise(&spec, &mut worker, running.pgid, &mut term).await
+    } else {
+        // Nobody learned of the worker: a new agent would start this attempt again. Stop it.
+        let reason = "the agent that started the worker was gone before it learned of it";
+        warn!("{reason}; stopping the worker");
+        group::signal_group(running.pgid, Signal::SIGKILL);
+        (worker.wait().await.ok(), Some(reason.to_owned()))
+    };
     // Stragglers of a leader that exited, and the guard: the whole group goes.
     group::signal_group(running.pgid, Signal::SIGKILL);
     if !group::wait_gone(running.pgid, REAP_TIMEOUT).await {
@@ -292,11 +298,11 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The handshake line; the agent may be gone already, and that is no error.
-fn answer(handshake: &Handshake) {
-    if let Ok(line) = serde_json::to_string(handshake) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
-    }
+/// The handshake line; false when it could not be written (the agent is gone).
+fn answer(handshake: &Handshake) -> bool {
+    let Ok(line) = serde_json::to_string(handshake) else {
+        return false;
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
 }

@@ -17,6 +17,10 @@ pub const POLL: Duration = Duration::from_millis(20);
 
 /// Sends `signal` to every process of group `pgid`; false when the group is already gone.
 pub fn signal_group(pgid: i32, signal: Signal) -> bool {
+    // killpg(0) is the caller's own group, and 1 is init's: never a worker's.
+    if pgid <= 1 {
+        return false;
+    }
     match killpg(Pid::from_raw(pgid), signal) {
         Ok(()) => true,
         Err(Errno::ESRCH) => false,
@@ -29,6 +33,9 @@ pub fn signal_group(pgid: i32, signal: Signal) -> bool {
 
 /// True while group `pgid` has a member that is not a zombie.
 pub fn group_alive(pgid: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
     match killpg(Pid::from_raw(pgid), None) {
         Err(Errno::ESRCH) => false,
         // Exists (EPERM: it belongs to someone else, still alive).
@@ -122,6 +129,15 @@ mod tests {
             first.map(|s| s.start_time),
             read_stat(pid).map(|s| s.start_time)
         );
+    }
+
+    #[test]
+    fn no_group_below_2_is_ever_signalled() {
+        // 0 would be this test's own group: the test survives to assert.
+        assert!(!signal_group(0, Signal::SIGKILL));
+        assert!(!signal_group(1, Signal::SIGKILL));
+        assert!(!signal_group(-5, Signal::SIGKILL));
+        assert!(!group_alive(0));
     }
 
     #[test]

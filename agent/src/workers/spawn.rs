@@ -173,15 +173,24 @@ pub struct Launched {
     pub running: Running,
 }
 
+/// A shim started and told its spec, whose answer is still to come.
+pub struct Starting {
+    child: Child,
+    pub shim_pid: u32,
+    program: String,
+    shim_log: PathBuf,
+}
+
 /// Lays out the worker's files and starts its shim, which starts the worker in a process group
 /// of its own, output appended to its log, as the user and in the (resolved) workdir `confined`
-/// names; returns once the shim says the worker runs (or why it does not).
+/// names. The caller records the shim, then waits for its answer ([`Starting::handshake`]): an
+/// agent that dies in between leaves a shim its successor can find.
 pub async fn spawn(
     start: &StartWorker,
     paths: &Paths,
     confined: &Confined,
     shim: &ShimSettings,
-) -> Result<Launched, SpawnError> {
+) -> Result<Starting, SpawnError> {
     let files = |path: &Path| {
         let path = path.to_owned();
         move |source| SpawnError::Files { path, source }
@@ -269,48 +278,87 @@ pub async fn spawn(
                 shim.program.display()
             ))
         })?;
-    let handshake = async {
+    let sent = async {
         let mut stdin = child.stdin.take().ok_or("no pipe to the shim's input")?;
         let text = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
         stdin.write_all(&text).await.map_err(|e| e.to_string())?;
-        drop(stdin);
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or("no pipe from the shim's output")?;
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .await
-            .map_err(|e| e.to_string())?;
-        if line.is_empty() {
-            return Err("the shim exited without a word".to_owned());
-        }
-        serde_json::from_str::<Handshake>(&line).map_err(|e| format!("{e}: {line:?}"))
+        Ok::<_, String>(())
     };
-    let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(answer) => answer,
-        Err(_) => Err(format!(
-            "the shim did not answer within {}s",
-            HANDSHAKE_TIMEOUT.as_secs()
-        )),
+    let sent = match tokio::time::timeout(HANDSHAKE_TIMEOUT, sent).await {
+        Ok(sent) => sent,
+        Err(_) => Err("the shim did not read its spec".to_owned()),
     };
-    match answer {
-        Ok(Handshake::Running(running)) => Ok(Launched {
-            shim: child,
-            running,
+    let shim_pid = child.id();
+    match (sent, shim_pid) {
+        (Ok(()), Some(shim_pid)) => Ok(Starting {
+            child,
+            shim_pid,
+            program,
+            shim_log: shim_log_path,
         }),
-        Ok(Handshake::Failed { error }) => {
-            let _ = child.wait().await;
-            Err(SpawnError::Spawn {
-                program,
-                source: io::Error::other(error),
-            })
-        }
-        Err(message) => {
+        (sent, _) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            Err(shim_error(message))
+            let why = sent
+                .err()
+                .unwrap_or_else(|| "the shim exited at once".to_owned());
+            Err(shim_error(why))
+        }
+    }
+}
+
+impl Starting {
+    /// Waits for the shim's one line: the worker runs, or why it does not.
+    pub async fn handshake(self) -> Result<Launched, SpawnError> {
+        let Self {
+            mut child,
+            program,
+            shim_log,
+            ..
+        } = self;
+        let answer = async {
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or("no pipe from the shim's output")?;
+            let mut line = String::new();
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .await
+                .map_err(|e| e.to_string())?;
+            if line.is_empty() {
+                return Err("the shim exited without a word".to_owned());
+            }
+            serde_json::from_str::<Handshake>(&line).map_err(|e| format!("{e}: {line:?}"))
+        };
+        let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
+            Ok(answer) => answer,
+            Err(_) => Err(format!(
+                "the shim did not answer within {}s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )),
+        };
+        match answer {
+            Ok(Handshake::Running(running)) => Ok(Launched {
+                shim: child,
+                running,
+            }),
+            Ok(Handshake::Failed { error }) => {
+                let _ = child.wait().await;
+                Err(SpawnError::Spawn {
+                    program,
+                    source: io::Error::other(error),
+                })
+            }
+            Err(message) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                Err(SpawnError::Shim {
+                    program,
+                    message,
+                    log: shim_log,
+                })
+            }
         }
     }
 }

@@ -58,6 +58,8 @@ struct Supervisor {
     /// When the lease file was last written, and whether the last write failed (logged once).
     lease_written: Option<Instant>,
     lease_write_failed: bool,
+    /// The shim of the worker being started, recorded before it answers.
+    starting: Option<Record>,
 }
 
 /// The most often the lease file is rewritten: a shim may see a deadline this much older than
@@ -78,6 +80,7 @@ pub(super) fn spawn(config: WorkersConfig, sink: EventSink, rx: mpsc::UnboundedR
         assigned: Assigned::default(),
         lease_written: None,
         lease_write_failed: false,
+        starting: None,
     };
     sup.adopt();
     tokio::spawn(sup.run(rx, exits_rx).in_current_span());
@@ -251,31 +254,55 @@ impl Supervisor {
             lease_stop_grace: self.config.lease_stop_grace,
             stop_grace: grace,
         };
-        let Launched { shim, running } =
-            match spawn::spawn(&start, &paths, &confined, &settings).await {
-                Ok(launched) => launched,
-                Err(e) => return self.cannot_start(&key, &e, &paths),
-            };
+        let starting = match spawn::spawn(&start, &paths, &confined, &settings).await {
+            Ok(starting) => starting,
+            Err(e) => return self.cannot_start(&key, &e, &paths),
+        };
+        // Recorded before its answer: an agent that dies now leaves a shim the next one finds.
+        self.starting = Some(Record {
+            job_id: key.job_id.clone(),
+            attempt: key.attempt,
+            node_rank: start.node_rank,
+            pid: 0,
+            pgid: 0,
+            log_path: paths.log.clone(),
+            started_at_unix_ms: unix_ms(),
+            start_time: None,
+            shim_pid: Some(starting.shim_pid),
+            shim_start_time: i32::try_from(starting.shim_pid)
+                .ok()
+                .and_then(super::group::read_stat)
+                .map(|s| s.start_time),
+            checkpoint_dir: layout.and(confined.checkpoint_dir.clone()),
+            checkpoint_layout: layout.map(|l| l.to_string()),
+            stop_grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+        });
+        self.persist();
+        let answer = starting.handshake().await;
+        let provisional = self.starting.take();
+        let Launched { shim, running } = match answer {
+            Ok(launched) => launched,
+            Err(e) => {
+                self.persist();
+                return self.cannot_start(&key, &e, &paths);
+            }
+        };
         let stat = |pid: u32| {
             i32::try_from(pid)
                 .ok()
                 .and_then(super::group::read_stat)
                 .map(|s| s.start_time)
         };
+        let Some(provisional) = provisional else {
+            return;
+        };
         let record = Record {
-            job_id: key.job_id.clone(),
-            attempt: key.attempt,
-            node_rank: start.node_rank,
             pid: running.worker_pid,
             pgid: running.pgid,
-            log_path: paths.log.clone(),
-            started_at_unix_ms: unix_ms(),
             start_time: stat(running.worker_pid),
             shim_pid: Some(running.shim_pid),
-            shim_start_time: stat(running.shim_pid),
-            checkpoint_dir: layout.and(confined.checkpoint_dir.clone()),
-            checkpoint_layout: layout.map(|l| l.to_string()),
-            stop_grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+            shim_start_time: provisional.shim_start_time.or(stat(running.shim_pid)),
+            ..provisional
         };
         let watcher = layout.and_then(|l| Some(Watcher::new(confined.checkpoint_dir.clone()?, l)));
         info!(
@@ -602,6 +629,12 @@ impl Supervisor {
                     dir: paths.dir.clone(),
                     child: None,
                 };
+                let mut r = r;
+                if shim.alive() && r.pid == 0 && !fill_in_started(&mut r, &shim) {
+                    // Its start was cut short by the agent's end: no one ever learned of it.
+                    warn!(job_id = %key.job_id, attempt = key.attempt, shim_pid, "a shim still starting when the agent ended never said its worker runs; stopping it");
+                    shim.signal(nix::sys::signal::Signal::SIGKILL);
+                }
                 if shim.alive() {
                     info!(
                         job_id = %key.job_id,
@@ -673,7 +706,12 @@ impl Supervisor {
     }
 
     fn persist(&self) {
-        let records: Vec<Record> = self.workers.values().map(|e| e.record.clone()).collect();
+        let records: Vec<Record> = self
+            .workers
+            .values()
+            .map(|e| e.record.clone())
+            .chain(self.starting.clone())
+            .collect();
         if let Err(e) = record::save(&self.config.state_dir, &records) {
             error!(
                 path = %record::path(&self.config.state_dir).display(),
@@ -686,6 +724,31 @@ impl Supervisor {
     fn emit(&self, event: AgentEvent) {
         self.sink.emit(event);
     }
+}
+
+/// A record made while its shim was starting has no worker yet: takes the worker's pids from the
+/// shim's status, which the shim writes before it answers (waiting a little for a shim that is
+/// just starting); false when they never come.
+fn fill_in_started(r: &mut Record, shim: &Shim) -> bool {
+    let path = shim.dir.join(crate::shim::STATUS_FILE);
+    for _ in 0..50 {
+        if let Ok(Some(status)) = crate::shim::read_json::<crate::shim::Status>(&path)
+            && status.running.shim_pid == shim.pid
+        {
+            r.pid = status.running.worker_pid;
+            r.pgid = status.running.pgid;
+            r.start_time = i32::try_from(r.pid)
+                .ok()
+                .and_then(super::group::read_stat)
+                .map(|s| s.start_time);
+            return true;
+        }
+        if !shim.alive() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 fn started(r: &Record) -> AgentEvent {

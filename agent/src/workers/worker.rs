@@ -87,7 +87,7 @@ impl Shim {
     }
 
     /// Sends `signal` to the shim, if it is still ours.
-    fn signal(&self, signal: Signal) {
+    pub fn signal(&self, signal: Signal) {
         if self.alive()
             && let Ok(pid) = i32::try_from(self.pid)
         {
