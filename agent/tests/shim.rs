@@ -7,7 +7,9 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use vigil_agent::shim::{
     ExitRecord, Handshake, LEASE_FILE, LeaseFile, STATUS_FILE, STOP_FILE, Spec, Status,
