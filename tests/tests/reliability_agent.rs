@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use vigil_tests::jobs::{attempt, spec_in, workers_running};
+use vigil_tests::jobs::{attempt, spec_in, state, workers_running};
 use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
@@ -251,8 +251,9 @@ fn a_killed_shim_takes_its_worker_down_and_the_job_restarts_once() -> Result<()>
     ensure!(shims.len() == 1 && trainers.len() == 1);
     let t0 = now();
     vigil_tests::netns::signal(shims[0], "KILL")?;
+    // That very process: attempt 2 may start on the same node at once.
     wait_for("the guard kills the worker", LONG, || {
-        Ok(c.trainers(&node)?.is_empty().then_some(()))
+        Ok((!c.trainers(&node)?.contains(&trainers[0])).then_some(()))
     })?;
     let gone = t0.elapsed();
     let job = c.wait_job(&id, "attempt 2 running", |j| {
@@ -285,6 +286,56 @@ fn a_killed_shim_takes_its_worker_down_and_the_job_restarts_once() -> Result<()>
         restarts: 1,
         lost_steps: Some(lost),
         outcome: "the shim's guard killed the worker's process group at once; the agent reported the worker failed (\"its shim died\"); the job restarted once from the newest checkpoint".into(),
+    }
+    .record()
+}
+
+#[test]
+fn a_job_cancelled_while_an_agent_is_down_is_stopped_by_the_returning_agent() -> Result<()> {
+    let Some(mut c) = NetCluster::builder(RESTART_LIVENESS).hosts(2).start()? else {
+        return Ok(());
+    };
+    let id = c.submit(&spec_in(c.dir.path(), 2, 0, "", "")?)?;
+    let job = running(&c, &id, 2)?;
+    let node = node_of_rank(&job, 1)?;
+    ensure!(c.trainers(&node)?.len() == 1);
+    let t0 = now();
+    c.kill9_agent(&node)?;
+    let out = c.ctl(&["job", "cancel", &id])?;
+    ensure!(out.code == Some(0), "cancel: {out:?}");
+    c.start_agent(&node)?;
+    // The new agent re-adopts the worker and reports it; the coordinator, which no longer wants
+    // it, stops it — well before the lease would have.
+    wait_for("the re-adopted worker stopped", LONG, || {
+        Ok(c.trainers(&node)?.is_empty().then_some(()))
+    })?;
+    let stopped = t0.elapsed();
+    let job = c.wait_job(&id, "job Cancelled", |j| state(j) == "Cancelled")?;
+    let status = c
+        .dir
+        .path()
+        .join(format!("agent-{node}-state/jobs/{id}/1/shim-status.json"));
+    let status = std::fs::read_to_string(&status).context("the shim's status")?;
+    ensure!(
+        !status.contains("lease expired"),
+        "stopped on the coordinator's order, not by the lease: {status}"
+    );
+    ensure!(
+        agent_log(&c, &node).contains("re-adopted worker of job"),
+        "the new agent re-adopted the worker first"
+    );
+    ensure!(restarts(&job) == 0, "{job}");
+    ensure!(running_attempts(&c)?.is_empty(), "nothing runs");
+    Row {
+        order: 18,
+        scenario: "job cancelled while one of its agents is down".into(),
+        fault: "kill -9 of the agent of node rank 1, `clusterctl job cancel`, then the agent started again (lease 5 s)".into(),
+        restarts: 0,
+        outcome: format!(
+            "the returning agent re-adopted the worker and reported it; the coordinator, which no longer wanted it, had it stopped {:.1} s after the kill, on its order rather than by the lease; job Cancelled, nothing left running",
+            stopped.as_secs_f64()
+        ),
+        ..Row::default()
     }
     .record()
 }
