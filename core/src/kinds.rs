@@ -16,7 +16,8 @@ pub enum FailureKind {
     NodeLost,
     /// A node of the gang was judged Unhealthy (an XID, a lost GPU, ...).
     NodeUnhealthy,
-    /// An agent came back without the worker it was running.
+    /// An agent came back without the worker it was running, or its agent (or the worker's
+    /// shim) stopped it unasked: the lease ran out, or the agent shut down.
     WorkerGone,
     /// An operator cancelled the job.
     Cancelled,

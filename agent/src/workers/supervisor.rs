@@ -64,7 +64,7 @@ struct Supervisor {
 
 /// The most often the lease file is rewritten: a shim may see a deadline this much older than
 /// the agent's, and so stops its worker that much early, never late.
-pub const LEASE_WRITE_EVERY: Duration = Duration::from_millis(250);
+pub const LEASE_WRITE_EVERY: Duration = Duration::from_millis(100);
 
 pub(super) fn spawn(config: WorkersConfig, sink: EventSink, rx: mpsc::UnboundedReceiver<Request>) {
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();

@@ -329,9 +329,16 @@ pub(super) fn worker_exited(
             };
             let reason = format!("worker on {node} (rank {rank}) {how}{stopped}");
             let after = after_failure(job);
+            // Stopped by its own side, unasked: fenced when the lease ran out (by the agent or
+            // the worker's shim), or the agent shut down. That explains it: no triage.
+            let kind = if w.stopped {
+                FailureKind::WorkerGone
+            } else {
+                FailureKind::Crash
+            };
             let failure = Failure {
                 fault_at_ms: (observed_at_ms > 0).then_some(observed_at_ms),
-                ..Failure::new(&reason, node, FailureKind::Crash)
+                ..Failure::new(&reason, node, kind)
             };
             stop_attempt(job, nodes, &failure, after, now, effects);
         }

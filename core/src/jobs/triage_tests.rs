@@ -243,6 +243,34 @@ fn a_failure_with_a_culprit_is_not_triaged() {
 }
 
 #[test]
+fn a_worker_its_agent_stopped_unasked_is_not_triaged() {
+    // A coordinator paused past the lease: the agent's (or the shim's) fence stopped the worker,
+    // and that report may arrive before the agent re-registers without it.
+    let mut s = cluster(TriageConfig::default());
+    let id = submit_at(&mut s, SPEC, t(0));
+    let kind = v1::agent_event::Kind::WorkerExited(v1::WorkerExited {
+        job_id: id.clone(),
+        attempt: 1,
+        signal: Some(15),
+        stopped: true,
+        reason: "lease expired: no live agent renewed it for 8.1s".into(),
+        ..Default::default()
+    });
+    agent_event(&mut s, "n2", kind, t(5));
+    assert_eq!(s.jobs[&id].phase, JobPhase::Stopping);
+    let failure = s.jobs[&id].failure_kind;
+    assert_eq!(
+        failure,
+        Some(FailureKind::WorkerGone),
+        "explained: the lease"
+    );
+    let effects = confirm_stops(&mut s, &id, t(6));
+    assert!(diagnosed(&effects).is_empty(), "no triage");
+    tick(&mut s, t(8));
+    assert_eq!(s.jobs[&id].attempt, 2);
+}
+
+#[test]
 fn the_budget_and_threshold_are_validated() {
     assert!(TriageConfig::default().validate().is_ok());
     let zero = TriageConfig {
