@@ -76,6 +76,16 @@ $table
   answers \`ResourceExhausted\` with a message that says what to do. (On sled, a change that still
   fit in pages its files already held was saved, and accepted: row 14 submits until one is refused.)
 
+- With per-attempt shims, a worker fenced by its shim when the lease ran out could be reported to a
+  coordinator resumed from a pause (row 6) before its agent re-registered without it; the
+  coordinator took the report for an unexplained crash and held the job for a diagnosis of the
+  node. A worker its agent or shim stopped unasked (the lease, an agent shutting down) now fails
+  the attempt as \`worker_gone\`, which is not triaged; regression test
+  \`a_worker_its_agent_stopped_unasked_is_not_triaged\`.
+- The first draft of row 17 waited for its node to have no worker at all after the shim's death,
+  and timed out once: the job's attempt 2 had started on the same node within the poll interval.
+  It now waits for that very process to be gone.
+
 ## Known limits
 
 - A checkpoint writer that is cut off keeps saving until its lease runs out, and its agent cannot
@@ -83,8 +93,12 @@ $table
   (row 7). With real intervals (minutes between checkpoints, an 8 s lease) that is at most one; the
   fake trainer here saves every 0.4 s. Rescanning the shared checkpoint directory when the next
   attempt starts would close the gap.
-- An agent restart (\`kill -9\` of the agent alone) restarts its jobs once: a new agent cannot
-  supervise processes it did not spawn, so it stops them (row 8; see \`agent/src/workers/mod.rs\`).
+- The first agent upgrade from a version without shims restarts the jobs on that host once: the
+  old agent's workers have no shim, so the new agent stops them as orphans. Every restart after
+  that keeps them (rows 8, 16).
+- systemd's part in agent restarts (\`KillMode=process\` in \`deploy/systemd/vigil-agent.service\`,
+  which leaves the shims alone) is not exercised here: these scenarios start and kill the agents
+  themselves, as no systemd runs in this sandbox.
 
 Run it: \`sudo scripts/reliability.sh\` (or \`cargo test -p vigil-tests --test 'reliability*'\` without
 the report). Without root or \`ip\`, these tests print \`skipping: network namespaces need root and
