@@ -58,6 +58,11 @@ pub fn channel(metrics: Metrics) -> (EventSink, EventSource) {
 }
 
 impl EventSink {
+    /// The agent's metrics, for what is counted beside the events.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Counts, logs and queues `event`, and asks for a fresh heartbeat; never blocks.
     pub fn emit(&self, event: AgentEvent) {
         self.metrics.count_event(&event);

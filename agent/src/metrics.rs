@@ -42,6 +42,9 @@ pub struct Metrics {
     xid_errors: Family<XidLabels, Counter>,
     gpu_lost: Counter,
     diagnostics: Family<ResultLabels, Counter>,
+    workers_adopted: Family<OutcomeLabels, Counter>,
+    /// Failed writes of the lease file the workers' shims enforce.
+    pub lease_file_errors: Counter,
     gpus: Arc<GpuCollector>,
     registry: Arc<Registry>,
 }
@@ -56,6 +59,14 @@ struct XidLabels {
 struct ResultLabels {
     result: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// What a starting agent did with a worker an earlier agent recorded.
+pub const ADOPTED_OUTCOMES: [&str; 3] = ["running", "ended", "orphan"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
@@ -160,6 +171,22 @@ impl Metrics {
             "Diagnostics run on the coordinator's request, by result",
             diagnostics.clone(),
         );
+        let workers_adopted = Family::<OutcomeLabels, Counter>::default();
+        for outcome in ADOPTED_OUTCOMES {
+            let _ = workers_adopted.get_or_create(&OutcomeLabels { outcome });
+        }
+        registry.register(
+            "vigil_agent_workers_adopted",
+            "Workers recorded by an earlier agent, at this agent's start, by outcome: running \
+             (re-adopted from its shim), ended (while no agent ran), orphan (no shim: stopped)",
+            workers_adopted.clone(),
+        );
+        let lease_file_errors = Counter::default();
+        registry.register(
+            "vigil_agent_lease_file_errors",
+            "Failed writes of state_dir/lease.json, the lease the workers' shims enforce",
+            lease_file_errors.clone(),
+        );
         let gpu_collector = GpuCollector::new(inventory, hostname, backend == "simulated");
         registry.register_collector(Box::new(Arc::clone(&gpu_collector)));
         Self {
@@ -174,6 +201,8 @@ impl Metrics {
             xid_errors,
             gpu_lost,
             diagnostics,
+            workers_adopted,
+            lease_file_errors,
             gpus: gpu_collector,
             registry: Arc::new(registry),
         }
@@ -189,6 +218,13 @@ impl Metrics {
     pub fn set_store_seq(&self, seq: u64) {
         self.coordinator_store_seq
             .set(i64::try_from(seq).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a worker of an earlier agent by what became of it (one of [`ADOPTED_OUTCOMES`]).
+    pub fn count_adopted(&self, outcome: &'static str) {
+        self.workers_adopted
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// The per-GPU gauges show `samples` from now on.

@@ -515,6 +515,11 @@ async fn a_restarted_agent_re_adopts_the_worker_its_shim_kept_running() -> TestR
         .heartbeat(|hb| hb.workers.iter().any(|w| w.progress_step > Some(step + 2)))
         .await?;
     assert_eq!(shim_pid(&state, "job-f")?, shim, "the same shim");
+    let metrics = second.agent.metrics().await?;
+    assert!(
+        metrics.contains("vigil_agent_workers_adopted_total{outcome=\"running\"} 1"),
+        "{metrics}"
+    );
 
     second.stop_workers("job-f", 7, "job cancelled").await?;
     let exited = second.exited("job-f", 7).await?;
@@ -648,6 +653,11 @@ async fn workers_of_an_agent_from_before_shims_are_stopped_as_orphans() -> TestR
     let exited = h.exited("job-o", 1).await?;
     assert!(exited.stopped);
     assert_eq!(exited.reason, ORPHAN_REASON);
+    let metrics = h.agent.metrics().await?;
+    assert!(
+        metrics.contains("vigil_agent_workers_adopted_total{outcome=\"orphan\"} 1"),
+        "{metrics}"
+    );
     let mut orphan = orphan;
     let _ = orphan.wait();
     assert!(!group_alive(i32::try_from(pid)?));

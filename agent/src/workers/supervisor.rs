@@ -362,6 +362,7 @@ impl Supervisor {
                 self.lease_write_failed = false;
             }
             Err(e) => {
+                self.sink.metrics().lease_file_errors.inc();
                 if !self.lease_write_failed {
                     error!(
                         path = %self.lease_file().display(),
@@ -659,6 +660,7 @@ impl Supervisor {
                         watcher,
                         grace,
                     );
+                    self.sink.metrics().count_adopted("running");
                     continue;
                 }
                 // Its shim ended while no agent ran; the guard took any straggler with it.
@@ -684,6 +686,7 @@ impl Supervisor {
                     report.signal = ended.signal;
                 }
                 self.emit(event);
+                self.sink.metrics().count_adopted("ended");
                 continue;
             }
             if !r.still_running() {
@@ -691,8 +694,10 @@ impl Supervisor {
                 let reason =
                     "agent restarted; the worker had already exited (status unknown)".to_owned();
                 self.emit(exited(&key, false, reason, Some(&r.log_path)));
+                self.sink.metrics().count_adopted("ended");
                 continue;
             }
+            self.sink.metrics().count_adopted("orphan");
             let grace = self.config.stop_grace;
             self.add(r, paths.progress, Proc::Orphan, None, grace);
             self.order_stop(&key, ORPHAN_REASON, None);
