@@ -10,6 +10,11 @@ use crate::config::{AgentConfig, ConfigError, Coordinators, GpuBackendKind};
 /// vigil agent: reports this node's GPUs to the coordinator and keeps its lease.
 ///
 /// Every flag overrides the same key of the config file.
+///
+/// Each training worker runs under a per-attempt shim, this same binary started by the agent as
+/// `vigil-agent shim JOB ATTEMPT` (with `vigil-agent shim-guard` in the worker's process group):
+/// the shims outlive the agent, so restarting or upgrading it restarts no job. They are not for
+/// direct use.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "vigil-agent", version)]
 pub struct Cli {
