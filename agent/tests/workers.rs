@@ -6,7 +6,7 @@ mod common;
 use common::{RunningAgent, TestResult, current_user, root_or_skip, skip_root_test};
 
 use std::error::Error;
-use std::os::unix::process::CommandExt as _;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -872,5 +872,43 @@ async fn a_shim_recorded_while_starting_is_adopted_from_its_status() -> TestResu
     assert_eq!(exited.reason, "job cancelled");
     let _ = shim.wait();
     assert!(!group_alive(running.pgid));
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_shim_that_never_answered_is_stopped_and_its_worker_reported_gone() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(state.join("jobs/job-q/1"))?;
+    // A process that stands for a shim stuck before its answer: it never writes a status.
+    let mut stuck = std::process::Command::new("sleep")
+        .arg("60")
+        .process_group(0)
+        .spawn()?;
+    let pid = stuck.id();
+    std::fs::write(
+        state.join("workers.json"),
+        format!(
+            r#"{{"workers":[{{"job_id":"job-q","attempt":1,"node_rank":0,"pid":0,"pgid":0,
+                "log_path":"{}","started_at_unix_ms":1,"shim_pid":{pid}}}]}}"#,
+            state.join("jobs/job-q/1/rank0.log").display()
+        ),
+    )?;
+    let mut h = Harness::start(&state, NORMAL).await?;
+    let exited = h.exited("job-q", 1).await?;
+    assert!(
+        exited.stopped,
+        "stopped by the agent's side: not the job's failure"
+    );
+    assert_eq!(
+        exited.reason,
+        format!(
+            "the agent ended while starting it: its shim (pid {pid}) never said the worker runs; stopped it"
+        )
+    );
+    assert!(
+        stuck.wait()?.signal() == Some(9),
+        "the stuck shim was killed"
+    );
     h.stop().await
 }

@@ -631,12 +631,19 @@ impl Supervisor {
                     child: None,
                 };
                 let mut r = r;
-                if shim.alive() && r.pid == 0 && !fill_in_started(&mut r, &shim) {
+                let cut_short = shim.alive() && r.pid == 0 && !fill_in_started(&mut r, &shim);
+                if cut_short {
                     // Its start was cut short by the agent's end: no one ever learned of it.
                     warn!(job_id = %key.job_id, attempt = key.attempt, shim_pid, "a shim still starting when the agent ended never said its worker runs; stopping it");
                     shim.signal(nix::sys::signal::Signal::SIGKILL);
+                    for _ in 0..100 {
+                        if !shim.alive() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                 }
-                if shim.alive() {
+                if !cut_short && shim.alive() {
                     info!(
                         job_id = %key.job_id,
                         attempt = key.attempt,
@@ -667,6 +674,13 @@ impl Supervisor {
                 super::group::signal_group(r.pgid, nix::sys::signal::Signal::SIGKILL);
                 let ended = shim.ended(None);
                 let (stopped, reason) = match ended.stopped {
+                    _ if cut_short => (
+                        true,
+                        format!(
+                            "the agent ended while starting it: its shim (pid {shim_pid}) never \
+                             said the worker runs; stopped it"
+                        ),
+                    ),
                     Some(reason) => (true, format!("while the agent was down: {reason}")),
                     None => (
                         false,
