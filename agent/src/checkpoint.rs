@@ -78,10 +78,10 @@ pub fn latest_complete(dir: &Path, layout: Layout) -> io::Result<Option<Checkpoi
         return Ok(None);
     }
     match layout {
-        Layout::Marker => newest_subdir(dir, |d, _| d.join("COMPLETE").is_file()),
-        Layout::PytorchDcp => newest_subdir(dir, |d, _| d.join(".metadata").is_file()),
+        Layout::Marker => newest_subdir(dir, |d, _| marker_holds(d, "COMPLETE")),
+        Layout::PytorchDcp => newest_subdir(dir, |d, _| marker_holds(d, ".metadata")),
         Layout::HfTrainer => newest_subdir(dir, |d, name| {
-            name.starts_with("checkpoint-") && d.join("trainer_state.json").is_file()
+            name.starts_with("checkpoint-") && trainer_state_matches(d, name)
         }),
         Layout::Megatron => Ok(read_tracker(&dir.join(MEGATRON_TRACKER))?
             .and_then(|text| megatron_dir(&text))
@@ -112,18 +112,20 @@ struct Rank {
     name: String,
 }
 
+/// The newest subdirectory that `complete` accepts: candidates are tried newest first, so the
+/// (possibly deep) completeness check runs on the few newest only.
 fn newest_subdir(
     dir: &Path,
     complete: impl Fn(&Path, &str) -> bool,
 ) -> io::Result<Option<Checkpoint>> {
-    let mut best: Option<(Rank, PathBuf)> = None;
+    let mut candidates: Vec<(Rank, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        if !path.is_dir() || !complete(&path, &name) {
+        if !path.is_dir() {
             continue;
         }
         let rank = Rank {
@@ -131,14 +133,150 @@ fn newest_subdir(
             modified: entry.metadata().and_then(|m| m.modified()).ok(),
             name,
         };
-        if best.as_ref().is_none_or(|(b, _)| rank > *b) {
-            best = Some((rank, path));
+        candidates.push((rank, path));
+    }
+    candidates.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(candidates
+        .into_iter()
+        .find(|(rank, path)| complete(path, &rank.name))
+        .map(|(rank, path)| Checkpoint {
+            path,
+            step: rank.step,
+        }))
+}
+
+/// How much newer than its checkpoint's marker a data file may be and still count as written
+/// before it: ranks on other hosts stamp their files with their own clocks (Lustre takes the
+/// client's), and those differ by milliseconds, not seconds.
+pub const MARKER_SKEW: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A checkpoint directory completed by the marker file `marker`: the marker is a non-empty
+/// regular file (an empty one may be a write the crash cut short), and no file in the
+/// directory is newer than it (beyond [`MARKER_SKEW`]): a directory reused by a later save (a
+/// rollback rewriting `step_50`) keeps its old marker while the new data goes in, and is not
+/// complete again until the save writes its marker anew.
+fn marker_holds(dir: &Path, marker: &str) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(dir.join(marker)) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    if meta.len() == 0 {
+        warn_once(
+            dir,
+            "empty marker",
+            format!(
+                "checkpoint {} has an empty {marker}: not counted as complete (an empty marker may \
+                 be a write cut short); write something into it, such as the step number",
+                dir.display()
+            ),
+        );
+        return false;
+    }
+    let Ok(marked) = meta.modified() else {
+        return false;
+    };
+    match newer_file(dir, marker, marked + MARKER_SKEW) {
+        None => true,
+        Some(file) => {
+            warn_once(
+                dir,
+                "newer file",
+                format!(
+                    "checkpoint {} is not complete: {} is newer than its {marker} (the directory is \
+                     being written again); the previous complete checkpoint counts",
+                    dir.display(),
+                    file.display()
+                ),
+            );
+            false
         }
     }
-    Ok(best.map(|(rank, path)| Checkpoint {
-        path,
-        step: rank.step,
-    }))
+}
+
+/// A regular file under `dir` (other than the marker at its top) modified after `limit`;
+/// symlinks are not followed, and at most [`MAX_SAVE_FILES`] entries are looked at.
+fn newer_file(dir: &Path, marker: &str, limit: SystemTime) -> Option<PathBuf> {
+    let mut seen = 0usize;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > MAX_SAVE_FILES {
+                return None;
+            }
+            // Not through a symlink: a link is neither a file nor a directory here.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let path = entry.path();
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file()
+                && !(d == dir && entry.file_name() == marker)
+                && meta.modified().is_ok_and(|t| t > limit)
+            {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
+/// Most bytes of a `trainer_state.json` read (it grows with the log history).
+const MAX_TRAINER_STATE_BYTES: u64 = 64 << 20;
+
+/// An HF Trainer checkpoint `checkpoint-N/` is complete when its `trainer_state.json` (written
+/// after the model, optimizer and scheduler) parses and its `global_step` is N.
+fn trainer_state_matches(dir: &Path, name: &str) -> bool {
+    let path = dir.join("trainer_state.json");
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return false;
+    };
+    if !meta.is_file() || meta.len() > MAX_TRAINER_STATE_BYTES {
+        return false;
+    }
+    let Ok(text) = std::fs::read(&path) else {
+        return false;
+    };
+    let step = serde_json::from_slice::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("global_step").and_then(serde_json::Value::as_u64));
+    if step.is_some() && step == last_integer(name) {
+        return true;
+    }
+    warn_once(
+        dir,
+        "trainer state",
+        format!(
+            "checkpoint {} is not complete: its trainer_state.json {}",
+            dir.display(),
+            match step {
+                None => "does not parse or has no global_step".to_owned(),
+                Some(s) => format!("says global_step {s}, not the directory's number"),
+            }
+        ),
+    );
+    false
+}
+
+/// Logs `message` about checkpoint `dir` once per process and `what` (scans repeat every second).
+fn warn_once(dir: &Path, what: &'static str, message: String) {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    static WARNED: OnceLock<Mutex<HashSet<(PathBuf, &'static str)>>> = OnceLock::new();
+    let warned = WARNED.get_or_init(|| Mutex::new(HashSet::new()));
+    let mut warned = warned.lock().unwrap_or_else(PoisonError::into_inner);
+    if warned.len() > 10_000 {
+        warned.clear();
+    }
+    if warned.insert((dir.to_owned(), what)) {
+        tracing::warn!("{message}");
+    }
 }
 
 /// Most bytes of a tracker file read (it holds one iteration number or tag).
@@ -290,7 +428,15 @@ mod tests {
                 if let Some(parent) = path.parent() {
                     fs::create_dir_all(parent)?;
                 }
-                fs::write(&path, "")?;
+                // Markers hold something, and a trainer state names its directory's step.
+                let text = match (path.file_name(), path.parent().and_then(Path::file_name)) {
+                    (Some(f), Some(d)) if f == "trainer_state.json" => format!(
+                        "{{\"global_step\": {}}}",
+                        last_integer(&d.to_string_lossy()).unwrap_or(0)
+                    ),
+                    _ => "1\n".to_owned(),
+                };
+                fs::write(&path, text)?;
             }
         }
         Ok(tmp)
@@ -459,6 +605,52 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_marker_is_not_complete() -> TestResult {
+        let tmp = dir_with(&["step_5/COMPLETE", "step_6/model.bin"])?;
+        fs::write(tmp.path().join("step_6/COMPLETE"), "")?;
+        assert_eq!(latest(&tmp, Layout::Marker)?, some("step_5", 5));
+        Ok(())
+    }
+
+    /// Sets `path`'s modification time to `base` + `secs`.
+    fn touch(path: &Path, base: SystemTime, secs: u64) -> io::Result<()> {
+        fs::File::options()
+            .write(true)
+            .open(path)?
+            .set_modified(base + std::time::Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn a_reused_directory_whose_data_is_newer_than_its_marker_is_not_complete() -> TestResult {
+        let tmp = dir_with(&[
+            "step_40/model.bin",
+            "step_40/COMPLETE",
+            "step_50/shards/rank1.bin",
+            "step_50/model.bin",
+            "step_50/COMPLETE",
+        ])?;
+        let base = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let d = tmp.path();
+        for f in ["step_40/model.bin", "step_40/COMPLETE", "step_50/model.bin"] {
+            touch(&d.join(f), base, 0)?;
+        }
+        touch(&d.join("step_50/shards/rank1.bin"), base, 1)?;
+        touch(&d.join("step_50/COMPLETE"), base, 0)?;
+        assert_eq!(
+            latest(&tmp, Layout::Marker)?,
+            some("step_50", 50),
+            "a shard 1 s after the marker is clock skew between hosts, not a rewrite"
+        );
+        // A rollback rewrites step_50: new data, the old marker still there.
+        touch(&d.join("step_50/shards/rank1.bin"), base, 600)?;
+        assert_eq!(latest(&tmp, Layout::Marker)?, some("step_40", 40));
+        // The save completes: its marker is written anew.
+        touch(&d.join("step_50/COMPLETE"), base, 601)?;
+        assert_eq!(latest(&tmp, Layout::Marker)?, some("step_50", 50));
+        Ok(())
+    }
+
+    #[test]
     fn pytorch_dcp_needs_metadata() -> TestResult {
         let tmp = dir_with(&[
             "step_10/.metadata",
@@ -467,6 +659,12 @@ mod tests {
         ])?;
         assert_eq!(latest(&tmp, Layout::PytorchDcp)?, some("step_10", 10));
         fs::write(tmp.path().join("step_20/.metadata"), "")?;
+        assert_eq!(
+            latest(&tmp, Layout::PytorchDcp)?,
+            some("step_10", 10),
+            "an empty .metadata is a write cut short"
+        );
+        fs::write(tmp.path().join("step_20/.metadata"), "metadata")?;
         assert_eq!(latest(&tmp, Layout::PytorchDcp)?, some("step_20", 20));
         Ok(())
     }
@@ -483,7 +681,16 @@ mod tests {
             latest(&tmp, Layout::HfTrainer)?,
             some("checkpoint-500", 500)
         );
-        fs::write(tmp.path().join("checkpoint-1000/trainer_state.json"), "{}")?;
+        let state = tmp.path().join("checkpoint-1000/trainer_state.json");
+        for bad in ["{}", "{\"global_step\": 900}", "{\"global_st"] {
+            fs::write(&state, bad)?;
+            assert_eq!(
+                latest(&tmp, Layout::HfTrainer)?,
+                some("checkpoint-500", 500),
+                "{bad}: no global_step 1000"
+            );
+        }
+        fs::write(&state, "{\"global_step\": 1000, \"log_history\": []}")?;
         assert_eq!(
             latest(&tmp, Layout::HfTrainer)?,
             some("checkpoint-1000", 1000)

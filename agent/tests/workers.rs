@@ -680,7 +680,7 @@ async fn rank_0_reports_each_new_complete_checkpoint() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let ckpt = tmp.path().join("ckpt");
     std::fs::create_dir_all(ckpt.join("step_9"))?;
-    std::fs::write(ckpt.join("step_9/COMPLETE"), "")?;
+    std::fs::write(ckpt.join("step_9/COMPLETE"), "9\n")?;
     std::fs::create_dir_all(ckpt.join("step_10"))?;
     let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
     let mut start = sh("job-h", 1, tmp.path(), "sleep 30");
@@ -705,7 +705,7 @@ async fn rank_0_reports_each_new_complete_checkpoint() -> TestResult {
         ..first
     };
     assert_eq!(first, expect("step_9", 9), "step_10 is not complete yet");
-    std::fs::write(ckpt.join("step_10/COMPLETE"), "")?;
+    std::fs::write(ckpt.join("step_10/COMPLETE"), "10\n")?;
     let Kind::Checkpoint(second) = h.event(seen).await? else {
         return Err("not a checkpoint".into());
     };

@@ -311,3 +311,68 @@ fn a_job_waiting_for_a_node_starts_when_that_node_registers() -> Result<()> {
     assert_eq!(attempt(&job), 2, "started at once, not after a hang: {job}");
     Ok(())
 }
+
+/// Complete checkpoints under `dir` (those with a `COMPLETE` marker), by step, with the marker's
+/// modification time.
+fn complete_checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf, std::time::SystemTime)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let step = name.strip_prefix("step_")?.parse().ok()?;
+                    let marked = std::fs::metadata(e.path().join("COMPLETE"))
+                        .and_then(|m| m.modified())
+                        .ok()?;
+                    Some((step, e.path(), marked))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by_key(|(step, _, _)| *step);
+    out
+}
+
+#[test]
+fn a_checkpoint_whose_data_is_newer_than_its_marker_is_not_resumed_from() -> Result<()> {
+    let cluster = start(1)?;
+    let control = cluster.dir.path().join("control-{attempt}");
+    // A checkpoint every 150 steps (6 s): time for the newest to age past MARKER_SKEW (2 s)
+    // before the next one.
+    let text = spec(
+        &cluster,
+        1,
+        0,
+        &format!(", FAKE_CONTROL_FILE = \"{}\"", control.display()),
+        "",
+    )?
+    .replace("FAKE_CKPT_EVERY = \"10\"", "FAKE_CKPT_EVERY = \"150\"");
+    let id = cluster.submit(&text)?;
+    let ckpt = cluster.dir.path().join("ckpt");
+    // Two complete checkpoints, the newest 2.5 s old: a trainer reusing its directory (a
+    // rollback rewriting it) writes new data under the old marker, then crashes mid-save.
+    let (tampered, previous) = wait_for("two checkpoints, the newest 2.5 s old", LONG, || {
+        let all = complete_checkpoints(&ckpt);
+        let [.., (prev, _, _), (newest, dir, marked)] = all.as_slice() else {
+            return Ok(None);
+        };
+        let age = marked.elapsed().unwrap_or_default();
+        if age < Duration::from_millis(2_500) {
+            return Ok(None);
+        }
+        std::fs::write(dir.join("model.bin"), "half-rewritten weights\n")?;
+        std::fs::write(cluster.dir.path().join("control-1"), "crash")?;
+        Ok(Some((*newest, *prev)))
+    })?;
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 1)
+    })?;
+    assert_eq!(
+        attempts(&job)[1]["resumed_from_step"],
+        previous,
+        "not from step {tampered}, whose data is newer than its marker: {}",
+        attempts(&job)[1]
+    );
+    Ok(())
+}
