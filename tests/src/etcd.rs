@@ -96,7 +96,26 @@ impl EtcdCluster {
         Self::start_with(dir, n, Some(tls))
     }
 
+    /// Ports come from [`free_port`], and another process may take one before etcd binds it
+    /// (parallel tests open ports all the time): a member that exits at start is such a
+    /// collision, and the whole cluster is started again on fresh ports and data dirs.
     fn start_with(dir: &Path, n: usize, tls: Option<ServerTls>) -> Result<Self> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let attempt_dir = dir.join(format!("etcd-try{tries}"));
+            std::fs::create_dir_all(&attempt_dir)?;
+            match Self::start_once(&attempt_dir, n, tls.clone()) {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) if tries < 3 && format!("{e:#}").contains("exited at start") => {
+                    eprintln!("etcd test cluster: {e:#}; starting again on other ports");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_once(dir: &Path, n: usize, tls: Option<ServerTls>) -> Result<Self> {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::new();
         for i in 0..n {
@@ -124,6 +143,7 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.start_member(i)?;
         }
+        // On failure the cluster is dropped, and its members killed, before a retry.
         cluster.wait_healthy()?;
         Ok(cluster)
     }
@@ -207,11 +227,19 @@ impl EtcdCluster {
         }
     }
 
-    /// Waits until every running member reports healthy (it has a leader).
-    pub fn wait_healthy(&self) -> Result<()> {
-        for m in self.members.iter().filter(|m| m.running()) {
+    /// Waits until every running member reports healthy (it has a leader); a member that has
+    /// exited is an error at once ("exited at start", with its log).
+    pub fn wait_healthy(&mut self) -> Result<()> {
+        for m in self.members.iter_mut().filter(|m| m.running()) {
             let addr = format!("127.0.0.1:{}", m.metrics_port).parse()?;
-            wait_for(&format!("etcd member {} healthy", m.name), LONG, || {
+            let (name, log) = (m.name.clone(), m.log.clone());
+            wait_for(&format!("etcd member {name} healthy"), LONG, || {
+                if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    bail!(
+                        "etcd member {name} exited at start ({status}); its log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
                 Ok(crate::http_get(addr, "/health")
                     .ok()
                     .filter(|body| body.contains("\"health\":\"true\""))
