@@ -320,6 +320,14 @@ async fn watch_registration(
     }
 }
 
+/// Sleeps until `at`, forever when there is none: a `select!` branch for an optional deadline.
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Wall-clock time for messages and samples, unix milliseconds: a record, never a deadline.
 /// Every timeout, lease and backoff is on `tokio::time::Instant`, so a step of the host's clock
 /// changes no decision (DESIGN.md, "Time"; tests/tests/clock_step.rs steps it).

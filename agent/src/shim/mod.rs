@@ -219,7 +219,7 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T, durable: bool) -> io::Re
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = path.with_file_name(format!("{name}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(&text)?;
     if durable {

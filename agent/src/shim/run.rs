@@ -282,19 +282,12 @@ async fn supervise(
                     stopping.order(spec, pgid, StopRequest { reason, grace_ms });
                 }
             }
-            () = sleep_until(stopping.kill_at), if stopping.kill_at.is_some() => {
+            () = crate::sleep_until(stopping.kill_at), if stopping.kill_at.is_some() => {
                 warn!(pgid, "worker did not exit within its stop grace; sending SIGKILL to its process group");
                 group::signal_group(pgid, Signal::SIGKILL);
                 stopping.kill_at = None;
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

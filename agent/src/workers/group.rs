@@ -54,7 +54,7 @@ fn live_member_in_proc(pgid: i32) -> Option<bool> {
         else {
             continue;
         };
-        let live = |s: &Stat| s.pgrp == pgid && !matches!(s.state, 'Z' | 'X' | 'x');
+        let live = |s: &Stat| s.pgrp == pgid && s.live();
         if read_stat(pid).as_ref().is_some_and(live) {
             return Some(true);
         }
@@ -69,6 +69,18 @@ pub struct Stat {
     pub pgrp: i32,
     /// Clock ticks after boot: with the pid, identifies a process across pid reuse.
     pub start_time: u64,
+}
+
+impl Stat {
+    /// Running or sleeping: not a zombie, not dead.
+    pub fn live(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// The start time of process `pid` (see [`Stat::start_time`]); `None` when there is none.
+pub fn start_time(pid: u32) -> Option<u64> {
+    read_stat(i32::try_from(pid).ok()?).map(|s| s.start_time)
 }
 
 pub fn read_stat(pid: i32) -> Option<Stat> {

@@ -1,9 +1,9 @@
 //! `<state_dir>/workers.json`: the workers this agent runs, so a restarted agent finds them.
 //!
-//! Rewritten (temp file, fsync, rename) whenever a worker starts or ends, so a
+//! Rewritten (temp file, fsync, rename: [`crate::shim::write_json`]) whenever a worker starts or ends, so a
 //! crash leaves either the old list or the new one, never half of each.
 
-use std::io::{self, Write as _};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -82,16 +82,10 @@ pub fn load(state_dir: &Path) -> io::Result<Vec<Record>> {
 }
 
 pub fn save(state_dir: &Path, workers: &[Record]) -> io::Result<()> {
-    let target = path(state_dir);
-    let tmp = state_dir.join(format!("{FILE_NAME}.tmp"));
-    let text = serde_json::to_string_pretty(&WorkersFile {
+    let file = WorkersFile {
         workers: workers.to_vec(),
-    })
-    .map_err(io::Error::other)?;
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &target)
+    };
+    crate::shim::write_json(&path(state_dir), &file, true)
 }
 
 #[cfg(test)]

@@ -79,10 +79,7 @@ impl Shim {
         };
         match group::read_stat(pid) {
             None => false,
-            Some(stat) => {
-                !matches!(stat.state, 'Z' | 'X' | 'x')
-                    && self.start_time.is_none_or(|t| t == stat.start_time)
-            }
+            Some(stat) => stat.live() && self.start_time.is_none_or(|t| t == stat.start_time),
         }
     }
 
@@ -259,7 +256,7 @@ impl Task {
                     let at = Instant::now() + order.grace + margin;
                     kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
                 }
-                () = sleep_until(kill_at), if kill_at.is_some() => {
+                () = crate::sleep_until(kill_at), if kill_at.is_some() => {
                     if let Proc::Shim(shim) = &self.proc {
                         warn!(
                             job_id = %self.key.job_id,
@@ -289,13 +286,6 @@ impl Task {
             let now = unix_ms();
             self.progress.send_if_modified(|p| p.observe(&text, now));
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

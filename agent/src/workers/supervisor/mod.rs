@@ -17,18 +17,18 @@ use vigil_proto::v1::{
     AgentEvent, StartWorker, StopWorkers, WorkerExited, WorkerInfo, WorkerStarted,
 };
 
+mod adopt;
+mod launch;
+
 use super::assigned::Assigned;
-use super::confine;
 use super::progress::Progress;
 use super::record::{self, Record};
-use super::spawn::{self, Launched, Paths, ShimSettings};
-use super::worker::{Exit, Proc, Shim, StopOrder, Task, log_tail};
-use super::{ALREADY_GONE_REASON, Key, ORPHAN_REASON, Request, WorkersConfig};
+use super::worker::{Exit, Proc, StopOrder, Task, log_tail};
+use super::{ALREADY_GONE_REASON, Key, Request, WorkersConfig};
 use crate::checkpoint::Watcher;
 use crate::events::EventSink;
 use crate::lease::Lease;
-use crate::shim::LeaseFile;
-use crate::{error_chain, unix_ms};
+use crate::unix_ms;
 
 /// The supervisor's view of one live worker; its task holds the process.
 struct Entry {
@@ -116,7 +116,7 @@ impl Supervisor {
                         return;
                     }
                 }
-                () = sleep_until(expiry), if expiry.is_some() => self.fence(),
+                () = crate::sleep_until(expiry), if expiry.is_some() => self.fence(),
             }
         }
     }
@@ -217,162 +217,6 @@ impl Supervisor {
             "start waits until the older attempt's process group is dead"
         );
         self.pending.insert(key.job_id, start);
-    }
-
-    async fn launch(&mut self, start: StartWorker) {
-        let key = Key {
-            job_id: start.job_id.clone(),
-            attempt: start.attempt,
-        };
-        let paths = Paths::new(
-            &self.config.state_dir,
-            &key.job_id,
-            key.attempt,
-            start.node_rank,
-        );
-        let confined = match self.config.confine.check(&start, confine::agent_uid()) {
-            Ok(c) => c,
-            Err(e) => {
-                let reason = format!("refused: {e}");
-                warn!(job_id = %key.job_id, attempt = key.attempt, %reason, "worker not started: outside this node's limits");
-                return self.emit(exited(&key, false, reason, None));
-            }
-        };
-        let layout = match spawn::validate(&start) {
-            Ok(layout) => layout,
-            Err(e) => return self.cannot_start(&key, &e, &paths),
-        };
-        let grace = match start.stop_grace_ms {
-            0 => self.config.stop_grace,
-            ms => Duration::from_millis(ms),
-        };
-        // The new shim must find the lease this start came with.
-        self.write_lease(true);
-        let settings = ShimSettings {
-            program: self.config.shim_program.clone(),
-            lease_file: self.lease_file(),
-            lease_stop_grace: self.config.lease_stop_grace,
-            stop_grace: grace,
-        };
-        let starting = match spawn::spawn(&start, &paths, &confined, &settings).await {
-            Ok(starting) => starting,
-            Err(e) => return self.cannot_start(&key, &e, &paths),
-        };
-        // Recorded before its answer: an agent that dies now leaves a shim the next one finds.
-        self.starting = Some(Record {
-            job_id: key.job_id.clone(),
-            attempt: key.attempt,
-            node_rank: start.node_rank,
-            pid: 0,
-            pgid: 0,
-            log_path: paths.log.clone(),
-            started_at_unix_ms: unix_ms(),
-            start_time: None,
-            shim_pid: Some(starting.shim_pid),
-            shim_start_time: i32::try_from(starting.shim_pid)
-                .ok()
-                .and_then(super::group::read_stat)
-                .map(|s| s.start_time),
-            checkpoint_dir: layout.and(confined.checkpoint_dir.clone()),
-            checkpoint_layout: layout.map(|l| l.to_string()),
-            stop_grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
-        });
-        self.persist();
-        let answer = starting.handshake().await;
-        let provisional = self.starting.take();
-        let Launched { shim, running } = match answer {
-            Ok(launched) => launched,
-            Err(e) => {
-                self.persist();
-                return self.cannot_start(&key, &e, &paths);
-            }
-        };
-        let stat = |pid: u32| {
-            i32::try_from(pid)
-                .ok()
-                .and_then(super::group::read_stat)
-                .map(|s| s.start_time)
-        };
-        let Some(provisional) = provisional else {
-            return;
-        };
-        let record = Record {
-            pid: running.worker_pid,
-            pgid: running.pgid,
-            start_time: stat(running.worker_pid),
-            shim_pid: Some(running.shim_pid),
-            shim_start_time: provisional.shim_start_time.or(stat(running.shim_pid)),
-            ..provisional
-        };
-        let watcher = layout.and_then(|l| Some(Watcher::new(confined.checkpoint_dir.clone()?, l)));
-        info!(
-            job_id = %key.job_id,
-            attempt = key.attempt,
-            rank = start.node_rank,
-            pid = running.worker_pid,
-            shim_pid = running.shim_pid,
-            log = %paths.log.display(),
-            "started worker of job {} attempt {} rank {} pid {} under shim pid {}",
-            key.job_id, key.attempt, start.node_rank, running.worker_pid, running.shim_pid
-        );
-        let proc = Proc::Shim(Box::new(Shim {
-            pid: running.shim_pid,
-            start_time: record.shim_start_time,
-            dir: paths.dir.clone(),
-            child: Some(shim),
-        }));
-        self.add(record, paths.progress, proc, watcher, grace);
-        self.persist();
-        let event = self.workers.get(&key).map(|e| started(&e.record));
-        if let Some(event) = event {
-            self.emit(event);
-        }
-    }
-
-    fn cannot_start(&self, key: &Key, e: &spawn::SpawnError, paths: &Paths) {
-        let reason = error_chain(e);
-        warn!(job_id = %key.job_id, attempt = key.attempt, %reason, "cannot start worker");
-        let log = paths.log.exists().then_some(paths.log.as_path());
-        self.emit(exited(key, false, reason, log));
-    }
-
-    fn lease_file(&self) -> PathBuf {
-        self.config.state_dir.join(crate::shim::LEASE_FILE)
-    }
-
-    /// Tells the shims how long the lease runs: on every renewal (at most every
-    /// [`LEASE_WRITE_EVERY`] unless `now`), and before a shim starts.
-    fn write_lease(&mut self, now: bool) {
-        let Some(lease) = self.lease else { return };
-        let at = Instant::now();
-        if !now
-            && self
-                .lease_written
-                .is_some_and(|w| at < w + LEASE_WRITE_EVERY)
-        {
-            return;
-        }
-        let file = LeaseFile::from_now(
-            lease.deadline().saturating_duration_since(at),
-            lease.duration(),
-        );
-        match crate::shim::write_json(&self.lease_file(), &file, false) {
-            Ok(()) => {
-                self.lease_written = Some(at);
-                self.lease_write_failed = false;
-            }
-            Err(e) => {
-                self.sink.metrics().lease_file_errors.inc();
-                if !self.lease_write_failed {
-                    error!(
-                        path = %self.lease_file().display(),
-                        error = %e,
-                        "cannot renew the lease for the shims: they will stop their workers when the last lease they read runs out"
-                    );
-                }
-                self.lease_write_failed = true;
-            }
-        }
     }
 
     /// Registers a worker and starts its task.
@@ -601,124 +445,6 @@ impl Supervisor {
             .collect()
     }
 
-    /// Takes over the workers an earlier agent left running (see the module doc of [`super`]):
-    /// re-adopts each one whose shim still runs, reports each that ended meanwhile, and stops
-    /// the orphans of an agent from before shims.
-    fn adopt(&mut self) {
-        let records = match record::load(&self.config.state_dir) {
-            Ok(records) => records,
-            Err(e) => {
-                let path = record::path(&self.config.state_dir);
-                error!(
-                    path = %path.display(),
-                    error = %e,
-                    "cannot read the worker record; workers of an earlier agent may still be running (their shims stop them when the lease runs out)"
-                );
-                return;
-            }
-        };
-        for r in records {
-            let key = Key {
-                job_id: r.job_id.clone(),
-                attempt: r.attempt,
-            };
-            let paths = Paths::new(&self.config.state_dir, &r.job_id, r.attempt, r.node_rank);
-            if let Some(shim_pid) = r.shim_pid {
-                let shim = Shim {
-                    pid: shim_pid,
-                    start_time: r.shim_start_time,
-                    dir: paths.dir.clone(),
-                    child: None,
-                };
-                let mut r = r;
-                let cut_short = shim.alive() && r.pid == 0 && !fill_in_started(&mut r, &shim);
-                if cut_short {
-                    // Its start was cut short by the agent's end: no one ever learned of it.
-                    warn!(job_id = %key.job_id, attempt = key.attempt, shim_pid, "a shim still starting when the agent ended never said its worker runs; stopping it");
-                    shim.signal(nix::sys::signal::Signal::SIGKILL);
-                    for _ in 0..100 {
-                        if !shim.alive() {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
-                if !cut_short && shim.alive() {
-                    info!(
-                        job_id = %key.job_id,
-                        attempt = key.attempt,
-                        pid = r.pid,
-                        shim_pid,
-                        "re-adopted worker of job {} attempt {} (pid {}) from its shim (pid {shim_pid}): it keeps running",
-                        key.job_id, key.attempt, r.pid
-                    );
-                    let watcher = r
-                        .checkpoint_dir
-                        .clone()
-                        .zip(r.checkpoint_layout.as_deref().and_then(|l| l.parse().ok()))
-                        .map(|(dir, layout)| Watcher::new(dir, layout));
-                    let grace = r
-                        .stop_grace_ms
-                        .map_or(self.config.stop_grace, Duration::from_millis);
-                    self.add(
-                        r,
-                        paths.progress,
-                        Proc::Shim(Box::new(shim)),
-                        watcher,
-                        grace,
-                    );
-                    self.sink.metrics().count_adopted("running");
-                    continue;
-                }
-                // Its shim ended while no agent ran; the guard took any straggler with it.
-                super::group::signal_group(r.pgid, nix::sys::signal::Signal::SIGKILL);
-                let ended = shim.ended(None);
-                let (stopped, reason) = match ended.stopped {
-                    _ if cut_short => (
-                        true,
-                        format!(
-                            "the agent ended while starting it: its shim (pid {shim_pid}) never \
-                             said the worker runs; stopped it"
-                        ),
-                    ),
-                    Some(reason) => (true, format!("while the agent was down: {reason}")),
-                    None => (
-                        false,
-                        format!(
-                            "while the agent was down: {}",
-                            ended.note.unwrap_or_else(|| super::worker::describe_exit(
-                                ended.exit_code,
-                                ended.signal
-                            ))
-                        ),
-                    ),
-                };
-                info!(job_id = %key.job_id, attempt = key.attempt, pid = r.pid, "worker of an earlier agent ended {reason}");
-                let mut event = exited(&key, stopped, reason, Some(&r.log_path));
-                if let Some(Kind::WorkerExited(report)) = &mut event.kind {
-                    report.exit_code = ended.exit_code;
-                    report.signal = ended.signal;
-                }
-                self.emit(event);
-                self.sink.metrics().count_adopted("ended");
-                continue;
-            }
-            if !r.still_running() {
-                info!(job_id = %key.job_id, attempt = key.attempt, pid = r.pid, "worker recorded by an earlier agent is already gone");
-                let reason =
-                    "agent restarted; the worker had already exited (status unknown)".to_owned();
-                self.emit(exited(&key, false, reason, Some(&r.log_path)));
-                self.sink.metrics().count_adopted("ended");
-                continue;
-            }
-            self.sink.metrics().count_adopted("orphan");
-            let grace = self.config.stop_grace;
-            self.add(r, paths.progress, Proc::Orphan, None, grace);
-            self.order_stop(&key, ORPHAN_REASON, None);
-        }
-        self.persist();
-    }
-
     fn refuse(&self, key: &Key, reason: String) {
         warn!(job_id = %key.job_id, attempt = key.attempt, %reason, "worker not started");
         self.emit(exited(key, true, reason, None));
@@ -743,31 +469,6 @@ impl Supervisor {
     fn emit(&self, event: AgentEvent) {
         self.sink.emit(event);
     }
-}
-
-/// A record made while its shim was starting has no worker yet: takes the worker's pids from the
-/// shim's status, which the shim writes before it answers (waiting a little for a shim that is
-/// just starting); false when they never come.
-fn fill_in_started(r: &mut Record, shim: &Shim) -> bool {
-    let path = shim.dir.join(crate::shim::STATUS_FILE);
-    for _ in 0..50 {
-        if let Ok(Some(status)) = crate::shim::read_json::<crate::shim::Status>(&path)
-            && status.running.shim_pid == shim.pid
-        {
-            r.pid = status.running.worker_pid;
-            r.pgid = status.running.pgid;
-            r.start_time = i32::try_from(r.pid)
-                .ok()
-                .and_then(super::group::read_stat)
-                .map(|s| s.start_time);
-            return true;
-        }
-        if !shim.alive() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 fn started(r: &Record) -> AgentEvent {
@@ -796,12 +497,5 @@ fn exited(key: &Key, stopped: bool, reason: String, log: Option<&Path>) -> Agent
             log_path: log.map(|l| l.display().to_string()).unwrap_or_default(),
             log_tail: log.map(log_tail).unwrap_or_default(),
         })),
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
