@@ -3,6 +3,8 @@
 //! Each test binary uses a subset.
 #![allow(dead_code)]
 
+pub mod workers;
+
 use std::error::Error;
 use std::net::SocketAddr;
 use std::time::Duration;
