@@ -175,6 +175,17 @@ pub fn running_attempts(c: &NetCluster) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
+/// Exactly `n` workers run on the cluster's hosts, all of attempt `attempt`: no worker of an
+/// older attempt is left anywhere.
+pub fn only_attempt_runs(c: &NetCluster, attempt: u64, n: usize) -> Result<()> {
+    let workers = running_attempts(c)?;
+    ensure!(
+        workers.len() == n && workers.iter().all(|(_, a)| *a == attempt),
+        "only {n} workers, of attempt {attempt}, may run anywhere: {workers:?}"
+    );
+    Ok(())
+}
+
 /// The job's node for `rank` in its current attempt.
 pub fn node_of_rank(job: &Value, rank: usize) -> Result<String> {
     job["job"]["assigned_nodes"][rank]

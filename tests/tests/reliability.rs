@@ -14,7 +14,7 @@ use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
     Resume, attempt_nodes, availability_log, check_fenced, check_resume, known_checkpoint,
-    node_of_rank, restarts, running, running_attempts, settle, unreported,
+    node_of_rank, only_attempt_runs, restarts, running, settle, unreported,
 };
 use vigil_tests::{FAST_LIVENESS, LONG, now, wait_for};
 
@@ -98,11 +98,7 @@ fn long_partition_relaunches_elsewhere_and_the_isolated_workers_are_fenced() -> 
         "one restart: {job}"
     );
     ensure!(!attempt_nodes(&job, 2)?.contains(&victim));
-    let workers = running_attempts(&c)?;
-    ensure!(
-        workers.len() == 2 && workers.iter().all(|(_, a)| *a == 2),
-        "only attempt 2 runs anywhere: {workers:?}"
-    );
+    only_attempt_runs(&c, 2, 2)?;
     check_fenced(&c, &job, 2)?;
     let lost = check_resume(&c, &job, 2, Resume::Newest)?;
     Row {

@@ -14,8 +14,8 @@ use vigil_tests::jobs::{attempt, spec_in, state, workers_running};
 use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
-    Resume, check_fenced, check_resume, known_checkpoint, node_of_rank, restarts, running,
-    running_attempts, settle,
+    Resume, check_fenced, check_resume, known_checkpoint, node_of_rank, only_attempt_runs,
+    restarts, running, running_attempts, settle,
 };
 use vigil_tests::{FAST_LIVENESS, LONG, now, wait_for};
 
@@ -155,11 +155,7 @@ fn an_agent_killed_for_good_has_its_worker_fenced_by_the_shim_before_the_relaunc
         attempt(&job) == 2 && restarts(&job) == 1,
         "one restart: {job}"
     );
-    let workers = running_attempts(&c)?;
-    ensure!(
-        workers.len() == 2 && workers.iter().all(|(_, a)| *a == 2),
-        "only attempt 2 runs anywhere: {workers:?}"
-    );
+    only_attempt_runs(&c, 2, 2)?;
     check_fenced(&c, &job, 2)?;
     let lost = check_resume(&c, &job, 2, Resume::AtLeast(known))?;
     Row {
@@ -271,11 +267,7 @@ fn a_killed_shim_takes_its_worker_down_and_the_job_restarts_once() -> Result<()>
         attempt(&job) == 2 && restarts(&job) == 1,
         "one restart: {job}"
     );
-    let workers = running_attempts(&c)?;
-    ensure!(
-        workers.len() == 2 && workers.iter().all(|(_, a)| *a == 2),
-        "{workers:?}"
-    );
+    only_attempt_runs(&c, 2, 2)?;
     let lost = check_resume(&c, &job, 2, Resume::Newest)?;
     Row {
         order: 17,

@@ -11,8 +11,8 @@ use vigil_tests::jobs::{attempt, spec_in, state, workers_running};
 use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
-    Resume, availability_log, check_resume, known_checkpoint, restarts, running, running_attempts,
-    settle, unix_ms,
+    Resume, availability_log, check_resume, known_checkpoint, only_attempt_runs, restarts, running,
+    running_attempts, settle, unix_ms,
 };
 use vigil_tests::{FAST_LIVENESS, LONG, now, wait_for};
 
@@ -172,11 +172,7 @@ fn coordinator_killed_between_stop_and_relaunch_recovers_exactly_once() -> Resul
             && job["attempts"].as_array().map(Vec::len) == Some(2),
         "recovered exactly once: {job}"
     );
-    let workers = running_attempts(&c)?;
-    ensure!(
-        workers.len() == 2 && workers.iter().all(|(_, a)| *a == 2),
-        "{workers:?}"
-    );
+    only_attempt_runs(&c, 2, 2)?;
     let lost = check_resume(&c, &job, 2, Resume::Newest)?;
     Row {
         order: 4,

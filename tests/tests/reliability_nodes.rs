@@ -9,8 +9,8 @@ use vigil_tests::jobs::{attempt, spec_in, state, workers_running};
 use vigil_tests::netns::NetCluster;
 use vigil_tests::report::Row;
 use vigil_tests::scenario::{
-    Resume, attempt_nodes, check_resume, known_checkpoint, node_of_rank, restarts, running,
-    running_attempts, settle, unix_ms,
+    Resume, attempt_nodes, check_resume, known_checkpoint, node_of_rank, only_attempt_runs,
+    restarts, running, running_attempts, settle, unix_ms,
 };
 use vigil_tests::{FAST_LIVENESS, now};
 
@@ -101,8 +101,7 @@ fn a_bad_replacement_is_cordoned_too_and_the_job_takes_the_next_node() -> Result
     for n in &nodes {
         ensure!(c.node(n)?["cordon"].is_null(), "{n} is healthy");
     }
-    let workers = running_attempts(&c)?;
-    ensure!(workers.iter().all(|(_, a)| *a == 3) && workers.len() == 2);
+    only_attempt_runs(&c, 3, 2)?;
     let lost = check_resume(&c, &job, 3, Resume::Newest)?;
     Row {
         order: 10,
