@@ -195,36 +195,46 @@ fn marker_holds(dir: &Path, marker: &str) -> bool {
     }
 }
 
-/// A regular file under `dir` (other than the marker at its top) modified after `limit`;
-/// symlinks are not followed, and at most [`MAX_SAVE_FILES`] entries are looked at.
+/// A regular file under `dir` (other than the marker at its top) modified after `limit`.
 fn newer_file(dir: &Path, marker: &str, limit: SystemTime) -> Option<PathBuf> {
-    let mut seen = 0usize;
+    let mut found = None;
+    walk_files(dir, |parent, entry, meta| {
+        let newer = meta.is_file()
+            && !(parent == dir && entry.file_name() == marker)
+            && meta.modified().is_ok_and(|t| t > limit);
+        if newer {
+            found = Some(entry.path());
+        }
+        !newer
+    });
+    found
+}
+
+/// Calls `visit(parent, entry, metadata)` for every entry below `dir` that is not a directory,
+/// at most [`MAX_SAVE_FILES`] of them, until it returns false. Symlinks are not followed (the
+/// job owns the directory): a link is visited as itself.
+fn walk_files(
+    dir: &Path,
+    mut visit: impl FnMut(&Path, &std::fs::DirEntry, &std::fs::Metadata) -> bool,
+) {
+    let mut visited = 0usize;
     let mut pending = vec![dir.to_owned()];
     while let Some(d) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
         for entry in entries.flatten() {
-            seen += 1;
-            if seen > MAX_SAVE_FILES {
-                return None;
-            }
-            // Not through a symlink: a link is neither a file nor a directory here.
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
-            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
-                pending.push(path);
-            } else if meta.is_file()
-                && !(d == dir && entry.file_name() == marker)
-                && meta.modified().is_ok_and(|t| t > limit)
-            {
-                return Some(path);
+                pending.push(entry.path());
+                continue;
             }
+            if visited >= MAX_SAVE_FILES || !visit(&d, &entry, &meta) {
+                return;
+            }
+            visited += 1;
         }
     }
-    None
 }
 
 /// Most bytes of a `trainer_state.json` read (it grows with the log history).
@@ -347,23 +357,10 @@ pub fn save_duration_ms(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<u6
 /// time, unix ms); see [`save_duration_ms`].
 pub fn save_timing(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<(u64, u64)> {
     let mut times: Vec<SystemTime> = Vec::new();
-    let mut pending = vec![c.path.clone()];
-    while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if times.len() >= MAX_SAVE_FILES {
-                break;
-            }
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if let Ok(t) = meta.modified() {
-                times.push(t);
-            }
-        }
-    }
+    walk_files(&c.path, |_, _, meta| {
+        times.extend(meta.modified().ok());
+        true
+    });
     let tracker = match layout {
         Layout::Megatron => Some(MEGATRON_TRACKER),
         Layout::Deepspeed => Some(DEEPSPEED_TRACKER),

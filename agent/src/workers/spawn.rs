@@ -183,8 +183,9 @@ pub struct Starting {
 
 /// Lays out the worker's files and starts its shim, which starts the worker in a process group
 /// of its own, output appended to its log, as the user and in the (resolved) workdir `confined`
-/// names. The caller records the shim, then waits for its answer ([`Starting::handshake`]): an
-/// agent that dies in between leaves a shim its successor can find.
+/// names. `start` has passed [`validate`]. The caller records the shim, then waits for its
+/// answer ([`Starting::handshake`]): an agent that dies in between leaves a shim its successor
+/// can find.
 pub async fn spawn(
     start: &StartWorker,
     paths: &Paths,
@@ -200,22 +201,17 @@ pub async fn spawn(
         std::os::unix::fs::chown(&paths.run, Some(id.uid), Some(id.gid))
             .map_err(files(&paths.run))?;
     }
-    // A progress file left by an earlier run on this node is not this worker's progress.
-    match std::fs::remove_file(&paths.progress) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(files(&paths.progress)(e)),
-        _ => {}
-    }
-    // Stop orders and exits of an earlier shim of this attempt are not this one's.
-    for stale in [STOP_FILE, STATUS_FILE] {
-        match std::fs::remove_file(paths.dir.join(stale)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(files(&paths.dir.join(stale))(e));
-            }
+    // Left by an earlier run of this attempt on this node: its progress file is not this
+    // worker's progress, and its shim's stop order and exit are not this shim's.
+    for stale in [
+        paths.progress.clone(),
+        paths.dir.join(STOP_FILE),
+        paths.dir.join(STATUS_FILE),
+    ] {
+        match std::fs::remove_file(&stale) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(files(&stale)(e)),
             _ => {}
         }
-    }
-    if start.command.first().is_none_or(|p| p.is_empty()) {
-        return Err(SpawnError::EmptyCommand);
     }
     let env = environment(start, paths);
     let open_private = |path: &Path| {

@@ -145,6 +145,18 @@ pub struct Ended {
     pub note: Option<String>,
 }
 
+impl Ended {
+    /// Whether it was stopped, and the reason line: the shim's stop reason, else what happened
+    /// (the note), else its exit code or signal.
+    pub fn outcome(self) -> (bool, String) {
+        match (self.stopped, self.note) {
+            (Some(reason), _) => (true, reason),
+            (None, Some(note)) => (false, note),
+            (None, None) => (false, describe_exit(self.exit_code, self.signal)),
+        }
+    }
+}
+
 /// Everything one worker task needs; the supervisor keeps the other ends.
 pub struct Task {
     pub key: Key,
@@ -203,20 +215,16 @@ impl Task {
         let log_tail = tokio::task::spawn_blocking(move || log_tail(&log_path))
             .await
             .unwrap_or_default();
-        let (stopped, reason) = match (stop, ended.stopped) {
-            (Some(reason), _) | (None, Some(reason)) => (true, reason),
-            (None, None) => (
-                false,
-                ended
-                    .note
-                    .unwrap_or_else(|| describe_exit(ended.exit_code, ended.signal)),
-            ),
+        let (exit_code, signal) = (ended.exit_code, ended.signal);
+        let (stopped, reason) = match stop {
+            Some(reason) => (true, reason),
+            None => ended.outcome(),
         };
         let report = WorkerExited {
             job_id: self.key.job_id.clone(),
             attempt: self.key.attempt,
-            exit_code: ended.exit_code,
-            signal: ended.signal,
+            exit_code,
+            signal,
             stopped,
             reason,
             log_path: self.log_path.display().to_string(),

@@ -87,33 +87,24 @@ impl Supervisor {
                 // Its shim ended while no agent ran; the guard took any straggler with it.
                 super::super::group::signal_group(r.pgid, nix::sys::signal::Signal::SIGKILL);
                 let ended = shim.ended(None);
-                let (stopped, reason) = match ended.stopped {
-                    _ if cut_short => (
+                let (exit_code, signal) = (ended.exit_code, ended.signal);
+                let (stopped, reason) = if cut_short {
+                    (
                         true,
                         format!(
                             "the agent ended while starting it: its shim (pid {shim_pid}) never \
                              said the worker runs; stopped it"
                         ),
-                    ),
-                    Some(reason) => (true, format!("while the agent was down: {reason}")),
-                    None => (
-                        false,
-                        format!(
-                            "while the agent was down: {}",
-                            ended
-                                .note
-                                .unwrap_or_else(|| super::super::worker::describe_exit(
-                                    ended.exit_code,
-                                    ended.signal
-                                ))
-                        ),
-                    ),
+                    )
+                } else {
+                    let (stopped, how) = ended.outcome();
+                    (stopped, format!("while the agent was down: {how}"))
                 };
                 info!(job_id = %key.job_id, attempt = key.attempt, pid = r.pid, "worker of an earlier agent ended {reason}");
                 let mut event = exited(&key, stopped, reason, Some(&r.log_path));
                 if let Some(Kind::WorkerExited(report)) = &mut event.kind {
-                    report.exit_code = ended.exit_code;
-                    report.signal = ended.signal;
+                    report.exit_code = exit_code;
+                    report.signal = signal;
                 }
                 self.emit(event);
                 self.sink.metrics().count_adopted("ended");
