@@ -372,12 +372,7 @@ impl NetCluster {
 
     /// The pids of the per-attempt shims on host `name`.
     pub fn shims(&self, name: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .processes(name)?
-            .into_iter()
-            .filter(|(_, c)| c.starts_with("vigil-agent shim "))
-            .map(|(p, _)| p)
-            .collect())
+        self.pids_where(name, |c| c.starts_with("vigil-agent shim "))
     }
 
     /// `kill -9` the agent only: its workers, in their own process groups, live on.
@@ -439,10 +434,15 @@ impl NetCluster {
 
     /// Pids of fake-trainer workers running on host `name`.
     pub fn trainers(&self, name: &str) -> Result<Vec<u32>> {
+        self.pids_where(name, |c| c.contains("fake-trainer"))
+    }
+
+    /// Pids of the processes on host `name` whose command line `matches`.
+    fn pids_where(&self, name: &str, matches: impl Fn(&str) -> bool) -> Result<Vec<u32>> {
         Ok(self
             .processes(name)?
             .into_iter()
-            .filter(|(_, c)| c.contains("fake-trainer"))
+            .filter(|(_, c)| matches(c))
             .map(|(p, _)| p)
             .collect())
     }

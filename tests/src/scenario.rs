@@ -15,6 +15,7 @@ use crate::netns::NetCluster;
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub step: u64,
+    pub path: std::path::PathBuf,
     /// The `COMPLETE` marker's mtime, unix ms; `None`: partial.
     pub completed_at_ms: Option<u64>,
     /// The attempt named in its data file (the fake trainer writes it).
@@ -57,6 +58,7 @@ pub fn checkpoints(dir: &Path) -> Result<Vec<Checkpoint>> {
             .and_then(|a| a.trim().parse().ok());
         out.push(Checkpoint {
             step,
+            path: path.clone(),
             completed_at_ms,
             attempt,
         });

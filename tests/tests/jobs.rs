@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use vigil_tests::jobs::{attempt, attempts, spec, start, state, workers_running};
+use vigil_tests::scenario::{Checkpoint, checkpoints, unix_ms};
 use vigil_tests::{LONG, bin, clusterctl, now, wait_for};
 
 fn node_of_rank(job: &Value, rank: usize) -> Result<String> {
@@ -312,28 +313,6 @@ fn a_job_waiting_for_a_node_starts_when_that_node_registers() -> Result<()> {
     Ok(())
 }
 
-/// Complete checkpoints under `dir` (those with a `COMPLETE` marker), by step, with the marker's
-/// modification time.
-fn complete_checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf, std::time::SystemTime)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let step = name.strip_prefix("step_")?.parse().ok()?;
-                    let marked = std::fs::metadata(e.path().join("COMPLETE"))
-                        .and_then(|m| m.modified())
-                        .ok()?;
-                    Some((step, e.path(), marked))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort_by_key(|(step, _, _)| *step);
-    out
-}
-
 #[test]
 fn a_checkpoint_whose_data_is_newer_than_its_marker_is_not_resumed_from() -> Result<()> {
     let cluster = start(1)?;
@@ -353,17 +332,20 @@ fn a_checkpoint_whose_data_is_newer_than_its_marker_is_not_resumed_from() -> Res
     // Two complete checkpoints, the newest 2.5 s old: a trainer reusing its directory (a
     // rollback rewriting it) writes new data under the old marker, then crashes mid-save.
     let (tampered, previous) = wait_for("two checkpoints, the newest 2.5 s old", LONG, || {
-        let all = complete_checkpoints(&ckpt);
-        let [.., (prev, _, _), (newest, dir, marked)] = all.as_slice() else {
+        let complete: Vec<Checkpoint> = checkpoints(&ckpt)?
+            .into_iter()
+            .filter(|c| c.completed_at_ms.is_some())
+            .collect();
+        let [.., prev, newest] = complete.as_slice() else {
             return Ok(None);
         };
-        let age = marked.elapsed().unwrap_or_default();
-        if age < Duration::from_millis(2_500) {
+        let age = unix_ms().saturating_sub(newest.completed_at_ms.unwrap_or(u64::MAX));
+        if age < 2_500 {
             return Ok(None);
         }
-        std::fs::write(dir.join("model.bin"), "half-rewritten weights\n")?;
+        std::fs::write(newest.path.join("model.bin"), "half-rewritten weights\n")?;
         std::fs::write(cluster.dir.path().join("control-1"), "crash")?;
-        Ok(Some((*newest, *prev)))
+        Ok(Some((newest.step, prev.step)))
     })?;
     let job = cluster.wait_job(&id, "attempt 2 running", |j| {
         attempt(j) == 2 && workers_running(j, 1)
