@@ -110,11 +110,13 @@ async fn with_no_agent_the_shim_stops_its_worker_when_the_lease_runs_out() -> Te
     first.stop().await?;
     assert!(group_alive(group), "alive inside the lease");
     until("the shim fences its worker", || !group_alive(group)).await?;
-    let status = std::fs::read_to_string(state.join("jobs/job-l/1/shim-status.json"))?;
-    assert!(
-        status.contains("lease expired: no live agent renewed it"),
-        "{status}"
-    );
+    // The group is gone a moment before the shim has written why: wait for the record.
+    let status = state.join("jobs/job-l/1/shim-status.json");
+    until("the shim records the lease expiry", || {
+        std::fs::read_to_string(&status)
+            .is_ok_and(|s| s.contains("lease expired: no live agent renewed it"))
+    })
+    .await?;
 
     let mut second = Harness::start(&state, NORMAL).await?;
     let exited = second.exited("job-l", 1).await?;
