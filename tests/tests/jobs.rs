@@ -187,6 +187,64 @@ fn max_restarts_exhausted_fails_the_job_with_the_reason() -> Result<()> {
 }
 
 #[test]
+fn a_program_that_crashes_at_the_same_step_ends_as_a_crash_loop() -> Result<()> {
+    let cluster = start(2)?;
+    let text = spec(
+        &cluster,
+        2,
+        0,
+        ", FAKE_CRASH_AT_STEP = \"5\", FAKE_CRASH_ATTEMPT = \"any\"",
+        "",
+    )?
+    .replace("max_restarts = 3", "max_restarts = 10");
+    let id = cluster.submit(&text)?;
+    let job = cluster.wait_job(&id, "job Failed", |j| state(j) == "Failed")?;
+    let reason = job["job"]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.starts_with(
+            "crash loop: attempts 1, 2, 3 failed the same way, worker exited with code 1"
+        ),
+        "{reason}"
+    );
+    assert!(reason.contains("with no hardware culprit"), "{reason}");
+    assert!(
+        reason.contains("fake-trainer: crashing at step 5 (FAKE_CRASH_AT_STEP)"),
+        "the last output is quoted: {reason}"
+    );
+    assert_eq!(
+        attempt(&job),
+        3,
+        "no fourth attempt although max_restarts = 10"
+    );
+    for a in attempts(&job) {
+        assert_eq!(a["exit_code"], 1, "{a}");
+        assert_eq!(a["crash_loop"], "counts: worker exited with code 1", "{a}");
+        assert!(
+            a["triage"].as_object().is_some_and(|t| t.len() == 2),
+            "each crash was triaged first and no node failed: {a}"
+        );
+    }
+    let shown = clusterctl(&cluster.url(), &["job", "show", &id])?;
+    assert!(shown.success(), "{shown:?}");
+    assert!(
+        shown
+            .stdout
+            .contains("LAST OUTPUT of the worker that failed attempt 3"),
+        "{}",
+        shown.stdout
+    );
+    assert!(
+        shown.stdout.contains("  fake-trainer: crashing at step 5"),
+        "{}",
+        shown.stdout
+    );
+    for (name, node) in vigil_tests::nodes(&cluster.url())? {
+        assert!(node["cordon"].is_null(), "{name} is not cordoned: {node}");
+    }
+    Ok(())
+}
+
+#[test]
 fn a_coordinator_restart_within_the_lease_restarts_nothing() -> Result<()> {
     let mut cluster = start(2)?;
     let id = cluster.submit(&spec(&cluster, 2, 0, "", "")?)?;

@@ -280,6 +280,8 @@ pub fn running_job() -> v1::JobDetail {
                 resumed_from_step: None,
                 last_step: Some(260),
                 triage: Default::default(),
+                crash_loop: "excused: gpu-003 was cordoned automatically".into(),
+                ..Default::default()
             },
             v1::AttemptRecord {
                 attempt: 2,
@@ -293,6 +295,7 @@ pub fn running_job() -> v1::JobDetail {
                 resumed_from_step: Some(200),
                 last_step: Some(230),
                 triage: Default::default(),
+                ..Default::default()
             },
         ],
         last_checkpoint: Some(v1::CheckpointRecord {

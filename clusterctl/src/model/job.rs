@@ -88,6 +88,13 @@ pub struct AttemptRecord {
     pub last_step: Option<u64>,
     /// Each node's triage verdict after an unexplained failure; `{}` when none.
     pub triage: std::collections::BTreeMap<String, String>,
+    /// How the worker whose failure ended the attempt ended; `null` when no worker failed it.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// That worker's last output (at most 2 KiB); empty when none.
+    pub log_tail: String,
+    /// The crash-loop judgement: `counts: <signature>`, `excused: <why>`, or empty before it.
+    pub crash_loop: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -156,6 +163,10 @@ impl JobDetail {
                     resumed_from_step: a.resumed_from_step,
                     last_step: a.last_step,
                     triage: a.triage.into_iter().collect(),
+                    exit_code: a.exit_code,
+                    signal: a.signal,
+                    log_tail: a.log_tail,
+                    crash_loop: a.crash_loop,
                 })
                 .collect(),
             last_checkpoint: d.last_checkpoint.map(|c| CheckpointRecord {
@@ -238,6 +249,10 @@ mod tests {
                 "resumed_from_step": null,
                 "last_step": 260,
                 "triage": {},
+                "exit_code": null,
+                "signal": null,
+                "log_tail": "",
+                "crash_loop": "excused: gpu-003 was cordoned automatically",
             })
         );
         assert_eq!(

@@ -172,8 +172,12 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
     for section in [
         workers_table(d, now_ms),
         attempts_table(d, now_ms, term),
+        last_output(d),
         events_table(d, term),
     ] {
+        if section.is_empty() {
+            continue;
+        }
         out.push_str("\n");
         out.push_str(&section);
     }
@@ -262,6 +266,35 @@ fn attempts_table(d: &JobDetail, now_ms: u64, term: Term) -> String {
         ]);
     }
     format!("ATTEMPTS\n{}", t.render())
+}
+
+/// The last output of the worker whose failure ended the latest failed attempt: what a crash
+/// loop (or any crash) says about itself. Empty when no attempt kept any.
+fn last_output(d: &JobDetail) -> String {
+    let Some(a) = d.attempts.iter().rev().find(|a| !a.log_tail.is_empty()) else {
+        return String::new();
+    };
+    let how = match (a.exit_code, a.signal) {
+        (_, Some(sig)) => format!(", killed by signal {sig}"),
+        (Some(code), None) => format!(", exit code {code}"),
+        (None, None) => String::new(),
+    };
+    let on = if a.culprit_node.is_empty() {
+        String::new()
+    } else {
+        format!(" on {}", a.culprit_node)
+    };
+    let mut out = format!(
+        "LAST OUTPUT of the worker that failed attempt {}{on}{how}
+",
+        a.attempt
+    );
+    for line in a.log_tail.lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 impl Foldable for JobEvent {

@@ -62,6 +62,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
             resumed_from_step: None,
             last_step: Some(260),
             triage: Default::default(),
+            ..Default::default()
         }],
         last_checkpoint: Some(v1::CheckpointRecord {
             path: "/ckpt/step_00000200".into(),
@@ -302,14 +303,18 @@ fn job_show_json_has_the_documented_shape() {
         keys(&job["attempts"][0]),
         [
             "attempt",
+            "crash_loop",
             "culprit_node",
             "ended_at_unix_ms",
+            "exit_code",
             "last_step",
+            "log_tail",
             "nodes",
             "outcome",
             "reason",
             "resumed_from",
             "resumed_from_step",
+            "signal",
             "started_at_unix_ms",
             "triage",
         ]

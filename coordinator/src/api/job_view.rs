@@ -111,6 +111,16 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
                     .iter()
                     .map(|(n, v)| (n.clone(), v.describe()))
                     .collect(),
+                exit_code: a.worker_end.as_ref().and_then(|e| e.exit_code),
+                signal: a.worker_end.as_ref().and_then(|e| e.signal),
+                log_tail: a
+                    .worker_end
+                    .as_ref()
+                    .map_or_else(String::new, |e| e.log_tail.clone()),
+                crash_loop: a
+                    .crash_loop
+                    .as_ref()
+                    .map_or_else(String::new, |j| j.describe()),
             })
             .collect(),
         last_checkpoint: job.checkpoint.as_ref().map(checkpoint),

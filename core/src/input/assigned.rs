@@ -185,6 +185,8 @@ mod tests {
                 catch_up_step: None,
                 caught_up_at_ms: None,
                 triage: BTreeMap::new(),
+                worker_end: None,
+                crash_loop: None,
             })
             .collect();
         BTreeMap::from([("j-1".to_owned(), j)])

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use vigil_proto::v1;
 
+use super::crash_loop::WorkerEnd;
 use super::launch::stop_command;
 use super::ms;
 use crate::goodput;
@@ -340,6 +341,9 @@ pub(super) fn worker_exited(
                 fault_at_ms: (observed_at_ms > 0).then_some(observed_at_ms),
                 ..Failure::new(&reason, node, kind)
             };
+            if let Some(a) = job.current_attempt_mut() {
+                a.worker_end = Some(WorkerEnd::new(w.exit_code, w.signal, &w.log_tail));
+            }
             stop_attempt(job, nodes, &failure, after, now, effects);
         }
         JobPhase::Stopping => {
@@ -376,6 +380,29 @@ fn succeed(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
     job.spares.clear();
 }
 
+/// The job ends `Failed` for `reason` (an event of `kind`, a log line), releasing its nodes.
+pub(super) fn fail_job(
+    job: &mut Job,
+    reason: String,
+    kind: &str,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    job.phase = JobPhase::Failed;
+    job.finished_at_ms = Some(now.wall_ms);
+    job.reason = reason;
+    job.event(now.wall_ms, kind, job.reason.clone());
+    effects.push(Effect::JobLog {
+        job: job.id.clone(),
+        message: job.reason.clone(),
+        warn: true,
+    });
+    job.placement.clear();
+    job.spares.clear();
+    job.restart_at_ms = None;
+    job.restart_at = None;
+}
+
 /// Once every worker of a stopping attempt is dead, move on.
 pub(super) fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
     if job.phase != JobPhase::Stopping || !job.workers.values().all(|w| w.phase.is_dead()) {
@@ -405,20 +432,11 @@ pub(super) fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effec
             });
         }
         AfterStop::Fail => {
-            job.phase = JobPhase::Failed;
-            job.finished_at_ms = Some(now.wall_ms);
-            job.reason = format!(
+            let reason = format!(
                 "gave up after {} restarts (max_restarts = {}); last failure: {}",
                 job.restarts, job.spec.restart.max_restarts, job.reason
             );
-            job.event(now.wall_ms, "failed", job.reason.clone());
-            effects.push(Effect::JobLog {
-                job: job.id.clone(),
-                message: job.reason.clone(),
-                warn: true,
-            });
-            job.placement.clear();
-            job.spares.clear();
+            fail_job(job, reason, "failed", now, effects);
         }
         AfterStop::Cancel => {
             job.phase = JobPhase::Cancelled;

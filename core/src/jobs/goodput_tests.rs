@@ -324,6 +324,8 @@ fn attempt(n: u64, start_s: u64) -> Attempt {
         catch_up_step: None,
         caught_up_at_ms: None,
         triage: Default::default(),
+        worker_end: None,
+        crash_loop: None,
     }
 }
 

@@ -164,6 +164,12 @@ pub struct Attempt {
     /// Triage verdicts per node, after an unexplained failure (see `triage`).
     #[serde(default)]
     pub triage: BTreeMap<String, crate::triage::Verdict>,
+    /// How the failing worker ended (a crash), for crash-loop signatures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_end: Option<crate::jobs::crash_loop::WorkerEnd>,
+    /// Whether this failure counts toward a crash loop, judged once triage is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_loop: Option<crate::jobs::crash_loop::Judged>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

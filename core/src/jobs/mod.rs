@@ -9,8 +9,10 @@
 //!   `requests` (submit, cancel, drain), `schedule` (the gang scheduler, which starts
 //!   attempts), `attempt` (how an attempt fails, stops and ends; hangs), `reports` (what agents
 //!   report about workers), `launch` (the start and stop commands, the worker's environment).
-//! - Policies on top: `goodput`, `triage`, `stragglers`, `training_health`, `rollback`.
+//! - Policies on top: `goodput`, `triage`, `crash_loop`, `stragglers`, `training_health`,
+//!   `rollback`.
 
+pub mod crash_loop;
 pub mod goodput;
 pub mod job;
 pub mod rollback;

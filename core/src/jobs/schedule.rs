@@ -50,6 +50,14 @@ impl ClusterState {
                 }
                 _ => false,
             };
+            // Judged at the relaunch, not at the stop: triage is done by then, and evidence
+            // that trails the crash (an XID a moment later) has had the backoff to arrive.
+            if ready_to_start
+                && job.phase == JobPhase::Restarting
+                && super::crash_loop::check(job, &self.nodes, now, &mut effects)
+            {
+                continue;
+            }
             let gpus = job.spec.gpus_per_node;
             let nodes = &self.nodes;
             let avoid = job.avoid.clone();
@@ -275,6 +283,8 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         catch_up_step: None,
         caught_up_at_ms: None,
         triage: BTreeMap::new(),
+        worker_end: None,
+        crash_loop: None,
     });
     goodput::on_start(job);
     let from = job.checkpoint.as_ref().map_or_else(

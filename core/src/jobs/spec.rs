@@ -47,6 +47,9 @@ pub struct JobSpec {
     /// Loss-spike rollback policies (see `training_health`).
     #[serde(default)]
     pub training_health: crate::training_health::TrainingHealthSpec,
+    /// When repeated identical failures end the job (see `crash_loop`).
+    #[serde(default)]
+    pub crash_loop: crate::jobs::crash_loop::CrashLoopSpec,
 }
 
 fn default_master_port() -> u16 {
@@ -129,6 +132,7 @@ pub fn parse(text: &str, source: &str, cluster_nodes: usize) -> Result<JobSpec, 
     spec.training_health
         .validate()
         .map_err(|e| format!("{at}{e}"))?;
+    spec.crash_loop.validate().map_err(|e| format!("{at}{e}"))?;
     Ok(spec)
 }
 
