@@ -48,9 +48,9 @@ except where a row says otherwise; with the defaults (10 s, 8 s) detection scale
   \`clusterctl job show\` shows it; polled every ~0.1 s).
 - **steps lost**: the last step the failed attempt reported minus the step the next attempt resumed
   from. Every scenario checks that the resume point is a *complete* checkpoint written by an earlier
-  attempt and the newest one on disk; where the checkpoint writer (node rank 0) itself died or was
-  cut off, at least the newest one the coordinator had seen (saves it made after its agent's last
-  report are unknown to the coordinator: rows 7 and 9).
+  attempt and the newest one on disk, also where the checkpoint writer (node rank 0) itself died
+  or was cut off and its agent never reported its last saves (rows 7 and 9): the relaunch scans the
+  checkpoint directory before its workers start.
 - Every scenario also checks what was *not* restarted and that no worker of an old attempt is left.
 
 $table
@@ -89,10 +89,9 @@ $table
 ## Known limits
 
 - A checkpoint writer that is cut off keeps saving until its lease runs out, and its agent cannot
-  report those saves: the next attempt resumes from the newest checkpoint the coordinator had seen
-  (row 7). With real intervals (minutes between checkpoints, an 8 s lease) that is at most one; the
-  fake trainer here saves every 0.4 s. Rescanning the shared checkpoint directory when the next
-  attempt starts would close the gap.
+  report those saves; the relaunch's checkpoint scan finds them (row 7). The scan is as good as
+  the shared file system's view from node rank 0 of the new gang: a save still in a client's
+  write-back cache on the cut-off host is not there to find.
 - The first agent upgrade from a version without shims restarts the jobs on that host once: the
   old agent's workers have no shim, so the new agent stops them as orphans. Every restart after
   that keeps them (rows 8, 16).

@@ -84,6 +84,7 @@ impl EventSink {
                 Kind::WorkerStarted(_)
                 | Kind::WorkerExited(_)
                 | Kind::Checkpoint(_)
+                | Kind::CheckpointScan(_)
                 | Kind::LogData(_),
             )
             | None => {}

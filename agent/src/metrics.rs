@@ -256,6 +256,7 @@ impl Metrics {
                 Kind::WorkerStarted(_)
                 | Kind::WorkerExited(_)
                 | Kind::Checkpoint(_)
+                | Kind::CheckpointScan(_)
                 | Kind::LogData(_),
             )
             | None => {}

@@ -525,6 +525,7 @@ fn run_command(ctx: &SessionContext, command: Command) {
         Some(CommandKind::StartWorker(start)) => ctx.workers.start_worker(start),
         Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),
+        Some(CommandKind::ScanCheckpoints(scan)) => ctx.workers.scan_checkpoints(scan),
         None => warn!(
             command_id = command.id,
             "unknown command from a newer coordinator ignored; upgrade this agent"

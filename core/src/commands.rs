@@ -6,7 +6,10 @@
 //! already gone answers `WorkerExited { stopped }`.
 //!
 //! What is derived:
-//! - a worker of a Running attempt not yet reported (`Starting`): `StartWorker`;
+//! - a relaunch's checkpoint scan not yet answered: `ScanCheckpoints` to node rank 0
+//!   (`resume_scan`);
+//! - a worker of a Running attempt not yet reported (`Starting`): `StartWorker`, once no scan
+//!   is pending;
 //! - a worker of a Stopping attempt not yet confirmed dead: `StopWorkers`;
 //! - a worker an agent reports that is no current attempt's on that node: `StopWorkers`.
 //!
@@ -16,7 +19,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::job::{Job, JobPhase, WorkerPhase};
-use crate::jobs::{start_command, stop_command};
+use crate::jobs::{resume_scan, start_command, stop_command};
 use crate::state::{ClusterState, Effect};
 use crate::time::{Instant, Now};
 
@@ -70,7 +73,9 @@ enum Want {
 
 fn want(job: &Job, phase: WorkerPhase) -> Option<Want> {
     match job.phase {
-        JobPhase::Running if phase == WorkerPhase::Starting => Some(Want::Start),
+        JobPhase::Running if phase == WorkerPhase::Starting && !resume_scan::pending(job) => {
+            Some(Want::Start)
+        }
         JobPhase::Stopping if !phase.is_dead() => Some(Want::Stop),
         _ => None,
     }
@@ -96,6 +101,18 @@ impl ClusterState {
             let Some(job) = self.jobs.get_mut(&id).filter(|j| j.phase.holds_nodes()) else {
                 continue;
             };
+            if resume_scan::pending(job)
+                && let Some(scan) = job.resume_scan.as_mut()
+                && let Some(session) = nodes.get(&scan.node).and_then(|n| n.session)
+                && Sent::due(scan.sent, session, now.mono)
+            {
+                scan.sent = Some(Sent::next(scan.sent, session, now.mono));
+                let node = scan.node.clone();
+                effects.push(Effect::Command {
+                    node,
+                    kind: resume_scan::command(job),
+                });
+            }
             let due: Vec<(String, u64, Want)> = job
                 .workers
                 .iter()

@@ -264,8 +264,9 @@ fn running_jobs_are_not_stopped_by_the_hold_and_restarts_wait_for_the_confirmati
             .map(|e| (e.kind.as_str(), e.message.as_str())),
         Some(("pending", JOBS_HELD))
     );
-    // Confirmed: it starts at once, attempt 2.
+    // Confirmed: it starts at once, attempt 2 (once node rank 0 scanned its checkpoints).
     let effects = confirm(&mut s, t(31));
+    let effects = crate::test_utils::with_scans_answered(&mut s, effects, t(31));
     assert_eq!(starts(&effects).len(), 1, "{effects:?}");
     assert_eq!(
         (s.jobs[&id].phase, s.jobs[&id].attempt),

@@ -229,3 +229,32 @@ pub fn refusal(effects: &[Effect]) -> crate::state::StateError {
         })
         .unwrap_or_else(|| panic!("not refused: {effects:?}"))
 }
+
+/// `effects`, and what follows when every checkpoint scan among them is answered at `now` with
+/// "nothing newer" (a relaunch's workers start then): for scenarios about something else.
+pub fn with_scans_answered(
+    s: &mut ClusterState,
+    mut effects: Vec<Effect>,
+    now: Now,
+) -> Vec<Effect> {
+    let scans: Vec<(String, v1::ScanCheckpoints)> = commands(&effects)
+        .into_iter()
+        .filter_map(|(n, k)| match k {
+            v1::command::Kind::ScanCheckpoints(c) => Some((n, c)),
+            _ => None,
+        })
+        .collect();
+    for (node, scan) in scans {
+        let ev = v1::AgentEvent {
+            at_unix_ms: now.wall_ms,
+            kind: Some(v1::agent_event::Kind::CheckpointScan(v1::CheckpointScan {
+                job_id: scan.job_id,
+                attempt: scan.attempt,
+                newest: None,
+                error: String::new(),
+            })),
+        };
+        effects.extend(agent_event(s, &node, ev, now));
+    }
+    effects
+}

@@ -245,6 +245,73 @@ fn a_program_that_crashes_at_the_same_step_ends_as_a_crash_loop() -> Result<()> 
 }
 
 #[test]
+fn a_checkpoint_completed_by_a_writer_cut_off_from_the_coordinator_is_found_at_relaunch()
+-> Result<()> {
+    let cluster = start(3)?;
+    let id = cluster.submit(&spec(&cluster, 2, 1, "", "")?)?;
+    let job = cluster.wait_job(&id, "attempt 1 running with a checkpoint", |j| {
+        workers_running(j, 2) && j["job"]["last_checkpoint_step"].as_u64().is_some()
+    })?;
+    let writer = node_of_rank(&job, 0)?;
+    let agent = cluster.agent(&writer)?.child.id().to_string();
+    // The writer's agent stalls: the coordinator hears nothing more from that node, while the
+    // worker's shim keeps it training (and checkpointing) until the lease runs out.
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &agent])
+        .status()?;
+    anyhow::ensure!(stop.success(), "kill -STOP {agent}");
+    let resumed = (|| -> Result<Value> {
+        std::thread::sleep(Duration::from_millis(300));
+        let known = cluster.job(&id)?["job"]["last_checkpoint_step"]
+            .as_u64()
+            .unwrap_or(0);
+        let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+            attempt(j) == 2 && workers_running(j, 2)
+        })?;
+        let on_disk = checkpoints(&cluster.dir.path().join("ckpt"))?;
+        let newest = on_disk
+            .iter()
+            .filter(|c| c.completed_at_ms.is_some() && c.attempt == Some(1))
+            .map(|c| c.step)
+            .max()
+            .unwrap_or(0);
+        anyhow::ensure!(
+            newest > known,
+            "the cut-off writer completed no checkpoint past step {known}: {on_disk:?}"
+        );
+        assert_eq!(
+            attempts(&job)[1]["resumed_from_step"],
+            newest,
+            "resumed from the newest complete checkpoint on disk, not the {known} last reported: {}",
+            attempts(&job)[1]
+        );
+        let found = job["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["message"].as_str())
+            .any(|m| m.contains(&format!("(step {newest}) that no agent had reported")));
+        assert!(found, "the job's history says so: {}", job["events"]);
+        Ok(job)
+    })();
+    let resume = std::process::Command::new("kill")
+        .args(["-CONT", &agent])
+        .status();
+    let job = resumed?;
+    anyhow::ensure!(resume?.success(), "kill -CONT {agent}");
+    assert!(
+        !job["job"]["assigned_nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n == writer.as_str()),
+        "attempt 2 runs without the silent node: {}",
+        job["job"]
+    );
+    Ok(())
+}
+
+#[test]
 fn a_coordinator_restart_within_the_lease_restarts_nothing() -> Result<()> {
     let mut cluster = start(2)?;
     let id = cluster.submit(&spec(&cluster, 2, 0, "", "")?)?;

@@ -163,7 +163,7 @@ impl Confinement {
     }
 
     /// `path` resolved, if it lies under an allowed root.
-    fn inside(&self, field: &'static str, path: &str) -> Result<PathBuf, ConfineError> {
+    pub(crate) fn inside(&self, field: &'static str, path: &str) -> Result<PathBuf, ConfineError> {
         let bad = || ConfineError::BadPath {
             field,
             path: path.to_owned(),

@@ -34,6 +34,7 @@ pub(crate) mod group;
 mod logs;
 mod progress;
 mod record;
+mod resume_scan;
 mod spawn;
 mod supervisor;
 mod worker;
@@ -42,7 +43,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use vigil_proto::v1::{AgentEvent, LogData, ReadLog, StartWorker, StopWorkers, WorkerInfo};
+use vigil_proto::v1::{
+    AgentEvent, LogData, ReadLog, ScanCheckpoints, StartWorker, StopWorkers, WorkerInfo,
+};
 
 pub use group::group_alive;
 pub use progress::{Progress, parse_step};
@@ -100,6 +103,8 @@ pub struct Workers {
     tx: mpsc::UnboundedSender<Request>,
     state_dir: PathBuf,
     sink: EventSink,
+    /// Where checkpoint scans may look (`ScanCheckpoints`).
+    confine: std::sync::Arc<confine::Confinement>,
 }
 
 impl Workers {
@@ -107,12 +112,37 @@ impl Workers {
     pub fn start(config: WorkersConfig, sink: EventSink) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let state_dir = config.state_dir.clone();
+        let confine = std::sync::Arc::new(config.confine.clone());
         supervisor::spawn(config, sink.clone(), rx);
         Self {
             tx,
             state_dir,
             sink,
+            confine,
         }
+    }
+
+    /// Scan a job's checkpoint directory before its relaunch; the answer goes back as a
+    /// `CheckpointScan` event. Off the async threads: a hung network file system blocks a
+    /// blocking thread, nothing else.
+    pub fn scan_checkpoints(&self, scan: ScanCheckpoints) {
+        let confine = std::sync::Arc::clone(&self.confine);
+        let sink = self.sink.clone();
+        tokio::spawn(async move {
+            let (job_id, attempt) = (scan.job_id.clone(), scan.attempt);
+            let answer = tokio::task::spawn_blocking(move || resume_scan::run(&confine, &scan))
+                .await
+                .unwrap_or_else(|e| vigil_proto::v1::CheckpointScan {
+                    job_id,
+                    attempt,
+                    newest: None,
+                    error: format!("checkpoint scan task failed: {e}"),
+                });
+            sink.emit(AgentEvent {
+                at_unix_ms: crate::unix_ms(),
+                kind: Some(vigil_proto::v1::agent_event::Kind::CheckpointScan(answer)),
+            });
+        });
     }
 
     /// Read part of a worker log (for `clusterctl job logs`); the answer

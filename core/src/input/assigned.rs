@@ -78,6 +78,7 @@ pub fn subject(event: &v1::AgentEvent) -> Option<(&str, u64, &'static str)> {
         Some(Kind::WorkerStarted(w)) => Some((&w.job_id, w.attempt, "worker_started")),
         Some(Kind::WorkerExited(w)) => Some((&w.job_id, w.attempt, "worker_exited")),
         Some(Kind::Checkpoint(c)) => Some((&c.job_id, c.attempt, "checkpoint")),
+        Some(Kind::CheckpointScan(c)) => Some((&c.job_id, c.attempt, "checkpoint_scan")),
         _ => None,
     }
 }
@@ -160,6 +161,7 @@ mod tests {
             avoid: Default::default(),
             env_override: BTreeMap::new(),
             events: Vec::new(),
+            resume_scan: None,
             unannounced: Vec::new(),
         };
         j.workers = current

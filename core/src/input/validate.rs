@@ -167,6 +167,17 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
             }
             check_path("checkpoint.path", &c.path)
         }
+        Some(Kind::CheckpointScan(c)) => {
+            check_job_id("checkpoint_scan.job_id", &c.job_id)?;
+            check_len("checkpoint_scan.error", &c.error, MAX_REASON)?;
+            match &c.newest {
+                Some(n) if n.path.is_empty() => {
+                    Err("checkpoint_scan.newest.path is empty: name the checkpoint".into())
+                }
+                Some(n) => check_path("checkpoint_scan.newest.path", &n.path),
+                None => Ok(()),
+            }
+        }
         Some(Kind::LogData(l)) => check_len("log_data.data", &l.data, MAX_LOG_DATA),
         None => Ok(()),
     }

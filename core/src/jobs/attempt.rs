@@ -125,6 +125,11 @@ impl ClusterState {
             .values_mut()
             .filter(|j| j.phase == JobPhase::Running)
         {
+            super::resume_scan::expire(job, now, &mut effects);
+            if super::resume_scan::pending(job) {
+                // Its workers have not been started: no hang to watch for.
+                continue;
+            }
             let timeout = job.spec.progress.hang_timeout;
             // Silence from a node nobody can hear (Unreachable: a partition, a stalled host)
             // is not the job's: its progress clock waits until the node is heard again, and

@@ -126,6 +126,22 @@ pub struct Checkpoint {
     pub completed_at_ms: Option<u64>,
 }
 
+impl Checkpoint {
+    /// `checkpoint PATH (step N)`, or `a fresh start` for none: what an attempt resumes from.
+    pub fn describe(c: Option<&Checkpoint>) -> String {
+        c.map_or_else(
+            || "a fresh start".to_owned(),
+            |c| {
+                format!(
+                    "checkpoint {} (step {})",
+                    c.path,
+                    c.step.map_or_else(|| "?".into(), |s| s.to_string())
+                )
+            },
+        )
+    }
+}
+
 /// How many complete checkpoints a job remembers (for the checkpoint
 /// interval and for choosing one to roll back to).
 pub const MAX_CHECKPOINT_HISTORY: usize = 64;
@@ -251,6 +267,10 @@ pub struct Job {
     #[serde(default)]
     pub env_override: BTreeMap<String, String>,
     pub events: Vec<JobEvent>,
+    /// The checkpoint scan the current attempt waits for before its workers start (see
+    /// `resume_scan`; not stored).
+    #[serde(skip)]
+    pub resume_scan: Option<crate::jobs::resume_scan::Scan>,
     /// Events not yet announced to `clusterctl events` watchers (not stored).
     #[serde(skip)]
     pub unannounced: Vec<JobEvent>,

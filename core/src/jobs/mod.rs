@@ -15,6 +15,7 @@
 pub mod crash_loop;
 pub mod goodput;
 pub mod job;
+pub mod resume_scan;
 pub mod rollback;
 pub mod spec;
 pub mod stragglers;

@@ -18,6 +18,7 @@ impl ClusterState {
             Some(Kind::WorkerStarted(w)) => (&w.job_id, w.attempt),
             Some(Kind::WorkerExited(w)) => (&w.job_id, w.attempt),
             Some(Kind::Checkpoint(c)) => (&c.job_id, c.attempt),
+            Some(Kind::CheckpointScan(c)) => (&c.job_id, c.attempt),
             _ => return Vec::new(),
         };
         let mut effects = Vec::new();
@@ -87,6 +88,10 @@ impl ClusterState {
                 job.checkpoint = Some(seen);
                 let swap = self.stragglers.swap_at_checkpoint;
                 crate::stragglers::swap(job, &self.nodes, swap, now, &mut effects);
+            }
+            Some(Kind::CheckpointScan(c)) => {
+                super::resume_scan::answered(job, node, c, now, &mut effects);
+                return effects;
             }
             _ => {}
         }

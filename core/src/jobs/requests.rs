@@ -55,6 +55,7 @@ impl ClusterState {
             avoid: BTreeSet::new(),
             env_override: BTreeMap::new(),
             events: Vec::new(),
+            resume_scan: None,
             unannounced: Vec::new(),
         };
         job.event(

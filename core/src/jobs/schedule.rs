@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::goodput;
 use crate::health::Condition;
-use crate::job::{Attempt, Job, JobPhase, Worker, WorkerPhase};
+use crate::job::{Attempt, Checkpoint, Job, JobPhase, Worker, WorkerPhase};
 use crate::kinds::FailureKind;
 use crate::node::{Availability, Node};
 use crate::state::{ClusterState, Effect, Now};
@@ -287,16 +287,8 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         crash_loop: None,
     });
     goodput::on_start(job);
-    let from = job.checkpoint.as_ref().map_or_else(
-        || "a fresh start".to_owned(),
-        |c| {
-            format!(
-                "checkpoint {} (step {})",
-                c.path,
-                c.step.map_or_else(|| "?".into(), |s| s.to_string())
-            )
-        },
-    );
+    super::resume_scan::begin(job, now);
+    let from = Checkpoint::describe(job.checkpoint.as_ref());
     let msg = format!(
         "attempt {} starting on {} from {from}",
         job.attempt,
@@ -308,5 +300,6 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         message: msg,
         warn: false,
     });
-    // The StartWorker commands follow from the Starting workers (`commands`).
+    // The StartWorker commands follow from the Starting workers (`commands`), once a relaunch's
+    // checkpoint scan is answered (`resume_scan`).
 }

@@ -150,7 +150,8 @@ impl ClusterState {
             Some(
                 v1::agent_event::Kind::WorkerStarted(_)
                 | v1::agent_event::Kind::WorkerExited(_)
-                | v1::agent_event::Kind::Checkpoint(_),
+                | v1::agent_event::Kind::Checkpoint(_)
+                | v1::agent_event::Kind::CheckpointScan(_),
             ) => {
                 if let Some(v1::agent_event::Kind::WorkerExited(x)) = &event.kind {
                     // What the agent runs is its last report, less what has exited since.

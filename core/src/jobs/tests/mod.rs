@@ -204,8 +204,11 @@ fn from(s: &mut ClusterState, node: &str, ev: v1::AgentEvent, now: Now) -> Vec<E
     agent_event(s, node, ev, now)
 }
 
+/// A tick; a relaunch's checkpoint scan it sends is answered at once with "nothing newer"
+/// (its own scenarios are in `resume_scan_tests`), so the workers' starts are among its effects.
 fn tick(s: &mut ClusterState, now: Now) -> Vec<Effect> {
-    tick_at(s, now)
+    let effects = tick_at(s, now);
+    crate::test_utils::with_scans_answered(s, effects, now)
 }
 
 /// Confirm the stop on every node that was asked to stop.

@@ -19,8 +19,8 @@ use vigil_proto::v1::agent_service_client::AgentServiceClient;
 use vigil_proto::v1::command::Kind as CommandKind;
 use vigil_proto::v1::coordinator_message::Body as CoordinatorBody;
 use vigil_proto::v1::{
-    AgentEvent, AgentMessage, GpuBackend, GpuInfo, GpuSample, Heartbeat, NvLinkStatus, Register,
-    WorkerExited, WorkerInfo, WorkerStarted, XidError, agent_event,
+    AgentEvent, AgentMessage, CheckpointScan, GpuBackend, GpuInfo, GpuSample, Heartbeat,
+    NvLinkStatus, Register, WorkerExited, WorkerInfo, WorkerStarted, XidError, agent_event,
 };
 
 use crate::stats::Histogram;
@@ -552,6 +552,15 @@ fn handle_command(
                     log_tail: String::new(),
                 }))?;
             }
+        }
+        // A relaunch's checkpoint scan: these fake jobs write no checkpoints.
+        Some(CommandKind::ScanCheckpoints(scan)) => {
+            out.event(agent_event::Kind::CheckpointScan(CheckpointScan {
+                job_id: scan.job_id,
+                attempt: scan.attempt,
+                newest: None,
+                error: String::new(),
+            }))?;
         }
         // Diagnostics and log reads are not part of the load test.
         Some(CommandKind::RunDiagnostics(_) | CommandKind::ReadLog(_)) | None => {}
