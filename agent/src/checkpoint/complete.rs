@@ -136,7 +136,7 @@ pub(super) fn trainer_state_matches(dir: &Path, name: &str) -> bool {
 }
 
 /// Logs `message` about checkpoint `dir` once per process and `what` (scans repeat every second).
-fn warn_once(dir: &Path, what: &'static str, message: String) {
+pub(super) fn warn_once(dir: &Path, what: &'static str, message: String) {
     use std::collections::HashSet;
     use std::sync::{Mutex, OnceLock, PoisonError};
     static WARNED: OnceLock<Mutex<HashSet<(PathBuf, &'static str)>>> = OnceLock::new();

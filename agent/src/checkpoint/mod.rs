@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 mod complete;
+mod deepspeed;
 
 pub use complete::MARKER_SKEW;
 use complete::{marker_holds, trainer_state_matches, walk_files};
@@ -79,6 +80,16 @@ const DEEPSPEED_TRACKER: &str = "latest";
 
 /// The newest complete checkpoint under `dir`; a missing dir holds none.
 pub fn latest_complete(dir: &Path, layout: Layout) -> io::Result<Option<Checkpoint>> {
+    latest_complete_with(dir, layout, None)
+}
+
+/// [`latest_complete`] for a gang of `world_size` ranks, when known: a DeepSpeed save needs a
+/// ZeRO shard from each (see `deepspeed`).
+pub fn latest_complete_with(
+    dir: &Path,
+    layout: Layout,
+    world_size: Option<u32>,
+) -> io::Result<Option<Checkpoint>> {
     if !dir.is_dir() {
         return Ok(None);
     }
@@ -93,8 +104,15 @@ pub fn latest_complete(dir: &Path, layout: Layout) -> io::Result<Option<Checkpoi
             .and_then(|name| existing_subdir(dir, &name))),
         Layout::Deepspeed => Ok(read_tracker(&dir.join(DEEPSPEED_TRACKER))?
             .filter(|tag| is_plain_name(tag))
-            .and_then(|tag| existing_subdir(dir, &tag))),
+            .and_then(|tag| deepspeed::newest(dir, &tag, world_size))),
     }
+}
+
+/// The gang's world size from a `StartWorker`: its nodes times the processes per node that
+/// vigil gives the launcher (`PET_NPROC_PER_NODE`); `None` when either is missing.
+pub fn world_size(nnodes: u32, env: &std::collections::HashMap<String, String>) -> Option<u32> {
+    let per_node: u32 = env.get("PET_NPROC_PER_NODE")?.parse().ok()?;
+    nnodes.checked_mul(per_node).filter(|w| *w > 0)
 }
 
 /// The last run of ASCII digits in `name`: `step_000200`, `checkpoint-200`,
@@ -245,6 +263,8 @@ pub fn save_timing(dir: &Path, c: &Checkpoint, layout: Layout) -> Option<(u64, u
 pub struct Watcher {
     pub dir: PathBuf,
     pub layout: Layout,
+    /// The gang's world size, when known (see [`latest_complete_with`]).
+    pub world_size: Option<u32>,
     last: Option<Checkpoint>,
 }
 
@@ -253,8 +273,13 @@ impl Watcher {
         Self {
             dir,
             layout,
+            world_size: None,
             last: None,
         }
+    }
+
+    pub fn with_world_size(self, world_size: Option<u32>) -> Self {
+        Self { world_size, ..self }
     }
 
     /// The scan's result if it is news; an unreadable dir keeps the last answer.

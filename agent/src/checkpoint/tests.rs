@@ -332,7 +332,10 @@ fn megatron_release_is_a_checkpoint_without_a_step() -> TestResult {
 
 #[test]
 fn deepspeed_follows_the_latest_tag() -> TestResult {
-    let tmp = dir_with(&["global_step100/", "global_step200/"])?;
+    let tmp = dir_with(&[
+        "global_step100/mp_rank_00_model_states.pt",
+        "global_step200/mp_rank_00_model_states.pt",
+    ])?;
     assert_eq!(latest(&tmp, Layout::Deepspeed)?, None, "no tag yet");
     fs::write(tmp.path().join("latest"), "global_step100")?;
     assert_eq!(

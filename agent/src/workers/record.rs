@@ -36,6 +36,9 @@ pub struct Record {
     pub checkpoint_dir: Option<PathBuf>,
     #[serde(default)]
     pub checkpoint_layout: Option<String>,
+    /// The gang's world size, for DeepSpeed's shard check (absent in records of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
     /// The worker's own stop grace (from its StartWorker), in milliseconds.
     #[serde(default)]
     pub stop_grace_ms: Option<u64>,
@@ -106,6 +109,7 @@ mod tests {
             shim_start_time: Some(13),
             checkpoint_dir: Some(PathBuf::from("/ckpt/j")),
             checkpoint_layout: Some("marker".to_owned()),
+            world_size: Some(16),
             stop_grace_ms: Some(2_000),
         }
     }

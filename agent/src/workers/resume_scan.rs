@@ -45,7 +45,8 @@ fn newest(confine: &Confinement, scan: &ScanCheckpoints) -> Result<Option<Checkp
     let resolved = confine
         .inside("checkpoint_dir", &scan.checkpoint_dir)
         .map_err(|e| e.to_string())?;
-    let found = checkpoint::latest_complete(&resolved, layout)
+    let world = (scan.world_size > 0).then_some(scan.world_size);
+    let found = checkpoint::latest_complete_with(&resolved, layout, world)
         .map_err(|e| format!("cannot scan {}: {e}", resolved.display()))?;
     let Some(found) = found else {
         return Ok(None);

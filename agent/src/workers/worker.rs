@@ -433,9 +433,9 @@ type Scan = (
 /// Scan the checkpoint dir off the async threads: a hung network file
 /// system blocks a blocking thread, not the worker's stop path.
 async fn scan(watcher: &Watcher) -> Option<Scan> {
-    let (dir, layout) = (watcher.dir.clone(), watcher.layout);
+    let (dir, layout, world) = (watcher.dir.clone(), watcher.layout, watcher.world_size);
     tokio::task::spawn_blocking(move || {
-        let found = checkpoint::latest_complete(&dir, layout);
+        let found = checkpoint::latest_complete_with(&dir, layout, world);
         let save_ms = match &found {
             Ok(Some(c)) => checkpoint::save_timing(&dir, c, layout),
             _ => None,

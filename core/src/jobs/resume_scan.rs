@@ -71,6 +71,7 @@ pub(crate) fn command(job: &Job) -> v1::command::Kind {
         attempt: job.attempt,
         checkpoint_dir: job.spec.checkpoint.dir.clone(),
         checkpoint_layout: job.spec.checkpoint.layout.clone(),
+        world_size: job.spec.nodes.saturating_mul(job.spec.gpus_per_node),
     })
 }
 

@@ -130,6 +130,7 @@ fn a_relaunch_scans_first_and_resumes_from_a_newer_checkpoint_nobody_reported() 
             attempt: 2,
             checkpoint_dir: "/c".into(),
             checkpoint_layout: "marker".into(),
+            world_size: 16,
         }
     );
     // 2.5 s later (hang_timeout is 3 s): no hang while nothing was started.

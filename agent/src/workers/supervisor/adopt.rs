@@ -70,7 +70,9 @@ impl Supervisor {
                         .checkpoint_dir
                         .clone()
                         .zip(r.checkpoint_layout.as_deref().and_then(|l| l.parse().ok()))
-                        .map(|(dir, layout)| Watcher::new(dir, layout));
+                        .map(|(dir, layout)| {
+                            Watcher::new(dir, layout).with_world_size(r.world_size)
+                        });
                     let grace = r
                         .stop_grace_ms
                         .map_or(self.config.stop_grace, Duration::from_millis);

@@ -72,6 +72,7 @@ impl Supervisor {
             shim_start_time: start_time(starting.shim_pid),
             checkpoint_dir: layout.and(confined.checkpoint_dir.clone()),
             checkpoint_layout: layout.map(|l| l.to_string()),
+            world_size: crate::checkpoint::world_size(start.nnodes, &start.env),
             stop_grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
         });
         self.persist();
@@ -97,7 +98,10 @@ impl Supervisor {
                 .or_else(|| start_time(running.shim_pid)),
             ..provisional
         };
-        let watcher = layout.and_then(|l| Some(Watcher::new(confined.checkpoint_dir.clone()?, l)));
+        let world = crate::checkpoint::world_size(start.nnodes, &start.env);
+        let watcher = layout.and_then(|l| {
+            Some(Watcher::new(confined.checkpoint_dir.clone()?, l).with_world_size(world))
+        });
         info!(
             job_id = %key.job_id,
             attempt = key.attempt,
