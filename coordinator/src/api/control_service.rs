@@ -14,6 +14,7 @@ use vigil_tls::Role;
 
 use crate::access::{Caller, authorize};
 use crate::agent_service::valid_node_name;
+use crate::breaker::Held;
 use crate::config::MAX_DIAGNOSTICS_TIMEOUT;
 use crate::control_streams::{self, EventStream, LogStream};
 use crate::engine::{EngineHandle, Event};
@@ -63,6 +64,12 @@ impl ControlService {
             insecure,
             ha: None,
         }
+    }
+
+    /// A node as an operator's call leaves it (with its held cordon, if any).
+    fn summary(&self, node: &Node) -> v1::NodeSummary {
+        let snap = self.engine.snapshot();
+        summary(node, snap.held(&node.record.name), self.engine.now().mono)
     }
 
     /// The caller, if their role allows `call`; a refusal is logged and counted.
@@ -125,14 +132,14 @@ impl v1::control_service_server::ControlService for ControlService {
                 .nodes
                 .iter()
                 .filter(|n| n.cordoned())
-                .map(|n| summary(n, now))
+                .map(|n| summary(n, snap.held(&n.record.name), now))
                 .collect(),
             nodes_simulated: total(|n| u32::from(n.record.simulated)),
             degraded: snap
                 .nodes
                 .iter()
                 .filter(|n| !n.cordoned() && n.condition != Condition::Healthy)
-                .map(|n| summary(n, now))
+                .map(|n| summary(n, snap.held(&n.record.name), now))
                 .collect(),
             insecure: self.insecure,
             caller: caller.actor,
@@ -152,7 +159,11 @@ impl v1::control_service_server::ControlService for ControlService {
         let snap = self.engine.snapshot();
         let now = self.engine.now().mono;
         Ok(Response::new(v1::ListNodesResponse {
-            nodes: snap.nodes.iter().map(|n| summary(n, now)).collect(),
+            nodes: snap
+                .nodes
+                .iter()
+                .map(|n| summary(n, snap.held(&n.record.name), now))
+                .collect(),
         }))
     }
 
@@ -171,7 +182,11 @@ impl v1::control_service_server::ControlService for ControlService {
             .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
                 name,
             )))?;
-        Ok(Response::new(detail(node, self.engine.now().mono)))
+        Ok(Response::new(detail(
+            node,
+            snap.held(&node.record.name),
+            self.engine.now().mono,
+        )))
     }
 
     async fn cordon(
@@ -204,7 +219,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 reply,
             })
             .await?;
-        Ok(Response::new(summary(&node, self.engine.now().mono)))
+        Ok(Response::new(self.summary(&node)))
     }
 
     async fn uncordon(
@@ -223,7 +238,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 reply,
             })
             .await?;
-        Ok(Response::new(summary(&node, self.engine.now().mono)))
+        Ok(Response::new(self.summary(&node)))
     }
 
     async fn submit_job(
@@ -402,7 +417,7 @@ impl v1::control_service_server::ControlService for ControlService {
             })
             .await?;
         Ok(Response::new(v1::DrainResponse {
-            node: Some(summary(&node, self.engine.now().mono)),
+            node: Some(self.summary(&node)),
             jobs_restarted: jobs,
         }))
     }
@@ -478,13 +493,39 @@ impl v1::control_service_server::ControlService for ControlService {
             hold: Some(crate::recovery_view::hold(&hold, &snap)),
         }))
     }
+
+    async fn get_breaker(
+        &self,
+        request: Request<v1::GetBreakerRequest>,
+    ) -> Result<Response<v1::BreakerStatus>, Status> {
+        self.allow(&request, Role::Viewer, "breaker")?;
+        let snap = self.engine.snapshot();
+        let status = crate::breaker_view::status(&snap.breaker, snap.nodes.len());
+        Ok(Response::new(status))
+    }
+
+    async fn reset_breaker(
+        &self,
+        request: Request<v1::ResetBreakerRequest>,
+    ) -> Result<Response<v1::BreakerStatus>, Status> {
+        let caller = self.allow(&request, Role::Admin, "breaker reset")?;
+        let breaker = self
+            .engine
+            .ask(|reply| Event::ResetBreaker {
+                actor: caller.actor,
+                reply,
+            })
+            .await?;
+        let known = self.engine.snapshot().nodes.len();
+        Ok(Response::new(crate::breaker_view::status(&breaker, known)))
+    }
 }
 
 fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-pub fn summary(n: &Node, now: vigil_core::time::Instant) -> v1::NodeSummary {
+pub fn summary(n: &Node, held: Option<&Held>, now: vigil_core::time::Instant) -> v1::NodeSummary {
     let availability = match n.availability {
         Availability::Ready => v1::Availability::Ready,
         Availability::Unreachable => v1::Availability::Unreachable,
@@ -526,6 +567,7 @@ pub fn summary(n: &Node, now: vigil_core::time::Instant) -> v1::NodeSummary {
         availability_since_unix_ms: n.availability_since_unix_ms,
         condition: condition(n.condition) as i32,
         condition_reasons: n.health.reasons(),
+        held_cordon: held.map(|h| crate::breaker_view::held(&n.record.name, h)),
     }
 }
 
@@ -549,9 +591,9 @@ fn diagnostics(node: &str, d: &DiagnosticsRecord) -> v1::DiagnosticsRecord {
     }
 }
 
-fn detail(n: &Node, now: vigil_core::time::Instant) -> v1::NodeDetail {
+fn detail(n: &Node, held: Option<&Held>, now: vigil_core::time::Instant) -> v1::NodeDetail {
     v1::NodeDetail {
-        summary: Some(summary(n, now)),
+        summary: Some(summary(n, held, now)),
         gpus: n
             .record
             .gpus

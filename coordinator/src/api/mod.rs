@@ -7,11 +7,12 @@
 //!   long-lived streams (`events --follow`, `job logs`).
 //! - `access`: who a request comes from and whether their role allows the call.
 //! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
-//! - `job_view`, `lemon_view`, `recovery_view`: the protocol's views of jobs, the lemon ledger
-//!   and the recovery hold.
+//! - `job_view`, `lemon_view`, `recovery_view`, `breaker_view`: the protocol's views of jobs,
+//!   the lemon ledger, the recovery hold and the cordon breaker.
 
 pub mod access;
 pub mod agent_service;
+pub mod breaker_view;
 pub mod control_service;
 pub mod control_streams;
 pub mod job_view;
