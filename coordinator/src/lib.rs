@@ -24,7 +24,7 @@
 // paths here, so `crate::state`, `crate::agent_service`, ... read as before.
 pub use api::{
     access, agent_service, breaker_view, control_service, control_streams, job_view, lemon_view,
-    recovery_view, throttle,
+    node_view, recovery_view, throttle,
 };
 pub use vigil_core::{
     audit, breaker, burn_in, goodput, health, job, jobs, jobspec, lemon_watch, lemons, limits,
