@@ -187,12 +187,28 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<RecoveryCommand>,
     },
+    /// The cordon circuit breaker: whether automatic cordons are being held, its cap, the
+    /// cordons it counted and the nodes it holds; `breaker reset` (admin) closes it.
+    Breaker {
+        #[command(subcommand)]
+        command: BreakerCommand,
+    },
     /// Print a shell completion script to stdout (also `completion`).
     #[command(alias = "completion")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BreakerCommand {
+    /// Open or closed, the cap and how it is computed, the automatic cordons in the window
+    /// and the held nodes with their evidence.
+    Status,
+    /// Close the breaker (admin; audited): a fresh window begins, and the held nodes are
+    /// judged again on fresh evidence only (nothing from before the reset is replayed).
+    Reset,
 }
 
 #[derive(Debug, Subcommand)]

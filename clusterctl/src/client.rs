@@ -316,6 +316,28 @@ impl Coordinator {
         )
     }
 
+    /// The cordon circuit breaker.
+    pub async fn get_breaker(&mut self) -> Result<v1::BreakerStatus> {
+        unary!(
+            self,
+            get_breaker,
+            v1::GetBreakerRequest {},
+            None,
+            REQUEST_TIMEOUT
+        )
+    }
+
+    /// Closes the cordon circuit breaker.
+    pub async fn reset_breaker(&mut self) -> Result<v1::BreakerStatus> {
+        unary!(
+            self,
+            reset_breaker,
+            v1::ResetBreakerRequest {},
+            None,
+            REQUEST_TIMEOUT
+        )
+    }
+
     /// Cordons the node and restarts its jobs elsewhere.
     pub async fn drain(&mut self, name: &str, reason: &str) -> Result<v1::DrainResponse> {
         let req = v1::DrainRequest {

@@ -8,12 +8,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vigil_proto::NodeState;
 
-use crate::cli::{Cli, Command, JobCommand, Output, RecoveryCommand};
+use crate::cli::{BreakerCommand, Cli, Command, JobCommand, Output, RecoveryCommand};
 use crate::client::Coordinator;
 use crate::follow::{EventsQuery, LogsQuery};
 use crate::model::{
-    DiagnoseResult, DrainResult, JobDetail, JobList, LemonList, NodeDetail, NodeList, NodeSummary,
-    RecoveryView, Status,
+    Breaker, DiagnoseResult, DrainResult, JobDetail, JobList, LemonList, NodeDetail, NodeList,
+    NodeSummary, RecoveryView, Status,
 };
 use crate::term::Term;
 use crate::{follow, render, watch};
@@ -103,6 +103,18 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         } => {
             let view = RecoveryView::from(c.confirm_recovery().await?);
             emit(out, &view, render::recovery_confirmed).map(Outcome::from)
+        }
+        Command::Breaker {
+            command: BreakerCommand::Status,
+        } => {
+            let view = Breaker::from(c.get_breaker().await?);
+            emit(out, &view, |b| render::breaker(b, now_ms(), term)).map(Outcome::from)
+        }
+        Command::Breaker {
+            command: BreakerCommand::Reset,
+        } => {
+            let view = Breaker::from(c.reset_breaker().await?);
+            emit(out, &view, render::breaker_reset).map(Outcome::from)
         }
         Command::Jobs => jobs(c, out, term).await.map(Outcome::from),
         Command::Job { command } => match (command, spec) {

@@ -12,7 +12,8 @@ use vigil_proto::v1;
 use crate::commands::{json_document, json_line};
 use crate::model::fixtures::{
     cluster_events, cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum,
-    ha_single, pending_job, ready_nvml_node, recovery_hold, running_job, status_response,
+    ha_single, held_node, pending_job, ready_nvml_node, recovery_hold, running_job,
+    status_response,
 };
 use crate::model::{ClusterEvent, JobDetail, JobList, NodeList, RecoveryView, Status};
 use crate::render;
@@ -115,6 +116,7 @@ fn golden_nodes() {
             cordoned_sim_node(),
             ready_nvml_node("gpu-010"),
             degraded_node(),
+            held_node(),
         ],
     });
     check_both("nodes", &list, &render::nodes(&list.nodes, Term::PLAIN));

@@ -15,6 +15,10 @@ mod jobs;
 #[path = "fake_coordinator/ha.rs"]
 mod ha;
 
+/// The cordon breaker's answers and the `breaker` commands' tests.
+#[path = "fake_coordinator/breaker.rs"]
+mod breaker;
+
 /// The nodes the fake knows.
 #[path = "fake_coordinator/nodes.rs"]
 mod nodes;
@@ -63,6 +67,20 @@ impl v1::control_service_server::ControlService for Fake {
         Ok(Response::new(v1::RecoveryResponse {
             hold: Some(recovery_hold()),
         }))
+    }
+
+    async fn get_breaker(
+        &self,
+        _: Request<v1::GetBreakerRequest>,
+    ) -> Result<Response<v1::BreakerStatus>, Status> {
+        Ok(Response::new(breaker::open()))
+    }
+
+    async fn reset_breaker(
+        &self,
+        _: Request<v1::ResetBreakerRequest>,
+    ) -> Result<Response<v1::BreakerStatus>, Status> {
+        Ok(Response::new(breaker::after_reset()))
     }
 
     async fn confirm_recovery(

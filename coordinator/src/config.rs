@@ -56,6 +56,8 @@ pub struct Config {
     pub burn_in: crate::burn_in::BurnInConfig,
     /// Nodes slower than their gang (see `stragglers`).
     pub stragglers: crate::stragglers::StragglerConfig,
+    /// The cap on automatic cordons (see `breaker`).
+    pub cordon_breaker: crate::breaker::BreakerConfig,
     /// Several coordinators sharing state in etcd, one leading (docs/ha.md). Absent: one
     /// coordinator with its state in SQLite under `data_dir`.
     pub ha: Option<crate::ha::HaConfig>,
@@ -99,6 +101,7 @@ impl Default for Config {
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
+            cordon_breaker: crate::breaker::BreakerConfig::default(),
             ha: None,
             backup: None,
         }
@@ -146,6 +149,7 @@ impl Config {
             triage,
             burn_in,
             stragglers,
+            cordon_breaker,
             ha,
             backup,
         } = self;
@@ -163,6 +167,7 @@ impl Config {
             ("triage", *triage != new.triage),
             ("burn_in", *burn_in != new.burn_in),
             ("stragglers", *stragglers != new.stragglers),
+            ("cordon_breaker", *cordon_breaker != new.cordon_breaker),
             ("ha", *ha != new.ha),
             ("backup", *backup != new.backup),
         ]
@@ -259,6 +264,9 @@ impl Config {
         self.triage.validate().map_err(ConfigError::Invalid)?;
         self.burn_in.validate().map_err(ConfigError::Invalid)?;
         self.stragglers.validate().map_err(ConfigError::Invalid)?;
+        self.cordon_breaker
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),
@@ -424,6 +432,38 @@ mod tests {
             ),
             ("[limits]\nagent_bytes_burst = 1024\n", "agent_bytes_burst"),
             ("[limits]\nagent_rate = 1\n", "agent_rate"),
+        ] {
+            let e = Config::from_toml_str(text).expect_err(key).to_string();
+            assert!(e.contains(key), "{e} should name {key}");
+        }
+    }
+
+    #[test]
+    fn cordon_breaker_defaults_and_refusals_name_the_key() {
+        let c = Config::from_toml_str("").expect("defaults");
+        assert_eq!(c.cordon_breaker, crate::breaker::BreakerConfig::default());
+        let c = Config::from_toml_str(
+            "[cordon_breaker]\nmax_fraction = 0.25\nmax_nodes = 3\nwindow = \"30m\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.cordon_breaker.max_fraction, 0.25);
+        assert_eq!(c.cordon_breaker.max_nodes, 3);
+        assert_eq!(c.cordon_breaker.window, Duration::from_secs(1800));
+        assert_eq!(Config::default().changed_keys(&c), ["cordon_breaker"]);
+        for (text, key) in [
+            (
+                "[cordon_breaker]\nmax_fraction = 0.0\n",
+                "cordon_breaker.max_fraction",
+            ),
+            (
+                "[cordon_breaker]\nmax_nodes = 0\n",
+                "cordon_breaker.max_nodes",
+            ),
+            (
+                "[cordon_breaker]\nwindow = \"0s\"\n",
+                "cordon_breaker.window",
+            ),
+            ("[cordon_breaker]\nmax_percent = 10\n", "max_percent"),
         ] {
             let e = Config::from_toml_str(text).expect_err(key).to_string();
             assert!(e.contains(key), "{e} should name {key}");

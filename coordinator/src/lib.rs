@@ -23,12 +23,12 @@
 // The decisions live in vigil-core and the services in `api`; their modules keep their old
 // paths here, so `crate::state`, `crate::agent_service`, ... read as before.
 pub use api::{
-    access, agent_service, control_service, control_streams, job_view, lemon_view, recovery_view,
-    throttle,
+    access, agent_service, breaker_view, control_service, control_streams, job_view, lemon_view,
+    node_view, recovery_view, throttle,
 };
 pub use vigil_core::{
-    audit, burn_in, goodput, health, job, jobs, jobspec, lemon_watch, lemons, limits, liveness,
-    node, rollback, state, stragglers, training_health, triage, validate, xid,
+    audit, breaker, burn_in, goodput, health, job, jobs, jobspec, lemon_watch, lemons, limits,
+    liveness, node, rollback, state, stragglers, training_health, triage, validate, xid,
 };
 
 pub mod api;

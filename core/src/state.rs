@@ -122,6 +122,19 @@ pub enum Effect {
     /// Write the recovery hold (begun, or confirmed) and flush it before acting on what
     /// follows; the engine logs it.
     PersistRecovery(Box<crate::recovery::RecoveryHold>),
+    /// Write the cordon breaker (see `breaker`) and flush it before acting on what follows.
+    PersistBreaker(Box<crate::breaker::Breaker>),
+    /// The open cordon breaker held an automatic cordon of `node` (counted; logged).
+    CordonHeld {
+        node: String,
+        rule: crate::kinds::CordonRule,
+        evidence: String,
+    },
+    /// One line for the log about the cordon breaker (it opened, an operator reset it).
+    BreakerLog {
+        message: String,
+        warn: bool,
+    },
     /// An XID arrived (counted whatever its class).
     Xid {
         node: String,
@@ -177,6 +190,9 @@ pub struct ClusterState {
     /// After a `--recover` start: nodes held for review, jobs until an operator confirms
     /// (see `recovery`). Persisted as a cluster-wide record; the engine loads it.
     pub recovery: Option<crate::recovery::RecoveryHold>,
+    /// Caps automatic cordons (see `breaker`). Persisted as a cluster-wide record; the engine
+    /// loads it.
+    pub breaker: crate::breaker::Breaker,
 }
 
 impl ClusterState {
@@ -210,6 +226,7 @@ impl ClusterState {
             stragglers: crate::stragglers::StragglerConfig::default(),
             stray_stops: BTreeMap::new(),
             recovery: None,
+            breaker: crate::breaker::Breaker::default(),
         }
     }
 

@@ -125,6 +125,10 @@ pub enum Input {
     ConfirmRecovery {
         by: String,
     },
+    /// An operator closes the cordon breaker (see `breaker`).
+    ResetBreaker {
+        by: String,
+    },
 }
 
 /// What a request produced besides effects, for the caller's answer.
@@ -187,10 +191,11 @@ fn unassigned(state: &ClusterState, input: &Input) -> Vec<Effect> {
     }
 }
 
-/// Apply the passage of time: liveness, GPU findings aging out, hangs, triage and burn-in
+/// Apply the passage of time: the cordon breaker's window, liveness, GPU findings aging out, hangs, triage and burn-in
 /// budgets, stragglers, restart backoffs; then every policy in order.
 pub fn tick(state: &mut ClusterState, now: Now) -> Vec<Effect> {
-    let mut effects = state.tick(now);
+    let mut effects = state.breaker_tick(now);
+    effects.extend(state.tick(now));
     effects.extend(state.jobs_tick(now));
     effects.extend(state.burn_in_tick(now));
     react(state, &mut effects, now);
@@ -304,5 +309,6 @@ fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Ef
         }
         Input::BeginRecovery(report) => Ok(state.begin_recovery(report, now)),
         Input::ConfirmRecovery { by } => state.confirm_recovery(&by, now),
+        Input::ResetBreaker { by } => Ok(state.reset_breaker(&by, now)),
     }
 }

@@ -132,6 +132,18 @@ pub fn agent_event(
     )
 }
 
+/// An agent's report of XID `code` on GPU `gpu`, observed at `at` (unix ms).
+pub fn xid(gpu: u32, code: u32, at: u64) -> v1::AgentEvent {
+    v1::AgentEvent {
+        at_unix_ms: at,
+        kind: Some(v1::agent_event::Kind::Xid(v1::XidError {
+            gpu_index: gpu,
+            xid: code,
+            gpu_uuid: String::new(),
+        })),
+    }
+}
+
 /// The commands among `effects`, as (node, command).
 pub fn commands(effects: &[Effect]) -> Vec<(String, v1::command::Kind)> {
     effects

@@ -22,6 +22,7 @@ pub fn cordoned_sim_node() -> v1::NodeSummary {
         availability_since_unix_ms: 900_000,
         condition: v1::Condition::Degraded as i32,
         condition_reasons: vec!["gpu 7: 3 uncorrectable ECC errors".into()],
+        held_cordon: None,
     }
 }
 
@@ -41,6 +42,28 @@ pub fn ready_nvml_node(name: &str) -> v1::NodeSummary {
         availability_since_unix_ms: 0,
         condition: v1::Condition::Healthy as i32,
         condition_reasons: vec![],
+        held_cordon: None,
+    }
+}
+
+/// A node whose automatic cordon the open cordon breaker holds: Unhealthy, not cordoned.
+pub fn held_node() -> v1::NodeSummary {
+    let evidence = "XID 79 (GPU has fallen off the bus) on GPU 0 (GPU-held-0)";
+    v1::NodeSummary {
+        state: "Degraded".into(),
+        condition: v1::Condition::Unhealthy as i32,
+        condition_reasons: vec![evidence.into()],
+        gpus_healthy: 7,
+        held_cordon: Some(v1::HeldCordon {
+            node: "gpu-012".into(),
+            rule: "xid".into(),
+            evidence: evidence.into(),
+            since_unix_ms: 1_000_000,
+            message: format!(
+                "cordon held: breaker open (1 automatic cordon in the last 10m, cap 1): {evidence}"
+            ),
+        }),
+        ..ready_nvml_node("gpu-012")
     }
 }
 

@@ -6,8 +6,10 @@
 //! sample), `health` (conditions, events, diagnostics), `status`, `ha` (its coordinators and
 //! etcd members), `job`
 //! (job summaries and details), `goodput` (where a job's time went), `ops` (drain, streamed events and log chunks),
-//! `recovery` (the hold after a start from a damaged store).
+//! `recovery` (the hold after a start from a damaged store), `breaker` (the cordon circuit
+//! breaker and a node's held cordon).
 
+mod breaker;
 mod enums;
 #[cfg(test)]
 pub mod fixtures;
@@ -22,6 +24,7 @@ mod recovery;
 mod sample;
 mod status;
 
+pub use breaker::Breaker;
 #[cfg(test)]
 pub use enums::Condition;
 pub use enums::GpuBackend;

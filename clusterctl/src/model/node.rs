@@ -3,6 +3,7 @@
 use serde::Serialize;
 use vigil_proto::v1;
 
+use super::breaker::HeldCordon;
 use super::enums::{Availability, Condition, CordonSource, GpuBackend, Scheduling};
 use super::health::{Diagnostics, GpuHealth, NodeEvent};
 use super::sample::GpuSample;
@@ -21,6 +22,9 @@ pub struct NodeSummary {
     pub availability: Availability,
     pub scheduling: Scheduling,
     pub cordon: Option<Cordon>,
+    /// Set while the cordon breaker holds an automatic cordon of this node (it is not
+    /// cordoned); `null` otherwise.
+    pub held_cordon: Option<HeldCordon>,
     /// Worst condition of the node's GPUs (and of the node itself).
     pub condition: Condition,
     /// One line per rule that made the condition what it is.
@@ -49,6 +53,7 @@ impl From<v1::NodeSummary> for NodeSummary {
                 source: c.source.into(),
                 since_unix_ms: c.since_unix_ms,
             }),
+            held_cordon: n.held_cordon.map(HeldCordon::from),
             condition: n.condition.into(),
             condition_reasons: n.condition_reasons,
             gpus_healthy: n.gpus_healthy,
@@ -177,6 +182,7 @@ mod tests {
                 "availability": "Ready",
                 "scheduling": "Cordoned",
                 "cordon": {"reason": "bad fan", "source": "operator", "since_unix_ms": 1_000_000},
+                "held_cordon": null,
                 "condition": "Degraded",
                 "condition_reasons": ["gpu 7: 3 uncorrectable ECC errors"],
                 "gpus_healthy": 7,
@@ -201,6 +207,22 @@ mod tests {
         assert_eq!(value["simulated"], json!(false));
         assert_eq!(value["condition"], json!("Healthy"));
         assert_eq!(value["condition_reasons"], json!([]));
+    }
+
+    #[test]
+    fn a_held_cordon_carries_its_rule_and_evidence() {
+        let value =
+            serde_json::to_value(NodeSummary::from(fixtures::held_node())).expect("serializes");
+        assert_eq!(value["cordon"], json!(null));
+        assert_eq!(value["held_cordon"]["node"], json!("gpu-012"));
+        assert_eq!(value["held_cordon"]["rule"], json!("xid"));
+        assert_eq!(value["held_cordon"]["since_unix_ms"], json!(1_000_000));
+        assert!(
+            value["held_cordon"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("cordon held: breaker open (")),
+            "{value}"
+        );
     }
 
     #[test]

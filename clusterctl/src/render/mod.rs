@@ -4,6 +4,7 @@
 //! for "12m ago") and the `Term` (colour, width; `Term::PLAIN` in tests) and returns the text,
 //! so tests pin the exact output.
 
+mod breaker;
 mod diagnose;
 mod events;
 mod fold;
@@ -18,6 +19,7 @@ mod recovery;
 mod report;
 mod status;
 
+pub use breaker::{breaker, breaker_reset};
 pub use diagnose::diagnose;
 pub use events::EventColumns;
 pub use job::{job_cancelled, job_detail, job_submitted, jobs};

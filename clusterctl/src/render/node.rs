@@ -36,6 +36,14 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64, term: Term) -> String {
         }
         None => out.line("cordon", "none"),
     }
+    if let Some(h) = &n.held_cordon {
+        out.line(
+            "cordon held",
+            format!("{} (rule {})", super::nodes::HELD, h.rule),
+        );
+        out.line("held evidence", &h.evidence);
+        out.line("held since", format_when(h.since_unix_ms, now_ms));
+    }
     out.line("hostname", or_dash(&n.hostname));
     out.line("agent version", or_dash(&n.agent_version));
     let backend = match n.gpu_backend {
@@ -285,5 +293,32 @@ mod tests {
         assert!(text.contains("LAST DIAGNOSTICS: none (clusterctl diagnose n1 runs them)\n"));
         assert!(text.contains("WORKERS: none\n"));
         assert!(text.ends_with("EVENTS: none\n"));
+    }
+
+    #[test]
+    fn node_detail_shows_a_held_cordon_with_its_evidence() {
+        let detail = NodeDetail::from_proto(
+            v1::NodeDetail {
+                summary: Some(crate::model::fixtures::held_node()),
+                ..Default::default()
+            },
+            "gpu-012",
+        );
+        let text = node_detail(&detail, NOW, Term::PLAIN);
+        assert!(
+            text.contains(
+                "cordon          none
+\
+                 cordon held     cordon held: breaker open (rule xid)
+\
+                 held evidence   XID 79 (GPU has fallen off the bus) on GPU 0 (GPU-held-0)
+\
+                 held since      1970-01-01 00:16:40Z (12m ago)
+"
+            ),
+            "{text}"
+        );
+        let plain = node_detail(&sim_detail(), NOW, Term::PLAIN);
+        assert!(!plain.contains("cordon held"), "{plain}");
     }
 }

@@ -15,13 +15,18 @@ fn heartbeat_age(n: &NodeSummary) -> String {
         .map_or_else(|| "-".to_string(), format_age)
 }
 
-/// The cordon reason if the node is cordoned, else the first reason for its condition.
+/// The cordon reason if the node is cordoned, its held cordon if the breaker holds one, else
+/// the first reason for its condition.
 fn reason(n: &NodeSummary) -> String {
-    match &n.cordon {
-        Some(c) => c.reason.clone(),
-        None => n.condition_reasons.first().cloned().unwrap_or_default(),
+    match (&n.cordon, &n.held_cordon) {
+        (Some(c), _) => c.reason.clone(),
+        (None, Some(h)) => format!("{HELD}: {}", h.evidence),
+        (None, None) => n.condition_reasons.first().cloned().unwrap_or_default(),
     }
 }
+
+/// How a held cordon reads in `nodes` and `node`.
+pub const HELD: &str = "cordon held: breaker open";
 
 pub fn nodes(list: &[NodeSummary], term: Term) -> String {
     if list.is_empty() {

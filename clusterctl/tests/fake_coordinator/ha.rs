@@ -97,6 +97,8 @@ standby_service! {
     restart_job: v1::RestartJobRequest => v1::JobDetail;
     get_recovery: v1::GetRecoveryRequest => v1::RecoveryResponse;
     confirm_recovery: v1::ConfirmRecoveryRequest => v1::RecoveryResponse;
+    get_breaker: v1::GetBreakerRequest => v1::BreakerStatus;
+    reset_breaker: v1::ResetBreakerRequest => v1::BreakerStatus;
     drain: v1::DrainRequest => v1::DrainResponse;
     watch_events: v1::WatchEventsRequest => FakeStream<v1::ClusterEvent>;
     job_logs: v1::JobLogsRequest => FakeStream<v1::LogChunk>;

@@ -23,6 +23,7 @@ pub fn sim_node() -> v1::NodeSummary {
         availability_since_unix_ms: 1_700_000_000_000,
         condition: v1::Condition::Healthy as i32,
         condition_reasons: vec![],
+        held_cordon: None,
     }
 }
 

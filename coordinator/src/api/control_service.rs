@@ -23,7 +23,8 @@ use crate::job_view;
 use crate::metrics::Metrics;
 use crate::metrics::security::CallLabel;
 use crate::metrics::unix_ms;
-use crate::node::{Availability, CordonSource, DiagnosticsRecord, Node, NodeState};
+use crate::node::{Node, NodeState};
+use crate::node_view::{detail, diagnostics, millis, summary};
 
 use crate::limits::MAX_OPERATOR_REASON as MAX_REASON;
 
@@ -63,6 +64,12 @@ impl ControlService {
             insecure,
             ha: None,
         }
+    }
+
+    /// A node as an operator's call leaves it (with its held cordon, if any).
+    fn summary(&self, node: &Node) -> v1::NodeSummary {
+        let snap = self.engine.snapshot();
+        summary(node, snap.held(&node.record.name), self.engine.now().mono)
     }
 
     /// The caller, if their role allows `call`; a refusal is logged and counted.
@@ -125,14 +132,14 @@ impl v1::control_service_server::ControlService for ControlService {
                 .nodes
                 .iter()
                 .filter(|n| n.cordoned())
-                .map(|n| summary(n, now))
+                .map(|n| summary(n, snap.held(&n.record.name), now))
                 .collect(),
             nodes_simulated: total(|n| u32::from(n.record.simulated)),
             degraded: snap
                 .nodes
                 .iter()
                 .filter(|n| !n.cordoned() && n.condition != Condition::Healthy)
-                .map(|n| summary(n, now))
+                .map(|n| summary(n, snap.held(&n.record.name), now))
                 .collect(),
             insecure: self.insecure,
             caller: caller.actor,
@@ -152,7 +159,11 @@ impl v1::control_service_server::ControlService for ControlService {
         let snap = self.engine.snapshot();
         let now = self.engine.now().mono;
         Ok(Response::new(v1::ListNodesResponse {
-            nodes: snap.nodes.iter().map(|n| summary(n, now)).collect(),
+            nodes: snap
+                .nodes
+                .iter()
+                .map(|n| summary(n, snap.held(&n.record.name), now))
+                .collect(),
         }))
     }
 
@@ -171,7 +182,11 @@ impl v1::control_service_server::ControlService for ControlService {
             .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
                 name,
             )))?;
-        Ok(Response::new(detail(node, self.engine.now().mono)))
+        Ok(Response::new(detail(
+            node,
+            snap.held(&node.record.name),
+            self.engine.now().mono,
+        )))
     }
 
     async fn cordon(
@@ -204,7 +219,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 reply,
             })
             .await?;
-        Ok(Response::new(summary(&node, self.engine.now().mono)))
+        Ok(Response::new(self.summary(&node)))
     }
 
     async fn uncordon(
@@ -223,7 +238,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 reply,
             })
             .await?;
-        Ok(Response::new(summary(&node, self.engine.now().mono)))
+        Ok(Response::new(self.summary(&node)))
     }
 
     async fn submit_job(
@@ -402,7 +417,7 @@ impl v1::control_service_server::ControlService for ControlService {
             })
             .await?;
         Ok(Response::new(v1::DrainResponse {
-            node: Some(summary(&node, self.engine.now().mono)),
+            node: Some(self.summary(&node)),
             jobs_restarted: jobs,
         }))
     }
@@ -478,124 +493,30 @@ impl v1::control_service_server::ControlService for ControlService {
             hold: Some(crate::recovery_view::hold(&hold, &snap)),
         }))
     }
-}
 
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-pub fn summary(n: &Node, now: vigil_core::time::Instant) -> v1::NodeSummary {
-    let availability = match n.availability {
-        Availability::Ready => v1::Availability::Ready,
-        Availability::Unreachable => v1::Availability::Unreachable,
-        Availability::Lost => v1::Availability::Lost,
-    };
-    let (scheduling, cordon) = match &n.record.cordon {
-        Some(c) => (
-            v1::Scheduling::Cordoned,
-            Some(v1::Cordon {
-                reason: c.reason.clone(),
-                source: match c.source {
-                    CordonSource::Auto => v1::CordonSource::Auto,
-                    CordonSource::Operator => v1::CordonSource::Operator,
-                    CordonSource::Recovery => v1::CordonSource::Recovery,
-                } as i32,
-                since_unix_ms: c.since_unix_ms,
-            }),
-        ),
-        None => (v1::Scheduling::Schedulable, None),
-    };
-    v1::NodeSummary {
-        name: n.record.name.clone(),
-        state: n.display_state().as_str().to_owned(),
-        availability: availability as i32,
-        scheduling: scheduling as i32,
-        cordon,
-        gpus_healthy: n.gpus_healthy(),
-        gpus_total: n.gpus_total(),
-        last_heartbeat_age_ms: n
-            .heard_since_start
-            .then(|| millis(now.saturating_duration_since(n.silent_since))),
-        hostname: n.record.hostname.clone(),
-        agent_version: n.record.agent_version.clone(),
-        gpu_backend: if n.record.simulated {
-            v1::GpuBackend::Simulated
-        } else {
-            v1::GpuBackend::Nvml
-        } as i32,
-        availability_since_unix_ms: n.availability_since_unix_ms,
-        condition: condition(n.condition) as i32,
-        condition_reasons: n.health.reasons(),
+    async fn get_breaker(
+        &self,
+        request: Request<v1::GetBreakerRequest>,
+    ) -> Result<Response<v1::BreakerStatus>, Status> {
+        self.allow(&request, Role::Viewer, "breaker")?;
+        let snap = self.engine.snapshot();
+        let status = crate::breaker_view::status(&snap.breaker, snap.nodes.len());
+        Ok(Response::new(status))
     }
-}
 
-fn condition(c: Condition) -> v1::Condition {
-    match c {
-        Condition::Healthy => v1::Condition::Healthy,
-        Condition::Degraded => v1::Condition::Degraded,
-        Condition::Unhealthy => v1::Condition::Unhealthy,
-    }
-}
-
-fn diagnostics(node: &str, d: &DiagnosticsRecord) -> v1::DiagnosticsRecord {
-    v1::DiagnosticsRecord {
-        node: node.to_owned(),
-        passed: d.passed,
-        summary: d.summary.clone(),
-        output: d.output.clone(),
-        duration_ms: d.duration_ms,
-        command: d.command.clone(),
-        finished_at_unix_ms: d.finished_at_unix_ms,
-    }
-}
-
-fn detail(n: &Node, now: vigil_core::time::Instant) -> v1::NodeDetail {
-    v1::NodeDetail {
-        summary: Some(summary(n, now)),
-        gpus: n
-            .record
-            .gpus
-            .iter()
-            .map(|g| v1::GpuInfo {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                name: g.name.clone(),
-                pci_bus_id: g.pci_bus_id.clone(),
-                memory_total_bytes: g.memory_total_bytes,
-                serial: g.serial.clone(),
+    async fn reset_breaker(
+        &self,
+        request: Request<v1::ResetBreakerRequest>,
+    ) -> Result<Response<v1::BreakerStatus>, Status> {
+        let caller = self.allow(&request, Role::Admin, "breaker reset")?;
+        let breaker = self
+            .engine
+            .ask(|reply| Event::ResetBreaker {
+                actor: caller.actor,
+                reply,
             })
-            .collect(),
-        last_samples: n.last_samples.to_vec(),
-        workers: n.workers.to_vec(),
-        first_registered_unix_ms: n.record.first_registered_unix_ms,
-        last_registered_unix_ms: n.record.last_registered_unix_ms,
-        gpu_health: n
-            .record
-            .gpus
-            .iter()
-            .map(|g| {
-                let (c, reasons) = n.health.gpu_condition(g.index);
-                v1::GpuHealth {
-                    index: g.index,
-                    condition: condition(c) as i32,
-                    reasons,
-                }
-            })
-            .collect(),
-        events: n
-            .events
-            .iter()
-            .map(|e| v1::NodeEvent {
-                at_unix_ms: e.at_unix_ms,
-                kind: e.kind.clone(),
-                message: e.message.clone(),
-                gpu_index: e.gpu_index,
-            })
-            .collect(),
-        last_diagnostics: n
-            .record
-            .last_diagnostics
-            .as_ref()
-            .map(|d| diagnostics(&n.record.name, d)),
+            .await?;
+        let known = self.engine.snapshot().nodes.len();
+        Ok(Response::new(crate::breaker_view::status(&breaker, known)))
     }
 }

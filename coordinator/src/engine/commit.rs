@@ -99,6 +99,9 @@ impl Engine {
                 Effect::PersistRecovery(hold) => {
                     self.store.put_cluster(super::RECOVERY_HOLD, hold)?;
                 }
+                Effect::PersistBreaker(b) => {
+                    self.store.put_cluster(vigil_core::breaker::RECORD, b)?;
+                }
                 _ => continue,
             }
             staged = true;
@@ -141,6 +144,7 @@ impl Engine {
                 .iter()
                 .map(|h| Effect::PersistRecovery(Box::new(h.clone()))),
         );
+        effects.push(Effect::PersistBreaker(Box::new(self.state.breaker.clone())));
         match self.stage_and_commit(&effects).await {
             Ok(()) => {
                 self.store_failed = None;

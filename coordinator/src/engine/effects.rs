@@ -198,6 +198,22 @@ impl Engine {
                     })
                     .ok();
             }
+            Effect::PersistBreaker(_) => self.dirty = true,
+            Effect::CordonHeld {
+                node,
+                rule,
+                evidence,
+            } => {
+                self.metrics.cordon_breaker.held.inc();
+                warn!(node = %node, rule = rule.as_str(), evidence = %evidence, "cordon of {node} held: the cordon breaker is open");
+            }
+            Effect::BreakerLog { message, warn } => {
+                if warn {
+                    warn!("{message}");
+                } else {
+                    info!("{message}");
+                }
+            }
             Effect::JobLog { job, message, warn } => {
                 if warn {
                     warn!(job = %job, "job {job}: {message}");

@@ -42,6 +42,7 @@ use crate::metrics::Metrics;
 use crate::node::{DiagnosticsRecord, Node};
 use crate::state::{ClusterState, Effect, Now, Registration};
 use crate::store::{RecoveryReport, Store, StoreError, StoreMark};
+use vigil_core::breaker::{self, Breaker};
 use vigil_core::recovery::{Recovered, RecoveryHold};
 
 /// The store's name of the recovery hold (a cluster-wide record).
@@ -162,6 +163,11 @@ pub enum Event {
         actor: String,
         reply: oneshot::Sender<Result<RecoveryHold, ControlError>>,
     },
+    /// An admin closes the cordon breaker; the answer is the breaker after the reset.
+    ResetBreaker {
+        actor: String,
+        reply: oneshot::Sender<Result<Breaker, ControlError>>,
+    },
 }
 
 /// What readers see: every node, as of `at`.
@@ -172,7 +178,16 @@ pub struct Snapshot {
     pub lemons: Ledger,
     /// The recovery hold, if the store was ever recovered (`--recover`).
     pub recovery: Option<RecoveryHold>,
+    /// The cordon breaker, with the nodes it holds.
+    pub breaker: Breaker,
     pub at: Instant,
+}
+
+impl Snapshot {
+    /// `node`'s cordon the breaker holds, if it holds one.
+    pub fn held(&self, node: &str) -> Option<&breaker::Held> {
+        self.breaker.held.get(node)
+    }
 }
 
 /// Cloneable handle on the engine, for gRPC handlers.
@@ -288,6 +303,17 @@ impl Engine {
         state.burn_in = config.burn_in.clone();
         state.stragglers = config.stragglers;
         state.recovery = store.load_cluster::<RecoveryHold>(RECOVERY_HOLD)?;
+        state.breaker.cfg = config.cordon_breaker;
+        if let Some(stored) = store.load_cluster::<Breaker>(breaker::RECORD)? {
+            state.breaker.restore(stored, clock.now());
+        }
+        if let Some(open) = &state.breaker.open {
+            warn!(
+                since_unix_ms = open.since_unix_ms,
+                held = state.breaker.held.len(),
+                "cordon breaker still open: automatic cordons are held until clusterctl breaker reset"
+            );
+        }
         state.rearm_clocks(clock.now());
         if let Some(hold) = state.recovery.as_ref().filter(|h| h.holds_jobs()) {
             warn!(
@@ -305,9 +331,11 @@ impl Engine {
             jobs: state.jobs.values().cloned().collect(),
             lemons: state.lemons.clone(),
             recovery: state.recovery.clone(),
+            breaker: state.breaker.clone(),
             at: Instant::now(),
         }));
         metrics.observe_recovery(state.recovery.as_ref());
+        metrics.cordon_breaker.observe(&state.breaker);
         metrics.observe_nodes(state.nodes.values());
         for n in state.nodes.values() {
             metrics.observe_condition(&n.record.name, n.condition);
@@ -460,11 +488,13 @@ impl Engine {
         self.metrics
             .observe_jobs(self.state.jobs.values(), self.clock.now().wall_ms);
         self.metrics.observe_recovery(self.state.recovery.as_ref());
+        self.metrics.cordon_breaker.observe(&self.state.breaker);
         let snapshot = Snapshot {
             nodes: self.state.nodes.values().cloned().collect(),
             jobs: self.state.jobs.values().cloned().collect(),
             lemons: self.state.lemons.clone(),
             recovery: self.state.recovery.clone(),
+            breaker: self.state.breaker.clone(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

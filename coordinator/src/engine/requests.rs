@@ -202,6 +202,16 @@ impl Engine {
                     .await;
                 reply.send(answer).ok();
             }
+            Event::ResetBreaker { actor, reply } => {
+                let input = Input::ResetBreaker { by: actor.clone() };
+                let answer = self
+                    .apply_request(input)
+                    .await
+                    .map(|_| self.state.breaker.clone());
+                self.audit(AuditSubject::Cluster, &actor, "breaker reset", &answer)
+                    .await;
+                reply.send(answer).ok();
+            }
             // Agent messages never reach here (`turn` batches them).
             Event::Register { .. }
             | Event::Heartbeat { .. }

@@ -129,6 +129,8 @@ impl v1::control_service_server::ControlService for StandbyControl {
         restart_job(v1::RestartJobRequest) -> v1::JobDetail;
         get_recovery(v1::GetRecoveryRequest) -> v1::RecoveryResponse;
         confirm_recovery(v1::ConfirmRecoveryRequest) -> v1::RecoveryResponse;
+        get_breaker(v1::GetBreakerRequest) -> v1::BreakerStatus;
+        reset_breaker(v1::ResetBreakerRequest) -> v1::BreakerStatus;
     }
 }
 

@@ -6,6 +6,7 @@
 //! backups of the state store).
 
 pub mod backup;
+pub mod breaker;
 pub mod goodput;
 pub mod input;
 pub mod scrub;
@@ -147,6 +148,7 @@ pub struct Metrics {
     pub backup: crate::metrics::backup::BackupMetrics,
     /// The background scrub of the state store (`store::scrub`).
     pub scrub: crate::metrics::scrub::ScrubMetrics,
+    pub cordon_breaker: crate::metrics::breaker::BreakerMetrics,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -191,6 +193,7 @@ impl Metrics {
             ha: crate::ha::metrics::HaMetrics::default(),
             backup: crate::metrics::backup::BackupMetrics::default(),
             scrub: crate::metrics::scrub::ScrubMetrics::default(),
+            cordon_breaker: Default::default(),
             registry: Registry::default(),
         };
         m.security.register(&mut registry);
@@ -326,6 +329,7 @@ impl Metrics {
         );
         m.backup.register(&mut registry);
         m.scrub.register(&mut registry);
+        m.cordon_breaker.register(&mut registry);
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
         registry.register(

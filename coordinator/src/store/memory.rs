@@ -252,6 +252,40 @@ mod tests {
         assert!(restarted.size_on_disk().expect("size") > 0);
     }
 
+    /// Regression: loading one cluster record read every other as the same type, so a stored
+    /// cordon breaker beside no recovery hold made the next start refuse the store.
+    #[tokio::test]
+    async fn cluster_records_of_different_types_load_each_by_name() {
+        use vigil_core::breaker::Breaker;
+        use vigil_core::recovery::RecoveryHold;
+        let memory = Memory::new();
+        let store = memory.store();
+        let breaker = Breaker {
+            open: Some(vigil_core::breaker::Opened {
+                since_unix_ms: 7,
+                why: "opened".into(),
+            }),
+            ..Breaker::default()
+        };
+        store
+            .put_cluster(vigil_core::breaker::RECORD, &breaker)
+            .expect("put");
+        store.flush().await.expect("commit");
+        let restarted = memory.store();
+        assert_eq!(
+            restarted
+                .load_cluster::<RecoveryHold>("recovery")
+                .expect("no recovery hold, and the breaker is not read as one"),
+            None
+        );
+        assert_eq!(
+            restarted
+                .load_cluster::<Breaker>(vigil_core::breaker::RECORD)
+                .expect("load"),
+            Some(breaker)
+        );
+    }
+
     #[tokio::test]
     async fn a_failed_commit_keeps_the_batch_and_a_later_commit_writes_it() {
         let memory = Memory::new();

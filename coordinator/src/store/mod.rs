@@ -378,13 +378,24 @@ impl Store {
         )
     }
 
-    /// The cluster-wide record `name`, if one was stored.
+    /// The cluster-wide record `name`, if one was stored. Only that record is read as a `T`:
+    /// the others (the recovery hold, the cordon breaker) are other types.
     pub fn load_cluster<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
-        Ok(self
-            .load::<T>(Kind::Cluster)?
+        let Some((_, value)) = self
+            .0
+            .load(Kind::Cluster)?
             .into_iter()
             .find(|(key, _)| key == name)
-            .map(|(_, record)| record))
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&value)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: self.path().to_owned(),
+                key: format!("{}/{name}", Kind::Cluster.dir()),
+                message: e.to_string(),
+            })
     }
 
     /// Stage a history entry of `node`; durable after the next [`Store::flush`].

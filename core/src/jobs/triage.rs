@@ -13,7 +13,7 @@ use vigil_proto::v1;
 use crate::kinds::FailureKind;
 
 use crate::job::{Job, JobPhase};
-use crate::node::{Availability, CordonSource};
+use crate::node::Availability;
 use crate::state::{ClusterState, Effect, Now};
 
 pub const DEFAULT_BUDGET: Duration = Duration::from_secs(300);
@@ -221,14 +221,7 @@ impl ClusterState {
             effects.push(Effect::PersistJob(Box::new(job.clone())));
         }
         if let Some(reason) = cordon_for {
-            let mut cordon = self
-                .cordon(node, reason, CordonSource::Auto, now)
-                .unwrap_or_default();
-            for e in &mut cordon {
-                if let Effect::Cordoned { rule, .. } = e {
-                    *rule = crate::kinds::CordonRule::Triage;
-                }
-            }
+            let mut cordon = self.auto_cordon(node, reason, crate::kinds::CordonRule::Triage, now);
             // The cordon is persisted before the job's next attempt is placed.
             cordon.extend(effects);
             effects = cordon;

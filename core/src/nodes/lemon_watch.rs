@@ -5,7 +5,7 @@
 
 use crate::health::Condition;
 use crate::lemons::{self, Failure, LemonRecord};
-use crate::node::{Availability, CordonSource};
+use crate::node::Availability;
 use crate::state::{ClusterState, Effect, Now, StateError};
 
 impl ClusterState {
@@ -99,15 +99,7 @@ impl ClusterState {
         if already {
             return Vec::new();
         }
-        let mut effects = self
-            .cordon(node, why, CordonSource::Auto, now)
-            .unwrap_or_default();
-        for e in &mut effects {
-            if let Effect::Cordoned { rule, .. } = e {
-                *rule = crate::kinds::CordonRule::RepeatOffender;
-            }
-        }
-        effects
+        self.auto_cordon(node, why, crate::kinds::CordonRule::RepeatOffender, now)
     }
 
     /// An operator clears `subject`: a node name (its host and every GPU it

@@ -2,11 +2,13 @@
 //! silence, a coordinator's stall, an operator's cordon and uncordon; each judges the node's
 //! health again and cordons one that turns Unhealthy.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use vigil_proto::v1;
 
+use crate::breaker::{Breaker, gate};
 use crate::config::{HealthConfig, LivenessConfig};
 use crate::health;
 use crate::liveness;
@@ -19,6 +21,7 @@ impl ClusterState {
     pub fn register(&mut self, reg: Registration, now: Now) -> Vec<Effect> {
         let mut effects = Vec::new();
         let is_new = !self.nodes.contains_key(&reg.node);
+        let known = self.nodes.len() + usize::from(is_new);
         let node = self.nodes.entry(reg.node.clone()).or_insert_with(|| {
             let record = NodeRecord {
                 name: reg.node.clone(),
@@ -100,7 +103,7 @@ impl ClusterState {
         } else {
             hear_from(node, now, "registered", &mut effects);
         }
-        judge(node, now, &self.health, &mut effects);
+        effects.extend(judge(node, &mut self.breaker, known, now, &self.health));
         let reported = node.workers.clone();
         let name = node.record.name.clone();
         effects.extend(self.reconcile_node(&name, &reported, now));
@@ -115,13 +118,14 @@ impl ClusterState {
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
         let cfg = self.health.clone();
-        let node = self.live_session(node_name, session)?;
+        let known = self.nodes.len();
+        let node = live_session(&mut self.nodes, node_name, session)?;
         node.health.sample_findings = health::judge_samples(&node.record.gpus, &hb.gpus, &cfg);
         node.last_samples = Arc::new(hb.gpus);
         node.workers = Arc::new(hb.workers);
         let mut effects = Vec::new();
         hear_from(node, now, "heartbeat resumed", &mut effects);
-        judge(node, now, &cfg, &mut effects);
+        effects.extend(judge(node, &mut self.breaker, known, now, &cfg));
         let workers = node.workers.clone();
         effects.extend(self.worker_progress(node_name, &workers, now));
         Ok(effects)
@@ -136,7 +140,8 @@ impl ClusterState {
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
         let cfg = self.health.clone();
-        let node = self.live_session(node_name, session)?;
+        let known = self.nodes.len();
+        let node = live_session(&mut self.nodes, node_name, session)?;
         let mut effects = Vec::new();
         hear_from(node, now, "agent spoke again", &mut effects);
         let observed = if event.at_unix_ms == 0 {
@@ -207,7 +212,7 @@ impl ClusterState {
             }
         };
         effects.push(record(node, event));
-        judge(node, now, &cfg, &mut effects);
+        effects.extend(judge(node, &mut self.breaker, known, now, &cfg));
         Ok(effects)
     }
 
@@ -281,10 +286,11 @@ impl ClusterState {
     /// Lost; health warnings age out of their window.
     pub fn tick(&mut self, now: Now) -> Vec<Effect> {
         let mut effects = Vec::new();
+        let known = self.nodes.len();
         for node in self.nodes.values_mut() {
             reevaluate(node, now, &self.liveness, "no heartbeat", &mut effects);
             if !node.health.event_findings.is_empty() {
-                judge(node, now, &self.health, &mut effects);
+                effects.extend(judge(node, &mut self.breaker, known, now, &self.health));
             }
         }
         effects
@@ -311,6 +317,11 @@ impl ClusterState {
         source: CordonSource,
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
+        // A cordon that is applied supersedes a held one: the node is out of service now.
+        let mut effects = Vec::new();
+        if self.nodes.contains_key(name) && self.breaker.held.remove(name).is_some() {
+            effects.push(Effect::PersistBreaker(Box::new(self.breaker.clone())));
+        }
         let node = self.node_mut(name)?;
         let since_unix_ms = node
             .record
@@ -323,11 +334,11 @@ impl ClusterState {
             since_unix_ms,
         };
         if node.record.cordon.as_ref() == Some(&cordon) {
-            return Ok(Vec::new());
+            return Ok(effects);
         }
         Arc::make_mut(&mut node.record).cordon = Some(cordon.clone());
         let event = cordon_event(&cordon, now.wall_ms);
-        Ok(vec![
+        effects.extend([
             Effect::Persist((*node.record).clone()),
             record(node, event),
             Effect::Cordoned {
@@ -336,7 +347,8 @@ impl ClusterState {
                 rule: crate::kinds::CordonRule::Manual,
                 observed_at_ms: None,
             },
-        ])
+        ]);
+        Ok(effects)
     }
 
     /// Lift a cordon. An automatic one needs diagnostics that passed after
@@ -360,7 +372,11 @@ impl ClusterState {
             });
         }
         let burn_in = self.burn_in.on_uncordon;
-        let node = self.node_mut(name)?;
+        let known = self.nodes.len();
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| StateError::UnknownNode(name.to_owned()))?;
         let Some(previous) = node.record.cordon.clone() else {
             return Ok(Vec::new());
         };
@@ -394,7 +410,7 @@ impl ClusterState {
             node: name.to_owned(),
             previous,
         });
-        judge(node, now, &cfg, &mut effects);
+        effects.extend(judge(node, &mut self.breaker, known, now, &cfg));
         Ok(effects)
     }
 
@@ -405,15 +421,27 @@ impl ClusterState {
     }
 
     fn live_session(&mut self, name: &str, session: u64) -> Result<&mut Node, StateError> {
-        let node = self.node_mut(name)?;
-        if node.session != Some(session) {
-            return Err(StateError::StaleSession {
-                node: name.to_owned(),
-                session,
-            });
-        }
-        Ok(node)
+        live_session(&mut self.nodes, name, session)
     }
+}
+
+/// `name`'s node if `session` is its live one (a free function, so that the caller may borrow
+/// the state's other fields beside it).
+fn live_session<'a>(
+    nodes: &'a mut BTreeMap<String, Node>,
+    name: &str,
+    session: u64,
+) -> Result<&'a mut Node, StateError> {
+    let node = nodes
+        .get_mut(name)
+        .ok_or_else(|| StateError::UnknownNode(name.to_owned()))?;
+    if node.session != Some(session) {
+        return Err(StateError::StaleSession {
+            node: name.to_owned(),
+            session,
+        });
+    }
+    Ok(node)
 }
 
 /// The agent just spoke: restart its silence clock and, if it was not Ready, say so.
@@ -463,22 +491,31 @@ fn cordon_event(cordon: &Cordon, at_unix_ms: u64) -> NodeEvent {
     }
 }
 
-/// Re-judge a node's health: report a changed condition, and cordon a node
-/// that is Unhealthy and not cordoned yet (source `auto`).
 impl ClusterState {
     /// Judge `node` again after a finding outside the health policy changed
     /// (a straggler flag).
     pub fn rejudge(&mut self, name: &str, now: Now) -> Vec<Effect> {
         let cfg = self.health.clone();
+        let known = self.nodes.len();
         let mut effects = Vec::new();
         if let Some(node) = self.nodes.get_mut(name) {
-            judge(node, now, &cfg, &mut effects);
+            effects.extend(judge(node, &mut self.breaker, known, now, &cfg));
         }
         effects
     }
 }
 
-fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect>) {
+/// Re-judge a node's health: report a changed condition, and cordon a node that is Unhealthy
+/// and not cordoned yet (source `auto`) unless the cordon breaker holds it (`known`: how many
+/// nodes the cluster has, for the breaker's cap).
+pub(crate) fn judge(
+    node: &mut Node,
+    breaker: &mut Breaker,
+    known: usize,
+    now: Now,
+    cfg: &HealthConfig,
+) -> Vec<Effect> {
+    let mut effects = Vec::new();
     node.health.expire(now.mono_ms(), cfg);
     let to = node.health.condition();
     if to != node.condition {
@@ -505,11 +542,23 @@ fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect
         });
     }
     if node.record.cordon.is_some() {
-        return;
+        return effects;
     }
     let Some(finding) = node.health.first_unhealthy().cloned() else {
-        return;
+        return effects;
     };
+    let rule = crate::kinds::CordonRule::Health(finding.rule);
+    if !gate(
+        breaker,
+        node,
+        known,
+        rule,
+        &finding.message,
+        now,
+        &mut effects,
+    ) {
+        return effects;
+    }
     let cordon = Cordon {
         reason: finding.message.clone(),
         source: CordonSource::Auto,
@@ -521,9 +570,10 @@ fn judge(node: &mut Node, now: Now, cfg: &HealthConfig, effects: &mut Vec<Effect
     effects.push(Effect::Cordoned {
         node: node.record.name.clone(),
         cordon,
-        rule: crate::kinds::CordonRule::Health(finding.rule),
+        rule,
         observed_at_ms: Some(finding.observed_at_ms),
     });
+    effects
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::node::GpuRecord;
 use crate::step::Input;
 use crate::test_utils::{
     agent_event, diagnostics_record, heartbeat, refusal, register_at, session, step_ok, step_raw,
-    tick_at,
+    tick_at, xid,
 };
 use crate::time::Instant;
 
@@ -396,17 +396,6 @@ fn unknown_nodes_are_refused_by_name() {
         refusal(&uncordon(&mut s, "nope", false, t0())),
         StateError::UnknownNode(_)
     ));
-}
-
-fn xid(gpu: u32, code: u32, at: u64) -> v1::AgentEvent {
-    v1::AgentEvent {
-        at_unix_ms: at,
-        kind: Some(v1::agent_event::Kind::Xid(v1::XidError {
-            gpu_index: gpu,
-            xid: code,
-            gpu_uuid: String::new(),
-        })),
-    }
 }
 
 fn cordon_of(s: &ClusterState, node: &str) -> Option<Cordon> {
