@@ -8,13 +8,16 @@
 //! the crash (an XID a moment later) has had the backoff to arrive. The judgement is kept on the attempt
 //! ([`Judged`]), so a later cordon lift or a coordinator restart does not change it.
 //! - Counted: a crash or a hang with no culprit: triage failed no node, and no node of the gang is
-//!   cordoned (automatically: its own evidence) or unhealthy.
+//!   cordoned (automatically: its own evidence), unhealthy, or held by the open cordon breaker.
 //! - Excused: anything else (a node failure, a lost node, an operator's restart, a loss spike,
 //!   a worker its agent stopped), or a crash or hang pinned on a node. An excused attempt breaks
 //!   the chain: the count starts again after it.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::Held;
 use crate::health::Condition;
 use crate::job::{Attempt, Job, JobPhase};
 use crate::kinds::FailureKind;
@@ -136,7 +139,7 @@ fn signature(a: &Attempt) -> String {
 }
 
 /// Judge the last attempt of `job` (a restarting job whose triage is done), once.
-fn judge(job: &mut Job, nodes: &std::collections::BTreeMap<String, Node>) {
+fn judge(job: &mut Job, nodes: &BTreeMap<String, Node>, held: &BTreeMap<String, Held>) {
     let Some(a) = job.attempts.last_mut() else {
         return;
     };
@@ -144,7 +147,7 @@ fn judge(job: &mut Job, nodes: &std::collections::BTreeMap<String, Node>) {
         return;
     }
     let excuse = match a.failure_kind {
-        Some(FailureKind::Crash | FailureKind::Hang) => culprit(a, nodes),
+        Some(FailureKind::Crash | FailureKind::Hang) => culprit(a, nodes, held),
         Some(kind) => Some(format!("ended by {kind}, not by the program")),
         None => Some("no failure recorded".into()),
     };
@@ -155,7 +158,11 @@ fn judge(job: &mut Job, nodes: &std::collections::BTreeMap<String, Node>) {
 }
 
 /// A node to blame for a crash or hang of `a`, as a reason; None when there is none.
-fn culprit(a: &Attempt, nodes: &std::collections::BTreeMap<String, Node>) -> Option<String> {
+fn culprit(
+    a: &Attempt,
+    nodes: &BTreeMap<String, Node>,
+    held: &BTreeMap<String, Held>,
+) -> Option<String> {
     let failed: Vec<&str> = a
         .triage
         .iter()
@@ -178,6 +185,10 @@ fn culprit(a: &Attempt, nodes: &std::collections::BTreeMap<String, Node>) -> Opt
             Some(format!("{name} was cordoned automatically"))
         } else if node.condition == Condition::Unhealthy {
             Some(format!("{name} is unhealthy"))
+        } else if held.contains_key(name) {
+            Some(format!(
+                "{name}'s automatic cordon is held by the open cordon breaker"
+            ))
         } else {
             None
         }
@@ -217,14 +228,15 @@ fn looping(job: &Job) -> Option<&[Attempt]> {
 /// True when it did.
 pub(crate) fn check(
     job: &mut Job,
-    nodes: &std::collections::BTreeMap<String, Node>,
+    nodes: &BTreeMap<String, Node>,
+    held: &BTreeMap<String, crate::breaker::Held>,
     now: Now,
     effects: &mut Vec<Effect>,
 ) -> bool {
     if job.phase != JobPhase::Restarting {
         return false;
     }
-    judge(job, nodes);
+    judge(job, nodes, held);
     let Some(last) = looping(job) else {
         return false;
     };

@@ -54,7 +54,7 @@ impl ClusterState {
             // that trails the crash (an XID a moment later) has had the backoff to arrive.
             if ready_to_start
                 && job.phase == JobPhase::Restarting
-                && super::crash_loop::check(job, &self.nodes, now, &mut effects)
+                && super::crash_loop::check(job, &self.nodes, &self.breaker.held, now, &mut effects)
             {
                 continue;
             }
