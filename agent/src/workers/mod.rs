@@ -137,6 +137,7 @@ impl Workers {
                     attempt,
                     newest: None,
                     error: format!("checkpoint scan task failed: {e}"),
+                    rejected: Vec::new(),
                 });
             sink.emit(AgentEvent {
                 at_unix_ms: crate::unix_ms(),
