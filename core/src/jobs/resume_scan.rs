@@ -323,6 +323,8 @@ fn all_rejected(
     }
     if let Some(a) = job.current_attempt_mut() {
         a.ended_at_ms = now.wall_ms;
+        a.outcome = "failed".into();
+        a.reason.clone_from(&reason);
     }
     super::attempt::fail_job(job, reason, "failed", now, effects);
     effects.push(Effect::PersistJob(Box::new(job.clone())));

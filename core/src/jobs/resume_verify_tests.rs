@@ -207,6 +207,11 @@ fn when_every_candidate_fails_verification_the_job_fails_naming_them() {
     );
     assert_eq!(job.bad_checkpoints.len(), 2);
     assert!(job.placement.is_empty());
+    let last = job
+        .attempts
+        .last()
+        .map(|a| (a.attempt, a.outcome.as_str(), a.ended_at_ms));
+    assert_eq!(last, Some((2, "failed", t(4).wall_ms)));
     assert_eq!(events_of(&s, &id, "checkpoint-bad").len(), 2);
     // No relaunch, no loop.
     for secs in [10, 30, 60] {
