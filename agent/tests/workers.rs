@@ -11,6 +11,7 @@ use common::{TestResult, root_or_skip, skip_root_test};
 use vigil_agent::workers::{ALREADY_GONE_REASON, group_alive};
 use vigil_proto::v1::CheckpointSeen;
 use vigil_proto::v1::agent_event::Kind;
+use vigil_proto::v1::command::Kind as CommandKind;
 
 #[tokio::test]
 async fn worker_starts_reports_progress_and_stops_with_its_whole_group() -> TestResult {
@@ -301,5 +302,50 @@ async fn workers_run_as_the_configured_user() -> TestResult {
     );
     h.stop_workers("job-u", 1, "test over").await?;
     h.exited("job-u", 1).await?;
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_verifying_scan_re_sent_while_it_runs_is_run_once() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let mut h = Harness::start(&tmp.path().join("state"), NORMAL).await?;
+    let ckpt = tmp.path().join("ckpt");
+    std::fs::create_dir_all(ckpt.join("step_000100"))?;
+    std::fs::write(ckpt.join("step_000100/model.bin"), "weights")?;
+    std::fs::write(ckpt.join("step_000100/COMPLETE"), "ok\n")?;
+    let runs = tmp.path().join("runs");
+    let scan = vigil_proto::v1::ScanCheckpoints {
+        job_id: "job-v".into(),
+        attempt: 2,
+        checkpoint_dir: ckpt.display().to_string(),
+        checkpoint_layout: "marker".into(),
+        verify_command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo run >> {}; sleep 1", runs.display()),
+        ],
+        verify_timeout_ms: 30_000,
+        workdir: tmp.path().display().to_string(),
+        env: Default::default(),
+        world_size: 0,
+    };
+    // The coordinator re-sends an unanswered scan (1 s, 2 s, ...): here at once.
+    h.command(CommandKind::ScanCheckpoints(scan.clone()))
+        .await?;
+    h.command(CommandKind::ScanCheckpoints(scan)).await?;
+    let answer = match h.event(|k| matches!(k, Kind::CheckpointScan(_))).await? {
+        Kind::CheckpointScan(a) => a,
+        _ => return Err("not a scan".into()),
+    };
+    assert_eq!(
+        answer.newest.and_then(|n| n.step),
+        Some(100),
+        "{}",
+        answer.error
+    );
+    assert!(answer.rejected.is_empty());
+    // Long enough for a second verification (1 s) to have started and written its line.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(std::fs::read_to_string(&runs)?, "run\n", "verified once");
     h.stop().await
 }

@@ -264,6 +264,7 @@ pub fn with_scans_answered(
                 attempt: scan.attempt,
                 newest: None,
                 error: String::new(),
+                rejected: Vec::new(),
             })),
         };
         effects.extend(agent_event(s, &node, ev, now));

@@ -438,30 +438,43 @@ fn a_job_waiting_for_a_node_starts_when_that_node_registers() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_checkpoint_whose_data_is_newer_than_its_marker_is_not_resumed_from() -> Result<()> {
-    let cluster = start(1)?;
+/// A one-node job checkpointing every 150 steps (6 s), crashed by writing `crash` to
+/// `<dir>/control-<attempt>`.
+fn slow_checkpoints_spec(cluster: &vigil_tests::Cluster) -> Result<String> {
     let control = cluster.dir.path().join("control-{attempt}");
-    // A checkpoint every 150 steps (6 s): time for the newest to age past MARKER_SKEW (2 s)
-    // before the next one.
-    let text = spec(
-        &cluster,
+    Ok(spec(
+        cluster,
         1,
         0,
         &format!(", FAKE_CONTROL_FILE = \"{}\"", control.display()),
         "",
     )?
-    .replace("FAKE_CKPT_EVERY = \"10\"", "FAKE_CKPT_EVERY = \"150\"");
+    .replace("FAKE_CKPT_EVERY = \"10\"", "FAKE_CKPT_EVERY = \"150\""))
+}
+
+/// The two newest complete checkpoints in `ckpt` (the previous one, the newest), once there are two.
+fn newest_two_complete(ckpt: &Path) -> Result<Option<(Checkpoint, Checkpoint)>> {
+    let complete: Vec<Checkpoint> = checkpoints(ckpt)?
+        .into_iter()
+        .filter(|c| c.completed_at_ms.is_some())
+        .collect();
+    Ok(match complete.as_slice() {
+        [.., prev, newest] => Some((prev.clone(), newest.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_checkpoint_whose_data_is_newer_than_its_marker_is_not_resumed_from() -> Result<()> {
+    let cluster = start(1)?;
+    // Time for the newest to age past MARKER_SKEW (2 s) before the next one.
+    let text = slow_checkpoints_spec(&cluster)?;
     let id = cluster.submit(&text)?;
     let ckpt = cluster.dir.path().join("ckpt");
     // Two complete checkpoints, the newest 2.5 s old: a trainer reusing its directory (a
     // rollback rewriting it) writes new data under the old marker, then crashes mid-save.
     let (tampered, previous) = wait_for("two checkpoints, the newest 2.5 s old", LONG, || {
-        let complete: Vec<Checkpoint> = checkpoints(&ckpt)?
-            .into_iter()
-            .filter(|c| c.completed_at_ms.is_some())
-            .collect();
-        let [.., prev, newest] = complete.as_slice() else {
+        let Some((prev, newest)) = newest_two_complete(&ckpt)? else {
             return Ok(None);
         };
         let age = unix_ms().saturating_sub(newest.completed_at_ms.unwrap_or(u64::MAX));
@@ -480,6 +493,65 @@ fn a_checkpoint_whose_data_is_newer_than_its_marker_is_not_resumed_from() -> Res
         previous,
         "not from step {tampered}, whose data is newer than its marker: {}",
         attempts(&job)[1]
+    );
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_that_fails_verify_command_is_marked_bad_and_the_previous_one_resumed() -> Result<()>
+{
+    let cluster = start(1)?;
+    // The verify script fails a checkpoint with a `<path>.bad` file beside it (beside, not in
+    // it: a file newer than its marker would make it incomplete, never verified). None
+    // completes between the marking and the crash.
+    let verify = r#"verify_command = ["sh", "-c", "test ! -e \"$VIGIL_CHECKPOINT.bad\" || { echo \"corrupt: $1\"; exit 3; }", "verify"]"#;
+    let text = slow_checkpoints_spec(&cluster)?.replace(
+        "layout = \"marker\"\n",
+        &format!("layout = \"marker\"\n{verify}\nverify_timeout = \"30s\"\n"),
+    );
+    let id = cluster.submit(&text)?;
+    let ckpt = cluster.dir.path().join("ckpt");
+    let (bad, previous) = wait_for("two checkpoints, the newest just completed", LONG, || {
+        let Some((prev, newest)) = newest_two_complete(&ckpt)? else {
+            return Ok(None);
+        };
+        let age = unix_ms().saturating_sub(newest.completed_at_ms.unwrap_or(0));
+        if age > 3_000 {
+            return Ok(None);
+        }
+        let mut marked = newest.path.clone().into_os_string();
+        marked.push(".bad");
+        std::fs::write(&marked, "")?;
+        std::fs::write(cluster.dir.path().join("control-1"), "crash")?;
+        Ok(Some((newest, prev.step)))
+    })?;
+    let job = cluster.wait_job(&id, "attempt 2 running", |j| {
+        attempt(j) == 2 && workers_running(j, 1)
+    })?;
+    assert_eq!(
+        attempts(&job)[1]["resumed_from_step"],
+        previous,
+        "not from step {}, which failed verify_command: {}",
+        bad.step,
+        attempts(&job)[1]
+    );
+    let events: Vec<&str> = job["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    let path = bad.path.display().to_string();
+    let marked_bad = events.iter().any(|m| {
+        m.starts_with(&format!(
+            "checkpoint {path} (step {}) failed verify_command",
+            bad.step
+        )) && m.contains("(exited with code 3)")
+            && m.contains(&format!("output: corrupt: {path}"))
+    });
+    assert!(
+        marked_bad,
+        "a checkpoint-bad event quotes the output: {events:#?}"
     );
     Ok(())
 }

@@ -90,21 +90,40 @@ pub fn latest_complete_with(
     layout: Layout,
     world_size: Option<u32>,
 ) -> io::Result<Option<Checkpoint>> {
-    if !dir.is_dir() {
-        return Ok(None);
+    Ok(complete_candidates(dir, layout, 1, world_size)?
+        .into_iter()
+        .next())
+}
+
+/// Up to `max` complete checkpoints under `dir`, newest first (for a verify_command to try in
+/// turn), for a gang of `world_size` ranks when known. With a tracker file (megatron, deepspeed)
+/// only the one it names (for deepspeed, the newest complete tag up to it) is provably complete
+/// (older ones may have been pruned mid-delete), so it is the only candidate.
+pub fn complete_candidates(
+    dir: &Path,
+    layout: Layout,
+    max: usize,
+    world_size: Option<u32>,
+) -> io::Result<Vec<Checkpoint>> {
+    if !dir.is_dir() || max == 0 {
+        return Ok(Vec::new());
     }
     match layout {
-        Layout::Marker => newest_subdir(dir, |d, _| marker_holds(d, "COMPLETE")),
-        Layout::PytorchDcp => newest_subdir(dir, |d, _| marker_holds(d, ".metadata")),
-        Layout::HfTrainer => newest_subdir(dir, |d, name| {
+        Layout::Marker => complete_subdirs(dir, max, |d, _| marker_holds(d, "COMPLETE")),
+        Layout::PytorchDcp => complete_subdirs(dir, max, |d, _| marker_holds(d, ".metadata")),
+        Layout::HfTrainer => complete_subdirs(dir, max, |d, name| {
             name.starts_with("checkpoint-") && trainer_state_matches(d, name)
         }),
         Layout::Megatron => Ok(read_tracker(&dir.join(MEGATRON_TRACKER))?
             .and_then(|text| megatron_dir(&text))
-            .and_then(|name| existing_subdir(dir, &name))),
+            .and_then(|name| existing_subdir(dir, &name))
+            .into_iter()
+            .collect()),
         Layout::Deepspeed => Ok(read_tracker(&dir.join(DEEPSPEED_TRACKER))?
             .filter(|tag| is_plain_name(tag))
-            .and_then(|tag| deepspeed::newest(dir, &tag, world_size))),
+            .and_then(|tag| deepspeed::newest(dir, &tag, world_size))
+            .into_iter()
+            .collect()),
     }
 }
 
@@ -135,12 +154,13 @@ struct Rank {
     name: String,
 }
 
-/// The newest subdirectory that `complete` accepts: candidates are tried newest first, so the
-/// (possibly deep) completeness check runs on the few newest only.
-fn newest_subdir(
+/// The `max` newest subdirectories that `complete` accepts: candidates are tried newest first,
+/// so the (possibly deep) completeness check runs on the few newest only.
+fn complete_subdirs(
     dir: &Path,
+    max: usize,
     complete: impl Fn(&Path, &str) -> bool,
-) -> io::Result<Option<Checkpoint>> {
+) -> io::Result<Vec<Checkpoint>> {
     let mut candidates: Vec<(Rank, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -161,11 +181,13 @@ fn newest_subdir(
     candidates.sort_by(|a, b| b.0.cmp(&a.0));
     Ok(candidates
         .into_iter()
-        .find(|(rank, path)| complete(path, &rank.name))
+        .filter(|(rank, path)| complete(path, &rank.name))
+        .take(max)
         .map(|(rank, path)| Checkpoint {
             path,
             step: rank.step,
-        }))
+        })
+        .collect())
 }
 
 /// Most bytes of a tracker file read (it holds one iteration number or tag).

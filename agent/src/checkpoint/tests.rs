@@ -376,3 +376,43 @@ fn watcher_reports_each_change_once_and_survives_scan_errors() {
     assert_eq!(w.observe(Ok(None)), None);
     assert_eq!(w.observe(Ok(Some(ck(2)))), Some(ck(2)));
 }
+
+fn candidates(tmp: &tempfile::TempDir, layout: Layout, max: usize) -> io::Result<Vec<String>> {
+    Ok(complete_candidates(tmp.path(), layout, max, None)?
+        .into_iter()
+        .filter_map(|c| c.path.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect())
+}
+
+#[test]
+fn candidates_are_the_newest_complete_ones_newest_first() -> TestResult {
+    let tmp = dir_with(&[
+        "step_100/COMPLETE",
+        "step_200/COMPLETE",
+        "step_300/",
+        "step_400/COMPLETE",
+        "step_500/COMPLETE",
+    ])?;
+    assert_eq!(
+        candidates(&tmp, Layout::Marker, 3)?,
+        ["step_500", "step_400", "step_200"],
+        "the incomplete 300 is no candidate"
+    );
+    assert_eq!(candidates(&tmp, Layout::Marker, 1)?, ["step_500"]);
+    assert!(candidates(&tmp, Layout::Marker, 0)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn with_a_tracker_only_the_tracked_checkpoint_is_a_candidate() -> TestResult {
+    let tmp = dir_with(&["iter_0000100/", "iter_0000200/", "iter_0000300/"])?;
+    fs::write(tmp.path().join(MEGATRON_TRACKER), "300\n")?;
+    assert_eq!(candidates(&tmp, Layout::Megatron, 3)?, ["iter_0000300"]);
+    let tmp = dir_with(&[
+        "global_step10/mp_rank_00_model_states.pt",
+        "global_step20/mp_rank_00_model_states.pt",
+    ])?;
+    fs::write(tmp.path().join(DEEPSPEED_TRACKER), "global_step20")?;
+    assert_eq!(candidates(&tmp, Layout::Deepspeed, 3)?, ["global_step20"]);
+    Ok(())
+}

@@ -130,7 +130,7 @@ impl Confinement {
     }
 
     /// The user to switch to, or `None` to stay the agent's own.
-    fn identity(&self, agent_uid: u32) -> Result<Option<Identity>, ConfineError> {
+    pub(crate) fn identity(&self, agent_uid: u32) -> Result<Option<Identity>, ConfineError> {
         let Some(name) = self.run_as.as_deref() else {
             return if agent_uid == 0 {
                 Err(ConfineError::ImplicitRoot)

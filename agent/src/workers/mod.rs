@@ -37,6 +37,7 @@ mod record;
 mod resume_scan;
 mod spawn;
 mod supervisor;
+mod verify;
 mod worker;
 
 use std::path::PathBuf;
@@ -105,6 +106,8 @@ pub struct Workers {
     sink: EventSink,
     /// Where checkpoint scans may look (`ScanCheckpoints`).
     confine: std::sync::Arc<confine::Confinement>,
+    /// The checkpoint scans under way (their tasks remove themselves).
+    scanning: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Key>>>,
 }
 
 impl Workers {
@@ -119,25 +122,35 @@ impl Workers {
             state_dir,
             sink,
             confine,
+            scanning: Default::default(),
         }
     }
 
     /// Scan a job's checkpoint directory before its relaunch; the answer goes back as a
-    /// `CheckpointScan` event. Off the async threads: a hung network file system blocks a
-    /// blocking thread, nothing else.
+    /// `CheckpointScan` event. The coordinator re-sends the command until answered, and with a
+    /// verify_command a scan may take minutes: a scan of a (job, attempt) already under way is
+    /// not started twice.
     pub fn scan_checkpoints(&self, scan: ScanCheckpoints) {
+        let key = Key {
+            job_id: scan.job_id.clone(),
+            attempt: scan.attempt,
+        };
+        {
+            let mut scanning = self.scanning.lock().unwrap_or_else(|e| e.into_inner());
+            if !scanning.insert(key.clone()) {
+                tracing::debug!(job_id = %key.job_id, attempt = key.attempt, "checkpoint scan already under way");
+                return;
+            }
+        }
         let confine = std::sync::Arc::clone(&self.confine);
+        let scanning = std::sync::Arc::clone(&self.scanning);
         let sink = self.sink.clone();
         tokio::spawn(async move {
-            let (job_id, attempt) = (scan.job_id.clone(), scan.attempt);
-            let answer = tokio::task::spawn_blocking(move || resume_scan::run(&confine, &scan))
-                .await
-                .unwrap_or_else(|e| vigil_proto::v1::CheckpointScan {
-                    job_id,
-                    attempt,
-                    newest: None,
-                    error: format!("checkpoint scan task failed: {e}"),
-                });
+            let answer = resume_scan::run(confine, scan).await;
+            scanning
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
             sink.emit(AgentEvent {
                 at_unix_ms: crate::unix_ms(),
                 kind: Some(vigil_proto::v1::agent_event::Kind::CheckpointScan(answer)),

@@ -328,6 +328,7 @@ pub fn running_job() -> v1::JobDetail {
             attempt: 1,
         }),
         lost_ms: 65_000,
+        bad_checkpoints: Vec::new(),
         goodput: Some(running_job_goodput()),
         events: running_job_events(),
         workers: vec![

@@ -135,6 +135,8 @@ pub struct JobDetail {
     pub checkpoint_layout: String,
     /// Where the job's wall time went; `null` from a coordinator that does not account it.
     pub goodput: Option<super::Goodput>,
+    /// Checkpoints that failed `[checkpoint] verify_command`: never resumed from again.
+    pub bad_checkpoints: Vec<String>,
 }
 
 impl JobDetail {
@@ -203,6 +205,7 @@ impl JobDetail {
             checkpoint_dir: d.checkpoint_dir,
             checkpoint_layout: d.checkpoint_layout,
             goodput: d.goodput.map(super::Goodput::from),
+            bad_checkpoints: d.bad_checkpoints,
         }
     }
 }
@@ -277,8 +280,9 @@ mod tests {
             json!({"at_unix_ms": 1_000_000, "kind": "submitted", "message": "submitted from job.toml"})
         );
         let keys: Vec<&String> = value.as_object().expect("object").keys().collect();
-        assert_eq!(keys.len(), 12, "{keys:?}");
+        assert_eq!(keys.len(), 13, "{keys:?}");
         assert_eq!(value["lost_ms"], json!(65_000));
+        assert_eq!(value["bad_checkpoints"], json!([]));
         assert_eq!(value["spare_nodes"], json!(["gpu-009"]));
     }
 

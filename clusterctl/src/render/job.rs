@@ -169,6 +169,9 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
         )
     };
     out.line("checkpoints", checkpoints);
+    if !d.bad_checkpoints.is_empty() {
+        out.line("bad checkpoints", d.bad_checkpoints.join(", "));
+    }
     for section in [
         workers_table(d, now_ms),
         attempts_table(d, now_ms, term),
@@ -440,6 +443,19 @@ mod tests {
         let text = job_detail(&old, NOW, Term::PLAIN);
         assert!(text.contains("time lost       1m05s\n"), "{text}");
         assert!(text.contains("goodput         -\n"), "{text}");
+    }
+
+    #[test]
+    fn job_show_names_bad_checkpoints_only_when_there_are_some() {
+        let text = job_detail(&detail(), NOW, Term::PLAIN);
+        assert!(!text.contains("bad checkpoints"), "{text}");
+        let mut d = detail();
+        d.bad_checkpoints = vec!["/ckpt/step_00000210".into(), "/ckpt/step_00000220".into()];
+        let text = job_detail(&d, NOW, Term::PLAIN);
+        assert!(
+            text.contains("bad checkpoints /ckpt/step_00000210, /ckpt/step_00000220\n"),
+            "{text}"
+        );
     }
 
     #[test]

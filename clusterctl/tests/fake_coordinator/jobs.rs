@@ -71,6 +71,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
             attempt: 1,
         }),
         lost_ms: 4_200,
+        bad_checkpoints: Vec::new(),
         goodput: None,
         events: vec![v1::JobEvent {
             at_unix_ms: NOW_ISH,

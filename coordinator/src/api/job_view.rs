@@ -124,6 +124,7 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
             })
             .collect(),
         last_checkpoint: job.checkpoint.as_ref().map(checkpoint),
+        bad_checkpoints: job.bad_checkpoints.iter().cloned().collect(),
         lost_ms: job.lost_ms,
         events: job
             .events

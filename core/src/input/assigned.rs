@@ -162,6 +162,7 @@ mod tests {
             env_override: BTreeMap::new(),
             events: Vec::new(),
             resume_scan: None,
+            bad_checkpoints: Default::default(),
             unannounced: Vec::new(),
         };
         j.workers = current

@@ -16,6 +16,11 @@ use crate::limits::{
 use crate::node::GpuRecord;
 use crate::state::Registration;
 
+/// Most rejected checkpoints one scan may name (the agent verifies at most 3).
+pub const MAX_REJECTED: usize = 8;
+/// Most bytes of a verify_command's output one rejected checkpoint may carry.
+pub const MAX_VERIFY_OUTPUT: usize = 4096;
+
 /// Why an agent message was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
@@ -170,6 +175,16 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
         Some(Kind::CheckpointScan(c)) => {
             check_job_id("checkpoint_scan.job_id", &c.job_id)?;
             check_len("checkpoint_scan.error", &c.error, MAX_REASON)?;
+            check_count("checkpoint_scan.rejected", c.rejected.len(), MAX_REJECTED)?;
+            for r in &c.rejected {
+                check_path("checkpoint_scan.rejected.path", &r.path)?;
+                check_len(
+                    "checkpoint_scan.rejected.output",
+                    &r.output,
+                    MAX_VERIFY_OUTPUT,
+                )?;
+                check_len("checkpoint_scan.rejected.why", &r.why, MAX_TEXT)?;
+            }
             match &c.newest {
                 Some(n) if n.path.is_empty() => {
                     Err("checkpoint_scan.newest.path is empty: name the checkpoint".into())

@@ -138,6 +138,15 @@ fn oversized_heartbeats_are_refused() {
     assert!(check_heartbeat(&v1::Heartbeat::default()).is_ok());
 }
 
+fn scan_rejecting(r: v1::RejectedCheckpoint) -> Kind {
+    Kind::CheckpointScan(v1::CheckpointScan {
+        job_id: "j-1".into(),
+        attempt: 2,
+        rejected: vec![r],
+        ..Default::default()
+    })
+}
+
 #[test]
 fn events_with_escaping_or_oversized_fields_are_refused_by_name() {
     let cases = [
@@ -195,6 +204,37 @@ fn events_with_escaping_or_oversized_fields_are_refused_by_name() {
                 ..Default::default()
             }),
             "log_data.data",
+        ),
+        (
+            scan_rejecting(v1::RejectedCheckpoint {
+                path: "/c/step_1".into(),
+                output: "x".repeat(MAX_VERIFY_OUTPUT + 1),
+                ..Default::default()
+            }),
+            "checkpoint_scan.rejected.output",
+        ),
+        (
+            scan_rejecting(v1::RejectedCheckpoint {
+                path: "/c/../etc".into(),
+                ..Default::default()
+            }),
+            "checkpoint_scan.rejected.path",
+        ),
+        (
+            scan_rejecting(v1::RejectedCheckpoint {
+                path: "/c/step_1".into(),
+                why: "x".repeat(MAX_TEXT + 1),
+                ..Default::default()
+            }),
+            "checkpoint_scan.rejected.why",
+        ),
+        (
+            Kind::CheckpointScan(v1::CheckpointScan {
+                job_id: "j-1".into(),
+                rejected: vec![v1::RejectedCheckpoint::default(); MAX_REJECTED + 1],
+                ..Default::default()
+            }),
+            "checkpoint_scan.rejected lists 9",
         ),
     ];
     for (kind, field) in cases {

@@ -1,7 +1,7 @@
 //! A job as the coordinator keeps it (persisted whole, as JSON): spec,
 //! intent (where attempt N runs), and what agents observed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -239,6 +239,11 @@ pub struct Job {
     /// Complete checkpoints seen, oldest first, at most `MAX_CHECKPOINT_HISTORY`.
     #[serde(default)]
     pub checkpoints: Vec<Checkpoint>,
+    /// Checkpoint paths that failed `[checkpoint] verify_command` before a relaunch: never
+    /// resumed from again (not when reported, not by a rollback, not by a later scan), even
+    /// if the trainer rewrites the directory later.
+    #[serde(default)]
+    pub bad_checkpoints: BTreeSet<String>,
     /// When the job reached a terminal state.
     #[serde(default)]
     pub finished_at_ms: Option<u64>,

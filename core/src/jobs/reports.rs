@@ -61,8 +61,11 @@ impl ClusterState {
             Some(Kind::Checkpoint(c)) => {
                 let inside = std::path::Path::new(&c.path).starts_with(&job.spec.checkpoint.dir);
                 let known = job.checkpoint.as_ref().is_some_and(|k| k.path == c.path);
+                // A checkpoint that failed verify_command stays bad, rewritten or not.
+                let bad = job.bad_checkpoints.contains(&c.path);
                 if !inside
                     || known
+                    || bad
                     || job.workers.get(node).is_none_or(|w| w.node_rank != 0)
                     || crate::rollback::stale(job, c)
                 {

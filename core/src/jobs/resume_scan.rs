@@ -11,6 +11,14 @@
 //! - none at all (a directory not mounted on that node?), an error, or no answer in time: it
 //!   resumes from the one reported, with an event saying so.
 //!
+//! With `[checkpoint] verify_command`, the agent verifies complete candidates newest first (at
+//! most 3) and answers with the first that passed and the ones that failed (`rejected`); the
+//! budget grows by three verifications. Each rejected checkpoint is marked bad
+//! (`Job.bad_checkpoints`, with a `checkpoint-bad` event quoting the command's output) and never
+//! resumed from again; a verified one is adopted even when older than the one reported (which
+//! was rejected). When every candidate failed the job ends Failed, naming them: resuming from a
+//! checkpoint known to be corrupt, or starting afresh, would only loop.
+//!
 //! Never after a rollback (a loss spike's, or an operator's `job restart --from-checkpoint`): the
 //! checkpoints the rollback left behind are newer on purpose and must not be resumed from.
 //! A scan is not persisted: a coordinator that restarts mid-scan starts the workers from the
@@ -27,6 +35,19 @@ use crate::time::Instant;
 
 /// How long the relaunch waits for the scan's answer before it starts without it.
 pub const SCAN_BUDGET: Duration = Duration::from_secs(10);
+/// Most candidates the agent verifies in one scan (the budget allows each its timeout).
+pub const MAX_VERIFIED: u32 = 3;
+
+/// How long `job`'s relaunch waits for its scan: [`SCAN_BUDGET`], plus [`MAX_VERIFIED`]
+/// verifications when the spec has a verify_command.
+pub fn budget(job: &Job) -> Duration {
+    let c = &job.spec.checkpoint;
+    if c.verify_command.is_empty() {
+        SCAN_BUDGET
+    } else {
+        SCAN_BUDGET.saturating_add(c.verify_timeout.saturating_mul(MAX_VERIFIED))
+    }
+}
 
 /// A scan the current attempt waits for.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +70,7 @@ pub(super) fn begin(job: &mut Job, now: Now) {
         job.resume_scan = Some(Scan {
             attempt: job.attempt,
             node: node.clone(),
-            deadline: now.mono + SCAN_BUDGET,
+            deadline: now.mono + budget(job),
             sent: None,
         });
     }
@@ -72,6 +93,18 @@ pub(crate) fn command(job: &Job) -> v1::command::Kind {
         checkpoint_dir: job.spec.checkpoint.dir.clone(),
         checkpoint_layout: job.spec.checkpoint.layout.clone(),
         world_size: job.spec.nodes.saturating_mul(job.spec.gpus_per_node),
+        verify_command: job.spec.checkpoint.verify_command.clone(),
+        verify_timeout_ms: u64::try_from(job.spec.checkpoint.verify_timeout.as_millis())
+            .unwrap_or(u64::MAX),
+        workdir: job.spec.workdir.clone(),
+        // As the workers get it: the spec's, then an operator's `job restart --env`.
+        env: job
+            .spec
+            .env
+            .iter()
+            .chain(&job.env_override)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -84,6 +117,14 @@ pub(super) fn answered(
     effects: &mut Vec<Effect>,
 ) {
     if !pending(job) || job.resume_scan.as_ref().is_none_or(|s| s.node != node) {
+        return;
+    }
+    let verifying = !job.spec.checkpoint.verify_command.is_empty();
+    for r in scan.rejected.iter().filter(|_| verifying) {
+        mark_bad(job, node, r, now, effects);
+    }
+    if verifying && scan.newest.is_none() && !scan.rejected.is_empty() {
+        all_rejected(job, node, scan, now, effects);
         return;
     }
     let known = Checkpoint::describe(job.checkpoint.as_ref());
@@ -100,6 +141,10 @@ pub(super) fn answered(
         (Some(found), Verdict::Newer) => (
             found,
             "that no agent had reported (its writer was cut off from the coordinator, or the job ended before it was seen)",
+        ),
+        (Some(found), Verdict::Verified) => (
+            found,
+            "that passed verify_command: the one reported failed it",
         ),
         (Some(found), Verdict::Older) => (
             found,
@@ -154,6 +199,8 @@ enum Verdict {
     /// The newest complete checkpoint is older than the one reported, which is therefore no
     /// longer complete (a reused step directory rewritten, a removed one): resume from it.
     Older,
+    /// The one reported failed verify_command: resume from the one that passed, older or not.
+    Verified,
     /// The same one, or one that cannot be ordered (no step, outside the directory): keep it.
     Same,
     /// No complete checkpoint at all.
@@ -161,9 +208,17 @@ enum Verdict {
 }
 
 fn verdict(job: &Job, found: Option<&v1::CheckpointSeen>) -> Verdict {
-    let Some(found) = found else {
+    let Some(found) = found.filter(|f| !job.bad_checkpoints.contains(&f.path)) else {
         return Verdict::Nothing;
     };
+    if job
+        .checkpoint
+        .as_ref()
+        .is_some_and(|k| job.bad_checkpoints.contains(&k.path))
+    {
+        // The one reported was rejected: the verified one replaces it, older or not.
+        return Verdict::Verified;
+    }
     let inside = std::path::Path::new(&found.path).starts_with(&job.spec.checkpoint.dir);
     let Some(step) = found.step.filter(|_| inside) else {
         return Verdict::Same;
@@ -209,13 +264,77 @@ pub(super) fn expire(job: &mut Job, now: Now, effects: &mut Vec<Effect>) {
     let msg = format!(
         "no checkpoint scan answer from {} within {} (an agent older than this coordinator ignores it); attempt {} resumes from {}, the last one reported",
         scan.node,
-        humantime::format_duration(SCAN_BUDGET),
+        humantime::format_duration(budget(job)),
         job.attempt,
         Checkpoint::describe(job.checkpoint.as_ref())
     );
     finish(job, msg, true, now, effects);
 }
 
+/// `r` failed the job's verify_command on `node`: never resume from it again.
+fn mark_bad(
+    job: &mut Job,
+    node: &str,
+    r: &v1::RejectedCheckpoint,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    if !job.bad_checkpoints.insert(r.path.clone()) {
+        return;
+    }
+    let output = r.output.trim();
+    let msg = format!(
+        "checkpoint {} (step {}) failed verify_command on {node} ({}); it is marked bad and never resumed from again; output: {}",
+        r.path,
+        r.step.map_or_else(|| "?".into(), |s| s.to_string()),
+        r.why,
+        if output.is_empty() { "(none)" } else { output }
+    );
+    job.event(now.wall_ms, "checkpoint-bad", msg.clone());
+    effects.push(Effect::JobLog {
+        job: job.id.clone(),
+        message: msg,
+        warn: true,
+    });
+}
+
+/// Every candidate failed the verify_command: the job ends here. Resuming from a checkpoint
+/// known to be corrupt would crash again, and a fresh start would throw the run away.
+fn all_rejected(
+    job: &mut Job,
+    node: &str,
+    scan: &v1::CheckpointScan,
+    now: Now,
+    effects: &mut Vec<Effect>,
+) {
+    job.resume_scan = None;
+    let tried: Vec<String> = scan
+        .rejected
+        .iter()
+        .map(|r| format!("{} ({})", r.path, r.why))
+        .collect();
+    let reason = format!(
+        "no checkpoint passed verify_command on {node} before attempt {}: tried {}; fix or remove them (or the verify_command), then resubmit",
+        job.attempt,
+        tried.join(", ")
+    );
+    // Its workers were never started (the scan holds them back): nothing to stop.
+    for w in job.workers.values_mut() {
+        w.phase = crate::job::WorkerPhase::Stopped;
+    }
+    if let Some(a) = job.current_attempt_mut() {
+        a.ended_at_ms = now.wall_ms;
+        a.outcome = "failed".into();
+        a.reason.clone_from(&reason);
+    }
+    super::attempt::fail_job(job, reason, "failed", now, effects);
+    effects.push(Effect::PersistJob(Box::new(job.clone())));
+}
+
 #[cfg(test)]
 #[path = "resume_scan_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "resume_verify_tests.rs"]
+mod verify_tests;

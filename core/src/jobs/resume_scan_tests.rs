@@ -11,7 +11,7 @@ use crate::state::ClusterState;
 use crate::step::Input;
 use crate::test_utils::{commands, register_at, starts, step_ok, submit_at, t, tick_at};
 
-const SPEC: &str = r#"name = "train"
+pub(super) const SPEC: &str = r#"name = "train"
 nodes = 2
 gpus_per_node = 8
 command = ["python3", "train.py"]
@@ -38,7 +38,12 @@ fn cluster() -> ClusterState {
     s
 }
 
-fn event(s: &mut ClusterState, node: &str, kind: v1::agent_event::Kind, now: Now) -> Vec<Effect> {
+pub(super) fn event(
+    s: &mut ClusterState,
+    node: &str,
+    kind: v1::agent_event::Kind,
+    now: Now,
+) -> Vec<Effect> {
     let ev = v1::AgentEvent {
         at_unix_ms: now.wall_ms,
         kind: Some(kind),
@@ -46,7 +51,7 @@ fn event(s: &mut ClusterState, node: &str, kind: v1::agent_event::Kind, now: Now
     crate::test_utils::agent_event(s, node, ev, now)
 }
 
-fn seen(id: &str, attempt: u64, step: u64) -> v1::CheckpointSeen {
+pub(super) fn seen(id: &str, attempt: u64, step: u64) -> v1::CheckpointSeen {
     v1::CheckpointSeen {
         job_id: id.into(),
         attempt,
@@ -57,7 +62,7 @@ fn seen(id: &str, attempt: u64, step: u64) -> v1::CheckpointSeen {
     }
 }
 
-fn scans(effects: &[Effect]) -> Vec<(String, v1::ScanCheckpoints)> {
+pub(super) fn scans(effects: &[Effect]) -> Vec<(String, v1::ScanCheckpoints)> {
     commands(effects)
         .into_iter()
         .filter_map(|(n, k)| match k {
@@ -67,15 +72,20 @@ fn scans(effects: &[Effect]) -> Vec<(String, v1::ScanCheckpoints)> {
         .collect()
 }
 
-fn resume_from(start: &v1::StartWorker) -> Option<&str> {
+pub(super) fn resume_from(start: &v1::StartWorker) -> Option<&str> {
     start.env.get("VIGIL_RESUME_FROM").map(String::as_str)
 }
 
 /// A job whose attempt 1 reported checkpoint 100 and then crashed at 2 s (every stop confirmed);
 /// returns its id and the effects of the step that ended the stop (the relaunch is due at 3 s).
 fn crashed() -> (ClusterState, String) {
+    crashed_with(SPEC)
+}
+
+/// [`crashed`], with the job submitted as `spec` (a variant of [`SPEC`]).
+pub(super) fn crashed_with(spec: &str) -> (ClusterState, String) {
     let mut s = cluster();
-    let id = submit_at(&mut s, SPEC, t(0));
+    let id = submit_at(&mut s, spec, t(0));
     for n in ["n1", "n2"] {
         event(
             &mut s,
@@ -131,6 +141,10 @@ fn a_relaunch_scans_first_and_resumes_from_a_newer_checkpoint_nobody_reported() 
             checkpoint_dir: "/c".into(),
             checkpoint_layout: "marker".into(),
             world_size: 16,
+            verify_command: Vec::new(),
+            verify_timeout_ms: 300_000,
+            workdir: "/w".into(),
+            env: Default::default(),
         }
     );
     // 2.5 s later (hang_timeout is 3 s): no hang while nothing was started.
@@ -143,6 +157,7 @@ fn a_relaunch_scans_first_and_resumes_from_a_newer_checkpoint_nobody_reported() 
         attempt: 2,
         newest: Some(seen(&id, 2, 130)),
         error: String::new(),
+        rejected: Vec::new(),
     });
     let effects = event(&mut s, "n1", answer, t(5));
     let started = starts(&effects);
@@ -188,6 +203,7 @@ fn relaunch_with(newest: Option<v1::CheckpointSeen>) -> (Option<String>, Option<
         attempt: 2,
         newest,
         error: String::new(),
+        rejected: Vec::new(),
     });
     let effects = event(&mut s, "n1", answer, t(4));
     let started = starts(&effects);
@@ -301,6 +317,7 @@ fn a_failed_scan_says_why_and_keeps_the_reported_checkpoint() {
         attempt: 2,
         newest: None,
         error: "checkpoint_dir \"/c\" is outside workers.allowed_roots".into(),
+        rejected: Vec::new(),
     });
     let effects = event(&mut s, "n1", answer, t(4));
     assert!(
@@ -329,6 +346,7 @@ fn answers_from_another_node_or_attempt_change_nothing() {
             attempt,
             newest: Some(seen(&id, attempt, 999)),
             error: String::new(),
+            rejected: Vec::new(),
         });
         let effects = event(&mut s, node, answer, t(4));
         assert!(starts(&effects).is_empty(), "{node} attempt {attempt}");
@@ -355,6 +373,7 @@ fn a_first_attempt_or_one_after_a_rollback_starts_without_a_scan() {
         attempt: 2,
         newest: Some(seen(&id, 2, 100)),
         error: String::new(),
+        rejected: Vec::new(),
     });
     event(&mut s, "n1", answer, t(4));
     event(

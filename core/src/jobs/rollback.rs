@@ -128,7 +128,7 @@ impl ClusterState {
                 job.checkpoints
                     .iter()
                     .rev()
-                    .find(|c| c.step == Some(step))
+                    .find(|c| c.step == Some(step) && !job.bad_checkpoints.contains(&c.path))
                     .cloned()
                     .ok_or_else(|| {
                         let known: Vec<String> = job

@@ -16,6 +16,9 @@ pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANG_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
+pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
+pub const MIN_VERIFY_TIMEOUT: Duration = Duration::from_secs(1);
+pub const MAX_VERIFY_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const LAYOUTS: [&str; 5] = [
     "marker",
     "pytorch-dcp",
@@ -62,10 +65,21 @@ pub struct CheckpointSpec {
     pub dir: String,
     #[serde(default = "default_layout")]
     pub layout: String,
+    /// Run before a relaunch resumes from a candidate checkpoint (its path appended and in
+    /// `VIGIL_CHECKPOINT`), as the job's user in its workdir; exit 0 = good. Empty: none.
+    #[serde(default)]
+    pub verify_command: Vec<String>,
+    /// Each verification's limit: its process group is killed then, and the candidate is bad.
+    #[serde(default = "default_verify_timeout", with = "humantime_serde")]
+    pub verify_timeout: Duration,
 }
 
 fn default_layout() -> String {
     "marker".into()
+}
+
+fn default_verify_timeout() -> Duration {
+    DEFAULT_VERIFY_TIMEOUT
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,7 +183,8 @@ fn validate(spec: &JobSpec, cluster_nodes: usize) -> Result<(), String> {
     if spec.command.is_empty() || spec.command[0].trim().is_empty() {
         return Err("command is empty: give the program and its arguments, e.g. command = [\"python3\", \"train.py\"]".into());
     }
-    check_command(&spec.command)?;
+    check_command("command", &spec.command)?;
+    check_verify(&spec.checkpoint)?;
     check_dir("workdir", &spec.workdir)?;
     check_dir("checkpoint.dir", &spec.checkpoint.dir)?;
     check_env(&spec.env)?;
@@ -219,22 +234,40 @@ fn validate(spec: &JobSpec, cluster_nodes: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// `command`: at most [`MAX_ARGV`] arguments and [`MAX_COMMAND_BYTES`] bytes, no NUL.
-fn check_command(command: &[String]) -> Result<(), String> {
+/// An argv (`field`): at most [`MAX_ARGV`] arguments and [`MAX_COMMAND_BYTES`] bytes, no NUL.
+fn check_command(field: &str, command: &[String]) -> Result<(), String> {
     if command.len() > MAX_ARGV {
         return Err(format!(
-            "command has {} arguments; the limit is {MAX_ARGV}: put them in a script or a config file",
+            "{field} has {} arguments; the limit is {MAX_ARGV}: put them in a script or a config file",
             command.len()
         ));
     }
     let bytes: usize = command.iter().map(String::len).sum();
     if bytes > MAX_COMMAND_BYTES {
         return Err(format!(
-            "command is {bytes} bytes; the limit is {MAX_COMMAND_BYTES}: put the arguments in a script or a config file"
+            "{field} is {bytes} bytes; the limit is {MAX_COMMAND_BYTES}: put the arguments in a script or a config file"
         ));
     }
     if let Some(i) = command.iter().position(|a| a.contains('\0')) {
-        return Err(format!("command[{i}] contains a NUL byte; remove it"));
+        return Err(format!("{field}[{i}] contains a NUL byte; remove it"));
+    }
+    Ok(())
+}
+
+/// `checkpoint.verify_command` (optional: empty is none) and `checkpoint.verify_timeout`.
+fn check_verify(c: &CheckpointSpec) -> Result<(), String> {
+    if c.verify_command.is_empty() {
+        return Ok(());
+    }
+    if c.verify_command[0].trim().is_empty() {
+        return Err("checkpoint.verify_command names no program: give the program and its arguments, e.g. verify_command = [\"python3\", \"/shared/verify.py\"], or remove it".into());
+    }
+    check_command("checkpoint.verify_command", &c.verify_command)?;
+    if c.verify_timeout < MIN_VERIFY_TIMEOUT || c.verify_timeout > MAX_VERIFY_TIMEOUT {
+        return Err(format!(
+            "checkpoint.verify_timeout = {} must be between 1s and 1h",
+            humantime::format_duration(c.verify_timeout)
+        ));
     }
     Ok(())
 }
@@ -416,5 +449,57 @@ hang_timeout = "10m"
         assert_eq!(spec.checkpoint.layout, "marker");
         assert_eq!(spec.restart, RestartSpec::default());
         assert_eq!(spec.spare_nodes, 0);
+        assert!(spec.checkpoint.verify_command.is_empty());
+        assert_eq!(spec.checkpoint.verify_timeout, DEFAULT_VERIFY_TIMEOUT);
+    }
+
+    #[test]
+    fn a_verify_command_parses_and_is_checked_like_command() {
+        let with = |lines: &str| {
+            GOOD.replace(
+                "layout = \"marker\"",
+                &format!("layout = \"marker\"\n{lines}"),
+            )
+        };
+        let spec = parse(
+            &with(
+                "verify_command = [\"python3\", \"/shared/verify.py\"]\nverify_timeout = \"90s\"",
+            ),
+            "job.toml",
+            3,
+        )
+        .expect("valid");
+        assert_eq!(
+            spec.checkpoint.verify_command,
+            ["python3", "/shared/verify.py"]
+        );
+        assert_eq!(spec.checkpoint.verify_timeout, Duration::from_secs(90));
+        let huge = format!(
+            "verify_command = [\"{}\"]",
+            "a".repeat(MAX_COMMAND_BYTES + 1)
+        );
+        let cases = [
+            (
+                with("verify_command = [\"\"]"),
+                "checkpoint.verify_command names no program",
+            ),
+            (
+                with("verify_command = [\"a\", \"b\\u0000\"]"),
+                "checkpoint.verify_command[1] contains a NUL",
+            ),
+            (with(&huge), "checkpoint.verify_command is 32769 bytes"),
+            (
+                with("verify_command = [\"v\"]\nverify_timeout = \"0s\""),
+                "checkpoint.verify_timeout = 0s must be between 1s and 1h",
+            ),
+            (
+                with("verify_command = [\"v\"]\nverify_timeout = \"2h\""),
+                "between 1s and 1h",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = err(&text);
+            assert!(e.contains(needle), "{e:?} should mention {needle}");
+        }
     }
 }

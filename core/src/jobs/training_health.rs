@@ -177,7 +177,7 @@ pub fn observe(
 pub fn checkpoint_before(job: &Job, step: u64) -> Option<Checkpoint> {
     job.checkpoints
         .iter()
-        .filter(|c| c.step.is_some_and(|s| s < step))
+        .filter(|c| c.step.is_some_and(|s| s < step) && !job.bad_checkpoints.contains(&c.path))
         .max_by_key(|c| c.step)
         .cloned()
 }

@@ -560,6 +560,7 @@ fn handle_command(
                 attempt: scan.attempt,
                 newest: None,
                 error: String::new(),
+                rejected: Vec::new(),
             }))?;
         }
         // Diagnostics and log reads are not part of the load test.
