@@ -150,6 +150,14 @@ pub(super) fn answered(
             found,
             "the newest complete one on disk: the one reported is no longer complete (rewritten or removed since)",
         ),
+        (Some(found), Verdict::Bad) => {
+            let msg = format!(
+                "checkpoint scan on {node} found {} as the newest complete checkpoint, but it failed verify_command before; attempt {} resumes from {known}, the last one reported",
+                found.path, job.attempt
+            );
+            finish(job, msg, true, now, effects);
+            return;
+        }
         (_, Verdict::Nothing) if job.checkpoint.is_some() => {
             let msg = format!(
                 "checkpoint scan on {node} found no complete checkpoint in {} (is it mounted there?); attempt {} resumes from {known}, the last one reported",
@@ -203,14 +211,23 @@ enum Verdict {
     Verified,
     /// The same one, or one that cannot be ordered (no step, outside the directory): keep it.
     Same,
+    /// Only one marked bad (it failed `verify_command` before).
+    Bad,
     /// No complete checkpoint at all.
     Nothing,
 }
 
 fn verdict(job: &Job, found: Option<&v1::CheckpointSeen>) -> Verdict {
-    let Some(found) = found.filter(|f| !job.bad_checkpoints.contains(&f.path)) else {
+    let Some(found) = found else {
         return Verdict::Nothing;
     };
+    if job.bad_checkpoints.contains(&found.path) {
+        return Verdict::Bad;
+    }
+    let inside = std::path::Path::new(&found.path).starts_with(&job.spec.checkpoint.dir);
+    if !inside {
+        return Verdict::Same;
+    }
     if job
         .checkpoint
         .as_ref()
@@ -219,8 +236,7 @@ fn verdict(job: &Job, found: Option<&v1::CheckpointSeen>) -> Verdict {
         // The one reported was rejected: the verified one replaces it, older or not.
         return Verdict::Verified;
     }
-    let inside = std::path::Path::new(&found.path).starts_with(&job.spec.checkpoint.dir);
-    let Some(step) = found.step.filter(|_| inside) else {
+    let Some(step) = found.step else {
         return Verdict::Same;
     };
     match job.checkpoint.as_ref() {

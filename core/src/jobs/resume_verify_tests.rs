@@ -178,7 +178,7 @@ fn a_later_scan_that_finds_a_bad_checkpoint_does_not_resume_from_it() {
     // The verdict alone: a (flaky) verification passing 130 later changes nothing.
     assert_eq!(
         verdict(&s.jobs[&id], Some(&seen(&id, 3, 130))),
-        Verdict::Nothing
+        Verdict::Bad
     );
     assert_eq!(
         verdict(&s.jobs[&id], Some(&seen(&id, 3, 150))),
