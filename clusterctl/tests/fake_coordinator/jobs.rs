@@ -263,6 +263,7 @@ fn job_show_json_has_the_documented_shape() {
         keys(&job),
         [
             "attempts",
+            "bad_checkpoints",
             "checkpoint_dir",
             "checkpoint_layout",
             "events",
