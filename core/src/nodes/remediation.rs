@@ -18,9 +18,11 @@
 //! never sent by the coordinator.
 //!
 //! - ok: the node's GPU-health evidence is forgotten (the step addressed it) and the node goes
-//!   through burn-in (`Validating`) before it is schedulable again. A reboot answers ok as it is
-//!   issued; a node that re-registers after a reboot was sent counts as rebooted too (the answer
-//!   may die with the connection), and the reboot is never sent again.
+//!   through burn-in (`Validating`) before it is schedulable again. A reboot's ok only says it was
+//!   issued: the step ends, and the burn-in starts, when the node re-registers (a burn-in run
+//!   before the reboot would judge the old boot); a node that re-registers after a reboot was
+//!   sent counts as rebooted even if its answer died with the connection. An issued reboot is
+//!   never sent again; a node that does not come back within `answer_timeout` needs repair.
 //! - failed, or no answer within `answer_timeout` (an agent too old to know the command, or
 //!   stuck): needs-repair at once. Automation does not escalate on a step that did not run: a
 //!   node that cannot be reset or rebooted by its agent needs a person.
@@ -47,8 +49,9 @@ use crate::time::{Instant, Now};
 pub const DEFAULT_XID: u32 = 48;
 pub const DEFAULT_AFTER: u32 = 2;
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// How long an agent has to answer a step: above the agent's own default command timeout (5m).
-pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long an agent has to answer a step (above the agent's own default command timeout, 5m),
+/// and a node whose reboot was issued has to re-register (a GPU server can take 10m to boot).
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(900);
 /// The kind of the node events the ladder records.
 pub const EVENT_KIND: &str = "remediation";
 /// The needs-repair cordon reason's first words, as operators and alerts match them.
@@ -260,6 +263,9 @@ pub struct Pending {
     pub first_sent: Option<Instant>,
     #[serde(skip)]
     pub sent: Option<Sent>,
+    /// A reboot the agent said it issued: never sent again; it ends when the node re-registers.
+    #[serde(default)]
+    pub issued: bool,
 }
 
 /// The terminal state: cordoned until an operator forces an uncordon.
@@ -397,10 +403,10 @@ impl Ladder {
             return format!("needs repair: {}", n.evidence);
         }
         if let Some(p) = &self.pending {
-            let state = if p.sent_at_ms.is_some() {
-                "running on the agent"
-            } else {
-                "waiting for the node to drain"
+            let state = match (p.sent_at_ms, p.issued) {
+                (_, true) => "reboot issued, waiting for the node to re-register",
+                (Some(_), false) => "running on the agent",
+                (None, false) => "waiting for the node to drain",
             };
             return format!("{} ({state})", p.reason);
         }

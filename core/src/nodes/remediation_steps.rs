@@ -95,6 +95,7 @@ impl ClusterState {
             sent_at_ms: None,
             first_sent: None,
             sent: None,
+            issued: false,
         });
         let mut effects = vec![
             Effect::Persist(r.clone()),
@@ -153,7 +154,11 @@ impl ClusterState {
             else {
                 continue;
             };
-            if !node.workers.is_empty() || held(name) || !Sent::due(p.sent, session, now.mono) {
+            if p.issued
+                || !node.workers.is_empty()
+                || held(name)
+                || !Sent::due(p.sent, session, now.mono)
+            {
                 continue;
             }
             let r = Arc::make_mut(&mut node.record);
@@ -196,7 +201,7 @@ impl ClusterState {
             };
             match (p.sent_at_ms, p.first_sent) {
                 (Some(_), Some(first)) if now.mono.saturating_duration_since(first) > budget => {
-                    expired.push((name.clone(), p.id));
+                    expired.push((name.clone(), p.id, p.issued));
                 }
                 // Loaded from the store: time it from now.
                 (Some(_), None) => {
@@ -209,23 +214,56 @@ impl ClusterState {
             }
         }
         let mut effects = Vec::new();
-        for (name, id) in expired {
-            let output = format!(
-                "no answer within remediation.answer_timeout ({}): the agent may be too old to know the command, or stuck",
-                humantime::format_duration(budget)
-            );
+        for (name, id, issued) in expired {
+            let output = if issued {
+                format!(
+                    "the reboot was issued but the node did not re-register within remediation.answer_timeout ({})",
+                    humantime::format_duration(budget)
+                )
+            } else {
+                format!(
+                    "no answer within remediation.answer_timeout ({}): the agent may be too old to know the command, or stuck",
+                    humantime::format_duration(budget)
+                )
+            };
             effects.extend(self.finish_step(&name, id, Outcome::NoAnswer, &output, "", now));
         }
         effects
     }
 
-    /// The agent's answer to a step (a stale or repeated one changes nothing).
+    /// The agent's answer to a step (a stale or repeated one changes nothing). A reboot's ok
+    /// only says it was issued: the step ends when the node re-registers.
     pub fn remediation_result(
         &mut self,
         name: &str,
         result: &v1::RemediationResult,
         now: Now,
     ) -> Vec<Effect> {
+        if result.ok
+            && let Some(node) = self.nodes.get_mut(name)
+            && let Some(p) = pending(&node.record)
+            && p.id == result.step_id
+            && p.step == Step::Reboot
+        {
+            if p.issued {
+                return Vec::new();
+            }
+            let r = Arc::make_mut(&mut node.record);
+            let Some(p) = pending_mut(r) else {
+                return Vec::new();
+            };
+            p.issued = true;
+            // The node has `answer_timeout` from now to come back.
+            p.first_sent = Some(now.mono);
+            let line = format!(
+                "{}: {}; waiting for the node to re-register",
+                p.reason,
+                bounded(result.output.trim(), MAX_EVENT_OUTPUT)
+            );
+            let gpu = p.gpu;
+            let persist = Effect::Persist(r.clone());
+            return vec![persist, record(node, event(line, Some(gpu), now))];
+        }
         let outcome = if result.ok {
             Outcome::Ok
         } else {

@@ -259,6 +259,7 @@ fn pending(id: u64) -> Pending {
         sent_at_ms: None,
         first_sent: None,
         sent: None,
+        issued: false,
     }
 }
 
@@ -330,7 +331,21 @@ fn reset_then_burn_in_then_reboot_then_needs_repair_that_only_force_clears() {
     assert_eq!(r.action, v1::RemediationAction::Reboot as i32);
     assert!(r.reason.contains("(step 2 of 3)"), "{}", r.reason);
     let e = answer(&mut s, "n0", r, true, "reboot issued", 110);
+    assert!(counted(&e).is_empty(), "issued, not done: {e:?}");
+    assert!(ladder(&s, "n0").pending.is_some_and(|p| p.issued));
+    assert!(
+        remediates(&tick_at(&mut s, t(112))).is_empty(),
+        "an issued reboot is never sent again"
+    );
+    assert_ne!(
+        s.nodes["n0"].display_state(),
+        "Validating",
+        "no burn-in of the old boot"
+    );
+    // The node comes back from its reboot in a new session.
+    let e = register_at(&mut s, reg_with_gpus("n0", 7, 2), t(114));
     assert_eq!(counted(&e), [(Step::Reboot, "ok")]);
+    assert_eq!(s.nodes["n0"].display_state(), "Validating");
     tick_at(&mut s, t(115));
     diagnostics_at(&mut s, "n0", true, "burn-in passed", t(120));
     assert_eq!(s.nodes["n0"].display_state(), "Ready");
@@ -399,29 +414,40 @@ fn a_failed_step_goes_to_needs_repair_at_once_with_the_output() {
     );
 }
 
+/// Ticks to the end of the step budget that began at `from`: nothing until then, then `step`
+/// counted `no_answer` and needs-repair; the cordon reason.
+fn runs_out_of_budget(s: &mut ClusterState, from: u64, step: Step) -> String {
+    let budget = DEFAULT_ANSWER_TIMEOUT.as_secs();
+    let e = tick_at(s, t(from + budget));
+    assert!(counted(&e).is_empty(), "within budget: {e:?}");
+    let e = tick_at(s, t(from + budget + 1));
+    assert_eq!(
+        counted(&e),
+        [(step, "no_answer"), (Step::NeedsRepair, "cordoned")]
+    );
+    cordon_reason(s, "n0")
+}
+
 #[test]
 fn an_agent_that_never_answers_runs_out_of_budget_and_needs_repair() {
     let mut s = cluster(1);
     fault(&mut s, "n0", 0, 48, 10);
     assert_eq!(fault(&mut s, "n0", 0, 48, 20).len(), 1);
-    let budget = DEFAULT_ANSWER_TIMEOUT.as_secs();
-    assert!(
-        counted(&tick_at(&mut s, t(20 + budget))).is_empty(),
-        "within budget"
-    );
-    let e = tick_at(&mut s, t(21 + budget));
-    assert_eq!(
-        counted(&e),
-        [
-            (Step::GpuReset, "no_answer"),
-            (Step::NeedsRepair, "cordoned")
-        ]
-    );
-    assert!(
-        cordon_reason(&s, "n0").contains("too old"),
-        "{}",
-        cordon_reason(&s, "n0")
-    );
+    let why = runs_out_of_budget(&mut s, 20, Step::GpuReset);
+    assert!(why.contains("too old"), "{why}");
+}
+
+#[test]
+fn an_issued_reboot_whose_node_never_returns_needs_repair() {
+    let mut s = cluster(1);
+    fault(&mut s, "n0", 0, 48, 10);
+    let reset = fault(&mut s, "n0", 0, 48, 20).remove(0).1;
+    answer(&mut s, "n0", &reset, true, "", 21);
+    diagnostics_at(&mut s, "n0", true, "ok", t(22));
+    let reboot = fault(&mut s, "n0", 0, 48, 30).remove(0).1;
+    answer(&mut s, "n0", &reboot, true, "reboot issued", 40);
+    let why = runs_out_of_budget(&mut s, 40, Step::Reboot);
+    assert!(why.contains("did not re-register"), "{why}");
 }
 
 #[test]
