@@ -145,6 +145,29 @@ fn xid_48_resets_then_reboots_then_needs_repair_that_only_force_clears() -> Resu
         "{reason}"
     );
     ensure!(node["cordon"]["source"] == "auto", "{node}");
+    ensure!(node["needs_repair"] == true, "{node}");
+    let detail = clusterctl(&cluster.url(), &["-o", "json", "node", NODE])?.json()?;
+    let steps: Vec<(String, String)> = detail["remediation"]["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|s| {
+                    let text = |k: &str| s[k].as_str().unwrap_or_default().to_owned();
+                    (text("action"), text("outcome"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let want = [
+        ("gpu_reset", "ok"),
+        ("reboot", "ok"),
+        ("needs_repair", "cordoned"),
+    ]
+    .map(|(a, o)| (a.to_owned(), o.to_owned()));
+    ensure!(steps == want, "{:#}", detail["remediation"]);
+    let table = clusterctl(&cluster.url(), &["node", NODE])?.stdout;
+    ensure!(table.contains("remediation     needs repair: "), "{table}");
     ensure!(
         actions(&cluster) == "reset 1\nreboot 1\n",
         "no step after the ladder's end: {}",
