@@ -102,7 +102,7 @@ fn xid_48_resets_then_reboots_then_needs_repair_that_only_force_clears() -> Resu
         .unwrap_or_default();
     ensure!(
         history.iter().any(|m| m.starts_with(
-            "GPU reset of GPU 1 on node-0 after XID 48 twice in 1day (step 1 of 3): ok"
+            "GPU reset of GPU 1 on node-0 after XID 48 twice in 24h (step 1 of 3): ok"
         )),
         "{history:#?}"
     );

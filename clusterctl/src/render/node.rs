@@ -359,7 +359,7 @@ mod tests {
                     ..ready_nvml_node("n1")
                 }),
                 remediation: Some(v1::Remediation {
-                    summary: "needs repair: XID 48 after XID 48 4 times in 1day".into(),
+                    summary: "needs repair: XID 48 on GPU 1 after XID 48 4 times in 24h".into(),
                     needs_repair: true,
                     steps: vec![
                         step(1_000_000, "gpu_reset", "ok"),
@@ -375,7 +375,7 @@ mod tests {
         let text = node_detail(&detail, NOW, Term::PLAIN);
         assert!(
             text.contains(
-                "remediation     needs repair: XID 48 after XID 48 4 times in 1day\n\
+                "remediation     needs repair: XID 48 on GPU 1 after XID 48 4 times in 24h\n\
                  \x20               - 1970-01-01 00:16:40Z (12m ago) gpu_reset GPU 1 after XID 48: ok\n\
                  \x20               - 1970-01-01 00:17:40Z (11m ago) reboot after XID 48: ok\n\
                  \x20               - 1970-01-01 00:18:40Z (10m ago) needs_repair after XID 48: cordoned\n"

@@ -135,11 +135,7 @@ impl Rule {
             2 => "twice".to_owned(),
             n => format!("{n} times"),
         };
-        format!(
-            "XID {} {times} in {}",
-            self.xid,
-            humantime::format_duration(self.window)
-        )
+        format!("XID {} {times} in {}", self.xid, short(self.window))
     }
 }
 
@@ -421,6 +417,19 @@ impl Ladder {
             ),
             None => format!("{} match(es) kept, no step taken", self.marks.len()),
         }
+    }
+}
+
+/// "24h", "90m", "45s": whole hours or minutes as such, anything else as humantime writes it.
+fn short(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    match (secs % 3600, secs % 60) {
+        (0, _) => format!("{}h", secs / 3600),
+        (_, 0) => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
     }
 }
 

@@ -74,7 +74,7 @@ impl ClusterState {
                 name,
                 rule.xid,
                 gpu,
-                &format!("XID {} {why}", rule.xid),
+                &format!("XID {} on GPU {gpu} {why}", rule.xid),
                 now,
             );
         }

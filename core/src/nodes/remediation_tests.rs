@@ -228,6 +228,17 @@ fn the_ladder_escalates_with_recurrence_and_starts_afresh_after_a_quiet_window()
 }
 
 #[test]
+fn windows_read_as_operators_write_them() {
+    let rule = |secs| Rule {
+        window: Duration::from_secs(secs),
+        ..Rule::default_xid_48()
+    };
+    assert_eq!(rule(24 * HOUR).describe(2), "XID 48 twice in 24h");
+    assert_eq!(rule(90 * 60).describe(1), "XID 48 once in 90m");
+    assert_eq!(rule(45).describe(3), "XID 48 3 times in 45s");
+}
+
+#[test]
 fn a_two_rung_ladder_repeats_its_last_step() {
     let rule = Rule {
         ladder: vec![Step::GpuReset, Step::Reboot],
@@ -286,7 +297,7 @@ fn reset_then_burn_in_then_reboot_then_needs_repair_that_only_force_clears() {
     );
     assert!(
         r.reason
-            .contains("GPU reset of GPU 1 on n0 after XID 48 twice in 1day (step 1 of 3)"),
+            .contains("GPU reset of GPU 1 on n0 after XID 48 twice in 24h (step 1 of 3)"),
         "{}",
         r.reason
     );
@@ -354,7 +365,7 @@ fn reset_then_burn_in_then_reboot_then_needs_repair_that_only_force_clears() {
     assert_eq!(counted(&e), [(Step::NeedsRepair, "cordoned")]);
     let why = cordon_reason(&s, "n0");
     assert!(
-        why.starts_with("needs repair: XID 48 after XID 48 4 times"),
+        why.starts_with("needs repair: XID 48 on GPU 1 after XID 48 4 times in 24h (step 3 of 3)"),
         "{why}"
     );
     assert!(
