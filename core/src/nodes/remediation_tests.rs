@@ -450,12 +450,7 @@ fn an_agent_that_never_answers_runs_out_of_budget_and_needs_repair() {
 
 #[test]
 fn an_issued_reboot_whose_node_never_returns_needs_repair() {
-    let mut s = cluster(1);
-    fault(&mut s, "n0", 0, 48, 10);
-    let reset = fault(&mut s, "n0", 0, 48, 20).remove(0).1;
-    answer(&mut s, "n0", &reset, true, "", 21);
-    diagnostics_at(&mut s, "n0", true, "ok", t(22));
-    let reboot = fault(&mut s, "n0", 0, 48, 30).remove(0).1;
+    let (mut s, reboot) = at_reboot();
     answer(&mut s, "n0", &reboot, true, "reboot issued", 40);
     let why = runs_out_of_budget(&mut s, 40, Step::Reboot);
     assert!(why.contains("did not re-register"), "{why}");
@@ -475,15 +470,22 @@ fn a_stale_answer_changes_nothing() {
     assert!(ladder(&s, "n0").pending.is_some());
 }
 
-#[test]
-fn a_reboot_is_done_when_the_node_re_registers_and_is_never_sent_again() {
+/// One node n0 whose GPU 0 was reset (and burned in) after XID 48 twice, and whose third XID 48
+/// at t(30) sent the reboot (returned).
+fn at_reboot() -> (ClusterState, v1::Remediate) {
     let mut s = cluster(1);
     fault(&mut s, "n0", 0, 48, 10);
     let reset = fault(&mut s, "n0", 0, 48, 20).remove(0).1;
     answer(&mut s, "n0", &reset, true, "", 21);
     diagnostics_at(&mut s, "n0", true, "ok", t(22));
-    let reboot = fault(&mut s, "n0", 0, 48, 30);
-    assert_eq!(reboot[0].1.action, v1::RemediationAction::Reboot as i32);
+    let reboot = fault(&mut s, "n0", 0, 48, 30).remove(0).1;
+    (s, reboot)
+}
+
+#[test]
+fn a_reboot_is_done_when_the_node_re_registers_and_is_never_sent_again() {
+    let (mut s, reboot) = at_reboot();
+    assert_eq!(reboot.action, v1::RemediationAction::Reboot as i32);
     // The answer died with the connection; the node comes back in a new session.
     let e = register_at(&mut s, reg_with_gpus("n0", 9, 2), t(60));
     assert_eq!(counted(&e), [(Step::Reboot, "ok")]);
@@ -562,17 +564,8 @@ fn a_step_waits_until_no_job_and_no_worker_holds_the_node() {
 fn the_window_survives_a_coordinator_restart() {
     let mut s = cluster(1);
     fault(&mut s, "n0", 0, 48, 10);
-    let stored: NodeRecord =
-        serde_json::from_str(&serde_json::to_string(&*s.nodes["n0"].record).expect("encodes"))
-            .expect("decodes");
-    assert_eq!(
-        stored.remediation.as_ref().map(|l| l.marks.len()),
-        Some(1),
-        "the mark is persisted"
-    );
-    // A new process: its monotonic clock starts again at zero.
-    let mut s = ClusterState::load(vec![stored], Vec::new(), s.liveness, s.health.clone(), t(0));
-    s.remediation = RemediationConfig::default();
+    let mut s = restarted(&s);
+    assert_eq!(ladder(&s, "n0").marks.len(), 1, "the mark is persisted");
     register_at(&mut s, reg_with_gpus("n0", 1, 2), t(5));
     let sent = fault(&mut s, "n0", 0, 48, 20 * HOUR);
     assert_eq!(
@@ -580,6 +573,52 @@ fn the_window_survives_a_coordinator_restart() {
         1,
         "the mark from before the restart still counts"
     );
+}
+
+/// `s` as a new coordinator process loads it from the store (its monotonic clock at zero).
+fn restarted(s: &ClusterState) -> ClusterState {
+    let records: Vec<NodeRecord> = s
+        .nodes
+        .values()
+        .map(|n| {
+            let text = serde_json::to_string(&*n.record).expect("encodes");
+            serde_json::from_str(&text).expect("decodes")
+        })
+        .collect();
+    let mut s = ClusterState::load(records, Vec::new(), s.liveness, s.health.clone(), t(0));
+    s.remediation = RemediationConfig::default();
+    s
+}
+
+#[test]
+fn a_step_sent_before_a_restart_is_re_sent_once_and_timed_from_the_restart() {
+    let mut s = cluster(1);
+    fault(&mut s, "n0", 0, 48, 10);
+    let before = fault(&mut s, "n0", 0, 48, 20).remove(0).1;
+    let mut s = restarted(&s);
+    register_at(&mut s, reg_with_gpus("n0", 3, 2), t(5));
+    let sent = remediates(&tick_at(&mut s, t(6)));
+    assert_eq!(sent.len(), 1, "re-sent on the new session: {sent:?}");
+    assert_eq!(
+        sent[0].1.step_id, before.step_id,
+        "the same step: the agent runs it once"
+    );
+    let why = runs_out_of_budget(&mut s, 6, Step::GpuReset);
+    assert!(why.contains("no answer"), "{why}");
+}
+
+#[test]
+fn a_reboot_issued_before_a_restart_ends_when_the_node_comes_back() {
+    let (mut s, reboot) = at_reboot();
+    answer(&mut s, "n0", &reboot, true, "reboot issued", 31);
+    let mut s = restarted(&s);
+    let e = register_at(&mut s, reg_with_gpus("n0", 3, 2), t(5));
+    assert_eq!(counted(&e), [(Step::Reboot, "ok")]);
+    assert!(
+        remediates(&tick_at(&mut s, t(6))).is_empty(),
+        "never sent again"
+    );
+    assert_eq!(s.nodes["n0"].display_state(), "Validating");
 }
 
 #[test]
