@@ -108,7 +108,13 @@ impl ClusterState {
                 ),
             ),
         ];
-        if node.record.cordon.is_none() {
+        // A burn-in in flight (after the previous step) must not make the node schedulable
+        // while this step waits: the step's cordon replaces the burn-in's.
+        let burning_in = node.record.burn_in.is_some();
+        if burning_in {
+            Arc::make_mut(&mut node.record).burn_in = None;
+        }
+        if node.record.cordon.is_none() || burning_in {
             effects.extend(self.auto_cordon(
                 name,
                 format!("remediation: {reason}"),

@@ -396,6 +396,46 @@ fn reset_then_burn_in_then_reboot_then_needs_repair_that_only_force_clears() {
 }
 
 #[test]
+fn a_step_fired_during_a_burn_in_replaces_it_so_the_node_stays_out() {
+    let (mut s, reboot) = at_reboot();
+    let e = register_at(&mut s, reg_with_gpus("n0", 9, 2), t(31));
+    assert_eq!(counted(&e), [(Step::Reboot, "ok")]);
+    assert_eq!(s.nodes["n0"].display_state(), "Validating");
+    assert_eq!(reboot.action, v1::RemediationAction::Reboot as i32);
+    // The fault comes back before the burn-in answers: needs-repair drops the burn-in.
+    agent_event(&mut s, "n0", xid(0, 48, 0), t(32));
+    assert!(s.nodes["n0"].record.burn_in.is_none());
+    diagnostics_at(&mut s, "n0", true, "late burn-in pass", t(33));
+    assert!(
+        cordon_reason(&s, "n0").starts_with("needs repair"),
+        "{}",
+        cordon_reason(&s, "n0")
+    );
+
+    // A two-rung ladder: the second step fires during the first one's burn-in.
+    let mut s = cluster(1);
+    s.remediation.rule = vec![Rule {
+        after: 1,
+        ..Rule::default_xid_48()
+    }];
+    let reset = fault(&mut s, "n0", 0, 48, 10).remove(0).1;
+    answer(&mut s, "n0", &reset, true, "", 11);
+    tick_at(&mut s, t(12));
+    assert_eq!(s.nodes["n0"].display_state(), "Validating");
+    let sent = fault(&mut s, "n0", 0, 48, 13);
+    assert_eq!(
+        sent.first().map(|(_, r)| r.action),
+        Some(v1::RemediationAction::Reboot as i32)
+    );
+    diagnostics_at(&mut s, "n0", true, "late burn-in pass", t(14));
+    assert!(
+        cordon_reason(&s, "n0").starts_with("remediation: reboot of n0"),
+        "the pass of a dropped burn-in lifts nothing: {}",
+        cordon_reason(&s, "n0")
+    );
+}
+
+#[test]
 fn a_failed_step_goes_to_needs_repair_at_once_with_the_output() {
     let mut s = cluster(1);
     fault(&mut s, "n0", 0, 48, 10);
