@@ -455,3 +455,7 @@ pub fn bounded(text: &str, max: usize) -> String {
 #[cfg(test)]
 #[path = "remediation_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "remediation_restart_tests.rs"]
+mod restart_tests;

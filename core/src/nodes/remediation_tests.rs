@@ -6,7 +6,6 @@ use std::time::Duration;
 use vigil_proto::v1;
 
 use super::*;
-use crate::node::NodeRecord;
 use crate::state::{ClusterState, Effect, StateError};
 use crate::step::Input;
 use crate::test_utils::{
@@ -14,7 +13,7 @@ use crate::test_utils::{
     reg_with_gpus, register_at, step_raw, submit_at, t, tick_at, xid,
 };
 
-const HOUR: u64 = 3600;
+pub(super) const HOUR: u64 = 3600;
 
 fn state() -> ClusterState {
     let mut s = patient_state();
@@ -23,7 +22,7 @@ fn state() -> ClusterState {
 }
 
 /// A cluster with `n` two-GPU nodes n0.. (each in session i + 1).
-fn cluster(n: u32) -> ClusterState {
+pub(super) fn cluster(n: u32) -> ClusterState {
     let mut s = state();
     for i in 0..n {
         register_at(
@@ -36,7 +35,7 @@ fn cluster(n: u32) -> ClusterState {
 }
 
 /// The `Remediate` commands among `effects`.
-fn remediates(effects: &[Effect]) -> Vec<(String, v1::Remediate)> {
+pub(super) fn remediates(effects: &[Effect]) -> Vec<(String, v1::Remediate)> {
     commands(effects)
         .into_iter()
         .filter_map(|(n, k)| match k {
@@ -46,7 +45,7 @@ fn remediates(effects: &[Effect]) -> Vec<(String, v1::Remediate)> {
         .collect()
 }
 
-fn counted(effects: &[Effect]) -> Vec<(Step, &'static str)> {
+pub(super) fn counted(effects: &[Effect]) -> Vec<(Step, &'static str)> {
     effects
         .iter()
         .filter_map(|e| match e {
@@ -56,7 +55,7 @@ fn counted(effects: &[Effect]) -> Vec<(Step, &'static str)> {
         .collect()
 }
 
-fn answer(
+pub(super) fn answer(
     s: &mut ClusterState,
     node: &str,
     r: &v1::Remediate,
@@ -80,7 +79,7 @@ fn answer(
     agent_event(s, node, event, t(secs))
 }
 
-fn ladder(s: &ClusterState, node: &str) -> Ladder {
+pub(super) fn ladder(s: &ClusterState, node: &str) -> Ladder {
     s.nodes[node]
         .record
         .remediation
@@ -101,7 +100,7 @@ fn uncordon(s: &mut ClusterState, node: &str, force: bool, secs: u64) -> Vec<Eff
 }
 
 /// XID `code` on `gpu` of `node` at `secs`, then a tick; the `Remediate` commands sent.
-fn fault(
+pub(super) fn fault(
     s: &mut ClusterState,
     node: &str,
     gpu: u32,
@@ -467,7 +466,7 @@ fn a_failed_step_goes_to_needs_repair_at_once_with_the_output() {
 
 /// Ticks to the end of the step budget that began at `from`: nothing until then, then `step`
 /// counted `no_answer` and needs-repair; the cordon reason.
-fn runs_out_of_budget(s: &mut ClusterState, from: u64, step: Step) -> String {
+pub(super) fn runs_out_of_budget(s: &mut ClusterState, from: u64, step: Step) -> String {
     let budget = DEFAULT_ANSWER_TIMEOUT.as_secs();
     let e = tick_at(s, t(from + budget));
     assert!(counted(&e).is_empty(), "within budget: {e:?}");
@@ -512,7 +511,7 @@ fn a_stale_answer_changes_nothing() {
 
 /// One node n0 whose GPU 0 was reset (and burned in) after XID 48 twice, and whose third XID 48
 /// at t(30) sent the reboot (returned).
-fn at_reboot() -> (ClusterState, v1::Remediate) {
+pub(super) fn at_reboot() -> (ClusterState, v1::Remediate) {
     let mut s = cluster(1);
     fault(&mut s, "n0", 0, 48, 10);
     let reset = fault(&mut s, "n0", 0, 48, 20).remove(0).1;
@@ -598,67 +597,6 @@ fn a_step_waits_until_no_job_and_no_worker_holds_the_node() {
         Some("n0"),
         "drained: sent"
     );
-}
-
-#[test]
-fn the_window_survives_a_coordinator_restart() {
-    let mut s = cluster(1);
-    fault(&mut s, "n0", 0, 48, 10);
-    let mut s = restarted(&s);
-    assert_eq!(ladder(&s, "n0").marks.len(), 1, "the mark is persisted");
-    register_at(&mut s, reg_with_gpus("n0", 1, 2), t(5));
-    let sent = fault(&mut s, "n0", 0, 48, 20 * HOUR);
-    assert_eq!(
-        sent.len(),
-        1,
-        "the mark from before the restart still counts"
-    );
-}
-
-/// `s` as a new coordinator process loads it from the store (its monotonic clock at zero).
-fn restarted(s: &ClusterState) -> ClusterState {
-    let records: Vec<NodeRecord> = s
-        .nodes
-        .values()
-        .map(|n| {
-            let text = serde_json::to_string(&*n.record).expect("encodes");
-            serde_json::from_str(&text).expect("decodes")
-        })
-        .collect();
-    let mut s = ClusterState::load(records, Vec::new(), s.liveness, s.health.clone(), t(0));
-    s.remediation = RemediationConfig::default();
-    s
-}
-
-#[test]
-fn a_step_sent_before_a_restart_is_re_sent_once_and_timed_from_the_restart() {
-    let mut s = cluster(1);
-    fault(&mut s, "n0", 0, 48, 10);
-    let before = fault(&mut s, "n0", 0, 48, 20).remove(0).1;
-    let mut s = restarted(&s);
-    register_at(&mut s, reg_with_gpus("n0", 3, 2), t(5));
-    let sent = remediates(&tick_at(&mut s, t(6)));
-    assert_eq!(sent.len(), 1, "re-sent on the new session: {sent:?}");
-    assert_eq!(
-        sent[0].1.step_id, before.step_id,
-        "the same step: the agent runs it once"
-    );
-    let why = runs_out_of_budget(&mut s, 6, Step::GpuReset);
-    assert!(why.contains("no answer"), "{why}");
-}
-
-#[test]
-fn a_reboot_issued_before_a_restart_ends_when_the_node_comes_back() {
-    let (mut s, reboot) = at_reboot();
-    answer(&mut s, "n0", &reboot, true, "reboot issued", 31);
-    let mut s = restarted(&s);
-    let e = register_at(&mut s, reg_with_gpus("n0", 3, 2), t(5));
-    assert_eq!(counted(&e), [(Step::Reboot, "ok")]);
-    assert!(
-        remediates(&tick_at(&mut s, t(6))).is_empty(),
-        "never sent again"
-    );
-    assert_eq!(s.nodes["n0"].display_state(), "Validating");
 }
 
 #[test]
