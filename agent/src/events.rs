@@ -79,6 +79,12 @@ impl EventSink {
                 summary = %d.summary,
                 "diagnostics finished"
             ),
+            Some(Kind::RemediationResult(r)) => info!(
+                step = r.step_id,
+                ok = r.ok,
+                command = %r.command,
+                "remediation result"
+            ),
             // The worker supervisor logs its own decisions, with their reasons.
             Some(
                 Kind::WorkerStarted(_)

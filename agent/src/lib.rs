@@ -34,6 +34,7 @@ pub mod gpu_metrics;
 pub mod lease;
 pub mod link;
 pub mod metrics;
+pub mod remediation;
 pub mod session;
 pub mod shim;
 pub mod store_mark;
@@ -261,6 +262,10 @@ async fn serve(
     let registration = hooks
         .registered
         .map(|hook| tokio::spawn(watch_registration(registration_rx, hook).in_current_span()));
+    let remediation = Arc::new(remediation::Remediator::new(
+        config.remediation.clone(),
+        sink.clone(),
+    ));
     let diagnostics = Arc::new(Diagnostics {
         probe: Arc::clone(&probe),
         expected: inventory,
@@ -283,6 +288,7 @@ async fn serve(
         probe,
         metrics,
         diagnostics,
+        remediation,
         workers: workers.clone(),
         fence,
         store,

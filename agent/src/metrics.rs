@@ -257,6 +257,7 @@ impl Metrics {
                 | Kind::WorkerExited(_)
                 | Kind::Checkpoint(_)
                 | Kind::CheckpointScan(_)
+                | Kind::RemediationResult(_)
                 | Kind::LogData(_),
             )
             | None => {}

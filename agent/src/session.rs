@@ -59,6 +59,9 @@ pub struct SessionContext {
     pub metrics: Metrics,
     /// Runs diagnostics the coordinator asks for; results come back as events.
     pub diagnostics: Arc<Diagnostics>,
+    /// Runs remediation steps (the node's own reset and reboot commands); results come back
+    /// as events.
+    pub remediation: Arc<crate::remediation::Remediator>,
     /// Starts and stops job workers; lists them for Register and heartbeats.
     pub workers: Workers,
     /// The highest coordinator term seen: messages below it are ignored.
@@ -526,6 +529,7 @@ fn run_command(ctx: &SessionContext, command: Command) {
         Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),
         Some(CommandKind::ScanCheckpoints(scan)) => ctx.workers.scan_checkpoints(scan),
+        Some(CommandKind::Remediate(step)) => ctx.remediation.spawn(step),
         None => warn!(
             command_id = command.id,
             "unknown command from a newer coordinator ignored; upgrade this agent"

@@ -173,6 +173,7 @@ impl v1::control_service_server::ControlService for Fake {
                     gpu_index: None,
                 }],
                 last_diagnostics: Some(diagnostics("gpu-003", true, 0)),
+                remediation: None,
             })),
             "hangs" => {
                 tokio::time::sleep(Duration::from_secs(60)).await;

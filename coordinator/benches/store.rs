@@ -31,6 +31,7 @@ fn record(name: &str) -> NodeRecord {
         last_registered_unix_ms: 2,
         last_diagnostics: None,
         burn_in: None,
+        remediation: None,
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Config {
     pub stragglers: crate::stragglers::StragglerConfig,
     /// The cap on automatic cordons (see `breaker`).
     pub cordon_breaker: crate::breaker::BreakerConfig,
+    /// The remediation ladder: GPU reset, reboot, needs-repair (see `remediation`).
+    pub remediation: crate::remediation::RemediationConfig,
     /// Several coordinators sharing state in etcd, one leading (docs/ha.md). Absent: one
     /// coordinator with its state in SQLite under `data_dir`.
     pub ha: Option<crate::ha::HaConfig>,
@@ -102,6 +104,7 @@ impl Default for Config {
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
             cordon_breaker: crate::breaker::BreakerConfig::default(),
+            remediation: crate::remediation::RemediationConfig::default(),
             ha: None,
             backup: None,
         }
@@ -150,6 +153,7 @@ impl Config {
             burn_in,
             stragglers,
             cordon_breaker,
+            remediation,
             ha,
             backup,
         } = self;
@@ -168,6 +172,7 @@ impl Config {
             ("burn_in", *burn_in != new.burn_in),
             ("stragglers", *stragglers != new.stragglers),
             ("cordon_breaker", *cordon_breaker != new.cordon_breaker),
+            ("remediation", *remediation != new.remediation),
             ("ha", *ha != new.ha),
             ("backup", *backup != new.backup),
         ]
@@ -267,6 +272,7 @@ impl Config {
         self.cordon_breaker
             .validate()
             .map_err(ConfigError::Invalid)?;
+        self.remediation.validate().map_err(ConfigError::Invalid)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "data_dir is empty; set it to a directory such as /var/lib/vigil".into(),
@@ -464,6 +470,37 @@ mod tests {
                 "cordon_breaker.window",
             ),
             ("[cordon_breaker]\nmax_percent = 10\n", "max_percent"),
+        ] {
+            let e = Config::from_toml_str(text).expect_err(key).to_string();
+            assert!(e.contains(key), "{e} should name {key}");
+        }
+    }
+
+    #[test]
+    fn remediation_defaults_to_xid_48_and_refusals_name_the_key() {
+        let c = Config::from_toml_str("").expect("defaults");
+        assert_eq!(
+            c.remediation,
+            crate::remediation::RemediationConfig::default()
+        );
+        let c = Config::from_toml_str(
+            "[remediation]\nanswer_timeout = \"2m\"\n[[remediation.rule]]\nxid = 79\nafter = 1\nladder = [\"reboot\", \"needs_repair\"]\n",
+        )
+        .expect("valid");
+        assert_eq!(c.remediation.rule.len(), 1);
+        assert_eq!(c.remediation.rule[0].xid, 79);
+        assert_eq!(c.remediation.answer_timeout, Duration::from_secs(120));
+        assert_eq!(Config::default().changed_keys(&c), ["remediation"]);
+        for (text, key) in [
+            (
+                "[[remediation.rule]]\nxid = 48\nafter = 0\n",
+                "remediation.rule[0] (xid 48): after",
+            ),
+            (
+                "[remediation]\nanswer_timeout = \"0s\"\n",
+                "remediation.answer_timeout",
+            ),
+            ("[remediation]\nenable = true\n", "enable"),
         ] {
             let e = Config::from_toml_str(text).expect_err(key).to_string();
             assert!(e.contains(key), "{e} should name {key}");

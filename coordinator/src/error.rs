@@ -78,6 +78,7 @@ impl From<ControlError> for Status {
                 StateError::StaleSession { .. }
                 | StateError::NeedsDiagnostics { .. }
                 | StateError::Blocklisted { .. }
+                | StateError::NeedsRepair { .. }
                 | StateError::NoRecoveryHold(_),
             ) => Status::failed_precondition(message),
             ControlError::NotConnected(_) => Status::unavailable(message),

@@ -28,7 +28,8 @@ pub use api::{
 };
 pub use vigil_core::{
     audit, breaker, burn_in, goodput, health, job, jobs, jobspec, lemon_watch, lemons, limits,
-    liveness, node, rollback, state, stragglers, training_health, triage, validate, xid,
+    liveness, node, remediation, rollback, state, stragglers, training_health, triage, validate,
+    xid,
 };
 
 pub mod api;

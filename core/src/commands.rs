@@ -11,7 +11,9 @@
 //! - a worker of a Running attempt not yet reported (`Starting`): `StartWorker`, once no scan
 //!   is pending;
 //! - a worker of a Stopping attempt not yet confirmed dead: `StopWorkers`;
-//! - a worker an agent reports that is no current attempt's on that node: `StopWorkers`.
+//! - a worker an agent reports that is no current attempt's on that node: `StopWorkers`;
+//! - a node's pending remediation step, once no job holds the node: `Remediate`
+//!   (`remediation_steps`).
 //!
 //! Only connected nodes are sent anything; a node that reconnects is sent what is due at once.
 
@@ -46,7 +48,7 @@ impl Sent {
         }
     }
 
-    fn next(this: Option<Sent>, session: u64, now: Instant) -> Sent {
+    pub(crate) fn next(this: Option<Sent>, session: u64, now: Instant) -> Sent {
         let sends = match this {
             Some(s) if s.session == session => s.sends.saturating_add(1),
             _ => 1,
@@ -140,7 +142,10 @@ impl ClusterState {
             }
         }
         match only {
-            None => effects.extend(self.stop_strays(now, None)),
+            None => {
+                effects.extend(self.stop_strays(now, None));
+                effects.extend(self.remediation_commands(now));
+            }
             Some((_, Some(node))) => effects.extend(self.stop_strays(now, Some(node))),
             Some((_, None)) => {}
         }

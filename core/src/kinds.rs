@@ -124,6 +124,8 @@ pub enum CordonRule {
     Straggler,
     /// The recovery hold: the state store was recovered, an operator reviews the node.
     Recovery,
+    /// The remediation ladder: a node waiting for its step, or one that needs repair.
+    Remediation,
 }
 
 impl CordonRule {
@@ -136,6 +138,7 @@ impl CordonRule {
             CordonRule::BurnIn => "burn_in",
             CordonRule::Straggler => "straggler",
             CordonRule::Recovery => "recovery",
+            CordonRule::Remediation => "remediation",
         }
     }
 }

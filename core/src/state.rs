@@ -135,6 +135,15 @@ pub enum Effect {
         message: String,
         warn: bool,
     },
+    /// A step of the remediation ladder ended (or needs-repair was entered): counted as
+    /// `vigil_remediations_total{action, outcome}`, logged with `message`.
+    Remediation {
+        node: String,
+        step: crate::remediation::Step,
+        /// ok, failed, no_answer (agent steps); cordoned, held (needs-repair).
+        outcome: &'static str,
+        message: String,
+    },
     /// An XID arrived (counted whatever its class).
     Xid {
         node: String,
@@ -160,6 +169,12 @@ pub enum StateError {
          `clusterctl uncordon {node} --clear-lemon`"
     )]
     Blocklisted { node: String, why: String },
+    #[error(
+        "node \"{node}\" needs repair ({evidence}); only an operator clears it, and diagnostics \
+         passing do not: once the hardware is repaired or replaced, run \
+         `clusterctl uncordon {node} --force`"
+    )]
+    NeedsRepair { node: String, evidence: String },
     #[error("no host or GPU \"{0}\" on the lemon list (clusterctl nodes --lemons lists them)")]
     UnknownLemon(String),
     #[error("job \"{0}\" not found (clusterctl jobs lists the jobs)")]
@@ -193,6 +208,8 @@ pub struct ClusterState {
     /// Caps automatic cordons (see `breaker`). Persisted as a cluster-wide record; the engine
     /// loads it.
     pub breaker: crate::breaker::Breaker,
+    /// The remediation ladder's rules (see `remediation`); each node's ladder is on its record.
+    pub remediation: crate::remediation::RemediationConfig,
 }
 
 impl ClusterState {
@@ -227,6 +244,7 @@ impl ClusterState {
             stray_stops: BTreeMap::new(),
             recovery: None,
             breaker: crate::breaker::Breaker::default(),
+            remediation: crate::remediation::RemediationConfig::default(),
         }
     }
 

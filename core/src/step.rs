@@ -191,13 +191,14 @@ fn unassigned(state: &ClusterState, input: &Input) -> Vec<Effect> {
     }
 }
 
-/// Apply the passage of time: the cordon breaker's window, liveness, GPU findings aging out, hangs, triage and burn-in
-/// budgets, stragglers, restart backoffs; then every policy in order.
+/// Apply the passage of time: the cordon breaker's window, liveness, GPU findings aging out, hangs, triage, burn-in
+/// and remediation budgets, stragglers, restart backoffs; then every policy in order.
 pub fn tick(state: &mut ClusterState, now: Now) -> Vec<Effect> {
     let mut effects = state.breaker_tick(now);
     effects.extend(state.tick(now));
     effects.extend(state.jobs_tick(now));
     effects.extend(state.burn_in_tick(now));
+    effects.extend(state.remediation_tick(now));
     react(state, &mut effects, now);
     // Every tick schedules (backoffs end with time) and derives every command that is due.
     let scheduled = state.schedule(now);
@@ -230,7 +231,9 @@ fn follow(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now, joined:
 }
 
 /// Steps 2 and 3: jobs react to node changes, then admission (lemons, the recovery hold,
-/// burn-in: a node the recovery hold cordons is not burned in on joining; its uncordon may be).
+/// burn-in: a node the recovery hold cordons is not burned in on joining; its uncordon may be),
+/// then the remediation ladder (an XID a rule matches may fire a step or needs-repair, whose
+/// cordon reason then wins over a lemon's).
 fn react(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
     if effects.is_empty() {
         return;
@@ -243,11 +246,18 @@ fn react(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
     effects.extend(recovery);
     let burn_in = state.burn_in_react(effects, now);
     effects.extend(burn_in);
+    let remediation = state.remediation_react(effects, now);
+    effects.extend(remediation);
 }
 
 fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Effect>, StateError> {
     match input {
-        Input::Register(reg) => Ok(state.register(reg, now)),
+        Input::Register(reg) => {
+            let name = reg.node.clone();
+            let mut effects = state.register(reg, now);
+            effects.extend(state.remediation_registered(&name, now));
+            Ok(effects)
+        }
         Input::Heartbeat {
             node,
             session,

@@ -271,3 +271,13 @@ pub fn with_scans_answered(
     }
     effects
 }
+
+/// `node`'s cordon reason, empty when it is not cordoned.
+pub fn cordon_reason(s: &ClusterState, node: &str) -> String {
+    s.nodes[node]
+        .record
+        .cordon
+        .as_ref()
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}

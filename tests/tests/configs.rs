@@ -38,7 +38,12 @@ fn example_keys(text: &str) -> BTreeSet<String> {
     let mut section = String::new();
     for line in text.lines() {
         let line = line.trim_start_matches('#').trim();
-        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+        // `[[section.list]]` (an array of tables) names its keys like `[section]` does.
+        let table = line
+            .strip_prefix("[[")
+            .and_then(|l| l.strip_suffix("]]"))
+            .or_else(|| line.strip_prefix('[').and_then(|l| l.strip_suffix(']')));
+        if let Some(header) = table {
             section = header.to_owned();
             keys.insert(section.clone());
             continue;

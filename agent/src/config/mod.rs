@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub lease_stop_grace: Duration,
     /// Who job processes run as and where they may work.
     pub workers: WorkersSection,
+    /// The node's own GPU reset and reboot commands, run when the coordinator's remediation
+    /// ladder asks (see `remediation`); unset: such a step answers "not set on this node".
+    pub remediation: crate::remediation::RemediationSection,
     /// Plaintext to an `http://` coordinator: the agent cannot tell the real coordinator
     /// from anyone else on the network, and runs whatever it is told. Local demos and
     /// test clusters only; otherwise `[tls]`.
@@ -150,6 +153,7 @@ impl Default for AgentConfig {
             worker_stop_grace: DEFAULT_WORKER_STOP_GRACE,
             lease_stop_grace: DEFAULT_LEASE_STOP_GRACE,
             workers: WorkersSection::default(),
+            remediation: crate::remediation::RemediationSection::default(),
             insecure: false,
             tls: None,
             shim_program: None,
@@ -209,6 +213,7 @@ impl AgentConfig {
             worker_stop_grace,
             lease_stop_grace,
             workers,
+            remediation,
             insecure,
             tls,
             // Not in the file.
@@ -240,6 +245,7 @@ impl AgentConfig {
                 *lease_stop_grace != new.lease_stop_grace,
             ),
             ("workers", *workers != new.workers),
+            ("remediation", *remediation != new.remediation),
             ("insecure", *insecure != new.insecure),
             ("tls", *tls != new.tls),
         ]
@@ -263,6 +269,13 @@ impl AgentConfig {
             });
         }
         validate_workers(&self.workers)?;
+        if let Some((field, problem)) = self.remediation.problem() {
+            return Err(ConfigError::Invalid {
+                field,
+                problem,
+                fix: "name a program, e.g. gpu_reset_command = [\"nvidia-smi\", \"-r\", \"-i\", \"{gpu}\"], and a timeout from 1s to 1h",
+            });
+        }
         let r = &self.reconnect;
         if r.initial_backoff.is_zero() {
             return Err(ConfigError::Invalid {

@@ -23,6 +23,7 @@ pub fn cordoned_sim_node() -> v1::NodeSummary {
         condition: v1::Condition::Degraded as i32,
         condition_reasons: vec!["gpu 7: 3 uncorrectable ECC errors".into()],
         held_cordon: None,
+        needs_repair: false,
     }
 }
 
@@ -43,6 +44,7 @@ pub fn ready_nvml_node(name: &str) -> v1::NodeSummary {
         condition: v1::Condition::Healthy as i32,
         condition_reasons: vec![],
         held_cordon: None,
+        needs_repair: false,
     }
 }
 

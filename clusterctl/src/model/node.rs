@@ -25,6 +25,8 @@ pub struct NodeSummary {
     /// Set while the cordon breaker holds an automatic cordon of this node (it is not
     /// cordoned); `null` otherwise.
     pub held_cordon: Option<HeldCordon>,
+    /// The remediation ladder ended in needs-repair: only `uncordon --force` lifts the cordon.
+    pub needs_repair: bool,
     /// Worst condition of the node's GPUs (and of the node itself).
     pub condition: Condition,
     /// One line per rule that made the condition what it is.
@@ -54,6 +56,7 @@ impl From<v1::NodeSummary> for NodeSummary {
                 since_unix_ms: c.since_unix_ms,
             }),
             held_cordon: n.held_cordon.map(HeldCordon::from),
+            needs_repair: n.needs_repair,
             condition: n.condition.into(),
             condition_reasons: n.condition_reasons,
             gpus_healthy: n.gpus_healthy,
@@ -111,6 +114,49 @@ pub struct NodeDetail {
     /// Newest last; the coordinator keeps the last 100.
     pub events: Vec<NodeEvent>,
     pub last_diagnostics: Option<Diagnostics>,
+    /// The node's remediation ladder; `null` when it has none.
+    pub remediation: Option<Remediation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Remediation {
+    pub summary: String,
+    pub needs_repair: bool,
+    /// Oldest first.
+    pub steps: Vec<RemediationStep>,
+    pub marks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RemediationStep {
+    pub at_unix_ms: u64,
+    /// gpu_reset, reboot, needs_repair.
+    pub action: String,
+    pub gpu_index: u32,
+    /// pending, ok, failed, no_answer, cordoned, held.
+    pub outcome: String,
+    pub xid: u32,
+}
+
+impl From<v1::Remediation> for Remediation {
+    fn from(r: v1::Remediation) -> Self {
+        Self {
+            summary: r.summary,
+            needs_repair: r.needs_repair,
+            steps: r
+                .steps
+                .into_iter()
+                .map(|s| RemediationStep {
+                    at_unix_ms: s.at_unix_ms,
+                    action: s.action,
+                    gpu_index: s.gpu_index,
+                    outcome: s.outcome,
+                    xid: s.xid,
+                })
+                .collect(),
+            marks: r.marks,
+        }
+    }
 }
 
 impl NodeDetail {
@@ -160,6 +206,7 @@ impl NodeDetail {
             gpu_health: d.gpu_health.into_iter().map(GpuHealth::from).collect(),
             events: d.events.into_iter().map(NodeEvent::from).collect(),
             last_diagnostics: d.last_diagnostics.map(Diagnostics::from),
+            remediation: d.remediation.map(Remediation::from),
         }
     }
 }
@@ -183,6 +230,7 @@ mod tests {
                 "scheduling": "Cordoned",
                 "cordon": {"reason": "bad fan", "source": "operator", "since_unix_ms": 1_000_000},
                 "held_cordon": null,
+                "needs_repair": false,
                 "condition": "Degraded",
                 "condition_reasons": ["gpu 7: 3 uncorrectable ECC errors"],
                 "gpus_healthy": 7,
@@ -283,6 +331,7 @@ mod tests {
                     gpu_index: Some(0),
                 }],
                 last_diagnostics: None,
+                remediation: None,
             },
             "n1",
         );

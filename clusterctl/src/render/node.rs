@@ -44,6 +44,26 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64, term: Term) -> String {
         out.line("held evidence", &h.evidence);
         out.line("held since", format_when(h.since_unix_ms, now_ms));
     }
+    if let Some(r) = &d.remediation {
+        out.line("remediation", &r.summary);
+        for step in &r.steps {
+            let gpu = if step.action == "gpu_reset" {
+                format!(" GPU {}", step.gpu_index)
+            } else {
+                String::new()
+            };
+            out.line(
+                "",
+                format!(
+                    "- {} {}{gpu} after XID {}: {}",
+                    format_when(step.at_unix_ms, now_ms),
+                    step.action,
+                    step.xid,
+                    step.outcome
+                ),
+            );
+        }
+    }
     out.line("hostname", or_dash(&n.hostname));
     out.line("agent version", or_dash(&n.agent_version));
     let backend = match n.gpu_backend {
@@ -217,6 +237,7 @@ mod tests {
                     command: "builtin NVML self-check".into(),
                     finished_at_unix_ms: 1_000_000,
                 }),
+                remediation: None,
             },
             "gpu-003",
         )
@@ -320,5 +341,49 @@ mod tests {
         );
         let plain = node_detail(&sim_detail(), NOW, Term::PLAIN);
         assert!(!plain.contains("cordon held"), "{plain}");
+    }
+
+    #[test]
+    fn node_detail_shows_the_remediation_ladder_and_needs_repair() {
+        let step = |at, action: &str, outcome: &str| v1::RemediationStep {
+            at_unix_ms: at,
+            action: action.into(),
+            gpu_index: 1,
+            outcome: outcome.into(),
+            xid: 48,
+        };
+        let detail = NodeDetail::from_proto(
+            v1::NodeDetail {
+                summary: Some(v1::NodeSummary {
+                    needs_repair: true,
+                    ..ready_nvml_node("n1")
+                }),
+                remediation: Some(v1::Remediation {
+                    summary: "needs repair: XID 48 on GPU 1 after XID 48 4 times in 24h".into(),
+                    needs_repair: true,
+                    steps: vec![
+                        step(1_000_000, "gpu_reset", "ok"),
+                        step(1_060_000, "reboot", "ok"),
+                        step(1_120_000, "needs_repair", "cordoned"),
+                    ],
+                    marks: 4,
+                }),
+                ..Default::default()
+            },
+            "n1",
+        );
+        let text = node_detail(&detail, NOW, Term::PLAIN);
+        assert!(
+            text.contains(
+                "remediation     needs repair: XID 48 on GPU 1 after XID 48 4 times in 24h\n\
+                 \x20               - 1970-01-01 00:16:40Z (12m ago) gpu_reset GPU 1 after XID 48: ok\n\
+                 \x20               - 1970-01-01 00:17:40Z (11m ago) reboot after XID 48: ok\n\
+                 \x20               - 1970-01-01 00:18:40Z (10m ago) needs_repair after XID 48: cordoned\n"
+            ),
+            "{text}"
+        );
+        assert!(detail.node.needs_repair);
+        let plain = node_detail(&sim_detail(), NOW, Term::PLAIN);
+        assert!(!plain.contains("remediation"), "{plain}");
     }
 }

@@ -24,6 +24,7 @@ pub fn sim_node() -> v1::NodeSummary {
         condition: v1::Condition::Healthy as i32,
         condition_reasons: vec![],
         held_cordon: None,
+        needs_repair: false,
     }
 }
 

@@ -54,6 +54,30 @@ pub fn summary(n: &Node, held: Option<&Held>, now: vigil_core::time::Instant) ->
         condition: condition(n.condition) as i32,
         condition_reasons: n.health.reasons(),
         held_cordon: held.map(|h| crate::breaker_view::held(&n.record.name, h)),
+        needs_repair: n
+            .record
+            .remediation
+            .as_ref()
+            .is_some_and(|l| l.needs_repair.is_some()),
+    }
+}
+
+fn remediation(l: &vigil_core::remediation::Ladder) -> v1::Remediation {
+    v1::Remediation {
+        summary: l.summary(),
+        needs_repair: l.needs_repair.is_some(),
+        steps: l
+            .steps
+            .iter()
+            .map(|s| v1::RemediationStep {
+                at_unix_ms: s.at_unix_ms,
+                action: s.step.as_str().to_owned(),
+                gpu_index: s.gpu,
+                outcome: s.outcome.clone(),
+                xid: s.xid,
+            })
+            .collect(),
+        marks: u32::try_from(l.marks.len()).unwrap_or(u32::MAX),
     }
 }
 
@@ -125,5 +149,6 @@ pub fn detail(n: &Node, held: Option<&Held>, now: vigil_core::time::Instant) -> 
             .last_diagnostics
             .as_ref()
             .map(|d| diagnostics(&n.record.name, d)),
+        remediation: n.record.remediation.as_deref().map(remediation),
     }
 }

@@ -239,6 +239,19 @@ impl Engine {
                     }
                 }
             }
+            Effect::Remediation {
+                node,
+                step,
+                outcome,
+                message,
+            } => {
+                self.metrics.remediation.count(step.as_str(), outcome);
+                if matches!(outcome, "ok") {
+                    info!(node = %node, action = step.as_str(), outcome, "{message}");
+                } else {
+                    warn!(node = %node, action = step.as_str(), outcome, "{message}");
+                }
+            }
             Effect::Xid {
                 node,
                 gpu,

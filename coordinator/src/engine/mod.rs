@@ -301,6 +301,7 @@ impl Engine {
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
         state.triage = config.triage;
         state.burn_in = config.burn_in.clone();
+        state.remediation = config.remediation.clone();
         state.stragglers = config.stragglers;
         state.recovery = store.load_cluster::<RecoveryHold>(RECOVERY_HOLD)?;
         state.breaker.cfg = config.cordon_breaker;

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod breaker;
 pub mod goodput;
 pub mod input;
+pub mod remediation;
 pub mod scrub;
 pub mod security;
 
@@ -149,6 +150,8 @@ pub struct Metrics {
     /// The background scrub of the state store (`store::scrub`).
     pub scrub: crate::metrics::scrub::ScrubMetrics,
     pub cordon_breaker: crate::metrics::breaker::BreakerMetrics,
+    /// `vigil_remediations_total{action, outcome}` (the remediation ladder).
+    pub remediation: crate::metrics::remediation::RemediationMetrics,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -194,6 +197,7 @@ impl Metrics {
             backup: crate::metrics::backup::BackupMetrics::default(),
             scrub: crate::metrics::scrub::ScrubMetrics::default(),
             cordon_breaker: Default::default(),
+            remediation: Default::default(),
             registry: Registry::default(),
         };
         m.security.register(&mut registry);
@@ -330,6 +334,7 @@ impl Metrics {
         m.backup.register(&mut registry);
         m.scrub.register(&mut registry);
         m.cordon_breaker.register(&mut registry);
+        m.remediation.register(&mut registry);
         let start = Gauge::<i64>::default();
         start.set(i64::try_from(started_unix_ms / 1000).unwrap_or(i64::MAX));
         registry.register(

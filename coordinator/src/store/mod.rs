@@ -523,6 +523,7 @@ pub(crate) mod test_records {
             last_registered_unix_ms: 2,
             last_diagnostics: None,
             burn_in: None,
+            remediation: None,
         }
     }
 

@@ -29,6 +29,8 @@ pub const MAX_LOG_TAIL: usize = 16 * 1024;
 /// A diagnostic's output (the agent truncates it to 64 KiB).
 pub const MAX_DIAGNOSTICS_OUTPUT: usize = 256 * 1024;
 /// One log read's data: 256 KiB of log, which lossy UTF-8 decoding may triple.
+/// The output of a remediation step an agent sends (the agent keeps the end of longer output).
+pub const MAX_REMEDIATION_OUTPUT: usize = 16 * 1024;
 pub const MAX_LOG_DATA: usize = 1024 * 1024;
 
 /// A job spec's TOML text.

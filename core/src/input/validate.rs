@@ -10,8 +10,8 @@ use vigil_proto::v1::{self, agent_event::Kind, agent_message::Body};
 
 use crate::limits::{
     MAX_DIAGNOSTICS_OUTPUT, MAX_GPUS, MAX_JOB_ID, MAX_LOG_DATA, MAX_LOG_TAIL, MAX_NVLINKS,
-    MAX_PATH, MAX_REASON, MAX_TEXT, MAX_WORKERS, check_count, check_len, node_name_error,
-    valid_node_name,
+    MAX_PATH, MAX_REASON, MAX_REMEDIATION_OUTPUT, MAX_TEXT, MAX_WORKERS, check_count, check_len,
+    node_name_error, valid_node_name,
 };
 use crate::node::GpuRecord;
 use crate::state::Registration;
@@ -194,6 +194,23 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
             }
         }
         Some(Kind::LogData(l)) => check_len("log_data.data", &l.data, MAX_LOG_DATA),
+        Some(Kind::RemediationResult(r)) => {
+            gpu("remediation_result.gpu_index", r.gpu_index)?;
+            if v1::RemediationAction::try_from(r.action)
+                .map_or(true, |a| a == v1::RemediationAction::Unspecified)
+            {
+                return Err(format!(
+                    "remediation_result.action {} is not a known action (gpu_reset, reboot)",
+                    r.action
+                ));
+            }
+            check_len("remediation_result.command", &r.command, MAX_REASON)?;
+            check_len(
+                "remediation_result.output",
+                &r.output,
+                MAX_REMEDIATION_OUTPUT,
+            )
+        }
         None => Ok(()),
     }
 }

@@ -236,6 +236,29 @@ fn events_with_escaping_or_oversized_fields_are_refused_by_name() {
             }),
             "checkpoint_scan.rejected lists 9",
         ),
+        (
+            Kind::RemediationResult(v1::RemediationResult {
+                action: v1::RemediationAction::GpuReset as i32,
+                output: "x".repeat(MAX_REMEDIATION_OUTPUT + 1),
+                ..Default::default()
+            }),
+            "remediation_result.output",
+        ),
+        (
+            Kind::RemediationResult(v1::RemediationResult {
+                action: 99,
+                ..Default::default()
+            }),
+            "remediation_result.action",
+        ),
+        (
+            Kind::RemediationResult(v1::RemediationResult {
+                action: v1::RemediationAction::Reboot as i32,
+                gpu_index: 64,
+                ..Default::default()
+            }),
+            "remediation_result.gpu_index",
+        ),
     ];
     for (kind, field) in cases {
         let r = validate(&event(kind)).expect_err(field);
@@ -268,6 +291,14 @@ fn ordinary_events_and_unknown_bodies_pass() {
             gpu_index: 3,
             xid: 79,
             gpu_uuid: "GPU-3".into(),
+        }),
+        Kind::RemediationResult(v1::RemediationResult {
+            step_id: 1,
+            action: v1::RemediationAction::GpuReset as i32,
+            gpu_index: 2,
+            ok: true,
+            output: "x".repeat(MAX_REMEDIATION_OUTPUT),
+            command: "nvidia-smi -r -i 2".into(),
         }),
     ];
     for kind in ok {

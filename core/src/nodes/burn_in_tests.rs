@@ -2,7 +2,8 @@
 //! `step` and time through `tick`, as the engine drives them.
 
 use crate::test_utils::{
-    T0, diagnostics_at, refusal, reg, register_at, starts, step_ok, step_raw, submit_at, t, tick_at,
+    T0, cordon_reason, diagnostics_at, refusal, reg, register_at, starts, step_ok, step_raw,
+    submit_at, t, tick_at,
 };
 use std::time::Duration;
 
@@ -65,15 +66,6 @@ fn sent(effects: &[Effect]) -> Vec<(String, Vec<String>)> {
             _ => None,
         })
         .collect()
-}
-
-fn cordon_reason(s: &ClusterState, node: &str) -> String {
-    s.nodes[node]
-        .record
-        .cordon
-        .as_ref()
-        .map(|c| c.reason.clone())
-        .unwrap_or_default()
 }
 
 #[test]

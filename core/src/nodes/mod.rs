@@ -5,7 +5,8 @@
 //! events, silence, cordon and uncordon), `liveness` (silence -> Ready / Unreachable / Lost),
 //! `xid` (NVIDIA's catalog, shipped as data), `health` (the GPU-health policy), `lemons` +
 //! `lemon_watch` (the failure ledger and its cordons), `burn_in` (a diagnostic before a node
-//! (re)joins), `breaker` (the cap on automatic cordons).
+//! (re)joins), `breaker` (the cap on automatic cordons), `remediation` +
+//! `remediation_steps` (the ladder: GPU reset, reboot, needs-repair).
 
 pub mod breaker;
 pub mod burn_in;
@@ -14,6 +15,8 @@ pub mod lemon_watch;
 pub mod lemons;
 pub mod liveness;
 pub mod node;
+pub mod remediation;
+mod remediation_steps;
 pub mod xid;
 
 mod transitions;

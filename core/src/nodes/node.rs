@@ -117,6 +117,9 @@ pub struct NodeRecord {
     /// A burn-in the node must pass before it is schedulable (`Validating`).
     #[serde(default)]
     pub burn_in: Option<crate::burn_in::BurnIn>,
+    /// The remediation ladder's marks, steps, pending step and needs-repair verdict.
+    #[serde(default)]
+    pub remediation: Option<Box<crate::remediation::Ladder>>,
 }
 
 /// The node in the engine's memory. Cheap to clone (snapshots clone every
@@ -146,7 +149,10 @@ pub struct Node {
 
 impl Node {
     /// A node known from the store whose agent has not spoken since start-up.
-    pub fn from_record(record: NodeRecord, now: Instant, wall_ms: u64) -> Self {
+    pub fn from_record(mut record: NodeRecord, now: Instant, wall_ms: u64) -> Self {
+        if let Some(ladder) = record.remediation.as_mut() {
+            ladder.restore(now);
+        }
         Self {
             record: Arc::new(record),
             availability: Availability::Unreachable,

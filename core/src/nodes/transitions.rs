@@ -35,6 +35,7 @@ impl ClusterState {
                 last_registered_unix_ms: now.wall_ms,
                 last_diagnostics: None,
                 burn_in: None,
+                remediation: None,
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
@@ -164,6 +165,10 @@ impl ClusterState {
                         .retain(|w| !(w.job_id == x.job_id && w.attempt == x.attempt));
                 }
                 effects.extend(self.worker_event(node_name, event, now));
+                return Ok(effects);
+            }
+            Some(v1::agent_event::Kind::RemediationResult(r)) => {
+                effects.extend(self.remediation_result(node_name, r, now));
                 return Ok(effects);
             }
             Some(v1::agent_event::Kind::Diagnostics(_) | v1::agent_event::Kind::LogData(_))
@@ -352,8 +357,10 @@ impl ClusterState {
     }
 
     /// Lift a cordon. An automatic one needs diagnostics that passed after
-    /// it was set, or `force`. The policy forgets the event evidence (the
-    /// operator says the node is fixed); sample rules still apply.
+    /// it was set, or `force`; a node that needs repair (the remediation ladder's end) needs
+    /// `force` whatever its diagnostics, and a forced uncordon clears its ladder. The policy
+    /// forgets the event evidence (the operator says the node is fixed); sample rules still
+    /// apply.
     pub fn uncordon(
         &mut self,
         name: &str,
@@ -361,6 +368,7 @@ impl ClusterState {
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
         let cfg = self.health.clone();
+        self.refuse_needs_repair(name, force)?;
         if let Some(why) = self
             .nodes
             .get(name)
@@ -377,8 +385,13 @@ impl ClusterState {
             .nodes
             .get_mut(name)
             .ok_or_else(|| StateError::UnknownNode(name.to_owned()))?;
+        let repaired = super::remediation_steps::forget_needs_repair(node);
         let Some(previous) = node.record.cordon.clone() else {
-            return Ok(Vec::new());
+            return Ok(if repaired {
+                vec![Effect::Persist((*node.record).clone())]
+            } else {
+                Vec::new()
+            });
         };
         let diagnosed = node
             .record
@@ -398,7 +411,11 @@ impl ClusterState {
         }
         Arc::make_mut(&mut node.record).cordon = None;
         node.health.clear_events();
-        let how = if force && !diagnosed { " (forced)" } else { "" };
+        let how = match (force && !diagnosed, repaired) {
+            (_, true) => " (forced; needs-repair cleared)",
+            (true, false) => " (forced)",
+            (false, false) => "",
+        };
         let event = NodeEvent {
             at_unix_ms: now.wall_ms,
             kind: "uncordon".into(),

@@ -563,8 +563,11 @@ fn handle_command(
                 rejected: Vec::new(),
             }))?;
         }
-        // Diagnostics and log reads are not part of the load test.
-        Some(CommandKind::RunDiagnostics(_) | CommandKind::ReadLog(_)) | None => {}
+        // Diagnostics, log reads and remediation are not part of the load test.
+        Some(
+            CommandKind::RunDiagnostics(_) | CommandKind::ReadLog(_) | CommandKind::Remediate(_),
+        )
+        | None => {}
     }
     Ok(())
 }
