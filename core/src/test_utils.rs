@@ -44,6 +44,10 @@ pub fn reg(node: &str, session: u64) -> Registration {
 /// Node `node` registering in `session` with `gpus` simulated GPUs.
 pub fn reg_with_gpus(node: &str, session: u64, gpus: u32) -> Registration {
     Registration {
+        identity: crate::identity::HostIdentity {
+            machine_id: format!("machine-{node}"),
+            boot_id: "boot-1".into(),
+        },
         session,
         node: node.to_owned(),
         hostname: node.to_owned(),

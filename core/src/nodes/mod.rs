@@ -5,11 +5,12 @@
 //! events, silence, cordon and uncordon), `liveness` (silence -> Ready / Unreachable / Lost),
 //! `xid` (NVIDIA's catalog, shipped as data), `health` (the GPU-health policy), `lemons` +
 //! `lemon_watch` (the failure ledger and its cordons), `burn_in` (a diagnostic before a node
-//! (re)joins), `breaker` (the cap on automatic cordons).
+//! (re)joins), `breaker` (the cap on automatic cordons), `identity` (one node name, one host).
 
 pub mod breaker;
 pub mod burn_in;
 pub mod health;
+pub mod identity;
 pub mod lemon_watch;
 pub mod lemons;
 pub mod liveness;

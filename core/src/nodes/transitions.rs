@@ -10,7 +10,8 @@ use vigil_proto::v1;
 
 use crate::breaker::{Breaker, gate};
 use crate::config::{HealthConfig, LivenessConfig};
-use crate::health;
+use crate::health::{self, NodeHealth};
+use crate::identity::{self, Claim};
 use crate::liveness;
 use crate::node::{
     Availability, Cordon, CordonSource, DiagnosticsRecord, Node, NodeEvent, NodeRecord,
@@ -19,6 +20,11 @@ use crate::state::{ClusterState, Effect, Now, Registration, StateError, record};
 
 impl ClusterState {
     pub fn register(&mut self, reg: Registration, now: Now) -> Vec<Effect> {
+        let replaced = match self.claim(&reg, now) {
+            Claim::Accepted => None,
+            Claim::Replaced { old } => Some(old),
+            Claim::Refused(effects) => return effects,
+        };
         let mut effects = Vec::new();
         let is_new = !self.nodes.contains_key(&reg.node);
         let known = self.nodes.len() + usize::from(is_new);
@@ -35,9 +41,17 @@ impl ClusterState {
                 last_registered_unix_ms: now.wall_ms,
                 last_diagnostics: None,
                 burn_in: None,
+                machine_id: String::new(),
+                boot_id: String::new(),
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
+        if let Some(old) = &replaced {
+            // Another host: the old one's GPUs and findings are not this one's.
+            node.health = NodeHealth::default();
+            Arc::make_mut(&mut node.record).gpus.clear();
+            effects.push(record(node, identity::changed_event(old, &reg, now)));
+        }
         // GPUs registered before and absent now are as good as lost: a
         // restarted agent must not make a dead GPU vanish from the books.
         for gone in node
@@ -55,6 +69,10 @@ impl ClusterState {
         r.agent_version = reg.agent_version;
         r.simulated = reg.simulated;
         r.gpus = reg.gpus;
+        if !reg.identity.machine_id.is_empty() {
+            r.machine_id = reg.identity.machine_id;
+            r.boot_id = reg.identity.boot_id;
+        }
         r.last_registered_unix_ms = now.wall_ms;
         // A reconnect storm re-registers every node: write only what changed
         // (the time of the last registration alone is not worth a write).
@@ -106,6 +124,9 @@ impl ClusterState {
         effects.extend(judge(node, &mut self.breaker, known, now, &self.health));
         let reported = node.workers.clone();
         let name = node.record.name.clone();
+        if replaced.is_some() {
+            effects.extend(self.start_burn_in(&name, "identity-changed", now));
+        }
         effects.extend(self.reconcile_node(&name, &reported, now));
         effects
     }

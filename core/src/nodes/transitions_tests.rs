@@ -32,6 +32,10 @@ fn after(start: Now, secs: f64) -> Now {
 
 fn registration(node: &str, session: u64) -> Registration {
     Registration {
+        identity: crate::identity::HostIdentity {
+            machine_id: format!("machine-{node}"),
+            boot_id: "boot-1".into(),
+        },
         session,
         node: node.to_owned(),
         hostname: format!("{node}.example"),
