@@ -18,8 +18,6 @@ pub const MAX_NVLINKS: usize = 32;
 pub const MAX_WORKERS: usize = 1024;
 /// Short free-text fields: hostname, agent version, GPU uuid/name/PCI id/serial.
 pub const MAX_TEXT: usize = 255;
-/// A host identity (machine-id, boot id): 32 hex digits or a UUID, with room for an override.
-pub const MAX_HOST_ID: usize = 64;
 /// Job ids (`NAME-SEQ`: a 48-byte name plus a sequence number fits easily).
 pub const MAX_JOB_ID: usize = 128;
 /// Paths an agent reports (log files, checkpoints) and a job spec's directories.

@@ -9,9 +9,9 @@ use std::path::{Component, Path};
 use vigil_proto::v1::{self, agent_event::Kind, agent_message::Body};
 
 use crate::limits::{
-    MAX_DIAGNOSTICS_OUTPUT, MAX_GPUS, MAX_HOST_ID, MAX_JOB_ID, MAX_LOG_DATA, MAX_LOG_TAIL,
-    MAX_NVLINKS, MAX_PATH, MAX_REASON, MAX_TEXT, MAX_WORKERS, check_count, check_len,
-    node_name_error, valid_node_name,
+    MAX_DIAGNOSTICS_OUTPUT, MAX_GPUS, MAX_JOB_ID, MAX_LOG_DATA, MAX_LOG_TAIL, MAX_NVLINKS,
+    MAX_PATH, MAX_REASON, MAX_TEXT, MAX_WORKERS, check_count, check_len, node_name_error,
+    valid_node_name,
 };
 use crate::node::GpuRecord;
 use crate::state::Registration;
@@ -200,25 +200,10 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
     }
 }
 
-/// A machine-id or boot id: empty (an agent that predates them), or at most [`MAX_HOST_ID`] of
-/// `[A-Za-z0-9._-]` (what `/etc/machine-id`, a boot id UUID and a sane override look like).
+/// A machine-id or boot id (the rule lives in `vigil_proto`, shared with the agent's config).
 fn check_host_id(field: &str, value: &str) -> Result<(), String> {
-    if value.len() > MAX_HOST_ID {
-        return Err(format!(
-            "{field} is {} bytes long, more than {MAX_HOST_ID}; set a shorter [identity] \
-             machine_id on the agent",
-            value.len()
-        ));
-    }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{field} holds {c:?}; only letters, digits, '.', '_' and '-' are allowed"
-        ));
-    }
-    Ok(())
+    vigil_proto::check_host_id(value)
+        .map_err(|problem| format!("{field} {problem}; fix the agent's [identity] machine_id"))
 }
 
 /// Check a Register and turn it into the engine's form; the error names the field.
