@@ -121,7 +121,7 @@ fn a_second_host_with_a_live_nodes_name_is_refused_until_the_first_is_lost() -> 
 fn clusterctl_node_forget_lets_another_host_take_the_name_at_once() -> Result<()> {
     let cluster = Cluster::start(FAST_LIVENESS, 0)?;
     let url = cluster.url();
-    let _first = Agent::start(&host_dir(&cluster, "host-a")?, &url, "n1", 4)?;
+    let first = Agent::start(&host_dir(&cluster, "host-a")?, &url, "n1", 4)?;
     wait_for("n1 Ready", LONG, || {
         let d = detail(&cluster, "n1");
         Ok(d.ok().filter(|d| d["node"]["state"] == "Ready"))
@@ -131,6 +131,14 @@ fn clusterctl_node_forget_lets_another_host_take_the_name_at_once() -> Result<()
     let d = detail(&cluster, "n1")?;
     let forgotten = events(&d, "identity-forgotten");
     assert_eq!(forgotten.len(), 1, "{d}");
+    // Host b takes the name while host a is still connected; host a is now the stranger.
+    let second = Agent::start(&host_dir(&cluster, "host-b")?, &url, "n1", 2)?;
+    wait_for("n1 held by host b, host a refused", LONG, || {
+        let d = detail(&cluster, "n1")?;
+        let refused = first.log_text().contains("registration refused:");
+        Ok((d["node"]["gpus_total"] == 2 && refused).then_some(()))
+    })?;
+    assert!(second.log_text().contains("registered with coordinator"));
     let unknown = clusterctl(&url, &["node", "forget", "nope"])?;
     assert!(
         !unknown.success() && unknown.stderr.contains("nope"),
