@@ -31,6 +31,8 @@ fn record(name: &str) -> NodeRecord {
         last_registered_unix_ms: 2,
         last_diagnostics: None,
         burn_in: None,
+        machine_id: format!("machine-{name}"),
+        boot_id: "boot-1".into(),
     }
 }
 

@@ -68,6 +68,29 @@ pub fn valid_node_name(name: &str) -> bool {
     check_node_name(name).is_ok()
 }
 
+/// A host identity (a machine-id: 32 hex digits; a boot id: a UUID), with room for an override.
+pub const MAX_HOST_ID: usize = 64;
+
+/// What is wrong with a machine-id or boot id, in a few words; empty is allowed (an agent that
+/// predates host identity sends none).
+pub fn check_host_id(id: &str) -> Result<(), String> {
+    if id.len() > MAX_HOST_ID {
+        return Err(format!(
+            "is {} bytes long (at most {MAX_HOST_ID})",
+            id.len()
+        ));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(c) => Err(format!(
+            "contains {c:?} (only letters, digits, '.', '_' and '-')"
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,28 +149,5 @@ mod tests {
             "is 70 bytes long (at most 63)"
         );
         assert_eq!(NameProblem::BadChar('/').to_string(), "contains '/'");
-    }
-}
-
-/// A host identity (a machine-id: 32 hex digits; a boot id: a UUID), with room for an override.
-pub const MAX_HOST_ID: usize = 64;
-
-/// What is wrong with a machine-id or boot id, in a few words; empty is allowed (an agent that
-/// predates host identity sends none).
-pub fn check_host_id(id: &str) -> Result<(), String> {
-    if id.len() > MAX_HOST_ID {
-        return Err(format!(
-            "is {} bytes long (at most {MAX_HOST_ID})",
-            id.len()
-        ));
-    }
-    match id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        Some(c) => Err(format!(
-            "contains {c:?} (only letters, digits, '.', '_' and '-')"
-        )),
-        None => Ok(()),
     }
 }

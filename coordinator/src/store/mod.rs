@@ -523,6 +523,8 @@ pub(crate) mod test_records {
             last_registered_unix_ms: 2,
             last_diagnostics: None,
             burn_in: None,
+            machine_id: format!("machine-{name}"),
+            boot_id: "boot-1".into(),
         }
     }
 
