@@ -5,7 +5,8 @@ use crate::config::{HealthConfig, LivenessConfig};
 use crate::node::NodeRecord;
 use crate::step::Input;
 use crate::test_utils::{
-    heartbeat, patient_state, reg_with_gpus, register_at, step_raw, t, tick_at,
+    default_state, heartbeat, node_events, patient_state, reg_with_gpus, register_at, step_raw, t,
+    tick_at,
 };
 
 /// Host `machine` registering node `node` in `session` with `gpus` GPUs of its own.
@@ -23,16 +24,6 @@ fn claim(node: &str, machine: &str, session: u64, gpus: u32) -> Registration {
     reg
 }
 
-fn default_state() -> ClusterState {
-    ClusterState::load(
-        Vec::new(),
-        Vec::new(),
-        LivenessConfig::default(),
-        HealthConfig::default(),
-        t(0),
-    )
-}
-
 fn conflicts(effects: &[Effect]) -> Vec<(u64, String)> {
     effects
         .iter()
@@ -42,15 +33,6 @@ fn conflicts(effects: &[Effect]) -> Vec<(u64, String)> {
             } => Some((*session, message.clone())),
             _ => None,
         })
-        .collect()
-}
-
-fn events_of(s: &ClusterState, node: &str, kind: &str) -> Vec<String> {
-    s.nodes[node]
-        .events
-        .iter()
-        .filter(|e| e.kind == kind)
-        .map(|e| e.message.clone())
         .collect()
 }
 
@@ -84,7 +66,7 @@ fn a_second_host_claiming_a_live_name_is_refused_and_nothing_changes() {
     assert!(after.record.cordon.is_none());
     assert!(s.lemons.records.is_empty());
     assert_eq!(
-        events_of(&s, "n1", "identity-conflict"),
+        node_events(&s, "n1", "identity-conflict"),
         vec![refused[0].1.clone()]
     );
 }
@@ -102,13 +84,13 @@ fn a_refused_host_retrying_is_recorded_once_per_ten_minutes() {
         refusals, 4,
         "every retry is refused (and counted by the shell)"
     );
-    assert_eq!(events_of(&s, "n1", "identity-conflict").len(), 1);
+    assert_eq!(node_events(&s, "n1", "identity-conflict").len(), 1);
     // A third host is another conflict, recorded at once.
     step_raw(&mut s, Input::Register(claim("n1", "cccc", 20, 2)), t(600));
-    assert_eq!(events_of(&s, "n1", "identity-conflict").len(), 2);
+    assert_eq!(node_events(&s, "n1", "identity-conflict").len(), 2);
     // Ten minutes after the first record, the same host is recorded again.
     step_raw(&mut s, Input::Register(claim("n1", "bbbb", 21, 2)), t(610));
-    assert_eq!(events_of(&s, "n1", "identity-conflict").len(), 3);
+    assert_eq!(node_events(&s, "n1", "identity-conflict").len(), 3);
     assert_eq!(s.nodes["n1"].session, Some(1));
 }
 
@@ -127,7 +109,7 @@ fn the_same_host_after_a_reboot_takes_over_at_once() {
     let node = &s.nodes["n1"];
     assert_eq!(node.session, Some(2));
     assert_eq!(node.record.boot_id, "boot-2");
-    assert!(events_of(&s, "n1", "identity-changed").is_empty());
+    assert!(node_events(&s, "n1", "identity-changed").is_empty());
 }
 
 #[test]
@@ -160,11 +142,11 @@ fn a_replacement_host_is_accepted_only_once_the_old_one_is_lost_and_is_burned_in
     assert_eq!(node.session, Some(3));
     assert_eq!(node.record.machine_id, "bbbb");
     assert_eq!(node.record.gpus.len(), 2);
-    let changed = events_of(&s, "n1", "identity-changed");
+    let changed = node_events(&s, "n1", "identity-changed");
     assert_eq!(changed.len(), 1);
     assert!(changed[0].contains("aaaa -> bbbb"), "{}", changed[0]);
     // The old host's GPUs are not the new one's lost GPUs: no finding, no GPU-lost event.
-    assert!(events_of(&s, "n1", "gpu-lost").is_empty());
+    assert!(node_events(&s, "n1", "gpu-lost").is_empty());
     assert!(node.health.first_unhealthy().is_none());
     // The new host is validated before it takes work.
     let burn_in = node.record.burn_in.as_ref().expect("burn-in started");
@@ -196,7 +178,7 @@ fn a_forgotten_name_binds_to_the_next_host_that_registers_it() {
             .iter()
             .any(|e| matches!(e, Effect::Persist(r) if r.machine_id.is_empty()))
     );
-    assert_eq!(events_of(&s, "n1", "identity-forgotten").len(), 1);
+    assert_eq!(node_events(&s, "n1", "identity-forgotten").len(), 1);
     let effects = register_at(&mut s, claim("n1", "bbbb", 2, 2), t(2));
     assert!(conflicts(&effects).is_empty());
     assert_eq!(s.nodes["n1"].record.machine_id, "bbbb");

@@ -1,8 +1,9 @@
 //! Nodes: what the coordinator knows of each (the persisted record, observed availability),
 //! and every policy that judges one or decides whether it may take work.
 //!
-//! Layout: `node` (the record and observed state), `transitions` (register, heartbeat, agent
-//! events, silence, cordon and uncordon), `liveness` (silence -> Ready / Unreachable / Lost),
+//! Layout: `node` (the record and observed state), `register` (a registration: the name's
+//! host, the GPU inventory), `transitions` (heartbeat, agent events, silence, cordon and
+//! uncordon), `liveness` (silence -> Ready / Unreachable / Lost),
 //! `xid` (NVIDIA's catalog, shipped as data), `health` (the GPU-health policy), `lemons` +
 //! `lemon_watch` (the failure ledger and its cordons), `burn_in` (a diagnostic before a node
 //! (re)joins), `breaker` (the cap on automatic cordons), `identity` (one node name, one host).
@@ -17,4 +18,5 @@ pub mod liveness;
 pub mod node;
 pub mod xid;
 
+mod register;
 mod transitions;
