@@ -28,6 +28,10 @@ pub struct Cli {
     /// Name of this node in the cluster [default: the hostname].
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
+    /// This host's identity for the coordinator, overriding /etc/machine-id (`[identity]
+    /// machine_id`): for tests that run several agents on one machine, and hosts without one.
+    #[arg(long, value_name = "ID")]
+    pub machine_id: Option<String>,
     /// Where GPU data comes from: real NVML, or simulated GPUs [default: nvml].
     #[arg(long, value_name = "BACKEND")]
     pub gpu_backend: Option<GpuBackendKind>,
@@ -121,6 +125,9 @@ impl Cli {
         }
         if let Some(v) = self.node_name {
             cfg.node_name = v;
+        }
+        if let Some(v) = self.machine_id {
+            cfg.identity.machine_id = Some(v);
         }
         if let Some(v) = self.gpu_backend {
             cfg.gpu_backend = v;

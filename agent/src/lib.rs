@@ -31,6 +31,7 @@ pub mod diagnostics;
 pub mod events;
 pub mod gpu;
 pub mod gpu_metrics;
+pub mod identity;
 pub mod lease;
 pub mod link;
 pub mod metrics;
@@ -82,6 +83,8 @@ pub enum AgentError {
     },
     #[error("metrics server failed")]
     MetricsServe(#[source] std::io::Error),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// Called once the agent is up, with a one-line summary.
@@ -207,6 +210,7 @@ async fn serve(
     hooks: Hooks,
 ) -> Result<(), AgentError> {
     let hostname = config::hostname();
+    let host = identity::load(config.identity.machine_id.as_deref(), &config.state_dir).await?;
     let metrics = Metrics::new(backend_label(probe.backend()), &inventory, &hostname);
     let fence = Arc::new(TermFence::load(&config.state_dir).await);
     metrics.set_term(fence.highest());
@@ -285,6 +289,7 @@ async fn serve(
         tls: config.tls.clone(),
         node_name: config.node_name.clone(),
         hostname,
+        identity: host,
         probe,
         metrics,
         diagnostics,

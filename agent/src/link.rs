@@ -168,6 +168,9 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
     let coordinators = ctx.coordinators.clone();
     let mut rotation = Rotation::new(coordinators.len());
     let mut standby_answered = false;
+    // The last refusal logged at warn level: a refused agent retries every 30 s, and one
+    // warning per change of reason says it all.
+    let mut last_refusal = String::new();
     for attempt in 1u64.. {
         let index = rotation.current();
         let Some(url) = coordinators.urls().get(index) else {
@@ -191,7 +194,7 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
             }),
             (_, false) => Outcome::Failed,
         };
-        let delay = match rotation.advance(outcome) {
+        let mut delay = match rotation.advance(outcome) {
             Pause::None => Duration::ZERO,
             Pause::Brief => NEXT_ADDRESS_PAUSE,
             Pause::Backoff => {
@@ -200,6 +203,9 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
                 pause
             }
         };
+        if let SessionError::Refused { retry_after, .. } = &end.cause {
+            delay = delay.max(*retry_after);
+        }
         let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         let next = coordinators
             .urls()
@@ -212,6 +218,18 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
             (SessionError::Rejected(reason), false) => {
                 warn!(%reason, retry_in_ms, next, "coordinator rejected registration; retrying");
             }
+            (SessionError::Refused { reason, .. }, false) if *reason == last_refusal => {
+                debug!(
+                    retry_in_ms,
+                    next, "registration refused again (same reason)"
+                );
+            }
+            (SessionError::Refused { reason, .. }, false) => {
+                warn!(
+                    retry_in_ms,
+                    next, "registration refused: {reason}; retrying slowly"
+                );
+            }
             (_, true) => {
                 let error = error_chain(&end.cause);
                 warn!(%error, retry_in_ms, next, "session with coordinator lost; reconnecting");
@@ -221,6 +239,11 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
                 warn!(%error, retry_in_ms, next, "coordinator unreachable; retrying");
             }
         });
+        match &end.cause {
+            SessionError::Refused { reason, .. } => last_refusal.clone_from(reason),
+            _ if end.registered => last_refusal.clear(),
+            _ => {}
+        }
         ctx.metrics.reconnects.inc();
         tokio::time::sleep(delay).await;
     }

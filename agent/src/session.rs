@@ -55,6 +55,8 @@ pub struct SessionContext {
     pub tls: Option<vigil_tls::TlsFiles>,
     pub node_name: String,
     pub hostname: String,
+    /// This host's machine-id and boot id, sent in every `Register` (see `identity`).
+    pub identity: crate::identity::HostIdentity,
     pub probe: Arc<dyn GpuProbe>,
     pub metrics: Metrics,
     /// Runs diagnostics the coordinator asks for; results come back as events.
@@ -131,6 +133,13 @@ pub enum SessionError {
     RegisterTimeout(Duration),
     #[error("coordinator rejected the registration: {0}")]
     Rejected(String),
+    /// Rejected with a time to wait (another host holds this node's name): retrying sooner
+    /// cannot help.
+    #[error("coordinator refused the registration: {reason}")]
+    Refused {
+        reason: String,
+        retry_after: Duration,
+    },
     #[error("coordinator closed the stream")]
     Closed,
     #[error("stream from the coordinator failed ({:?}: {})", .0.code(), .0.message())]
@@ -194,6 +203,8 @@ async fn run_until_error(
         protocol_version: vigil_proto::PROTOCOL_VERSION,
         node_name: ctx.node_name.clone(),
         hostname: ctx.hostname.clone(),
+        machine_id: ctx.identity.machine_id.clone(),
+        boot_id: ctx.identity.boot_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         gpu_backend: ctx.probe.backend().into(),
         gpus,
@@ -224,6 +235,12 @@ async fn run_until_error(
     let term = first.term;
     let accepted = match first.body {
         Some(CoordinatorBody::Registered(r)) => r,
+        Some(CoordinatorBody::Rejected(r)) if r.retry_after_ms > 0 => {
+            return Err(SessionError::Refused {
+                reason: r.reason,
+                retry_after: Duration::from_millis(r.retry_after_ms),
+            });
+        }
         Some(CoordinatorBody::Rejected(r)) => return Err(SessionError::Rejected(r.reason)),
         Some(CoordinatorBody::Ack(_) | CoordinatorBody::Command(_)) => {
             return Err(SessionError::Protocol("ack or command before registration"));

@@ -31,6 +31,8 @@ enum Answer {
         close_after: Option<usize>,
     },
     Reject,
+    /// Rejected with `retry_after_ms` (as for a node name another host holds).
+    RejectFor(u64),
 }
 
 /// The fake coordinator's store id (see the marks it tells in `connect`).
@@ -78,6 +80,11 @@ impl AgentService for FakeCoordinator {
                 let reply = match (answer, registering) {
                     (Answer::Reject, true) => Reply::Rejected(Rejected {
                         reason: "node is banned".into(),
+                        retry_after_ms: 0,
+                    }),
+                    (Answer::RejectFor(ms), true) => Reply::Rejected(Rejected {
+                        reason: "node \"test-node\" is already connected from elsewhere".into(),
+                        retry_after_ms: ms,
                     }),
                     (Answer::Accept { lease_ms, .. }, true) => Reply::Registered(Registered {
                         heartbeat_interval_ms: 50,
@@ -109,7 +116,7 @@ impl AgentService for FakeCoordinator {
                             store_seq: session * 10 + heartbeats as u64,
                         })
                     }
-                    (Answer::Reject, false) => continue,
+                    (Answer::Reject | Answer::RejectFor(_), false) => continue,
                 };
                 if let Some(out) = &out {
                     let _ = out
@@ -307,6 +314,23 @@ async fn rejected_registration_is_retried() -> TestResult {
     h.wait_for(2, is_register).await?;
     h.wait_for(3, is_register).await?;
     h.wait_for(3, is_heartbeat).await?;
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_registration_refused_with_retry_after_waits_that_long_not_its_backoff() -> TestResult {
+    let mut h = Harness::start(vec![Answer::RejectFor(1500)]).await?;
+    let first = h.wait_for(1, is_register).await?;
+    let refused_at = tokio::time::Instant::now();
+    match first.body {
+        Some(Body::Register(r)) => assert!(!r.machine_id.is_empty(), "sent its machine-id"),
+        other => panic!("not a Register: {other:?}"),
+    }
+    h.wait_for(2, is_register).await?;
+    let waited = refused_at.elapsed();
+    // Its reconnect backoff here is at most 50 ms.
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    h.wait_for(2, is_heartbeat).await?;
     h.stop().await
 }
 

@@ -110,10 +110,15 @@ pub enum Command {
         #[arg(long)]
         lemons: bool,
     },
-    /// Show one node: summary, condition, cordon, GPU health, last diagnostics, workers, events.
+    /// Show one node: summary, condition, cordon, GPU health, last diagnostics, workers, events;
+    /// `node forget NAME` (admin) drops the host the name is bound to.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Node {
         /// The node's name, as `clusterctl nodes` lists it.
-        name: String,
+        #[arg(required = true)]
+        name: Option<String>,
+        #[command(subcommand)]
+        command: Option<NodeCommand>,
     },
     /// Stop placing new work on a node; running work stays.
     Cordon {
@@ -209,6 +214,14 @@ pub enum BreakerCommand {
     /// Close the breaker (admin; audited): a fresh window begins, and the held nodes are
     /// judged again on fresh evidence only (nothing from before the reset is replayed).
     Reset,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Drop the name's host binding (admin; audited): the next host to register the name,
+    /// whichever it is, binds it. For a host replaced before the old one was Lost, or a name
+    /// an identity conflict shows held by the wrong host (docs/operations.md).
+    Forget { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -518,6 +531,22 @@ mod tests {
         let cli = Cli::try_parse_from(["clusterctl", "cordon", "n1", "--reason", "bad fan"])
             .expect("parses");
         assert!(matches!(cli.command, Command::Cordon { reason, .. } if reason == "bad fan"));
+    }
+
+    #[test]
+    fn node_shows_a_node_and_node_forget_forgets_one() {
+        let cli = Cli::try_parse_from(["clusterctl", "node", "n1"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Node { name: Some(n), command: None } if n == "n1"
+        ));
+        let cli = Cli::try_parse_from(["clusterctl", "node", "forget", "n1"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Node { name: None, command: Some(NodeCommand::Forget { name }) } if name == "n1"
+        ));
+        assert!(Cli::try_parse_from(["clusterctl", "node"]).is_err());
+        assert!(Cli::try_parse_from(["clusterctl", "node", "forget"]).is_err());
     }
 
     #[test]

@@ -338,6 +338,18 @@ impl Coordinator {
         )
     }
 
+    /// Drops the node name's host binding.
+    pub async fn forget_node(&mut self, name: &str) -> Result<v1::NodeSummary> {
+        let req = v1::ForgetNodeRequest { name: name.into() };
+        unary!(
+            self,
+            forget_node,
+            req,
+            Some(Subject::Node(name)),
+            REQUEST_TIMEOUT
+        )
+    }
+
     /// Cordons the node and restarts its jobs elsewhere.
     pub async fn drain(&mut self, name: &str, reason: &str) -> Result<v1::DrainResponse> {
         let req = v1::DrainRequest {

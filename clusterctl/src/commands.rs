@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vigil_proto::NodeState;
 
-use crate::cli::{BreakerCommand, Cli, Command, JobCommand, Output, RecoveryCommand};
+use crate::cli::{BreakerCommand, Cli, Command, JobCommand, NodeCommand, Output, RecoveryCommand};
 use crate::client::Coordinator;
 use crate::follow::{EventsQuery, LogsQuery};
 use crate::model::{
@@ -66,7 +66,23 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         Command::Status { interval, .. } => watch::status(c, out, interval).await.map(streamed),
         Command::Nodes { lemons: false } => nodes(c, out, term).await.map(Outcome::from),
         Command::Nodes { lemons: true } => lemons(c, out, term).await.map(Outcome::from),
-        Command::Node { name } => node(c, out, &name, term).await.map(Outcome::from),
+        Command::Node {
+            command: Some(NodeCommand::Forget { name }),
+            ..
+        } => {
+            let node = NodeSummary::from(c.forget_node(&name).await?);
+            emit(out, &node, |n| {
+                format!(
+                    "node {}: host binding dropped; the next host to register it binds it\n",
+                    n.name
+                )
+            })
+            .map(Outcome::from)
+        }
+        Command::Node {
+            name: Some(name), ..
+        } => node(c, out, &name, term).await.map(Outcome::from),
+        Command::Node { name: None, .. } => anyhow::bail!("name a node: clusterctl node NAME"),
         Command::Drain { name, reason } => drain(c, out, &name, &reason).await.map(Outcome::from),
         Command::Events {
             follow,

@@ -83,6 +83,16 @@ impl v1::control_service_server::ControlService for Fake {
         Ok(Response::new(breaker::after_reset()))
     }
 
+    async fn forget_node(
+        &self,
+        req: Request<v1::ForgetNodeRequest>,
+    ) -> Result<Response<v1::NodeSummary>, Status> {
+        match req.into_inner().name.as_str() {
+            "gpu-003" => Ok(Response::new(sim_node())),
+            other => Err(Status::not_found(format!("node \"{other}\" not found"))),
+        }
+    }
+
     async fn confirm_recovery(
         &self,
         _: Request<v1::ConfirmRecoveryRequest>,

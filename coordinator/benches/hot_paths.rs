@@ -101,6 +101,10 @@ fn faulty_samples() -> Vec<v1::GpuSample> {
 fn registration(i: u32) -> Registration {
     let node = node_name(i);
     Registration {
+        identity: vigil_core::identity::HostIdentity {
+            machine_id: format!("machine-{node}"),
+            boot_id: "boot-1".into(),
+        },
         session: u64::from(i),
         hostname: format!("{node}.example"),
         address: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 0xff, i & 0xff),

@@ -32,6 +32,8 @@ fn record(name: &str) -> NodeRecord {
         last_diagnostics: None,
         burn_in: None,
         remediation: None,
+        machine_id: format!("machine-{name}"),
+        boot_id: "boot-1".into(),
     }
 }
 

@@ -15,8 +15,9 @@
 //! - `nodes/`: `node` (persisted record, observed availability), `transitions` (register,
 //!   heartbeat, cordon), `liveness` (silence -> Ready / Unreachable / Lost), `xid` (NVIDIA's
 //!   catalog, shipped as data), `health` (GPU-health policy), `lemons` + `lemon_watch` (the
-//!   failure ledger and its cordons), `burn_in`, `breaker` (the cap on automatic cordons), `remediation` (the ladder:
-//!   GPU reset, reboot, needs-repair).
+//!   failure ledger and its cordons), `burn_in`, `breaker` (the cap on automatic cordons),
+//!   `remediation` (the ladder: GPU reset, reboot, needs-repair), `identity` (one node name, one
+//!   host: its machine-id binding).
 //! - `jobs/`: `spec` (the TOML spec), `job` (the persisted record), the attempt state machine and
 //!   gang scheduler (`requests`, `schedule`, `attempt`, `reports`, `launch`), `goodput`,
 //!   `triage`, `stragglers`, `training_health`, `rollback`.
@@ -45,7 +46,9 @@ pub mod time;
 pub use input::{limits, validate};
 pub use jobs::spec as jobspec;
 pub use jobs::{goodput, job, rollback, stragglers, training_health, triage};
-pub use nodes::{breaker, burn_in, health, lemon_watch, lemons, liveness, node, remediation, xid};
+pub use nodes::{
+    breaker, burn_in, health, identity, lemon_watch, lemons, liveness, node, remediation, xid,
+};
 
 pub use recovery::RecoveryHold;
 pub use state::{ClusterState, Effect, Ignored, Registration, StateError};

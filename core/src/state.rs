@@ -27,6 +27,7 @@ pub struct Registration {
     pub simulated: bool,
     pub gpus: Vec<GpuRecord>,
     pub workers: Vec<v1::WorkerInfo>,
+    pub identity: crate::identity::HostIdentity,
 }
 
 /// Why an agent's message, or a report in it, changed nothing.
@@ -45,6 +46,13 @@ pub enum Effect {
     /// Store this record. Every change of a turn is committed once, before any effect of
     /// that turn is carried out (one durability meaning, whatever the backend).
     Persist(NodeRecord),
+    /// Another host (`session`) claims a node name bound to a host that lives: its
+    /// registration is refused with `message` (and counted); nothing about the node changed.
+    IdentityConflict {
+        node: String,
+        session: u64,
+        message: String,
+    },
     /// A newer session of the same node replaced this one: end its stream.
     CloseSession {
         node: String,

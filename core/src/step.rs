@@ -129,6 +129,11 @@ pub enum Input {
     ResetBreaker {
         by: String,
     },
+    /// An operator drops a node name's host binding (see `identity`): any host may claim it.
+    ForgetNode {
+        node: String,
+        by: String,
+    },
 }
 
 /// What a request produced besides effects, for the caller's answer.
@@ -167,6 +172,13 @@ pub fn step(state: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
         }
         Err(e) => return vec![Effect::Refused(e)],
     };
+    if effects
+        .iter()
+        .any(|e| matches!(e, Effect::IdentityConflict { .. }))
+    {
+        // A refused claim to a node name changed nothing for any policy to react to.
+        return effects;
+    }
     effects.extend(foreign);
     follow(state, &mut effects, now, joined.as_deref());
     effects
@@ -255,7 +267,13 @@ fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Ef
         Input::Register(reg) => {
             let name = reg.node.clone();
             let mut effects = state.register(reg, now);
-            effects.extend(state.remediation_registered(&name, now));
+            // A refused claim to the name (another host) is no sign of this node's reboot.
+            if !effects
+                .iter()
+                .any(|e| matches!(e, Effect::IdentityConflict { .. }))
+            {
+                effects.extend(state.remediation_registered(&name, now));
+            }
             Ok(effects)
         }
         Input::Heartbeat {
@@ -320,5 +338,6 @@ fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Ef
         Input::BeginRecovery(report) => Ok(state.begin_recovery(report, now)),
         Input::ConfirmRecovery { by } => state.confirm_recovery(&by, now),
         Input::ResetBreaker { by } => Ok(state.reset_breaker(&by, now)),
+        Input::ForgetNode { node, by } => state.forget_identity(&node, &by, now),
     }
 }

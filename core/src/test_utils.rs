@@ -36,6 +36,27 @@ pub fn patient_state() -> ClusterState {
     )
 }
 
+/// An empty state at `t(0)` with the default liveness (Lost after 10 s of silence).
+pub fn default_state() -> ClusterState {
+    ClusterState::load(
+        Vec::new(),
+        Vec::new(),
+        crate::config::LivenessConfig::default(),
+        crate::config::HealthConfig::default(),
+        t(0),
+    )
+}
+
+/// The messages of `node`'s history entries of `kind`, oldest first.
+pub fn node_events(s: &ClusterState, node: &str, kind: &str) -> Vec<String> {
+    s.nodes[node]
+        .events
+        .iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.message.clone())
+        .collect()
+}
+
 /// Node `node` registering in `session` with one simulated GPU.
 pub fn reg(node: &str, session: u64) -> Registration {
     reg_with_gpus(node, session, 1)
@@ -44,6 +65,10 @@ pub fn reg(node: &str, session: u64) -> Registration {
 /// Node `node` registering in `session` with `gpus` simulated GPUs.
 pub fn reg_with_gpus(node: &str, session: u64, gpus: u32) -> Registration {
     Registration {
+        identity: crate::identity::HostIdentity {
+            machine_id: format!("machine-{node}"),
+            boot_id: "boot-1".into(),
+        },
         session,
         node: node.to_owned(),
         hostname: node.to_owned(),

@@ -3,7 +3,8 @@
 //!
 //! Layout:
 //! - `v1`: the generated messages, and (feature `grpc`) the tonic clients and servers.
-//! - `names`: the node-name rule the agent, the coordinator and its HA config apply.
+//! - `names`: the node-name rule the agent, the coordinator and its HA config apply, and the
+//!   host-identity rule (machine-id, boot id).
 //! - `node_state`: the display states (`Ready` ... `Lost`), their words and order.
 //! - `gpu_sample`: how to read a `GpuSample` (its faults, when its NVLinks count).
 //! - `standby`: the `vigil-leader` metadata key, and (feature `grpc`) how a standby refuses a
@@ -23,7 +24,10 @@ pub mod node_state;
 pub mod standby;
 
 pub use gpu_sample::{SampleFault, sample_faults};
-pub use names::{MAX_NODE_NAME, NODE_NAME_RULE, NameProblem, check_node_name, valid_node_name};
+pub use names::{
+    MAX_HOST_ID, MAX_NODE_NAME, NODE_NAME_RULE, NameProblem, check_host_id, check_node_name,
+    valid_node_name,
+};
 pub use node_state::NodeState;
 pub use standby::{LEADER_METADATA, StandbyRefusal};
 #[cfg(feature = "grpc")]

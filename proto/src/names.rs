@@ -2,7 +2,8 @@
 //!
 //! The agent checks its own name before it registers, the coordinator checks every
 //! registration and every name an operator sends, and its HA config checks `ha.name`: one
-//! rule, so a name the agent accepts is never refused on the wire.
+//! rule, so a name the agent accepts is never refused on the wire. The same holds for a host
+//! identity (machine-id, boot id; [`check_host_id`]).
 
 use std::fmt;
 
@@ -65,6 +66,29 @@ pub fn check_node_name(name: &str) -> Result<(), NameProblem> {
 /// `name` follows the rule (see [`check_node_name`]).
 pub fn valid_node_name(name: &str) -> bool {
     check_node_name(name).is_ok()
+}
+
+/// A host identity (a machine-id: 32 hex digits; a boot id: a UUID), with room for an override.
+pub const MAX_HOST_ID: usize = 64;
+
+/// What is wrong with a machine-id or boot id, in a few words; empty is allowed (an agent that
+/// predates host identity sends none).
+pub fn check_host_id(id: &str) -> Result<(), String> {
+    if id.len() > MAX_HOST_ID {
+        return Err(format!(
+            "is {} bytes long (at most {MAX_HOST_ID})",
+            id.len()
+        ));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(c) => Err(format!(
+            "contains {c:?} (only letters, digits, '.', '_' and '-')"
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

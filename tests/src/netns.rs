@@ -311,6 +311,8 @@ impl NetCluster {
             None => bin("vigil-agent")?,
         };
         let host = self.host_mut(name)?;
+        let state_dir = dir.join(format!("agent-{name}-state"));
+        let machine_id = crate::process::test_machine_id(&state_dir);
         let args: Vec<String> = [
             "--insecure",
             "--config",
@@ -321,14 +323,14 @@ impl NetCluster {
             name,
             "--gpu-backend",
             "sim",
+            "--machine-id",
+            &machine_id,
             "--sim-gpus",
             "8",
             "--metrics-listen",
             "127.0.0.1:0",
             "--state-dir",
-            &dir.join(format!("agent-{name}-state"))
-                .display()
-                .to_string(),
+            &state_dir.display().to_string(),
             "--sim-fault-file",
             &host.fault_file.display().to_string(),
         ]

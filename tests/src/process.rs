@@ -199,6 +199,20 @@ pub struct Agent {
     pub fault_file: PathBuf,
 }
 
+/// The machine-id of a test agent whose state lives in `state_dir`: its own, as if it ran on a
+/// host of its own (the agents of a test all run on this machine, which has one machine-id).
+pub fn test_machine_id(state_dir: &Path) -> String {
+    // FNV-1a: stable across runs and Rust versions, unlike `DefaultHasher`.
+    let hash = state_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("test-{hash:016x}")
+}
+
 /// Agents in tests retry fast, so reconnects do not dominate test time; their jobs run as the
 /// user running the tests (root in CI, said explicitly) under the test's own directory.
 fn agent_config(dir: &Path) -> Result<String> {
@@ -229,6 +243,10 @@ impl Agent {
     }
 
     /// [`Agent::start_with`] with `env` added to its environment (its workers inherit it).
+    ///
+    /// Every agent a test starts runs on this one machine, so each gets a machine-id of its own
+    /// ([`test_machine_id`] of its state dir, kept across restarts: the same host coming back),
+    /// unless `extra` has an `[identity]` section (a test that wants two agents to be one host).
     pub fn start_env(
         dir: &Path,
         url: &str,
@@ -255,6 +273,10 @@ impl Agent {
         let mut command = Command::new(crate::bin("vigil-agent")?);
         if url.starts_with("http://") {
             command.arg("--insecure");
+        }
+        if !extra.contains("[identity]") {
+            let state_dir = dir.join(format!("agent-{name}-state"));
+            command.args(["--machine-id", &test_machine_id(&state_dir)]);
         }
         let child = command
             .arg("--config")

@@ -73,6 +73,8 @@ pub struct AgentConfig {
     /// O = vigil:node) and key, and the CA the coordinator's certificate must chain to.
     /// Read at every (re)connection, so renewed files apply without a restart.
     pub tls: Option<vigil_tls::TlsFiles>,
+    /// Who this host is (see `identity`).
+    pub identity: IdentitySection,
     /// The program started as each attempt's shim; `None`: this binary (`/proc/self/exe`).
     /// Not a config key: tests of the library, whose own binary is no agent, set it.
     #[serde(skip)]
@@ -89,6 +91,15 @@ pub struct WorkersSection {
     /// Absolute directories a job's workdir and checkpoint dir must lie under; empty refuses
     /// every job.
     pub allowed_roots: Vec<PathBuf>,
+}
+
+/// `[identity]`: this host's machine-id, which the coordinator binds the node name to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentitySection {
+    /// Overrides `/etc/machine-id`: for tests that start several agents on one machine (each
+    /// needs its own), and hosts without one. At most 64 of `[A-Za-z0-9._-]`.
+    pub machine_id: Option<String>,
 }
 
 /// How patiently the agent redials a coordinator it lost.
@@ -156,6 +167,7 @@ impl Default for AgentConfig {
             remediation: crate::remediation::RemediationSection::default(),
             insecure: false,
             tls: None,
+            identity: IdentitySection::default(),
             shim_program: None,
         }
     }
@@ -216,6 +228,7 @@ impl AgentConfig {
             remediation,
             insecure,
             tls,
+            identity,
             // Not in the file.
             shim_program: _,
         } = self;
@@ -248,6 +261,7 @@ impl AgentConfig {
             ("remediation", *remediation != new.remediation),
             ("insecure", *insecure != new.insecure),
             ("tls", *tls != new.tls),
+            ("identity", *identity != new.identity),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -274,6 +288,16 @@ impl AgentConfig {
                 field,
                 problem,
                 fix: "name a program, e.g. gpu_reset_command = [\"nvidia-smi\", \"-r\", \"-i\", \"{gpu}\"], and a timeout from 1s to 1h",
+            });
+        }
+        if let Some(problem) = self.identity.machine_id.as_deref().and_then(|id| match id {
+            "" => Some("is empty".to_owned()),
+            id => vigil_proto::check_host_id(id).err(),
+        }) {
+            return Err(ConfigError::Invalid {
+                field: "identity.machine_id",
+                problem,
+                fix: "use 1-64 letters, digits, '.', '_' or '-' (or remove it to use /etc/machine-id)",
             });
         }
         let r = &self.reconnect;

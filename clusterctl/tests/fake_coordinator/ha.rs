@@ -99,6 +99,7 @@ standby_service! {
     confirm_recovery: v1::ConfirmRecoveryRequest => v1::RecoveryResponse;
     get_breaker: v1::GetBreakerRequest => v1::BreakerStatus;
     reset_breaker: v1::ResetBreakerRequest => v1::BreakerStatus;
+    forget_node: v1::ForgetNodeRequest => v1::NodeSummary;
     drain: v1::DrainRequest => v1::DrainResponse;
     watch_events: v1::WatchEventsRequest => FakeStream<v1::ClusterEvent>;
     job_logs: v1::JobLogsRequest => FakeStream<v1::LogChunk>;

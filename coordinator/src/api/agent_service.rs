@@ -173,6 +173,7 @@ async fn run_session(
             let msg = v1::CoordinatorMessage {
                 body: Some(v1::coordinator_message::Body::Rejected(v1::Rejected {
                     reason,
+                    retry_after_ms: 0,
                 })),
                 term,
             };

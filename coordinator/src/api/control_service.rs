@@ -504,6 +504,24 @@ impl v1::control_service_server::ControlService for ControlService {
         Ok(Response::new(status))
     }
 
+    async fn forget_node(
+        &self,
+        request: Request<v1::ForgetNodeRequest>,
+    ) -> Result<Response<v1::NodeSummary>, Status> {
+        let caller = self.allow(&request, Role::Admin, "node forget")?;
+        let v1::ForgetNodeRequest { name } = request.into_inner();
+        check_name(&name)?;
+        let node = self
+            .engine
+            .ask(|reply| Event::ForgetNode {
+                node: name,
+                actor: caller.actor,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(self.summary(&node)))
+    }
+
     async fn reset_breaker(
         &self,
         request: Request<v1::ResetBreakerRequest>,

@@ -36,6 +36,15 @@ impl Engine {
                     );
                 }
             }
+            Effect::IdentityConflict {
+                node,
+                session,
+                message,
+            } => {
+                self.metrics.security.identity_conflicts.inc();
+                self.metrics.rejected_registrations.inc();
+                warn!(node = %node, session, "registration refused: {message}");
+            }
             Effect::CloseSession { node, session } => {
                 self.sessions.remove(&session);
                 info!(node = %node, session, "closed superseded agent session: the node registered again");

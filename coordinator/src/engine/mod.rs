@@ -163,6 +163,13 @@ pub enum Event {
         actor: String,
         reply: oneshot::Sender<Result<RecoveryHold, ControlError>>,
     },
+    /// An admin drops a node name's host binding (see `vigil_core::identity`).
+    ForgetNode {
+        node: String,
+        /// Who asked, for the audit trail.
+        actor: String,
+        reply: oneshot::Sender<Result<Node, ControlError>>,
+    },
     /// An admin closes the cordon breaker; the answer is the breaker after the reset.
     ResetBreaker {
         actor: String,

@@ -202,6 +202,19 @@ impl Engine {
                     .await;
                 reply.send(answer).ok();
             }
+            Event::ForgetNode { node, actor, reply } => {
+                let input = Input::ForgetNode {
+                    node: node.clone(),
+                    by: actor.clone(),
+                };
+                let answer = self
+                    .apply_request(input)
+                    .await
+                    .and_then(|_| self.node(&node));
+                self.audit(AuditSubject::Node(node), &actor, "node forget", &answer)
+                    .await;
+                reply.send(answer).ok();
+            }
             Event::ResetBreaker { actor, reply } => {
                 let input = Input::ResetBreaker { by: actor.clone() };
                 let answer = self

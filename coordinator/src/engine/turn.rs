@@ -33,6 +33,8 @@ struct Joining {
     /// for that record to be committed. A node coming back unchanged needs nothing stored, and
     /// is answered even while the store cannot commit, so its lease (and its jobs) hold.
     changed: bool,
+    /// Why the core refused it (another live host holds the name): answered `Rejected`.
+    refused: Option<String>,
 }
 
 /// What a batch of agent messages owes once it is committed.
@@ -138,6 +140,7 @@ impl Engine {
             told.seq
         );
         let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+            retry_after_ms: 0,
             reason: format!(
                 "the coordinator's state store was rolled back: it holds commit {} of store {}, \
                  but this agent was told of commit {}; the coordinator stops until an operator \
@@ -177,12 +180,21 @@ impl Engine {
         let changed = effects
             .iter()
             .any(|e| matches!(e, Effect::Persist(r) if r.name == node));
+        let refused = effects.iter().find_map(|e| match e {
+            Effect::IdentityConflict {
+                session: s,
+                message,
+                ..
+            } if *s == session => Some(message.clone()),
+            _ => None,
+        });
         batch.effects.extend(effects);
         batch.joining.push(Joining {
             node,
             session,
             tx,
             changed,
+            refused,
         });
     }
 
@@ -303,6 +315,11 @@ impl Engine {
         for j in joining {
             // A new or changed node waits for its record's commit; one coming back unchanged
             // needs nothing stored and is answered whatever the commit did.
+            if let Some(reason) = &j.refused {
+                // Never live: nothing to undo.
+                self.refuse_claim(&j, reason);
+                continue;
+            }
             let answered = match &committed {
                 Err(e) if j.changed => {
                     self.refuse_registration(&j, e);
@@ -356,7 +373,21 @@ impl Engine {
         self.metrics.rejected_registrations.inc();
         warn!(node = %j.node, error = %e, "registration refused: could not commit it");
         let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+            retry_after_ms: 0,
             reason: format!("coordinator could not save the registration: {e}"),
+        });
+        j.tx.try_send(Ok(v1::CoordinatorMessage {
+            body: Some(rejected),
+            term: self.term(),
+        }))
+        .ok();
+    }
+
+    /// Tell an agent another host holds its node name; it waits before it tries again.
+    fn refuse_claim(&self, j: &Joining, reason: &str) {
+        let rejected = v1::coordinator_message::Body::Rejected(v1::Rejected {
+            reason: reason.to_owned(),
+            retry_after_ms: millis(vigil_core::identity::CONFLICT_RETRY_AFTER),
         });
         j.tx.try_send(Ok(v1::CoordinatorMessage {
             body: Some(rejected),

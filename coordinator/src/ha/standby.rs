@@ -131,6 +131,7 @@ impl v1::control_service_server::ControlService for StandbyControl {
         confirm_recovery(v1::ConfirmRecoveryRequest) -> v1::RecoveryResponse;
         get_breaker(v1::GetBreakerRequest) -> v1::BreakerStatus;
         reset_breaker(v1::ResetBreakerRequest) -> v1::BreakerStatus;
+        forget_node(v1::ForgetNodeRequest) -> v1::NodeSummary;
     }
 }
 

@@ -1,5 +1,5 @@
 //! Prometheus metrics of transport security and access control: refused connections,
-//! denied calls, certificate expiry and reloads.
+//! denied calls, certificate expiry and reloads, and node names claimed by two hosts.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -29,6 +29,9 @@ pub struct SecurityMetrics {
     pub certificate_expiry: Gauge,
     pub insecure: Gauge,
     pub tls_reloads: Family<ResultLabel, Counter>,
+    /// Registrations refused because another live host holds the node name (a cloned image,
+    /// a node certificate copied to a second host).
+    pub identity_conflicts: Counter,
 }
 
 impl SecurityMetrics {
@@ -54,6 +57,12 @@ impl SecurityMetrics {
             "vigil_transport_insecure",
             "1 when the coordinator serves plaintext (insecure = true): nobody is authenticated",
             self.insecure.clone(),
+        );
+        registry.register(
+            "vigil_node_identity_conflicts",
+            "Agent registrations refused because another live host (machine-id) holds the node \
+             name: give the second host its own name",
+            self.identity_conflicts.clone(),
         );
         registry.register(
             "vigil_tls_reloads",

@@ -524,6 +524,8 @@ pub(crate) mod test_records {
             last_diagnostics: None,
             burn_in: None,
             remediation: None,
+            machine_id: format!("machine-{name}"),
+            boot_id: "boot-1".into(),
         }
     }
 

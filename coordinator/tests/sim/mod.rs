@@ -212,6 +212,10 @@ impl Cluster {
     ) -> Result<(), Box<dyn std::error::Error>> {
         let (tx, rx) = mpsc::channel(1024);
         let reg = Registration {
+            identity: vigil_core::identity::HostIdentity {
+                machine_id: format!("machine-{node}"),
+                boot_id: "boot-1".into(),
+            },
             session,
             node: node.to_owned(),
             hostname: node.to_owned(),

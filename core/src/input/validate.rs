@@ -63,6 +63,8 @@ pub fn check_register(reg: &v1::Register) -> Result<(), String> {
     check_len("hostname", &reg.hostname, MAX_TEXT)?;
     check_len("agent_version", &reg.agent_version, MAX_TEXT)?;
     check_len("last_store_id", &reg.last_store_id, MAX_TEXT)?;
+    check_host_id("machine_id", &reg.machine_id)?;
+    check_host_id("boot_id", &reg.boot_id)?;
     match v1::GpuBackend::try_from(reg.gpu_backend) {
         Ok(v1::GpuBackend::Nvml | v1::GpuBackend::Simulated) => {}
         _ => {
@@ -215,6 +217,12 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
     }
 }
 
+/// A machine-id or boot id (the rule lives in `vigil_proto`, shared with the agent's config).
+fn check_host_id(field: &str, value: &str) -> Result<(), String> {
+    vigil_proto::check_host_id(value)
+        .map_err(|problem| format!("{field} {problem}; fix the agent's [identity] machine_id"))
+}
+
 /// Check a Register and turn it into the engine's form; the error names the field.
 pub fn validate_register(
     reg: v1::Register,
@@ -245,6 +253,10 @@ pub fn validate_register(
         simulated,
         gpus,
         workers: reg.workers,
+        identity: crate::identity::HostIdentity {
+            machine_id: reg.machine_id,
+            boot_id: reg.boot_id,
+        },
     })
 }
 

@@ -21,6 +21,8 @@ fn register(name: &str) -> v1::Register {
         sent_at_unix_ms: 0,
         last_store_id: "memory-1".into(),
         last_store_seq: 7,
+        machine_id: "0123456789abcdef0123456789abcdef".into(),
+        boot_id: "6f1e2d3c-0000-4000-8000-000000000001".into(),
     }
 }
 

@@ -44,6 +44,10 @@ fn gpus(node: &str, serial_of_3: &str) -> Vec<GpuRecord> {
 
 fn reg(node: &str, session: u64, serial_of_3: &str) -> Registration {
     Registration {
+        identity: crate::identity::HostIdentity {
+            machine_id: format!("machine-{node}"),
+            boot_id: "boot-1".into(),
+        },
         session,
         node: node.to_owned(),
         hostname: node.to_owned(),

@@ -1,6 +1,6 @@
 //! A node as the coordinator sees it: the persisted record plus observed liveness.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use crate::time::Instant;
@@ -78,7 +78,8 @@ pub struct GpuRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeEvent {
     pub at_unix_ms: u64,
-    /// xid, gpu-lost, condition, cordon, uncordon, diagnostics, registered
+    /// xid, gpu-lost, condition, cordon, uncordon, diagnostics, registered, identity-conflict,
+    /// identity-changed, identity-forgotten
     pub kind: String,
     pub message: String,
     #[serde(default)]
@@ -120,6 +121,14 @@ pub struct NodeRecord {
     /// The remediation ladder's marks, steps, pending step and needs-repair verdict.
     #[serde(default)]
     pub remediation: Option<Box<crate::remediation::Ladder>>,
+    /// The host this name is bound to (its machine-id): another host claiming the name while
+    /// this one lives is refused (see `identity`). Empty: not bound yet (a record from before
+    /// binding, an agent too old to send one, or an operator's `node forget`).
+    #[serde(default)]
+    pub machine_id: String,
+    /// The bound host's boot id at its last registration (a new one: it rebooted).
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 /// The node in the engine's memory. Cheap to clone (snapshots clone every
@@ -145,6 +154,9 @@ pub struct Node {
     pub condition: Condition,
     /// Newest last, at most [`MAX_EVENTS`].
     pub events: Arc<VecDeque<NodeEvent>>,
+    /// Machine-ids refused this node's name, and when their conflict was last put in its
+    /// history (see `identity`: rate-limited). Not persisted.
+    pub identity_conflicts: BTreeMap<String, Instant>,
 }
 
 impl Node {
@@ -165,6 +177,7 @@ impl Node {
             health: NodeHealth::default(),
             condition: Condition::Healthy,
             events: Arc::default(),
+            identity_conflicts: BTreeMap::new(),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Node transitions, pure: a registration, a heartbeat, an agent's event (an XID, a lost GPU),
+//! Node transitions, pure (a registration is in `register`): a heartbeat, an agent's event (an XID, a lost GPU),
 //! silence, a coordinator's stall, an operator's cordon and uncordon; each judges the node's
 //! health again and cordons one that turns Unhealthy.
 
@@ -12,105 +12,10 @@ use crate::breaker::{Breaker, gate};
 use crate::config::{HealthConfig, LivenessConfig};
 use crate::health;
 use crate::liveness;
-use crate::node::{
-    Availability, Cordon, CordonSource, DiagnosticsRecord, Node, NodeEvent, NodeRecord,
-};
-use crate::state::{ClusterState, Effect, Now, Registration, StateError, record};
+use crate::node::{Availability, Cordon, CordonSource, DiagnosticsRecord, Node, NodeEvent};
+use crate::state::{ClusterState, Effect, Now, StateError, record};
 
 impl ClusterState {
-    pub fn register(&mut self, reg: Registration, now: Now) -> Vec<Effect> {
-        let mut effects = Vec::new();
-        let is_new = !self.nodes.contains_key(&reg.node);
-        let known = self.nodes.len() + usize::from(is_new);
-        let node = self.nodes.entry(reg.node.clone()).or_insert_with(|| {
-            let record = NodeRecord {
-                name: reg.node.clone(),
-                hostname: String::new(),
-                address: String::new(),
-                agent_version: String::new(),
-                simulated: reg.simulated,
-                gpus: Vec::new(),
-                cordon: None,
-                first_registered_unix_ms: now.wall_ms,
-                last_registered_unix_ms: now.wall_ms,
-                last_diagnostics: None,
-                burn_in: None,
-                remediation: None,
-            };
-            Node::from_record(record, now.mono, now.wall_ms)
-        });
-        // GPUs registered before and absent now are as good as lost: a
-        // restarted agent must not make a dead GPU vanish from the books.
-        for gone in node
-            .record
-            .gpus
-            .iter()
-            .filter(|old| !old.uuid.is_empty() && !reg.gpus.iter().any(|g| g.uuid == old.uuid))
-        {
-            node.health.on_gpu_lost(gone.index, &gone.uuid, now.wall_ms);
-        }
-        let before = (*node.record).clone();
-        let r = Arc::make_mut(&mut node.record);
-        r.hostname = reg.hostname;
-        r.address = reg.address;
-        r.agent_version = reg.agent_version;
-        r.simulated = reg.simulated;
-        r.gpus = reg.gpus;
-        r.last_registered_unix_ms = now.wall_ms;
-        // A reconnect storm re-registers every node: write only what changed
-        // (the time of the last registration alone is not worth a write).
-        let changed = NodeRecord {
-            last_registered_unix_ms: r.last_registered_unix_ms,
-            ..before
-        } != *r;
-        if is_new || changed {
-            effects.push(Effect::Persist(r.clone()));
-        }
-        if let Some(old) = node.session.filter(|s| *s != reg.session) {
-            effects.push(Effect::CloseSession {
-                node: reg.node.clone(),
-                session: old,
-            });
-        }
-        node.session = Some(reg.session);
-        node.workers = Arc::new(reg.workers);
-        node.last_samples = Arc::default();
-        node.health.sample_findings.clear();
-        let backend = if reg.simulated { "SIMULATED" } else { "NVML" };
-        effects.push(record(
-            node,
-            NodeEvent {
-                at_unix_ms: now.wall_ms,
-                kind: "registered".into(),
-                message: format!(
-                    "agent {} registered from {} with {} GPUs ({backend})",
-                    node.record.agent_version,
-                    node.record.hostname,
-                    node.record.gpus.len()
-                ),
-                gpu_index: None,
-            },
-        ));
-        if is_new {
-            node.availability = Availability::Ready;
-            node.silent_since = now.mono;
-            node.heard_since_start = true;
-            effects.push(Effect::Availability {
-                node: reg.node,
-                from: None,
-                to: Availability::Ready,
-                why: "first registration",
-            });
-        } else {
-            hear_from(node, now, "registered", &mut effects);
-        }
-        effects.extend(judge(node, &mut self.breaker, known, now, &self.health));
-        let reported = node.workers.clone();
-        let name = node.record.name.clone();
-        effects.extend(self.reconcile_node(&name, &reported, now));
-        effects
-    }
-
     pub fn heartbeat(
         &mut self,
         node_name: &str,
@@ -462,7 +367,7 @@ fn live_session<'a>(
 }
 
 /// The agent just spoke: restart its silence clock and, if it was not Ready, say so.
-fn hear_from(node: &mut Node, now: Now, why: &'static str, effects: &mut Vec<Effect>) {
+pub(super) fn hear_from(node: &mut Node, now: Now, why: &'static str, effects: &mut Vec<Effect>) {
     node.silent_since = now.mono;
     node.heard_since_start = true;
     if node.availability != Availability::Ready {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::*;
 use crate::config::HealthConfig;
 use crate::health::Condition;
-use crate::node::GpuRecord;
+use crate::node::{GpuRecord, NodeRecord};
+use crate::state::Registration;
 use crate::step::Input;
 use crate::test_utils::{
     agent_event, diagnostics_record, heartbeat, refusal, register_at, session, step_ok, step_raw,
@@ -32,6 +33,10 @@ fn after(start: Now, secs: f64) -> Now {
 
 fn registration(node: &str, session: u64) -> Registration {
     Registration {
+        identity: crate::identity::HostIdentity {
+            machine_id: format!("machine-{node}"),
+            boot_id: "boot-1".into(),
+        },
         session,
         node: node.to_owned(),
         hostname: format!("{node}.example"),

@@ -50,6 +50,10 @@ const HOUR_MS: i64 = 3_600_000;
 
 fn reg(node: &str, session: u64, workers: Vec<v1::WorkerInfo>) -> Registration {
     Registration {
+        identity: crate::identity::HostIdentity {
+            machine_id: format!("machine-{node}"),
+            boot_id: "boot-1".into(),
+        },
         session,
         node: node.to_owned(),
         hostname: node.to_owned(),

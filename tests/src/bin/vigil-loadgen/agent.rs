@@ -354,6 +354,8 @@ async fn session(
         protocol_version: vigil_proto::PROTOCOL_VERSION,
         node_name: local.name.clone(),
         hostname: local.name.clone(),
+        // Thousands of fake hosts on one machine: each its own machine-id, as real hosts have.
+        machine_id: format!("loadgen-{}", local.name),
         agent_version: concat!("loadgen-", env!("CARGO_PKG_VERSION")).to_owned(),
         gpu_backend: GpuBackend::Simulated.into(),
         gpus: local.gpus.clone(),
