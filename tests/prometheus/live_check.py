@@ -59,6 +59,7 @@ ALLOWED_ABSENT = {
     "vigil_job_wall_time_seconds": "a job (one series per job)",
     "vigil_agent_messages_throttled_total": "first throttled agent message (one series per node)",
     "vigil_control_calls_denied_total": "first clusterctl call refused for its role (needs TLS)",
+    "vigil_remediations_total": "first remediation step that ends (one series per action and outcome)",
     # -- not supported by the simulated GPU (an H100 remaps rows instead of retiring pages) --
     "vigil_gpu_retired_pages": "pre-Ampere GPUs only",
     "vigil_gpu_retired_pages_pending": "pre-Ampere GPUs only",
