@@ -256,6 +256,15 @@ pub async fn run_command(argv: &[String], timeout: Duration) -> Outcome {
     }
 }
 
+/// The last `max` bytes of `s`, a character cut in two at the start dropped.
+pub fn tail(s: &str, max: usize) -> String {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_owned()
+}
+
 /// At most `max` bytes, cut at a character boundary.
 pub fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {

@@ -233,21 +233,12 @@ pub async fn run_in_group(argv: &[String], timeout: Duration) -> (bool, String) 
             if !out.status.success() {
                 output.push_str(&format!("\n{program} failed ({})", out.status));
             }
-            (out.status.success(), tail(&output, MAX_OUTPUT_BYTES))
+            (
+                out.status.success(),
+                crate::diagnostics::tail(&output, MAX_OUTPUT_BYTES),
+            )
         }
     }
-}
-
-/// The last `max` bytes of `s`, cut at a character boundary.
-fn tail(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    s[start..].to_owned()
 }
 
 #[cfg(test)]

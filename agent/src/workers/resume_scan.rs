@@ -152,7 +152,7 @@ async fn verified(
                     path: candidate.path,
                     step: candidate.step,
                     output: failed.output,
-                    why: truncate(failed.why, MAX_WHY),
+                    why: crate::diagnostics::truncate(failed.why, MAX_WHY),
                 });
             }
         }
@@ -164,7 +164,7 @@ async fn verified(
         .iter()
         .map(|r| format!("{} ({})", r.path, r.why))
         .collect();
-    Err(truncate(
+    Err(crate::diagnostics::truncate(
         format!(
             "no checkpoint passed verify_command: tried {}",
             tried.join(", ")
@@ -176,17 +176,6 @@ async fn verified(
 /// Most bytes of a rejection's `why`, and of the answer's `error` (the coordinator's limits).
 const MAX_WHY: usize = 200;
 const MAX_ERROR: usize = 4000;
-
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut at = max;
-        while !text.is_char_boundary(at) {
-            at -= 1;
-        }
-        text.truncate(at);
-    }
-    text
-}
 
 /// How `scan`'s candidates are verified: as the job's user, in its resolved workdir.
 fn verifier(confine: &Confinement, scan: &ScanCheckpoints) -> Result<Verifier, String> {

@@ -143,12 +143,7 @@ fn read_tail(reader: std::os::fd::OwnedFd) -> tokio::sync::oneshot::Receiver<Str
 
 /// `bytes` as text of at most [`MAX_OUTPUT`] bytes, a character cut in two at the start dropped.
 fn tail_text(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut from = text.len().saturating_sub(MAX_OUTPUT);
-    while !text.is_char_boundary(from) {
-        from += 1;
-    }
-    text[from..].to_owned()
+    crate::diagnostics::tail(&String::from_utf8_lossy(bytes), MAX_OUTPUT)
 }
 
 async fn output_of(rx: tokio::sync::oneshot::Receiver<String>) -> String {
