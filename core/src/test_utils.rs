@@ -306,3 +306,27 @@ pub fn cordon_reason(s: &ClusterState, node: &str) -> String {
         .map(|c| c.reason.clone())
         .unwrap_or_default()
 }
+
+/// Agent event `kind` from `node`, seen by its agent at `now`, through [`step`].
+pub fn event_at(
+    s: &mut ClusterState,
+    node: &str,
+    kind: v1::agent_event::Kind,
+    now: Now,
+) -> Vec<Effect> {
+    let event = v1::AgentEvent {
+        at_unix_ms: now.wall_ms,
+        kind: Some(kind),
+    };
+    agent_event(s, node, event, now)
+}
+
+/// A [`patient_state`] with nodes `n1` to `n{nodes}` of `gpus` simulated GPUs each, registered
+/// at `t(0)`.
+pub fn patient_cluster(nodes: u64, gpus: u32) -> ClusterState {
+    let mut s = patient_state();
+    for i in 1..=nodes {
+        register_at(&mut s, reg_with_gpus(&format!("n{i}"), i, gpus), t(0));
+    }
+    s
+}

@@ -7,22 +7,15 @@ use vigil_proto::v1;
 use super::*;
 use crate::job::JobPhase;
 use crate::state::ClusterState;
-use crate::test_utils::{diagnostics_at, heartbeat, register_at, submit_at, t, tick_at};
+use crate::test_utils::{diagnostics_at, heartbeat, submit_at, t, tick_at};
 use crate::triage::TriageConfig;
 
 fn cluster(triage: bool) -> ClusterState {
-    let mut s = crate::test_utils::patient_state();
+    let mut s = crate::test_utils::patient_cluster(4, 8);
     s.triage = TriageConfig {
         enabled: triage,
         ..TriageConfig::default()
     };
-    for i in 1..=4u64 {
-        register_at(
-            &mut s,
-            crate::test_utils::reg_with_gpus(&format!("n{i}"), i, 8),
-            t(0),
-        );
-    }
     s
 }
 
@@ -45,11 +38,7 @@ hang_timeout = "60s"
 }
 
 fn event(s: &mut ClusterState, node: &str, kind: v1::agent_event::Kind, secs: u64) {
-    let ev = v1::AgentEvent {
-        at_unix_ms: t(secs).wall_ms,
-        kind: Some(kind),
-    };
-    crate::test_utils::agent_event(s, node, ev, t(secs));
+    crate::test_utils::event_at(s, node, kind, t(secs));
 }
 
 fn progress(s: &mut ClusterState, id: &str, step: u64, secs: u64) {

@@ -9,7 +9,7 @@ use vigil_proto::v1;
 use super::*;
 use crate::state::ClusterState;
 use crate::step::Input;
-use crate::test_utils::{commands, register_at, starts, step_ok, submit_at, t, tick_at};
+use crate::test_utils::{commands, starts, step_ok, submit_at, t, tick_at};
 
 pub(super) const SPEC: &str = r#"name = "train"
 nodes = 2
@@ -26,30 +26,12 @@ hang_timeout = "3s"
 "#;
 
 fn cluster() -> ClusterState {
-    let mut s = crate::test_utils::patient_state();
+    let mut s = crate::test_utils::patient_cluster(3, 8);
     s.triage.enabled = false;
-    for i in 1..=3u64 {
-        register_at(
-            &mut s,
-            crate::test_utils::reg_with_gpus(&format!("n{i}"), i, 8),
-            t(0),
-        );
-    }
     s
 }
 
-pub(super) fn event(
-    s: &mut ClusterState,
-    node: &str,
-    kind: v1::agent_event::Kind,
-    now: Now,
-) -> Vec<Effect> {
-    let ev = v1::AgentEvent {
-        at_unix_ms: now.wall_ms,
-        kind: Some(kind),
-    };
-    crate::test_utils::agent_event(s, node, ev, now)
-}
+pub(super) use crate::test_utils::event_at as event;
 
 pub(super) fn seen(id: &str, attempt: u64, step: u64) -> v1::CheckpointSeen {
     v1::CheckpointSeen {

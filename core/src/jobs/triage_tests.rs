@@ -2,25 +2,17 @@
 //! failure, failing nodes are cordoned, and only then the job relaunches.
 //! Every input goes through `step` and time through `tick`, as the engine drives them.
 
-use crate::test_utils::{diagnostics_at, register_at, submit_at, t, tick_at};
+use crate::test_utils::{diagnostics_at, submit_at, t, tick_at};
 use std::time::Duration;
 
 use vigil_proto::v1;
 
 use super::*;
-use crate::state::Registration;
-
-fn reg(node: &str, session: u64) -> Registration {
-    crate::test_utils::reg_with_gpus(node, session, 8)
-}
 
 /// Four nodes that never go silent long enough to be Lost here.
 fn cluster(cfg: TriageConfig) -> ClusterState {
-    let mut s = crate::test_utils::patient_state();
+    let mut s = crate::test_utils::patient_cluster(4, 8);
     s.triage = cfg;
-    for i in 1..=4u64 {
-        register_at(&mut s, reg(&format!("n{i}"), i), t(0));
-    }
     s
 }
 
@@ -39,18 +31,7 @@ backoff = "1s"
 hang_timeout = "60s"
 "#;
 
-fn agent_event(
-    s: &mut ClusterState,
-    node: &str,
-    kind: v1::agent_event::Kind,
-    now: Now,
-) -> Vec<Effect> {
-    let ev = v1::AgentEvent {
-        at_unix_ms: now.wall_ms,
-        kind: Some(kind),
-    };
-    crate::test_utils::agent_event(s, node, ev, now)
-}
+use crate::test_utils::event_at as agent_event;
 
 fn confirm_stops(s: &mut ClusterState, job: &str, now: Now) -> Vec<Effect> {
     let attempt = s.jobs[job].attempt;
