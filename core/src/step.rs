@@ -264,18 +264,7 @@ fn react(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
 
 fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Effect>, StateError> {
     match input {
-        Input::Register(reg) => {
-            let name = reg.node.clone();
-            let mut effects = state.register(reg, now);
-            // A refused claim to the name (another host) is no sign of this node's reboot.
-            if !effects
-                .iter()
-                .any(|e| matches!(e, Effect::IdentityConflict { .. }))
-            {
-                effects.extend(state.remediation_registered(&name, now));
-            }
-            Ok(effects)
-        }
+        Input::Register(reg) => Ok(state.register(reg, now)),
         Input::Heartbeat {
             node,
             session,

@@ -125,6 +125,9 @@ impl ClusterState {
             effects.extend(self.start_burn_in(&name, "inventory-changed", now));
         }
         effects.extend(self.reconcile_node(&name, &reported, now));
+        // An accepted registration ends a reboot the remediation ladder sent (a refused claim,
+        // another host's, returned above: it says nothing about this node).
+        effects.extend(self.remediation_registered(&name, now));
         effects
     }
 }
