@@ -21,10 +21,11 @@
 //!   spawned, stopped, fenced by the lease, recorded for the next agent, progress polled.
 //! - [`shim`]: the per-attempt supervisor (`vigil-agent shim`) that runs each worker, outlives
 //!   the agent, holds the fence by the lease file, and records the worker's exit.
-//! - [`checkpoint`]: the newest complete checkpoint of a job, per layout; reported by node rank 0.
+//! - [`checkpoint`]: the newest complete checkpoint of a job, per layout (crate `vigil-checkpoint`,
+//!   shared with clusterctl); reported by node rank 0.
 
 pub mod backoff;
-pub mod checkpoint;
+pub use vigil_checkpoint as checkpoint;
 pub mod cli;
 pub mod config;
 pub mod diagnostics;

@@ -198,6 +198,11 @@ pub enum Command {
         #[command(subcommand)]
         command: BreakerCommand,
     },
+    /// Checkpoints on a shared filesystem, read here (needs no coordinator).
+    Checkpoint {
+        #[command(subcommand)]
+        command: CheckpointCommand,
+    },
     /// Print a shell completion script to stdout (also `completion`).
     #[command(alias = "completion")]
     Completions {
@@ -214,6 +219,29 @@ pub enum BreakerCommand {
     /// Close the breaker (admin; audited): a fresh window begins, and the held nodes are
     /// judged again on fresh evidence only (nothing from before the reset is replayed).
     Reset,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Print the path of the newest complete checkpoint under DIR (the agent's own validator),
+    /// for a batch script: `--resume "$(clusterctl checkpoint latest --dir D --layout L)"`.
+    /// Exit 1 and nothing on stdout when there is none.
+    Latest {
+        /// The job's checkpoint directory.
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// How the trainer marks a complete checkpoint: marker, pytorch-dcp, megatron, deepspeed
+        /// or hf-trainer.
+        #[arg(long, value_name = "LAYOUT", value_parser = parse_layout)]
+        layout: vigil_checkpoint::Layout,
+        /// deepspeed only: the gang's world size, so a save needs a ZeRO shard from each rank.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        world_size: Option<u32>,
+    },
+}
+
+fn parse_layout(s: &str) -> Result<vigil_checkpoint::Layout, vigil_checkpoint::UnknownLayout> {
+    s.parse()
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vigil_proto::NodeState;
 
-use crate::cli::{BreakerCommand, Cli, Command, JobCommand, NodeCommand, Output, RecoveryCommand};
+use crate::cli::{
+    BreakerCommand, CheckpointCommand, Cli, Command, JobCommand, NodeCommand, Output,
+    RecoveryCommand,
+};
 use crate::client::Coordinator;
 use crate::follow::{EventsQuery, LogsQuery};
 use crate::model::{
@@ -37,8 +40,20 @@ impl From<String> for Outcome {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<Outcome> {
-    if let Command::Completions { shell } = cli.command {
-        return Ok(completions(shell).into());
+    match cli.command {
+        Command::Completions { shell } => return Ok(completions(shell).into()),
+        Command::Checkpoint {
+            command:
+                CheckpointCommand::Latest {
+                    dir,
+                    layout,
+                    world_size,
+                },
+        } => {
+            return crate::checkpoint::latest(cli.output, &dir, layout, world_size)
+                .map(Outcome::from);
+        }
+        _ => {}
     }
     // A spec that cannot be read fails the same whether or not a coordinator answers.
     let spec = match &cli.command {
@@ -101,6 +116,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             follow::events(c, out, term, query).await.map(streamed)
         }
         Command::Completions { shell } => Ok(completions(shell).into()),
+        Command::Checkpoint { .. } => unreachable!("answered above, without a coordinator"),
         Command::Cordon { name, reason } => cordon(c, out, &name, &reason).await.map(Outcome::from),
         Command::Uncordon {
             name,
@@ -314,7 +330,11 @@ async fn drain(c: &mut Coordinator, out: Output, name: &str, reason: &str) -> Re
 }
 
 /// The model as one pretty JSON document, or the text view of it.
-fn emit<T: Serialize>(out: Output, model: &T, text: impl FnOnce(&T) -> String) -> Result<String> {
+pub fn emit<T: Serialize>(
+    out: Output,
+    model: &T,
+    text: impl FnOnce(&T) -> String,
+) -> Result<String> {
     match out {
         Output::Json => json_document(model),
         Output::Table => Ok(text(model)),

@@ -6,6 +6,7 @@
 //! - `dial`: which coordinator answers: the `--coordinator` list in order, a standby's leader
 //!   hint followed, one error line naming every address when none answers.
 //! - `feed`: reads a server stream, within a time limit unless following.
+//! - `checkpoint`: `checkpoint latest`, read from the filesystem with the agent's validator.
 //! - `commands`: one function per subcommand; calls the coordinator and picks the output.
 //! - `follow`: `events` and `job logs`, printed as the coordinator streams them.
 //! - `watch`: `status --watch`.
@@ -15,6 +16,7 @@
 //! - `table`: aligned tables and human units (ages, durations, times, GiB).
 //! - `term`: the terminal: colour and width only on a TTY, writing as output arrives, Ctrl-C.
 
+mod checkpoint;
 mod cli;
 mod client;
 mod commands;
