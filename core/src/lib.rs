@@ -24,6 +24,8 @@
 //! - `input/`: `limits` (every bound on agent and operator input), `validate` (every agent
 //!   message), `assigned` (reports about work not assigned to the reporting node).
 //! - `audit`: who changed what, in the node's or job's history.
+//! - `slurm/`: vigil's node decisions carried into Slurm (drain, resume, requeue, hold
+//!   release), and the `sinfo`/`squeue` output they read.
 //! - `recovery`: the hold after a start from a damaged store (nodes cordoned for review, no job
 //!   started until an operator confirms).
 
@@ -35,6 +37,7 @@ pub mod jobs;
 pub mod kinds;
 pub mod nodes;
 pub mod recovery;
+pub mod slurm;
 pub mod state;
 pub mod step;
 #[cfg(test)]

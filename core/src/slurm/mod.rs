@@ -1,0 +1,280 @@
+//! vigil's node decisions carried into Slurm, decided here, purely: which Slurm node to drain
+//! or resume and which Slurm job to requeue or release from its requeue hold. The coordinator's
+//! Slurm adapter reads Slurm (`sinfo`, `squeue`), calls [`plan`], and runs the actions it
+//! returns (`scontrol`); nothing here runs a process.
+//!
+//! Reconcile, don't remember: what Slurm should look like is derived each round from vigil's
+//! nodes and from what Slurm shows. A drain is vigil's when its reason starts with
+//! [`REASON_PREFIX`], so a coordinator restart forgets nothing, and a drain an administrator set
+//! (any other reason) is never lifted. The one memory, [`Memory`], is the jobs vigil requeued
+//! whose requeue hold it must still clear.
+//!
+//! Layout: `hostlist` (Slurm's compressed node lists), `parse` (`sinfo`/`squeue` output).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::nodes::node::{Availability, CordonSource, Node};
+
+pub mod hostlist;
+pub mod parse;
+
+/// Every drain reason vigil sets starts with this; it is how a drain is known to be vigil's.
+pub const REASON_PREFIX: &str = "vigil: ";
+/// Longest reason vigil sets, in bytes: Slurm keeps reasons in full, but `sinfo` and
+/// `scontrol show node` lines stay readable.
+pub const MAX_REASON_BYTES: usize = 128;
+/// The reason a `Lost` node is drained with.
+pub const LOST_REASON: &str = "vigil: agent lost";
+/// The pending reason Slurm gives a requeued job until its `BeginTime` (about two minutes
+/// after the requeue).
+pub const HOLD_REASON: &str = "BeginTime";
+
+/// Why vigil wants a node out of Slurm's scheduling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainCause {
+    /// vigil cordoned it on evidence (an XID, ECC errors, a lemon, a failed diagnostic): a
+    /// hardware fault, so the jobs on it are requeued.
+    Fault(String),
+    /// An operator cordoned it in vigil: Slurm drains it, running jobs finish.
+    Operator(String),
+    /// Its agent is `Lost`: nothing watches its GPUs.
+    Lost,
+}
+
+impl DrainCause {
+    /// The reason Slurm shows: [`REASON_PREFIX`], the cause, cut to [`MAX_REASON_BYTES`] on a
+    /// character boundary, on one line.
+    pub fn reason(&self) -> String {
+        let text = match self {
+            Self::Fault(r) | Self::Operator(r) => format!("{REASON_PREFIX}{r}"),
+            Self::Lost => LOST_REASON.to_owned(),
+        };
+        let mut text: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if text.len() > MAX_REASON_BYTES {
+            let mut end = MAX_REASON_BYTES;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        text
+    }
+
+    fn requeues(&self) -> bool {
+        matches!(self, Self::Fault(_) | Self::Lost)
+    }
+}
+
+/// What vigil wants of `node` in Slurm: drained (and why) or not. A node cordoned for review
+/// after a recovered store is not drained (that would drain the whole Slurm cluster for a
+/// vigil bookkeeping hold); an unreachable node is not drained until it is `Lost`.
+pub fn drain_cause(node: &Node) -> Option<DrainCause> {
+    if node.availability == Availability::Lost {
+        return Some(DrainCause::Lost);
+    }
+    let cordon = node.record.cordon.as_ref()?;
+    match cordon.source {
+        CordonSource::Auto => Some(DrainCause::Fault(cordon.reason.clone())),
+        CordonSource::Operator => Some(DrainCause::Operator(cordon.reason.clone())),
+        CordonSource::Recovery => None,
+    }
+}
+
+/// One vigil node as the plan sees it: its Slurm name and what vigil wants of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub slurm_name: String,
+    pub drain: Option<DrainCause>,
+}
+
+/// One Slurm node as `sinfo` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmNode {
+    pub name: String,
+    /// Slurm's long state, lowercase (`idle`, `allocated`, `drained`, `draining`, `down*`).
+    pub state: String,
+    /// Drained or draining (jobs keep off it).
+    pub drained: bool,
+    /// Slurm's reason; empty when none.
+    pub reason: String,
+}
+
+impl SlurmNode {
+    /// vigil set this node's drain (its reason is vigil's).
+    pub fn drained_by_vigil(&self) -> bool {
+        self.drained && self.reason.starts_with(REASON_PREFIX)
+    }
+
+    /// An administrator (or another tool, NHC) drained it: vigil shows it, never lifts it.
+    pub fn drained_by_admin(&self) -> bool {
+        self.drained && !self.drained_by_vigil()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Pending,
+    /// Completing, configuring, suspended, ...: nothing to do yet.
+    Other,
+}
+
+impl JobState {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "RUNNING" => Self::Running,
+            "PENDING" => Self::Pending,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// One Slurm job as `squeue` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmJob {
+    /// `123`, or `123_4` for an array task.
+    pub id: String,
+    pub state: JobState,
+    /// Why it pends (`BeginTime`, `Resources`, ...); `None` otherwise.
+    pub reason: String,
+    pub nodes: Vec<String>,
+}
+
+/// What the adapter carries out, in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `scontrol update NodeName=node State=DRAIN Reason=reason`.
+    Drain { node: String, reason: String },
+    /// `scontrol update NodeName=node State=RESUME`: only ever for vigil's own drain.
+    Resume { node: String },
+    /// `scontrol requeue job`: a hardware fault hit `node`, one of its nodes.
+    Requeue {
+        job: String,
+        node: String,
+        reason: String,
+    },
+    /// `scontrol update JobId=job StartTime=now`: the requeue hold lifted, so the job runs
+    /// again at once on healthy nodes.
+    Release { job: String },
+}
+
+/// The jobs vigil requeued, until they run again (or leave the queue).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    requeued: BTreeMap<String, Requeued>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requeued {
+    /// `scontrol requeue` sent; the job still shows where it ran.
+    Sent,
+    /// Seen pending since: it will run again.
+    Pending,
+}
+
+impl Memory {
+    /// An action failed: forget what [`plan`] assumed of it, so the next round tries again.
+    pub fn failed(&mut self, action: &Action) {
+        if let Action::Requeue { job, .. } = action {
+            self.requeued.remove(job);
+        }
+    }
+
+    /// The jobs vigil requeued that have not run again yet.
+    pub fn requeued(&self) -> impl Iterator<Item = &str> {
+        self.requeued.keys().map(String::as_str)
+    }
+}
+
+/// This round's actions: drains first (so the scheduler keeps requeued jobs off the faulty
+/// node), then requeues, hold releases, and resumes.
+pub fn plan(
+    intents: &[Intent],
+    nodes: &[SlurmNode],
+    jobs: &[SlurmJob],
+    memory: &mut Memory,
+) -> Vec<Action> {
+    let slurm: BTreeMap<&str, &SlurmNode> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut drains = Vec::new();
+    let mut resumes = Vec::new();
+    let mut faulty: BTreeMap<&str, String> = BTreeMap::new();
+    for intent in intents {
+        let Some(node) = slurm.get(intent.slurm_name.as_str()) else {
+            continue;
+        };
+        match &intent.drain {
+            Some(cause) => {
+                let reason = cause.reason();
+                if cause.requeues() {
+                    faulty.insert(node.name.as_str(), reason.clone());
+                }
+                if !node.drained {
+                    drains.push(Action::Drain {
+                        node: node.name.clone(),
+                        reason,
+                    });
+                }
+            }
+            None if node.drained_by_vigil() => resumes.push(Action::Resume {
+                node: node.name.clone(),
+            }),
+            None => {}
+        }
+    }
+    let mut actions = drains;
+    actions.extend(requeues(jobs, &faulty, memory));
+    actions.extend(resumes);
+    actions
+}
+
+/// Requeues of running jobs on faulty nodes, and releases of the holds of jobs vigil requeued.
+fn requeues(
+    jobs: &[SlurmJob],
+    faulty: &BTreeMap<&str, String>,
+    memory: &mut Memory,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let listed: BTreeSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    memory.requeued.retain(|id, _| listed.contains(id.as_str()));
+    for job in jobs {
+        let hit = job
+            .nodes
+            .iter()
+            .find_map(|n| faulty.get_key_value(n.as_str()));
+        let mine = memory.requeued.get(&job.id).copied();
+        match (job.state, hit, mine) {
+            (JobState::Running, Some((node, reason)), None | Some(Requeued::Pending)) => {
+                memory.requeued.insert(job.id.clone(), Requeued::Sent);
+                actions.push(Action::Requeue {
+                    job: job.id.clone(),
+                    node: (*node).to_owned(),
+                    reason: reason.clone(),
+                });
+            }
+            (JobState::Running, None, Some(_)) => {
+                memory.requeued.remove(&job.id);
+            }
+            (JobState::Pending, _, Some(_)) => {
+                memory.requeued.insert(job.id.clone(), Requeued::Pending);
+                if job.reason == HOLD_REASON {
+                    actions.push(Action::Release {
+                        job: job.id.clone(),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    actions
+}
+
+/// The Slurm name of vigil node `name`: the config's table where it names it, else the same.
+pub fn slurm_name<'a>(table: &'a BTreeMap<String, String>, name: &'a str) -> &'a str {
+    table.get(name).map_or(name, String::as_str)
+}
+
+#[cfg(test)]
+mod tests;

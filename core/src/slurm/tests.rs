@@ -1,0 +1,191 @@
+use super::*;
+
+fn node(name: &str, drained: bool, reason: &str) -> SlurmNode {
+    SlurmNode {
+        name: name.to_owned(),
+        state: if drained { "drained" } else { "idle" }.to_owned(),
+        drained,
+        reason: reason.to_owned(),
+    }
+}
+
+fn intent(name: &str, drain: Option<DrainCause>) -> Intent {
+    Intent {
+        slurm_name: name.to_owned(),
+        drain,
+    }
+}
+
+fn job(id: &str, state: JobState, reason: &str, nodes: &[&str]) -> SlurmJob {
+    SlurmJob {
+        id: id.to_owned(),
+        state,
+        reason: reason.to_owned(),
+        nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+    }
+}
+
+fn xid79() -> Option<DrainCause> {
+    Some(DrainCause::Fault("XID 79 on GPU 3".into()))
+}
+
+#[test]
+fn a_fault_drains_the_node_and_requeues_its_running_job() {
+    let mut memory = Memory::default();
+    let nodes = [node("n1", false, ""), node("n2", false, "")];
+    let jobs = [job("7", JobState::Running, "None", &["n1", "n2"])];
+    let actions = plan(
+        &[intent("n1", None), intent("n2", xid79())],
+        &nodes,
+        &jobs,
+        &mut memory,
+    );
+    let reason = "vigil: XID 79 on GPU 3".to_owned();
+    assert_eq!(
+        actions,
+        [
+            Action::Drain {
+                node: "n2".into(),
+                reason: reason.clone()
+            },
+            Action::Requeue {
+                job: "7".into(),
+                node: "n2".into(),
+                reason
+            },
+        ]
+    );
+    // Next round: drained, the job still shows where it ran: nothing is sent twice.
+    let nodes = [
+        node("n1", false, ""),
+        node("n2", true, "vigil: XID 79 on GPU 3"),
+    ];
+    let again = plan(
+        &[intent("n1", None), intent("n2", xid79())],
+        &nodes,
+        &jobs,
+        &mut memory,
+    );
+    assert!(again.is_empty(), "{again:?}");
+}
+
+#[test]
+fn a_requeued_job_is_released_from_its_hold_until_it_runs_again() {
+    let mut memory = Memory::default();
+    let nodes = [
+        node("n1", false, ""),
+        node("n2", true, "vigil: XID 79 on GPU 3"),
+    ];
+    let intents = [intent("n1", None), intent("n2", xid79())];
+    let running = [job("7", JobState::Running, "None", &["n1", "n2"])];
+    assert_eq!(plan(&intents, &nodes, &running, &mut memory).len(), 1);
+    let held = [job("7", JobState::Pending, HOLD_REASON, &[])];
+    let release = vec![Action::Release { job: "7".into() }];
+    assert_eq!(plan(&intents, &nodes, &held, &mut memory), release);
+    assert_eq!(plan(&intents, &nodes, &held, &mut memory), release);
+    let waiting = [job("7", JobState::Pending, "Resources", &[])];
+    assert!(plan(&intents, &nodes, &waiting, &mut memory).is_empty());
+    let elsewhere = [job("7", JobState::Running, "None", &["n1", "n3"])];
+    assert!(plan(&intents, &nodes, &elsewhere, &mut memory).is_empty());
+    assert_eq!(memory.requeued().count(), 0);
+    // A job vigil never requeued keeps whatever hold it has.
+    let other = [job("8", JobState::Pending, HOLD_REASON, &[])];
+    assert!(plan(&intents, &nodes, &other, &mut memory).is_empty());
+}
+
+#[test]
+fn a_failed_requeue_is_tried_again() {
+    let mut memory = Memory::default();
+    let nodes = [node("n2", true, "vigil: XID 79 on GPU 3")];
+    let jobs = [job("7", JobState::Running, "None", &["n2"])];
+    let first = plan(&[intent("n2", xid79())], &nodes, &jobs, &mut memory);
+    assert_eq!(first.len(), 1);
+    memory.failed(&first[0]);
+    assert_eq!(
+        plan(&[intent("n2", xid79())], &nodes, &jobs, &mut memory),
+        first
+    );
+}
+
+#[test]
+fn an_operator_cordon_drains_without_requeueing() {
+    let mut memory = Memory::default();
+    let nodes = [node("n1", false, "")];
+    let jobs = [job("7", JobState::Running, "None", &["n1"])];
+    let cause = Some(DrainCause::Operator("swap PSU".into()));
+    let actions = plan(&[intent("n1", cause)], &nodes, &jobs, &mut memory);
+    assert_eq!(
+        actions,
+        [Action::Drain {
+            node: "n1".into(),
+            reason: "vigil: swap PSU".into()
+        }]
+    );
+}
+
+#[test]
+fn a_lost_node_is_drained_as_agent_lost_and_its_jobs_requeued() {
+    let mut memory = Memory::default();
+    let nodes = [node("n1", false, "")];
+    let jobs = [job("7", JobState::Running, "None", &["n1"])];
+    let actions = plan(
+        &[intent("n1", Some(DrainCause::Lost))],
+        &nodes,
+        &jobs,
+        &mut memory,
+    );
+    assert_eq!(actions.len(), 2);
+    assert_eq!(
+        actions[0],
+        Action::Drain {
+            node: "n1".into(),
+            reason: LOST_REASON.into()
+        }
+    );
+}
+
+#[test]
+fn only_vigils_own_drain_is_resumed() {
+    let mut memory = Memory::default();
+    let nodes = [
+        node("n1", true, "vigil: XID 79 on GPU 3"),
+        node("n2", true, "bad fan [admin@2026-12-05]"),
+        node("n3", false, ""),
+    ];
+    let intents = [intent("n1", None), intent("n2", None), intent("n3", None)];
+    let actions = plan(&intents, &nodes, &[], &mut memory);
+    assert_eq!(actions, [Action::Resume { node: "n1".into() }]);
+    assert!(nodes[1].drained_by_admin());
+    assert!(!nodes[0].drained_by_admin());
+}
+
+#[test]
+fn an_admin_drain_is_left_alone_even_when_vigil_wants_it_drained() {
+    let mut memory = Memory::default();
+    let nodes = [node("n2", true, "bad fan")];
+    let actions = plan(&[intent("n2", xid79())], &nodes, &[], &mut memory);
+    assert!(actions.is_empty(), "{actions:?}");
+}
+
+#[test]
+fn nodes_slurm_does_not_know_are_skipped() {
+    let mut memory = Memory::default();
+    let actions = plan(&[intent("ghost", xid79())], &[], &[], &mut memory);
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn reasons_are_one_line_and_cut_on_a_character_boundary() {
+    let long = DrainCause::Fault(format!("XID 79\n{}", "é".repeat(200)));
+    let reason = long.reason();
+    assert!(reason.len() <= MAX_REASON_BYTES);
+    assert!(reason.starts_with("vigil: XID 79 é"));
+    assert!(!reason.contains('\n'));
+}
+
+#[test]
+fn the_name_table_maps_vigil_names_to_slurm_names() {
+    let table = BTreeMap::from([("gpu-host-1".to_owned(), "n1".to_owned())]);
+    assert_eq!(slurm_name(&table, "gpu-host-1"), "n1");
+    assert_eq!(slurm_name(&table, "n2"), "n2");
+}
