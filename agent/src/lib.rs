@@ -296,6 +296,7 @@ async fn serve(
         diagnostics,
         remediation,
         workers: workers.clone(),
+        launch: config.workers.launch,
         fence,
         store,
         registration: registration_tx,

@@ -66,6 +66,8 @@ pub struct SessionContext {
     pub remediation: Arc<crate::remediation::Remediator>,
     /// Starts and stops job workers; lists them for Register and heartbeats.
     pub workers: Workers,
+    /// `[workers] launch`: `false` refuses every StartWorker (Slurm runs the jobs).
+    pub launch: bool,
     /// The highest coordinator term seen: messages below it are ignored.
     pub fence: Arc<TermFence>,
     /// The highest store mark the coordinator told: sent in every `Register`.
@@ -542,6 +544,12 @@ fn run_command(ctx: &SessionContext, command: Command) {
         Some(CommandKind::RunDiagnostics(r)) => {
             ctx.diagnostics.spawn(command.id, r.timeout_ms, r.command)
         }
+        Some(CommandKind::StartWorker(start)) if !ctx.launch => warn!(
+            job = %start.job_id,
+            attempt = start.attempt,
+            "refused to start a worker: [workers] launch = false (this agent only watches GPUs; \
+             Slurm runs the jobs)"
+        ),
         Some(CommandKind::StartWorker(start)) => ctx.workers.start_worker(start),
         Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),

@@ -240,6 +240,7 @@ impl Harness {
             workers: WorkersSection {
                 run_as: Some(current_user()?),
                 allowed_roots: vec![state_dir.parent().ok_or("state dir parent")?.to_owned()],
+                ..WorkersSection::default()
             },
             ..AgentConfig::default()
         };

@@ -65,6 +65,8 @@ pub struct Config {
     pub ha: Option<crate::ha::HaConfig>,
     /// Scheduled backups of the store in `data_dir` (docs/operations.md). Absent: none.
     pub backup: Option<crate::store::backup::BackupConfig>,
+    /// Carry node decisions into Slurm (docs/slurm.md). Absent: off.
+    pub slurm: Option<crate::slurm::SlurmConfig>,
 }
 
 /// On-demand diagnostics (`clusterctl diagnose`).
@@ -107,6 +109,7 @@ impl Default for Config {
             remediation: crate::remediation::RemediationConfig::default(),
             ha: None,
             backup: None,
+            slurm: None,
         }
     }
 }
@@ -156,6 +159,7 @@ impl Config {
             remediation,
             ha,
             backup,
+            slurm,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -175,6 +179,7 @@ impl Config {
             ("remediation", *remediation != new.remediation),
             ("ha", *ha != new.ha),
             ("backup", *backup != new.backup),
+            ("slurm", *slurm != new.slurm),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -290,6 +295,16 @@ impl Config {
             backup
                 .validate(&self.data_dir)
                 .map_err(ConfigError::Invalid)?;
+        }
+        if let Some(slurm) = &self.slurm {
+            if self.ha.is_some() {
+                return Err(ConfigError::Invalid(
+                    "[slurm] runs beside a single coordinator only; remove [ha] or [slurm] \
+                     (docs/slurm.md, \"Limits\")"
+                        .into(),
+                ));
+            }
+            slurm.validate().map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }

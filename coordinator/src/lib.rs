@@ -16,6 +16,7 @@
 //! - `clock`: the one clock the engine reads (monotonic for deadlines, wall for records).
 //! - `config`: the TOML configuration with its named defaults and validation (embeds the
 //!   settings of vigil-core's policies).
+//! - `slurm/`: the Slurm adapter (`[slurm]`): drains, resumes and requeues through `scontrol`.
 //! - `leadership`: this coordinator's term (the fencing token) and until when it may act.
 //! - `notify`: systemd notifications (ready, status, watchdog fed by the engine loop, stopping).
 //! - `error`: boundary errors and their single mapping to gRPC status.
@@ -41,6 +42,7 @@ pub mod ha;
 pub mod leadership;
 pub mod metrics;
 pub mod notify;
+pub mod slurm;
 pub mod store;
 
 use std::sync::Arc;
@@ -181,6 +183,10 @@ pub async fn run_with_hooks(
     if let (Some(backup), Some(data_dir)) = (config.backup.clone(), backup_dir) {
         store::backup::schedule(backup, data_dir, metrics.clone(), stop_rx.clone());
     }
+    let admin_drains = config
+        .slurm
+        .clone()
+        .map(|slurm| slurm::spawn(slurm, handle.clone(), metrics.clone(), stop_rx.clone()));
 
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let mut metrics_stop = stop_rx.clone();
@@ -209,7 +215,8 @@ pub async fn run_with_hooks(
             config.diagnostics.timeout,
             config.insecure,
         )
-        .with_ha(hooks.ha.take()),
+        .with_ha(hooks.ha.take())
+        .with_slurm_drains(admin_drains),
     )
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -13,7 +13,7 @@
 // readers), `faketime` (one process's wall clock, stepped), `netns`
 // (clusters of network namespaces) with `proxy` (the TCP fault proxy),
 // `scenario` (what reliability scenarios check) and `report` (their rows for
-// docs/reliability.md).
+// docs/reliability.md), `slurm` (a real slurmctld and three slurmd on one host).
 pub mod etcd;
 pub mod faketime;
 pub mod jobs;
@@ -22,6 +22,7 @@ pub mod process;
 pub mod proxy;
 pub mod report;
 pub mod scenario;
+pub mod slurm;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;

@@ -24,8 +24,11 @@ fn latest(dir: &Path, layout: &str, extra: &[&str]) -> Result<CtlOutput> {
     })
 }
 
+/// Files of a checkpoint dir: relative path and contents.
+type Files<'a> = &'a [(&'a str, &'a [u8])];
+
 /// Files under `root`, each `path` holding `text` (parents made).
-fn write(root: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+fn write(root: &Path, files: Files) -> Result<()> {
     for (path, text) in files {
         let path = root.join(path);
         if let Some(parent) = path.parent() {
@@ -51,7 +54,7 @@ const CUT_SHORT_ZIP: &[u8] = b"PK\x03\x04 half a tensor";
 
 #[test]
 fn each_layout_prints_the_newest_complete_checkpoint_past_a_partial_newest() -> Result<()> {
-    let cases: [(&str, &[(&str, &[u8])], &str); 5] = [
+    let cases: [(&str, Files, &str); 5] = [
         (
             "marker",
             &[

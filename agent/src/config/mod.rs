@@ -82,15 +82,28 @@ pub struct AgentConfig {
 }
 
 /// `[workers]`: the confinement of job processes (see `workers::confine`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersSection {
+    /// `false`: this agent launches nothing (a GPU-health daemon beside `slurmd`, where Slurm
+    /// runs the jobs: docs/slurm.md); every StartWorker is refused and logged.
+    pub launch: bool,
     /// The user job processes run as. Unset: the agent's own user, refused when that is root;
     /// `"root"` allows root explicitly.
     pub run_as: Option<String>,
     /// Absolute directories a job's workdir and checkpoint dir must lie under; empty refuses
     /// every job.
     pub allowed_roots: Vec<PathBuf>,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self {
+            launch: true,
+            run_as: None,
+            allowed_roots: Vec::new(),
+        }
+    }
 }
 
 /// `[identity]`: this host's machine-id, which the coordinator binds the node name to.

@@ -317,3 +317,12 @@ fn workers_section_is_checked_naming_the_key() -> Result<(), Box<dyn std::error:
     }
     Ok(())
 }
+
+#[test]
+fn workers_launch_defaults_on_and_slurm_mode_turns_it_off() -> Result<(), Box<dyn std::error::Error>>
+{
+    assert!(AgentConfig::from_toml_str("")?.workers.launch);
+    let cfg = AgentConfig::from_toml_str("[workers]\nlaunch = false\n")?;
+    assert!(!cfg.workers.launch);
+    Ok(())
+}

@@ -157,6 +157,7 @@ impl Harness {
                         .ok_or("state dir has a parent")?
                         .to_owned(),
                 ],
+                ..WorkersSection::default()
             },
             ..AgentConfig::default()
         };

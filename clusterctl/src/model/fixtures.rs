@@ -24,6 +24,7 @@ pub fn cordoned_sim_node() -> v1::NodeSummary {
         condition_reasons: vec!["gpu 7: 3 uncorrectable ECC errors".into()],
         held_cordon: None,
         needs_repair: false,
+        slurm_drain_reason: String::new(),
     }
 }
 
@@ -45,6 +46,7 @@ pub fn ready_nvml_node(name: &str) -> v1::NodeSummary {
         condition_reasons: vec![],
         held_cordon: None,
         needs_repair: false,
+        slurm_drain_reason: String::new(),
     }
 }
 

@@ -27,6 +27,9 @@ pub struct NodeSummary {
     pub held_cordon: Option<HeldCordon>,
     /// The remediation ladder ended in needs-repair: only `uncordon --force` lifts the cordon.
     pub needs_repair: bool,
+    /// With `[slurm]`: a drain an administrator set in Slurm (source `slurm`, Slurm's reason),
+    /// which vigil never lifts; `null` otherwise.
+    pub slurm_drain: Option<SlurmDrain>,
     /// Worst condition of the node's GPUs (and of the node itself).
     pub condition: Condition,
     /// One line per rule that made the condition what it is.
@@ -40,6 +43,14 @@ pub struct NodeSummary {
     /// Redundant with `gpu_backend`, so a script cannot miss simulated hardware.
     pub simulated: bool,
     pub availability_since_unix_ms: u64,
+}
+
+/// A drain set in Slurm, not by vigil.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlurmDrain {
+    /// Always `slurm`: who set it.
+    pub source: &'static str,
+    pub reason: String,
 }
 
 impl From<v1::NodeSummary> for NodeSummary {
@@ -57,6 +68,10 @@ impl From<v1::NodeSummary> for NodeSummary {
             }),
             held_cordon: n.held_cordon.map(HeldCordon::from),
             needs_repair: n.needs_repair,
+            slurm_drain: (!n.slurm_drain_reason.is_empty()).then_some(SlurmDrain {
+                source: "slurm",
+                reason: n.slurm_drain_reason,
+            }),
             condition: n.condition.into(),
             condition_reasons: n.condition_reasons,
             gpus_healthy: n.gpus_healthy,
@@ -231,6 +246,7 @@ mod tests {
                 "cordon": {"reason": "bad fan", "source": "operator", "since_unix_ms": 1_000_000},
                 "held_cordon": null,
                 "needs_repair": false,
+                "slurm_drain": null,
                 "condition": "Degraded",
                 "condition_reasons": ["gpu 7: 3 uncorrectable ECC errors"],
                 "gpus_healthy": 7,

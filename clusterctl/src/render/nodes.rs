@@ -16,12 +16,13 @@ fn heartbeat_age(n: &NodeSummary) -> String {
 }
 
 /// The cordon reason if the node is cordoned, its held cordon if the breaker holds one, else
-/// the first reason for its condition.
+/// a drain an administrator set in Slurm, else the first reason for its condition.
 fn reason(n: &NodeSummary) -> String {
-    match (&n.cordon, &n.held_cordon) {
-        (Some(c), _) => c.reason.clone(),
-        (None, Some(h)) => format!("{HELD}: {}", h.evidence),
-        (None, None) => n.condition_reasons.first().cloned().unwrap_or_default(),
+    match (&n.cordon, &n.held_cordon, &n.slurm_drain) {
+        (Some(c), _, _) => c.reason.clone(),
+        (None, Some(h), _) => format!("{HELD}: {}", h.evidence),
+        (None, None, Some(d)) => format!("drained in slurm: {}", d.reason),
+        (None, None, None) => n.condition_reasons.first().cloned().unwrap_or_default(),
     }
 }
 

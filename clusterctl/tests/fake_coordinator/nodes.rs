@@ -25,6 +25,7 @@ pub fn sim_node() -> v1::NodeSummary {
         condition_reasons: vec![],
         held_cordon: None,
         needs_repair: false,
+        slurm_drain_reason: String::new(),
     }
 }
 

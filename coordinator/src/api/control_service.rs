@@ -38,6 +38,9 @@ pub struct ControlService {
     insecure: bool,
     /// The coordinators and etcd, with HA; `None`: a single coordinator (SQLite).
     ha: Option<Arc<crate::ha::HaView>>,
+    /// With `[slurm]`: the drains administrators set in Slurm (the Slurm adapter holds the
+    /// sender); `None` without `[slurm]`.
+    slurm_drains: Option<crate::slurm::AdminDrains>,
 }
 
 impl ControlService {
@@ -45,6 +48,22 @@ impl ControlService {
     pub fn with_ha(mut self, ha: Option<Arc<crate::ha::HaView>>) -> Self {
         self.ha = ha;
         self
+    }
+
+    /// `nodes` and `node` show the drains administrators set in Slurm (see `slurm`).
+    pub fn with_slurm_drains(mut self, drains: Option<crate::slurm::AdminDrains>) -> Self {
+        self.slurm_drains = drains;
+        self
+    }
+
+    /// `summary` with the Slurm drain an administrator set on the node, if any.
+    fn with_slurm_drain(&self, mut summary: v1::NodeSummary) -> v1::NodeSummary {
+        if let Some(drains) = &self.slurm_drains
+            && let Some(reason) = drains.borrow().get(&summary.name)
+        {
+            summary.slurm_drain_reason.clone_from(reason);
+        }
+        summary
     }
 
     pub fn new(
@@ -63,6 +82,7 @@ impl ControlService {
             listen_addr,
             insecure,
             ha: None,
+            slurm_drains: None,
         }
     }
 
@@ -132,7 +152,7 @@ impl v1::control_service_server::ControlService for ControlService {
                 .nodes
                 .iter()
                 .filter(|n| n.cordoned())
-                .map(|n| summary(n, snap.held(&n.record.name), now))
+                .map(|n| self.with_slurm_drain(summary(n, snap.held(&n.record.name), now)))
                 .collect(),
             nodes_simulated: total(|n| u32::from(n.record.simulated)),
             degraded: snap
@@ -162,7 +182,7 @@ impl v1::control_service_server::ControlService for ControlService {
             nodes: snap
                 .nodes
                 .iter()
-                .map(|n| summary(n, snap.held(&n.record.name), now))
+                .map(|n| self.with_slurm_drain(summary(n, snap.held(&n.record.name), now)))
                 .collect(),
         }))
     }
@@ -246,6 +266,12 @@ impl v1::control_service_server::ControlService for ControlService {
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::JobDetail>, Status> {
         let caller = self.allow(&request, Role::Admin, "job submit")?;
+        if self.slurm_drains.is_some() {
+            return Err(Status::failed_precondition(
+                "this coordinator runs with [slurm]: Slurm runs the jobs and vigil launches \
+                 nothing; submit with sbatch (docs/slurm.md)",
+            ));
+        }
         let v1::SubmitJobRequest { spec_toml, source } = request.into_inner();
         let job = self
             .engine

@@ -54,6 +54,7 @@ pub fn summary(n: &Node, held: Option<&Held>, now: vigil_core::time::Instant) ->
         condition: condition(n.condition) as i32,
         condition_reasons: n.health.reasons(),
         held_cordon: held.map(|h| crate::breaker_view::held(&n.record.name, h)),
+        slurm_drain_reason: String::new(),
         needs_repair: n
             .record
             .remediation

@@ -3,7 +3,7 @@
 //! Layout: this file (the registry, node, job, engine and store series, the HTTP server);
 //! `goodput` (per-job goodput series), `input` (rejected, throttled and ignored agent input),
 //! `security` (refused connections, denied calls, certificate expiry), `backup` (scheduled
-//! backups of the state store).
+//! backups of the state store), `slurm` (the Slurm adapter's actions).
 
 pub mod backup;
 pub mod breaker;
@@ -12,6 +12,7 @@ pub mod input;
 pub mod remediation;
 pub mod scrub;
 pub mod security;
+pub mod slurm;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,6 +148,8 @@ pub struct Metrics {
     pub ha: crate::ha::metrics::HaMetrics,
     /// Scheduled backups of the state store (`[backup]`).
     pub backup: crate::metrics::backup::BackupMetrics,
+    /// The Slurm adapter (`[slurm]`).
+    pub slurm: crate::metrics::slurm::SlurmMetrics,
     /// The background scrub of the state store (`store::scrub`).
     pub scrub: crate::metrics::scrub::ScrubMetrics,
     pub cordon_breaker: crate::metrics::breaker::BreakerMetrics,
@@ -195,6 +198,7 @@ impl Metrics {
             security: crate::metrics::security::SecurityMetrics::default(),
             ha: crate::ha::metrics::HaMetrics::default(),
             backup: crate::metrics::backup::BackupMetrics::default(),
+            slurm: crate::metrics::slurm::SlurmMetrics::default(),
             scrub: crate::metrics::scrub::ScrubMetrics::default(),
             cordon_breaker: Default::default(),
             remediation: Default::default(),
@@ -332,6 +336,7 @@ impl Metrics {
             m.store_recovery_hold.clone(),
         );
         m.backup.register(&mut registry);
+        m.slurm.register(&mut registry);
         m.scrub.register(&mut registry);
         m.cordon_breaker.register(&mut registry);
         m.remediation.register(&mut registry);

@@ -1,0 +1,197 @@
+//! The Slurm adapter (`[slurm]`, docs/slurm.md): every `interval` it reads Slurm's nodes and
+//! jobs (`sinfo`, `squeue`), asks `vigil_core::slurm::plan` what to change given the engine's
+//! latest snapshot of vigil's nodes, and carries that out with `scontrol`. It owns no cluster
+//! state: a round that fails (Slurm down, a command timing out) is logged and the next round
+//! starts over from what Slurm shows.
+//!
+//! Layout: `config` (the `[slurm]` section), `command` (Slurm's commands as child processes,
+//! time-limited, output bounded).
+
+pub mod command;
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+use vigil_core::slurm::{self, Action, Intent, Memory, SlurmJob, SlurmNode};
+
+pub use command::SlurmError;
+pub use config::SlurmConfig;
+
+use crate::engine::{self, EngineHandle};
+use crate::metrics::Metrics;
+
+/// The drains an administrator (or NHC) set in Slurm, by vigil node name, with Slurm's
+/// reason: shown by `clusterctl nodes`, never lifted. The adapter holds the sender.
+pub type AdminDrains = watch::Receiver<Arc<BTreeMap<String, String>>>;
+
+/// Starts the adapter; it ends when `stop` turns true.
+pub fn spawn(
+    config: SlurmConfig,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> AdminDrains {
+    let (drains_tx, drains_rx) = watch::channel(Arc::default());
+    let adapter = Adapter {
+        config,
+        engine,
+        metrics,
+        memory: Memory::default(),
+    };
+    tokio::spawn(adapter.run(drains_tx, stop));
+    drains_rx
+}
+
+struct Adapter {
+    config: SlurmConfig,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    /// The jobs this adapter requeued whose hold it must still lift.
+    memory: Memory,
+}
+
+impl Adapter {
+    async fn run(
+        mut self,
+        drains: watch::Sender<Arc<BTreeMap<String, String>>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        info!(interval = ?self.config.interval, "slurm: carrying node decisions into Slurm");
+        let mut failing = false;
+        let mut ticker = tokio::time::interval(self.config.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = engine::stopped(&mut stop) => return,
+            }
+            match self.round().await {
+                Ok(admin) => {
+                    if failing {
+                        info!("slurm: reachable again");
+                        failing = false;
+                    }
+                    drains.send_if_modified(|old| {
+                        let changed = **old != admin;
+                        if changed {
+                            *old = Arc::new(admin);
+                        }
+                        changed
+                    });
+                }
+                Err(e) => {
+                    self.metrics.slurm.read_errors.inc();
+                    // Once per outage, not once per round.
+                    if !failing {
+                        warn!(
+                            error = %e,
+                            "slurm: cannot read Slurm; nothing is drained or resumed until it answers"
+                        );
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round: read Slurm, plan, act. Returns the administrators' drains by vigil node name.
+    async fn round(&mut self) -> Result<BTreeMap<String, String>, SlurmError> {
+        let (nodes, jobs) = read(&self.config).await?;
+        let snapshot = self.engine.snapshot();
+        let table = &self.config.nodes;
+        let intents: Vec<Intent> = snapshot
+            .nodes
+            .iter()
+            .map(|n| Intent {
+                slurm_name: slurm::slurm_name(table, &n.record.name).to_owned(),
+                drain: slurm::drain_cause(n),
+            })
+            .collect();
+        for action in slurm::plan(&intents, &nodes, &jobs, &mut self.memory) {
+            let result = act(&self.config, &action).await;
+            self.metrics.slurm.count(label(&action), result.is_ok());
+            if let Err(e) = result {
+                warn!(error = %e, ?action, "slurm: action failed; tried again next round");
+                self.memory.failed(&action);
+            }
+        }
+        let by_slurm: BTreeMap<&str, &str> = snapshot
+            .nodes
+            .iter()
+            .map(|n| {
+                let name = n.record.name.as_str();
+                (slurm::slurm_name(table, name), name)
+            })
+            .collect();
+        Ok(nodes
+            .iter()
+            .filter(|n| n.drained_by_admin())
+            .filter_map(|n| {
+                Some((
+                    (*by_slurm.get(n.name.as_str())?).to_owned(),
+                    n.reason.clone(),
+                ))
+            })
+            .collect())
+    }
+}
+
+fn label(action: &Action) -> &'static str {
+    match action {
+        Action::Drain { .. } => "drain",
+        Action::Resume { .. } => "resume",
+        Action::Requeue { .. } => "requeue",
+        Action::Release { .. } => "release",
+    }
+}
+
+/// Slurm's nodes and unfinished jobs.
+async fn read(config: &SlurmConfig) -> Result<(Vec<SlurmNode>, Vec<SlurmJob>), SlurmError> {
+    let format = format!("--format={}", slurm::parse::SINFO_FORMAT);
+    let text = command::run(config, "sinfo", &["--noheader", "--Node", &format]).await?;
+    let (nodes, bad_nodes) = slurm::parse::sinfo(&text);
+    let format = format!("--format={}", slurm::parse::SQUEUE_FORMAT);
+    let text = command::run(config, "squeue", &["--noheader", &format]).await?;
+    let (jobs, bad_jobs) = slurm::parse::squeue(&text);
+    if bad_nodes + bad_jobs > 0 {
+        warn!(
+            bad_nodes,
+            bad_jobs, "slurm: skipped lines of sinfo/squeue output that do not parse"
+        );
+    }
+    Ok((nodes, jobs))
+}
+
+/// Carries out one action with `scontrol`, and logs it once done.
+async fn act(config: &SlurmConfig, action: &Action) -> Result<(), SlurmError> {
+    match action {
+        Action::Drain { node, reason } => {
+            let (name, why) = (format!("NodeName={node}"), format!("Reason={reason}"));
+            command::run(config, "scontrol", &["update", &name, "State=DRAIN", &why]).await?;
+            info!(node = %node, reason = %reason, "drained slurm node {node}: {reason}");
+        }
+        Action::Resume { node } => {
+            let name = format!("NodeName={node}");
+            command::run(config, "scontrol", &["update", &name, "State=RESUME"]).await?;
+            info!(node = %node, "resumed slurm node {node}: vigil uncordoned it");
+        }
+        Action::Requeue { job, node, reason } => {
+            command::run(config, "scontrol", &["requeue", job]).await?;
+            info!(
+                job = %job,
+                node = %node,
+                reason = %reason,
+                "requeued slurm job {job}: {reason} on {node}"
+            );
+        }
+        Action::Release { job } => {
+            let id = format!("JobId={job}");
+            command::run(config, "scontrol", &["update", &id, "StartTime=now"]).await?;
+            info!(job = %job, "released slurm job {job} from its requeue hold: it runs again now");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! vigil on a real Slurm (docs/slurm.md): slurmctld and three slurmd on this host
+//! (`vigil_tests::slurm`), a coordinator with `[slurm]`, and a simulated agent per Slurm node
+//! (same names). A two-node `sbatch` job writes checkpoints and resumes with `clusterctl
+//! checkpoint latest`; XID 79 on one of its nodes drains that node in Slurm with vigil's reason,
+//! requeues the job and lifts Slurm's requeue hold, so it runs again at once on the other nodes
+//! from its last complete checkpoint; uncordoning after diagnostics resumes the node; an
+//! administrator's drain shows in `clusterctl nodes` and is never lifted.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use vigil_tests::slurm::{NODES, SlurmCluster};
+use vigil_tests::{Cluster, FAST_LIVENESS, LONG, bin, clusterctl, now, wait_for};
+
+/// The batch job: resume from the newest complete checkpoint if there is one, then write one
+/// (marker layout: data, then `COMPLETE`) every 200 ms; bounded, so nothing outlives a test.
+const JOB: &str = r#"#!/bin/sh
+#SBATCH --nodes=2
+#SBATCH --requeue
+resume=$("$CLUSTERCTL" checkpoint latest --dir "$CKPT" --layout marker) || resume=""
+step=$(basename "${resume:-0}" | sed 's/[^0-9]//g; s/^0*//')
+step=${step:-0}
+echo "run restart=${SLURM_RESTART_COUNT:-0} nodes=$SLURM_JOB_NODELIST resume=${resume:-none}" >> "$JOBLOG"
+i=0
+while [ $i -lt 900 ]; do
+  i=$((i + 1)); step=$((step + 1))
+  d="$CKPT/step_$(printf %06d $step)"
+  mkdir -p "$d" && echo weights > "$d/model.pt" && echo ok > "$d/COMPLETE"
+  sleep 0.2
+done
+"#;
+
+/// The step of a checkpoint path's last component (`.../step_000012` is 12).
+fn step_of(path: &str) -> Option<u64> {
+    Path::new(path)
+        .file_name()?
+        .to_str()?
+        .trim_start_matches("step_")
+        .parse()
+        .ok()
+}
+
+/// The `run ...` lines the job has logged so far.
+fn runs(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("run "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
+    if !vigil_tests::slurm::available() {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let slurm = SlurmCluster::start(work.path())?;
+    let config = format!(
+        "{FAST_LIVENESS}\n[slurm]\ninterval = \"300ms\"\nslurm_conf = \"{}\"\n",
+        slurm.conf.display()
+    );
+    let mut cluster = Cluster::start(&config, 0)?;
+    for node in NODES {
+        cluster.add_agent(node)?;
+    }
+    wait_for("agents Ready", LONG, || cluster.all("Ready", NODES.len()))?;
+
+    // A two-node job that checkpoints.
+    let ckpt = work.path().join("ckpt");
+    let joblog = work.path().join("job.log");
+    let script = vigil_tests::write_file(work.path(), "train.sh", JOB)?;
+    let clusterctl_bin = bin("clusterctl")?;
+    let out = std::process::Command::new("sbatch")
+        .args(["--parsable", "--output", "/dev/null"])
+        .arg(&script)
+        .env("SLURM_CONF", &slurm.conf)
+        .env("CKPT", &ckpt)
+        .env("JOBLOG", &joblog)
+        .env("CLUSTERCTL", &clusterctl_bin)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "sbatch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let first = wait_for("the job running on two nodes", LONG, || {
+        Ok(slurm
+            .job(&job)?
+            .filter(|(state, nodes)| state == "RUNNING" && nodes.len() == 2)
+            .map(|(_, nodes)| nodes))
+    })
+    .with_context(|| slurm.logs())?;
+    wait_for("a few complete checkpoints", LONG, || {
+        let out = clusterctl(
+            "http://127.0.0.1:1",
+            &[
+                "checkpoint",
+                "latest",
+                "--dir",
+                &ckpt.to_string_lossy(),
+                "--layout",
+                "marker",
+            ],
+        )?;
+        Ok(out
+            .stdout
+            .trim()
+            .rsplit('_')
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|s| *s >= 3))
+    })?;
+    // A save in progress, newer than any: never resumed from.
+    std::fs::create_dir_all(ckpt.join("step_900000"))?;
+    std::fs::write(ckpt.join("step_900000/model.pt"), "half")?;
+
+    // XID 79 on the job's second node.
+    let bad = first[1].clone();
+    let fault_at = now();
+    cluster.agent(&bad)?.set_faults("gpu=3 xid=79\n")?;
+    let reason = wait_for(
+        "the node drained in Slurm with vigil's reason",
+        LONG,
+        || {
+            let (state, reason) = slurm.node_state(&bad)?;
+            Ok((state.starts_with("drain") && reason.starts_with("vigil: ")).then_some(reason))
+        },
+    )?;
+    let to_drain = fault_at.elapsed();
+    assert!(reason.contains("79"), "{reason}");
+    let rerun = wait_for("the job running again on healthy nodes", LONG * 2, || {
+        Ok(slurm.job(&job)?.filter(|(state, nodes)| {
+            state == "RUNNING" && nodes.len() == 2 && !nodes.contains(&bad)
+        }))
+    })
+    .with_context(|| slurm.logs())?;
+    let to_rerun = fault_at.elapsed();
+    // Slurm's own hold would keep it pending about two minutes.
+    assert!(
+        to_rerun < Duration::from_secs(100),
+        "rerun took {to_rerun:?}: the requeue hold was not lifted"
+    );
+    let second = wait_for("the second run's log line", LONG, || {
+        Ok(runs(&joblog).get(1).cloned())
+    })?;
+    let resumed = second
+        .split("resume=")
+        .nth(1)
+        .unwrap_or("none")
+        .trim()
+        .to_owned();
+    let step = step_of(&resumed).with_context(|| format!("second run did not resume: {second}"))?;
+    assert!(step < 900_000, "resumed from the partial save: {second}");
+    assert!(Path::new(&resumed).join("COMPLETE").is_file(), "{second}");
+    println!(
+        "slurm: XID 79 on {bad} -> drained in {to_drain:?}, job {job} running again on {:?} {to_rerun:?} after the fault, resumed from step {step}",
+        rerun.1
+    );
+
+    // Repaired, diagnosed, uncordoned: vigil resumes its own drain.
+    cluster
+        .agent(&bad)?
+        .set_faults("gpu=3 xid=79\ngpu=3 ok\n")?;
+    let url = cluster.url();
+    wait_for("diagnostics to pass once repaired", LONG, || {
+        Ok(clusterctl(&url, &["-o", "json", "diagnose", &bad])?
+            .success()
+            .then_some(()))
+    })?;
+    let out = clusterctl(&url, &["uncordon", &bad])?;
+    assert!(out.success(), "{}", out.stderr);
+    wait_for("the node resumed in Slurm", LONG, || {
+        let (state, _) = slurm.node_state(&bad)?;
+        Ok((!state.starts_with("drain")).then_some(()))
+    })?;
+
+    // An administrator's drain: shown with Slurm's reason, never lifted by vigil.
+    let idle = NODES
+        .iter()
+        .find(|n| **n != bad && !rerun.1.iter().any(|r| r == *n))
+        .copied()
+        .unwrap_or(&bad)
+        .to_owned();
+    slurm.run(
+        "scontrol",
+        &[
+            "update",
+            &format!("NodeName={idle}"),
+            "State=DRAIN",
+            "Reason=bad fan",
+        ],
+    )?;
+    let shown = wait_for("clusterctl showing the Slurm drain", LONG, || {
+        let node = cluster.node(&idle)?;
+        Ok(node["slurm_drain"]
+            .is_object()
+            .then_some(node["slurm_drain"].clone()))
+    })?;
+    assert_eq!(shown["source"], "slurm");
+    assert_eq!(shown["reason"], "bad fan");
+    let table = clusterctl(&url, &["nodes"])?;
+    assert!(
+        table.stdout.contains("drained in slurm: bad fan"),
+        "{}",
+        table.stdout
+    );
+    cluster.restart_coordinator()?;
+    wait_for("agents Ready again", LONG, || {
+        cluster.all("Ready", NODES.len())
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    let (state, reason) = slurm.node_state(&idle)?;
+    assert!(
+        state.starts_with("drain") && reason == "bad fan",
+        "{state} {reason}"
+    );
+    drop(cluster);
+    Ok(())
+}
