@@ -134,6 +134,12 @@ pub enum Input {
         node: String,
         by: String,
     },
+    /// The Slurm adapter carried a decision out on the node (drained or resumed it in Slurm,
+    /// requeued a Slurm job that ran on it): recorded in its history (see `slurm`).
+    Slurm {
+        node: String,
+        message: String,
+    },
 }
 
 /// What a request produced besides effects, for the caller's answer.
@@ -328,5 +334,6 @@ fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Ef
         Input::ConfirmRecovery { by } => state.confirm_recovery(&by, now),
         Input::ResetBreaker { by } => Ok(state.reset_breaker(&by, now)),
         Input::ForgetNode { node, by } => state.forget_identity(&node, &by, now),
+        Input::Slurm { node, message } => Ok(state.slurm_record(&node, message, now)),
     }
 }

@@ -156,6 +156,30 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     let step = step_of(&resumed).with_context(|| format!("second run did not resume: {second}"))?;
     assert!(step < 900_000, "resumed from the partial save: {second}");
     assert!(Path::new(&resumed).join("COMPLETE").is_file(), "{second}");
+    // The fault and the requeue are in vigil's records: the node's history, the lemon ledger.
+    let url = cluster.url();
+    wait_for("the requeue in the node's history", LONG, || {
+        let node = clusterctl(&url, &["-o", "json", "node", &bad])?.json()?;
+        let events = node["events"].as_array().cloned().unwrap_or_default();
+        Ok(events
+            .iter()
+            .any(|e| {
+                e["kind"] == "slurm"
+                    && e["message"].as_str().is_some_and(|m| {
+                        m.starts_with(&format!("requeued slurm job {job}: vigil: "))
+                    })
+            })
+            .then_some(()))
+    })?;
+    let lemons = clusterctl(&url, &["-o", "json", "nodes", "--lemons"])?.json()?;
+    let charged = lemons["lemons"].as_array().is_some_and(|l| {
+        l.iter()
+            .any(|r| r["kind"] == "host" && r["id"] == bad.as_str())
+    });
+    assert!(
+        charged,
+        "{bad}'s fault is not in the lemon ledger: {lemons}"
+    );
     println!(
         "slurm: XID 79 on {bad} -> drained in {to_drain:?}, job {job} running again on {:?} {to_rerun:?} after the fault, resumed from step {step}",
         rerun.1
@@ -165,7 +189,6 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     cluster
         .agent(&bad)?
         .set_faults("gpu=3 xid=79\ngpu=3 ok\n")?;
-    let url = cluster.url();
     wait_for("diagnostics to pass once repaired", LONG, || {
         Ok(clusterctl(&url, &["-o", "json", "diagnose", &bad])?
             .success()

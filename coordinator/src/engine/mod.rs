@@ -175,6 +175,11 @@ pub enum Event {
         actor: String,
         reply: oneshot::Sender<Result<Breaker, ControlError>>,
     },
+    /// The Slurm adapter carried a decision out on `node`: put it in the node's history.
+    Slurm {
+        node: String,
+        message: String,
+    },
 }
 
 /// What readers see: every node, as of `at`.

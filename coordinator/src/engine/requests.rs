@@ -225,12 +225,14 @@ impl Engine {
                     .await;
                 reply.send(answer).ok();
             }
-            // Agent messages never reach here (`turn` batches them).
+            // Agent messages and the Slurm adapter's records never reach here (`turn` batches
+            // them).
             Event::Register { .. }
             | Event::Heartbeat { .. }
             | Event::AgentEvent { .. }
             | Event::Disconnected { .. }
-            | Event::Flag { .. } => {}
+            | Event::Flag { .. }
+            | Event::Slurm { .. } => {}
         }
     }
 

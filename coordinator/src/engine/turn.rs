@@ -103,6 +103,10 @@ impl Engine {
                     let effects = self.step(input);
                     batch.effects.extend(effects);
                 }
+                Event::Slurm { node, message } => {
+                    let effects = self.step(Input::Slurm { node, message });
+                    batch.effects.extend(effects);
+                }
                 request => {
                     self.close(std::mem::take(&mut batch)).await;
                     self.request(request).await;

@@ -20,7 +20,7 @@ use vigil_core::slurm::{self, Action, Intent, Memory, SlurmJob, SlurmNode};
 pub use command::SlurmError;
 pub use config::SlurmConfig;
 
-use crate::engine::{self, EngineHandle};
+use crate::engine::{self, EngineHandle, Event};
 use crate::metrics::Metrics;
 
 /// The drains an administrator (or NHC) set in Slurm, by vigil node name, with Slurm's
@@ -110,14 +110,6 @@ impl Adapter {
                 drain: slurm::drain_cause(n),
             })
             .collect();
-        for action in slurm::plan(&intents, &nodes, &jobs, &mut self.memory) {
-            let result = act(&self.config, &action).await;
-            self.metrics.slurm.count(label(&action), result.is_ok());
-            if let Err(e) = result {
-                warn!(error = %e, ?action, "slurm: action failed; tried again next round");
-                self.memory.failed(&action);
-            }
-        }
         let by_slurm: BTreeMap<&str, &str> = snapshot
             .nodes
             .iter()
@@ -126,6 +118,23 @@ impl Adapter {
                 (slurm::slurm_name(table, name), name)
             })
             .collect();
+        for action in slurm::plan(&intents, &nodes, &jobs, &mut self.memory) {
+            match act(&self.config, &action).await {
+                Ok(()) => {
+                    self.metrics.slurm.count(label(&action), true);
+                    if let Some((node, message)) = history(&action) {
+                        let node = by_slurm.get(node).map_or(node, |n| *n).to_owned();
+                        // A full engine queue only delays; the log line above is the record.
+                        let _ = self.engine.send(Event::Slurm { node, message }).await;
+                    }
+                }
+                Err(e) => {
+                    self.metrics.slurm.count(label(&action), false);
+                    warn!(error = %e, ?action, "slurm: action failed; tried again next round");
+                    self.memory.failed(&action);
+                }
+            }
+        }
         Ok(nodes
             .iter()
             .filter(|n| n.drained_by_admin())
@@ -136,6 +145,19 @@ impl Adapter {
                 ))
             })
             .collect())
+    }
+}
+
+/// The Slurm node an action concerns and the line for its vigil node's history; none for a
+/// hold release (the requeue was recorded).
+fn history(action: &Action) -> Option<(&str, String)> {
+    match action {
+        Action::Drain { node, reason } => Some((node, format!("drained in slurm: {reason}"))),
+        Action::Resume { node } => Some((node, "resumed in slurm".to_owned())),
+        Action::Requeue { job, node, reason } => {
+            Some((node, format!("requeued slurm job {job}: {reason}")))
+        }
+        Action::Release { .. } => None,
     }
 }
 

@@ -13,7 +13,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::nodes::node::{Availability, CordonSource, Node};
+use crate::nodes::node::{Availability, CordonSource, Node, NodeEvent};
+use crate::state::{ClusterState, Effect, Now, record};
 
 pub mod hostlist;
 pub mod parse;
@@ -269,6 +270,27 @@ fn requeues(
         }
     }
     actions
+}
+
+/// The kind of the node history entries the Slurm adapter adds.
+pub const EVENT_KIND: &str = "slurm";
+
+impl ClusterState {
+    /// Puts what the Slurm adapter did on `node` in its history (kind [`EVENT_KIND`]), so
+    /// `clusterctl node` and `events` tell a Slurm job's requeue beside the XID that caused it;
+    /// nothing for a node vigil does not know.
+    pub fn slurm_record(&mut self, node: &str, message: String, now: Now) -> Vec<Effect> {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        let event = NodeEvent {
+            at_unix_ms: now.wall_ms,
+            kind: EVENT_KIND.into(),
+            message,
+            gpu_index: None,
+        };
+        vec![record(n, event)]
+    }
 }
 
 /// The Slurm name of vigil node `name`: the config's table where it names it, else the same.

@@ -189,3 +189,40 @@ fn the_name_table_maps_vigil_names_to_slurm_names() {
     assert_eq!(slurm_name(&table, "gpu-host-1"), "n1");
     assert_eq!(slurm_name(&table, "n2"), "n2");
 }
+
+#[test]
+fn what_the_adapter_did_goes_into_the_nodes_history() {
+    use crate::step::Input;
+    use crate::test_utils::{node_events, patient_state, reg, step_ok, t};
+    let mut state = patient_state();
+    step_ok(&mut state, Input::Register(reg("n1", 1)), t(0));
+    let message = "requeued slurm job 7: vigil: XID 79 on GPU 3".to_owned();
+    let input = Input::Slurm {
+        node: "n1".into(),
+        message: message.clone(),
+    };
+    step_ok(&mut state, input, t(1));
+    assert_eq!(node_events(&state, "n1", EVENT_KIND), [message]);
+    assert!(state.slurm_record("ghost", "x".into(), t(2)).is_empty());
+}
+
+#[test]
+fn cordons_map_to_drain_causes_by_their_source() {
+    use crate::step::Input;
+    use crate::test_utils::{patient_state, reg, step_ok, t};
+    let mut state = patient_state();
+    step_ok(&mut state, Input::Register(reg("n1", 1)), t(0));
+    assert_eq!(drain_cause(&state.nodes["n1"]), None);
+    let cordon = Input::Cordon {
+        node: "n1".into(),
+        reason: "swap PSU".into(),
+    };
+    step_ok(&mut state, cordon, t(1));
+    assert_eq!(
+        drain_cause(&state.nodes["n1"]),
+        Some(DrainCause::Operator("swap PSU".into()))
+    );
+    let mut lost = state.nodes["n1"].clone();
+    lost.availability = Availability::Lost;
+    assert_eq!(drain_cause(&lost), Some(DrainCause::Lost));
+}
