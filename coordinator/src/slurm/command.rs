@@ -60,17 +60,27 @@ pub async fn run(config: &SlurmConfig, program: &str, args: &[&str]) -> Result<S
         program: program.to_owned(),
         source,
     })?;
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    // Both pipes at once: a command that fills one while we wait on the other must not stall.
     let read = async {
-        let (mut out, mut err) = (String::new(), Vec::new());
-        if let Some(stdout) = child.stdout.take() {
-            stdout
-                .take(MAX_OUTPUT_BYTES)
-                .read_to_string(&mut out)
-                .await?;
-        }
-        if let Some(stderr) = child.stderr.take() {
-            stderr.take(MAX_ERROR_BYTES).read_to_end(&mut err).await?;
-        }
+        let out = async {
+            let mut out = String::new();
+            if let Some(stdout) = stdout {
+                stdout
+                    .take(MAX_OUTPUT_BYTES)
+                    .read_to_string(&mut out)
+                    .await?;
+            }
+            Ok::<_, std::io::Error>(out)
+        };
+        let err = async {
+            let mut err = Vec::new();
+            if let Some(stderr) = stderr {
+                stderr.take(MAX_ERROR_BYTES).read_to_end(&mut err).await?;
+            }
+            Ok::<_, std::io::Error>(err)
+        };
+        let (out, err) = tokio::try_join!(out, err)?;
         let status = child.wait().await?;
         Ok::<_, std::io::Error>((status, out, err))
     };
@@ -92,4 +102,49 @@ pub async fn run(config: &SlurmConfig, program: &str, args: &[&str]) -> Result<S
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn config(timeout: Duration) -> SlurmConfig {
+        SlurmConfig {
+            command_timeout: timeout,
+            ..SlurmConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn output_comes_back_and_a_failure_carries_its_stderr() {
+        let c = config(Duration::from_secs(20));
+        let out = run(&c, "sh", &["-c", "echo 'n1|idle|none'"]).await;
+        assert_eq!(out.ok().as_deref(), Some("n1|idle|none\n"));
+        let err = run(&c, "sh", &["-c", "echo 'Invalid node name' >&2; exit 1"]).await;
+        let message = err.map_or_else(|e| e.to_string(), |o| format!("succeeded: {o}"));
+        assert!(message.contains("Invalid node name"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_command_is_killed_at_the_timeout() {
+        let c = config(Duration::from_millis(300));
+        let started = tokio::time::Instant::now();
+        let err = run(&c, "sleep", &["30"]).await;
+        assert!(matches!(err, Err(SlurmError::Timeout { .. })), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_missing_command_names_the_setting_to_fix() {
+        let c = SlurmConfig {
+            bin_dir: "/nonexistent/slurm/bin".into(),
+            ..config(Duration::from_secs(5))
+        };
+        let message = run(&c, "scontrol", &["ping"])
+            .await
+            .map_or_else(|e| e.to_string(), |o| format!("succeeded: {o}"));
+        assert!(message.contains("slurm.bin_dir"), "{message}");
+    }
 }

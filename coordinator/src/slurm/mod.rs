@@ -107,7 +107,7 @@ impl Adapter {
             .iter()
             .map(|n| Intent {
                 slurm_name: slurm::slurm_name(table, &n.record.name).to_owned(),
-                drain: slurm::drain_cause(n),
+                want: slurm::want(n),
             })
             .collect();
         let by_slurm: BTreeMap<&str, &str> = snapshot

@@ -69,18 +69,32 @@ impl DrainCause {
     }
 }
 
-/// What vigil wants of `node` in Slurm: drained (and why) or not. A node cordoned for review
-/// after a recovered store is not drained (that would drain the whole Slurm cluster for a
-/// vigil bookkeeping hold); an unreachable node is not drained until it is `Lost`.
-pub fn drain_cause(node: &Node) -> Option<DrainCause> {
+/// What vigil wants of one node in Slurm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// Drained, for this cause.
+    Drained(DrainCause),
+    /// Schedulable: vigil's own drain, if Slurm still shows one, is lifted.
+    Schedulable,
+    /// Neither: vigil does not know (a node cordoned for review after a recovered store may
+    /// have been cordoned for a fault that the store lost), so Slurm is left as it is.
+    AsIs,
+}
+
+/// What vigil wants of `node` in Slurm. An unreachable node is not drained until it is
+/// `Lost`; a node cordoned for review after a recovered store is neither drained (that would
+/// drain the whole Slurm cluster for a vigil bookkeeping hold) nor resumed.
+pub fn want(node: &Node) -> Want {
     if node.availability == Availability::Lost {
-        return Some(DrainCause::Lost);
+        return Want::Drained(DrainCause::Lost);
     }
-    let cordon = node.record.cordon.as_ref()?;
+    let Some(cordon) = node.record.cordon.as_ref() else {
+        return Want::Schedulable;
+    };
     match cordon.source {
-        CordonSource::Auto => Some(DrainCause::Fault(cordon.reason.clone())),
-        CordonSource::Operator => Some(DrainCause::Operator(cordon.reason.clone())),
-        CordonSource::Recovery => None,
+        CordonSource::Auto => Want::Drained(DrainCause::Fault(cordon.reason.clone())),
+        CordonSource::Operator => Want::Drained(DrainCause::Operator(cordon.reason.clone())),
+        CordonSource::Recovery => Want::AsIs,
     }
 }
 
@@ -88,7 +102,7 @@ pub fn drain_cause(node: &Node) -> Option<DrainCause> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Intent {
     pub slurm_name: String,
-    pub drain: Option<DrainCause>,
+    pub want: Want,
 }
 
 /// One Slurm node as `sinfo` shows it.
@@ -206,8 +220,8 @@ pub fn plan(
         let Some(node) = slurm.get(intent.slurm_name.as_str()) else {
             continue;
         };
-        match &intent.drain {
-            Some(cause) => {
+        match &intent.want {
+            Want::Drained(cause) => {
                 let reason = cause.reason();
                 if cause.requeues() {
                     faulty.insert(node.name.as_str(), reason.clone());
@@ -219,10 +233,10 @@ pub fn plan(
                     });
                 }
             }
-            None if node.drained_by_vigil() => resumes.push(Action::Resume {
+            Want::Schedulable if node.drained_by_vigil() => resumes.push(Action::Resume {
                 node: node.name.clone(),
             }),
-            None => {}
+            Want::Schedulable | Want::AsIs => {}
         }
     }
     let mut actions = drains;

@@ -12,7 +12,7 @@ fn node(name: &str, drained: bool, reason: &str) -> SlurmNode {
 fn intent(name: &str, drain: Option<DrainCause>) -> Intent {
     Intent {
         slurm_name: name.to_owned(),
-        drain,
+        want: drain.map_or(Want::Schedulable, Want::Drained),
     }
 }
 
@@ -212,17 +212,46 @@ fn cordons_map_to_drain_causes_by_their_source() {
     use crate::test_utils::{patient_state, reg, step_ok, t};
     let mut state = patient_state();
     step_ok(&mut state, Input::Register(reg("n1", 1)), t(0));
-    assert_eq!(drain_cause(&state.nodes["n1"]), None);
+    assert_eq!(want(&state.nodes["n1"]), Want::Schedulable);
     let cordon = Input::Cordon {
         node: "n1".into(),
         reason: "swap PSU".into(),
     };
     step_ok(&mut state, cordon, t(1));
     assert_eq!(
-        drain_cause(&state.nodes["n1"]),
-        Some(DrainCause::Operator("swap PSU".into()))
+        want(&state.nodes["n1"]),
+        Want::Drained(DrainCause::Operator("swap PSU".into()))
     );
     let mut lost = state.nodes["n1"].clone();
     lost.availability = Availability::Lost;
-    assert_eq!(drain_cause(&lost), Some(DrainCause::Lost));
+    assert_eq!(want(&lost), Want::Drained(DrainCause::Lost));
+    let mut held = state.nodes["n1"].clone();
+    std::sync::Arc::make_mut(&mut held.record).cordon = Some(crate::nodes::node::Cordon {
+        reason: "held for review".into(),
+        source: CordonSource::Recovery,
+        since_unix_ms: 0,
+    });
+    assert_eq!(want(&held), Want::AsIs);
+}
+
+/// Regression guard: a recovered store turns every cordon into a review hold (source
+/// `recovery`), which must not lift the drain of a node vigil drained for a fault.
+#[test]
+fn a_node_held_for_review_is_neither_drained_nor_resumed() {
+    let mut memory = Memory::default();
+    let nodes = [
+        node("n1", true, "vigil: XID 79 on GPU 3"),
+        node("n2", false, ""),
+    ];
+    let intents = [
+        Intent {
+            slurm_name: "n1".into(),
+            want: Want::AsIs,
+        },
+        Intent {
+            slurm_name: "n2".into(),
+            want: Want::AsIs,
+        },
+    ];
+    assert!(plan(&intents, &nodes, &[], &mut memory).is_empty());
 }
