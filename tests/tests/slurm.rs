@@ -4,7 +4,8 @@
 //! checkpoint latest`; XID 79 on one of its nodes drains that node in Slurm with vigil's reason,
 //! requeues the job and lifts Slurm's requeue hold, so it runs again at once on the other nodes
 //! from its last complete checkpoint; uncordoning after diagnostics resumes the node; an
-//! administrator's drain shows in `clusterctl nodes` and is never lifted.
+//! administrator's drain shows in `clusterctl nodes` and is never lifted; a node whose agent
+//! is lost is drained as `vigil: agent lost`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -202,12 +203,8 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     })?;
 
     // An administrator's drain: shown with Slurm's reason, never lifted by vigil.
-    let idle = NODES
-        .iter()
-        .find(|n| **n != bad && !rerun.1.iter().any(|r| r == *n))
-        .copied()
-        .unwrap_or(&bad)
-        .to_owned();
+    // On the node vigil just resumed: the one the rerun does not use.
+    let idle = bad.clone();
     slurm.run(
         "scontrol",
         &[
@@ -241,6 +238,29 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
         state.starts_with("drain") && reason == "bad fan",
         "{state} {reason}"
     );
+
+    // An agent gone past lost_after under the running job: its node is drained as
+    // "vigil: agent lost" and the job requeued off it.
+    let lost = rerun.1[0].clone();
+    cluster.agent_mut(&lost).context("no agent")?.kill9();
+    wait_for("the lost node drained in Slurm", LONG, || {
+        let (state, reason) = slurm.node_state(&lost)?;
+        Ok((state.starts_with("drain") && reason == "vigil: agent lost").then_some(()))
+    })
+    .with_context(|| {
+        let nodes = clusterctl(&url, &["nodes"])
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        let log = cluster.coordinator.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        format!("{nodes}\n{}", tail.join("\n"))
+    })?;
+    wait_for("the job requeued off the lost node", LONG, || {
+        Ok(slurm
+            .job(&job)?
+            .is_none_or(|(state, nodes)| state != "RUNNING" || !nodes.contains(&lost))
+            .then_some(()))
+    })?;
     drop(cluster);
     Ok(())
 }
