@@ -228,6 +228,12 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
         "{}",
         table.stdout
     );
+    let detail = clusterctl(&url, &["node", &idle])?;
+    assert!(
+        detail.stdout.contains("bad fan (source slurm)"),
+        "{}",
+        detail.stdout
+    );
     cluster.restart_coordinator()?;
     wait_for("agents Ready again", LONG, || {
         cluster.all("Ready", NODES.len())

@@ -44,6 +44,9 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64, term: Term) -> String {
         out.line("held evidence", &h.evidence);
         out.line("held since", format_when(h.since_unix_ms, now_ms));
     }
+    if let Some(drain) = &n.slurm_drain {
+        out.line("slurm drain", format!("{} (source slurm)", drain.reason));
+    }
     if let Some(r) = &d.remediation {
         out.line("remediation", &r.summary);
         for step in &r.steps {

@@ -202,11 +202,9 @@ impl v1::control_service_server::ControlService for ControlService {
             .ok_or(ControlError::State(crate::state::StateError::UnknownNode(
                 name,
             )))?;
-        Ok(Response::new(detail(
-            node,
-            snap.held(&node.record.name),
-            self.engine.now().mono,
-        )))
+        let mut detail = detail(node, snap.held(&node.record.name), self.engine.now().mono);
+        detail.summary = detail.summary.map(|s| self.with_slurm_drain(s));
+        Ok(Response::new(detail))
     }
 
     async fn cordon(
