@@ -356,7 +356,7 @@ async fn session(
         hostname: local.name.clone(),
         // Thousands of fake hosts on one machine: each its own machine-id, as real hosts have.
         machine_id: format!("loadgen-{}", local.name),
-        agent_version: concat!("loadgen-", env!("CARGO_PKG_VERSION")).to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         gpu_backend: GpuBackend::Simulated.into(),
         gpus: local.gpus.clone(),
         workers: local.worker_infos(),
