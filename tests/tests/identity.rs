@@ -150,16 +150,23 @@ fn clusterctl_node_forget_lets_another_host_take_the_name_at_once() -> Result<()
     Ok(())
 }
 
-#[test]
-fn the_same_host_restarting_takes_its_name_back_at_once() -> Result<()> {
+/// A cluster with one host's agent as n1, Ready: the cluster, the host's dir, its agent and
+/// n1's detail.
+fn one_host_ready() -> Result<(Cluster, PathBuf, Agent, Value)> {
     let cluster = Cluster::start(FAST_LIVENESS, 0)?;
-    let url = cluster.url();
     let host = host_dir(&cluster, "host-a")?;
-    let mut agent = Agent::start(&host, &url, "n1", 4)?;
-    let before = wait_for("n1 Ready", LONG, || {
+    let agent = Agent::start(&host, &cluster.url(), "n1", 4)?;
+    let ready = wait_for("n1 Ready", LONG, || {
         let d = detail(&cluster, "n1");
         Ok(d.ok().filter(|d| d["node"]["state"] == "Ready"))
     })?;
+    Ok((cluster, host, agent, ready))
+}
+
+#[test]
+fn the_same_host_restarting_takes_its_name_back_at_once() -> Result<()> {
+    let (cluster, host, mut agent, before) = one_host_ready()?;
+    let url = cluster.url();
     let machine_id = before["machine_id"].as_str().unwrap_or("").to_owned();
     assert!(machine_id.starts_with("test-"), "{before}");
     let boot_id = before["boot_id"].clone();
@@ -190,14 +197,8 @@ fn the_same_host_restarting_takes_its_name_back_at_once() -> Result<()> {
 
 #[test]
 fn a_gpu_swapped_while_the_host_was_down_is_an_inventory_change_with_a_burn_in() -> Result<()> {
-    let cluster = Cluster::start(FAST_LIVENESS, 0)?;
+    let (cluster, host, mut agent, before) = one_host_ready()?;
     let url = cluster.url();
-    let host = host_dir(&cluster, "host-a")?;
-    let mut agent = Agent::start(&host, &url, "n1", 4)?;
-    let before = wait_for("n1 Ready", LONG, || {
-        let d = detail(&cluster, "n1");
-        Ok(d.ok().filter(|d| d["node"]["state"] == "Ready"))
-    })?;
     let serial = |d: &Value, i: usize| d["gpus"][i]["serial"].as_str().unwrap_or("").to_owned();
     let old_serial = serial(&before, 2);
     agent.kill9();
