@@ -2,7 +2,9 @@
 //! release's agent and clusterctl against this coordinator, with this release's agents in the
 //! same gang; and this release's agent and clusterctl against the previous coordinator. Each
 //! registers, heartbeats (nodes stay Ready), is cordoned and uncordoned by hand, and runs a
-//! job that an XID 79 relaunches on the spare.
+//! job that an XID 79 relaunches on the spare. And the coordinator itself upgraded in place
+//! (the previous release's data dir read by this release) and rolled back (this release's data
+//! dir read by the previous one), with a job running through both restarts.
 //!
 //! The previous release's binaries come from `scripts/previous-release.sh` (it builds the
 //! release `.ci/previous-release` names), found through `VIGIL_PREVIOUS_RELEASE`. Without it
@@ -201,5 +203,66 @@ fn this_agent_and_clusterctl_work_with_the_previous_coordinator() -> Result<()> 
     );
     cordon_by_hand(&cluster, "node-1")?;
     run_and_relaunch(&cluster)?;
+    Ok(())
+}
+
+/// The production lease (8 s): a coordinator restart must not fence the job's workers.
+const PRODUCTION_LEASE: &str = r#"
+[liveness]
+heartbeat_interval = "200ms"
+unreachable_after = "2s"
+lost_after = "20s"
+agent_lease = "8s"
+"#;
+
+/// After a coordinator restart: it runs `version`, the job is still in attempt 1 with both
+/// workers running (none was stopped), and node-2 is still cordoned by hand.
+fn kept_across(cluster: &Cluster, id: &str, version: &str) -> Result<()> {
+    let status = clusterctl(&cluster.url(), &["-o", "json", "status"])?.json()?;
+    assert_eq!(status["coordinator"]["version"], version);
+    wait_for("agents back", LONG, || {
+        let nodes = vigil_tests::nodes(&cluster.url())?;
+        Ok((nodes.len() == 3 && nodes.values().all(|n| n["state"] != "Unreachable")).then_some(()))
+    })?;
+    let job = cluster.wait_job(id, "the job's workers reported again", |j| {
+        workers_running(j, 2)
+    })?;
+    assert_eq!(attempt(&job), 1, "the job did not restart: {job}");
+    assert_eq!(job["job"]["restarts"], 0, "{job}");
+    assert_eq!(
+        cluster.node("node-2")?["cordon"]["reason"],
+        "kept across versions"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_coordinator_upgrades_in_place_and_rolls_back_without_restarting_the_job() -> Result<()> {
+    let Some((previous, old_version)) = previous_release()? else {
+        return Ok(());
+    };
+    let mut cluster = {
+        let _old = using(&previous, &["vigil-coordinator"]);
+        Cluster::start(PRODUCTION_LEASE, 3)?
+    };
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 3))?;
+    let out = clusterctl(
+        &cluster.url(),
+        &["cordon", "node-2", "--reason", "kept across versions"],
+    )?;
+    assert!(out.success(), "{}", out.stderr);
+    let id = cluster.submit(&spec(&cluster, 2, 0, "", "")?)?;
+    cluster.wait_job(&id, "attempt 1 running with a checkpoint", |j| {
+        workers_running(j, 2) && j["job"]["last_checkpoint_step"].as_u64().is_some()
+    })?;
+    // Upgrade: this release on the previous one's data dir and port.
+    cluster.restart_coordinator()?;
+    kept_across(&cluster, &id, env!("CARGO_PKG_VERSION"))?;
+    // Roll back: the previous release on the data dir this one wrote.
+    {
+        let _old = using(&previous, &["vigil-coordinator"]);
+        cluster.restart_coordinator()?;
+    }
+    kept_across(&cluster, &id, &old_version)?;
     Ok(())
 }
