@@ -322,7 +322,7 @@ w("- A real `target/release/vigil-coordinator` (default liveness: 1 s heartbeats
   "a fresh data dir (the SQLite store); gRPC on 127.0.0.1) and `target/release/vigil-loadgen` run on the same machine, "
   "sharing its cores.")
 w("- `vigil-loadgen` simulates N agents in one process (tokio multi-thread runtime). Each agent has its own "
-  "TCP connection and `AgentService.Connect` stream, registers 8 SIMULATED H100s with stable UUIDs, and "
+  "TCP connection and `AgentService.Connect` stream, registers 8 SIMULATED H100s with UUIDs and serials of its own, and "
   "heartbeats at the interval the coordinator's `Registered` sets, each heartbeat carrying 8 `GpuSample`s "
   "(18 NVLinks each, as the agent's simulator sends). First connections are paced at 500 in flight; "
   "reconnects use the real agent's backoff (200 ms initial ceiling, doubling, full jitter, 10 s cap).")

@@ -38,6 +38,10 @@ pub struct Cli {
     /// Number of simulated GPUs, 1 to 64 (with --gpu-backend sim) [default: 8].
     #[arg(long, value_name = "N")]
     pub sim_gpus: Option<u32>,
+    /// Simulated GPUs swapped for new boards since the last start (with --gpu-backend sim): a
+    /// new UUID and serial at each index listed, e.g. `--sim-replaced-gpus 3`.
+    #[arg(long, value_name = "N,...", value_delimiter = ',')]
+    pub sim_replaced_gpus: Option<Vec<u32>>,
     /// Fault-injection file for simulated GPUs (with --gpu-backend sim), re-read every 100 ms.
     ///
     /// One line per GPU and fault set: `gpu=N KEY[=VALUE] ...`, e.g. `gpu=3 xid=79` (GPU 3 has
@@ -134,6 +138,9 @@ impl Cli {
         }
         if let Some(v) = self.sim_gpus {
             cfg.sim_gpus = v;
+        }
+        if let Some(v) = self.sim_replaced_gpus {
+            cfg.sim_replaced_gpus = v;
         }
         if let Some(v) = self.sim_fault_file {
             cfg.sim_fault_file = Some(v);

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
+use vigil_proto::compat;
 use vigil_proto::v1::agent_message::Body as AgentBody;
 use vigil_proto::v1::agent_service_client::AgentServiceClient;
 use vigil_proto::v1::command::Kind as CommandKind;
@@ -36,6 +37,9 @@ use crate::{error_chain, unix_ms};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Covers opening the stream and the coordinator's answer to `Register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the agent waits before registering again with a coordinator outside its version
+/// window: an operator installs another release, which takes minutes.
+const VERSION_SKEW_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// A wedged driver must not stall heartbeats (and with them the lease) for long.
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Small: if the coordinator stops reading, stale heartbeats are dropped, not queued.
@@ -249,6 +253,14 @@ async fn run_until_error(
         }
         None => return Err(SessionError::Protocol("first message is not Registered")),
     };
+    // A coordinator outside this release's window: follow none of its orders (it may send
+    // commands this agent reads otherwise); wait for an operator to upgrade one side.
+    compat::check_coordinator(compat::this_release(), &accepted.coordinator_version).map_err(
+        |skew| SessionError::Refused {
+            reason: format!("this agent refuses coordinator {url}: {skew}"),
+            retry_after: VERSION_SKEW_RETRY_AFTER,
+        },
+    )?;
     let verdict = ctx.fence.judge(term);
     if let Verdict::Stale { highest } = verdict {
         ctx.metrics.stale_term_messages.inc();

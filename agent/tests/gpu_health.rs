@@ -51,7 +51,7 @@ impl AgentService for FakeCoordinator {
                         Reply::Registered(Registered {
                             heartbeat_interval_ms: 60_000,
                             lease_ms: 120_000,
-                            coordinator_version: "fake".into(),
+                            coordinator_version: env!("CARGO_PKG_VERSION").into(),
                             session_id: 1,
                             coordinator_name: "fake".into(),
                             ..Default::default()

@@ -114,7 +114,7 @@ impl AgentService for Fake {
                         Reply::Registered(Registered {
                             heartbeat_interval_ms: 50,
                             lease_ms,
-                            coordinator_version: "fake".into(),
+                            coordinator_version: env!("CARGO_PKG_VERSION").into(),
                             session_id: session,
                             coordinator_name: name.into(),
                             ..Default::default()

@@ -33,6 +33,8 @@ enum Answer {
     Reject,
     /// Rejected with `retry_after_ms` (as for a node name another host holds).
     RejectFor(u64),
+    /// [`ACCEPT`], from a coordinator that says it is this release.
+    AcceptFrom(&'static str),
 }
 
 /// The fake coordinator's store id (see the marks it tells in `connect`).
@@ -67,6 +69,10 @@ impl AgentService for FakeCoordinator {
             .unwrap_or_else(PoisonError::into_inner)
             .pop_front()
             .unwrap_or(ACCEPT);
+        let (answer, version) = match answer {
+            Answer::AcceptFrom(version) => (ACCEPT, version),
+            answer => (answer, env!("CARGO_PKG_VERSION")),
+        };
         let mut inbound = request.into_inner();
         let seen = self.seen.clone();
         let (tx, rx) = mpsc::channel(16);
@@ -89,7 +95,7 @@ impl AgentService for FakeCoordinator {
                     (Answer::Accept { lease_ms, .. }, true) => Reply::Registered(Registered {
                         heartbeat_interval_ms: 50,
                         lease_ms,
-                        coordinator_version: "fake".into(),
+                        coordinator_version: version.into(),
                         session_id: session,
                         coordinator_name: "fake".into(),
                         // The store's mark: session N starts at commit 10 N, and every
@@ -116,7 +122,10 @@ impl AgentService for FakeCoordinator {
                             store_seq: session * 10 + heartbeats as u64,
                         })
                     }
-                    (Answer::Reject | Answer::RejectFor(_), false) => continue,
+                    // AcceptFrom became ACCEPT above.
+                    (Answer::Reject | Answer::RejectFor(_), false) | (Answer::AcceptFrom(_), _) => {
+                        continue;
+                    }
                 };
                 if let Some(out) = &out {
                     let _ = out
@@ -331,6 +340,26 @@ async fn a_registration_refused_with_retry_after_waits_that_long_not_its_backoff
     // Its reconnect backoff here is at most 50 ms.
     assert!(waited >= Duration::from_millis(1500), "{waited:?}");
     h.wait_for(2, is_heartbeat).await?;
+    h.stop().await
+}
+
+#[tokio::test]
+async fn a_coordinator_outside_the_version_window_is_not_followed() -> TestResult {
+    // This release's minor + 2: outside the one-minor window either way.
+    let this = vigil_proto::compat::this_release();
+    let far: &'static str = Box::leak(format!("{}.{}.0", this.major, this.minor + 2).into());
+    let mut h = Harness::start(vec![Answer::AcceptFrom(far), Answer::AcceptFrom("0.0.1")]).await?;
+    h.wait_for(1, is_register).await?;
+    // It sends no heartbeat on that session and waits (a minute) before registering again.
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), h.next()).await;
+    assert!(quiet.is_err(), "the agent went on talking: {quiet:?}");
+    let text = h.metrics().await?;
+    assert!(text.contains("vigil_agent_connected 0"), "{text}");
+    assert_eq!(
+        metric(&text, "vigil_agent_registrations_total"),
+        Some(0),
+        "{text}"
+    );
     h.stop().await
 }
 

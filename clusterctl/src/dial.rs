@@ -20,14 +20,27 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use vigil_proto::MAX_MESSAGE_BYTES;
 use vigil_proto::v1::control_service_client::ControlServiceClient;
 
 use crate::client::{Subject, Tls, cause, describe_status, endpoint, plaintext_hint, unreachable};
 
-pub type Client = ControlServiceClient<Channel>;
+/// Every call says which release of clusterctl makes it (`vigil-client-version`), so a
+/// coordinator outside its window refuses it before it does anything.
+pub type Client = ControlServiceClient<InterceptedService<Channel, Labeller>>;
+type Labeller = fn(Request<()>) -> std::result::Result<Request<()>, Status>;
+
+fn label(mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+    request.metadata_mut().insert(
+        vigil_proto::compat::CLIENT_VERSION_METADATA,
+        MetadataValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    Ok(request)
+}
 
 /// How one call waits: `wait` names the limit in messages; `limit`, when set, bounds the
 /// call's answer as a whole (opening a time-limited stream).
@@ -280,9 +293,11 @@ impl Dialer {
         let channel = vigil_tls::connect(endpoint, &self.transport)
             .await
             .map_err(|e| cause(&e))?;
-        Ok(ControlServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            ControlServiceClient::with_interceptor(channel, label as Labeller)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// Whether a standby's leader hint may be followed: a valid URL with the list's scheme

@@ -171,6 +171,8 @@ impl v1::control_service_server::ControlService for Fake {
                 workers: vec![],
                 first_registered_unix_ms: 1,
                 last_registered_unix_ms: 2,
+                machine_id: "3f2a9c1d0b".into(),
+                boot_id: String::new(),
                 gpu_health: vec![v1::GpuHealth {
                     index: 0,
                     condition: v1::Condition::Healthy as i32,

@@ -220,6 +220,10 @@ pub async fn run_with_hooks(
     )
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let control = tonic::service::interceptor::InterceptedService::new(
+        control,
+        crate::api::client_version::check,
+    );
     let mut server_stop = stop_rx;
     let refusals = metrics.clone();
     let incoming = vigil_tls::incoming(

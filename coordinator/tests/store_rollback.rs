@@ -24,7 +24,7 @@ fn register(node: &str, last_store_id: &str, last_store_seq: u64) -> AgentMessag
             protocol_version: vigil_proto::PROTOCOL_VERSION,
             node_name: node.into(),
             hostname: node.into(),
-            agent_version: "test".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
             gpu_backend: v1::GpuBackend::Simulated as i32,
             last_store_id: last_store_id.into(),
             last_store_seq,

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - `v1`: the generated messages, and (feature `grpc`) the tonic clients and servers.
+//! - `compat`: the version-skew window (which releases work together) and how a refusal says it.
 //! - `names`: the node-name rule the agent, the coordinator and its HA config apply, and the
 //!   host-identity rule (machine-id, boot id).
 //! - `node_state`: the display states (`Ready` ... `Lost`), their words and order.
@@ -18,6 +19,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Protocol revision carried in `Register.protocol_version`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+pub mod compat;
 pub mod gpu_sample;
 pub mod names;
 pub mod node_state;

@@ -1,6 +1,7 @@
 //! The vigil binaries as child processes: built once per test process,
 //! started on ephemeral loopback ports, SIGKILLed when dropped.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -15,13 +16,42 @@ use crate::{LONG, write_file};
 
 /// Path of a workspace binary, building the binaries first (once per test
 /// process) so end-to-end tests never run stale code.
+///
+/// Inside [`using`], the binaries it names come from another release's directory instead.
 pub fn bin(name: &str) -> Result<PathBuf> {
+    if let Some(path) = OVERRIDES.with_borrow(|o| o.iter().rev().find(|(n, _)| n == name).cloned())
+    {
+        return Ok(path.1);
+    }
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT
         .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
         .as_ref()
         .map_err(|e| anyhow!("{e}"))?;
     Ok(dir.join(name))
+}
+
+thread_local! {
+    static OVERRIDES: RefCell<Vec<(String, PathBuf)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// While the returned guard lives, this thread's [`bin`] gives `names` from `dir` (another
+/// release's binaries: the version-skew tests, tests/tests/compat.rs).
+pub fn using(dir: &Path, names: &[&str]) -> Using {
+    OVERRIDES.with_borrow_mut(|o| {
+        o.extend(names.iter().map(|n| ((*n).to_owned(), dir.join(n))));
+    });
+    Using(names.len())
+}
+
+/// Ends a [`using`] when dropped.
+#[must_use = "the binaries are overridden only while this guard lives"]
+pub struct Using(usize);
+
+impl Drop for Using {
+    fn drop(&mut self) {
+        OVERRIDES.with_borrow_mut(|o| o.truncate(o.len().saturating_sub(self.0)));
+    }
 }
 
 fn build_binaries() -> Result<PathBuf> {

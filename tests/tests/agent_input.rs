@@ -47,7 +47,7 @@ fn register(name: &str) -> AgentMessage {
             protocol_version: vigil_proto::PROTOCOL_VERSION,
             node_name: name.into(),
             hostname: name.into(),
-            agent_version: "hostile".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
             gpu_backend: v1::GpuBackend::Simulated as i32,
             gpus: Vec::new(),
             workers: Vec::new(),
@@ -81,6 +81,16 @@ async fn open(
     // Keep reading (acks, commands) so the coordinator never blocks on this session.
     tokio::spawn(async move { while let Some(Ok(_)) = inbound.next().await {} });
     Ok((tx, answer))
+}
+
+fn registered(answer: &Result<CoordinatorMessage, String>) -> bool {
+    matches!(
+        answer,
+        Ok(CoordinatorMessage {
+            body: Some(CBody::Registered(_)),
+            ..
+        })
+    )
 }
 
 fn rejected_reason(answer: &Result<CoordinatorMessage, String>) -> String {
@@ -156,16 +166,7 @@ async fn hostile_agent_input_is_refused_counted_and_harms_no_other_agent() -> Re
 
     // 4. A registered agent reporting another job's work, then flooding its stream.
     let (tx, answer) = open(&url, register("flooder")).await?;
-    assert!(
-        matches!(
-            &answer,
-            Ok(CoordinatorMessage {
-                body: Some(CBody::Registered(_)),
-                ..
-            })
-        ),
-        "{answer:?}"
-    );
+    assert!(registered(&answer), "{answer:?}");
     let exited = AgentMessage {
         seq: 2,
         body: Some(Body::Event(v1::AgentEvent {
@@ -342,5 +343,96 @@ fn a_job_outside_the_agents_allowed_roots_is_refused_and_shows_why() -> Result<(
     );
     let log = cluster.agents[0].log_text();
     assert!(log.contains("outside this node's limits"), "{log}");
+    Ok(())
+}
+
+/// This release's version with the minor number moved by `by` (outside the window at 2).
+fn release_off_by(by: i64) -> String {
+    let this = vigil_proto::compat::this_release();
+    let minor = this.minor.saturating_add_signed(by);
+    format!("{}.{minor}.0", this.major)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_or_clusterctl_outside_the_version_window_is_refused_naming_both_versions()
+-> Result<()> {
+    let cluster = Cluster::start(CONFIG, 2)?;
+    wait_for("agents Ready", LONG, || cluster.all("Ready", 2))?;
+    let url = cluster.url();
+    let this = env!("CARGO_PKG_VERSION");
+
+    // An agent two minor versions ahead, and one that says no version at all.
+    for (name, version) in [
+        ("future", release_off_by(2)),
+        ("nameless", "dev".to_owned()),
+    ] {
+        let mut reg = register(name);
+        if let Some(Body::Register(r)) = &mut reg.body {
+            r.agent_version.clone_from(&version);
+        }
+        let (_tx, answer) = open(&url, reg).await?;
+        let rejected = match &answer {
+            Ok(CoordinatorMessage {
+                body: Some(CBody::Rejected(r)),
+                ..
+            }) => r.clone(),
+            other => bail!("{name}: not rejected: {other:?}"),
+        };
+        assert!(
+            rejected.reason.contains(&version) && rejected.reason.contains(this),
+            "{name}: {}",
+            rejected.reason
+        );
+        let fix = if name == "future" {
+            "upgrade the coordinators to"
+        } else {
+            "install a released agent"
+        };
+        assert!(rejected.reason.contains(fix), "{}", rejected.reason);
+        assert_eq!(rejected.retry_after_ms, 60_000, "{name} waits a minute");
+    }
+    // One minor behind is inside the window: registered.
+    let mut old = register("previous");
+    if let Some(Body::Register(r)) = &mut old.body {
+        r.agent_version = release_off_by(-1);
+    }
+    let (_tx, answer) = open(&url, old).await?;
+    assert!(registered(&answer), "{answer:?}");
+    // Listed from the coordinator's next publication (100 ms).
+    let nodes = wait_for("the previous release's agent listed", LONG, || {
+        let nodes = vigil_tests::nodes(&url)?;
+        Ok(nodes.contains_key("previous").then_some(nodes))
+    })?;
+    assert!(!nodes.contains_key("future") && !nodes.contains_key("nameless"));
+    others_ready(&cluster)?;
+    assert_eq!(
+        counter(
+            &cluster,
+            "vigil_agent_messages_rejected_total{reason=\"version_skew\"}"
+        )?,
+        2.0
+    );
+
+    // A clusterctl two minor versions ahead: refused before its call does anything.
+    let mut control = v1::control_service_client::ControlServiceClient::new(channel(&url).await?);
+    let mut request = tonic::Request::new(v1::CordonRequest {
+        name: "node-0".into(),
+        reason: "from the future".into(),
+    });
+    request.metadata_mut().insert(
+        vigil_proto::compat::CLIENT_VERSION_METADATA,
+        release_off_by(2).parse()?,
+    );
+    let status = control
+        .cordon(request)
+        .await
+        .expect_err("a far newer clusterctl is refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains(&release_off_by(2)) && status.message().contains(this),
+        "{}",
+        status.message()
+    );
+    assert_eq!(cluster.node("node-0")?["cordon"], serde_json::Value::Null);
     Ok(())
 }

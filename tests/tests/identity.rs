@@ -1,6 +1,8 @@
 //! One node name, one host, end to end: a second host registering a live node's name is
 //! refused (and backs off slowly) while the first keeps its node undisturbed; once the first is
-//! gone past `lost_after`, the second takes the name, with an `identity-changed` event.
+//! gone past `lost_after`, the second takes the name, with an `identity-changed` event. The
+//! same host restarting takes its name back at once; a GPU swapped while it was down is an
+//! `inventory-changed` event and a burn-in.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -144,6 +146,94 @@ fn clusterctl_node_forget_lets_another_host_take_the_name_at_once() -> Result<()
         !unknown.success() && unknown.stderr.contains("nope"),
         "{}",
         unknown.stderr
+    );
+    Ok(())
+}
+
+/// A cluster with one host's agent as n1, Ready: the cluster, the host's dir, its agent and
+/// n1's detail.
+fn one_host_ready() -> Result<(Cluster, PathBuf, Agent, Value)> {
+    let cluster = Cluster::start(FAST_LIVENESS, 0)?;
+    let host = host_dir(&cluster, "host-a")?;
+    let agent = Agent::start(&host, &cluster.url(), "n1", 4)?;
+    let ready = wait_for("n1 Ready", LONG, || {
+        let d = detail(&cluster, "n1");
+        Ok(d.ok().filter(|d| d["node"]["state"] == "Ready"))
+    })?;
+    Ok((cluster, host, agent, ready))
+}
+
+#[test]
+fn the_same_host_restarting_takes_its_name_back_at_once() -> Result<()> {
+    let (cluster, host, mut agent, before) = one_host_ready()?;
+    let url = cluster.url();
+    let machine_id = before["machine_id"].as_str().unwrap_or("").to_owned();
+    assert!(machine_id.starts_with("test-"), "{before}");
+    let boot_id = before["boot_id"].clone();
+    // kill -9 (the host's agent crashed, or the host rebooted): the old session may still look
+    // live to the coordinator when the same host comes back; same machine-id, so it takes over.
+    agent.kill9();
+    let restarted = now();
+    let agent = Agent::start(&host, &url, "n1", 4)?;
+    let after = wait_for("n1 registered again", LONG, || {
+        let d = detail(&cluster, "n1")?;
+        Ok(
+            (d["last_registered_unix_ms"] != before["last_registered_unix_ms"]
+                && d["node"]["state"] == "Ready")
+                .then_some(d),
+        )
+    })?;
+    println!("same host back in {:?}", restarted.elapsed());
+    assert!(events(&after, "identity-conflict").is_empty(), "{after}");
+    assert!(events(&after, "identity-changed").is_empty(), "{after}");
+    assert!(events(&after, "inventory-changed").is_empty(), "{after}");
+    assert_eq!(after["machine_id"], machine_id.as_str());
+    // One machine, one boot: the test agents share this machine's boot id.
+    assert_eq!(after["boot_id"], boot_id);
+    assert!(!agent.log_text().contains("registration refused"));
+    assert_eq!(conflicts_counted(&cluster)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn a_gpu_swapped_while_the_host_was_down_is_an_inventory_change_with_a_burn_in() -> Result<()> {
+    let (cluster, host, mut agent, before) = one_host_ready()?;
+    let url = cluster.url();
+    let serial = |d: &Value, i: usize| d["gpus"][i]["serial"].as_str().unwrap_or("").to_owned();
+    let old_serial = serial(&before, 2);
+    agent.kill9();
+    // The same host, back with a new board in slot 2.
+    let _agent = Agent::start_with(&host, &url, "n1", 4, "sim_replaced_gpus = [2]")?;
+    let changed = wait_for("an inventory-changed event", LONG, || {
+        let d = detail(&cluster, "n1")?;
+        Ok((!events(&d, "inventory-changed").is_empty()).then_some(d))
+    })?;
+    let new_serial = serial(&changed, 2);
+    assert_ne!(new_serial, old_serial);
+    let message = events(&changed, "inventory-changed").join("\n");
+    assert!(
+        message.contains(&format!("serial {new_serial}"))
+            && message.contains("replacing GPU 2 (")
+            && message.contains(&format!("serial {old_serial}")),
+        "{message}"
+    );
+    // Burned in before it takes work, then Ready; the old board is not charged as lost.
+    let done = wait_for("n1 burned in and Ready", LONG, || {
+        let d = detail(&cluster, "n1")?;
+        Ok((d["node"]["state"] == "Ready" && !events(&d, "burn-in").is_empty()).then_some(d))
+    })?;
+    assert!(
+        events(&done, "burn-in")
+            .iter()
+            .any(|m| m.contains("inventory-changed")),
+        "{done}"
+    );
+    assert!(events(&done, "gpu-lost").is_empty(), "{done}");
+    assert!(events(&done, "cordon").is_empty(), "{done}");
+    assert_eq!(
+        serial(&done, 0),
+        serial(&before, 0),
+        "other slots unchanged"
     );
     Ok(())
 }

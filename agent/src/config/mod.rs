@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub node_name: String,
     pub gpu_backend: GpuBackendKind,
     pub sim_gpus: u32,
+    /// Simulated GPUs at these indexes are boards swapped in since the last start: a new UUID
+    /// and serial (what a repair that replaced a GPU looks like to the coordinator).
+    pub sim_replaced_gpus: Vec<u32>,
     /// Fault injection for the simulator, re-read whenever it changes (see `gpu::faults`).
     pub sim_fault_file: Option<PathBuf>,
     /// The node's diagnostic, run when the coordinator asks: program and arguments,
@@ -166,6 +169,7 @@ impl Default for AgentConfig {
             node_name: hostname(),
             gpu_backend: GpuBackendKind::Nvml,
             sim_gpus: DEFAULT_SIM_GPUS,
+            sim_replaced_gpus: Vec::new(),
             sim_fault_file: None,
             diagnostics_command: Vec::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -229,6 +233,7 @@ impl AgentConfig {
             node_name,
             gpu_backend,
             sim_gpus,
+            sim_replaced_gpus,
             sim_fault_file,
             diagnostics_command,
             state_dir,
@@ -250,6 +255,10 @@ impl AgentConfig {
             ("node_name", *node_name != new.node_name),
             ("gpu_backend", *gpu_backend != new.gpu_backend),
             ("sim_gpus", *sim_gpus != new.sim_gpus),
+            (
+                "sim_replaced_gpus",
+                *sim_replaced_gpus != new.sim_replaced_gpus,
+            ),
             ("sim_fault_file", *sim_fault_file != new.sim_fault_file),
             (
                 "diagnostics_command",
@@ -354,6 +363,13 @@ impl AgentConfig {
                 field: "sim_gpus",
                 problem: format!("{} is out of range", self.sim_gpus),
                 fix: "use a value from 1 to 64",
+            });
+        }
+        if let Some(i) = self.sim_replaced_gpus.iter().find(|i| **i >= self.sim_gpus) {
+            return Err(ConfigError::Invalid {
+                field: "sim_replaced_gpus",
+                problem: format!("GPU {i} is not one of the {} simulated GPUs", self.sim_gpus),
+                fix: "list indexes below sim_gpus",
             });
         }
         Ok(())

@@ -78,6 +78,7 @@ pub fn open(config: &AgentConfig) -> Result<Arc<dyn GpuProbe>, GpuError> {
         GpuBackendKind::Nvml => Arc::new(NvmlProbe::init()?),
         GpuBackendKind::Sim => Arc::new(
             SimProbe::new(&config.node_name, config.sim_gpus)
+                .with_replaced(&config.node_name, &config.sim_replaced_gpus)
                 .with_fault_file(config.sim_fault_file.clone()),
         ),
     })

@@ -56,6 +56,18 @@ impl SimProbe {
         }
     }
 
+    /// The GPUs at `indexes` are new boards: another UUID and serial (same model and slot).
+    pub fn with_replaced(mut self, node_name: &str, indexes: &[u32]) -> Self {
+        for g in &mut self.inventory {
+            if indexes.contains(&g.index) {
+                let swapped = sim_gpu(&format!("{node_name}\0replaced"), g.index);
+                g.uuid = swapped.uuid;
+                g.serial = swapped.serial;
+            }
+        }
+        self
+    }
+
     /// Faults come from `path` once [`GpuProbe::start_events`] runs.
     pub fn with_fault_file(mut self, path: Option<PathBuf>) -> Self {
         self.fault_file = path;
@@ -278,6 +290,23 @@ mod tests {
         assert_eq!(ids.len(), 64);
         assert_eq!(pci_bus_id(0), "00000000:18:00.0");
         assert_eq!(pci_bus_id(9), "00000001:2A:00.0");
+    }
+
+    #[test]
+    fn a_replaced_gpu_has_a_new_uuid_and_serial_in_the_same_slot() -> Result<(), GpuError> {
+        let before = SimProbe::new("node-a", 4).inventory()?;
+        let after = SimProbe::new("node-a", 4)
+            .with_replaced("node-a", &[2])
+            .inventory()?;
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(
+                (b.index, &b.pci_bus_id, &b.name),
+                (a.index, &a.pci_bus_id, &a.name)
+            );
+            assert_eq!(b.uuid == a.uuid, b.index != 2, "{b:?} {a:?}");
+            assert_eq!(b.serial == a.serial, b.index != 2, "{b:?} {a:?}");
+        }
+        Ok(())
     }
 
     #[test]

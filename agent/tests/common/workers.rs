@@ -64,7 +64,7 @@ impl AgentService for Fake {
                     Reply::Registered(Registered {
                         heartbeat_interval_ms: 50,
                         lease_ms,
-                        coordinator_version: "fake".into(),
+                        coordinator_version: env!("CARGO_PKG_VERSION").into(),
                         session_id: 1,
                         coordinator_name: "fake".into(),
                         ..Default::default()

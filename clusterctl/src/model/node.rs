@@ -125,6 +125,10 @@ pub struct NodeDetail {
     pub workers: Vec<Worker>,
     pub first_registered_unix_ms: u64,
     pub last_registered_unix_ms: u64,
+    /// The host holding the node name (`/etc/machine-id`) and its boot; empty for an agent
+    /// that predates them.
+    pub machine_id: String,
+    pub boot_id: String,
     pub gpu_health: Vec<GpuHealth>,
     /// Newest last; the coordinator keeps the last 100.
     pub events: Vec<NodeEvent>,
@@ -218,6 +222,8 @@ impl NodeDetail {
                 .collect(),
             first_registered_unix_ms: d.first_registered_unix_ms,
             last_registered_unix_ms: d.last_registered_unix_ms,
+            machine_id: d.machine_id,
+            boot_id: d.boot_id,
             gpu_health: d.gpu_health.into_iter().map(GpuHealth::from).collect(),
             events: d.events.into_iter().map(NodeEvent::from).collect(),
             last_diagnostics: d.last_diagnostics.map(Diagnostics::from),
@@ -335,6 +341,8 @@ mod tests {
                 }],
                 first_registered_unix_ms: 5,
                 last_registered_unix_ms: 6,
+                machine_id: "3f2a".into(),
+                boot_id: "b1".into(),
                 gpu_health: vec![v1::GpuHealth {
                     index: 0,
                     condition: v1::Condition::Degraded as i32,
@@ -363,6 +371,8 @@ mod tests {
         );
         assert_eq!(value["first_registered_unix_ms"], json!(5));
         assert_eq!(value["last_registered_unix_ms"], json!(6));
+        assert_eq!(value["machine_id"], json!("3f2a"));
+        assert_eq!(value["boot_id"], json!("b1"));
         assert_eq!(
             value["gpu_health"],
             json!([{"index": 0, "condition": "Degraded", "reasons": ["temperature 91C above 85C"]}])

@@ -68,6 +68,15 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64, term: Term) -> String {
         }
     }
     out.line("hostname", or_dash(&n.hostname));
+    // The host that holds the name: what a name clash or a replaced host is judged by.
+    out.line(
+        "host identity",
+        match (d.machine_id.as_str(), d.boot_id.as_str()) {
+            ("", _) => "- (agent predates host identity)".to_owned(),
+            (m, "") => format!("machine-id {m}"),
+            (m, b) => format!("machine-id {m}, boot {b}"),
+        },
+    );
     out.line("agent version", or_dash(&n.agent_version));
     let backend = match n.gpu_backend {
         GpuBackend::Nvml => "nvml",
@@ -212,6 +221,8 @@ mod tests {
                 }],
                 first_registered_unix_ms: 0,
                 last_registered_unix_ms: 1_000_000,
+                machine_id: "3f2a9c1d".into(),
+                boot_id: "b007".into(),
                 gpu_health: vec![v1::GpuHealth {
                     index: 0,
                     condition: v1::Condition::Degraded as i32,
@@ -258,6 +269,10 @@ mod tests {
         assert!(text.contains("cordon source   operator\n"));
         assert!(text.contains("cordoned since  1970-01-01 00:16:40Z (12m ago)\n"));
         assert!(text.contains("registered      first -, last 1970-01-01 00:16:40Z (12m ago)\n"));
+        assert!(
+            text.contains("host identity   machine-id 3f2a9c1d, boot b007\n"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "GPUS (SIMULATED)\n\

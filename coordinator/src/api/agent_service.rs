@@ -10,8 +10,10 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
+use vigil_proto::compat;
 use vigil_proto::v1::{self, agent_message::Body};
 
+use crate::api::node_view::millis;
 use crate::engine::{EngineHandle, Event};
 use crate::metrics::Metrics;
 use crate::store::StoreMark;
@@ -24,6 +26,9 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const SESSION_QUEUE: usize = 64;
 /// Rejections per session logged at warn level; later ones at debug (they are all counted).
 const WARN_REJECTIONS: u32 = 10;
+/// How long an agent outside the version window waits before it registers again: an operator
+/// installs another release, which takes minutes, not moments.
+const VERSION_SKEW_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 pub use crate::limits::{MAX_GPUS, MAX_WORKERS, valid_node_name};
 pub use crate::validate::validate_register;
@@ -138,14 +143,21 @@ async fn run_session(
         Ok(Ok(Some(msg))) => match msg.body {
             Some(Body::Register(reg)) => {
                 let told = told_mark(&reg);
-                validate_register(reg, session, address)
-                    .map_err(|e| ("invalid_register", e))
-                    .and_then(|reg| {
-                        identity
-                            .may_register(&reg.node)
-                            .map(|()| (reg, told))
-                            .map_err(|e| ("wrong_identity", e))
-                    })
+                compat::check(
+                    compat::this_release(),
+                    compat::Peer::Agent,
+                    &reg.agent_version,
+                )
+                .map_err(|skew| ("version_skew", skew.0))
+                .and_then(|()| {
+                    validate_register(reg, session, address).map_err(|e| ("invalid_register", e))
+                })
+                .and_then(|reg| {
+                    identity
+                        .may_register(&reg.node)
+                        .map(|()| (reg, told))
+                        .map_err(|e| ("wrong_identity", e))
+                })
             }
             _ => Err((
                 "not_registered",
@@ -173,7 +185,13 @@ async fn run_session(
             let msg = v1::CoordinatorMessage {
                 body: Some(v1::coordinator_message::Body::Rejected(v1::Rejected {
                     reason,
-                    retry_after_ms: 0,
+                    // Another release is installed by an operator, not in a moment: the agent
+                    // waits, and says so once.
+                    retry_after_ms: if label == "version_skew" {
+                        millis(VERSION_SKEW_RETRY_AFTER)
+                    } else {
+                        0
+                    },
                 })),
                 term,
             };

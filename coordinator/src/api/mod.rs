@@ -6,6 +6,7 @@
 //! - `control_service`: the `ControlService` clusterctl talks to; `control_streams`: its
 //!   long-lived streams (`events --follow`, `job logs`).
 //! - `access`: who a request comes from and whether their role allows the call.
+//! - `client_version`: the version-skew check in front of `ControlService` (clusterctl's release).
 //! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
 //! - `node_view`, `job_view`, `lemon_view`, `recovery_view`, `breaker_view`: the protocol's
 //!   views of nodes, jobs, the lemon ledger, the recovery hold and the cordon breaker.
@@ -13,6 +14,7 @@
 pub mod access;
 pub mod agent_service;
 pub mod breaker_view;
+pub mod client_version;
 pub mod control_service;
 pub mod control_streams;
 pub mod job_view;

@@ -122,6 +122,8 @@ pub fn detail(n: &Node, held: Option<&Held>, now: vigil_core::time::Instant) -> 
         workers: n.workers.to_vec(),
         first_registered_unix_ms: n.record.first_registered_unix_ms,
         last_registered_unix_ms: n.record.last_registered_unix_ms,
+        machine_id: n.record.machine_id.clone(),
+        boot_id: n.record.boot_id.clone(),
         gpu_health: n
             .record
             .gpus

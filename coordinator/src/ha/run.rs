@@ -255,6 +255,10 @@ fn serve_standby(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
+    let control = tonic::service::interceptor::InterceptedService::new(
+        control,
+        crate::api::client_version::check,
+    );
     let incoming = vigil_tls::incoming(
         grpc,
         tls,

@@ -220,7 +220,7 @@ impl Cluster {
             node: node.to_owned(),
             hostname: node.to_owned(),
             address: "127.0.0.1".into(),
-            agent_version: "test".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
             simulated: true,
             gpus: (0..8)
                 .map(|i| GpuRecord {

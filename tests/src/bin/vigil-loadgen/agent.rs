@@ -123,13 +123,19 @@ struct Local {
     workers: Vec<FakeWorker>,
 }
 
-pub fn gpu_uuid(node: &str, index: u32) -> String {
-    // Stable per (node, index): FNV-1a of the name, formatted as an NVIDIA UUID.
+/// Stable per (node, index): FNV-1a of the name and index.
+fn gpu_hash(node: &str, index: u32) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in node.bytes().chain(index.to_le_bytes()) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    h
+}
+
+/// The GPU's UUID, formatted as NVIDIA's, unique per (node, index).
+pub fn gpu_uuid(node: &str, index: u32) -> String {
+    let h = gpu_hash(node, index);
     let lo = h.rotate_left(17) ^ 0x5bd1_e995;
     format!(
         "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
@@ -141,7 +147,7 @@ pub fn gpu_uuid(node: &str, index: u32) -> String {
     )
 }
 
-fn inventory(node: &str) -> Vec<GpuInfo> {
+fn inventory(node: &str, index: u64) -> Vec<GpuInfo> {
     (0..GPUS)
         .map(|i| GpuInfo {
             index: i,
@@ -149,7 +155,10 @@ fn inventory(node: &str) -> Vec<GpuInfo> {
             name: "NVIDIA H100 80GB HBM3 (SIMULATED)".into(),
             pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + i * 0x10),
             memory_total_bytes: 80 * 1024 * 1024 * 1024,
-            serial: format!("1650{:09}", i),
+            // Thirteen digits like a real board's, unique per (agent, GPU) for up to a million
+            // agents: the lemon ledger charges serials, so shared ones would make every node a
+            // repeat offender.
+            serial: format!("165{:06}{:04}", index % 1_000_000, i),
         })
         .collect()
 }
@@ -201,9 +210,10 @@ fn sample_template(seed: u64) -> Vec<GpuSample> {
 }
 
 impl Local {
+    /// `seed`: the agent's index, which makes its GPU serials its own.
     fn new(name: String, seed: u64) -> Self {
         Self {
-            gpus: inventory(&name),
+            gpus: inventory(&name, seed),
             template: sample_template(seed),
             name,
             workers: Vec::new(),
@@ -356,7 +366,7 @@ async fn session(
         hostname: local.name.clone(),
         // Thousands of fake hosts on one machine: each its own machine-id, as real hosts have.
         machine_id: format!("loadgen-{}", local.name),
-        agent_version: concat!("loadgen-", env!("CARGO_PKG_VERSION")).to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         gpu_backend: GpuBackend::Simulated.into(),
         gpus: local.gpus.clone(),
         workers: local.worker_infos(),
@@ -572,4 +582,23 @@ fn handle_command(
         | None => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_agents_gpus_have_their_own_serials_and_uuids() {
+        let mut serials = std::collections::HashSet::new();
+        let mut uuids = std::collections::HashSet::new();
+        for index in 0..10_000u64 {
+            let name = format!("load-{:05}", index + 1);
+            for g in inventory(&name, index) {
+                assert_eq!(g.serial.len(), 13, "{}", g.serial);
+                assert!(serials.insert(g.serial), "serial repeats at agent {index}");
+                assert!(uuids.insert(g.uuid), "uuid repeats at agent {index}");
+            }
+        }
+    }
 }
