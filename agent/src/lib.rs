@@ -5,6 +5,9 @@
 //! - [`cli`]: command-line flags layered over the config.
 //! - [`gpu`]: the [`gpu::GpuProbe`] trait, with NVML and simulated backends
 //!   (the simulator's fault file, NVML's XID event thread).
+//! - [`fabric`]: the InfiniBand/RoCE ports and network interfaces, read from sysfs (under
+//!   `--sysfs-root`) at every heartbeat; `--check-fabric`; a fake tree for tests.
+//! - [`fabric_metrics`]: the fabric's counters and states, named as node_exporter names them.
 //! - [`events`]: XID, lost-GPU and diagnostics events, queued until a session sends them.
 //! - [`diagnostics`]: the coordinator's `RunDiagnostics`: a configured command or the built-in self-check.
 //! - [`link`]: the reconnect loop that keeps a session with the coordinator alive, and finds
@@ -29,6 +32,8 @@ pub mod cli;
 pub mod config;
 pub mod diagnostics;
 pub mod events;
+pub mod fabric;
+pub mod fabric_metrics;
 pub mod gpu;
 pub mod gpu_metrics;
 pub mod identity;
@@ -291,6 +296,7 @@ async fn serve(
         hostname,
         identity: host,
         probe,
+        fabric: fabric::FabricReader::new(&config.sysfs_root, &config.fabric),
         metrics,
         diagnostics,
         remediation,

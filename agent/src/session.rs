@@ -19,7 +19,8 @@ use vigil_proto::v1::agent_service_client::AgentServiceClient;
 use vigil_proto::v1::command::Kind as CommandKind;
 use vigil_proto::v1::coordinator_message::Body as CoordinatorBody;
 use vigil_proto::v1::{
-    AgentEvent, AgentMessage, Command, CoordinatorMessage, Heartbeat, Register, Registered,
+    AgentEvent, AgentMessage, Command, CoordinatorMessage, FabricPort, Heartbeat, Register,
+    Registered,
 };
 
 use crate::config::Coordinators;
@@ -58,6 +59,8 @@ pub struct SessionContext {
     /// This host's machine-id and boot id, sent in every `Register` (see `identity`).
     pub identity: crate::identity::HostIdentity,
     pub probe: Arc<dyn GpuProbe>,
+    /// Reads the watched fabric ports for `Register` and every heartbeat.
+    pub fabric: crate::fabric::FabricReader,
     pub metrics: Metrics,
     /// Runs diagnostics the coordinator asks for; results come back as events.
     pub diagnostics: Arc<Diagnostics>,
@@ -192,12 +195,19 @@ async fn run_until_error(
         .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let mut outbound = Outbound { tx, next_seq: 1 };
+    let mut outbound = Outbound {
+        tx,
+        next_seq: 1,
+        fabric_read: false,
+    };
     // Re-read per session: a GPU that vanished since the last one must not be registered.
     let gpus = on_blocking_pool(&ctx.probe, |p| p.inventory())
         .await?
         .map_err(SessionError::Gpu)?;
     let gpu_count = gpus.len();
+    let fabric = read_fabric(&ctx.fabric).await.unwrap_or_default();
+    // Ports found now, or devices named: from now on an empty read means they are gone.
+    outbound.fabric_read = !fabric.is_empty() || ctx.fabric.configured();
     let told = ctx.store.kept().await;
     outbound.push(AgentBody::Register(Register {
         protocol_version: vigil_proto::PROTOCOL_VERSION,
@@ -212,6 +222,7 @@ async fn run_until_error(
         sent_at_unix_ms: unix_ms(),
         last_store_seq: told.as_ref().map_or(0, |m| m.seq),
         last_store_id: told.map(|m| m.store_id).unwrap_or_default(),
+        fabric,
     }))?;
     let registration = async {
         let mut inbound = client
@@ -377,6 +388,8 @@ struct Outbound {
     /// The receiving end feeds the gRPC request stream.
     tx: mpsc::Sender<AgentMessage>,
     next_seq: u64,
+    /// This session's heartbeats say the fabric is read (see `Heartbeat.fabric_read`).
+    fabric_read: bool,
 }
 
 impl Outbound {
@@ -418,10 +431,18 @@ impl Outbound {
     async fn heartbeat(&mut self, ctx: &SessionContext) -> Result<(), SessionError> {
         let gpus = sample(&ctx.probe).await;
         ctx.metrics.observe(&gpus);
+        // A read that failed says nothing: no ports, and not "read" (so not "all gone").
+        let (fabric, fabric_read) = match read_fabric(&ctx.fabric).await {
+            Some(ports) => (ports, self.fabric_read),
+            None => (Vec::new(), false),
+        };
+        ctx.metrics.observe_fabric(&fabric);
         let sent = self.push(AgentBody::Heartbeat(Heartbeat {
             sent_at_unix_ms: unix_ms(),
             gpus,
             workers: ctx.workers.list().await,
+            fabric,
+            fabric_read,
         }))?;
         if sent {
             ctx.metrics.heartbeats_sent.inc();
@@ -569,6 +590,27 @@ async fn sample(probe: &Arc<dyn GpuProbe>) -> Vec<GpuSample> {
     };
     warn!(%error, "GPU sample failed; heartbeat carries no GPU data");
     Vec::new()
+}
+
+/// Sysfs reads can block on a wedged driver too: off the async workers, and bounded in time. A
+/// read that does not finish is no data (no evidence), never a fault.
+async fn read_fabric(reader: &crate::fabric::FabricReader) -> Option<Vec<FabricPort>> {
+    let reader = reader.clone();
+    let read = tokio::task::spawn_blocking(move || reader.read());
+    match tokio::time::timeout(SAMPLE_TIMEOUT, read).await {
+        Ok(Ok(ports)) => Some(ports),
+        Ok(Err(e)) => {
+            warn!(error = %e, "fabric read failed; heartbeat carries no fabric data");
+            None
+        }
+        Err(_) => {
+            warn!(
+                timeout_ms = SAMPLE_TIMEOUT.as_millis() as u64,
+                "fabric read took too long; heartbeat carries no fabric data"
+            );
+            None
+        }
+    }
 }
 
 /// NVML calls block in the driver; keep them off the async workers.

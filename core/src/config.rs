@@ -32,6 +32,61 @@ pub struct HealthConfig {
     /// Per-XID class overrides: `"13" = "fatal"`; classes are `fatal`,
     /// `degrade`, `application`, `ignore`.
     pub xid: std::collections::BTreeMap<String, crate::xid::XidClass>,
+    /// `[health.fabric]`: the InfiniBand/RoCE ports' and network interfaces' rules.
+    pub fabric: FabricHealthConfig,
+}
+
+/// The fabric rules' thresholds (docs/fabric.md). A "flap" is one rise of a port's
+/// `link_downed`, `link_error_recovery` or `carrier_changes` counter.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FabricHealthConfig {
+    /// How far back flaps count.
+    #[serde(with = "humantime_serde")]
+    pub flap_window: Duration,
+    /// Flaps of one port within the window that make the node Degraded; 0: never.
+    pub flaps_degraded: u64,
+    /// Flaps of one port within the window that make the node Unhealthy (cordoned); 0: never.
+    pub flaps_unhealthy: u64,
+    /// A port running below the rate it had when the node registered makes the node Degraded.
+    pub rate_below_registered: bool,
+}
+
+pub const DEFAULT_FABRIC_FLAP_WINDOW: Duration = Duration::from_secs(3600);
+pub const DEFAULT_FABRIC_FLAPS_DEGRADED: u64 = 1;
+pub const DEFAULT_FABRIC_FLAPS_UNHEALTHY: u64 = 5;
+
+impl Default for FabricHealthConfig {
+    fn default() -> Self {
+        Self {
+            flap_window: DEFAULT_FABRIC_FLAP_WINDOW,
+            flaps_degraded: DEFAULT_FABRIC_FLAPS_DEGRADED,
+            flaps_unhealthy: DEFAULT_FABRIC_FLAPS_UNHEALTHY,
+            rate_below_registered: true,
+        }
+    }
+}
+
+impl FabricHealthConfig {
+    /// What is wrong with these settings, naming the key and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.flap_window.is_zero() {
+            return Err(
+                "health.fabric.flap_window must be longer than zero; use e.g. \"1h\"".into(),
+            );
+        }
+        if self.flaps_degraded > 0
+            && self.flaps_unhealthy > 0
+            && self.flaps_unhealthy < self.flaps_degraded
+        {
+            return Err(format!(
+                "health.fabric.flaps_unhealthy ({}) is below health.fabric.flaps_degraded ({}); \
+                 make it at least as large, or 0 to never cordon for flaps",
+                self.flaps_unhealthy, self.flaps_degraded
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub const DEFAULT_TEMPERATURE_MAX_C: f32 = 90.0;
@@ -46,6 +101,7 @@ impl Default for HealthConfig {
             degrade_recurrence: 2,
             application_recurrence: 3,
             xid: std::collections::BTreeMap::new(),
+            fabric: FabricHealthConfig::default(),
         }
     }
 }

@@ -63,6 +63,8 @@ pub struct NodeHealth {
     pub xid_history: Vec<(u32, u32, XidClass, u64)>,
     /// Set while the node straggles in a job (see `stragglers`): Degraded.
     pub straggler: Option<Finding>,
+    /// The fabric ports' policy and its findings (see `fabric`).
+    pub fabric: crate::fabric::FabricHealth,
 }
 
 fn gpu_label(index: u32, uuid: &str) -> String {
@@ -79,6 +81,7 @@ impl NodeHealth {
             .iter()
             .chain(self.event_findings.iter().map(|e| &e.finding))
             .chain(self.straggler.iter())
+            .chain(self.fabric.findings.iter())
     }
 
     pub fn condition(&self) -> Condition {
@@ -125,6 +128,7 @@ impl NodeHealth {
     pub fn clear_events(&mut self) {
         self.event_findings.clear();
         self.xid_history.clear();
+        self.fabric.forget_flaps();
     }
 
     /// Judge an XID. Returns its class so the caller can record it.
@@ -224,7 +228,7 @@ impl NodeHealth {
     }
 }
 
-/// Findings from one heartbeat's samples against the registered inventory.
+/// Findings from one heartbeat's GPU samples against the registered inventory.
 pub fn judge_samples(
     gpus: &[GpuRecord],
     samples: &[v1::GpuSample],

@@ -27,6 +27,13 @@ impl ClusterState {
         let known = self.nodes.len();
         let node = live_session(&mut self.nodes, node_name, session)?;
         node.health.sample_findings = health::judge_samples(&node.record.gpus, &hb.gpus, &cfg);
+        node.health.fabric.judge(
+            &hb.fabric,
+            hb.fabric_read,
+            hb.sent_at_unix_ms,
+            now.mono_ms(),
+            &cfg.fabric,
+        );
         node.last_samples = Arc::new(hb.gpus);
         node.workers = Arc::new(hb.workers);
         let mut effects = Vec::new();

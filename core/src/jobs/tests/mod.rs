@@ -19,6 +19,7 @@ use crate::test_utils::{agent_event, heartbeat, starts, step_ok, step_raw, stops
 
 mod clocks;
 mod commands;
+mod fabric;
 mod lifecycle;
 
 fn t0() -> Now {
@@ -71,6 +72,7 @@ fn reg(node: &str, session: u64, workers: Vec<v1::WorkerInfo>) -> Registration {
             })
             .collect(),
         workers,
+        fabric: Vec::new(),
     }
 }
 

@@ -240,6 +240,7 @@ impl Local {
             sent_at_unix_ms: now,
             gpus,
             workers: self.worker_infos(),
+            ..Heartbeat::default()
         }
     }
 }
