@@ -16,10 +16,8 @@
 use vigil_proto::v1::{FabricKind, FabricPort};
 
 use crate::config::FabricHealthConfig;
+use crate::counter_window::CounterWindow;
 use crate::health::{Condition, Finding};
-
-/// Most change points kept per port: beyond this many flaps in a window the answer is the same.
-const MAX_HISTORY: usize = 64;
 
 /// A required port: what it was when the node registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,48 +55,6 @@ impl std::fmt::Display for PortKey {
     }
 }
 
-/// Flap counts of one port: (monotonic ms, counter total) at each change, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Flaps {
-    key: PortKey,
-    points: Vec<(u64, u64)>,
-}
-
-impl Flaps {
-    /// Record `total` at `now_ms`; a counter that went back (a driver reload) starts over.
-    fn observe(&mut self, total: u64, now_ms: u64, window_ms: u64) {
-        match self.points.last() {
-            Some((_, last)) if *last == total => {}
-            Some((_, last)) if *last > total => self.points = vec![(now_ms, total)],
-            _ => self.points.push((now_ms, total)),
-        }
-        // Keep the newest point at or before the window's start: it is the baseline.
-        let start = now_ms.saturating_sub(window_ms);
-        let before = self.points.iter().filter(|(at, _)| *at <= start).count();
-        if before > 1 {
-            self.points.drain(..before - 1);
-        }
-        if self.points.len() > MAX_HISTORY {
-            self.points.drain(1..self.points.len() - MAX_HISTORY + 1);
-        }
-    }
-
-    /// How much the counters rose within the window.
-    fn rise(&self) -> u64 {
-        match (self.points.first(), self.points.last()) {
-            (Some((_, first)), Some((_, last))) => last.saturating_sub(*first),
-            _ => 0,
-        }
-    }
-
-    /// The operator says the port is fixed: the latest value is the new baseline.
-    fn forget(&mut self) {
-        if let Some(last) = self.points.last().copied() {
-            self.points = vec![last];
-        }
-    }
-}
-
 /// What the policy remembers of one node's fabric.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FabricHealth {
@@ -106,7 +62,7 @@ pub struct FabricHealth {
     pub required: Vec<RequiredPort>,
     /// From the latest heartbeat; replaced by every heartbeat that carries fabric data.
     pub findings: Vec<Finding>,
-    flaps: Vec<Flaps>,
+    flaps: Vec<(PortKey, CounterWindow)>,
 }
 
 /// Whether a port is up: an InfiniBand port `ACTIVE` (and `LinkUp` where the physical state
@@ -157,7 +113,7 @@ impl FabricHealth {
 
     /// The operator says the node is fixed: flaps seen so far no longer count.
     pub fn forget_flaps(&mut self) {
-        self.flaps.iter_mut().for_each(Flaps::forget);
+        self.flaps.iter_mut().for_each(|(_, w)| w.forget());
     }
 
     /// Judge one heartbeat's read. `read`: the agent reads the fabric (so an empty `ports`
@@ -214,8 +170,8 @@ impl FabricHealth {
             if let Some(rise) = self
                 .flaps
                 .iter()
-                .find(|f| f.key == req.key)
-                .map(Flaps::rise)
+                .find(|(key, _)| *key == req.key)
+                .map(|(_, w)| w.rise())
             {
                 let over = |limit: u64| limit > 0 && rise >= limit;
                 let condition = if over(cfg.flaps_unhealthy) {
@@ -266,19 +222,16 @@ impl FabricHealth {
                 continue;
             }
             let total = flap_total(p);
-            match self.flaps.iter_mut().find(|f| f.key == key) {
-                Some(f) => f.observe(total, now_ms, window_ms),
-                None => self.flaps.push(Flaps {
-                    key,
-                    points: vec![(now_ms, total)],
-                }),
+            match self.flaps.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, w)) => w.observe(total, now_ms, window_ms),
+                None => self.flaps.push((key, CounterWindow::new(total, now_ms))),
             }
         }
     }
 }
 
 fn window_ms(cfg: &FabricHealthConfig) -> u64 {
-    u64::try_from(cfg.flap_window.as_millis()).unwrap_or(u64::MAX)
+    crate::counter_window::millis(cfg.flap_window)
 }
 
 #[cfg(test)]

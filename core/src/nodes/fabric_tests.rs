@@ -281,7 +281,7 @@ fn the_history_stays_bounded_under_a_storm_of_flaps() {
     for i in 1..=1000 {
         judge_at(&mut f, &[flapped(ib("mlx5_0", 1), i)], i * 100);
     }
-    assert!(f.flaps[0].points.len() <= MAX_HISTORY + 1);
+    assert!(f.flaps[0].1.len() <= crate::counter_window::MAX_POINTS + 1);
     assert_eq!(f.findings[0].condition, Condition::Unhealthy);
 }
 

@@ -65,6 +65,8 @@ pub struct NodeHealth {
     pub straggler: Option<Finding>,
     /// The fabric ports' policy and its findings (see `fabric`).
     pub fabric: crate::fabric::FabricHealth,
+    /// The GPU error counters' rate rules and the NVLinks in use (see `gpu_counters`).
+    pub counters: crate::gpu_counters::GpuCounters,
 }
 
 fn gpu_label(index: u32, uuid: &str) -> String {
@@ -82,6 +84,7 @@ impl NodeHealth {
             .chain(self.event_findings.iter().map(|e| &e.finding))
             .chain(self.straggler.iter())
             .chain(self.fabric.findings.iter())
+            .chain(self.counters.findings.iter())
     }
 
     pub fn condition(&self) -> Condition {
@@ -129,6 +132,7 @@ impl NodeHealth {
         self.event_findings.clear();
         self.xid_history.clear();
         self.fabric.forget_flaps();
+        self.counters.forget();
     }
 
     /// Judge an XID. Returns its class so the caller can record it.

@@ -89,6 +89,7 @@ impl ClusterState {
         node.health
             .fabric
             .register(&reg.fabric, now.mono_ms(), &self.health.fabric);
+        node.health.counters.register();
         let backend = if reg.simulated { "SIMULATED" } else { "NVML" };
         effects.push(record(
             node,

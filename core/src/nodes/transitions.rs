@@ -26,7 +26,11 @@ impl ClusterState {
         let cfg = self.health.clone();
         let known = self.nodes.len();
         let node = live_session(&mut self.nodes, node_name, session)?;
-        node.health.sample_findings = health::judge_samples(&node.record.gpus, &hb.gpus, &cfg);
+        let used = node.health.counters.used_links(&hb.gpus);
+        node.health.sample_findings = health::judge_samples(&node.record.gpus, &used, &cfg);
+        node.health
+            .counters
+            .judge(&hb.gpus, now.mono_ms(), &cfg.rates);
         node.health.fabric.judge(
             &hb.fabric,
             hb.fabric_read,
