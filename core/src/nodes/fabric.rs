@@ -13,6 +13,8 @@
 //! Times are milliseconds on the monotonic clock (`Now::mono_ms`); findings carry the agent's
 //! wall time of the heartbeat, for the fault-to-cordon latency only.
 
+use std::sync::Arc;
+
 use vigil_proto::v1::{FabricKind, FabricPort};
 
 use crate::config::FabricHealthConfig;
@@ -36,6 +38,13 @@ pub struct PortKey {
 }
 
 impl PortKey {
+    /// Whether `p` is this port (without building its key).
+    pub fn matches(&self, p: &FabricPort) -> bool {
+        self.netdev == (p.kind() == FabricKind::Netdev)
+            && self.port == p.port
+            && self.device == p.device
+    }
+
     pub fn of(p: &FabricPort) -> Self {
         Self {
             netdev: p.kind() == FabricKind::Netdev,
@@ -58,11 +67,13 @@ impl std::fmt::Display for PortKey {
 /// What the policy remembers of one node's fabric.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FabricHealth {
-    /// The ports up at registration, in key order.
-    pub required: Vec<RequiredPort>,
+    /// The ports up at registration, in key order. Shared: it changes only at a registration,
+    /// and nodes are cloned for every snapshot.
+    pub required: Arc<Vec<RequiredPort>>,
     /// From the latest heartbeat; replaced by every heartbeat that carries fabric data.
     pub findings: Vec<Finding>,
-    flaps: Vec<(PortKey, CounterWindow)>,
+    /// The flaps of `required[i]`, once a read of it was seen.
+    flaps: Vec<Option<CounterWindow>>,
 }
 
 /// Whether a port is up: an InfiniBand port `ACTIVE` (and `LinkUp` where the physical state
@@ -105,15 +116,18 @@ impl FabricHealth {
             .collect();
         required.sort_by(|a, b| a.key.cmp(&b.key));
         required.dedup_by(|a, b| a.key == b.key);
-        self.required = required;
+        self.flaps = vec![None; required.len()];
+        self.required = Arc::new(required);
         self.findings.clear();
-        self.flaps.clear();
         self.observe_flaps(ports, now_ms, window_ms(cfg));
     }
 
     /// The operator says the node is fixed: flaps seen so far no longer count.
     pub fn forget_flaps(&mut self) {
-        self.flaps.iter_mut().for_each(|(_, w)| w.forget());
+        self.flaps
+            .iter_mut()
+            .flatten()
+            .for_each(CounterWindow::forget);
     }
 
     /// Judge one heartbeat's read. `read`: the agent reads the fabric (so an empty `ports`
@@ -132,7 +146,7 @@ impl FabricHealth {
         }
         self.observe_flaps(ports, now_ms, window_ms(cfg));
         let mut out = Vec::new();
-        for req in &self.required {
+        for (req, flaps) in self.required.iter().zip(&self.flaps) {
             let mut add = |condition, rule, message: String| {
                 out.push(Finding {
                     condition,
@@ -146,7 +160,7 @@ impl FabricHealth {
                 Some(r) => format!("was {}, {}", req.state, rate_text(r)),
                 None => format!("was {}", req.state),
             };
-            let Some(p) = ports.iter().find(|p| PortKey::of(p) == req.key) else {
+            let Some(p) = ports.iter().find(|p| req.key.matches(p)) else {
                 add(
                     Condition::Unhealthy,
                     "fabric_port_down",
@@ -167,12 +181,7 @@ impl FabricHealth {
                 );
                 continue;
             }
-            if let Some(rise) = self
-                .flaps
-                .iter()
-                .find(|(key, _)| *key == req.key)
-                .map(|(_, w)| w.rise())
-            {
+            if let Some(rise) = flaps.as_ref().map(CounterWindow::rise) {
                 let over = |limit: u64| limit > 0 && rise >= limit;
                 let condition = if over(cfg.flaps_unhealthy) {
                     Some(Condition::Unhealthy)
@@ -216,15 +225,14 @@ impl FabricHealth {
     }
 
     fn observe_flaps(&mut self, ports: &[FabricPort], now_ms: u64, window_ms: u64) {
-        for p in ports {
-            let key = PortKey::of(p);
-            if !self.required.iter().any(|r| r.key == key) {
+        for (req, flaps) in self.required.iter().zip(self.flaps.iter_mut()) {
+            let Some(p) = ports.iter().find(|p| req.key.matches(p)) else {
                 continue;
-            }
+            };
             let total = flap_total(p);
-            match self.flaps.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, w)) => w.observe(total, now_ms, window_ms),
-                None => self.flaps.push((key, CounterWindow::new(total, now_ms))),
+            match flaps {
+                Some(w) => w.observe(total, now_ms, window_ms),
+                None => *flaps = Some(CounterWindow::new(total, now_ms)),
             }
         }
     }

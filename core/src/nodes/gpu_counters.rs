@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use vigil_proto::v1::GpuSample;
 
@@ -27,8 +28,8 @@ enum Counter {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuCounters {
     /// Per GPU index, the NVLinks active in the first sample after registration; `None` until
-    /// that sample.
-    pub nvlink_baseline: Option<BTreeMap<u32, Vec<u32>>>,
+    /// that sample. Shared: set once per registration, and nodes are cloned for every snapshot.
+    pub nvlink_baseline: Option<Arc<BTreeMap<u32, Vec<u32>>>>,
     /// From the latest heartbeat.
     pub findings: Vec<Finding>,
     windows: Vec<((u32, Counter), CounterWindow)>,
@@ -68,13 +69,15 @@ impl GpuCounters {
             return Cow::Borrowed(samples);
         }
         let baseline = self.nvlink_baseline.get_or_insert_with(|| {
-            samples
-                .iter()
-                .map(|s| {
-                    let active = s.nvlinks.iter().filter(|l| l.active).map(|l| l.link);
-                    (s.index, active.collect())
-                })
-                .collect()
+            Arc::new(
+                samples
+                    .iter()
+                    .map(|s| {
+                        let active = s.nvlinks.iter().filter(|l| l.active).map(|l| l.link);
+                        (s.index, active.collect())
+                    })
+                    .collect(),
+            )
         });
         let unused = |s: &GpuSample, link: u32| {
             !baseline
