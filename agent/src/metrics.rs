@@ -268,7 +268,8 @@ impl Metrics {
                 | Kind::Checkpoint(_)
                 | Kind::CheckpointScan(_)
                 | Kind::RemediationResult(_)
-                | Kind::LogData(_),
+                | Kind::LogData(_)
+                | Kind::HangEvidence(_),
             )
             | None => {}
         }

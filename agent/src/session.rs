@@ -61,6 +61,8 @@ pub struct SessionContext {
     pub probe: Arc<dyn GpuProbe>,
     /// Reads the watched fabric ports for `Register` and every heartbeat.
     pub fabric: crate::fabric::FabricReader,
+    /// Captures a hung attempt's evidence, and holds its stop until the capture ended.
+    pub evidence: crate::evidence::Evidence,
     pub metrics: Metrics,
     /// Runs diagnostics the coordinator asks for; results come back as events.
     pub diagnostics: Arc<Diagnostics>,
@@ -563,8 +565,12 @@ fn run_command(ctx: &SessionContext, command: Command) {
         Some(CommandKind::RunDiagnostics(r)) => {
             ctx.diagnostics.spawn(command.id, r.timeout_ms, r.command)
         }
-        Some(CommandKind::StartWorker(start)) => ctx.workers.start_worker(start),
-        Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
+        Some(CommandKind::StartWorker(start)) => {
+            ctx.evidence.on_start(&start);
+            ctx.workers.start_worker(start);
+        }
+        Some(CommandKind::StopWorkers(stop)) => ctx.evidence.stop(stop),
+        Some(CommandKind::CaptureEvidence(capture)) => ctx.evidence.capture(capture),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),
         Some(CommandKind::ScanCheckpoints(scan)) => ctx.workers.scan_checkpoints(scan),
         Some(CommandKind::Remediate(step)) => ctx.remediation.spawn(step),

@@ -16,7 +16,7 @@ pub mod fixtures;
 mod goodput;
 mod ha;
 mod health;
-mod job;
+pub mod job;
 mod lemons;
 mod node;
 mod ops;

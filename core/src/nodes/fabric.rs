@@ -76,14 +76,7 @@ pub struct FabricHealth {
     flaps: Vec<Option<CounterWindow>>,
 }
 
-/// Whether a port is up: an InfiniBand port `ACTIVE` (and `LinkUp` where the physical state
-/// was read), a netdev `up`.
-pub fn is_up(p: &FabricPort) -> bool {
-    if p.kind() == FabricKind::Netdev {
-        return p.state == "up";
-    }
-    p.state == "ACTIVE" && (p.phys_state.is_empty() || p.phys_state == "LinkUp")
-}
+pub use vigil_proto::fabric_port::is_up;
 
 /// `400 Gb/sec`, `2.5 Gb/sec`: the way sysfs writes an InfiniBand rate.
 pub fn rate_text(mbps: u64) -> String {

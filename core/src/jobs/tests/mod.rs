@@ -19,6 +19,7 @@ use crate::test_utils::{agent_event, heartbeat, starts, step_ok, step_raw, stops
 
 mod clocks;
 mod commands;
+mod evidence;
 mod fabric;
 mod lifecycle;
 

@@ -568,7 +568,10 @@ fn handle_command(
         }
         // Diagnostics, log reads and remediation are not part of the load test.
         Some(
-            CommandKind::RunDiagnostics(_) | CommandKind::ReadLog(_) | CommandKind::Remediate(_),
+            CommandKind::RunDiagnostics(_)
+            | CommandKind::ReadLog(_)
+            | CommandKind::Remediate(_)
+            | CommandKind::CaptureEvidence(_),
         )
         | None => {}
     }
