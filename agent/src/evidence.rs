@@ -68,7 +68,8 @@ impl Evidence {
         }
     }
 
-    /// A worker of `start` is about to start: keep the fabric counters as its baseline.
+    /// A worker of `start` is about to start: keep the fabric counters as its baseline (the
+    /// first time: the coordinator re-sends a start until it is confirmed).
     pub fn on_start(&self, start: &StartWorker) {
         let key = (start.job_id.clone(), start.attempt);
         let fabric = self.fabric.clone();
@@ -76,7 +77,9 @@ impl Evidence {
         tokio::task::spawn_blocking(move || {
             let ports = fabric.read();
             let mut b = baselines.lock().unwrap_or_else(PoisonError::into_inner);
-            b.retain(|(k, _)| *k != key);
+            if b.iter().any(|(k, _)| *k == key) {
+                return;
+            }
             b.push((key, ports));
             if b.len() > MAX_BASELINES {
                 b.remove(0);
@@ -207,9 +210,10 @@ impl Evidence {
     }
 }
 
-/// Every process whose process group is `pgid`'s (the worker leads its group), at most
+/// Every process of `pid`'s process group (the worker's whole group), at most
 /// [`MAX_PROCESSES`], read under `proc` (a fake tree in tests).
-pub fn processes(proc: &Path, pgid: u32) -> Vec<ProcessEvidence> {
+pub fn processes(proc: &Path, pid: u32) -> Vec<ProcessEvidence> {
+    let pgid = process_group(proc, pid).unwrap_or(pid);
     let Ok(entries) = std::fs::read_dir(proc) else {
         return Vec::new();
     };

@@ -24,9 +24,9 @@ fn every_process_of_the_workers_group_is_read_with_its_kernel_view() -> std::io:
     proc_entry(root.path(), 200, "bash", 200, "S (sleeping)")?;
     std::fs::write(root.path().join("101/stack"), "[<0>] futex_wait+0x1/0x2\n")?;
     std::fs::create_dir_all(root.path().join("self"))?;
-    let found = processes(root.path(), 100);
+    let found = processes(root.path(), 101);
     let pids: Vec<u32> = found.iter().map(|p| p.pid).collect();
-    assert_eq!(pids, [100, 101]);
+    assert_eq!(pids, [100, 101], "the whole group of 101");
     assert_eq!(found[1].comm, "pt_main thread", "a command with a space");
     assert_eq!(found[1].state, "D (disk sleep)");
     assert_eq!(found[1].wchan, "futex_wait_queue");

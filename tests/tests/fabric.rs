@@ -197,3 +197,50 @@ fn check_fabric_prints_what_it_reads_from_the_tree() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_hung_jobs_failure_shows_each_workers_captured_state_and_the_fabric_it_points_at() -> Result<()>
+{
+    let (cluster, trees) = fabric_cluster(2)?;
+    let id = cluster.submit(&spec(&cluster, 2, 0, ", FAKE_HANG_AT_STEP = \"30\"", "")?)?;
+    cluster.wait_job(&id, "attempt 1 running", |j| workers_running(j, 2))?;
+    // While the ranks wait on each other, node-1's port flaps once (Degraded, not cordoned:
+    // the attempt fails as a hang, and the evidence points at node-1).
+    trees[1].bump_ib_counter("mlx5_0", 1, "link_downed", 1)?;
+    let job = cluster.wait_job(&id, "attempt 1's evidence from both nodes", |j| {
+        attempts(j)
+            .first()
+            .and_then(|a| a["evidence"].as_array().map(Vec::len))
+            == Some(2)
+    })?;
+    let a = &attempts(&job)[0];
+    assert!(a["reason"].as_str().unwrap_or("").contains("hung"), "{a}");
+    for e in a["evidence"].as_array().context("evidence")? {
+        assert_eq!(e["error"], "", "{e}");
+        let processes = e["processes"].as_array().context("processes")?;
+        assert!(!processes.is_empty(), "{e}");
+        for p in processes {
+            assert!(p["pid"].as_u64().unwrap_or(0) > 0, "{p}");
+            assert!(!p["state"].as_str().unwrap_or("").is_empty(), "{p}");
+            assert!(!p["kernel_stack"].as_str().unwrap_or("").is_empty(), "{p}");
+        }
+        assert!(!e["log_tail"].as_str().unwrap_or("").is_empty(), "{e}");
+    }
+    let node1 = &a["evidence"][1];
+    assert_eq!(node1["node"], "node-1");
+    assert_eq!(node1["fabric"][0]["port"], "mlx5_0/1");
+    assert_eq!(node1["fabric"][0]["link_downed"], 1);
+    assert_eq!(a["evidence"][0]["fabric"], serde_json::json!([]));
+    assert_eq!(
+        a["suspect"],
+        "node-1: port mlx5_0/1 flapped 1 times during the attempt"
+    );
+    let shown = vigil_tests::clusterctl(&cluster.url(), &["job", "show", &id])?;
+    assert!(
+        shown.stdout.contains("HANG EVIDENCE of attempt 1")
+            && shown.stdout.contains("points at node-1"),
+        "{}",
+        shown.stdout
+    );
+    Ok(())
+}
