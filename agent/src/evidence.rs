@@ -72,6 +72,15 @@ impl Evidence {
     /// first time: the coordinator re-sends a start until it is confirmed).
     pub fn on_start(&self, start: &StartWorker) {
         let key = (start.job_id.clone(), start.attempt);
+        let known = |b: &[Baseline]| b.iter().any(|(k, _)| *k == key);
+        if known(
+            &self
+                .baselines
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) {
+            return;
+        }
         let fabric = self.fabric.clone();
         let baselines = Arc::clone(&self.baselines);
         tokio::task::spawn_blocking(move || {
