@@ -19,8 +19,7 @@ use vigil_proto::v1::agent_service_client::AgentServiceClient;
 use vigil_proto::v1::command::Kind as CommandKind;
 use vigil_proto::v1::coordinator_message::Body as CoordinatorBody;
 use vigil_proto::v1::{
-    AgentEvent, AgentMessage, Command, CoordinatorMessage, FabricPort, Heartbeat, Register,
-    Registered,
+    AgentEvent, AgentMessage, Command, CoordinatorMessage, Heartbeat, Register, Registered,
 };
 
 use crate::config::Coordinators;
@@ -207,7 +206,11 @@ async fn run_until_error(
         .await?
         .map_err(SessionError::Gpu)?;
     let gpu_count = gpus.len();
-    let fabric = read_fabric(&ctx.fabric).await.unwrap_or_default();
+    let fabric = ctx
+        .fabric
+        .read_bounded(SAMPLE_TIMEOUT)
+        .await
+        .unwrap_or_default();
     // Ports found now, or devices named: from now on an empty read means they are gone.
     outbound.fabric_read = !fabric.is_empty() || ctx.fabric.configured();
     let told = ctx.store.kept().await;
@@ -434,7 +437,7 @@ impl Outbound {
         let gpus = sample(&ctx.probe).await;
         ctx.metrics.observe(&gpus);
         // A read that failed says nothing: no ports, and not "read" (so not "all gone").
-        let (fabric, fabric_read) = match read_fabric(&ctx.fabric).await {
+        let (fabric, fabric_read) = match ctx.fabric.read_bounded(SAMPLE_TIMEOUT).await {
             Some(ports) => (ports, self.fabric_read),
             None => (Vec::new(), false),
         };
@@ -596,27 +599,6 @@ async fn sample(probe: &Arc<dyn GpuProbe>) -> Vec<GpuSample> {
     };
     warn!(%error, "GPU sample failed; heartbeat carries no GPU data");
     Vec::new()
-}
-
-/// Sysfs reads can block on a wedged driver too: off the async workers, and bounded in time. A
-/// read that does not finish is no data (no evidence), never a fault.
-async fn read_fabric(reader: &crate::fabric::FabricReader) -> Option<Vec<FabricPort>> {
-    let reader = reader.clone();
-    let read = tokio::task::spawn_blocking(move || reader.read());
-    match tokio::time::timeout(SAMPLE_TIMEOUT, read).await {
-        Ok(Ok(ports)) => Some(ports),
-        Ok(Err(e)) => {
-            warn!(error = %e, "fabric read failed; heartbeat carries no fabric data");
-            None
-        }
-        Err(_) => {
-            warn!(
-                timeout_ms = SAMPLE_TIMEOUT.as_millis() as u64,
-                "fabric read took too long; heartbeat carries no fabric data"
-            );
-            None
-        }
-    }
 }
 
 /// NVML calls block in the driver; keep them off the async workers.

@@ -108,6 +108,28 @@ impl FabricReader {
         ports
     }
 
+    /// [`Self::read`] off the async workers (sysfs reads can block on a wedged driver too),
+    /// within `limit`. `None` when it failed or took longer: no data, which is no evidence
+    /// either way, never a fault.
+    pub async fn read_bounded(&self, limit: std::time::Duration) -> Option<Vec<FabricPort>> {
+        let reader = self.clone();
+        let read = tokio::task::spawn_blocking(move || reader.read());
+        match tokio::time::timeout(limit, read).await {
+            Ok(Ok(ports)) => Some(ports),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "fabric read failed; heartbeat carries no fabric data");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = limit.as_millis() as u64,
+                    "fabric read took too long; heartbeat carries no fabric data"
+                );
+                None
+            }
+        }
+    }
+
     fn wants_ib(&self, device: &str, port: u32) -> bool {
         if self.devices.is_empty() {
             return true;
