@@ -135,6 +135,14 @@ impl NodeHealth {
         self.counters.forget();
     }
 
+    /// Forget what the latest heartbeat showed (GPU samples, fabric, counter rates): only
+    /// fresh evidence counts from here.
+    pub fn clear_samples(&mut self) {
+        self.sample_findings.clear();
+        self.fabric.findings.clear();
+        self.counters.findings.clear();
+    }
+
     /// Judge an XID. Returns its class so the caller can record it.
     pub fn on_xid(
         &mut self,
