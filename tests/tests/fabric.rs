@@ -67,6 +67,16 @@ fn a_port_going_down_on_a_jobs_node_cordons_it_and_relaunches_the_job() -> Resul
     let node = cluster.node(&victim)?;
     assert_eq!(node["cordon"]["source"], "auto");
     assert_eq!(node["condition"], "Unhealthy");
+    let detail =
+        vigil_tests::clusterctl(&cluster.url(), &["-o", "json", "node", &victim])?.json()?;
+    let ports = detail["fabric"].as_array().context("fabric ports")?;
+    let down: Vec<&Value> = ports.iter().filter(|p| p["state"] == "DOWN").collect();
+    assert_eq!(down.len(), 1, "{ports:?}");
+    assert_eq!(
+        (&down[0]["device"], &down[0]["port"]),
+        (&Value::from("mlx5_1"), &Value::from(1))
+    );
+    assert_eq!(ports.len(), 3, "two InfiniBand ports and eth0: {ports:?}");
 
     let job = cluster.wait_job(&id, "attempt 2 running without the victim", |j| {
         attempt(j) == 2 && workers_running(j, 2)

@@ -18,7 +18,7 @@ mod ha;
 mod health;
 pub mod job;
 mod lemons;
-mod node;
+pub mod node;
 mod ops;
 mod recovery;
 mod sample;

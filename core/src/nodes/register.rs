@@ -90,6 +90,7 @@ impl ClusterState {
             .fabric
             .register(&reg.fabric, now.mono_ms(), &self.health.fabric);
         node.health.counters.register();
+        node.last_fabric = Arc::new(reg.fabric);
         let backend = if reg.simulated { "SIMULATED" } else { "NVML" };
         effects.push(record(
             node,

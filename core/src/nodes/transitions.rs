@@ -39,6 +39,9 @@ impl ClusterState {
             &cfg.fabric,
         );
         node.last_samples = Arc::new(hb.gpus);
+        if hb.fabric_read || !hb.fabric.is_empty() {
+            node.last_fabric = Arc::new(hb.fabric);
+        }
         node.workers = Arc::new(hb.workers);
         let mut effects = Vec::new();
         hear_from(node, now, "heartbeat resumed", &mut effects);
