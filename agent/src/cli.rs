@@ -17,6 +17,7 @@ use crate::config::{AgentConfig, ConfigError, Coordinators, GpuBackendKind};
 /// direct use.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "vigil-agent", version)]
+#[command(group(clap::ArgGroup::new("checks").args(["check_gpus", "check_fabric"])))]
 pub struct Cli {
     /// TOML config file; flags given here override its keys.
     #[arg(long, value_name = "FILE")]
@@ -56,6 +57,10 @@ pub struct Cli {
     /// "Simulated faults".
     #[arg(long, value_name = "FILE")]
     pub sim_fault_file: Option<PathBuf>,
+    /// Root under which sysfs is read for the fabric ports (`sys/class/infiniband`,
+    /// `sys/class/net`) [default: /]. Tests and the simulator point it at a fake tree.
+    #[arg(long, value_name = "DIR")]
+    pub sysfs_root: Option<PathBuf>,
     /// Local state directory, created if missing [default: /var/lib/vigil-agent].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -74,8 +79,13 @@ pub struct Cli {
     /// (no NVIDIA driver), 1 when a query fails. Nothing else is started.
     #[arg(long, conflicts_with = "check_config")]
     pub check_gpus: bool,
-    /// With --check-gpus: one JSON document instead of text.
-    #[arg(long, requires = "check_gpus")]
+    /// Read the watched fabric ports (InfiniBand ports, RoCE interfaces; see [fabric] devices
+    /// and --sysfs-root) once, print every value read (or "absent") and exit 0. Nothing else
+    /// is started.
+    #[arg(long, conflicts_with_all = ["check_config", "check_gpus"])]
+    pub check_fabric: bool,
+    /// With --check-gpus or --check-fabric: one JSON document instead of text.
+    #[arg(long, requires = "checks")]
     pub json: bool,
     /// Print this program's man page (roff) to stdout and exit; scripts/package.sh uses it.
     #[arg(long, hide = true, exclusive = true)]
@@ -103,6 +113,13 @@ impl Cli {
     pub fn into_gpu_config(self) -> Result<AgentConfig, ConfigError> {
         let cfg = self.merged()?;
         cfg.validate_gpu()?;
+        Ok(cfg)
+    }
+
+    /// For `--check-fabric`: as [`Self::into_gpu_config`], for the keys reading the fabric needs.
+    pub fn into_fabric_config(self) -> Result<AgentConfig, ConfigError> {
+        let cfg = self.merged()?;
+        cfg.validate_fabric()?;
         Ok(cfg)
     }
 
@@ -144,6 +161,9 @@ impl Cli {
         }
         if let Some(v) = self.sim_fault_file {
             cfg.sim_fault_file = Some(v);
+        }
+        if let Some(v) = self.sysfs_root {
+            cfg.sysfs_root = v;
         }
         if let Some(v) = self.state_dir {
             cfg.state_dir = v;
@@ -257,6 +277,21 @@ mod tests {
         assert!(parse(&["--json"]).is_err());
         let cli = parse(&["--check-gpus", "--json", "--gpu-backend=sim"])?;
         assert!(cli.check_gpus && cli.json);
+        Ok(())
+    }
+
+    #[test]
+    fn check_fabric_takes_json_and_a_sysfs_root_but_not_check_gpus()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let cli = parse(&["--check-fabric", "--json", "--sysfs-root=/tmp/fake"])?;
+        assert!(cli.check_fabric && cli.json);
+        let cfg = cli.into_fabric_config()?;
+        assert_eq!(cfg.sysfs_root, PathBuf::from("/tmp/fake"));
+        assert!(parse(&["--check-fabric", "--check-gpus"]).is_err());
+        let err = parse(&["--check-fabric", "--sysfs-root=relative"])?
+            .into_fabric_config()
+            .expect_err("a relative root");
+        assert!(err.to_string().contains("invalid sysfs_root"), "{err}");
         Ok(())
     }
 

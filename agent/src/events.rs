@@ -85,13 +85,14 @@ impl EventSink {
                 command = %r.command,
                 "remediation result"
             ),
-            // The worker supervisor logs its own decisions, with their reasons.
+            // The worker supervisor (and the evidence capture) log their own decisions.
             Some(
                 Kind::WorkerStarted(_)
                 | Kind::WorkerExited(_)
                 | Kind::Checkpoint(_)
                 | Kind::CheckpointScan(_)
-                | Kind::LogData(_),
+                | Kind::LogData(_)
+                | Kind::HangEvidence(_),
             )
             | None => {}
         }

@@ -5,6 +5,11 @@
 //! - [`cli`]: command-line flags layered over the config.
 //! - [`gpu`]: the [`gpu::GpuProbe`] trait, with NVML and simulated backends
 //!   (the simulator's fault file, NVML's XID event thread).
+//! - [`evidence`]: a hung attempt's evidence (process stacks, kernel state, log tail, fabric
+//!   deltas), captured before its worker is stopped.
+//! - [`fabric`]: the InfiniBand/RoCE ports and network interfaces, read from sysfs (under
+//!   `--sysfs-root`) at every heartbeat; `--check-fabric`; a fake tree for tests.
+//! - [`fabric_metrics`]: the fabric's counters and states, named as node_exporter names them.
 //! - [`events`]: XID, lost-GPU and diagnostics events, queued until a session sends them.
 //! - [`diagnostics`]: the coordinator's `RunDiagnostics`: a configured command or the built-in self-check.
 //! - [`link`]: the reconnect loop that keeps a session with the coordinator alive, and finds
@@ -30,6 +35,9 @@ pub mod cli;
 pub mod config;
 pub mod diagnostics;
 pub mod events;
+pub mod evidence;
+pub mod fabric;
+pub mod fabric_metrics;
 pub mod gpu;
 pub mod gpu_metrics;
 pub mod identity;
@@ -271,6 +279,7 @@ async fn serve(
         config.remediation.clone(),
         sink.clone(),
     ));
+    let evidence_sink = sink.clone();
     let diagnostics = Arc::new(Diagnostics {
         probe: Arc::clone(&probe),
         expected: inventory,
@@ -285,6 +294,7 @@ async fn serve(
              local test cluster (docs/security.md)"
         );
     }
+    let fabric_reader = fabric::FabricReader::new(&config.sysfs_root, &config.fabric);
     let ctx = SessionContext {
         coordinators: config.coordinator.clone(),
         tls: config.tls.clone(),
@@ -292,6 +302,13 @@ async fn serve(
         hostname,
         identity: host,
         probe,
+        fabric: fabric_reader.clone(),
+        evidence: evidence::Evidence::new(
+            workers.clone(),
+            fabric_reader,
+            config.state_dir.clone(),
+            evidence_sink,
+        ),
         metrics,
         diagnostics,
         remediation,

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vigil_agent::cli::Cli;
 use vigil_agent::config::{ConfigError, Coordinators};
+use vigil_agent::fabric::{self, FabricReader};
 use vigil_agent::gpu::{self, GpuError};
 use vigil_agent::session::Registration;
 use vigil_agent::{AgentConfig, Hooks, error_chain};
@@ -62,6 +63,8 @@ async fn agent_main() -> ExitCode {
     }
     let config = if cli.check_gpus {
         cli.clone().into_gpu_config()
+    } else if cli.check_fabric {
+        cli.clone().into_fabric_config()
     } else {
         cli.clone().into_config()
     };
@@ -75,6 +78,9 @@ async fn agent_main() -> ExitCode {
     init_tracing();
     if cli.check_gpus {
         return check_gpus(&config, cli.json).await;
+    }
+    if cli.check_fabric {
+        return check_fabric(&config, cli.json);
     }
     // Before anything slow: SIGHUP's default action would kill the agent.
     let (term, int, hup) = match (
@@ -171,6 +177,25 @@ async fn check_gpus(config: &AgentConfig, json: bool) -> ExitCode {
         }
     } else {
         print!("{}", gpu::check::render_text(&report));
+    }
+    ExitCode::SUCCESS
+}
+
+/// `--check-fabric`: one read of the watched fabric ports, printed; nothing else started.
+/// Missing files are absent values, so the read itself cannot fail.
+fn check_fabric(config: &AgentConfig, json: bool) -> ExitCode {
+    let reader = FabricReader::new(&config.sysfs_root, &config.fabric);
+    let ports = reader.read();
+    if json {
+        match serde_json::to_string_pretty(&fabric::check::render_json(&reader, &ports)) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("vigil-agent: --check-fabric --json: cannot encode the report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", fabric::check::render_text(&reader, &ports));
     }
     ExitCode::SUCCESS
 }

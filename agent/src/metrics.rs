@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use vigil_proto::v1::agent_event::Kind;
 use vigil_proto::v1::{AgentEvent, GpuInfo, GpuSample};
 
+use crate::fabric_metrics::FabricCollector;
 use crate::gpu::GpuProbe;
 use crate::gpu_metrics::GpuCollector;
 
@@ -46,6 +47,7 @@ pub struct Metrics {
     /// Failed writes of the lease file the workers' shims enforce.
     pub lease_file_errors: Counter,
     gpus: Arc<GpuCollector>,
+    fabric: Arc<FabricCollector>,
     registry: Arc<Registry>,
 }
 
@@ -189,6 +191,8 @@ impl Metrics {
         );
         let gpu_collector = GpuCollector::new(inventory, hostname, backend == "simulated");
         registry.register_collector(Box::new(Arc::clone(&gpu_collector)));
+        let fabric = FabricCollector::new();
+        registry.register_collector(Box::new(Arc::clone(&fabric)));
         Self {
             connected,
             heartbeats_sent,
@@ -204,6 +208,7 @@ impl Metrics {
             workers_adopted,
             lease_file_errors,
             gpus: gpu_collector,
+            fabric,
             registry: Arc::new(registry),
         }
     }
@@ -232,6 +237,11 @@ impl Metrics {
         self.gpus.observe(samples);
     }
 
+    /// The fabric series show `ports` (a heartbeat's read) from now on.
+    pub fn observe_fabric(&self, ports: &[vigil_proto::v1::FabricPort]) {
+        self.fabric.observe(ports);
+    }
+
     /// Counts an event as it is emitted, whether or not a session is up to send it.
     pub fn count_event(&self, event: &AgentEvent) {
         match &event.kind {
@@ -258,7 +268,8 @@ impl Metrics {
                 | Kind::Checkpoint(_)
                 | Kind::CheckpointScan(_)
                 | Kind::RemediationResult(_)
-                | Kind::LogData(_),
+                | Kind::LogData(_)
+                | Kind::HangEvidence(_),
             )
             | None => {}
         }

@@ -62,6 +62,10 @@ pub struct SessionContext {
     /// This host's machine-id and boot id, sent in every `Register` (see `identity`).
     pub identity: crate::identity::HostIdentity,
     pub probe: Arc<dyn GpuProbe>,
+    /// Reads the watched fabric ports for `Register` and every heartbeat.
+    pub fabric: crate::fabric::FabricReader,
+    /// Captures a hung attempt's evidence, and holds its stop until the capture ended.
+    pub evidence: crate::evidence::Evidence,
     pub metrics: Metrics,
     /// Runs diagnostics the coordinator asks for; results come back as events.
     pub diagnostics: Arc<Diagnostics>,
@@ -198,12 +202,23 @@ async fn run_until_error(
         .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let mut outbound = Outbound { tx, next_seq: 1 };
+    let mut outbound = Outbound {
+        tx,
+        next_seq: 1,
+        fabric_read: false,
+    };
     // Re-read per session: a GPU that vanished since the last one must not be registered.
     let gpus = on_blocking_pool(&ctx.probe, |p| p.inventory())
         .await?
         .map_err(SessionError::Gpu)?;
     let gpu_count = gpus.len();
+    let fabric = ctx
+        .fabric
+        .read_bounded(SAMPLE_TIMEOUT)
+        .await
+        .unwrap_or_default();
+    // Ports found now, or devices named: from now on an empty read means they are gone.
+    outbound.fabric_read = !fabric.is_empty() || ctx.fabric.configured();
     let told = ctx.store.kept().await;
     outbound.push(AgentBody::Register(Register {
         protocol_version: vigil_proto::PROTOCOL_VERSION,
@@ -218,6 +233,7 @@ async fn run_until_error(
         sent_at_unix_ms: unix_ms(),
         last_store_seq: told.as_ref().map_or(0, |m| m.seq),
         last_store_id: told.map(|m| m.store_id).unwrap_or_default(),
+        fabric,
     }))?;
     let registration = async {
         let mut inbound = client
@@ -391,6 +407,8 @@ struct Outbound {
     /// The receiving end feeds the gRPC request stream.
     tx: mpsc::Sender<AgentMessage>,
     next_seq: u64,
+    /// This session's heartbeats say the fabric is read (see `Heartbeat.fabric_read`).
+    fabric_read: bool,
 }
 
 impl Outbound {
@@ -432,10 +450,18 @@ impl Outbound {
     async fn heartbeat(&mut self, ctx: &SessionContext) -> Result<(), SessionError> {
         let gpus = sample(&ctx.probe).await;
         ctx.metrics.observe(&gpus);
+        // A read that failed says nothing: no ports, and not "read" (so not "all gone").
+        let (fabric, fabric_read) = match ctx.fabric.read_bounded(SAMPLE_TIMEOUT).await {
+            Some(ports) => (ports, self.fabric_read),
+            None => (Vec::new(), false),
+        };
+        ctx.metrics.observe_fabric(&fabric);
         let sent = self.push(AgentBody::Heartbeat(Heartbeat {
             sent_at_unix_ms: unix_ms(),
             gpus,
             workers: ctx.workers.list().await,
+            fabric,
+            fabric_read,
         }))?;
         if sent {
             ctx.metrics.heartbeats_sent.inc();
@@ -562,8 +588,12 @@ fn run_command(ctx: &SessionContext, command: Command) {
             "refused to start a worker: [workers] launch = false (this agent only watches GPUs; \
              Slurm runs the jobs)"
         ),
-        Some(CommandKind::StartWorker(start)) => ctx.workers.start_worker(start),
-        Some(CommandKind::StopWorkers(stop)) => ctx.workers.stop_workers(stop),
+        Some(CommandKind::StartWorker(start)) => {
+            ctx.evidence.on_start(&start);
+            ctx.workers.start_worker(start);
+        }
+        Some(CommandKind::StopWorkers(stop)) => ctx.evidence.stop(stop),
+        Some(CommandKind::CaptureEvidence(capture)) => ctx.evidence.capture(capture),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),
         Some(CommandKind::ScanCheckpoints(scan)) => ctx.workers.scan_checkpoints(scan),
         Some(CommandKind::Remediate(step)) => ctx.remediation.spawn(step),

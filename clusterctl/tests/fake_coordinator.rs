@@ -186,6 +186,17 @@ impl v1::control_service_server::ControlService for Fake {
                 }],
                 last_diagnostics: Some(diagnostics("gpu-003", true, 0)),
                 remediation: None,
+                fabric: vec![v1::FabricPort {
+                    kind: v1::FabricKind::Infiniband.into(),
+                    device: "mlx5_0".into(),
+                    port: 1,
+                    state: "DOWN".into(),
+                    phys_state: "Disabled".into(),
+                    rate_mbps: Some(400_000),
+                    link_downed: Some(3),
+                    link_error_recovery: Some(0),
+                    ..Default::default()
+                }],
             })),
             "hangs" => {
                 tokio::time::sleep(Duration::from_secs(60)).await;

@@ -113,6 +113,7 @@ fn registration(i: u32) -> Registration {
         gpus: gpus(&node),
         node,
         workers: Vec::new(),
+        fabric: Vec::new(),
     }
 }
 
@@ -195,6 +196,7 @@ fn bench_heartbeat(c: &mut Criterion) {
         sent_at_unix_ms: now.wall_ms,
         gpus: healthy_samples(),
         workers: Vec::new(),
+        ..v1::Heartbeat::default()
     };
     let effects = s
         .heartbeat(&name, session, hb.clone(), now)

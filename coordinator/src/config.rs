@@ -262,6 +262,8 @@ impl Config {
                 )));
             }
         }
+        h.fabric.validate().map_err(ConfigError::Invalid)?;
+        h.rates.validate().map_err(ConfigError::Invalid)?;
         let t = self.diagnostics.timeout;
         if t.is_zero() || t > MAX_DIAGNOSTICS_TIMEOUT {
             return Err(ConfigError::Invalid(format!(

@@ -50,7 +50,8 @@ pub use input::{limits, validate};
 pub use jobs::spec as jobspec;
 pub use jobs::{goodput, job, rollback, stragglers, training_health, triage};
 pub use nodes::{
-    breaker, burn_in, health, identity, lemon_watch, lemons, liveness, node, remediation, xid,
+    breaker, burn_in, counter_window, fabric, gpu_counters, health, identity, lemon_watch, lemons,
+    liveness, node, remediation, xid,
 };
 
 pub use recovery::RecoveryHold;

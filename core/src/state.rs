@@ -28,6 +28,8 @@ pub struct Registration {
     pub gpus: Vec<GpuRecord>,
     pub workers: Vec<v1::WorkerInfo>,
     pub identity: crate::identity::HostIdentity,
+    /// The fabric ports the host watches, as read at registration (empty: none known).
+    pub fabric: Vec<v1::FabricPort>,
 }
 
 /// Why an agent's message, or a report in it, changed nothing.

@@ -86,6 +86,7 @@ pub fn reg_with_gpus(node: &str, session: u64, gpus: u32) -> Registration {
             })
             .collect(),
         workers: Vec::new(),
+        fabric: Vec::new(),
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `names`: the node-name rule the agent, the coordinator and its HA config apply, and the
 //!   host-identity rule (machine-id, boot id).
 //! - `node_state`: the display states (`Ready` ... `Lost`), their words and order.
+//! - `fabric_port`: how to read a `FabricPort` (up or not, its name).
 //! - `gpu_sample`: how to read a `GpuSample` (its faults, when its NVLinks count).
 //! - `standby`: the `vigil-leader` metadata key, and (feature `grpc`) how a standby refuses a
 //!   call and how a caller recognises that.
@@ -20,6 +21,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 pub mod compat;
+pub mod fabric_port;
 pub mod gpu_sample;
 pub mod names;
 pub mod node_state;

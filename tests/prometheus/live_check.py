@@ -60,6 +60,19 @@ ALLOWED_ABSENT = {
     "vigil_agent_messages_throttled_total": "first throttled agent message (one series per node)",
     "vigil_control_calls_denied_total": "first clusterctl call refused for its role (needs TLS)",
     "vigil_remediations_total": "first remediation step that ends (one series per action and outcome)",
+    # -- the agent's fabric series (node_exporter's names): the quiet cluster's host has no
+    #    InfiniBand port or RoCE interface, so its agent watches none and exports none --
+    "node_infiniband_link_downed_total": "a host with InfiniBand ports (none on the test host)",
+    "node_infiniband_link_error_recovery_total": "a host with InfiniBand ports (none on the test host)",
+    "node_infiniband_symbol_error_total": "a host with InfiniBand ports (none on the test host)",
+    "node_infiniband_port_errors_received_total": "a host with InfiniBand ports (none on the test host)",
+    "node_infiniband_port_transmit_discards_total": "a host with InfiniBand ports (none on the test host)",
+    "node_infiniband_state_id": "a host with InfiniBand ports (none on the test host)",
+    "node_infiniband_physical_state_id": "a host with InfiniBand ports (none on the test host)",
+    "node_infiniband_rate_bytes_per_second": "a host with InfiniBand ports (none on the test host)",
+    "node_network_carrier_changes_total": "a host with a RoCE interface (none on the test host)",
+    "node_network_up": "a host with a RoCE interface (none on the test host)",
+    "node_network_speed_bytes": "a host with a RoCE interface (none on the test host)",
     # -- not supported by the simulated GPU (an H100 remaps rows instead of retiring pages) --
     "vigil_gpu_retired_pages": "pre-Ampere GPUs only",
     "vigil_gpu_retired_pages_pending": "pre-Ampere GPUs only",
@@ -159,6 +172,12 @@ def wait_until(what, fn, timeout):
 # ---------------------------------------------------------------------------------------------
 # docs/metrics.md
 
+# A documented metric's row: vigil's own names, and the agent's fabric series under
+# node_exporter's names (docs/metrics.md, "Fabric").
+FABRIC_PREFIXES = ("node_infiniband_", "node_network_")
+METRIC_ROW = r"^\|\s*`((?:vigil|node_infiniband|node_network)_[a-z0-9_]+)`\s*\|\s*([a-z]+)\s*\|"
+
+
 def parse_docs(path):
     """{metric name: {component: type}} from the tables of docs/metrics.md."""
     names = {}
@@ -169,7 +188,7 @@ def parse_docs(path):
             title = h.group(1).strip().lower()
             component = title if title in ("coordinator", "agent") else None
             continue
-        m = re.match(r"^\|\s*`(vigil_[a-z0-9_]+)`\s*\|\s*([a-z]+)\s*\|", line)
+        m = re.match(METRIC_ROW, line)
         if m and component:
             names.setdefault(m.group(1), {})[component] = m.group(2)
     return names
@@ -234,8 +253,8 @@ def check_targets(prom):
 
 
 def served_names(prom):
-    """{component: set of vigil_ series names} as stored by Prometheus."""
-    res = prom.query('count by (__name__, job) ({__name__=~"vigil_.+"})')
+    """{component: set of vigil_ (and fabric) series names} as stored by Prometheus."""
+    res = prom.query('count by (__name__, job) ({__name__=~"vigil_.+|node_infiniband_.+|node_network_.+"})')
     by_job = {c: set() for c in JOBS}
     rev = {j: c for c, j in JOBS.items()}
     for r in res:
@@ -487,7 +506,8 @@ def check_exposition(name, url, docs, component):
         if not fam.documentation.strip():
             fail(f"{url}: family {fam.name} has no HELP text")
         for s in fam.samples:
-            if not s.name.startswith("vigil_"):
+            fabric = component == "agent" and s.name.startswith(FABRIC_PREFIXES)
+            if not s.name.startswith("vigil_") and not fabric:
                 fail(f"{url}: sample {s.name} does not start with vigil_")
         doc = [(n, t) for n, comps in docs.items() for c, t in comps.items()
                if c == component and family_name(n, t) == fam.name]

@@ -78,6 +78,11 @@ pub struct AgentConfig {
     pub tls: Option<vigil_tls::TlsFiles>,
     /// Who this host is (see `identity`).
     pub identity: IdentitySection,
+    /// Where sysfs is read from: `/` on a real host; tests and the simulator point it at a
+    /// fake tree (`fabric::fake`) holding `sys/class/infiniband` and `sys/class/net`.
+    pub sysfs_root: PathBuf,
+    /// Which fabric ports the agent watches (see `fabric`).
+    pub fabric: crate::fabric::FabricSection,
     /// The program started as each attempt's shim; `None`: this binary (`/proc/self/exe`).
     /// Not a config key: tests of the library, whose own binary is no agent, set it.
     #[serde(skip)]
@@ -185,6 +190,8 @@ impl Default for AgentConfig {
             insecure: false,
             tls: None,
             identity: IdentitySection::default(),
+            sysfs_root: PathBuf::from("/"),
+            fabric: crate::fabric::FabricSection::default(),
             shim_program: None,
         }
     }
@@ -247,6 +254,8 @@ impl AgentConfig {
             insecure,
             tls,
             identity,
+            sysfs_root,
+            fabric,
             // Not in the file.
             shim_program: _,
         } = self;
@@ -284,6 +293,8 @@ impl AgentConfig {
             ("insecure", *insecure != new.insecure),
             ("tls", *tls != new.tls),
             ("identity", *identity != new.identity),
+            ("sysfs_root", *sysfs_root != new.sysfs_root),
+            ("fabric", *fabric != new.fabric),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -292,6 +303,7 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_gpu()?;
+        self.validate_fabric()?;
         validate_coordinators(&self.coordinator)?;
         if self
             .diagnostics_command
@@ -349,6 +361,25 @@ impl AgentConfig {
                     fix: "see docs/security.md",
                 }
             })?;
+        }
+        Ok(())
+    }
+
+    /// The keys reading the fabric needs (`--check-fabric`, and every start).
+    pub fn validate_fabric(&self) -> Result<(), ConfigError> {
+        if !self.sysfs_root.is_absolute() {
+            return Err(ConfigError::Invalid {
+                field: "sysfs_root",
+                problem: format!("{} is not an absolute path", self.sysfs_root.display()),
+                fix: "use \"/\" on a real host, or the absolute path of a fake tree",
+            });
+        }
+        if let Some((field, problem)) = self.fabric.problem() {
+            return Err(ConfigError::Invalid {
+                field,
+                problem,
+                fix: "list globs such as devices = [\"mlx5_*\", \"eth0\"], or leave it empty for every InfiniBand port and RoCE interface",
+            });
         }
         Ok(())
     }

@@ -31,7 +31,7 @@
 mod assigned;
 pub mod confine;
 pub(crate) mod group;
-mod logs;
+pub mod logs;
 mod progress;
 mod record;
 mod resume_scan;

@@ -95,6 +95,85 @@ pub struct AttemptRecord {
     pub log_tail: String,
     /// The crash-loop judgement: `counts: <signature>`, `excused: <why>`, or empty before it.
     pub crash_loop: String,
+    /// A hang's evidence, one entry per node that answered, in node order; `[]` otherwise.
+    pub evidence: Vec<NodeEvidence>,
+    /// The node the evidence points at, and why; empty when it points nowhere.
+    pub suspect: String,
+}
+
+/// What a hung attempt's worker on one node was doing, captured before it was stopped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeEvidence {
+    pub node: String,
+    pub captured_at_unix_ms: u64,
+    pub processes: Vec<ProcessEvidence>,
+    /// The worker's last output (at most 4 KiB).
+    pub log_tail: String,
+    /// Fabric ports whose counters rose during the attempt, or that are down.
+    pub fabric: Vec<FabricDelta>,
+    /// Why nothing (or less) was captured; empty when it ran.
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcessEvidence {
+    pub pid: u32,
+    pub comm: String,
+    /// `S (sleeping)`, `D (disk sleep)`, ...
+    pub state: String,
+    pub wchan: String,
+    pub kernel_stack: String,
+    /// `py-spy dump` output; empty where py-spy is not installed.
+    pub python_stacks: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FabricDelta {
+    pub port: String,
+    pub state: String,
+    pub link_downed: u64,
+    pub link_error_recovery: u64,
+    pub symbol_error: u64,
+    pub port_rcv_errors: u64,
+    pub port_xmit_discards: u64,
+    pub carrier_changes: u64,
+}
+
+impl From<v1::NodeEvidence> for NodeEvidence {
+    fn from(e: v1::NodeEvidence) -> Self {
+        Self {
+            node: e.node,
+            captured_at_unix_ms: e.captured_at_unix_ms,
+            processes: e
+                .processes
+                .into_iter()
+                .map(|p| ProcessEvidence {
+                    pid: p.pid,
+                    comm: p.comm,
+                    state: p.state,
+                    wchan: p.wchan,
+                    kernel_stack: p.kernel_stack,
+                    python_stacks: p.python_stacks,
+                })
+                .collect(),
+            log_tail: e.log_tail,
+            fabric: e
+                .fabric
+                .into_iter()
+                .map(|d| FabricDelta {
+                    port: d.port,
+                    state: d.state,
+                    link_downed: d.link_downed,
+                    link_error_recovery: d.link_error_recovery,
+                    symbol_error: d.symbol_error,
+                    port_rcv_errors: d.port_rcv_errors,
+                    port_xmit_discards: d.port_xmit_discards,
+                    carrier_changes: d.carrier_changes,
+                })
+                .collect(),
+            error: e.error,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -169,6 +248,8 @@ impl JobDetail {
                     signal: a.signal,
                     log_tail: a.log_tail,
                     crash_loop: a.crash_loop,
+                    evidence: a.evidence.into_iter().map(NodeEvidence::from).collect(),
+                    suspect: a.suspect,
                 })
                 .collect(),
             last_checkpoint: d.last_checkpoint.map(|c| CheckpointRecord {
@@ -256,6 +337,8 @@ mod tests {
                 "signal": null,
                 "log_tail": "",
                 "crash_loop": "excused: gpu-003 was cordoned automatically",
+                "evidence": [],
+                "suspect": "",
             })
         );
         assert_eq!(

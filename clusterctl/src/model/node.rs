@@ -135,6 +135,49 @@ pub struct NodeDetail {
     pub last_diagnostics: Option<Diagnostics>,
     /// The node's remediation ladder; `null` when it has none.
     pub remediation: Option<Remediation>,
+    /// The fabric ports its agent watches, as last read; `[]` when none is known.
+    pub fabric: Vec<FabricPort>,
+}
+
+/// One InfiniBand port or network interface; a value sysfs did not give is `null`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FabricPort {
+    /// `infiniband` or `netdev`.
+    pub kind: &'static str,
+    pub device: String,
+    /// The InfiniBand port number; 0 for a netdev.
+    pub port: u32,
+    pub state: String,
+    pub phys_state: String,
+    pub rate_mbps: Option<u64>,
+    pub link_downed: Option<u64>,
+    pub link_error_recovery: Option<u64>,
+    pub symbol_error: Option<u64>,
+    pub port_rcv_errors: Option<u64>,
+    pub port_xmit_discards: Option<u64>,
+    pub carrier_changes: Option<u64>,
+}
+
+impl From<v1::FabricPort> for FabricPort {
+    fn from(p: v1::FabricPort) -> Self {
+        Self {
+            kind: match p.kind() {
+                v1::FabricKind::Netdev => "netdev",
+                _ => "infiniband",
+            },
+            device: p.device,
+            port: p.port,
+            state: p.state,
+            phys_state: p.phys_state,
+            rate_mbps: p.rate_mbps,
+            link_downed: p.link_downed,
+            link_error_recovery: p.link_error_recovery,
+            symbol_error: p.symbol_error,
+            port_rcv_errors: p.port_rcv_errors,
+            port_xmit_discards: p.port_xmit_discards,
+            carrier_changes: p.carrier_changes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -228,6 +271,7 @@ impl NodeDetail {
             events: d.events.into_iter().map(NodeEvent::from).collect(),
             last_diagnostics: d.last_diagnostics.map(Diagnostics::from),
             remediation: d.remediation.map(Remediation::from),
+            fabric: d.fabric.into_iter().map(FabricPort::from).collect(),
         }
     }
 }
@@ -356,6 +400,7 @@ mod tests {
                 }],
                 last_diagnostics: None,
                 remediation: None,
+                fabric: Vec::new(),
             },
             "n1",
         );

@@ -176,6 +176,7 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
         workers_table(d, now_ms),
         attempts_table(d, now_ms, term),
         last_output(d),
+        super::evidence::latest(d),
         events_table(d, term),
     ] {
         if section.is_empty() {

@@ -7,6 +7,7 @@
 mod breaker;
 mod diagnose;
 mod events;
+mod evidence;
 mod fold;
 mod gpu;
 mod ha;

@@ -104,6 +104,7 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64, term: Term) -> String {
     for section in [
         inventory_table(d),
         health_table(d, term),
+        fabric_table(d),
         diagnostics_block(d, now_ms),
         worker_table(d),
         events_table(d, term),
@@ -114,6 +115,43 @@ pub fn node_detail(d: &NodeDetail, now_ms: u64, term: Term) -> String {
         }
     }
     out.finish()
+}
+
+/// The fabric ports the agent watches, one row each; nothing when none is known.
+fn fabric_table(d: &NodeDetail) -> String {
+    if d.fabric.is_empty() {
+        return String::new();
+    }
+    let count = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |n| n.to_string());
+    let mut t = Table::with_headers(&[
+        "PORT",
+        "STATE",
+        "PHYS",
+        "RATE",
+        "LINK-DOWNED",
+        "ERR-RECOVERY",
+        "CARRIER-CHANGES",
+    ]);
+    for p in &d.fabric {
+        let port = if p.kind == "netdev" {
+            p.device.clone()
+        } else {
+            format!("{}/{}", p.device, p.port)
+        };
+        t.push([
+            port,
+            or_dash(&p.state).to_string(),
+            or_dash(&p.phys_state).to_string(),
+            p.rate_mbps.map_or_else(
+                || "-".to_string(),
+                |m| format!("{} Gb/s", m as f64 / 1000.0),
+            ),
+            count(p.link_downed),
+            count(p.link_error_recovery),
+            count(p.carrier_changes),
+        ]);
+    }
+    format!("FABRIC\n{}", t.render())
 }
 
 /// The last diagnostic run: result, when, what ran, what it found (the output: `-o json`).
@@ -252,6 +290,7 @@ mod tests {
                     finished_at_unix_ms: 1_000_000,
                 }),
                 remediation: None,
+                fabric: Vec::new(),
             },
             "gpu-003",
         )
@@ -311,6 +350,31 @@ mod tests {
                  1970-01-01 00:16:40Z   cordon   -     cordoned by operator: bad fan\n\
                  1970-01-01 00:17:40Z   xid      1     Xid 48: double-bit ECC error\n"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn node_detail_shows_the_fabric_ports_only_where_some_are_known() {
+        let mut detail = sim_detail();
+        assert!(!node_detail(&detail, NOW, Term::PLAIN).contains("FABRIC"));
+        detail.fabric = vec![crate::model::node::FabricPort::from(v1::FabricPort {
+            kind: v1::FabricKind::Infiniband.into(),
+            device: "mlx5_0".into(),
+            port: 1,
+            state: "DOWN".into(),
+            phys_state: "Disabled".into(),
+            rate_mbps: Some(400_000),
+            link_downed: Some(3),
+            ..Default::default()
+        })];
+        let text = node_detail(&detail, NOW, Term::PLAIN);
+        let fabric = text.split("FABRIC\n").nth(1).unwrap_or_default();
+        let row = fabric.lines().nth(1).unwrap_or_default();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["mlx5_0/1", "DOWN", "Disabled", "400", "Gb/s", "3", "-", "-"],
             "{text}"
         );
     }

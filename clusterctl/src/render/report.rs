@@ -109,6 +109,11 @@ pub fn job_report(d: &JobDetail, term: Term) -> String {
     out.push_str(&failures_table(g, term));
     out.push_str("\n");
     out.push_str(&timeline_table(d, g, term));
+    let evidence = super::evidence::all(d);
+    if !evidence.is_empty() {
+        out.push_str("\n");
+        out.push_str(&evidence);
+    }
     out.finish()
 }
 

@@ -308,6 +308,7 @@ fn job_show_json_has_the_documented_shape() {
             "crash_loop",
             "culprit_node",
             "ended_at_unix_ms",
+            "evidence",
             "exit_code",
             "last_step",
             "log_tail",
@@ -318,6 +319,7 @@ fn job_show_json_has_the_documented_shape() {
             "resumed_from_step",
             "signal",
             "started_at_unix_ms",
+            "suspect",
             "triage",
         ]
     );

@@ -78,6 +78,42 @@ fn goodput(g: &Goodput) -> v1::Goodput {
     }
 }
 
+/// One node's evidence of a hung attempt, as the control API shows it.
+fn evidence(e: &vigil_core::jobs::evidence::NodeEvidence) -> v1::NodeEvidence {
+    v1::NodeEvidence {
+        node: e.node.clone(),
+        captured_at_unix_ms: e.at_ms,
+        processes: e
+            .processes
+            .iter()
+            .map(|p| v1::ProcessEvidence {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                state: p.state.clone(),
+                wchan: p.wchan.clone(),
+                kernel_stack: p.kernel_stack.clone(),
+                python_stacks: p.python_stacks.clone(),
+            })
+            .collect(),
+        log_tail: e.log_tail.clone(),
+        fabric: e
+            .fabric
+            .iter()
+            .map(|d| v1::FabricDelta {
+                port: d.port.clone(),
+                state: d.state.clone(),
+                link_downed: d.link_downed,
+                link_error_recovery: d.link_error_recovery,
+                symbol_error: d.symbol_error,
+                port_rcv_errors: d.port_rcv_errors,
+                port_xmit_discards: d.port_xmit_discards,
+                carrier_changes: d.carrier_changes,
+            })
+            .collect(),
+        error: e.error.clone(),
+    }
+}
+
 /// A job's detail as of now.
 pub fn detail(job: &Job) -> v1::JobDetail {
     detail_at(job, crate::metrics::unix_ms(std::time::SystemTime::now()))
@@ -121,6 +157,8 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
                     .crash_loop
                     .as_ref()
                     .map_or_else(String::new, |j| j.describe()),
+                evidence: a.evidence.iter().map(evidence).collect(),
+                suspect: a.suspect.clone(),
             })
             .collect(),
         last_checkpoint: job.checkpoint.as_ref().map(checkpoint),

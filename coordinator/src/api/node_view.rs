@@ -119,6 +119,7 @@ pub fn detail(n: &Node, held: Option<&Held>, now: vigil_core::time::Instant) -> 
             })
             .collect(),
         last_samples: n.last_samples.to_vec(),
+        fabric: n.last_fabric.to_vec(),
         workers: n.workers.to_vec(),
         first_registered_unix_ms: n.record.first_registered_unix_ms,
         last_registered_unix_ms: n.record.last_registered_unix_ms,

@@ -232,6 +232,7 @@ impl Cluster {
                     serial: format!("{node}-{i}"),
                 })
                 .collect(),
+            fabric: Vec::new(),
             workers: running
                 .iter()
                 .map(|((job, attempt), (rank, step))| v1::WorkerInfo {
@@ -532,6 +533,7 @@ impl SimAgent {
                 sent_at_unix_ms: 0,
                 gpus: Vec::new(),
                 workers,
+                ..v1::Heartbeat::default()
             },
         }
     }

@@ -79,6 +79,7 @@ pub fn subject(event: &v1::AgentEvent) -> Option<(&str, u64, &'static str)> {
         Some(Kind::WorkerExited(w)) => Some((&w.job_id, w.attempt, "worker_exited")),
         Some(Kind::Checkpoint(c)) => Some((&c.job_id, c.attempt, "checkpoint")),
         Some(Kind::CheckpointScan(c)) => Some((&c.job_id, c.attempt, "checkpoint_scan")),
+        Some(Kind::HangEvidence(e)) => Some((&e.job_id, e.attempt, "hang_evidence")),
         _ => None,
     }
 }
@@ -190,6 +191,8 @@ mod tests {
                 triage: BTreeMap::new(),
                 worker_end: None,
                 crash_loop: None,
+                evidence: Vec::new(),
+                suspect: String::new(),
             })
             .collect();
         BTreeMap::from([("j-1".to_owned(), j)])

@@ -14,6 +14,10 @@ pub use vigil_proto::names::{MAX_NODE_NAME, valid_node_name};
 pub const MAX_GPUS: usize = 64;
 /// NVLinks per GPU sample (NVML's maximum is 18).
 pub const MAX_NVLINKS: usize = 32;
+/// Fabric ports (InfiniBand ports and network interfaces) in a registration or heartbeat.
+pub const MAX_FABRIC_PORTS: usize = 64;
+/// Processes in one node's evidence of a hung attempt (the agent sends at most 32).
+pub const MAX_EVIDENCE_PROCESSES: usize = 64;
 /// Workers an agent may list in a registration or heartbeat.
 pub const MAX_WORKERS: usize = 1024;
 /// Short free-text fields: hostname, agent version, GPU uuid/name/PCI id/serial.

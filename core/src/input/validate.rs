@@ -9,9 +9,9 @@ use std::path::{Component, Path};
 use vigil_proto::v1::{self, agent_event::Kind, agent_message::Body};
 
 use crate::limits::{
-    MAX_DIAGNOSTICS_OUTPUT, MAX_GPUS, MAX_JOB_ID, MAX_LOG_DATA, MAX_LOG_TAIL, MAX_NVLINKS,
-    MAX_PATH, MAX_REASON, MAX_REMEDIATION_OUTPUT, MAX_TEXT, MAX_WORKERS, check_count, check_len,
-    node_name_error, valid_node_name,
+    MAX_DIAGNOSTICS_OUTPUT, MAX_EVIDENCE_PROCESSES, MAX_FABRIC_PORTS, MAX_GPUS, MAX_JOB_ID,
+    MAX_LOG_DATA, MAX_LOG_TAIL, MAX_NVLINKS, MAX_PATH, MAX_REASON, MAX_REMEDIATION_OUTPUT,
+    MAX_TEXT, MAX_WORKERS, check_count, check_len, node_name_error, valid_node_name,
 };
 use crate::node::GpuRecord;
 use crate::state::Registration;
@@ -90,7 +90,29 @@ pub fn check_register(reg: &v1::Register) -> Result<(), String> {
         }
         seen.push(g.index);
     }
+    check_fabric("fabric", &reg.fabric)?;
     check_workers("workers", &reg.workers)
+}
+
+/// Fabric ports: bounded in number and text; each port named once.
+fn check_fabric(field: &str, ports: &[v1::FabricPort]) -> Result<(), String> {
+    check_count(field, ports.len(), MAX_FABRIC_PORTS)?;
+    let mut seen = Vec::with_capacity(ports.len());
+    for p in ports {
+        for (name, value) in [
+            ("device", &p.device),
+            ("state", &p.state),
+            ("phys_state", &p.phys_state),
+        ] {
+            check_len(&format!("{field}.{name}"), value, MAX_TEXT)?;
+        }
+        let key = (p.kind, p.device.as_str(), p.port);
+        if seen.contains(&key) {
+            return Err(format!("{field} lists {} port {} twice", p.device, p.port));
+        }
+        seen.push(key);
+    }
+    Ok(())
 }
 
 fn check_workers(field: &str, workers: &[v1::WorkerInfo]) -> Result<(), String> {
@@ -129,6 +151,7 @@ pub fn check_heartbeat(hb: &v1::Heartbeat) -> Result<(), String> {
     for s in &hb.gpus {
         check_count("heartbeat.gpus.nvlinks", s.nvlinks.len(), MAX_NVLINKS)?;
     }
+    check_fabric("heartbeat.fabric", &hb.fabric)?;
     check_workers("heartbeat.workers", &hb.workers)
 }
 
@@ -196,6 +219,7 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
             }
         }
         Some(Kind::LogData(l)) => check_len("log_data.data", &l.data, MAX_LOG_DATA),
+        Some(Kind::HangEvidence(e)) => check_hang_evidence(e),
         Some(Kind::RemediationResult(r)) => {
             gpu("remediation_result.gpu_index", r.gpu_index)?;
             if v1::RemediationAction::try_from(r.action)
@@ -215,6 +239,39 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
         }
         None => Ok(()),
     }
+}
+
+/// A hang's evidence: bounded counts, and every text bounded.
+fn check_hang_evidence(e: &v1::HangEvidence) -> Result<(), String> {
+    check_job_id("hang_evidence.job_id", &e.job_id)?;
+    check_count(
+        "hang_evidence.processes",
+        e.processes.len(),
+        MAX_EVIDENCE_PROCESSES,
+    )?;
+    check_count("hang_evidence.fabric", e.fabric.len(), MAX_FABRIC_PORTS)?;
+    check_len("hang_evidence.log_tail", &e.log_tail, MAX_LOG_TAIL)?;
+    check_len("hang_evidence.error", &e.error, MAX_REASON)?;
+    for p in &e.processes {
+        check_len("hang_evidence.processes.comm", &p.comm, MAX_TEXT)?;
+        check_len("hang_evidence.processes.state", &p.state, MAX_TEXT)?;
+        check_len("hang_evidence.processes.wchan", &p.wchan, MAX_TEXT)?;
+        check_len(
+            "hang_evidence.processes.kernel_stack",
+            &p.kernel_stack,
+            MAX_LOG_TAIL,
+        )?;
+        check_len(
+            "hang_evidence.processes.python_stacks",
+            &p.python_stacks,
+            MAX_LOG_TAIL,
+        )?;
+    }
+    for d in &e.fabric {
+        check_len("hang_evidence.fabric.port", &d.port, MAX_TEXT)?;
+        check_len("hang_evidence.fabric.state", &d.state, MAX_TEXT)?;
+    }
+    Ok(())
 }
 
 /// A machine-id or boot id (the rule lives in `vigil_proto`, shared with the agent's config).
@@ -257,6 +314,7 @@ pub fn validate_register(
             machine_id: reg.machine_id,
             boot_id: reg.boot_id,
         },
+        fabric: reg.fabric,
     })
 }
 

@@ -23,6 +23,7 @@ fn register(name: &str) -> v1::Register {
         last_store_seq: 7,
         machine_id: "0123456789abcdef0123456789abcdef".into(),
         boot_id: "6f1e2d3c-0000-4000-8000-000000000001".into(),
+        fabric: Vec::new(),
     }
 }
 
@@ -307,4 +308,36 @@ fn ordinary_events_and_unknown_bodies_pass() {
         validate(&event(kind)).expect("valid");
     }
     validate(&v1::AgentMessage::default()).expect("an empty body is ignored, not refused");
+}
+
+#[test]
+fn fabric_ports_are_bounded_and_named_once() {
+    let port = |device: &str| v1::FabricPort {
+        kind: v1::FabricKind::Infiniband.into(),
+        device: device.into(),
+        port: 1,
+        ..Default::default()
+    };
+    let mut reg = register("n1");
+    reg.fabric = vec![port("mlx5_0"), port("mlx5_1")];
+    assert_eq!(check_register(&reg), Ok(()));
+    reg.fabric.push(port("mlx5_0"));
+    let err = check_register(&reg).expect_err("a port twice");
+    assert!(err.contains("fabric lists mlx5_0 port 1 twice"), "{err}");
+    reg.fabric = (0..=MAX_FABRIC_PORTS)
+        .map(|i| port(&format!("mlx5_{i}")))
+        .collect();
+    let err = check_register(&reg).expect_err("too many");
+    assert!(err.starts_with("fabric"), "{err}");
+    reg.fabric = vec![port(&"x".repeat(MAX_TEXT + 1))];
+    let err = check_register(&reg).expect_err("long name");
+    assert!(err.contains("fabric.device"), "{err}");
+    let hb = v1::Heartbeat {
+        fabric: (0..=MAX_FABRIC_PORTS)
+            .map(|i| port(&format!("mlx5_{i}")))
+            .collect(),
+        ..Default::default()
+    };
+    let err = check_heartbeat(&hb).expect_err("too many");
+    assert!(err.starts_with("heartbeat.fabric"), "{err}");
 }

@@ -160,6 +160,8 @@ impl ClusterState {
                     stalled_at_ms: Some(stalled_at),
                     ..Failure::new(&reason, "", FailureKind::Hang)
                 };
+                // Before the stops: each agent captures, then stops.
+                super::evidence::capture_commands(job, &mut effects);
                 stop_attempt(job, &self.nodes, &failure, after, now, &mut effects);
                 effects.push(Effect::PersistJob(Box::new(job.clone())));
             }

@@ -326,6 +326,8 @@ fn attempt(n: u64, start_s: u64) -> Attempt {
         triage: Default::default(),
         worker_end: None,
         crash_loop: None,
+        evidence: Vec::new(),
+        suspect: String::new(),
     }
 }
 

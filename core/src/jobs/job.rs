@@ -186,6 +186,13 @@ pub struct Attempt {
     /// Whether this failure counts toward a crash loop, judged once triage is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash_loop: Option<crate::jobs::crash_loop::Judged>,
+    /// A hang's evidence, one entry per node that answered the capture (see `evidence`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<crate::jobs::evidence::NodeEvidence>,
+    /// The node the hang's evidence points at, and why ("n2: port mlx5_0/1 is DOWN");
+    /// empty when it points nowhere.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub suspect: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,9 +10,10 @@
 //!   attempts), `attempt` (how an attempt fails, stops and ends; hangs), `reports` (what agents
 //!   report about workers), `launch` (the start and stop commands, the worker's environment).
 //! - Policies on top: `goodput`, `triage`, `crash_loop`, `stragglers`, `training_health`,
-//!   `rollback`.
+//!   `rollback`, `evidence` (what a hung attempt's workers were doing, captured before the stop).
 
 pub mod crash_loop;
+pub mod evidence;
 pub mod goodput;
 pub mod job;
 pub mod resume_scan;

@@ -285,6 +285,8 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         triage: BTreeMap::new(),
         worker_end: None,
         crash_loop: None,
+        evidence: Vec::new(),
+        suspect: String::new(),
     });
     goodput::on_start(job);
     super::resume_scan::begin(job, now);

@@ -407,7 +407,7 @@ impl ClusterState {
                 continue;
             };
             node.health.clear_events();
-            node.health.sample_findings.clear();
+            node.health.clear_samples();
             effects.push(record(
                 node,
                 NodeEvent {

@@ -63,6 +63,10 @@ pub struct NodeHealth {
     pub xid_history: Vec<(u32, u32, XidClass, u64)>,
     /// Set while the node straggles in a job (see `stragglers`): Degraded.
     pub straggler: Option<Finding>,
+    /// The fabric ports' policy and its findings (see `fabric`).
+    pub fabric: crate::fabric::FabricHealth,
+    /// The GPU error counters' rate rules and the NVLinks in use (see `gpu_counters`).
+    pub counters: crate::gpu_counters::GpuCounters,
 }
 
 fn gpu_label(index: u32, uuid: &str) -> String {
@@ -79,6 +83,8 @@ impl NodeHealth {
             .iter()
             .chain(self.event_findings.iter().map(|e| &e.finding))
             .chain(self.straggler.iter())
+            .chain(self.fabric.findings.iter())
+            .chain(self.counters.findings.iter())
     }
 
     pub fn condition(&self) -> Condition {
@@ -125,6 +131,16 @@ impl NodeHealth {
     pub fn clear_events(&mut self) {
         self.event_findings.clear();
         self.xid_history.clear();
+        self.fabric.forget_flaps();
+        self.counters.forget();
+    }
+
+    /// Forget what the latest heartbeat showed (GPU samples, fabric, counter rates): only
+    /// fresh evidence counts from here.
+    pub fn clear_samples(&mut self) {
+        self.sample_findings.clear();
+        self.fabric.findings.clear();
+        self.counters.findings.clear();
     }
 
     /// Judge an XID. Returns its class so the caller can record it.
@@ -224,7 +240,7 @@ impl NodeHealth {
     }
 }
 
-/// Findings from one heartbeat's samples against the registered inventory.
+/// Findings from one heartbeat's GPU samples against the registered inventory.
 pub fn judge_samples(
     gpus: &[GpuRecord],
     samples: &[v1::GpuSample],

@@ -56,6 +56,7 @@ fn reg(node: &str, session: u64, serial_of_3: &str) -> Registration {
         simulated: true,
         gpus: gpus(node, serial_of_3),
         workers: Vec::new(),
+        fabric: Vec::new(),
     }
 }
 

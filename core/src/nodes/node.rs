@@ -147,6 +147,8 @@ pub struct Node {
     /// The live agent session, if any; messages of any other session are stale.
     pub session: Option<u64>,
     pub last_samples: Arc<Vec<v1::GpuSample>>,
+    /// The fabric ports as last read (registration or heartbeat); empty when none is known.
+    pub last_fabric: Arc<Vec<v1::FabricPort>>,
     pub workers: Arc<Vec<v1::WorkerInfo>>,
     /// What the health policy remembers; rebuilt from samples after a restart.
     pub health: NodeHealth,
@@ -173,6 +175,7 @@ impl Node {
             heard_since_start: false,
             session: None,
             last_samples: Arc::default(),
+            last_fabric: Arc::default(),
             workers: Arc::default(),
             health: NodeHealth::default(),
             condition: Condition::Healthy,

@@ -86,6 +86,11 @@ impl ClusterState {
         node.workers = Arc::new(reg.workers);
         node.last_samples = Arc::default();
         node.health.sample_findings.clear();
+        node.health
+            .fabric
+            .register(&reg.fabric, now.mono_ms(), &self.health.fabric);
+        node.health.counters.register();
+        node.last_fabric = Arc::new(reg.fabric);
         let backend = if reg.simulated { "SIMULATED" } else { "NVML" };
         effects.push(record(
             node,

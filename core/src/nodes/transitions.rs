@@ -26,8 +26,22 @@ impl ClusterState {
         let cfg = self.health.clone();
         let known = self.nodes.len();
         let node = live_session(&mut self.nodes, node_name, session)?;
-        node.health.sample_findings = health::judge_samples(&node.record.gpus, &hb.gpus, &cfg);
+        let used = node.health.counters.used_links(&hb.gpus);
+        node.health.sample_findings = health::judge_samples(&node.record.gpus, &used, &cfg);
+        node.health
+            .counters
+            .judge(&hb.gpus, now.mono_ms(), &cfg.rates);
+        node.health.fabric.judge(
+            &hb.fabric,
+            hb.fabric_read,
+            hb.sent_at_unix_ms,
+            now.mono_ms(),
+            &cfg.fabric,
+        );
         node.last_samples = Arc::new(hb.gpus);
+        if hb.fabric_read || !hb.fabric.is_empty() {
+            node.last_fabric = Arc::new(hb.fabric);
+        }
         node.workers = Arc::new(hb.workers);
         let mut effects = Vec::new();
         hear_from(node, now, "heartbeat resumed", &mut effects);
@@ -74,6 +88,10 @@ impl ClusterState {
             }
             Some(v1::agent_event::Kind::RemediationResult(r)) => {
                 effects.extend(self.remediation_result(node_name, r, now));
+                return Ok(effects);
+            }
+            Some(v1::agent_event::Kind::HangEvidence(e)) => {
+                effects.extend(self.hang_evidence(node_name, e, now));
                 return Ok(effects);
             }
             Some(v1::agent_event::Kind::Diagnostics(_) | v1::agent_event::Kind::LogData(_))

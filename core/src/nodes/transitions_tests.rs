@@ -54,6 +54,7 @@ fn registration(node: &str, session: u64) -> Registration {
             })
             .collect(),
         workers: Vec::new(),
+        fabric: Vec::new(),
     }
 }
 

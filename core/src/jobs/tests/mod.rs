@@ -19,6 +19,8 @@ use crate::test_utils::{agent_event, heartbeat, starts, step_ok, step_raw, stops
 
 mod clocks;
 mod commands;
+mod evidence;
+mod fabric;
 mod lifecycle;
 
 fn t0() -> Now {
@@ -71,6 +73,7 @@ fn reg(node: &str, session: u64, workers: Vec<v1::WorkerInfo>) -> Registration {
             })
             .collect(),
         workers,
+        fabric: Vec::new(),
     }
 }
 

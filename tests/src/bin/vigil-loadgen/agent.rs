@@ -250,6 +250,7 @@ impl Local {
             sent_at_unix_ms: now,
             gpus,
             workers: self.worker_infos(),
+            ..Heartbeat::default()
         }
     }
 }
@@ -577,7 +578,10 @@ fn handle_command(
         }
         // Diagnostics, log reads and remediation are not part of the load test.
         Some(
-            CommandKind::RunDiagnostics(_) | CommandKind::ReadLog(_) | CommandKind::Remediate(_),
+            CommandKind::RunDiagnostics(_)
+            | CommandKind::ReadLog(_)
+            | CommandKind::Remediate(_)
+            | CommandKind::CaptureEvidence(_),
         )
         | None => {}
     }

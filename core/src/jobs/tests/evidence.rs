@@ -1,0 +1,104 @@
+//! A hang: every node is asked for evidence before the stops go out; the answers are kept with
+//! the attempt, and a fabric fault in one points at that node.
+
+use super::*;
+
+fn hang_evidence(job: &str, attempt: u64, fabric: Vec<v1::FabricDelta>) -> v1::AgentEvent {
+    event(v1::agent_event::Kind::HangEvidence(v1::HangEvidence {
+        job_id: job.into(),
+        attempt,
+        processes: vec![v1::ProcessEvidence {
+            pid: 42,
+            comm: "python3".into(),
+            state: "S (sleeping)".into(),
+            wchan: "futex_wait_queue".into(),
+            kernel_stack: "[<0>] futex_wait".into(),
+            python_stacks: "Thread 42 (idle): all_reduce (torch/distributed)".into(),
+        }],
+        log_tail: "step 5\n".into(),
+        fabric,
+        error: String::new(),
+    }))
+}
+
+#[test]
+fn a_hang_asks_every_node_for_evidence_before_stopping_and_keeps_the_answers() {
+    let now = t0();
+    let mut s = cluster(2, now);
+    let (id, _) = submit(&mut s, &spec(2, 0), now);
+    for node in ["n1", "n2"] {
+        let rank = u32::from(node == "n2");
+        heartbeat(&mut s, node, beat(&[(&id, 1, rank, Some(5))]), at(now, 1.0));
+    }
+    let effects = tick(&mut s, at(now, 62.0));
+    let order: Vec<(String, &str)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Command { node, kind } => match kind {
+                v1::command::Kind::CaptureEvidence(_) => Some((node.clone(), "capture")),
+                v1::command::Kind::StopWorkers(_) => Some((node.clone(), "stop")),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let captures: Vec<&str> = order
+        .iter()
+        .filter(|(_, k)| *k == "capture")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(captures, ["n1", "n2"]);
+    let first_stop = order.iter().position(|(_, k)| *k == "stop");
+    let last_capture = order.iter().rposition(|(_, k)| *k == "capture");
+    assert!(
+        last_capture < first_stop && first_stop.is_some(),
+        "captures go out before the stops: {order:?}"
+    );
+
+    let down = v1::FabricDelta {
+        port: "mlx5_1/1".into(),
+        state: "DOWN".into(),
+        link_downed: 1,
+        ..Default::default()
+    };
+    from(
+        &mut s,
+        "n2",
+        hang_evidence(&id, 1, vec![down]),
+        at(now, 63.0),
+    );
+    from(
+        &mut s,
+        "n1",
+        hang_evidence(&id, 1, Vec::new()),
+        at(now, 63.5),
+    );
+    let a = &s.jobs[&id].attempts[0];
+    let nodes: Vec<&str> = a.evidence.iter().map(|e| e.node.as_str()).collect();
+    assert_eq!(nodes, ["n1", "n2"]);
+    assert_eq!(a.evidence[0].processes[0].wchan, "futex_wait_queue");
+    assert_eq!(a.suspect, "n2: port mlx5_1/1 is DOWN");
+    // A repeated answer replaces the node's earlier one.
+    from(
+        &mut s,
+        "n1",
+        hang_evidence(&id, 1, Vec::new()),
+        at(now, 64.0),
+    );
+    assert_eq!(s.jobs[&id].attempts[0].evidence.len(), 2);
+}
+
+#[test]
+fn a_crash_asks_for_no_evidence() {
+    let now = t0();
+    let mut s = cluster(1, now);
+    let (id, _) = submit(&mut s, &spec(1, 0), now);
+    let effects = from(&mut s, "n1", exited(&id, 1, Some(1), false), at(now, 2.0));
+    assert!(!effects.iter().any(|e| matches!(
+        e,
+        Effect::Command {
+            kind: v1::command::Kind::CaptureEvidence(_),
+            ..
+        }
+    )));
+}
