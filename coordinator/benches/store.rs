@@ -34,6 +34,7 @@ fn record(name: &str) -> NodeRecord {
         remediation: None,
         machine_id: format!("machine-{name}"),
         boot_id: "boot-1".into(),
+        fabric_ports: Vec::new(),
     }
 }
 

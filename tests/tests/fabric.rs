@@ -136,6 +136,28 @@ fn a_flapping_port_marks_the_node_degraded_then_cordons_it_past_the_threshold() 
 }
 
 /// The agent's metrics address, from its start-up log line.
+#[test]
+fn a_port_that_went_down_while_the_agent_was_away_cordons_the_node_when_it_returns() -> Result<()> {
+    let (mut cluster, trees) = fabric_cluster(1)?;
+    // The host goes away (its agent killed), the coordinator restarts too, and the cable is
+    // pulled meanwhile: the node must not come back healthy without the port.
+    cluster.agent_mut("node-0").context("node-0")?.kill9();
+    trees[0].set_ib_state("mlx5_0", 1, "1: DOWN", "3: Disabled")?;
+    cluster.restart_coordinator()?;
+    let root = cluster.dir.path().join("sysfs-node-0");
+    cluster.add_agent_with("node-0", &format!("sysfs_root = \"{}\"", root.display()))?;
+    let reason = wait_for("node-0 cordoned at registration", LONG, || {
+        cordon_reason(&cluster, "node-0")
+    })?;
+    assert_eq!(
+        reason,
+        "port mlx5_0/1 is DOWN at registration (was ACTIVE, 400 Gb/sec when the node last \
+         registered)"
+    );
+    assert_eq!(cluster.node("node-0")?["condition"], "Unhealthy");
+    Ok(())
+}
+
 fn agent_metrics(cluster: &Cluster, node: &str) -> Result<SocketAddr> {
     let log = cluster.agent(node)?.log_text();
     let at = log

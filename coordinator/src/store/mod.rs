@@ -526,6 +526,7 @@ pub(crate) mod test_records {
             remediation: None,
             machine_id: format!("machine-{name}"),
             boot_id: "boot-1".into(),
+            fabric_ports: Vec::new(),
         }
     }
 

@@ -8,29 +8,35 @@
 //!   within `flap_window`: Degraded from `flaps_degraded`, Unhealthy from `flaps_unhealthy`.
 //! - A required port below its registered rate: Degraded.
 //!
-//! A port down at registration is not required (an unused port must not cordon its node), and
-//! no fabric data at all (an agent that predates it, a host without fabric) is no evidence.
+//! A port down at registration is not required (an unused port must not cordon its node),
+//! unless the node's previous registration had it up (the record keeps those ports): then it is
+//! a fault, once ([`down_since_last_registration`]). No fabric data at all (an agent that
+//! predates it, a host without fabric) is no evidence.
 //! Times are milliseconds on the monotonic clock (`Now::mono_ms`); findings carry the agent's
 //! wall time of the heartbeat, for the fault-to-cordon latency only.
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vigil_proto::v1::{FabricKind, FabricPort};
 
 use crate::config::FabricHealthConfig;
 use crate::counter_window::CounterWindow;
 use crate::health::{Condition, Finding};
 
-/// A required port: what it was when the node registered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A required port: what it was when the node registered. The node's record keeps the ports
+/// of its last registration (`NodeRecord::fabric_ports`), so one found down at the next
+/// registration is a fault even across an agent restart or a reboot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequiredPort {
     pub key: PortKey,
     pub state: String,
+    #[serde(default)]
     pub rate_mbps: Option<u64>,
 }
 
 /// Which port: `mlx5_0/1` (InfiniBand) or `eth0` (netdev).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PortKey {
     pub netdev: bool,
     pub device: String,
@@ -95,20 +101,68 @@ fn flap_total(p: &FabricPort) -> u64 {
         .fold(0, u64::saturating_add)
 }
 
+/// The ports of a read that are up, in key order: the ones a registration requires.
+pub fn up_ports(ports: &[FabricPort]) -> Vec<RequiredPort> {
+    let mut required: Vec<RequiredPort> = ports
+        .iter()
+        .filter(|p| is_up(p))
+        .map(|p| RequiredPort {
+            key: PortKey::of(p),
+            state: p.state.clone(),
+            rate_mbps: p.rate_mbps,
+        })
+        .collect();
+    required.sort_by(|a, b| a.key.cmp(&b.key));
+    required.dedup_by(|a, b| a.key == b.key);
+    required
+}
+
+/// At a registration that read the fabric: the ports the node's previous registration had up
+/// that this read shows down (present, not up), each with the finding's message. A port
+/// missing from the read is not judged here (its device may have left `[fabric] devices`); a
+/// registration without fabric data judges nothing (an older agent, or a failed read).
+pub fn down_since_last_registration(
+    remembered: &[RequiredPort],
+    ports: &[FabricPort],
+) -> Vec<String> {
+    remembered
+        .iter()
+        .filter_map(|req| {
+            let p = ports.iter().find(|p| req.key.matches(p))?;
+            (!is_up(p)).then(|| {
+                format!(
+                    "{} is {} at registration ({} when the node last registered)",
+                    req.key,
+                    state_now(p),
+                    was(req)
+                )
+            })
+        })
+        .collect()
+}
+
+/// `was ACTIVE, 400 Gb/sec`: a required port as it was registered.
+fn was(req: &RequiredPort) -> String {
+    match req.rate_mbps {
+        Some(r) => format!("was {}, {}", req.state, rate_text(r)),
+        None => format!("was {}", req.state),
+    }
+}
+
+/// A port's state as a finding names it: its `state`, or its physical state where the logical
+/// one still says ACTIVE.
+fn state_now(p: &FabricPort) -> &str {
+    match p.state.as_str() {
+        "" => "unreadable",
+        "ACTIVE" if !p.phys_state.is_empty() => &p.phys_state,
+        state => state,
+    }
+}
+
 impl FabricHealth {
     /// A registration: the ports up now are the required ones, their counters the baseline.
     pub fn register(&mut self, ports: &[FabricPort], now_ms: u64, cfg: &FabricHealthConfig) {
-        let mut required: Vec<RequiredPort> = ports
-            .iter()
-            .filter(|p| is_up(p))
-            .map(|p| RequiredPort {
-                key: PortKey::of(p),
-                state: p.state.clone(),
-                rate_mbps: p.rate_mbps,
-            })
-            .collect();
-        required.sort_by(|a, b| a.key.cmp(&b.key));
-        required.dedup_by(|a, b| a.key == b.key);
+        let required = up_ports(ports);
         self.flaps = vec![None; required.len()];
         self.required = Arc::new(required);
         self.findings.clear();
@@ -149,10 +203,7 @@ impl FabricHealth {
                     observed_at_ms,
                 });
             };
-            let was = match req.rate_mbps {
-                Some(r) => format!("was {}, {}", req.state, rate_text(r)),
-                None => format!("was {}", req.state),
-            };
+            let was = was(req);
             let Some(p) = ports.iter().find(|p| req.key.matches(p)) else {
                 add(
                     Condition::Unhealthy,
@@ -162,11 +213,7 @@ impl FabricHealth {
                 continue;
             };
             if !is_up(p) {
-                let now = match p.state.as_str() {
-                    "" => "unreadable",
-                    "ACTIVE" if !p.phys_state.is_empty() => &p.phys_state,
-                    state => state,
-                };
+                let now = state_now(p);
                 add(
                     Condition::Unhealthy,
                     "fabric_port_down",

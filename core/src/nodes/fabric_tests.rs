@@ -390,15 +390,94 @@ fn a_flapping_port_marks_the_node_degraded_and_it_stays_schedulable() {
     assert_eq!(n.display_state(), crate::node::NodeState::Degraded);
 }
 
-#[test]
-fn a_re_registration_takes_the_ports_up_now_as_required() {
-    let mut s = with_fabric(vec![ib("mlx5_0", 1)]);
+/// n1 registers again (session `session`, at `t(at)`) with `ports`; its effects.
+fn re_register(
+    s: &mut crate::ClusterState,
+    session: u64,
+    ports: Vec<FabricPort>,
+    at: u64,
+) -> Vec<Effect> {
     step_ok(
-        &mut s,
-        Input::Register(reg_with_fabric("n1", 2, vec![down(ib("mlx5_0", 1))])),
-        t(1),
+        s,
+        Input::Register(reg_with_fabric("n1", session, ports)),
+        t(at),
+    )
+}
+
+fn cordoned_now(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Cordoned { .. }))
+}
+
+#[test]
+fn a_port_down_at_a_re_registration_is_a_fault_charged_once() {
+    // The port went down while the agent was away (a reboot, an agent restart): the node's
+    // record remembers it was up, so the node does not come back healthy without it.
+    let mut s = with_fabric(vec![ib("mlx5_0", 1), ib("mlx5_1", 1)]);
+    assert_eq!(s.nodes["n1"].record.fabric_ports.len(), 2);
+    let first = re_register(&mut s, 2, vec![down(ib("mlx5_0", 1)), ib("mlx5_1", 1)], 1);
+    assert!(cordoned_now(&first), "{first:?}");
+    let cordon = s.nodes["n1"].record.cordon.clone().expect("cordoned");
+    assert_eq!(
+        cordon.reason,
+        "port mlx5_0/1 is DOWN at registration (was ACTIVE, 400 Gb/sec when the node last \
+         registered)"
     );
-    heartbeat(&mut s, "n1", fabric_beat(vec![down(ib("mlx5_0", 1))]), t(2));
-    assert!(!s.nodes["n1"].cordoned());
-    assert!(s.nodes["n1"].health.fabric.required.is_empty());
+    // Heartbeats no longer require it (it was not up at this registration), and the record
+    // remembers only the ports up now: registering again changes nothing.
+    heartbeat(
+        &mut s,
+        "n1",
+        fabric_beat(vec![down(ib("mlx5_0", 1)), ib("mlx5_1", 1)]),
+        t(2),
+    );
+    assert_eq!(s.nodes["n1"].health.fabric.required.len(), 1);
+    let reasons = s.nodes["n1"].health.reasons();
+    for session in 3..6 {
+        let again = re_register(
+            &mut s,
+            session,
+            vec![down(ib("mlx5_0", 1)), ib("mlx5_1", 1)],
+            session,
+        );
+        assert!(!cordoned_now(&again), "{again:?}");
+    }
+    assert_eq!(s.nodes["n1"].health.reasons(), reasons, "charged once");
+    assert_eq!(s.nodes["n1"].condition, Condition::Unhealthy);
+}
+
+#[test]
+fn only_a_registration_that_read_the_port_down_judges_it() {
+    let mut s = with_fabric(vec![ib("mlx5_0", 1), netdev("eth2")]);
+    // No fabric data (an older agent, a failed read): no evidence, and the memory stays.
+    let blind = re_register(&mut s, 2, Vec::new(), 1);
+    assert!(!cordoned_now(&blind), "{blind:?}");
+    assert_eq!(s.nodes["n1"].record.fabric_ports.len(), 2);
+    // A port missing from the read (its device left [fabric] devices): not judged here.
+    let fewer = re_register(&mut s, 3, vec![netdev("eth2")], 2);
+    assert!(!cordoned_now(&fewer), "{fewer:?}");
+    assert_eq!(s.nodes["n1"].condition, Condition::Healthy);
+    // The interface read down at the next one: a fault, named.
+    let mut s = with_fabric(vec![ib("mlx5_0", 1), netdev("eth2")]);
+    let effects = re_register(&mut s, 2, vec![ib("mlx5_0", 1), down(netdev("eth2"))], 1);
+    assert!(cordoned_now(&effects), "{effects:?}");
+    assert_eq!(
+        s.nodes["n1"]
+            .record
+            .cordon
+            .clone()
+            .expect("cordoned")
+            .reason,
+        "interface eth2 is down at registration (was up, 100 Gb/sec when the node last \
+         registered)"
+    );
+}
+
+#[test]
+fn a_port_that_comes_back_up_is_required_again() {
+    let mut s = with_fabric(vec![ib("mlx5_0", 1)]);
+    re_register(&mut s, 2, vec![down(ib("mlx5_0", 1))], 1);
+    assert!(s.nodes["n1"].record.fabric_ports.is_empty());
+    re_register(&mut s, 3, vec![ib("mlx5_0", 1)], 2);
+    assert_eq!(s.nodes["n1"].record.fabric_ports.len(), 1);
+    assert_eq!(s.nodes["n1"].health.fabric.required.len(), 1);
 }

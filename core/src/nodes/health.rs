@@ -215,6 +215,29 @@ impl NodeHealth {
         class
     }
 
+    /// A fabric port the node's last registration had up is down at this one
+    /// ([`crate::fabric::down_since_last_registration`]): Unhealthy until the operator
+    /// uncordons, like a lost GPU (the next heartbeats no longer require that port).
+    pub fn on_fabric_port_down_at_registration(&mut self, message: String, observed_at_ms: u64) {
+        if self
+            .event_findings
+            .iter()
+            .any(|e| e.finding.message == message)
+        {
+            return;
+        }
+        self.event_findings.push(EventFinding {
+            finding: Finding {
+                condition: Condition::Unhealthy,
+                rule: "fabric_port_down",
+                gpu: None,
+                message,
+                observed_at_ms,
+            },
+            expires_at_ms: None,
+        });
+    }
+
     pub fn on_gpu_lost(&mut self, gpu: u32, uuid: &str, observed_at_ms: u64) {
         let message = format!(
             "{} lost: it fell out of the driver's view",

@@ -129,6 +129,11 @@ pub struct NodeRecord {
     /// The bound host's boot id at its last registration (a new one: it rebooted).
     #[serde(default)]
     pub boot_id: String,
+    /// The fabric ports that were up at the node's last registration that read its fabric
+    /// (docs/fabric.md): one of them found down at a later registration is a fault, as a GPU
+    /// missing from the inventory is. Empty: no fabric known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fabric_ports: Vec<crate::fabric::RequiredPort>,
 }
 
 /// The node in the engine's memory. Cheap to clone (snapshots clone every

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::transitions::{hear_from, judge};
+use crate::fabric::{down_since_last_registration, up_ports};
 use crate::health::NodeHealth;
 use crate::identity::{self, Claim};
 use crate::node::{Availability, GpuRecord, Node, NodeEvent, NodeRecord};
@@ -36,13 +37,16 @@ impl ClusterState {
                 remediation: None,
                 machine_id: String::new(),
                 boot_id: String::new(),
+                fabric_ports: Vec::new(),
             };
             Node::from_record(record, now.mono, now.wall_ms)
         });
         if let Some(old) = &replaced {
             // Another host: the old one's GPUs and findings are not this one's.
             node.health = NodeHealth::default();
-            Arc::make_mut(&mut node.record).gpus.clear();
+            let r = Arc::make_mut(&mut node.record);
+            r.gpus.clear();
+            r.fabric_ports.clear();
             effects.push(record(node, identity::changed_event(old, &reg, now)));
         }
         // GPUs registered before and absent now are as good as lost (a restarted agent must
@@ -50,6 +54,13 @@ impl ClusterState {
         let inventory = InventoryChange::between(&node.record.gpus, &reg.gpus);
         for gone in &inventory.lost {
             node.health.on_gpu_lost(gone.index, &gone.uuid, now.wall_ms);
+        }
+        // The same for fabric ports, when this registration read the fabric.
+        if !reg.fabric.is_empty() {
+            for message in down_since_last_registration(&node.record.fabric_ports, &reg.fabric) {
+                node.health
+                    .on_fabric_port_down_at_registration(message, now.wall_ms);
+            }
         }
         let swapped = !is_new && replaced.is_none() && inventory.changed();
         if swapped {
@@ -62,6 +73,9 @@ impl ClusterState {
         r.agent_version = reg.agent_version;
         r.simulated = reg.simulated;
         r.gpus = reg.gpus;
+        if !reg.fabric.is_empty() {
+            r.fabric_ports = up_ports(&reg.fabric);
+        }
         if !reg.identity.machine_id.is_empty() {
             r.machine_id = reg.identity.machine_id;
             r.boot_id = reg.identity.boot_id;
