@@ -219,21 +219,27 @@ impl NodeHealth {
     /// ([`crate::fabric::down_since_last_registration`]): Unhealthy until the operator
     /// uncordons, like a lost GPU (the next heartbeats no longer require that port).
     pub fn on_fabric_port_down_at_registration(&mut self, message: String, observed_at_ms: u64) {
+        self.keep_until_uncordon(Finding {
+            condition: Condition::Unhealthy,
+            rule: "fabric_port_down",
+            gpu: None,
+            message,
+            observed_at_ms,
+        });
+    }
+
+    /// An Unhealthy finding that holds until the operator uncordons the node, once however
+    /// often it is seen.
+    fn keep_until_uncordon(&mut self, finding: Finding) {
         if self
             .event_findings
             .iter()
-            .any(|e| e.finding.message == message)
+            .any(|e| e.finding.message == finding.message)
         {
             return;
         }
         self.event_findings.push(EventFinding {
-            finding: Finding {
-                condition: Condition::Unhealthy,
-                rule: "fabric_port_down",
-                gpu: None,
-                message,
-                observed_at_ms,
-            },
+            finding,
             expires_at_ms: None,
         });
     }
@@ -243,22 +249,12 @@ impl NodeHealth {
             "{} lost: it fell out of the driver's view",
             gpu_label(gpu, uuid)
         );
-        if self
-            .event_findings
-            .iter()
-            .any(|e| e.finding.message == message)
-        {
-            return;
-        }
-        self.event_findings.push(EventFinding {
-            finding: Finding {
-                condition: Condition::Unhealthy,
-                rule: "gpu_lost",
-                gpu: Some(gpu),
-                message,
-                observed_at_ms,
-            },
-            expires_at_ms: None,
+        self.keep_until_uncordon(Finding {
+            condition: Condition::Unhealthy,
+            rule: "gpu_lost",
+            gpu: Some(gpu),
+            message,
+            observed_at_ms,
         });
     }
 }
