@@ -165,6 +165,14 @@ impl ClusterState {
             message = format!("{message}; suspect {suspect} (a stuck collective waits on it)");
             if a.suspect.is_empty() {
                 a.suspect = suspect;
+                // The next attempt takes a spare in its place, where the job holds one (without
+                // one it runs on the same nodes rather than wait): its fabric is not cordoned
+                // (a flap or two may be below the cordon rules), but this job has hung on it.
+                let replaceable = job.spares.iter().any(|s| !job.avoid.contains(s));
+                if replaceable && job.placement.iter().any(|n| n == node) {
+                    job.avoid.insert(node.to_owned());
+                    message = format!("{message}; the next attempt takes a spare in its place");
+                }
             }
         }
         job.event(now.wall_ms, "evidence", message.clone());

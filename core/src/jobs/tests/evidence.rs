@@ -102,3 +102,81 @@ fn a_crash_asks_for_no_evidence() {
         }
     )));
 }
+
+#[test]
+fn a_hang_suspect_is_swapped_for_the_spare_in_the_next_attempt() {
+    let now = t0();
+    let mut s = cluster(3, now);
+    let (id, _) = submit(&mut s, &spec(2, 1), now);
+    let placed = s.jobs[&id].placement.clone();
+    let spare = s.jobs[&id].spares.clone();
+    assert_eq!((placed.len(), spare.len()), (2, 1), "{placed:?} {spare:?}");
+    for (rank, node) in placed.iter().enumerate() {
+        heartbeat(
+            &mut s,
+            node,
+            beat(&[(&id, 1, rank as u32, Some(5))]),
+            at(now, 1.0),
+        );
+    }
+    let stops = tick(&mut s, at(now, 62.0));
+    let flapped = v1::FabricDelta {
+        port: "mlx5_0/1".into(),
+        state: "ACTIVE".into(),
+        link_downed: 2,
+        ..Default::default()
+    };
+    let suspect = placed[1].clone();
+    from(
+        &mut s,
+        &suspect,
+        hang_evidence(&id, 1, vec![flapped]),
+        at(now, 63.0),
+    );
+    assert!(
+        s.jobs[&id].avoid.contains(&suspect),
+        "{:?}",
+        s.jobs[&id].avoid
+    );
+    confirm_stops(&mut s, &id, &stops, at(now, 64.0));
+    let mut next = Vec::new();
+    for i in 0..20 {
+        tick(&mut s, at(now, 65.0 + f64::from(i)));
+        if s.jobs[&id].attempt == 2 {
+            next = s.jobs[&id].placement.clone();
+            break;
+        }
+    }
+    assert!(
+        !next.contains(&suspect) && next.contains(&spare[0]) && next.contains(&placed[0]),
+        "attempt 2 on {next:?}; suspect {suspect}, spare {spare:?}"
+    );
+    // Not cordoned: the job avoided it once; the node stays schedulable for others.
+    assert!(!s.nodes[&suspect].cordoned());
+}
+
+#[test]
+fn without_a_spare_a_hang_suspect_is_kept_rather_than_wait() {
+    let now = t0();
+    let mut s = cluster(2, now);
+    let (id, _) = submit(&mut s, &spec(2, 0), now);
+    for node in ["n1", "n2"] {
+        let rank = u32::from(node == "n2");
+        heartbeat(&mut s, node, beat(&[(&id, 1, rank, Some(5))]), at(now, 1.0));
+    }
+    tick(&mut s, at(now, 62.0));
+    let down = v1::FabricDelta {
+        port: "mlx5_1/1".into(),
+        state: "ACTIVE".into(),
+        link_downed: 1,
+        ..Default::default()
+    };
+    from(
+        &mut s,
+        "n2",
+        hang_evidence(&id, 1, vec![down]),
+        at(now, 63.0),
+    );
+    assert!(!s.jobs[&id].attempts[0].suspect.is_empty());
+    assert!(s.jobs[&id].avoid.is_empty(), "no spare to take its place");
+}
