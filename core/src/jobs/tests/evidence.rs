@@ -21,16 +21,34 @@ fn hang_evidence(job: &str, attempt: u64, fabric: Vec<v1::FabricDelta>) -> v1::A
     }))
 }
 
-#[test]
-fn a_hang_asks_every_node_for_evidence_before_stopping_and_keeps_the_answers() {
+/// Port mlx5_1/1's counters during the attempt.
+fn delta(state: &str, link_downed: u64) -> v1::FabricDelta {
+    v1::FabricDelta {
+        port: "mlx5_1/1".into(),
+        state: state.into(),
+        link_downed,
+        ..Default::default()
+    }
+}
+
+/// A job of `nodes` nodes and `spares` spares on a cluster just big enough, hung: its ranks
+/// report step 5 once, then nothing until the hang timeout passes at 62 s. The cluster, the
+/// job, what the hang set off, and the start time.
+fn hung(nodes: u32, spares: u32) -> (ClusterState, String, Vec<Effect>, Now) {
     let now = t0();
-    let mut s = cluster(2, now);
-    let (id, _) = submit(&mut s, &spec(2, 0), now);
-    for node in ["n1", "n2"] {
-        let rank = u32::from(node == "n2");
-        heartbeat(&mut s, node, beat(&[(&id, 1, rank, Some(5))]), at(now, 1.0));
+    let mut s = cluster(nodes + spares, now);
+    let (id, _) = submit(&mut s, &spec(nodes, spares), now);
+    for (rank, node) in s.jobs[&id].placement.clone().iter().enumerate() {
+        let workers = [(id.as_str(), 1, rank as u32, Some(5))];
+        heartbeat(&mut s, node, beat(&workers), at(now, 1.0));
     }
     let effects = tick(&mut s, at(now, 62.0));
+    (s, id, effects, now)
+}
+
+#[test]
+fn a_hang_asks_every_node_for_evidence_before_stopping_and_keeps_the_answers() {
+    let (mut s, id, effects, now) = hung(2, 0);
     let order: Vec<(String, &str)> = effects
         .iter()
         .filter_map(|e| match e {
@@ -55,16 +73,10 @@ fn a_hang_asks_every_node_for_evidence_before_stopping_and_keeps_the_answers() {
         "captures go out before the stops: {order:?}"
     );
 
-    let down = v1::FabricDelta {
-        port: "mlx5_1/1".into(),
-        state: "DOWN".into(),
-        link_downed: 1,
-        ..Default::default()
-    };
     from(
         &mut s,
         "n2",
-        hang_evidence(&id, 1, vec![down]),
+        hang_evidence(&id, 1, vec![delta("DOWN", 1)]),
         at(now, 63.0),
     );
     from(
@@ -105,32 +117,16 @@ fn a_crash_asks_for_no_evidence() {
 
 #[test]
 fn a_hang_suspect_is_swapped_for_the_spare_in_the_next_attempt() {
-    let now = t0();
-    let mut s = cluster(3, now);
-    let (id, _) = submit(&mut s, &spec(2, 1), now);
+    let (mut s, id, stops, now) = hung(2, 1);
     let placed = s.jobs[&id].placement.clone();
     let spare = s.jobs[&id].spares.clone();
     assert_eq!((placed.len(), spare.len()), (2, 1), "{placed:?} {spare:?}");
-    for (rank, node) in placed.iter().enumerate() {
-        heartbeat(
-            &mut s,
-            node,
-            beat(&[(&id, 1, rank as u32, Some(5))]),
-            at(now, 1.0),
-        );
-    }
-    let stops = tick(&mut s, at(now, 62.0));
-    let flapped = v1::FabricDelta {
-        port: "mlx5_0/1".into(),
-        state: "ACTIVE".into(),
-        link_downed: 2,
-        ..Default::default()
-    };
     let suspect = placed[1].clone();
+    // Two flaps, still ACTIVE: below the cordon rules, but the hang waited on it.
     from(
         &mut s,
         &suspect,
-        hang_evidence(&id, 1, vec![flapped]),
+        hang_evidence(&id, 1, vec![delta("ACTIVE", 2)]),
         at(now, 63.0),
     );
     assert!(
@@ -157,24 +153,11 @@ fn a_hang_suspect_is_swapped_for_the_spare_in_the_next_attempt() {
 
 #[test]
 fn without_a_spare_a_hang_suspect_is_kept_rather_than_wait() {
-    let now = t0();
-    let mut s = cluster(2, now);
-    let (id, _) = submit(&mut s, &spec(2, 0), now);
-    for node in ["n1", "n2"] {
-        let rank = u32::from(node == "n2");
-        heartbeat(&mut s, node, beat(&[(&id, 1, rank, Some(5))]), at(now, 1.0));
-    }
-    tick(&mut s, at(now, 62.0));
-    let down = v1::FabricDelta {
-        port: "mlx5_1/1".into(),
-        state: "ACTIVE".into(),
-        link_downed: 1,
-        ..Default::default()
-    };
+    let (mut s, id, _, now) = hung(2, 0);
     from(
         &mut s,
         "n2",
-        hang_evidence(&id, 1, vec![down]),
+        hang_evidence(&id, 1, vec![delta("ACTIVE", 1)]),
         at(now, 63.0),
     );
     assert!(!s.jobs[&id].attempts[0].suspect.is_empty());
