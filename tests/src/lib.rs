@@ -88,6 +88,16 @@ pub struct CtlOutput {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for CtlOutput {
+    fn from(out: std::process::Output) -> Self {
+        Self {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl CtlOutput {
     pub fn success(&self) -> bool {
         self.code == Some(0)
@@ -120,11 +130,7 @@ pub fn clusterctl(url: &str, args: &[&str]) -> Result<CtlOutput> {
         .env_remove("VIGIL_COORDINATOR")
         .output()
         .context("cannot run clusterctl")?;
-    Ok(CtlOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    Ok(out.into())
 }
 
 /// `clusterctl -o json nodes`, keyed by node name.

@@ -5,23 +5,15 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use vigil_tests::{CtlOutput, bin};
+use vigil_tests::{CtlOutput, clusterctl};
 
 /// `clusterctl checkpoint latest --dir DIR --layout LAYOUT [extra]`, with a coordinator URL that
 /// nothing answers: the command must not dial it.
 fn latest(dir: &Path, layout: &str, extra: &[&str]) -> Result<CtlOutput> {
     let dir = dir.to_str().context("temp dir is not UTF-8")?;
-    let out = std::process::Command::new(bin("clusterctl")?)
-        .args(["--coordinator", "http://127.0.0.1:1"])
-        .args(["checkpoint", "latest", "--dir", dir, "--layout", layout])
-        .args(extra)
-        .output()
-        .context("cannot run clusterctl")?;
-    Ok(CtlOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    let mut args = vec!["checkpoint", "latest", "--dir", dir, "--layout", layout];
+    args.extend_from_slice(extra);
+    clusterctl("http://127.0.0.1:1", &args)
 }
 
 /// Files of a checkpoint dir: relative path and contents.

@@ -23,11 +23,7 @@ impl NetCluster {
             .env_remove("VIGIL_COORDINATOR")
             .output()
             .context("cannot run clusterctl")?;
-        Ok(CtlOutput {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Ok(out.into())
     }
 
     /// `clusterctl -o json nodes`, keyed by node name.
