@@ -85,14 +85,16 @@ impl EventSink {
                 command = %r.command,
                 "remediation result"
             ),
-            // The worker supervisor (and the evidence capture) log their own decisions.
+            // The worker supervisor (and the evidence capture, the preflight) log their own
+            // decisions.
             Some(
                 Kind::WorkerStarted(_)
                 | Kind::WorkerExited(_)
                 | Kind::Checkpoint(_)
                 | Kind::CheckpointScan(_)
                 | Kind::LogData(_)
-                | Kind::HangEvidence(_),
+                | Kind::HangEvidence(_)
+                | Kind::PreflightResult(_),
             )
             | None => {}
         }

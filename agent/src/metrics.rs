@@ -269,7 +269,8 @@ impl Metrics {
                 | Kind::CheckpointScan(_)
                 | Kind::RemediationResult(_)
                 | Kind::LogData(_)
-                | Kind::HangEvidence(_),
+                | Kind::HangEvidence(_)
+                | Kind::PreflightResult(_),
             )
             | None => {}
         }

@@ -596,6 +596,12 @@ fn run_command(ctx: &SessionContext, command: Command) {
         Some(CommandKind::CaptureEvidence(capture)) => ctx.evidence.capture(capture),
         Some(CommandKind::ReadLog(read)) => ctx.workers.read_log(command.id, read),
         Some(CommandKind::ScanCheckpoints(scan)) => ctx.workers.scan_checkpoints(scan),
+        Some(CommandKind::RunPreflight(run)) if !ctx.launch => warn!(
+            job = %run.job_id,
+            attempt = run.attempt,
+            "refused to run a preflight: [workers] launch = false (this agent runs no job)"
+        ),
+        Some(CommandKind::RunPreflight(run)) => ctx.workers.run_preflight(run),
         Some(CommandKind::Remediate(step)) => ctx.remediation.spawn(step),
         None => warn!(
             command_id = command.id,

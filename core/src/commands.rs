@@ -8,8 +8,10 @@
 //! What is derived:
 //! - a relaunch's checkpoint scan not yet answered: `ScanCheckpoints` to node rank 0
 //!   (`resume_scan`);
+//! - the members of a gang preflight's current round not yet answered: `RunPreflight`
+//!   (`preflight`);
 //! - a worker of a Running attempt not yet reported (`Starting`): `StartWorker`, once no scan
-//!   is pending;
+//!   and no preflight is pending;
 //! - a worker of a Stopping attempt not yet confirmed dead: `StopWorkers`;
 //! - a worker an agent reports that is no current attempt's on that node: `StopWorkers`;
 //! - a node's pending remediation step, once no job holds the node: `Remediate`
@@ -21,7 +23,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::job::{Job, JobPhase, WorkerPhase};
-use crate::jobs::{resume_scan, start_command, stop_command};
+use crate::jobs::{preflight, resume_scan, start_command, stop_command};
 use crate::state::{ClusterState, Effect};
 use crate::time::{Instant, Now};
 
@@ -75,7 +77,11 @@ enum Want {
 
 fn want(job: &Job, phase: WorkerPhase) -> Option<Want> {
     match job.phase {
-        JobPhase::Running if phase == WorkerPhase::Starting && !resume_scan::pending(job) => {
+        JobPhase::Running
+            if phase == WorkerPhase::Starting
+                && !resume_scan::pending(job)
+                && !preflight::pending(job) =>
+        {
             Some(Want::Start)
         }
         JobPhase::Stopping if !phase.is_dead() => Some(Want::Stop),
@@ -115,6 +121,7 @@ impl ClusterState {
                     kind: resume_scan::command(job),
                 });
             }
+            effects.extend(preflight::commands(job, nodes, now));
             let due: Vec<(String, u64, Want)> = job
                 .workers
                 .iter()

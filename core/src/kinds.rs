@@ -126,6 +126,8 @@ pub enum CordonRule {
     Recovery,
     /// The remediation ladder: a node waiting for its step, or one that needs repair.
     Remediation,
+    /// A job's gang preflight singled the node out (see `jobs::preflight`).
+    Preflight,
 }
 
 impl CordonRule {
@@ -139,6 +141,7 @@ impl CordonRule {
             CordonRule::Straggler => "straggler",
             CordonRule::Recovery => "recovery",
             CordonRule::Remediation => "remediation",
+            CordonRule::Preflight => "preflight",
         }
     }
 }

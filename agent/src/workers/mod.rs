@@ -32,6 +32,7 @@ mod assigned;
 pub mod confine;
 pub(crate) mod group;
 pub mod logs;
+mod preflight;
 mod progress;
 mod record;
 mod resume_scan;
@@ -45,7 +46,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use vigil_proto::v1::{
-    AgentEvent, LogData, ReadLog, ScanCheckpoints, StartWorker, StopWorkers, WorkerInfo,
+    AgentEvent, LogData, ReadLog, RunPreflight, ScanCheckpoints, StartWorker, StopWorkers,
+    WorkerInfo,
 };
 
 pub use group::group_alive;
@@ -108,6 +110,8 @@ pub struct Workers {
     confine: std::sync::Arc<confine::Confinement>,
     /// The checkpoint scans under way (their tasks remove themselves).
     scanning: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Key>>>,
+    /// The preflight rounds run or running here (their tasks record their results).
+    preflights: preflight::Shared,
 }
 
 impl Workers {
@@ -123,6 +127,43 @@ impl Workers {
             sink,
             confine,
             scanning: Default::default(),
+            preflights: Default::default(),
+        }
+    }
+
+    /// Run this node's part of a preflight round; the answer goes back as a `PreflightResult`
+    /// event. Each round runs once: a repeat while it runs is ignored, one after it ended is
+    /// answered with the same result (the coordinator re-sends until answered).
+    pub fn run_preflight(&self, cmd: RunPreflight) {
+        let key = preflight::key(&cmd);
+        let seen = self
+            .preflights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen(&key);
+        let sink = self.sink.clone();
+        let emit = move |result| {
+            sink.emit(AgentEvent {
+                at_unix_ms: crate::unix_ms(),
+                kind: Some(vigil_proto::v1::agent_event::Kind::PreflightResult(result)),
+            });
+        };
+        match seen {
+            preflight::Seen::Running => {
+                tracing::debug!(job_id = %key.0, attempt = key.1, round = key.2, "preflight already under way");
+            }
+            preflight::Seen::Done(result) => emit(result),
+            preflight::Seen::Run => {
+                let confine = std::sync::Arc::clone(&self.confine);
+                let runs = std::sync::Arc::clone(&self.preflights);
+                tokio::spawn(async move {
+                    let result = preflight::run(confine, cmd).await;
+                    runs.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .finished(&key, result.clone());
+                    emit(result);
+                });
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 use vigil_proto::v1::{CheckpointScan, CheckpointSeen, RejectedCheckpoint, ScanCheckpoints};
 
-use super::confine::{self, Confinement};
+use super::confine::Confinement;
 use super::verify::Verifier;
 use crate::checkpoint::{self, Checkpoint, Layout};
 
@@ -179,25 +179,15 @@ const MAX_ERROR: usize = 4000;
 
 /// How `scan`'s candidates are verified: as the job's user, in its resolved workdir.
 fn verifier(confine: &Confinement, scan: &ScanCheckpoints) -> Result<Verifier, String> {
-    let identity = confine
-        .identity(confine::agent_uid())
-        .map_err(|e| e.to_string())?;
-    let workdir = confine
-        .inside("workdir", &scan.workdir)
-        .map_err(|e| e.to_string())?;
     let timeout = match Duration::from_millis(scan.verify_timeout_ms) {
         d if d.is_zero() => DEFAULT_VERIFY_TIMEOUT,
         d => d.min(MAX_VERIFY_TIMEOUT),
     };
-    Ok(Verifier {
-        argv: scan.verify_command.clone(),
+    Verifier::confined(
+        confine,
+        &scan.verify_command,
+        &scan.workdir,
+        &scan.env,
         timeout,
-        workdir,
-        env: scan
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        identity,
-    })
+    )
 }

@@ -4,6 +4,7 @@
 //! candidate's path also appended as the last argument. The command gets a process group of its
 //! own, killed whole at the timeout. Exit 0: the checkpoint is good. Its stdout and stderr go to
 //! one pipe, of which the last [`MAX_OUTPUT`] bytes are kept, for the coordinator's event.
+//! A job's `[preflight] command` runs the same way (`Verifier::run`, no checkpoint).
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -47,9 +48,39 @@ pub struct Failed {
 }
 
 impl Verifier {
+    /// `argv` run as the job's user (the confinement's), in `workdir` resolved within the
+    /// allowed roots, with `env`; `Err` names what the confinement refused.
+    pub fn confined(
+        confine: &super::confine::Confinement,
+        argv: &[String],
+        workdir: &str,
+        env: &std::collections::HashMap<String, String>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let identity = confine
+            .identity(super::confine::agent_uid())
+            .map_err(|e| e.to_string())?;
+        let workdir = confine
+            .inside("workdir", workdir)
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            argv: argv.to_vec(),
+            timeout,
+            workdir,
+            env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            identity,
+        })
+    }
+
     /// Verify the checkpoint at `path` (as the job names it). `Err`: the command could not be
     /// run at all (no such program, ...), which says nothing about the checkpoint.
     pub async fn verify(&self, path: &str) -> Result<Result<(), Failed>, String> {
+        self.run(Some(path)).await
+    }
+
+    /// Run the command (with `checkpoint` appended and in [`CHECKPOINT_VAR`], when given).
+    /// `Err`: it could not be run at all.
+    pub async fn run(&self, checkpoint: Option<&str>) -> Result<Result<(), Failed>, String> {
         let program = self.argv.first().map(String::as_str).unwrap_or_default();
         let cannot =
             |what: &str, e: &dyn std::fmt::Display| format!("cannot {what} {program:?}: {e}");
@@ -58,10 +89,11 @@ impl Verifier {
             .try_clone()
             .map_err(|e| cannot("open a pipe for", &e))?;
         let mut cmd = Command::new(program);
-        cmd.args(self.argv.iter().skip(1))
-            .arg(path)
-            .envs(&self.env)
-            .env(CHECKPOINT_VAR, path)
+        cmd.args(self.argv.iter().skip(1)).envs(&self.env);
+        if let Some(path) = checkpoint {
+            cmd.arg(path).env(CHECKPOINT_VAR, path);
+        }
+        cmd
             // The agent's systemd notification socket is not the job's.
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")

@@ -163,6 +163,7 @@ mod tests {
             env_override: BTreeMap::new(),
             events: Vec::new(),
             resume_scan: None,
+            preflight: None,
             bad_checkpoints: Default::default(),
             unannounced: Vec::new(),
         };
@@ -193,6 +194,7 @@ mod tests {
                 crash_loop: None,
                 evidence: Vec::new(),
                 suspect: String::new(),
+                preflight: None,
             })
             .collect();
         BTreeMap::from([("j-1".to_owned(), j)])

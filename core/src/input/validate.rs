@@ -220,6 +220,11 @@ pub fn check_event(ev: &v1::AgentEvent) -> Result<(), String> {
         }
         Some(Kind::LogData(l)) => check_len("log_data.data", &l.data, MAX_LOG_DATA),
         Some(Kind::HangEvidence(e)) => check_hang_evidence(e),
+        Some(Kind::PreflightResult(r)) => {
+            check_job_id("preflight_result.job_id", &r.job_id)?;
+            check_len("preflight_result.why", &r.why, MAX_REASON)?;
+            check_len("preflight_result.output", &r.output, MAX_VERIFY_OUTPUT)
+        }
         Some(Kind::RemediationResult(r)) => {
             gpu("remediation_result.gpu_index", r.gpu_index)?;
             if v1::RemediationAction::try_from(r.action)

@@ -114,19 +114,20 @@ impl ClusterState {
             if let Some(t) = job.triage.as_mut() {
                 t.deadline = now.mono + remaining(t.deadline_ms, triage_budget);
             }
+            super::preflight::rearm(job, now);
         }
     }
 
     /// Time-driven job transitions: hangs, then the scheduler.
     pub fn jobs_tick(&mut self, now: Now) -> Vec<Effect> {
-        let mut effects = Vec::new();
+        let mut effects = self.preflight_tick(now);
         for job in self
             .jobs
             .values_mut()
             .filter(|j| j.phase == JobPhase::Running)
         {
             super::resume_scan::expire(job, now, &mut effects);
-            if super::resume_scan::pending(job) {
+            if super::resume_scan::pending(job) || super::preflight::pending(job) {
                 // Its workers have not been started: no hang to watch for.
                 continue;
             }

@@ -328,6 +328,7 @@ fn attempt(n: u64, start_s: u64) -> Attempt {
         crash_loop: None,
         evidence: Vec::new(),
         suspect: String::new(),
+        preflight: None,
     }
 }
 

@@ -193,6 +193,9 @@ pub struct Attempt {
     /// empty when it points nowhere.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub suspect: String,
+    /// The gang preflight that ran before this attempt's workers (see `preflight`), once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preflight: Option<crate::jobs::preflight::Preflight>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +286,9 @@ pub struct Job {
     /// `resume_scan`; not stored).
     #[serde(skip)]
     pub resume_scan: Option<crate::jobs::resume_scan::Scan>,
+    /// The gang preflight of the current (or last) attempt (see `preflight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preflight: Option<crate::jobs::preflight::Preflight>,
     /// Events not yet announced to `clusterctl events` watchers (not stored).
     #[serde(skip)]
     pub unannounced: Vec<JobEvent>,

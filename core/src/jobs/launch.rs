@@ -56,17 +56,26 @@ pub fn worker_env(
     nodes: &BTreeMap<String, Node>,
     rank: usize,
 ) -> BTreeMap<String, String> {
+    env_for(job, nodes, &job.placement, rank)
+}
+
+/// The environment of the member at `rank` of `placement` (the gang, or a preflight's group:
+/// NNODES, ranks and the master are the group's).
+pub(super) fn env_for(
+    job: &Job,
+    nodes: &BTreeMap<String, Node>,
+    placement: &[String],
+    rank: usize,
+) -> BTreeMap<String, String> {
     let mut env = job.spec.env.clone();
     env.extend(job.env_override.clone());
-    let nnodes = job.placement.len().to_string();
-    let master = job
-        .placement
+    let nnodes = placement.len().to_string();
+    let master = placement
         .first()
         .and_then(|n| nodes.get(n))
         .map_or_else(|| "127.0.0.1".to_owned(), |n| n.record.address.clone());
     let port = job.spec.master_port.to_string();
-    let gpus = job
-        .placement
+    let gpus = placement
         .get(rank)
         .and_then(|n| nodes.get(n))
         .map(|n| {

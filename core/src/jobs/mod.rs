@@ -10,12 +10,16 @@
 //!   attempts), `attempt` (how an attempt fails, stops and ends; hangs), `reports` (what agents
 //!   report about workers), `launch` (the start and stop commands, the worker's environment).
 //! - Policies on top: `goodput`, `triage`, `crash_loop`, `stragglers`, `training_health`,
-//!   `rollback`, `evidence` (what a hung attempt's workers were doing, captured before the stop).
+//!   `rollback`, `evidence` (what a hung attempt's workers were doing, captured before the stop),
+//!   `preflight` (a gang check before an attempt's workers start; its bisection in
+//!   `preflight_plan`).
 
 pub mod crash_loop;
 pub mod evidence;
 pub mod goodput;
 pub mod job;
+pub mod preflight;
+pub mod preflight_plan;
 pub mod resume_scan;
 pub mod rollback;
 pub mod spec;

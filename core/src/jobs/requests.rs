@@ -56,6 +56,7 @@ impl ClusterState {
             env_override: BTreeMap::new(),
             events: Vec::new(),
             resume_scan: None,
+            preflight: None,
             bad_checkpoints: Default::default(),
             unannounced: Vec::new(),
         };

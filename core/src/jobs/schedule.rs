@@ -287,6 +287,7 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         crash_loop: None,
         evidence: Vec::new(),
         suspect: String::new(),
+        preflight: None,
     });
     goodput::on_start(job);
     super::resume_scan::begin(job, now);
@@ -302,6 +303,7 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         message: msg,
         warn: false,
     });
+    super::preflight::begin(job, now);
     // The StartWorker commands follow from the Starting workers (`commands`), once a relaunch's
-    // checkpoint scan is answered (`resume_scan`).
+    // checkpoint scan is answered (`resume_scan`) and the gang preflight passed (`preflight`).
 }

@@ -53,6 +53,12 @@ pub struct JobSpec {
     /// When repeated identical failures end the job (see `crash_loop`).
     #[serde(default)]
     pub crash_loop: crate::jobs::crash_loop::CrashLoopSpec,
+    /// A gang check before attempts start (see `preflight`).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::jobs::preflight::PreflightSpec::is_off"
+    )]
+    pub preflight: crate::jobs::preflight::PreflightSpec,
 }
 
 fn default_master_port() -> u16 {
@@ -147,6 +153,7 @@ pub fn parse(text: &str, source: &str, cluster_nodes: usize) -> Result<JobSpec, 
         .validate()
         .map_err(|e| format!("{at}{e}"))?;
     spec.crash_loop.validate().map_err(|e| format!("{at}{e}"))?;
+    spec.preflight.validate().map_err(|e| format!("{at}{e}"))?;
     Ok(spec)
 }
 
@@ -235,7 +242,7 @@ fn validate(spec: &JobSpec, cluster_nodes: usize) -> Result<(), String> {
 }
 
 /// An argv (`field`): at most [`MAX_ARGV`] arguments and [`MAX_COMMAND_BYTES`] bytes, no NUL.
-fn check_command(field: &str, command: &[String]) -> Result<(), String> {
+pub(super) fn check_command(field: &str, command: &[String]) -> Result<(), String> {
     if command.len() > MAX_ARGV {
         return Err(format!(
             "{field} has {} arguments; the limit is {MAX_ARGV}: put them in a script or a config file",

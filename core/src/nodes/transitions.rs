@@ -94,6 +94,10 @@ impl ClusterState {
                 effects.extend(self.hang_evidence(node_name, e, now));
                 return Ok(effects);
             }
+            Some(v1::agent_event::Kind::PreflightResult(r)) => {
+                effects.extend(self.preflight_result(node_name, r, now));
+                return Ok(effects);
+            }
             Some(v1::agent_event::Kind::Diagnostics(_) | v1::agent_event::Kind::LogData(_))
             | None => return Ok(effects),
         };

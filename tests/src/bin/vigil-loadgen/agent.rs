@@ -576,12 +576,14 @@ fn handle_command(
                 rejected: Vec::new(),
             }))?;
         }
-        // Diagnostics, log reads and remediation are not part of the load test.
+        // Diagnostics, log reads, remediation and preflights are not part of the load test
+        // (its job specs have no [preflight]).
         Some(
             CommandKind::RunDiagnostics(_)
             | CommandKind::ReadLog(_)
             | CommandKind::Remediate(_)
-            | CommandKind::CaptureEvidence(_),
+            | CommandKind::CaptureEvidence(_)
+            | CommandKind::RunPreflight(_),
         )
         | None => {}
     }
