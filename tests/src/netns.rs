@@ -31,8 +31,10 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::{LONG, bin, wait_for, write_file};
 
 mod control;
+mod fabric;
 mod sys;
 
+pub use fabric::FABRIC_SUBNET;
 pub use sys::{NsProcess, REQUIRE_ENV, SKIP_LINE, available, cmdline, ip, pids_in, signal};
 use sys::{kill_all_in, sweep_stale};
 

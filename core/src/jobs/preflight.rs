@@ -403,6 +403,9 @@ impl ClusterState {
         let Some(job) = self.jobs.get_mut(id) else {
             return effects;
         };
+        if let Some(msg) = job.preflight.as_ref().and_then(round_summary) {
+            job.event(now.wall_ms, "preflight", msg);
+        }
         let decision = decide(job, now);
         let bad: Vec<(String, String)> = job
             .preflight
@@ -474,6 +477,37 @@ impl ClusterState {
         cordons.extend(effects);
         cordons
     }
+}
+
+/// How the current round ended, group by group, for the job's history.
+fn round_summary(p: &Preflight) -> Option<String> {
+    let round = p.current()?;
+    let groups: Vec<String> = round
+        .groups
+        .iter()
+        .map(|g| {
+            let failed: Vec<String> = g
+                .nodes
+                .iter()
+                .filter_map(|n| match g.results.get(n) {
+                    None => Some(format!("{n}: no answer")),
+                    Some(r) if !r.passed => Some(format!("{n}: {}", r.why)),
+                    Some(_) => None,
+                })
+                .collect();
+            let verdict = if failed.is_empty() {
+                "passed".to_owned()
+            } else {
+                format!("failed ({})", failed.join("; "))
+            };
+            format!("[{}] {verdict}", g.nodes.join(","))
+        })
+        .collect();
+    Some(format!(
+        "preflight round {} ended: {}",
+        round.round,
+        groups.join(", ")
+    ))
 }
 
 /// Plan the next round, or conclude (setting the record's verdict, cleared and bad nodes).
