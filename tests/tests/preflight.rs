@@ -5,8 +5,16 @@
 //! `MASTER_ADDR:MASTER_PORT` of the group, the others send it a buffer and get the sum back),
 //! so it needs the fabric between them. vigil must single the host out by bisection, cordon it
 //! (rule `preflight`, the script's output as evidence) and start the job on the others.
+//!
+//! The same scenario runs with a real `torchrun` gloo all-reduce where torch is installed
+//! (`VIGIL_TORCHRUN`, else `torchrun` on `PATH`; `.ci/run` installs it in a venv: the PyPI wheel
+//! with its nvidia-* dependencies, about 1 minute and 5.3 GB). Without it that test prints a SKIP
+//! line, and with `VIGIL_REQUIRE_TORCH=1` it fails instead.
 
-use anyhow::{Context, Result, ensure};
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use vigil_tests::jobs::{attempt, spec_in, workers_running};
 use vigil_tests::netns::{FABRIC_SUBNET, NetCluster};
@@ -66,19 +74,42 @@ fn events(job: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_out() -> Result<()>
-{
+/// torch's gloo all-reduce, one process per node (torchrun sets RANK, WORLD_SIZE, MASTER_*).
+const TORCH_ALLREDUCE: &str = r#"
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.ones(1 << 16) * (dist.get_rank() + 1)
+dist.all_reduce(t)
+print(f"gloo all-reduce ok: rank {dist.get_rank()} of {dist.get_world_size()}, sum {t[0].item()}")
+dist.destroy_process_group()
+"#;
+
+/// torchrun, if torch is installed and imports (`torchrun --help` imports it).
+fn torchrun() -> Option<PathBuf> {
+    let path =
+        std::env::var_os("VIGIL_TORCHRUN").map_or_else(|| PathBuf::from("torchrun"), PathBuf::from);
+    let ok = Command::new(&path)
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(path)
+}
+
+/// The scenario: three hosts with a fabric, node-1's fabric port down, a gang of two with one
+/// spare and `[preflight] command` (run `when = "always"`, so the first attempt is checked).
+fn scenario(command: &[String], timeout: &str, script: (&str, &str), evidence: &str) -> Result<()> {
     let config = format!("{FAST_LIVENESS}\n[cordon_breaker]\nmax_fraction = 1.0\n");
     let Some(c) = NetCluster::builder(&config).hosts(3).start()? else {
         return Ok(());
     };
     c.add_fabric()?;
-    let script = c.dir.path().join("work/allreduce.py");
-    let extra = format!(
-        "[preflight]\ncommand = [\"python3\", \"{}\"]\ntimeout = \"20s\"\nwhen = \"always\"\n",
-        script.display()
-    );
+    let script_path = c.dir.path().join("work").join(script.0);
+    let argv: Vec<String> = command
+        .iter()
+        .map(|a| a.replace("SCRIPT", &script_path.display().to_string()))
+        .collect();
+    let extra =
+        format!("[preflight]\ncommand = {argv:?}\ntimeout = \"{timeout}\"\nwhen = \"always\"\n");
     let spec = spec_in(
         c.dir.path(),
         2,
@@ -86,7 +117,7 @@ fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_
         &format!(", FABRIC_SUBNET = \"{FABRIC_SUBNET}\""),
         &extra,
     )?;
-    write_file(c.dir.path(), "work/allreduce.py", ALLREDUCE)?;
+    write_file(c.dir.path(), &format!("work/{}", script.0), script.1)?;
     // The scheduler places the gang on node-0 and node-1 (name order), node-2 is the spare.
     let bad = "node-1";
     c.fabric_down(bad)?;
@@ -94,6 +125,8 @@ fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_
     let job = c.wait_job(&id, "running on the two good hosts", |j| {
         workers_running(j, 2) && attempt(j) >= 2
     })?;
+    let history = events(&job);
+    println!("{}", history.join("\n"));
     let nodes = attempt_nodes(&job, attempt(&job))?;
     ensure!(
         !nodes.contains(&bad.to_owned()),
@@ -101,8 +134,9 @@ fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_
     );
     let node = c.node(bad)?;
     let reason = node["cordon"]["reason"].as_str().context("cordoned")?;
+    println!("{bad} cordoned: {reason}");
     ensure!(reason.contains("preflight of job"), "{reason}");
-    ensure!(reason.contains("all-reduce failed"), "evidence: {reason}");
+    ensure!(reason.contains(evidence), "evidence {evidence:?}: {reason}");
     for good in ["node-0", "node-2"] {
         ensure!(
             c.node(good)?["cordon"]["reason"].is_null(),
@@ -113,8 +147,6 @@ fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_
         job["job"]["restarts"].as_u64() == Some(0),
         "no restart: {job}"
     );
-    let history = events(&job);
-    println!("{}", history.join("\n"));
     ensure!(
         history
             .iter()
@@ -128,4 +160,44 @@ fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_
         "{history:?}"
     );
     Ok(())
+}
+
+#[test]
+fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_out() -> Result<()>
+{
+    let command = ["python3".to_owned(), "SCRIPT".to_owned()];
+    scenario(
+        &command,
+        "20s",
+        ("allreduce.py", ALLREDUCE),
+        "all-reduce failed",
+    )
+}
+
+#[test]
+fn a_torchrun_gloo_all_reduce_preflight_finds_the_host_whose_fabric_link_is_down() -> Result<()> {
+    let Some(torchrun) = torchrun() else {
+        if std::env::var("VIGIL_REQUIRE_TORCH").is_ok_and(|v| v == "1") {
+            bail!(
+                "VIGIL_REQUIRE_TORCH=1 but torchrun is missing or torch does not import (set VIGIL_TORCHRUN)"
+            );
+        }
+        println!(
+            "SKIP: torchrun not found or torch does not import (set VIGIL_TORCHRUN; .ci/run installs torch)"
+        );
+        return Ok(());
+    };
+    // torchrun's rendezvous and gloo's pairs go over the fabric: the group's rank 0 fabric
+    // address, gloo bound to the fabric interface; one process per node.
+    let shell = format!(
+        "PET_MASTER_ADDR=$FABRIC_SUBNET.${{MASTER_ADDR##*.}} GLOO_SOCKET_IFNAME=fab0 exec {} --nproc-per-node=1 SCRIPT",
+        torchrun.display()
+    );
+    let command = ["sh".to_owned(), "-c".to_owned(), shell];
+    scenario(
+        &command,
+        "40s",
+        ("torch_allreduce.py", TORCH_ALLREDUCE),
+        "failed",
+    )
 }

@@ -322,6 +322,10 @@ pub fn running_job() -> v1::JobDetail {
                 resumed_from_step: Some(200),
                 last_step: Some(230),
                 triage: Default::default(),
+                preflight: vec![
+                    "round 0: [gpu-001,gpu-004] passed".into(),
+                    "verdict: passed on the whole gang".into(),
+                ],
                 ..Default::default()
             },
         ],

@@ -99,6 +99,9 @@ pub struct AttemptRecord {
     pub evidence: Vec<NodeEvidence>,
     /// The node the evidence points at, and why; empty when it points nowhere.
     pub suspect: String,
+    /// The gang preflight before its workers: a line per round, then `verdict: ...`; `[]` when
+    /// none ran.
+    pub preflight: Vec<String>,
 }
 
 /// What a hung attempt's worker on one node was doing, captured before it was stopped.
@@ -250,6 +253,7 @@ impl JobDetail {
                     crash_loop: a.crash_loop,
                     evidence: a.evidence.into_iter().map(NodeEvidence::from).collect(),
                     suspect: a.suspect,
+                    preflight: a.preflight,
                 })
                 .collect(),
             last_checkpoint: d.last_checkpoint.map(|c| CheckpointRecord {
@@ -339,7 +343,15 @@ mod tests {
                 "crash_loop": "excused: gpu-003 was cordoned automatically",
                 "evidence": [],
                 "suspect": "",
+                "preflight": [],
             })
+        );
+        assert_eq!(
+            value["attempts"][1]["preflight"],
+            json!([
+                "round 0: [gpu-001,gpu-004] passed",
+                "verdict: passed on the whole gang"
+            ])
         );
         assert_eq!(
             value["last_checkpoint"],

@@ -146,6 +146,7 @@ mod tests {
                 error: String::new(),
             }],
             suspect: "n2: port mlx5_0/1 is DOWN".into(),
+            preflight: Vec::new(),
         }
     }
 

@@ -177,6 +177,7 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
         attempts_table(d, now_ms, term),
         last_output(d),
         super::evidence::latest(d),
+        preflight(d),
         events_table(d, term),
     ] {
         if section.is_empty() {
@@ -186,6 +187,18 @@ pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
         out.push_str(&section);
     }
     out.finish()
+}
+
+/// The latest attempt's gang preflight, a line per round; empty when none ran.
+fn preflight(d: &JobDetail) -> String {
+    let Some(a) = d.attempts.iter().rev().find(|a| !a.preflight.is_empty()) else {
+        return String::new();
+    };
+    let mut out = format!("PREFLIGHT of attempt {}\n", a.attempt);
+    for line in &a.preflight {
+        out.push_str(&format!("  {}\n", sanitize(line)));
+    }
+    out
 }
 
 fn workers_table(d: &JobDetail, now_ms: u64) -> String {

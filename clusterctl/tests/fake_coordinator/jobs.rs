@@ -314,6 +314,7 @@ fn job_show_json_has_the_documented_shape() {
             "log_tail",
             "nodes",
             "outcome",
+            "preflight",
             "reason",
             "resumed_from",
             "resumed_from_step",

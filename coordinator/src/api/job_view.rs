@@ -159,6 +159,14 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
                     .map_or_else(String::new, |j| j.describe()),
                 evidence: a.evidence.iter().map(evidence).collect(),
                 suspect: a.suspect.clone(),
+                // The running preflight is the job's; a finished one is kept on its attempt.
+                preflight: job
+                    .preflight
+                    .as_ref()
+                    .filter(|p| p.attempt == a.attempt)
+                    .or(a.preflight.as_ref())
+                    .map(vigil_core::jobs::preflight::describe)
+                    .unwrap_or_default(),
             })
             .collect(),
         last_checkpoint: job.checkpoint.as_ref().map(checkpoint),

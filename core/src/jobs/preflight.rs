@@ -481,7 +481,30 @@ impl ClusterState {
 
 /// How the current round ended, group by group, for the job's history.
 fn round_summary(p: &Preflight) -> Option<String> {
-    let round = p.current()?;
+    p.current().map(|round| {
+        format!(
+            "preflight round {} ended: {}",
+            round.round,
+            groups_of(round)
+        )
+    })
+}
+
+/// The preflight as `clusterctl job show` prints it: a line per round, then the verdict.
+pub fn describe(p: &Preflight) -> Vec<String> {
+    let mut lines: Vec<String> = p
+        .rounds
+        .iter()
+        .map(|r| format!("round {}: {}", r.round, groups_of(r)))
+        .collect();
+    if p.done() {
+        lines.push(format!("verdict: {}", p.verdict));
+    }
+    lines
+}
+
+/// `[a,b] passed, [c] failed (c: why)`; a member yet to answer is `running`.
+fn groups_of(round: &Round) -> String {
     let groups: Vec<String> = round
         .groups
         .iter()
@@ -490,7 +513,7 @@ fn round_summary(p: &Preflight) -> Option<String> {
                 .nodes
                 .iter()
                 .filter_map(|n| match g.results.get(n) {
-                    None => Some(format!("{n}: no answer")),
+                    None => Some(format!("{n}: no answer yet")),
                     Some(r) if !r.passed => Some(format!("{n}: {}", r.why)),
                     Some(_) => None,
                 })
@@ -503,11 +526,7 @@ fn round_summary(p: &Preflight) -> Option<String> {
             format!("[{}] {verdict}", g.nodes.join(","))
         })
         .collect();
-    Some(format!(
-        "preflight round {} ended: {}",
-        round.round,
-        groups.join(", ")
-    ))
+    groups.join(", ")
 }
 
 /// Plan the next round, or conclude (setting the record's verdict, cleared and bad nodes).
