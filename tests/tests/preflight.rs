@@ -13,13 +13,14 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use vigil_tests::jobs::{attempt, spec_in, workers_running};
 use vigil_tests::netns::{FABRIC_SUBNET, NetCluster};
 use vigil_tests::scenario::attempt_nodes;
-use vigil_tests::{FAST_LIVENESS, write_file};
+use vigil_tests::{FAST_LIVENESS, LONG, wait_for, write_file};
 
 /// The all-reduce: MASTER_ADDR is the group's rank 0 on the management network (the address it
 /// registered from); its fabric address has the same host part on the fabric subnet.
@@ -97,7 +98,12 @@ fn torchrun() -> Option<PathBuf> {
 
 /// The scenario: three hosts with a fabric, node-1's fabric port down, a gang of two with one
 /// spare and `[preflight] command` (run `when = "always"`, so the first attempt is checked).
-fn scenario(command: &[String], timeout: &str, script: (&str, &str), evidence: &str) -> Result<()> {
+fn scenario(
+    command: &[String],
+    timeout_s: u64,
+    script: (&str, &str),
+    evidence: &str,
+) -> Result<()> {
     let config = format!("{FAST_LIVENESS}\n[cordon_breaker]\nmax_fraction = 1.0\n");
     let Some(c) = NetCluster::builder(&config).hosts(3).start()? else {
         return Ok(());
@@ -109,7 +115,7 @@ fn scenario(command: &[String], timeout: &str, script: (&str, &str), evidence: &
         .map(|a| a.replace("SCRIPT", &script_path.display().to_string()))
         .collect();
     let extra =
-        format!("[preflight]\ncommand = {argv:?}\ntimeout = \"{timeout}\"\nwhen = \"always\"\n");
+        format!("[preflight]\ncommand = {argv:?}\ntimeout = \"{timeout_s}s\"\nwhen = \"always\"\n");
     let spec = spec_in(
         c.dir.path(),
         2,
@@ -122,9 +128,20 @@ fn scenario(command: &[String], timeout: &str, script: (&str, &str), evidence: &
     let bad = "node-1";
     c.fabric_down(bad)?;
     let id = c.submit(&spec)?;
-    let job = c.wait_job(&id, "running on the two good hosts", |j| {
-        workers_running(j, 2) && attempt(j) >= 2
-    })?;
+    // Up to every round failing by its deadline (the command's timeout plus 10 s), and a margin.
+    let round = Duration::from_secs(timeout_s + 10);
+    let patience = round * 6 + LONG;
+    let waited = wait_for("running on the two good hosts", patience, || {
+        let job = c.job(&id)?;
+        Ok((workers_running(&job, 2) && attempt(&job) >= 2).then_some(job))
+    });
+    let job = match waited {
+        Ok(job) => job,
+        Err(e) => {
+            println!("{}", events(&c.job(&id)?).join("\n"));
+            return Err(e);
+        }
+    };
     let history = events(&job);
     println!("{}", history.join("\n"));
     let nodes = attempt_nodes(&job, attempt(&job))?;
@@ -168,7 +185,7 @@ fn a_host_whose_fabric_link_is_down_is_found_by_the_preflight_cordoned_and_left_
     let command = ["python3".to_owned(), "SCRIPT".to_owned()];
     scenario(
         &command,
-        "20s",
+        20,
         ("allreduce.py", ALLREDUCE),
         "all-reduce failed",
     )
@@ -196,7 +213,7 @@ fn a_torchrun_gloo_all_reduce_preflight_finds_the_host_whose_fabric_link_is_down
     let command = ["sh".to_owned(), "-c".to_owned(), shell];
     scenario(
         &command,
-        "40s",
+        40,
         ("torch_allreduce.py", TORCH_ALLREDUCE),
         "failed",
     )

@@ -163,7 +163,7 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
                 preflight: job
                     .preflight
                     .as_ref()
-                    .filter(|p| p.attempt == a.attempt)
+                    .filter(|p| p.attempt == a.attempt && !p.done())
                     .or(a.preflight.as_ref())
                     .map(vigil_core::jobs::preflight::describe)
                     .unwrap_or_default(),

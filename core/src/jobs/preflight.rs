@@ -37,8 +37,9 @@ pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long past the command's own timeout (the agent kills it then) a round waits for answers.
 pub const ANSWER_SLACK: Duration = Duration::from_secs(10);
-/// Most bytes of a node's output kept in the record (the agent sends at most 4 KiB).
-pub const MAX_OUTPUT_KEPT: usize = 1024;
+/// Most bytes of a failed run's output kept in the record (the agent sends at most 4 KiB; a
+/// passed run's is not kept): a gang of hundreds stays well inside one store value.
+pub const MAX_OUTPUT_KEPT: usize = 512;
 /// The variable telling the command which round it runs in.
 pub const ROUND_VAR: &str = "VIGIL_PREFLIGHT_ROUND";
 
@@ -370,7 +371,11 @@ impl ClusterState {
                 passed: r.passed,
                 why: r.why.clone(),
                 duration_ms: r.duration_ms,
-                output: tail(&r.output, MAX_OUTPUT_KEPT),
+                output: if r.passed {
+                    String::new()
+                } else {
+                    tail(&r.output, MAX_OUTPUT_KEPT)
+                },
             },
         );
         let complete = p.round_complete();
@@ -457,10 +462,16 @@ impl ClusterState {
                 super::attempt::fail_job(job, reason, "failed", now, &mut effects);
             }
         }
-        if let Some(a) = job.preflight.clone().filter(|p| p.done())
-            && let Some(rec) = job.current_attempt_mut()
-        {
-            rec.preflight = Some(a);
+        // A finished preflight's rounds move to its attempt's record; the job keeps the verdict
+        // and the nodes it cleared (for the next placement), stored once.
+        if let Some(mut done) = job.preflight.take_if(|p| p.done()) {
+            let rounds = std::mem::take(&mut done.rounds);
+            let mut full = done.clone();
+            full.rounds = rounds;
+            if let Some(rec) = job.current_attempt_mut() {
+                rec.preflight = Some(full);
+            }
+            job.preflight = Some(done);
         }
         effects.push(Effect::PersistJob(Box::new(job.clone())));
         // The cordons are persisted before the job's next attempt is placed.
