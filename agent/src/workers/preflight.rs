@@ -131,3 +131,103 @@ fn runner(confine: &Confinement, cmd: &RunPreflight) -> Result<Verifier, String>
 
 /// Shared between the handle and the tasks that run preflights.
 pub type Shared = Arc<Mutex<Runs>>;
+
+#[cfg(test)]
+mod tests {
+    use nix::unistd::{Uid, User};
+
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn cmd(root: &std::path::Path, script: &str, timeout_ms: u64, round: u32) -> RunPreflight {
+        RunPreflight {
+            job_id: "j-1".into(),
+            attempt: 2,
+            round,
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            workdir: root.display().to_string(),
+            env: [("VIGIL_NNODES".to_owned(), "2".to_owned())].into(),
+            timeout_ms,
+        }
+    }
+
+    fn confine(root: &std::path::Path) -> Result<Arc<Confinement>, Box<dyn std::error::Error>> {
+        let me = User::from_uid(Uid::effective())?.ok_or("no passwd entry for this user")?;
+        Ok(Arc::new(Confinement {
+            run_as: Some(me.name),
+            allowed_roots: vec![root.to_owned()],
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_run_reports_its_exit_its_output_and_the_groups_environment() -> TestResult {
+        let tmp = tempfile::tempdir()?;
+        let c = confine(tmp.path())?;
+        let ok = run(
+            Arc::clone(&c),
+            cmd(tmp.path(), "echo nnodes=$VIGIL_NNODES", 0, 0),
+        )
+        .await;
+        assert!(ok.passed, "{ok:?}");
+        assert_eq!((ok.job_id.as_str(), ok.attempt, ok.round), ("j-1", 2, 0));
+        let bad = run(
+            Arc::clone(&c),
+            cmd(tmp.path(), "echo nnodes=$VIGIL_NNODES; exit 3", 0, 1),
+        )
+        .await;
+        assert!(!bad.passed);
+        assert_eq!(bad.why, "exited with code 3");
+        assert!(bad.output.contains("nnodes=2"), "{bad:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_run_past_its_timeout_is_killed_and_fails_and_one_outside_the_roots_fails_too()
+    -> TestResult {
+        let tmp = tempfile::tempdir()?;
+        let c = confine(tmp.path())?;
+        let slow = run(
+            Arc::clone(&c),
+            cmd(tmp.path(), "echo waiting; sleep 30", 300, 0),
+        )
+        .await;
+        assert!(!slow.passed);
+        assert!(slow.why.starts_with("timed out after"), "{slow:?}");
+        assert!(slow.duration_ms < 10_000, "killed at the timeout: {slow:?}");
+        let mut outside = cmd(tmp.path(), "true", 0, 0);
+        outside.workdir = "/".into();
+        let refused = run(c, outside).await;
+        assert!(
+            !refused.passed && refused.why.contains("workdir"),
+            "{refused:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn each_round_runs_once_and_a_repeat_after_it_ended_gets_the_same_answer() {
+        let mut runs = Runs::default();
+        let key: Key = ("j-1".into(), 2, 0);
+        assert!(matches!(runs.seen(&key), Seen::Run));
+        assert!(matches!(runs.seen(&key), Seen::Running));
+        let result = PreflightResult {
+            job_id: "j-1".into(),
+            attempt: 2,
+            passed: true,
+            ..PreflightResult::default()
+        };
+        runs.finished(&key, result.clone());
+        assert!(matches!(runs.seen(&key), Seen::Done(r) if r == result));
+        for round in 1..=u32::try_from(MAX_REMEMBERED).unwrap_or(64) + 5 {
+            let k: Key = ("j-1".into(), 2, round);
+            runs.seen(&k);
+            runs.finished(&k, result.clone());
+        }
+        assert!(
+            runs.runs.len() <= MAX_REMEMBERED,
+            "bounded: {}",
+            runs.runs.len()
+        );
+    }
+}

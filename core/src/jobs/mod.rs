@@ -12,7 +12,7 @@
 //! - Policies on top: `goodput`, `triage`, `crash_loop`, `stragglers`, `training_health`,
 //!   `rollback`, `evidence` (what a hung attempt's workers were doing, captured before the stop),
 //!   `preflight` (a gang check before an attempt's workers start; its bisection in
-//!   `preflight_plan`).
+//!   `preflight_plan`, its spec and records in `preflight_record`).
 
 pub mod crash_loop;
 pub mod evidence;
@@ -20,6 +20,7 @@ pub mod goodput;
 pub mod job;
 pub mod preflight;
 pub mod preflight_plan;
+pub mod preflight_record;
 pub mod resume_scan;
 pub mod rollback;
 pub mod spec;
