@@ -94,6 +94,19 @@ pub enum Effect {
     },
     /// Write this job and flush it before acting on anything that follows.
     PersistJob(Box<crate::job::Job>),
+    /// Store one node's evidence of a hung attempt, apart from the job record (see
+    /// `jobs::evidence`); keyed by (job, attempt, node), written again if the node answers again.
+    PersistEvidence {
+        job: String,
+        attempt: u64,
+        evidence: Box<crate::jobs::evidence::NodeEvidence>,
+    },
+    /// Delete the stored evidence of `nodes` for (job, attempt): beyond what the job keeps.
+    DropEvidence {
+        job: String,
+        attempt: u64,
+        nodes: Vec<String>,
+    },
     /// Send a command to a node's agent (dropped if it is not connected:
     /// the job logic never relies on a command reaching an unreachable node).
     Command {
@@ -209,6 +222,8 @@ pub struct ClusterState {
     pub triage: crate::triage::TriageConfig,
     pub burn_in: crate::burn_in::BurnInConfig,
     pub stragglers: crate::stragglers::StragglerConfig,
+    /// What a hang's evidence may store (see `jobs::evidence`).
+    pub evidence: crate::jobs::evidence::EvidenceConfig,
     /// Stops sent for workers that agents report and no current attempt owns, keyed by
     /// (node, job, attempt): re-sent with backoff until the agent stops reporting them.
     pub stray_stops: BTreeMap<(String, String, u64), crate::commands::Sent>,
@@ -251,6 +266,7 @@ impl ClusterState {
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
+            evidence: crate::jobs::evidence::EvidenceConfig::default(),
             stray_stops: BTreeMap::new(),
             recovery: None,
             breaker: crate::breaker::Breaker::default(),

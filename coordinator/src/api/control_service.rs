@@ -309,9 +309,17 @@ impl v1::control_service_server::ControlService for ControlService {
             .iter()
             .find(|j| j.id == id)
             .ok_or(ControlError::State(crate::state::StateError::UnknownJob(
-                id,
+                id.clone(),
             )))?;
-        Ok(Response::new(job_view::detail(job)))
+        let mut detail = job_view::detail(job);
+        if job.attempts.iter().any(|a| !a.evidence_from.is_empty()) {
+            match self.engine.evidence(&id).await {
+                Ok(stored) => job_view::add_evidence(&mut detail, stored),
+                // The job is shown without it: its history still names the suspect.
+                Err(e) => warn!(job = %id, error = %e, "cannot read the job's hang evidence"),
+            }
+        }
+        Ok(Response::new(detail))
     }
 
     async fn cancel_job(

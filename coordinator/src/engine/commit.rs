@@ -95,6 +95,20 @@ impl Engine {
                 Effect::Persist(record) => self.store.put_node(record)?,
                 Effect::Record { node, event } => self.store.put_event(node, event)?,
                 Effect::PersistJob(job) => self.store.put_job(job)?,
+                Effect::PersistEvidence {
+                    job,
+                    attempt,
+                    evidence,
+                } => self.store.put_evidence(job, *attempt, evidence)?,
+                Effect::DropEvidence {
+                    job,
+                    attempt,
+                    nodes,
+                } => {
+                    for node in nodes {
+                        self.store.drop_evidence(job, *attempt, node);
+                    }
+                }
                 Effect::PersistLemon(record) => self.store.put_lemon(record)?,
                 Effect::PersistRecovery(hold) => {
                     self.store.put_cluster(super::RECOVERY_HOLD, hold)?;

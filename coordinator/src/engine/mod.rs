@@ -211,6 +211,8 @@ pub struct EngineHandle {
     bus: broadcast::Sender<v1::ClusterEvent>,
     /// The engine's clock, so readers measure ages on the same monotonic scale.
     clock: Clock,
+    /// Reads hung attempts' evidence from the store, beside the engine (`job show`).
+    evidence: crate::store::EvidenceReader,
 }
 
 impl EngineHandle {
@@ -233,6 +235,14 @@ impl EngineHandle {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// Every stored record of `job`'s hang evidence, as (attempt, evidence).
+    pub async fn evidence(
+        &self,
+        job: &str,
+    ) -> Result<Vec<(u64, vigil_core::jobs::evidence::NodeEvidence)>, StoreError> {
+        self.evidence.of_job(job).await
     }
 
     /// Ask the engine something and wait for its answer.
@@ -315,6 +325,7 @@ impl Engine {
         state.burn_in = config.burn_in.clone();
         state.remediation = config.remediation.clone();
         state.stragglers = config.stragglers;
+        state.evidence = config.evidence;
         state.recovery = store.load_cluster::<RecoveryHold>(RECOVERY_HOLD)?;
         state.breaker.cfg = config.cordon_breaker;
         if let Some(stored) = store.load_cluster::<Breaker>(breaker::RECORD)? {
@@ -376,6 +387,7 @@ impl Engine {
             snapshot: snapshot_rx,
             bus,
             clock,
+            evidence: engine.store.evidence_reader(),
         };
         Ok((engine, handle))
     }

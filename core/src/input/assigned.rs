@@ -192,6 +192,7 @@ mod tests {
                 worker_end: None,
                 crash_loop: None,
                 evidence: Vec::new(),
+                evidence_from: Default::default(),
                 suspect: String::new(),
             })
             .collect();

@@ -35,15 +35,31 @@ fn evidence_from_an_agent_is_bounded() {
         processes: (0..100)
             .map(|pid| v1::ProcessEvidence {
                 pid,
+                comm: "c".repeat(MAX_TEXT),
+                state: "s".repeat(MAX_TEXT),
+                wchan: "w".repeat(MAX_TEXT),
                 kernel_stack: "é".repeat(MAX_TEXT),
-                ..Default::default()
+                python_stacks: "p".repeat(MAX_TEXT * 2),
             })
             .collect(),
         log_tail: "x".repeat(MAX_TEXT * 2),
-        ..Default::default()
+        fabric: (0..100)
+            .map(|_| v1::FabricDelta {
+                port: "p".repeat(MAX_TEXT),
+                state: "s".repeat(MAX_TEXT),
+                ..Default::default()
+            })
+            .collect(),
+        error: "e".repeat(MAX_TEXT * 2),
     };
     let kept = NodeEvidence::from_event("n1", 5, &e);
     assert_eq!(kept.processes.len(), MAX_PROCESSES);
     assert_eq!(kept.log_tail.len(), MAX_TEXT);
     assert!(kept.processes[0].kernel_stack.len() <= MAX_TEXT);
+    assert!(kept.processes[MAX_FULL_STACKS].python_stacks.len() <= MAX_SHORT_TEXT);
+    // The worst an agent can send is still one modest record.
+    let bytes = kept.approx_bytes();
+    assert!(bytes <= MAX_NODE_BYTES, "{bytes}");
+    let json = serde_json::to_vec(&kept).expect("json").len() as u64;
+    assert!(json <= MAX_NODE_BYTES, "{json}");
 }

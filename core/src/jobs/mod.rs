@@ -10,11 +10,13 @@
 //!   attempts), `attempt` (how an attempt fails, stops and ends; hangs), `reports` (what agents
 //!   report about workers), `launch` (the start and stop commands, the worker's environment).
 //! - Policies on top: `goodput`, `triage`, `crash_loop`, `stragglers`, `training_health`,
-//!   `rollback`, `evidence` (what a hung attempt's workers were doing, captured before the stop).
+//!   `rollback`, `evidence` (what a hung attempt's workers were doing, captured before the stop)
+//!   and `hang_signs` (which node that evidence points at).
 
 pub mod crash_loop;
 pub mod evidence;
 pub mod goodput;
+pub mod hang_signs;
 pub mod job;
 pub mod resume_scan;
 pub mod rollback;

@@ -19,7 +19,7 @@ use super::{
     Sqlite, open_conn, summary, write,
 };
 use crate::leadership::Leadership;
-use crate::store::{Backend, Kind, Put, RecoveryReport, StoreError};
+use crate::store::{Backend, Kind, Put, RecoveryReport, StoreError, Write};
 
 impl Sqlite {
     /// Open (or create) the store in `dir`; a damaged one is refused.
@@ -157,7 +157,7 @@ impl Sqlite {
                 book: scan.book,
             }))),
             dir,
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(crate::store::Pending::default()),
             loaded: Mutex::new(scan.loaded),
             store_id,
             failed: Arc::new(AtomicBool::new(false)),
@@ -182,7 +182,8 @@ impl Sqlite {
             book: Book::default(),
         };
         if !records.is_empty() {
-            write(&mut inner, records).map_err(io)?;
+            let writes: Vec<Write> = records.iter().cloned().map(Write::Put).collect();
+            write(&mut inner, &writes).map_err(io)?;
         }
         write_durably(&dir, MARKER_FILE, marker_text(&store_id).as_bytes()).map_err(|e| {
             StoreError::Io {
@@ -234,7 +235,7 @@ impl Sqlite {
             }
         }
         let mut records = Vec::new();
-        for kind in KINDS {
+        for kind in KINDS.into_iter().chain([Kind::Evidence]) {
             for (key, value) in scan.loaded.get(&kind).into_iter().flatten() {
                 records.push(Put {
                     kind,
