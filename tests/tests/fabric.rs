@@ -274,5 +274,27 @@ fn a_hung_jobs_failure_shows_each_workers_captured_state_and_the_fabric_it_point
         "{}",
         shown.stdout
     );
+    // Each node's evidence is a record of its own, not part of the job's: no job record in the
+    // store embeds it (the previous release's `"evidence":[...]` in an attempt), and a restarted
+    // coordinator, which never loads evidence, reads it back on demand.
+    let mut cluster = cluster;
+    cluster.restart_coordinator()?;
+    let job = cluster.wait_job(&id, "attempt 1's evidence read back after a restart", |j| {
+        attempts(j)
+            .first()
+            .and_then(|a| a["evidence"].as_array().map(Vec::len))
+            == Some(2)
+    })?;
+    assert_eq!(attempts(&job)[0]["evidence"][1]["node"], "node-1");
+    for name in ["state.sqlite", "state.sqlite-wal"] {
+        let Ok(bytes) = std::fs::read(cluster.data_dir().join(name)) else {
+            continue;
+        };
+        let embedded = bytes.windows(12).any(|w| w == b"\"evidence\":[");
+        assert!(
+            !embedded,
+            "{name} holds a job record with its evidence inside"
+        );
+    }
     Ok(())
 }
