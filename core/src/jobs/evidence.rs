@@ -343,7 +343,15 @@ impl ClusterState {
             .filter(|(n, x)| *n != node && x.stored)
             .map(|(_, x)| x.bytes)
             .sum();
-        let stored = others.saturating_add(bytes) <= cfg.max_attempt_bytes;
+        // A node that points somewhere (a fabric fault, workers not in a collective) is what an
+        // operator reads first: stored past max_attempt_bytes, up to what `job show` can carry.
+        let points = fault.is_some() || doing.odd();
+        let limit = match cfg.max_attempt_bytes {
+            0 => 0,
+            _ if points => MAX_ATTEMPT_BYTES,
+            max => max,
+        };
+        let stored = others.saturating_add(bytes) <= limit;
         let was_stored = a.evidence_from.get(node).is_some_and(|n| n.stored);
         a.evidence_from.insert(
             node.to_owned(),
@@ -370,7 +378,8 @@ impl ClusterState {
             None if hung => odd_node(job, index, false),
             None => None,
         };
-        if let Some(named) = suspect.and_then(|(n, why)| name_suspect(job, index, &n, why)) {
+        let named = suspect.and_then(|(n, why)| name_suspect(job, index, &n, why));
+        if let Some(named) = &named {
             message = format!("{message}; {named}");
         }
         if stored {
@@ -387,7 +396,11 @@ impl ClusterState {
                 nodes: vec![node.to_owned()],
             });
         }
-        job.event(now.wall_ms, "evidence", message.clone());
+        // The job's history (200 entries) keeps the answers that matter; every answer is
+        // logged, and the stop sums them all up (`judge_stopped`).
+        if points || named.is_some() {
+            job.event(now.wall_ms, "evidence", message.clone());
+        }
         effects.push(Effect::JobLog {
             job: job.id.clone(),
             message,
@@ -398,6 +411,32 @@ impl ClusterState {
     }
 }
 
+/// One line on what the gang's answers say: how many nodes answered, what their workers were
+/// doing, how many are stored.
+fn summary(job: &Job, index: usize) -> String {
+    let a = &job.attempts[index];
+    let notes = &a.evidence_from;
+    let count = |f: fn(&Doing) -> bool| notes.values().filter(|n| f(&n.doing)).count();
+    let stored = notes.values().filter(|n| n.stored).count();
+    let mut line = format!(
+        "evidence of the hung attempt {}: {} of {} nodes answered ({} waiting in a collective, \
+         {} not, {} without Python stacks); {stored} stored",
+        a.attempt,
+        notes.len(),
+        a.nodes.len(),
+        count(|d| matches!(d, Doing::Collective(_))),
+        count(Doing::odd),
+        count(|d| *d == Doing::Unknown),
+    );
+    if stored < notes.len() {
+        line.push_str(&format!(
+            ", {} past evidence.max_attempt_bytes (their notes kept)",
+            notes.len() - stored
+        ));
+    }
+    line
+}
+
 /// Once a hung attempt has stopped on every node, every node had its chance to answer the
 /// capture (an agent sends its evidence before it stops): one that did not counts as not in
 /// a collective. Names the suspect, if the gang's evidence points at one now.
@@ -406,19 +445,19 @@ pub(super) fn judge_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effect>) 
         return;
     };
     let a = &job.attempts[index];
-    if a.failure_kind != Some(FailureKind::Hang)
-        || !a.suspect.is_empty()
-        || a.evidence_from.is_empty()
-    {
+    if a.failure_kind != Some(FailureKind::Hang) || a.evidence_from.is_empty() {
         return;
     }
-    let Some((node, why)) = odd_node(job, index, true) else {
-        return;
+    let mut message = summary(job, index);
+    let named = match odd_node(job, index, true) {
+        Some((node, why)) if job.attempts[index].suspect.is_empty() => {
+            name_suspect(job, index, &node, why)
+        }
+        _ => None,
     };
-    let Some(named) = name_suspect(job, index, &node, why) else {
-        return;
-    };
-    let message = format!("evidence of the hung attempt {}: {named}", job.attempt);
+    if let Some(named) = named {
+        message = format!("{message}; {named}");
+    }
     job.event(now.wall_ms, "evidence", message.clone());
     effects.push(Effect::JobLog {
         job: job.id.clone(),

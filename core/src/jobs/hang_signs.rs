@@ -31,7 +31,7 @@ pub enum Doing {
 
 impl Doing {
     /// Is this node "the odd one" when the rest of the gang waits in a collective?
-    fn odd(&self) -> bool {
+    pub fn odd(&self) -> bool {
         matches!(
             self,
             Doing::Elsewhere(_) | Doing::Uninterruptible(_) | Doing::NoWorker
