@@ -272,13 +272,11 @@ pub(crate) fn scan_evidence(conn: &Connection, s: &mut Scan) -> rusqlite::Result
             ));
             continue;
         }
+        // Not kept in `loaded`: evidence is read on demand, never loaded at start (a store may
+        // hold megabytes of it per job).
         s.book.evidence += 1;
         s.book.evidence_digest ^= hash;
-        s.book.hashes.insert((Kind::Evidence, key.clone()), hash);
-        s.loaded
-            .entry(Kind::Evidence)
-            .or_default()
-            .push((key, value));
+        s.book.hashes.insert((Kind::Evidence, key), hash);
     }
     Ok(())
 }

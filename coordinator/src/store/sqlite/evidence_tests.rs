@@ -185,3 +185,35 @@ async fn a_failed_commit_restages_one_write_per_record_and_keeps_newer_ones() {
         .collect();
     assert_eq!(names, [("a", "second"), ("b", "h")]);
 }
+
+#[tokio::test]
+async fn recover_keeps_the_valid_evidence_of_a_damaged_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store.put_node(&record("gpu-001")).expect("put");
+        store
+            .put_evidence("j-1", 1, &evidence("n1", "a"))
+            .expect("put");
+        store
+            .put_evidence("j-1", 1, &evidence("n2", "b"))
+            .expect("put");
+        store.flush().await.expect("commit");
+    }
+    let conn = Connection::open(dir.path().join(DB_FILE)).expect("open");
+    conn.execute_batch(
+        "UPDATE records SET crc = crc + 1 WHERE kind = 'nodes'; \
+         UPDATE evidence SET crc = crc + 1 WHERE key LIKE '%/n2'",
+    )
+    .expect("tamper");
+    drop(conn);
+    super::tests::unseal(dir.path());
+    let store = Store::open_recover(dir.path()).expect("recovered");
+    assert!(store.recovered().is_some());
+    let kept = store.evidence_reader().of_job("j-1").await.expect("read");
+    assert_eq!(
+        shown(&kept),
+        ["1/n1=a"],
+        "the valid one kept, the rotten one lost"
+    );
+}

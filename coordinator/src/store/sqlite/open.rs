@@ -215,6 +215,9 @@ impl Sqlite {
         scan: Scan,
         damage: String,
     ) -> Result<Self, StoreError> {
+        // Evidence is not kept by the scan: what is still valid is read before the file moves.
+        let evidence =
+            super::reader::read(&dir, "", super::reader::OnBad::Skip).unwrap_or_default();
         let aside = dir.join(format!("damaged-{}", unix_ms()));
         std::fs::create_dir_all(&aside).map_err(|source| StoreError::Create {
             path: aside.clone(),
@@ -235,7 +238,7 @@ impl Sqlite {
             }
         }
         let mut records = Vec::new();
-        for kind in KINDS.into_iter().chain([Kind::Evidence]) {
+        for kind in KINDS {
             for (key, value) in scan.loaded.get(&kind).into_iter().flatten() {
                 records.push(Put {
                     kind,
@@ -243,6 +246,13 @@ impl Sqlite {
                     value: value.clone(),
                 });
             }
+        }
+        for (key, value) in evidence {
+            records.push(Put {
+                kind: Kind::Evidence,
+                key,
+                value,
+            });
         }
         let kept = records.len();
         let mut store = Self::create(dir, lock, &records)?;

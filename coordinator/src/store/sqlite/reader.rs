@@ -1,5 +1,5 @@
-//! Reading evidence records beside the engine: a read-only connection of its own per read (WAL:
-//! a reader never blocks the writer), each record checked against its checksum.
+//! Reading evidence records beside the engine: a connection of its own per read, reads only
+//! (WAL: a reader never blocks the writer), each record checked against its checksum.
 
 use std::path::{Path, PathBuf};
 
@@ -22,10 +22,20 @@ impl SqliteReader {
     }
 }
 
-/// Every evidence record whose key starts with `prefix`, by key.
-fn read(dir: &Path, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+/// How [`read`] treats a record that fails its checksum.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OnBad {
+    /// The read fails, naming it.
+    Fail,
+    /// It is left out (`--recover` keeps what is still valid).
+    Skip,
+}
+
+/// Every evidence record of the store in `dir` whose key starts with `prefix`, by key.
+pub fn read(dir: &Path, prefix: &str, on_bad: OnBad) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     let io = |e: rusqlite::Error| sql_error(dir, &e);
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // Read-write flags, reads only (as the scrub): a WAL reader needs the shared-memory file.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(dir.join(DB_FILE), flags).map_err(io)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(io)?;
@@ -44,6 +54,9 @@ fn read(dir: &Path, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> 
         let crc: i64 = row.get(1).map_err(io)?;
         let value: Vec<u8> = row.get(2).map_err(io)?;
         if i64::from(sums(Kind::Evidence, &key, None, &value).0) != crc {
+            if on_bad == OnBad::Skip {
+                continue;
+            }
             return Err(StoreError::Corrupt {
                 path: dir.to_owned(),
                 key: format!("{}/{key}", Kind::Evidence.dir()),
@@ -62,7 +75,7 @@ impl Reader for SqliteReader {
                 return Ok(Vec::new());
             }
             let dir = self.dir.clone();
-            tokio::task::spawn_blocking(move || read(&dir, &prefix))
+            tokio::task::spawn_blocking(move || read(&dir, &prefix, OnBad::Fail))
                 .await
                 .unwrap_or_else(|e| {
                     Err(StoreError::Io {
