@@ -63,3 +63,23 @@ fn evidence_from_an_agent_is_bounded() {
     let json = serde_json::to_vec(&kept).expect("json").len() as u64;
     assert!(json <= MAX_NODE_BYTES, "{json}");
 }
+
+#[test]
+fn an_attempt_the_previous_release_wrote_with_its_evidence_inside_still_reads() {
+    let old = r#"{"attempt":1,"nodes":["n1"],"started_at_ms":1,"ended_at_ms":2,
+        "outcome":"failed","reason":"hung","culprit_node":"","resumed_from":null,"last_step":5,
+        "failure_kind":"hang",
+        "evidence":[{"node":"n1","at_ms":3,"processes":[{"pid":42,"comm":"python3",
+            "state":"S (sleeping)","wchan":"futex_wait_queue","kernel_stack":"[<0>] futex_wait"}],
+            "log_tail":"step 5\n","fabric":[],"error":""}],
+        "suspect":"n1: port mlx5_0/1 is DOWN"}"#;
+    let a: crate::job::Attempt = serde_json::from_str(old).expect("reads");
+    assert_eq!(a.evidence.len(), 1);
+    assert_eq!(a.evidence[0].processes[0].python_stacks, "", "defaulted");
+    assert!(a.evidence_from.is_empty());
+    assert_eq!(a.suspect, "n1: port mlx5_0/1 is DOWN");
+    // Written again, it keeps what it read; nothing new is ever put there.
+    let again = serde_json::to_string(&a).expect("json");
+    assert!(again.contains("\"evidence\":[{"), "{again}");
+    assert!(!again.contains("evidence_from"), "{again}");
+}
