@@ -102,6 +102,9 @@ impl Engine {
                 Effect::PersistBreaker(b) => {
                     self.store.put_cluster(vigil_core::breaker::RECORD, b)?;
                 }
+                Effect::PersistSlurmJobs(l) => {
+                    self.store.put_cluster(vigil_core::slurm::jobs::RECORD, l)?;
+                }
                 _ => continue,
             }
             staged = true;
@@ -145,6 +148,11 @@ impl Engine {
                 .map(|h| Effect::PersistRecovery(Box::new(h.clone()))),
         );
         effects.push(Effect::PersistBreaker(Box::new(self.state.breaker.clone())));
+        if !self.state.slurm_jobs.jobs.is_empty() {
+            effects.push(Effect::PersistSlurmJobs(Box::new(
+                self.state.slurm_jobs.clone(),
+            )));
+        }
         match self.stage_and_commit(&effects).await {
             Ok(()) => {
                 self.store_failed = None;

@@ -208,6 +208,10 @@ impl Engine {
                     .ok();
             }
             Effect::PersistBreaker(_) => self.dirty = true,
+            Effect::PersistSlurmJobs(ledger) => {
+                self.slurm_jobs = std::sync::Arc::new(*ledger);
+                self.dirty = true;
+            }
             Effect::CordonHeld {
                 node,
                 rule,

@@ -44,6 +44,7 @@ use crate::state::{ClusterState, Effect, Now, Registration};
 use crate::store::{RecoveryReport, Store, StoreError, StoreMark};
 use vigil_core::breaker::{self, Breaker};
 use vigil_core::recovery::{Recovered, RecoveryHold};
+use vigil_core::slurm::jobs::{self as slurm_jobs, Ledger as SlurmLedger};
 
 /// The store's name of the recovery hold (a cluster-wide record).
 pub const RECOVERY_HOLD: &str = "recovery";
@@ -180,6 +181,17 @@ pub enum Event {
         node: String,
         message: String,
     },
+    /// The Slurm adapter's `squeue` listing of a round, with vigil's node names.
+    SlurmJobs {
+        jobs: Vec<vigil_core::slurm::SlurmJob>,
+        complete: bool,
+    },
+    /// The Slurm adapter requeued Slurm job `job` for a fault on vigil node `node`.
+    SlurmRequeued {
+        job: String,
+        node: String,
+        reason: String,
+    },
 }
 
 /// What readers see: every node, as of `at`.
@@ -192,6 +204,8 @@ pub struct Snapshot {
     pub recovery: Option<RecoveryHold>,
     /// The cordon breaker, with the nodes it holds.
     pub breaker: Breaker,
+    /// vigil's records of Slurm jobs (`[slurm]`); shared, copied only when it changes.
+    pub slurm_jobs: Arc<SlurmLedger>,
     pub at: Instant,
 }
 
@@ -235,6 +249,11 @@ impl EngineHandle {
         self.snapshot.borrow().clone()
     }
 
+    /// Every snapshot the engine publishes from now on (the Slurm adapter wakes on them).
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
     /// Ask the engine something and wait for its answer.
     pub async fn ask<T>(
         &self,
@@ -272,6 +291,8 @@ pub struct Engine {
     /// The beginning of a recovery hold (`--recover`), stepped in `new`: committed and carried
     /// out by [`Engine::commit_recovery_hold`] before anything is served.
     begun: Vec<Effect>,
+    /// The ledger of Slurm jobs as last stored: what snapshots share.
+    slurm_jobs: Arc<SlurmLedger>,
 }
 
 impl Engine {
@@ -327,6 +348,12 @@ impl Engine {
                 "cordon breaker still open: automatic cordons are held until clusterctl breaker reset"
             );
         }
+        let keep = config
+            .slurm
+            .as_ref()
+            .map_or(slurm_jobs::DEFAULT_KEEP_FINISHED, |s| s.keep_finished_jobs);
+        state.restore_slurm_jobs(store.load_cluster(slurm_jobs::RECORD)?, keep);
+        let slurm_ledger = Arc::new(state.slurm_jobs.clone());
         state.rearm_clocks(clock.now());
         if let Some(hold) = state.recovery.as_ref().filter(|h| h.holds_jobs()) {
             warn!(
@@ -345,6 +372,7 @@ impl Engine {
             lemons: state.lemons.clone(),
             recovery: state.recovery.clone(),
             breaker: state.breaker.clone(),
+            slurm_jobs: slurm_ledger.clone(),
             at: Instant::now(),
         }));
         metrics.observe_recovery(state.recovery.as_ref());
@@ -370,6 +398,7 @@ impl Engine {
             held: Vec::new(),
             store_failed: None,
             begun,
+            slurm_jobs: slurm_ledger,
         };
         let handle = EngineHandle {
             events: events_tx,
@@ -498,8 +527,11 @@ impl Engine {
     fn publish(&mut self) {
         self.dirty = false;
         self.metrics.observe_nodes(self.state.nodes.values());
-        self.metrics
-            .observe_jobs(self.state.jobs.values(), self.clock.now().wall_ms);
+        self.metrics.observe_jobs(
+            self.state.jobs.values(),
+            &self.state.slurm_jobs,
+            self.clock.now().wall_ms,
+        );
         self.metrics.observe_recovery(self.state.recovery.as_ref());
         self.metrics.cordon_breaker.observe(&self.state.breaker);
         let snapshot = Snapshot {
@@ -508,6 +540,7 @@ impl Engine {
             lemons: self.state.lemons.clone(),
             recovery: self.state.recovery.clone(),
             breaker: self.state.breaker.clone(),
+            slurm_jobs: self.slurm_jobs.clone(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

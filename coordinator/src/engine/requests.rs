@@ -232,7 +232,9 @@ impl Engine {
             | Event::AgentEvent { .. }
             | Event::Disconnected { .. }
             | Event::Flag { .. }
-            | Event::Slurm { .. } => {}
+            | Event::Slurm { .. }
+            | Event::SlurmJobs { .. }
+            | Event::SlurmRequeued { .. } => {}
         }
     }
 

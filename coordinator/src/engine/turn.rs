@@ -107,6 +107,14 @@ impl Engine {
                     let effects = self.step(Input::Slurm { node, message });
                     batch.effects.extend(effects);
                 }
+                Event::SlurmJobs { jobs, complete } => {
+                    let effects = self.step(Input::SlurmJobs { jobs, complete });
+                    batch.effects.extend(effects);
+                }
+                Event::SlurmRequeued { job, node, reason } => {
+                    let effects = self.step(Input::SlurmRequeued { job, node, reason });
+                    batch.effects.extend(effects);
+                }
                 request => {
                     self.close(std::mem::take(&mut batch)).await;
                     self.request(request).await;
