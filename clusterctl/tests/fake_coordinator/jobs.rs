@@ -294,6 +294,7 @@ fn job_show_json_has_the_documented_shape() {
             "progress_step",
             "reason",
             "restarts",
+            "source",
             "state",
             "submitted_at_unix_ms",
         ]
