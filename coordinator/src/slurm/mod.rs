@@ -22,6 +22,8 @@ use vigil_core::slurm::{self, Action, Intent, SlurmJob, SlurmNode, Want};
 
 pub use command::SlurmError;
 pub use config::SlurmConfig;
+/// The longest drain reason vigil sets (tests check what Slurm keeps of it).
+pub use vigil_core::slurm::MAX_REASON_BYTES;
 
 use crate::engine::{self, EngineHandle, Event, Snapshot};
 use crate::metrics::Metrics;
