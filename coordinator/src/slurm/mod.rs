@@ -32,6 +32,10 @@ use crate::metrics::Metrics;
 /// reason: shown by `clusterctl nodes`, never lifted. The adapter holds the sender.
 pub type AdminDrains = watch::Receiver<Arc<BTreeMap<String, String>>>;
 
+/// After a round that changed something in Slurm, the next round comes this soon (or at
+/// `interval`, if shorter): a requeued job's next run is recorded when it starts.
+const FOLLOW_UP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Starts the adapter; it ends when `stop` turns true.
 pub fn spawn(
     config: SlurmConfig,
@@ -96,7 +100,12 @@ impl Adapter {
             }
             acted_on = wants(&self.engine.snapshot());
             match self.round().await {
-                Ok(admin) => {
+                Ok((admin, acted)) => {
+                    // What was just changed (a requeue, a release) shows in Slurm within a
+                    // moment: look again soon, so a job's new run is seen when it starts.
+                    if acted {
+                        ticker.reset_after(FOLLOW_UP.min(self.config.interval));
+                    }
                     if failing {
                         info!("slurm: reachable again");
                         failing = false;
@@ -124,8 +133,9 @@ impl Adapter {
         }
     }
 
-    /// One round: read Slurm, plan, act. Returns the administrators' drains by vigil node name.
-    async fn round(&mut self) -> Result<BTreeMap<String, String>, SlurmError> {
+    /// One round: read Slurm, plan, act. Returns the administrators' drains by vigil node name,
+    /// and whether it carried anything out.
+    async fn round(&mut self) -> Result<(BTreeMap<String, String>, bool), SlurmError> {
         let (nodes, jobs, complete) = read(&self.config).await?;
         let snapshot = self.engine.snapshot();
         let table = &self.config.nodes;
@@ -166,7 +176,9 @@ impl Adapter {
         self.sent
             .retain(|id| listed.contains(id.as_str()) && !recorded.contains(id));
         let requeued: BTreeSet<String> = recorded.union(&self.sent).cloned().collect();
-        for action in slurm::plan(&intents, &nodes, &jobs, &requeued) {
+        let actions = slurm::plan(&intents, &nodes, &jobs, &requeued);
+        let acted = !actions.is_empty();
+        for action in actions {
             match act(&self.config, &action).await {
                 Ok(()) => {
                     self.metrics.slurm.count(label(&action), true);
@@ -195,7 +207,7 @@ impl Adapter {
                 }
             }
         }
-        Ok(nodes
+        let admin = nodes
             .iter()
             .filter(|n| n.drained_by_admin())
             .filter_map(|n| {
@@ -204,7 +216,8 @@ impl Adapter {
                     n.reason.clone(),
                 ))
             })
-            .collect())
+            .collect();
+        Ok((admin, acted))
     }
 }
 
