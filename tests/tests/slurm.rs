@@ -67,6 +67,16 @@ fn slurm_bin(dir: &Path, hold: &Path) -> Result<std::path::PathBuf> {
     Ok(bin)
 }
 
+/// `clusterctl uncordon node`, then waits until Slurm no longer shows it drained.
+fn uncordon_and_resume(url: &str, slurm: &SlurmCluster, node: &str, what: &str) -> Result<()> {
+    let out = clusterctl(url, &["uncordon", node])?;
+    assert!(out.success(), "{}", out.stderr);
+    wait_for(what, LONG, || {
+        let (state, _) = slurm.node_state(node)?;
+        Ok((!state.starts_with("drain")).then_some(()))
+    })
+}
+
 /// The step of a checkpoint path's last component (`.../step_000012` is 12).
 fn step_of(path: &str) -> Option<u64> {
     Path::new(path)
@@ -303,12 +313,7 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
             .success()
             .then_some(()))
     })?;
-    let out = clusterctl(&url, &["uncordon", &bad])?;
-    assert!(out.success(), "{}", out.stderr);
-    wait_for("the node resumed in Slurm", LONG, || {
-        let (state, _) = slurm.node_state(&bad)?;
-        Ok((!state.starts_with("drain")).then_some(()))
-    })?;
+    uncordon_and_resume(&url, &slurm, &bad, "the node resumed in Slurm")?;
 
     // A long reason: vigil cuts it to MAX_REASON_BYTES; Slurm keeps what vigil set (with its
     // prefix), so vigil still knows the drain as its own and resumes it.
@@ -358,12 +363,7 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     assert!(format!("vigil: {long}").starts_with(&kept), "{kept}");
     assert!(scontrol_reason.starts_with(&kept), "{scontrol_reason}");
     assert_eq!(direct_kept, direct, "Slurm cut a long reason");
-    let out = clusterctl(&url, &["uncordon", &bad])?;
-    assert!(out.success(), "{}", out.stderr);
-    wait_for("vigil resuming its long-reason drain", LONG, || {
-        let (state, _) = slurm.node_state(&bad)?;
-        Ok((!state.starts_with("drain")).then_some(()))
-    })?;
+    uncordon_and_resume(&url, &slurm, &bad, "vigil resuming its long-reason drain")?;
 
     // An administrator's drain: shown with Slurm's reason, never lifted by vigil.
     // On the node vigil just resumed: the one the rerun does not use.

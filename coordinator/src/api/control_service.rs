@@ -332,6 +332,7 @@ impl v1::control_service_server::ControlService for ControlService {
         let caller = self.allow(&request, Role::Admin, "job cancel")?;
         let id = request.into_inner().id;
         crate::limits::check_job_id_arg(&id).map_err(ControlError::InvalidArgument)?;
+        slurm_job_view::refuse(&id, "scancel")?;
         let job = self
             .engine
             .ask(|reply| Event::CancelJob {
@@ -391,6 +392,7 @@ impl v1::control_service_server::ControlService for ControlService {
     ) -> Result<Response<v1::JobDetail>, Status> {
         let caller = self.allow(&request, Role::Admin, "job restart")?;
         let r = request.into_inner();
+        slurm_job_view::refuse(&r.id, "scontrol requeue")?;
         let (id, from_step) = (r.id, r.from_checkpoint_step);
         let env = r.env.into_iter().collect();
         let job = self

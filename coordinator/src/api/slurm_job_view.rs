@@ -15,6 +15,17 @@ pub fn find<'a>(ledger: &'a Ledger, id: &str) -> Option<&'a SlurmJobRecord> {
     ledger.jobs.get(id.strip_prefix(ID_PREFIX)?)
 }
 
+/// Slurm runs its jobs: a request to change one (`job cancel`, `job restart`) is refused,
+/// naming the Slurm command that does it.
+pub fn refuse(id: &str, command: &str) -> Result<(), crate::error::ControlError> {
+    match id.strip_prefix(ID_PREFIX) {
+        Some(slurm_id) => Err(crate::error::ControlError::InvalidArgument(format!(
+            "{id} is a Slurm job: Slurm runs it, vigil only records it; use {command} {slurm_id}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What it waits for, or how it ended.
 fn reason(r: &SlurmJobRecord) -> String {
     if let Some(q) = r.requeues.last().filter(|_| r.awaiting_rerun()) {
@@ -173,6 +184,14 @@ mod tests {
         let slurm = d.slurm.unwrap_or_default();
         assert_eq!(slurm.requeues[0].run, 1);
         assert!(!slurm.awaiting_rerun);
+    }
+
+    #[test]
+    fn changing_a_slurm_job_is_refused_naming_the_slurm_command() {
+        let message =
+            refuse("slurm:42", "scancel").map_or_else(|e| e.to_string(), |()| "ok".into());
+        assert!(message.contains("use scancel 42"), "{message}");
+        assert!(refuse("j-1", "scancel").is_ok());
     }
 
     #[test]
