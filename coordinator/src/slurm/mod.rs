@@ -32,9 +32,11 @@ use crate::metrics::Metrics;
 /// reason: shown by `clusterctl nodes`, never lifted. The adapter holds the sender.
 pub type AdminDrains = watch::Receiver<Arc<BTreeMap<String, String>>>;
 
-/// After a round that changed something in Slurm, the next round comes this soon (or at
-/// `interval`, if shorter): a requeued job's next run is recorded when it starts.
+/// For [`FOLLOW_FOR`] after a round that changed something in Slurm, rounds come this often
+/// (or every `interval`, if shorter): a requeued job's release and next run are seen as they
+/// happen, so its record (and goodput) are true to about a second.
 const FOLLOW_UP: std::time::Duration = std::time::Duration::from_secs(1);
+const FOLLOW_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Starts the adapter; it ends when `stop` turns true.
 pub fn spawn(
@@ -84,6 +86,7 @@ impl Adapter {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut snapshots = self.engine.snapshots();
         let mut acted_on = Vec::new();
+        let mut follow_until = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -101,9 +104,12 @@ impl Adapter {
             acted_on = wants(&self.engine.snapshot());
             match self.round().await {
                 Ok((admin, acted)) => {
-                    // What was just changed (a requeue, a release) shows in Slurm within a
-                    // moment: look again soon, so a job's new run is seen when it starts.
+                    // What was just changed (a requeue, a release) shows in Slurm within
+                    // moments: look again soon, so a job's new run is seen when it starts.
                     if acted {
+                        follow_until = tokio::time::Instant::now() + FOLLOW_FOR;
+                    }
+                    if tokio::time::Instant::now() < follow_until {
                         ticker.reset_after(FOLLOW_UP.min(self.config.interval));
                     }
                     if failing {
