@@ -27,8 +27,9 @@ mod state;
 
 /// Every drain reason vigil sets starts with this; it is how a drain is known to be vigil's.
 pub const REASON_PREFIX: &str = "vigil: ";
-/// Longest reason vigil sets, in bytes: Slurm keeps reasons in full, but `sinfo` and
-/// `scontrol show node` lines stay readable.
+/// Longest reason vigil sets, in bytes: Slurm keeps reasons in full (the Slurm test sets a
+/// 307-byte one and reads it back whole), so this cut is vigil's, to keep `sinfo` and
+/// `scontrol show node` lines readable; the prefix survives it.
 pub const MAX_REASON_BYTES: usize = 128;
 /// The reason a `Lost` node is drained with.
 pub const LOST_REASON: &str = "vigil: agent lost";
