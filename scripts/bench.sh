@@ -115,6 +115,17 @@ fi
 # The coordinator and the loadgen run at BENCH_NICE (a negative value needs root). An array,
 # not a function: `nice` execs the program, so `$!` is its pid (a function would fork a shell).
 niced=(nice -n "$nice_value")
+# With the kernel's autogroups (sched_autogroup_enabled), a process's nice value only weighs
+# against its own session: the session's autogroup must get the same weight, or other sessions'
+# builds still take their equal share of the cores.
+autogroup_note="no autogroup change"
+if [ "$nice_value" != 0 ] && [ "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null)" = 1 ]; then
+  if echo "$nice_value" >/proc/self/autogroup 2>/dev/null; then
+    autogroup_note="session autogroup nice $nice_value"
+  else
+    autogroup_note="could not set the session autogroup nice"
+  fi
+fi
 # start_coordinator DATA_DIR LOG: starts it and waits until it serves.
 start_coordinator() {
   local data=$1 log=$2
@@ -275,9 +286,9 @@ if [ -n "${sizes// /}" ]; then
       "$(git log -1 --format='%h %ci' 2>/dev/null || echo unknown)" \
       "$(git status --porcelain coordinator 2>/dev/null | wc -l)"
     printf 'vigil-coordinator binary built %s\n' "$(date -u -r "$bin/vigil-coordinator" '+%Y-%m-%d %H:%M:%S UTC' 2>/dev/null || echo '?')"
-    printf 'settings: transport %s; BENCH_WARMUP=%s BENCH_WINDOW=%s BENCH_RELAUNCHES=%s BENCH_NICE=%s; coordinator config: %s\n' \
+    printf 'settings: transport %s; BENCH_WARMUP=%s BENCH_WINDOW=%s BENCH_RELAUNCHES=%s BENCH_NICE=%s (%s); coordinator config: %s\n' \
       "$([ "$tls" = 1 ] && echo 'mutual TLS (rcgen ECDSA P-256, one node certificate per agent)' || echo 'plaintext (--insecure)')" \
-      "$warmup" "$window" "$relaunches" "$nice_value" "$(tr '\n' ' ' <"$coord_config" | sed 's#"[^"]*/certs/#"#g')"
+      "$warmup" "$window" "$relaunches" "$nice_value" "$autogroup_note" "$(tr '\n' ' ' <"$coord_config" | sed 's#"[^"]*/certs/#"#g')"
     printf 'load average before the runs: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
   } >"$results/build.txt"
 fi
