@@ -288,6 +288,9 @@ pub struct Engine {
     /// Set when a commit failed (why): nothing is committed until `recover_store` has
     /// written the whole state again.
     store_failed: Option<String>,
+    /// Since when history entries have been staged but not committed (see `commit`): they
+    /// wait for a commit that something else needs, or for `HISTORY_DELAY`.
+    history_waiting_since: Option<Instant>,
     /// The beginning of a recovery hold (`--recover`), stepped in `new`: committed and carried
     /// out by [`Engine::commit_recovery_hold`] before anything is served.
     begun: Vec<Effect>,
@@ -397,6 +400,7 @@ impl Engine {
             clock,
             held: Vec::new(),
             store_failed: None,
+            history_waiting_since: None,
             begun,
             slurm_jobs: slurm_ledger,
         };
@@ -457,6 +461,14 @@ impl Engine {
                         if let Err(e) = self.turn(batch).await {
                             self.sessions.clear();
                             return Err(e);
+                        }
+                        // Under a steady flood of agent messages the tick below never wins
+                        // the select: run it here once due, or liveness, commands, deferred
+                        // history and readers' snapshots would stall until the flood ends.
+                        let since = self.clock.now().mono.saturating_duration_since(self.last_tick);
+                        if since >= TICK {
+                            self.on_tick_turn().await;
+                            tick.reset();
                         }
                     }
                     None => break,
