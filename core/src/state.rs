@@ -147,6 +147,8 @@ pub enum Effect {
     PersistRecovery(Box<crate::recovery::RecoveryHold>),
     /// Write the cordon breaker (see `breaker`) and flush it before acting on what follows.
     PersistBreaker(Box<crate::breaker::Breaker>),
+    /// Write the ledger of Slurm jobs (see `slurm::jobs`); it changed.
+    PersistSlurmJobs(Box<crate::slurm::jobs::Ledger>),
     /// The open cordon breaker held an automatic cordon of `node` (counted; logged).
     CordonHeld {
         node: String,
@@ -235,6 +237,9 @@ pub struct ClusterState {
     pub breaker: crate::breaker::Breaker,
     /// The remediation ladder's rules (see `remediation`); each node's ladder is on its record.
     pub remediation: crate::remediation::RemediationConfig,
+    /// vigil's records of the Slurm jobs it saw on its nodes (`[slurm]`, see `slurm::jobs`).
+    /// Persisted as a cluster-wide record; the engine loads it.
+    pub slurm_jobs: crate::slurm::jobs::Ledger,
 }
 
 impl ClusterState {
@@ -271,6 +276,7 @@ impl ClusterState {
             recovery: None,
             breaker: crate::breaker::Breaker::default(),
             remediation: crate::remediation::RemediationConfig::default(),
+            slurm_jobs: crate::slurm::jobs::Ledger::default(),
         }
     }
 

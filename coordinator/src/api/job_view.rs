@@ -6,6 +6,9 @@ use crate::goodput::Goodput;
 use crate::job::{Checkpoint, Job};
 use vigil_core::jobs::evidence::NodeEvidence;
 
+/// The `source` of vigil's own jobs (Slurm's are shown by `slurm_job_view`).
+pub const SOURCE: &str = "vigil";
+
 pub fn summary(job: &Job) -> v1::JobSummary {
     v1::JobSummary {
         id: job.id.clone(),
@@ -21,6 +24,7 @@ pub fn summary(job: &Job) -> v1::JobSummary {
         submitted_at_unix_ms: job.submitted_at_ms,
         reason: job.reason.clone(),
         progress_step: job.progress_step(),
+        source: SOURCE.to_owned(),
     }
 }
 
@@ -33,7 +37,8 @@ fn checkpoint(c: &Checkpoint) -> v1::CheckpointRecord {
     }
 }
 
-fn goodput(g: &Goodput) -> v1::Goodput {
+/// Goodput as the control API shows it (vigil's jobs and Slurm's alike).
+pub(crate) fn goodput(g: &Goodput) -> v1::Goodput {
     v1::Goodput {
         wall_ms: g.wall_ms,
         productive_ms: g.productive_ms,
@@ -219,6 +224,7 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
         checkpoint_dir: job.spec.checkpoint.dir.clone(),
         checkpoint_layout: job.spec.checkpoint.layout.clone(),
         goodput: Some(goodput(&crate::goodput::account(job, now_ms))),
+        slurm: None,
     }
 }
 

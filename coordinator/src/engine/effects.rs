@@ -222,6 +222,10 @@ impl Engine {
             } => {
                 info!(job = %job, attempt, nodes = nodes.len(), "deleted hang evidence past evidence.keep_attempts");
             }
+            Effect::PersistSlurmJobs(ledger) => {
+                self.slurm_jobs = std::sync::Arc::new(*ledger);
+                self.dirty = true;
+            }
             Effect::CordonHeld {
                 node,
                 rule,
