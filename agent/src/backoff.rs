@@ -33,7 +33,19 @@ impl Backoff {
 
     /// Draws the delay before the next attempt and counts one more failure.
     pub fn next_delay(&mut self, rng: &mut fastrand::Rng) -> Duration {
-        let ceiling = u64::try_from(self.ceiling().as_nanos()).unwrap_or(u64::MAX);
+        self.next_delay_within(rng, None)
+    }
+
+    /// As [`Backoff::next_delay`], with the ceiling lowered to `cap` where one is given (see
+    /// [`lease_cap`]); the failures still count, so the ceiling is where it would be once the
+    /// cap is gone.
+    pub fn next_delay_within(
+        &mut self,
+        rng: &mut fastrand::Rng,
+        cap: Option<Duration>,
+    ) -> Duration {
+        let ceiling = cap.map_or(self.ceiling(), |c| self.ceiling().min(c));
+        let ceiling = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         self.failures = self.failures.saturating_add(1);
         Duration::from_nanos(rng.u64(0..=ceiling))
     }
@@ -41,6 +53,17 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.failures = 0;
     }
+}
+
+/// The longest ceiling a reconnect may have while this node's workers hold a lease that has
+/// `remaining` to run: a quarter of it, but never below `floor`. So an agent dials about four
+/// times or more before its lease runs out, whatever its backoff had grown to, and a fleet
+/// that lost its coordinator spreads its dials over the time each has left instead of
+/// sleeping through the coordinator's return (the plain backoff reaches 6.4 s after five
+/// failures, most of an 8 s lease). `None` once the lease ran out: the workers are stopped
+/// already, and the ordinary backoff spares the coordinator.
+pub fn lease_cap(remaining: Duration, floor: Duration) -> Option<Duration> {
+    (!remaining.is_zero()).then(|| (remaining / 4).max(floor))
 }
 
 #[cfg(test)]
@@ -101,6 +124,28 @@ mod tests {
         assert_eq!(b.ceiling(), 6400 * MS);
         b.reset();
         assert_eq!(b.ceiling(), 200 * MS);
+    }
+
+    #[test]
+    fn a_live_lease_caps_the_ceiling_at_a_quarter_of_what_is_left() {
+        assert_eq!(lease_cap(8_000 * MS, 200 * MS), Some(2_000 * MS));
+        assert_eq!(lease_cap(2_000 * MS, 200 * MS), Some(500 * MS));
+        // Near its end, never below the floor.
+        assert_eq!(lease_cap(400 * MS, 200 * MS), Some(200 * MS));
+        assert_eq!(lease_cap(Duration::ZERO, 200 * MS), None);
+    }
+
+    #[test]
+    fn capped_delays_stay_under_the_cap_and_still_count_failures() {
+        let mut b = backoff();
+        let mut rng = fastrand::Rng::with_seed(5);
+        for _ in 0..6 {
+            assert!(b.next_delay_within(&mut rng, Some(1_000 * MS)) <= 1_000 * MS);
+        }
+        assert_eq!(b.ceiling(), 10_000 * MS);
+        // A cap above the ceiling changes nothing.
+        b.reset();
+        assert!(b.next_delay_within(&mut rng, Some(5_000 * MS)) <= 200 * MS);
     }
 
     #[test]

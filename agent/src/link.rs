@@ -9,12 +9,15 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{Coordinators, ReconnectConfig};
 use crate::error_chain;
 use crate::events::EventSource;
+use crate::lease::Lease;
 use crate::session::{self, SessionContext, SessionError};
 
 /// Between two addresses of one round: long enough not to spin, short enough that the
@@ -31,11 +34,12 @@ pub fn round_pause(
     standby_answered: bool,
     backoff: &mut Backoff,
     rng: &mut fastrand::Rng,
+    cap: Option<Duration>,
 ) -> Duration {
     if standby_answered {
         ELECTION_POLL
     } else {
-        backoff.next_delay(rng)
+        backoff.next_delay_within(rng, cap)
     }
 }
 
@@ -168,6 +172,8 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
     let coordinators = ctx.coordinators.clone();
     let mut rotation = Rotation::new(coordinators.len());
     let mut standby_answered = false;
+    // The lease as the last registered session left it (the workers' supervisor holds a copy).
+    let mut lease: Option<Lease> = None;
     // The last refusal logged at warn level: a refused agent retries every 30 s, and one
     // warning per change of reason says it all.
     let mut last_refusal = String::new();
@@ -185,6 +191,9 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
         if end.registered {
             backoff.reset();
         }
+        if end.lease.is_some() {
+            lease = end.lease;
+        }
         standby_answered |= matches!(end.cause, SessionError::Standby { .. });
         let outcome = match (&end.cause, end.registered) {
             (_, true) => Outcome::Registered,
@@ -198,7 +207,12 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
             Pause::None => Duration::ZERO,
             Pause::Brief => NEXT_ADDRESS_PAUSE,
             Pause::Backoff => {
-                let pause = round_pause(standby_answered, &mut backoff, &mut rng);
+                // While the workers' lease lives, dial again before it runs out.
+                let cap = lease.and_then(|l| {
+                    let left = l.deadline().saturating_duration_since(Instant::now());
+                    crate::backoff::lease_cap(left, reconnect.initial_backoff)
+                });
+                let pause = round_pause(standby_answered, &mut backoff, &mut rng, cap);
                 standby_answered = false;
                 pause
             }
@@ -270,10 +284,13 @@ mod tests {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..10 {
-            assert_eq!(round_pause(true, &mut backoff, &mut rng), ELECTION_POLL);
+            assert_eq!(
+                round_pause(true, &mut backoff, &mut rng, None),
+                ELECTION_POLL
+            );
         }
         // Only rounds in which nobody answered grow the backoff.
-        let first = round_pause(false, &mut backoff, &mut rng);
+        let first = round_pause(false, &mut backoff, &mut rng, None);
         assert!(first <= Duration::from_millis(400), "{first:?}");
     }
 

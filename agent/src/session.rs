@@ -103,9 +103,11 @@ impl std::fmt::Display for Registration {
     }
 }
 
-/// How a session ended; `registered` tells the reconnect loop to reset its backoff.
+/// How a session ended; `registered` tells the reconnect loop to reset its backoff, and
+/// `lease` (the workers' lease as the session last renewed it) how soon it must dial again.
 pub struct SessionEnd {
     pub registered: bool,
+    pub lease: Option<Lease>,
     pub cause: SessionError,
 }
 
@@ -170,13 +172,18 @@ pub enum SessionError {
 /// soon as the coordinator accepts the registration.
 pub async fn run(ctx: &SessionContext, url: &str, events: &mut EventSource) -> SessionEnd {
     let mut registered = false;
-    let cause = match run_until_error(ctx, url, events, &mut registered).await {
+    let mut lease = None;
+    let cause = match run_until_error(ctx, url, events, &mut registered, &mut lease).await {
         Err(cause) => cause,
         Ok(never) => match never {},
     };
     ctx.metrics.connected.set(0);
     ctx.registration.send_replace(None);
-    SessionEnd { registered, cause }
+    SessionEnd {
+        registered,
+        lease,
+        cause,
+    }
 }
 
 /// A standby's answer (the protocol's `standby_refusal`) names the leader; other errors stay
@@ -196,6 +203,7 @@ async fn run_until_error(
     url: &str,
     events: &mut EventSource,
     registered: &mut bool,
+    lease_out: &mut Option<Lease>,
 ) -> Result<Infallible, SessionError> {
     let channel = dial(url, ctx.tls.as_ref()).await?;
     let mut client = AgentServiceClient::new(channel)
@@ -321,7 +329,7 @@ async fn run_until_error(
     // Several coordinators: a leader silent for half the lease may be paused or cut off
     // while its connection stays open; the others are asked who leads.
     let silence = ctx.coordinators.is_group().then_some(pace.lease / 2);
-    heartbeat(ctx, events, outbound, inbound, pace, silence).await
+    heartbeat(ctx, events, outbound, inbound, pace, silence, lease_out).await
 }
 
 /// Adopts a newer term (written to the term file first); logs the change.
@@ -479,12 +487,14 @@ async fn heartbeat(
     mut inbound: Streaming<CoordinatorMessage>,
     pace: Pace,
     silence: Option<Duration>,
+    lease_out: &mut Option<Lease>,
 ) -> Result<Infallible, SessionError> {
     // The session gives up at whichever comes first: the lease, or (several
     // coordinators) the silence limit.
     let give_up_after = silence.map_or(pace.lease, |s| s.min(pace.lease));
     let mut lease = Lease::new(pace.lease, Instant::now());
     ctx.workers.renew_lease(lease);
+    *lease_out = Some(lease);
     let mut ticker = tokio::time::interval(pace.heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let changed = events.changed_signal();
@@ -523,6 +533,7 @@ async fn heartbeat(
                 follow(ctx, verdict, msg.term).await;
                 lease.renew(Instant::now());
                 ctx.workers.renew_lease(lease);
+                *lease_out = Some(lease);
                 if let Some(CoordinatorBody::Ack(ack)) = &msg.body {
                     witness(ctx, &ack.store_id, ack.store_seq).await;
                 }

@@ -1,5 +1,6 @@
 //! Golden files: the table and JSON output of `status` (with and without its HA section, and
-//! recovered from a damaged store), `recovery`, `nodes`, `jobs`, `job show`, `job report`
+//! recovered from a damaged store), `recovery`, `nodes`, `jobs`, `job show` (a vigil job and a
+//! Slurm job), `job report`
 //! and `events` for the fixtures, at a fixed `now`, without colour or terminal width, compared with
 //! `tests/golden/*`. `UPDATE_GOLDEN=1 cargo test -p clusterctl golden` rewrites them (review
 //! the diff).
@@ -12,7 +13,7 @@ use vigil_proto::v1;
 use crate::commands::{json_document, json_line};
 use crate::model::fixtures::{
     cluster_events, cordoned_sim_node, degraded_node, ha_etcd_healthy, ha_etcd_no_quorum,
-    ha_single, held_node, pending_job, ready_nvml_node, recovery_hold, running_job,
+    ha_single, held_node, pending_job, ready_nvml_node, recovery_hold, running_job, slurm_job,
     status_response,
 };
 use crate::model::{ClusterEvent, JobDetail, JobList, NodeList, RecoveryView, Status};
@@ -129,6 +130,7 @@ fn golden_jobs() {
             .summary
             .into_iter()
             .chain([pending_job()])
+            .chain(slurm_job().summary)
             .collect(),
     });
     check_both("jobs", &list, &render::jobs(&list.jobs, NOW, Term::PLAIN));
@@ -139,6 +141,17 @@ fn golden_job_show() {
     let detail = JobDetail::from_proto(running_job(), "j-1");
     check_both(
         "job_show",
+        &detail,
+        &render::job_detail(&detail, NOW, Term::PLAIN),
+    );
+}
+
+/// A Slurm job vigil recorded (`job show slurm:4711`): runs, vigil's requeue, goodput.
+#[test]
+fn golden_slurm_job_show() {
+    let detail = JobDetail::from_proto(slurm_job(), "slurm:4711");
+    check_both(
+        "slurm_job_show",
         &detail,
         &render::job_detail(&detail, NOW, Term::PLAIN),
     );

@@ -56,6 +56,8 @@ pub struct Config {
     pub burn_in: crate::burn_in::BurnInConfig,
     /// Nodes slower than their gang (see `stragglers`).
     pub stragglers: crate::stragglers::StragglerConfig,
+    /// What hung attempts' evidence may store (see `jobs::evidence`).
+    pub evidence: vigil_core::jobs::evidence::EvidenceConfig,
     /// The cap on automatic cordons (see `breaker`).
     pub cordon_breaker: crate::breaker::BreakerConfig,
     /// The remediation ladder: GPU reset, reboot, needs-repair (see `remediation`).
@@ -105,6 +107,7 @@ impl Default for Config {
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
+            evidence: vigil_core::jobs::evidence::EvidenceConfig::default(),
             cordon_breaker: crate::breaker::BreakerConfig::default(),
             remediation: crate::remediation::RemediationConfig::default(),
             ha: None,
@@ -155,6 +158,7 @@ impl Config {
             triage,
             burn_in,
             stragglers,
+            evidence,
             cordon_breaker,
             remediation,
             ha,
@@ -175,6 +179,7 @@ impl Config {
             ("triage", *triage != new.triage),
             ("burn_in", *burn_in != new.burn_in),
             ("stragglers", *stragglers != new.stragglers),
+            ("evidence", *evidence != new.evidence),
             ("cordon_breaker", *cordon_breaker != new.cordon_breaker),
             ("remediation", *remediation != new.remediation),
             ("ha", *ha != new.ha),
@@ -276,6 +281,7 @@ impl Config {
         self.triage.validate().map_err(ConfigError::Invalid)?;
         self.burn_in.validate().map_err(ConfigError::Invalid)?;
         self.stragglers.validate().map_err(ConfigError::Invalid)?;
+        self.evidence.validate().map_err(ConfigError::Invalid)?;
         self.cordon_breaker
             .validate()
             .map_err(ConfigError::Invalid)?;

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -157,19 +157,33 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-async fn bind(
+/// Connections the kernel queues before the coordinator accepts them. After a restart every
+/// agent of the cluster dials within a few seconds; with tokio's default (1,024) the excess SYNs
+/// are dropped and each dropped one costs its agent a 1 s SYN retransmit, then 3 s, eating its
+/// lease. The kernel caps it at `net.core.somaxconn` (4,096 by default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 65_535;
+
+fn bind(
     addr: SocketAddr,
     what: &'static str,
     flag: &'static str,
 ) -> Result<TcpListener, CoordinatorError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| CoordinatorError::Bind {
-            addr,
-            what,
-            flag,
-            source,
-        })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| CoordinatorError::Bind {
+        addr,
+        what,
+        flag,
+        source,
+    })
 }
 
 /// SIGTERM and SIGINT stop the coordinator; SIGHUP re-reads its config.
@@ -302,8 +316,8 @@ async fn start(cli: Cli, config: Config, signals: Signals) -> Result<u8, Coordin
     let known_nodes = store
         .as_ref()
         .map_or(0, |s| s.load_nodes().map_or(0, |n| n.len()));
-    let grpc = bind(config.listen, "gRPC", "--listen").await?;
-    let metrics = bind(config.metrics_listen, "metrics", "--metrics-listen").await?;
+    let grpc = bind(config.listen, "gRPC", "--listen")?;
+    let metrics = bind(config.metrics_listen, "metrics", "--metrics-listen")?;
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let metrics_addr = metrics.local_addr().unwrap_or(config.metrics_listen);
     let state = match &config.ha {

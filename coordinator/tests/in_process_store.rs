@@ -269,3 +269,56 @@ async fn a_recovered_coordinator_holds_nodes_and_jobs_until_an_operator_confirms
     );
     Ok(())
 }
+
+/// The "registered" history entries in the store.
+fn registered_entries(memory: &Memory) -> Result<usize, StoreError> {
+    Ok(memory
+        .store()
+        .load_events()?
+        .iter()
+        .filter(|(_, e)| e.kind == "registered")
+        .count())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconnect_storm_is_answered_before_any_commit_and_its_history_follows_within_a_second()
+-> TestResult {
+    const NODES: usize = 40;
+    let c = Cluster::start(NODES).await?;
+    let memory = c.memory.clone();
+    let config = c.config.clone();
+    c.shutdown().await?;
+    // The coordinator comes back on the same store; every agent registers again, unchanged.
+    let mut c = Cluster::start_on(memory.clone(), config, 0).await?;
+    let commits = memory.commits();
+    // The first registrations' entries, flushed at the shutdown.
+    assert_eq!(registered_entries(&memory)?, NODES);
+    for i in 0..NODES {
+        c.register(&format!("n{i}"), 100 + i as u64).await?;
+    }
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+    for agent in &mut c.agents {
+        agent.read_commands();
+    }
+    let answered = c.agents.iter().filter(|a| a.registered).count();
+    assert_eq!(answered, NODES, "every agent is answered in its turn");
+    assert_eq!(
+        memory.commits(),
+        commits,
+        "nothing of the storm needed a commit before the answers: only history was written"
+    );
+    assert_eq!(registered_entries(&memory)?, NODES);
+    // The history goes out within a second, in one commit.
+    for _ in 0..24 {
+        c.round().await?;
+    }
+    assert_eq!(registered_entries(&memory)?, 2 * NODES);
+    assert_eq!(
+        memory.commits(),
+        commits + 1,
+        "the storm's history in one commit; heartbeats write nothing"
+    );
+    Ok(())
+}

@@ -25,7 +25,8 @@
 //!   message), `assigned` (reports about work not assigned to the reporting node).
 //! - `audit`: who changed what, in the node's or job's history.
 //! - `slurm/`: vigil's node decisions carried into Slurm (drain, resume, requeue, hold
-//!   release), and the `sinfo`/`squeue` output they read.
+//!   release), the `sinfo`/`squeue` output they read, and vigil's records of the Slurm jobs it
+//!   saw (runs, requeues, outcome, goodput).
 //! - `recovery`: the hold after a start from a damaged store (nodes cordoned for review, no job
 //!   started until an operator confirms).
 

@@ -94,6 +94,19 @@ pub enum Effect {
     },
     /// Write this job and flush it before acting on anything that follows.
     PersistJob(Box<crate::job::Job>),
+    /// Store one node's evidence of a hung attempt, apart from the job record (see
+    /// `jobs::evidence`); keyed by (job, attempt, node), written again if the node answers again.
+    PersistEvidence {
+        job: String,
+        attempt: u64,
+        evidence: Box<crate::jobs::evidence::NodeEvidence>,
+    },
+    /// Delete the stored evidence of `nodes` for (job, attempt): beyond what the job keeps.
+    DropEvidence {
+        job: String,
+        attempt: u64,
+        nodes: Vec<String>,
+    },
     /// Send a command to a node's agent (dropped if it is not connected:
     /// the job logic never relies on a command reaching an unreachable node).
     Command {
@@ -134,6 +147,8 @@ pub enum Effect {
     PersistRecovery(Box<crate::recovery::RecoveryHold>),
     /// Write the cordon breaker (see `breaker`) and flush it before acting on what follows.
     PersistBreaker(Box<crate::breaker::Breaker>),
+    /// Write the ledger of Slurm jobs (see `slurm::jobs`); it changed.
+    PersistSlurmJobs(Box<crate::slurm::jobs::Ledger>),
     /// The open cordon breaker held an automatic cordon of `node` (counted; logged).
     CordonHeld {
         node: String,
@@ -209,6 +224,8 @@ pub struct ClusterState {
     pub triage: crate::triage::TriageConfig,
     pub burn_in: crate::burn_in::BurnInConfig,
     pub stragglers: crate::stragglers::StragglerConfig,
+    /// What a hang's evidence may store (see `jobs::evidence`).
+    pub evidence: crate::jobs::evidence::EvidenceConfig,
     /// Stops sent for workers that agents report and no current attempt owns, keyed by
     /// (node, job, attempt): re-sent with backoff until the agent stops reporting them.
     pub stray_stops: BTreeMap<(String, String, u64), crate::commands::Sent>,
@@ -220,6 +237,9 @@ pub struct ClusterState {
     pub breaker: crate::breaker::Breaker,
     /// The remediation ladder's rules (see `remediation`); each node's ladder is on its record.
     pub remediation: crate::remediation::RemediationConfig,
+    /// vigil's records of the Slurm jobs it saw on its nodes (`[slurm]`, see `slurm::jobs`).
+    /// Persisted as a cluster-wide record; the engine loads it.
+    pub slurm_jobs: crate::slurm::jobs::Ledger,
 }
 
 impl ClusterState {
@@ -251,10 +271,12 @@ impl ClusterState {
             triage: crate::triage::TriageConfig::default(),
             burn_in: crate::burn_in::BurnInConfig::default(),
             stragglers: crate::stragglers::StragglerConfig::default(),
+            evidence: crate::jobs::evidence::EvidenceConfig::default(),
             stray_stops: BTreeMap::new(),
             recovery: None,
             breaker: crate::breaker::Breaker::default(),
             remediation: crate::remediation::RemediationConfig::default(),
+            slurm_jobs: crate::slurm::jobs::Ledger::default(),
         }
     }
 

@@ -140,6 +140,18 @@ pub enum Input {
         node: String,
         message: String,
     },
+    /// The Slurm adapter's `squeue` listing of this round (`complete`: every line parsed), with
+    /// vigil's node names: the records of Slurm jobs follow it (see `slurm::jobs`).
+    SlurmJobs {
+        jobs: Vec<crate::slurm::SlurmJob>,
+        complete: bool,
+    },
+    /// The Slurm adapter requeued Slurm job `job` for a fault on vigil node `node`.
+    SlurmRequeued {
+        job: String,
+        node: String,
+        reason: String,
+    },
 }
 
 /// What a request produced besides effects, for the caller's answer.
@@ -335,5 +347,9 @@ fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Ef
         Input::ResetBreaker { by } => Ok(state.reset_breaker(&by, now)),
         Input::ForgetNode { node, by } => state.forget_identity(&node, &by, now),
         Input::Slurm { node, message } => Ok(state.slurm_record(&node, message, now)),
+        Input::SlurmJobs { jobs, complete } => Ok(state.slurm_jobs(&jobs, complete, now)),
+        Input::SlurmRequeued { job, node, reason } => {
+            Ok(state.slurm_requeued(&job, &node, &reason, now))
+        }
     }
 }

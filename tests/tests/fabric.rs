@@ -230,6 +230,14 @@ fn check_fabric_prints_what_it_reads_from_the_tree() -> Result<()> {
     Ok(())
 }
 
+/// How many nodes' evidence `job show` returns for attempt 1.
+fn first_attempts_evidence(job: &serde_json::Value) -> usize {
+    attempts(job)
+        .first()
+        .and_then(|a| a["evidence"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
 #[test]
 fn a_hung_jobs_failure_shows_each_workers_captured_state_and_the_fabric_it_points_at() -> Result<()>
 {
@@ -240,10 +248,7 @@ fn a_hung_jobs_failure_shows_each_workers_captured_state_and_the_fabric_it_point
     // the attempt fails as a hang, and the evidence points at node-1).
     trees[1].bump_ib_counter("mlx5_0", 1, "link_downed", 1)?;
     let job = cluster.wait_job(&id, "attempt 1's evidence from both nodes", |j| {
-        attempts(j)
-            .first()
-            .and_then(|a| a["evidence"].as_array().map(Vec::len))
-            == Some(2)
+        first_attempts_evidence(j) == 2
     })?;
     let a = &attempts(&job)[0];
     assert!(a["reason"].as_str().unwrap_or("").contains("hung"), "{a}");
@@ -274,5 +279,24 @@ fn a_hung_jobs_failure_shows_each_workers_captured_state_and_the_fabric_it_point
         "{}",
         shown.stdout
     );
+    // Each node's evidence is a record of its own, not part of the job's: no job record in the
+    // store embeds it (the previous release's `"evidence":[...]` in an attempt), and a restarted
+    // coordinator, which never loads evidence, reads it back on demand.
+    let mut cluster = cluster;
+    cluster.restart_coordinator()?;
+    let job = cluster.wait_job(&id, "attempt 1's evidence read back after a restart", |j| {
+        first_attempts_evidence(j) == 2
+    })?;
+    assert_eq!(attempts(&job)[0]["evidence"][1]["node"], "node-1");
+    for name in ["state.sqlite", "state.sqlite-wal"] {
+        let Ok(bytes) = std::fs::read(cluster.data_dir().join(name)) else {
+            continue;
+        };
+        let embedded = bytes.windows(12).any(|w| w == b"\"evidence\":[");
+        assert!(
+            !embedded,
+            "{name} holds a job record with its evidence inside"
+        );
+    }
     Ok(())
 }

@@ -115,7 +115,12 @@ impl HaCluster {
     }
 
     fn submit(&self) -> Result<String> {
-        let spec = spec_in(self.dir.path(), 2, 1, "", "")?;
+        self.submit_env("")
+    }
+
+    /// A job of 2 nodes and a spare, its workers given `extra_env` (`, KEY = "value"`).
+    fn submit_env(&self, extra_env: &str) -> Result<String> {
+        let spec = spec_in(self.dir.path(), 2, 1, extra_env, "")?;
         let path = write_file(self.dir.path(), "job.toml", &spec)?;
         let v = clusterctl(
             &self.urls(),
@@ -144,6 +149,17 @@ impl HaCluster {
             out += &format!("\n--- {} log:\n{}", a.name, tail(a.log_text()));
         }
         out
+    }
+
+    /// `kill -9` the leader, c1, and wait until c2 leads.
+    fn fail_over_to_c2(&mut self) -> Result<()> {
+        self.coordinators[0]
+            .as_mut()
+            .context("c1 is not running")?
+            .kill9();
+        self.coordinators[0] = None;
+        wait_for("c2 leads", LONG, || Ok(self.leader_is("c2")?.then_some(())))?;
+        Ok(())
     }
 
     /// Every agent's node is Ready; `None` while not, or while no leader answers (a failover).
@@ -213,14 +229,7 @@ fn killing_the_leader_moves_every_agent_and_restarts_no_job() -> Result<()> {
 
     // kill -9 the leader.
     let killed = now();
-    cluster.coordinators[0]
-        .as_mut()
-        .context("c1 is not running")?
-        .kill9();
-    cluster.coordinators[0] = None;
-    wait_for("c2 leads", LONG, || {
-        Ok(cluster.leader_is("c2")?.then_some(()))
-    })?;
+    cluster.fail_over_to_c2()?;
     let elected = killed.elapsed();
     wait_for("every agent registered with c2", LONG, || {
         cluster.all_ready()
@@ -469,5 +478,48 @@ fn failover_times() -> Result<()> {
         "a failover outlasted the agents' 8 s lease:\n{report}"
     );
     assert_eq!(restarts, 0, "a failover restarted the job:\n{report}");
+    Ok(())
+}
+
+/// Attempt 1's evidence nodes, as `job show` returns it (read from etcd by the leader).
+fn evidence_nodes(job: &Value) -> Vec<String> {
+    job["attempts"][0]["evidence"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["node"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_hung_jobs_evidence_is_kept_in_etcd_and_read_by_the_next_leader() -> Result<()> {
+    if !etcd::available() {
+        return Ok(());
+    }
+    let mut cluster = HaCluster::start(3)?;
+    let id = cluster.submit_env(", FAKE_HANG_AT_STEP = \"30\"")?;
+    let job = wait_for("attempt 1's evidence from both nodes", LONG, || {
+        let j = cluster.job(&id)?;
+        Ok((evidence_nodes(&j).len() == 2).then_some(j))
+    })
+    .with_context(|| cluster.logs())?;
+    let before = evidence_nodes(&job);
+    // The new leader never loaded it: it reads the records from etcd when asked.
+    cluster.fail_over_to_c2()?;
+    let after = wait_for("c2 shows the evidence", LONG, || {
+        let j = match cluster.job(&id) {
+            Ok(j) => j,
+            Err(e) => {
+                eprintln!("no leader answered yet: {e:#}");
+                return Ok(None);
+            }
+        };
+        let nodes = evidence_nodes(&j);
+        Ok((nodes.len() == 2).then_some(nodes))
+    })
+    .with_context(|| cluster.logs())?;
+    assert_eq!(after, before);
     Ok(())
 }

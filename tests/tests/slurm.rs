@@ -1,11 +1,15 @@
 //! vigil on a real Slurm (docs/slurm.md): slurmctld and three slurmd on this host
 //! (`vigil_tests::slurm`), a coordinator with `[slurm]`, and a simulated agent per Slurm node
 //! (same names). A two-node `sbatch` job writes checkpoints and resumes with `clusterctl
-//! checkpoint latest`; XID 79 on one of its nodes drains that node in Slurm with vigil's reason,
-//! requeues the job and lifts Slurm's requeue hold, so it runs again at once on the other nodes
-//! from its last complete checkpoint; uncordoning after diagnostics resumes the node; an
-//! administrator's drain shows in `clusterctl nodes` and is never lifted; a node whose agent
-//! is lost is drained as `vigil: agent lost`.
+//! checkpoint latest`; XID 79 on one of its nodes drains that node in Slurm with vigil's reason
+//! and requeues the job; the coordinator is killed (`kill -9`) before it lifts Slurm's requeue
+//! hold, and the next one lifts it from its stored record of the job, so the job runs again
+//! well before Slurm's own two minutes, on the other nodes, from its last complete checkpoint;
+//! `clusterctl jobs`/`job show`/`job report` show the Slurm job with its runs, the requeue (the
+//! faulty node, the reason) and its goodput; uncordoning after diagnostics resumes the node; a
+//! long reason is cut and Slurm keeps vigil's prefix, so vigil still resumes its own drain; an
+//! administrator's drain shows in `clusterctl nodes` and is never lifted; a node whose agent is
+//! lost is drained as `vigil: agent lost`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +35,47 @@ while [ $i -lt 900 ]; do
   sleep 0.2
 done
 "#;
+
+/// Where `program` is on `PATH`.
+fn real(program: &str) -> Result<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not on PATH"))
+}
+
+/// The coordinator's Slurm commands: the real ones, except that lifting a requeue hold fails
+/// while the file `hold` exists (the test kills the coordinator between requeue and release).
+fn slurm_bin(dir: &Path, hold: &Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for program in ["sinfo", "squeue", "scontrol"] {
+        let exec = format!("exec {} \"$@\"\n", real(program)?.display());
+        let gate = if program == "scontrol" {
+            format!(
+                "case \"$*\" in *StartTime=now*) [ -e {} ] && {{ echo 'held by the test' >&2; exit 1; }};; esac\n",
+                hold.display()
+            )
+        } else {
+            String::new()
+        };
+        let path = bin.join(program);
+        std::fs::write(&path, format!("#!/bin/sh\n{gate}{exec}"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(bin)
+}
+
+/// `clusterctl uncordon node`, then waits until Slurm no longer shows it drained.
+fn uncordon_and_resume(url: &str, slurm: &SlurmCluster, node: &str, what: &str) -> Result<()> {
+    let out = clusterctl(url, &["uncordon", node])?;
+    assert!(out.success(), "{}", out.stderr);
+    wait_for(what, LONG, || {
+        let (state, _) = slurm.node_state(node)?;
+        Ok((!state.starts_with("drain")).then_some(()))
+    })
+}
 
 /// The step of a checkpoint path's last component (`.../step_000012` is 12).
 fn step_of(path: &str) -> Option<u64> {
@@ -59,9 +104,13 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     }
     let work = tempfile::tempdir()?;
     let slurm = SlurmCluster::start(work.path())?;
+    let hold = work.path().join("hold-releases");
+    std::fs::write(&hold, "")?;
+    let slurm_cmds = slurm_bin(work.path(), &hold)?;
     let config = format!(
-        "{FAST_LIVENESS}\n[slurm]\ninterval = \"300ms\"\nslurm_conf = \"{}\"\n",
-        slurm.conf.display()
+        "{FAST_LIVENESS}\n[slurm]\ninterval = \"20s\"\nslurm_conf = \"{}\"\nbin_dir = \"{}\"\n",
+        slurm.conf.display(),
+        slurm_cmds.display()
     );
     let mut cluster = Cluster::start(&config, 0)?;
     for node in NODES {
@@ -133,6 +182,36 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     )?;
     let to_drain = fault_at.elapsed();
     assert!(reason.contains("79"), "{reason}");
+    // The adapter wakes when a node's cordon changes; its 20 s interval is only the fallback.
+    assert!(
+        to_drain < Duration::from_secs(10),
+        "drained {to_drain:?} after the fault: the adapter waited for its interval"
+    );
+    // Requeued and recorded by vigil, still held by Slurm: the coordinator dies before it
+    // lifts the hold; the next one finds the job in its records and lifts it.
+    let url = cluster.url();
+    let shown = format!("slurm:{job}");
+    let record = wait_for("the requeue in vigil's record of the job", LONG, || {
+        let out = clusterctl(&url, &["-o", "json", "job", "show", &shown])?;
+        if !out.success() {
+            return Ok(None);
+        }
+        let d = out.json()?;
+        Ok((d["slurm"]["awaiting_rerun"] == true).then_some(d))
+    })?;
+    assert_eq!(
+        record["slurm"]["requeues"][0]["node"],
+        bad.as_str(),
+        "{record}"
+    );
+    wait_for("the job pending on Slurm's requeue hold", LONG, || {
+        let out = slurm.run("squeue", &["--noheader", "--jobs", &job, "--format=%T|%r"])?;
+        Ok((out.trim() == "PENDING|BeginTime").then_some(()))
+    })?;
+    cluster.coordinator.kill9();
+    std::fs::remove_file(&hold)?;
+    let restarted_at = now();
+    cluster.restart_coordinator()?;
     let rerun = wait_for("the job running again on healthy nodes", LONG * 2, || {
         Ok(slurm.job(&job)?.filter(|(state, nodes)| {
             state == "RUNNING" && nodes.len() == 2 && !nodes.contains(&bad)
@@ -140,10 +219,11 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     })
     .with_context(|| slurm.logs())?;
     let to_rerun = fault_at.elapsed();
-    // Slurm's own hold would keep it pending about two minutes.
+    let restart_to_rerun = restarted_at.elapsed();
+    // Slurm's own hold would keep it pending about two minutes after the requeue.
     assert!(
-        to_rerun < Duration::from_secs(100),
-        "rerun took {to_rerun:?}: the requeue hold was not lifted"
+        restart_to_rerun < Duration::from_secs(60),
+        "rerun took {restart_to_rerun:?} after the restart: the requeue hold was not lifted"
     );
     let second = wait_for("the second run's log line", LONG, || {
         Ok(runs(&joblog).get(1).cloned())
@@ -157,8 +237,52 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
     let step = step_of(&resumed).with_context(|| format!("second run did not resume: {second}"))?;
     assert!(step < 900_000, "resumed from the partial save: {second}");
     assert!(Path::new(&resumed).join("COMPLETE").is_file(), "{second}");
-    // The fault and the requeue are in vigil's records: the node's history, the lemon ledger.
-    let url = cluster.url();
+    // The fault and the requeue are in vigil's records: the job's, the node's history, the
+    // lemon ledger.
+    let d = wait_for("vigil's record of the second run", LONG, || {
+        let d = clusterctl(&url, &["-o", "json", "job", "show", &shown])?.json()?;
+        Ok((d["attempts"].as_array().map_or(0, Vec::len) >= 2).then_some(d))
+    })?;
+    assert_eq!(d["job"]["source"], "slurm", "{d}");
+    assert_eq!(d["attempts"][0]["outcome"], "requeued", "{d}");
+    assert_eq!(d["attempts"][0]["culprit_node"], bad.as_str(), "{d}");
+    assert!(
+        d["attempts"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("vigil: ")),
+        "{d}"
+    );
+    assert_eq!(
+        d["goodput"]["failures"][0]["culprit_node"],
+        bad.as_str(),
+        "{d}"
+    );
+    let lost_ms = d["goodput"]["lost_ms"].as_u64().unwrap_or(0);
+    // The time lost runs from the cordon to the second run as vigil saw them: about the fault
+    // to the rerun (the adapter looks every second after it acted).
+    let seen_lost = Duration::from_millis(lost_ms);
+    assert!(
+        seen_lost > Duration::ZERO && seen_lost < to_rerun + Duration::from_secs(10),
+        "lost {seen_lost:?}, rerun {to_rerun:?} after the fault: {d}"
+    );
+    let list = clusterctl(&url, &["-o", "json", "jobs"])?.json()?;
+    let listed = list["jobs"].as_array().is_some_and(|jobs| {
+        jobs.iter()
+            .any(|j| j["id"] == shown.as_str() && j["source"] == "slurm")
+    });
+    assert!(listed, "{list}");
+    let table = clusterctl(&url, &["job", "show", &shown])?;
+    assert!(
+        table.stdout.contains("REQUEUES BY VIGIL"),
+        "{}",
+        table.stdout
+    );
+    let report = clusterctl(&url, &["job", "report", &shown])?;
+    assert!(
+        report.success() && report.stdout.contains(&bad),
+        "{}",
+        report.stdout
+    );
     wait_for("the requeue in the node's history", LONG, || {
         let node = clusterctl(&url, &["-o", "json", "node", &bad])?.json()?;
         let events = node["events"].as_array().cloned().unwrap_or_default();
@@ -182,7 +306,7 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
         "{bad}'s fault is not in the lemon ledger: {lemons}"
     );
     println!(
-        "slurm: XID 79 on {bad} -> drained in {to_drain:?}, job {job} running again on {:?} {to_rerun:?} after the fault, resumed from step {step}",
+        "slurm: XID 79 on {bad} -> drained in {to_drain:?}, job {job} running again on {:?} {to_rerun:?} after the fault ({restart_to_rerun:?} after a coordinator restart that lifted the hold), resumed from step {step}, lost {lost_ms} ms by vigil's goodput",
         rerun.1
     );
 
@@ -195,12 +319,57 @@ fn xid_drains_requeues_resumes_and_admin_drains_are_kept() -> Result<()> {
             .success()
             .then_some(()))
     })?;
-    let out = clusterctl(&url, &["uncordon", &bad])?;
+    uncordon_and_resume(&url, &slurm, &bad, "the node resumed in Slurm")?;
+
+    // A long reason: vigil cuts it to MAX_REASON_BYTES; Slurm keeps what vigil set (with its
+    // prefix), so vigil still knows the drain as its own and resumes it.
+    let long = format!("swap the PSU {}", "x".repeat(300));
+    let out = clusterctl(&url, &["cordon", &bad, "--reason", &long])?;
     assert!(out.success(), "{}", out.stderr);
-    wait_for("the node resumed in Slurm", LONG, || {
-        let (state, _) = slurm.node_state(&bad)?;
-        Ok((!state.starts_with("drain")).then_some(()))
+    let kept = wait_for("the long-reason drain in Slurm", LONG, || {
+        let (state, reason) = slurm.node_state(&bad)?;
+        Ok(
+            (state.starts_with("drain") && reason.starts_with("vigil: swap the PSU"))
+                .then_some(reason),
+        )
     })?;
+    let shown_node = slurm.run("scontrol", &["show", "node", &bad])?;
+    let scontrol_reason = shown_node
+        .split("Reason=")
+        .nth(1)
+        .map(|r| r.lines().next().unwrap_or("").trim().to_owned())
+        .unwrap_or_default();
+    // What Slurm does with a reason longer than vigil's cap, set directly.
+    let direct = format!("vigil: {}", "y".repeat(300));
+    slurm.run(
+        "scontrol",
+        &[
+            "update",
+            &format!("NodeName={bad}"),
+            "State=DRAIN",
+            &format!("Reason={direct}"),
+        ],
+    )?;
+    let (_, direct_kept) = slurm.node_state(&bad)?;
+    println!(
+        "slurm reasons: vigil set {} bytes, sinfo shows {} ({kept:?}), scontrol show node {} bytes; a {}-byte reason set directly: sinfo shows {} bytes",
+        vigil_coordinator::slurm::MAX_REASON_BYTES,
+        kept.len(),
+        scontrol_reason.len(),
+        direct.len(),
+        direct_kept.len()
+    );
+    // vigil cuts its reason to its cap; Slurm keeps reasons whole (also longer ones), and shows
+    // them with its `[user@time]` suffix in `scontrol show node`.
+    assert_eq!(
+        kept.len(),
+        vigil_coordinator::slurm::MAX_REASON_BYTES,
+        "{kept}"
+    );
+    assert!(format!("vigil: {long}").starts_with(&kept), "{kept}");
+    assert!(scontrol_reason.starts_with(&kept), "{scontrol_reason}");
+    assert_eq!(direct_kept, direct, "Slurm cut a long reason");
+    uncordon_and_resume(&url, &slurm, &bad, "vigil resuming its long-reason drain")?;
 
     // An administrator's drain: shown with Slurm's reason, never lifted by vigil.
     // On the node vigil just resumed: the one the rerun does not use.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, warn};
 
@@ -79,12 +79,27 @@ pub type OnRefusal = Arc<dyn Fn(Refusal) + Send + Sync>;
 
 /// The connections `listener` accepts, ready for `Server::serve_with_incoming`: TLS with
 /// verified client certificates when `tls` is set, plaintext otherwise.
+/// TLS handshakes worked on at once, per core. After a coordinator restart every agent of the
+/// cluster dials within seconds; handshaking all of them at once shares the cores among
+/// thousands, so every one finishes late, past its agent's connect timeout, and its agent dials
+/// again: a full handshake thrown away. In turn, the first ones finish at once and register,
+/// and the later ones wait in the queue (a waiting connection costs no CPU; one whose agent gave
+/// up fails its handshake at the first read).
+const HANDSHAKES_PER_CORE: usize = 16;
+/// How long a connection may hold its turn: a handshake takes milliseconds of CPU.
+const TURN_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn max_handshakes() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from) * HANDSHAKES_PER_CORE
+}
+
 pub fn incoming(
     listener: TcpListener,
     tls: Option<ServerTls>,
     on_refusal: OnRefusal,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
+    let handshakes = Arc::new(Semaphore::new(max_handshakes()));
     tokio::spawn(async move {
         loop {
             // Stop accepting as soon as the server is gone: another listener on
@@ -122,14 +137,33 @@ pub fn incoming(
             }
             let tx = tx.clone();
             let on_refusal = on_refusal.clone();
+            let handshakes = handshakes.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, remote, &tls)).await {
+                // In turn, first come first served (tokio's semaphore is fair); a connection
+                // that has sent nothing yet takes no turn, and one that has holds it for
+                // TURN_TIMEOUT at most, so a few stalled clients cannot stop everyone's.
+                let admitted = async {
+                    tcp.readable().await.ok();
+                    handshakes.acquire_owned().await.ok()
+                };
+                let turn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, admitted).await {
+                    Ok(Some(permit)) => permit,
+                    Ok(None) => return,
+                    Err(_) => {
+                        warn!(%remote, "refused connection: no TLS handshake within {}s", HANDSHAKE_TIMEOUT.as_secs());
+                        on_refusal(Refusal::Timeout);
+                        return;
+                    }
+                };
+                let done = tokio::time::timeout(TURN_TIMEOUT, handshake(tcp, remote, &tls)).await;
+                drop(turn);
+                match done {
                     Ok(Ok(conn)) => {
                         tx.send(Ok(conn)).await.ok();
                     }
                     Ok(Err(refusal)) => on_refusal(refusal),
                     Err(_) => {
-                        warn!(%remote, "refused connection: no TLS handshake within {}s", HANDSHAKE_TIMEOUT.as_secs());
+                        warn!(%remote, "refused connection: TLS handshake not finished within {}s of its turn", TURN_TIMEOUT.as_secs());
                         on_refusal(Refusal::Timeout);
                     }
                 }

@@ -221,6 +221,78 @@ pub fn pending_job() -> v1::JobSummary {
         submitted_at_unix_ms: 1_600_000,
         reason: "waiting for 4 schedulable nodes (2 Ready)".into(),
         progress_step: None,
+        source: "vigil".into(),
+    }
+}
+
+/// A Slurm job vigil recorded: requeued once by vigil for XID 79 on gpu-003, running again.
+pub fn slurm_job() -> v1::JobDetail {
+    v1::JobDetail {
+        summary: Some(v1::JobSummary {
+            id: "slurm:4711".into(),
+            name: "llm-pretrain".into(),
+            state: "RUNNING".into(),
+            attempt: 2,
+            restarts: 1,
+            nodes: 2,
+            assigned_nodes: vec!["gpu-001".into(), "gpu-004".into()],
+            submitted_at_unix_ms: 1_000_000,
+            source: "slurm".into(),
+            ..Default::default()
+        }),
+        attempts: vec![
+            v1::AttemptRecord {
+                attempt: 1,
+                nodes: vec!["gpu-001".into(), "gpu-003".into()],
+                started_at_unix_ms: 1_000_000,
+                ended_at_unix_ms: 1_300_000,
+                outcome: "requeued".into(),
+                reason: "vigil: XID 79 (GPU has fallen off the bus) on GPU 3".into(),
+                culprit_node: "gpu-003".into(),
+                ..Default::default()
+            },
+            v1::AttemptRecord {
+                attempt: 2,
+                nodes: vec!["gpu-001".into(), "gpu-004".into()],
+                started_at_unix_ms: 1_302_000,
+                outcome: "running".into(),
+                ..Default::default()
+            },
+        ],
+        lost_ms: 3_000,
+        goodput: Some(v1::Goodput {
+            wall_ms: 720_000,
+            productive_ms: 717_000,
+            lost_ms: 3_000,
+            ettr: 717_000.0 / 720_000.0,
+            detection_ms: 1_000,
+            waiting_ms: 2_000,
+            failures: vec![v1::FailureCost {
+                attempt: 1,
+                kind: "node_unhealthy".into(),
+                reason: "vigil: XID 79 (GPU has fallen off the bus) on GPU 3".into(),
+                culprit_node: "gpu-003".into(),
+                fault_at_unix_ms: 1_299_000,
+                detection_ms: 1_000,
+                waiting_ms: 2_000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        slurm: Some(v1::SlurmJobInfo {
+            job_id: "4711".into(),
+            user: "alice".into(),
+            slurm_state: "RUNNING".into(),
+            requeues: vec![v1::SlurmRequeue {
+                at_unix_ms: 1_299_500,
+                node: "gpu-003".into(),
+                reason: "vigil: XID 79 (GPU has fallen off the bus) on GPU 3".into(),
+                fault_at_unix_ms: Some(1_299_000),
+                run: 1,
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -291,6 +363,7 @@ pub fn running_job() -> v1::JobDetail {
             submitted_at_unix_ms: 1_000_000,
             reason: String::new(),
             progress_step: Some(230),
+            source: "vigil".into(),
         }),
         spec_toml: "name = \"opt-demo\"\nnodes = 2\n".into(),
         spare_nodes: vec!["gpu-009".into()],
@@ -337,6 +410,7 @@ pub fn running_job() -> v1::JobDetail {
         }),
         lost_ms: 65_000,
         bad_checkpoints: Vec::new(),
+        slurm: None,
         goodput: Some(running_job_goodput()),
         events: running_job_events(),
         workers: vec![

@@ -26,7 +26,19 @@ pub struct JobSummary {
     pub reason: String,
     /// Lowest step reported by the workers of the current attempt.
     pub progress_step: Option<u64>,
+    /// `vigil` (its own job) or `slurm` (a Slurm job vigil recorded, id `slurm:<id>`).
+    pub source: String,
 }
+
+impl JobSummary {
+    /// A Slurm job vigil recorded (docs/slurm.md), not one vigil runs.
+    pub fn is_slurm(&self) -> bool {
+        self.source == SLURM
+    }
+}
+
+/// The `source` of a Slurm job.
+pub const SLURM: &str = "slurm";
 
 impl From<v1::JobSummary> for JobSummary {
     fn from(j: v1::JobSummary) -> Self {
@@ -44,6 +56,11 @@ impl From<v1::JobSummary> for JobSummary {
             submitted_at_unix_ms: j.submitted_at_unix_ms,
             reason: j.reason,
             progress_step: j.progress_step,
+            source: if j.source.is_empty() {
+                "vigil".to_owned()
+            } else {
+                j.source
+            },
         }
     }
 }
@@ -219,6 +236,62 @@ pub struct JobDetail {
     pub goodput: Option<super::Goodput>,
     /// Checkpoints that failed `[checkpoint] verify_command`: never resumed from again.
     pub bad_checkpoints: Vec<String>,
+    /// A Slurm job's own record (source `slurm`); `null` for vigil's jobs.
+    pub slurm: Option<SlurmJobInfo>,
+}
+
+/// What vigil recorded of a Slurm job beyond its runs (which are its `attempts`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlurmJobInfo {
+    /// Slurm's job id.
+    pub job_id: String,
+    pub user: String,
+    /// Slurm's state when last seen: RUNNING, PENDING, COMPLETED, ...
+    pub slurm_state: String,
+    /// Each requeue vigil sent for a hardware fault, oldest first.
+    pub requeues: Vec<SlurmRequeue>,
+    /// `null` while it is in Slurm's queue.
+    pub finished_at_unix_ms: Option<u64>,
+    /// Slurm's final state, or `left the queue`; empty while in the queue.
+    pub outcome: String,
+    /// vigil requeued it and it has not run since.
+    pub awaiting_rerun: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlurmRequeue {
+    pub at_unix_ms: u64,
+    /// The faulty node.
+    pub node: String,
+    pub reason: String,
+    /// When vigil cordoned the node; `null` when unknown.
+    pub fault_at_unix_ms: Option<u64>,
+    /// The run it ended (from 1).
+    pub run: u64,
+}
+
+impl From<v1::SlurmJobInfo> for SlurmJobInfo {
+    fn from(s: v1::SlurmJobInfo) -> Self {
+        Self {
+            job_id: s.job_id,
+            user: s.user,
+            slurm_state: s.slurm_state,
+            requeues: s
+                .requeues
+                .into_iter()
+                .map(|q| SlurmRequeue {
+                    at_unix_ms: q.at_unix_ms,
+                    node: q.node,
+                    reason: q.reason,
+                    fault_at_unix_ms: q.fault_at_unix_ms,
+                    run: q.run,
+                })
+                .collect(),
+            finished_at_unix_ms: s.finished_at_unix_ms,
+            outcome: s.outcome,
+            awaiting_rerun: s.awaiting_rerun,
+        }
+    }
 }
 
 impl JobDetail {
@@ -291,6 +364,7 @@ impl JobDetail {
             checkpoint_layout: d.checkpoint_layout,
             goodput: d.goodput.map(super::Goodput::from),
             bad_checkpoints: d.bad_checkpoints,
+            slurm: d.slurm.map(SlurmJobInfo::from),
         }
     }
 }
@@ -321,6 +395,7 @@ mod tests {
                 "submitted_at_unix_ms": 1_000_000,
                 "reason": "",
                 "progress_step": 230,
+                "source": "vigil",
             })
         );
         assert_eq!(
@@ -375,7 +450,8 @@ mod tests {
             json!({"at_unix_ms": 1_000_000, "kind": "submitted", "message": "submitted from job.toml"})
         );
         let keys: Vec<&String> = value.as_object().expect("object").keys().collect();
-        assert_eq!(keys.len(), 13, "{keys:?}");
+        assert_eq!(keys.len(), 14, "{keys:?}");
+        assert_eq!(value["slurm"], json!(null));
         assert_eq!(value["lost_ms"], json!(65_000));
         assert_eq!(value["bad_checkpoints"], json!([]));
         assert_eq!(value["spare_nodes"], json!(["gpu-009"]));

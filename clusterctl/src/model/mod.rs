@@ -34,7 +34,7 @@ pub use goodput::{FailureCost, TimelineSegment};
 pub use ha::Ha;
 pub use health::DiagnoseResult;
 pub use job::JobEvent;
-pub use job::{JobDetail, JobList, JobSummary};
+pub use job::{JobDetail, JobList, JobSummary, SlurmJobInfo};
 #[cfg(test)]
 pub use lemons::Lemon;
 pub use lemons::LemonList;

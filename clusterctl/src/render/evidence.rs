@@ -64,9 +64,15 @@ fn node_section(out: &mut String, e: &NodeEvidence) {
     }
 }
 
-/// One attempt's evidence; empty when it has none.
+/// Whether an attempt has a section: evidence, or a suspect (whose evidence may be past the
+/// coordinator's bounds on what it stores).
+fn has_section(a: &AttemptRecord) -> bool {
+    !a.evidence.is_empty() || !a.suspect.is_empty()
+}
+
+/// One attempt's evidence; empty when it has none and points nowhere.
 pub fn attempt_evidence(a: &AttemptRecord) -> String {
-    if a.evidence.is_empty() {
+    if !has_section(a) {
         return String::new();
     }
     let mut out = format!("HANG EVIDENCE of attempt {}\n", a.attempt);
@@ -84,7 +90,7 @@ pub fn latest(d: &JobDetail) -> String {
     d.attempts
         .iter()
         .rev()
-        .find(|a| !a.evidence.is_empty())
+        .find(|a| has_section(a))
         .map(attempt_evidence)
         .unwrap_or_default()
 }
@@ -164,8 +170,15 @@ mod tests {
         ] {
             assert!(text.contains(needle), "no {needle:?} in:\n{text}");
         }
-        let mut none = attempt();
-        none.evidence.clear();
+        let mut suspect_only = attempt();
+        suspect_only.evidence.clear();
+        assert_eq!(
+            attempt_evidence(&suspect_only),
+            "HANG EVIDENCE of attempt 2\n  points at n2: port mlx5_0/1 is DOWN\n",
+            "its evidence past the coordinator's bounds, the suspect still shows"
+        );
+        let mut none = suspect_only;
+        none.suspect.clear();
         assert_eq!(attempt_evidence(&none), "");
     }
 }

@@ -2,7 +2,7 @@
 
 use super::fold::{Foldable, Folded, fold};
 use super::{DETAIL_LABEL_WIDTH, Labelled, or_dash};
-use crate::model::{JobDetail, JobEvent, JobSummary};
+use crate::model::{JobDetail, JobEvent, JobSummary, SlurmJobInfo};
 use crate::table::{
     Table, format_age, format_ago, format_elapsed, format_utc, format_when, sanitize,
 };
@@ -61,7 +61,7 @@ pub fn jobs(list: &[JobSummary], now_ms: u64, term: Term) -> String {
             j.name.clone(),
             or_dash(&j.state).to_string(),
             attempt(j.attempt),
-            format!("{}/{}", j.restarts, j.max_restarts),
+            restarts(j),
             node_list(&j.assigned_nodes),
             opt(j.progress_step),
             opt(j.last_checkpoint_step),
@@ -70,6 +70,16 @@ pub fn jobs(list: &[JobSummary], now_ms: u64, term: Term) -> String {
         ]);
     }
     t.render()
+}
+
+/// Restarts so far out of the most allowed; a Slurm job's are vigil's requeues (Slurm has the
+/// say on how many it gets).
+pub(super) fn restarts(j: &JobSummary) -> String {
+    if j.is_slurm() {
+        format!("{} by vigil", j.restarts)
+    } else {
+        format!("{}/{}", j.restarts, j.max_restarts)
+    }
 }
 
 /// `job j-1 submitted (opt-demo): Pending — waiting for 2 schedulable nodes`.
@@ -109,6 +119,9 @@ fn step(d: &JobDetail, now_ms: u64) -> String {
 }
 
 pub fn job_detail(d: &JobDetail, now_ms: u64, term: Term) -> String {
+    if let Some(s) = &d.slurm {
+        return slurm_detail(d, s, now_ms, term);
+    }
     let j = &d.job;
     let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
     out.line("job", format!("{} ({})", j.id, or_dash(&j.name)));
@@ -201,6 +214,62 @@ fn preflight(d: &JobDetail) -> String {
     out
 }
 
+/// A Slurm job vigil recorded: who runs it, its runs (as attempts), vigil's requeues, goodput.
+fn slurm_detail(d: &JobDetail, s: &SlurmJobInfo, now_ms: u64, term: Term) -> String {
+    let j = &d.job;
+    let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
+    out.line("job", format!("{} ({})", j.id, or_dash(&j.name)));
+    out.line(
+        "source",
+        format!(
+            "slurm (user {}): Slurm runs it, vigil records it",
+            or_dash(&s.user)
+        ),
+    );
+    out.line("state", or_dash(&s.slurm_state));
+    out.line("reason", or_dash(&j.reason));
+    let runs = match j.assigned_nodes.as_slice() {
+        [] => format!("{}", j.attempt),
+        nodes => format!("{}, now on {}", j.attempt, nodes.join(", ")),
+    };
+    out.line("runs", runs);
+    out.line("requeues", restarts(j));
+    super::report::goodput_lines(&mut out, d.goodput.as_ref());
+    out.line("first running", format_when(j.submitted_at_unix_ms, now_ms));
+    if let Some(at) = s.finished_at_unix_ms {
+        out.line(
+            "ended",
+            format!("{}, {}", or_dash(&s.outcome), format_when(at, now_ms)),
+        );
+    }
+    for section in [attempts_table(d, now_ms, term), requeues_table(s, term)] {
+        out.push_str("\n");
+        out.push_str(&section);
+    }
+    out.finish()
+}
+
+fn requeues_table(s: &SlurmJobInfo, term: Term) -> String {
+    if s.requeues.is_empty() {
+        return "REQUEUES BY VIGIL: none\n".to_string();
+    }
+    let mut t =
+        Table::with_headers(&["TIME", "RUN", "NODE", "FAULT-TO-REQUEUE", "REASON"]).fit(term.width);
+    for q in &s.requeues {
+        t.push([
+            format_utc(q.at_unix_ms),
+            q.run.to_string(),
+            q.node.clone(),
+            q.fault_at_unix_ms.map_or_else(
+                || "-".to_string(),
+                |f| format_elapsed(q.at_unix_ms.saturating_sub(f)),
+            ),
+            q.reason.clone(),
+        ]);
+    }
+    format!("REQUEUES BY VIGIL\n{}", t.render())
+}
+
 fn workers_table(d: &JobDetail, now_ms: u64) -> String {
     if d.workers.is_empty() {
         return "WORKERS: none\n".to_string();
@@ -262,6 +331,8 @@ fn attempts_table(d: &JobDetail, now_ms: u64, term: Term) -> String {
             format_elapsed(end.saturating_sub(a.started_at_unix_ms))
         };
         let resumed = match (a.resumed_from_step, a.resumed_from.as_str()) {
+            // The batch script picks a Slurm job's checkpoint: vigil does not know it.
+            _ if d.slurm.is_some() => "-".to_string(),
             (Some(step), _) => format!("step {step}"),
             (None, "") => "fresh".to_string(),
             (None, path) => path.rsplit('/').next().unwrap_or(path).to_string(),

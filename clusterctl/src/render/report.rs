@@ -99,7 +99,7 @@ pub fn job_report(d: &JobDetail, term: Term) -> String {
     let mut out = Labelled::new(DETAIL_LABEL_WIDTH);
     out.line("job", format!("{} ({})", j.id, or_dash(&j.name)));
     out.line("state", or_dash(&j.state));
-    out.line("restarts", format!("{}/{}", j.restarts, j.max_restarts));
+    out.line("restarts", super::job::restarts(j));
     let Some(g) = &d.goodput else {
         out.line("goodput", "- (the coordinator does not account goodput)");
         return out.finish();

@@ -26,6 +26,7 @@ fn running() -> v1::JobSummary {
         submitted_at_unix_ms: NOW_ISH,
         reason: String::new(),
         progress_step: Some(230),
+        source: "vigil".into(),
     }
 }
 
@@ -49,6 +50,7 @@ fn detail(summary: v1::JobSummary) -> v1::JobDetail {
     v1::JobDetail {
         summary: Some(summary),
         spec_toml: "name = \"opt-demo\"\n".into(),
+        slurm: None,
         spare_nodes: vec![],
         attempts: vec![v1::AttemptRecord {
             attempt: 1,
@@ -271,6 +273,7 @@ fn job_show_json_has_the_documented_shape() {
             "job",
             "last_checkpoint",
             "lost_ms",
+            "slurm",
             "spare_nodes",
             "spec_toml",
             "workdir",
@@ -291,6 +294,7 @@ fn job_show_json_has_the_documented_shape() {
             "progress_step",
             "reason",
             "restarts",
+            "source",
             "state",
             "submitted_at_unix_ms",
         ]

@@ -14,6 +14,7 @@ use vigil_tls::Role;
 
 use crate::access::{Caller, authorize};
 use crate::agent_service::valid_node_name;
+use crate::api::slurm_job_view;
 use crate::config::MAX_DIAGNOSTICS_TIMEOUT;
 use crate::control_streams::{self, EventStream, LogStream};
 use crate::engine::{EngineHandle, Event};
@@ -291,8 +292,14 @@ impl v1::control_service_server::ControlService for ControlService {
         let snap = self.engine.snapshot();
         let mut jobs: Vec<_> = snap.jobs.iter().collect();
         jobs.sort_by_key(|j| j.seq);
+        let mut slurm: Vec<_> = snap.slurm_jobs.jobs.values().collect();
+        slurm.sort_by_key(|r| r.runs.first().map(|run| run.started_ms));
         Ok(Response::new(v1::ListJobsResponse {
-            jobs: jobs.into_iter().map(job_view::summary).collect(),
+            jobs: jobs
+                .into_iter()
+                .map(job_view::summary)
+                .chain(slurm.into_iter().map(slurm_job_view::summary))
+                .collect(),
         }))
     }
 
@@ -304,14 +311,26 @@ impl v1::control_service_server::ControlService for ControlService {
         let id = request.into_inner().id;
         crate::limits::check_job_id_arg(&id).map_err(ControlError::InvalidArgument)?;
         let snap = self.engine.snapshot();
+        if let Some(record) = slurm_job_view::find(&snap.slurm_jobs, &id) {
+            let now = self.engine.now().wall_ms;
+            return Ok(Response::new(slurm_job_view::detail_at(record, now)));
+        }
         let job = snap
             .jobs
             .iter()
             .find(|j| j.id == id)
             .ok_or(ControlError::State(crate::state::StateError::UnknownJob(
-                id,
+                id.clone(),
             )))?;
-        Ok(Response::new(job_view::detail(job)))
+        let mut detail = job_view::detail(job);
+        if job.attempts.iter().any(|a| !a.evidence_from.is_empty()) {
+            match self.engine.evidence(&id).await {
+                Ok(stored) => job_view::add_evidence(&mut detail, stored),
+                // The job is shown without it: its history still names the suspect.
+                Err(e) => warn!(job = %id, error = %e, "cannot read the job's hang evidence"),
+            }
+        }
+        Ok(Response::new(detail))
     }
 
     async fn cancel_job(
@@ -321,6 +340,7 @@ impl v1::control_service_server::ControlService for ControlService {
         let caller = self.allow(&request, Role::Admin, "job cancel")?;
         let id = request.into_inner().id;
         crate::limits::check_job_id_arg(&id).map_err(ControlError::InvalidArgument)?;
+        slurm_job_view::refuse(&id, "scancel")?;
         let job = self
             .engine
             .ask(|reply| Event::CancelJob {
@@ -380,6 +400,7 @@ impl v1::control_service_server::ControlService for ControlService {
     ) -> Result<Response<v1::JobDetail>, Status> {
         let caller = self.allow(&request, Role::Admin, "job restart")?;
         let r = request.into_inner();
+        slurm_job_view::refuse(&r.id, "scontrol requeue")?;
         let (id, from_step) = (r.id, r.from_checkpoint_step);
         let env = r.env.into_iter().collect();
         let job = self

@@ -4,6 +4,10 @@ use vigil_proto::v1;
 
 use crate::goodput::Goodput;
 use crate::job::{Checkpoint, Job};
+use vigil_core::jobs::evidence::NodeEvidence;
+
+/// The `source` of vigil's own jobs (Slurm's are shown by `slurm_job_view`).
+pub const SOURCE: &str = "vigil";
 
 pub fn summary(job: &Job) -> v1::JobSummary {
     v1::JobSummary {
@@ -20,6 +24,7 @@ pub fn summary(job: &Job) -> v1::JobSummary {
         submitted_at_unix_ms: job.submitted_at_ms,
         reason: job.reason.clone(),
         progress_step: job.progress_step(),
+        source: SOURCE.to_owned(),
     }
 }
 
@@ -32,7 +37,8 @@ fn checkpoint(c: &Checkpoint) -> v1::CheckpointRecord {
     }
 }
 
-fn goodput(g: &Goodput) -> v1::Goodput {
+/// Goodput as the control API shows it (vigil's jobs and Slurm's alike).
+pub(crate) fn goodput(g: &Goodput) -> v1::Goodput {
     v1::Goodput {
         wall_ms: g.wall_ms,
         productive_ms: g.productive_ms,
@@ -79,7 +85,7 @@ fn goodput(g: &Goodput) -> v1::Goodput {
 }
 
 /// One node's evidence of a hung attempt, as the control API shows it.
-fn evidence(e: &vigil_core::jobs::evidence::NodeEvidence) -> v1::NodeEvidence {
+fn evidence(e: &NodeEvidence) -> v1::NodeEvidence {
     v1::NodeEvidence {
         node: e.node.clone(),
         captured_at_unix_ms: e.at_ms,
@@ -111,6 +117,33 @@ fn evidence(e: &vigil_core::jobs::evidence::NodeEvidence) -> v1::NodeEvidence {
             })
             .collect(),
         error: e.error.clone(),
+    }
+}
+
+/// The most evidence one `job show` answer carries, all attempts together: the newest
+/// attempts' first, within the control API's message bound (4 MiB).
+const MAX_SHOWN_EVIDENCE: u64 = vigil_core::jobs::evidence::MAX_ATTEMPT_BYTES;
+
+/// Adds the stored evidence records (attempt, evidence) to their attempts in `detail`, in node
+/// order beside any the job record itself held (the previous release kept them there), the
+/// newest attempts first while they fit in [`MAX_SHOWN_EVIDENCE`].
+pub fn add_evidence(detail: &mut v1::JobDetail, stored: Vec<(u64, NodeEvidence)>) {
+    let mut budget = MAX_SHOWN_EVIDENCE;
+    for a in detail.attempts.iter_mut().rev() {
+        let mine: Vec<&NodeEvidence> = stored
+            .iter()
+            .filter(|(n, _)| *n == a.attempt)
+            .map(|(_, e)| e)
+            .collect();
+        let bytes: u64 = mine.iter().map(|e| e.approx_bytes()).sum();
+        if mine.is_empty() || bytes > budget {
+            continue;
+        }
+        budget -= bytes;
+        a.evidence
+            .retain(|old| !mine.iter().any(|e| e.node == old.node));
+        a.evidence.extend(mine.into_iter().map(evidence));
+        a.evidence.sort_by(|x, y| x.node.cmp(&y.node));
     }
 }
 
@@ -199,5 +232,79 @@ pub fn detail_at(job: &Job, now_ms: u64) -> v1::JobDetail {
         checkpoint_dir: job.spec.checkpoint.dir.clone(),
         checkpoint_layout: job.spec.checkpoint.layout.clone(),
         goodput: Some(goodput(&crate::goodput::account(job, now_ms))),
+        slurm: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(node: &str, tail_bytes: usize) -> NodeEvidence {
+        NodeEvidence {
+            node: node.into(),
+            at_ms: 1,
+            processes: Vec::new(),
+            log_tail: "x".repeat(tail_bytes),
+            fabric: Vec::new(),
+            error: String::new(),
+        }
+    }
+
+    fn detail_with(attempts: &[u64], legacy: Option<(u64, &str)>) -> v1::JobDetail {
+        v1::JobDetail {
+            attempts: attempts
+                .iter()
+                .map(|&attempt| v1::AttemptRecord {
+                    attempt,
+                    evidence: legacy
+                        .filter(|(a, _)| *a == attempt)
+                        .map(|(_, n)| vec![evidence(&e(n, 1))])
+                        .unwrap_or_default(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn nodes(d: &v1::JobDetail) -> Vec<Vec<String>> {
+        d.attempts
+            .iter()
+            .map(|a| a.evidence.iter().map(|e| e.node.clone()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn stored_evidence_joins_its_attempt_in_node_order_beside_an_old_records() {
+        let mut d = detail_with(&[1, 2], Some((1, "n3")));
+        add_evidence(
+            &mut d,
+            vec![(1, e("n2", 1)), (1, e("n1", 1)), (2, e("n1", 1))],
+        );
+        assert_eq!(nodes(&d), [vec!["n1", "n2", "n3"], vec!["n1"]]);
+    }
+
+    #[test]
+    fn the_newest_attempts_evidence_is_shown_first_within_the_bound() {
+        let big = usize::try_from(MAX_SHOWN_EVIDENCE / 2).expect("fits");
+        let mut d = detail_with(&[1, 2, 3], None);
+        add_evidence(
+            &mut d,
+            vec![(1, e("n1", 10)), (2, e("n1", big)), (3, e("n1", big))],
+        );
+        // Attempt 3 takes half the bound, attempt 2 no longer fits, attempt 1 still does.
+        let empty: Vec<String> = Vec::new();
+        assert_eq!(
+            nodes(&d),
+            [vec!["n1".to_owned()], empty, vec!["n1".to_owned()]]
+        );
+        let total: usize = d
+            .attempts
+            .iter()
+            .flat_map(|a| &a.evidence)
+            .map(|e| e.log_tail.len())
+            .sum();
+        assert!(total as u64 <= MAX_SHOWN_EVIDENCE, "{total}");
     }
 }

@@ -9,7 +9,8 @@
 //! - `client_version`: the version-skew check in front of `ControlService` (clusterctl's release).
 //! - `throttle`: the per-agent-stream rate limit (token buckets), pure.
 //! - `node_view`, `job_view`, `lemon_view`, `recovery_view`, `breaker_view`: the protocol's
-//!   views of nodes, jobs, the lemon ledger, the recovery hold and the cordon breaker.
+//!   views of nodes, jobs, the lemon ledger, the recovery hold and the cordon breaker;
+//!   `slurm_job_view`: Slurm jobs (`[slurm]`) in the same job messages.
 
 pub mod access;
 pub mod agent_service;
@@ -21,4 +22,5 @@ pub mod job_view;
 pub mod lemon_view;
 pub mod node_view;
 pub mod recovery_view;
+pub mod slurm_job_view;
 pub mod throttle;

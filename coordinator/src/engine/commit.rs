@@ -10,17 +10,57 @@
 //! failed may have lost part of its batch); once that works the held effects are carried out.
 //! So the state in memory is never behind the disk, and no effect rests on an uncommitted
 //! change. An operator's request is different: it is refused and undone (see `requests`).
+//!
+//! History entries alone do not make a turn commit. A turn of agent messages or a tick whose
+//! only writes are history (a reconnect storm's "registered" lines, availability changes) leaves
+//! them staged: they go out with the next commit something else needs, or after
+//! [`HISTORY_DELAY`], whichever comes first. An effect never rests on a history entry, and a
+//! commit costs an fsync (or an etcd round trip): one per turn in a storm of ten thousand
+//! registrations held every answer behind the disk. An operator's request commits whatever is
+//! staged, its own writes included, before it is answered.
 
+use std::time::Duration;
+
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::Engine;
 use crate::state::Effect;
 use crate::store::StoreError;
 
+/// The longest a history entry waits for a commit (a crash loses at most this much history;
+/// nothing an effect rests on).
+pub(super) const HISTORY_DELAY: Duration = Duration::from_secs(1);
+
+/// What a commit must cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Urgency {
+    /// An agent turn or a tick: records now, history within [`HISTORY_DELAY`].
+    Records,
+    /// An operator's request: everything staged, now.
+    Everything,
+}
+
+/// What one call staged.
+#[derive(Debug, Clone, Copy, Default)]
+struct Staged {
+    history: bool,
+    records: bool,
+}
+
 impl Engine {
     /// Stage what `effects` store, commit once, then carry the effects out in order.
     pub(super) async fn commit_and_act(&mut self, effects: Vec<Effect>) -> Result<(), StoreError> {
-        match self.commit_effects(&effects).await {
+        self.commit_and_act_with(effects, Urgency::Records).await
+    }
+
+    /// As [`Engine::commit_and_act`], with `urgency`.
+    pub(super) async fn commit_and_act_with(
+        &mut self,
+        effects: Vec<Effect>,
+        urgency: Urgency,
+    ) -> Result<(), StoreError> {
+        match self.commit_effects_with(&effects, urgency).await {
             Ok(()) => {
                 for effect in effects {
                     self.act(effect);
@@ -37,6 +77,15 @@ impl Engine {
     /// Stage and commit, without carrying anything out. While the store is failed, commits
     /// nothing and answers with the failure: `recover_store` writes everything later.
     pub(super) async fn commit_effects(&mut self, effects: &[Effect]) -> Result<(), StoreError> {
+        self.commit_effects_with(effects, Urgency::Records).await
+    }
+
+    /// As [`Engine::commit_effects`], with `urgency`.
+    pub(super) async fn commit_effects_with(
+        &mut self,
+        effects: &[Effect],
+        urgency: Urgency,
+    ) -> Result<(), StoreError> {
         if let Some(why) = self.store_failed.clone() {
             // Staged, not committed: recovery commits this batch first, then the whole
             // state (so history recorded meanwhile is kept too). A request never gets here
@@ -47,19 +96,32 @@ impl Engine {
                 message: format!("not written yet: the store has not recovered from: {why}"),
             });
         }
-        match self.stage_and_commit(effects).await {
+        match self.stage_and_commit(effects, urgency).await {
             Ok(()) => Ok(()),
             Err(e) => Err(self.failed(e)),
         }
     }
 
-    async fn stage_and_commit(&mut self, effects: &[Effect]) -> Result<(), StoreError> {
-        if self.stage(effects)? {
-            let started = tokio::time::Instant::now();
+    async fn stage_and_commit(
+        &mut self,
+        effects: &[Effect],
+        urgency: Urgency,
+    ) -> Result<(), StoreError> {
+        let staged = self.stage(effects)?;
+        let now = Instant::now();
+        if staged.history {
+            self.history_waiting_since.get_or_insert(now);
+        }
+        let waiting = self.history_waiting_since;
+        let history_due = waiting.is_some_and(|since| {
+            urgency == Urgency::Everything || now.saturating_duration_since(since) >= HISTORY_DELAY
+        });
+        if staged.records || history_due {
             let committed = self.store.flush().await;
-            let took = started.elapsed().as_secs_f64();
+            let took = now.elapsed().as_secs_f64();
             self.metrics.ha.observe(self.store.backend(), "flush", took);
             committed?;
+            self.history_waiting_since = None;
         }
         Ok(())
     }
@@ -87,14 +149,32 @@ impl Engine {
         }
     }
 
-    /// Put every record `effects` ask to store into the store's batch; whether any was.
-    fn stage(&mut self, effects: &[Effect]) -> Result<bool, StoreError> {
-        let mut staged = false;
+    /// Put every record `effects` ask to store into the store's batch; what kinds were.
+    fn stage(&mut self, effects: &[Effect]) -> Result<Staged, StoreError> {
+        let mut staged = Staged::default();
         for effect in effects {
             match effect {
                 Effect::Persist(record) => self.store.put_node(record)?,
-                Effect::Record { node, event } => self.store.put_event(node, event)?,
+                Effect::Record { node, event } => {
+                    self.store.put_event(node, event)?;
+                    staged.history = true;
+                    continue;
+                }
                 Effect::PersistJob(job) => self.store.put_job(job)?,
+                Effect::PersistEvidence {
+                    job,
+                    attempt,
+                    evidence,
+                } => self.store.put_evidence(job, *attempt, evidence)?,
+                Effect::DropEvidence {
+                    job,
+                    attempt,
+                    nodes,
+                } => {
+                    for node in nodes {
+                        self.store.drop_evidence(job, *attempt, node);
+                    }
+                }
                 Effect::PersistLemon(record) => self.store.put_lemon(record)?,
                 Effect::PersistRecovery(hold) => {
                     self.store.put_cluster(super::RECOVERY_HOLD, hold)?;
@@ -102,9 +182,12 @@ impl Engine {
                 Effect::PersistBreaker(b) => {
                     self.store.put_cluster(vigil_core::breaker::RECORD, b)?;
                 }
+                Effect::PersistSlurmJobs(l) => {
+                    self.store.put_cluster(vigil_core::slurm::jobs::RECORD, l)?;
+                }
                 _ => continue,
             }
-            staged = true;
+            staged.records = true;
         }
         Ok(staged)
     }
@@ -145,7 +228,12 @@ impl Engine {
                 .map(|h| Effect::PersistRecovery(Box::new(h.clone()))),
         );
         effects.push(Effect::PersistBreaker(Box::new(self.state.breaker.clone())));
-        match self.stage_and_commit(&effects).await {
+        if !self.state.slurm_jobs.jobs.is_empty() {
+            effects.push(Effect::PersistSlurmJobs(Box::new(
+                self.state.slurm_jobs.clone(),
+            )));
+        }
+        match self.stage_and_commit(&effects, Urgency::Everything).await {
             Ok(()) => {
                 self.store_failed = None;
                 info!(

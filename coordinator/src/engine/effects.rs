@@ -208,6 +208,24 @@ impl Engine {
                     .ok();
             }
             Effect::PersistBreaker(_) => self.dirty = true,
+            Effect::PersistEvidence {
+                job,
+                attempt,
+                evidence,
+            } => {
+                debug!(job = %job, attempt, node = %evidence.node, bytes = evidence.approx_bytes(), "stored a node's hang evidence");
+            }
+            Effect::DropEvidence {
+                job,
+                attempt,
+                nodes,
+            } => {
+                info!(job = %job, attempt, nodes = nodes.len(), "deleted hang evidence past evidence.keep_attempts");
+            }
+            Effect::PersistSlurmJobs(ledger) => {
+                self.slurm_jobs = std::sync::Arc::new(*ledger);
+                self.dirty = true;
+            }
             Effect::CordonHeld {
                 node,
                 rule,

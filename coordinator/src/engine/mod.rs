@@ -44,6 +44,7 @@ use crate::state::{ClusterState, Effect, Now, Registration};
 use crate::store::{RecoveryReport, Store, StoreError, StoreMark};
 use vigil_core::breaker::{self, Breaker};
 use vigil_core::recovery::{Recovered, RecoveryHold};
+use vigil_core::slurm::jobs::{self as slurm_jobs, Ledger as SlurmLedger};
 
 /// The store's name of the recovery hold (a cluster-wide record).
 pub const RECOVERY_HOLD: &str = "recovery";
@@ -58,6 +59,13 @@ const RECOVER_STORE_EVERY: u64 = 10;
 const EVENT_QUEUE: usize = 8192;
 /// Agent messages one turn takes from the queue at most (one commit for all of them).
 const MAX_BATCH: usize = 1024;
+/// Registrations wait in a queue of their own, and a turn takes at most this many of them,
+/// after every other message queued. In a reconnect storm the heartbeats of the agents already
+/// back are acked first, so their leases hold however many registrations are waiting; sharing
+/// one queue, thousands of registrations ahead of a heartbeat delayed its ack past the lease,
+/// and those agents came back as registrations too.
+const JOIN_QUEUE: usize = 2048;
+const MAX_JOINS_PER_TURN: usize = 256;
 /// Events kept for slow `clusterctl events --follow` readers.
 const EVENT_BUS: usize = 1024;
 /// Time-driven changes are published every this many ticks.
@@ -180,6 +188,17 @@ pub enum Event {
         node: String,
         message: String,
     },
+    /// The Slurm adapter's `squeue` listing of a round, with vigil's node names.
+    SlurmJobs {
+        jobs: Vec<vigil_core::slurm::SlurmJob>,
+        complete: bool,
+    },
+    /// The Slurm adapter requeued Slurm job `job` for a fault on vigil node `node`.
+    SlurmRequeued {
+        job: String,
+        node: String,
+        reason: String,
+    },
 }
 
 /// What readers see: every node, as of `at`.
@@ -192,6 +211,8 @@ pub struct Snapshot {
     pub recovery: Option<RecoveryHold>,
     /// The cordon breaker, with the nodes it holds.
     pub breaker: Breaker,
+    /// vigil's records of Slurm jobs (`[slurm]`); shared, copied only when it changes.
+    pub slurm_jobs: Arc<SlurmLedger>,
     pub at: Instant,
 }
 
@@ -206,16 +227,24 @@ impl Snapshot {
 #[derive(Clone)]
 pub struct EngineHandle {
     events: mpsc::Sender<Event>,
+    /// Registrations (`Event::Register`), apart: see [`JOIN_QUEUE`].
+    joins: mpsc::Sender<Event>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Every node and job event as it happens (the engine holds the sender).
     bus: broadcast::Sender<v1::ClusterEvent>,
     /// The engine's clock, so readers measure ages on the same monotonic scale.
     clock: Clock,
+    /// Reads hung attempts' evidence from the store, beside the engine (`job show`).
+    evidence: crate::store::EvidenceReader,
 }
 
 impl EngineHandle {
     pub async fn send(&self, event: Event) -> Result<(), ControlError> {
-        self.events
+        let queue = match &event {
+            Event::Register { .. } => &self.joins,
+            _ => &self.events,
+        };
+        queue
             .send(event)
             .await
             .map_err(|_| ControlError::ShuttingDown)
@@ -233,6 +262,19 @@ impl EngineHandle {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// Every stored record of `job`'s hang evidence, as (attempt, evidence).
+    pub async fn evidence(
+        &self,
+        job: &str,
+    ) -> Result<Vec<(u64, vigil_core::jobs::evidence::NodeEvidence)>, StoreError> {
+        self.evidence.of_job(job).await
+    }
+
+    /// Every snapshot the engine publishes from now on (the Slurm adapter wakes on them).
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
     }
 
     /// Ask the engine something and wait for its answer.
@@ -253,6 +295,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     events: mpsc::Receiver<Event>,
+    /// Registrations (the handle's other end): taken after the other messages of a turn.
+    joins: mpsc::Receiver<Event>,
     dirty: bool,
     pending: pending::Pending,
     /// Called on every tick of the loop: proof that the engine itself, not
@@ -269,9 +313,14 @@ pub struct Engine {
     /// Set when a commit failed (why): nothing is committed until `recover_store` has
     /// written the whole state again.
     store_failed: Option<String>,
+    /// Since when history entries have been staged but not committed (see `commit`): they
+    /// wait for a commit that something else needs, or for `HISTORY_DELAY`.
+    history_waiting_since: Option<Instant>,
     /// The beginning of a recovery hold (`--recover`), stepped in `new`: committed and carried
     /// out by [`Engine::commit_recovery_hold`] before anything is served.
     begun: Vec<Effect>,
+    /// The ledger of Slurm jobs as last stored: what snapshots share.
+    slurm_jobs: Arc<SlurmLedger>,
 }
 
 impl Engine {
@@ -308,6 +357,7 @@ impl Engine {
             "loaded cluster state; nodes are Unreachable until their agents reconnect"
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (joins_tx, joins) = mpsc::channel(JOIN_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
         let mut state = state.with_jobs(store.load_jobs()?);
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
@@ -315,6 +365,7 @@ impl Engine {
         state.burn_in = config.burn_in.clone();
         state.remediation = config.remediation.clone();
         state.stragglers = config.stragglers;
+        state.evidence = config.evidence;
         state.recovery = store.load_cluster::<RecoveryHold>(RECOVERY_HOLD)?;
         state.breaker.cfg = config.cordon_breaker;
         if let Some(stored) = store.load_cluster::<Breaker>(breaker::RECORD)? {
@@ -327,6 +378,12 @@ impl Engine {
                 "cordon breaker still open: automatic cordons are held until clusterctl breaker reset"
             );
         }
+        let keep = config
+            .slurm
+            .as_ref()
+            .map_or(slurm_jobs::DEFAULT_KEEP_FINISHED, |s| s.keep_finished_jobs);
+        state.restore_slurm_jobs(store.load_cluster(slurm_jobs::RECORD)?, keep);
+        let slurm_ledger = Arc::new(state.slurm_jobs.clone());
         state.rearm_clocks(clock.now());
         if let Some(hold) = state.recovery.as_ref().filter(|h| h.holds_jobs()) {
             warn!(
@@ -345,6 +402,7 @@ impl Engine {
             lemons: state.lemons.clone(),
             recovery: state.recovery.clone(),
             breaker: state.breaker.clone(),
+            slurm_jobs: slurm_ledger.clone(),
             at: Instant::now(),
         }));
         metrics.observe_recovery(state.recovery.as_ref());
@@ -360,6 +418,7 @@ impl Engine {
             metrics,
             snapshot,
             events,
+            joins,
             dirty: false,
             pending: pending::Pending::default(),
             on_tick: None,
@@ -369,13 +428,17 @@ impl Engine {
             clock,
             held: Vec::new(),
             store_failed: None,
+            history_waiting_since: None,
             begun,
+            slurm_jobs: slurm_ledger,
         };
         let handle = EngineHandle {
             events: events_tx,
+            joins: joins_tx,
             snapshot: snapshot_rx,
             bus,
             clock,
+            evidence: engine.store.evidence_reader(),
         };
         Ok((engine, handle))
     }
@@ -418,17 +481,21 @@ impl Engine {
                 () = stopped(&mut stop) => break,
                 event = self.events.recv() => match event {
                     Some(event) => {
-                        let mut batch = vec![event];
-                        while batch.len() < MAX_BATCH {
-                            match self.events.try_recv() {
-                                Ok(more) => batch.push(more),
-                                Err(_) => break,
-                            }
-                        }
-                        if let Err(e) = self.turn(batch).await {
+                        if let Err(e) = self.turn_from(Some(event)).await {
                             self.sessions.clear();
                             return Err(e);
                         }
+                        self.tick_if_due(&mut tick).await;
+                    }
+                    None => break,
+                },
+                join = self.joins.recv() => match join {
+                    Some(join) => {
+                        if let Err(e) = self.turn_from(Some(join)).await {
+                            self.sessions.clear();
+                            return Err(e);
+                        }
+                        self.tick_if_due(&mut tick).await;
                     }
                     None => break,
                 },
@@ -441,6 +508,45 @@ impl Engine {
             Err(e) => warn!(error = %e, "engine stopped; final flush failed"),
         }
         Ok(())
+    }
+
+    /// One turn: `first`, then every other message queued (up to [`MAX_BATCH`]), then up to
+    /// [`MAX_JOINS_PER_TURN`] registrations.
+    async fn turn_from(&mut self, first: Option<Event>) -> Result<(), StoreError> {
+        let mut batch: Vec<Event> = first.into_iter().collect();
+        let mut joins = batch
+            .iter()
+            .filter(|e| matches!(e, Event::Register { .. }))
+            .count();
+        while batch.len() < MAX_BATCH {
+            match self.events.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        while joins < MAX_JOINS_PER_TURN {
+            match self.joins.try_recv() {
+                Ok(join) => batch.push(join),
+                Err(_) => break,
+            }
+            joins += 1;
+        }
+        self.turn(batch).await
+    }
+
+    /// Under a steady flood of agent messages the tick never wins the select: run it after a
+    /// turn once due, or liveness, commands, deferred history and readers' snapshots would
+    /// stall until the flood ends.
+    async fn tick_if_due(&mut self, tick: &mut tokio::time::Interval) {
+        let since = self
+            .clock
+            .now()
+            .mono
+            .saturating_duration_since(self.last_tick);
+        if since >= TICK {
+            self.on_tick_turn().await;
+            tick.reset();
+        }
     }
 
     /// The store's mark as agents are told it: empty and 0 where the store keeps none.
@@ -498,8 +604,11 @@ impl Engine {
     fn publish(&mut self) {
         self.dirty = false;
         self.metrics.observe_nodes(self.state.nodes.values());
-        self.metrics
-            .observe_jobs(self.state.jobs.values(), self.clock.now().wall_ms);
+        self.metrics.observe_jobs(
+            self.state.jobs.values(),
+            &self.state.slurm_jobs,
+            self.clock.now().wall_ms,
+        );
         self.metrics.observe_recovery(self.state.recovery.as_ref());
         self.metrics.cordon_breaker.observe(&self.state.breaker);
         let snapshot = Snapshot {
@@ -508,6 +617,7 @@ impl Engine {
             lemons: self.state.lemons.clone(),
             recovery: self.state.recovery.clone(),
             breaker: self.state.breaker.clone(),
+            slurm_jobs: self.slurm_jobs.clone(),
             at: Instant::now(),
         };
         self.snapshot.send_replace(Arc::new(snapshot));

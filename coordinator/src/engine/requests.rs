@@ -5,6 +5,7 @@
 use tracing::{info, warn};
 use vigil_core::{Answer, AuditSubject, Ignored, Input};
 
+use super::commit::Urgency;
 use super::{Engine, Event};
 use crate::error::ControlError;
 use crate::state::Effect;
@@ -232,7 +233,9 @@ impl Engine {
             | Event::AgentEvent { .. }
             | Event::Disconnected { .. }
             | Event::Flag { .. }
-            | Event::Slurm { .. } => {}
+            | Event::Slurm { .. }
+            | Event::SlurmJobs { .. }
+            | Event::SlurmRequeued { .. } => {}
         }
     }
 
@@ -261,8 +264,12 @@ impl Engine {
             })
             .collect();
         // A request stages only on a healthy store (a failed one refused it above), which
-        // has nothing else pending: what is staged now is this request's alone, undone with it.
-        if let Err(e) = self.commit_effects(&effects).await {
+        // has nothing else pending but history waiting for a commit (`commit`): that history
+        // goes out with this request's writes, and is lost with them if the store fails.
+        if let Err(e) = self
+            .commit_effects_with(&effects, Urgency::Everything)
+            .await
+        {
             self.store.discard();
             self.state = before;
             return Err(ControlError::Store(e));
@@ -305,7 +312,7 @@ impl Engine {
             what: what.to_owned(),
             outcome,
         });
-        if let Err(e) = self.commit_and_act(effects).await {
+        if let Err(e) = self.commit_and_act_with(effects, Urgency::Everything).await {
             warn!(subject = %shown, error = %e, "could not store the audit record yet");
         }
         // Operator calls are rare: make the record visible to `clusterctl events` at once.

@@ -1,8 +1,9 @@
 //! One turn of the engine: inputs through `vigil_core::step`, one commit, then the effects.
 //!
 //! Agent messages (registrations, heartbeats, events, disconnects) are taken in batches: every
-//! message queued when the turn starts is stepped, the batch is committed once, and only then
-//! are registrations answered, acks and commands sent. An operator's request commits on its
+//! message queued when the turn starts is stepped, acks and the answers to registrations that
+//! changed nothing stored go out (receipts, not promises of durability), the batch is committed
+//! once, and only then are new or changed nodes answered and commands and other effects sent. An operator's request commits on its
 //! own, after the agent messages queued before it, and is answered once its change is durable.
 //!
 //! Registrations and acks tell each agent the store's mark (its id and commit count); a
@@ -105,6 +106,14 @@ impl Engine {
                 }
                 Event::Slurm { node, message } => {
                     let effects = self.step(Input::Slurm { node, message });
+                    batch.effects.extend(effects);
+                }
+                Event::SlurmJobs { jobs, complete } => {
+                    let effects = self.step(Input::SlurmJobs { jobs, complete });
+                    batch.effects.extend(effects);
+                }
+                Event::SlurmRequeued { job, node, reason } => {
+                    let effects = self.step(Input::SlurmRequeued { job, node, reason });
                     batch.effects.extend(effects);
                 }
                 request => {
@@ -302,7 +311,14 @@ impl Engine {
         self.dirty = true;
     }
 
-    /// Commit a batch of agent messages, then answer, acknowledge and carry it out.
+    /// Answer and acknowledge a batch of agent messages, commit it, then carry it out.
+    ///
+    /// Receipts go out before the commit: acks, and the answers to registrations that changed
+    /// nothing stored. They promise receipt, not durability (docs/protocol.md), and they renew
+    /// the agents' leases, so a slow disk (a commit waits for its fsync) must not hold them:
+    /// in a reconnect storm every registration would otherwise wait for a commit, and agents
+    /// that give up waiting come back as new handshakes. A new or changed node's answer, and
+    /// every effect of the batch, still wait for the commit.
     async fn close(&mut self, batch: Batch) {
         let Batch {
             effects,
@@ -313,23 +329,33 @@ impl Engine {
         if effects.is_empty() && joining.is_empty() && acks.is_empty() && diagnostics.is_empty() {
             return;
         }
-        let committed = self.commit_effects(&effects).await;
         // Sessions that end before they began: their registrations are undone by a step.
         let mut gone = Vec::new();
+        let mut changed = Vec::new();
         for j in joining {
-            // A new or changed node waits for its record's commit; one coming back unchanged
-            // needs nothing stored and is answered whatever the commit did.
             if let Some(reason) = &j.refused {
                 // Never live: nothing to undo.
                 self.refuse_claim(&j, reason);
-                continue;
+            } else if j.changed {
+                changed.push(j);
+            } else if !self.open_session(&j) {
+                gone.push(Input::Disconnected {
+                    node: j.node,
+                    session: j.session,
+                });
             }
+        }
+        // Acks renew the agents' leases, also when the commit fails: a store that cannot
+        // commit must not stop running jobs.
+        self.send_acks(&acks);
+        let committed = self.commit_effects(&effects).await;
+        for j in changed {
             let answered = match &committed {
-                Err(e) if j.changed => {
+                Err(e) => {
                     self.refuse_registration(&j, e);
                     false
                 }
-                _ => self.open_session(&j),
+                Ok(()) => self.open_session(&j),
             };
             if !answered {
                 gone.push(Input::Disconnected {
@@ -338,10 +364,6 @@ impl Engine {
                 });
             }
         }
-        // Acks renew the agents' leases, also when the commit failed: a store that cannot
-        // commit must not stop running jobs. They promise receipt, not durability
-        // (docs/protocol.md).
-        self.send_acks(&acks);
         match committed {
             Ok(()) => {
                 for effect in effects {

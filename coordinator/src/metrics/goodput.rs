@@ -1,12 +1,16 @@
 //! Prometheus series of goodput accounting: per job ETTR, productive and
 //! lost seconds by phase, the checkpoint interval against Young's; and each
-//! running job's straggler count.
+//! running job's straggler count. Slurm jobs vigil records (`[slurm]`) get the same series,
+//! labelled `job_id="slurm:<id>"`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
+
+use vigil_core::slurm::goodput as slurm_goodput;
+use vigil_core::slurm::jobs::Ledger;
 
 use crate::goodput::{self, Phase};
 use crate::job::Job;
@@ -87,7 +91,9 @@ impl GoodputMetrics {
         );
     }
 
-    pub fn observe<'a>(&self, jobs: impl Iterator<Item = &'a Job>, now_ms: u64) {
+    /// vigil's jobs (running first, then the newest) and the Slurm jobs vigil records (id
+    /// `slurm:<id>`, the same order), at most [`MAX_JOBS`] of each.
+    pub fn observe<'a>(&self, jobs: impl Iterator<Item = &'a Job>, slurm: &Ledger, now_ms: u64) {
         let mut jobs: Vec<&Job> = jobs.collect();
         jobs.sort_by_key(|j| (j.phase.is_terminal(), std::cmp::Reverse(j.seq)));
         self.ettr.clear();
@@ -98,43 +104,58 @@ impl GoodputMetrics {
         self.suggested.clear();
         self.stragglers.clear();
         for job in jobs.into_iter().take(MAX_JOBS) {
-            let g = goodput::account(job, now_ms);
-            let label = JobLabel {
-                job_id: job.id.clone(),
-            };
-            self.ettr.get_or_create(&label).set(g.ettr);
-            self.wall.get_or_create(&label).set(secs(g.wall_ms));
-            self.productive
-                .get_or_create(&label)
-                .set(secs(g.productive_ms));
-            for phase in Phase::LOST {
-                let ms = match phase {
-                    Phase::Queued => g.queued_ms,
-                    Phase::Detection => g.detection_ms,
-                    Phase::Teardown => g.teardown_ms,
-                    Phase::Waiting => g.waiting_ms,
-                    Phase::Startup => g.startup_ms,
-                    Phase::Recomputation => g.recomputation_ms,
-                    Phase::Productive => continue,
-                };
-                self.lost
-                    .get_or_create(&JobPhaseLabel {
-                        job_id: job.id.clone(),
-                        phase: phase.as_str().to_owned(),
-                    })
-                    .set(secs(ms));
-            }
-            if let Some(ms) = g.checkpoint_interval_ms {
-                self.interval.get_or_create(&label).set(secs(ms));
-            }
+            self.set(&job.id, &goodput::account(job, now_ms));
             if job.phase == crate::job::JobPhase::Running {
+                let label = JobLabel {
+                    job_id: job.id.clone(),
+                };
                 self.stragglers
                     .get_or_create(&label)
                     .set(i64::try_from(job.stragglers.len()).unwrap_or(i64::MAX));
             }
-            if let Some(ms) = g.suggested_interval_ms {
-                self.suggested.get_or_create(&label).set(secs(ms));
-            }
+        }
+        let mut records: Vec<_> = slurm.jobs.values().collect();
+        records.sort_by_key(|r| {
+            let start = r.runs.first().map_or(0, |run| run.started_ms);
+            (r.finished.is_some(), std::cmp::Reverse(start))
+        });
+        for r in records.into_iter().take(MAX_JOBS) {
+            self.set(&r.shown_id(), &slurm_goodput::account(r, now_ms));
+        }
+    }
+
+    /// One job's series.
+    fn set(&self, id: &str, g: &goodput::Goodput) {
+        let label = JobLabel {
+            job_id: id.to_owned(),
+        };
+        self.ettr.get_or_create(&label).set(g.ettr);
+        self.wall.get_or_create(&label).set(secs(g.wall_ms));
+        self.productive
+            .get_or_create(&label)
+            .set(secs(g.productive_ms));
+        for phase in Phase::LOST {
+            let ms = match phase {
+                Phase::Queued => g.queued_ms,
+                Phase::Detection => g.detection_ms,
+                Phase::Teardown => g.teardown_ms,
+                Phase::Waiting => g.waiting_ms,
+                Phase::Startup => g.startup_ms,
+                Phase::Recomputation => g.recomputation_ms,
+                Phase::Productive => continue,
+            };
+            self.lost
+                .get_or_create(&JobPhaseLabel {
+                    job_id: id.to_owned(),
+                    phase: phase.as_str().to_owned(),
+                })
+                .set(secs(ms));
+        }
+        if let Some(ms) = g.checkpoint_interval_ms {
+            self.interval.get_or_create(&label).set(secs(ms));
+        }
+        if let Some(ms) = g.suggested_interval_ms {
+            self.suggested.get_or_create(&label).set(secs(ms));
         }
     }
 }

@@ -436,8 +436,17 @@ impl Metrics {
         self.connected_agents.set(connected);
     }
 
-    /// Refresh the job gauges and the restart counter from the jobs.
-    pub fn observe_jobs<'a>(&self, jobs: impl Iterator<Item = &'a Job>, now_unix_ms: u64) {
+    /// Refresh the job gauges and the restart counter from the jobs, and the goodput series
+    /// of vigil's jobs and of the Slurm jobs vigil records.
+    pub fn observe_jobs<'a>(
+        &self,
+        jobs: impl Iterator<Item = &'a Job>,
+        slurm: &vigil_core::slurm::jobs::Ledger,
+        now_unix_ms: u64,
+    ) {
+        let jobs: Vec<&Job> = jobs.collect();
+        self.goodput
+            .observe(jobs.iter().copied(), slurm, now_unix_ms);
         const STATES: [&str; 7] = [
             "Pending",
             "Running",
@@ -447,8 +456,6 @@ impl Metrics {
             "Cancelling",
             "Cancelled",
         ];
-        let jobs: Vec<&Job> = jobs.collect();
-        self.goodput.observe(jobs.iter().copied(), now_unix_ms);
         let mut counts = [0i64; STATES.len()];
         self.checkpoint_age.clear();
         let mut series = 0;

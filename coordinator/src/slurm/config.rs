@@ -24,6 +24,8 @@ pub struct SlurmConfig {
     pub slurm_conf: PathBuf,
     /// vigil node name -> Slurm node name, where they differ; a node not named maps to itself.
     pub nodes: BTreeMap<String, String>,
+    /// Records of finished Slurm jobs kept (`clusterctl jobs`, goodput); the oldest go first.
+    pub keep_finished_jobs: usize,
 }
 
 impl Default for SlurmConfig {
@@ -34,6 +36,7 @@ impl Default for SlurmConfig {
             bin_dir: PathBuf::new(),
             slurm_conf: PathBuf::new(),
             nodes: BTreeMap::new(),
+            keep_finished_jobs: vigil_core::slurm::jobs::DEFAULT_KEEP_FINISHED,
         }
     }
 }

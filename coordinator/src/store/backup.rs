@@ -27,6 +27,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::Kind;
 use super::sqlite::{
     DB_FILE, KINDS, MARKER_FILE, entries, marker_text, new_store_id, put_meta, read_marker,
     summary, take_lock, unix_ms, verify, write_durably,
@@ -39,8 +40,8 @@ pub struct Verified {
     pub store_id: Option<String>,
     /// The manifest's commit seq.
     pub seq: u64,
-    /// Records per kind, in [`KINDS`] order.
-    pub counts: [u64; 5],
+    /// Records per kind, in [`KINDS`] order, then evidence records.
+    pub counts: [u64; 6],
     pub problems: Vec<String>,
 }
 
@@ -94,10 +95,11 @@ fn io(path: &Path, what: &str, e: impl fmt::Display) -> BackupError {
     }
 }
 
-/// Records per kind, as `nodes=2 jobs=1 lemons=0 events=40 cluster=0`.
-fn counts_text(counts: &[u64; 5]) -> String {
+/// Records per kind, as `nodes=2 jobs=1 lemons=0 events=40 cluster=0 evidence=0`.
+fn counts_text(counts: &[u64; 6]) -> String {
     KINDS
         .iter()
+        .chain([&Kind::Evidence])
         .zip(counts)
         .map(|(k, n)| format!("{}={n}", k.dir()))
         .collect::<Vec<_>>()
@@ -110,7 +112,7 @@ pub struct Backup {
     pub path: PathBuf,
     pub store_id: String,
     pub seq: u64,
-    pub counts: [u64; 5],
+    pub counts: [u64; 6],
     pub bytes: u64,
 }
 
@@ -138,7 +140,7 @@ pub struct Restored {
     /// The restored store's own, new id.
     pub store_id: String,
     pub seq: u64,
-    pub counts: [u64; 5],
+    pub counts: [u64; 6],
     /// Where what the data dir held went, and what that was; `None` when it held nothing.
     pub replaced: Option<(PathBuf, Vec<String>)>,
 }

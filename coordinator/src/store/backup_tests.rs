@@ -27,7 +27,7 @@ async fn a_backup_of_a_running_store_restores_under_a_new_id() {
     let b = backup(&data, &file, false).expect("backup");
     assert_eq!(b.store_id, mark.store().to_owned());
     assert_eq!(b.seq, 6);
-    assert_eq!(b.counts, [2, 0, 0, 5, 0]);
+    assert_eq!(b.counts, [2, 0, 0, 5, 0, 0]);
     assert_eq!(b.bytes, std::fs::metadata(&file).expect("file").len());
     let line = b.to_string();
     for part in [

@@ -2,7 +2,8 @@
 //! every write fenced on the leadership term.
 //!
 //! Keys: `meta/schema`, `nodes/{name}`, `events/{node}/{id:020}`, `jobs/{id}`,
-//! `lemons/{key}`; values are the same JSON as in the SQLite store. A commit writes the
+//! `lemons/{key}`, `evidence/{job}/{attempt:020}/{node}` (read on demand, not kept from the
+//! read at election); values are the same JSON as in the SQLite store. A commit writes the
 //! whole batch in one transaction that succeeds only while the leader key
 //! still has this leadership's create revision: a deposed leader cannot write,
 //! even one that does not know yet that it was deposed. A refused transaction
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use tracing::warn;
 
+use super::evidence::{Read, Reader};
 use super::{Backend, Commit, Kind, Put, StoreError, lock, restage};
 use crate::ha::HaConfig;
 use crate::ha::etcd::{describe, retryable};
@@ -152,6 +154,9 @@ impl EtcdStore {
                 ids.make_contiguous().sort_unstable();
             }
         }
+        // Evidence is read on demand (`EtcdReader`), never from what was read here.
+        let evidence = format!("{}{}/", store.prefix, Kind::Evidence.dir());
+        all.retain(|(k, _)| !k.starts_with(&evidence));
         store.next_event.store(max_id + 1, Ordering::Relaxed);
         store.bytes.store(bytes, Ordering::Relaxed);
         tracing::info!(
@@ -332,6 +337,19 @@ impl Backend for EtcdStore {
         }
     }
 
+    fn stage_delete(&self, kind: Kind, key: String) {
+        self.stage_op(Op::Delete(format!("{}{}/{key}", self.prefix, kind.dir())));
+    }
+
+    fn reader(&self) -> Arc<dyn Reader> {
+        Arc::new(EtcdReader {
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            request_timeout: self.request_timeout,
+            path: self.path.clone(),
+        })
+    }
+
     fn commit(&self) -> Commit<'_> {
         Box::pin(self.commit_staged())
     }
@@ -339,6 +357,58 @@ impl Backend for EtcdStore {
     /// What was read at election plus what this leader wrote since.
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// Reads committed records by prefix with etcd range reads, a few records a page (evidence
+/// records are up to a few hundred KiB each).
+struct EtcdReader {
+    client: Client,
+    prefix: String,
+    request_timeout: Duration,
+    path: PathBuf,
+}
+
+/// Records per page of an [`EtcdReader`] read.
+const READ_PAGE: i64 = 8;
+
+impl Reader for EtcdReader {
+    fn read_prefix(&self, kind: Kind, prefix: String) -> Read<'_> {
+        Box::pin(async move {
+            let start = format!("{}{}/", self.prefix, kind.dir());
+            let full = format!("{start}{prefix}");
+            let end = prefix_end(full.as_bytes());
+            let mut from = full.into_bytes();
+            let mut out = Vec::new();
+            loop {
+                let opts = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(READ_PAGE);
+                let mut c = self.client.clone();
+                let resp =
+                    tokio::time::timeout(self.request_timeout, c.get(from.clone(), Some(opts)))
+                        .await
+                        .map_err(|_| "no answer in time".to_owned())
+                        .and_then(|r| r.map_err(|e| describe(&e)))
+                        .map_err(|message| StoreError::Io {
+                            path: self.path.clone(),
+                            message: format!("cannot read {}: {message}", kind.dir()),
+                        })?;
+                for kv in resp.kvs() {
+                    let key = String::from_utf8_lossy(kv.key());
+                    if let Some(k) = key.strip_prefix(&start) {
+                        out.push((k.to_owned(), kv.value().to_vec()));
+                    }
+                }
+                match resp.kvs().last() {
+                    Some(last) if resp.more() => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => return Ok(out),
+                }
+            }
+        })
     }
 }
 

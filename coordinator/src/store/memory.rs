@@ -12,15 +12,16 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::evidence::{Read, Reader};
 use super::{
-    Backend, Commit, Kind, Put, RecoveryReport, Store, StoreError, StoreMark, lock, restage,
+    Backend, Commit, Kind, Pending, Put, RecoveryReport, Store, StoreError, StoreMark, Write, lock,
 };
 use crate::leadership::Leadership;
 use crate::node::MAX_EVENTS;
 
 #[derive(Default)]
 struct Committed {
-    /// Nodes, jobs and lemons: key -> JSON.
+    /// Nodes, jobs, lemons and evidence: key -> JSON.
     records: BTreeMap<(Kind, String), Vec<u8>>,
     /// Each node's history, oldest first.
     events: BTreeMap<String, VecDeque<Vec<u8>>>,
@@ -100,7 +101,7 @@ impl Memory {
     pub fn store(&self) -> Store {
         Store::new(Box::new(MemoryBackend {
             memory: self.clone(),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
             leadership: Arc::new(Leadership::single()),
         }))
     }
@@ -128,8 +129,20 @@ impl Memory {
 
 struct MemoryBackend {
     memory: Memory,
-    pending: Mutex<Vec<Put>>,
+    pending: Mutex<Pending>,
     leadership: Arc<Leadership>,
+}
+
+impl Reader for Memory {
+    fn read_prefix(&self, kind: Kind, prefix: String) -> Read<'_> {
+        let found = lock(&self.committed)
+            .records
+            .iter()
+            .filter(|((k, key), _)| *k == kind && key.starts_with(&prefix))
+            .map(|((_, key), v)| (key.clone(), v.clone()))
+            .collect();
+        Box::pin(async move { Ok(found) })
+    }
 }
 
 impl Backend for MemoryBackend {
@@ -162,28 +175,43 @@ impl Backend for MemoryBackend {
     }
 
     fn stage(&self, put: Put) {
-        lock(&self.pending).push(put);
+        lock(&self.pending).push(Write::Put(put));
+    }
+
+    fn stage_delete(&self, kind: Kind, key: String) {
+        lock(&self.pending).push(Write::Delete { kind, key });
+    }
+
+    fn reader(&self) -> Arc<dyn Reader> {
+        Arc::new(self.memory.clone())
     }
 
     fn discard(&self) {
-        lock(&self.pending).clear();
+        lock(&self.pending).take();
     }
 
     fn commit(&self) -> Commit<'_> {
         Box::pin(async move {
-            let batch = std::mem::take(&mut *lock(&self.pending));
+            let batch = lock(&self.pending).take();
             if batch.is_empty() {
                 return Ok(());
             }
             if self.memory.faults.due() {
-                restage(&self.pending, batch);
+                lock(&self.pending).restage(batch);
                 return Err(StoreError::Io {
                     path: self.path().to_owned(),
                     message: "commit failed on purpose (MemoryFaults)".into(),
                 });
             }
             let mut committed = lock(&self.memory.committed);
-            for Put { kind, key, value } in batch {
+            for write in batch {
+                let Put { kind, key, value } = match write {
+                    Write::Put(put) => put,
+                    Write::Delete { kind, key } => {
+                        committed.records.remove(&(kind, key));
+                        continue;
+                    }
+                };
                 if kind != Kind::Event {
                     committed.records.insert((kind, key), value);
                     continue;
@@ -223,6 +251,32 @@ impl Backend for MemoryBackend {
 mod tests {
     use super::*;
     use crate::store::test_records::{event, record};
+
+    #[tokio::test]
+    async fn evidence_is_read_by_job_prefix_and_deleted() {
+        let memory = Memory::new();
+        let store = memory.store();
+        let e = |node: &str| vigil_core::jobs::evidence::NodeEvidence {
+            node: node.into(),
+            at_ms: 1,
+            processes: Vec::new(),
+            log_tail: String::new(),
+            fabric: Vec::new(),
+            error: String::new(),
+        };
+        store.put_evidence("j-1", 1, &e("n1")).expect("put");
+        store.put_evidence("j-1", 1, &e("n2")).expect("put");
+        store.put_evidence("j-10", 1, &e("n1")).expect("put");
+        store.flush().await.expect("commit");
+        store.drop_evidence("j-1", 1, "n1");
+        store.flush().await.expect("commit");
+        let found = store.evidence_reader().of_job("j-1").await.expect("read");
+        let nodes: Vec<&str> = found.iter().map(|(_, e)| e.node.as_str()).collect();
+        assert_eq!(nodes, ["n2"]);
+        // A restarted engine's store over the same maps reads them too.
+        let again = memory.store().evidence_reader().of_job("j-10").await;
+        assert_eq!(again.expect("read").len(), 1);
+    }
 
     #[tokio::test]
     async fn records_round_trip_through_the_memory_backend() {

@@ -17,6 +17,8 @@
 //! - `memory`: in-process maps for tests, with failures on demand.
 //! - `backup`: backups of the SQLite store (while it runs), restoring one, and the `[backup]`
 //!   schedule.
+//! - `evidence`: hung attempts' evidence, one record per (job, attempt, node), kept apart from
+//!   the job records and read on demand ([`EvidenceReader`]), never loaded at start.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -33,13 +35,17 @@ use crate::node::{NodeEvent, NodeRecord};
 
 pub mod backup;
 pub mod etcd;
+pub mod evidence;
 pub mod memory;
+mod pending;
 pub mod scrub;
 pub mod sled;
 pub mod sqlite;
 
 pub use etcd::EtcdStore;
+pub use evidence::{EvidenceReader, Reader};
 pub use memory::{Memory, MemoryFaults};
+pub(crate) use pending::Pending;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -102,6 +108,9 @@ pub enum Kind {
     /// A node's history: every put appends an entry, the oldest beyond
     /// [`crate::node::MAX_EVENTS`] per node are dropped.
     Event,
+    /// A hung attempt's evidence from one node, keyed `{job}/{attempt:020}/{node}` (see
+    /// `evidence`): written once per answer, deleted past the job's retention, read on demand.
+    Evidence,
 }
 
 impl Kind {
@@ -114,6 +123,7 @@ impl Kind {
             Kind::Lemon => "lemons",
             Kind::Event => "events",
             Kind::Cluster => "cluster",
+            Kind::Evidence => "evidence",
         }
     }
 }
@@ -126,6 +136,29 @@ pub struct Put {
     pub key: String,
     /// The record's JSON, the same on every backend.
     pub value: Vec<u8>,
+}
+
+/// One staged change: a record written, or one deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put(Put),
+    /// Only evidence records are deleted by key (a node's history is pruned by each backend).
+    Delete {
+        kind: Kind,
+        key: String,
+    },
+}
+
+impl Write {
+    /// The record it changes, for keeping one write per record; `None` for a history entry
+    /// (each put appends one).
+    pub fn record(&self) -> Option<(Kind, &str)> {
+        match self {
+            Write::Put(p) if p.kind == Kind::Event => None,
+            Write::Put(p) => Some((p.kind, &p.key)),
+            Write::Delete { kind, key } => Some((*kind, key)),
+        }
+    }
 }
 
 /// Which store this is and how far it has committed: agents keep the highest mark they
@@ -207,6 +240,13 @@ pub trait Backend: Send + Sync {
 
     /// Add a write to the pending batch; nothing is written before [`Backend::commit`].
     fn stage(&self, put: Put);
+
+    /// Add the deletion of a record to the pending batch, after what is staged.
+    fn stage_delete(&self, kind: Kind, key: String);
+
+    /// Reads committed records of a kind by key prefix, from any task, without the engine
+    /// (a job's evidence for `clusterctl job show`).
+    fn reader(&self) -> std::sync::Arc<dyn Reader>;
 
     /// Drop every staged write (an operator's request whose commit failed is undone: what it
     /// staged, on a store with nothing else pending, must never be written later).
@@ -404,12 +444,36 @@ impl Store {
         self.stage(Kind::Event, node, &what, event)
     }
 
-    /// Make every staged write durable, in one operation; see [`Backend::commit`].
+    /// Stage one node's evidence of a hung attempt, under (job, attempt, node); durable after
+    /// the next [`Store::flush`].
+    pub fn put_evidence(
+        &self,
+        job: &str,
+        attempt: u64,
+        evidence: &vigil_core::jobs::evidence::NodeEvidence,
+    ) -> Result<(), StoreError> {
+        let key = evidence::key(job, attempt, &evidence.node);
+        let what = format!("evidence {key:?}");
+        self.stage(Kind::Evidence, &key, &what, evidence)
+    }
+
+    /// Stage the deletion of `node`'s evidence of (job, attempt).
+    pub fn drop_evidence(&self, job: &str, attempt: u64, node: &str) {
+        self.0
+            .stage_delete(Kind::Evidence, evidence::key(job, attempt, node));
+    }
+
+    /// Reads jobs' evidence from any task (see [`EvidenceReader`]).
+    pub fn evidence_reader(&self) -> EvidenceReader {
+        EvidenceReader::new(self.0.reader(), self.path().to_owned())
+    }
+
     /// Drop every staged write (see [`Backend::discard`]).
     pub fn discard(&self) {
         self.0.discard();
     }
 
+    /// Make every staged write durable, in one operation; see [`Backend::commit`].
     pub async fn commit(&self) -> Result<(), StoreError> {
         self.0.commit().await
     }

@@ -38,6 +38,8 @@ pub struct Pass {
 enum Cursor {
     Records(String, String),
     Events(String, i64),
+    /// Hung attempts' evidence (a store without any has no such table).
+    Evidence(String),
 }
 
 /// One paged step: reads up to [`PAGE`] records after `from`, checks them into `pass`, and
@@ -86,7 +88,32 @@ fn step(conn: &Connection, from: Cursor, pass: &mut Pass) -> rusqlite::Result<Op
                 }
                 last = Some((node, id));
             }
-            Ok(last.map(|(node, id)| Cursor::Events(node, id)))
+            Ok(Some(match last {
+                Some((node, id)) => Cursor::Events(node, id),
+                None => Cursor::Evidence(String::new()),
+            }))
+        }
+        Cursor::Evidence(key) => {
+            if !super::sqlite::has_evidence(conn)? {
+                return Ok(None);
+            }
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, crc, value FROM evidence WHERE key > ?1 ORDER BY key LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(params![key, PAGE])?;
+            let mut last = None;
+            while let Some(row) = rows.next()? {
+                let key: String = row.get(0)?;
+                let (crc, value): (i64, Vec<u8>) = (row.get(1)?, row.get(2)?);
+                pass.records += 1;
+                if i64::from(sums(Kind::Evidence, &key, None, &value).0) != crc {
+                    pass.bad.push(format!(
+                        "evidence/{key} (a hang's evidence) fails its checksum"
+                    ));
+                }
+                last = Some(key);
+            }
+            Ok(last.map(Cursor::Evidence))
         }
     }
 }
@@ -227,6 +254,40 @@ mod tests {
         assert!(
             text.contains("\nvigil_store_scrub_records_total 1203\n"),
             "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pass_checks_evidence_records_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.put_node(&record("gpu-0001")).expect("put");
+        store.flush().await.expect("commit");
+        assert_eq!(
+            pass(dir.path(), Duration::ZERO).records,
+            1,
+            "no evidence table yet"
+        );
+        for i in 0..3 {
+            let e = vigil_core::jobs::evidence::NodeEvidence {
+                node: format!("n{i}"),
+                at_ms: 1,
+                processes: Vec::new(),
+                log_tail: "step 5".into(),
+                fabric: Vec::new(),
+                error: String::new(),
+            };
+            store.put_evidence("j-1", 1, &e).expect("put");
+        }
+        store.flush().await.expect("commit");
+        assert_eq!(pass(dir.path(), Duration::ZERO).records, 4);
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("open");
+        conn.execute_batch("UPDATE evidence SET crc = crc + 1 WHERE key LIKE '%/n1'")
+            .expect("rot");
+        let found = pass(dir.path(), Duration::ZERO);
+        assert_eq!(
+            found.bad,
+            ["evidence/j-1/00000000000000000001/n1 (a hang's evidence) fails its checksum"]
         );
     }
 

@@ -114,8 +114,8 @@ impl Sled {
                         (Kind::Node, _) => nodes.insert(put.key.as_bytes(), value)?,
                         (Kind::Job, _) => jobs.insert(put.key.as_bytes(), value)?,
                         (Kind::Lemon, _) => lemons.insert(put.key.as_bytes(), value)?,
-                        // Read only, to move an old store over: nothing of this kind was stored.
-                        (Kind::Cluster, _) => None,
+                        // Read only, to move an old store over: nothing of these kinds was stored.
+                        (Kind::Cluster | Kind::Evidence, _) => None,
                         (Kind::Event, Some(id)) => {
                             events.insert(event_key(&put.key, *id), value)?
                         }
@@ -172,7 +172,7 @@ impl Backend for Sled {
             Kind::Job => &trees.jobs,
             Kind::Lemon => &trees.lemons,
             Kind::Event => &trees.events,
-            Kind::Cluster => return Ok(Vec::new()),
+            Kind::Cluster | Kind::Evidence => return Ok(Vec::new()),
         };
         let mut out = Vec::new();
         for item in tree.iter() {
@@ -189,6 +189,13 @@ impl Backend for Sled {
 
     fn discard(&self) {
         lock(&self.pending).clear();
+    }
+
+    /// Nothing is ever deleted from a store that is only read to move it over.
+    fn stage_delete(&self, _: Kind, _: String) {}
+
+    fn reader(&self) -> Arc<dyn super::Reader> {
+        Arc::new(super::evidence::Nothing)
     }
 
     fn stage(&self, put: Put) {

@@ -193,6 +193,7 @@ mod tests {
                 worker_end: None,
                 crash_loop: None,
                 evidence: Vec::new(),
+                evidence_from: Default::default(),
                 suspect: String::new(),
                 preflight: None,
             })

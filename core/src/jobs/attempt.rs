@@ -420,6 +420,7 @@ pub(super) fn finish_if_stopped(job: &mut Job, now: Now, effects: &mut Vec<Effec
         a.ended_at_ms = now.wall_ms;
     }
     let attempt = job.attempt;
+    super::evidence::judge_stopped(job, now, effects);
     match job.after_stop.take().unwrap_or(AfterStop::Restart) {
         AfterStop::Restart => {
             job.restarts += 1;

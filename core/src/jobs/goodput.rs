@@ -122,14 +122,23 @@ pub struct Goodput {
 }
 
 /// Builds the timeline: each `to` closes the stretch since the last one.
-struct Timeline {
+pub(crate) struct Timeline {
     end: u64,
     cursor: u64,
     segments: Vec<Segment>,
 }
 
 impl Timeline {
-    fn to(&mut self, at_ms: u64, phase: Phase, attempt: u64, failure: Option<usize>) {
+    /// An empty timeline of `[start, end)`.
+    pub(crate) fn new(start: u64, end: u64) -> Self {
+        Self {
+            end,
+            cursor: start,
+            segments: Vec::new(),
+        }
+    }
+
+    pub(crate) fn to(&mut self, at_ms: u64, phase: Phase, attempt: u64, failure: Option<usize>) {
         let at = at_ms.clamp(self.cursor, self.end);
         if at > self.cursor {
             self.segments.push(Segment {
@@ -154,11 +163,7 @@ pub fn account(job: &Job, now_ms: u64) -> Goodput {
         .finished_at_ms
         .unwrap_or(now_ms)
         .max(job.submitted_at_ms);
-    let mut t = Timeline {
-        end,
-        cursor: job.submitted_at_ms,
-        segments: Vec::new(),
-    };
+    let mut t = Timeline::new(job.submitted_at_ms, end);
     let mut failures: Vec<FailureCost> = Vec::new();
     // The failure the time since the last interruption is charged to.
     let mut charged: Option<usize> = None;
@@ -240,8 +245,18 @@ pub fn account(job: &Job, now_ms: u64) -> Goodput {
     };
     t.to(end, tail, last.map_or(0, |a| a.attempt), tail_failure);
 
+    let mut g = totals(end - job.submitted_at_ms, t, failures);
+    g.mtbf_ms = mtbf(job, end);
+    g.checkpoint_save_ms = median(job.checkpoints.iter().filter_map(|c| c.save_ms).collect());
+    g.checkpoint_interval_ms = checkpoint_interval(&job.checkpoints);
+    g.suggested_interval_ms = suggested_interval(g.checkpoint_save_ms, g.mtbf_ms);
+    g
+}
+
+/// The sums of a finished timeline of `wall_ms`: time by phase, each failure's cost, ETTR.
+pub(crate) fn totals(wall_ms: u64, t: Timeline, mut failures: Vec<FailureCost>) -> Goodput {
     let mut g = Goodput {
-        wall_ms: end - job.submitted_at_ms,
+        wall_ms,
         ..Goodput::default()
     };
     for s in &t.segments {
@@ -273,10 +288,6 @@ pub fn account(job: &Job, now_ms: u64) -> Goodput {
     } else {
         g.productive_ms as f64 / g.wall_ms as f64
     };
-    g.mtbf_ms = mtbf(job, end);
-    g.checkpoint_save_ms = median(job.checkpoints.iter().filter_map(|c| c.save_ms).collect());
-    g.checkpoint_interval_ms = checkpoint_interval(&job.checkpoints);
-    g.suggested_interval_ms = suggested_interval(g.checkpoint_save_ms, g.mtbf_ms);
     g.failures = failures;
     g.segments = t.segments;
     g

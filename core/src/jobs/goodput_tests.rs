@@ -327,6 +327,7 @@ fn attempt(n: u64, start_s: u64) -> Attempt {
         worker_end: None,
         crash_loop: None,
         evidence: Vec::new(),
+        evidence_from: Default::default(),
         suspect: String::new(),
         preflight: None,
     }

@@ -186,9 +186,14 @@ pub struct Attempt {
     /// Whether this failure counts toward a crash loop, judged once triage is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash_loop: Option<crate::jobs::crash_loop::Judged>,
-    /// A hang's evidence, one entry per node that answered the capture (see `evidence`).
+    /// A hang's evidence as the previous release kept it, inside the job record: read from
+    /// old records, never written (evidence is stored apart now, see `evidence`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evidence: Vec<crate::jobs::evidence::NodeEvidence>,
+    /// One note per node that answered a hang's capture, by node; the evidence itself is
+    /// stored apart, one record per node (see `evidence`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evidence_from: BTreeMap<String, crate::jobs::evidence::EvidenceNote>,
     /// The node the hang's evidence points at, and why ("n2: port mlx5_0/1 is DOWN");
     /// empty when it points nowhere.
     #[serde(default, skip_serializing_if = "String::is_empty")]

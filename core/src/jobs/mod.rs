@@ -11,12 +11,14 @@
 //!   report about workers), `launch` (the start and stop commands, the worker's environment).
 //! - Policies on top: `goodput`, `triage`, `crash_loop`, `stragglers`, `training_health`,
 //!   `rollback`, `evidence` (what a hung attempt's workers were doing, captured before the stop),
-//!   `preflight` (a gang check before an attempt's workers start; its bisection in
-//!   `preflight_plan`, its spec and records in `preflight_record`).
+//!   `hang_signs` (which node that evidence points at), `preflight` (a gang check before an
+//!   attempt's workers start; its bisection in `preflight_plan`, its spec and records in
+//!   `preflight_record`).
 
 pub mod crash_loop;
 pub mod evidence;
 pub mod goodput;
+pub mod hang_signs;
 pub mod job;
 pub mod preflight;
 pub mod preflight_plan;

@@ -286,6 +286,7 @@ fn start_attempt(job: &mut Job, placement: Vec<String>, now: Now, effects: &mut 
         worker_end: None,
         crash_loop: None,
         evidence: Vec::new(),
+        evidence_from: Default::default(),
         suspect: String::new(),
         preflight: None,
     });

@@ -6,23 +6,30 @@
 //! Reconcile, don't remember: what Slurm should look like is derived each round from vigil's
 //! nodes and from what Slurm shows. A drain is vigil's when its reason starts with
 //! [`REASON_PREFIX`], so a coordinator restart forgets nothing, and a drain an administrator set
-//! (any other reason) is never lifted. The one memory, [`Memory`], is the jobs vigil requeued
-//! whose requeue hold it must still clear.
+//! (any other reason) is never lifted. The one memory, the jobs vigil requeued whose requeue
+//! hold it must still clear, is derived from vigil's durable records of Slurm jobs (`jobs`).
 //!
-//! Layout: `hostlist` (Slurm's compressed node lists), `parse` (`sinfo`/`squeue` output).
+//! Layout: `hostlist` (Slurm's compressed node lists), `parse` (`sinfo`/`squeue` output),
+//! `jobs` (vigil's record of each Slurm job it saw: runs, requeues, outcome), `goodput` (a
+//! Slurm job's productive and lost time), `state` (the ledger in the cluster state: the
+//! adapter's inputs).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::nodes::node::{Availability, CordonSource, Node, NodeEvent};
 use crate::state::{ClusterState, Effect, Now, record};
 
+pub mod goodput;
 pub mod hostlist;
+pub mod jobs;
 pub mod parse;
+mod state;
 
 /// Every drain reason vigil sets starts with this; it is how a drain is known to be vigil's.
 pub const REASON_PREFIX: &str = "vigil: ";
-/// Longest reason vigil sets, in bytes: Slurm keeps reasons in full, but `sinfo` and
-/// `scontrol show node` lines stay readable.
+/// Longest reason vigil sets, in bytes: Slurm keeps reasons in full (the Slurm test sets a
+/// 307-byte one and reads it back whole), so this cut is vigil's, to keep `sinfo` and
+/// `scontrol show node` lines readable; the prefix survives it.
 pub const MAX_REASON_BYTES: usize = 128;
 /// The reason a `Lost` node is drained with.
 pub const LOST_REASON: &str = "vigil: agent lost";
@@ -133,8 +140,10 @@ impl SlurmNode {
 pub enum JobState {
     Running,
     Pending,
-    /// Completing, configuring, suspended, ...: nothing to do yet.
+    /// Completing, configuring, suspended, requeued, ...: nothing to do yet.
     Other,
+    /// Ended (`squeue --states=all` lists ended jobs until Slurm's `MinJobAge`).
+    Finished,
 }
 
 impl JobState {
@@ -142,6 +151,8 @@ impl JobState {
         match s {
             "RUNNING" => Self::Running,
             "PENDING" => Self::Pending,
+            "COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY"
+            | "BOOT_FAIL" | "DEADLINE" | "PREEMPTED" | "REVOKED" | "SPECIAL_EXIT" => Self::Finished,
             _ => Self::Other,
         }
     }
@@ -153,9 +164,14 @@ pub struct SlurmJob {
     /// `123`, or `123_4` for an array task.
     pub id: String,
     pub state: JobState,
+    /// Slurm's state as it printed it (`RUNNING`, `COMPLETED`, ...).
+    pub state_text: String,
     /// Why it pends (`BeginTime`, `Resources`, ...); `None` otherwise.
     pub reason: String,
     pub nodes: Vec<String>,
+    /// The job's name and its user's (may be empty).
+    pub name: String,
+    pub user: String,
 }
 
 /// What the adapter carries out, in this order.
@@ -176,41 +192,13 @@ pub enum Action {
     Release { job: String },
 }
 
-/// The jobs vigil requeued, until they run again (or leave the queue).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Memory {
-    requeued: BTreeMap<String, Requeued>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Requeued {
-    /// `scontrol requeue` sent; the job still shows where it ran.
-    Sent,
-    /// Seen pending since: it will run again.
-    Pending,
-}
-
-impl Memory {
-    /// An action failed: forget what [`plan`] assumed of it, so the next round tries again.
-    pub fn failed(&mut self, action: &Action) {
-        if let Action::Requeue { job, .. } = action {
-            self.requeued.remove(job);
-        }
-    }
-
-    /// The jobs vigil requeued that have not run again yet.
-    pub fn requeued(&self) -> impl Iterator<Item = &str> {
-        self.requeued.keys().map(String::as_str)
-    }
-}
-
 /// This round's actions: drains first (so the scheduler keeps requeued jobs off the faulty
 /// node), then requeues, hold releases, and resumes.
 pub fn plan(
     intents: &[Intent],
     nodes: &[SlurmNode],
     jobs: &[SlurmJob],
-    memory: &mut Memory,
+    requeued: &BTreeSet<String>,
 ) -> Vec<Action> {
     let slurm: BTreeMap<&str, &SlurmNode> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut drains = Vec::new();
@@ -240,45 +228,39 @@ pub fn plan(
         }
     }
     let mut actions = drains;
-    actions.extend(requeues(jobs, &faulty, memory));
+    actions.extend(requeues(jobs, &faulty, requeued));
     actions.extend(resumes);
     actions
 }
 
-/// Requeues of running jobs on faulty nodes, and releases of the holds of jobs vigil requeued.
+/// Requeues of running jobs on faulty nodes, and releases of the holds of jobs vigil requeued
+/// (`requeued`: those that have not run since, see [`jobs::Ledger::awaiting_rerun`]). A job
+/// vigil requeued still shows running where it ran until Slurm has stopped it: it is not
+/// requeued twice.
 fn requeues(
     jobs: &[SlurmJob],
     faulty: &BTreeMap<&str, String>,
-    memory: &mut Memory,
+    requeued: &BTreeSet<String>,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
-    let listed: BTreeSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    memory.requeued.retain(|id, _| listed.contains(id.as_str()));
     for job in jobs {
         let hit = job
             .nodes
             .iter()
             .find_map(|n| faulty.get_key_value(n.as_str()));
-        let mine = memory.requeued.get(&job.id).copied();
-        match (job.state, hit, mine) {
-            (JobState::Running, Some((node, reason)), None | Some(Requeued::Pending)) => {
-                memory.requeued.insert(job.id.clone(), Requeued::Sent);
+        let mine = requeued.contains(&job.id);
+        match (job.state, hit) {
+            (JobState::Running, Some((node, reason))) if !mine => {
                 actions.push(Action::Requeue {
                     job: job.id.clone(),
                     node: (*node).to_owned(),
                     reason: reason.clone(),
                 });
             }
-            (JobState::Running, None, Some(_)) => {
-                memory.requeued.remove(&job.id);
-            }
-            (JobState::Pending, _, Some(_)) => {
-                memory.requeued.insert(job.id.clone(), Requeued::Pending);
-                if job.reason == HOLD_REASON {
-                    actions.push(Action::Release {
-                        job: job.id.clone(),
-                    });
-                }
+            (JobState::Pending, _) if mine && job.reason == HOLD_REASON => {
+                actions.push(Action::Release {
+                    job: job.id.clone(),
+                });
             }
             _ => {}
         }
@@ -313,4 +295,4 @@ pub fn slurm_name<'a>(table: &'a BTreeMap<String, String>, name: &'a str) -> &'a
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -9,8 +9,9 @@ use super::{JobState, SlurmJob, SlurmNode};
 
 /// `sinfo --noheader --Node --format=` this: name, long state, reason (last: it may hold `|`).
 pub const SINFO_FORMAT: &str = "%N|%T|%E";
-/// `squeue --noheader --format=` this: job id, long state, reason, node list (last).
-pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%N";
+/// `squeue --noheader --states=all --format=` this: job id, long state, reason, user, node
+/// list, name (last: it may hold `|`).
+pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%u|%N|%j";
 
 /// Slurm's nodes from `sinfo` output (a node in several partitions is listed once), and how
 /// many lines did not parse.
@@ -48,9 +49,10 @@ pub fn squeue(text: &str) -> (Vec<SlurmJob>, usize) {
     let mut jobs = Vec::new();
     let mut bad = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut fields = line.splitn(4, '|');
-        let (Some(id), Some(state), Some(reason), Some(nodes)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
+        let mut fields = line.splitn(6, '|');
+        let mut next = || fields.next();
+        let (Some(id), Some(state), Some(reason), Some(user), Some(nodes), Some(name)) =
+            (next(), next(), next(), next(), next(), next())
         else {
             bad += 1;
             continue;
@@ -67,8 +69,11 @@ pub fn squeue(text: &str) -> (Vec<SlurmJob>, usize) {
         jobs.push(SlurmJob {
             id: id.to_owned(),
             state: JobState::parse(state.trim()),
+            state_text: state.trim().to_owned(),
             reason: reason.trim().to_owned(),
             nodes,
+            name: name.trim().to_owned(),
+            user: user.trim().to_owned(),
         });
     }
     (jobs, bad)
@@ -94,12 +99,19 @@ mod tests {
 
     #[test]
     fn squeue_lines_become_jobs_with_expanded_nodes() {
-        let text = "7|RUNNING|None|n[1-2]\n8|PENDING|BeginTime|\n9_2|COMPLETING|None|n3\n\
-                    x|RUNNING|None|n1\n10|RUNNING|None|n[1-\n";
+        let text = "7|RUNNING|None|alice|n[1-2]|train | v2\n8|PENDING|BeginTime|bob||x\n\
+                    9_2|COMPLETING|None|bob|n3|y\nx|RUNNING|None|bob|n1|z\n\
+                    10|RUNNING|None|bob|n[1-|z\n11|COMPLETED|None|bob|n1|z\n";
         let (jobs, bad) = squeue(text);
         assert_eq!(bad, 2);
-        assert_eq!(jobs.len(), 3);
+        assert_eq!(jobs.len(), 4);
         assert_eq!(jobs[0].nodes, ["n1", "n2"]);
+        assert_eq!(
+            (jobs[0].name.as_str(), jobs[0].user.as_str()),
+            ("train | v2", "alice")
+        );
+        assert_eq!(jobs[3].state, JobState::Finished);
+        assert_eq!(jobs[3].state_text, "COMPLETED");
         assert_eq!(jobs[0].state, JobState::Running);
         assert_eq!(jobs[1].state, JobState::Pending);
         assert!(jobs[1].nodes.is_empty());

@@ -16,12 +16,21 @@ fn intent(name: &str, drain: Option<DrainCause>) -> Intent {
     }
 }
 
-fn job(id: &str, state: JobState, reason: &str, nodes: &[&str]) -> SlurmJob {
+pub(super) fn job(id: &str, state: JobState, reason: &str, nodes: &[&str]) -> SlurmJob {
     SlurmJob {
         id: id.to_owned(),
         state,
+        state_text: match state {
+            JobState::Running => "RUNNING",
+            JobState::Pending => "PENDING",
+            JobState::Other => "COMPLETING",
+            JobState::Finished => "COMPLETED",
+        }
+        .to_owned(),
         reason: reason.to_owned(),
         nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+        name: "train".to_owned(),
+        user: "alice".to_owned(),
     }
 }
 
@@ -31,14 +40,14 @@ fn xid79() -> Option<DrainCause> {
 
 #[test]
 fn a_fault_drains_the_node_and_requeues_its_running_job() {
-    let mut memory = Memory::default();
+    let memory = BTreeSet::new();
     let nodes = [node("n1", false, ""), node("n2", false, "")];
     let jobs = [job("7", JobState::Running, "None", &["n1", "n2"])];
     let actions = plan(
         &[intent("n1", None), intent("n2", xid79())],
         &nodes,
         &jobs,
-        &mut memory,
+        &memory,
     );
     let reason = "vigil: XID 79 on GPU 3".to_owned();
     assert_eq!(
@@ -55,7 +64,8 @@ fn a_fault_drains_the_node_and_requeues_its_running_job() {
             },
         ]
     );
-    // Next round: drained, the job still shows where it ran: nothing is sent twice.
+    // Next round, the requeue recorded: drained, the job still shows where it ran: nothing
+    // is sent twice.
     let nodes = [
         node("n1", false, ""),
         node("n2", true, "vigil: XID 79 on GPU 3"),
@@ -64,56 +74,53 @@ fn a_fault_drains_the_node_and_requeues_its_running_job() {
         &[intent("n1", None), intent("n2", xid79())],
         &nodes,
         &jobs,
-        &mut memory,
+        &BTreeSet::from(["7".to_owned()]),
     );
     assert!(again.is_empty(), "{again:?}");
 }
 
 #[test]
 fn a_requeued_job_is_released_from_its_hold_until_it_runs_again() {
-    let mut memory = Memory::default();
     let nodes = [
         node("n1", false, ""),
         node("n2", true, "vigil: XID 79 on GPU 3"),
     ];
     let intents = [intent("n1", None), intent("n2", xid79())];
+    let mine = BTreeSet::from(["7".to_owned()]);
+    // Requeued, still showing where it ran: not requeued twice.
     let running = [job("7", JobState::Running, "None", &["n1", "n2"])];
-    assert_eq!(plan(&intents, &nodes, &running, &mut memory).len(), 1);
+    assert!(plan(&intents, &nodes, &running, &mine).is_empty());
     let held = [job("7", JobState::Pending, HOLD_REASON, &[])];
     let release = vec![Action::Release { job: "7".into() }];
-    assert_eq!(plan(&intents, &nodes, &held, &mut memory), release);
-    assert_eq!(plan(&intents, &nodes, &held, &mut memory), release);
+    assert_eq!(plan(&intents, &nodes, &held, &mine), release);
     let waiting = [job("7", JobState::Pending, "Resources", &[])];
-    assert!(plan(&intents, &nodes, &waiting, &mut memory).is_empty());
-    let elsewhere = [job("7", JobState::Running, "None", &["n1", "n3"])];
-    assert!(plan(&intents, &nodes, &elsewhere, &mut memory).is_empty());
-    assert_eq!(memory.requeued().count(), 0);
+    assert!(plan(&intents, &nodes, &waiting, &mine).is_empty());
     // A job vigil never requeued keeps whatever hold it has.
     let other = [job("8", JobState::Pending, HOLD_REASON, &[])];
-    assert!(plan(&intents, &nodes, &other, &mut memory).is_empty());
+    assert!(plan(&intents, &nodes, &other, &mine).is_empty());
 }
 
 #[test]
 fn a_failed_requeue_is_tried_again() {
-    let mut memory = Memory::default();
+    // Nothing is remembered of a requeue until it is recorded: the next round sends it again.
+    let memory = BTreeSet::new();
     let nodes = [node("n2", true, "vigil: XID 79 on GPU 3")];
     let jobs = [job("7", JobState::Running, "None", &["n2"])];
-    let first = plan(&[intent("n2", xid79())], &nodes, &jobs, &mut memory);
+    let first = plan(&[intent("n2", xid79())], &nodes, &jobs, &memory);
     assert_eq!(first.len(), 1);
-    memory.failed(&first[0]);
     assert_eq!(
-        plan(&[intent("n2", xid79())], &nodes, &jobs, &mut memory),
+        plan(&[intent("n2", xid79())], &nodes, &jobs, &memory),
         first
     );
 }
 
 #[test]
 fn an_operator_cordon_drains_without_requeueing() {
-    let mut memory = Memory::default();
+    let memory = BTreeSet::new();
     let nodes = [node("n1", false, "")];
     let jobs = [job("7", JobState::Running, "None", &["n1"])];
     let cause = Some(DrainCause::Operator("swap PSU".into()));
-    let actions = plan(&[intent("n1", cause)], &nodes, &jobs, &mut memory);
+    let actions = plan(&[intent("n1", cause)], &nodes, &jobs, &memory);
     assert_eq!(
         actions,
         [Action::Drain {
@@ -125,14 +132,14 @@ fn an_operator_cordon_drains_without_requeueing() {
 
 #[test]
 fn a_lost_node_is_drained_as_agent_lost_and_its_jobs_requeued() {
-    let mut memory = Memory::default();
+    let memory = BTreeSet::new();
     let nodes = [node("n1", false, "")];
     let jobs = [job("7", JobState::Running, "None", &["n1"])];
     let actions = plan(
         &[intent("n1", Some(DrainCause::Lost))],
         &nodes,
         &jobs,
-        &mut memory,
+        &memory,
     );
     assert_eq!(actions.len(), 2);
     assert_eq!(
@@ -146,14 +153,14 @@ fn a_lost_node_is_drained_as_agent_lost_and_its_jobs_requeued() {
 
 #[test]
 fn only_vigils_own_drain_is_resumed() {
-    let mut memory = Memory::default();
+    let memory = BTreeSet::new();
     let nodes = [
         node("n1", true, "vigil: XID 79 on GPU 3"),
         node("n2", true, "bad fan [admin@2026-12-05]"),
         node("n3", false, ""),
     ];
     let intents = [intent("n1", None), intent("n2", None), intent("n3", None)];
-    let actions = plan(&intents, &nodes, &[], &mut memory);
+    let actions = plan(&intents, &nodes, &[], &memory);
     assert_eq!(actions, [Action::Resume { node: "n1".into() }]);
     assert!(nodes[1].drained_by_admin());
     assert!(!nodes[0].drained_by_admin());
@@ -161,16 +168,16 @@ fn only_vigils_own_drain_is_resumed() {
 
 #[test]
 fn an_admin_drain_is_left_alone_even_when_vigil_wants_it_drained() {
-    let mut memory = Memory::default();
+    let memory = BTreeSet::new();
     let nodes = [node("n2", true, "bad fan")];
-    let actions = plan(&[intent("n2", xid79())], &nodes, &[], &mut memory);
+    let actions = plan(&[intent("n2", xid79())], &nodes, &[], &memory);
     assert!(actions.is_empty(), "{actions:?}");
 }
 
 #[test]
 fn nodes_slurm_does_not_know_are_skipped() {
-    let mut memory = Memory::default();
-    let actions = plan(&[intent("ghost", xid79())], &[], &[], &mut memory);
+    let memory = BTreeSet::new();
+    let actions = plan(&[intent("ghost", xid79())], &[], &[], &memory);
     assert!(actions.is_empty());
 }
 
@@ -238,7 +245,7 @@ fn cordons_map_to_drain_causes_by_their_source() {
 /// `recovery`), which must not lift the drain of a node vigil drained for a fault.
 #[test]
 fn a_node_held_for_review_is_neither_drained_nor_resumed() {
-    let mut memory = Memory::default();
+    let memory = BTreeSet::new();
     let nodes = [
         node("n1", true, "vigil: XID 79 on GPU 3"),
         node("n2", false, ""),
@@ -253,5 +260,5 @@ fn a_node_held_for_review_is_neither_drained_nor_resumed() {
             want: Want::AsIs,
         },
     ];
-    assert!(plan(&intents, &nodes, &[], &mut memory).is_empty());
+    assert!(plan(&intents, &nodes, &[], &memory).is_empty());
 }

@@ -11,7 +11,11 @@
 //! - reconnect storm (`--measure-restart`): once it writes `await-restart`
 //!   to the phase file, something else kill -9s and restarts the
 //!   coordinator; the time from the first broken session to the last agent
-//!   registered again.
+//!   registered again, and how many agents' leases ran out on the way (on a
+//!   real host those agents' workers would have been stopped: `fenced`).
+//!
+//! With `--tls DIR` every agent dials with mutual TLS as its own node (certificates
+//! made beforehand by `--make-certs DIR`), as production runs.
 //!
 //! Prints one JSON object on stdout; progress on stderr. `scripts/bench.sh`
 //! drives it and samples the coordinator's CPU and memory.
@@ -20,8 +24,12 @@
 mod agent;
 #[path = "vigil-loadgen/control.rs"]
 mod control;
+#[path = "vigil-loadgen/gpus.rs"]
+mod gpus;
 #[path = "vigil-loadgen/stats.rs"]
 mod stats;
+#[path = "vigil-loadgen/tls.rs"]
+mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -103,6 +111,19 @@ struct Cli {
     /// Tokio worker threads [default: one per core].
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Write a CA and certificates for the coordinator, an operator and --agents nodes
+    /// into DIR, then exit (start the coordinator with DIR/coordinator.{crt,key} and
+    /// DIR/bench-ca.crt, then run with --tls DIR).
+    #[arg(long, value_name = "DIR")]
+    make_certs: Option<PathBuf>,
+    /// Mutual TLS with the certificates --make-certs wrote in DIR (--coordinator https://...).
+    #[arg(long, value_name = "DIR")]
+    tls: Option<PathBuf>,
+}
+
+/// Simulated agent `i`'s node name.
+pub fn agent_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{:05}", i + 1)
 }
 
 fn progress(msg: impl AsRef<str>) {
@@ -149,6 +170,7 @@ impl Fleet {
         let shared = Arc::new(Shared::default());
         let cfg = Arc::new(AgentConfig {
             coordinator: cli.coordinator.clone(),
+            tls_dir: cli.tls.clone(),
             initial_backoff: Duration::from_millis(cli.initial_backoff_ms),
             max_backoff: Duration::from_millis(cli.max_backoff_ms),
         });
@@ -157,7 +179,7 @@ impl Fleet {
         let mut cmds = Vec::with_capacity(cli.agents);
         let mut by_name = HashMap::with_capacity(cli.agents);
         for i in 0..cli.agents {
-            let name = format!("{}-{:05}", cli.prefix, i + 1);
+            let name = agent_name(&cli.prefix, i);
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(agent::run(
                 i,
@@ -187,7 +209,7 @@ impl Fleet {
     fn inject(&self, i: usize) -> oneshot::Receiver<Result<Instant, String>> {
         let (done, rx) = oneshot::channel();
         let cmd = AgentCmd::Xid {
-            gpu: (i % agent::GPUS as usize) as u32,
+            gpu: (i % gpus::GPUS as usize) as u32,
             xid: XID_FALLEN_OFF_THE_BUS,
             done,
         };
@@ -388,6 +410,8 @@ async fn measure_restart(fleet: &Fleet, timeout: Duration) -> Value {
     }
     let errors_before = shared.errors_snapshot();
     let registrations_before = shared.registrations.load(Ordering::Relaxed);
+    let fenced_before = shared.fenced.load(Ordering::Relaxed);
+    shared.recording_silence.store(true, Ordering::Relaxed);
     if let Ok(mut f) = shared.first_loss.lock() {
         *f = None;
     }
@@ -427,6 +451,11 @@ async fn measure_restart(fleet: &Fleet, timeout: Duration) -> Value {
         "first_loss_to_all_registered_ms": storm_ms,
         "min_registered_seen": min_registered,
         "registrations": shared.registrations.load(Ordering::Relaxed) - registrations_before,
+        // Leases that ran out (the agent heard nothing for a whole lease): on real hosts,
+        // workers stopped. An agent not back at all is not counted here: see all_reregistered.
+        "fenced": shared.fenced.load(Ordering::Relaxed) - fenced_before,
+        // Per agent: last coordinator message before the kill -> Registered by the new one.
+        "silence": shared.silence.summary(),
         "session_ends_and_failures_by_kind": during,
     })
 }
@@ -463,7 +492,7 @@ async fn run(cli: Cli) -> Result<Value> {
     ));
     let mut out = json!({
         "agents": n,
-        "gpus_per_agent": agent::GPUS,
+        "gpus_per_agent": gpus::GPUS,
         "coordinator": cli.coordinator,
         "initial_registration": {
             "all_registered": all_registered,
@@ -475,10 +504,11 @@ async fn run(cli: Cli) -> Result<Value> {
     phases.mark("registered");
     let t0 = Instant::now();
 
-    let mut ctl = control::connect(&cli.coordinator).await?;
+    let admin = tls::admin(cli.tls.as_ref())?;
+    let mut ctl = control::connect(&cli.coordinator, &admin).await?;
     let cordons = Arc::new(control::Cordons::default());
     tokio::spawn(control::watch_cordons(
-        control::connect(&cli.coordinator).await?,
+        control::connect(&cli.coordinator, &admin).await?,
         cordons.clone(),
     ));
 
@@ -578,6 +608,22 @@ async fn run(cli: Cli) -> Result<Value> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.make_certs {
+        return match tls::make_certs(dir, &cli.prefix, cli.agents) {
+            Ok(()) => {
+                progress(format!(
+                    "certificates for {} agents in {}",
+                    cli.agents,
+                    dir.display()
+                ));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vigil-loadgen: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(t) = cli.worker_threads {

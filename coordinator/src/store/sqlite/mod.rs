@@ -2,14 +2,17 @@
 //!
 //! Files in the data dir:
 //! - `state.sqlite` (with `-wal`/`-shm` while it runs): tables `records` (kind, key, crc,
-//!   value), `events` (node, id, crc, value) and `meta` (the schema, the store's id, the
+//!   value), `events` (node, id, crc, value), `evidence` (key, crc, value: hung attempts'
+//!   evidence, created with the first one) and `meta` (the schema, the store's id, the
 //!   manifest);
 //! - `vigil-store`: the marker, written when the store is created, naming its id;
 //! - `lock`: held (flock) by the one coordinator that uses the dir.
 //!
 //! Every record carries a CRC-32 of its kind, key and value. The manifest, written in the same
 //! transaction as every commit, holds the commit's sequence number, the record count of each
-//! kind and an order-free digest (XOR of a 64-bit hash of every record). Opening reads every
+//! kind and an order-free digest (XOR of a 64-bit hash of every record); evidence records are
+//! counted and digested apart (`Manifest::evidence`), so that the previous release, which
+//! knows neither the table nor the field, still reads a store this one wrote. Opening reads every
 //! record back and checks all three, so a flipped byte, a block of random bytes, a truncated
 //! file, a record that went missing or came back in an older version, and a missing file are
 //! each found before anything is served: the store is [`StoreError::Damaged`] and the
@@ -31,17 +34,21 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{Backend, Commit, Kind, Put, RecoveryReport, StoreError, StoreMark, lock, restage};
+use super::evidence::Reader;
+use super::{
+    Backend, Commit, Kind, Pending, Put, RecoveryReport, StoreError, StoreMark, Write, lock,
+};
 
 mod check;
 mod files;
 mod open;
+mod reader;
 
 use crate::leadership::Leadership;
 use crate::node::MAX_EVENTS;
 pub use check::sums;
 use check::{damaged, manifest_of, scan, slot, sql_error};
-pub(crate) use check::{kind_of, put_meta};
+pub(crate) use check::{has_evidence, kind_of, put_meta};
 use files::file_sum;
 pub(crate) use files::{
     Seal, entries, marker_text, new_store_id, read_marker, take_lock, unix_ms, write_durably,
@@ -67,6 +74,8 @@ const CREATE_TABLES: &str = "
     CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, key TEXT NOT NULL, crc INTEGER NOT NULL, value BLOB NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS events (node TEXT NOT NULL, id INTEGER NOT NULL, crc INTEGER NOT NULL, value BLOB NOT NULL, PRIMARY KEY (node, id)) WITHOUT ROWID;
 ";
+/// Made by the first commit that stores evidence (a store made by the previous release has none).
+const CREATE_EVIDENCE: &str = "CREATE TABLE IF NOT EXISTS evidence (key TEXT PRIMARY KEY, crc INTEGER NOT NULL, value BLOB NOT NULL) WITHOUT ROWID;";
 
 /// Written with every commit: what the store must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +84,17 @@ pub struct Manifest {
     /// Records per kind, in [`KINDS`] order.
     pub counts: [u64; 5],
     /// XOR of every record's 64-bit hash, in hex.
+    pub digest: String,
+    /// The evidence table's count and digest; absent from a manifest the previous release
+    /// wrote (it knows no evidence): then the table is checked record by record only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<EvidenceSums>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvidenceSums {
+    pub count: u64,
+    /// XOR of every evidence record's 64-bit hash, in hex.
     pub digest: String,
 }
 
@@ -87,6 +107,9 @@ pub(super) struct Book {
     pub(super) digest: u64,
     /// The hash of every record but events, to take an overwritten one out of the digest.
     pub(super) hashes: HashMap<(Kind, String), u64>,
+    /// Evidence records: how many, and the XOR of their hashes (apart from `counts`/`digest`).
+    pub(super) evidence: u64,
+    pub(super) evidence_digest: u64,
     /// Each node's events, oldest first: (id, hash), to prune without reading them.
     pub(super) events: HashMap<String, VecDeque<(u64, u64)>>,
     pub(super) next_event: u64,
@@ -104,7 +127,7 @@ pub struct Sqlite {
     dir: PathBuf,
     /// `None` only while [`Backend::recover`] reopens it.
     inner: Arc<Mutex<Option<Inner>>>,
-    pending: Mutex<Vec<Put>>,
+    pending: Mutex<Pending>,
     /// What `open` read and checked, handed out by `load` until the first commit.
     pub(super) loaded: Mutex<Loaded>,
     pub(super) store_id: String,
@@ -120,26 +143,62 @@ pub struct Sqlite {
 }
 
 /// One transaction of the whole batch with its manifest; the book moves on only if it commits.
-fn write(inner: &mut Inner, batch: &[Put]) -> rusqlite::Result<u64> {
+fn write(inner: &mut Inner, batch: &[Write]) -> rusqlite::Result<u64> {
     let Inner { conn, book } = inner;
     let mut next = Book {
         seq: book.seq + 1,
         counts: book.counts,
         digest: book.digest,
         hashes: HashMap::new(),
+        evidence: book.evidence,
+        evidence_digest: book.evidence_digest,
         events: HashMap::new(),
         next_event: book.next_event,
     };
+    // Records written (`Some(hash)`) or deleted (`None`) by this batch.
+    let mut changed: HashMap<(Kind, String), Option<u64>> = HashMap::new();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if batch
+        .iter()
+        .any(|w| matches!(w.record(), Some((Kind::Evidence, _))))
+    {
+        tx.execute_batch(CREATE_EVIDENCE)?;
+    }
     {
         let mut put_record = tx.prepare_cached(
             "INSERT INTO records (kind, key, crc, value) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (kind, key) DO UPDATE SET crc = excluded.crc, value = excluded.value",
         )?;
+        let mut drop_record =
+            tx.prepare_cached("DELETE FROM records WHERE kind = ?1 AND key = ?2")?;
         let mut put_event =
             tx.prepare_cached("INSERT INTO events (node, id, crc, value) VALUES (?1, ?2, ?3, ?4)")?;
         let mut drop_event = tx.prepare_cached("DELETE FROM events WHERE node = ?1 AND id = ?2")?;
-        for put in batch {
+        for write in batch {
+            let put = match write {
+                Write::Put(put) => put,
+                Write::Delete { kind, key } => {
+                    let k = (*kind, key.clone());
+                    let Some(old) = changed
+                        .get(&k)
+                        .copied()
+                        .unwrap_or_else(|| book.hashes.get(&k).copied())
+                    else {
+                        continue;
+                    };
+                    if *kind == Kind::Evidence {
+                        tx.execute("DELETE FROM evidence WHERE key = ?1", params![key])?;
+                        next.evidence_digest ^= old;
+                        next.evidence -= 1;
+                    } else {
+                        drop_record.execute(params![kind.dir(), key])?;
+                        next.digest ^= old;
+                        next.counts[slot(*kind)] -= 1;
+                    }
+                    changed.insert(k, None);
+                    continue;
+                }
+            };
             if put.kind == Kind::Event {
                 let id = next.next_event;
                 next.next_event += 1;
@@ -162,14 +221,31 @@ fn write(inner: &mut Inner, batch: &[Put]) -> rusqlite::Result<u64> {
                 continue;
             }
             let (crc, hash) = sums(put.kind, &put.key, None, &put.value);
-            put_record.execute(params![put.kind.dir(), put.key, i64::from(crc), put.value])?;
             let key = (put.kind, put.key.clone());
-            match next.hashes.get(&key).or_else(|| book.hashes.get(&key)) {
-                Some(old) => next.digest ^= old,
-                None => next.counts[slot(put.kind)] += 1,
+            let old = changed
+                .get(&key)
+                .copied()
+                .unwrap_or_else(|| book.hashes.get(&key).copied());
+            if put.kind == Kind::Evidence {
+                tx.execute(
+                    "INSERT INTO evidence (key, crc, value) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (key) DO UPDATE SET crc = excluded.crc, value = excluded.value",
+                    params![put.key, i64::from(crc), put.value],
+                )?;
+                match old {
+                    Some(old) => next.evidence_digest ^= old,
+                    None => next.evidence += 1,
+                }
+                next.evidence_digest ^= hash;
+            } else {
+                put_record.execute(params![put.kind.dir(), put.key, i64::from(crc), put.value])?;
+                match old {
+                    Some(old) => next.digest ^= old,
+                    None => next.counts[slot(put.kind)] += 1,
+                }
+                next.digest ^= hash;
             }
-            next.digest ^= hash;
-            next.hashes.insert(key, hash);
+            changed.insert(key, Some(hash));
         }
     }
     let manifest = serde_json::to_vec(&manifest_of(&next)).unwrap_or_default();
@@ -178,8 +254,15 @@ fn write(inner: &mut Inner, batch: &[Put]) -> rusqlite::Result<u64> {
     book.seq = next.seq;
     book.counts = next.counts;
     book.digest = next.digest;
+    book.evidence = next.evidence;
+    book.evidence_digest = next.evidence_digest;
     book.next_event = next.next_event;
-    book.hashes.extend(next.hashes);
+    for (key, hash) in changed {
+        match hash {
+            Some(h) => book.hashes.insert(key, h),
+            None => book.hashes.remove(&key),
+        };
+    }
     book.events.extend(next.events);
     Ok(book.seq)
 }
@@ -287,16 +370,24 @@ impl Backend for Sqlite {
     }
 
     fn discard(&self) {
-        lock(&self.pending).clear();
+        lock(&self.pending).take();
     }
 
     fn stage(&self, put: Put) {
-        lock(&self.pending).push(put);
+        lock(&self.pending).push(Write::Put(put));
+    }
+
+    fn stage_delete(&self, kind: Kind, key: String) {
+        lock(&self.pending).push(Write::Delete { kind, key });
+    }
+
+    fn reader(&self) -> Arc<dyn Reader> {
+        Arc::new(reader::SqliteReader::new(&self.dir))
     }
 
     fn commit(&self) -> Commit<'_> {
         Box::pin(async move {
-            let batch = std::mem::take(&mut *lock(&self.pending));
+            let batch = lock(&self.pending).take();
             if batch.is_empty() {
                 return Ok(());
             }
@@ -327,7 +418,7 @@ impl Backend for Sqlite {
                 }
                 Err(e) => {
                     self.failed.store(true, Ordering::Relaxed);
-                    restage(&self.pending, batch);
+                    lock(&self.pending).restage(batch);
                     Err(e)
                 }
             }
@@ -387,10 +478,15 @@ pub(crate) fn verify(conn: &Connection) -> super::backup::Verified {
     super::backup::Verified {
         store_id: s.store_id,
         seq: s.book.seq,
-        counts: s.book.counts,
+        counts: {
+            let c = s.book.counts;
+            [c[0], c[1], c[2], c[3], c[4], s.book.evidence]
+        },
         problems: s.problems,
     }
 }
 
+#[cfg(test)]
+mod evidence_tests;
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,7 @@ use super::{
     Sqlite, open_conn, summary, write,
 };
 use crate::leadership::Leadership;
-use crate::store::{Backend, Kind, Put, RecoveryReport, StoreError};
+use crate::store::{Backend, Kind, Put, RecoveryReport, StoreError, Write};
 
 impl Sqlite {
     /// Open (or create) the store in `dir`; a damaged one is refused.
@@ -157,7 +157,7 @@ impl Sqlite {
                 book: scan.book,
             }))),
             dir,
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(crate::store::Pending::default()),
             loaded: Mutex::new(scan.loaded),
             store_id,
             failed: Arc::new(AtomicBool::new(false)),
@@ -182,7 +182,8 @@ impl Sqlite {
             book: Book::default(),
         };
         if !records.is_empty() {
-            write(&mut inner, records).map_err(io)?;
+            let writes: Vec<Write> = records.iter().cloned().map(Write::Put).collect();
+            write(&mut inner, &writes).map_err(io)?;
         }
         write_durably(&dir, MARKER_FILE, marker_text(&store_id).as_bytes()).map_err(|e| {
             StoreError::Io {
@@ -214,6 +215,9 @@ impl Sqlite {
         scan: Scan,
         damage: String,
     ) -> Result<Self, StoreError> {
+        // Evidence is not kept by the scan: what is still valid is read before the file moves.
+        let evidence =
+            super::reader::read(&dir, "", super::reader::OnBad::Skip).unwrap_or_default();
         let aside = dir.join(format!("damaged-{}", unix_ms()));
         std::fs::create_dir_all(&aside).map_err(|source| StoreError::Create {
             path: aside.clone(),
@@ -242,6 +246,13 @@ impl Sqlite {
                     value: value.clone(),
                 });
             }
+        }
+        for (key, value) in evidence {
+            records.push(Put {
+                kind: Kind::Evidence,
+                key,
+                value,
+            });
         }
         let kept = records.len();
         let mut store = Self::create(dir, lock, &records)?;

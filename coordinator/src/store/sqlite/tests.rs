@@ -100,7 +100,7 @@ fn tamper(dir: &Path, sql: &str) {
 }
 
 /// The marker without its seal: what a crash (no clean stop) leaves.
-fn unseal(dir: &Path) {
+pub(super) fn unseal(dir: &Path) {
     let path = dir.join(MARKER_FILE);
     let text = std::fs::read_to_string(&path).expect("marker");
     assert!(text.contains("sealed"), "a clean stop sealed it: {text}");

@@ -1,8 +1,14 @@
 //! One simulated agent: its own TCP connection and `AgentService.Connect`
 //! stream, Register with 8 simulated GPUs, heartbeats at the coordinator's
 //! pace, fake workers for StartWorker/StopWorkers, XIDs on request, and
-//! reconnects with capped exponential backoff and full jitter (as the real
-//! agent does) whenever a session ends.
+//! reconnects with the real agent's backoff (`vigil_agent::backoff`: capped
+//! exponential, full jitter, kept within the lease) whenever a session ends. Mutual TLS with its own node certificate
+//! when the load test runs with `--tls`.
+//!
+//! Each agent keeps a lease across its sessions as the real agent's worker
+//! supervisor does: renewed by every coordinator message, run out after the
+//! coordinator's `lease_ms` of silence. A lease that ran out is counted
+//! (`fenced`): on a real host its workers would have been stopped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,10 +25,14 @@ use vigil_proto::v1::agent_service_client::AgentServiceClient;
 use vigil_proto::v1::command::Kind as CommandKind;
 use vigil_proto::v1::coordinator_message::Body as CoordinatorBody;
 use vigil_proto::v1::{
-    AgentEvent, AgentMessage, CheckpointScan, GpuBackend, GpuInfo, GpuSample, Heartbeat,
-    NvLinkStatus, Register, WorkerExited, WorkerInfo, WorkerStarted, XidError, agent_event,
+    AgentEvent, AgentMessage, CheckpointScan, GpuBackend, GpuInfo, GpuSample, Heartbeat, Register,
+    WorkerExited, WorkerInfo, WorkerStarted, XidError, agent_event,
 };
+use vigil_tls::ClientTls;
 
+use vigil_agent::backoff::{Backoff, lease_cap};
+
+use crate::gpus::{gpu_uuid, inventory, sample_template};
 use crate::stats::Histogram;
 
 /// As the real agent: dialing, then the coordinator's answer to Register.
@@ -32,8 +42,6 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 const OUTBOUND_QUEUE: usize = 16;
 const FALLBACK_INTERVAL: Duration = Duration::from_secs(1);
 const FALLBACK_LEASE: Duration = Duration::from_secs(8);
-pub const GPUS: u32 = 8;
-const NVLINKS: u32 = 18;
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -61,6 +69,8 @@ pub struct RelaunchWatch {
 /// Settings every agent shares.
 pub struct AgentConfig {
     pub coordinator: String,
+    /// Certificates made by `--make-certs`; plaintext without.
+    pub tls_dir: Option<std::path::PathBuf>,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -92,6 +102,12 @@ pub struct Shared {
     pub relaunch: Mutex<Option<RelaunchWatch>>,
     /// StartWorker commands received, by (job, attempt): nodes that got one.
     pub started: Mutex<HashMap<(String, u64), Vec<String>>>,
+    /// Leases that ran out: coordinator silence of a whole lease (workers fenced).
+    pub fenced: AtomicU64,
+    /// While set, each session's first coordinator message records the silence since the
+    /// agent last heard the coordinator (the reconnect storm's gap, per agent).
+    pub recording_silence: AtomicBool,
+    pub silence: Histogram,
 }
 
 impl Shared {
@@ -121,92 +137,9 @@ struct Local {
     gpus: Vec<GpuInfo>,
     template: Vec<GpuSample>,
     workers: Vec<FakeWorker>,
-}
-
-/// Stable per (node, index): FNV-1a of the name and index.
-fn gpu_hash(node: &str, index: u32) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node.bytes().chain(index.to_le_bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// The GPU's UUID, formatted as NVIDIA's, unique per (node, index).
-pub fn gpu_uuid(node: &str, index: u32) -> String {
-    let h = gpu_hash(node, index);
-    let lo = h.rotate_left(17) ^ 0x5bd1_e995;
-    format!(
-        "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        h >> 32,
-        (h >> 16) & 0xffff,
-        h & 0xffff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
-}
-
-fn inventory(node: &str, index: u64) -> Vec<GpuInfo> {
-    (0..GPUS)
-        .map(|i| GpuInfo {
-            index: i,
-            uuid: gpu_uuid(node, i),
-            name: "NVIDIA H100 80GB HBM3 (SIMULATED)".into(),
-            pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + i * 0x10),
-            memory_total_bytes: 80 * 1024 * 1024 * 1024,
-            // Thirteen digits like a real board's, unique per (agent, GPU) for up to a million
-            // agents: the lemon ledger charges serials, so shared ones would make every node a
-            // repeat offender.
-            serial: format!("165{:06}{:04}", index % 1_000_000, i),
-        })
-        .collect()
-}
-
-/// A busy, healthy H100: what a training node reports every heartbeat.
-fn sample_template(seed: u64) -> Vec<GpuSample> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    (0..GPUS)
-        .map(|index| GpuSample {
-            index,
-            temperature_c: Some(55.0 + rng.f32() * 15.0),
-            power_w: Some(550.0 + rng.f32() * 150.0),
-            utilization_pct: Some(90 + rng.u32(0..10)),
-            memory_used_bytes: Some(60 * 1024 * 1024 * 1024 + rng.u64(0..1 << 30)),
-            ecc_uncorrected_volatile: Some(0),
-            ecc_corrected_volatile: Some(0),
-            memory_temperature_c: Some(60.0 + rng.f32() * 10.0),
-            ecc_uncorrected_aggregate: Some(0),
-            ecc_corrected_aggregate: Some(0),
-            retired_pages_single_bit: None,
-            retired_pages_double_bit: None,
-            retired_pages_pending: None,
-            remapped_rows_correctable: Some(0),
-            remapped_rows_uncorrectable: Some(0),
-            remapped_rows_pending: Some(false),
-            remapped_rows_failure: Some(false),
-            throttle_hw_slowdown: Some(false),
-            throttle_thermal: Some(false),
-            throttle_power_brake: Some(false),
-            pcie_link_gen_current: Some(5),
-            pcie_link_gen_max: Some(5),
-            pcie_link_width_current: Some(16),
-            pcie_link_width_max: Some(16),
-            pcie_replay_counter: Some(0),
-            nvlinks: (0..NVLINKS)
-                .map(|link| NvLinkStatus {
-                    link,
-                    active: true,
-                    crc_errors: Some(0),
-                    replay_errors: Some(0),
-                    recovery_errors: Some(0),
-                })
-                .collect(),
-            persistence_mode: Some(true),
-            observed_at_unix_ms: 0,
-            nvlink_supported: Some(true),
-        })
-        .collect()
+    /// The lease: when the coordinator last spoke to this agent, and for how long that holds.
+    last_heard: Option<Instant>,
+    lease: Duration,
 }
 
 impl Local {
@@ -217,7 +150,27 @@ impl Local {
             template: sample_template(seed),
             name,
             workers: Vec::new(),
+            last_heard: None,
+            lease: FALLBACK_LEASE,
         }
+    }
+
+    /// The coordinator spoke: renew the lease, counting it fenced if it had run out first.
+    /// `first` (a session's Registered) records the silence it ended.
+    fn heard(&mut self, shared: &Shared, first: bool) {
+        let now = Instant::now();
+        if let Some(last) = self.last_heard {
+            let silence = now.saturating_duration_since(last);
+            if silence >= self.lease {
+                shared.fenced.fetch_add(1, Ordering::Relaxed);
+                // The supervisor would have stopped them.
+                self.workers.clear();
+            }
+            if first && shared.recording_silence.load(Ordering::Relaxed) {
+                shared.silence.record(silence);
+            }
+        }
+        self.last_heard = Some(now);
     }
 
     fn worker_infos(&self) -> Vec<WorkerInfo> {
@@ -270,9 +223,17 @@ pub async fn run(
     pacing: Arc<Semaphore>,
     mut cmds: mpsc::UnboundedReceiver<AgentCmd>,
 ) {
+    let tls = match crate::tls::agent(cfg.tls_dir.as_ref(), &name) {
+        Ok(t) => t,
+        Err(e) => {
+            crate::progress(format!("{name}: {e:#}"));
+            shared.count_error("no certificate");
+            return;
+        }
+    };
     let mut local = Local::new(name, index as u64);
     let mut rng = fastrand::Rng::new();
-    let mut failures: u32 = 0;
+    let mut backoff = Backoff::new(cfg.initial_backoff, cfg.max_backoff);
     let mut ever_registered = false;
     loop {
         // Only the first connection of each agent is paced; reconnects are not.
@@ -281,11 +242,11 @@ pub async fn run(
         } else {
             pacing.clone().acquire_owned().await.ok()
         };
-        let end = session(&cfg, &shared, &mut local, &mut cmds, permit).await;
+        let end = session(&cfg, &tls, &shared, &mut local, &mut cmds, permit).await;
         shared.count_error(end.kind);
         if end.registered {
             ever_registered = true;
-            failures = 0;
+            backoff.reset();
             shared.registered_now.fetch_sub(1, Ordering::SeqCst);
             shared.sessions_lost.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut first) = shared.first_loss.lock() {
@@ -295,13 +256,12 @@ pub async fn run(
         if end.kind == "orchestrator gone" {
             return;
         }
-        let ceiling = 1u32
-            .checked_shl(failures)
-            .and_then(|f| cfg.initial_backoff.checked_mul(f))
-            .map_or(cfg.max_backoff, |d| d.min(cfg.max_backoff));
-        failures = failures.saturating_add(1);
-        let ceiling_ns = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        tokio::time::sleep(Duration::from_nanos(rng.u64(0..=ceiling_ns))).await;
+        // As the real agent: while the lease lives, dial again before it runs out.
+        let cap = local.last_heard.and_then(|heard| {
+            let left = (heard + local.lease).saturating_duration_since(Instant::now());
+            lease_cap(left, cfg.initial_backoff)
+        });
+        tokio::time::sleep(backoff.next_delay_within(&mut rng, cap)).await;
     }
 }
 
@@ -342,16 +302,18 @@ impl Outbound {
 
 async fn session(
     cfg: &AgentConfig,
+    tls: &ClientTls,
     shared: &Shared,
     local: &mut Local,
     cmds: &mut mpsc::UnboundedReceiver<AgentCmd>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> SessionEnd {
-    let Ok(endpoint) = Endpoint::from_shared(cfg.coordinator.clone()) else {
+    let Ok(endpoint) = Endpoint::from_shared(vigil_tls::dial_url(&cfg.coordinator, tls)) else {
         return end(false, "invalid coordinator URL");
     };
     let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true);
-    let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+    let dial = vigil_tls::connect(endpoint, tls);
+    let channel = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
         Ok(Ok(c)) => c,
         Ok(Err(_)) => return end(false, "connect failed"),
         Err(_) => return end(false, "connect timed out"),
@@ -393,14 +355,16 @@ async fn session(
         _ => return end(false, "no Registered"),
     };
     drop(permit);
+    local.lease = match registered.lease_ms {
+        0 => FALLBACK_LEASE,
+        ms => Duration::from_millis(ms),
+    };
+    local.heard(shared, true);
     let interval = match registered.heartbeat_interval_ms {
         0 => FALLBACK_INTERVAL,
         ms => Duration::from_millis(ms),
     };
-    let lease = match registered.lease_ms {
-        0 => FALLBACK_LEASE,
-        ms => Duration::from_millis(ms),
-    };
+    let lease = local.lease;
     shared
         .heartbeat_interval_ms
         .store(registered.heartbeat_interval_ms, Ordering::Relaxed);
@@ -458,6 +422,7 @@ async fn session(
                     Err(_) => return end(true, "stream error"),
                 };
                 lease_timer.as_mut().reset(Instant::now() + lease);
+                local.heard(shared, false);
                 match msg.body {
                     Some(CoordinatorBody::Ack(ack)) => {
                         let now = Instant::now();
@@ -588,23 +553,4 @@ fn handle_command(
         | None => {}
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_agents_gpus_have_their_own_serials_and_uuids() {
-        let mut serials = std::collections::HashSet::new();
-        let mut uuids = std::collections::HashSet::new();
-        for index in 0..10_000u64 {
-            let name = format!("load-{:05}", index + 1);
-            for g in inventory(&name, index) {
-                assert_eq!(g.serial.len(), 13, "{}", g.serial);
-                assert!(serials.insert(g.serial), "serial repeats at agent {index}");
-                assert!(uuids.insert(g.uuid), "uuid repeats at agent {index}");
-            }
-        }
-    }
 }

@@ -14,6 +14,7 @@ use vigil_proto::v1::{
     GetJobRequest, JobDetail, StatusRequest, StatusResponse, SubmitJobRequest, UncordonRequest,
     WatchEventsRequest,
 };
+use vigil_tls::ClientTls;
 
 pub type Control = ControlServiceClient<Channel>;
 
@@ -35,11 +36,11 @@ backoff = "0s"
 hang_timeout = "1h"
 "#;
 
-pub async fn connect(url: &str) -> Result<Control> {
-    let channel = Endpoint::from_shared(url.to_owned())?
+pub async fn connect(url: &str, tls: &ClientTls) -> Result<Control> {
+    let endpoint = Endpoint::from_shared(vigil_tls::dial_url(url, tls))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
+        .tcp_nodelay(true);
+    let channel = vigil_tls::connect(endpoint, tls)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
     Ok(ControlServiceClient::new(channel)
