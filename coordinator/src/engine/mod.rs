@@ -59,13 +59,6 @@ const RECOVER_STORE_EVERY: u64 = 10;
 const EVENT_QUEUE: usize = 8192;
 /// Agent messages one turn takes from the queue at most (one commit for all of them).
 const MAX_BATCH: usize = 1024;
-/// Registrations wait in a queue of their own, and a turn takes at most this many of them,
-/// after every other message queued. In a reconnect storm the heartbeats of the agents already
-/// back are acked first, so their leases hold however many registrations are waiting; sharing
-/// one queue, thousands of registrations ahead of a heartbeat delayed its ack past the lease,
-/// and those agents came back as registrations too.
-const JOIN_QUEUE: usize = 2048;
-const MAX_JOINS_PER_TURN: usize = 256;
 /// Events kept for slow `clusterctl events --follow` readers.
 const EVENT_BUS: usize = 1024;
 /// Time-driven changes are published every this many ticks.
@@ -227,8 +220,6 @@ impl Snapshot {
 #[derive(Clone)]
 pub struct EngineHandle {
     events: mpsc::Sender<Event>,
-    /// Registrations (`Event::Register`), apart: see [`JOIN_QUEUE`].
-    joins: mpsc::Sender<Event>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Every node and job event as it happens (the engine holds the sender).
     bus: broadcast::Sender<v1::ClusterEvent>,
@@ -240,11 +231,7 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     pub async fn send(&self, event: Event) -> Result<(), ControlError> {
-        let queue = match &event {
-            Event::Register { .. } => &self.joins,
-            _ => &self.events,
-        };
-        queue
+        self.events
             .send(event)
             .await
             .map_err(|_| ControlError::ShuttingDown)
@@ -295,8 +282,6 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     events: mpsc::Receiver<Event>,
-    /// Registrations (the handle's other end): taken after the other messages of a turn.
-    joins: mpsc::Receiver<Event>,
     dirty: bool,
     pending: pending::Pending,
     /// Called on every tick of the loop: proof that the engine itself, not
@@ -357,7 +342,6 @@ impl Engine {
             "loaded cluster state; nodes are Unreachable until their agents reconnect"
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-        let (joins_tx, joins) = mpsc::channel(JOIN_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
         let mut state = state.with_jobs(store.load_jobs()?);
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
@@ -418,7 +402,6 @@ impl Engine {
             metrics,
             snapshot,
             events,
-            joins,
             dirty: false,
             pending: pending::Pending::default(),
             on_tick: None,
@@ -434,7 +417,6 @@ impl Engine {
         };
         let handle = EngineHandle {
             events: events_tx,
-            joins: joins_tx,
             snapshot: snapshot_rx,
             bus,
             clock,
@@ -481,21 +463,25 @@ impl Engine {
                 () = stopped(&mut stop) => break,
                 event = self.events.recv() => match event {
                     Some(event) => {
-                        if let Err(e) = self.turn_from(Some(event)).await {
+                        let mut batch = vec![event];
+                        while batch.len() < MAX_BATCH {
+                            match self.events.try_recv() {
+                                Ok(more) => batch.push(more),
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(e) = self.turn(batch).await {
                             self.sessions.clear();
                             return Err(e);
                         }
-                        self.tick_if_due(&mut tick).await;
-                    }
-                    None => break,
-                },
-                join = self.joins.recv() => match join {
-                    Some(join) => {
-                        if let Err(e) = self.turn_from(Some(join)).await {
-                            self.sessions.clear();
-                            return Err(e);
+                        // Under a steady flood of agent messages the tick below never wins
+                        // the select: run it here once due, or liveness, commands, deferred
+                        // history and readers' snapshots would stall until the flood ends.
+                        let since = self.clock.now().mono.saturating_duration_since(self.last_tick);
+                        if since >= TICK {
+                            self.on_tick_turn().await;
+                            tick.reset();
                         }
-                        self.tick_if_due(&mut tick).await;
                     }
                     None => break,
                 },
@@ -508,45 +494,6 @@ impl Engine {
             Err(e) => warn!(error = %e, "engine stopped; final flush failed"),
         }
         Ok(())
-    }
-
-    /// One turn: `first`, then every other message queued (up to [`MAX_BATCH`]), then up to
-    /// [`MAX_JOINS_PER_TURN`] registrations.
-    async fn turn_from(&mut self, first: Option<Event>) -> Result<(), StoreError> {
-        let mut batch: Vec<Event> = first.into_iter().collect();
-        let mut joins = batch
-            .iter()
-            .filter(|e| matches!(e, Event::Register { .. }))
-            .count();
-        while batch.len() < MAX_BATCH {
-            match self.events.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
-        while joins < MAX_JOINS_PER_TURN {
-            match self.joins.try_recv() {
-                Ok(join) => batch.push(join),
-                Err(_) => break,
-            }
-            joins += 1;
-        }
-        self.turn(batch).await
-    }
-
-    /// Under a steady flood of agent messages the tick never wins the select: run it after a
-    /// turn once due, or liveness, commands, deferred history and readers' snapshots would
-    /// stall until the flood ends.
-    async fn tick_if_due(&mut self, tick: &mut tokio::time::Interval) {
-        let since = self
-            .clock
-            .now()
-            .mono
-            .saturating_duration_since(self.last_tick);
-        if since >= TICK {
-            self.on_tick_turn().await;
-            tick.reset();
-        }
     }
 
     /// The store's mark as agents are told it: empty and 0 where the store keeps none.
