@@ -41,6 +41,11 @@ impl Lease {
         self.last_heard
     }
 
+    /// What is left of it at `now` (zero once it ran out).
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.deadline().saturating_duration_since(now)
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         now >= self.deadline()
     }
@@ -64,6 +69,14 @@ mod tests {
         assert!(!lease.is_expired(t0 + 7 * SECS));
         assert!(lease.is_expired(t0 + 8 * SECS));
         assert_eq!(lease.silent_for(t0 + 9 * SECS), 9 * SECS);
+    }
+
+    #[test]
+    fn what_remains_shrinks_to_zero_at_the_deadline() {
+        let t0 = Instant::now();
+        let lease = Lease::new(8 * SECS, t0);
+        assert_eq!(lease.remaining(t0 + 3 * SECS), 5 * SECS);
+        assert_eq!(lease.remaining(t0 + 9 * SECS), Duration::ZERO);
     }
 
     #[test]

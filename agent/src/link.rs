@@ -209,8 +209,10 @@ pub async fn run(ctx: SessionContext, mut events: EventSource, reconnect: Reconn
             Pause::Backoff => {
                 // While the workers' lease lives, dial again before it runs out.
                 let cap = lease.and_then(|l| {
-                    let left = l.deadline().saturating_duration_since(Instant::now());
-                    crate::backoff::lease_cap(left, reconnect.initial_backoff)
+                    crate::backoff::lease_cap(
+                        l.remaining(Instant::now()),
+                        reconnect.initial_backoff,
+                    )
                 });
                 let pause = round_pause(standby_answered, &mut backoff, &mut rng, cap);
                 standby_answered = false;

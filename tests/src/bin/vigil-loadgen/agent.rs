@@ -31,6 +31,7 @@ use vigil_proto::v1::{
 use vigil_tls::ClientTls;
 
 use vigil_agent::backoff::{Backoff, lease_cap};
+use vigil_agent::lease::Lease;
 
 use crate::gpus::{gpu_uuid, inventory, sample_template};
 use crate::stats::Histogram;
@@ -137,9 +138,8 @@ struct Local {
     gpus: Vec<GpuInfo>,
     template: Vec<GpuSample>,
     workers: Vec<FakeWorker>,
-    /// The lease: when the coordinator last spoke to this agent, and for how long that holds.
-    last_heard: Option<Instant>,
-    lease: Duration,
+    /// The lease, kept across sessions as the real agent's worker supervisor keeps it.
+    lease: Option<Lease>,
 }
 
 impl Local {
@@ -150,27 +150,40 @@ impl Local {
             template: sample_template(seed),
             name,
             workers: Vec::new(),
-            last_heard: None,
-            lease: FALLBACK_LEASE,
+            lease: None,
         }
     }
 
-    /// The coordinator spoke: renew the lease, counting it fenced if it had run out first.
-    /// `first` (a session's Registered) records the silence it ended.
-    fn heard(&mut self, shared: &Shared, first: bool) {
+    /// A session's Registered: the lease held so far is judged (and the silence it ended
+    /// recorded), and a new one of `duration` begins.
+    fn registered(&mut self, shared: &Shared, duration: Duration) {
         let now = Instant::now();
-        if let Some(last) = self.last_heard {
-            let silence = now.saturating_duration_since(last);
-            if silence >= self.lease {
-                shared.fenced.fetch_add(1, Ordering::Relaxed);
-                // The supervisor would have stopped them.
-                self.workers.clear();
-            }
-            if first && shared.recording_silence.load(Ordering::Relaxed) {
-                shared.silence.record(silence);
+        if let Some(lease) = self.lease {
+            self.judge(shared, lease, now);
+            if shared.recording_silence.load(Ordering::Relaxed) {
+                shared.silence.record(lease.silent_for(now));
             }
         }
-        self.last_heard = Some(now);
+        self.lease = Some(Lease::new(duration, now));
+    }
+
+    /// Any later coordinator message renews the lease.
+    fn heard(&mut self, shared: &Shared) {
+        let now = Instant::now();
+        if let Some(mut lease) = self.lease {
+            self.judge(shared, lease, now);
+            lease.renew(now);
+            self.lease = Some(lease);
+        }
+    }
+
+    /// A lease that ran out before the coordinator spoke again is counted fenced.
+    fn judge(&mut self, shared: &Shared, lease: Lease, now: Instant) {
+        if lease.is_expired(now) {
+            shared.fenced.fetch_add(1, Ordering::Relaxed);
+            // The supervisor would have stopped them.
+            self.workers.clear();
+        }
     }
 
     fn worker_infos(&self) -> Vec<WorkerInfo> {
@@ -257,10 +270,9 @@ pub async fn run(
             return;
         }
         // As the real agent: while the lease lives, dial again before it runs out.
-        let cap = local.last_heard.and_then(|heard| {
-            let left = (heard + local.lease).saturating_duration_since(Instant::now());
-            lease_cap(left, cfg.initial_backoff)
-        });
+        let cap = local
+            .lease
+            .and_then(|l| lease_cap(l.remaining(Instant::now()), cfg.initial_backoff));
         tokio::time::sleep(backoff.next_delay_within(&mut rng, cap)).await;
     }
 }
@@ -355,16 +367,15 @@ async fn session(
         _ => return end(false, "no Registered"),
     };
     drop(permit);
-    local.lease = match registered.lease_ms {
+    let lease = match registered.lease_ms {
         0 => FALLBACK_LEASE,
         ms => Duration::from_millis(ms),
     };
-    local.heard(shared, true);
+    local.registered(shared, lease);
     let interval = match registered.heartbeat_interval_ms {
         0 => FALLBACK_INTERVAL,
         ms => Duration::from_millis(ms),
     };
-    let lease = local.lease;
     shared
         .heartbeat_interval_ms
         .store(registered.heartbeat_interval_ms, Ordering::Relaxed);
@@ -422,7 +433,7 @@ async fn session(
                     Err(_) => return end(true, "stream error"),
                 };
                 lease_timer.as_mut().reset(Instant::now() + lease);
-                local.heard(shared, false);
+                local.heard(shared);
                 match msg.body {
                     Some(CoordinatorBody::Ack(ack)) => {
                         let now = Instant::now();
