@@ -251,8 +251,15 @@ run_size() {
   done
   kill -9 "$lpid" 2>/dev/null || true
   wait "$lpid" 2>/dev/null || true
+  local resumed=null full=null behind=null
   if $restarted; then
     post_hwm=$(status_kib "$coord_pid" VmHWM)
+    # How the restarted coordinator took its agents back: resumed TLS sessions (tickets from
+    # before the kill) or full handshakes.
+    scrape >"$dir/metrics-after-restart.txt"
+    resumed=$(awk '$1 == "vigil_tls_handshakes_total{kind=\"resumed\"}" { print $2 }' "$dir/metrics-after-restart.txt")
+    full=$(awk '$1 == "vigil_tls_handshakes_total{kind=\"full\"}" { print $2 }' "$dir/metrics-after-restart.txt")
+    behind=$(grep -c "engine is behind its queue" "$dir/coordinator-restarted.log" || true)
   fi
   kill -9 "$coord_pid" 2>/dev/null || true
   wait "$coord_pid" 2>/dev/null || true
@@ -267,7 +274,9 @@ run_size() {
    "rss_kib_window_end": ${rss_w:-0}, "hwm_kib": ${hwm:-0}, "rss_kib_before_kill": ${rss_end:-0},
    "engine_queue_depth_window_end": $queue, "restarted": $restarted,
    "restart_to_serving_ms": $restart_serving_ms, "hwm_kib_after_restart": ${post_hwm:-0},
-   "too_many_open_files_lines": ${accept_errors:-0}},
+   "too_many_open_files_lines": ${accept_errors:-0},
+   "handshakes_after_restart": {"resumed": ${resumed:-null}, "full": ${full:-null}},
+   "engine_fell_behind_times": ${behind:-null}},
  "loadgen_cpu_cores_window": $lg_cores,
  "loadgen": $loadgen,
  "logs": "$dir"}
@@ -378,8 +387,11 @@ w("- A real `target/release/vigil-coordinator` (default liveness: 1 s heartbeats
   "sharing its cores.")
 w("- **Transport**: mutual TLS as in production, unless a run's settings below say plaintext: `vigil-loadgen "
   "--make-certs` makes a CA, the coordinator's certificate and one node certificate per simulated agent naming "
-  "its node (rcgen, ECDSA P-256, as `deploy/tls/make-certs.sh` makes them with openssl); every agent session is "
-  "a full TLS 1.3 handshake with client authentication (no session resumption).")
+  "its node (rcgen, ECDSA P-256, as `deploy/tls/make-certs.sh` makes them with openssl); each agent's first session is "
+  "a full TLS 1.3 handshake with client authentication; like the real agent, each simulated agent keeps its TLS "
+  "client config across sessions, so after the coordinator's restart it resumes its session with the ticket the "
+  "coordinator gave it (sealed with the keys in the data dir, `tls-ticket-keys`) when the coordinator accepts it; "
+  "the report counts the restarted coordinator's resumed and full handshakes.")
 w("- `vigil-loadgen` simulates N agents in one process (tokio multi-thread runtime). Each agent has its own "
   "TCP connection and `AgentService.Connect` stream, registers 8 SIMULATED H100s with UUIDs and serials of its own, and "
   "heartbeats at the interval the coordinator's `Registered` sets, each heartbeat carrying 8 `GpuSample`s "
@@ -476,6 +488,13 @@ def restart_cell(r):
 row("restart to all re-registered", restart_cell)
 row("agents fenced in the restart (lease ran out)", lambda r: str(L(r,'restart','fenced')) if L(r,'restart','fenced') is not None else "not measured")
 row("silence per agent across the restart p50 / p99 / max", lambda r: f"{pq(L(r,'restart','silence'))} / {ms(L(r,'restart','silence','max_ms'))}")
+def handshakes(r):
+    h = get(r, 'coordinator', 'handshakes_after_restart') or {}
+    if h.get('resumed') is None:
+        return "not measured"
+    return f"{h['resumed']:.0f} resumed / {h['full']:.0f} full"
+row("TLS handshakes of the restarted coordinator (resumed / full)", handshakes)
+row("restarted engine: times it fell over 1 s behind its queue (silence then judged as of its backlog)", lambda r: str(get(r,'coordinator','engine_fell_behind_times')))
 row("coordinator peak RSS after restart", lambda r: mib(get(r,'coordinator','hwm_kib_after_restart')))
 row("transport; load average before the run", lambda r: f"{'mutual TLS' if r.get('tls') else 'plaintext'}; {r.get('loadavg_before', '?')}")
 w("")

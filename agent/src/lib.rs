@@ -298,6 +298,7 @@ async fn serve(
     let ctx = SessionContext {
         coordinators: config.coordinator.clone(),
         tls: config.tls.clone(),
+        tls_sessions: Arc::default(),
         node_name: config.node_name.clone(),
         hostname,
         identity: host,

@@ -57,6 +57,11 @@ pub struct SessionContext {
     pub coordinators: Coordinators,
     /// `None`: plaintext (insecure). Re-read at every connection.
     pub tls: Option<vigil_tls::TlsFiles>,
+    /// The TLS client config kept while those files are unchanged, and with it the session
+    /// ticket of the last connection: after a coordinator restart this agent resumes its
+    /// session (no certificate signing or verification on either side) instead of a full
+    /// handshake, which is what lets thousands of agents come back within their lease.
+    pub tls_sessions: Arc<vigil_tls::ClientSessions>,
     pub node_name: String,
     pub hostname: String,
     /// This host's machine-id and boot id, sent in every `Register` (see `identity`).
@@ -205,7 +210,7 @@ async fn run_until_error(
     registered: &mut bool,
     lease_out: &mut Option<Lease>,
 ) -> Result<Infallible, SessionError> {
-    let channel = dial(url, ctx.tls.as_ref()).await?;
+    let channel = dial(url, ctx.tls.as_ref(), &ctx.tls_sessions).await?;
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(vigil_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(vigil_proto::MAX_MESSAGE_BYTES);
@@ -357,12 +362,17 @@ async fn witness(ctx: &SessionContext, store_id: &str, seq: u64) {
 }
 
 /// Connects to the coordinator, verifying it against the CA when TLS is configured (the
-/// files are re-read here, so renewed certificates apply at the next connection).
-async fn dial(url: &str, tls: Option<&vigil_tls::TlsFiles>) -> Result<Channel, SessionError> {
+/// files are re-read here, so renewed certificates apply at the next connection; while they
+/// are unchanged the config of the last connection is kept, to resume its session).
+async fn dial(
+    url: &str,
+    tls: Option<&vigil_tls::TlsFiles>,
+    sessions: &vigil_tls::ClientSessions,
+) -> Result<Channel, SessionError> {
     let transport = match tls {
         Some(files) => vigil_tls::ClientTls::Tls {
             config: files
-                .client_config(std::time::SystemTime::now())
+                .client_config_resuming(std::time::SystemTime::now(), sessions)
                 .map_err(SessionError::Tls)?,
             server_name: None,
         },

@@ -102,11 +102,25 @@ pub async fn run(
 /// Loads the `[tls]` files of `config`: `None` when it is `insecure`.
 pub fn load_tls(config: &Config) -> Result<Option<vigil_tls::ServerTls>, vigil_tls::TlsError> {
     match &config.tls {
-        Some(files) => Ok(Some(vigil_tls::ServerTls::new(
-            files.server_config(SystemTime::now())?,
-        ))),
+        Some(files) => Ok(Some(vigil_tls::ServerTls::new(server_tls_config(
+            files, config,
+        )?))),
         None => Ok(None),
     }
+}
+
+/// The server config for `files`, issuing session tickets sealed with the keys in the data
+/// dir (`tls-ticket-keys`), so that agents resume their sessions after a restart. Before the
+/// data dir exists (the check of the files at start-up), keys in memory.
+pub fn server_tls_config(
+    files: &vigil_tls::TlsFiles,
+    config: &Config,
+) -> Result<Arc<vigil_tls::ServerConfig>, vigil_tls::TlsError> {
+    let tickets = config
+        .data_dir
+        .is_dir()
+        .then_some(config.data_dir.as_path());
+    files.server_config_resuming(SystemTime::now(), tickets)
 }
 
 /// Exports whether the coordinator is insecure and when its certificate expires; warns
@@ -225,20 +239,7 @@ pub async fn run_with_hooks(
         crate::api::client_version::check,
     );
     let mut server_stop = stop_rx;
-    let refusals = metrics.clone();
-    let incoming = vigil_tls::incoming(
-        grpc,
-        tls,
-        Arc::new(move |r: vigil_tls::Refusal| {
-            refusals
-                .security
-                .connections_refused
-                .get_or_create(&metrics::security::RefusalLabel {
-                    reason: r.as_str().to_owned(),
-                })
-                .inc();
-        }),
-    );
+    let incoming = vigil_tls::incoming(grpc, tls, metrics.security.handshake_observer());
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
@@ -222,7 +221,7 @@ fn reload_tls(slot: &TlsSlot, new: &Config) -> Option<String> {
     let ((tls, metrics), Some(files)) = (guard.as_ref()?, &new.tls) else {
         return None;
     };
-    let result = files.server_config(SystemTime::now());
+    let result = vigil_coordinator::server_tls_config(files, new);
     let label = ResultLabel {
         result: if result.is_ok() { "ok" } else { "error" }.to_owned(),
     };

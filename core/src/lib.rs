@@ -57,5 +57,5 @@ pub use nodes::{
 
 pub use recovery::RecoveryHold;
 pub use state::{ClusterState, Effect, Ignored, Registration, StateError};
-pub use step::{Answer, AuditSubject, Input, step, tick};
+pub use step::{Answer, AuditSubject, Input, step, tick, tick_heard_until};
 pub use time::{Instant, Now};

@@ -21,7 +21,7 @@ use vigil_proto::v1;
 use crate::input::assigned;
 use crate::node::{CordonSource, DiagnosticsRecord};
 use crate::state::{ClusterState, Effect, Ignored, Registration, StateError};
-use crate::time::Now;
+use crate::time::{Instant, Now};
 
 /// Who an operator's call was about (owned: inputs cross a channel).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,8 +224,14 @@ fn unassigned(state: &ClusterState, input: &Input) -> Vec<Effect> {
 /// Apply the passage of time: the cordon breaker's window, liveness, GPU findings aging out, hangs, triage, burn-in
 /// and remediation budgets, stragglers, restart backoffs; then every policy in order.
 pub fn tick(state: &mut ClusterState, now: Now) -> Vec<Effect> {
+    tick_heard_until(state, now, now.mono)
+}
+
+/// [`tick`], judging agents' silence as of `heard_until`: the last moment every agent
+/// message received before it had been taken in (`ClusterState::tick_heard_until`).
+pub fn tick_heard_until(state: &mut ClusterState, now: Now, heard_until: Instant) -> Vec<Effect> {
     let mut effects = state.breaker_tick(now);
-    effects.extend(state.tick(now));
+    effects.extend(state.tick_heard_until(now, heard_until));
     effects.extend(state.jobs_tick(now));
     effects.extend(state.burn_in_tick(now));
     effects.extend(state.remediation_tick(now));

@@ -121,7 +121,7 @@ pub fn load_certs(
 }
 
 /// Rejects a certificate outside its validity period, naming the file.
-fn check_validity(
+pub(crate) fn check_validity(
     der: &CertificateDer<'_>,
     path: &Path,
     what: &'static str,
@@ -197,6 +197,18 @@ impl TlsFiles {
     /// The coordinator's config: its certificate, and client certificates required and
     /// verified against the CA.
     pub fn server_config(&self, now: SystemTime) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_resuming(now, None)
+    }
+
+    /// [`Self::server_config`] issuing TLS 1.3 session tickets sealed with the keys kept in
+    /// `tickets_dir` (the data dir), so agents resume their sessions after a restart
+    /// ([`crate::tickets`]); `None`: keys in memory, resumption within this process only.
+    pub fn server_config_resuming(
+        &self,
+        now: SystemTime,
+        tickets_dir: Option<&Path>,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let ca_bytes = read(&self.ca, "CA certificate")?;
         let roots = load_roots(&self.ca, now)?;
         let certs = load_certs(&self.cert, "certificate", now)?;
         let key = load_key(&self.key)?;
@@ -213,12 +225,50 @@ impl TlsFiles {
             .with_single_cert(certs, key)
             .map_err(|e| self.identity_error(e))?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.ticketer = Arc::new(crate::tickets::TicketKeys::open(tickets_dir, &ca_bytes));
         Ok(Arc::new(config))
     }
 
     /// An agent's or clusterctl's config: its certificate, and the coordinator verified
     /// against the CA.
     pub fn client_config(&self, now: SystemTime) -> Result<Arc<ClientConfig>, TlsError> {
+        self.build_client_config(now).map(Arc::new)
+    }
+
+    /// [`Self::client_config`], kept in `sessions` while the certificate, key and CA files are
+    /// unchanged, with the session tickets it holds: a process that dials again (an agent
+    /// after its coordinator restarted) resumes its last session instead of a full handshake.
+    /// (rustls resumes only through the config that made the session.) When the files change,
+    /// a new config and no ticket: a ticket carries the certificate it was made with.
+    pub fn client_config_resuming(
+        &self,
+        now: SystemTime,
+        sessions: &ClientSessions,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let files = [
+            read(&self.ca, "CA certificate")?,
+            read(&self.cert, "certificate")?,
+            read(&self.key, "private key")?,
+        ];
+        let mut fingerprint = Vec::with_capacity(32 * files.len());
+        for f in &files {
+            fingerprint.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, f).as_ref());
+        }
+        let mut kept = sessions.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, config)) = kept.as_ref()
+            && *seen == fingerprint
+        {
+            // Unchanged files, but time passes: an expired certificate is named here.
+            load_certs(&self.cert, "certificate", now)?;
+            load_roots(&self.ca, now)?;
+            return Ok(config.clone());
+        }
+        let config = self.client_config(now)?;
+        *kept = Some((fingerprint, config.clone()));
+        Ok(config)
+    }
+
+    fn build_client_config(&self, now: SystemTime) -> Result<ClientConfig, TlsError> {
         let roots = load_roots(&self.ca, now)?;
         let certs = load_certs(&self.cert, "certificate", now)?;
         let key = load_key(&self.key)?;
@@ -235,7 +285,7 @@ impl TlsFiles {
             .with_client_auth_cert(certs, key)
             .map_err(|e| self.identity_error(e))?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
-        Ok(Arc::new(config))
+        Ok(config)
     }
 
     fn identity_error(&self, e: rustls::Error) -> TlsError {
@@ -245,4 +295,11 @@ impl TlsFiles {
             error: e.to_string(),
         }
     }
+}
+
+/// The client config (and so the session tickets) a client keeps across its connections; see
+/// [`TlsFiles::client_config_resuming`].
+#[derive(Default)]
+pub struct ClientSessions {
+    kept: std::sync::Mutex<Option<(Vec<u8>, Arc<ClientConfig>)>>,
 }

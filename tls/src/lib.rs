@@ -7,6 +7,8 @@
 //!   and the vigil role its organization grants (`vigil:node`, `vigil:viewer`, `vigil:admin`).
 //! - `server`: the coordinator's acceptor: TLS handshakes off the accept loop, plaintext
 //!   refused and counted, the server config swappable on SIGHUP without touching open streams.
+//! - `tickets`: TLS 1.3 session-ticket keys kept in the data dir, so agents resume their
+//!   sessions after a coordinator restart instead of full handshakes.
 //! - `client`: the connector agents and clusterctl dial through, verifying the coordinator.
 //! - `testing` (feature `testing`): a CA and certificates made at test time.
 //!
@@ -19,11 +21,13 @@ pub mod identity;
 pub mod server;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod tickets;
 
 pub use client::{ClientTls, SchemeError, check_scheme, connect, dial_url};
-pub use files::{TlsError, TlsFiles};
+pub use files::{ClientSessions, TlsError, TlsFiles};
 pub use identity::{Peer, PeerIdentity, Role};
-pub use server::{Refusal, ServerTls, incoming};
+pub use rustls::ServerConfig;
+pub use server::{Handshake, Refusal, ServerTls, incoming};
 
 /// One crypto provider for every config vigil builds (ring: no cmake at build time).
 pub(crate) fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {

@@ -5,10 +5,11 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -74,8 +75,30 @@ impl Refusal {
     }
 }
 
-/// Called for each refused connection (the coordinator counts them).
-pub type OnRefusal = Arc<dyn Fn(Refusal) + Send + Sync>;
+/// How a connection's TLS handshake ended, for a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Refused before any request.
+    Refused(Refusal),
+    /// Accepted after a full handshake: certificates signed and verified on both sides.
+    Full,
+    /// Accepted by resuming an earlier session with its ticket (no certificate signed or
+    /// verified): what agents do after a coordinator restart.
+    Resumed,
+}
+
+impl Handshake {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handshake::Refused(r) => r.as_str(),
+            Handshake::Full => "full",
+            Handshake::Resumed => "resumed",
+        }
+    }
+}
+
+/// Called for each connection once its handshake ended (the coordinator counts them).
+pub type OnHandshake = Arc<dyn Fn(Handshake) + Send + Sync>;
 
 /// The connections `listener` accepts, ready for `Server::serve_with_incoming`: TLS with
 /// verified client certificates when `tls` is set, plaintext otherwise.
@@ -96,7 +119,7 @@ fn max_handshakes() -> usize {
 pub fn incoming(
     listener: TcpListener,
     tls: Option<ServerTls>,
-    on_refusal: OnRefusal,
+    on_handshake: OnHandshake,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let handshakes = Arc::new(Semaphore::new(max_handshakes()));
@@ -136,7 +159,7 @@ pub fn incoming(
                 return;
             }
             let tx = tx.clone();
-            let on_refusal = on_refusal.clone();
+            let on_handshake = on_handshake.clone();
             let handshakes = handshakes.clone();
             tokio::spawn(async move {
                 // In turn, first come first served (tokio's semaphore is fair); a connection
@@ -151,20 +174,21 @@ pub fn incoming(
                     Ok(None) => return,
                     Err(_) => {
                         warn!(%remote, "refused connection: no TLS handshake within {}s", HANDSHAKE_TIMEOUT.as_secs());
-                        on_refusal(Refusal::Timeout);
+                        on_handshake(Handshake::Refused(Refusal::Timeout));
                         return;
                     }
                 };
                 let done = tokio::time::timeout(TURN_TIMEOUT, handshake(tcp, remote, &tls)).await;
                 drop(turn);
                 match done {
-                    Ok(Ok(conn)) => {
+                    Ok(Ok((conn, kind))) => {
+                        on_handshake(kind);
                         tx.send(Ok(conn)).await.ok();
                     }
-                    Ok(Err(refusal)) => on_refusal(refusal),
+                    Ok(Err(refusal)) => on_handshake(Handshake::Refused(refusal)),
                     Err(_) => {
                         warn!(%remote, "refused connection: TLS handshake not finished within {}s of its turn", TURN_TIMEOUT.as_secs());
-                        on_refusal(Refusal::Timeout);
+                        on_handshake(Handshake::Refused(Refusal::Timeout));
                     }
                 }
             });
@@ -173,7 +197,11 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &ServerTls) -> Result<Conn, Refusal> {
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    tls: &ServerTls,
+) -> Result<(Conn, Handshake), Refusal> {
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
         Ok(0) | Err(_) => return Err(Refusal::Handshake),
@@ -207,14 +235,41 @@ async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &ServerTls) -> Resul
         warn!(%remote, "refused connection: no client certificate");
         return Err(Refusal::Handshake);
     };
-    debug!(%remote, cn = %identity.common_name, "TLS connection accepted");
-    Ok(Conn {
+    // A resumed session skips certificate verification: its ticket holds the chain as first
+    // verified (under this CA: tickets are bound to it), so only time can have changed.
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed
+        && let Some(leaf) = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        && let Err(e) = crate::files::check_validity(
+            leaf,
+            Path::new("(resumed session)"),
+            "client certificate",
+            SystemTime::now(),
+        )
+    {
+        warn!(%remote, cn = %identity.common_name, error = %e, "refused connection: resumed TLS session with a client certificate no longer valid");
+        return Err(Refusal::Handshake);
+    }
+    debug!(%remote, cn = %identity.common_name, resumed, "TLS connection accepted");
+    let conn = Conn {
         io: Io::Tls(Box::new(stream)),
         peer: Peer {
             remote: Some(remote),
             identity: Some(identity),
         },
-    })
+    };
+    Ok((
+        conn,
+        if resumed {
+            Handshake::Resumed
+        } else {
+            Handshake::Full
+        },
+    ))
 }
 
 enum Io {

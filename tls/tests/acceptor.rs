@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::StreamExt;
 use vigil_tls::testing::{Leaf, TestCa};
-use vigil_tls::{Refusal, ServerTls, TlsFiles, incoming};
+use vigil_tls::{Handshake, Refusal, ServerTls, TlsFiles, incoming};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -53,7 +53,11 @@ async fn serve(server: &ServerTls) -> Result<(u16, Arc<Mutex<Vec<Refusal>>>)> {
     let mut conns = incoming(
         listener,
         Some(server.clone()),
-        Arc::new(move |r| seen.lock().unwrap_or_else(|e| e.into_inner()).push(r)),
+        Arc::new(move |h| {
+            if let Handshake::Refused(r) = h {
+                seen.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+            }
+        }),
     );
     tokio::spawn(async move {
         while let Some(Ok(mut conn)) = conns.next().await {
@@ -276,5 +280,72 @@ async fn a_tls_client_without_a_certificate_is_refused() -> Result {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+async fn dial_resuming(
+    port: u16,
+    client: &TlsFiles,
+    sessions: &vigil_tls::ClientSessions,
+) -> Result<(String, Option<rustls::HandshakeKind>)> {
+    let config = client.client_config_resuming(SystemTime::now(), sessions)?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    tls.write_all(b"ping").await?;
+    let kind = tls.get_ref().1.handshake_kind();
+    // Reading to the end also takes in the tickets the server sends after the handshake.
+    Ok((answer(tls).await?, kind))
+}
+
+/// A coordinator serving with session-ticket keys in `data` (its data dir).
+async fn serve_resuming(
+    f: &Fixture,
+    data: &std::path::Path,
+) -> Result<(u16, Arc<Mutex<Vec<Refusal>>>)> {
+    let config = f
+        .server
+        .server_config_resuming(SystemTime::now(), Some(data))?;
+    serve(&ServerTls::new(config)).await
+}
+
+#[tokio::test]
+async fn an_agent_resumes_its_session_after_a_restart_and_keeps_its_identity() -> Result {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let f = fixture()?;
+    let data = tempfile::tempdir()?;
+    let node = f.ca.issue("node-0", &Leaf::node("node-0"))?;
+    let sessions = vigil_tls::ClientSessions::default();
+
+    let (port, _) = serve_resuming(&f, data.path()).await?;
+    assert_eq!(
+        dial_resuming(port, &node, &sessions).await?,
+        ("node-0".to_owned(), Some(Full))
+    );
+
+    // A restarted coordinator: a new config and listener, the same data dir.
+    let (port, refusals) = serve_resuming(&f, data.path()).await?;
+    assert_eq!(
+        dial_resuming(port, &node, &sessions).await?,
+        ("node-0".to_owned(), Some(Resumed)),
+        "the ticket of the first session opens with the key kept in the data dir"
+    );
+
+    // A coordinator with another data dir (its keys lost) still lets the agent in, in full.
+    let elsewhere = tempfile::tempdir()?;
+    let (fresh_port, _) = serve_resuming(&f, elsewhere.path()).await?;
+    assert_eq!(
+        dial_resuming(fresh_port, &node, &sessions).await?,
+        ("node-0".to_owned(), Some(Full))
+    );
+
+    // New certificate files: the old tickets (which carry the old certificate) are forgotten.
+    let renewed = f.ca.issue("node-0", &Leaf::node("node-7"))?;
+    assert_eq!(
+        dial_resuming(port, &renewed, &sessions).await?,
+        ("node-7".to_owned(), Some(Full))
+    );
+    assert!(refusals.lock().map(|r| r.is_empty()).unwrap_or(false));
     Ok(())
 }

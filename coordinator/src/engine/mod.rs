@@ -59,6 +59,8 @@ const RECOVER_STORE_EVERY: u64 = 10;
 const EVENT_QUEUE: usize = 8192;
 /// Agent messages one turn takes from the queue at most (one commit for all of them).
 const MAX_BATCH: usize = 1024;
+/// An engine behind its queue by more than this is logged (and exported all the time).
+const BEHIND_WARN: Duration = Duration::from_secs(1);
 /// Events kept for slow `clusterctl events --follow` readers.
 const EVENT_BUS: usize = 1024;
 /// Time-driven changes are published every this many ticks.
@@ -291,6 +293,11 @@ pub struct Engine {
     ticks: u64,
     /// When the last tick ran: a much longer gap means this process was stalled.
     last_tick: vigil_core::Instant,
+    /// The last moment the engine found its queue empty: every agent message received
+    /// before it has been stepped. Silence is judged as of then, not of now.
+    heard_until: vigil_core::Instant,
+    /// Whether the engine is behind by more than [`BEHIND_WARN`] (logged when it changes).
+    behind_warned: bool,
     /// The only clock decisions are given (monotonic deadlines, wall-clock records).
     clock: Clock,
     /// Effects of turns whose commit failed: carried out once the store recovered.
@@ -408,6 +415,8 @@ impl Engine {
             bus: bus.clone(),
             ticks: 0,
             last_tick: clock.now().mono,
+            heard_until: clock.now().mono,
+            behind_warned: false,
             clock,
             held: Vec::new(),
             store_failed: None,
@@ -467,7 +476,11 @@ impl Engine {
                         while batch.len() < MAX_BATCH {
                             match self.events.try_recv() {
                                 Ok(more) => batch.push(more),
-                                Err(_) => break,
+                                Err(_) => {
+                                    // Empty: everything received until now is in hand.
+                                    self.heard_until = self.clock.now().mono;
+                                    break;
+                                }
                             }
                         }
                         if let Err(e) = self.turn(batch).await {
@@ -485,7 +498,11 @@ impl Engine {
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.on_tick_turn().await,
+                _ = tick.tick() => {
+                    // The queue was empty (events come first in this select).
+                    self.heard_until = self.clock.now().mono;
+                    self.on_tick_turn().await;
+                }
             }
         }
         self.sessions.clear();
@@ -520,7 +537,13 @@ impl Engine {
                 t,
             ));
         }
-        effects.extend(vigil_core::tick(&mut self.state, t));
+        let behind = t.mono.saturating_duration_since(self.heard_until);
+        self.observe_behind(behind);
+        effects.extend(vigil_core::tick_heard_until(
+            &mut self.state,
+            t,
+            self.heard_until,
+        ));
         self.commit_and_act(effects).await.ok();
         self.pending.expire(Instant::now());
         if self.store_failed.is_some() && self.ticks.is_multiple_of(RECOVER_STORE_EVERY) {
@@ -545,6 +568,27 @@ impl Engine {
         self.metrics.engine_alive(self.clock.now().wall_ms);
         if let Some(f) = self.on_tick.as_mut() {
             f();
+        }
+    }
+
+    /// Exports how far behind its queue the engine is; logs when that passes [`BEHIND_WARN`]
+    /// and when it is back.
+    fn observe_behind(&mut self, behind: Duration) {
+        self.metrics.engine_behind.set(behind.as_secs_f64());
+        let over = behind > BEHIND_WARN;
+        if over != self.behind_warned {
+            self.behind_warned = over;
+            if over {
+                warn!(
+                    behind_ms = u64::try_from(behind.as_millis()).unwrap_or(u64::MAX),
+                    queued = self.events.len(),
+                    "engine is behind its queue; judging agents' silence as of when it last \
+                     had every message in hand, so its own backlog marks no agent unreachable \
+                     or lost"
+                );
+            } else {
+                info!("engine caught up with its queue");
+            }
         }
     }
 

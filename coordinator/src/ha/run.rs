@@ -259,19 +259,7 @@ fn serve_standby(
         control,
         crate::api::client_version::check,
     );
-    let incoming = vigil_tls::incoming(
-        grpc,
-        tls,
-        Arc::new(move |r: vigil_tls::Refusal| {
-            metrics
-                .security
-                .connections_refused
-                .get_or_create(&crate::metrics::security::RefusalLabel {
-                    reason: r.as_str().to_owned(),
-                })
-                .inc();
-        }),
-    );
+    let incoming = vigil_tls::incoming(grpc, tls, metrics.security.handshake_observer());
     let server = tonic::transport::Server::builder()
         .add_service(agents)
         .add_service(control)

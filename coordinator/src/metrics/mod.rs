@@ -136,6 +136,9 @@ pub struct Metrics {
     goodput: crate::metrics::goodput::GoodputMetrics,
     pub control_streams: Gauge,
     pub engine_queue_depth: Gauge,
+    /// How far behind its queue the engine was at the last tick: agent silence is judged as
+    /// of that long ago (`ClusterState::tick_heard_until`).
+    pub engine_behind: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub store_size_bytes: Gauge,
     /// 1 while an unconfirmed recovery hold holds jobs.
     pub store_recovery_hold: Gauge,
@@ -191,6 +194,7 @@ impl Metrics {
             goodput: Default::default(),
             control_streams: Gauge::default(),
             engine_queue_depth: Gauge::default(),
+            engine_behind: Gauge::default(),
             store_size_bytes: Gauge::default(),
             store_recovery_hold: Gauge::default(),
             input: Default::default(),
@@ -323,6 +327,14 @@ impl Metrics {
             "vigil_engine_queue_depth",
             "Events waiting for the engine",
             m.engine_queue_depth.clone(),
+        );
+        registry.register_with_unit(
+            "vigil_engine_behind",
+            "How long ago the engine last had every agent message it had received in hand, at \
+             the last tick: agents' silence is judged as of then, so a coordinator behind its \
+             queue does not take its own backlog for silent agents (capped at lost_after)",
+            prometheus_client::registry::Unit::Seconds,
+            m.engine_behind.clone(),
         );
         registry.register_with_unit(
             "vigil_store_size",

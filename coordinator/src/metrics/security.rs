@@ -22,9 +22,16 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabel {
+    pub kind: String,
+}
+
 #[derive(Default)]
 pub struct SecurityMetrics {
     pub connections_refused: Family<RefusalLabel, Counter>,
+    /// TLS handshakes that let a connection in, full or resumed.
+    pub tls_handshakes: Family<HandshakeLabel, Counter>,
     pub calls_denied: Family<CallLabel, Counter>,
     pub certificate_expiry: Gauge,
     pub insecure: Gauge,
@@ -41,6 +48,13 @@ impl SecurityMetrics {
             "Connections refused before any request: plaintext to a TLS listener, failed TLS \
              handshake (no client certificate, another CA, expired) or handshake timeout",
             self.connections_refused.clone(),
+        );
+        registry.register(
+            "vigil_tls_handshakes",
+            "TLS handshakes that let a connection in, by kind: full (certificates signed and \
+             verified on both sides) or resumed (an agent's session ticket from before, as after \
+             a coordinator restart: no certificate work)",
+            self.tls_handshakes.clone(),
         );
         registry.register(
             "vigil_control_calls_denied",
@@ -74,10 +88,40 @@ impl SecurityMetrics {
                 reason: reason.to_owned(),
             });
         }
+        for kind in ["full", "resumed"] {
+            let _ = self.tls_handshakes.get_or_create(&HandshakeLabel {
+                kind: kind.to_owned(),
+            });
+        }
         for result in ["ok", "error"] {
             let _ = self.tls_reloads.get_or_create(&ResultLabel {
                 result: result.to_owned(),
             });
         }
+    }
+}
+
+impl SecurityMetrics {
+    /// What the acceptor calls once each connection's handshake ended: counts refusals by
+    /// reason and accepted handshakes by kind.
+    pub fn handshake_observer(&self) -> vigil_tls::server::OnHandshake {
+        let refused = self.connections_refused.clone();
+        let accepted = self.tls_handshakes.clone();
+        std::sync::Arc::new(move |h: vigil_tls::Handshake| match h {
+            vigil_tls::Handshake::Refused(r) => {
+                refused
+                    .get_or_create(&RefusalLabel {
+                        reason: r.as_str().to_owned(),
+                    })
+                    .inc();
+            }
+            kind => {
+                accepted
+                    .get_or_create(&HandshakeLabel {
+                        kind: kind.as_str().to_owned(),
+                    })
+                    .inc();
+            }
+        })
     }
 }

@@ -420,3 +420,51 @@ fn a_node_that_never_came_back_after_a_coordinator_restart_is_not_charged_again(
     assert!(persisted_lemons(&e).is_empty(), "{e:?}");
     assert!(restarted.lemons.records.is_empty());
 }
+
+/// A coordinator behind its queue (a reconnect storm on too few cores) holds heartbeats it has
+/// not stepped yet: judged as of when it last had every message in hand, their senders stay
+/// Ready and no host is charged for the coordinator's own backlog.
+#[test]
+fn a_coordinator_behind_its_queue_charges_no_host_for_its_own_backlog() {
+    let mut s = cluster(LemonConfig::default());
+    for n in ["n1", "n2"] {
+        heartbeat(&mut s, n, v1::Heartbeat::default(), t(1_000));
+    }
+    // 12 s later the engine last found its queue empty at 9 s: n2's heartbeats since are
+    // still queued. Judged at 9 s, n2 has been silent 8 s: unreachable, not lost.
+    let e = crate::step::tick_heard_until(&mut s, t(12_000), t(9_000).mono);
+    assert_eq!(
+        s.nodes["n2"].availability,
+        Availability::Unreachable,
+        "{e:?}"
+    );
+    assert!(
+        s.lemons.records.is_empty(),
+        "nobody charged: {:?}",
+        s.lemons.records
+    );
+    // The queued heartbeat arrives: Ready again, no incident.
+    heartbeat(&mut s, "n2", v1::Heartbeat::default(), t(12_100));
+    assert_eq!(s.nodes["n2"].availability, Availability::Ready);
+    assert!(s.lemons.records.is_empty());
+}
+
+/// However far behind the coordinator is, it forgives at most `lost_after` of silence: a dead
+/// node is still found lost (and charged), one `lost_after` late at worst.
+#[test]
+fn the_backlog_forgiven_is_capped_so_a_dead_node_is_still_lost() {
+    let mut s = cluster(LemonConfig::default());
+    heartbeat(&mut s, "n2", v1::Heartbeat::default(), t(1_000));
+    let lost_after = LivenessConfig::default().lost_after;
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    // Never caught up since the start, and n2 silent for 2 x lost_after + 1 s.
+    let now = t(1_000 + 2 * ms(lost_after) + 1_000);
+    crate::step::tick_heard_until(&mut s, now, t(0).mono);
+    assert_eq!(s.nodes["n2"].availability, Availability::Lost);
+    assert_eq!(s.lemons.records["host/n2"].incidents[0].kind, "node_lost");
+    // A `heard_until` later than now (a clock read before another) judges as of now.
+    let mut s = cluster(LemonConfig::default());
+    heartbeat(&mut s, "n2", v1::Heartbeat::default(), t(1_000));
+    crate::step::tick_heard_until(&mut s, t(1_000 + ms(lost_after)), t(99_000_000).mono);
+    assert_eq!(s.nodes["n2"].availability, Availability::Lost);
+}

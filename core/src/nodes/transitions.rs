@@ -14,6 +14,7 @@ use crate::health;
 use crate::liveness;
 use crate::node::{Availability, Cordon, CordonSource, DiagnosticsRecord, Node, NodeEvent};
 use crate::state::{ClusterState, Effect, Now, StateError, record};
+use crate::time::Instant;
 
 impl ClusterState {
     pub fn heartbeat(
@@ -217,10 +218,28 @@ impl ClusterState {
     /// Apply the passage of time: silent nodes become Unreachable, then
     /// Lost; health warnings age out of their window.
     pub fn tick(&mut self, now: Now) -> Vec<Effect> {
+        self.tick_heard_until(now, now.mono)
+    }
+
+    /// [`Self::tick`], judging silence as of `heard_until`: the last moment the coordinator
+    /// had taken in every agent message received before it. A coordinator that fell behind
+    /// its queue (a reconnect storm on too few cores) has not read the heartbeats of the last
+    /// seconds yet; their senders are not silent, and must not go `Unreachable`, `Lost`
+    /// (their work given away) or into the lemon ledger for the coordinator's own backlog.
+    /// The backlog forgiven is capped at `lost_after`, so a dead node is still found, at
+    /// worst one `lost_after` late, however far behind the coordinator is. Forgiving only
+    /// delays a `Lost` verdict, never advances one: the agent's lease is unaffected.
+    pub fn tick_heard_until(&mut self, now: Now, heard_until: Instant) -> Vec<Effect> {
+        let floor = now.mono.saturating_sub(self.liveness.lost_after);
+        let judged_at = heard_until.min(now.mono).max(floor);
+        let judged = Now {
+            mono: judged_at,
+            wall_ms: now.wall_ms,
+        };
         let mut effects = Vec::new();
         let known = self.nodes.len();
         for node in self.nodes.values_mut() {
-            reevaluate(node, now, &self.liveness, "no heartbeat", &mut effects);
+            reevaluate(node, judged, &self.liveness, "no heartbeat", &mut effects);
             if !node.health.event_findings.is_empty() {
                 effects.extend(judge(node, &mut self.breaker, known, now, &self.health));
             }
