@@ -1,6 +1,10 @@
 //! `vigil-coordinator`: parse flags and config, open the store, bind, run;
 //! tell systemd how it goes (ready, watchdog, stopping) and re-read the config on SIGHUP.
 
+/// mimalloc instead of glibc's malloc (docs/scale-analysis.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

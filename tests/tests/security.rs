@@ -154,6 +154,38 @@ fn only_an_agent_with_a_node_certificate_for_its_own_name_joins() -> Result<()> 
     Ok(())
 }
 
+/// After `kill -9` and a restart on the same data dir, the real agent comes back by resuming its
+/// TLS session (the ticket its first session got, opened with the keys the coordinator keeps in
+/// its data dir): no certificate is signed or verified for it, which is what lets thousands of
+/// agents return within their lease (docs/security.md, "Session resumption").
+#[test]
+fn an_agent_resumes_its_tls_session_after_a_coordinator_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = pki(dir.path())?;
+    let (mut coordinator, url) = start_coordinator(dir.path(), &pki)?;
+    let admin = issue(&pki.ca, "alice", &Leaf::admin("alice"))?;
+    let node = issue(&pki.ca, "node-0", &Leaf::node("node-0"))?;
+    let _agent = Agent::start_with(dir.path(), &url, "node-0", 2, &tls_section(&node))?;
+    wait_for("node-0 Ready", LONG, || ready(&url, &admin, "node-0"))?;
+    let keys = dir.path().join("coordinator-data").join("tls-ticket-keys");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&keys)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "the ticket keys are private");
+
+    coordinator.kill9();
+    let config = format!("{FAST_LIVENESS}\n{}", tls_section(&pki.coordinator));
+    let restarted = Coordinator::start(dir.path(), &config, Some(coordinator.grpc))?;
+    wait_for("node-0 back with a resumed session", LONG, || {
+        let text = http_get(restarted.metrics, "/metrics")?;
+        let resumed = metric(&text, "vigil_tls_handshakes_total{kind=\"resumed\"}").unwrap_or(0.0);
+        Ok((resumed >= 1.0).then_some(()))
+    })?;
+    wait_for("node-0 Ready again", LONG, || ready(&url, &admin, "node-0"))?;
+    // clusterctl keeps no ticket between runs: its calls are full handshakes.
+    let text = http_get(restarted.metrics, "/metrics")?;
+    assert!(metric(&text, "vigil_tls_handshakes_total{kind=\"full\"}").unwrap_or(0.0) >= 1.0);
+    Ok(())
+}
+
 #[test]
 fn a_viewer_reads_but_cannot_change_anything_and_an_admin_is_audited() -> Result<()> {
     let dir = tempfile::tempdir()?;
