@@ -43,9 +43,12 @@ fn board(at_ms: u64) -> Vec<GpuSample> {
         .collect()
 }
 
+/// A change to a board, for one scenario.
+type Vary = fn(&mut [GpuSample]);
+
 /// Boards the health policy judges differently: healthy, Degraded, Unhealthy, one with links
 /// unused since registration, one whose counters rise.
-fn variations() -> Vec<(&'static str, fn(&mut [GpuSample]))> {
+fn variations() -> Vec<(&'static str, Vary)> {
     vec![
         ("healthy", |_| {}),
         ("row remap pending", |b| {
@@ -67,7 +70,7 @@ fn variations() -> Vec<(&'static str, fn(&mut [GpuSample]))> {
 
 /// What heartbeat `i` of a sequence reads: telemetry that moves every time (temperature across
 /// the limit now and then), and, at two points, a change of health.
-fn reading(i: u64, vary: fn(&mut [GpuSample])) -> Vec<GpuSample> {
+fn reading(i: u64, vary: Vary) -> Vec<GpuSample> {
     let mut b = board(crate::test_utils::T0 + i * 1000);
     vary(&mut b);
     for (g, s) in (0..).zip(b.iter_mut()) {
