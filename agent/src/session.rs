@@ -15,6 +15,7 @@ use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 use vigil_proto::compat;
+use vigil_proto::heartbeat_form::SessionSamples;
 use vigil_proto::v1::agent_message::Body as AgentBody;
 use vigil_proto::v1::agent_service_client::AgentServiceClient;
 use vigil_proto::v1::command::Kind as CommandKind;
@@ -219,6 +220,8 @@ async fn run_until_error(
         tx,
         next_seq: 1,
         fabric_read: false,
+        // Full samples until the coordinator says it reads the compact form.
+        samples: SessionSamples::new(false),
     };
     // Re-read per session: a GPU that vanished since the last one must not be registered.
     let gpus = on_blocking_pool(&ctx.probe, |p| p.inventory())
@@ -311,6 +314,7 @@ async fn run_until_error(
     *registered = true;
     ctx.metrics.registrations.inc();
     ctx.metrics.connected.set(1);
+    outbound.samples = SessionSamples::new(accepted.accepts_gpu_health_unchanged);
     let pace = Pace::from(&accepted);
     let registration = Registration {
         url: url.to_owned(),
@@ -427,6 +431,9 @@ struct Outbound {
     next_seq: u64,
     /// This session's heartbeats say the fabric is read (see `Heartbeat.fabric_read`).
     fabric_read: bool,
+    /// What decides whether a heartbeat carries full GPU samples or only their telemetry
+    /// (`vigil_proto::heartbeat_form`); new with every session.
+    samples: SessionSamples,
 }
 
 impl Outbound {
@@ -474,14 +481,17 @@ impl Outbound {
             None => (Vec::new(), false),
         };
         ctx.metrics.observe_fabric(&fabric);
-        let sent = self.push(AgentBody::Heartbeat(Heartbeat {
+        let mut hb = Heartbeat {
             sent_at_unix_ms: unix_ms(),
-            gpus,
             workers: ctx.workers.list().await,
             fabric,
             fabric_read,
-        }))?;
+            ..Heartbeat::default()
+        };
+        let form = self.samples.fill(&mut hb, gpus);
+        let sent = self.push(AgentBody::Heartbeat(hb))?;
         if sent {
+            self.samples.sent(form);
             ctx.metrics.heartbeats_sent.inc();
         } else {
             warn!("coordinator is not reading; heartbeat dropped");

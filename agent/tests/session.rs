@@ -35,6 +35,11 @@ enum Answer {
     RejectFor(u64),
     /// [`ACCEPT`], from a coordinator that says it is this release.
     AcceptFrom(&'static str),
+    /// [`ACCEPT`] (ending the stream after `close_after` heartbeats), from a coordinator
+    /// that reads heartbeats saying GPU health is unchanged.
+    AcceptCompact {
+        close_after: Option<usize>,
+    },
 }
 
 /// The fake coordinator's store id (see the marks it tells in `connect`).
@@ -69,9 +74,18 @@ impl AgentService for FakeCoordinator {
             .unwrap_or_else(PoisonError::into_inner)
             .pop_front()
             .unwrap_or(ACCEPT);
-        let (answer, version) = match answer {
-            Answer::AcceptFrom(version) => (ACCEPT, version),
-            answer => (answer, env!("CARGO_PKG_VERSION")),
+        let (answer, version, compact) = match answer {
+            Answer::AcceptFrom(version) => (ACCEPT, version, false),
+            Answer::AcceptCompact { close_after } => (
+                Answer::Accept {
+                    lease_ms: 5_000,
+                    ack: true,
+                    close_after,
+                },
+                env!("CARGO_PKG_VERSION"),
+                true,
+            ),
+            answer => (answer, env!("CARGO_PKG_VERSION"), false),
         };
         let mut inbound = request.into_inner();
         let seen = self.seen.clone();
@@ -102,6 +116,7 @@ impl AgentService for FakeCoordinator {
                         // heartbeat acknowledged is one commit more.
                         store_id: STORE_ID.into(),
                         store_seq: session * 10,
+                        accepts_gpu_health_unchanged: compact,
                     }),
                     (
                         Answer::Accept {
@@ -122,8 +137,9 @@ impl AgentService for FakeCoordinator {
                             store_seq: session * 10 + heartbeats as u64,
                         })
                     }
-                    // AcceptFrom became ACCEPT above.
-                    (Answer::Reject | Answer::RejectFor(_), false) | (Answer::AcceptFrom(_), _) => {
+                    // AcceptFrom and AcceptCompact became ACCEPT above.
+                    (Answer::Reject | Answer::RejectFor(_), false)
+                    | (Answer::AcceptFrom(_) | Answer::AcceptCompact { .. }, _) => {
                         continue;
                     }
                 };
@@ -249,6 +265,10 @@ async fn agent_registers_first_then_heartbeats_with_gpu_samples() -> TestResult 
         };
         assert_eq!(hb.gpus.len(), 2);
         assert!(hb.gpus.iter().all(|g| g.temperature_c.is_some()));
+        assert!(
+            !hb.gpu_health_unchanged && hb.telemetry.is_empty(),
+            "full samples only: this coordinator does not accept the compact form"
+        );
     }
     let text = h.metrics().await?;
     for line in [
@@ -260,6 +280,52 @@ async fn agent_registers_first_then_heartbeats_with_gpu_samples() -> TestResult 
             text.lines().any(|l| l == line),
             "{line:?} missing in\n{text}"
         );
+    }
+    h.stop().await
+}
+
+fn heartbeat_of(m: AgentMessage) -> Result<vigil_proto::v1::Heartbeat, Box<dyn Error>> {
+    match m.body {
+        Some(Body::Heartbeat(hb)) => Ok(hb),
+        _ => Err("expected a heartbeat".into()),
+    }
+}
+
+#[tokio::test]
+async fn agent_sends_telemetry_alone_once_full_samples_went_to_a_coordinator_that_reads_it()
+-> TestResult {
+    // Sessions 1 and 2 end after 4 heartbeats each; 2 and 3 are told the capability.
+    let closing = Answer::Accept {
+        lease_ms: 5_000,
+        ack: true,
+        close_after: Some(4),
+    };
+    let answers = vec![
+        closing,
+        Answer::AcceptCompact {
+            close_after: Some(4),
+        },
+        Answer::AcceptCompact { close_after: None },
+    ];
+    let mut h = Harness::start(answers).await?;
+    // Session 1 (no capability): full samples throughout.
+    for _ in 0..3 {
+        let hb = heartbeat_of(h.wait_for(1, is_heartbeat).await?)?;
+        assert!(!hb.gpu_health_unchanged && hb.gpus.len() == 2);
+    }
+    for session in [2, 3] {
+        let first = heartbeat_of(h.wait_for(session, is_heartbeat).await?)?;
+        assert!(
+            !first.gpu_health_unchanged && first.gpus.len() == 2,
+            "session {session} starts with full samples"
+        );
+        for _ in 0..3 {
+            let hb = heartbeat_of(h.wait_for(session, is_heartbeat).await?)?;
+            assert!(hb.gpu_health_unchanged, "session {session}: {hb:?}");
+            assert!(hb.gpus.is_empty());
+            assert_eq!(hb.telemetry.len(), 2);
+            assert!(hb.telemetry.iter().all(|t| t.temperature_c.is_some()));
+        }
     }
     h.stop().await
 }

@@ -17,7 +17,7 @@ use vigil_coordinator::config::{HealthConfig, LivenessConfig};
 use vigil_coordinator::health::judge_samples;
 use vigil_coordinator::node::GpuRecord;
 use vigil_coordinator::state::{ClusterState, Effect, Now, Registration};
-use vigil_proto::v1;
+use vigil_proto::{heartbeat_form, v1};
 
 /// Nodes in the "large cluster" benchmarks.
 const CLUSTER_NODES: u32 = 10_000;
@@ -222,6 +222,33 @@ fn bench_heartbeat(c: &mut Criterion) {
         b.iter_batched(
             || step_input(hb.clone()),
             |input| vigil_core::step(&mut s, black_box(input), now),
+            BatchSize::SmallInput,
+        );
+    });
+    // The same heartbeat in the compact form a current agent sends between full ones: GPU
+    // health unchanged, the telemetry alone.
+    let compact = v1::Heartbeat {
+        gpus: Vec::new(),
+        gpu_health_unchanged: true,
+        telemetry: hb.gpus.iter().map(heartbeat_form::telemetry).collect(),
+        ..hb.clone()
+    };
+    g.bench_function("compact_heartbeat_1_node_of_10k", |b| {
+        b.iter_batched(
+            || compact.clone(),
+            |hb| s.heartbeat(black_box(&name), session, hb, now),
+            BatchSize::SmallInput,
+        );
+    });
+    // As the engine runs it: a snapshot holds the node's samples, so they are copied before
+    // the telemetry is merged in (the copy held is dropped outside the measurement).
+    g.bench_function("compact_heartbeat_samples_shared_1_node_of_10k", |b| {
+        b.iter_batched(
+            || compact.clone(),
+            |hb| {
+                let held = s.nodes[&name].last_samples.clone();
+                (s.heartbeat(black_box(&name), session, hb, now), held)
+            },
             BatchSize::SmallInput,
         );
     });

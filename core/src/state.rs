@@ -40,6 +40,10 @@ pub enum Ignored {
     StaleSession,
     /// About work not assigned to the reporting node (see `input::assigned`).
     Unassigned(crate::input::assigned::Unassigned),
+    /// The GPU part of a heartbeat that says GPU health is unchanged, from a session that has
+    /// sent no full samples to read it against (the rest of the heartbeat is applied): the
+    /// node's GPU state stays as it was. Once per session; the shell logs a warning.
+    GpuTelemetryWithoutSamples,
 }
 
 /// What the engine must do after a transition, in order.

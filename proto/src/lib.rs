@@ -9,6 +9,8 @@
 //! - `node_state`: the display states (`Ready` ... `Lost`), their words and order.
 //! - `fabric_port`: how to read a `FabricPort` (up or not, its name).
 //! - `gpu_sample`: how to read a `GpuSample` (its faults, when its NVLinks count).
+//! - `heartbeat_form`: when a heartbeat carries full GPU samples and when their telemetry
+//!   only (the agent's and the load generator's rule), and how the coordinator merges it.
 //! - `standby`: the `vigil-leader` metadata key, and (feature `grpc`) how a standby refuses a
 //!   call and how a caller recognises that.
 //!
@@ -23,6 +25,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub mod compat;
 pub mod fabric_port;
 pub mod gpu_sample;
+pub mod heartbeat_form;
 pub mod names;
 pub mod node_state;
 pub mod standby;

@@ -36,6 +36,12 @@ impl Engine {
                     );
                 }
             }
+            Effect::Ignored {
+                reason,
+                why: Ignored::GpuTelemetryWithoutSamples,
+            } => {
+                warn!("kept the node's GPU state: {reason}");
+            }
             Effect::IdentityConflict {
                 node,
                 session,

@@ -219,7 +219,8 @@ impl Engine {
         heartbeat: v1::Heartbeat,
         batch: &mut Batch,
     ) {
-        self.metrics.heartbeats.inc();
+        self.metrics
+            .heartbeat_received(heartbeat.gpu_health_unchanged);
         if heartbeat.sent_at_unix_ms > 0 {
             // A metric across two hosts' wall clocks; it decides nothing.
             let lag = self
@@ -435,6 +436,7 @@ impl Engine {
             coordinator_name: self.store.leadership().name().to_owned(),
             store_id: mark.store_id,
             store_seq: mark.seq,
+            accepts_gpu_health_unchanged: true,
         };
         let msg = v1::CoordinatorMessage {
             body: Some(v1::coordinator_message::Body::Registered(registered)),

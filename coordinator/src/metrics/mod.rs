@@ -67,6 +67,11 @@ pub struct NodeConditionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FormLabel {
+    pub form: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -112,7 +117,11 @@ pub struct Metrics {
     nodes: Family<StateLabel, Gauge>,
     gpus: Family<StateLabel, Gauge>,
     pub connected_agents: Gauge,
-    pub heartbeats: Counter,
+    /// By `form`: `full` (GPU samples) or `compact` (GPU health unchanged, telemetry only).
+    heartbeats: Family<FormLabel, Counter>,
+    /// The two series of `heartbeats`, made once: no label is built per heartbeat.
+    heartbeats_full: Counter,
+    heartbeats_compact: Counter,
     pub registrations: Counter,
     pub rejected_registrations: Counter,
     /// Registrations that showed the store was rolled back (the coordinator then stops).
@@ -168,11 +177,22 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 impl Metrics {
     pub fn new(started_unix_ms: u64) -> Self {
         let mut registry = Registry::default();
+        let heartbeats = Family::<FormLabel, Counter>::default();
+        let form = |form: &str| {
+            heartbeats
+                .get_or_create(&FormLabel {
+                    form: form.to_owned(),
+                })
+                .clone()
+        };
+        let (heartbeats_full, heartbeats_compact) = (form("full"), form("compact"));
         let m = Self {
             nodes: Family::default(),
             gpus: Family::default(),
             connected_agents: Gauge::default(),
-            heartbeats: Counter::default(),
+            heartbeats,
+            heartbeats_full,
+            heartbeats_compact,
             registrations: Counter::default(),
             rejected_registrations: Counter::default(),
             store_rollbacks: Counter::default(),
@@ -227,7 +247,7 @@ impl Metrics {
         );
         registry.register(
             "vigil_heartbeats_received",
-            "Heartbeats received from agents",
+            "Heartbeats received from agents, by form: full (GPU samples) or compact (GPU health unchanged, telemetry only)",
             m.heartbeats.clone(),
         );
         registry.register(
@@ -563,6 +583,15 @@ impl Metrics {
                 xid: xid.to_string(),
             })
             .inc();
+    }
+
+    /// A heartbeat arrived; `compact`: it said GPU health is unchanged.
+    pub fn heartbeat_received(&self, compact: bool) {
+        if compact {
+            self.heartbeats_compact.inc();
+        } else {
+            self.heartbeats_full.inc();
+        }
     }
 
     pub fn count_diagnostics(&self, passed: bool) {

@@ -145,9 +145,18 @@ fn check_path(field: &str, path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Check a Heartbeat: sample and worker counts, NVLinks per GPU, job ids.
+/// Check a Heartbeat: sample, telemetry and worker counts, NVLinks per GPU, job ids; a
+/// heartbeat that says GPU health is unchanged carries telemetry, not samples.
 pub fn check_heartbeat(hb: &v1::Heartbeat) -> Result<(), String> {
     check_count("heartbeat.gpus", hb.gpus.len(), MAX_GPUS)?;
+    check_count("heartbeat.telemetry", hb.telemetry.len(), MAX_GPUS)?;
+    if hb.gpu_health_unchanged && !hb.gpus.is_empty() {
+        return Err(
+            "heartbeat.gpus must be empty when heartbeat.gpu_health_unchanged is set: send \
+             either full samples or telemetry"
+                .into(),
+        );
+    }
     for s in &hb.gpus {
         check_count("heartbeat.gpus.nvlinks", s.nvlinks.len(), MAX_NVLINKS)?;
     }

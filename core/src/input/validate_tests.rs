@@ -141,6 +141,28 @@ fn oversized_heartbeats_are_refused() {
     assert!(check_heartbeat(&v1::Heartbeat::default()).is_ok());
 }
 
+#[test]
+fn a_compact_heartbeat_carries_bounded_telemetry_and_no_samples() {
+    let compact = v1::Heartbeat {
+        gpu_health_unchanged: true,
+        telemetry: vec![v1::GpuTelemetry::default(); 8],
+        ..Default::default()
+    };
+    assert!(check_heartbeat(&compact).is_ok());
+    let too_many = v1::Heartbeat {
+        telemetry: vec![v1::GpuTelemetry::default(); MAX_GPUS + 1],
+        ..compact.clone()
+    };
+    let e = check_heartbeat(&too_many).expect_err("too much telemetry");
+    assert!(e.starts_with("heartbeat.telemetry"), "{e}");
+    let both = v1::Heartbeat {
+        gpus: vec![v1::GpuSample::default()],
+        ..compact
+    };
+    let e = check_heartbeat(&both).expect_err("samples and the flag");
+    assert!(e.contains("gpu_health_unchanged"), "{e}");
+}
+
 fn scan_rejecting(r: v1::RejectedCheckpoint) -> Kind {
     Kind::CheckpointScan(v1::CheckpointScan {
         job_id: "j-1".into(),

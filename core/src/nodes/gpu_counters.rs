@@ -32,6 +32,8 @@ pub struct GpuCounters {
     pub nvlink_baseline: Option<Arc<BTreeMap<u32, Vec<u32>>>>,
     /// From the latest heartbeat.
     pub findings: Vec<Finding>,
+    /// Whether the last [`Self::used_links`] left a link out.
+    links_left_out: bool,
     windows: Vec<((u32, Counter), CounterWindow)>,
 }
 
@@ -84,10 +86,10 @@ impl GpuCounters {
                 .get(&s.index)
                 .is_some_and(|active| active.contains(&link))
         };
-        if !samples
+        self.links_left_out = samples
             .iter()
-            .any(|s| s.nvlinks.iter().any(|l| unused(s, l.link)))
-        {
+            .any(|s| s.nvlinks.iter().any(|l| unused(s, l.link)));
+        if !self.links_left_out {
             return Cow::Borrowed(samples);
         }
         Cow::Owned(
@@ -100,6 +102,16 @@ impl GpuCounters {
                 })
                 .collect(),
         )
+    }
+
+    /// [`Self::used_links`] of samples whose NVLinks are those it was last given (a heartbeat
+    /// that says GPU health is unchanged): the same links are left out, so when none was the
+    /// search is skipped.
+    pub fn used_links_again<'a>(&mut self, samples: &'a [GpuSample]) -> Cow<'a, [GpuSample]> {
+        if self.nvlink_baseline.is_some() && !self.links_left_out {
+            return Cow::Borrowed(samples);
+        }
+        self.used_links(samples)
     }
 
     /// Judge the rates of one heartbeat's samples at `now_ms` (monotonic).

@@ -54,6 +54,18 @@ impl CordonSource {
     }
 }
 
+/// What a heartbeat that says GPU health is unchanged (`Heartbeat.gpu_health_unchanged`) is
+/// read against: the full samples of the same session, which every agent sends first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleBase {
+    /// No full samples yet this session (or no session).
+    Missing,
+    /// As `Missing`, and a compact heartbeat came anyway: reported once, not again.
+    MissingReported,
+    /// `last_samples` are this session's full samples (with telemetry merged in since).
+    Held,
+}
+
 /// Intent: the node takes no new work, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cordon {
@@ -151,7 +163,11 @@ pub struct Node {
     pub heard_since_start: bool,
     /// The live agent session, if any; messages of any other session are stale.
     pub session: Option<u64>,
+    /// The GPU samples as last judged: a full heartbeat's, or the session's last full ones
+    /// with a compact heartbeat's telemetry merged in.
     pub last_samples: Arc<Vec<v1::GpuSample>>,
+    /// Whether `last_samples` are this session's, so that a compact heartbeat can be read.
+    pub sample_base: SampleBase,
     /// The fabric ports as last read (registration or heartbeat); empty when none is known.
     pub last_fabric: Arc<Vec<v1::FabricPort>>,
     pub workers: Arc<Vec<v1::WorkerInfo>>,
@@ -180,6 +196,7 @@ impl Node {
             heard_since_start: false,
             session: None,
             last_samples: Arc::default(),
+            sample_base: SampleBase::Missing,
             last_fabric: Arc::default(),
             workers: Arc::default(),
             health: NodeHealth::default(),

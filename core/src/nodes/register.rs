@@ -99,6 +99,7 @@ impl ClusterState {
         node.session = Some(reg.session);
         node.workers = Arc::new(reg.workers);
         node.last_samples = Arc::default();
+        node.sample_base = crate::node::SampleBase::Missing;
         node.health.sample_findings.clear();
         node.health
             .fabric

@@ -6,14 +6,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vigil_proto::v1;
+use vigil_proto::{heartbeat_form, v1};
 
 use crate::breaker::{Breaker, gate};
 use crate::config::{HealthConfig, LivenessConfig};
 use crate::health;
 use crate::liveness;
-use crate::node::{Availability, Cordon, CordonSource, DiagnosticsRecord, Node, NodeEvent};
-use crate::state::{ClusterState, Effect, Now, StateError, record};
+use crate::node::{
+    Availability, Cordon, CordonSource, DiagnosticsRecord, Node, NodeEvent, SampleBase,
+};
+use crate::state::{ClusterState, Effect, Ignored, Now, StateError, record};
 use crate::time::Instant;
 
 impl ClusterState {
@@ -21,17 +23,18 @@ impl ClusterState {
         &mut self,
         node_name: &str,
         session: u64,
-        hb: v1::Heartbeat,
+        mut hb: v1::Heartbeat,
         now: Now,
     ) -> Result<Vec<Effect>, StateError> {
         let cfg = self.health.clone();
         let known = self.nodes.len();
         let node = live_session(&mut self.nodes, node_name, session)?;
-        let used = node.health.counters.used_links(&hb.gpus);
-        node.health.sample_findings = health::judge_samples(&node.record.gpus, &used, &cfg);
-        node.health
-            .counters
-            .judge(&hb.gpus, now.mono_ms(), &cfg.rates);
+        let mut effects = Vec::new();
+        if hb.gpu_health_unchanged {
+            compact_samples(node, &hb.telemetry, now, &cfg, &mut effects);
+        } else {
+            full_samples(node, std::mem::take(&mut hb.gpus), now, &cfg);
+        }
         node.health.fabric.judge(
             &hb.fabric,
             hb.fabric_read,
@@ -39,12 +42,10 @@ impl ClusterState {
             now.mono_ms(),
             &cfg.fabric,
         );
-        node.last_samples = Arc::new(hb.gpus);
         if hb.fabric_read || !hb.fabric.is_empty() {
             node.last_fabric = Arc::new(hb.fabric);
         }
         node.workers = Arc::new(hb.workers);
-        let mut effects = Vec::new();
         hear_from(node, now, "heartbeat resumed", &mut effects);
         effects.extend(judge(node, &mut self.breaker, known, now, &cfg));
         let workers = node.workers.clone();
@@ -407,6 +408,55 @@ fn live_session<'a>(
     Ok(node)
 }
 
+/// Judge a heartbeat's full GPU samples: they are the node's samples from now on, and what
+/// the session's compact heartbeats are read against.
+fn full_samples(node: &mut Node, samples: Vec<v1::GpuSample>, now: Now, cfg: &HealthConfig) {
+    let used = node.health.counters.used_links(&samples);
+    node.health.sample_findings = health::judge_samples(&node.record.gpus, &used, cfg);
+    node.health
+        .counters
+        .judge(&samples, now.mono_ms(), &cfg.rates);
+    node.last_samples = Arc::new(samples);
+    node.sample_base = SampleBase::Held;
+}
+
+/// Judge a heartbeat that says the GPUs' health is as in the session's last full samples:
+/// the node's samples become those with `telemetry` merged in, judged as a full heartbeat
+/// with those samples would be, less what provably gives the same answer (which NVLinks are
+/// in use). Without full samples this session (an agent must send them first) the node's GPU
+/// state stays as it is, GPU count unjudged, reported once per session.
+fn compact_samples(
+    node: &mut Node,
+    telemetry: &[v1::GpuTelemetry],
+    now: Now,
+    cfg: &HealthConfig,
+    effects: &mut Vec<Effect>,
+) {
+    match node.sample_base {
+        SampleBase::Held => {
+            let samples = Arc::make_mut(&mut node.last_samples);
+            heartbeat_form::merge_telemetry(samples, telemetry);
+            let used = node.health.counters.used_links_again(samples);
+            node.health.sample_findings = health::judge_samples(&node.record.gpus, &used, cfg);
+            node.health
+                .counters
+                .judge(samples, now.mono_ms(), &cfg.rates);
+        }
+        SampleBase::Missing => {
+            node.sample_base = SampleBase::MissingReported;
+            effects.push(Effect::Ignored {
+                reason: format!(
+                    "node {}: a heartbeat said GPU health is unchanged before any full GPU \
+                     sample of its session; its GPU state is kept as it was",
+                    node.record.name
+                ),
+                why: Ignored::GpuTelemetryWithoutSamples,
+            });
+        }
+        SampleBase::MissingReported => {}
+    }
+}
+
 /// The agent just spoke: restart its silence clock and, if it was not Ready, say so.
 pub(super) fn hear_from(node: &mut Node, now: Now, why: &'static str, effects: &mut Vec<Effect>) {
     node.silent_since = now.mono;
@@ -542,3 +592,7 @@ pub(crate) fn judge(
 #[cfg(test)]
 #[path = "transitions_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "compact_heartbeat_tests.rs"]
+mod compact_heartbeat_tests;

@@ -1,6 +1,7 @@
 //! One simulated agent: its own TCP connection and `AgentService.Connect`
 //! stream, Register with 8 simulated GPUs, heartbeats at the coordinator's
-//! pace, fake workers for StartWorker/StopWorkers, XIDs on request, and
+//! pace (full GPU samples or their telemetry alone by the real agent's rule,
+//! `vigil_proto::heartbeat_form`), fake workers for StartWorker/StopWorkers, XIDs on request, and
 //! reconnects with the real agent's backoff (`vigil_agent::backoff`: capped
 //! exponential, full jitter, kept within the lease) whenever a session ends. Mutual TLS with its own node certificate
 //! when the load test runs with `--tls`.
@@ -32,6 +33,7 @@ use vigil_tls::ClientTls;
 
 use vigil_agent::backoff::{Backoff, lease_cap};
 use vigil_agent::lease::Lease;
+use vigil_proto::heartbeat_form::{Sent, SessionSamples};
 
 use crate::gpus::{gpu_uuid, inventory, sample_template};
 use crate::stats::Histogram;
@@ -203,7 +205,9 @@ impl Local {
             .collect()
     }
 
-    fn heartbeat(&mut self) -> Heartbeat {
+    /// The next heartbeat, its GPU part full or compact by the agent's rule (`samples`, this
+    /// session's memory of it): hand the returned form to `samples.sent` once it is queued.
+    fn heartbeat(&mut self, samples: &SessionSamples) -> (Heartbeat, Sent) {
         let now = unix_ms();
         for w in &mut self.workers {
             w.step += 1;
@@ -212,12 +216,13 @@ impl Local {
         for g in &mut gpus {
             g.observed_at_unix_ms = now;
         }
-        Heartbeat {
+        let mut hb = Heartbeat {
             sent_at_unix_ms: now,
-            gpus,
             workers: self.worker_infos(),
             ..Heartbeat::default()
-        }
+        };
+        let sent = samples.fill(&mut hb, gpus);
+        (hb, sent)
     }
 }
 
@@ -388,6 +393,8 @@ async fn session(
         *last = Some(Instant::now());
     }
 
+    // As the real agent: full samples first, then telemetry alone while nothing changes.
+    let mut samples = SessionSamples::new(registered.accepts_gpu_health_unchanged);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let lease_timer = tokio::time::sleep(lease);
@@ -397,9 +404,10 @@ async fn session(
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let hb = local.heartbeat();
+                let (hb, form) = local.heartbeat(&samples);
                 match out.push(AgentBody::Heartbeat(hb)) {
                     Ok(Some(seq)) => {
+                        samples.sent(form);
                         shared.hb_sent.fetch_add(1, Ordering::Relaxed);
                         pending.push_back((seq, Instant::now()));
                     }
