@@ -164,10 +164,12 @@ impl ClusterState {
     fn stop_strays(&mut self, now: Now, only: Option<&str>) -> Vec<Effect> {
         let mut effects = Vec::new();
         let mut seen = BTreeSet::new();
-        let nodes = self
-            .nodes
-            .iter()
-            .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()));
+        // One node (a registration, a heartbeat): looked up, not searched for among them all,
+        // or every registration of a reconnect storm would cost a pass over the cluster.
+        let nodes: Box<dyn Iterator<Item = (&String, &crate::node::Node)>> = match only {
+            Some(o) => Box::new(self.nodes.get_key_value(o).into_iter()),
+            None => Box::new(self.nodes.iter()),
+        };
         for (name, node) in nodes {
             let Some(session) = node.session else {
                 continue;

@@ -82,7 +82,7 @@ pub(super) fn env_for(
             n.record
                 .gpus
                 .iter()
-                .filter(|g| n.health.gpu_condition(g.index).0 != Condition::Unhealthy)
+                .filter(|g| n.health.gpu_worst(g.index) != Condition::Unhealthy)
                 .take(job.spec.gpus_per_node as usize)
                 .map(|g| g.index.to_string())
                 .collect::<Vec<_>>()

@@ -186,10 +186,15 @@ fn reserve_spares(
     let before = job.spares.clone();
     job.spares.retain(|s| ok(s, holders));
     let want = job.spec.spare_nodes as usize;
-    let free_now = *free
-        .entry(gpus)
-        .or_insert_with(|| count_free(nodes, holders, gpus));
-    if job.spares.len() < want && free_now > 0 {
+    // Counting free nodes scans the whole cluster: only for a job short of spares (after
+    // every registration of a reconnect storm, a job with its spares would pay it again).
+    let short = job.spares.len() < want;
+    if short
+        && *free
+            .entry(gpus)
+            .or_insert_with(|| count_free(nodes, holders, gpus))
+            > 0
+    {
         let extra: Vec<String> = nodes
             .keys()
             .filter(|n| ok(n, holders) && !job.placement.contains(n) && !job.spares.contains(n))
@@ -213,7 +218,7 @@ fn count_free(
 ) -> usize {
     nodes
         .iter()
-        .filter(|(name, node)| !holders.contains_key(name.as_str()) && eligible(node, gpus))
+        .filter(|(name, node)| eligible(node, gpus) && !holders.contains_key(name.as_str()))
         .count()
 }
 

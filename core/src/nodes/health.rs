@@ -107,6 +107,16 @@ impl NodeHealth {
             .find(|f| f.condition == Condition::Unhealthy)
     }
 
+    /// The worst condition the findings give GPU `gpu`, without their messages: what the
+    /// scheduler asks of every GPU of every node, so it allocates nothing.
+    pub fn gpu_worst(&self, gpu: u32) -> Condition {
+        self.findings()
+            .filter(|f| f.gpu == Some(gpu))
+            .map(|f| f.condition)
+            .max()
+            .unwrap_or_default()
+    }
+
     pub fn gpu_condition(&self, gpu: u32) -> (Condition, Vec<String>) {
         let mine: Vec<&Finding> = self.findings().filter(|f| f.gpu == Some(gpu)).collect();
         let condition = mine.iter().map(|f| f.condition).max().unwrap_or_default();

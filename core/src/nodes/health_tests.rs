@@ -204,7 +204,11 @@ fn fatal_xid_makes_the_gpu_unhealthy_until_cleared() {
     );
     assert_eq!(h.gpu_condition(3).0, Condition::Unhealthy);
     assert_eq!(h.gpu_condition(2).0, Condition::Healthy);
+    for gpu in 0..8 {
+        assert_eq!(h.gpu_worst(gpu), h.gpu_condition(gpu).0, "GPU {gpu}");
+    }
     h.clear_events();
+    assert_eq!(h.gpu_worst(3), Condition::Healthy);
     assert_eq!(h.condition(), Condition::Healthy);
 }
 

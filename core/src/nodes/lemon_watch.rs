@@ -57,7 +57,7 @@ impl ClusterState {
                 n.record
                     .gpus
                     .iter()
-                    .filter(|g| n.health.gpu_condition(g.index).0 == Condition::Unhealthy)
+                    .filter(|g| n.health.gpu_worst(g.index) == Condition::Unhealthy)
                     .map(|g| (g.index, lemons::gpu_identity(&g.serial, &g.uuid)))
                     .collect()
             } else {

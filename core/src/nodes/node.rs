@@ -246,7 +246,7 @@ impl Node {
             .record
             .gpus
             .iter()
-            .filter(|g| self.health.gpu_condition(g.index).0 != Condition::Unhealthy)
+            .filter(|g| self.health.gpu_worst(g.index) != Condition::Unhealthy)
             .count();
         u32::try_from(healthy).unwrap_or(u32::MAX)
     }
