@@ -394,8 +394,10 @@ w("- **Transport**: mutual TLS as in production, unless a run's settings below s
   "the report counts the restarted coordinator's resumed and full handshakes.")
 w("- `vigil-loadgen` simulates N agents in one process (tokio multi-thread runtime). Each agent has its own "
   "TCP connection and `AgentService.Connect` stream, registers 8 SIMULATED H100s with UUIDs and serials of its own, and "
-  "heartbeats at the interval the coordinator's `Registered` sets, each heartbeat carrying 8 `GpuSample`s "
-  "(18 NVLinks each, as the agent's simulator sends). First connections are paced at 500 in flight; "
+  "heartbeats at the interval the coordinator's `Registered` sets. Like the real agent (the same rule, "
+  "`vigil_proto::heartbeat_form`), a heartbeat carries the 8 full `GpuSample`s (18 NVLinks each, as the agent's "
+  "simulator sends) on the first beat of a session, when GPU health changed and every 30th beat, and GPU telemetry "
+  "only (temperature, power, utilisation, memory) otherwise (docs/protocol.md). First connections are paced at 500 in flight; "
   "reconnects use the real agent's backoff (200 ms initial ceiling, doubling, full jitter, 10 s cap).")
 w(f"- Timeline per N: all agents register; {E('BENCH_WARMUP')} s warm-up (a 2-node job with 1 spare is submitted "
   f"and started); {E('BENCH_WINDOW')} s measurement window; half-way through the window a burst of XID 79 events "
