@@ -420,7 +420,9 @@ w("- **Restart to all re-registered**: first agent session broken by the `kill -
 w("- **Agents fenced**: each simulated agent keeps a lease across its sessions as the real agent's worker "
   "supervisor does (renewed by every coordinator message, run out after `lease_ms` of silence); a lease that "
   "ran out is counted: on a real host that agent's workers would have been stopped. **Silence per agent**: its "
-  "last coordinator message before the kill -> its `Registered` from the restarted coordinator.")
+  "last coordinator message before the kill -> its first message from the restarted coordinator (the "
+  "`LeaseRenewed` the coordinator sends as soon as it has the agent's `Register`, for a node whose work it has "
+  "not given away, or else its `Registered`): the silence that counts against the lease.")
 w("- **Coordinator CPU**: utime+stime from `/proc/PID/stat` over the measurement window, in cores; "
   "**RSS**: `VmRSS` at the end of the window and the peak `VmHWM` before the kill.")
 w("- **Agent cost**: one real `vigil-agent --gpu-backend sim --sim-gpus 8` against an otherwise idle "
@@ -496,6 +498,7 @@ def handshakes(r):
         return "not measured"
     return f"{h['resumed']:.0f} resumed / {h['full']:.0f} full"
 row("TLS handshakes of the restarted coordinator (resumed / full)", handshakes)
+row("agents whose lease was renewed before their registration was stepped", lambda r: str(L(r,'restart','early_lease_renewals')) if L(r,'restart','early_lease_renewals') is not None else "not measured")
 row("restarted engine: times it fell over 1 s behind its queue (silence then judged as of its backlog)", lambda r: str(get(r,'coordinator','engine_fell_behind_times')))
 row("coordinator peak RSS after restart", lambda r: mib(get(r,'coordinator','hwm_kib_after_restart')))
 row("transport; load average before the run", lambda r: f"{'mutual TLS' if r.get('tls') else 'plaintext'}; {r.get('loadavg_before', '?')}")

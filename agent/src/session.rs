@@ -250,6 +250,7 @@ async fn run_until_error(
         last_store_seq: told.as_ref().map_or(0, |m| m.seq),
         last_store_id: told.map(|m| m.store_id).unwrap_or_default(),
         fabric,
+        accepts_lease_renewal: true,
     }))?;
     let registration = async {
         let mut inbound = client
@@ -266,10 +267,21 @@ async fn run_until_error(
             })?;
         Ok::<_, SessionError>((inbound, first))
     };
-    let (inbound, first) = tokio::time::timeout(REGISTER_TIMEOUT, registration)
+    let (mut inbound, first) = tokio::time::timeout(REGISTER_TIMEOUT, registration)
         .await
         .map_err(|_| SessionError::RegisterTimeout(REGISTER_TIMEOUT))??;
-    let first = first.ok_or(SessionError::Closed)?;
+    let mut first = first.ok_or(SessionError::Closed)?;
+    if let Some(CoordinatorBody::LeaseRenewed(renewed)) = &first.body {
+        // The coordinator has our Register queued (a reconnect storm after its restart): our
+        // lease is renewed now, so keep waiting for Registered while it lives, rather than
+        // dialing again (a new handshake, and the back of the queue).
+        let wait = renew_before_registered(ctx, url, first.term, renewed.lease_ms, lease_out)?;
+        first = tokio::time::timeout(wait, inbound.message())
+            .await
+            .map_err(|_| SessionError::RegisterTimeout(wait))?
+            .map_err(SessionError::Stream)?
+            .ok_or(SessionError::Closed)?;
+    }
     let term = first.term;
     let accepted = match first.body {
         Some(CoordinatorBody::Registered(r)) => r,
@@ -282,6 +294,11 @@ async fn run_until_error(
         Some(CoordinatorBody::Rejected(r)) => return Err(SessionError::Rejected(r.reason)),
         Some(CoordinatorBody::Ack(_) | CoordinatorBody::Command(_)) => {
             return Err(SessionError::Protocol("ack or command before registration"));
+        }
+        Some(CoordinatorBody::LeaseRenewed(_)) => {
+            return Err(SessionError::Protocol(
+                "a second lease renewal before registration",
+            ));
         }
         None => return Err(SessionError::Protocol("first message is not Registered")),
     };
@@ -582,9 +599,50 @@ async fn heartbeat(
     }
 }
 
+/// A `LeaseRenewed` before `Registered`: renews the workers' lease (unless it comes from a
+/// deposed leader) and says how long to wait for `Registered`: three quarters of the lease,
+/// leaving the rest to dial again should it not come.
+fn renew_before_registered(
+    ctx: &SessionContext,
+    url: &str,
+    term: u64,
+    lease_ms: u64,
+    lease_out: &mut Option<Lease>,
+) -> Result<Duration, SessionError> {
+    if let Verdict::Stale { highest } = ctx.fence.judge(term) {
+        ctx.metrics.stale_term_messages.inc();
+        warn!(
+            coordinator = %url,
+            term,
+            highest_term = highest,
+            "ignored a lease renewal at term {term}, below term {highest} already followed (a \
+             deposed leader); ending the session"
+        );
+        return Err(SessionError::StaleTerm { term, highest });
+    }
+    let duration = if lease_ms == 0 {
+        FALLBACK_LEASE
+    } else {
+        Duration::from_millis(lease_ms)
+    };
+    let lease = Lease::new(duration, Instant::now());
+    ctx.workers.renew_lease(lease);
+    *lease_out = Some(lease);
+    let wait = (duration * 3 / 4).max(REGISTER_TIMEOUT);
+    info!(
+        coordinator = %url,
+        lease_ms = duration.as_millis() as u64,
+        "coordinator {url} holds this node's registration in its queue and renewed the lease; \
+         workers keep running, waiting up to {} for Registered",
+        humantime::format_duration(wait)
+    );
+    Ok(wait)
+}
+
 /// What a coordinator message is, for log lines.
 fn message_kind(msg: &CoordinatorMessage) -> &'static str {
     match &msg.body {
+        Some(CoordinatorBody::LeaseRenewed(_)) => "lease renewal",
         Some(CoordinatorBody::Ack(_)) => "ack",
         Some(CoordinatorBody::Command(_)) => "command",
         Some(CoordinatorBody::Rejected(_)) => "rejection",
@@ -602,6 +660,8 @@ fn handle(ctx: &SessionContext, msg: CoordinatorMessage) -> Result<(), SessionEr
         Some(CoordinatorBody::Registered(_)) => {
             warn!("coordinator repeated Registered mid-session; ignored");
         }
+        // Renewed the lease, as every message does; nothing more to do.
+        Some(CoordinatorBody::LeaseRenewed(_)) => debug!("lease renewal"),
         // A message kind from a newer revision of v1: it still renewed the lease.
         None => debug!("unknown coordinator message ignored"),
     }

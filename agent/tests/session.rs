@@ -40,6 +40,9 @@ enum Answer {
     AcceptCompact {
         close_after: Option<usize>,
     },
+    /// A coordinator in a reconnect storm: a `LeaseRenewed` at once, `Registered` only after
+    /// this many milliseconds (then as [`ACCEPT`]).
+    RenewThenAccept(u64),
 }
 
 /// The fake coordinator's store id (see the marks it tells in `connect`).
@@ -74,8 +77,13 @@ impl AgentService for FakeCoordinator {
             .unwrap_or_else(PoisonError::into_inner)
             .pop_front()
             .unwrap_or(ACCEPT);
+        let mut renew_then_wait = None;
         let (answer, version, compact) = match answer {
             Answer::AcceptFrom(version) => (ACCEPT, version, false),
+            Answer::RenewThenAccept(ms) => {
+                renew_then_wait = Some(ms);
+                (ACCEPT, env!("CARGO_PKG_VERSION"), false)
+            }
             Answer::AcceptCompact { close_after } => (
                 Answer::Accept {
                     lease_ms: 5_000,
@@ -137,12 +145,28 @@ impl AgentService for FakeCoordinator {
                             store_seq: session * 10 + heartbeats as u64,
                         })
                     }
-                    // AcceptFrom and AcceptCompact became ACCEPT above.
+                    // AcceptFrom, AcceptCompact and RenewThenAccept became ACCEPT above.
                     (Answer::Reject | Answer::RejectFor(_), false)
-                    | (Answer::AcceptFrom(_) | Answer::AcceptCompact { .. }, _) => {
+                    | (
+                        Answer::AcceptFrom(_)
+                        | Answer::AcceptCompact { .. }
+                        | Answer::RenewThenAccept(_),
+                        _,
+                    ) => {
                         continue;
                     }
                 };
+                if let (Some(out), Some(wait), true) = (&out, renew_then_wait, registering) {
+                    let renewal =
+                        Reply::LeaseRenewed(vigil_proto::v1::LeaseRenewed { lease_ms: 10_000 });
+                    let _ = out
+                        .send(Ok(CoordinatorMessage {
+                            body: Some(renewal),
+                            term: 0,
+                        }))
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
                 if let Some(out) = &out {
                     let _ = out
                         .send(Ok(CoordinatorMessage {
@@ -328,6 +352,32 @@ async fn agent_sends_telemetry_alone_once_full_samples_went_to_a_coordinator_tha
         }
     }
     h.stop().await
+}
+
+/// A coordinator restarted under thousands of agents renews each lease as soon as it has the
+/// agent's Register, and answers it seconds later: the agent keeps waiting (past its 5 s register
+/// timeout, within its lease) instead of dialing again, and registers in that same session.
+#[tokio::test]
+async fn a_lease_renewal_before_registered_keeps_the_agent_waiting_in_its_session() -> TestResult {
+    let mut h = Harness::start(vec![Answer::RenewThenAccept(6_500)]).await?;
+    let (session, first) = h.next().await?;
+    assert_eq!(session, 1);
+    match first.body {
+        Some(Body::Register(r)) => {
+            assert!(r.accepts_lease_renewal, "the agent says it reads renewals")
+        }
+        other => return Err(format!("expected Register, got {other:?}").into()),
+    }
+    // Nothing for 6.5 s (the Registered is late), then heartbeats.
+    let (session, next) = tokio::time::timeout(Duration::from_secs(30), h.seen.recv())
+        .await?
+        .ok_or("fake coordinator stopped")?;
+    assert_eq!(
+        session, 1,
+        "registered in the session the renewal came on, no new dial: {next:?}"
+    );
+    assert!(is_heartbeat(&next), "then heartbeats: {next:?}");
+    Ok(())
 }
 
 #[tokio::test]

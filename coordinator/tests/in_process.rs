@@ -195,3 +195,81 @@ async fn an_agent_that_reconnects_while_the_store_cannot_commit_keeps_its_job() 
     assert!(running_attempt(&c, &id, 1));
     Ok(())
 }
+
+/// The engine's half of the early lease renewal. A restarted coordinator knows every node from
+/// its store: an agent's contact (its Register read, its registration not stepped yet) gets a
+/// `LeaseRenewed` at once, with the lease `Registered` will give. Once a node is `Lost` (its
+/// work given away), or for another host claiming its name, a contact gets nothing.
+#[tokio::test(start_paused = true)]
+async fn a_contact_renews_a_known_nodes_lease_at_once_but_never_a_lost_ones() -> TestResult {
+    use tokio::sync::mpsc;
+    use vigil_coordinator::engine::Contact;
+    use vigil_proto::v1::coordinator_message::Body;
+
+    let mut c = Cluster::start(2).await?;
+    let memory = c.memory.clone();
+    c.restart_on(memory).await?;
+    // The old sessions are gone with the old coordinator; no agent speaks from here on.
+    c.agents.clear();
+    let contact = |c: &Cluster, node: &str, machine: &str| {
+        let (tx, rx) = mpsc::channel(8);
+        c.handle.contact(Contact {
+            node: node.into(),
+            session: 100,
+            machine_id: machine.into(),
+            tx,
+        });
+        rx
+    };
+    let settle = || async {
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+    };
+
+    let mut known = contact(&c, "n0", "machine-n0");
+    let mut other_host = contact(&c, "n1", "machine-elsewhere");
+    let mut unknown = contact(&c, "n9", "machine-n9");
+    settle().await;
+    let renewed = known.try_recv()?.map_err(|s| s.to_string())?;
+    let lease = c.config.liveness.agent_lease;
+    match renewed.body {
+        Some(Body::LeaseRenewed(r)) => {
+            assert_eq!(Duration::from_millis(r.lease_ms), lease);
+        }
+        other => return Err(format!("expected LeaseRenewed, got {other:?}").into()),
+    }
+    assert!(
+        other_host.try_recv().is_err(),
+        "another host's claim renews nothing"
+    );
+    assert!(
+        unknown.try_recv().is_err(),
+        "a node nobody knows has no work to keep"
+    );
+
+    // No agent comes back: n1 goes Lost (n0's contact holds it off for lost_after).
+    let lost_after = c.config.liveness.lost_after;
+    let mut waited = Duration::ZERO;
+    while c
+        .node("n1")
+        .is_none_or(|n| n.availability != vigil_core::node::Availability::Lost)
+    {
+        assert!(waited < lost_after * 3, "n1 never went Lost");
+        tokio::time::advance(ROUND).await;
+        waited += ROUND;
+        settle().await;
+    }
+    let mut late = contact(&c, "n1", "machine-n1");
+    settle().await;
+    assert!(
+        late.try_recv().is_err(),
+        "a Lost node's work is given away: no renewal"
+    );
+    assert_eq!(
+        c.metrics.early_lease_renewals.get(),
+        1,
+        "exactly one renewal counted"
+    );
+    c.shutdown().await
+}

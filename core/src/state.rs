@@ -59,6 +59,13 @@ pub enum Effect {
         session: u64,
         message: String,
     },
+    /// Session `session` of `node` may have its agent's lease renewed now, before its
+    /// registration is stepped (`Input::Contact`): the node's silence starts again, so it
+    /// cannot be `Lost` (its work given away) within `lost_after`, longer than the lease.
+    LeaseRenewal {
+        node: String,
+        session: u64,
+    },
     /// A newer session of the same node replaced this one: end its stream.
     CloseSession {
         node: String,

@@ -58,6 +58,15 @@ pub enum Input {
         session: u64,
         event: v1::AgentEvent,
     },
+    /// An agent's stream was accepted and its `Register` read, before the registration itself
+    /// is stepped (it may wait behind thousands in a reconnect storm). Yields
+    /// [`Effect::LeaseRenewal`] when the shell may renew that agent's lease at once: see
+    /// `ClusterState::contact`.
+    Contact {
+        node: String,
+        session: u64,
+        machine_id: String,
+    },
     /// Any other message of a session: it proves the agent alive, nothing more.
     Heard {
         node: String,
@@ -190,11 +199,13 @@ pub fn step(state: &mut ClusterState, input: Input, now: Now) -> Vec<Effect> {
         }
         Err(e) => return vec![Effect::Refused(e)],
     };
-    if effects
-        .iter()
-        .any(|e| matches!(e, Effect::IdentityConflict { .. }))
-    {
-        // A refused claim to a node name changed nothing for any policy to react to.
+    if effects.iter().any(|e| {
+        matches!(
+            e,
+            Effect::IdentityConflict { .. } | Effect::LeaseRenewal { .. }
+        )
+    }) {
+        // A refused claim to a node name, or a contact: nothing for any policy to react to.
         return effects;
     }
     effects.extend(foreign);
@@ -289,6 +300,11 @@ fn react(state: &mut ClusterState, effects: &mut Vec<Effect>, now: Now) {
 fn transition(state: &mut ClusterState, input: Input, now: Now) -> Result<Vec<Effect>, StateError> {
     match input {
         Input::Register(reg) => Ok(state.register(reg, now)),
+        Input::Contact {
+            node,
+            session,
+            machine_id,
+        } => Ok(state.contact(&node, session, &machine_id, now)),
         Input::Heartbeat {
             node,
             session,

@@ -139,10 +139,12 @@ async fn run_session(
         term,
     } = ctx;
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await;
+    let mut wants_renewal = false;
     let reg = match first {
         Ok(Ok(Some(msg))) => match msg.body {
             Some(Body::Register(reg)) => {
                 let told = told_mark(&reg);
+                wants_renewal = reg.accepts_lease_renewal;
                 compat::check(
                     compat::this_release(),
                     compat::Peer::Agent,
@@ -201,6 +203,15 @@ async fn run_session(
     };
     let node = reg.node.clone();
     info!(node = %node, gpus = reg.gpus.len(), simulated = reg.simulated, "agent registering");
+    if wants_renewal {
+        // Ahead of the queue the registration waits in (see `Engine::contact`).
+        engine.contact(crate::engine::Contact {
+            node: node.clone(),
+            session,
+            machine_id: reg.identity.machine_id.clone(),
+            tx: tx.clone(),
+        });
+    }
     if engine
         .send(Event::Register { reg, told, tx })
         .await

@@ -14,7 +14,11 @@ use vigil_core::input::assigned::Unassigned;
 impl Engine {
     pub(super) fn act(&mut self, effect: Effect) {
         match effect {
-            Effect::Persist(_) | Effect::Refused(_) | Effect::Answer(_) => {}
+            // A lease renewal is sent where the contact is stepped (`Engine::contact`).
+            Effect::Persist(_)
+            | Effect::Refused(_)
+            | Effect::Answer(_)
+            | Effect::LeaseRenewal { .. } => {}
             Effect::Ignored {
                 reason,
                 why: Ignored::StaleSession,

@@ -218,10 +218,21 @@ impl Snapshot {
     }
 }
 
+/// An agent's stream was accepted and its `Register` read (`Input::Contact`): the engine may
+/// renew its lease at once, ahead of the queue its registration waits in.
+pub struct Contact {
+    pub node: String,
+    pub session: u64,
+    pub machine_id: String,
+    pub tx: SessionTx,
+}
+
 /// Cloneable handle on the engine, for gRPC handlers.
 #[derive(Clone)]
 pub struct EngineHandle {
     events: mpsc::Sender<Event>,
+    /// Read before `events`: a contact must not wait behind the queue it is there to outrun.
+    contacts: mpsc::Sender<Contact>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Every node and job event as it happens (the engine holds the sender).
     bus: broadcast::Sender<v1::ClusterEvent>,
@@ -232,6 +243,12 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
+    /// Hands the engine a contact, if its queue has room (none: the registration renews the
+    /// lease, later, as without contacts).
+    pub fn contact(&self, contact: Contact) {
+        self.contacts.try_send(contact).ok();
+    }
+
     pub async fn send(&self, event: Event) -> Result<(), ControlError> {
         self.events
             .send(event)
@@ -284,6 +301,7 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     events: mpsc::Receiver<Event>,
+    contacts: mpsc::Receiver<Contact>,
     dirty: bool,
     pending: pending::Pending,
     /// Called on every tick of the loop: proof that the engine itself, not
@@ -349,6 +367,7 @@ impl Engine {
             "loaded cluster state; nodes are Unreachable until their agents reconnect"
         );
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (contacts_tx, contacts) = mpsc::channel(EVENT_QUEUE);
         let (bus, _) = broadcast::channel(EVENT_BUS);
         let mut state = state.with_jobs(store.load_jobs()?);
         state.lemons = Ledger::new(config.lemons, store.load_lemons()?);
@@ -409,6 +428,7 @@ impl Engine {
             metrics,
             snapshot,
             events,
+            contacts,
             dirty: false,
             pending: pending::Pending::default(),
             on_tick: None,
@@ -426,6 +446,7 @@ impl Engine {
         };
         let handle = EngineHandle {
             events: events_tx,
+            contacts: contacts_tx,
             snapshot: snapshot_rx,
             bus,
             clock,
@@ -470,6 +491,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 () = stopped(&mut stop) => break,
+                Some(contact) = self.contacts.recv() => self.contact(contact),
                 event = self.events.recv() => match event {
                     Some(event) => {
                         let mut batch = vec![event];

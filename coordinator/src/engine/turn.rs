@@ -181,6 +181,38 @@ impl Engine {
         vigil_core::step(&mut self.state, input, self.clock.now())
     }
 
+    /// An agent's `Register` arrived (`Contact`): when the core allows it (the node is known,
+    /// of this host, not `Lost`, and this session not registered yet), renew its lease now with
+    /// a `LeaseRenewed`, so that waiting behind the queue does not run its lease out. Stepped in
+    /// this task like every `Lost` verdict, so the two never cross; nothing to commit (silence
+    /// is not stored: a restarted coordinator counts it from its own start).
+    pub(super) fn contact(&mut self, c: super::Contact) {
+        if c.tx.is_closed() {
+            return;
+        }
+        let effects = self.step(Input::Contact {
+            node: c.node,
+            session: c.session,
+            machine_id: c.machine_id,
+        });
+        if !effects
+            .iter()
+            .any(|e| matches!(e, Effect::LeaseRenewal { .. }))
+        {
+            return;
+        }
+        let renewed = v1::coordinator_message::Body::LeaseRenewed(v1::LeaseRenewed {
+            lease_ms: millis(self.state.liveness.agent_lease),
+        });
+        let sent = c.tx.try_send(Ok(v1::CoordinatorMessage {
+            body: Some(renewed),
+            term: self.term(),
+        }));
+        if sent.is_ok() {
+            self.metrics.early_lease_renewals.inc();
+        }
+    }
+
     fn register(&mut self, reg: Registration, tx: SessionTx, batch: &mut Batch) {
         let (node, session) = (reg.node.clone(), reg.session);
         // The agent gave up waiting (its stream is gone): registering it now

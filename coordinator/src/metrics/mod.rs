@@ -123,6 +123,8 @@ pub struct Metrics {
     heartbeats_full: Counter,
     heartbeats_compact: Counter,
     pub registrations: Counter,
+    /// Leases renewed at an agent's contact, before its registration was stepped.
+    pub early_lease_renewals: Counter,
     pub rejected_registrations: Counter,
     /// Registrations that showed the store was rolled back (the coordinator then stops).
     pub store_rollbacks: Counter,
@@ -194,6 +196,7 @@ impl Metrics {
             heartbeats_full,
             heartbeats_compact,
             registrations: Counter::default(),
+            early_lease_renewals: Counter::default(),
             rejected_registrations: Counter::default(),
             store_rollbacks: Counter::default(),
             stale_messages: Counter::default(),
@@ -254,6 +257,12 @@ impl Metrics {
             "vigil_agent_registrations",
             "Agent registrations accepted",
             m.registrations.clone(),
+        );
+        registry.register(
+            "vigil_agent_early_lease_renewals",
+            "Agents' leases renewed as soon as their Register arrived, before the registration \
+             was stepped (a reconnect storm): each kept its workers while it waited in the queue",
+            m.early_lease_renewals.clone(),
         );
         registry.register(
             "vigil_agent_registrations_rejected",

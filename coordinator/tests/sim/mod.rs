@@ -427,7 +427,7 @@ impl SimAgent {
                     self.rejected = Some(r.reason);
                     continue;
                 }
-                None => continue,
+                Some(v1::coordinator_message::Body::LeaseRenewed(_)) | None => continue,
             };
             match cmd.kind {
                 Some(v1::command::Kind::RunDiagnostics(_)) => {

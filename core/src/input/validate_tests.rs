@@ -23,6 +23,7 @@ fn register(name: &str) -> v1::Register {
         last_store_seq: 7,
         machine_id: "0123456789abcdef0123456789abcdef".into(),
         boot_id: "6f1e2d3c-0000-4000-8000-000000000001".into(),
+        accepts_lease_renewal: true,
         fabric: Vec::new(),
     }
 }

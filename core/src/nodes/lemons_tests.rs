@@ -75,6 +75,20 @@ fn cluster(cfg: LemonConfig) -> ClusterState {
     s
 }
 
+/// [`cluster`] whose n2 closed its stream at 1 s and was not heard from since.
+fn cluster_with_n2_gone() -> ClusterState {
+    let mut s = cluster(LemonConfig::default());
+    step_ok(
+        &mut s,
+        Input::Disconnected {
+            node: "n2".into(),
+            session: 2,
+        },
+        t(1_000),
+    );
+    s
+}
+
 fn xid79(s: &mut ClusterState, node: &str, now: Now) -> Vec<Effect> {
     let ev = v1::AgentEvent {
         at_unix_ms: now.wall_ms,
@@ -309,15 +323,7 @@ fn a_node_rejoining_with_a_lemon_is_cordoned_before_a_pending_job_can_land_on_it
 
 #[test]
 fn a_lost_node_is_charged_to_its_host_only() {
-    let mut s = cluster(LemonConfig::default());
-    step_ok(
-        &mut s,
-        Input::Disconnected {
-            node: "n2".into(),
-            session: 2,
-        },
-        t(1_000),
-    );
+    let mut s = cluster_with_n2_gone();
     tick_at(&mut s, t(60_000));
     let host = &s.lemons.records["host/n2"];
     assert_eq!(host.incidents.len(), 1);
@@ -467,4 +473,69 @@ fn the_backlog_forgiven_is_capped_so_a_dead_node_is_still_lost() {
     heartbeat(&mut s, "n2", v1::Heartbeat::default(), t(1_000));
     crate::step::tick_heard_until(&mut s, t(1_000 + ms(lost_after)), t(99_000_000).mono);
     assert_eq!(s.nodes["n2"].availability, Availability::Lost);
+}
+
+fn contact(s: &mut ClusterState, node: &str, session: u64, machine: &str, now: Now) -> bool {
+    let effects = step_raw(
+        s,
+        Input::Contact {
+            node: node.into(),
+            session,
+            machine_id: machine.into(),
+        },
+        now,
+    );
+    let renewed = effects.iter().any(
+        |e| matches!(e, Effect::LeaseRenewal { node: n, session: x } if n == node && *x == session),
+    );
+    assert!(
+        effects.len() == usize::from(renewed),
+        "a contact yields a renewal or nothing: {effects:?}"
+    );
+    renewed
+}
+
+/// After a restart the agent's stream reaches the coordinator long before its registration is
+/// stepped: the contact renews its lease at once and starts its silence again, so the node
+/// cannot be Lost (its work given away) while that lease lives.
+#[test]
+fn a_contact_renews_the_lease_and_holds_off_lost_for_lost_after() {
+    let mut s = cluster_with_n2_gone();
+    let lost_after = LivenessConfig::default().lost_after;
+    let lost_ms = u64::try_from(lost_after.as_millis()).unwrap_or(u64::MAX);
+    let heard = s.nodes["n2"].heard_since_start;
+    assert!(contact(&mut s, "n2", 7, "machine-n2", t(9_000)));
+    assert_eq!(
+        s.nodes["n2"].heard_since_start, heard,
+        "a contact is no registration"
+    );
+    // Without the contact n2 would be Lost at 11 s; with it, not before 9 s + lost_after.
+    tick_at(&mut s, t(9_000 + lost_ms - 1));
+    assert_eq!(s.nodes["n2"].availability, Availability::Unreachable);
+    tick_at(&mut s, t(9_000 + lost_ms));
+    assert_eq!(s.nodes["n2"].availability, Availability::Lost);
+    assert!(lost_after > LivenessConfig::default().agent_lease);
+}
+
+/// No renewal where the node's work is given away or was never this host's.
+#[test]
+fn no_renewal_for_a_lost_node_another_host_a_new_node_or_a_registered_session() {
+    let mut s = cluster_with_n2_gone();
+    // Another host claiming the name: no renewal, and the owner's silence runs on.
+    let before = s.nodes["n2"].silent_since;
+    assert!(!contact(&mut s, "n2", 7, "machine-other", t(5_000)));
+    assert_eq!(s.nodes["n2"].silent_since, before);
+    // A node nobody knows has no work to keep.
+    assert!(!contact(&mut s, "n9", 8, "machine-n9", t(5_000)));
+    // Lost: its work has been given away; its agent must let the lease run out.
+    heartbeat(&mut s, "n1", v1::Heartbeat::default(), t(59_000));
+    tick_at(&mut s, t(60_000));
+    assert_eq!(s.nodes["n2"].availability, Availability::Lost);
+    assert!(!contact(&mut s, "n2", 9, "machine-n2", t(60_100)));
+    assert_eq!(s.nodes["n2"].availability, Availability::Lost);
+    // A session already registered: its Registered renewed the lease.
+    let live = s.nodes["n1"].session.expect("n1 is connected");
+    assert!(!contact(&mut s, "n1", live, "machine-n1", t(60_100)));
+    // n1's next session (a reconnect while the old one is not closed yet) is renewed.
+    assert!(contact(&mut s, "n1", live + 100, "machine-n1", t(60_100)));
 }

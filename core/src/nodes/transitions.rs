@@ -248,6 +248,36 @@ impl ClusterState {
         effects
     }
 
+    /// An agent's stream was accepted with a `Register` for `node` from host `machine_id`
+    /// (session `session`), not stepped yet. Its lease may be renewed at once only if no
+    /// decision has given, or can soon give, the node's work away:
+    /// - the node is known (a new node has no work to keep) and not `Lost` (a `Lost` node's
+    ///   work has been given away: its agent must let its lease run out);
+    /// - the host is the one the name is bound to (another host's contact must not keep the
+    ///   name's owner from being found lost, nor renew anything of it);
+    /// - this session has not registered yet (its `Registered` renewed the lease already).
+    ///
+    /// Then the node's silence starts again now: it cannot go `Lost` before `lost_after` from
+    /// now, and the agent's lease (shorter than `lost_after`) runs out first. Its availability
+    /// is left as it is (no session yet) and it does not count as heard since start (a node
+    /// that never registers is spared in the lemon ledger as before). The engine steps
+    /// contacts and ticks in one task, so a renewal and a `Lost` verdict never cross.
+    pub fn contact(&mut self, node: &str, session: u64, machine_id: &str, now: Now) -> Vec<Effect> {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        let bound = n.record.machine_id.as_str();
+        let same_host = machine_id.is_empty() || bound.is_empty() || machine_id == bound;
+        if !same_host || n.availability == Availability::Lost || n.session == Some(session) {
+            return Vec::new();
+        }
+        n.silent_since = n.silent_since.max(now.mono);
+        vec![Effect::LeaseRenewal {
+            node: node.to_owned(),
+            session,
+        }]
+    }
+
     /// This coordinator did not run for `gap` (SIGSTOP, a paused VM, a
     /// blocked disk): the silence and the missing progress in that time are
     /// its own, so shift every clock by the gap, as a restart would. No node

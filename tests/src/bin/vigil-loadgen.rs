@@ -411,6 +411,7 @@ async fn measure_restart(fleet: &Fleet, timeout: Duration) -> Value {
     let errors_before = shared.errors_snapshot();
     let registrations_before = shared.registrations.load(Ordering::Relaxed);
     let fenced_before = shared.fenced.load(Ordering::Relaxed);
+    let renewals_before = shared.early_renewals.load(Ordering::Relaxed);
     shared.recording_silence.store(true, Ordering::Relaxed);
     if let Ok(mut f) = shared.first_loss.lock() {
         *f = None;
@@ -454,6 +455,7 @@ async fn measure_restart(fleet: &Fleet, timeout: Duration) -> Value {
         // Leases that ran out (the agent heard nothing for a whole lease): on real hosts,
         // workers stopped. An agent not back at all is not counted here: see all_reregistered.
         "fenced": shared.fenced.load(Ordering::Relaxed) - fenced_before,
+        "early_lease_renewals": shared.early_renewals.load(Ordering::Relaxed) - renewals_before,
         // Per agent: last coordinator message before the kill -> Registered by the new one.
         "silence": shared.silence.summary(),
         "session_ends_and_failures_by_kind": during,

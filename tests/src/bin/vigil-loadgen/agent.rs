@@ -107,6 +107,8 @@ pub struct Shared {
     pub started: Mutex<HashMap<(String, u64), Vec<String>>>,
     /// Leases that ran out: coordinator silence of a whole lease (workers fenced).
     pub fenced: AtomicU64,
+    /// Leases renewed by a `LeaseRenewed` before `Registered` (the coordinator's contact).
+    pub early_renewals: AtomicU64,
     /// While set, each session's first coordinator message records the silence since the
     /// agent last heard the coordinator (the reconnect storm's gap, per agent).
     pub recording_silence: AtomicBool,
@@ -351,6 +353,8 @@ async fn session(
         gpus: local.gpus.clone(),
         workers: local.worker_infos(),
         sent_at_unix_ms: unix_ms(),
+        // As the real agent.
+        accepts_lease_renewal: true,
         ..Default::default()
     };
     if out.push(AgentBody::Register(register)).is_err() {
@@ -361,11 +365,30 @@ async fn session(
         let first = inbound.message().await?;
         Ok::<_, tonic::Status>((inbound, first))
     };
-    let (mut inbound, first) = match tokio::time::timeout(REGISTER_TIMEOUT, registration).await {
+    let (mut inbound, mut first) = match tokio::time::timeout(REGISTER_TIMEOUT, registration).await
+    {
         Ok(Ok(pair)) => pair,
         Ok(Err(_)) => return end(false, "register RPC failed"),
         Err(_) => return end(false, "register timed out"),
     };
+    // As the real agent: a lease renewal before Registered (the coordinator has the Register
+    // queued) renews the lease, and Registered is awaited for three quarters of it.
+    let mut renewed = false;
+    if let Some(CoordinatorBody::LeaseRenewed(r)) = first.as_ref().and_then(|m| m.body.as_ref()) {
+        let lease = match r.lease_ms {
+            0 => FALLBACK_LEASE,
+            ms => Duration::from_millis(ms),
+        };
+        local.registered(shared, lease);
+        shared.early_renewals.fetch_add(1, Ordering::Relaxed);
+        renewed = true;
+        let wait = (lease * 3 / 4).max(REGISTER_TIMEOUT);
+        first = match tokio::time::timeout(wait, inbound.message()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(_)) => return end(false, "stream error before Registered"),
+            Err(_) => return end(false, "register timed out after a lease renewal"),
+        };
+    }
     let registered = match first.and_then(|m| m.body) {
         Some(CoordinatorBody::Registered(r)) => r,
         Some(CoordinatorBody::Rejected(_)) => return end(false, "rejected"),
@@ -376,7 +399,12 @@ async fn session(
         0 => FALLBACK_LEASE,
         ms => Duration::from_millis(ms),
     };
-    local.registered(shared, lease);
+    if renewed {
+        // The silence ended with the renewal (recorded then); Registered only renews.
+        local.heard(shared);
+    } else {
+        local.registered(shared, lease);
+    }
     let interval = match registered.heartbeat_interval_ms {
         0 => FALLBACK_INTERVAL,
         ms => Duration::from_millis(ms),
@@ -466,7 +494,7 @@ async fn session(
                         }
                     }
                     Some(CoordinatorBody::Rejected(_)) => return end(true, "rejected mid-session"),
-                    Some(CoordinatorBody::Registered(_)) | None => {}
+                    Some(CoordinatorBody::Registered(_) | CoordinatorBody::LeaseRenewed(_)) | None => {}
                 }
             }
             () = &mut lease_timer => return end(true, "lease expired"),
