@@ -546,9 +546,11 @@ if r10:
            f"connection, then smaller buffers ({SA}#memory))")
     rs = L(r10, 'restart', 'first_loss_to_all_registered_ms')
     all_back = L(r10, 'restart', 'all_reregistered')
-    storm = ("the restarted coordinator takes back about 1,200 agents a second here (a resumed TLS handshake, an "
-             "HTTP/2 connection and a registration each), so the last of 10,000 come after the 8 s lease; next: renew "
-             f"an agent's lease when its stream is accepted, before its registration ({SA}#restart))")
+    storm = ("the restarted coordinator takes agents back at about 1,000 a second here (TCP, a resumed TLS handshake "
+             "and an HTTP/2 connection each, before even the early lease renewal can reach them), so the last of "
+             "10,000 arrive after their 8 s lease; runs vary, as handshakes abandoned at the agents' 3 s connect "
+             "timeout cost them their session tickets; next: more tickets per handshake and a connect timeout that "
+             f"grows while the agent holds a lease ({SA}#restart))")
     target("restart to all agents re-registered within 8 s", restart_cell(r10), None if all_back is None else bool(all_back) and rs is not None and rs < 8000, storm)
     fenced = L(r10, 'restart', 'fenced')
     target("coordinator kill -9: 0 agents fenced", "not measured" if fenced is None else f"{fenced} fenced", None if fenced is None else fenced == 0 and bool(all_back), storm)
