@@ -283,7 +283,8 @@ async fn workers_run_as_the_configured_user() -> TestResult {
         ..NORMAL
     };
     let mut h = Harness::start(&tmp.path().join("state"), as_nobody).await?;
-    let script = "id -u > $VIGIL_PROGRESS_FILE; id -G >> $VIGIL_PROGRESS_FILE.groups; sleep 30";
+    // The groups first: the test reads them once the progress (the uid) shows.
+    let script = "id -G > $VIGIL_PROGRESS_FILE.groups; id -u > $VIGIL_PROGRESS_FILE; sleep 30";
     h.start_worker(sh("job-u", 1, tmp.path(), script)).await?;
     h.started("job-u", 1).await?;
     let uid = u64::from(nobody.uid.as_raw());

@@ -16,6 +16,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// Session tickets sent after each handshake (see `server_config_resuming`).
+pub const TICKETS_PER_HANDSHAKE: usize = 4;
+
 /// ALPN for gRPC: HTTP/2 only.
 const ALPN_H2: &[u8] = b"h2";
 
@@ -226,6 +229,11 @@ impl TlsFiles {
             .map_err(|e| self.identity_error(e))?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         config.ticketer = Arc::new(crate::tickets::TicketKeys::open(tickets_dir, &ca_bytes));
+        // A client spends a ticket on every attempt, finished or not: an agent that gives up on
+        // a coordinator swamped by a reconnect storm (its 3 s connect timeout) must still hold
+        // one for its next attempt, or it falls back to a full handshake, which costs the
+        // coordinator three to four times the CPU and deepens the storm (rustls sends 2).
+        config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
         Ok(Arc::new(config))
     }
 
