@@ -105,8 +105,17 @@ pub fn load_certs(
     what: &'static str,
     now: SystemTime,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(path, what)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    certs_from(&read(path, what)?, path, what, now)
+}
+
+/// [`load_certs`] of `bytes`, already read from `path`.
+fn certs_from(
+    bytes: &[u8],
+    path: &Path,
+    what: &'static str,
+    now: SystemTime,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadPem {
             what,
@@ -156,14 +165,23 @@ pub(crate) fn check_validity(
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read(path, "private key")?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoKey {
+    key_from(&read(path, "private key")?, path)
+}
+
+/// [`load_key`] of `bytes`, already read from `path`.
+fn key_from(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|_| TlsError::NoKey {
         path: path.to_owned(),
     })
 }
 
 pub fn load_roots(path: &Path, now: SystemTime) -> Result<Arc<RootCertStore>, TlsError> {
-    let certs = load_certs(path, "CA certificate", now)?;
+    roots_from(&read(path, "CA certificate")?, path, now)
+}
+
+/// [`load_roots`] of `bytes`, already read from `path`.
+fn roots_from(bytes: &[u8], path: &Path, now: SystemTime) -> Result<Arc<RootCertStore>, TlsError> {
+    let certs = certs_from(bytes, path, "CA certificate", now)?;
     let mut roots = RootCertStore::empty();
     for cert in certs {
         roots.add(cert).map_err(|e| TlsError::Ca {
@@ -212,7 +230,7 @@ impl TlsFiles {
         tickets_dir: Option<&Path>,
     ) -> Result<Arc<ServerConfig>, TlsError> {
         let ca_bytes = read(&self.ca, "CA certificate")?;
-        let roots = load_roots(&self.ca, now)?;
+        let roots = roots_from(&ca_bytes, &self.ca, now)?;
         let certs = load_certs(&self.cert, "certificate", now)?;
         let key = load_key(&self.key)?;
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, crate::provider())
@@ -240,7 +258,10 @@ impl TlsFiles {
     /// An agent's or clusterctl's config: its certificate, and the coordinator verified
     /// against the CA.
     pub fn client_config(&self, now: SystemTime) -> Result<Arc<ClientConfig>, TlsError> {
-        self.build_client_config(now).map(Arc::new)
+        let roots = load_roots(&self.ca, now)?;
+        let certs = load_certs(&self.cert, "certificate", now)?;
+        let key = load_key(&self.key)?;
+        self.build_client_config(roots, certs, key).map(Arc::new)
     }
 
     /// [`Self::client_config`], kept in `sessions` while the certificate, key and CA files are
@@ -253,33 +274,37 @@ impl TlsFiles {
         now: SystemTime,
         sessions: &ClientSessions,
     ) -> Result<Arc<ClientConfig>, TlsError> {
-        let files = [
+        let [ca, cert, key] = [
             read(&self.ca, "CA certificate")?,
             read(&self.cert, "certificate")?,
             read(&self.key, "private key")?,
         ];
-        let mut fingerprint = Vec::with_capacity(32 * files.len());
-        for f in &files {
+        let mut fingerprint = Vec::with_capacity(3 * 32);
+        for f in [&ca, &cert, &key] {
             fingerprint.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, f).as_ref());
         }
+        // Checked whether the config is kept or not: time passes, and an expired certificate
+        // is named here.
+        let roots = roots_from(&ca, &self.ca, now)?;
+        let certs = certs_from(&cert, &self.cert, "certificate", now)?;
         let mut kept = sessions.kept.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((seen, config)) = kept.as_ref()
             && *seen == fingerprint
         {
-            // Unchanged files, but time passes: an expired certificate is named here.
-            load_certs(&self.cert, "certificate", now)?;
-            load_roots(&self.ca, now)?;
             return Ok(config.clone());
         }
-        let config = self.client_config(now)?;
+        let config =
+            Arc::new(self.build_client_config(roots, certs, key_from(&key, &self.key)?)?);
         *kept = Some((fingerprint, config.clone()));
         Ok(config)
     }
 
-    fn build_client_config(&self, now: SystemTime) -> Result<ClientConfig, TlsError> {
-        let roots = load_roots(&self.ca, now)?;
-        let certs = load_certs(&self.cert, "certificate", now)?;
-        let key = load_key(&self.key)?;
+    fn build_client_config(
+        &self,
+        roots: Arc<RootCertStore>,
+        certs: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<ClientConfig, TlsError> {
         let verifier = WebPkiServerVerifier::builder_with_provider(roots, crate::provider())
             .build()
             .map_err(|e| TlsError::Ca {
