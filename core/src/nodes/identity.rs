@@ -44,6 +44,13 @@ pub enum Claim {
     Refused(Vec<Effect>),
 }
 
+/// Whether a host with machine-id `claimant` is the one the name is bound to (`bound`): an
+/// empty id on either side (an agent that predates them, a name not bound yet) binds nothing
+/// and is refused nothing.
+pub(crate) fn same_host(bound: &str, claimant: &str) -> bool {
+    claimant.is_empty() || bound.is_empty() || claimant == bound
+}
+
 impl ClusterState {
     /// Judge `reg`'s claim to its node's name (before anything about the node changes).
     pub(crate) fn claim(&mut self, reg: &Registration, now: Now) -> Claim {
@@ -52,7 +59,7 @@ impl ClusterState {
         };
         let claimant = &reg.identity.machine_id;
         let bound = &node.record.machine_id;
-        if claimant.is_empty() || bound.is_empty() || claimant == bound {
+        if same_host(bound, claimant) {
             return Claim::Accepted;
         }
         let availability = liveness::availability(

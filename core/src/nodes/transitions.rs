@@ -266,8 +266,7 @@ impl ClusterState {
         let Some(n) = self.nodes.get_mut(node) else {
             return Vec::new();
         };
-        let bound = n.record.machine_id.as_str();
-        let same_host = machine_id.is_empty() || bound.is_empty() || machine_id == bound;
+        let same_host = crate::identity::same_host(&n.record.machine_id, machine_id);
         if !same_host || n.availability == Availability::Lost || n.session == Some(session) {
             return Vec::new();
         }
