@@ -56,6 +56,14 @@ impl Lease {
     }
 }
 
+/// How long an agent waits for its `Registered` once a `LeaseRenewed` said the coordinator has
+/// its `Register` queued: three quarters of the `lease` just renewed, leaving a quarter to dial
+/// again should it not come, and never less than the usual `register_timeout`. The agent and
+/// the load generator both wait this long.
+pub fn registered_wait(lease: Duration, register_timeout: Duration) -> Duration {
+    (lease * 3 / 4).max(register_timeout)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +85,12 @@ mod tests {
         let lease = Lease::new(8 * SECS, t0);
         assert_eq!(lease.remaining(t0 + 3 * SECS), 5 * SECS);
         assert_eq!(lease.remaining(t0 + 9 * SECS), Duration::ZERO);
+    }
+
+    #[test]
+    fn registered_is_awaited_for_three_quarters_of_the_lease_at_least_the_timeout() {
+        assert_eq!(registered_wait(8 * SECS, 5 * SECS), 6 * SECS);
+        assert_eq!(registered_wait(4 * SECS, 5 * SECS), 5 * SECS);
     }
 
     #[test]

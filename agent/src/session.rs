@@ -628,7 +628,7 @@ fn renew_before_registered(
     let lease = Lease::new(duration, Instant::now());
     ctx.workers.renew_lease(lease);
     *lease_out = Some(lease);
-    let wait = (duration * 3 / 4).max(REGISTER_TIMEOUT);
+    let wait = crate::lease::registered_wait(duration, REGISTER_TIMEOUT);
     info!(
         coordinator = %url,
         lease_ms = duration.as_millis() as u64,

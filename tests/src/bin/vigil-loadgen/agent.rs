@@ -32,7 +32,7 @@ use vigil_proto::v1::{
 use vigil_tls::ClientTls;
 
 use vigil_agent::backoff::{Backoff, lease_cap};
-use vigil_agent::lease::Lease;
+use vigil_agent::lease::{Lease, registered_wait};
 use vigil_proto::heartbeat_form::{Sent, SessionSamples};
 
 use crate::gpus::{gpu_uuid, inventory, sample_template};
@@ -284,6 +284,14 @@ pub async fn run(
     }
 }
 
+/// The lease a coordinator message gives (`lease_ms`; unset: the agent's fallback).
+fn lease_of(lease_ms: u64) -> Duration {
+    match lease_ms {
+        0 => FALLBACK_LEASE,
+        ms => Duration::from_millis(ms),
+    }
+}
+
 fn end(registered: bool, kind: &'static str) -> SessionEnd {
     SessionEnd { registered, kind }
 }
@@ -375,14 +383,11 @@ async fn session(
     // queued) renews the lease, and Registered is awaited for three quarters of it.
     let mut renewed = false;
     if let Some(CoordinatorBody::LeaseRenewed(r)) = first.as_ref().and_then(|m| m.body.as_ref()) {
-        let lease = match r.lease_ms {
-            0 => FALLBACK_LEASE,
-            ms => Duration::from_millis(ms),
-        };
+        let lease = lease_of(r.lease_ms);
         local.registered(shared, lease);
         shared.early_renewals.fetch_add(1, Ordering::Relaxed);
         renewed = true;
-        let wait = (lease * 3 / 4).max(REGISTER_TIMEOUT);
+        let wait = registered_wait(lease, REGISTER_TIMEOUT);
         first = match tokio::time::timeout(wait, inbound.message()).await {
             Ok(Ok(m)) => m,
             Ok(Err(_)) => return end(false, "stream error before Registered"),
@@ -395,10 +400,7 @@ async fn session(
         _ => return end(false, "no Registered"),
     };
     drop(permit);
-    let lease = match registered.lease_ms {
-        0 => FALLBACK_LEASE,
-        ms => Duration::from_millis(ms),
-    };
+    let lease = lease_of(registered.lease_ms);
     if renewed {
         // The silence ended with the renewal (recorded then); Registered only renews.
         local.heard(shared);
