@@ -133,7 +133,7 @@ fn certs_from(
 }
 
 /// Rejects a certificate outside its validity period, naming the file.
-pub(crate) fn check_validity(
+fn check_validity(
     der: &CertificateDer<'_>,
     path: &Path,
     what: &'static str,
@@ -144,6 +144,15 @@ pub(crate) fn check_validity(
         path: path.to_owned(),
         error: e.to_string(),
     })?;
+    check_cert_validity(&cert, path, now)
+}
+
+/// [`check_validity`] of a certificate already parsed.
+pub(crate) fn check_cert_validity(
+    cert: &X509Certificate<'_>,
+    path: &Path,
+    now: SystemTime,
+) -> Result<(), TlsError> {
     let now = now
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));

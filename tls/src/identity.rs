@@ -47,6 +47,11 @@ impl PeerIdentity {
     /// Parses the leaf certificate rustls already verified against the CA.
     pub fn from_der(der: &CertificateDer<'_>) -> Result<Self, String> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+        Ok(Self::from_cert(&cert))
+    }
+
+    /// [`Self::from_der`] of a certificate already parsed.
+    pub fn from_cert(cert: &X509Certificate<'_>) -> Self {
         let subject = cert.subject();
         let common_name = subject
             .iter_common_name()
@@ -70,11 +75,11 @@ impl PeerIdentity {
                 .collect(),
             _ => Vec::new(),
         };
-        Ok(Self {
+        Self {
             common_name,
             organizations,
             dns_names,
-        })
+        }
     }
 
     /// The highest role the certificate's organizations grant; a certificate with none of

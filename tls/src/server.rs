@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, warn};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::{Peer, PeerIdentity};
 
@@ -220,40 +221,41 @@ async fn handshake(
         warn!(%remote, error = %e, "refused connection: TLS handshake failed");
         Refusal::Handshake
     })?;
-    let identity = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .map(PeerIdentity::from_der)
-        .transpose()
-        .map_err(|e| {
-            warn!(%remote, error = %e, "refused connection: unreadable client certificate");
-            Refusal::Handshake
-        })?;
-    let Some(identity) = identity else {
-        warn!(%remote, "refused connection: no client certificate");
-        return Err(Refusal::Handshake);
-    };
-    // A resumed session skips certificate verification: its ticket holds the chain as first
-    // verified (under this CA: tickets are bound to it), so only time can have changed.
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    if resumed
-        && let Some(leaf) = stream
+    let identity = {
+        let Some(leaf) = stream
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
-        && let Err(e) = crate::files::check_validity(
-            leaf,
-            Path::new("(resumed session)"),
-            "client certificate",
-            SystemTime::now(),
-        )
-    {
-        warn!(%remote, cn = %identity.common_name, error = %e, "refused connection: resumed TLS session with a client certificate no longer valid");
-        return Err(Refusal::Handshake);
-    }
+            .and_then(|certs| certs.first())
+        else {
+            warn!(%remote, "refused connection: no client certificate");
+            return Err(Refusal::Handshake);
+        };
+        // Parsed once, for the identity and (resumed) the validity period.
+        let cert = match X509Certificate::from_der(leaf) {
+            Ok((_, cert)) => cert,
+            Err(e) => {
+                warn!(%remote, error = %e, "refused connection: unreadable client certificate");
+                return Err(Refusal::Handshake);
+            }
+        };
+        let identity = PeerIdentity::from_cert(&cert);
+        // A resumed session skips certificate verification: its ticket holds the chain as
+        // first verified (under this CA: tickets are bound to it), so only time can have
+        // changed.
+        if resumed
+            && let Err(e) = crate::files::check_cert_validity(
+                &cert,
+                Path::new("(resumed session)"),
+                SystemTime::now(),
+            )
+        {
+            warn!(%remote, cn = %identity.common_name, error = %e, "refused connection: resumed TLS session with a client certificate no longer valid");
+            return Err(Refusal::Handshake);
+        }
+        identity
+    };
     debug!(%remote, cn = %identity.common_name, resumed, "TLS connection accepted");
     let conn = Conn {
         io: Io::Tls(Box::new(stream)),
