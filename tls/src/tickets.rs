@@ -154,16 +154,18 @@ impl TicketKeys {
     /// old (or, after the wall clock stepped back, made in the future); writes the file when
     /// anything changed.
     fn rotate_if_due(&self, state: &mut Keys, now: u64) {
-        let before = state.stored.clone();
-        let mut stored: Vec<StoredKey> = state
-            .stored
-            .iter()
-            .filter(|k| now.saturating_sub(k.created) < KEEP_FOR && k.created <= now + ROTATE_EVERY)
-            .cloned()
-            .collect();
-        let due = stored.first().is_none_or(|newest| {
+        let keep = |k: &&StoredKey| {
+            now.saturating_sub(k.created) < KEEP_FOR && k.created <= now + ROTATE_EVERY
+        };
+        // Newest first: the first key kept is the newest.
+        let due = state.stored.iter().find(keep).is_none_or(|newest| {
             now.saturating_sub(newest.created) >= ROTATE_EVERY || newest.created > now
         });
+        // Every ticket sealed comes here: nothing is copied unless something changes.
+        if !due && state.stored.iter().all(|k| keep(&k)) {
+            return;
+        }
+        let mut stored: Vec<StoredKey> = state.stored.iter().filter(keep).cloned().collect();
         if due {
             let mut secret = [0u8; KEY_LEN];
             if self.rng.fill(&mut secret).is_err() {
@@ -177,9 +179,6 @@ impl TicketKeys {
                     secret,
                 },
             );
-        }
-        if stored == before {
-            return;
         }
         if let Some(path) = &self.path {
             match write_file(path, &stored) {
@@ -208,15 +207,17 @@ impl TicketKeys {
         let mut out = Vec::with_capacity(1 + NONCE_LEN + plain.len() + AES_256_GCM.tag_len());
         out.push(TICKET_VERSION);
         out.extend_from_slice(&nonce);
-        let mut body = plain.to_vec();
-        key.aead
-            .seal_in_place_append_tag(
+        out.extend_from_slice(plain);
+        // Sealed where it lies, after the version and nonce: one buffer per ticket.
+        let tag = key
+            .aead
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(AAD),
-                &mut body,
+                out.get_mut(1 + NONCE_LEN..)?,
             )
             .ok()?;
-        out.extend_from_slice(&body);
+        out.extend_from_slice(tag.as_ref());
         Some(out)
     }
 
