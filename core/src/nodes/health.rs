@@ -117,13 +117,14 @@ impl NodeHealth {
             .unwrap_or_default()
     }
 
+    /// [`Self::gpu_worst`], and the findings' messages (for views).
     pub fn gpu_condition(&self, gpu: u32) -> (Condition, Vec<String>) {
-        let mine: Vec<&Finding> = self.findings().filter(|f| f.gpu == Some(gpu)).collect();
-        let condition = mine.iter().map(|f| f.condition).max().unwrap_or_default();
-        (
-            condition,
-            mine.into_iter().map(|f| f.message.clone()).collect(),
-        )
+        let messages = self
+            .findings()
+            .filter(|f| f.gpu == Some(gpu))
+            .map(|f| f.message.clone())
+            .collect();
+        (self.gpu_worst(gpu), messages)
     }
 
     /// Drop what has aged out of the recurrence window. Times here are milliseconds on the
